@@ -1,0 +1,33 @@
+"""Model handlers and the registry that turns a ``--model NAME=HANDLER`` string into one."""
+
+from __future__ import annotations
+
+import importlib
+
+from ringserve.gpu_worker.handlers.base import BadInput, Handler, TensorSpec
+from ringserve.ipc.config import ModelSettings
+
+__all__ = ["BadInput", "Handler", "TensorSpec", "create_handler"]
+
+_BUILTINS = {
+    "identity": "ringserve.gpu_worker.handlers.identity:IdentityHandler",
+    "digits": "ringserve.gpu_worker.handlers.digits:DigitsHandler",
+    "torchvision": "ringserve.gpu_worker.handlers.vision:TorchvisionHandler",
+    "torchscript": "ringserve.gpu_worker.handlers.torchscript:TorchScriptHandler",
+}
+
+
+def _import(path: str) -> type:
+    module, _, cls = path.partition(":")
+    obj = getattr(importlib.import_module(module), cls)
+    if not (isinstance(obj, type) and issubclass(obj, Handler)):
+        raise TypeError(f"{path} is not a ringserve Handler subclass")
+    return obj
+
+
+def create_handler(settings: ModelSettings) -> Handler:
+    """Build the handler named by ``settings.handler`` (not loaded yet)."""
+    kind, _, arg = settings.handler.partition(":")
+    if kind == "python":
+        return _import(arg)(settings, "")
+    return _import(_BUILTINS[kind])(settings, arg)

@@ -1,0 +1,86 @@
+"""The handler interface: how a model plugs into a worker.
+
+A handler lives only inside a worker process (the only place torch is imported). The
+worker calls, in order: ``load(device)`` once before it reports ready; then per batch
+``preprocess`` for each request, ``infer`` on the concatenated batch, and
+``postprocess`` on the batch output. ``describe()`` is published into shared memory so
+frontends (which never import torch) can validate requests and serve metadata.
+
+Contract:
+- one input tensor and one output tensor per request; the first dimension is the batch;
+- ``preprocess`` turns one request's payload (a numpy view of shared memory, already
+  checked against ``inputs[0]`` by the frontend, or encoded image bytes) into a tensor of
+  shape ``[rows, *inputs[0].shape]``; it raises ``BadInput`` for input it refuses;
+- ``infer`` must not keep references to its input (the batch buffer is reused);
+- ``postprocess`` returns a numpy array whose first dimension matches the batch.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ringserve.ipc.config import ModelSettings
+from ringserve.ipc.layout import PayloadKind
+
+
+class BadInput(ValueError):
+    """The request's input is refused; its message goes back to the client with a 400."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name, one of ringserve.ipc.layout.DTYPES
+    shape: tuple[int, ...]  # per-row shape; -1 marks a dynamic dimension
+
+
+class Handler(ABC):
+    """Base class of every model handler (built-in or ``python:module:Class``)."""
+
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    platform: str = "pytorch_libtorch"
+    accepts_images: bool = False
+    task: str = "tensor"  # "classification": /predict answers {"label", "score"}
+    labels: tuple[str, ...] = ()
+
+    def __init__(self, settings: ModelSettings, arg: str = "") -> None:
+        self.settings = settings
+        self.arg = arg
+        self.device = torch.device("cpu")
+
+    @abstractmethod
+    def load(self, device: torch.device) -> None:
+        """Load weights onto ``device``. Called once before the worker is ready."""
+
+    def preprocess(self, payload: np.ndarray, kind: PayloadKind) -> torch.Tensor:
+        """One request's payload → ``[rows, *input shape]`` tensor (CPU; the worker moves it)."""
+        if kind == PayloadKind.IMAGE:
+            raise BadInput(f"model {self.settings.name} does not take images")
+        return torch.from_numpy(payload)
+
+    @abstractmethod
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        """Run the model on a batch already on ``self.device``."""
+
+    def postprocess(self, output: torch.Tensor) -> np.ndarray:
+        return output.detach().to("cpu").numpy()
+
+    def describe(self) -> dict[str, Any]:
+        """Metadata published to frontends (KServe v2 metadata and model config)."""
+        return {
+            "name": self.settings.name,
+            "platform": self.platform,
+            "inputs": [asdict(s) for s in self.inputs],
+            "outputs": [asdict(s) for s in self.outputs],
+            "accepts_images": self.accepts_images,
+            "task": self.task,
+            "labels": list(self.labels),
+            "max_batch_size": self.settings.batching.max_batch_size,
+            "device": str(self.device),
+        }

@@ -1,0 +1,234 @@
+"""Create, attach, sweep and unlink the arena file in /dev/shm.
+
+The supervisor is the only owner: it creates the file (preallocated with
+``posix_fallocate`` so a too-small /dev/shm fails at start with ENOSPC instead of a
+SIGBUS on first touch later), and unlinks it on exit. Every other process attaches by
+path and only closes. We map the file with ``mmap`` directly rather than
+``multiprocessing.shared_memory`` so no resource tracker ever unlinks it behind our back.
+
+Names are ``ringserve-<instance>-<supervisor pid>``; ``sweep_stale`` removes files of
+crashed runs (supervisor pid no longer alive) at start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import re
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ringserve.ipc import layout as L
+from ringserve.ipc.errors import ArenaError
+
+SHM_DIR = "/dev/shm"
+_NAME_RE = re.compile(r"^ringserve-(?P<instance>[A-Za-z0-9_.]+)-(?P<pid>\d+)$")
+
+
+@dataclass(frozen=True)
+class ArenaGeometry:
+    n_slots: int
+    slot_bytes: int
+    n_models: int
+    n_procs: int
+    n_frontends: int
+
+    @property
+    def ring_capacity(self) -> int:
+        # Each slot is in at most one ring at most once (see ring.py), so this never fills.
+        return self.n_slots
+
+    def offsets(self) -> dict[str, int]:
+        off = {"header": 0, "models": L.ARENA_HEADER_BYTES}
+        off["rings"] = off["models"] + self.n_models * L.MODEL_ENTRY_BYTES
+        ring_bytes = L.RING_HEADER_BYTES + 8 * self.ring_capacity
+        off["ring_stride"] = L.align_up(ring_bytes, 64)
+        off["control"] = L.align_up(off["rings"] + self.n_models * off["ring_stride"], 64)
+        off["slots"] = L.align_up(off["control"] + self.n_procs * L.CONTROL_BYTES, 64)
+        off["data"] = L.align_up(off["slots"] + self.n_slots * L.SLOT_HEADER_BYTES)
+        off["total"] = off["data"] + self.n_slots * L.align_up(self.slot_bytes, 64)
+        return off
+
+
+def segment_name(instance: str, pid: int | None = None) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.]", "_", instance)
+    return f"ringserve-{safe}-{pid if pid is not None else os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale(shm_dir: str = SHM_DIR) -> list[str]:
+    """Unlink arena files whose supervisor is gone; returns the removed names."""
+    removed = []
+    for name in os.listdir(shm_dir):
+        m = _NAME_RE.match(name)
+        if m and not _pid_alive(int(m["pid"])):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(shm_dir, name))
+                removed.append(name)
+    return removed
+
+
+class Arena:
+    """A mapped arena: numpy views of every table plus byte views of slot data."""
+
+    def __init__(self, path: str, fd: int, mm: mmap.mmap, owner: bool) -> None:
+        self.path = path
+        self._fd = fd
+        self._mm = mm
+        self.owner = owner
+        buf = memoryview(mm)
+        self._buf = buf
+        hdr = np.frombuffer(buf, dtype=L.ARENA_HEADER, count=1, offset=0)
+        if int(hdr["magic"][0]) != L.MAGIC or int(hdr["version"][0]) != L.VERSION:
+            raise ArenaError(f"{path}: not a ringserve arena of version {L.VERSION}")
+        self.header = hdr[0]
+        self.geometry = ArenaGeometry(
+            n_slots=int(hdr["n_slots"][0]),
+            slot_bytes=int(hdr["slot_bytes"][0]),
+            n_models=int(hdr["n_models"][0]),
+            n_procs=int(hdr["n_procs"][0]),
+            n_frontends=int(hdr["n_frontends"][0]),
+        )
+        g = self.geometry
+        off = g.offsets()
+        if off["total"] > len(mm):
+            raise ArenaError(f"{path}: file is smaller than its header says")
+        self.models = np.frombuffer(buf, dtype=L.MODEL_ENTRY, count=g.n_models, offset=off["models"])
+        self.control = np.frombuffer(
+            buf, dtype=L.pad_dtype(L.CONTROL, L.CONTROL_BYTES), count=g.n_procs, offset=off["control"]
+        )
+        self.slots = np.frombuffer(
+            buf, dtype=L.pad_dtype(L.SLOT_HEADER, L.SLOT_HEADER_BYTES), count=g.n_slots,
+            offset=off["slots"],
+        )
+        self._ring_off = off["rings"]
+        self._ring_stride = off["ring_stride"]
+        self._data_off = off["data"]
+        self._data_stride = L.align_up(g.slot_bytes, 64)
+
+    # -- creation and attachment -------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str, geometry: ArenaGeometry) -> Arena:
+        """Create and preallocate the arena; raises ArenaError if /dev/shm is too small."""
+        size = geometry.offsets()["total"]
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EFBIG):
+                    free = os.statvfs(os.path.dirname(path))
+                    avail = free.f_bavail * free.f_frsize
+                    raise ArenaError(
+                        f"shared memory arena needs {size / 2**20:.1f} MiB but "
+                        f"{os.path.dirname(path)} has {avail / 2**20:.1f} MiB free: lower "
+                        "[arena] slots or slot_bytes, or enlarge /dev/shm"
+                    ) from e
+                raise
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            hdr = np.frombuffer(mm, dtype=L.ARENA_HEADER, count=1, offset=0)
+            hdr["version"] = L.VERSION
+            hdr["n_slots"] = geometry.n_slots
+            hdr["slot_bytes"] = geometry.slot_bytes
+            hdr["n_models"] = geometry.n_models
+            hdr["ring_capacity"] = geometry.ring_capacity
+            hdr["n_procs"] = geometry.n_procs
+            hdr["n_frontends"] = geometry.n_frontends
+            hdr["supervisor_pid"] = os.getpid()
+            hdr["created_ns"] = time.monotonic_ns()
+            hdr["magic"] = L.MAGIC  # last: an attacher never sees a half-made header
+            del hdr
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            raise
+        arena = cls(path, fd, mm, owner=True)
+        arena.slots["worker"] = -1
+        return arena
+
+    @classmethod
+    def attach(cls, path: str) -> Arena:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError as e:
+            raise ArenaError(f"arena {path} does not exist (is the supervisor running?)") from e
+        size = os.fstat(fd).st_size
+        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        return cls(path, fd, mm, owner=False)
+
+    def close(self) -> None:
+        """Drop our mapping; the owner also unlinks the file."""
+        if self._mm is None:
+            return
+        # numpy views pin the buffer; release them before closing the map.
+        self.header = self.models = self.control = self.slots = None  # type: ignore[assignment]
+        self._buf.release()
+        try:
+            self._mm.close()
+        except BufferError:
+            pass  # a caller still holds a view; the mapping goes with the process
+        self._mm = None  # type: ignore[assignment]
+        os.close(self._fd)
+        if self.owner:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    # -- views ---------------------------------------------------------------------------
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    def ring_view(self, model: int) -> tuple[np.ndarray, np.ndarray]:
+        """(header record array of length 1, entries u64 array) of one model's ring."""
+        base = self._ring_off + model * self._ring_stride
+        head = np.frombuffer(self._buf, dtype=L.RING_HEADER, count=1, offset=base)
+        entries = np.frombuffer(
+            self._buf, dtype="<u8", count=self.geometry.ring_capacity,
+            offset=base + L.RING_HEADER_BYTES,
+        )
+        return head, entries
+
+    def ring_lock_offset(self, model: int) -> int:
+        """Byte offset used as the OFD lock range of one model's ring."""
+        return self._ring_off + model * self._ring_stride
+
+    def data(self, slot: int) -> memoryview:
+        start = self._data_off + slot * self._data_stride
+        return self._buf[start : start + self.geometry.slot_bytes]
+
+    def data_array(self, slot: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        """A zero-copy numpy view of a slot's payload."""
+        count = int(np.prod(shape)) if shape else 1
+        start = self._data_off + slot * self._data_stride
+        return np.frombuffer(self._buf, dtype=dtype, count=count, offset=start).reshape(shape)
+
+    def frontend_slots(self, frontend: int) -> range:
+        """The disjoint slot range a frontend owns."""
+        n, f = self.geometry.n_slots, self.geometry.n_frontends
+        per = n // f
+        start = frontend * per
+        return range(start, n if frontend == f - 1 else start + per)
+
+    @property
+    def draining(self) -> bool:
+        return bool(self.header["draining"])
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.header["paused"])

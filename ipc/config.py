@@ -1,0 +1,315 @@
+"""The one frozen settings tree, shared by every process.
+
+Sources, later wins: defaults < TOML file < ``RINGSERVE_<SECTION>_<KEY>`` environment
+variables < command-line flags. Every value is checked once, at start, and a bad one
+raises ``ConfigError`` naming its key. Children get the resolved tree as JSON
+(``to_json``/``from_json``), never by re-reading sources, so all processes agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ringserve.ipc.errors import ConfigError
+
+HANDLER_KINDS = ("identity", "digits", "torchvision", "torchscript", "python")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    frontends: int = 2
+    instance: str = ""  # names the shared memory and default admin socket; "" = from the port
+    admin_socket: str = ""  # "" = <runtime dir>/ringserve-<instance>.sock
+    admin_socket_group: str = ""  # "" = mode 0600 for the owner only; else 0660 and this group
+    metrics_port: int = 0  # 0 = /metrics on the main port only
+    drain_timeout_s: float = 30.0
+    request_timeout_s: float = 30.0  # default deadline; header X-Request-Timeout-Ms overrides
+    max_body_bytes: int = 8 * 2**20
+    max_image_pixels: int = 40_000_000  # decoded-size cap against image bombs
+    startup_timeout_s: float = 180.0
+    log_format: str = "text"  # text | json
+    log_level: str = "info"
+    access_log: bool = False
+
+
+@dataclass(frozen=True)
+class ArenaSettings:
+    slots: int = 256
+    slot_bytes: int = 1 * 2**20
+    max_queue_depth: int = 0  # per model; 0 = no limit beyond the slots themselves
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 15.0  # a worker silent this long is killed and replaced
+    start_timeout_s: float = 180.0  # model load bound; raise it for huge models
+    stop_timeout_s: float = 30.0  # finish the current batch and exit, else SIGKILL
+    restart_backoff_s: float = 0.5
+    restart_backoff_max_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    sample_interval_s: float = 3.0
+    uss_limit_mb: float = 0.0  # 0 = off
+    uss_limit_samples: int = 3
+    warmup_s: float = 60.0
+    trend_window_s: float = 300.0
+    trend_min_mb_per_min: float = 0.0  # 0 = trend rule off
+    gpu_allocated_limit_mb: float = 0.0
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    max_age_s: float = 0.0
+    min_recycle_interval_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class BatchingSettings:
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 2.0
+    preferred_batch_size: int = 0  # 0 = profile at warm-up and pick the fastest size
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    name: str
+    handler: str
+    workers: int = 1
+    device: str = "cpu"
+    threads: int = 1
+    weights: str = ""
+    batching: BatchingSettings = field(default_factory=BatchingSettings)
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    arena: ArenaSettings = field(default_factory=ArenaSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    memory: MemorySettings = field(default_factory=MemorySettings)
+    batching: BatchingSettings = field(default_factory=BatchingSettings)
+    models: tuple[ModelSettings, ...] = ()
+
+    @property
+    def instance(self) -> str:
+        return self.server.instance or f"p{self.server.port}"
+
+    def model_index(self, name: str) -> int:
+        for i, m in enumerate(self.models):
+            if m.name == name:
+                return i
+        raise KeyError(name)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Settings:
+        raw = json.loads(text)
+        models = tuple(
+            ModelSettings(**{**m, "batching": BatchingSettings(**m["batching"])})
+            for m in raw.pop("models")
+        )
+        return cls(
+            server=ServerSettings(**raw["server"]),
+            arena=ArenaSettings(**raw["arena"]),
+            worker=WorkerSettings(**raw["worker"]),
+            memory=MemorySettings(**raw["memory"]),
+            batching=BatchingSettings(**raw["batching"]),
+            models=models,
+        )
+
+
+SECTIONS: dict[str, type] = {
+    "server": ServerSettings,
+    "arena": ArenaSettings,
+    "worker": WorkerSettings,
+    "memory": MemorySettings,
+    "batching": BatchingSettings,
+}
+MODEL_KEYS = {f.name for f in dataclasses.fields(ModelSettings)} - {"name"}
+
+DEFAULT_MODEL = ModelSettings(name="digits", handler="digits")
+
+
+_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Turn a TOML/env/flag value into the field's type, or fail naming the key."""
+    if isinstance(typ, str):  # annotations are strings under `from __future__ import annotations`
+        typ = _SCALARS.get(typ, typ)
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError("expected an integer")
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
+        if typ is str:
+            if not isinstance(value, str):
+                raise ValueError("expected a string")
+            return value
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{key}: {e} (got {value!r})") from None
+    return value
+
+
+def _section(cls: type, key_prefix: str, values: Mapping[str, Any], base: Any = None) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = dataclasses.asdict(base) if base is not None else {}
+    for k, v in values.items():
+        if k not in known:
+            raise ConfigError(f"{key_prefix}{k}: unknown key (known: {', '.join(sorted(known))})")
+        kwargs[k] = _coerce(f"{key_prefix}{k}", v, known[k].type)
+    return cls(**kwargs)
+
+
+def _model(name: str, values: Mapping[str, Any], default_batching: BatchingSettings) -> ModelSettings:
+    values = dict(values)
+    unknown = set(values) - MODEL_KEYS
+    if unknown:
+        raise ConfigError(f"models.{name}.{sorted(unknown)[0]}: unknown key")
+    batching = _section(
+        BatchingSettings, f"models.{name}.batching.", values.pop("batching", {}), default_batching
+    )
+    options = values.pop("options", {})
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"models.{name}.options: expected a table")
+    base = ModelSettings(name=name, handler=str(values.get("handler", "")))
+    kwargs = {k: _coerce(f"models.{name}.{k}", v, type(getattr(base, k))) for k, v in values.items()}
+    return dataclasses.replace(base, **kwargs, batching=batching, options=dict(options))
+
+
+def _validate(s: Settings) -> None:
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{key}: {msg}")
+
+    need(0 <= s.server.port <= 65535, "server.port", "must be 0..65535")
+    need(s.server.frontends >= 1, "server.frontends", "must be at least 1")
+    need(s.server.log_format in ("text", "json"), "server.log_format", "must be text or json")
+    need(s.server.max_body_bytes > 0, "server.max_body_bytes", "must be positive")
+    need(s.server.request_timeout_s > 0, "server.request_timeout_s", "must be positive")
+    need(s.server.drain_timeout_s >= 0, "server.drain_timeout_s", "must be >= 0")
+    need(s.arena.slots >= s.server.frontends, "arena.slots", "must be at least server.frontends")
+    need(s.arena.slot_bytes >= 4096, "arena.slot_bytes", "must be at least 4096")
+    need(s.arena.max_queue_depth >= 0, "arena.max_queue_depth", "must be >= 0")
+    need(s.worker.heartbeat_timeout_s > 2 * s.worker.heartbeat_interval_s,
+         "worker.heartbeat_timeout_s", "must exceed twice worker.heartbeat_interval_s")
+    need(len(s.models) >= 1, "models", "at least one model is required")
+    names = [m.name for m in s.models]
+    need(len(set(names)) == len(names), "models", "model names must be unique")
+    for m in s.models:
+        key = f"models.{m.name}"
+        need(bool(m.name) and all(c.isalnum() or c in "-_." for c in m.name), key,
+             "model names use letters, digits, '-', '_' and '.'")
+        kind = m.handler.split(":", 1)[0]
+        need(kind in HANDLER_KINDS, f"{key}.handler",
+             f"unknown handler {m.handler!r} (one of: identity, digits, torchvision:ARCH, "
+             "torchscript:PATH, python:MODULE:CLASS)")
+        need(m.workers >= 1, f"{key}.workers", "must be at least 1")
+        need(m.threads >= 1, f"{key}.threads", "must be at least 1")
+        need(m.device == "cpu" or m.device.startswith("cuda"), f"{key}.device",
+             "must be cpu or cuda[:N]")
+        b = m.batching
+        need(b.max_batch_size >= 1, f"{key}.batching.max_batch_size", "must be at least 1")
+        need(b.max_queue_delay_ms >= 0, f"{key}.batching.max_queue_delay_ms", "must be >= 0")
+        need(0 <= b.preferred_batch_size <= b.max_batch_size,
+             f"{key}.batching.preferred_batch_size", "must be 0..max_batch_size")
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for name, value in environ.items():
+        if not name.startswith("RINGSERVE_"):
+            continue
+        rest = name[len("RINGSERVE_"):].lower()
+        section, _, key = rest.partition("_")
+        if section in SECTIONS and key:
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+def load_settings(
+    path: str | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    models: list[tuple[str, str]] | None = None,
+    model_overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Resolve defaults < file < environment < ``overrides`` (flags) into Settings.
+
+    ``models`` (from ``--model NAME=HANDLER``) replaces the file's model list;
+    ``model_overrides`` (``--workers``, ``--device``, ...) applies to every model.
+    """
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+    unknown = set(raw) - set(SECTIONS) - {"models"}
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown section")
+    layered: dict[str, dict[str, Any]] = {k: dict(raw.get(k, {})) for k in SECTIONS}
+    for source in (_env_overrides(os.environ if environ is None else environ), overrides or {}):
+        for section, values in source.items():
+            if section not in SECTIONS:
+                raise ConfigError(f"{section}: unknown section")
+            layered[section].update(values)
+    built = {k: _section(cls, f"{k}.", layered[k]) for k, cls in SECTIONS.items()}
+    file_models = raw.get("models", {})
+    if not isinstance(file_models, Mapping):
+        raise ConfigError("models: expected a table of tables")
+    if models:
+        table = {name: {**file_models.get(name, {}), "handler": h} for name, h in models}
+    else:
+        table = dict(file_models) or {DEFAULT_MODEL.name: {"handler": DEFAULT_MODEL.handler}}
+    model_list = []
+    for name, values in table.items():
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"models.{name}: expected a table")
+        model_list.append(_model(name, {**values, **(model_overrides or {})}, built["batching"]))
+    settings = Settings(**built, models=tuple(model_list))
+    _validate(settings)
+    return settings
+
+
+def field_docs() -> list[str]:
+    """``section.key = default`` lines for ``serve --help``."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else ""
+            lines.append(f"{section}.{f.name} = {default!r}")
+    for f in dataclasses.fields(ModelSettings):
+        if f.name not in ("name", "batching", "options"):
+            default = f.default if f.default is not dataclasses.MISSING else "(required)"
+            lines.append(f"models.NAME.{f.name} = {default!r}")
+    lines.append("models.NAME.batching.* = as [batching]; models.NAME.options = {...} for the handler")
+    return lines
+

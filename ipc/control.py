@@ -1,0 +1,75 @@
+"""Per-process control blocks: heartbeat, state, counters and supervisor commands.
+
+Each child owns one CONTROL record (index handed to it by the supervisor) and is its
+only writer, except ``command``/``command_seq`` which only the supervisor writes. The
+heartbeat is stamped by the child after every batch and on every idle wake, on a channel
+separate from the request ring, so liveness never depends on traffic.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from ringserve.ipc.arena import Arena
+from ringserve.ipc.layout import Command, ProcState, Role
+
+
+class ControlBlock:
+    """The calling process's own record."""
+
+    def __init__(self, arena: Arena, index: int) -> None:
+        self.index = index
+        self.rec = arena.control[index]
+        self._seen_seq = int(self.rec["command_seq"])
+
+    def register(self, role: Role, ident: int, model: int = -1) -> None:
+        rec = self.rec
+        now = time.monotonic_ns()
+        for field in ("requests", "batches", "rows", "inflight", "busy_ns", "ready_ns",
+                      "gpu_allocated", "gpu_reserved", "trim_rss_before", "trim_rss_after"):
+            rec[field] = 0
+        rec["role"] = role
+        rec["ident"] = ident
+        rec["model"] = model
+        rec["pid"] = os.getpid()
+        rec["started_ns"] = now
+        rec["heartbeat_ns"] = now
+        rec["state"] = ProcState.STARTING
+
+    def beat(self) -> None:
+        self.rec["heartbeat_ns"] = time.monotonic_ns()
+
+    def set_state(self, state: ProcState) -> None:
+        if state == ProcState.READY:
+            self.rec["ready_ns"] = time.monotonic_ns()
+        self.rec["state"] = state
+        self.beat()
+
+    def take_command(self) -> Command:
+        """The supervisor's newest command if not yet seen, else NONE."""
+        seq = int(self.rec["command_seq"])
+        if seq == self._seen_seq:
+            return Command.NONE
+        self._seen_seq = seq
+        return Command(int(self.rec["command"]))
+
+    def ack(self) -> None:
+        self.rec["ack_seq"] = self._seen_seq
+
+
+def send_command(arena: Arena, index: int, command: Command) -> int:
+    """Supervisor side: post a command; returns its sequence number for ack checks."""
+    rec = arena.control[index]
+    seq = int(rec["command_seq"]) + 1
+    rec["command"] = command
+    rec["command_seq"] = seq  # last: the child reads seq first, then command
+    return seq
+
+
+def reset(arena: Arena, index: int) -> None:
+    """Supervisor side: clear a record before handing the index to a new process."""
+    arena.control[index] = np.zeros((), dtype=arena.control.dtype)
+    arena.control[index]["model"] = -1

@@ -1,0 +1,226 @@
+"""Byte layout of the shared-memory arena, and the enums stored in it.
+
+One arena file per server instance lives in ``/dev/shm`` (see ``segments.py``)::
+
+    offset 0      ArenaHeader     4096 B   magic, version, sizes, draining/paused flags
+                  ModelTable      n_models x 8192 B   handler-declared spec (JSON), spec version
+                  RingBlock       n_models x (64 B head/tail + capacity x u64 entries)
+                  ControlBlock    n_procs x 256 B     one per process slot (heartbeat, state, ...)
+                  SlotHeader      n_slots x 512 B     request/response metadata
+    page-aligned  SlotData        n_slots x slot_bytes  input bytes, then output bytes
+
+All multi-byte fields are little-endian native numpy structured arrays mapped straight
+onto the file, so every process reads and writes the same bytes without (de)serialising.
+
+Slot states and who may move a slot (single writer per transition, so no lock guards
+a slot; the ring lock in ``ring.py`` only guards the ring's head/tail)::
+
+    FREE ──frontend──► WRITING ──frontend──► QUEUED ──worker──► RUNNING ──worker──► DONE
+      ▲                                        ▲                   │                 │
+      └───────────────────frontend─────────────┼───────────────────┼─────────────────┘
+                                               └──supervisor───────┘  (owner died: re-queue
+                                                                        once, else DONE/POISON)
+
+A frontend owns a fixed, disjoint range of slots (no cross-process allocator). The
+owner writes every header field and the payload *before* it stores ``state``; readers
+check ``state`` first. On x86-64 stores are seen in program order, and every hand-off
+between processes also crosses a syscall (ring lock, eventfd), which orders memory on
+any architecture. ``generation`` grows on every reuse so a stale ring entry or a late
+signal never acts on a newer request. ``cancel`` is written only by the frontend and read
+by the worker. ``attempts`` counts claims by workers: a request claimed by a worker that
+died is re-queued once and run alone; a second death fails it as poison.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+MAGIC = 0x5245_5653_474E_4952  # "RINGSVER" as little-endian bytes, give or take
+VERSION = 1
+
+PAGE = 4096
+ARENA_HEADER_BYTES = PAGE
+MODEL_ENTRY_BYTES = 8192
+RING_HEADER_BYTES = 64
+CONTROL_BYTES = 256
+SLOT_HEADER_BYTES = 512
+MAX_NDIM = 8
+REQUEST_ID_BYTES = 128
+
+
+class SlotState(enum.IntEnum):
+    FREE = 0
+    WRITING = 1
+    QUEUED = 2
+    RUNNING = 3
+    DONE = 4
+
+
+class Status(enum.IntEnum):
+    """Outcome a worker (or the supervisor) records in a DONE slot."""
+
+    OK = 0
+    BAD_INPUT = 1  # the handler refused the input: 400
+    MODEL_ERROR = 2  # the model raised: 500
+    DEADLINE = 3  # deadline passed before inference: 504
+    CANCELLED = 4  # client went away: no answer needed
+    POISON = 5  # in flight in two worker deaths: 500
+    SHUTDOWN = 6  # server stopped before it ran: 503
+
+
+class PayloadKind(enum.IntEnum):
+    TENSOR = 0  # raw array bytes with dtype and shape
+    IMAGE = 1  # encoded image bytes (JPEG/PNG), decoded by the worker
+
+
+class Role(enum.IntEnum):
+    NONE = 0
+    FRONTEND = 1
+    WORKER = 2
+
+
+class ProcState(enum.IntEnum):
+    EMPTY = 0
+    STARTING = 1
+    READY = 2
+    DRAINING = 3  # finishing its current batch, takes no new ones
+    STOPPED = 4
+
+
+class Command(enum.IntEnum):
+    """Requests from the supervisor to a process, acknowledged via ``ack_seq``."""
+
+    NONE = 0
+    STOP = 1  # finish the current batch, then exit cleanly
+    TRIM = 2  # gc.collect() + malloc_trim(0), then report memory
+
+
+# dtype codes stored in headers; the order is part of the on-disk format.
+DTYPES: tuple[str, ...] = (
+    "bool",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "float16",
+    "float32",
+    "float64",
+    "bytes",  # opaque bytes (error text, encoded images)
+)
+DTYPE_CODE = {name: i for i, name in enumerate(DTYPES)}
+
+
+def numpy_dtype(code: int) -> np.dtype:
+    name = DTYPES[code]
+    return np.dtype("uint8" if name == "bytes" else name)
+
+
+ARENA_HEADER = np.dtype(
+    [
+        ("magic", "<u8"),
+        ("version", "<u4"),
+        ("n_slots", "<u4"),
+        ("slot_bytes", "<u8"),
+        ("n_models", "<u4"),
+        ("ring_capacity", "<u4"),
+        ("n_procs", "<u4"),
+        ("n_frontends", "<u4"),
+        ("draining", "<u4"),  # set by the supervisor: refuse new work, readiness 503
+        ("paused", "<u4"),  # intake paused by the admin: new requests get 503
+        ("supervisor_pid", "<u4"),
+        ("pad0", "<u4"),
+        ("created_ns", "<i8"),
+    ]
+)
+
+MODEL_ENTRY = np.dtype(
+    [
+        ("spec_version", "<u4"),
+        ("spec_len", "<u4"),
+        ("spec", f"S{MODEL_ENTRY_BYTES - 8}"),
+    ]
+)
+
+RING_HEADER = np.dtype([("head", "<u8"), ("tail", "<u8"), ("pad", "V48")])
+
+CONTROL = np.dtype(
+    [
+        ("role", "<u4"),
+        ("ident", "<u4"),  # frontend id, or worker id (stable across a recycle)
+        ("pid", "<u4"),
+        ("state", "<u4"),
+        ("model", "<i4"),
+        ("command", "<u4"),
+        ("command_seq", "<u4"),
+        ("ack_seq", "<u4"),
+        ("heartbeat_ns", "<i8"),  # CLOCK_MONOTONIC, stamped after every batch and idle wake
+        ("started_ns", "<i8"),
+        ("ready_ns", "<i8"),
+        ("requests", "<u8"),
+        ("batches", "<u8"),
+        ("rows", "<u8"),
+        ("inflight", "<u4"),
+        ("generation", "<u4"),  # bumped each time the slot is handed to a new process
+        ("gpu_allocated", "<u8"),
+        ("gpu_reserved", "<u8"),
+        ("trim_rss_before", "<u8"),
+        ("trim_rss_after", "<u8"),
+        ("busy_ns", "<u8"),  # time spent inside inference, for utilisation
+    ],
+    align=True,
+)
+
+SLOT_HEADER = np.dtype(
+    [
+        ("state", "<u4"),
+        ("status", "<u4"),
+        ("cancel", "<u4"),
+        ("attempts", "<u4"),
+        ("generation", "<u8"),
+        ("owner", "<u4"),  # frontend id
+        ("owner_pid", "<u4"),
+        ("worker", "<i4"),  # control index of the claiming worker, -1 if none
+        ("worker_pid", "<u4"),
+        ("model", "<u4"),
+        ("kind", "<u4"),
+        ("in_dtype", "<u4"),
+        ("in_ndim", "<u4"),
+        ("in_shape", "<u8", (MAX_NDIM,)),
+        ("in_nbytes", "<u8"),
+        ("out_dtype", "<u4"),
+        ("out_ndim", "<u4"),
+        ("out_shape", "<u8", (MAX_NDIM,)),
+        ("out_nbytes", "<u8"),
+        ("deadline_ns", "<i8"),  # CLOCK_MONOTONIC; 0 means none
+        ("enqueued_ns", "<i8"),
+        ("started_ns", "<i8"),
+        ("finished_ns", "<i8"),
+        ("rows", "<u4"),  # batch rows this request contributes (1 unless a batched tensor)
+        ("batch_size", "<u4"),  # rows in the batch the worker ran it in
+        ("batch_id", "<u8"),
+        ("request_id", f"S{REQUEST_ID_BYTES}"),
+    ],
+    align=True,
+)
+
+assert ARENA_HEADER.itemsize <= ARENA_HEADER_BYTES
+assert MODEL_ENTRY.itemsize == MODEL_ENTRY_BYTES
+assert RING_HEADER.itemsize == RING_HEADER_BYTES
+assert CONTROL.itemsize <= CONTROL_BYTES
+assert SLOT_HEADER.itemsize <= SLOT_HEADER_BYTES
+
+
+def pad_dtype(dtype: np.dtype, size: int) -> np.dtype:
+    """The same fields in a record of exactly ``size`` bytes (room to grow in place)."""
+    return np.dtype({"names": dtype.names, "formats": [dtype.fields[n][0] for n in dtype.names],
+                     "offsets": [dtype.fields[n][1] for n in dtype.names], "itemsize": size})
+
+
+def align_up(n: int, to: int = PAGE) -> int:
+    return (n + to - 1) // to * to

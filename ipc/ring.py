@@ -1,0 +1,203 @@
+"""The request ring of one model: a FIFO of ``(slot, generation)`` entries in shared
+memory, guarded by an open-file-description lock on the arena file.
+
+Layout (see ``layout.py`` for where it sits in the arena)::
+
+    +--------+--------+---------+---------------------------------------------+
+    | head   | tail   | pad     | entries[capacity]: u64 = slot << 32 | gen32 |
+    +--------+--------+---------+---------------------------------------------+
+
+``head`` and ``tail`` only grow; ``tail - head`` is the depth. capacity == n_slots and a
+slot is in at most one ring at most once (pushed when it becomes QUEUED, removed when
+popped), so the ring cannot overflow.
+
+Why an OFD lock (``F_OFD_SETLKW``): the kernel drops it when the holder dies, even by
+SIGKILL (a ``multiprocessing.Lock`` would stay held forever), it is per open file
+description rather than per process (two threads with their own fds exclude each other;
+closing an unrelated fd does not drop it), and it is held for a few microseconds.
+
+Transitions done under the lock, and why each order is safe if the holder dies midway:
+
+* push (frontend): ``entries[tail] = e``; ``tail += 1``; ``state = QUEUED``. Dying before
+  the last store leaves a WRITING slot that ``pop`` skips and the next owner frees.
+* pop (worker): for each entry from ``head``: skip it unless the slot is QUEUED with the
+  same generation; else claim it (``worker``, ``attempts += 1``, ``state = RUNNING``);
+  finally ``head`` moves past everything examined. Dying before ``head`` moves leaves
+  RUNNING slots that are still in the ring; ``requeue_from_dead`` handles both cases.
+* requeue_from_dead (supervisor): every RUNNING slot of the dead worker goes back to
+  QUEUED (pushed again unless still in the ring), or, if it already had two attempts,
+  DONE with status POISON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from ringserve.ipc.arena import Arena
+from ringserve.ipc.errors import QueueFull
+from ringserve.ipc.layout import SlotState, Status
+from ringserve.ipc.testhooks import pause_point
+
+_GEN_MASK = 0xFFFF_FFFF
+MAX_ATTEMPTS = 2
+
+
+def _flock_struct(lock_type: int, start: int) -> bytes:
+    # struct flock on Linux x86-64/aarch64: short type, short whence, off_t start,
+    # off_t len, pid_t pid (must be 0 for OFD locks), padding.
+    return struct.pack("hhqqi4x", lock_type, os.SEEK_SET, start, 1, 0)
+
+
+def entry(slot: int, generation: int) -> int:
+    return (slot << 32) | (generation & _GEN_MASK)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    slot: int
+    generation: int
+    rows: int
+    attempts: int
+
+
+class RequestRing:
+    """One model's FIFO of queued slots. Create one per process per model."""
+
+    def __init__(self, arena: Arena, model: int) -> None:
+        self.arena = arena
+        self.model = model
+        self._head, self._entries = arena.ring_view(model)
+        self._cap = len(self._entries)
+        # A private open file description: OFD locks belong to it, not to the process.
+        self._lock_fd = os.open(arena.path, os.O_RDWR | os.O_CLOEXEC)
+        start = arena.ring_lock_offset(model)
+        self._lock_req = _flock_struct(fcntl.F_WRLCK, start)
+        self._unlock_req = _flock_struct(fcntl.F_UNLCK, start)
+
+    def close(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        fcntl.fcntl(self._lock_fd, fcntl.F_OFD_SETLKW, self._lock_req)
+        try:
+            yield
+        finally:
+            fcntl.fcntl(self._lock_fd, fcntl.F_OFD_SETLKW, self._unlock_req)
+
+    def depth(self) -> int:
+        """Entries waiting (a lock-free read: exact enough for bounds and metrics)."""
+        h = self._head[0]
+        return int(h["tail"]) - int(h["head"])
+
+    def _append(self, slot: int, generation: int) -> None:
+        h = self._head
+        tail = int(h["tail"][0])
+        if tail - int(h["head"][0]) >= self._cap:
+            raise QueueFull("ring is full")  # unreachable by construction; never corrupt
+        self._entries[tail % self._cap] = entry(slot, generation)
+        h["tail"] = tail + 1
+
+    def push(self, slot: int, max_depth: int | None = None) -> None:
+        """Publish a WRITING slot (header and payload already written) as QUEUED."""
+        slots = self.arena.slots
+        with self.locked():
+            if max_depth is not None and self.depth() >= max_depth:
+                raise QueueFull(f"queue of model {self.model} is at its depth limit {max_depth}")
+            self._append(slot, int(slots["generation"][slot]))
+            pause_point("ring.push.before_state")
+            slots["state"][slot] = SlotState.QUEUED
+
+    def pop(self, max_rows: int, worker: int, worker_pid: int) -> list[Claimed]:
+        """Claim queued slots in FIFO order, up to ``max_rows`` rows (at least one slot).
+
+        A slot that was already claimed once (its worker died) is returned alone, so a
+        poison input cannot take a whole batch down with it again.
+        """
+        slots = self.arena.slots
+        out: list[Claimed] = []
+        rows = 0
+        with self.locked():
+            h = self._head
+            head = int(h["head"][0])
+            tail = int(h["tail"][0])
+            now = time.monotonic_ns()
+            while head < tail:
+                e = int(self._entries[head % self._cap])
+                slot, gen = e >> 32, e & _GEN_MASK
+                rec = slots[slot]
+                if rec["state"] != SlotState.QUEUED or (int(rec["generation"]) & _GEN_MASK) != gen:
+                    head += 1  # stale entry (cancelled, reclaimed, or a half-done push)
+                    continue
+                n = max(1, int(rec["rows"]))
+                retried = int(rec["attempts"]) > 0
+                if out and (rows + n > max_rows or retried):
+                    break
+                rec["worker"] = worker
+                rec["worker_pid"] = worker_pid
+                rec["attempts"] = int(rec["attempts"]) + 1
+                rec["started_ns"] = now
+                rec["state"] = SlotState.RUNNING
+                out.append(Claimed(slot, int(rec["generation"]), n, int(rec["attempts"])))
+                rows += n
+                head += 1
+                pause_point("ring.pop.claimed")
+                if retried:
+                    break
+            h["head"] = head
+        return out
+
+    def requeue_from_dead(self, worker: int, poison_message: bytes) -> tuple[list[int], list[int]]:
+        """Recover the RUNNING slots of a dead worker: returns (requeued, poisoned)."""
+        slots = self.arena.slots
+        requeued: list[int] = []
+        poisoned: list[int] = []
+        with self.locked():
+            mine = np.flatnonzero(
+                (slots["state"] == SlotState.RUNNING)
+                & (slots["worker"] == worker)
+                & (slots["model"] == self.model)
+            )
+            if len(mine) == 0:
+                return requeued, poisoned
+            h = self._head
+            head, tail = int(h["head"][0]), int(h["tail"][0])
+            waiting = {int(self._entries[i % self._cap]) for i in range(head, tail)}
+            for slot in (int(s) for s in mine):
+                rec = slots[slot]
+                rec["worker"] = -1
+                if int(rec["attempts"]) >= MAX_ATTEMPTS:
+                    write_error(self.arena, slot, Status.POISON, poison_message)
+                    poisoned.append(slot)
+                    continue
+                if entry(slot, int(rec["generation"])) not in waiting:
+                    self._append(slot, int(rec["generation"]))
+                rec["state"] = SlotState.QUEUED
+                requeued.append(slot)
+        return requeued, poisoned
+
+
+def write_error(arena: Arena, slot: int, status: Status, message: bytes) -> None:
+    """Finish a slot with an error status and a UTF-8 message as its payload."""
+    from ringserve.ipc.layout import DTYPE_CODE
+
+    msg = message[: arena.geometry.slot_bytes]
+    arena.data(slot)[: len(msg)] = msg
+    rec = arena.slots[slot]
+    rec["out_dtype"] = DTYPE_CODE["bytes"]
+    rec["out_ndim"] = 1
+    rec["out_shape"][0] = len(msg)
+    rec["out_nbytes"] = len(msg)
+    rec["status"] = status
+    rec["finished_ns"] = time.monotonic_ns()
+    rec["state"] = SlotState.DONE
