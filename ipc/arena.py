@@ -106,12 +106,19 @@ class Arena:
         off = g.offsets()
         if off["total"] > len(mm):
             raise ArenaError(f"{path}: file is smaller than its header says")
-        self.models = np.frombuffer(buf, dtype=L.MODEL_ENTRY, count=g.n_models, offset=off["models"])
+        self.models = np.frombuffer(
+            buf, dtype=L.MODEL_ENTRY, count=g.n_models, offset=off["models"]
+        )
         self.control = np.frombuffer(
-            buf, dtype=L.pad_dtype(L.CONTROL, L.CONTROL_BYTES), count=g.n_procs, offset=off["control"]
+            buf,
+            dtype=L.pad_dtype(L.CONTROL, L.CONTROL_BYTES),
+            count=g.n_procs,
+            offset=off["control"],
         )
         self.slots = np.frombuffer(
-            buf, dtype=L.pad_dtype(L.SLOT_HEADER, L.SLOT_HEADER_BYTES), count=g.n_slots,
+            buf,
+            dtype=L.pad_dtype(L.SLOT_HEADER, L.SLOT_HEADER_BYTES),
+            count=g.n_slots,
             offset=off["slots"],
         )
         self._ring_off = off["rings"]
@@ -199,7 +206,9 @@ class Arena:
         base = self._ring_off + model * self._ring_stride
         head = np.frombuffer(self._buf, dtype=L.RING_HEADER, count=1, offset=base)
         entries = np.frombuffer(
-            self._buf, dtype="<u8", count=self.geometry.ring_capacity,
+            self._buf,
+            dtype="<u8",
+            count=self.geometry.ring_capacity,
             offset=base + L.RING_HEADER_BYTES,
         )
         return head, entries

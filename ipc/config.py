@@ -185,7 +185,9 @@ def _section(cls: type, key_prefix: str, values: Mapping[str, Any], base: Any = 
     return cls(**kwargs)
 
 
-def _model(name: str, values: Mapping[str, Any], default_batching: BatchingSettings) -> ModelSettings:
+def _model(
+    name: str, values: Mapping[str, Any], default_batching: BatchingSettings
+) -> ModelSettings:
     values = dict(values)
     unknown = set(values) - MODEL_KEYS
     if unknown:
@@ -197,7 +199,9 @@ def _model(name: str, values: Mapping[str, Any], default_batching: BatchingSetti
     if not isinstance(options, Mapping):
         raise ConfigError(f"models.{name}.options: expected a table")
     base = ModelSettings(name=name, handler=str(values.get("handler", "")))
-    kwargs = {k: _coerce(f"models.{name}.{k}", v, type(getattr(base, k))) for k, v in values.items()}
+    kwargs = {
+        k: _coerce(f"models.{name}.{k}", v, type(getattr(base, k))) for k, v in values.items()
+    }
     return dataclasses.replace(base, **kwargs, batching=batching, options=dict(options))
 
 
@@ -215,28 +219,43 @@ def _validate(s: Settings) -> None:
     need(s.arena.slots >= s.server.frontends, "arena.slots", "must be at least server.frontends")
     need(s.arena.slot_bytes >= 4096, "arena.slot_bytes", "must be at least 4096")
     need(s.arena.max_queue_depth >= 0, "arena.max_queue_depth", "must be >= 0")
-    need(s.worker.heartbeat_timeout_s > 2 * s.worker.heartbeat_interval_s,
-         "worker.heartbeat_timeout_s", "must exceed twice worker.heartbeat_interval_s")
+    need(
+        s.worker.heartbeat_timeout_s > 2 * s.worker.heartbeat_interval_s,
+        "worker.heartbeat_timeout_s",
+        "must exceed twice worker.heartbeat_interval_s",
+    )
     need(len(s.models) >= 1, "models", "at least one model is required")
     names = [m.name for m in s.models]
     need(len(set(names)) == len(names), "models", "model names must be unique")
     for m in s.models:
         key = f"models.{m.name}"
-        need(bool(m.name) and all(c.isalnum() or c in "-_." for c in m.name), key,
-             "model names use letters, digits, '-', '_' and '.'")
+        need(
+            bool(m.name) and all(c.isalnum() or c in "-_." for c in m.name),
+            key,
+            "model names use letters, digits, '-', '_' and '.'",
+        )
         kind = m.handler.split(":", 1)[0]
-        need(kind in HANDLER_KINDS, f"{key}.handler",
-             f"unknown handler {m.handler!r} (one of: identity, digits, torchvision:ARCH, "
-             "torchscript:PATH, python:MODULE:CLASS)")
+        need(
+            kind in HANDLER_KINDS,
+            f"{key}.handler",
+            f"unknown handler {m.handler!r} (one of: identity, digits, torchvision:ARCH, "
+            "torchscript:PATH, python:MODULE:CLASS)",
+        )
         need(m.workers >= 1, f"{key}.workers", "must be at least 1")
         need(m.threads >= 1, f"{key}.threads", "must be at least 1")
-        need(m.device == "cpu" or m.device.startswith("cuda"), f"{key}.device",
-             "must be cpu or cuda[:N]")
+        need(
+            m.device == "cpu" or m.device.startswith("cuda"),
+            f"{key}.device",
+            "must be cpu or cuda[:N]",
+        )
         b = m.batching
         need(b.max_batch_size >= 1, f"{key}.batching.max_batch_size", "must be at least 1")
         need(b.max_queue_delay_ms >= 0, f"{key}.batching.max_queue_delay_ms", "must be >= 0")
-        need(0 <= b.preferred_batch_size <= b.max_batch_size,
-             f"{key}.batching.preferred_batch_size", "must be 0..max_batch_size")
+        need(
+            0 <= b.preferred_batch_size <= b.max_batch_size,
+            f"{key}.batching.preferred_batch_size",
+            "must be 0..max_batch_size",
+        )
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
@@ -244,7 +263,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
     for name, value in environ.items():
         if not name.startswith("RINGSERVE_"):
             continue
-        rest = name[len("RINGSERVE_"):].lower()
+        rest = name[len("RINGSERVE_") :].lower()
         section, _, key = rest.partition("_")
         if section in SECTIONS and key:
             out.setdefault(section, {})[key] = value
@@ -310,6 +329,7 @@ def field_docs() -> list[str]:
         if f.name not in ("name", "batching", "options"):
             default = f.default if f.default is not dataclasses.MISSING else "(required)"
             lines.append(f"models.NAME.{f.name} = {default!r}")
-    lines.append("models.NAME.batching.* = as [batching]; models.NAME.options = {...} for the handler")
+    lines.append(
+        "models.NAME.batching.* = as [batching]; models.NAME.options = {...} for the handler"
+    )
     return lines
-

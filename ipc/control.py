@@ -28,8 +28,18 @@ class ControlBlock:
     def register(self, role: Role, ident: int, model: int = -1) -> None:
         rec = self.rec
         now = time.monotonic_ns()
-        for field in ("requests", "batches", "rows", "inflight", "busy_ns", "ready_ns",
-                      "gpu_allocated", "gpu_reserved", "trim_rss_before", "trim_rss_after"):
+        for field in (
+            "requests",
+            "batches",
+            "rows",
+            "inflight",
+            "busy_ns",
+            "ready_ns",
+            "gpu_allocated",
+            "gpu_reserved",
+            "trim_rss_before",
+            "trim_rss_after",
+        ):
             rec[field] = 0
         rec["role"] = role
         rec["ident"] = ident

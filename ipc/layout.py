@@ -172,6 +172,10 @@ CONTROL = np.dtype(
         ("trim_rss_before", "<u8"),
         ("trim_rss_after", "<u8"),
         ("busy_ns", "<u8"),  # time spent inside inference, for utilisation
+        # Written by the supervisor's memory sampler (not the child):
+        ("rss", "<u8"),
+        ("uss", "<u8"),
+        ("pss", "<u8"),
     ],
     align=True,
 )
@@ -218,8 +222,14 @@ assert SLOT_HEADER.itemsize <= SLOT_HEADER_BYTES
 
 def pad_dtype(dtype: np.dtype, size: int) -> np.dtype:
     """The same fields in a record of exactly ``size`` bytes (room to grow in place)."""
-    return np.dtype({"names": dtype.names, "formats": [dtype.fields[n][0] for n in dtype.names],
-                     "offsets": [dtype.fields[n][1] for n in dtype.names], "itemsize": size})
+    return np.dtype(
+        {
+            "names": dtype.names,
+            "formats": [dtype.fields[n][0] for n in dtype.names],
+            "offsets": [dtype.fields[n][1] for n in dtype.names],
+            "itemsize": size,
+        }
+    )
 
 
 def align_up(n: int, to: int = PAGE) -> int:

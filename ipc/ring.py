@@ -118,11 +118,14 @@ class RequestRing:
             pause_point("ring.push.before_state")
             slots["state"][slot] = SlotState.QUEUED
 
-    def pop(self, max_rows: int, worker: int, worker_pid: int) -> list[Claimed]:
+    def pop(
+        self, max_rows: int, worker: int, worker_pid: int, fresh_only: bool = False
+    ) -> list[Claimed]:
         """Claim queued slots in FIFO order, up to ``max_rows`` rows (at least one slot).
 
         A slot that was already claimed once (its worker died) is returned alone, so a
-        poison input cannot take a whole batch down with it again.
+        poison input cannot take a whole batch down with it again; ``fresh_only`` (topping
+        up a batch) stops before such a slot instead.
         """
         slots = self.arena.slots
         out: list[Claimed] = []
@@ -141,7 +144,7 @@ class RequestRing:
                     continue
                 n = max(1, int(rec["rows"]))
                 retried = int(rec["attempts"]) > 0
-                if out and (rows + n > max_rows or retried):
+                if (out or fresh_only) and (rows + n > max_rows or retried):
                     break
                 rec["worker"] = worker
                 rec["worker_pid"] = worker_pid

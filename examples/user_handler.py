@@ -1,0 +1,38 @@
+"""A user-defined handler: the smallest complete example of the ``python:`` kind.
+
+Any importable ``Handler`` subclass can be served; ringserve imports
+``MODULE:CLASS`` inside each worker process. To serve this one::
+
+    PYTHONPATH=examples ringserve serve --model double=python:user_handler:Scale2x
+
+then, for example::
+
+    curl -s localhost:8000/v2/models/double/infer -d \\
+      '{"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}'
+
+A handler declares its tensors (``inputs``/``outputs``: per-row shapes, -1 = any size),
+loads its model in ``load`` (once per worker, on the worker's device), and runs a whole
+batch in ``infer``. ``preprocess``/``postprocess`` have working defaults for tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ringserve.gpu_worker.handlers import Handler, TensorSpec
+
+
+class Scale2x(Handler):
+    """Multiplies a float32 vector of any length by ``options.factor`` (default 2)."""
+
+    inputs = (TensorSpec("INPUT0", "float32", (-1,)),)
+    outputs = (TensorSpec("OUTPUT0", "float32", (-1,)),)
+    platform = "python"
+
+    def load(self, device: torch.device) -> None:
+        # A real handler would build its model here and move it to ``device``.
+        self.factor = float(self.settings.options.get("factor", 2.0))
+        self.device = device
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch * self.factor

@@ -1,0 +1,3 @@
+from ringserve.frontend.process import main
+
+main()

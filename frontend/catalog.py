@@ -1,0 +1,60 @@
+"""What the frontend knows about models: configured names plus the metadata each
+model's workers published into shared memory, and whether a worker is ready."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ringserve.ipc.arena import Arena
+from ringserve.ipc.config import ModelSettings, Settings
+from ringserve.ipc.layout import ProcState, Role
+
+
+@dataclass
+class ModelInfo:
+    index: int
+    settings: ModelSettings
+    spec: dict[str, Any] | None  # None until a worker has loaded the model
+
+
+class Catalog:
+    def __init__(self, arena: Arena, settings: Settings) -> None:
+        self.arena = arena
+        self.settings = settings
+        self._by_name = {m.name: i for i, m in enumerate(settings.models)}
+        self._specs: list[dict[str, Any] | None] = [None] * len(settings.models)
+        self._versions = [0] * len(settings.models)
+
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
+    def get(self, name: str) -> ModelInfo | None:
+        index = self._by_name.get(name)
+        if index is None:
+            return None
+        return ModelInfo(index, self.settings.models[index], self._spec(index))
+
+    def _spec(self, index: int) -> dict[str, Any] | None:
+        entry = self.arena.models[index]
+        version = int(entry["spec_version"])
+        if version != self._versions[index]:
+            blob = bytes(entry["spec"])[: int(entry["spec_len"])]
+            try:
+                self._specs[index] = json.loads(blob)
+                self._versions[index] = version
+            except ValueError:
+                pass  # caught mid-write by a worker: keep the previous copy, retry next time
+        return self._specs[index]
+
+    def ready_workers(self) -> np.ndarray:
+        """Ready worker count per model index."""
+        c = self.arena.control
+        mask = (c["role"] == Role.WORKER) & (c["state"] == ProcState.READY)
+        return np.bincount(c["model"][mask], minlength=len(self.settings.models))
+
+    def all_ready(self) -> bool:
+        return bool((self.ready_workers() > 0).all())

@@ -1,0 +1,206 @@
+"""The frontend's ring client: put a request into a slot, await its answer, free the slot.
+
+Runs entirely on the event loop thread (the ring lock is held for microseconds, so it is
+taken inline rather than in an executor). Completion is an eventfd per frontend that
+workers signal after each batch; its reader callback resolves the futures of every
+pending slot that is DONE. A request whose client left or whose deadline passed is
+*abandoned*: its ``cancel`` flag is set and the slot is freed once a worker (or the
+supervisor) marks it DONE — never earlier, because a worker may still be writing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ringserve.ipc import wake
+from ringserve.ipc.arena import Arena
+from ringserve.ipc.errors import QueueFull
+from ringserve.ipc.layout import DTYPE_CODE, SlotState, Status, numpy_dtype
+from ringserve.ipc.ring import RequestRing
+
+
+@dataclass(frozen=True)
+class Completed:
+    status: Status
+    output: np.ndarray | None  # a private copy (the slot is already free)
+    message: str  # error text for non-OK statuses
+    batch_size: int
+    queue_wait_s: float
+    inference_s: float
+    attempts: int
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        arena: Arena,
+        frontend_id: int,
+        done_efd: int,
+        model_efds: tuple[int, ...],
+        max_queue_depth: int = 0,
+    ) -> None:
+        self.arena = arena
+        self.frontend_id = frontend_id
+        self.done_efd = done_efd
+        self.model_efds = model_efds
+        self.max_queue_depth = max_queue_depth or None
+        self.rings = [RequestRing(arena, m) for m in range(arena.geometry.n_models)]
+        self.owned = arena.frontend_slots(frontend_id)
+        self.free: list[int] = []
+        self.pending: dict[int, asyncio.Future[None]] = {}
+        self.orphans: set[int] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def adopt_slots(self) -> int:
+        """Take over our slot range from a previous (dead) owner; returns slots orphaned.
+
+        Slots a worker may still touch (QUEUED, RUNNING) are cancelled and freed when
+        DONE; everything else is free at once.
+        """
+        slots = self.arena.slots
+        for s in self.owned:
+            state = int(slots["state"][s])
+            if state in (SlotState.QUEUED, SlotState.RUNNING):
+                slots["cancel"][s] = 1
+                self.orphans.add(s)
+            else:
+                self._release(s)
+        return len(self.orphans)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        loop.add_reader(self.done_efd, self._on_done)
+        self._on_done()  # anything finished while we were starting
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self.done_efd)
+        for ring in self.rings:
+            ring.close()
+
+    @property
+    def inflight(self) -> int:
+        return len(self.pending)
+
+    @property
+    def capacity(self) -> int:
+        return len(self.owned)
+
+    # -- the request path ------------------------------------------------------------------
+
+    def submit(
+        self,
+        model: int,
+        payload: np.ndarray,
+        kind: int,
+        rows: int,
+        deadline_ns: int,
+        request_id: str,
+        dtype_name: str | None = None,
+    ) -> int:
+        """Write one request into a free slot and queue it; returns the slot.
+
+        ``payload`` is copied exactly once, into shared memory. Raises QueueFull when no
+        slot is free or the model's queue is at its depth limit.
+        """
+        if not self.free:
+            raise QueueFull("all request slots of this frontend are busy")
+        if payload.nbytes > self.arena.geometry.slot_bytes:
+            raise ValueError(
+                f"input is {payload.nbytes} bytes; a slot holds {self.arena.geometry.slot_bytes}"
+            )
+        slot = self.free.pop()
+        rec = self.arena.slots[slot]
+        rec["state"] = SlotState.WRITING
+        rec["generation"] = int(rec["generation"]) + 1
+        rec["status"] = Status.OK
+        rec["cancel"] = 0
+        rec["attempts"] = 0
+        rec["owner"] = self.frontend_id
+        rec["worker"] = -1
+        rec["model"] = model
+        rec["kind"] = kind
+        rec["in_dtype"] = DTYPE_CODE[dtype_name or payload.dtype.name]
+        rec["in_ndim"] = payload.ndim
+        rec["in_shape"][: payload.ndim] = payload.shape
+        rec["in_nbytes"] = payload.nbytes
+        rec["rows"] = rows
+        rec["deadline_ns"] = deadline_ns
+        rec["request_id"] = request_id.encode()[:128]
+        rec["batch_size"] = 0
+        if payload.nbytes:
+            np.copyto(self.arena.data_array(slot, payload.dtype, payload.shape), payload)
+        rec["enqueued_ns"] = time.monotonic_ns()
+        try:
+            self.rings[model].push(slot, self.max_queue_depth)
+        except QueueFull:
+            self._release(slot)
+            raise
+        wake.signal(self.model_efds[model])
+        assert self._loop is not None
+        self.pending[slot] = self._loop.create_future()
+        return slot
+
+    async def wait(self, slot: int, timeout_s: float) -> bool:
+        """Wait for the slot to be DONE; False on timeout (caller then abandons it)."""
+        fut = self.pending[slot]
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def collect(self, slot: int) -> Completed:
+        """Read a DONE slot's answer (copying the output out) and free the slot."""
+        self.pending.pop(slot, None)
+        rec = self.arena.slots[slot]
+        status = Status(int(rec["status"]))
+        ndim = int(rec["out_ndim"])
+        shape = tuple(int(d) for d in rec["out_shape"][:ndim])
+        dtype = numpy_dtype(int(rec["out_dtype"]))
+        view = self.arena.data_array(slot, dtype, shape)
+        started, finished = int(rec["started_ns"]), int(rec["finished_ns"])
+        result = Completed(
+            status=status,
+            output=view.copy() if status == Status.OK else None,
+            message="" if status == Status.OK else view.tobytes().decode(errors="replace"),
+            batch_size=int(rec["batch_size"]),
+            queue_wait_s=max(0, started - int(rec["enqueued_ns"])) / 1e9,
+            inference_s=max(0, finished - started) / 1e9 if status == Status.OK else 0.0,
+            attempts=int(rec["attempts"]),
+        )
+        self._release(slot)
+        return result
+
+    def abandon(self, slot: int) -> None:
+        """The client is gone or its deadline passed: cancel, free when safe."""
+        fut = self.pending.pop(slot, None)
+        if fut is not None and not fut.done():
+            fut.cancel()
+        if int(self.arena.slots["state"][slot]) == SlotState.DONE:
+            self._release(slot)
+            return
+        self.arena.slots["cancel"][slot] = 1
+        self.orphans.add(slot)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _release(self, slot: int) -> None:
+        self.arena.slots["state"][slot] = SlotState.FREE
+        self.free.append(slot)
+
+    def _on_done(self) -> None:
+        wake.drain(self.done_efd)
+        states = self.arena.slots["state"]
+        for slot, fut in list(self.pending.items()):
+            if states[slot] == SlotState.DONE and not fut.done():
+                fut.set_result(None)
+        for slot in [s for s in self.orphans if states[s] == SlotState.DONE]:
+            self.orphans.discard(slot)
+            self._release(slot)

@@ -1,0 +1,256 @@
+"""Prometheus metrics: per-request series recorded by this frontend, plus one scrape of the
+whole server.
+
+Every ringserve process records counters and histograms with prometheus-client's
+multiprocess mode, its files keyed by the process's control-block index (stable across
+restarts of that process, never a pid: FACTS.md), so counters never go backwards and
+files never pile up. Gauges (slots by state, queue depth, per-process memory, workers
+ready) are read from shared memory at scrape time, so a gone process's gauges vanish with
+it. Whichever frontend gets the scrape renders the whole server.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+from ringserve.frontend.dispatch import Completed
+from ringserve.ipc.arena import Arena
+from ringserve.ipc.config import Settings
+from ringserve.ipc.layout import ProcState, Role, SlotState
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def use_multiprocess_files(directory: str, process_key: str) -> None:
+    """Point prometheus-client at the shared directory with a stable file key.
+
+    Must run before any metric object is created in this process.
+    """
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    from prometheus_client import values
+
+    values.ValueClass = values.MultiProcessValue(process_identifier=lambda: process_key)
+
+
+class FrontendMetrics:
+    def __init__(self, settings: Settings, arena: Arena, metrics_dir: str) -> None:
+        from prometheus_client import Counter, Histogram
+
+        self.settings = settings
+        self.arena = arena
+        self.metrics_dir = metrics_dir
+        self.requests = Counter(
+            "ringserve_requests", "HTTP requests by model and status code", ["model", "code"]
+        )
+        self.duration = Histogram(
+            "ringserve_request_duration_seconds",
+            "End-to-end request time in the frontend",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+        )
+        self.queue_wait = Histogram(
+            "ringserve_queue_wait_seconds",
+            "Time from enqueue to a worker's claim",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+        )
+        self.inference = Histogram(
+            "ringserve_inference_duration_seconds",
+            "Time from claim to answer, per request",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+        )
+        self.batch_size = Histogram(
+            "ringserve_batch_size",
+            "Rows in the batch a request ran in",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+        )
+        self.deadline_expired = Counter(
+            "ringserve_deadline_expired", "Requests that missed their deadline", ["model"]
+        )
+        self.cancelled_total = Counter(
+            "ringserve_cancelled_requests", "Requests whose client went away", ["model"]
+        )
+        self.rejected_total = Counter(
+            "ringserve_rejected_requests",
+            "Requests refused with 503 because the queue was full",
+            ["model"],
+        )
+
+    # -- recording (the request path: a few microseconds each) ---------------------------
+
+    def request(self, model: str, code: int, seconds: float) -> None:
+        self.requests.labels(model, str(code)).inc()
+        if code == 200:
+            self.duration.labels(model).observe(seconds)
+
+    def completed(self, model: str, c: Completed) -> None:
+        self.queue_wait.labels(model).observe(c.queue_wait_s)
+        if c.batch_size:
+            self.inference.labels(model).observe(c.inference_s)
+            self.batch_size.labels(model).observe(c.batch_size)
+
+    def deadline(self, model: str) -> None:
+        self.deadline_expired.labels(model).inc()
+
+    def cancelled(self, model: str) -> None:
+        self.cancelled_total.labels(model).inc()
+
+    def rejected(self, model: str) -> None:
+        self.rejected_total.labels(model).inc()
+
+    # -- scraping ------------------------------------------------------------------------
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, self.metrics_dir)
+        registry.register(ArenaCollector(self.settings, self.arena))
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class ArenaCollector:
+    """Gauges read from shared memory at scrape time."""
+
+    def __init__(self, settings: Settings, arena: Arena) -> None:
+        self.settings = settings
+        self.arena = arena
+
+    def collect(self) -> Iterator[object]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        slots = GaugeMetricFamily(
+            "ringserve_ring_slots", "Request slots by state", labels=["state"]
+        )
+        counts = np.bincount(self.arena.slots["state"], minlength=len(SlotState))
+        for st in SlotState:
+            slots.add_metric([st.name.lower()], float(counts[st]))
+        yield slots
+        names = [m.name for m in self.settings.models]
+        depth = GaugeMetricFamily(
+            "ringserve_queue_depth", "Requests waiting in the model's ring", labels=["model"]
+        )
+        cap = GaugeMetricFamily("ringserve_queue_capacity", "Queue depth limit", labels=["model"])
+        for i, name in enumerate(names):
+            head, _ = self.arena.ring_view(i)
+            depth.add_metric([name], float(int(head["tail"][0]) - int(head["head"][0])))
+            cap.add_metric(
+                [name], float(self.settings.arena.max_queue_depth or self.settings.arena.slots)
+            )
+        yield depth
+        yield cap
+        inflight = GaugeMetricFamily(
+            "ringserve_inflight_requests", "Requests holding a slot (queued, running or done)"
+        )
+        inflight.add_metric(
+            [],
+            float(
+                counts[SlotState.QUEUED]
+                + counts[SlotState.RUNNING]
+                + counts[SlotState.DONE]
+                + counts[SlotState.WRITING]
+            ),
+        )
+        yield inflight
+        ctl = self.arena.control
+        live = ctl[
+            (ctl["role"] != Role.NONE) & (ctl["state"] != ProcState.STOPPED) & (ctl["pid"] != 0)
+        ]
+        ready = GaugeMetricFamily("ringserve_workers_ready", "Ready workers", labels=["model"])
+        configured = GaugeMetricFamily(
+            "ringserve_workers_configured", "Configured workers", labels=["model"]
+        )
+        for i, m in enumerate(self.settings.models):
+            n = int(
+                (
+                    (live["role"] == Role.WORKER)
+                    & (live["model"] == i)
+                    & (live["state"] == ProcState.READY)
+                ).sum()
+            )
+            ready.add_metric([m.name], float(n))
+            configured.add_metric([m.name], float(m.workers))
+        yield ready
+        yield configured
+        fams = {
+            "rss": GaugeMetricFamily(
+                "ringserve_process_resident_memory_bytes",
+                "RSS (counts shared memory in every mapper)",
+                labels=["role", "id", "model"],
+            ),
+            "uss": GaugeMetricFamily(
+                "ringserve_process_unique_memory_bytes",
+                "USS: private memory, what a leak grows",
+                labels=["role", "id", "model"],
+            ),
+            "pss": GaugeMetricFamily(
+                "ringserve_process_proportional_memory_bytes",
+                "PSS: shared pages split among mappers",
+                labels=["role", "id", "model"],
+            ),
+        }
+        start = GaugeMetricFamily(
+            "ringserve_process_start_time_seconds",
+            "Process start (seconds since the epoch)",
+            labels=["role", "id", "model"],
+        )
+        batches = GaugeMetricFamily(
+            "ringserve_worker_batches",
+            "Batches run by the live worker process",
+            labels=["model", "worker"],
+        )
+        gpu_alloc = GaugeMetricFamily(
+            "ringserve_worker_gpu_allocated_bytes",
+            "torch.cuda.memory_allocated",
+            labels=["model", "worker"],
+        )
+        gpu_res = GaugeMetricFamily(
+            "ringserve_worker_gpu_reserved_bytes",
+            "torch.cuda.memory_reserved",
+            labels=["model", "worker"],
+        )
+        import time
+
+        epoch_offset = time.time() - time.monotonic()
+        for rec in live:
+            role = Role(int(rec["role"])).name.lower()
+            model = names[int(rec["model"])] if rec["role"] == Role.WORKER else ""
+            labels = [role, str(int(rec["ident"])), model]
+            for key, fam in fams.items():
+                if int(rec[key]):
+                    fam.add_metric(labels, float(rec[key]))
+            start.add_metric(labels, int(rec["started_ns"]) / 1e9 + epoch_offset)
+            if rec["role"] == Role.WORKER:
+                wl = [model, str(int(rec["ident"]))]
+                batches.add_metric(wl, float(rec["batches"]))
+                if int(rec["gpu_reserved"]):
+                    gpu_alloc.add_metric(wl, float(rec["gpu_allocated"]))
+                    gpu_res.add_metric(wl, float(rec["gpu_reserved"]))
+        yield from fams.values()
+        yield start
+        yield batches
+        yield gpu_alloc
+        yield gpu_res

@@ -1,0 +1,118 @@
+"""The frontend process: uvicorn serving the app on the listening socket the supervisor
+created (shared by every frontend; the kernel spreads connections among them)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Iterator
+import logging
+import socket
+import sys
+
+import uvicorn
+
+from ringserve.frontend.app import FrontendState, build_app
+from ringserve.frontend.catalog import Catalog
+from ringserve.frontend.dispatch import Dispatcher
+from ringserve.frontend.metrics import FrontendMetrics, use_multiprocess_files
+from ringserve.ipc.arena import Arena
+from ringserve.ipc.child import ChildSpec, load_spec
+from ringserve.ipc.control import ControlBlock
+from ringserve.ipc.errors import ArenaError, ExitCode
+from ringserve.ipc.layout import ProcState, Role
+from ringserve.ipc.logs import setup_logging
+
+log = logging.getLogger("ringserve.frontend")
+
+
+async def _heartbeat(control: ControlBlock, dispatcher: Dispatcher, interval_s: float) -> None:
+    while True:
+        control.rec["inflight"] = dispatcher.inflight
+        control.beat()
+        await asyncio.sleep(interval_s)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, minus its signal capture: it re-raises SIGTERM after a graceful shutdown,
+    which would turn our clean exit 0 into death by signal."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def build_state(spec: ChildSpec) -> tuple[FrontendState, ControlBlock]:
+    settings = spec.settings
+    use_multiprocess_files(spec.metrics_dir, f"frontend-c{spec.control_index}")
+    arena = Arena.attach(spec.arena_path)
+    control = ControlBlock(arena, spec.control_index)
+    control.register(Role.FRONTEND, spec.ident)
+    dispatcher = Dispatcher(
+        arena,
+        spec.ident,
+        spec.frontend_efds[spec.ident],
+        spec.model_efds,
+        settings.arena.max_queue_depth,
+    )
+    orphaned = dispatcher.adopt_slots()
+    if orphaned:
+        log.warning("adopted %d in-flight slots of a previous frontend %d", orphaned, spec.ident)
+    state = FrontendState(
+        settings,
+        arena,
+        dispatcher,
+        Catalog(arena, settings),
+        FrontendMetrics(settings, arena, spec.metrics_dir),
+    )
+    return state, control
+
+
+def main() -> None:
+    spec = load_spec()
+    settings = spec.settings
+    setup_logging(
+        spec.settings.server.log_format, spec.settings.server.log_level, f"frontend-{spec.ident}"
+    )
+    try:
+        state, control = build_state(spec)
+    except ArenaError as e:
+        log.error("%s", e)
+        sys.exit(ExitCode.BOOT)
+    from ringserve.frontend.v2 import v2_routes
+
+    app = build_app(state, v2_routes(state))
+    sock = socket.socket(fileno=spec.listen_fds[0])
+    config = uvicorn.Config(
+        app,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=settings.server.access_log,
+        log_config=None,  # uvicorn logs through our handler (text or JSON, tagged)
+        log_level=settings.server.log_level,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=int(settings.server.drain_timeout_s) or None,
+        h11_max_incomplete_event_size=64 * 1024,
+    )
+    server = _Server(config)
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, server.handle_exit, sig, None)
+        beat = asyncio.create_task(
+            _heartbeat(control, state.dispatcher, settings.worker.heartbeat_interval_s)
+        )
+        control.set_state(ProcState.READY)
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            beat.cancel()
+            control.set_state(ProcState.STOPPED)
+
+    import uvloop
+
+    uvloop.run(serve())
+    sys.exit(ExitCode.OK)

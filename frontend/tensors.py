@@ -1,0 +1,85 @@
+"""Turn request data into a validated numpy array for a model's declared input.
+
+Everything here runs before shared memory is touched, so a bad request costs nothing
+else. Rule for non-finite floats: NaN and ±Inf are refused (422) for float inputs,
+because one NaN row can poison the whole batch's numerics in some models (batch norm in
+train mode, softmax over a padded batch) and no real client means to send one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ringserve.frontend.errors import HTTPError, unprocessable
+
+MAX_JSON_DEPTH = 16
+
+
+def _depth_ok(data: Any, limit: int) -> bool:
+    depth, level = 0, [data]
+    while level:
+        depth += 1
+        if depth > limit:
+            return False
+        level = [x for item in level if isinstance(item, list) for x in item if isinstance(x, list)]
+    return True
+
+
+def from_json(data: Any, dtype: str) -> np.ndarray:
+    """Nested JSON lists → array of ``dtype`` (422 for ragged, non-numeric or too deep)."""
+    if not isinstance(data, list | int | float | bool):
+        raise unprocessable('"data" must be a number or a (nested) list of numbers')
+    if not _depth_ok(data, MAX_JSON_DEPTH):
+        raise unprocessable(f'"data" is nested deeper than {MAX_JSON_DEPTH} levels')
+    try:
+        raw = np.array(data)
+    except ValueError as e:
+        raise unprocessable(f'"data" is not a rectangular array: {e}') from None
+    if raw.dtype.kind not in "biuf":
+        raise unprocessable(f'"data" must hold numbers, got {raw.dtype.kind!r}-kind values')
+    return cast(raw, dtype)
+
+
+def cast(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """Cast to the model's dtype, refusing values it cannot hold."""
+    target = np.dtype(dtype)
+    if arr.dtype.kind == "f" and target.kind in "iub":
+        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            raise unprocessable(f"input must hold integers for dtype {dtype}")
+    if target.kind == "f" and arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        raise unprocessable("input holds NaN or Inf, which ringserve refuses")
+    if target.kind in "iu" and arr.size:
+        info = np.iinfo(target)
+        if arr.min() < info.min or arr.max() > info.max:
+            raise unprocessable(f"input values out of range for {dtype}")
+    return np.ascontiguousarray(arr, dtype=target)
+
+
+def fit_shape(
+    arr: np.ndarray, spec_shape: list[int], max_rows: int
+) -> tuple[np.ndarray, int, bool]:
+    """Match an array to the per-row shape; returns (array with batch dim, rows, batched).
+
+    Accepts one row (``spec_shape``) or a batch (``[rows, *spec_shape]``); ``-1`` in the
+    spec matches any size >= 1.
+    """
+
+    def matches(shape: tuple[int, ...]) -> bool:
+        return len(shape) == len(spec_shape) and all(
+            (want < 0 and got >= 1) or got == want
+            for got, want in zip(shape, spec_shape, strict=True)
+        )
+
+    if matches(arr.shape):
+        return arr.reshape(1, *arr.shape), 1, False
+    if arr.ndim == len(spec_shape) + 1 and matches(arr.shape[1:]):
+        rows = arr.shape[0]
+        if rows < 1:
+            raise unprocessable("a batch needs at least one row")
+        if rows > max_rows:
+            raise HTTPError(422, f"batch of {rows} rows exceeds max_batch_size {max_rows}")
+        return arr, rows, True
+    want = "[" + ", ".join("N" if d < 0 else str(d) for d in spec_shape) + "]"
+    raise unprocessable(f"input shape {list(arr.shape)} does not match {want} or [rows, *{want}]")

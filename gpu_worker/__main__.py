@@ -1,0 +1,3 @@
+from ringserve.gpu_worker.process import main
+
+main()

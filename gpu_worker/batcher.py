@@ -1,0 +1,104 @@
+"""When to run a batch, and with which requests: pure logic, no torch, injectable clock.
+
+Policy (why: a fixed batching wait costs a full wait at low load, and on a CPU the
+largest batch is often not the fastest):
+
+* Nothing queued: wait for work.
+* The queued rows reach the target size (the throughput-optimal size measured at
+  warm-up, or ``max_batch_size``): run now.
+* The device is idle (no batch ran recently): run now with whatever is queued; a lone
+  request never waits for company.
+* The device is busy (we are running back to back under load): wait for more rows, but
+  at most until the oldest queued request has waited ``max_queue_delay``.
+
+Before inference, requests whose deadline passed or whose client went away are dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int
+    max_queue_delay_s: float
+    preferred_batch_size: int = 0  # 0 = max_batch_size
+
+    @property
+    def target(self) -> int:
+        return self.preferred_batch_size or self.max_batch_size
+
+
+@dataclass(frozen=True)
+class Pending:
+    """What the batcher needs to know about one queued request."""
+
+    key: int  # slot index
+    rows: int
+    enqueued_s: float
+    deadline_s: float | None  # absolute, same clock; None = no deadline
+    cancelled: bool = False
+
+
+class Batcher:
+    """Decides when to dispatch; the caller owns the queue and the device."""
+
+    def __init__(self, policy: BatchPolicy, clock: Callable[[], float] = time.monotonic) -> None:
+        self.policy = policy
+        self.clock = clock
+        self._last_batch_end: float | None = None
+
+    def batch_finished(self) -> None:
+        self._last_batch_end = self.clock()
+
+    def device_busy(self) -> bool:
+        """Busy = the previous batch ended within one queue delay (we are under load)."""
+        if self._last_batch_end is None:
+            return False
+        return self.clock() - self._last_batch_end <= self.policy.max_queue_delay_s
+
+    def wait_time(self, pending_rows: int, oldest_enqueued_s: float | None) -> float | None:
+        """Seconds to wait before dispatching: 0 = now; None = nothing queued."""
+        if pending_rows <= 0 or oldest_enqueued_s is None:
+            return None
+        if pending_rows >= self.policy.target or not self.device_busy():
+            return 0.0
+        return max(0.0, oldest_enqueued_s + self.policy.max_queue_delay_s - self.clock())
+
+    def select(
+        self, items: Iterable[Pending]
+    ) -> tuple[list[Pending], list[Pending], list[Pending]]:
+        """Split items into (run, expired, cancelled), keeping at most max_batch_size rows.
+
+        Items beyond the size limit are not returned at all: the caller's pop already
+        bounded the rows, so this only guards against a caller bug.
+        """
+        now = self.clock()
+        run: list[Pending] = []
+        expired: list[Pending] = []
+        cancelled: list[Pending] = []
+        rows = 0
+        for item in items:
+            if item.cancelled:
+                cancelled.append(item)
+            elif item.deadline_s is not None and item.deadline_s <= now:
+                expired.append(item)
+            elif rows + item.rows <= self.policy.max_batch_size or not run:
+                run.append(item)
+                rows += item.rows
+        return run, expired, cancelled
+
+
+def choose_preferred(throughput: Mapping[int, float], tolerance: float = 0.97) -> int:
+    """The smallest batch size whose rows/s is within ``tolerance`` of the best.
+
+    Smaller batches mean lower latency; past the knee a larger batch buys nothing (on a
+    CPU it often loses: cache pressure).
+    """
+    if not throughput:
+        raise ValueError("empty throughput profile")
+    best = max(throughput.values())
+    return min(size for size, tput in throughput.items() if tput >= tolerance * best)

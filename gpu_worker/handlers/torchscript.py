@@ -1,0 +1,90 @@
+"""``torchscript:PATH``: serve a TorchScript archive (``torch.jit.save``) as is.
+
+A TorchScript file carries no description of its inputs, so the tensor specs come from
+the model's options (``[models.NAME.options]``), with permissive defaults:
+
+- ``input_dtype`` ("float32") and ``input_shape`` ([-1]): per-row input, -1 = any size;
+- ``output_dtype`` ("float32") and ``output_shape`` ([-1]): per-row output;
+- ``task`` ("tensor"): "classification" makes /predict answer a label and a score;
+- ``labels_file`` (none): one label per line, for a classification model.
+
+``preprocess`` is the base one: the payload (already checked against the input spec by
+the frontend) becomes a tensor ``[rows, *input_shape]`` without a copy.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ringserve.gpu_worker.handlers.base import Handler, TensorSpec
+from ringserve.gpu_worker.handlers.vision import read_labels
+from ringserve.ipc.config import ModelSettings
+from ringserve.ipc.layout import DTYPES
+
+TASKS = ("tensor", "classification")
+
+
+def _spec(name: str, dtype: Any, shape: Any, key: str) -> TensorSpec:
+    """Build one spec from option values, failing with the option's name."""
+    if dtype not in DTYPES or dtype == "bytes":
+        raise ValueError(f"options.{key}_dtype: {dtype!r} is not a tensor dtype")
+    if not isinstance(shape, Sequence) or isinstance(shape, str):
+        raise ValueError(f"options.{key}_shape: expected a list of integers, got {shape!r}")
+    dims = tuple(int(d) for d in shape)
+    if any(d < -1 or d == 0 for d in dims):
+        raise ValueError(f"options.{key}_shape: dimensions are positive or -1, got {shape!r}")
+    return TensorSpec(name, dtype, dims)
+
+
+class TorchScriptHandler(Handler):
+    platform = "pytorch_libtorch"
+
+    def __init__(self, settings: ModelSettings, arg: str = "") -> None:
+        super().__init__(settings, arg)
+        opts = settings.options
+        self.inputs = (
+            _spec(
+                "INPUT0", opts.get("input_dtype", "float32"), opts.get("input_shape", [-1]), "input"
+            ),
+        )
+        self.outputs = (
+            _spec(
+                "OUTPUT0",
+                opts.get("output_dtype", "float32"),
+                opts.get("output_shape", [-1]),
+                "output",
+            ),
+        )
+        self.task = str(opts.get("task", "tensor"))
+        if self.task not in TASKS:
+            raise ValueError(f"options.task: {self.task!r} is not one of {', '.join(TASKS)}")
+        self.model: torch.jit.ScriptModule | None = None
+
+    def load(self, device: torch.device) -> None:
+        if not self.arg:
+            raise ValueError("torchscript handler needs a file: torchscript:PATH")
+        with warnings.catch_warnings():
+            # Serving TorchScript is this handler's purpose; upstream's deprecation of
+            # torch.jit is not news to the operator on every start.
+            warnings.filterwarnings(
+                "ignore", message=r"`torch\.jit\.load` is", category=FutureWarning
+            )
+            model = torch.jit.load(self.arg, map_location=device)
+        self.model = model.eval()
+        labels_file = self.settings.options.get("labels_file")
+        if labels_file:
+            labels = read_labels(labels_file)
+            classes = self.outputs[0].shape[-1]
+            if classes != -1 and len(labels) != classes:
+                raise ValueError(f"{labels_file}: {len(labels)} labels for {classes} classes")
+            self.labels = labels
+        self.device = device
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        assert self.model is not None, "load() was not called"
+        with torch.inference_mode():
+            return self.model(batch)

@@ -1,0 +1,166 @@
+"""``torchvision:ARCH``: an image classifier from ``torchvision.models``, and image decoding.
+
+Weights come only from a local file (``weights = "/path/state_dict.pt"``), loaded with
+``weights_only=True`` so a checkpoint cannot run code. Nothing is ever downloaded: a
+server must start the same way with or without network, and a model with no weights
+file runs with random initialisation behind a loud warning (useful for load tests only).
+
+Model options (``[models.NAME.options]``):
+
+- ``image_size`` (224): side of the square crop the network sees; the shorter side is
+  first resized to ``image_size * 256 / 224`` (the usual ImageNet evaluation recipe).
+- ``num_classes`` (1000): size of the classifier head, and of ``OUTPUT0``.
+- ``labels_file`` (none): text file with one class label per line, ``num_classes`` lines.
+- ``channels_last`` (false): NHWC memory format, often faster for convnets on GPUs.
+- ``max_image_pixels`` (40,000,000): refuse images whose header declares more pixels,
+  before decoding them (an image bomb is small on the wire and huge in memory).
+
+``decode_payload`` and ``tensor_from_payload`` are shared with the ``digits`` handler.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+import torchvision.transforms.v2.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ringserve.gpu_worker.handlers.base import BadInput, Handler, TensorSpec
+from ringserve.ipc.config import ModelSettings
+from ringserve.ipc.layout import PayloadKind
+
+log = logging.getLogger("ringserve.worker")
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+
+
+def tensor_from_payload(payload: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy`` without sharing a read-only array.
+
+    torch warns on (and must not write through) a non-writable array, such as a
+    read-only view of shared memory; such a payload is copied instead.
+    """
+    if not payload.flags.writeable:
+        payload = payload.copy()
+    return torch.from_numpy(payload)
+
+
+def decode_payload(
+    payload: np.ndarray,
+    mode: str,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    min_side: int = 0,
+) -> torch.Tensor:
+    """Encoded image bytes (JPEG, PNG, anything PIL reads) → uint8 ``[C, H, W]``.
+
+    ``mode`` is a PIL mode: "RGB" (C = 3) or "L" (grayscale, C = 1). The size declared in
+    the header is checked before any pixel is decoded. ``min_side`` lets a JPEG decode
+    at a reduced scale that still keeps both sides >= ``min_side`` (far cheaper for
+    large photos that are about to be shrunk anyway). EXIF orientation is applied.
+
+    PIL rather than ``torchvision.io.decode_image``: torchvision 0.29 deprecates its
+    image codecs (a DeprecationWarning on every call), and PIL is already a dependency.
+    """
+    data = np.ascontiguousarray(payload).reshape(-1).view(np.uint8)
+    try:
+        with warnings.catch_warnings():
+            # PIL warns on images over its own limit; ours below is the one that counts.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                width, height = im.size
+                if width * height > max_pixels:
+                    raise BadInput(f"image too large: {width}x{height} pixels (limit {max_pixels})")
+                if min_side:
+                    im.draft(mode, (min_side, min_side))
+                pixels = np.array(ImageOps.exif_transpose(im).convert(mode))
+    except BadInput:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadInput(f"image too large: {e}") from None
+    except UnidentifiedImageError:
+        raise BadInput("could not decode image: not a known image format") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
+        raise BadInput(f"could not decode image: {e}") from None
+    tensor = torch.from_numpy(pixels)
+    return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
+
+
+def read_labels(path: str) -> tuple[str, ...]:
+    """One label per line; blank lines at the end are ignored."""
+    return tuple(Path(path).read_text(encoding="utf-8").rstrip("\n").split("\n"))
+
+
+class TorchvisionHandler(Handler):
+    task = "classification"
+    accepts_images = True
+
+    def __init__(self, settings: ModelSettings, arg: str = "") -> None:
+        super().__init__(settings, arg)
+        opts = settings.options
+        self.image_size = int(opts.get("image_size", 224))
+        self.resize_size = round(self.image_size * 256 / 224)
+        self.num_classes = int(opts.get("num_classes", 1000))
+        self.channels_last = bool(opts.get("channels_last", False))
+        self.max_pixels = int(opts.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
+        self.inputs = (TensorSpec("INPUT0", "float32", (3, self.image_size, self.image_size)),)
+        self.outputs = (TensorSpec("OUTPUT0", "float32", (self.num_classes,)),)
+        self.model: torch.nn.Module | None = None
+
+    def load(self, device: torch.device) -> None:
+        if not self.arg:
+            raise ValueError("torchvision handler needs an architecture: torchvision:ARCH")
+        model = torchvision.models.get_model(self.arg, weights=None, num_classes=self.num_classes)
+        if self.settings.weights:
+            state = torch.load(self.settings.weights, map_location="cpu", weights_only=True)
+            for key in ("state_dict", "model"):  # common training-checkpoint wrappers
+                if isinstance(state, dict) and isinstance(state.get(key), dict):
+                    state = state[key]
+            model.load_state_dict(state)
+        else:
+            log.warning(
+                "model %s: no weights file for torchvision:%s; it runs with RANDOM "
+                "initialisation and its predictions are meaningless (set weights = PATH "
+                "to a state_dict; ringserve never downloads weights)",
+                self.settings.name,
+                self.arg,
+            )
+        labels_file = self.settings.options.get("labels_file")
+        if labels_file:
+            labels = read_labels(labels_file)
+            if len(labels) != self.num_classes:
+                raise ValueError(
+                    f"{labels_file}: {len(labels)} labels for {self.num_classes} classes"
+                )
+            self.labels = labels
+        model = model.eval().to(device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.device = device
+
+    def preprocess(self, payload: np.ndarray, kind: PayloadKind) -> torch.Tensor:
+        """TENSOR: ``[rows, 3, S, S]`` as sent; IMAGE: ``[1, 3, S, S]`` normalised float32."""
+        if kind != PayloadKind.IMAGE:
+            return tensor_from_payload(payload)
+        image = decode_payload(payload, "RGB", self.max_pixels, self.resize_size)
+        image = F.resize(image, [self.resize_size], antialias=True)
+        image = F.center_crop(image, [self.image_size, self.image_size])
+        image = F.to_dtype(image, torch.float32, scale=True)
+        return F.normalize(image, IMAGENET_MEAN, IMAGENET_STD).unsqueeze(0)
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        assert self.model is not None, "load() was not called"
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            return self.model(batch).softmax(dim=1)

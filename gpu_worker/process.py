@@ -1,0 +1,354 @@
+"""The worker process: load one model, then pop, batch, infer and answer until told to stop.
+
+A short loop of named steps (STYLE practice 2). The worker is the only writer of its
+claimed slots' RUNNING→DONE transition and of its control block; the supervisor only
+posts commands (stop, trim) and reads. Liveness is the heartbeat in the control block,
+stamped after every batch and on every idle wake (at least every heartbeat interval).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from ringserve.gpu_worker.batcher import Batcher, BatchPolicy, Pending
+from ringserve.gpu_worker.handlers import BadInput, Handler, create_handler
+from ringserve.gpu_worker.profile import throughput_profile
+from ringserve.ipc import wake
+from ringserve.ipc.arena import Arena
+from ringserve.ipc.child import ChildSpec, load_spec
+from ringserve.ipc.control import ControlBlock
+from ringserve.ipc.errors import ArenaError, ExitCode
+from ringserve.ipc.layout import (
+    DTYPE_CODE,
+    DTYPES,
+    MODEL_ENTRY,
+    MAX_NDIM,
+    Command,
+    PayloadKind,
+    ProcState,
+    Role,
+    SlotState,
+    Status,
+    numpy_dtype,
+)
+from ringserve.ipc.logs import setup_logging
+from ringserve.ipc.ring import Claimed, RequestRing, write_error
+from ringserve.ipc.testhooks import pause_point
+
+log = logging.getLogger("ringserve.worker")
+
+
+class HeaderError(ValueError):
+    """A slot header fails bounds checks: that request fails, the worker does not."""
+
+
+class Worker:
+    def __init__(self, spec: ChildSpec) -> None:
+        self.spec = spec
+        self.settings = spec.settings
+        self.model = self.settings.models[spec.model_index]
+        self.arena = Arena.attach(spec.arena_path)
+        self.control = ControlBlock(self.arena, spec.control_index)
+        self.ring = RequestRing(self.arena, spec.model_index)
+        self.model_efd = spec.model_efds[spec.model_index]
+        self.handler: Handler | None = None
+        self.batcher: Batcher | None = None
+        self.stopping = False
+        self._pinned: dict[tuple, torch.Tensor] = {}
+        self._batch_seq = 0
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.control.register(Role.WORKER, self.spec.ident, self.spec.model_index)
+        torch.set_num_threads(self.model.threads)
+        device = torch.device(self.model.device)
+        if device.type == "cuda":
+            try:
+                torch.cuda.set_device(device)
+                torch.zeros(1, device=device)
+            except Exception as e:
+                log.error("cannot use %s: %s", device, e)
+                sys.exit(ExitCode.CUDA_INIT)
+        try:
+            self.handler = create_handler(self.model)
+            self.handler.load(device)
+            self.handler.device = device
+        except Exception:
+            log.exception("model %s (%s) failed to load", self.model.name, self.model.handler)
+            sys.exit(ExitCode.MODEL_LOAD)
+        self._publish_spec()
+        preferred = self.model.batching.preferred_batch_size
+        if not preferred:
+            profile = throughput_profile(self.handler, self.model, self.control.beat)
+            preferred = profile.preferred
+            log.info(
+                "model %s batch profile (rows/s by size): %s -> preferred %d",
+                self.model.name,
+                profile.rows_per_s,
+                preferred,
+            )
+            self.arena.control[self.control.index]["rows"] = 0
+        self.batcher = Batcher(
+            BatchPolicy(
+                max_batch_size=self.model.batching.max_batch_size,
+                max_queue_delay_s=self.model.batching.max_queue_delay_ms / 1000,
+                preferred_batch_size=preferred,
+            )
+        )
+        self.control.set_state(ProcState.READY)
+        log.info("worker %d ready: model %s on %s", self.spec.ident, self.model.name, device)
+
+    def _publish_spec(self) -> None:
+        assert self.handler is not None
+        blob = json.dumps(self.handler.describe()).encode()
+        entry = self.arena.models[self.spec.model_index]
+        if len(blob) > MODEL_ENTRY["spec"].itemsize:
+            raise ArenaError(f"model {self.model.name}: metadata too large to publish")
+        entry["spec"] = blob
+        entry["spec_len"] = len(blob)
+        entry["spec_version"] = int(entry["spec_version"]) + 1
+
+    def run(self) -> int:
+        interval = self.settings.worker.heartbeat_interval_s
+        while not self.stopping:
+            self._handle_command()
+            if self.stopping:
+                break
+            claimed = self._collect(interval)
+            if claimed:
+                self._run_batch(claimed)
+                self.batcher.batch_finished()  # type: ignore[union-attr]
+            self.control.beat()
+        self.control.set_state(ProcState.STOPPED)
+        return ExitCode.RECYCLE if self._stop_requested_by_supervisor else ExitCode.OK
+
+    _stop_requested_by_supervisor = False
+
+    def _handle_command(self) -> None:
+        cmd = self.control.take_command()
+        if cmd == Command.STOP:
+            self.stopping = True
+            self._stop_requested_by_supervisor = True
+            self.control.set_state(ProcState.DRAINING)
+        elif cmd == Command.TRIM:
+            self._trim()
+        if cmd != Command.NONE:
+            self.control.ack()
+
+    def _trim(self) -> None:
+        """Return freed memory to the OS so the supervisor can tell retention from a leak."""
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        if torch.cuda.is_available() and self.model.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    # -- collecting a batch ----------------------------------------------------------------
+
+    def _collect(self, idle_timeout_s: float) -> list[Claimed]:
+        assert self.batcher is not None
+        target = self.batcher.policy.target
+        claimed = self.ring.pop(target, self.control.index, os.getpid())
+        if not claimed:
+            if wake.wait(self.model_efd, idle_timeout_s):
+                wake.drain(self.model_efd)
+            return []
+        rows = sum(c.rows for c in claimed)
+        while rows < target and claimed[0].attempts == 1:
+            oldest = int(self.arena.slots["enqueued_ns"][claimed[0].slot]) / 1e9
+            delay = self.batcher.wait_time(rows, oldest)
+            if not delay:
+                break
+            if wake.wait(self.model_efd, delay):
+                wake.drain(self.model_efd)
+            more = self.ring.pop(target - rows, self.control.index, os.getpid(), fresh_only=True)
+            claimed.extend(more)
+            rows += sum(c.rows for c in more)
+        if self.ring.depth() > 0:
+            wake.signal(self.model_efd)  # pass the baton to an idle sibling
+        return claimed
+
+    # -- running a batch -------------------------------------------------------------------
+
+    def _run_batch(self, claimed: list[Claimed]) -> None:
+        assert self.handler is not None and self.batcher is not None
+        slots = self.arena.slots
+        items = [
+            Pending(
+                key=c.slot,
+                rows=c.rows,
+                enqueued_s=int(slots["enqueued_ns"][c.slot]) / 1e9,
+                deadline_s=(int(slots["deadline_ns"][c.slot]) / 1e9) or None,
+                cancelled=bool(slots["cancel"][c.slot]),
+            )
+            for c in claimed
+        ]
+        run, expired, cancelled = self.batcher.select(items)
+        owners: set[int] = set()
+        for p in expired:
+            self._finish_error(p.key, Status.DEADLINE, b"deadline passed before inference", owners)
+        for p in cancelled:
+            self._finish_error(p.key, Status.CANCELLED, b"cancelled by the client", owners)
+        groups: dict[tuple, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+        for p in run:
+            try:
+                tensor = self.handler.preprocess(*self._payload(p.key))
+            except (BadInput, HeaderError) as e:
+                self._finish_error(p.key, Status.BAD_INPUT, str(e).encode(), owners)
+                continue
+            except Exception as e:
+                log.exception("preprocess failed")
+                self._finish_error(
+                    p.key, Status.MODEL_ERROR, f"preprocess failed: {e}".encode(), owners
+                )
+                continue
+            groups[(tensor.dtype, tuple(tensor.shape[1:]))].append((p.key, tensor))
+        for members in groups.values():
+            self._infer_group(members, owners)
+        pause_point("worker.after_batch")
+        for owner in owners:
+            wake.signal(self.spec.frontend_efds[owner])
+        self.control.beat()
+
+    def _payload(self, slot: int) -> tuple[np.ndarray, PayloadKind]:
+        """A zero-copy view of a slot's input, after bounds-checking its header."""
+        rec = self.arena.slots[slot]
+        kind = int(rec["kind"])
+        code = int(rec["in_dtype"])
+        ndim = int(rec["in_ndim"])
+        nbytes = int(rec["in_nbytes"])
+        if kind not in (PayloadKind.TENSOR, PayloadKind.IMAGE):
+            raise HeaderError(f"corrupt request header: payload kind {kind}")
+        if code >= len(DTYPES) or not 0 <= ndim <= MAX_NDIM:
+            raise HeaderError("corrupt request header: dtype or rank out of range")
+        if nbytes > self.arena.geometry.slot_bytes:
+            raise HeaderError("corrupt request header: payload larger than its slot")
+        shape = tuple(int(d) for d in rec["in_shape"][:ndim])
+        dtype = numpy_dtype(code)
+        if int(np.prod(shape, dtype=np.uint64)) * dtype.itemsize != nbytes:
+            raise HeaderError("corrupt request header: shape does not match byte length")
+        return self.arena.data_array(slot, dtype, shape), PayloadKind(kind)
+
+    def _infer_group(self, members: list[tuple[int, torch.Tensor]], owners: set[int]) -> None:
+        assert self.handler is not None
+        try:
+            outputs = self._infer([t for _, t in members])
+        except Exception as e:
+            if len(members) == 1:
+                log.warning("model %s raised on request: %s", self.model.name, e)
+                self._finish_error(
+                    members[0][0], Status.MODEL_ERROR, f"model error: {e}".encode(), owners
+                )
+                return
+            for member in members:  # isolate the request that raises; the rest succeed
+                self._infer_group([member], owners)
+            return
+        self._batch_seq += 1
+        rows_total = sum(int(t.shape[0]) for _, t in members)
+        start = 0
+        for slot, tensor in members:
+            n = int(tensor.shape[0])
+            self._finish_ok(slot, outputs[start : start + n], rows_total, owners)
+            start += n
+        rec = self.control.rec
+        rec["batches"] = int(rec["batches"]) + 1
+        rec["rows"] = int(rec["rows"]) + rows_total
+        rec["requests"] = int(rec["requests"]) + len(members)
+
+    def _infer(self, tensors: list[torch.Tensor]) -> np.ndarray:
+        assert self.handler is not None
+        device = self.handler.device
+        if device.type == "cuda":
+            batch = self._gather_pinned(tensors).to(device, non_blocking=True)
+        else:
+            batch = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+        t0 = time.monotonic_ns()
+        with torch.inference_mode():
+            out = self.handler.infer(batch)
+        result = self.handler.postprocess(out)
+        if result.shape[0] != batch.shape[0]:
+            raise RuntimeError(f"handler returned {result.shape[0]} rows for {batch.shape[0]}")
+        rec = self.control.rec
+        rec["busy_ns"] = int(rec["busy_ns"]) + time.monotonic_ns() - t0
+        if device.type == "cuda":
+            rec["gpu_allocated"] = torch.cuda.memory_allocated(device)
+            rec["gpu_reserved"] = torch.cuda.memory_reserved(device)
+        return result
+
+    def _gather_pinned(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Concatenate straight into a reused page-locked buffer for an async H2D copy."""
+        rows = sum(int(t.shape[0]) for t in tensors)
+        key = (tensors[0].dtype, tuple(tensors[0].shape[1:]))
+        buf = self._pinned.get(key)
+        if buf is None or buf.shape[0] < rows:
+            cap = max(rows, self.model.batching.max_batch_size)
+            buf = torch.empty((cap, *key[1]), dtype=key[0]).pin_memory()
+            self._pinned[key] = buf
+        return torch.cat(tensors, out=buf[:rows])
+
+    # -- answering -------------------------------------------------------------------------
+
+    def _finish_ok(self, slot: int, out: np.ndarray, batch_rows: int, owners: set[int]) -> None:
+        out = np.ascontiguousarray(out)
+        rec = self.arena.slots[slot]
+        if out.nbytes > self.arena.geometry.slot_bytes or out.ndim > MAX_NDIM:
+            self._finish_error(slot, Status.MODEL_ERROR, b"output does not fit the slot", owners)
+            return
+        name = out.dtype.name
+        if name not in DTYPE_CODE:
+            self._finish_error(
+                slot, Status.MODEL_ERROR, f"unsupported output {name}".encode(), owners
+            )
+            return
+        dest = self.arena.data_array(slot, out.dtype, out.shape)
+        np.copyto(dest, out)
+        rec["out_dtype"] = DTYPE_CODE[name]
+        rec["out_ndim"] = out.ndim
+        rec["out_shape"][: out.ndim] = out.shape
+        rec["out_nbytes"] = out.nbytes
+        rec["batch_size"] = batch_rows
+        rec["batch_id"] = self._batch_seq
+        rec["status"] = Status.OK
+        rec["finished_ns"] = time.monotonic_ns()
+        rec["state"] = SlotState.DONE
+        owners.add(int(rec["owner"]))
+
+    def _finish_error(self, slot: int, status: Status, message: bytes, owners: set[int]) -> None:
+        write_error(self.arena, slot, status, message)
+        owners.add(int(self.arena.slots["owner"][slot]))
+
+
+def main() -> None:
+    spec = load_spec()
+    setup_logging(
+        spec.settings.server.log_format, spec.settings.server.log_level, f"worker-{spec.ident}"
+    )
+    worker_ref: list[Worker] = []
+
+    def on_term(signum: int, frame: object) -> None:
+        if worker_ref:
+            worker_ref[0].stopping = True  # record only; the loop finishes its batch
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        worker = Worker(spec)
+    except ArenaError as e:
+        log.error("%s", e)
+        sys.exit(ExitCode.BOOT)
+    worker_ref.append(worker)
+    worker.start()
+    sys.exit(worker.run())

@@ -1,0 +1,99 @@
+"""Warm-up throughput profile: rows/s at each candidate batch size, so the batcher can
+prefer the fastest size instead of the largest (on a CPU, batch 32 can be slower per row
+than batch 4).
+
+Bounded: each size gets a few timed runs and the whole profile stops at a time budget.
+Results are cached per model handler, device and input shape in
+``$XDG_CACHE_HOME/ringserve/profiles.json`` so restarts and recycles skip it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ringserve.gpu_worker.batcher import choose_preferred
+from ringserve.gpu_worker.handlers.base import Handler
+from ringserve.ipc.config import ModelSettings
+from ringserve.ipc.layout import PayloadKind
+
+BUDGET_S = 8.0
+DYNAMIC_DIM = 16  # size used for -1 dimensions when making a sample input
+
+
+@dataclass(frozen=True)
+class Profile:
+    rows_per_s: dict[int, float]
+    preferred: int
+
+
+def _sizes(max_batch: int) -> list[int]:
+    sizes, s = [], 1
+    while s < max_batch:
+        sizes.append(s)
+        s *= 2
+    return [*sizes, max_batch]
+
+
+def _cache_path() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(base, "ringserve", "profiles.json")
+
+
+def _load_cache() -> dict:
+    try:
+        with open(_cache_path()) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_cache(cache: dict) -> None:
+    path = _cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(cache, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home only costs a re-profile next start
+
+
+def throughput_profile(
+    handler: Handler, model: ModelSettings, heartbeat: Callable[[], None]
+) -> Profile:
+    spec = handler.inputs[0]
+    shape = tuple(DYNAMIC_DIM if d < 0 else d for d in spec.shape)
+    key = f"{model.handler}|{model.weights}|{model.device}|{shape}|{model.batching.max_batch_size}"
+    cache = _load_cache()
+    if key in cache:
+        rates = {int(k): float(v) for k, v in cache[key].items()}
+        return Profile(rates, choose_preferred(rates))
+    row = handler.preprocess(np.zeros((1, *shape), dtype=spec.dtype), PayloadKind.TENSOR)
+    rates: dict[int, float] = {}
+    started = time.monotonic()
+    for size in _sizes(model.batching.max_batch_size):
+        batch = row.expand(size, *row.shape[1:]).contiguous().to(handler.device)
+        with torch.inference_mode():
+            handler.infer(batch)  # warm-up (allocator, kernels)
+            runs, t0 = 0, time.perf_counter()
+            while runs < 3 or (time.perf_counter() - t0 < 0.05 and runs < 50):
+                out = handler.infer(batch)
+                runs += 1
+            if handler.device.type == "cuda":
+                torch.cuda.synchronize(handler.device)
+            del out
+        rates[size] = size * runs / (time.perf_counter() - t0)
+        heartbeat()
+        if time.monotonic() - started > BUDGET_S:
+            break
+    cache[key] = rates
+    _save_cache(cache)
+    return Profile(rates, choose_preferred(rates))

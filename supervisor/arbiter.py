@@ -1,0 +1,713 @@
+"""The supervisor's main loop: owns shared memory, spawns and watches every child,
+recovers from deaths, and runs drains, rolling restarts and recycles.
+
+One thread acts (STYLE practice 1): signal handlers only record (the wakeup fd carries
+the signal number), the admin socket thread only enqueues, children's exits arrive as
+readable pidfds. ``run`` is a short loop: wait on the selector until the next timer,
+handle what woke us, then ``tick`` the timers (heartbeats, readiness, memory sampling,
+pending restarts, replacements, drain progress).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import selectors
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ringserve.ipc import wake
+from ringserve.ipc.arena import Arena, ArenaGeometry, segment_name, sweep_stale
+from ringserve.ipc.child import ChildSpec
+from ringserve.ipc.config import Settings
+from ringserve.ipc.control import reset as reset_control
+from ringserve.ipc.control import send_command
+from ringserve.ipc.errors import ExitCode
+from ringserve.ipc.layout import Command, ProcState, SlotState, Status
+from ringserve.ipc.ring import RequestRing, write_error
+from ringserve.supervisor import systemd
+from ringserve.supervisor.children import Child, Phase, spawn
+from ringserve.supervisor.memory import MemorySample, MemoryWatch
+from ringserve.supervisor.stats import SupervisorStats
+
+log = logging.getLogger("ringserve.supervisor")
+
+POISON_MESSAGE = (
+    b"request was in flight when two workers died; failed alone so it cannot crash-loop the pool"
+)
+
+
+@dataclass
+class Replacement:
+    """Start ``new`` for ``old``; once ``new`` is ready, stop ``old``. Nothing drops."""
+
+    old: Child
+    reason: str
+    new: Child | None = None
+    deadline: float = 0.0
+
+
+@dataclass
+class WorkerSlot:
+    """A configured worker position (stable id across restarts and recycles)."""
+
+    ident: int
+    model_index: int
+    child: Child | None = None
+    failures: int = 0  # consecutive deaths before becoming ready
+    restart_at: float | None = None
+    restarts: int = 0
+    last_exit_reason: str = ""
+    last_recycle_reason: str = ""
+    retired: bool = False  # scaled down: do not restart
+
+
+@dataclass
+class FrontendSlot:
+    ident: int
+    child: Child | None = None
+    restarts: int = 0
+    last_exit_reason: str = ""
+    restart_at: float | None = None
+    failures: int = 0  # consecutive deaths before becoming ready
+    rolling: bool = False  # stopped for a rolling restart: respawn on exit
+
+
+@dataclass
+class AdminRequest:
+    cmd: str
+    args: dict[str, Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: Exception | None = None
+
+
+class Arbiter:
+    def __init__(self, settings: Settings, listen_sockets: list[socket.socket]) -> None:
+        self.settings = settings
+        self.listen_sockets = listen_sockets
+        self.selector = selectors.DefaultSelector()
+        self.arena: Arena | None = None
+        self.rings: list[RequestRing] = []
+        self.model_efds: tuple[int, ...] = ()
+        self.frontend_efds: tuple[int, ...] = ()
+        self.metrics_dir = ""
+        self.frontends: list[FrontendSlot] = []
+        self.workers: list[WorkerSlot] = []
+        self.free_controls: list[int] = []
+        self.replacements: list[Replacement] = []
+        self.rolling: list[str] = []  # names still to restart in a rolling restart
+        self.admin_queue: queue.Queue[AdminRequest] = queue.Queue()
+        self.stats = SupervisorStats(settings)
+        self.memory = MemoryWatch(settings)
+        self.phase = "starting"  # starting | running | draining | stopping | stopped
+        self.ready_notified = False
+        self.drain_deadline = 0.0
+        self.stop_deadline = 0.0
+        self.exit_code = 0
+        self.started = time.monotonic()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._next_watchdog = 0.0
+        self._next_sample = 0.0
+        self._status_line = ""
+        self.admin = None
+
+    # == set-up and tear-down ================================================================
+
+    def setup(self) -> None:
+        s = self.settings
+        removed = sweep_stale()
+        if removed:
+            log.warning("removed stale shared memory of crashed runs: %s", ", ".join(removed))
+        n_workers = sum(m.workers for m in s.models)
+        n_procs = s.server.frontends + 2 * n_workers + 64
+        geometry = ArenaGeometry(
+            n_slots=s.arena.slots,
+            slot_bytes=s.arena.slot_bytes,
+            n_models=len(s.models),
+            n_procs=n_procs,
+            n_frontends=s.server.frontends,
+        )
+        path = os.path.join("/dev/shm", segment_name(s.instance))
+        self.arena = Arena.create(path, geometry)
+        self.rings = [RequestRing(self.arena, i) for i in range(len(s.models))]
+        self.model_efds = tuple(wake.new_eventfd() for _ in s.models)
+        self.frontend_efds = tuple(wake.new_eventfd() for _ in range(s.server.frontends))
+        self.free_controls = list(range(n_procs - 1, s.server.frontends - 1, -1))
+        self.metrics_dir = tempfile.mkdtemp(prefix=f"ringserve-metrics-{s.instance}-")
+        self.stats.open(self.metrics_dir)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, lambda signum, frame: None)  # the wakeup fd carries it
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self.frontends = [FrontendSlot(i) for i in range(s.server.frontends)]
+        ident = 0
+        for mi, m in enumerate(s.models):
+            for _ in range(m.workers):
+                self.workers.append(WorkerSlot(ident, mi))
+                ident += 1
+        self._start_admin()
+
+    def _start_admin(self) -> None:
+        from ringserve.supervisor.admin import AdminServer
+        from ringserve.supervisor.paths import default_admin_socket, prepare_socket_dir
+
+        path = self.settings.server.admin_socket or default_admin_socket(self.settings.instance)
+        prepare_socket_dir(path)
+        self.admin = AdminServer(
+            path, self._admin_dispatch, self.settings.server.admin_socket_group
+        )
+        self.admin.start()
+        self.admin_path = path
+        log.info("admin socket at %s", path)
+
+    def teardown(self) -> None:
+        signal.set_wakeup_fd(-1)
+        if self.admin is not None:
+            self.admin.close()
+        for ring in self.rings:
+            ring.close()
+        for fd in (*self.model_efds, *self.frontend_efds):
+            os.close(fd)
+        if self.arena is not None:
+            self.arena.close()
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        for sock in self.listen_sockets:
+            sock.close()
+
+    # == the loop ===========================================================================
+
+    def run(self) -> int:
+        self.setup()
+        try:
+            self._spawn_missing()
+            self.phase = "running"
+            self._notify_status()
+            while self.phase != "stopped":
+                timeout = self._tick()
+                for key, _ in self.selector.select(timeout):
+                    if key.data == "wake":
+                        self._on_wake()
+                    else:
+                        self._on_exit(key.data)
+        finally:
+            self._kill_all()
+            self.teardown()
+        return self.exit_code
+
+    def _on_wake(self) -> None:
+        try:
+            data = os.read(self._wake_r, 4096)
+        except BlockingIOError:
+            data = b""
+        for signum in data:
+            if signum:
+                self._on_signal(signum)
+        while True:
+            try:
+                req = self.admin_queue.get_nowait()
+            except queue.Empty:
+                break
+            self._run_admin(req)
+
+    def _on_signal(self, signum: int) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            if self.phase in ("draining", "stopping"):
+                log.warning("second %s: fast shutdown", signal.Signals(signum).name)
+                self.begin_stop(fast=True)
+            else:
+                log.info("%s: draining", signal.Signals(signum).name)
+                self.begin_drain()
+        elif signum == signal.SIGQUIT:
+            self.begin_stop(fast=True)
+        elif signum == signal.SIGHUP and self.phase == "running":
+            log.info("SIGHUP: rolling restart")
+            systemd.reloading()
+            self.ready_notified = False
+            self.rolling_restart(include_frontends=True)
+
+    def _tick(self) -> float:
+        """Run the timers; returns seconds until the next one is due."""
+        now = time.monotonic()
+        self._check_children(now)
+        self._advance_replacements(now)
+        self._restart_due(now)
+        self._advance_rolling()
+        self._check_ready()
+        if self.phase == "draining":
+            self._advance_drain(now)
+        elif self.phase == "stopping":
+            self._advance_stop(now)
+        if now >= self._next_sample:
+            self._sample_memory(now)
+            self._next_sample = now + self.settings.memory.sample_interval_s
+        interval = systemd.watchdog_interval_s()
+        if interval and now >= self._next_watchdog:
+            systemd.watchdog()  # only after _check_children looked at every heartbeat
+            self._next_watchdog = now + interval
+        return min(
+            0.25 if self.phase in ("draining", "stopping") else 1.0,
+            max(0.01, self._next_sample - now),
+        )
+
+    # == children =================================================================================
+
+    def _new_spec(
+        self,
+        role: str,
+        ident: int,
+        model_index: int = -1,
+        control: int | None = None,
+    ) -> ChildSpec:
+        assert self.arena is not None
+        index = control if control is not None else self.free_controls.pop()
+        reset_control(self.arena, index)
+        return ChildSpec(
+            role=role,
+            ident=ident,
+            control_index=index,
+            arena_path=self.arena.path,
+            settings_json=self.settings.to_json(),
+            parent_pid=os.getpid(),
+            model_index=model_index,
+            listen_fds=tuple(s.fileno() for s in self.listen_sockets) if role == "frontend" else (),
+            model_efds=self.model_efds,
+            frontend_efds=self.frontend_efds,
+            metrics_dir=self.metrics_dir,
+        )
+
+    def _spawn(self, spec: ChildSpec) -> Child:
+        child = spawn(spec)
+        self.selector.register(child.pidfd, selectors.EVENT_READ, child)
+        log.info("started %s (pid %d)", child.name, child.pid)
+        return child
+
+    def _spawn_frontend(self, fs: FrontendSlot) -> None:
+        # Frontend i always uses control index i: its replacement continues the same
+        # metrics file and adopts the dead one's slots.
+        fs.child = self._spawn(self._new_spec("frontend", fs.ident, control=fs.ident))
+
+    def _spawn_worker(self, ws: WorkerSlot) -> Child:
+        return self._spawn(self._new_spec("worker", ws.ident, ws.model_index))
+
+    def _spawn_missing(self) -> None:
+        for fs in self.frontends:
+            if fs.child is None:
+                self._spawn_frontend(fs)
+        for ws in self.workers:
+            if ws.child is None and not ws.retired:
+                ws.child = self._spawn_worker(ws)
+
+    def all_children(self) -> list[Child]:
+        kids = [fs.child for fs in self.frontends if fs.child]
+        kids += [ws.child for ws in self.workers if ws.child]
+        kids += [r.new for r in self.replacements if r.new]
+        return kids
+
+    def _worker_slot(self, child: Child) -> WorkerSlot | None:
+        return next((ws for ws in self.workers if ws.ident == child.ident), None)
+
+    def _check_children(self, now: float) -> None:
+        """Promote children that reported ready; kill the silent and the overdue."""
+        assert self.arena is not None
+        w = self.settings.worker
+        for child in self.all_children():
+            if child.returncode is not None:
+                continue
+            rec = self.arena.control[child.control_index]
+            state = int(rec["state"])
+            if child.phase == Phase.STARTING and state == ProcState.READY:
+                child.phase = Phase.READY
+                owner = (
+                    self.frontends[child.ident]
+                    if child.role == "frontend"
+                    else (self._worker_slot(child))
+                )
+                if owner is not None and owner.child is child:
+                    owner.failures = 0
+            # Until the child registers, its record is blank: count from its spawn.
+            silent_s = now - max(int(rec["heartbeat_ns"]) / 1e9, child.started)
+            limit = w.start_timeout_s if child.phase == Phase.STARTING else w.heartbeat_timeout_s
+            if silent_s > limit:
+                what = (
+                    "did not become ready" if child.phase == Phase.STARTING else "heartbeat stopped"
+                )
+                log.error(
+                    "%s (pid %d) %s for %.1f s: killing it", child.name, child.pid, what, silent_s
+                )
+                child.kill(
+                    "start_timeout" if child.phase == Phase.STARTING else "heartbeat_timeout"
+                )
+            elif child.stop_deadline is not None and now > child.stop_deadline:
+                log.warning("%s did not stop in time: killing it", child.name)
+                child.kill("stop_timeout")
+
+    def _on_exit(self, child: Child) -> None:
+        self.selector.unregister(child.pidfd)
+        rc = child.reap()
+        if rc is None:  # spurious wake: pidfd readable only on exit, but be safe
+            self.selector.register(child.pidfd, selectors.EVENT_READ, child)
+            return
+        reason = child.kill_reason or ExitCode.describe(rc)
+        expected = child.phase == Phase.STOPPING and not child.kill_reason
+        level = logging.INFO if expected or rc in (0, ExitCode.RECYCLE) else logging.ERROR
+        log.log(level, "%s (pid %d) exited: %s", child.name, child.pid, reason)
+        self.memory.forget(child.pid)
+        if child.role == "worker":
+            self._recover_worker_slots(child)
+        assert self.arena is not None
+        reset_control(self.arena, child.control_index)
+        if child.role == "frontend":
+            self._frontend_exited(child, reason)
+        else:
+            self._worker_exited(child, reason)
+        child.phase = Phase.EXITED
+
+    def _recover_worker_slots(self, child: Child) -> None:
+        ring = self.rings[child.model_index]
+        requeued, poisoned = ring.requeue_from_dead(child.control_index, POISON_MESSAGE)
+        model = self.settings.models[child.model_index].name
+        if requeued:
+            log.warning("re-queued %d requests of %s", len(requeued), child.name)
+            self.stats.requeued(model, len(requeued))
+            wake.signal(self.model_efds[child.model_index])
+        if poisoned:
+            log.error("failed %d poison requests of %s", len(poisoned), child.name)
+            self.stats.poisoned(model, len(poisoned))
+            self._signal_owners(poisoned)
+
+    def _signal_owners(self, slots: list[int]) -> None:
+        assert self.arena is not None
+        for owner in {int(self.arena.slots["owner"][s]) for s in slots}:
+            wake.signal(self.frontend_efds[owner])
+
+    def _frontend_exited(self, child: Child, reason: str) -> None:
+        fs = self.frontends[child.ident]
+        if fs.child is not child:
+            return
+        fs.child = None
+        if self.phase in ("stopping", "stopped"):
+            return
+        delay = 0.0
+        if not fs.rolling:
+            fs.restarts += 1
+            fs.last_exit_reason = reason
+            self.stats.restarted("frontend", reason)
+            if child.phase == Phase.STARTING:
+                fs.failures += 1
+                delay = self._backoff(fs.failures, child.name, reason)
+        fs.rolling = False
+        fs.restart_at = time.monotonic() + delay
+
+    def _worker_exited(self, child: Child, reason: str) -> None:
+        self.free_controls.append(child.control_index)
+        for r in list(self.replacements):
+            if r.new is child:  # the replacement died before taking over: keep the old one
+                log.error("replacement for %s failed (%s); keeping the old one", r.old.name, reason)
+                self.replacements.remove(r)
+                return
+        ws = self._worker_slot(child)
+        if ws is None or ws.child is not child:
+            return  # an old worker retired by a replacement
+        ws.child = None
+        if self.phase in ("stopping", "stopped") or ws.retired:
+            return
+        if child.phase == Phase.STARTING:
+            ws.failures += 1
+        ws.restarts += 1
+        ws.last_exit_reason = reason
+        self.stats.restarted("worker", reason)
+        delay = self._backoff(ws.failures, child.name, reason) if ws.failures else 0.0
+        ws.restart_at = time.monotonic() + delay
+        self._notify_status()
+
+    def _backoff(self, failures: int, name: str, reason: str) -> float:
+        """Exponential back-off for a child that keeps dying before it is ready."""
+        w = self.settings.worker
+        delay = min(w.restart_backoff_max_s, w.restart_backoff_s * 2 ** (failures - 1))
+        log.error(
+            "%s failed to start %d time(s) in a row (%s); retrying in %.1f s",
+            name,
+            failures,
+            reason,
+            delay,
+        )
+        return delay
+
+    def _restart_due(self, now: float) -> None:
+        if self.phase != "running":
+            return
+        for fs in self.frontends:
+            if fs.child is None and fs.restart_at is not None and now >= fs.restart_at:
+                fs.restart_at = None
+                self._spawn_frontend(fs)
+        for ws in self.workers:
+            if ws.child is None and ws.restart_at is not None and now >= ws.restart_at:
+                ws.restart_at = None
+                ws.child = self._spawn_worker(ws)
+
+    # == replacement: recycle and rolling restart ==========================================
+
+    def replace_worker(self, ws: WorkerSlot, reason: str) -> bool:
+        """Recycle one worker with no capacity dip: the new one is ready before the old stops."""
+        if ws.child is None or any(r.old is ws.child for r in self.replacements):
+            return False
+        r = Replacement(old=ws.child, reason=reason)
+        r.new = self._spawn_worker(ws)
+        r.deadline = time.monotonic() + self.settings.worker.start_timeout_s
+        self.replacements.append(r)
+        ws.last_recycle_reason = reason
+        log.info("recycling %s (%s): replacement pid %d starting", ws.child.name, reason, r.new.pid)
+        return True
+
+    def _advance_replacements(self, now: float) -> None:
+        for r in list(self.replacements):
+            assert r.new is not None
+            if r.new.phase == Phase.READY:
+                ws = self._worker_slot(r.old)
+                self.replacements.remove(r)
+                if ws is not None:
+                    ws.child = r.new
+                self.stop_child(r.old, r.reason)
+                if r.reason not in ("reload",):
+                    self.stats.recycled(self.settings.models[r.old.model_index].name, r.reason)
+            elif now > r.deadline:
+                log.error(
+                    "replacement for %s not ready in %.0f s: raise worker.start_timeout_s "
+                    "if the model needs longer to load",
+                    r.old.name,
+                    self.settings.worker.start_timeout_s,
+                )
+                r.new.kill("start_timeout")
+
+    def stop_child(self, child: Child, reason: str) -> None:
+        """Ask a child to finish what it is doing and exit; killed after stop_timeout_s."""
+        if child.phase in (Phase.STOPPING, Phase.EXITED):
+            return
+        assert self.arena is not None
+        child.phase = Phase.STOPPING
+        child.stop_reason = reason
+        child.stop_deadline = time.monotonic() + self.settings.worker.stop_timeout_s
+        if child.role == "worker":
+            send_command(self.arena, child.control_index, Command.STOP)
+        child.signal(signal.SIGTERM)
+
+    def rolling_restart(self, include_frontends: bool) -> None:
+        names = [f"worker-{ws.ident}" for ws in self.workers if ws.child and not ws.retired]
+        if include_frontends:
+            names += [f"frontend-{fs.ident}" for fs in self.frontends]
+        self.rolling = names
+
+    def _advance_rolling(self) -> None:
+        """One at a time: start the next step only when nothing is being replaced."""
+        if not self.rolling or self.phase != "running" or self.replacements:
+            return
+        if any(
+            fs.child is None or fs.child.phase != Phase.READY or fs.rolling for fs in self.frontends
+        ):
+            return
+        name = self.rolling.pop(0)
+        role, ident = name.rsplit("-", 1)
+        if role == "worker":
+            ws = next((w for w in self.workers if w.ident == int(ident)), None)
+            if ws is not None and ws.child is not None:
+                self.replace_worker(ws, "reload")
+        else:
+            fs = self.frontends[int(ident)]
+            if fs.child is not None:
+                fs.rolling = True
+                self.stop_child(fs.child, "reload")
+        if not self.rolling:
+            self.ready_notified = False
+
+    # == readiness, drain and stop ============================================================
+
+    def ready_workers(self) -> dict[int, int]:
+        counts = {i: 0 for i in range(len(self.settings.models))}
+        for ws in self.workers:
+            if ws.child is not None and ws.child.phase == Phase.READY:
+                counts[ws.model_index] += 1
+        return counts
+
+    def _check_ready(self) -> None:
+        if self.phase != "running":
+            return
+        ready = all(self.ready_workers().values()) and all(
+            fs.child is not None for fs in self.frontends
+        )
+        if ready and not self.ready_notified and not self.rolling and not self.replacements:
+            self.ready_notified = True
+            log.info("ready: every model has a ready worker")
+            systemd.ready()
+            self._notify_status()
+
+    def _notify_status(self) -> None:
+        counts = self.ready_workers()
+        parts = [
+            f"{self.settings.models[i].name}: {n}/{self.settings.models[i].workers} ready"
+            for i, n in counts.items()
+        ]
+        line = f"{self.phase}; " + ", ".join(parts)
+        if line != self._status_line:
+            self._status_line = line
+            systemd.status(line)
+
+    def begin_drain(self) -> None:
+        assert self.arena is not None
+        self.phase = "draining"
+        self.arena.header["draining"] = 1
+        self.rolling = []
+        systemd.stopping()
+        self.drain_deadline = time.monotonic() + self.settings.server.drain_timeout_s
+        self._notify_status()
+
+    def _inflight_slots(self) -> int:
+        assert self.arena is not None
+        st = self.arena.slots["state"]
+        return int(
+            ((st == SlotState.QUEUED) | (st == SlotState.RUNNING) | (st == SlotState.WRITING)).sum()
+        )
+
+    def _advance_drain(self, now: float) -> None:
+        if self._inflight_slots() == 0 or now > self.drain_deadline:
+            if now > self.drain_deadline:
+                log.warning("drain timeout: %d requests still in flight", self._inflight_slots())
+            self.begin_stop(fast=False)
+
+    def begin_stop(self, fast: bool) -> None:
+        assert self.arena is not None
+        self.arena.header["draining"] = 1
+        if self.phase != "stopping":
+            systemd.stopping()
+        self.phase = "stopping"
+        self._fail_queued(Status.SHUTDOWN, b"server is shutting down")
+        for r in self.replacements:
+            if r.new is not None:
+                self.stop_child(r.new, "shutdown")
+        self.replacements = []
+        for child in self.all_children():
+            self.stop_child(child, "shutdown")
+            if fast:
+                child.stop_deadline = time.monotonic() + 5.0
+        self.stop_deadline = time.monotonic() + (
+            5.0 if fast else self.settings.worker.stop_timeout_s
+        )
+        self._notify_status()
+
+    def _fail_queued(self, status: Status, message: bytes) -> None:
+        """Answer everything still queued (nobody will run it) so no client hangs."""
+        assert self.arena is not None
+        failed = []
+        for ring in self.rings:
+            with ring.locked():
+                st = self.arena.slots["state"]
+                for slot in (int(s) for s in (st == SlotState.QUEUED).nonzero()[0]):
+                    if int(self.arena.slots["model"][slot]) == ring.model:
+                        write_error(self.arena, slot, status, message)
+                        failed.append(slot)
+        self._signal_owners(failed)
+
+    def _advance_stop(self, now: float) -> None:
+        alive = [c for c in self.all_children() if c.returncode is None]
+        if not alive:
+            self.phase = "stopped"
+        elif now > self.stop_deadline + 1.0:
+            for c in alive:
+                c.kill("stop_timeout")
+
+    def _kill_all(self) -> None:
+        deadline = time.monotonic() + 5.0
+        for c in self.all_children():
+            if c.returncode is None:
+                c.kill("supervisor exit")
+        for c in self.all_children():
+            while c.reap() is None and time.monotonic() < deadline:
+                with contextlib.suppress(Exception):
+                    c.popen.wait(timeout=max(0.01, deadline - time.monotonic()))
+
+    # == memory =============================================================================
+
+    def _sample_memory(self, now: float) -> None:
+        assert self.arena is not None
+        for child in self.all_children():
+            if child.returncode is not None:
+                continue
+            sample = self.memory.sample(child.pid)
+            if sample is None:
+                continue
+            rec = self.arena.control[child.control_index]
+            rec["rss"], rec["uss"], rec["pss"] = sample.rss, sample.uss, sample.pss
+            if child.role == "worker" and child.phase == Phase.READY and self.phase == "running":
+                self._apply_policy(child, sample, rec, now)
+
+    def _apply_policy(self, child: Child, sample: MemorySample, rec: Any, now: float) -> None:
+        assert self.arena is not None
+        busy = any(r.old.model_index == child.model_index for r in self.replacements)
+        action = self.memory.observe(
+            child.pid,
+            child.model_index,
+            child.started,
+            sample,
+            int(rec["requests"]),
+            int(rec["gpu_allocated"]),
+            int(rec["gpu_reserved"]),
+            now,
+            busy,
+        )
+        if action is None:
+            return
+        if action.kind == "trim":
+            log.info(
+                "%s: memory trend (%s): asking it to trim before deciding",
+                child.name,
+                action.reason,
+            )
+            send_command(self.arena, child.control_index, Command.TRIM)
+            return
+        ws = self._worker_slot(child)
+        if ws is not None and ws.child is child:
+            log.warning(
+                "%s: recycling: %s (uss %.1f MiB)", child.name, action.reason, sample.uss / 2**20
+            )
+            self.replace_worker(ws, action.reason)
+
+    # == admin ===============================================================================
+
+    def _admin_dispatch(self, cmd: str, args: dict[str, Any]) -> Any:
+        """Runs in the admin thread: hand the request to the loop and wait for its answer."""
+        req = AdminRequest(cmd, args)
+        self.admin_queue.put(req)
+        os.write(self._wake_w, b"\0")
+        if not req.done.wait(10.0):
+            raise TimeoutError("supervisor did not answer within 10 s")
+        if req.error is not None:
+            raise req.error
+        return req.result
+
+    def _run_admin(self, req: AdminRequest) -> None:
+        from ringserve.supervisor.commands import run_command
+
+        try:
+            req.result = run_command(self, req.cmd, req.args)
+        except Exception as e:  # the admin thread turns it into an error reply
+            req.error = e
+        finally:
+            req.done.set()
+
+    # == helpers for commands ===============================================================
+
+    def find(self, name: str) -> Child | None:
+        return next((c for c in self.all_children() if c.name == name), None)
+
+    def on_each(self, fn: Callable[[Child], None]) -> None:
+        for c in self.all_children():
+            fn(c)

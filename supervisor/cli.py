@@ -1,0 +1,177 @@
+"""``ringserve``: the command-line entry point (``serve`` and ``ctl``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+from collections.abc import Sequence
+
+from ringserve.ipc.config import field_docs, load_settings
+from ringserve.ipc.errors import ArenaError, ConfigError, RingserveError
+
+log = logging.getLogger("ringserve.supervisor")
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ringserve serve",
+        description="Run the supervisor in the foreground: HTTP frontends, model workers, "
+        "admin socket. With no arguments it serves the embedded digits model on "
+        "127.0.0.1:8000.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Every config key (TOML section.key = default); set any of them with "
+        "--set section.key=VALUE or RINGSERVE_<SECTION>_<KEY>:\n  " + "\n  ".join(field_docs()),
+    )
+    p.add_argument("--config", help="TOML config file")
+    p.add_argument("--host", help="listen address (server.host)")
+    p.add_argument("--port", type=int, help="listen port (server.port)")
+    p.add_argument("--frontends", type=int, help="HTTP frontend processes (server.frontends)")
+    p.add_argument("--workers", type=int, help="worker processes per model (models.*.workers)")
+    p.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME=HANDLER",
+        help="serve a model; repeatable. HANDLER: identity, digits, torchvision:ARCH, "
+        "torchscript:PATH, python:MODULE:CLASS",
+    )
+    p.add_argument("--device", help="cpu or cuda[:N] for every model (models.*.device)")
+    p.add_argument("--threads", type=int, help="torch threads per worker (models.*.threads)")
+    p.add_argument("--weights", help="weights file for every model (models.*.weights)")
+    p.add_argument("--max-batch-size", type=int, help="batching.max_batch_size")
+    p.add_argument("--max-queue-delay-ms", type=float, help="batching.max_queue_delay_ms")
+    p.add_argument("--admin-socket", help="admin socket path (server.admin_socket)")
+    p.add_argument("--instance", help="instance name for shared memory and the admin socket")
+    p.add_argument("--drain-timeout", type=float, help="server.drain_timeout_s")
+    p.add_argument("--request-timeout", type=float, help="server.request_timeout_s")
+    p.add_argument("--log-format", choices=["text", "json"], help="server.log_format")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override any config key",
+    )
+    return p
+
+
+def settings_from_args(ns: argparse.Namespace):  # type: ignore[no-untyped-def]
+    overrides: dict[str, dict[str, object]] = {}
+
+    def put(section: str, key: str, value: object) -> None:
+        if value is not None:
+            overrides.setdefault(section, {})[key] = value
+
+    put("server", "host", ns.host)
+    put("server", "port", ns.port)
+    put("server", "frontends", ns.frontends)
+    put("server", "admin_socket", ns.admin_socket)
+    put("server", "instance", ns.instance)
+    put("server", "drain_timeout_s", ns.drain_timeout)
+    put("server", "request_timeout_s", ns.request_timeout)
+    put("server", "log_format", ns.log_format)
+    put("batching", "max_batch_size", ns.max_batch_size)
+    put("batching", "max_queue_delay_ms", ns.max_queue_delay_ms)
+    for item in ns.set:
+        key, eq, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not eq or not dot:
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        put(section, name, value)
+    models = None
+    if ns.model:
+        models = []
+        for item in ns.model:
+            name, eq, handler = item.partition("=")
+            if not eq or not name or not handler:
+                raise ConfigError(f"--model {item!r}: expected NAME=HANDLER")
+            models.append((name, handler))
+    model_overrides = {
+        k: v
+        for k, v in (
+            ("workers", ns.workers),
+            ("device", ns.device),
+            ("threads", ns.threads),
+            ("weights", ns.weights),
+        )
+        if v is not None
+    }
+    return load_settings(ns.config, overrides, models, model_overrides)
+
+
+def listen_sockets(host: str, port: int) -> list[socket.socket]:
+    """Sockets systemd passed us (socket activation), else one we bind ourselves."""
+    from ringserve.supervisor import systemd
+
+    passed = systemd.listen_fds()
+    if passed:
+        socks = [socket.socket(fileno=fd) for fds in passed.values() for fd in fds]
+        for s in socks:
+            s.set_inheritable(True)
+        return socks
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"server.port: cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(4096)
+    sock.set_inheritable(True)
+    return [sock]
+
+
+def serve(argv: Sequence[str]) -> int:
+    ns = _serve_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(ns)
+    except ConfigError as e:
+        print(f"ringserve: invalid configuration: {e}", file=sys.stderr)
+        return 2
+    from ringserve.ipc.logs import setup_logging
+
+    setup_logging(settings.server.log_format, settings.server.log_level, "supervisor")
+    from ringserve.supervisor.arbiter import Arbiter
+
+    try:
+        socks = listen_sockets(settings.server.host, settings.server.port)
+        host, port = socks[0].getsockname()[:2]
+        log.info(
+            "listening on http://%s:%d (%d frontends; models: %s)",
+            host,
+            port,
+            settings.server.frontends,
+            ", ".join(f"{m.name}={m.handler} x{m.workers}" for m in settings.models),
+        )
+        return Arbiter(settings, socks).run()
+    except (ArenaError, ConfigError) as e:
+        log.error("%s", e)
+        return 1
+    except RingserveError as e:
+        log.error("fatal: %s", e)
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(
+            "usage: ringserve {serve,ctl} ...\n\n  serve  run the server (see `ringserve serve "
+            "--help`)\n  ctl    talk to a running server's admin socket (see `ringserve ctl "
+            "--help`)"
+        )
+        return 0 if args else 2
+    if args[0] == "serve":
+        return serve(args[1:])
+    if args[0] == "ctl":
+        from ringserve.supervisor.ctl import main as ctl_main
+
+        return ctl_main(args[1:])
+    print(f"ringserve: unknown command {args[0]!r} (serve, ctl)", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Admin commands, run on the supervisor's loop thread (the admin thread only relays).
+
+Each returns a JSON-able result or raises AdminCommandError/KeyError/ValueError, which
+the admin server turns into an error reply; nothing a client sends can crash the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import TYPE_CHECKING, Any
+
+from ringserve.ipc.layout import ProcState
+from ringserve.supervisor.admin import AdminCommandError
+from ringserve.supervisor.children import Phase
+
+if TYPE_CHECKING:
+    from ringserve.supervisor.arbiter import Arbiter, WorkerSlot
+
+
+def _id(args: dict[str, Any]) -> str:
+    ident = args.get("id")
+    if not isinstance(ident, str) or not ident:
+        raise AdminCommandError('this command needs "id" (like worker-0 or frontend-1)')
+    return ident
+
+
+def _worker(arb: Arbiter, name: str) -> WorkerSlot:
+    for ws in arb.workers:
+        if f"worker-{ws.ident}" == name:
+            return ws
+    raise AdminCommandError(f"no worker {name!r}")
+
+
+def status(arb: Arbiter) -> dict[str, Any]:
+    assert arb.arena is not None
+    now = time.monotonic()
+    procs = []
+    restarts: dict[str, tuple[int, str, str]] = {}
+    for ws in arb.workers:
+        restarts[f"worker-{ws.ident}"] = (ws.restarts, ws.last_exit_reason, ws.last_recycle_reason)
+    for fs in arb.frontends:
+        restarts[f"frontend-{fs.ident}"] = (fs.restarts, fs.last_exit_reason, "")
+    for child in arb.all_children():
+        rec = arb.arena.control[child.control_index]
+        n_restarts, last_exit, last_recycle = restarts.get(child.name, (0, "", ""))
+        model = arb.settings.models[child.model_index].name if child.role == "worker" else ""
+        state = ProcState(int(rec["state"])).name.lower() if int(rec["pid"]) else "starting"
+        if child.phase == Phase.STOPPING:
+            state = "stopping"
+        procs.append(
+            {
+                "role": child.role,
+                "id": child.name,
+                "pid": child.pid,
+                "model": model,
+                "state": state,
+                "uptime_s": round(now - child.started, 1),
+                "requests": int(rec["requests"]),
+                "batches": int(rec["batches"]),
+                "rss_bytes": int(rec["rss"]),
+                "uss_bytes": int(rec["uss"]),
+                "pss_bytes": int(rec["pss"]),
+                "gpu_allocated_bytes": int(rec["gpu_allocated"]),
+                "gpu_reserved_bytes": int(rec["gpu_reserved"]),
+                "restarts": n_restarts,
+                "last_exit_reason": last_exit,
+                "last_recycle_reason": last_recycle,
+            }
+        )
+    ready = arb.ready_workers()
+    models = [
+        {
+            "name": m.name,
+            "handler": m.handler,
+            "workers": sum(1 for ws in arb.workers if ws.model_index == i and not ws.retired),
+            "ready": ready[i],
+            "queue_depth": arb.rings[i].depth(),
+        }
+        for i, m in enumerate(arb.settings.models)
+    ]
+    return {
+        "server": {
+            "phase": arb.phase,
+            "instance": arb.settings.instance,
+            "draining": bool(arb.arena.header["draining"]),
+            "paused": bool(arb.arena.header["paused"]),
+            "uptime_s": round(now - arb.started, 1),
+            "arena": arb.arena.path,
+            "rolling_restart_pending": list(arb.rolling),
+            "recycles_in_progress": [r.old.name for r in arb.replacements],
+            "totals": dict(arb.stats.totals),
+        },
+        "processes": procs,
+        "models": models,
+    }
+
+
+def run_command(arb: Arbiter, cmd: str, args: dict[str, Any]) -> Any:
+    assert arb.arena is not None
+    if cmd == "status":
+        return status(arb)
+    if cmd == "config":
+        return dataclasses.asdict(arb.settings)
+    if cmd == "pause":
+        arb.arena.header["paused"] = 1
+        return {"paused": True}
+    if cmd == "resume":
+        arb.arena.header["paused"] = 0
+        if arb.phase == "running":
+            arb.arena.header["draining"] = 0
+        return {"paused": False, "draining": bool(arb.arena.header["draining"])}
+    if arb.phase != "running":
+        raise AdminCommandError(f"server is {arb.phase}: {cmd} refused")
+    if cmd == "drain":
+        name = args.get("id") or "server"
+        if name in ("server", "all"):
+            # Host-level drain before maintenance: readiness 503, new requests get a fast
+            # 503 (nginx retries another host), in-flight ones finish; `resume` undoes it.
+            arb.arena.header["draining"] = 1
+            return {"draining": True}
+        ws = _worker(arb, name)
+        if ws.child is None:
+            raise AdminCommandError(f"{name} is not running")
+        ws.retired = True
+        arb.stop_child(ws.child, "drain")
+        return {"draining": name}
+    if cmd == "restart":
+        name = _id(args)
+        if name == "all":
+            arb.rolling_restart(include_frontends=True)
+            return {"rolling_restart": list(arb.rolling)}
+        if name.startswith("frontend-"):
+            if arb.find(name) is None:
+                raise AdminCommandError(f"no running {name!r}")
+            arb.rolling = [*arb.rolling, name]
+            return {"restarting": name}
+        ws = _worker(arb, name)
+        ws.retired = False
+        if ws.child is None:
+            ws.restart_at = time.monotonic()
+            return {"starting": name}
+        arb.rolling = [*arb.rolling, name]
+        return {"restarting": name}
+    if cmd == "recycle":
+        ws = _worker(arb, _id(args))
+        if not arb.replace_worker(ws, "admin"):
+            raise AdminCommandError(f"{_id(args)} is not running or already being replaced")
+        return {"recycling": _id(args)}
+    if cmd == "scale":
+        return scale(arb, args)
+    raise AdminCommandError(
+        f"unknown command {cmd!r} (status, drain, restart, recycle, scale, pause, resume, config)"
+    )
+
+
+def scale(arb: Arbiter, args: dict[str, Any]) -> dict[str, Any]:
+    from ringserve.supervisor.arbiter import WorkerSlot
+
+    name, n = args.get("model"), args.get("workers")
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 64:
+        raise AdminCommandError('"workers" must be an integer from 1 to 64')
+    try:
+        mi = arb.settings.model_index(str(name))
+    except KeyError:
+        raise AdminCommandError(f"unknown model {name!r}") from None
+    active = [ws for ws in arb.workers if ws.model_index == mi and not ws.retired]
+    for ws in active[n:]:
+        ws.retired = True
+        if ws.child is not None:
+            arb.stop_child(ws.child, "scale")
+    revived = [
+        ws for ws in arb.workers if ws.model_index == mi and ws.retired and ws.child is None
+    ][: max(0, n - len(active))]
+    for ws in revived:
+        ws.retired = False
+        ws.restart_at = time.monotonic()
+    for _ in range(n - len(active) - len(revived)):
+        ident = max((w.ident for w in arb.workers), default=-1) + 1
+        ws = WorkerSlot(ident, mi)
+        arb.workers.append(ws)
+        ws.restart_at = time.monotonic()
+    return {"model": name, "workers": n}

@@ -1,0 +1,294 @@
+"""``ringserve ctl``: talk to a running server's admin socket.
+
+Exit codes: 0 done, 1 the server answered with an error, 2 the socket could not be
+reached (or timed out) or the command line is wrong.
+
+Which socket: ``--socket PATH``; else ``--instance NAME`` or ``--port P`` (instance
+``p<P>``); else ``server.admin_socket`` / ``server.instance`` / ``server.port`` from
+``--config FILE`` and ``RINGSERVE_SERVER_*`` variables, as ``serve`` would resolve them
+(default instance ``p8000``). For an instance name the first existing path of
+``paths.admin_socket_candidates`` is used, which covers the systemd unit's
+``/run/ringserve``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+from ringserve.ipc.config import load_settings
+from ringserve.ipc.errors import ConfigError
+from ringserve.supervisor.admin_protocol import (
+    AdminClient,
+    AdminConnectionError,
+    AdminError,
+    AdminRemoteError,
+)
+from ringserve.supervisor.paths import find_admin_socket
+
+EXIT_OK = 0
+EXIT_REMOTE_ERROR = 1
+EXIT_UNREACHABLE = 2  # also argparse's exit code for a bad command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ringserve ctl",
+        description="Inspect and steer a running ringserve through its admin socket.",
+        epilog="Exit status: 0 ok, 1 the server answered with an error, "
+        "2 cannot reach the server or bad usage.",
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket", metavar="PATH", help="admin socket path")
+    where.add_argument("--instance", metavar="NAME", help="server instance name (server.instance)")
+    where.add_argument("--port", type=int, metavar="P", help="server port (instance p<P>)")
+    p.add_argument(
+        "--config", metavar="FILE", help="read server.admin_socket/instance/port from this file"
+    )
+    p.add_argument("--json", action="store_true", help="print the raw JSON result")
+    p.add_argument(
+        "--timeout", type=_positive_float, default=5.0, metavar="S", help="seconds (default 5)"
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("status", help="processes, memory, models")
+    sub.add_parser("drain", help="stop sending work to a process").add_argument(
+        "id", help="process id, e.g. worker-0 or frontend-1"
+    )
+    sub.add_parser("restart", help="replace a process, or all of them one by one").add_argument(
+        "id", help="process id, or 'all'"
+    )
+    sub.add_parser("recycle", help="replace a worker, ready before retire").add_argument(
+        "id", help="worker id, e.g. worker-0"
+    )
+    scale = sub.add_parser("scale", help="set the number of workers of a model")
+    scale.add_argument("model")
+    scale.add_argument("workers", type=_non_negative_int, metavar="N")
+    sub.add_parser("pause", help="stop taking new requests (readiness 503)")
+    sub.add_parser("resume", help="take requests again")
+    sub.add_parser("config", help="the resolved settings the server runs with")
+    return p
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+def resolve_socket(ns: argparse.Namespace) -> str:
+    """The admin socket path for parsed arguments (see the module docstring)."""
+    if ns.socket:
+        return str(ns.socket)
+    overrides: dict[str, dict[str, Any]] = {}
+    if ns.instance:
+        overrides = {"server": {"instance": ns.instance, "admin_socket": ""}}
+    elif ns.port is not None:
+        overrides = {"server": {"port": ns.port, "instance": "", "admin_socket": ""}}
+    settings = load_settings(ns.config, overrides=overrides)
+    return settings.server.admin_socket or find_admin_socket(settings.instance)
+
+
+def request_for(ns: argparse.Namespace) -> tuple[str, dict[str, Any], str]:
+    """``(cmd, args, label)`` for parsed arguments; label names the action in output."""
+    cmd = ns.command
+    if cmd in ("drain", "restart", "recycle"):
+        return cmd, {"id": ns.id}, f"{cmd} {ns.id}"
+    if cmd == "scale":
+        return cmd, {"model": ns.model, "workers": ns.workers}, f"scale {ns.model} {ns.workers}"
+    return cmd, {}, cmd
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2): argparse has printed why
+        return e.code if isinstance(e.code, int) else EXIT_OK
+    try:
+        path = resolve_socket(ns)
+    except (ConfigError, ValueError) as e:
+        print(f"ringserve ctl: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    cmd, args, label = request_for(ns)
+    try:
+        result = AdminClient(path, timeout_s=ns.timeout).call(cmd, **args)
+    except AdminRemoteError as e:
+        print(f"ringserve ctl: {label}: {e}", file=sys.stderr)
+        return EXIT_REMOTE_ERROR
+    except AdminConnectionError as e:
+        print(f"ringserve ctl: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except AdminError as e:
+        print(f"ringserve ctl: {label}: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    out = sys.stdout
+    if ns.json:
+        out.write(json.dumps(result, indent=2) + "\n")
+    elif cmd == "status":
+        write_status(result, out)
+    elif cmd == "config":
+        out.write(json.dumps(result, indent=2) + "\n")
+    else:
+        out.write(f"{label}: {summarize(result)}\n")
+    return EXIT_OK
+
+
+# -- rendering -------------------------------------------------------------------------
+
+
+def format_bytes(value: Any) -> str:
+    """``1.5K``, ``350M``, ``12G`` (powers of 1024); ``-`` for a missing value."""
+    if not _is_number(value):
+        return "-"
+    n = float(value)
+    for unit in ("B", "K", "M", "G", "T"):
+        if abs(n) < 1024 or unit == "T":
+            if unit == "B":
+                return f"{int(n)}B"
+            return f"{n:.1f}{unit}" if abs(n) < 10 else f"{n:.0f}{unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_duration(value: Any) -> str:
+    """``42s``, ``5m03s``, ``1h02m``, ``3d04h``; ``-`` for a missing value."""
+    if not _is_number(value) or value < 0:
+        return "-"
+    s = int(value)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def format_value(key: str, value: Any) -> str:
+    """Render one field, choosing the unit by the key's suffix."""
+    if value is None or value == "":
+        return "-"
+    if key.endswith("_bytes"):
+        return format_bytes(value)
+    if key.endswith("_s") and _is_number(value):
+        return format_duration(value)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+# (header, key) of the process table, in order
+PROCESS_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("ID", "id"),
+    ("ROLE", "role"),
+    ("PID", "pid"),
+    ("MODEL", "model"),
+    ("STATE", "state"),
+    ("UPTIME", "uptime_s"),
+    ("REQS", "requests"),
+    ("BATCHES", "batches"),
+    ("RSS", "rss_bytes"),
+    ("USS", "uss_bytes"),
+    ("PSS", "pss_bytes"),
+    ("GPU_ALLOC", "gpu_allocated_bytes"),
+    ("GPU_RSVD", "gpu_reserved_bytes"),
+    ("RESTARTS", "restarts"),
+    ("LAST_RECYCLE", "last_recycle_reason"),
+)
+
+
+def render_table(
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[tuple[str, str]],
+    fmt: Callable[[str, Any], str] = format_value,
+) -> list[str]:
+    """Fixed-width lines: numbers right-aligned, text left-aligned, missing keys ``-``."""
+    cells = [[fmt(key, row.get(key)) for _, key in columns] for row in rows]
+    numeric = [
+        any(_is_number(row.get(key)) for row in rows) and not key.endswith("reason")
+        for _, key in columns
+    ]
+    widths = [
+        max([len(header)] + [len(line[i]) for line in cells])
+        for i, (header, _) in enumerate(columns)
+    ]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [
+            v.rjust(w) if num else v.ljust(w)
+            for v, w, num in zip(values, widths, numeric, strict=True)
+        ]
+        return "  ".join(parts).rstrip()
+
+    return [line([h for h, _ in columns])] + [line(c) for c in cells]
+
+
+def write_status(result: Any, out: TextIO) -> None:
+    """The human view of a ``status`` result; tolerant of missing or extra keys."""
+    if not isinstance(result, dict):
+        out.write(json.dumps(result, indent=2) + "\n")
+        return
+    server = result.get("server")
+    if isinstance(server, dict) and server:
+        out.write("  ".join(f"{_label(k)}={format_value(k, v)}" for k, v in server.items()) + "\n")
+    processes = [p for p in result.get("processes") or [] if isinstance(p, dict)]
+    out.write("\n")
+    if processes:
+        out.write("\n".join(render_table(processes, PROCESS_COLUMNS)) + "\n")
+    else:
+        out.write("no processes\n")
+    models = result.get("models") or []
+    if models:
+        out.write("\n")
+        dicts = [m for m in models if isinstance(m, dict)]
+        if dicts:
+            keys: dict[str, None] = {}
+            for m in dicts:
+                keys.update(dict.fromkeys(m))
+            columns = [(_label(k).upper(), k) for k in keys]
+            out.write("\n".join(render_table(dicts, columns)) + "\n")
+        others = [m for m in models if not isinstance(m, dict)]
+        if others:
+            out.write("models: " + ", ".join(map(str, others)) + "\n")
+
+
+def _label(key: str) -> str:
+    """``uptime_s`` -> ``uptime``, ``rss_bytes`` -> ``rss``: the unit shows in the value."""
+    for suffix in ("_bytes", "_s"):
+        if key.endswith(suffix) and len(key) > len(suffix):
+            return key[: -len(suffix)]
+    return key
+
+
+def summarize(result: Any) -> str:
+    """A short phrase for the result of an action command."""
+    if result is None or result is True or result == {}:
+        return "ok"
+    if isinstance(result, str):
+        return result
+    if isinstance(result, dict) and isinstance(result.get("message"), str):
+        return str(result["message"])
+    return json.dumps(result, separators=(",", ":"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Memory watch: sample each child's RSS/USS/PSS, and decide when a worker must be
+recycled. The policy is pure logic over (time, sample) with no clock of its own.
+
+Why USS: shared-memory pages count in every mapper's RSS, so a worker mapping a 256 MiB
+arena shows 256 MiB more RSS than it owns. A leak is a *sustained* USS trend after
+warm-up, not a high footprint; glibc's allocator retention looks like a leak, so before a
+trend recycles a worker we ask it to ``gc.collect()`` + ``malloc_trim(0)`` and sample
+again: if memory came back, it was retention and the window starts over.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass
+
+import psutil
+
+from ringserve.ipc.config import MemorySettings, Settings
+
+MB = 2**20
+
+
+@dataclass(frozen=True)
+class MemorySample:
+    rss: int
+    uss: int
+    pss: int
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # "recycle" | "trim"
+    reason: str
+
+
+def sample_process(pid: int) -> MemorySample | None:
+    """USS/PSS from smaps (costs milliseconds: call every few seconds, never per request)."""
+    try:
+        info = psutil.Process(pid).memory_full_info()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+    return MemorySample(rss=info.rss, uss=info.uss, pss=getattr(info, "pss", 0))
+
+
+def slope_per_s(points: deque[tuple[float, float]]) -> float:
+    """Least-squares slope of (t, value) points."""
+    n = len(points)
+    if n < 2:
+        return 0.0
+    mt = sum(t for t, _ in points) / n
+    mv = sum(v for _, v in points) / n
+    den = sum((t - mt) ** 2 for t, _ in points)
+    if den == 0:
+        return 0.0
+    return sum((t - mt) * (v - mv) for t, v in points) / den
+
+
+def mostly_rising(points: deque[tuple[float, float]], share: float = 0.7) -> bool:
+    """Monotone enough: most steps go up and none gives back more than it gained."""
+    values = [v for _, v in points]
+    steps = [b - a for a, b in zip(values, values[1:], strict=False)]
+    if not steps:
+        return False
+    ups = sum(1 for s in steps if s > 0)
+    return ups >= share * len(steps) and values[-1] > values[0]
+
+
+class RecyclePolicy:
+    """The decision for one worker process; feed it every sample in time order."""
+
+    def __init__(self, mem: MemorySettings, started_at: float, rng: random.Random | None = None):
+        self.mem = mem
+        self.started_at = started_at
+        jitter = (
+            (rng or random).randint(0, mem.max_requests_jitter) if mem.max_requests_jitter else 0
+        )
+        self.max_requests = mem.max_requests + jitter if mem.max_requests else 0
+        self.over_limit = 0
+        self.window: deque[tuple[float, float]] = deque()
+        self.gpu_window: deque[tuple[float, float]] = deque()
+        self.reserved_window: deque[tuple[float, float]] = deque()
+        self.trim_pending: float | None = None  # USS when the trim was asked for
+
+    def _trend(self, window: deque[tuple[float, float]], t: float, value: float) -> bool:
+        window.append((t, value))
+        while window and t - window[0][0] > self.mem.trend_window_s:
+            window.popleft()
+        if t - window[0][0] < 0.9 * self.mem.trend_window_s or len(window) < 5:
+            return False
+        rate_mb_min = slope_per_s(window) * 60 / MB
+        return rate_mb_min > self.mem.trend_min_mb_per_min and mostly_rising(window)
+
+    def observe(
+        self, t: float, uss: int, requests: int = 0, gpu_allocated: int = 0, gpu_reserved: int = 0
+    ) -> Action | None:
+        m = self.mem
+        age = t - self.started_at
+        if m.max_age_s and age >= m.max_age_s:
+            return Action("recycle", "max_age")
+        if self.max_requests and requests >= self.max_requests:
+            return Action("recycle", "max_requests")
+        if m.uss_limit_mb:
+            self.over_limit = self.over_limit + 1 if uss > m.uss_limit_mb * MB else 0
+            if self.over_limit >= m.uss_limit_samples:
+                return Action("recycle", "uss_limit")
+        if m.gpu_allocated_limit_mb and gpu_allocated > m.gpu_allocated_limit_mb * MB:
+            return Action("recycle", "gpu_limit")
+        if age < m.warmup_s or not m.trend_min_mb_per_min:
+            return None
+        if self.trim_pending is not None:
+            before, self.trim_pending = self.trim_pending, None
+            grown = before - self.window[0][1] if self.window else 0
+            if uss <= before - 0.5 * grown:  # the growth came back: allocator retention
+                self.window.clear()
+                return None
+            return Action("recycle", "uss_trend")
+        if self._trend(self.window, t, uss):
+            self.trim_pending = uss
+            return Action("trim", "uss_trend")
+        if gpu_reserved and self._trend(self.gpu_window, t, gpu_allocated):
+            return Action("recycle", "gpu_trend")
+        if gpu_reserved and self._trend(self.reserved_window, t, gpu_reserved):
+            self.reserved_window.clear()
+            return Action("trim", "gpu_reserved")  # empty_cache, not a recycle
+        return None
+
+
+class MemoryWatch:
+    """Per-child policies plus the storm guard: one recycle per model at a time, spaced."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.policies: dict[int, RecyclePolicy] = {}
+        self.last_recycle: dict[int, float] = {}
+
+    def sample(self, pid: int) -> MemorySample | None:
+        return sample_process(pid)
+
+    def forget(self, pid: int) -> None:
+        self.policies.pop(pid, None)
+
+    def observe(
+        self,
+        pid: int,
+        model: int,
+        started_at: float,
+        sample: MemorySample,
+        requests: int,
+        gpu_allocated: int,
+        gpu_reserved: int,
+        now: float,
+        busy_model: bool,
+    ) -> Action | None:
+        policy = self.policies.get(pid)
+        if policy is None:
+            policy = self.policies[pid] = RecyclePolicy(self.settings.memory, started_at)
+        action = policy.observe(now, sample.uss, requests, gpu_allocated, gpu_reserved)
+        if action is None or action.kind != "recycle":
+            return action
+        last = self.last_recycle.get(model)
+        if busy_model or (
+            last is not None and now - last < self.settings.memory.min_recycle_interval_s
+        ):
+            return None  # storm guard: the policy will say so again next sample
+        self.last_recycle[model] = now
+        return action

@@ -1,0 +1,82 @@
+"""The supervisor's own counters (recycles, restarts, re-queued and poison requests),
+recorded with prometheus-client's multiprocess files like every other process so the
+frontend that answers a scrape includes them."""
+
+from __future__ import annotations
+
+from ringserve.ipc.config import Settings
+
+
+class SupervisorStats:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.totals: dict[str, int] = {}
+
+    def open(self, metrics_dir: str) -> None:
+        from ringserve.frontend.metrics import use_multiprocess_files
+
+        use_multiprocess_files(metrics_dir, "supervisor")
+        from prometheus_client import Counter, Gauge
+
+        self._recycles = Counter(
+            "ringserve_worker_recycles", "Planned worker recycles", ["model", "reason"]
+        )
+        self._restarts = Counter(
+            "ringserve_process_restarts", "Unplanned restarts after a death", ["role", "reason"]
+        )
+        self._requeued = Counter(
+            "ringserve_requeued_requests", "Requests re-queued after their worker died", ["model"]
+        )
+        self._poison = Counter(
+            "ringserve_poison_requests", "Requests failed after two worker deaths", ["model"]
+        )
+        info = Gauge(
+            "ringserve_build_info",
+            "Build information",
+            ["version", "torch_version", "device"],
+            multiprocess_mode="max",
+        )
+        limit = Gauge(
+            "ringserve_worker_memory_limit_bytes",
+            "Configured worker USS limit",
+            ["model"],
+            multiprocess_mode="max",
+        )
+        gpu_limit = Gauge(
+            "ringserve_worker_gpu_memory_limit_bytes",
+            "Configured worker GPU allocated limit",
+            ["model"],
+            multiprocess_mode="max",
+        )
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            torch_version = version("torch")
+        except PackageNotFoundError:
+            torch_version = "unknown"
+        from ringserve import __version__
+
+        devices = sorted({m.device for m in self.settings.models})
+        info.labels(__version__, torch_version, ",".join(devices)).set(1)
+        for m in self.settings.models:
+            limit.labels(m.name).set(self.settings.memory.uss_limit_mb * 2**20)
+            gpu_limit.labels(m.name).set(self.settings.memory.gpu_allocated_limit_mb * 2**20)
+
+    def _count(self, key: str, n: int = 1) -> None:
+        self.totals[key] = self.totals.get(key, 0) + n
+
+    def recycled(self, model: str, reason: str) -> None:
+        self._recycles.labels(model, reason).inc()
+        self._count(f"recycles:{reason}")
+
+    def restarted(self, role: str, reason: str) -> None:
+        self._restarts.labels(role, reason).inc()
+        self._count(f"restarts:{role}:{reason}")
+
+    def requeued(self, model: str, n: int) -> None:
+        self._requeued.labels(model).inc(n)
+        self._count("requeued", n)
+
+    def poisoned(self, model: str, n: int) -> None:
+        self._poison.labels(model).inc(n)
+        self._count("poisoned", n)

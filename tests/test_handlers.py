@@ -1,0 +1,310 @@
+"""Model handlers, run the way a worker runs them, on the CPU.
+
+Each test goes create_handler → load → preprocess per request → torch.cat → infer →
+postprocess, and checks describe() against the declared specs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from ringserve.gpu_worker.handlers import BadInput, Handler, create_handler
+from ringserve.ipc.config import ModelSettings
+from ringserve.ipc.layout import PayloadKind
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+CPU = torch.device("cpu")
+TENSOR, IMAGE = PayloadKind.TENSOR, PayloadKind.IMAGE
+
+
+def loaded(handler: str, **kwargs: object) -> Handler:
+    h = create_handler(ModelSettings(name="m", handler=handler, **kwargs))  # type: ignore[arg-type]
+    h.load(CPU)
+    return h
+
+
+def run(h: Handler, *requests: tuple[np.ndarray, PayloadKind]) -> np.ndarray:
+    """The worker's path for one batch made of ``requests``."""
+    batch = torch.cat([h.preprocess(payload, kind) for payload, kind in requests])
+    return h.postprocess(h.infer(batch.to(h.device)))
+
+
+def image_bytes(path: Path) -> np.ndarray:
+    return np.frombuffer(path.read_bytes(), dtype=np.uint8)
+
+
+def encode(array: np.ndarray, fmt: str) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, fmt)
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8)
+
+
+def assert_describes(h: Handler) -> None:
+    meta = h.describe()
+    assert meta["inputs"] == [asdict(s) for s in h.inputs]
+    assert meta["outputs"] == [asdict(s) for s in h.outputs]
+    assert meta["labels"] == list(h.labels)
+    assert meta["accepts_images"] == h.accepts_images
+    assert meta["device"] == "cpu"
+
+
+# -- digits ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits() -> Handler:
+    return loaded("digits")
+
+
+def test_digits_describes_its_specs(digits: Handler) -> None:
+    assert_describes(digits)
+    meta = digits.describe()
+    assert meta["inputs"] == [{"name": "INPUT0", "dtype": "float32", "shape": (8, 8)}]
+    assert meta["outputs"] == [{"name": "OUTPUT0", "dtype": "float32", "shape": (10,)}]
+    assert meta["task"] == "classification"
+    assert meta["labels"] == [str(d) for d in range(10)]
+    assert meta["accepts_images"] is True
+
+
+def test_digits_json_sample_predicts_three(digits: Handler) -> None:
+    data = np.asarray(json.loads((EXAMPLES / "digit_3.json").read_text())["data"], np.float32)
+    assert data.shape in ((8, 8), (1, 8, 8))
+    assert digits.preprocess(data, TENSOR).shape == (1, 8, 8)
+    probs = run(digits, (data, TENSOR))
+    assert probs.shape == (1, 10)
+    assert probs.dtype == np.float32
+    assert probs[0].argmax() == 3
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("label", [0, 3, 7])
+def test_digits_png_sample_predicts_its_label(digits: Handler, label: int) -> None:
+    payload = image_bytes(EXAMPLES / f"digit_{label}.png")
+    x = digits.preprocess(payload, IMAGE)
+    assert x.shape == (1, 8, 8)
+    assert x.dtype == torch.float32
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 16.0
+    assert run(digits, (payload, IMAGE))[0].argmax() == label
+
+
+def test_digits_image_and_tensor_agree(digits: Handler) -> None:
+    """The PNG is the JSON digit upscaled; decoding it gives back the raw values."""
+    data = np.asarray(json.loads((EXAMPLES / "digit_3.json").read_text())["data"], np.float32)
+    image = digits.preprocess(image_bytes(EXAMPLES / "digit_3.png"), IMAGE)
+    np.testing.assert_allclose(image.numpy().reshape(8, 8), data.reshape(8, 8), atol=16 / 255)
+
+
+def test_digits_mixed_batch_of_images_and_tensors(digits: Handler) -> None:
+    data = np.asarray(json.loads((EXAMPLES / "digit_3.json").read_text())["data"], np.float32)
+    rows = np.concatenate([data.reshape(1, 8, 8)] * 2)  # one request with two rows
+    probs = run(
+        digits,
+        (image_bytes(EXAMPLES / "digit_0.png"), IMAGE),
+        (rows, TENSOR),
+        (image_bytes(EXAMPLES / "digit_7.png"), IMAGE),
+    )
+    assert probs.argmax(axis=1).tolist() == [0, 3, 3, 7]
+
+
+def test_digits_reads_jpeg_and_rgb(digits: Handler) -> None:
+    gray = np.asarray(Image.open(EXAMPLES / "digit_7.png").convert("L").resize((96, 96)))
+    rgb = np.repeat(gray[:, :, None], 3, axis=2)
+    assert run(digits, (encode(rgb, "JPEG"), IMAGE))[0].argmax() == 7
+
+
+def test_digits_accepts_read_only_payload(digits: Handler) -> None:
+    data = np.zeros((2, 8, 8), np.float32)
+    data.flags.writeable = False
+    assert run(digits, (data, TENSOR)).shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\0" * 40, b""],
+    ids=["garbage", "truncated-png", "empty"],
+)
+def test_digits_garbage_image_is_bad_input(digits: Handler, payload: bytes) -> None:
+    with pytest.raises(BadInput, match="could not decode image"):
+        digits.preprocess(np.frombuffer(payload, dtype=np.uint8), IMAGE)
+
+
+def test_digits_refuses_image_over_pixel_limit() -> None:
+    h = loaded("digits", options={"max_image_pixels": 1000})
+    with pytest.raises(BadInput, match="too large"):
+        h.preprocess(encode(np.zeros((40, 40), np.uint8), "PNG"), IMAGE)
+    assert h.preprocess(encode(np.zeros((30, 30), np.uint8), "PNG"), IMAGE).shape == (1, 8, 8)
+
+
+def test_digits_loads_weights_from_settings(digits: Handler, tmp_path: Path) -> None:
+    from ringserve.gpu_worker.handlers.digits_net import DigitsNet
+
+    torch.manual_seed(1)
+    state = DigitsNet().state_dict()
+    path = tmp_path / "digits.pt"
+    torch.save(state, path)
+    h = loaded("digits", weights=str(path))
+    weight = "classifier.4.weight"
+    assert torch.equal(h.net.state_dict()[weight], state[weight])
+    assert not torch.equal(digits.net.state_dict()[weight], state[weight])  # packaged asset
+
+
+# -- torchvision -------------------------------------------------------------------------
+
+SMALL = {"num_classes": 10, "image_size": 64}
+
+
+@pytest.fixture(scope="module")
+def resnet18() -> Handler:
+    # No weights: the handler warns on the log and runs with random initialisation.
+    torch.manual_seed(0)
+    return loaded("torchvision:resnet18", options=SMALL)
+
+
+def test_torchvision_describes_its_specs(resnet18: Handler) -> None:
+    assert_describes(resnet18)
+    assert resnet18.inputs[0].shape == (3, 64, 64)
+    assert resnet18.outputs[0].shape == (10,)
+    assert resnet18.task == "classification"
+
+
+def test_torchvision_image_and_tensor_batch(resnet18: Handler) -> None:
+    rng = np.random.default_rng(0)
+    wide = encode(rng.integers(0, 256, (50, 120, 3), dtype=np.uint8), "JPEG")
+    gray = encode(rng.integers(0, 256, (80, 60), dtype=np.uint8), "PNG")
+    assert resnet18.preprocess(wide, IMAGE).shape == (1, 3, 64, 64)
+    tensors = rng.standard_normal((2, 3, 64, 64), dtype=np.float32)
+    probs = run(resnet18, (wide, IMAGE), (tensors, TENSOR), (gray, IMAGE))
+    assert probs.shape == (4, 10)
+    assert probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_torchvision_normalises_like_imagenet(resnet18: Handler) -> None:
+    """A flat colour comes out as ``(value / 255 - mean) / std`` per channel."""
+    rgb = np.array([124, 116, 200], np.uint8)
+    x = resnet18.preprocess(encode(np.broadcast_to(rgb, (70, 90, 3)).copy(), "PNG"), IMAGE)
+    assert x.shape == (1, 3, 64, 64) and x.dtype == torch.float32
+    expected = (rgb / 255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    for channel in range(3):
+        np.testing.assert_allclose(x[0, channel].numpy(), expected[channel], atol=1e-5)
+
+
+def test_torchvision_garbage_image_is_bad_input(resnet18: Handler) -> None:
+    with pytest.raises(BadInput, match="could not decode image"):
+        resnet18.preprocess(np.frombuffer(b"\xff\xd8\xff garbage", np.uint8), IMAGE)
+
+
+def test_torchvision_without_weights_warns_on_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="ringserve.worker"):
+        loaded("torchvision:resnet18", options=SMALL)
+    assert "RANDOM" in caplog.text
+
+
+def test_torchvision_loads_state_dict(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    reference = torchvision.models.resnet18(num_classes=10).eval()
+    path = tmp_path / "resnet18.pt"
+    torch.save(reference.state_dict(), path)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"class{i}\n" for i in range(10)))
+    h = loaded(
+        "torchvision:resnet18",
+        weights=str(path),
+        options={**SMALL, "labels_file": str(labels), "channels_last": True},
+    )
+    assert h.labels == tuple(f"class{i}" for i in range(10))
+    assert h.describe()["labels"][9] == "class9"
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        expected = reference(x).softmax(dim=1)
+    torch.testing.assert_close(h.infer(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_torchvision_labels_must_match_classes(tmp_path: Path) -> None:
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a\nb\n")
+    with pytest.raises(ValueError, match="2 labels for 10 classes"):
+        loaded("torchvision:resnet18", options={**SMALL, "labels_file": str(labels)})
+
+
+# -- torchscript -------------------------------------------------------------------------
+
+
+class _Affine(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+def _script(module: torch.nn.Module, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`torch\.jit\.script` is", category=FutureWarning
+        )
+        torch.jit.script(module).save(str(path))
+
+
+def test_torchscript_runs_a_scripted_module(tmp_path: Path) -> None:
+    torch.manual_seed(4)
+    module = _Affine().eval()
+    path = tmp_path / "affine.pt"
+    _script(module, path)
+    h = loaded(
+        f"torchscript:{path}",
+        options={"input_shape": [4], "output_shape": [3]},
+    )
+    assert_describes(h)
+    assert h.describe()["inputs"] == [{"name": "INPUT0", "dtype": "float32", "shape": (4,)}]
+    assert h.describe()["outputs"] == [{"name": "OUTPUT0", "dtype": "float32", "shape": (3,)}]
+    assert h.task == "tensor"
+    a = np.arange(8, dtype=np.float32).reshape(2, 4)
+    b = np.ones((1, 4), np.float32)
+    out = run(h, (a, TENSOR), (b, TENSOR))
+    with torch.inference_mode():
+        expected = module(torch.from_numpy(np.concatenate([a, b]))).numpy()
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_torchscript_defaults_and_refusals(tmp_path: Path) -> None:
+    h = create_handler(ModelSettings(name="m", handler="torchscript:/nowhere.pt"))
+    assert h.inputs[0].shape == (-1,) and h.inputs[0].dtype == "float32"
+    assert h.outputs[0].shape == (-1,) and h.task == "tensor"
+    with pytest.raises(BadInput):
+        h.preprocess(np.zeros(4, np.uint8), IMAGE)
+    with pytest.raises(ValueError, match="input_dtype"):
+        create_handler(
+            ModelSettings(name="m", handler="torchscript:x", options={"input_dtype": "x"})
+        )
+    with pytest.raises(ValueError, match="task"):
+        create_handler(ModelSettings(name="m", handler="torchscript:x", options={"task": "nope"}))
+
+
+# -- python:module:Class -----------------------------------------------------------------
+
+
+def test_python_user_handler(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    h = loaded("python:user_handler:Scale2x")
+    assert type(h).__name__ == "Scale2x"
+    assert_describes(h)
+    assert h.describe()["inputs"] == [{"name": "INPUT0", "dtype": "float32", "shape": (-1,)}]
+    out = run(h, (np.array([[1.0, 2.0, 3.0]], np.float32), TENSOR))
+    np.testing.assert_array_equal(out, [[2.0, 4.0, 6.0]])
+
+
+def test_python_handler_must_subclass_handler() -> None:
+    with pytest.raises(TypeError, match="not a ringserve Handler"):
+        create_handler(ModelSettings(name="m", handler="python:json:JSONDecoder"))
