@@ -32,8 +32,8 @@ from ringserve.ipc.errors import ArenaError, ExitCode
 from ringserve.ipc.layout import (
     DTYPE_CODE,
     DTYPES,
-    MODEL_ENTRY,
     MAX_NDIM,
+    MODEL_ENTRY,
     Command,
     PayloadKind,
     ProcState,

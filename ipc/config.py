@@ -45,6 +45,7 @@ class ArenaSettings:
     slots: int = 256
     slot_bytes: int = 1 * 2**20
     max_queue_depth: int = 0  # per model; 0 = no limit beyond the slots themselves
+    shm_dir: str = "/dev/shm"  # where the arena file lives (a tmpfs)
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,7 @@ class Arbiter:
 
     def setup(self) -> None:
         s = self.settings
-        removed = sweep_stale()
+        removed = sweep_stale(s.arena.shm_dir)
         if removed:
             log.warning("removed stale shared memory of crashed runs: %s", ", ".join(removed))
         n_workers = sum(m.workers for m in s.models)
@@ -137,7 +137,7 @@ class Arbiter:
             n_procs=n_procs,
             n_frontends=s.server.frontends,
         )
-        path = os.path.join("/dev/shm", segment_name(s.instance))
+        path = os.path.join(s.arena.shm_dir, segment_name(s.instance))
         self.arena = Arena.create(path, geometry)
         self.rings = [RequestRing(self.arena, i) for i in range(len(s.models))]
         self.model_efds = tuple(wake.new_eventfd() for _ in s.models)

@@ -89,6 +89,16 @@ def spawn(spec: ChildSpec, env: dict[str, str] | None = None) -> Child:
     module = {"frontend": "ringserve.frontend", "worker": "ringserve.gpu_worker"}[spec.role]
     child_env = dict(os.environ if env is None else env)
     child_env[ENV_VAR] = spec.to_env()
+    # systemd's variables are the supervisor's alone (NotifyAccess=main).
+    for name in (
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+        "LISTEN_FDS",
+        "LISTEN_PID",
+        "LISTEN_FDNAMES",
+    ):
+        child_env.pop(name, None)
     child_env.setdefault("PYTHONUNBUFFERED", "1")
     fds = (*spec.listen_fds, *spec.model_efds, *spec.frontend_efds)
     popen = subprocess.Popen(

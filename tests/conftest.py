@@ -1,0 +1,166 @@
+"""Shared fixtures: start a real ``ringserve serve`` on a free port and tear it down.
+
+Everything is bounded: readiness is awaited with a deadline and backoff (never a fixed
+sleep), and teardown kills the whole process group if a graceful stop overruns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], object], timeout_s: float, what: str) -> object:
+    """Poll ``predicate`` with backoff until it returns truthy; fail after the deadline."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.01
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.25)
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    port: int
+    instance: str
+    admin_socket: str
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, **kw: object) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 30.0), **kw)  # type: ignore[arg-type]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def ctl(self, *args: str, check: bool = True) -> dict:
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ringserve.supervisor.cli",
+                "ctl",
+                "--socket",
+                self.admin_socket,
+                "--json",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=self.env,
+        )
+        if check and out.returncode != 0:
+            raise AssertionError(f"ctl {args} failed: {out.stderr}{out.stdout}")
+        return json.loads(out.stdout) if out.stdout.strip() else {}
+
+    def children(self) -> list[dict]:
+        return self.ctl("status")["processes"]
+
+    def pids(self, role: str) -> list[int]:
+        return [p["pid"] for p in self.children() if p["role"] == role]
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                return httpx.get(f"{self.url}/readiness", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, timeout_s, "readiness")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+                raise AssertionError(f"server did not stop within {timeout_s} s") from None
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Factory: ``start_server("--model", "id=identity", env={...})`` → a ready Server."""
+    started: list[Server] = []
+
+    def start(
+        *args: str, env: dict[str, str] | None = None, ready: bool = True, frontends: int = 2
+    ) -> Server:
+        port = free_port()
+        instance = f"t{port}"
+        sock = str(tmp_path / f"admin-{port}.sock")
+        log_path = tmp_path / f"server-{port}.log"
+        full_env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), **(env or {})}
+        full_env.pop("NOTIFY_SOCKET", None)
+        cmd = [
+            sys.executable,
+            "-m",
+            "ringserve.supervisor.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--instance",
+            instance,
+            "--admin-socket",
+            sock,
+            "--frontends",
+            str(frontends),
+            *args,
+        ]
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+            )
+        server = Server(proc, port, instance, sock, log_path, full_env)
+        started.append(server)
+        if ready:
+            server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        if server.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait(10)
+
+
+def shm_segments(instance: str) -> list[str]:
+    return [n for n in os.listdir("/dev/shm") if n.startswith(f"ringserve-{instance}-")]

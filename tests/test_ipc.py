@@ -1,0 +1,433 @@
+"""The shared-memory data path without HTTP and without torch: arena, ring, wake-ups,
+and what happens when a producer or consumer dies inside a transition."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import wait_until
+
+from ringserve.ipc import wake
+from ringserve.ipc.arena import Arena, ArenaGeometry, segment_name, sweep_stale
+from ringserve.ipc.errors import ArenaError, QueueFull
+from ringserve.ipc.layout import DTYPE_CODE, SlotState, Status
+from ringserve.ipc.ring import RequestRing, write_error
+from ringserve.ipc.testhooks import arm
+
+FORK = mp.get_context("fork")  # ipc has no torch and no threads: fork is safe here
+
+
+@pytest.fixture
+def shm_dir(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+def make_arena(
+    shm_dir: Path,
+    n_slots: int = 16,
+    slot_bytes: int = 4096,
+    n_frontends: int = 2,
+    n_models: int = 1,
+) -> Arena:
+    geometry = ArenaGeometry(
+        n_slots=n_slots,
+        slot_bytes=slot_bytes,
+        n_models=n_models,
+        n_procs=8,
+        n_frontends=n_frontends,
+    )
+    return Arena.create(str(shm_dir / segment_name("test")), geometry)
+
+
+def produce(arena: Arena, ring: RequestRing, slot: int, payload: np.ndarray, rows: int = 1) -> int:
+    """What a frontend does (minus HTTP): header, payload, then push."""
+    rec = arena.slots[slot]
+    rec["state"] = SlotState.WRITING
+    rec["generation"] = int(rec["generation"]) + 1
+    rec["cancel"] = 0
+    rec["attempts"] = 0
+    rec["owner"] = 0
+    rec["model"] = ring.model
+    rec["in_dtype"] = DTYPE_CODE[payload.dtype.name]
+    rec["in_ndim"] = payload.ndim
+    rec["in_shape"][: payload.ndim] = payload.shape
+    rec["in_nbytes"] = payload.nbytes
+    rec["rows"] = rows
+    np.copyto(arena.data_array(slot, payload.dtype, payload.shape), payload)
+    ring.push(slot)
+    return int(rec["generation"])
+
+
+def answer(arena: Arena, slot: int) -> None:
+    """What a worker does: read the input view, write input+1 as output, mark DONE."""
+    rec = arena.slots[slot]
+    n = int(rec["in_nbytes"])
+    src = arena.data_array(slot, np.dtype("uint8"), (n,))
+    out = (src + 1).astype(np.uint8)
+    np.copyto(src, out)
+    rec["out_dtype"] = DTYPE_CODE["uint8"]
+    rec["out_ndim"] = 1
+    rec["out_shape"][0] = n
+    rec["out_nbytes"] = n
+    rec["status"] = Status.OK
+    rec["state"] = SlotState.DONE
+
+
+# -- arena lifetime -------------------------------------------------------------------------
+
+
+def test_create_attach_close_unlinks(shm_dir: Path) -> None:
+    arena = make_arena(shm_dir)
+    other = Arena.attach(arena.path)
+    arena.slots["rows"][3] = 7
+    assert int(other.slots["rows"][3]) == 7  # same bytes, two mappings
+    other.close()
+    assert os.path.exists(arena.path), "an attacher never unlinks"
+    arena.close()
+    assert not os.path.exists(arena.path), "the owner unlinks on close"
+
+
+def test_frontend_slot_ranges_are_disjoint_and_cover_all(shm_dir: Path) -> None:
+    arena = make_arena(shm_dir, n_slots=10, n_frontends=3)
+    ranges = [set(arena.frontend_slots(f)) for f in range(3)]
+    assert set().union(*ranges) == set(range(10))
+    assert sum(len(r) for r in ranges) == 10
+    arena.close()
+
+
+def test_attach_missing_and_garbage(shm_dir: Path) -> None:
+    with pytest.raises(ArenaError, match="does not exist"):
+        Arena.attach(str(shm_dir / "ringserve-nope-1"))
+    junk = shm_dir / "ringserve-junk-1"
+    junk.write_bytes(b"\0" * 8192)
+    with pytest.raises(ArenaError, match="not a ringserve arena"):
+        Arena.attach(str(junk))
+
+
+def test_sweep_removes_only_dead_owners(shm_dir: Path) -> None:
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid = int(dead.stdout)
+    (shm_dir / f"ringserve-old-{dead_pid}").write_bytes(b"x")
+    (shm_dir / f"ringserve-live-{os.getpid()}").write_bytes(b"x")
+    (shm_dir / "unrelated-file").write_bytes(b"x")
+    assert sweep_stale(str(shm_dir)) == [f"ringserve-old-{dead_pid}"]
+    assert sorted(os.listdir(shm_dir)) == [f"ringserve-live-{os.getpid()}", "unrelated-file"]
+
+
+def test_too_small_shm_fails_cleanly_not_sigbus(tmp_path: Path) -> None:
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        geometry = ArenaGeometry(n_slots=64, slot_bytes=2**20, n_models=1, n_procs=4, n_frontends=1)
+        with pytest.raises(ArenaError, match="needs .* MiB but .* free"):
+            Arena.create(str(mnt / segment_name("small")), geometry)
+        assert os.listdir(mnt) == [], "a failed create leaves nothing behind"
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+# -- ring semantics -------------------------------------------------------------------------
+
+
+def test_fifo_and_row_budget(shm_dir: Path) -> None:
+    arena = make_arena(shm_dir)
+    ring = RequestRing(arena, 0)
+    for slot, rows in [(0, 1), (1, 3), (2, 1), (3, 2)]:
+        produce(arena, ring, slot, np.full(4, slot, np.uint8), rows=rows)
+    assert ring.depth() == 4
+    first = ring.pop(4, worker=1, worker_pid=os.getpid())
+    assert [c.slot for c in first] == [0, 1]  # 1 + 3 rows; slot 2 would exceed 4
+    assert all(arena.slots["state"][c.slot] == SlotState.RUNNING for c in first)
+    rest = ring.pop(100, worker=1, worker_pid=os.getpid())
+    assert [c.slot for c in rest] == [2, 3]
+    assert ring.depth() == 0
+    assert ring.pop(4, worker=1, worker_pid=os.getpid()) == []
+    ring.close()
+    arena.close()
+
+
+def test_oversized_first_request_still_pops(shm_dir: Path) -> None:
+    arena = make_arena(shm_dir)
+    ring = RequestRing(arena, 0)
+    produce(arena, ring, 0, np.zeros(4, np.uint8), rows=10)
+    assert [c.slot for c in ring.pop(4, 1, os.getpid())] == [0]
+    arena.close()
+
+
+def test_stale_entries_are_skipped(shm_dir: Path) -> None:
+    arena = make_arena(shm_dir)
+    ring = RequestRing(arena, 0)
+    produce(arena, ring, 0, np.zeros(4, np.uint8))
+    produce(arena, ring, 1, np.zeros(4, np.uint8))
+    arena.slots["generation"][0] += 1  # slot 0 was reused since it was queued
+    assert [c.slot for c in ring.pop(8, 1, os.getpid())] == [1]
+    assert ring.depth() == 0
+    arena.close()
+
+
+def test_max_depth_refuses_at_once(shm_dir: Path) -> None:
+    arena = make_arena(shm_dir)
+    ring = RequestRing(arena, 0)
+    arena.slots["state"][0] = SlotState.WRITING
+    ring.push(0, max_depth=1)
+    arena.slots["state"][1] = SlotState.WRITING
+    with pytest.raises(QueueFull):
+        ring.push(1, max_depth=1)
+    assert ring.depth() == 1
+    arena.close()
+
+
+def test_dead_worker_requeued_once_then_poison_alone(shm_dir: Path) -> None:
+    arena = make_arena(shm_dir)
+    ring = RequestRing(arena, 0)
+    for slot in range(4):
+        produce(arena, ring, slot, np.zeros(4, np.uint8))
+    claimed = ring.pop(4, worker=5, worker_pid=111)
+    assert len(claimed) == 4
+    requeued, poisoned = ring.requeue_from_dead(5, b"poison")
+    assert sorted(requeued) == [0, 1, 2, 3] and poisoned == []
+    # Each retried request runs alone so one poison input cannot take the batch down.
+    singles = [ring.pop(4, worker=6, worker_pid=222) for _ in range(4)]
+    assert [len(s) for s in singles] == [1, 1, 1, 1]
+    assert all(s[0].attempts == 2 for s in singles)
+    for s in singles[1:]:
+        answer(arena, s[0].slot)
+    requeued, poisoned = ring.requeue_from_dead(6, b"poison: killed two workers")
+    assert requeued == [] and poisoned == [singles[0][0].slot]
+    rec = arena.slots[singles[0][0].slot]
+    assert rec["state"] == SlotState.DONE and rec["status"] == Status.POISON
+    assert arena.data(singles[0][0].slot)[:6].tobytes() == b"poison"
+    arena.close()
+
+
+def test_topping_up_stops_before_a_retried_request(shm_dir: Path) -> None:
+    arena = make_arena(shm_dir)
+    ring = RequestRing(arena, 0)
+    produce(arena, ring, 0, np.zeros(4, np.uint8))
+    ring.pop(1, worker=1, worker_pid=1)
+    ring.requeue_from_dead(1, b"x")
+    assert ring.pop(4, 2, 2, fresh_only=True) == []
+    assert [c.slot for c in ring.pop(4, 2, 2)] == [0]
+    arena.close()
+
+
+def test_write_error_carries_message(shm_dir: Path) -> None:
+    arena = make_arena(shm_dir)
+    write_error(arena, 2, Status.BAD_INPUT, b"no good")
+    rec = arena.slots[2]
+    assert rec["state"] == SlotState.DONE and rec["status"] == Status.BAD_INPUT
+    assert arena.data(2)[: int(rec["out_nbytes"])].tobytes() == b"no good"
+    arena.close()
+
+
+# -- wake-ups --------------------------------------------------------------------------------
+
+
+def test_eventfd_wakes_and_times_out() -> None:
+    fd = wake.new_eventfd()
+    t0 = time.monotonic()
+    assert not wake.wait(fd, 0.05)
+    assert time.monotonic() - t0 >= 0.04
+    wake.signal(fd)
+    wake.signal(fd)
+    assert wake.wait(fd, 5)
+    assert wake.drain(fd) == 2
+    assert wake.drain(fd) == 0
+    os.close(fd)
+
+
+# -- concurrency and death -----------------------------------------------------------------
+
+
+def _consumer(
+    path: str, work_fd: int, done_fds: tuple[int, ...], worker: int, stop_after: int, pause_at: str
+) -> None:
+    if pause_at:
+        arm(pause_at)
+    arena = Arena.attach(path)
+    ring = RequestRing(arena, 0)
+    served = 0
+    while served < stop_after:
+        claimed = ring.pop(random.randint(1, 4), worker, os.getpid())
+        if not claimed:
+            if wake.wait(work_fd, 0.2):
+                wake.drain(work_fd)
+            continue
+        for c in claimed:
+            answer(arena, c.slot)
+            served += 1
+        for owner in {int(arena.slots["owner"][c.slot]) for c in claimed}:
+            wake.signal(done_fds[owner])
+    os._exit(0)
+
+
+def _producer(
+    path: str, work_fd: int, done_fd: int, frontend: int, count: int, seed: int, result_q: mp.Queue
+) -> None:
+    rng = np.random.default_rng(seed)
+    arena = Arena.attach(path)
+    ring = RequestRing(arena, 0)
+    free = list(arena.frontend_slots(frontend))
+    pending: dict[int, bytes] = {}
+    sent = ok = 0
+    deadline = time.monotonic() + 60
+    while (sent < count or pending) and time.monotonic() < deadline:
+        while free and sent < count:
+            slot = free.pop()
+            payload = rng.integers(0, 255, size=int(rng.integers(1, 4000)), dtype=np.uint8)
+            arena.slots["owner"][slot] = frontend
+            produce(arena, ring, slot, payload)
+            arena.slots["owner"][slot] = frontend
+            pending[slot] = (payload + 1).astype(np.uint8).tobytes()
+            wake.signal(work_fd)
+            sent += 1
+        if wake.wait(done_fd, 0.2):
+            wake.drain(done_fd)
+        for slot in [s for s in pending if arena.slots["state"][s] == SlotState.DONE]:
+            n = int(arena.slots["out_nbytes"][slot])
+            ok += arena.data(slot)[:n].tobytes() == pending.pop(slot)
+            arena.slots["state"][slot] = SlotState.FREE
+            free.append(slot)
+    result_q.put((frontend, sent, ok, len(pending)))
+
+
+def test_many_producers_and_consumers_random_payloads(shm_dir: Path) -> None:
+    seed = int(os.environ.get("RINGSERVE_TEST_SEED", random.randrange(2**32)))
+    print(f"seed={seed}")
+    random.seed(seed)
+    arena = make_arena(shm_dir, n_slots=24, n_frontends=3)
+    work_fd = wake.new_eventfd()
+    done_fds = [wake.new_eventfd() for _ in range(3)]
+    q: mp.Queue = FORK.Queue()
+    per_producer = 400
+    producers = [
+        FORK.Process(
+            target=_producer, args=(arena.path, work_fd, done_fds[f], f, per_producer, seed + f, q)
+        )
+        for f in range(3)
+    ]
+    # Each consumer serves a share; the last one stops when all are answered.
+    consumers = [
+        FORK.Process(
+            target=_consumer, args=(arena.path, work_fd, tuple(done_fds), w, 10**9, ""), daemon=True
+        )
+        for w in range(2)
+    ]
+    for p in producers + consumers:
+        p.start()
+    results = [q.get(timeout=90) for _ in producers]
+    for p in producers:
+        p.join(10)
+    for c in consumers:
+        c.kill()
+        c.join(10)
+    assert sorted(r[0] for r in results) == [0, 1, 2]
+    for _, sent, ok, left in results:
+        assert (sent, ok, left) == (per_producer, per_producer, 0), f"seed={seed}"
+    states = arena.slots["state"]
+    assert (states == SlotState.FREE).all(), "every slot returned to FREE"
+    arena.close()
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "T"
+    except FileNotFoundError:
+        return False
+
+
+def test_consumer_killed_while_holding_the_ring_lock(shm_dir: Path) -> None:
+    """SIGKILL inside pop's critical section: lock released, work re-queued, not lost."""
+    arena = make_arena(shm_dir)
+    ring = RequestRing(arena, 0)
+    work_fd, done_fd = wake.new_eventfd(), wake.new_eventfd()
+    for slot in range(3):
+        produce(arena, ring, slot, np.full(8, slot, np.uint8))
+    victim = FORK.Process(
+        target=_consumer, args=(arena.path, work_fd, (done_fd,), 3, 10**9, "ring.pop.claimed")
+    )
+    victim.start()
+    wait_until(lambda: _stopped(victim.pid), 10, "consumer to pause inside pop")
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join(10)
+    # The lock died with its holder: this would hang forever with a POSIX semaphore.
+    requeued, poisoned = ring.requeue_from_dead(3, b"poison")
+    assert requeued == [0] and poisoned == []
+    # The dead consumer never advanced head: entry 0 is still in the ring, not duplicated.
+    assert ring.depth() == 3
+    rescuer = FORK.Process(target=_consumer, args=(arena.path, work_fd, (done_fd,), 4, 3, ""))
+    rescuer.start()
+    wake.signal(work_fd)
+    rescuer.join(30)
+    assert rescuer.exitcode == 0
+    for slot in range(3):
+        assert arena.slots["state"][slot] == SlotState.DONE
+        assert arena.data(slot)[:8].tobytes() == bytes([slot + 1] * 8)
+    arena.close()
+
+
+def _push_and_pause(path: str) -> None:
+    arm("ring.push.before_state")
+    arena = Arena.attach(path)
+    ring = RequestRing(arena, 0)
+    produce(arena, ring, 0, np.zeros(4, np.uint8))
+    os._exit(0)
+
+
+def test_producer_killed_inside_push(shm_dir: Path) -> None:
+    """SIGKILL after the entry is in the ring but before the slot is QUEUED."""
+    arena = make_arena(shm_dir)
+    ring = RequestRing(arena, 0)
+    victim = FORK.Process(target=_push_and_pause, args=(arena.path,))
+    victim.start()
+    wait_until(lambda: _stopped(victim.pid), 10, "producer to pause inside push")
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join(10)
+    assert arena.slots["state"][0] == SlotState.WRITING
+    assert ring.depth() == 1
+    # A consumer skips the half-pushed entry (no deadlock, no bogus claim)...
+    assert ring.pop(4, 1, os.getpid()) == []
+    assert ring.depth() == 0
+    # ...and the next owner of the slot range frees it.
+    from ringserve.frontend.dispatch import Dispatcher
+
+    d = Dispatcher(arena, 0, wake.new_eventfd(), (wake.new_eventfd(),))
+    assert d.adopt_slots() == 0
+    assert arena.slots["state"][0] == SlotState.FREE
+    arena.close()
+
+
+def test_adopting_a_dead_frontends_inflight_slots(shm_dir: Path) -> None:
+    from ringserve.frontend.dispatch import Dispatcher
+
+    arena = make_arena(shm_dir)
+    ring = RequestRing(arena, 0)
+    produce(arena, ring, 0, np.zeros(4, np.uint8))  # QUEUED by a frontend that then died
+    produce(arena, ring, 1, np.zeros(4, np.uint8))
+    ring.pop(1, 1, 1)  # slot 0 RUNNING in a worker
+    d = Dispatcher(arena, 0, wake.new_eventfd(), (wake.new_eventfd(),))
+    assert d.adopt_slots() == 2
+    assert arena.slots["cancel"][0] == 1 and arena.slots["cancel"][1] == 1
+    assert 0 not in d.free and 1 not in d.free
+    answer(arena, 0)
+    write_error(arena, 1, Status.CANCELLED, b"cancelled")
+    d._on_done()
+    assert {0, 1} <= set(d.free) and not d.orphans
+    arena.close()
