@@ -10,7 +10,7 @@ The dataset also ships with scikit-learn, so this script needs no network either
 It is deterministic (fixed seed, one thread) and takes a few seconds on a CPU. Besides
 the weights it writes sample inputs next to itself for trying the server by hand:
 ``digit_<label>.png`` (32x32 grayscale, white digit on black as in the dataset) and
-``digit_3.json`` (``{"data": [[8 rows of 8 floats in 0..16]]}``).
+``digit_3.json`` (``{"data": [8 rows of 8 floats in 0..16]}``: one 8x8 image).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def write_samples(x: np.ndarray, y: np.ndarray) -> None:
         png = Image.fromarray(pixels).resize((SAMPLE_SIZE, SAMPLE_SIZE), Image.Resampling.NEAREST)
         png.save(HERE / f"digit_{label}.png")
     three = x[np.flatnonzero(y == 3)[0]]
-    (HERE / "digit_3.json").write_text(json.dumps({"data": [three.tolist()]}) + "\n")
+    (HERE / "digit_3.json").write_text(json.dumps({"data": three.tolist()}) + "\n")
 
 
 def main() -> None:

@@ -92,7 +92,9 @@ async def read_body(request: Request, limit: int) -> bytes:
 def check_intake(state: FrontendState) -> None:
     """Fast 503 before any work while draining or paused (nginx then retries elsewhere)."""
     if state.arena.draining:
-        raise unavailable("server is draining")
+        err = unavailable("server is draining")
+        err.headers["Connection"] = "close"  # move keep-alive clients off this host
+        raise err
     if state.arena.paused:
         raise unavailable("intake is paused by the operator")
 
@@ -101,7 +103,7 @@ def ready_model(state: FrontendState, name: str) -> ModelInfo:
     info = state.catalog.get(name)
     if info is None:
         raise HTTPError(404, f"unknown model {name!r}")
-    if info.spec is None or state.catalog.ready_workers()[info.index] == 0:
+    if info.spec is None or not state.catalog.accepting(info.index):
         raise unavailable(f"model {name!r} is not ready", retry_after_s=2)
     return info
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.config import ModelSettings, Settings
-from ringserve.ipc.layout import ProcState, Role
+from ringserve.ipc.layout import ModelAvailability, ProcState, Role
 
 
 @dataclass
@@ -55,6 +55,12 @@ class Catalog:
         c = self.arena.control
         mask = (c["role"] == Role.WORKER) & (c["state"] == ProcState.READY)
         return np.bincount(c["model"][mask], minlength=len(self.settings.models))
+
+    def accepting(self, index: int) -> bool:
+        """Queue requests while a worker is ready, or while one is being replaced."""
+        if self.ready_workers()[index] > 0:
+            return True
+        return int(self.arena.models["availability"][index]) == ModelAvailability.RECOVERING
 
     def all_ready(self) -> bool:
         return bool((self.ready_workers() > 0).all())

@@ -1,11 +1,270 @@
-"""KServe v2 / Open Inference Protocol routes (filled in by the v2 protocol work)."""
+"""KServe v2 / Open Inference Protocol REST routes, with Triton's binary tensor data,
+model configuration and statistics extensions, so ``tritonclient.http`` and
+``perf_analyzer`` work against ringserve unchanged.
+
+Endpoints (``{v}`` is always ``1``: ringserve serves one version of each model)::
+
+    GET  /v2                                   server metadata
+    GET  /v2/health/live | /v2/health/ready    liveness, readiness (200 / 503)
+    GET  /v2/models/{name}[/versions/{v}]      model metadata (404 unknown, 503 loading)
+    GET  /v2/models/{name}[/versions/{v}]/ready
+    GET  /v2/models/{name}[/versions/{v}]/config   Triton model configuration (JSON)
+    GET  /v2/models[/{name}[/versions/{v}]]/stats  Triton inference statistics
+    POST /v2/models/{name}[/versions/{v}]/infer    JSON or binary tensors
+
+Tensor decoding and encoding live in ``v2_codec`` (pure); this module is the HTTP glue
+around the shared request path ``app.infer``. Statistics come from ``v2_stats``.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ringserve.frontend.app import FrontendState
+import ringserve
+from ringserve.frontend.app import (
+    FrontendState,
+    check_intake,
+    error_response,
+    infer,
+    read_body,
+    ready_model,
+    request_id,
+)
+from ringserve.frontend.catalog import ModelInfo
+from ringserve.frontend.errors import HTTPError, unavailable
+from ringserve.frontend.v2_codec import (
+    V2_TO_CONFIG,
+    TensorSpec,
+    decode_request,
+    decompress_body,
+    encode_response,
+    model_shape,
+    split_body,
+    v2_datatype,
+)
+from ringserve.frontend.v2_stats import model_stats
+from ringserve.ipc.layout import PayloadKind
+
+VERSION = "1"
+HEADER_LENGTH = "inference-header-content-length"
+EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics")
+# curl -d sends form-urlencoded unless told otherwise; the body is still ours.
+REQUEST_TYPES = (
+    "",
+    "application/json",
+    "application/octet-stream",
+    "application/x-www-form-urlencoded",
+)
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _json(
+    body: Any, rid: str, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return JSONResponse(body, status_code=status, headers={"X-Request-ID": rid, **(headers or {})})
+
+
+def _errors_as_json(fn: Callable[[Request, str], Awaitable[Response]]) -> Handler:
+    async def handler(request: Request) -> Response:
+        rid = request_id(request)
+        try:
+            return await fn(request, rid)
+        except HTTPError as err:
+            return error_response(err, rid)
+
+    return handler
+
+
+def _lookup(state: FrontendState, request: Request) -> ModelInfo:
+    """The model named in the path (404 if unknown, or for a version other than 1)."""
+    name = request.path_params["name"]
+    info = state.catalog.get(name)
+    if info is None:
+        raise HTTPError(404, f"unknown model {name!r}")
+    version = request.path_params.get("version", VERSION)
+    if version != VERSION:
+        raise HTTPError(404, f"model {name!r} has no version {version!r}; it serves version 1")
+    return info
+
+
+def _spec(info: ModelInfo) -> dict[str, Any]:
+    if info.spec is None:
+        raise unavailable(f"model {info.settings.name!r} is loading", retry_after_s=2)
+    return info.spec
+
+
+def _metadata(info: ModelInfo) -> dict[str, Any]:
+    spec = _spec(info)
+    mbs = info.settings.batching.max_batch_size
+
+    def tensor(t: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "name": t["name"],
+            "datatype": v2_datatype(t["dtype"]),
+            "shape": model_shape(list(t["shape"]), mbs),
+        }
+
+    return {
+        "name": info.settings.name,
+        "versions": [VERSION],
+        "platform": spec.get("platform", ""),
+        "inputs": [tensor(t) for t in spec["inputs"]],
+        "outputs": [tensor(t) for t in spec["outputs"]],
+    }
+
+
+def _config(info: ModelInfo) -> dict[str, Any]:
+    """Triton's model configuration as JSON: dims without the batch dimension."""
+    spec = _spec(info)
+    s = info.settings
+    mbs = s.batching.max_batch_size
+
+    def tensor(t: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "name": t["name"],
+            "data_type": V2_TO_CONFIG[v2_datatype(t["dtype"])],
+            "dims": list(t["shape"]),
+            "is_shape_tensor": False,
+        }
+
+    device = str(spec.get("device", s.device))
+    config: dict[str, Any] = {
+        "name": s.name,
+        "platform": spec.get("platform", ""),
+        "backend": "ringserve",
+        "version_policy": {"latest": {"num_versions": 1}},
+        "max_batch_size": mbs,
+        "input": [
+            {**tensor(t), "format": "FORMAT_NONE", "allow_ragged_batch": False, "optional": False}
+            for t in spec["inputs"]
+        ],
+        "output": [{**tensor(t), "label_filename": ""} for t in spec["outputs"]],
+        "instance_group": [
+            {
+                "name": f"{s.name}_0",
+                "kind": "KIND_GPU" if device.startswith("cuda") else "KIND_CPU",
+                "count": s.workers,
+            }
+        ],
+        "parameters": {"handler": {"string_value": s.handler}},
+    }
+    if mbs > 0:
+        preferred = spec.get("preferred_batch_size") or s.batching.preferred_batch_size
+        config["dynamic_batching"] = {
+            "preferred_batch_size": [int(preferred)] if preferred else [],
+            "max_queue_delay_microseconds": int(s.batching.max_queue_delay_ms * 1000),
+        }
+    return config
 
 
 def v2_routes(state: FrontendState) -> list[Route]:
-    return []
+    @_errors_as_json
+    async def server_metadata(request: Request, rid: str) -> Response:
+        return _json(
+            {"name": "ringserve", "version": ringserve.__version__, "extensions": list(EXTENSIONS)},
+            rid,
+        )
+
+    @_errors_as_json
+    async def live(request: Request, rid: str) -> Response:
+        return _json({"live": True}, rid)
+
+    @_errors_as_json
+    async def ready(request: Request, rid: str) -> Response:
+        if state.arena.draining:
+            raise unavailable("server is draining")
+        if not state.catalog.all_ready():
+            raise unavailable("not every model has a ready worker", retry_after_s=2)
+        return _json({"ready": True}, rid)
+
+    @_errors_as_json
+    async def metadata(request: Request, rid: str) -> Response:
+        return _json(_metadata(_lookup(state, request)), rid)
+
+    @_errors_as_json
+    async def model_ready(request: Request, rid: str) -> Response:
+        info = _lookup(state, request)
+        ready_model(state, info.settings.name)  # 503 with Retry-After when not
+        return _json({"name": info.settings.name, "ready": True}, rid)
+
+    @_errors_as_json
+    async def config(request: Request, rid: str) -> Response:
+        return _json(_config(_lookup(state, request)), rid)
+
+    @_errors_as_json
+    async def stats(request: Request, rid: str) -> Response:
+        if "name" in request.path_params:
+            names = [_lookup(state, request).settings.name]
+        else:
+            names = state.catalog.names()
+        return _json({"model_stats": model_stats(state, names)}, rid)
+
+    async def infer_endpoint(request: Request) -> Response:
+        t0 = time.perf_counter()
+        rid = request_id(request)
+        name = request.path_params["name"]
+        try:
+            info = _lookup(state, request)
+            check_intake(state)
+            ready_model(state, name)
+            spec = _spec(info)
+            inp = TensorSpec.from_spec(spec["inputs"][0])
+            out = TensorSpec.from_spec(spec["outputs"][0])
+            if "bytes" in (inp.dtype, out.dtype):
+                raise HTTPError(501, f"model {name!r} has BYTES tensors, not served over v2 yet")
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype not in REQUEST_TYPES:
+                raise HTTPError(
+                    415,
+                    f"unsupported Content-Type {ctype!r}: use application/json or "
+                    "application/octet-stream",
+                )
+            limit = state.settings.server.max_body_bytes
+            body = await read_body(request, limit)
+            body = decompress_body(body, request.headers.get("content-encoding"), limit)
+            header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
+            mbs = info.settings.batching.max_batch_size
+            req = decode_request(header, binary, inp, out, mbs)
+            if req.id and len(req.id) <= 128 and req.id.isprintable():
+                rid = req.id
+            done = await infer(state, request, info, req.payload, PayloadKind.TENSOR, req.rows, rid)
+            assert done.output is not None
+            content, header_len = encode_response(
+                name, req, done.output, done.output.dtype.name, mbs
+            )
+        except HTTPError as err:
+            if name in state.catalog.names():  # no metric series for made-up names
+                state.metrics.request(name, err.status, time.perf_counter() - t0)
+            return error_response(err, rid)
+        state.metrics.request(name, 200, time.perf_counter() - t0)
+        headers = {"X-Request-ID": rid}
+        if header_len is None:
+            return Response(content, media_type="application/json", headers=headers)
+        headers["Inference-Header-Content-Length"] = str(header_len)
+        return Response(content, media_type="application/octet-stream", headers=headers)
+
+    model = "/v2/models/{name}"
+    versioned = "/v2/models/{name}/versions/{version}"
+    return [
+        Route("/v2", server_metadata),
+        Route("/v2/health/live", live),
+        Route("/v2/health/ready", ready),
+        Route("/v2/models/stats", stats),  # before {name}: "stats" is not a model
+        Route(model, metadata),
+        Route(versioned, metadata),
+        Route(f"{model}/ready", model_ready),
+        Route(f"{versioned}/ready", model_ready),
+        Route(f"{model}/config", config),
+        Route(f"{versioned}/config", config),
+        Route(f"{model}/stats", stats),
+        Route(f"{versioned}/stats", stats),
+        Route(f"{model}/infer", infer_endpoint, methods=["POST"]),
+        Route(f"{versioned}/infer", infer_endpoint, methods=["POST"]),
+    ]

@@ -193,6 +193,8 @@ def _model(
     unknown = set(values) - MODEL_KEYS
     if unknown:
         raise ConfigError(f"models.{name}.{sorted(unknown)[0]}: unknown key")
+    if not isinstance(values.get("batching", {}), Mapping):
+        raise ConfigError(f"models.{name}.batching: expected a table")
     batching = _section(
         BatchingSettings, f"models.{name}.batching.", values.pop("batching", {}), default_batching
     )
@@ -225,6 +227,14 @@ def _validate(s: Settings) -> None:
         "worker.heartbeat_timeout_s",
         "must exceed twice worker.heartbeat_interval_s",
     )
+    need(s.worker.heartbeat_interval_s > 0, "worker.heartbeat_interval_s", "must be positive")
+    for k in ("start_timeout_s", "stop_timeout_s", "restart_backoff_s", "restart_backoff_max_s"):
+        need(getattr(s.worker, k) >= 0, f"worker.{k}", "must be >= 0")
+    need(s.memory.sample_interval_s > 0, "memory.sample_interval_s", "must be positive")
+    need(s.memory.trend_window_s > 0, "memory.trend_window_s", "must be positive")
+    need(s.memory.uss_limit_samples >= 1, "memory.uss_limit_samples", "must be at least 1")
+    for f in dataclasses.fields(MemorySettings):
+        need(getattr(s.memory, f.name) >= 0, f"memory.{f.name}", "must be >= 0")
     need(len(s.models) >= 1, "models", "at least one model is required")
     names = [m.name for m in s.models]
     need(len(set(names)) == len(names), "models", "model names must be unique")
@@ -295,6 +305,9 @@ def load_settings(
     unknown = set(raw) - set(SECTIONS) - {"models"}
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown section")
+    for k in SECTIONS:
+        if not isinstance(raw.get(k, {}), Mapping):
+            raise ConfigError(f"{k}: expected a table")
     layered: dict[str, dict[str, Any]] = {k: dict(raw.get(k, {})) for k in SECTIONS}
     for source in (_env_overrides(os.environ if environ is None else environ), overrides or {}):
         for section, values in source.items():

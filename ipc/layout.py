@@ -139,11 +139,23 @@ ARENA_HEADER = np.dtype(
     ]
 )
 
+
+class ModelAvailability(enum.IntEnum):
+    """Set by the supervisor so frontends know whether to queue or refuse."""
+
+    LOADING = 0  # never had a ready worker: refuse with 503
+    SERVING = 1  # at least one ready worker
+    RECOVERING = 2  # was serving, a worker is being replaced: queue (deadline bounds it)
+    FAILING = 3  # workers keep dying at start: refuse with 503
+
+
 MODEL_ENTRY = np.dtype(
     [
         ("spec_version", "<u4"),
         ("spec_len", "<u4"),
-        ("spec", f"S{MODEL_ENTRY_BYTES - 8}"),
+        ("availability", "<u4"),
+        ("pad", "<u4"),
+        ("spec", f"S{MODEL_ENTRY_BYTES - 16}"),
     ]
 )
 

@@ -32,7 +32,7 @@ from ringserve.ipc.config import Settings
 from ringserve.ipc.control import reset as reset_control
 from ringserve.ipc.control import send_command
 from ringserve.ipc.errors import ExitCode
-from ringserve.ipc.layout import Command, ProcState, SlotState, Status
+from ringserve.ipc.layout import Command, ModelAvailability, ProcState, SlotState, Status
 from ringserve.ipc.ring import RequestRing, write_error
 from ringserve.supervisor import systemd
 from ringserve.supervisor.children import Child, Phase, spawn
@@ -538,7 +538,24 @@ class Arbiter:
                 counts[ws.model_index] += 1
         return counts
 
+    def _publish_availability(self) -> None:
+        assert self.arena is not None
+        counts = self.ready_workers()
+        table = self.arena.models["availability"]
+        for i, n in counts.items():
+            slots = [ws for ws in self.workers if ws.model_index == i and not ws.retired]
+            if n > 0:
+                state = ModelAvailability.SERVING
+            elif any(ws.failures >= 3 for ws in slots) or not slots:
+                state = ModelAvailability.FAILING
+            elif table[i] in (ModelAvailability.SERVING, ModelAvailability.RECOVERING):
+                state = ModelAvailability.RECOVERING
+            else:
+                state = ModelAvailability.LOADING
+            table[i] = state
+
     def _check_ready(self) -> None:
+        self._publish_availability()
         if self.phase != "running":
             return
         ready = all(self.ready_workers().values()) and all(

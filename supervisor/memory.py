@@ -63,7 +63,8 @@ def mostly_rising(points: deque[tuple[float, float]], share: float = 0.7) -> boo
     if not steps:
         return False
     ups = sum(1 for s in steps if s > 0)
-    return ups >= share * len(steps) and values[-1] > values[0]
+    gained = values[-1] - values[0]
+    return ups >= share * len(steps) and gained > 0 and all(-s <= gained for s in steps)
 
 
 class RecyclePolicy:

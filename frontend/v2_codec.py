@@ -1,0 +1,437 @@
+"""KServe v2 / Open Inference Protocol tensors, with Triton's binary tensor extension.
+
+Pure functions, no HTTP and no shared memory, so every rule is unit-testable:
+``decode_request`` turns an infer request body into one validated numpy array for the
+model's single input; ``encode_response`` turns the model's output into a response body.
+
+Body layout with the binary extension (request and response alike)::
+
+    | JSON header (Inference-Header-Content-Length bytes) | tensor 0 bytes | tensor 1 ... |
+
+Each tensor sent as binary carries ``parameters.binary_data_size`` in the JSON header, and
+the binary parts follow in the order of the tensors in the header. Binary tensor data is
+little-endian, row-major, unpadded; BOOL is one byte 0/1; BYTES is, per element, a 4-byte
+little-endian length followed by that many bytes.
+
+Copies: a binary input becomes a read-only ``np.frombuffer`` view of the body (no copy);
+the dispatcher copies it once into the shared-memory slot. A binary output is joined to
+its header once. JSON data is parsed and cast like the simple API's (same NaN rule).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ringserve.frontend.errors import HTTPError, bad_request
+from ringserve.frontend.tensors import MAX_JSON_DEPTH, cast
+
+# KServe datatype <-> ringserve dtype name (ringserve.ipc.layout.DTYPES) <-> Triton config.
+V2_TO_DTYPE: dict[str, str] = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+    "BYTES": "bytes",
+}
+DTYPE_TO_V2 = {v: k for k, v in V2_TO_DTYPE.items()}
+# Triton model-config names (BYTES is TYPE_STRING there).
+V2_TO_CONFIG = {k: "TYPE_STRING" if k == "BYTES" else f"TYPE_{k}" for k in V2_TO_DTYPE}
+
+MAX_DIMS = 8  # ringserve.ipc.layout.MAX_NDIM
+MAX_ID_CHARS = 256
+_LEN = struct.Struct("<I")
+
+
+def v2_datatype(dtype: str) -> str:
+    """ringserve/numpy dtype name → KServe datatype ("float32" → "FP32")."""
+    try:
+        return DTYPE_TO_V2[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype!r} has no KServe v2 datatype") from None
+
+
+def model_shape(per_row: list[int], max_batch_size: int) -> list[int]:
+    """The v2 metadata shape: the batch dimension (-1) first when the model batches."""
+    return [-1, *per_row] if max_batch_size > 0 else list(per_row)
+
+
+# -- BYTES ------------------------------------------------------------------------------
+
+
+def serialize_bytes(items: np.ndarray | list[Any]) -> bytes:
+    """BYTES elements (bytes or str, any shape, row-major) → length-prefixed binary."""
+    flat = np.asarray(items, dtype=object).ravel()
+    parts = []
+    for item in flat:
+        b = item.encode() if isinstance(item, str) else bytes(item)
+        parts.append(_LEN.pack(len(b)))
+        parts.append(b)
+    return b"".join(parts)
+
+
+def deserialize_bytes(buf: bytes | memoryview, count: int | None = None) -> np.ndarray:
+    """Length-prefixed binary → 1-D object array of ``bytes``; 400 if it is malformed."""
+    view = memoryview(buf)
+    out: list[bytes] = []
+    pos, end = 0, len(view)
+    while pos < end:
+        if end - pos < 4:
+            raise bad_request(f"BYTES data is truncated: {end - pos} bytes left for a length")
+        (n,) = _LEN.unpack_from(view, pos)
+        pos += 4
+        if n > end - pos:
+            raise bad_request(f"BYTES element of {n} bytes runs past the end of its data")
+        out.append(bytes(view[pos : pos + n]))
+        pos += n
+        if count is not None and len(out) > count:
+            raise bad_request(f"BYTES data holds more than the {count} elements of its shape")
+    if count is not None and len(out) != count:
+        raise bad_request(f"BYTES data holds {len(out)} elements; its shape needs {count}")
+    arr = np.empty(len(out), dtype=object)
+    arr[:] = out
+    return arr
+
+
+# -- requests ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What the model declares for its one input or output (from Handler.describe())."""
+
+    name: str
+    dtype: str  # ringserve dtype name
+    shape: list[int]  # per row; -1 is dynamic
+
+    @classmethod
+    def from_spec(cls, d: dict[str, Any]) -> TensorSpec:
+        return cls(str(d["name"]), str(d["dtype"]), [int(x) for x in d["shape"]])
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """A validated infer request, ready for the dispatcher."""
+
+    payload: np.ndarray  # shape [rows, *per-row shape]; may be a read-only view of the body
+    rows: int
+    id: str | None
+    binary_output: bool  # answer the output as binary data
+    output_name: str
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[bytes | memoryview, memoryview]:
+    """(JSON header, binary tail) per the Inference-Header-Content-Length header."""
+    if header_length is None:
+        return body, memoryview(b"")
+    try:
+        n = int(header_length.strip())
+    except ValueError:
+        raise bad_request(
+            f"Inference-Header-Content-Length must be an integer, got {header_length[:40]!r}"
+        ) from None
+    if n <= 0:
+        raise bad_request(f"Inference-Header-Content-Length must be positive, got {n}")
+    if n > len(body):
+        raise bad_request(
+            f"Inference-Header-Content-Length {n} is larger than the body of {len(body)} bytes"
+        )
+    view = memoryview(body)
+    return view[:n], view[n:]
+
+
+def _params(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    params = obj.get("parameters", {})
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise bad_request(f'{where} "parameters" must be an object')
+    return params
+
+
+def _shape(raw: Any, where: str) -> list[int]:
+    if not isinstance(raw, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in raw
+    ):
+        raise bad_request(f'{where} "shape" must be a list of integers')
+    if len(raw) > MAX_DIMS:
+        raise bad_request(f"{where} has {len(raw)} dimensions; at most {MAX_DIMS} are supported")
+    if any(d < 1 for d in raw):
+        raise bad_request(f"{where} shape {raw} has a dimension below 1")
+    return raw
+
+
+def _check_shape(shape: list[int], spec: TensorSpec, max_batch_size: int) -> int:
+    """Shape against the model's; returns the rows (batch dim, 1 when not batching)."""
+    per_row, rows = (shape[1:], shape[0]) if max_batch_size > 0 else (shape, 1)
+    want = model_shape(spec.shape, max_batch_size)
+    if len(shape) != len(want):
+        raise bad_request(
+            f"input {spec.name!r} shape {shape} has rank {len(shape)}; the model takes "
+            f"rank {len(want)}: {want}"
+        )
+    for got, need in zip(per_row, spec.shape, strict=True):
+        if need >= 0 and got != need:
+            raise bad_request(
+                f"input {spec.name!r} shape {shape} does not match the model's {want}"
+            )
+    if max_batch_size > 0 and rows > max_batch_size:
+        raise bad_request(
+            f"input {spec.name!r} batch of {rows} rows exceeds max_batch_size {max_batch_size}"
+        )
+    return rows
+
+
+def _from_json_data(data: Any, shape: list[int], dtype: str, where: str) -> np.ndarray:
+    count = math.prod(shape)
+    if not isinstance(data, list):
+        data = [data]
+    depth, level = 0, [data]
+    while level:  # bounded nesting before numpy sees it
+        depth += 1
+        if depth > MAX_JSON_DEPTH:
+            raise bad_request(f'{where} "data" is nested deeper than {MAX_JSON_DEPTH} levels')
+        level = [x for item in level if isinstance(item, list) for x in item if isinstance(x, list)]
+    if dtype == "bytes":
+        flat = _flatten(data, where)
+        if len(flat) != count:
+            raise bad_request(f"{where} has {len(flat)} elements; shape {shape} needs {count}")
+        if not all(isinstance(x, str) for x in flat):
+            raise bad_request(f'{where} BYTES "data" must hold strings')
+        arr = np.empty(count, dtype=object)
+        arr[:] = [x.encode() for x in flat]
+        return arr.reshape(shape)
+    try:
+        raw = np.array(data)
+    except ValueError as e:
+        raise bad_request(f'{where} "data" is not a rectangular array: {e}') from None
+    if raw.size != count:
+        raise bad_request(f"{where} has {raw.size} elements; shape {shape} needs {count}")
+    allowed = "b" if dtype == "bool" else "iuf"
+    if raw.dtype.kind not in allowed:
+        kind = "booleans" if dtype == "bool" else "numbers"
+        raise bad_request(f'{where} "data" must hold {kind} for {v2_datatype(dtype)}')
+    return cast(raw.reshape(shape), dtype)
+
+
+def _flatten(data: list[Any], where: str) -> list[Any]:
+    out: list[Any] = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            out.append(item)
+        else:
+            stack.pop()
+    return out
+
+
+def _from_binary(chunk: memoryview, shape: list[int], dtype: str, where: str) -> np.ndarray:
+    count = math.prod(shape)
+    if dtype == "bytes":
+        return deserialize_bytes(chunk, count).reshape(shape)
+    dt = np.dtype(dtype).newbyteorder("<")
+    if len(chunk) != count * dt.itemsize:
+        raise bad_request(
+            f"{where} binary_data_size {len(chunk)} does not match shape {shape} x "
+            f"{dt.itemsize} bytes = {count * dt.itemsize}"
+        )
+    arr = np.frombuffer(chunk, dtype=dt).reshape(shape)
+    if dtype == "bool" and count and arr.view(np.uint8).max() > 1:
+        raise bad_request(f"{where} BOOL binary data must be bytes 0 or 1")
+    return cast(arr, dtype)  # NaN rule; no copy when already the right dtype
+
+
+def decode_request(
+    header: bytes | memoryview,
+    binary: memoryview,
+    inp: TensorSpec,
+    out: TensorSpec,
+    max_batch_size: int,
+) -> InferRequest:
+    """Validate an infer request against the model's one input and output."""
+    try:
+        doc = json.loads(bytes(header))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad_request(f"malformed JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise bad_request("infer request must be a JSON object")
+    rid = doc.get("id")
+    if rid is not None and (not isinstance(rid, str) or len(rid) > MAX_ID_CHARS):
+        raise bad_request(f'"id" must be a string of at most {MAX_ID_CHARS} characters')
+    params = _params(doc, "request")
+    if params.get("sequence_id") not in (None, 0, ""):
+        raise bad_request("sequence_id is not supported: ringserve models are stateless")
+    binary_default = params.get("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        raise bad_request('"binary_data_output" must be true or false')
+
+    if "inputs" not in doc:
+        raise bad_request('infer request needs "inputs"')
+    inputs = doc["inputs"]
+    if not isinstance(inputs, list):
+        raise bad_request('"inputs" must be a list')
+    if len(inputs) != 1:
+        raise bad_request(f"the model takes exactly 1 input ({inp.name!r}); got {len(inputs)}")
+    tensor = inputs[0]
+    if not isinstance(tensor, dict):
+        raise bad_request("each input must be a JSON object")
+    name = tensor.get("name")
+    if not isinstance(name, str):
+        raise bad_request('input needs a string "name"')
+    if name != inp.name:
+        raise bad_request(f"unknown input {name!r}: the model's input is {inp.name!r}")
+    where = f"input {name!r}"
+    datatype = tensor.get("datatype")
+    if not isinstance(datatype, str) or datatype not in V2_TO_DTYPE:
+        raise bad_request(
+            f"{where} has invalid datatype {datatype!r}; use one of {', '.join(V2_TO_DTYPE)}"
+        )
+    if V2_TO_DTYPE[datatype] != inp.dtype:
+        raise bad_request(
+            f"{where} datatype {datatype} does not match the model's {v2_datatype(inp.dtype)}"
+        )
+    shape = _shape(tensor.get("shape"), where)
+    rows = _check_shape(shape, inp, max_batch_size)
+    tparams = _params(tensor, where)
+
+    consumed = 0
+    if "binary_data_size" in tparams:
+        size = tparams["binary_data_size"]
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise bad_request(f"{where} binary_data_size must be a non-negative integer")
+        if "data" in tensor:
+            raise bad_request(f'{where} has both "data" and binary_data_size')
+        if size > len(binary):
+            raise bad_request(
+                f"{where} binary data is truncated: binary_data_size {size}, "
+                f"{len(binary)} bytes after the JSON header"
+            )
+        arr = _from_binary(binary[:size], shape, inp.dtype, where)
+        consumed = size
+    elif "data" in tensor:
+        arr = _from_json_data(tensor["data"], shape, inp.dtype, where)
+    else:
+        raise bad_request(f'{where} needs "data" or parameters.binary_data_size')
+    if consumed != len(binary):
+        raise bad_request(
+            f"{len(binary) - consumed} bytes after the JSON header are not claimed by any "
+            "input's binary_data_size"
+        )
+
+    binary_output = binary_default
+    outputs = doc.get("outputs")
+    if outputs is not None:
+        if not isinstance(outputs, list):
+            raise bad_request('"outputs" must be a list')
+        for o in outputs:
+            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+                raise bad_request('each requested output must be an object with a "name"')
+            if o["name"] != out.name:
+                raise bad_request(
+                    f"unknown output {o['name']!r}: the model's output is {out.name!r}"
+                )
+            oparams = _params(o, f"output {o['name']!r}")
+            if oparams.get("classification"):
+                raise bad_request("the classification extension is not supported")
+            flag = oparams.get("binary_data", binary_default)
+            if not isinstance(flag, bool):
+                raise bad_request('"binary_data" must be true or false')
+            binary_output = flag
+
+    payload = arr if max_batch_size > 0 else arr.reshape(1, *arr.shape)
+    return InferRequest(payload, rows, rid, binary_output, out.name)
+
+
+# -- responses --------------------------------------------------------------------------
+
+
+def _json_data(arr: np.ndarray, dtype: str) -> list[Any]:
+    if dtype == "bytes":
+        try:
+            return [
+                (x if isinstance(x, bytes) else bytes(x)).decode() for x in arr.ravel().tolist()
+            ]
+        except UnicodeDecodeError:
+            raise HTTPError(
+                500, "a BYTES output is not UTF-8: ask for it with binary_data"
+            ) from None
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise HTTPError(
+            500, "the output holds NaN or Inf, which JSON cannot carry: ask for it with binary_data"
+        )
+    return arr.ravel().tolist()
+
+
+def encode_response(
+    model_name: str,
+    request: InferRequest,
+    output: np.ndarray,
+    out_dtype: str,
+    max_batch_size: int,
+) -> tuple[bytes, int | None]:
+    """Response body, and the JSON header's length when binary data follows it."""
+    if max_batch_size <= 0 and output.ndim and output.shape[0] == 1:
+        output = output[0]
+    entry: dict[str, Any] = {
+        "name": request.output_name,
+        "datatype": v2_datatype(out_dtype),
+        "shape": list(output.shape),
+    }
+    raw: memoryview | None = None
+    if request.binary_output:
+        if out_dtype == "bytes":
+            raw = memoryview(serialize_bytes(output))
+        else:
+            raw = np.ascontiguousarray(output, dtype=output.dtype.newbyteorder("<")).data
+        entry["parameters"] = {"binary_data_size": raw.nbytes}
+    else:
+        entry["data"] = _json_data(output, out_dtype)
+    doc: dict[str, Any] = {"model_name": model_name, "model_version": "1"}
+    if request.id is not None:
+        doc["id"] = request.id
+    doc["outputs"] = [entry]
+    head = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+    if raw is None:
+        return head, None
+    return b"".join((head, raw)), len(head)
+
+
+def decompress_body(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """Undo ``Content-Encoding: gzip|deflate`` (tritonclient's request compression),
+    never inflating past ``limit`` bytes (413), so a small bomb costs nothing."""
+    enc = (encoding or "").strip().lower()
+    if enc in ("", "identity"):
+        return body
+    if enc == "gzip":
+        wbits = 16 + zlib.MAX_WBITS
+    elif enc == "deflate":
+        wbits = 32 + zlib.MAX_WBITS  # zlib-wrapped (what HTTP means by deflate) or gzip
+    else:
+        raise HTTPError(415, f"unsupported Content-Encoding {encoding!r}: use gzip or deflate")
+    d = zlib.decompressobj(wbits)
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise bad_request(f"cannot decompress the {enc} body: {e}") from None
+    if len(out) > limit or d.unconsumed_tail:
+        raise HTTPError(413, f"decompressed body is over the limit of {limit} bytes")
+    if not d.eof:
+        raise bad_request(f"the {enc} body is truncated")
+    return out

@@ -1,0 +1,43 @@
+"""Handlers used only by tests: a slow one (deadlines, full queues, disconnects) and a
+poisonous one (raises on 13, kills its process on 666)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from ringserve.gpu_worker.handlers.base import Handler, TensorSpec
+
+
+class Slow(Handler):
+    """Identity that sleeps ``input[0, 0]`` milliseconds per batch (capped at 10 s)."""
+
+    inputs = (TensorSpec("INPUT0", "float32", (-1,)),)
+    outputs = (TensorSpec("OUTPUT0", "float32", (-1,)),)
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        time.sleep(min(float(batch[:, 0].max()), 10_000) / 1000)
+        return batch
+
+
+class Poison(Handler):
+    """Identity, except a row starting with 13 raises and one starting with 666 kills us."""
+
+    inputs = (TensorSpec("INPUT0", "float32", (-1,)),)
+    outputs = (TensorSpec("OUTPUT0", "float32", (-1,)),)
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        first = batch[:, 0]
+        if bool((first == 666).any()):
+            os._exit(99)
+        if bool((first == 13).any()):
+            raise ValueError("13 is unlucky")
+        return batch * 1

@@ -1,0 +1,412 @@
+"""The dynamic batcher: pure logic driven by a fake clock, never by sleeping."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ringserve.gpu_worker.batcher import Batcher, BatchPolicy, Pending, choose_preferred
+
+EPS = 1e-9
+
+
+class FakeClock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, dt: float) -> None:
+        assert dt >= 0
+        self.t += dt
+
+
+def make(max_batch: int = 8, delay: float = 0.010, preferred: int = 0, t: float = 1000.0):
+    clock = FakeClock(t)
+    return Batcher(BatchPolicy(max_batch, delay, preferred), clock=clock), clock
+
+
+def pend(key: int, rows: int = 1, enq: float = 1000.0, deadline=None, cancelled=False) -> Pending:
+    return Pending(key=key, rows=rows, enqueued_s=enq, deadline_s=deadline, cancelled=cancelled)
+
+
+# -- policy ----------------------------------------------------------------------------------
+
+
+def test_target_is_preferred_or_max():
+    assert BatchPolicy(16, 0.01).target == 16
+    assert BatchPolicy(16, 0.01, preferred_batch_size=4).target == 4
+
+
+# -- wait_time -------------------------------------------------------------------------------
+
+
+def test_nothing_queued_is_none():
+    b, clock = make()
+    assert b.wait_time(0, None) is None
+    assert b.wait_time(0, clock()) is None
+    assert b.wait_time(3, None) is None
+    b.batch_finished()
+    assert b.wait_time(0, clock()) is None
+
+
+def test_idle_start_dispatches_at_once_with_one_request():
+    b, clock = make(max_batch=32, delay=0.050)
+    assert not b.device_busy()
+    assert b.wait_time(1, clock()) == 0.0
+
+
+def test_idle_after_a_long_pause_dispatches_at_once():
+    b, clock = make(max_batch=32, delay=0.050)
+    b.batch_finished()
+    clock.advance(0.050 + 1e-6)  # the last batch ended more than one delay ago
+    assert not b.device_busy()
+    assert b.wait_time(1, clock()) == 0.0
+
+
+def test_busy_waits_up_to_delay_from_the_oldest_then_dispatches():
+    b, clock = make(max_batch=32, delay=0.010)
+    b.batch_finished()  # just now: we are running back to back
+    assert b.device_busy()
+    oldest = clock()
+    assert b.wait_time(1, oldest) == pytest.approx(0.010)
+    clock.advance(0.004)
+    assert b.wait_time(2, oldest) == pytest.approx(0.006)
+    clock.advance(0.006)  # the oldest has now waited the full delay
+    assert b.wait_time(3, oldest) == 0.0
+    clock.advance(0.001)
+    assert b.wait_time(3, oldest) == 0.0  # overdue: never negative
+
+
+def test_wait_is_measured_from_the_oldest_request_not_from_now():
+    b, clock = make(max_batch=32, delay=0.010)
+    oldest = clock()
+    clock.advance(0.007)
+    b.batch_finished()  # a batch just ended; the oldest arrived 7 ms ago
+    assert b.wait_time(1, oldest) == pytest.approx(0.003)
+
+
+def test_reaching_the_target_dispatches_at_once_even_while_busy():
+    b, clock = make(max_batch=8, delay=0.010, preferred=4)
+    b.batch_finished()
+    assert b.device_busy()
+    assert b.wait_time(3, clock()) > 0
+    assert b.wait_time(4, clock()) == 0.0  # preferred reached
+    assert b.wait_time(8, clock()) == 0.0
+    assert b.wait_time(50, clock()) == 0.0
+
+    b2, clock2 = make(max_batch=8, delay=0.010)  # no preferred: target = max
+    b2.batch_finished()
+    assert b2.wait_time(7, clock2()) > 0
+    assert b2.wait_time(8, clock2()) == 0.0
+
+
+def test_zero_delay_never_waits():
+    b, clock = make(max_batch=8, delay=0.0)
+    b.batch_finished()
+    assert b.wait_time(1, clock()) == 0.0
+
+
+def test_device_busy_boundary():
+    b, clock = make(delay=0.010)
+    b.batch_finished()
+    clock.advance(0.010)
+    assert b.device_busy()  # within (<=) one delay
+    clock.advance(1e-6)
+    assert not b.device_busy()
+
+
+# -- select ----------------------------------------------------------------------------------
+
+
+def test_select_splits_run_expired_cancelled():
+    b, clock = make(max_batch=8)
+    now = clock()
+    items = [
+        pend(0),
+        pend(1, deadline=now - 1),  # passed
+        pend(2, deadline=now),  # exactly now counts as passed
+        pend(3, deadline=now + 5),
+        pend(4, cancelled=True),
+        pend(5, cancelled=True, deadline=now - 1),  # cancelled wins: the client is gone
+    ]
+    run, expired, cancelled = b.select(items)
+    assert [p.key for p in run] == [0, 3]
+    assert [p.key for p in expired] == [1, 2]
+    assert [p.key for p in cancelled] == [4, 5]
+
+
+def test_select_empty():
+    b, _ = make()
+    assert b.select([]) == ([], [], [])
+
+
+def test_select_never_exceeds_max_batch_rows():
+    b, _ = make(max_batch=8)
+    run, _, _ = b.select([pend(i, rows=3) for i in range(5)])
+    assert [p.key for p in run] == [0, 1]
+    assert sum(p.rows for p in run) == 6
+    # a later smaller item still fills the room that is left
+    run, _, _ = b.select([pend(0, rows=5), pend(1, rows=4), pend(2, rows=3)])
+    assert [p.key for p in run] == [0, 2]
+
+
+def test_select_single_oversized_first_item_runs_alone():
+    b, _ = make(max_batch=4)
+    run, expired, cancelled = b.select([pend(0, rows=10), pend(1, rows=1)])
+    assert [p.key for p in run] == [0]
+    assert expired == [] and cancelled == []
+
+
+def test_select_oversized_after_dropped_items_still_runs():
+    b, clock = make(max_batch=4)
+    run, expired, cancelled = b.select(
+        [pend(0, cancelled=True), pend(1, deadline=clock() - 1), pend(2, rows=9)]
+    )
+    assert [p.key for p in run] == [2]
+    assert [p.key for p in expired] == [1]
+    assert [p.key for p in cancelled] == [0]
+
+
+def test_select_uses_the_injected_clock_for_deadlines():
+    b, clock = make()
+    item = pend(0, deadline=clock() + 0.5)
+    assert b.select([item])[0] == [item]
+    clock.advance(0.5)
+    assert b.select([item])[1] == [item]
+
+
+def test_select_property_random_items():
+    rng = random.Random(1234)
+    for _ in range(3000):
+        max_batch = rng.randint(1, 64)
+        b, clock = make(max_batch=max_batch)
+        now = clock()
+        items = [
+            pend(
+                i,
+                rows=rng.randint(1, 2 * max_batch),
+                deadline=rng.choice([None, now - rng.random(), now + rng.random(), now]),
+                cancelled=rng.random() < 0.2,
+            )
+            for i in range(rng.randint(0, 20))
+        ]
+        run, expired, cancelled = b.select(items)
+        rows = sum(p.rows for p in run)
+        assert rows <= max_batch or len(run) == 1
+        assert all(p.cancelled for p in cancelled)
+        assert all(not p.cancelled and p.deadline_s <= now for p in expired)
+        assert all(not p.cancelled and (p.deadline_s is None or p.deadline_s > now) for p in run)
+        # nothing duplicated; every dropped item is accounted for; order preserved
+        keys = [p.key for p in run + expired + cancelled]
+        assert len(keys) == len(set(keys))
+        live = [
+            p for p in items if not p.cancelled and (p.deadline_s is None or p.deadline_s > now)
+        ]
+        assert len(expired) + len(cancelled) + len(live) == len(items)
+        assert [p.key for p in run] == [p.key for p in live if p in run]
+        # greedy: the first live item always runs
+        if live:
+            assert run[0] is live[0]
+
+
+# -- wait_time invariants over many parameter combinations -------------------------------------
+
+
+def test_wait_time_invariants_grid():
+    delays = [0.0, 0.0005, 0.002, 0.010, 0.1]
+    sizes = [1, 2, 7, 32]
+    since_finish = [None, 0.0, 0.001, 0.005, 0.0099, 0.01, 0.02, 1.0]  # None = never ran
+    ages = [0.0, 0.0001, 0.003, 0.0099, 0.01, 0.05, 5.0]
+    for delay, max_batch, pref_div, since, age in itertools.product(
+        delays, sizes, [0, 1, 2, 4], since_finish, ages
+    ):
+        preferred = 0 if pref_div == 0 else max(1, max_batch // pref_div)
+        b, clock = make(max_batch=max_batch, delay=delay, preferred=preferred)
+        if since is not None:
+            b.batch_finished()
+            clock.advance(since)
+        busy = b.device_busy()
+        assert busy == (since is not None and since <= delay)
+        oldest = clock() - age
+        target = b.policy.target
+        for rows in range(0, target + 3):
+            w = b.wait_time(rows, oldest)
+            if rows == 0:
+                assert w is None
+                continue
+            assert w is not None
+            assert 0.0 <= w <= delay + EPS  # never negative, never beyond one delay
+            assert age + w <= max(delay, age) + EPS  # the oldest never waits past the delay
+            if rows >= target or not busy:
+                assert w == 0.0
+            elif age < delay - EPS:
+                assert w == pytest.approx(delay - age)
+            else:
+                assert w == 0.0
+
+
+@settings(max_examples=400, deadline=None, database=None, derandomize=True)
+@given(
+    max_batch=st.integers(1, 128),
+    preferred=st.integers(0, 128),
+    delay=st.floats(0.0, 1.0, allow_nan=False),
+    since=st.one_of(st.none(), st.floats(0.0, 2.0, allow_nan=False)),
+    age=st.floats(0.0, 2.0, allow_nan=False),
+    rows=st.integers(0, 300),
+)
+def test_wait_time_invariants_hypothesis(max_batch, preferred, delay, since, age, rows):
+    preferred = min(preferred, max_batch)
+    b, clock = make(max_batch=max_batch, delay=delay, preferred=preferred)
+    if since is not None:
+        b.batch_finished()
+        clock.advance(since)
+    w = b.wait_time(rows, clock() - age)
+    if rows == 0:
+        assert w is None
+        return
+    assert 0.0 <= w <= delay + EPS
+    if rows >= b.policy.target or not b.device_busy():
+        assert w == 0.0
+
+
+# -- a simulated worker loop -------------------------------------------------------------------
+
+
+def simulate(policy: BatchPolicy, arrivals: list[float], service_s: float) -> list[dict]:
+    """Drive the batcher like gpu_worker's loop, on a fake clock; return each dispatch."""
+    clock = FakeClock(0.0)
+    b = Batcher(policy, clock=clock)
+    queue: list[float] = []  # enqueue times, one row each
+    pending = sorted(arrivals)
+    dispatches = []
+    device_free_at = 0.0
+    while pending or queue:
+        while pending and pending[0] <= clock() + EPS:
+            queue.append(pending.pop(0))
+        if not queue:
+            clock.t = max(clock.t, pending[0])
+            continue
+        w = b.wait_time(len(queue), queue[0])
+        assert w is not None and 0.0 <= w <= policy.max_queue_delay_s + EPS
+        if w > 0 and len(queue) < policy.target:
+            # sleep until the wait ends or another request arrives, whichever is first
+            wake = clock() + w
+            if pending and pending[0] < wake:
+                wake = pending[0]
+            clock.t = wake
+            continue
+        busy = b.device_busy()
+        take = queue[: policy.target]
+        del queue[: len(take)]
+        items = [pend(i, enq=e) for i, e in enumerate(take)]
+        run, _, _ = b.select(items)
+        assert len(run) == len(take) <= policy.max_batch_size
+        dispatches.append(
+            {
+                "t": clock(),
+                "rows": len(run),
+                "oldest": take[0],
+                "busy": busy,
+                "free": device_free_at,
+            }
+        )
+        clock.advance(service_s)
+        device_free_at = clock()
+        b.batch_finished()
+    return dispatches
+
+
+def check_dispatches(policy: BatchPolicy, dispatches: list[dict], n: int) -> None:
+    assert sum(d["rows"] for d in dispatches) == n  # every request ran exactly once
+    for d in dispatches:
+        waited = d["t"] - d["oldest"]
+        # Each batch ran for a reason: target met, device idle, or the oldest waited out.
+        assert (
+            d["rows"] >= policy.target or not d["busy"] or waited >= policy.max_queue_delay_s - EPS
+        ), d
+        # The batcher itself adds at most one delay once the device is free.
+        assert d["t"] <= max(d["free"], d["oldest"] + policy.max_queue_delay_s) + EPS, d
+
+
+def test_simulated_lone_requests_never_wait():
+    policy = BatchPolicy(32, 0.050)
+    arrivals = [i * 1.0 for i in range(20)]  # far apart: device idle each time
+    dispatches = simulate(policy, arrivals, service_s=0.005)
+    assert [d["rows"] for d in dispatches] == [1] * 20
+    assert all(d["t"] == d["oldest"] for d in dispatches)
+
+
+def test_simulated_burst_fills_to_target():
+    policy = BatchPolicy(16, 0.010, preferred_batch_size=8)
+    arrivals = [0.0] + [0.001 + i * 1e-5 for i in range(40)]
+    dispatches = simulate(policy, arrivals, service_s=0.004)
+    check_dispatches(policy, dispatches, len(arrivals))
+    assert dispatches[0]["rows"] == 1  # idle start: at once with what was there
+    assert all(d["rows"] <= 8 for d in dispatches)
+    assert max(d["rows"] for d in dispatches) == 8
+
+
+def test_simulated_workloads_many_combinations():
+    rng = random.Random(7)
+    for _ in range(300):
+        max_batch = rng.randint(1, 32)
+        preferred = rng.choice([0, rng.randint(1, max_batch)])
+        policy = BatchPolicy(max_batch, rng.choice([0.0, 0.001, 0.005, 0.02]), preferred)
+        n = rng.randint(1, 80)
+        gap = rng.choice([0.0001, 0.001, 0.01, 0.1])
+        t, arrivals = 0.0, []
+        for _ in range(n):
+            t += rng.expovariate(1 / gap)
+            arrivals.append(t)
+        dispatches = simulate(policy, arrivals, service_s=rng.choice([0.0005, 0.003, 0.02]))
+        check_dispatches(policy, dispatches, n)
+
+
+# -- choose_preferred --------------------------------------------------------------------------
+
+
+def test_choose_preferred_picks_smallest_within_tolerance():
+    # 16 is the best; 8 is within 97% of it; 4 is not.
+    assert choose_preferred({1: 100.0, 4: 900.0, 8: 980.0, 16: 1000.0, 32: 990.0}) == 8
+    assert choose_preferred({1: 100.0, 4: 900.0, 8: 969.0, 16: 1000.0}) == 16
+    assert choose_preferred({1: 100.0, 4: 900.0, 8: 970.0, 16: 1000.0}) == 8  # exactly 97%
+
+
+def test_choose_preferred_cpu_knee_prefers_smaller():
+    # past the knee larger batches lose: the best is in the middle
+    assert choose_preferred({1: 50.0, 2: 90.0, 4: 160.0, 8: 150.0, 16: 120.0}) == 4
+
+
+def test_choose_preferred_single_and_ties():
+    assert choose_preferred({8: 10.0}) == 8
+    assert choose_preferred({32: 5.0, 2: 5.0, 8: 5.0}) == 2
+
+
+def test_choose_preferred_tolerance_argument():
+    profile = {1: 50.0, 2: 80.0, 4: 100.0}
+    assert choose_preferred(profile, tolerance=1.0) == 4
+    assert choose_preferred(profile, tolerance=0.8) == 2
+    assert choose_preferred(profile, tolerance=0.5) == 1
+
+
+def test_choose_preferred_rejects_empty():
+    with pytest.raises(ValueError, match="empty"):
+        choose_preferred({})
+
+
+def test_choose_preferred_property():
+    rng = random.Random(99)
+    for _ in range(2000):
+        sizes = rng.sample([1, 2, 4, 8, 16, 32, 64, 128], rng.randint(1, 8))
+        profile = {s: rng.uniform(1.0, 1000.0) for s in sizes}
+        chosen = choose_preferred(profile)
+        best = max(profile.values())
+        assert chosen in profile
+        assert profile[chosen] >= 0.97 * best
+        assert all(profile[s] < 0.97 * best for s in sizes if s < chosen)

@@ -1,0 +1,442 @@
+"""Settings resolution: defaults < TOML file < RINGSERVE_* environment < flags; bad values
+fail fast naming the key, in the library and through the ``ringserve serve`` CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ringserve.ipc.config import (
+    BatchingSettings,
+    MemorySettings,
+    ModelSettings,
+    Settings,
+    field_docs,
+    load_settings,
+)
+from ringserve.ipc.errors import ConfigError, RingserveError
+
+
+def write(tmp_path: Path, body: str, name: str = "ringserve.toml") -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+FULL = """
+    [server]
+    host = "0.0.0.0"
+    port = 9100
+    frontends = 3
+    access_log = true
+    drain_timeout_s = 12
+
+    [arena]
+    slots = 64
+    slot_bytes = 65536
+
+    [memory]
+    uss_limit_mb = 2048
+    max_requests = 1000
+    max_requests_jitter = 100
+
+    [batching]
+    max_batch_size = 16
+    max_queue_delay_ms = 5
+
+    [models.a]
+    handler = "identity"
+    workers = 2
+    threads = 2
+    options = { scale = 2.5, tags = ["x", "y"] }
+
+    [models.a.batching]
+    max_batch_size = 8
+    preferred_batch_size = 4
+
+    [models.b]
+    handler = "torchvision:resnet18"
+    device = "cuda:1"
+    weights = "/srv/w.pth"
+"""
+
+
+# -- sources and precedence ------------------------------------------------------------------
+
+
+def test_defaults_serve_digits_on_localhost_8000():
+    s = load_settings(environ={})
+    assert s.server.host == "127.0.0.1"
+    assert s.server.port == 8000
+    assert s.models == (ModelSettings(name="digits", handler="digits"),)
+    assert s.instance == "p8000"
+    assert s.memory == MemorySettings()
+    assert s.model_index("digits") == 0
+    with pytest.raises(KeyError):
+        s.model_index("nope")
+
+
+def test_toml_file_values(tmp_path):
+    s = load_settings(write(tmp_path, FULL), environ={})
+    assert (s.server.host, s.server.port, s.server.frontends) == ("0.0.0.0", 9100, 3)
+    assert s.server.access_log is True
+    assert s.server.drain_timeout_s == 12.0 and isinstance(s.server.drain_timeout_s, float)
+    assert (s.arena.slots, s.arena.slot_bytes) == (64, 65536)
+    assert s.memory.uss_limit_mb == 2048.0
+    assert (s.memory.max_requests, s.memory.max_requests_jitter) == (1000, 100)
+    assert [m.name for m in s.models] == ["a", "b"]
+    a, b = s.models
+    assert (a.handler, a.workers, a.threads) == ("identity", 2, 2)
+    assert a.options == {"scale": 2.5, "tags": ["x", "y"]}
+    # per-model batching overrides the [batching] section, which fills in the rest
+    assert a.batching == BatchingSettings(8, 5.0, 4)
+    assert b.batching == BatchingSettings(16, 5.0, 0)
+    assert (b.handler, b.device, b.weights, b.workers) == (
+        "torchvision:resnet18",
+        "cuda:1",
+        "/srv/w.pth",
+        1,
+    )
+
+
+def test_env_overrides_file(tmp_path):
+    path = write(tmp_path, FULL)
+    env = {
+        "RINGSERVE_SERVER_PORT": "9200",
+        "RINGSERVE_SERVER_ACCESS_LOG": "off",
+        "RINGSERVE_MEMORY_USS_LIMIT_MB": "512",
+        "RINGSERVE_ARENA_SLOT_BYTES": "8192",
+        "RINGSERVE_BATCHING_MAX_BATCH_SIZE": "12",
+        "PATH": "/usr/bin",  # not ours: ignored
+        "RINGSERVE_NOTASECTION_X": "1",  # not a section: ignored
+    }
+    s = load_settings(path, environ=env)
+    assert s.server.port == 9200
+    assert s.server.access_log is False
+    assert s.memory.uss_limit_mb == 512.0
+    assert s.arena.slot_bytes == 8192
+    assert s.server.host == "0.0.0.0"  # untouched keys keep the file's value
+    assert s.batching.max_batch_size == 12
+    assert s.models[1].batching.max_batch_size == 12  # models inherit the resolved default
+
+
+def test_env_read_from_process_environment_by_default(monkeypatch):
+    monkeypatch.setenv("RINGSERVE_SERVER_PORT", "9300")
+    assert load_settings().server.port == 9300
+
+
+def test_flags_override_env_and_file(tmp_path):
+    path = write(tmp_path, FULL)
+    s = load_settings(
+        path,
+        overrides={"server": {"port": 9400}, "memory": {"max_requests": "77"}},
+        environ={"RINGSERVE_SERVER_PORT": "9200", "RINGSERVE_MEMORY_MAX_REQUESTS": "5"},
+    )
+    assert s.server.port == 9400
+    assert s.memory.max_requests == 77
+    assert s.server.frontends == 3  # from the file
+
+
+def test_model_list_replaces_file_models_keeping_their_settings(tmp_path):
+    path = write(tmp_path, FULL)
+    s = load_settings(path, models=[("a", "python:mymod:Cls"), ("c", "identity")], environ={})
+    assert [m.name for m in s.models] == ["a", "c"]  # b dropped, c added
+    a, c = s.models
+    assert a.handler == "python:mymod:Cls"  # the flag's handler wins
+    assert (a.workers, a.threads, a.batching.max_batch_size) == (2, 2, 8)  # file settings kept
+    assert a.options == {"scale": 2.5, "tags": ["x", "y"]}
+    assert (c.workers, c.batching) == (1, BatchingSettings(16, 5.0, 0))
+
+
+def test_model_list_without_file_replaces_the_default_model():
+    s = load_settings(models=[("echo", "identity")], environ={})
+    assert s.models == (ModelSettings(name="echo", handler="identity"),)
+
+
+def test_model_overrides_apply_to_every_model(tmp_path):
+    s = load_settings(write(tmp_path, FULL), model_overrides={"workers": 4}, environ={})
+    assert [m.workers for m in s.models] == [4, 4]
+    s = load_settings(
+        models=[("x", "identity"), ("y", "digits")],
+        model_overrides={"workers": 3, "device": "cpu", "threads": 2},
+        environ={},
+    )
+    assert [(m.workers, m.threads) for m in s.models] == [(3, 2), (3, 2)]
+    assert load_settings(model_overrides={"workers": 5}, environ={}).models[0].workers == 5
+
+
+def test_json_round_trip(tmp_path):
+    for s in (
+        load_settings(environ={}),
+        load_settings(write(tmp_path, FULL), environ={}),
+        load_settings(
+            write(tmp_path, FULL),
+            overrides={"server": {"instance": "blue", "admin_socket": "/tmp/a.sock"}},
+            environ={"RINGSERVE_MEMORY_TREND_MIN_MB_PER_MIN": "2.5"},
+        ),
+    ):
+        back = Settings.from_json(s.to_json())
+        assert back == s
+        assert back.to_json() == s.to_json()
+        assert isinstance(back.models, tuple)
+        assert all(isinstance(m.batching, BatchingSettings) for m in back.models)
+
+
+def test_bool_spellings():
+    for text, value in [
+        ("1", True),
+        ("TRUE", True),
+        ("yes", True),
+        ("On", True),
+        ("0", False),
+        ("false", False),
+        ("NO", False),
+        ("off", False),
+    ]:
+        s = load_settings(environ={"RINGSERVE_SERVER_ACCESS_LOG": text})
+        assert s.server.access_log is value, text
+
+
+def test_config_error_is_a_ringserve_error():
+    assert issubclass(ConfigError, RingserveError)
+
+
+# -- every invalid value fails naming its key ----------------------------------------------
+
+
+def fails(key: str, path: str | None = None, **kw) -> str:
+    kw.setdefault("environ", {})
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, **kw)
+    message = str(info.value)
+    assert key in message, message
+    return message
+
+
+BAD_FILES = [
+    ("server.port", "[server]\nport = 70000\n"),
+    ("server.port", "[server]\nport = -1\n"),
+    ("server.port", '[server]\nport = "eighty"\n'),  # string for int
+    ("server.port", "[server]\nport = 80.5\n"),  # float for int
+    ("server.port", "[server]\nport = true\n"),  # bool for int
+    ("server.host", "[server]\nhost = 5\n"),  # int for string
+    ("server.drain_timeout_s", '[server]\ndrain_timeout_s = "soon"\n'),
+    ("server.drain_timeout_s", "[server]\ndrain_timeout_s = -1\n"),
+    ("server.access_log", '[server]\naccess_log = "maybe"\n'),
+    ("server.access_log", "[server]\naccess_log = 1\n"),
+    ("server.frontends", "[server]\nfrontends = 0\n"),
+    ("server.log_format", '[server]\nlog_format = "xml"\n'),
+    ("server.max_body_bytes", "[server]\nmax_body_bytes = 0\n"),
+    ("server.request_timeout_s", "[server]\nrequest_timeout_s = 0\n"),
+    ("server.colour", "[server]\ncolour = 1\n"),  # unknown key in a section
+    ("arena.slotz", "[arena]\nslotz = 1\n"),
+    ("arena.slots", "[arena]\nslots = 1\n[server]\nfrontends = 2\n"),
+    ("arena.slot_bytes", "[arena]\nslot_bytes = 100\n"),
+    ("arena.max_queue_depth", "[arena]\nmax_queue_depth = -1\n"),
+    ("bogus", "[bogus]\nx = 1\n"),  # unknown section
+    ("server", "server = 3\n"),  # a section that is not a table
+    ("memory", 'memory = "lots"\n'),
+    (
+        "worker.heartbeat_timeout_s",
+        "[worker]\nheartbeat_interval_s = 2.0\nheartbeat_timeout_s = 4.0\n",
+    ),  # not > 2x
+    ("worker.heartbeat_interval_s", "[worker]\nheartbeat_interval_s = 0\n"),
+    ("worker.stop_timeout_s", "[worker]\nstop_timeout_s = -1\n"),
+    ("memory.uss_limit_mb", "[memory]\nuss_limit_mb = -5\n"),
+    ("memory.uss_limit_samples", "[memory]\nuss_limit_samples = 0\n"),
+    ("memory.max_requests_jitter", "[memory]\nmax_requests_jitter = -1\n"),
+    ("memory.sample_interval_s", "[memory]\nsample_interval_s = 0\n"),
+    ("memory.trend_window_s", "[memory]\ntrend_window_s = 0\n"),
+    ("memory.max_requests", "[memory]\nmax_requests = 1.5\n"),
+    ("batching.max_batch_size", '[batching]\nmax_batch_size = "big"\n'),
+    ("models", "models = 3\n"),
+    ("models.a", "[models]\na = 3\n"),
+    ("models.a.colour", '[models.a]\nhandler = "identity"\ncolour = "red"\n'),  # unknown model key
+    ("models.a.name", '[models.a]\nhandler = "identity"\nname = "b"\n'),
+    ("models.a.handler", '[models.a]\nhandler = "tensorflow:x"\n'),  # bad handler kind
+    ("models.a.handler", "[models.a]\nworkers = 1\n"),  # no handler at all
+    ("models.a.handler", "[models.a]\nhandler = 3\n"),
+    ("models.a.workers", '[models.a]\nhandler = "identity"\nworkers = 0\n'),
+    ("models.a.workers", '[models.a]\nhandler = "identity"\nworkers = "two"\n'),
+    ("models.a.workers", '[models.a]\nhandler = "identity"\nworkers = 1.5\n'),
+    ("models.a.threads", '[models.a]\nhandler = "identity"\nthreads = 0\n'),
+    ("models.a.device", '[models.a]\nhandler = "identity"\ndevice = "tpu"\n'),
+    ("models.a.options", '[models.a]\nhandler = "identity"\noptions = 3\n'),
+    ("models.a.batching", '[models.a]\nhandler = "identity"\nbatching = 3\n'),
+    (
+        "models.a.batching.max_batch_size",
+        '[models.a]\nhandler = "identity"\n[models.a.batching]\nmax_batch_size = 0\n',
+    ),
+    (
+        "models.a.batching.max_queue_delay_ms",
+        '[models.a]\nhandler = "identity"\n[models.a.batching]\nmax_queue_delay_ms = -1\n',
+    ),
+    (
+        "models.a.batching.preferred_batch_size",
+        '[models.a]\nhandler = "identity"\n[models.a.batching]\n'
+        "max_batch_size = 8\npreferred_batch_size = 9\n",
+    ),
+    (
+        "batching.preferred_batch_size",  # the section default, reported per model
+        "[batching]\nmax_batch_size = 4\npreferred_batch_size = 8\n",
+    ),
+    ("models.a.batching.size", '[models.a]\nhandler = "identity"\n[models.a.batching]\nsize = 1\n'),
+    ("models.a b", '[models."a b"]\nhandler = "identity"\n'),
+]
+
+
+@pytest.mark.parametrize(
+    ("key", "body"), BAD_FILES, ids=[f"{k}-{i}" for i, (k, _) in enumerate(BAD_FILES)]
+)
+def test_invalid_file_value_names_the_key(tmp_path, key, body):
+    fails(key, write(tmp_path, body))
+
+
+def test_valid_edges_are_accepted(tmp_path):
+    body = """
+        [server]
+        port = 0
+        [worker]
+        heartbeat_interval_s = 2.0
+        heartbeat_timeout_s = 4.01
+        [memory]
+        uss_limit_samples = 1
+        [models.a]
+        handler = "identity"
+        [models.a.batching]
+        max_batch_size = 8
+        preferred_batch_size = 8
+    """
+    s = load_settings(write(tmp_path, body), environ={})
+    assert s.server.port == 0 and s.models[0].batching.preferred_batch_size == 8
+    assert load_settings(overrides={"server": {"port": 65535}}, environ={}).server.port == 65535
+
+
+def test_invalid_env_values_name_the_key():
+    fails("server.port", environ={"RINGSERVE_SERVER_PORT": "notanumber"})
+    fails("server.port", environ={"RINGSERVE_SERVER_PORT": "8000.5"})
+    fails("server.access_log", environ={"RINGSERVE_SERVER_ACCESS_LOG": "maybe"})
+    fails("server.bogus", environ={"RINGSERVE_SERVER_BOGUS": "1"})
+    fails("memory.uss_limit_mb", environ={"RINGSERVE_MEMORY_USS_LIMIT_MB": "4G"})
+
+
+def test_invalid_flag_values_name_the_key():
+    fails("server.port", overrides={"server": {"port": "x"}})
+    fails("server.port", overrides={"server": {"port": 99999}})
+    fails("bogus", overrides={"bogus": {"x": 1}})
+    fails("arena.nope", overrides={"arena": {"nope": 1}})
+    fails("models.digits.workers", model_overrides={"workers": 0})
+    fails("models.digits.colour", model_overrides={"colour": "red"})
+    fails("models.a.handler", models=[("a", "nope:x")])
+    fails("models.a!", models=[("a!", "identity")])
+
+
+def test_flags_fix_a_bad_env_value():
+    # later sources win before validation: a bad env port is replaced by the flag
+    s = load_settings(
+        overrides={"server": {"port": "9001"}}, environ={"RINGSERVE_SERVER_PORT": "99999"}
+    )
+    assert s.server.port == 9001
+
+
+def test_missing_config_file(tmp_path):
+    msg = fails("does not exist", str(tmp_path / "nope.toml"))
+    assert "nope.toml" in msg
+
+
+def test_malformed_toml(tmp_path):
+    path = write(tmp_path, "[server\nport = \n")
+    msg = fails("ringserve.toml", path)
+    assert "config file" in msg
+
+
+def test_every_field_is_documented():
+    docs = "\n".join(field_docs())
+    for section in ("server", "arena", "worker", "memory", "batching"):
+        cls = type(getattr(Settings(), section))
+        for f in dataclasses.fields(cls):
+            assert f"{section}.{f.name} = " in docs
+    for name in ("handler", "workers", "device", "threads", "weights"):
+        assert f"models.NAME.{name} = " in docs
+
+
+# -- the CLI ---------------------------------------------------------------------------------
+
+RINGSERVE = Path(sys.executable).with_name("ringserve")
+
+
+def cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RINGSERVE_")}
+    return subprocess.run(
+        [str(RINGSERVE), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        (["--port", "notanumber"], "--port"),
+        (["--workers", "two"], "--workers"),
+        (["--set", "server.port=x"], "server.port"),
+        (["--set", "server.port=70000"], "server.port"),
+        (["--set", "memory.uss_limit_samples=0"], "memory.uss_limit_samples"),
+        (["--set", "nosuch.key=1"], "nosuch"),
+        (["--set", "server.nosuch=1"], "server.nosuch"),
+        (["--set", "noequals"], "--set"),
+        (["--workers", "0"], "models.digits.workers"),
+        (["--model", "a=tensorflow:x"], "models.a.handler"),
+        (["--model", "justaname"], "--model"),
+        (
+            ["--max-batch-size", "4", "--set", "batching.preferred_batch_size=8"],
+            "batching.preferred_batch_size",
+        ),
+        (["--config", "missing.toml"], "missing.toml"),
+    ],
+)
+def test_cli_rejects_bad_values_with_exit_2(tmp_path, args, key):
+    r = cli("serve", *args, tmp_path=tmp_path)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert key in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_rejects_a_bad_config_file(tmp_path):
+    write(tmp_path, "[arena]\nslots = 64\nslot_size = 10\n")
+    r = cli("serve", "--config", "ringserve.toml", tmp_path=tmp_path)
+    assert r.returncode == 2
+    assert "arena.slot_size" in r.stderr and "invalid configuration" in r.stderr
+    write(tmp_path, "[server]\nport = 8000\n[models.a]\nhandler = 'identity'\nbatching = 2\n")
+    r = cli("serve", "--config", "ringserve.toml", tmp_path=tmp_path)
+    assert r.returncode == 2 and "models.a.batching" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_serve_help_lists_every_config_key(tmp_path):
+    r = cli("serve", "--help", tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for key in (
+        "arena.slots",
+        "memory.uss_limit_mb",
+        "memory.trend_window_s",
+        "server.port",
+        "worker.heartbeat_timeout_s",
+        "batching.max_queue_delay_ms",
+        "models.NAME.workers",
+        "--set",
+        "RINGSERVE_",
+    ):
+        assert key in r.stdout, key
+    for line in field_docs():
+        assert line in r.stdout, line

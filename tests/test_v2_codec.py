@@ -1,0 +1,389 @@
+"""Unit tests of the KServe v2 codec (no server): decoding requests, encoding responses,
+BYTES framing, the binary split, compression bounds."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from ringserve.frontend.errors import HTTPError
+from ringserve.frontend.v2_codec import (
+    V2_TO_CONFIG,
+    InferRequest,
+    TensorSpec,
+    decode_request,
+    decompress_body,
+    deserialize_bytes,
+    encode_response,
+    model_shape,
+    serialize_bytes,
+    split_body,
+    v2_datatype,
+)
+
+IN = TensorSpec("INPUT0", "float32", [-1])
+OUT = TensorSpec("OUTPUT0", "float32", [-1])
+IMG = TensorSpec("INPUT0", "float32", [8, 8])
+
+
+def body(doc: object, *binary: bytes) -> tuple[bytes, str | None]:
+    head = json.dumps(doc).encode()
+    if not binary:
+        return head, None
+    return head + b"".join(binary), str(len(head))
+
+
+def decode(doc: object, *binary: bytes, spec: TensorSpec = IN, mbs: int = 32) -> InferRequest:
+    raw, hlen = body(doc, *binary)
+    header, tail = split_body(raw, hlen)
+    return decode_request(header, tail, spec, OUT, mbs)
+
+
+def err(doc: object, *binary: bytes, **kw: object) -> HTTPError:
+    with pytest.raises(HTTPError) as e:
+        decode(doc, *binary, **kw)  # type: ignore[arg-type]
+    return e.value
+
+
+def tensor(**kw: object) -> dict[str, object]:
+    return {"name": "INPUT0", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3], **kw}
+
+
+# -- datatypes --------------------------------------------------------------------------
+
+
+def test_datatype_names_cover_every_shared_memory_dtype() -> None:
+    from ringserve.ipc.layout import DTYPES
+
+    assert {v2_datatype(d) for d in DTYPES} == {
+        "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+        "FP16", "FP32", "FP64", "BYTES",
+    }  # fmt: skip
+    assert V2_TO_CONFIG["FP32"] == "TYPE_FP32"
+    assert V2_TO_CONFIG["BYTES"] == "TYPE_STRING"
+    with pytest.raises(ValueError):
+        v2_datatype("complex64")
+
+
+def test_model_shape_puts_the_batch_dim_first() -> None:
+    assert model_shape([8, 8], 32) == [-1, 8, 8]
+    assert model_shape([-1], 4) == [-1, -1]
+    assert model_shape([3], 0) == [3]
+
+
+# -- JSON requests ----------------------------------------------------------------------
+
+
+def test_json_flat_and_nested_data_give_the_same_array() -> None:
+    flat = decode({"inputs": [tensor(shape=[2, 3], data=[1, 2, 3, 4, 5, 6])]})
+    nested = decode({"inputs": [tensor(shape=[2, 3], data=[[1, 2, 3], [4, 5, 6]])]})
+    assert flat.payload.dtype == np.float32
+    assert flat.payload.shape == (2, 3)
+    np.testing.assert_array_equal(flat.payload, nested.payload)
+    assert flat.rows == 2
+    assert not flat.binary_output
+    assert flat.output_name == "OUTPUT0"
+
+
+def test_id_and_binary_output_flags() -> None:
+    r = decode({"id": "x-1", "inputs": [tensor()], "parameters": {"binary_data_output": True}})
+    assert r.id == "x-1"
+    assert r.binary_output
+    r = decode(
+        {
+            "inputs": [tensor()],
+            "parameters": {"binary_data_output": True},
+            "outputs": [{"name": "OUTPUT0", "parameters": {"binary_data": False}}],
+        }
+    )
+    assert not r.binary_output  # the per-output flag wins
+    r = decode({"inputs": [tensor()], "outputs": [{"name": "OUTPUT0"}]})
+    assert not r.binary_output
+
+
+@pytest.mark.parametrize(
+    ("doc", "words"),
+    [
+        ([1, 2], "JSON object"),
+        ({}, '"inputs"'),
+        ({"inputs": {"name": "INPUT0"}}, "must be a list"),
+        ({"inputs": []}, "exactly 1 input"),
+        ({"inputs": [tensor(), tensor()]}, "exactly 1 input"),
+        ({"inputs": ["INPUT0"]}, "JSON object"),
+        ({"inputs": [tensor(name="IN")]}, "unknown input 'IN'"),
+        ({"inputs": [tensor(name=None)]}, '"name"'),
+        ({"inputs": [tensor(datatype="FLOAT32")]}, "invalid datatype 'FLOAT32'"),
+        ({"inputs": [tensor(datatype="FP64")]}, "FP64 does not match the model's FP32"),
+        ({"inputs": [tensor(datatype="BYTES", data=["a", "b", "c"])]}, "BYTES does not match"),
+        ({"inputs": [tensor(shape=[1, 4])]}, "3 elements; shape [1, 4] needs 4"),
+        ({"inputs": [tensor(shape="13")]}, "list of integers"),
+        ({"inputs": [tensor(shape=[1, 0], data=[])]}, "below 1"),
+        ({"inputs": [tensor(shape=[3])]}, "rank"),
+        ({"inputs": [tensor(shape=[33, 1], data=[0] * 33)]}, "exceeds max_batch_size 32"),
+        ({"inputs": [tensor(data=[[1, 2], [3]])]}, "rectangular"),
+        ({"inputs": [tensor(data=["a", "b", "c"])]}, "numbers"),
+        ({"inputs": [tensor(data=[True, False, True])]}, "numbers"),
+        ({"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 1]}]}, '"data"'),
+        ({"inputs": [tensor(parameters=[1])]}, '"parameters"'),
+        ({"inputs": [tensor()], "outputs": [{"name": "OUT"}]}, "unknown output 'OUT'"),
+        ({"inputs": [tensor()], "outputs": "OUTPUT0"}, '"outputs" must be a list'),
+        ({"inputs": [tensor()], "id": 7}, '"id"'),
+        ({"inputs": [tensor()], "parameters": {"binary_data_output": "yes"}}, "true or false"),
+        ({"inputs": [tensor()], "parameters": {"sequence_id": 3}}, "sequence_id"),
+        (
+            {
+                "inputs": [tensor()],
+                "outputs": [{"name": "OUTPUT0", "parameters": {"classification": 3}}],
+            },
+            "classification",
+        ),
+    ],
+)
+def test_bad_requests_are_400_naming_the_problem(doc: object, words: str) -> None:
+    e = err(doc)
+    assert e.status == 400
+    assert words in e.message
+
+
+def test_fixed_dims_and_rank_against_the_model() -> None:
+    ok = decode({"inputs": [tensor(shape=[2, 8, 8], data=[0.0] * 128)]}, spec=IMG)
+    assert ok.payload.shape == (2, 8, 8)
+    assert ok.rows == 2
+    e = err({"inputs": [tensor(shape=[1, 8, 9], data=[0.0] * 72)]}, spec=IMG)
+    assert "does not match the model's [-1, 8, 8]" in e.message
+    e = err({"inputs": [tensor(shape=[1, 64], data=[0.0] * 64)]}, spec=IMG)
+    assert "rank 3" in e.message
+
+
+def test_malformed_json_is_400() -> None:
+    header, tail = split_body(b'{"inputs": [', None)
+    with pytest.raises(HTTPError) as e:
+        decode_request(header, tail, IN, OUT, 32)
+    assert e.value.status == 400
+    assert "malformed JSON" in e.value.message
+
+
+def test_nan_and_out_of_range_follow_the_house_rule() -> None:
+    e = err({"inputs": [tensor(data=[1, float("nan"), 3])]})
+    assert e.status == 422
+    ints = TensorSpec("INPUT0", "int8", [-1])
+    e = err({"inputs": [tensor(datatype="INT8", data=[1, 2, 300])]}, spec=ints)
+    assert e.status == 422
+
+
+def test_bool_json_needs_booleans() -> None:
+    spec = TensorSpec("INPUT0", "bool", [-1])
+    r = decode({"inputs": [tensor(datatype="BOOL", data=[True, False, True])]}, spec=spec)
+    assert r.payload.dtype == np.bool_
+    assert r.payload.tolist() == [[True, False, True]]
+    assert err({"inputs": [tensor(datatype="BOOL")]}, spec=spec).status == 400
+
+
+# -- binary requests --------------------------------------------------------------------
+
+
+def binary_tensor(arr: np.ndarray, datatype: str = "FP32", size: int | None = None) -> dict:
+    return {
+        "name": "INPUT0",
+        "datatype": datatype,
+        "shape": list(arr.shape),
+        "parameters": {"binary_data_size": arr.nbytes if size is None else size},
+    }
+
+
+def test_binary_input_is_a_view_of_the_body_not_a_copy() -> None:
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    raw, hlen = body({"inputs": [binary_tensor(x)]}, x.tobytes())
+    header, tail = split_body(raw, hlen)
+    r = decode_request(header, tail, IN, OUT, 32)
+    np.testing.assert_array_equal(r.payload, x)
+    assert r.rows == 3
+    assert np.shares_memory(r.payload, np.frombuffer(raw, np.uint8))
+
+
+@pytest.mark.parametrize("dtype", ["int8", "uint16", "int32", "int64", "float16", "float64"])
+def test_binary_input_every_numeric_dtype(dtype: str) -> None:
+    x = np.arange(6).astype(dtype).reshape(2, 3)
+    spec = TensorSpec("INPUT0", dtype, [3])
+    r = decode({"inputs": [binary_tensor(x, v2_datatype(dtype))]}, x.tobytes(), spec=spec)
+    assert r.payload.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(r.payload, x)
+
+
+@pytest.mark.parametrize(
+    ("size", "data", "words"),
+    [
+        (48, bytes(24), "truncated"),  # size claims more than the body holds
+        (24, bytes(24), "binary_data_size 24 does not match shape [3, 4] x 4 bytes = 48"),
+        (48, bytes(56), "8 bytes after the JSON header are not claimed"),
+        (-1, bytes(48), "non-negative integer"),
+    ],
+)
+def test_bad_binary_inputs(size: int, data: bytes, words: str) -> None:
+    x = np.zeros((3, 4), np.float32)
+    e = err({"inputs": [binary_tensor(x, size=size)]}, data)
+    assert e.status == 400
+    assert words in e.message
+
+
+def test_binary_and_data_together_is_refused() -> None:
+    x = np.zeros((1, 3), np.float32)
+    e = err({"inputs": [{**binary_tensor(x), "data": [0, 0, 0]}]}, x.tobytes())
+    assert "both" in e.message
+
+
+def test_binary_bool_must_be_0_or_1_and_nan_is_refused() -> None:
+    spec = TensorSpec("INPUT0", "bool", [-1])
+    e = err({"inputs": [binary_tensor(np.zeros((1, 2), np.bool_), "BOOL")]}, b"\x01\x02", spec=spec)
+    assert "0 or 1" in e.message
+    x = np.array([[1.0, np.inf]], np.float32)
+    assert err({"inputs": [binary_tensor(x)]}, x.tobytes()).status == 422
+
+
+@pytest.mark.parametrize(
+    ("header", "words"),
+    [("abc", "must be an integer"), ("0", "positive"), ("9999", "larger than the body")],
+)
+def test_header_length_checks(header: str, words: str) -> None:
+    with pytest.raises(HTTPError) as e:
+        split_body(b'{"inputs": []}', header)
+    assert e.value.status == 400
+    assert words in e.value.message
+
+
+def test_split_body_without_header_is_all_json() -> None:
+    header, tail = split_body(b"{}", None)
+    assert bytes(header) == b"{}"
+    assert len(tail) == 0
+
+
+# -- BYTES ------------------------------------------------------------------------------
+
+
+def test_bytes_round_trip_with_length_prefixes() -> None:
+    items = [b"", b"a", "héllo", b"\x00\xff"]
+    raw = serialize_bytes(items)
+    assert raw[:4] == struct.pack("<I", 0)
+    assert raw[4:9] == struct.pack("<I", 1) + b"a"
+    back = deserialize_bytes(raw, 4)
+    assert back.tolist() == [b"", b"a", "héllo".encode(), b"\x00\xff"]
+    nested = np.array([[b"ab", b"c"], [b"", b"xyz"]], dtype=object)
+    assert deserialize_bytes(serialize_bytes(nested)).tolist() == [b"ab", b"c", b"", b"xyz"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "count", "words"),
+    [
+        (b"\x05\x00\x00\x00abc", None, "runs past the end"),
+        (b"\x01\x00\x00", None, "truncated"),
+        (serialize_bytes([b"a", b"b"]), 3, "holds 2 elements; its shape needs 3"),
+        (serialize_bytes([b"a", b"b", b"c"]), 2, "more than the 2 elements"),
+    ],
+)
+def test_bad_bytes_data(raw: bytes, count: int | None, words: str) -> None:
+    with pytest.raises(HTTPError) as e:
+        deserialize_bytes(raw, count)
+    assert e.value.status == 400
+    assert words in e.value.message
+
+
+def test_bytes_model_input_json_and_binary() -> None:
+    spec = TensorSpec("INPUT0", "bytes", [-1])
+    r = decode(
+        {"inputs": [tensor(datatype="BYTES", shape=[1, 2], data=["hi", "there"])]}, spec=spec
+    )
+    assert r.payload.tolist() == [[b"hi", b"there"]]
+    raw = serialize_bytes([b"a", b"bc"])
+    r = decode(
+        {"inputs": [{"name": "INPUT0", "datatype": "BYTES", "shape": [2, 1],
+                     "parameters": {"binary_data_size": len(raw)}}]},
+        raw,
+        spec=spec,
+    )  # fmt: skip
+    assert r.payload.tolist() == [[b"a"], [b"bc"]]
+    e = err({"inputs": [tensor(datatype="BYTES", shape=[1, 2], data=[1, 2])]}, spec=spec)
+    assert "strings" in e.message
+
+
+# -- responses --------------------------------------------------------------------------
+
+
+def request(binary: bool, rid: str | None = "r1") -> InferRequest:
+    return InferRequest(np.zeros(1), 1, rid, binary, "OUTPUT0")
+
+
+def test_json_response() -> None:
+    out = np.arange(6, dtype=np.float32).reshape(2, 3)
+    content, hlen = encode_response("m", request(False), out, "float32", 32)
+    assert hlen is None
+    doc = json.loads(content)
+    assert doc == {
+        "model_name": "m",
+        "model_version": "1",
+        "id": "r1",
+        "outputs": [
+            {"name": "OUTPUT0", "datatype": "FP32", "shape": [2, 3], "data": [0, 1, 2, 3, 4, 5]}
+        ],
+    }
+    content, _ = encode_response("m", request(False, None), out, "float32", 32)
+    assert "id" not in json.loads(content)
+
+
+def test_binary_response_header_then_raw_bytes() -> None:
+    out = np.arange(6, dtype=np.float16).reshape(3, 2)
+    content, hlen = encode_response("m", request(True), out, "float16", 32)
+    assert hlen is not None
+    doc = json.loads(content[:hlen])
+    entry = doc["outputs"][0]
+    assert entry["datatype"] == "FP16"
+    assert entry["shape"] == [3, 2]
+    assert entry["parameters"] == {"binary_data_size": 12}
+    assert "data" not in entry
+    np.testing.assert_array_equal(np.frombuffer(content[hlen:], np.float16).reshape(3, 2), out)
+
+
+def test_bytes_response_json_and_binary() -> None:
+    out = np.array([[b"a", b"bc"]], dtype=object)
+    content, hlen = encode_response("m", request(False), out, "bytes", 32)
+    assert json.loads(content)["outputs"][0]["data"] == ["a", "bc"]
+    content, hlen = encode_response("m", request(True), out, "bytes", 32)
+    assert hlen is not None
+    assert deserialize_bytes(content[hlen:]).tolist() == [b"a", b"bc"]
+
+
+def test_nan_output_needs_binary() -> None:
+    out = np.array([[np.nan]], np.float32)
+    with pytest.raises(HTTPError) as e:
+        encode_response("m", request(False), out, "float32", 32)
+    assert "binary_data" in e.value.message
+    content, hlen = encode_response("m", request(True), out, "float32", 32)
+    assert np.isnan(np.frombuffer(content[hlen:], np.float32)).all()
+
+
+# -- compression ------------------------------------------------------------------------
+
+
+def test_decompress_gzip_deflate_and_bounds() -> None:
+    data = b'{"inputs": []}' * 10
+    assert decompress_body(data, None, 1000) == data
+    assert decompress_body(data, "identity", 1000) == data
+    assert decompress_body(gzip.compress(data), "gzip", 1000) == data
+    assert decompress_body(zlib.compress(data), "deflate", 1000) == data
+    bomb = gzip.compress(bytes(10_000_000))
+    with pytest.raises(HTTPError) as e:
+        decompress_body(bomb, "gzip", 1_000_000)
+    assert e.value.status == 413
+    with pytest.raises(HTTPError) as e:
+        decompress_body(gzip.compress(data)[:-12], "gzip", 1000)
+    assert e.value.status == 400
+    with pytest.raises(HTTPError) as e:
+        decompress_body(b"not gzip", "gzip", 1000)
+    assert e.value.status == 400
+    with pytest.raises(HTTPError) as e:
+        decompress_body(data, "br", 1000)
+    assert e.value.status == 415
