@@ -45,9 +45,10 @@ def from_json(data: Any, dtype: str) -> np.ndarray:
 def cast(arr: np.ndarray, dtype: str) -> np.ndarray:
     """Cast to the model's dtype, refusing values it cannot hold."""
     target = np.dtype(dtype)
-    if arr.dtype.kind == "f" and target.kind in "iub":
-        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
-            raise unprocessable(f"input must hold integers for dtype {dtype}")
+    if (arr.dtype.kind == "f" and target.kind in "iub") and (
+        not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr))
+    ):
+        raise unprocessable(f"input must hold integers for dtype {dtype}")
     if target.kind == "f" and arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
         raise unprocessable("input holds NaN or Inf, which ringserve refuses")
     if target.kind in "iu" and arr.size:

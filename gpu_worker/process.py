@@ -8,6 +8,7 @@ stamped after every batch and on every idle wake (at least every heartbeat inter
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -150,10 +151,8 @@ class Worker:
     def _trim(self) -> None:
         """Return freed memory to the OS so the supervisor can tell retention from a leak."""
         gc.collect()
-        try:
+        with contextlib.suppress(OSError):
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
         if torch.cuda.is_available() and self.model.device.startswith("cuda"):
             torch.cuda.empty_cache()
 

@@ -185,10 +185,9 @@ class Arena:
         # numpy views pin the buffer; release them before closing the map.
         self.header = self.models = self.control = self.slots = None  # type: ignore[assignment]
         self._buf.release()
-        try:
+        # BufferError: a caller still holds a view; the mapping goes with the process.
+        with contextlib.suppress(BufferError):
             self._mm.close()
-        except BufferError:
-            pass  # a caller still holds a view; the mapping goes with the process
         self._mm = None  # type: ignore[assignment]
         os.close(self._fd)
         if self.owner:

@@ -10,6 +10,7 @@ counter stays readable until drained). Nothing here spins.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 
@@ -21,10 +22,9 @@ def new_eventfd() -> int:
 
 def signal(fd: int) -> None:
     """Add one to the counter (never blocks: the counter saturates far beyond use)."""
-    try:
+    # BlockingIOError: counter at its maximum, so the waiter is already due to wake.
+    with contextlib.suppress(BlockingIOError):
         os.eventfd_write(fd, 1)
-    except BlockingIOError:
-        pass  # counter at its maximum: the waiter is already due to wake
 
 
 def drain(fd: int) -> int:

@@ -9,6 +9,7 @@ without polling or SIGCHLD races.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import signal
@@ -65,10 +66,8 @@ class Child:
 
     def signal(self, sig: int) -> None:
         if self.returncode is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
 
     def kill(self, reason: str) -> None:
         if self.returncode is None and not self.kill_reason:

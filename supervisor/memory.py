@@ -10,6 +10,7 @@ again: if memory came back, it was retention and the window starts over.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import deque
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ def slope_per_s(points: deque[tuple[float, float]]) -> float:
 def mostly_rising(points: deque[tuple[float, float]], share: float = 0.7) -> bool:
     """Monotone enough: most steps go up and none gives back more than it gained."""
     values = [v for _, v in points]
-    steps = [b - a for a, b in zip(values, values[1:], strict=False)]
+    steps = [b - a for a, b in itertools.pairwise(values)]
     if not steps:
         return False
     ups = sum(1 for s in steps if s > 0)

@@ -199,7 +199,8 @@ def test_sigkill_worker_under_load_every_request_answered(start_server) -> None:
     victim = server.pids("worker")[0]
 
     async def scenario() -> list:
-        task = asyncio.create_task(_fire(server.url, [c for c, _ in cases], concurrency=32))
+        load = _fire(server.url, [c for c, _ in cases], concurrency=32)
+        task = asyncio.ensure_future(load)
         await asyncio.sleep(0.3)
         os.kill(victim, signal.SIGKILL)
         return await task
@@ -226,7 +227,7 @@ def test_sigterm_under_load_drains_and_exits_clean(start_server) -> None:
     cases = digit_requests(300)
 
     async def scenario() -> list:
-        task = asyncio.create_task(_fire(server.url, [c for c, _ in cases], concurrency=32))
+        task = asyncio.ensure_future(_fire(server.url, [c for c, _ in cases], concurrency=32))
         await asyncio.sleep(0.3)
         server.proc.send_signal(signal.SIGTERM)
         return await task
@@ -265,7 +266,7 @@ def test_poison_request_fails_alone(start_server) -> None:
     statuses = [r.status_code for r in responses]
     assert statuses[20] == 500 and "unlucky" in responses[20].json()["error"]
     assert statuses[21] == 500 and "poison" in responses[21].json()["error"]
-    for i, r in enumerate(responses[:20] + responses[22:]):
+    for _i, r in enumerate(responses[:20] + responses[22:]):
         assert r.status_code == 200, r.text
     status = server.ctl("status")
     assert status["server"]["totals"].get("poisoned") == 1

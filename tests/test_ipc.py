@@ -135,7 +135,7 @@ def test_too_small_shm_fails_cleanly_not_sigbus(tmp_path: Path) -> None:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         geometry = ArenaGeometry(n_slots=64, slot_bytes=2**20, n_models=1, n_procs=4, n_frontends=1)
-        with pytest.raises(ArenaError, match="needs .* MiB but .* free"):
+        with pytest.raises(ArenaError, match=r"needs .* MiB but .* free"):
             Arena.create(str(mnt / segment_name("small")), geometry)
         assert os.listdir(mnt) == [], "a failed create leaves nothing behind"
     finally:
