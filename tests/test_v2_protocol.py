@@ -1,0 +1,403 @@
+"""KServe v2 REST against a real ``ringserve serve`` (identity + digits), raw httpx.
+
+One server for the module. Every bad request is followed by a good one that must still
+succeed: a refused request costs nothing and leaves the server healthy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import EXAMPLES, Server, free_port
+
+pytestmark = pytest.mark.e2e
+
+MAX_BODY = 256 * 1024
+
+
+@contextlib.contextmanager
+def serve(tmp: Path, *args: str) -> Iterator[Server]:
+    """``ringserve serve`` on a free port for a whole module (conftest's fixture is
+    per test); the same bounded start and process-group teardown."""
+    port = free_port()
+    sock = str(tmp / f"admin-{port}.sock")
+    log_path = tmp / f"server-{port}.log"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache")}
+    env.pop("NOTIFY_SOCKET", None)
+    cmd = [sys.executable, "-m", "ringserve.supervisor.cli", "serve", "--port", str(port),
+           "--instance", f"t{port}", "--admin-socket", sock, *args]  # fmt: skip
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    server = Server(proc, port, f"t{port}", sock, log_path, env)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        try:
+            server.stop()
+        finally:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("v2proto")
+    with serve(
+        tmp, "--frontends", "2", "--model", "id=identity", "--model", "digits=digits",
+        "--set", f"server.max_body_bytes={MAX_BODY}",
+    ) as s:  # fmt: skip
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> Iterator[httpx.Client]:
+    with server.client() as c:
+        yield c
+
+
+def good_json(client: httpx.Client) -> None:
+    """A valid request that must succeed after any refused one."""
+    r = client.post(
+        "/v2/models/id/infer",
+        json={
+            "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]
+        },
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"][0]["data"] == [1, 2, 3]
+
+
+def binary_body(arr: np.ndarray, *, size: int | None = None, extra: dict | None = None,
+                outputs: list | None = None, tail: bytes | None = None) -> tuple[bytes, dict]:  # fmt: skip
+    doc: dict = {
+        "inputs": [
+            {
+                "name": "INPUT0",
+                "datatype": "FP32",
+                "shape": list(arr.shape),
+                "parameters": {"binary_data_size": arr.nbytes if size is None else size},
+            }
+        ],
+        **(extra or {}),
+    }
+    if outputs is not None:
+        doc["outputs"] = outputs
+    head = json.dumps(doc).encode()
+    data = arr.tobytes() if tail is None else tail
+    return head + data, {
+        "Inference-Header-Content-Length": str(len(head)),
+        "Content-Type": "application/octet-stream",
+    }
+
+
+# -- metadata ---------------------------------------------------------------------------
+
+
+def test_server_metadata_and_health(client: httpx.Client) -> None:
+    import ringserve
+
+    r = client.get("/v2")
+    assert r.status_code == 200
+    meta = r.json()
+    assert meta["name"] == "ringserve"
+    assert meta["version"] == ringserve.__version__
+    assert {"binary_tensor_data", "model_configuration", "statistics"} <= set(meta["extensions"])
+    assert client.get("/v2/health/live").status_code == 200
+    assert client.get("/v2/health/ready").status_code == 200
+    assert "x-request-id" in r.headers
+
+
+def test_model_metadata(client: httpx.Client) -> None:
+    for path in ("/v2/models/digits", "/v2/models/digits/versions/1"):
+        r = client.get(path)
+        assert r.status_code == 200, r.text
+        assert r.json() == {
+            "name": "digits",
+            "versions": ["1"],
+            "platform": "pytorch_libtorch",
+            "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, 8, 8]}],
+            "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, 10]}],
+        }
+    ident = client.get("/v2/models/id").json()
+    assert ident["inputs"] == [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}]
+
+
+def test_model_ready_and_unknowns(client: httpx.Client) -> None:
+    assert client.get("/v2/models/id/ready").status_code == 200
+    assert client.get("/v2/models/id/versions/1/ready").status_code == 200
+    for path in ("/v2/models/nope", "/v2/models/nope/ready", "/v2/models/nope/config",
+                 "/v2/models/id/versions/2", "/v2/models/id/versions/2/ready"):  # fmt: skip
+        r = client.get(path)
+        assert r.status_code == 404, path
+        assert "error" in r.json()
+    r = client.post("/v2/models/nope/infer", json={"inputs": []})
+    assert r.status_code == 404
+    assert "nope" in r.json()["error"]
+    r = client.post("/v2/models/id/versions/7/infer", json={"inputs": []})
+    assert r.status_code == 404
+    assert client.get("/v2/models/id/infer").status_code == 405
+    good_json(client)
+
+
+def test_model_config(client: httpx.Client) -> None:
+    for path in ("/v2/models/digits/config", "/v2/models/digits/versions/1/config"):
+        cfg = client.get(path).json()
+        assert cfg["name"] == "digits"
+        assert cfg["max_batch_size"] == 32
+        assert cfg["input"][0]["name"] == "INPUT0"
+        assert cfg["input"][0]["data_type"] == "TYPE_FP32"
+        assert cfg["input"][0]["dims"] == [8, 8]  # no batch dimension
+        assert cfg["output"][0]["dims"] == [10]
+        dyn = cfg["dynamic_batching"]
+        assert dyn["max_queue_delay_microseconds"] == 2000
+        assert isinstance(dyn["preferred_batch_size"], list)
+        assert cfg["instance_group"][0]["kind"] == "KIND_CPU"
+
+
+def test_stats(client: httpx.Client) -> None:
+    good_json(client)
+    one = client.get("/v2/models/id/stats").json()["model_stats"]
+    assert [m["name"] for m in one] == ["id"]
+    before = one[0]["inference_stats"]["success"]["count"]
+    good_json(client)
+    good_json(client)
+    after = client.get("/v2/models/id/versions/1/stats").json()["model_stats"][0]
+    assert after["inference_stats"]["success"]["count"] >= before + 2
+    assert after["inference_stats"]["success"]["ns"] > 0
+    assert after["inference_count"] >= after["inference_stats"]["success"]["count"]
+    assert after["execution_count"] >= 1
+    every = client.get("/v2/models/stats").json()["model_stats"]
+    assert sorted(m["name"] for m in every) == ["digits", "id"]
+
+
+# -- good inference ---------------------------------------------------------------------
+
+
+def test_json_infer_flat_and_nested_and_id_echo(client: httpx.Client) -> None:
+    x = [[1.5, 2, 3], [4, 5, 6]]
+    for data in (x, [v for row in x for v in row]):
+        r = client.post(
+            "/v2/models/id/versions/1/infer",
+            json={"id": "req-42", "inputs": [
+                {"name": "INPUT0", "datatype": "FP32", "shape": [2, 3], "data": data}]},
+        )  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"].startswith("application/json")
+        assert r.headers["x-request-id"] == "req-42"
+        assert r.json() == {
+            "model_name": "id",
+            "model_version": "1",
+            "id": "req-42",
+            "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [2, 3],
+                         "data": [1.5, 2, 3, 4, 5, 6]}],
+        }  # fmt: skip
+
+
+def test_digits_json_sample_is_a_3(client: httpx.Client) -> None:
+    data = json.loads((EXAMPLES / "digit_3.json").read_text())["data"]
+    arr = np.asarray(data, np.float32)
+    r = client.post(
+        "/v2/models/digits/infer",
+        json={"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": list(arr.shape),
+                          "data": arr.ravel().tolist()}]},
+    )  # fmt: skip
+    assert r.status_code == 200, r.text
+    out = r.json()["outputs"][0]
+    assert out["shape"] == [1, 10]
+    assert int(np.argmax(out["data"])) == 3
+
+
+@pytest.mark.parametrize("binary_out", [False, True])
+def test_binary_input(client: httpx.Client, binary_out: bool) -> None:
+    x = np.random.default_rng(1).random((4, 5), dtype=np.float32)
+    outputs = [{"name": "OUTPUT0", "parameters": {"binary_data": binary_out}}]
+    content, headers = binary_body(x, outputs=outputs)
+    r = client.post("/v2/models/id/infer", content=content, headers=headers)
+    assert r.status_code == 200, r.text
+    if binary_out:
+        assert r.headers["content-type"] == "application/octet-stream"
+        n = int(r.headers["inference-header-content-length"])
+        head = json.loads(r.content[:n])
+        entry = head["outputs"][0]
+        assert entry["parameters"]["binary_data_size"] == x.nbytes
+        assert "data" not in entry
+        got = np.frombuffer(r.content[n:], np.float32).reshape(entry["shape"])
+    else:
+        assert "inference-header-content-length" not in r.headers
+        entry = r.json()["outputs"][0]
+        got = np.asarray(entry["data"], np.float32).reshape(entry["shape"])
+    np.testing.assert_array_equal(got, x)
+
+
+def test_binary_output_for_json_input_via_request_parameter(client: httpx.Client) -> None:
+    r = client.post(
+        "/v2/models/id/infer",
+        json={"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 2], "data": [7, 8]}],
+              "parameters": {"binary_data_output": True}},
+    )  # fmt: skip
+    assert r.status_code == 200
+    n = int(r.headers["inference-header-content-length"])
+    assert np.frombuffer(r.content[n:], np.float32).tolist() == [7, 8]
+
+
+def test_gzip_request_body(client: httpx.Client) -> None:
+    doc = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]}
+    r = client.post(
+        "/v2/models/id/infer",
+        content=gzip.compress(json.dumps(doc).encode()),
+        headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"][0]["data"] == [1, 2]
+
+
+# -- every refusal, then a good request -------------------------------------------------
+
+
+def _t(**kw: object) -> dict:
+    return {"name": "INPUT0", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3], **kw}
+
+
+JSON_ERRORS = [
+    ("malformed", b'{"inputs": [', 400, "malformed JSON"),
+    ("not-object", [1, 2, 3], 400, "JSON object"),
+    ("no-inputs", {"id": "x"}, 400, '"inputs"'),
+    ("inputs-not-list", {"inputs": {"name": "INPUT0"}}, 400, "must be a list"),
+    ("zero-inputs", {"inputs": []}, 400, "exactly 1 input"),
+    ("two-inputs", {"inputs": [_t(), _t()]}, 400, "exactly 1 input"),
+    ("unknown-input", {"inputs": [_t(name="IMAGE")]}, 400, "unknown input 'IMAGE'"),
+    ("bad-datatype", {"inputs": [_t(datatype="FLOAT")]}, 400, "invalid datatype 'FLOAT'"),
+    ("datatype-mismatch", {"inputs": [_t(datatype="INT64")]}, 400, "INT64 does not match"),
+    ("bytes-to-fp32", {"inputs": [_t(datatype="BYTES", data=["a", "b", "c"])]}, 400,
+     "BYTES does not match"),
+    ("count-vs-shape", {"inputs": [_t(shape=[2, 3])]}, 400, "3 elements; shape [2, 3] needs 6"),
+    ("wrong-rank", {"inputs": [_t(shape=[3])]}, 400, "rank"),
+    ("batch-over-max", {"inputs": [_t(shape=[33, 1], data=[0] * 33)]}, 400,
+     "exceeds max_batch_size 32"),
+    ("unknown-output", {"inputs": [_t()], "outputs": [{"name": "PROBS"}]}, 400,
+     "unknown output 'PROBS'"),
+    ("nan", {"inputs": [_t(data=[1, "NaN", 3])]}, 400, "numbers"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "doc", "status", "words"), JSON_ERRORS, ids=[c[0] for c in JSON_ERRORS]
+)
+def test_json_refusals(
+    client: httpx.Client, case: str, doc: object, status: int, words: str
+) -> None:
+    content = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+    r = client.post("/v2/models/id/infer", content=content,
+                    headers={"Content-Type": "application/json"})  # fmt: skip
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]
+    assert r.headers["x-request-id"]
+    good_json(client)
+
+
+def test_digits_fixed_dims(client: httpx.Client) -> None:
+    for shape, words in (([1, 8, 9], "does not match the model's [-1, 8, 8]"), ([1, 64], "rank")):
+        r = client.post(
+            "/v2/models/digits/infer",
+            json={"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": shape,
+                              "data": [0.0] * int(np.prod(shape))}]},
+        )  # fmt: skip
+        assert r.status_code == 400
+        assert words in r.json()["error"]
+        good_json(client)
+
+
+def test_nan_is_refused_by_the_house_rule(client: httpx.Client) -> None:
+    x = np.array([[1.0, np.nan]], np.float32)
+    content, headers = binary_body(x)
+    r = client.post("/v2/models/id/infer", content=content, headers=headers)
+    assert r.status_code == 422
+    assert "NaN" in r.json()["error"]
+    good_json(client)
+
+
+BINARY_ERRORS = [
+    ("truncated", dict(tail=bytes(20)), None, "truncated"),
+    ("size-vs-shape", dict(size=12, tail=bytes(12)), None,
+     "binary_data_size 12 does not match shape [2, 4] x 4 bytes = 32"),
+    ("unclaimed-tail", dict(tail=bytes(40)), None, "8 bytes after the JSON header"),
+    ("header-not-number", {}, "twelve", "must be an integer"),
+    ("header-too-long", {}, "100000", "larger than the body"),
+    ("header-negative", {}, "-5", "positive"),
+    ("header-cuts-json", {}, "10", "malformed JSON"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "kw", "header", "words"), BINARY_ERRORS, ids=[c[0] for c in BINARY_ERRORS]
+)
+def test_binary_refusals(
+    client: httpx.Client, case: str, kw: dict, header: str | None, words: str
+) -> None:
+    x = np.ones((2, 4), np.float32)
+    content, headers = binary_body(x, **kw)
+    if header is not None:
+        headers["Inference-Header-Content-Length"] = header
+    r = client.post("/v2/models/id/infer", content=content, headers=headers)
+    assert r.status_code == 400, r.text
+    assert words in r.json()["error"]
+    good_json(client)
+
+
+def test_binary_bytes_input_to_fp32_model(client: httpx.Client) -> None:
+    raw = b"\x01\x00\x00\x00a\x01\x00\x00\x00b"
+    head = json.dumps({"inputs": [{"name": "INPUT0", "datatype": "BYTES", "shape": [1, 2],
+                                   "parameters": {"binary_data_size": len(raw)}}]}).encode()  # fmt: skip
+    r = client.post("/v2/models/id/infer", content=head + raw,
+                    headers={"Inference-Header-Content-Length": str(len(head))})  # fmt: skip
+    assert r.status_code == 400
+    assert "BYTES does not match the model's FP32" in r.json()["error"]
+    good_json(client)
+
+
+def test_content_type_and_encoding_refusals(client: httpx.Client) -> None:
+    doc = json.dumps({"inputs": [_t()]}).encode()
+    r = client.post("/v2/models/id/infer", content=doc, headers={"Content-Type": "image/png"})
+    assert r.status_code == 415
+    good_json(client)
+    r = client.post("/v2/models/id/infer", content=doc, headers={"Content-Encoding": "br"})
+    assert r.status_code == 415
+    good_json(client)
+    r = client.post("/v2/models/id/infer", content=b"junk", headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 400
+    good_json(client)
+    bomb = gzip.compress(bytes(MAX_BODY * 4))
+    r = client.post("/v2/models/id/infer", content=bomb, headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 413
+    good_json(client)
+    # no Content-Type at all is fine
+    r = client.post("/v2/models/id/infer", content=doc, headers={"Content-Type": ""})
+    assert r.status_code == 200, r.text
+
+
+def test_body_over_the_limit_is_413(server: Server) -> None:
+    x = np.zeros((1, MAX_BODY // 4 + 16), np.float32)
+    content, headers = binary_body(x)
+    with server.client() as c:  # its own connection: the server may close it after a 413
+        r = c.post("/v2/models/id/infer", content=content, headers=headers)
+        assert r.status_code == 413
+        assert "limit" in r.json()["error"]
+    with server.client() as c:
+        good_json(c)
+        assert c.get("/v2/health/ready").status_code == 200
