@@ -30,7 +30,7 @@ system-deps:
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
-	@[ -x .venv-perf/bin/pa ] || bash .ci/install_perf_analyzer.sh
+	@[ -x .venv-perf/bin/pa ] || [ ! -f .ci/install_perf_analyzer.sh ] || bash .ci/install_perf_analyzer.sh
 
 test: $(STAMP) system-deps
 	$(VENV)/bin/ruff check .
