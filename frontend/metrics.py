@@ -11,7 +11,6 @@ it. Whichever frontend gets the scrape renders the whole server.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -38,18 +37,6 @@ LATENCY_BUCKETS = (
     10.0,
     30.0,
 )
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-def use_multiprocess_files(directory: str, process_key: str) -> None:
-    """Point prometheus-client at the shared directory with a stable file key.
-
-    Must run before any metric object is created in this process.
-    """
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-    from prometheus_client import values
-
-    values.ValueClass = values.MultiProcessValue(process_identifier=lambda: process_key)
 
 
 class FrontendMetrics:
@@ -74,18 +61,6 @@ class FrontendMetrics:
             ["model"],
             buckets=LATENCY_BUCKETS,
         )
-        self.inference = Histogram(
-            "ringserve_inference_duration_seconds",
-            "Time from claim to answer, per request",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-        )
-        self.batch_size = Histogram(
-            "ringserve_batch_size",
-            "Rows in the batch a request ran in",
-            ["model"],
-            buckets=BATCH_BUCKETS,
-        )
         self.deadline_expired = Counter(
             "ringserve_deadline_expired", "Requests that missed their deadline", ["model"]
         )
@@ -106,10 +81,8 @@ class FrontendMetrics:
             self.duration.labels(model).observe(seconds)
 
     def completed(self, model: str, c: Completed) -> None:
-        self.queue_wait.labels(model).observe(c.queue_wait_s)
-        if c.batch_size:
-            self.inference.labels(model).observe(c.inference_s)
-            self.batch_size.labels(model).observe(c.batch_size)
+        if c.batch_size:  # it reached a worker
+            self.queue_wait.labels(model).observe(c.queue_wait_s)
 
     def deadline(self, model: str) -> None:
         self.deadline_expired.labels(model).inc()
@@ -217,11 +190,6 @@ class ArenaCollector:
             "Process start (seconds since the epoch)",
             labels=["role", "id", "model"],
         )
-        batches = GaugeMetricFamily(
-            "ringserve_worker_batches",
-            "Batches run by the live worker process",
-            labels=["model", "worker"],
-        )
         gpu_alloc = GaugeMetricFamily(
             "ringserve_worker_gpu_allocated_bytes",
             "torch.cuda.memory_allocated",
@@ -245,12 +213,10 @@ class ArenaCollector:
             start.add_metric(labels, int(rec["started_ns"]) / 1e9 + epoch_offset)
             if rec["role"] == Role.WORKER:
                 wl = [model, str(int(rec["ident"]))]
-                batches.add_metric(wl, float(rec["batches"]))
                 if int(rec["gpu_reserved"]):
                     gpu_alloc.add_metric(wl, float(rec["gpu_allocated"]))
                     gpu_res.add_metric(wl, float(rec["gpu_reserved"]))
         yield from fams.values()
         yield start
-        yield batches
         yield gpu_alloc
         yield gpu_res

@@ -16,13 +16,14 @@ import uvicorn
 from ringserve.frontend.app import FrontendState, build_app
 from ringserve.frontend.catalog import Catalog
 from ringserve.frontend.dispatch import Dispatcher
-from ringserve.frontend.metrics import FrontendMetrics, use_multiprocess_files
+from ringserve.frontend.metrics import FrontendMetrics
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.child import ChildSpec, load_spec
 from ringserve.ipc.control import ControlBlock
 from ringserve.ipc.errors import ArenaError, ExitCode
 from ringserve.ipc.layout import ProcState, Role
 from ringserve.ipc.logs import setup_logging
+from ringserve.ipc.prom import use_multiprocess_files
 
 log = logging.getLogger("ringserve.frontend")
 

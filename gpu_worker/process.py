@@ -24,6 +24,7 @@ import torch
 
 from ringserve.gpu_worker.batcher import Batcher, BatchPolicy, Pending
 from ringserve.gpu_worker.handlers import BadInput, Handler, create_handler
+from ringserve.gpu_worker.metrics import WorkerMetrics
 from ringserve.gpu_worker.profile import throughput_profile
 from ringserve.ipc import wake
 from ringserve.ipc.arena import Arena
@@ -68,11 +69,13 @@ class Worker:
         self.stopping = False
         self._pinned: dict[tuple, torch.Tensor] = {}
         self._batch_seq = 0
+        self._last_infer_s = 0.0
 
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> None:
         self.control.register(Role.WORKER, self.spec.ident, self.spec.model_index)
+        self.metrics = WorkerMetrics(self.spec, self.model.name)
         torch.set_num_threads(self.model.threads)
         device = torch.device(self.model.device)
         if device.type == "cuda":
@@ -263,6 +266,7 @@ class Worker:
             n = int(tensor.shape[0])
             self._finish_ok(slot, outputs[start : start + n], rows_total, owners)
             start += n
+        self.metrics.batch(rows_total, self._last_infer_s)
         rec = self.control.rec
         rec["batches"] = int(rec["batches"]) + 1
         rec["rows"] = int(rec["rows"]) + rows_total
@@ -282,7 +286,9 @@ class Worker:
         if result.shape[0] != batch.shape[0]:
             raise RuntimeError(f"handler returned {result.shape[0]} rows for {batch.shape[0]}")
         rec = self.control.rec
-        rec["busy_ns"] = int(rec["busy_ns"]) + time.monotonic_ns() - t0
+        elapsed = time.monotonic_ns() - t0
+        self._last_infer_s = elapsed / 1e9
+        rec["busy_ns"] = int(rec["busy_ns"]) + elapsed
         if device.type == "cuda":
             rec["gpu_allocated"] = torch.cuda.memory_allocated(device)
             rec["gpu_reserved"] = torch.cuda.memory_reserved(device)

@@ -13,7 +13,7 @@ class SupervisorStats:
         self.totals: dict[str, int] = {}
 
     def open(self, metrics_dir: str) -> None:
-        from ringserve.frontend.metrics import use_multiprocess_files
+        from ringserve.ipc.prom import use_multiprocess_files
 
         use_multiprocess_files(metrics_dir, "supervisor")
         from prometheus_client import Counter, Gauge

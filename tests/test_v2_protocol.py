@@ -211,7 +211,7 @@ def test_json_infer_flat_and_nested_and_id_echo(client: httpx.Client) -> None:
 
 def test_digits_json_sample_is_a_3(client: httpx.Client) -> None:
     data = json.loads((EXAMPLES / "digit_3.json").read_text())["data"]
-    arr = np.asarray(data, np.float32)
+    arr = np.asarray(data, np.float32).reshape(1, 8, 8)  # one row: the batch dim is explicit
     r = client.post(
         "/v2/models/digits/infer",
         json={"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": list(arr.shape),

@@ -1,0 +1,57 @@
+"""The worker's Prometheus series: batches, batch sizes and inference time, per batch.
+
+Recorded in the instance's multiprocess files keyed by the control-block index, so a
+recycled or restarted worker never makes a counter go backwards (see ipc/prom.py)."""
+
+from __future__ import annotations
+
+from ringserve.ipc.child import ChildSpec
+from ringserve.ipc.prom import use_multiprocess_files
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class WorkerMetrics:
+    def __init__(self, spec: ChildSpec, model: str) -> None:
+        self.enabled = bool(spec.metrics_dir)
+        if not self.enabled:
+            return
+        use_multiprocess_files(spec.metrics_dir, f"worker-c{spec.control_index}")
+        from prometheus_client import Counter, Histogram
+
+        worker = str(spec.ident)
+        self._batches = Counter(
+            "ringserve_batches", "Batches run, by worker slot", ["model", "worker"]
+        ).labels(model, worker)
+        self._size = Histogram(
+            "ringserve_batch_size", "Rows per batch", ["model"], buckets=BATCH_BUCKETS
+        ).labels(model)
+        self._infer = Histogram(
+            "ringserve_inference_duration_seconds",
+            "Model time per batch (preprocess excluded)",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+        ).labels(model)
+
+    def batch(self, rows: int, seconds: float) -> None:
+        if self.enabled:
+            self._batches.inc()
+            self._size.observe(rows)
+            self._infer.observe(seconds)

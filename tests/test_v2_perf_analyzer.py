@@ -1,0 +1,88 @@
+"""NVIDIA's perf_analyzer drives ringserve's v2 endpoint (identity model) unchanged.
+
+perf_analyzer is installed by ``.ci/install_perf_analyzer.sh`` into ``.venv-perf`` with a
+wrapper ``.venv-perf/bin/pa`` (override with ``RINGSERVE_PERF_ANALYZER``). In CI a missing
+wrapper fails this test; locally it skips. Speed is not asserted (that is ``bench/``'s
+job): the test checks that every measurement completes and reports a throughput.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import REPO, Server
+from test_v2_protocol import serve
+
+pytestmark = pytest.mark.e2e
+
+PA = Path(os.environ.get("RINGSERVE_PERF_ANALYZER", REPO / ".venv-perf" / "bin" / "pa"))
+SUMMARY = re.compile(
+    r"^Concurrency: (\d+), throughput: ([\d.]+) infer/sec, latency (\d+) usec$", re.M
+)
+
+
+@pytest.fixture(scope="module")
+def perf_analyzer() -> Path:
+    if not os.access(PA, os.X_OK):
+        message = f"perf_analyzer wrapper {PA} is missing: run bash .ci/install_perf_analyzer.sh"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return PA
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("v2perf")
+    with serve(tmp, "--frontends", "2", "--model", "id=identity") as s:
+        yield s
+
+
+def run_pa(pa: Path, server: Server, *args: str) -> dict[int, tuple[float, int]]:
+    """Run perf_analyzer; returns {concurrency: (infer/sec, avg latency usec)}."""
+    cmd = [
+        str(pa), "-m", "id", "-u", f"127.0.0.1:{server.port}", "-i", "http", "-b", "1",
+        "--shape", "INPUT0:16", "--measurement-interval", "1000",
+        # a shared CI box is noisy: accept any three windows rather than chase stability
+        "--stability-percentage", "100", "--max-trials", "5", *args,
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, f"perf_analyzer exited {out.returncode}:\n{text}\n{server.log()}"
+    found = {int(c): (float(t), int(lat)) for c, t, lat in SUMMARY.findall(text)}
+    assert found, f"no throughput lines in:\n{text}"
+    print(text)  # the figures, for `pytest -s`
+    return found
+
+
+def test_binary_tensors_concurrency_1_and_4(perf_analyzer: Path, server: Server) -> None:
+    found = run_pa(perf_analyzer, server, "--concurrency-range", "1:4:3")
+    assert sorted(found) == [1, 4]
+    for throughput, latency in found.values():
+        assert throughput > 0
+        assert latency > 0
+
+
+def test_json_tensors(perf_analyzer: Path, server: Server) -> None:
+    found = run_pa(
+        perf_analyzer, server, "--concurrency-range", "2",
+        "--input-tensor-format", "json", "--output-tensor-format", "json",
+    )  # fmt: skip
+    assert found[2][0] > 0
+
+
+def test_server_side_statistics_are_reported(perf_analyzer: Path, server: Server) -> None:
+    cmd = [str(perf_analyzer), "-m", "id", "-u", f"127.0.0.1:{server.port}", "-i", "http",
+           "--shape", "INPUT0:4", "--measurement-interval", "500", "--stability-percentage",
+           "100", "--concurrency-range", "1"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    m = re.search(r"Server:\s+Inference count: (\d+)\s+Execution count: (\d+)", out.stdout)
+    assert m, out.stdout
+    assert int(m.group(1)) > 0
+    assert int(m.group(2)) > 0

@@ -1,0 +1,182 @@
+"""NVIDIA's ``tritonclient.http`` against a real ringserve, with only URL and model name."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+import tritonclient.http.aio as aio
+from conftest import EXAMPLES, Server
+from test_v2_protocol import serve
+from tritonclient.utils import InferenceServerException
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("v2triton")
+    with serve(tmp, "--frontends", "2", "--model", "id=identity", "--model", "digits=digits") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> Iterator[httpclient.InferenceServerClient]:
+    c = httpclient.InferenceServerClient(f"127.0.0.1:{server.port}", concurrency=16)
+    yield c
+    c.close()
+
+
+def infer_input(x: np.ndarray, binary: bool = True) -> httpclient.InferInput:
+    i = httpclient.InferInput("INPUT0", list(x.shape), "FP32")
+    i.set_data_from_numpy(x, binary_data=binary)
+    return i
+
+
+def test_server_and_model_metadata(client: httpclient.InferenceServerClient) -> None:
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.is_model_ready("id")
+    assert client.is_model_ready("digits", "1")
+    assert not client.is_model_ready("nope")
+    meta = client.get_server_metadata()
+    assert meta["name"] == "ringserve"
+    assert "binary_tensor_data" in meta["extensions"]
+    md = client.get_model_metadata("digits")
+    assert md["inputs"] == [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, 8, 8]}]
+    assert md["outputs"] == [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, 10]}]
+    assert client.get_model_metadata("id", "1")["name"] == "id"
+    cfg = client.get_model_config("digits")
+    assert cfg["max_batch_size"] == 32
+    assert cfg["input"][0]["dims"] == [8, 8]
+    assert cfg["input"][0]["data_type"] == "TYPE_FP32"
+    stats = client.get_inference_statistics("id")
+    assert stats["model_stats"][0]["name"] == "id"
+    with pytest.raises(InferenceServerException) as e:
+        client.get_model_metadata("nope")
+    assert "nope" in e.value.message()
+
+
+def test_json_infer(client: httpclient.InferenceServerClient) -> None:
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    out = httpclient.InferRequestedOutput("OUTPUT0", binary_data=False)
+    r = client.infer("id", [infer_input(x, binary=False)], outputs=[out])
+    np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), x)
+    assert "data" in r.get_output("OUTPUT0")
+
+
+@pytest.mark.parametrize("binary_in", [False, True])
+@pytest.mark.parametrize("binary_out", [False, True])
+def test_binary_combinations(
+    client: httpclient.InferenceServerClient, binary_in: bool, binary_out: bool
+) -> None:
+    x = np.random.default_rng(7).standard_normal((3, 16)).astype(np.float32)
+    out = httpclient.InferRequestedOutput("OUTPUT0", binary_data=binary_out)
+    r = client.infer("id", [infer_input(x, binary_in)], outputs=[out])
+    np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), x)
+    params = r.get_output("OUTPUT0").get("parameters") or {}
+    assert ("binary_data_size" in params) is binary_out
+
+
+def test_no_outputs_named_means_binary(client: httpclient.InferenceServerClient) -> None:
+    x = np.ones((1, 4), np.float32)
+    r = client.infer("id", [infer_input(x)])  # the client asks binary_data_output
+    assert r.get_output("OUTPUT0")["parameters"]["binary_data_size"] == 16
+    np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), x)
+
+
+def test_compressed_request_and_versioned_url(client: httpclient.InferenceServerClient) -> None:
+    x = np.arange(8, dtype=np.float32).reshape(1, 8)
+    for algo in ("gzip", "deflate"):
+        r = client.infer(
+            "id", [infer_input(x)], model_version="1", request_compression_algorithm=algo
+        )
+        np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), x)
+
+
+def test_batch_of_8_equals_8_single_rows(client: httpclient.InferenceServerClient) -> None:
+    x = np.random.default_rng(3).random((8, 5), dtype=np.float32)
+    batch = client.infer("id", [infer_input(x)]).as_numpy("OUTPUT0")
+    singles = [
+        client.infer("id", [infer_input(x[i : i + 1])]).as_numpy("OUTPUT0") for i in range(8)
+    ]
+    assert batch.shape == (8, 5)
+    np.testing.assert_array_equal(batch, np.concatenate(singles))
+
+
+def test_digits_sample_and_batch(client: httpclient.InferenceServerClient) -> None:
+    sample = np.asarray(json.loads((EXAMPLES / "digit_3.json").read_text())["data"], np.float32)
+    one = sample.reshape(1, 8, 8)
+    probs = client.infer("digits", [infer_input(one)]).as_numpy("OUTPUT0")
+    assert probs.shape == (1, 10)
+    assert int(probs.argmax()) == 3
+    rng = np.random.default_rng(5)
+    batch = np.concatenate([one, rng.uniform(0, 16, (7, 8, 8)).astype(np.float32)])
+    out = client.infer("digits", [infer_input(batch)]).as_numpy("OUTPUT0")
+    singles = np.concatenate(
+        [
+            client.infer("digits", [infer_input(batch[i : i + 1])]).as_numpy("OUTPUT0")
+            for i in range(8)
+        ]
+    )
+    assert int(out[0].argmax()) == 3
+    np.testing.assert_allclose(out, singles, rtol=1e-4, atol=1e-5)
+
+
+def test_64_concurrent_async_infers_each_get_their_own_answer(
+    client: httpclient.InferenceServerClient,
+) -> None:
+    inputs = [np.full((1, 4), i, np.float32) + np.arange(4, dtype=np.float32) for i in range(64)]
+    pending = [
+        client.async_infer("id", [infer_input(x)], request_id=f"req-{i}")
+        for i, x in enumerate(inputs)
+    ]
+    for i, p in enumerate(pending):
+        r = p.get_result(timeout=60)
+        assert r.get_response()["id"] == f"req-{i}"
+        np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), inputs[i])
+
+
+def test_request_id_echo(client: httpclient.InferenceServerClient) -> None:
+    r = client.infer("id", [infer_input(np.ones((1, 2), np.float32))], request_id="abc-123")
+    assert r.get_response()["id"] == "abc-123"
+    assert r.get_response()["model_name"] == "id"
+    assert r.get_response()["model_version"] == "1"
+
+
+def test_errors_surface_as_exceptions(client: httpclient.InferenceServerClient) -> None:
+    bad = httpclient.InferInput("INPUT0", [1, 2], "FP64")
+    bad.set_data_from_numpy(np.ones((1, 2), np.float64))
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("id", [bad])
+    assert e.value.status() == "400"
+    assert "FP64" in e.value.message()
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("id", [infer_input(np.ones((1, 2), np.float32))],
+                     outputs=[httpclient.InferRequestedOutput("NOPE")])  # fmt: skip
+    assert "NOPE" in e.value.message()
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("digits", [infer_input(np.ones((1, 8, 9), np.float32))])
+    assert e.value.status() == "400"
+    # and the server is fine
+    x = np.ones((1, 2), np.float32)
+    np.testing.assert_array_equal(client.infer("id", [infer_input(x)]).as_numpy("OUTPUT0"), x)
+
+
+def test_aio_client(server: Server) -> None:
+    async def main() -> None:
+        async with aio.InferenceServerClient(f"127.0.0.1:{server.port}") as c:
+            assert await c.is_server_ready()
+            xs = [np.full((1, 3), i, np.float32) for i in range(16)]
+            results = await asyncio.gather(
+                *(c.infer("id", [infer_input(x)], request_id=str(i)) for i, x in enumerate(xs))
+            )
+            for i, r in enumerate(results):
+                assert r.get_response()["id"] == str(i)
+                np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), xs[i])
+
+    asyncio.run(main())
