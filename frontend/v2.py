@@ -178,8 +178,7 @@ def v2_routes(state: FrontendState) -> list[Route]:
 
     @_errors_as_json
     async def ready(request: Request, rid: str) -> Response:
-        if state.arena.draining:
-            raise unavailable("server is draining")
+        check_intake(state)  # draining or paused: 503
         if not state.catalog.all_ready():
             raise unavailable("not every model has a ready worker", retry_after_s=2)
         return _json({"ready": True}, rid)

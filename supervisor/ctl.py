@@ -54,8 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("status", help="processes, memory, models")
-    sub.add_parser("drain", help="stop sending work to a process").add_argument(
-        "id", help="process id, e.g. worker-0 or frontend-1"
+    sub.add_parser(
+        "drain", help="drain the whole server (default) or retire one worker gracefully"
+    ).add_argument(
+        "id",
+        nargs="?",
+        default="server",
+        help="'server' (readiness 503, new requests get a fast 503, undo with resume) or "
+        "a worker id like worker-0",
     )
     sub.add_parser("restart", help="replace a process, or all of them one by one").add_argument(
         "id", help="process id, or 'all'"

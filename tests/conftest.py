@@ -128,7 +128,8 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         sock = str(tmp_path / f"admin-{port}.sock")
         log_path = tmp_path / f"server-{port}.log"
         full_env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), **(env or {})}
-        full_env.pop("NOTIFY_SOCKET", None)
+        if "NOTIFY_SOCKET" not in (env or {}):
+            full_env.pop("NOTIFY_SOCKET", None)  # never talk to a real systemd from tests
         cmd = [
             sys.executable,
             "-m",

@@ -300,11 +300,19 @@ def test_bytes_model_input_json_and_binary() -> None:
     assert r.payload.tolist() == [[b"hi", b"there"]]
     raw = serialize_bytes([b"a", b"bc"])
     r = decode(
-        {"inputs": [{"name": "INPUT0", "datatype": "BYTES", "shape": [2, 1],
-                     "parameters": {"binary_data_size": len(raw)}}]},
+        {
+            "inputs": [
+                {
+                    "name": "INPUT0",
+                    "datatype": "BYTES",
+                    "shape": [2, 1],
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ]
+        },
         raw,
         spec=spec,
-    )  # fmt: skip
+    )
     assert r.payload.tolist() == [[b"a"], [b"bc"]]
     e = err({"inputs": [tensor(datatype="BYTES", shape=[1, 2], data=[1, 2])]}, spec=spec)
     assert "strings" in e.message

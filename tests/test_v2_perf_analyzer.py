@@ -46,11 +46,26 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def run_pa(pa: Path, server: Server, *args: str) -> dict[int, tuple[float, int]]:
     """Run perf_analyzer; returns {concurrency: (infer/sec, avg latency usec)}."""
     cmd = [
-        str(pa), "-m", "id", "-u", f"127.0.0.1:{server.port}", "-i", "http", "-b", "1",
-        "--shape", "INPUT0:16", "--measurement-interval", "1000",
+        str(pa),
+        "-m",
+        "id",
+        "-u",
+        f"127.0.0.1:{server.port}",
+        "-i",
+        "http",
+        "-b",
+        "1",
+        "--shape",
+        "INPUT0:16",
+        "--measurement-interval",
+        "1000",
         # a shared CI box is noisy: accept any three windows rather than chase stability
-        "--stability-percentage", "100", "--max-trials", "5", *args,
-    ]  # fmt: skip
+        "--stability-percentage",
+        "100",
+        "--max-trials",
+        "5",
+        *args,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     text = out.stdout + out.stderr
     assert out.returncode == 0, f"perf_analyzer exited {out.returncode}:\n{text}\n{server.log()}"
@@ -70,16 +85,36 @@ def test_binary_tensors_concurrency_1_and_4(perf_analyzer: Path, server: Server)
 
 def test_json_tensors(perf_analyzer: Path, server: Server) -> None:
     found = run_pa(
-        perf_analyzer, server, "--concurrency-range", "2",
-        "--input-tensor-format", "json", "--output-tensor-format", "json",
-    )  # fmt: skip
+        perf_analyzer,
+        server,
+        "--concurrency-range",
+        "2",
+        "--input-tensor-format",
+        "json",
+        "--output-tensor-format",
+        "json",
+    )
     assert found[2][0] > 0
 
 
 def test_server_side_statistics_are_reported(perf_analyzer: Path, server: Server) -> None:
-    cmd = [str(perf_analyzer), "-m", "id", "-u", f"127.0.0.1:{server.port}", "-i", "http",
-           "--shape", "INPUT0:4", "--measurement-interval", "500", "--stability-percentage",
-           "100", "--concurrency-range", "1"]  # fmt: skip
+    cmd = [
+        str(perf_analyzer),
+        "-m",
+        "id",
+        "-u",
+        f"127.0.0.1:{server.port}",
+        "-i",
+        "http",
+        "--shape",
+        "INPUT0:4",
+        "--measurement-interval",
+        "500",
+        "--stability-percentage",
+        "100",
+        "--concurrency-range",
+        "1",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     m = re.search(r"Server:\s+Inference count: (\d+)\s+Execution count: (\d+)", out.stdout)

@@ -13,13 +13,13 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from conftest import EXAMPLES, Server, free_port
+from conftest import EXAMPLES, Server, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -35,8 +35,19 @@ def serve(tmp: Path, *args: str) -> Iterator[Server]:
     log_path = tmp / f"server-{port}.log"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache")}
     env.pop("NOTIFY_SOCKET", None)
-    cmd = [sys.executable, "-m", "ringserve.supervisor.cli", "serve", "--port", str(port),
-           "--instance", f"t{port}", "--admin-socket", sock, *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "ringserve.supervisor.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--instance",
+        f"t{port}",
+        "--admin-socket",
+        sock,
+        *args,
+    ]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -59,9 +70,16 @@ def serve(tmp: Path, *args: str) -> Iterator[Server]:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("v2proto")
     with serve(
-        tmp, "--frontends", "2", "--model", "id=identity", "--model", "digits=digits",
-        "--set", f"server.max_body_bytes={MAX_BODY}",
-    ) as s:  # fmt: skip
+        tmp,
+        "--frontends",
+        "2",
+        "--model",
+        "id=identity",
+        "--model",
+        "digits=digits",
+        "--set",
+        f"server.max_body_bytes={MAX_BODY}",
+    ) as s:
         yield s
 
 
@@ -83,8 +101,14 @@ def good_json(client: httpx.Client) -> None:
     assert r.json()["outputs"][0]["data"] == [1, 2, 3]
 
 
-def binary_body(arr: np.ndarray, *, size: int | None = None, extra: dict | None = None,
-                outputs: list | None = None, tail: bytes | None = None) -> tuple[bytes, dict]:  # fmt: skip
+def binary_body(
+    arr: np.ndarray,
+    *,
+    size: int | None = None,
+    extra: dict | None = None,
+    outputs: list | None = None,
+    tail: bytes | None = None,
+) -> tuple[bytes, dict]:
     doc: dict = {
         "inputs": [
             {
@@ -141,8 +165,13 @@ def test_model_metadata(client: httpx.Client) -> None:
 def test_model_ready_and_unknowns(client: httpx.Client) -> None:
     assert client.get("/v2/models/id/ready").status_code == 200
     assert client.get("/v2/models/id/versions/1/ready").status_code == 200
-    for path in ("/v2/models/nope", "/v2/models/nope/ready", "/v2/models/nope/config",
-                 "/v2/models/id/versions/2", "/v2/models/id/versions/2/ready"):  # fmt: skip
+    for path in (
+        "/v2/models/nope",
+        "/v2/models/nope/ready",
+        "/v2/models/nope/config",
+        "/v2/models/id/versions/2",
+        "/v2/models/id/versions/2/ready",
+    ):
         r = client.get(path)
         assert r.status_code == 404, path
         assert "error" in r.json()
@@ -194,9 +223,11 @@ def test_json_infer_flat_and_nested_and_id_echo(client: httpx.Client) -> None:
     for data in (x, [v for row in x for v in row]):
         r = client.post(
             "/v2/models/id/versions/1/infer",
-            json={"id": "req-42", "inputs": [
-                {"name": "INPUT0", "datatype": "FP32", "shape": [2, 3], "data": data}]},
-        )  # fmt: skip
+            json={
+                "id": "req-42",
+                "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [2, 3], "data": data}],
+            },
+        )
         assert r.status_code == 200, r.text
         assert r.headers["content-type"].startswith("application/json")
         assert r.headers["x-request-id"] == "req-42"
@@ -204,9 +235,15 @@ def test_json_infer_flat_and_nested_and_id_echo(client: httpx.Client) -> None:
             "model_name": "id",
             "model_version": "1",
             "id": "req-42",
-            "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [2, 3],
-                         "data": [1.5, 2, 3, 4, 5, 6]}],
-        }  # fmt: skip
+            "outputs": [
+                {
+                    "name": "OUTPUT0",
+                    "datatype": "FP32",
+                    "shape": [2, 3],
+                    "data": [1.5, 2, 3, 4, 5, 6],
+                }
+            ],
+        }
 
 
 def test_digits_json_sample_is_a_3(client: httpx.Client) -> None:
@@ -214,9 +251,17 @@ def test_digits_json_sample_is_a_3(client: httpx.Client) -> None:
     arr = np.asarray(data, np.float32).reshape(1, 8, 8)  # one row: the batch dim is explicit
     r = client.post(
         "/v2/models/digits/infer",
-        json={"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": list(arr.shape),
-                          "data": arr.ravel().tolist()}]},
-    )  # fmt: skip
+        json={
+            "inputs": [
+                {
+                    "name": "INPUT0",
+                    "datatype": "FP32",
+                    "shape": list(arr.shape),
+                    "data": arr.ravel().tolist(),
+                }
+            ]
+        },
+    )
     assert r.status_code == 200, r.text
     out = r.json()["outputs"][0]
     assert out["shape"] == [1, 10]
@@ -248,9 +293,11 @@ def test_binary_input(client: httpx.Client, binary_out: bool) -> None:
 def test_binary_output_for_json_input_via_request_parameter(client: httpx.Client) -> None:
     r = client.post(
         "/v2/models/id/infer",
-        json={"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 2], "data": [7, 8]}],
-              "parameters": {"binary_data_output": True}},
-    )  # fmt: skip
+        json={
+            "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 2], "data": [7, 8]}],
+            "parameters": {"binary_data_output": True},
+        },
+    )
     assert r.status_code == 200
     n = int(r.headers["inference-header-content-length"])
     assert np.frombuffer(r.content[n:], np.float32).tolist() == [7, 8]
@@ -303,8 +350,9 @@ def test_json_refusals(
     client: httpx.Client, case: str, doc: object, status: int, words: str
 ) -> None:
     content = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
-    r = client.post("/v2/models/id/infer", content=content,
-                    headers={"Content-Type": "application/json"})  # fmt: skip
+    r = client.post(
+        "/v2/models/id/infer", content=content, headers={"Content-Type": "application/json"}
+    )
     assert r.status_code == status, r.text
     assert words in r.json()["error"]
     assert r.headers["x-request-id"]
@@ -315,9 +363,17 @@ def test_digits_fixed_dims(client: httpx.Client) -> None:
     for shape, words in (([1, 8, 9], "does not match the model's [-1, 8, 8]"), ([1, 64], "rank")):
         r = client.post(
             "/v2/models/digits/infer",
-            json={"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": shape,
-                              "data": [0.0] * int(np.prod(shape))}]},
-        )  # fmt: skip
+            json={
+                "inputs": [
+                    {
+                        "name": "INPUT0",
+                        "datatype": "FP32",
+                        "shape": shape,
+                        "data": [0.0] * int(np.prod(shape)),
+                    }
+                ]
+            },
+        )
         assert r.status_code == 400
         assert words in r.json()["error"]
         good_json(client)
@@ -362,10 +418,23 @@ def test_binary_refusals(
 
 def test_binary_bytes_input_to_fp32_model(client: httpx.Client) -> None:
     raw = b"\x01\x00\x00\x00a\x01\x00\x00\x00b"
-    head = json.dumps({"inputs": [{"name": "INPUT0", "datatype": "BYTES", "shape": [1, 2],
-                                   "parameters": {"binary_data_size": len(raw)}}]}).encode()  # fmt: skip
-    r = client.post("/v2/models/id/infer", content=head + raw,
-                    headers={"Inference-Header-Content-Length": str(len(head))})  # fmt: skip
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "INPUT0",
+                    "datatype": "BYTES",
+                    "shape": [1, 2],
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ]
+        }
+    ).encode()
+    r = client.post(
+        "/v2/models/id/infer",
+        content=head + raw,
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )
     assert r.status_code == 400
     assert "BYTES does not match the model's FP32" in r.json()["error"]
     good_json(client)
@@ -401,3 +470,37 @@ def test_body_over_the_limit_is_413(server: Server) -> None:
     with server.client() as c:
         good_json(c)
         assert c.get("/v2/health/ready").status_code == 200
+
+
+def test_drain_and_pause_make_ready_and_infer_503(server: Server, client: httpx.Client) -> None:
+    for command in ("drain", "pause"):
+        server.ctl(*((command, "server") if command == "drain" else (command,)))
+        try:
+            r = client.get("/v2/health/ready")
+            assert r.status_code == 503, command
+            assert "error" in r.json()
+            r = client.post("/v2/models/id/infer", json={"inputs": [_t()]})
+            assert r.status_code == 503, command
+            assert "retry-after" in r.headers
+            assert client.get("/v2/health/live").status_code == 200
+        finally:
+            server.ctl("resume")
+        assert client.get("/v2/health/ready").status_code == 200
+        good_json(client)
+
+
+def test_model_without_a_ready_worker_is_503(start_server: Callable[..., Server]) -> None:
+    server = start_server("--model", "id=identity", frontends=1)
+    with server.client() as c:
+        assert c.get("/v2/models/id/ready").status_code == 200
+        server.ctl("drain", "worker-0")  # retired: no replacement
+        wait_until(lambda: c.get("/v2/models/id/ready").status_code == 503, 30, "model unready")
+        r = c.get("/v2/models/id/ready")
+        assert r.headers["retry-after"]
+        assert "not ready" in r.json()["error"]
+        r = c.post("/v2/models/id/infer", json={"inputs": [_t()]})
+        assert r.status_code == 503
+        assert r.headers["retry-after"]
+        assert c.get("/v2/health/ready").status_code == 503
+        # metadata is still known from what the worker published
+        assert c.get("/v2/models/id").json()["inputs"][0]["name"] == "INPUT0"

@@ -156,8 +156,11 @@ def test_errors_surface_as_exceptions(client: httpclient.InferenceServerClient) 
     assert e.value.status() == "400"
     assert "FP64" in e.value.message()
     with pytest.raises(InferenceServerException) as e:
-        client.infer("id", [infer_input(np.ones((1, 2), np.float32))],
-                     outputs=[httpclient.InferRequestedOutput("NOPE")])  # fmt: skip
+        client.infer(
+            "id",
+            [infer_input(np.ones((1, 2), np.float32))],
+            outputs=[httpclient.InferRequestedOutput("NOPE")],
+        )
     assert "NOPE" in e.value.message()
     with pytest.raises(InferenceServerException) as e:
         client.infer("digits", [infer_input(np.ones((1, 8, 9), np.float32))])

@@ -41,3 +41,31 @@ class Poison(Handler):
         if bool((first == 13).any()):
             raise ValueError("13 is unlucky")
         return batch * 1
+
+
+class Leaky(Handler):
+    """Identity that keeps 1 MiB per batch forever: a real, private, growing leak."""
+
+    inputs = (TensorSpec("INPUT0", "float32", (-1,)),)
+    outputs = (TensorSpec("OUTPUT0", "float32", (-1,)),)
+    hoard: list = []  # the leak is the point
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        chunk = bytearray(2**20)
+        chunk[::4096] = b"x" * len(chunk[::4096])  # touch every page: counted in USS
+        self.hoard.append(chunk)
+        return batch
+
+
+class FailsToLoad(Handler):
+    inputs = (TensorSpec("INPUT0", "float32", (-1,)),)
+    outputs = (TensorSpec("OUTPUT0", "float32", (-1,)),)
+
+    def load(self, device: torch.device) -> None:
+        raise RuntimeError("weights file is corrupt")
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch
