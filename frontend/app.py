@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -32,6 +33,8 @@ from ringserve.ipc.arena import Arena
 from ringserve.ipc.config import Settings
 from ringserve.ipc.errors import QueueFull
 from ringserve.ipc.layout import PayloadKind, Status
+
+access_log = logging.getLogger("ringserve.access")
 
 REQUEST_ID_HEADER = "x-request-id"
 TIMEOUT_HEADER = "x-request-timeout-ms"
@@ -199,6 +202,28 @@ def _format_result(info: ModelInfo, output: np.ndarray, batched: bool) -> Any:
     return output.tolist() if batched else output[0].tolist()
 
 
+def log_access(
+    state: FrontendState,
+    rid: str,
+    model: str,
+    status: int,
+    seconds: float,
+    completed: Completed | None,
+) -> None:
+    """One structured line per request when ``server.access_log`` is on (else free)."""
+    if not state.settings.server.access_log:
+        return
+    extra = {
+        "request_id": rid,
+        "model": model,
+        "status": status,
+        "latency_ms": round(seconds * 1000, 3),
+    }
+    if completed is not None:
+        extra["batch_id"] = completed.batch_id
+    access_log.info("%s %s %d %.3f ms", rid, model, status, seconds * 1000, extra=extra)
+
+
 def make_predict(state: FrontendState) -> Callable[[Request], Awaitable[Response]]:
     async def predict(request: Request) -> Response:
         t0 = time.perf_counter()
@@ -244,10 +269,12 @@ def make_predict(state: FrontendState) -> Callable[[Request], Awaitable[Response
             completed = await infer(state, request, info, payload, kind, rows, rid)
         except HTTPError as err:
             state.metrics.request(name, err.status, time.perf_counter() - t0)
+            log_access(state, rid, name, err.status, time.perf_counter() - t0, None)
             return error_response(err, rid)
         assert completed.output is not None
         latency = time.perf_counter() - t0
         state.metrics.request(name, 200, latency)
+        log_access(state, rid, name, 200, latency, completed)
         return JSONResponse(
             {
                 "request_id": rid,

@@ -29,6 +29,7 @@ class Completed:
     output: np.ndarray | None  # a private copy (the slot is already free)
     message: str  # error text for non-OK statuses
     batch_size: int
+    batch_id: int
     queue_wait_s: float
     inference_s: float
     attempts: int
@@ -171,6 +172,7 @@ class Dispatcher:
             output=view.copy() if status == Status.OK else None,
             message="" if status == Status.OK else view.tobytes().decode(errors="replace"),
             batch_size=int(rec["batch_size"]),
+            batch_id=int(rec["batch_id"]),
             queue_wait_s=max(0, started - int(rec["enqueued_ns"])) / 1e9,
             inference_s=max(0, finished - started) / 1e9 if status == Status.OK else 0.0,
             attempts=int(rec["attempts"]),

@@ -90,7 +90,7 @@ def main() -> None:
         loop="uvloop",
         http="httptools",
         lifespan="on",
-        access_log=settings.server.access_log,
+        access_log=False,  # ours is structured and cheaper (app.log_access)
         log_config=None,  # uvicorn logs through our handler (text or JSON, tagged)
         log_level=settings.server.log_level,
         timeout_keep_alive=5,

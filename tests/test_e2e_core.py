@@ -381,3 +381,18 @@ def test_sigkill_frontend_is_replaced_and_slots_reclaimed(start_server) -> None:
 
     wait_until(all_free, 30, "the dead frontend's slots to be reclaimed")
     assert server.stop() == 0
+
+
+def test_json_logs_tagged_by_process_with_access_lines(start_server) -> None:
+    server: Server = start_server("--log-format", "json", "--set", "server.access_log=true")
+    with server.client() as c:
+        c.post("/predict", json=DIGIT3, headers={"X-Request-ID": "trace-me"})
+    assert server.stop() == 0
+    records = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    procs = {r["proc"] for r in records}
+    assert {"supervisor", "frontend-0", "worker-0"} <= procs | {"frontend-1"}, procs
+    access = [r for r in records if r.get("request_id") == "trace-me"]
+    assert access and access[0]["status"] == 200 and access[0]["model"] == "digits"
+    assert access[0]["latency_ms"] > 0 and "batch_id" in access[0]
+    noise = [line for line in server.log().splitlines() if line and not line.startswith("{")]
+    assert noise == [], noise[:5]
