@@ -195,6 +195,11 @@ class ArenaCollector:
             "torch.cuda.memory_allocated",
             labels=["model", "worker"],
         )
+        gpu_nvml = GaugeMetricFamily(
+            "ringserve_worker_gpu_nvml_used_bytes",
+            "NVML usedGpuMemory (CUDA context + allocator cache)",
+            labels=["model", "worker"],
+        )
         gpu_res = GaugeMetricFamily(
             "ringserve_worker_gpu_reserved_bytes",
             "torch.cuda.memory_reserved",
@@ -213,6 +218,8 @@ class ArenaCollector:
             start.add_metric(labels, int(rec["started_ns"]) / 1e9 + epoch_offset)
             if rec["role"] == Role.WORKER:
                 wl = [model, str(int(rec["ident"]))]
+                if int(rec["gpu_nvml"]):
+                    gpu_nvml.add_metric(wl, float(rec["gpu_nvml"]))
                 if int(rec["gpu_reserved"]):
                     gpu_alloc.add_metric(wl, float(rec["gpu_allocated"]))
                     gpu_res.add_metric(wl, float(rec["gpu_reserved"]))
@@ -220,3 +227,4 @@ class ArenaCollector:
         yield start
         yield gpu_alloc
         yield gpu_res
+        yield gpu_nvml

@@ -188,6 +188,7 @@ CONTROL = np.dtype(
         ("rss", "<u8"),
         ("uss", "<u8"),
         ("pss", "<u8"),
+        ("gpu_nvml", "<u8"),  # NVML usedGpuMemory (context + allocator cache)
     ],
     align=True,
 )

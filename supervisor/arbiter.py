@@ -36,6 +36,7 @@ from ringserve.ipc.layout import Command, ModelAvailability, ProcState, SlotStat
 from ringserve.ipc.ring import RequestRing, write_error
 from ringserve.supervisor import systemd
 from ringserve.supervisor.children import Child, Phase, spawn
+from ringserve.supervisor.gpu import GpuWatch
 from ringserve.supervisor.memory import MemorySample, MemoryWatch
 from ringserve.supervisor.stats import SupervisorStats
 
@@ -92,9 +93,16 @@ class AdminRequest:
 
 
 class Arbiter:
-    def __init__(self, settings: Settings, listen_sockets: list[socket.socket]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        listen_sockets: list[socket.socket],
+        listen_origins: list[str] | None = None,
+    ) -> None:
         self.settings = settings
         self.listen_sockets = listen_sockets
+        # per socket: "systemd:<name>" (socket activation) or "bound"; for ctl status
+        self.listen_origins = listen_origins or ["bound"] * len(listen_sockets)
         self.selector = selectors.DefaultSelector()
         self.arena: Arena | None = None
         self.rings: list[RequestRing] = []
@@ -109,6 +117,7 @@ class Arbiter:
         self.admin_queue: queue.Queue[AdminRequest] = queue.Queue()
         self.stats = SupervisorStats(settings)
         self.memory = MemoryWatch(settings)
+        self.gpu = GpuWatch()
         self.phase = "starting"  # starting | running | draining | stopping | stopped
         self.ready_notified = False
         self.drain_deadline = 0.0
@@ -174,6 +183,7 @@ class Arbiter:
         signal.set_wakeup_fd(-1)
         if self.admin is not None:
             self.admin.close()
+        self.gpu.close()
         for ring in self.rings:
             ring.close()
         for fd in (*self.model_efds, *self.frontend_efds):
@@ -655,6 +665,7 @@ class Arbiter:
 
     def _sample_memory(self, now: float) -> None:
         assert self.arena is not None
+        gpu_used = self.gpu.used_by_pid() if self.gpu.enabled else {}
         for child in self.all_children():
             if child.returncode is not None:
                 continue
@@ -663,6 +674,7 @@ class Arbiter:
                 continue
             rec = self.arena.control[child.control_index]
             rec["rss"], rec["uss"], rec["pss"] = sample.rss, sample.uss, sample.pss
+            rec["gpu_nvml"] = gpu_used.get(child.pid, 0)
             if child.role == "worker" and child.phase == Phase.READY and self.phase == "running":
                 self._apply_policy(child, sample, rec, now)
 

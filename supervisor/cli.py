@@ -100,16 +100,22 @@ def settings_from_args(ns: argparse.Namespace):  # type: ignore[no-untyped-def]
     return load_settings(ns.config, overrides, models, model_overrides)
 
 
-def listen_sockets(host: str, port: int) -> list[socket.socket]:
-    """Sockets systemd passed us (socket activation), else one we bind ourselves."""
+def listen_sockets(host: str, port: int) -> tuple[list[socket.socket], list[str]]:
+    """Sockets systemd passed us (socket activation), else one we bind ourselves.
+
+    Also returns where each came from (``systemd:<FileDescriptorName>`` or ``bound``),
+    which ``ringserve ctl status`` shows.
+    """
     from ringserve.supervisor import systemd
 
     passed = systemd.listen_fds()
     if passed:
-        socks = [socket.socket(fileno=fd) for fds in passed.values() for fd in fds]
-        for s in socks:
+        named = [
+            (socket.socket(fileno=fd), f"systemd:{n}") for n, fds in passed.items() for fd in fds
+        ]
+        for s, _ in named:
             s.set_inheritable(True)
-        return socks
+        return [s for s, _ in named], [origin for _, origin in named]
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -120,7 +126,7 @@ def listen_sockets(host: str, port: int) -> list[socket.socket]:
         raise ConfigError(f"server.port: cannot listen on {host}:{port}: {e.strerror}") from None
     sock.listen(4096)
     sock.set_inheritable(True)
-    return [sock]
+    return [sock], ["bound"]
 
 
 def serve(argv: Sequence[str]) -> int:
@@ -136,16 +142,17 @@ def serve(argv: Sequence[str]) -> int:
     from ringserve.supervisor.arbiter import Arbiter
 
     try:
-        socks = listen_sockets(settings.server.host, settings.server.port)
+        socks, origins = listen_sockets(settings.server.host, settings.server.port)
         host, port = socks[0].getsockname()[:2]
         log.info(
-            "listening on http://%s:%d (%d frontends; models: %s)",
+            "listening on http://%s:%d (%s socket; %d frontends; models: %s)",
             host,
             port,
+            origins[0],
             settings.server.frontends,
             ", ".join(f"{m.name}={m.handler} x{m.workers}" for m in settings.models),
         )
-        return Arbiter(settings, socks).run()
+        return Arbiter(settings, socks, origins).run()
     except (ArenaError, ConfigError) as e:
         log.error("%s", e)
         return 1

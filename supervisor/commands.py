@@ -7,6 +7,7 @@ the admin server turns into an error reply; nothing a client sends can crash the
 from __future__ import annotations
 
 import dataclasses
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,14 @@ def _worker(arb: Arbiter, name: str) -> WorkerSlot:
         if f"worker-{ws.ident}" == name:
             return ws
     raise AdminCommandError(f"no worker {name!r}")
+
+
+def _address(sock: socket.socket) -> str:
+    addr = sock.getsockname()
+    if isinstance(addr, tuple):
+        host, port = addr[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return addr.decode(errors="replace") if isinstance(addr, bytes) else str(addr)
 
 
 def status(arb: Arbiter) -> dict[str, Any]:
@@ -63,6 +72,7 @@ def status(arb: Arbiter) -> dict[str, Any]:
                 "pss_bytes": int(rec["pss"]),
                 "gpu_allocated_bytes": int(rec["gpu_allocated"]),
                 "gpu_reserved_bytes": int(rec["gpu_reserved"]),
+                "gpu_nvml_used_bytes": int(rec["gpu_nvml"]),
                 "restarts": n_restarts,
                 "last_exit_reason": last_exit,
                 "last_recycle_reason": last_recycle,
@@ -87,6 +97,10 @@ def status(arb: Arbiter) -> dict[str, Any]:
             "paused": bool(arb.arena.header["paused"]),
             "uptime_s": round(now - arb.started, 1),
             "arena": arb.arena.path,
+            "listen": [
+                {"address": _address(sock), "fd": sock.fileno(), "source": origin}
+                for sock, origin in zip(arb.listen_sockets, arb.listen_origins, strict=False)
+            ],
             "rolling_restart_pending": list(arb.rolling),
             "recycles_in_progress": [r.old.name for r in arb.replacements],
             "totals": dict(arb.stats.totals),

@@ -1,0 +1,65 @@
+"""GPU memory per process from NVML (``nvidia-ml-py``), on hosts that have it.
+
+NVML's ``usedGpuMemory`` for a pid includes the CUDA context and the caching
+allocator's reserve (FACTS.md), so it is reported beside the worker's own
+``memory_allocated``/``memory_reserved`` rather than used for leak decisions. On a
+CPU host (no library, no driver) ``GpuWatch`` is simply disabled: no error, no cost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from types import ModuleType
+
+log = logging.getLogger("ringserve.supervisor")
+
+
+def _load_nvml() -> ModuleType | None:
+    try:
+        import pynvml  # provided by the optional nvidia-ml-py dependency
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception as e:  # NVMLError_LibraryNotFound / DriverNotLoaded on CPU hosts
+        log.debug("NVML unavailable: %s", e)
+        return None
+    return pynvml
+
+
+class GpuWatch:
+    def __init__(self, nvml: ModuleType | None = None) -> None:
+        self.nvml = nvml if nvml is not None else _load_nvml()
+        self.handles: list = []
+        if self.nvml is not None:
+            count = self.nvml.nvmlDeviceGetCount()
+            self.handles = [self.nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+            log.info("NVML: watching GPU memory on %d device(s)", count)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.handles)
+
+    def used_by_pid(self) -> dict[int, int]:
+        """Bytes of GPU memory per host pid, summed over devices (one call per sample)."""
+        used: dict[int, int] = {}
+        if self.nvml is None:
+            return used
+        for handle in self.handles:
+            try:
+                procs = self.nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            except Exception as e:
+                log.warning("NVML query failed: %s", e)
+                continue
+            for p in procs:
+                mem = p.usedGpuMemory
+                if mem is not None:  # None when the driver hides it (no permission)
+                    used[p.pid] = used.get(p.pid, 0) + int(mem)
+        return used
+
+    def close(self) -> None:
+        if self.nvml is not None:
+            with contextlib.suppress(Exception):
+                self.nvml.nvmlShutdown()
+            self.nvml = None

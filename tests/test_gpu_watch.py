@@ -1,0 +1,44 @@
+"""NVML per-process GPU memory. The real library needs a GPU, so the only fake in this
+suite stands in for the ``pynvml`` module, behind GpuWatch's one seam (its constructor)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from ringserve.supervisor.gpu import GpuWatch
+
+
+class FakeNvml:
+    def __init__(self, per_device: list[list[tuple[int, int | None]]]) -> None:
+        self.per_device = per_device
+        self.shut = False
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.per_device)
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+        return i
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list:
+        if handle == 99:
+            raise RuntimeError("gone")
+        return [SimpleNamespace(pid=p, usedGpuMemory=m) for p, m in self.per_device[handle]]
+
+    def nvmlShutdown(self) -> None:
+        self.shut = True
+
+
+def test_sums_per_pid_across_devices_and_skips_hidden() -> None:
+    nvml = FakeNvml([[(10, 100), (11, None)], [(10, 50), (12, 7)]])
+    watch = GpuWatch(nvml)  # type: ignore[arg-type]
+    assert watch.enabled
+    assert watch.used_by_pid() == {10: 150, 12: 7}
+    watch.close()
+    assert nvml.shut
+
+
+def test_cpu_host_is_disabled_without_error() -> None:
+    watch = GpuWatch()  # no nvidia-ml-py installed here, or no driver: disabled
+    if not watch.enabled:
+        assert watch.used_by_pid() == {}
+    watch.close()
