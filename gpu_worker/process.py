@@ -92,18 +92,23 @@ class Worker:
         except Exception:
             log.exception("model %s (%s) failed to load", self.model.name, self.model.handler)
             sys.exit(ExitCode.MODEL_LOAD)
-        self._publish_spec()
         preferred = self.model.batching.preferred_batch_size
+        rates: dict[int, float] = {}
         if not preferred:
             profile = throughput_profile(self.handler, self.model, self.control.beat)
-            preferred = profile.preferred
+            preferred, rates = profile.preferred, profile.rows_per_s
             log.info(
                 "model %s batch profile (rows/s by size): %s -> preferred %d",
                 self.model.name,
-                profile.rows_per_s,
+                {k: round(v) for k, v in rates.items()},
                 preferred,
             )
-            self.arena.control[self.control.index]["rows"] = 0
+        self._publish_spec(
+            {
+                "preferred_batch_size": preferred,
+                "batch_profile": {str(k): round(v, 1) for k, v in rates.items()},
+            }
+        )
         self.batcher = Batcher(
             BatchPolicy(
                 max_batch_size=self.model.batching.max_batch_size,
@@ -114,9 +119,10 @@ class Worker:
         self.control.set_state(ProcState.READY)
         log.info("worker %d ready: model %s on %s", self.spec.ident, self.model.name, device)
 
-    def _publish_spec(self) -> None:
+    def _publish_spec(self, extra: dict) -> None:
+        """Metadata for frontends (validation, v2 metadata) and ``ctl status``."""
         assert self.handler is not None
-        blob = json.dumps(self.handler.describe()).encode()
+        blob = json.dumps({**self.handler.describe(), **extra}).encode()
         entry = self.arena.models[self.spec.model_index]
         if len(blob) > MODEL_ENTRY["spec"].itemsize:
             raise ArenaError(f"model {self.model.name}: metadata too large to publish")

@@ -3,7 +3,7 @@
 One arena file per server instance lives in ``/dev/shm`` (see ``segments.py``)::
 
     offset 0      ArenaHeader     4096 B   magic, version, sizes, draining/paused flags
-                  ModelTable      n_models x 8192 B   handler-declared spec (JSON), spec version
+                  ModelTable      n_models x 64 KiB   handler-declared spec (JSON), spec version
                   RingBlock       n_models x (64 B head/tail + capacity x u64 entries)
                   ControlBlock    n_procs x 256 B     one per process slot (heartbeat, state, ...)
                   SlotHeader      n_slots x 512 B     request/response metadata
@@ -42,7 +42,7 @@ VERSION = 1
 
 PAGE = 4096
 ARENA_HEADER_BYTES = PAGE
-MODEL_ENTRY_BYTES = 8192
+MODEL_ENTRY_BYTES = 64 * 1024  # room for 1000 class labels
 RING_HEADER_BYTES = 64
 CONTROL_BYTES = 256
 SLOT_HEADER_BYTES = 512

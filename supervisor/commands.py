@@ -7,6 +7,7 @@ the admin server turns into an error reply; nothing a client sends can crash the
 from __future__ import annotations
 
 import dataclasses
+import json
 import socket
 import time
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,17 @@ def _address(sock: socket.socket) -> str:
         host, port = addr[:2]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return addr.decode(errors="replace") if isinstance(addr, bytes) else str(addr)
+
+
+def _published(arb: Arbiter, model: int) -> dict[str, Any]:
+    """What the model's workers published: the batch profile and preferred size."""
+    assert arb.arena is not None
+    entry = arb.arena.models[model]
+    try:
+        spec = json.loads(bytes(entry["spec"])[: int(entry["spec_len"])] or b"{}")
+    except ValueError:
+        return {}
+    return {k: spec[k] for k in ("preferred_batch_size", "batch_profile", "device") if k in spec}
 
 
 def status(arb: Arbiter) -> dict[str, Any]:
@@ -86,6 +98,7 @@ def status(arb: Arbiter) -> dict[str, Any]:
             "workers": sum(1 for ws in arb.workers if ws.model_index == i and not ws.retired),
             "ready": ready[i],
             "queue_depth": arb.rings[i].depth(),
+            **_published(arb, i),
         }
         for i, m in enumerate(arb.settings.models)
     ]
