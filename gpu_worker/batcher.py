@@ -51,11 +51,15 @@ class Batcher:
         self.clock = clock
         self._last_batch_end: float | None = None
 
-    def batch_finished(self) -> None:
-        self._last_batch_end = self.clock()
+    def batch_finished(self, backlog: int = 1) -> None:
+        """Record the end of a batch and how many requests were already waiting then."""
+        self._last_batch_end = self.clock() if backlog > 0 else None
 
     def device_busy(self) -> bool:
-        """Busy = the previous batch ended within one queue delay (we are under load)."""
+        """Busy = work piled up while the previous batch ran, and it ended within one
+        queue delay: we are running back to back under load. A client that sends its
+        next request right after the last answer (concurrency 1) left no backlog, so its
+        request runs at once instead of waiting for company that will not come."""
         if self._last_batch_end is None:
             return False
         return self.clock() - self._last_batch_end <= self.policy.max_queue_delay_s

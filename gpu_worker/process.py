@@ -139,7 +139,7 @@ class Worker:
             claimed = self._collect(interval)
             if claimed:
                 self._run_batch(claimed)
-                self.batcher.batch_finished()  # type: ignore[union-attr]
+                self.batcher.batch_finished(self.ring.depth())  # type: ignore[union-attr]
             self.control.beat()
         self.control.set_state(ProcState.STOPPED)
         return ExitCode.RECYCLE if self._stop_requested_by_supervisor else ExitCode.OK

@@ -410,3 +410,16 @@ def test_choose_preferred_property():
         assert chosen in profile
         assert profile[chosen] >= 0.97 * best
         assert all(profile[s] < 0.97 * best for s in sizes if s < chosen)
+
+
+def test_no_backlog_at_batch_end_means_idle():
+    """Concurrency 1: the next request arrives right after the answer, with nothing
+    queued when the batch ended; it must not wait for company."""
+    now = [100.0]
+    b = Batcher(BatchPolicy(max_batch_size=32, max_queue_delay_s=0.002), clock=lambda: now[0])
+    b.batch_finished(backlog=0)
+    now[0] += 0.0005
+    assert not b.device_busy()
+    assert b.wait_time(1, now[0]) == 0.0
+    b.batch_finished(backlog=3)
+    assert b.device_busy()
