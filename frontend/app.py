@@ -248,7 +248,8 @@ def make_predict(state: FrontendState) -> Callable[[Request], Awaitable[Response
                 # (curl -d sends form-urlencoded by default; the body is still our JSON)
                 try:
                     doc = json.loads(body)
-                except (ValueError, UnicodeDecodeError) as e:
+                except (ValueError, UnicodeDecodeError, RecursionError) as e:
+                    # RecursionError: nesting deeper than the interpreter's stack allows
                     raise bad_request(f"malformed JSON: {e}") from None
                 if not isinstance(doc, dict) or "data" not in doc:
                     raise unprocessable('body must be a JSON object with a "data" field')
@@ -299,6 +300,8 @@ def build_app(state: FrontendState, extra_routes: list[Route] | None = None) -> 
         reasons = []
         if state.arena.draining:
             reasons.append("draining")
+        if state.arena.paused:
+            reasons.append("intake paused")
         reasons += [f"model {n} has no ready worker" for n, c in models.items() if c == 0]
         body = {"ready": not reasons, "workers_ready": models}
         if reasons:

@@ -51,9 +51,16 @@ def cast(arr: np.ndarray, dtype: str) -> np.ndarray:
         raise unprocessable(f"input must hold integers for dtype {dtype}")
     if target.kind == "f" and arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
         raise unprocessable("input holds NaN or Inf, which ringserve refuses")
-    if target.kind in "iu" and arr.size:
-        info = np.iinfo(target)
-        if arr.min() < info.min or arr.max() > info.max:
+    if arr.size and target.kind in "iuf" and arr.dtype.kind in "iuf" and arr.dtype != target:
+        # Compared as Python numbers, exactly: a value the target cannot hold would wrap
+        # (integers) or become Inf (floats, e.g. 1e39 as float32) in the cast below.
+        if target.kind == "f":
+            lo, hi = -float(np.finfo(target).max), float(np.finfo(target).max)
+            low, high = float(arr.min()), float(arr.max())
+        else:
+            info = np.iinfo(target)
+            lo, hi, low, high = info.min, info.max, int(arr.min()), int(arr.max())
+        if low < lo or high > hi:
             raise unprocessable(f"input values out of range for {dtype}")
     return np.ascontiguousarray(arr, dtype=target)
 

@@ -268,7 +268,8 @@ def decode_request(
     """Validate an infer request against the model's one input and output."""
     try:
         doc = json.loads(bytes(header))
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        # RecursionError: nesting deeper than the interpreter's stack allows
         raise bad_request(f"malformed JSON: {e}") from None
     if not isinstance(doc, dict):
         raise bad_request("infer request must be a JSON object")

@@ -146,6 +146,7 @@ def test_status_json(server: AdminServer, capsys: pytest.CaptureFixture[str]) ->
     ("argv", "cmd", "args", "line"),
     [
         (["drain", "worker-0"], "drain", {"id": "worker-0"}, "drain worker-0: ok"),
+        (["drain"], "drain", {"id": "server"}, "drain server: ok"),
         (["restart", "all"], "restart", {"id": "all"}, "restart all: ok"),
         (["restart", "frontend-1"], "restart", {"id": "frontend-1"}, "restart frontend-1: ok"),
         (["recycle", "worker-1"], "recycle", {"id": "worker-1"}, "recycle worker-1: ok"),
@@ -189,7 +190,7 @@ def test_unreachable_socket_exits_2(sock_dir: str, capsys: pytest.CaptureFixture
 
 @pytest.mark.parametrize(
     "argv",
-    [[], ["frobnicate"], ["scale", "digits", "-1"], ["drain"], ["--timeout", "0", "status"],
+    [[], ["frobnicate"], ["scale", "digits", "-1"], ["scale", "digits"], ["--timeout", "0", "status"],
      ["--port", "1", "--instance", "x", "status"]],
 )  # fmt: skip
 def test_usage_errors_exit_2(

@@ -84,7 +84,7 @@ def test_sighup_rolling_restart_under_load(start_server) -> None:
                 not ({p["pid"] for p in server.children()} & before)
                 and not server.ctl("status")["server"]["rolling_restart_pending"]
             ),
-            90,
+            180,
             "every process to be replaced",
         )
 
