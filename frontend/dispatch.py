@@ -139,11 +139,12 @@ class Dispatcher:
             np.copyto(self.arena.data_array(slot, payload.dtype, payload.shape), payload)
         rec["enqueued_ns"] = time.monotonic_ns()
         try:
-            self.rings[model].push(slot, self.max_queue_depth)
+            sleeping = self.rings[model].push(slot, self.max_queue_depth)
         except QueueFull:
             self._release(slot)
             raise
-        wake.signal(self.model_efds[model])
+        if sleeping:
+            wake.signal(self.model_efds[model])
         assert self._loop is not None
         self.pending[slot] = self._loop.create_future()
         return slot

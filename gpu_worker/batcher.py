@@ -64,13 +64,27 @@ class Batcher:
             return False
         return self.clock() - self._last_batch_end <= self.policy.max_queue_delay_s
 
-    def wait_time(self, pending_rows: int, oldest_enqueued_s: float | None) -> float | None:
-        """Seconds to wait before dispatching: 0 = now; None = nothing queued."""
+    def wait_time(
+        self,
+        pending_rows: int,
+        oldest_enqueued_s: float | None,
+        newest_enqueued_s: float | None = None,
+    ) -> float | None:
+        """Seconds to wait before dispatching: 0 = now; None = nothing queued.
+
+        While busy we wait for company, but only while it keeps coming: at most
+        ``max_queue_delay`` after the oldest request, and at most a quarter of that
+        after the newest one (a pause in arrivals means the batch is as full as it gets).
+        """
         if pending_rows <= 0 or oldest_enqueued_s is None:
             return None
         if pending_rows >= self.policy.target or not self.device_busy():
             return 0.0
-        return max(0.0, oldest_enqueued_s + self.policy.max_queue_delay_s - self.clock())
+        now = self.clock()
+        until = oldest_enqueued_s + self.policy.max_queue_delay_s
+        if newest_enqueued_s is not None:
+            until = min(until, newest_enqueued_s + self.policy.max_queue_delay_s / 4)
+        return max(0.0, until - now)
 
     def select(
         self, items: Iterable[Pending]

@@ -172,23 +172,34 @@ class Worker:
         target = self.batcher.policy.target
         claimed = self.ring.pop(target, self.control.index, os.getpid())
         if not claimed:
-            if wake.wait(self.model_efd, idle_timeout_s):
-                wake.drain(self.model_efd)
+            self._sleep(idle_timeout_s)
             return []
         rows = sum(c.rows for c in claimed)
+        slots = self.arena.slots
         while rows < target and claimed[0].attempts == 1:
-            oldest = int(self.arena.slots["enqueued_ns"][claimed[0].slot]) / 1e9
-            delay = self.batcher.wait_time(rows, oldest)
+            oldest = int(slots["enqueued_ns"][claimed[0].slot]) / 1e9
+            newest = int(slots["enqueued_ns"][claimed[-1].slot]) / 1e9
+            delay = self.batcher.wait_time(rows, oldest, newest)
             if not delay:
                 break
-            if wake.wait(self.model_efd, delay):
-                wake.drain(self.model_efd)
+            self._sleep(delay)
             more = self.ring.pop(target - rows, self.control.index, os.getpid(), fresh_only=True)
+            if not more:
+                break  # the stream paused: waiting longer only adds latency
             claimed.extend(more)
             rows += sum(c.rows for c in more)
         if self.ring.depth() > 0:
             wake.signal(self.model_efd)  # pass the baton to an idle sibling
         return claimed
+
+    def _sleep(self, timeout_s: float) -> None:
+        """Wait for a push (or the timeout); pushers signal only while we are counted."""
+        self.ring.going_to_sleep()
+        try:
+            if self.ring.depth() == 0 and wake.wait(self.model_efd, timeout_s):
+                wake.drain(self.model_efd)
+        finally:
+            self.ring.woke()
 
     # -- running a batch -------------------------------------------------------------------
 

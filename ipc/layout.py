@@ -159,7 +159,14 @@ MODEL_ENTRY = np.dtype(
     ]
 )
 
-RING_HEADER = np.dtype([("head", "<u8"), ("tail", "<u8"), ("pad", "V48")])
+RING_HEADER = np.dtype(
+    [
+        ("head", "<u8"),
+        ("tail", "<u8"),
+        ("sleepers", "<u4"),  # workers about to wait for work: only then do pushers signal
+        ("pad", "V44"),
+    ]
+)
 
 CONTROL = np.dtype(
     [

@@ -108,8 +108,13 @@ class RequestRing:
         self._entries[tail % self._cap] = entry(slot, generation)
         h["tail"] = tail + 1
 
-    def push(self, slot: int, max_depth: int | None = None) -> None:
-        """Publish a WRITING slot (header and payload already written) as QUEUED."""
+    def push(self, slot: int, max_depth: int | None = None) -> bool:
+        """Publish a WRITING slot (header and payload already written) as QUEUED.
+
+        Returns True when a worker is (about to be) asleep and must be signalled: the
+        caller then writes the model's eventfd; under load nobody sleeps and the syscall
+        (and the needless wake-up it causes) is saved.
+        """
         slots = self.arena.slots
         with self.locked():
             if max_depth is not None and self.depth() >= max_depth:
@@ -117,6 +122,20 @@ class RequestRing:
             self._append(slot, int(slots["generation"][slot]))
             pause_point("ring.push.before_state")
             slots["state"][slot] = SlotState.QUEUED
+            return bool(self._head["sleepers"][0])
+
+    def going_to_sleep(self) -> None:
+        """A worker found nothing (or too little) and will wait on the eventfd.
+
+        Counted under the lock, so a push that follows sees it and signals; a push that
+        came first is seen by the caller's next pop. Always pair with ``woke``.
+        """
+        with self.locked():
+            self._head["sleepers"] = int(self._head["sleepers"][0]) + 1
+
+    def woke(self) -> None:
+        with self.locked():
+            self._head["sleepers"] = max(0, int(self._head["sleepers"][0]) - 1)
 
     def pop(
         self, max_rows: int, worker: int, worker_pid: int, fresh_only: bool = False
