@@ -35,6 +35,7 @@ from ringserve.ipc.errors import ExitCode
 from ringserve.ipc.layout import Command, ModelAvailability, ProcState, SlotState, Status
 from ringserve.ipc.ring import RequestRing, write_error
 from ringserve.supervisor import systemd
+from ringserve.supervisor.admin import AdminCommandError
 from ringserve.supervisor.children import Child, Phase, spawn
 from ringserve.supervisor.gpu import GpuWatch
 from ringserve.supervisor.memory import MemorySample, MemoryWatch
@@ -129,6 +130,7 @@ class Arbiter:
         self._next_sample = 0.0
         self._status_line = ""
         self.admin = None
+        self._closing = False
 
     # == set-up and tear-down ================================================================
 
@@ -181,6 +183,8 @@ class Arbiter:
 
     def teardown(self) -> None:
         signal.set_wakeup_fd(-1)
+        self._closing = True
+        self._fail_pending_admin()
         if self.admin is not None:
             self.admin.close()
         self.gpu.close()
@@ -713,6 +717,8 @@ class Arbiter:
 
     def _admin_dispatch(self, cmd: str, args: dict[str, Any]) -> Any:
         """Runs in the admin thread: hand the request to the loop and wait for its answer."""
+        if self._closing:
+            raise AdminCommandError("server is shutting down")
         req = AdminRequest(cmd, args)
         self.admin_queue.put(req)
         os.write(self._wake_w, b"\0")
@@ -721,6 +727,15 @@ class Arbiter:
         if req.error is not None:
             raise req.error
         return req.result
+
+    def _fail_pending_admin(self) -> None:
+        while True:
+            try:
+                req = self.admin_queue.get_nowait()
+            except queue.Empty:
+                return
+            req.error = AdminCommandError("server is shutting down")
+            req.done.set()
 
     def _run_admin(self, req: AdminRequest) -> None:
         from ringserve.supervisor.commands import run_command
