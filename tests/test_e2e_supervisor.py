@@ -288,3 +288,38 @@ def test_systemd_notify_protocol(start_server, tmp_path: Path) -> None:
     wait_until(lambda: seen("STOPPING=1"), 10, "STOPPING")
     assert server.proc.wait(60) == 0
     notify.close()
+
+
+@pytest.mark.parametrize("how", ["second SIGTERM", "SIGQUIT"])
+def test_fast_shutdown(start_server, how: str) -> None:
+    server: Server = start_server(
+        "--model",
+        "slow=python:support.fake_handlers:Slow",
+        "--drain-timeout",
+        "60",
+        "--max-batch-size",
+        "1",
+        env=HANDLER_ENV,
+    )
+
+    async def scenario() -> list:
+        task = asyncio.ensure_future(
+            _fire(server.url, [("/v1/models/slow/predict", {"json": {"data": [4000.0]}})] * 4, 4)
+        )
+        await asyncio.sleep(0.5)
+        if how == "SIGQUIT":
+            server.proc.send_signal(signal.SIGQUIT)
+        else:
+            server.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            server.proc.send_signal(signal.SIGTERM)
+        return await task
+
+    t0 = time.monotonic()
+    responses = asyncio.run(scenario())
+    assert server.proc.wait(30) == 0
+    took = time.monotonic() - t0
+    # Queued requests were answered 503; the one in the model was cut short. No drain wait.
+    assert took < 20, f"fast shutdown took {took:.1f} s (drain timeout is 60 s)"
+    codes = [r.status_code if isinstance(r, httpx.Response) else "transport" for r in responses]
+    assert 503 in codes, codes
