@@ -1,0 +1,368 @@
+"""Our shipped nginx site (systemd/nginx-ringserve.conf) in front of real ringserve
+processes, under load, while ringserve restarts, loses processes and drains.
+
+nginx runs unprivileged-style from a temporary prefix (``nginx -p DIR -c DIR/nginx.conf``
+with its pid file, logs and temp paths in DIR) and is stopped with SIGQUIT. The site file
+is used as shipped; only what must change for a test is rewritten: the listen address,
+the log paths and the upstream servers' addresses. CI installs nginx (Debian
+``nginx-light``); a missing nginx is a failure, not a skip.
+
+Every scenario sends open-loop load (``support.load``) through nginx for the whole
+disruption and asserts that clients see no non-2xx answer and no transport error: a
+draining frontend's fast 503 and a dead frontend's reset connection are retried by
+nginx (``proxy_next_upstream ... http_503 non_idempotent``). Run with ``pytest -s`` to
+see the counts per scenario.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from conftest import REPO, Server, free_port, wait_until
+from support.load import LoadResult, load_during
+
+from ringserve.ipc.arena import Arena
+from ringserve.ipc.layout import SlotState
+
+pytestmark = pytest.mark.e2e
+
+SITE = REPO / "systemd" / "nginx-ringserve.conf"
+SHIPPED_SERVER = "server 127.0.0.1:8000 max_fails=0;"
+
+# nginx.conf around the site file (which lives in the http{} context).
+MAIN_CONF = """\
+{user}daemon off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    access_log {d}/access.log;
+{site}
+}}
+"""
+
+
+def nginx_binary() -> str:
+    path = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
+    assert path, "nginx is missing: CI must install it (apt-get install nginx-light)"
+    return path
+
+
+def multi_host_params(site: str) -> str:
+    """The server parameters the site documents for ringserve on several hosts."""
+    m = re.search(r"#\s*server 10\.0\.0\.\d+:\d+ ([^;]+);", site)
+    assert m, "the site no longer documents the several-hosts form of the upstream"
+    return m.group(1)
+
+
+def site_for(ports: list[int], listen_port: int, log_dir: Path) -> str:
+    """The shipped site, rewritten to listen on ``listen_port`` and proxy to ``ports``.
+
+    One ringserve instance: the shipped upstream (one address listed three times, so
+    nginx may retry), with our port. Several: the documented several-hosts form.
+    """
+    site = SITE.read_text()
+    assert site.count(SHIPPED_SERVER) == 3, "upstream block changed: update this test"
+    assert site.count("listen 80;") == 1
+    if len(ports) == 1:
+        site = site.replace(SHIPPED_SERVER, f"server 127.0.0.1:{ports[0]} max_fails=0;")
+    else:
+        params = multi_host_params(site)
+        lines = "\n    ".join(f"server 127.0.0.1:{p} {params};" for p in ports)
+        first = site.index(SHIPPED_SERVER)
+        last = site.rindex(SHIPPED_SERVER) + len(SHIPPED_SERVER)
+        site = site[:first] + lines + site[last:]
+    site = site.replace("listen 80;", f"listen 127.0.0.1:{listen_port};")
+    site = site.replace("/var/log/nginx/", f"{log_dir}/")
+    assert "8000" not in re.sub(r"#.*", "", site)
+    return site
+
+
+@dataclass
+class Nginx:
+    proc: subprocess.Popen
+    prefix: Path
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def pid(self) -> int:
+        return int((self.prefix / "nginx.pid").read_text())
+
+    def error_log(self) -> str:
+        return "".join(
+            p.read_text(errors="replace") for p in sorted(self.prefix.glob("*error.log"))
+        )
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            os.kill(self.pid(), signal.SIGQUIT)
+            self.proc.wait(30)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_nginx(tmp_path: Path) -> Iterator[Callable[[list[int]], Nginx]]:
+    started: list[Nginx] = []
+
+    def start(ports: list[int]) -> Nginx:
+        prefix = tmp_path / f"nginx{len(started)}"
+        prefix.mkdir()
+        port = free_port()
+        # As root, nginx's workers would switch to "nobody", who cannot enter tmp_path.
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        conf = prefix / "nginx.conf"
+        conf.write_text(MAIN_CONF.format(user=user, d=prefix, site=site_for(ports, port, prefix)))
+        argv = [nginx_binary(), "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
+        check = subprocess.run([*argv, "-t"], capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0, check.stderr
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        ngx = Nginx(proc, prefix, port)
+        started.append(ngx)
+
+        def listening() -> bool:
+            assert proc.poll() is None, ngx.error_log()
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_until(listening, 20, "nginx to listen")
+        return ngx
+
+    yield start
+    for ngx in started:
+        if ngx.proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(ngx.pid(), signal.SIGQUIT)
+            try:
+                ngx.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(ngx.proc.pid, signal.SIGKILL)
+                ngx.proc.wait(10)
+
+
+ACCESS = re.compile(r'"POST [^"]*" (\d+) .* upstream=(.*) ustatus=(.*) urt=')
+
+
+def retried(ngx: Nginx) -> Counter[str]:
+    """Requests nginx sent to more than one upstream, by the statuses it got in turn."""
+    out: Counter[str] = Counter()
+    for line in (ngx.prefix / "ringserve.access.log").read_text().splitlines():
+        m = ACCESS.search(line)
+        if m and "," in m.group(3):
+            out[f"{m.group(3)} -> {m.group(1)}"] += 1
+    return out
+
+
+def check_clean(scenario: str, result: LoadResult, ngx: Nginx) -> Counter[str]:
+    """No non-2xx, no transport error, nothing wrong; returns nginx's retries."""
+    retries = retried(ngx)
+    print(
+        f"\n[nginx] {scenario}: non-2xx={result.non_2xx} transport_errors="
+        f"{result.transport_errors} of {result.total} requests; retried by nginx: "
+        f"{sum(retries.values())} {dict(retries)}\n  {result.summary()}"
+    )
+    assert not result.exhausted, "the load ended before the disruption did"
+    assert result.non_2xx == 0, result.summary() + "\n" + ngx.error_log()[-3000:]
+    assert result.transport_errors == 0, result.summary() + "\n" + ngx.error_log()[-3000:]
+    assert result.wrong == 0, result.summary()
+    assert result.ok >= 300, result.summary()
+    return retries
+
+
+def test_nginx_proxies_with_request_ids(start_server, start_nginx) -> None:
+    server: Server = start_server()
+    ngx = start_nginx([server.port])
+    with httpx.Client(base_url=ngx.url, timeout=10) as c:
+        r = c.get("/readiness")
+        assert r.status_code == 200, r.text
+        assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"])  # nginx's $request_id
+        r = c.post("/predict", json={"data": [[0.0] * 8] * 8}, headers={"X-Request-ID": "mine"})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "mine", r.text
+        assert r.json()["request_id"] == "mine"
+    assert ngx.stop() == 0
+    assert "rid=mine" in (ngx.prefix / "ringserve.access.log").read_text()
+    assert server.stop() == 0
+
+
+def test_sighup_rolling_restart_behind_nginx(start_server, start_nginx) -> None:
+    server: Server = start_server()
+    ngx = start_nginx([server.port])
+    before = {p["pid"] for p in server.children()}
+
+    def hup_and_wait() -> None:
+        server.proc.send_signal(signal.SIGHUP)
+        wait_until(
+            lambda: (
+                not ({p["pid"] for p in server.children()} & before)
+                and not server.ctl("status")["server"]["rolling_restart_pending"]
+            ),
+            60,
+            "every process to be replaced",
+        )
+
+    check_clean(
+        "(a) SIGHUP rolling restart",
+        load_during(ngx.url, hup_and_wait, rate=50, min_requests=400),
+        ngx,
+    )
+    assert ngx.stop() == 0
+    assert server.stop() == 0
+
+
+def process_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+
+
+def stop_while_running_a_batch(server: Server, victim: int, timeout_s: float = 20.0) -> None:
+    """SIGSTOP ``victim`` at a moment it holds RUNNING slots.
+
+    A digits batch takes a millisecond or two, so this stops the worker, looks at the
+    slots it claimed, and lets it run again until it is caught holding some.
+    """
+    arena = Arena.attach(server.ctl("status")["server"]["arena"])
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            os.kill(victim, signal.SIGSTOP)
+            wait_until(lambda: process_state(victim) == "T", 5, "the worker to stop")
+            running = arena.slots["state"] == SlotState.RUNNING
+            if (running & (arena.slots["worker_pid"] == victim)).any():
+                return
+            os.kill(victim, signal.SIGCONT)
+            assert time.monotonic() < deadline, "never caught the worker inside a batch"
+            time.sleep(0.002 + random.random() * 0.01)  # a random phase, not a sync wait
+    finally:
+        arena.close()
+
+
+def test_sigkill_worker_behind_nginx(start_server, start_nginx) -> None:
+    """A worker dies in the middle of a batch: its requests are re-queued, none fails."""
+    server: Server = start_server("--workers", "2")
+    wait_until(lambda: server.ctl("status")["models"][0]["ready"] == 2, 60, "both workers ready")
+    ngx = start_nginx([server.port])
+    victim = server.pids("worker")[0]
+
+    def kill_and_wait() -> None:
+        stop_while_running_a_batch(server, victim)
+        os.kill(victim, signal.SIGKILL)
+        wait_until(
+            lambda: (
+                victim not in server.pids("worker")
+                and server.ctl("status")["models"][0]["ready"] == 2
+            ),
+            60,
+            "a ready replacement worker",
+        )
+
+    result = load_during(
+        ngx.url, kill_and_wait, rate=200, warmup=100, min_requests=400, max_requests=4000
+    )
+    check_clean("(b) SIGKILL of one worker", result, ngx)
+    totals = server.ctl("status")["server"]["totals"]
+    print(f"  supervisor: re-queued {totals.get('requeued', 0)} requests of the dead worker")
+    assert totals.get("requeued", 0) >= 1, totals
+    assert not totals.get("poisoned")
+    assert ngx.stop() == 0
+    assert server.stop() == 0
+
+
+def test_sigterm_one_of_two_instances_behind_nginx(start_server, start_nginx) -> None:
+    first: Server = start_server(ready=False)
+    second: Server = start_server(ready=False)
+    first.wait_ready()
+    second.wait_ready()
+    ngx = start_nginx([first.port, second.port])
+
+    def drain_first() -> None:
+        first.proc.send_signal(signal.SIGTERM)
+        assert first.proc.wait(60) == 0, first.log()
+
+    result = load_during(ngx.url, drain_first, rate=200, warmup=100, min_requests=400)
+    retries = check_clean("(c) SIGTERM one of two instances", result, ngx)
+    assert retries, "nginx never had to retry: the drain did not meet the load"
+    assert ngx.stop() == 0
+    assert second.stop() == 0
+
+
+def busiest_frontend(server: Server) -> int:
+    """The frontend holding the most connections (the kernel need not spread them)."""
+
+    def established(pid: int) -> int:
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+        return sum(1 for c in conns if c.status == psutil.CONN_ESTABLISHED)
+
+    return max(server.pids("frontend"), key=established)
+
+
+def unread_bytes(pid: int) -> int:
+    """Bytes waiting unread on ``pid``'s TCP connections (from /proc/net/tcp)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    total = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                # ESTABLISHED only: a listening socket's "receive queue" is its backlog
+                if fields[3] == "01" and fields[9] in inodes:
+                    total += int(fields[4].split(":")[1], 16)
+    return total
+
+
+def test_sigkill_frontend_behind_nginx(start_server, start_nginx) -> None:
+    """A frontend dies with requests sent to it and unanswered: nginx retries them.
+
+    To be sure the kill meets requests, the victim is stopped (SIGSTOP) first and
+    killed once nginx has sent it a request it will now never read.
+    """
+    server: Server = start_server()
+    ngx = start_nginx([server.port])
+
+    def kill_and_wait() -> None:
+        victim = busiest_frontend(server)
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            wait_until(lambda: unread_bytes(victim) > 0, 20, "a request sent to the victim")
+        finally:
+            os.kill(victim, signal.SIGKILL)
+        wait_until(
+            lambda: victim not in server.pids("frontend") and len(server.pids("frontend")) == 2,
+            30,
+            "a replacement frontend",
+        )
+        server.wait_ready()
+
+    result = load_during(ngx.url, kill_and_wait, rate=200, warmup=100, min_requests=400)
+    retries = check_clean("(d) SIGKILL of one frontend", result, ngx)
+    assert retries, "nginx never had to retry: the kill did not meet the load"
+    assert ngx.stop() == 0
+    assert server.stop() == 0
