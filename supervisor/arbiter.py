@@ -104,6 +104,10 @@ class Arbiter:
         self.listen_sockets = listen_sockets
         # per socket: "systemd:<name>" (socket activation) or "bound"; for ctl status
         self.listen_origins = listen_origins or ["bound"] * len(listen_sockets)
+        # On a socket systemd holds across restarts, connections wait in the backlog
+        # until a frontend accepts them: start frontends only once the models are ready,
+        # so a restart turns into a short wait for clients instead of a burst of 503s.
+        self.defer_frontends = any(o.startswith("systemd") for o in self.listen_origins)
         self.selector = selectors.DefaultSelector()
         self.arena: Arena | None = None
         self.rings: list[RequestRing] = []
@@ -314,7 +318,7 @@ class Arbiter:
         return self._spawn(self._new_spec("worker", ws.ident, ws.model_index))
 
     def _spawn_missing(self) -> None:
-        for fs in self.frontends:
+        for fs in self.frontends if not self.defer_frontends else ():
             if fs.child is None:
                 self._spawn_frontend(fs)
         for ws in self.workers:
@@ -572,6 +576,10 @@ class Arbiter:
         self._publish_availability()
         if self.phase != "running":
             return
+        if self.defer_frontends and all(self.ready_workers().values()):
+            self.defer_frontends = False
+            log.info("models ready: starting frontends on the inherited socket")
+            self._spawn_missing()
         ready = all(self.ready_workers().values()) and all(
             fs.child is not None for fs in self.frontends
         )

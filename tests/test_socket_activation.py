@@ -189,11 +189,12 @@ def test_full_restart_on_a_held_socket(launch) -> None:
 
     The test holds the listening socket (systemd's part) and hands it to a second
     supervisor after the first one drained and exited. Connections made meanwhile wait
-    in the backlog: none is refused. Requests are not all answered 200, though: the
-    draining supervisor answers new ones with a fast 503, and the new one answers 503
-    "model not ready" until its workers have loaded the model; both carry Retry-After.
-    A zero-error upgrade on one host is SIGHUP (previous test), or, with several hosts,
-    draining this one behind nginx first (docs/deployment.md).
+    in the backlog: none is refused. The new supervisor starts its frontends only once
+    its models are ready (on a systemd socket), so nothing answers "model not ready":
+    clients wait instead. The only non-200s are the draining supervisor's fast 503s
+    (with Retry-After) in the moment before it exits. A zero-error upgrade on one host
+    is SIGHUP (previous test), or, with several hosts, draining this one behind nginx
+    first (docs/deployment.md).
     """
     holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -224,6 +225,7 @@ def test_full_restart_on_a_held_socket(launch) -> None:
     assert result.connect_errors == 0, result.summary()
     assert set(result.statuses) <= {200, 503}, result.summary()
     assert result.no_retry_after == 0, result.summary()
+    assert not any("not ready" in reason for reason in result.reasons), result.summary()
     assert result.wrong == 0, result.summary()
     assert result.statuses[200] > 0
     new = servers[1]
