@@ -160,18 +160,21 @@ async def infer(
         raise unavailable(str(e)) from None
     except ValueError as e:
         raise HTTPError(413, str(e)) from None
-    done_task = asyncio.ensure_future(d.wait(slot, timeout + 0.25))
+    # One wait for three outcomes: the answer, the client leaving, the deadline (plus a
+    # little grace so the worker's own DEADLINE status usually wins and says why).
+    done = d.pending[slot]
     gone_task = asyncio.ensure_future(_client_gone(request))
     try:
-        await asyncio.wait((done_task, gone_task), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            (done, gone_task), timeout=timeout + 0.25, return_when=asyncio.FIRST_COMPLETED
+        )
     finally:
         gone_task.cancel()
-    if not done_task.done():
-        done_task.cancel()
+    if not done.done() and gone_task.done() and not gone_task.cancelled():
         d.abandon(slot)
         state.metrics.cancelled(info.settings.name)
         raise HTTPError(499, "client disconnected")
-    if not done_task.result():
+    if not done.done():
         d.abandon(slot)
         state.metrics.deadline(info.settings.name)
         raise HTTPError(504, f"no answer within the deadline of {timeout:.3f} s")

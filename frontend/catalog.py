@@ -13,6 +13,8 @@ from ringserve.ipc.arena import Arena
 from ringserve.ipc.config import ModelSettings, Settings
 from ringserve.ipc.layout import ModelAvailability, ProcState, Role
 
+_ACCEPTING = (ModelAvailability.SERVING, ModelAvailability.RECOVERING)
+
 
 @dataclass
 class ModelInfo:
@@ -57,10 +59,13 @@ class Catalog:
         return np.bincount(c["model"][mask], minlength=len(self.settings.models))
 
     def accepting(self, index: int) -> bool:
-        """Queue requests while a worker is ready, or while one is being replaced."""
-        if self.ready_workers()[index] > 0:
+        """Queue requests while a worker is ready, or while one is being replaced.
+
+        One field the supervisor publishes each tick; only when it says no (rare: the
+        tick may lag a worker that just became ready) do we scan the processes."""
+        if int(self.arena.models["availability"][index]) in _ACCEPTING:
             return True
-        return int(self.arena.models["availability"][index]) == ModelAvailability.RECOVERING
+        return bool(self.ready_workers()[index] > 0)
 
     def all_ready(self) -> bool:
         return bool((self.ready_workers() > 0).all())

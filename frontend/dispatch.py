@@ -149,15 +149,6 @@ class Dispatcher:
         self.pending[slot] = self._loop.create_future()
         return slot
 
-    async def wait(self, slot: int, timeout_s: float) -> bool:
-        """Wait for the slot to be DONE; False on timeout (caller then abandons it)."""
-        fut = self.pending[slot]
-        try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout_s)
-        except TimeoutError:
-            return False
-        return True
-
     def collect(self, slot: int) -> Completed:
         """Read a DONE slot's answer (copying the output out) and free the slot."""
         self.pending.pop(slot, None)
