@@ -16,6 +16,7 @@ import uvicorn
 from ringserve.frontend.app import FrontendState, build_app
 from ringserve.frontend.catalog import Catalog
 from ringserve.frontend.dispatch import Dispatcher
+from ringserve.frontend.http_guard import MAX_HEAD_BYTES, guarded_protocol
 from ringserve.frontend.metrics import FrontendMetrics
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.child import ChildSpec, load_spec
@@ -88,14 +89,14 @@ def main() -> None:
     config = uvicorn.Config(
         app,
         loop="uvloop",
-        http="httptools",
+        http=guarded_protocol(settings.server.read_timeout_s),  # httptools + limits
         lifespan="on",
         access_log=False,  # ours is structured and cheaper (app.log_access)
         log_config=None,  # uvicorn logs through our handler (text or JSON, tagged)
         log_level=settings.server.log_level,
         timeout_keep_alive=5,
         timeout_graceful_shutdown=int(settings.server.drain_timeout_s) or None,
-        h11_max_incomplete_event_size=64 * 1024,
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
     )
     server = _Server(config)
 

@@ -72,7 +72,11 @@ def _pid_alive(pid: int) -> bool:
 def sweep_stale(shm_dir: str = SHM_DIR) -> list[str]:
     """Unlink arena files whose supervisor is gone; returns the removed names."""
     removed = []
-    for name in os.listdir(shm_dir):
+    try:
+        names = os.listdir(shm_dir)
+    except OSError as e:  # missing, not a directory, not ours: say so, not a traceback
+        raise ArenaError(f"arena.shm_dir {shm_dir!r} is not usable: {e.strerror}") from e
+    for name in names:
         m = _NAME_RE.match(name)
         if m and not _pid_alive(int(m["pid"])):
             with contextlib.suppress(FileNotFoundError):

@@ -1,0 +1,127 @@
+"""uvicorn's httptools protocol plus the limits it lacks: request head size and read time.
+
+uvicorn bounds neither the bytes of a request head (httptools buffers a header of any
+size: a 20 MB header was answered 200) nor the time a client may take to send its
+request (``timeout_keep_alive`` is armed only after a response): a connection that sends
+nothing, or a byte a second, held its socket, and once the headers were in an ASGI task,
+for ever. nginx in front covers both (``client_header_timeout``,
+``client_body_timeout``, ``large_client_header_buffers``); this covers a frontend that
+is reached directly.
+
+- A head (request line + headers) over ``MAX_HEAD_BYTES`` → 431 and close.
+- A new connection that sends nothing → closed after ``timeout_keep_alive``, the same
+  as an idle keep-alive connection.
+- A request not fully received (head and body) within ``read_timeout_s`` of its first
+  byte → 408 and close while the head is incomplete; once the app runs (the body is
+  incomplete) the connection is closed and the app sees a disconnect (the frontend then
+  answers nobody and has touched no slot: bodies are read before a slot is claimed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+MAX_HEAD_BYTES = 64 * 1024
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    read_timeout_s: float = 30.0  # set per process by ``guarded_protocol``
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_head = False
+        self._head_bytes = 0
+        self._read_timer: asyncio.TimerHandle | None = None
+        self._refused = False  # answered by us; the parser's remaining callbacks are moot
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_read_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._in_head and not self.transport.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse(431, f"request head is over the limit of {MAX_HEAD_BYTES} bytes")
+
+    # -- parser callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head, self._head_bytes = True, 0
+        self._cancel_read_timer()
+        self._read_timer = self.loop.call_later(self.read_timeout_s, self._read_timed_out)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        if self._refused:  # a request pipelined behind one we refused: never start it
+            return
+        size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+        if size > MAX_HEAD_BYTES:  # a head that arrived whole in one read
+            self._refuse(431, f"request head is over the limit of {MAX_HEAD_BYTES} bytes")
+            return
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._cancel_read_timer()
+        if not self._refused:
+            super().on_message_complete()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _cancel_read_timer(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _read_timed_out(self) -> None:
+        self._read_timer = None
+        if self.transport.is_closing():
+            return
+        if self._in_head:
+            self._refuse(408, f"request not received within {self.read_timeout_s:g} s")
+        else:
+            self.logger.info("closing a connection whose body did not arrive in time")
+            self.transport.close()
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer before the app saw the request (JSON, like every ringserve error), close."""
+        self._in_head, self._refused = False, True
+        self._cancel_read_timer()
+        body = json.dumps({"error": message}).encode()
+        reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+        head = [
+            b"HTTP/1.1 %d %s\r\n" % (status, reason),
+            *(name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers),
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"x-request-id: " + uuid.uuid4().hex.encode() + b"\r\n",
+            b"connection: close\r\n\r\n",
+        ]
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
+
+
+def guarded_protocol(read_timeout_s: float) -> type[GuardedHttpToolsProtocol]:
+    """The protocol class for ``uvicorn.Config(http=...)`` with this process's timeout."""
+    return type(
+        "GuardedHttpToolsProtocol",
+        (GuardedHttpToolsProtocol,),
+        {"read_timeout_s": read_timeout_s},
+    )

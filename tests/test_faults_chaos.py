@@ -1,0 +1,297 @@
+"""Chaos under load: processes die by SIGKILL, clients vanish, /dev/shm is too small.
+
+Each test drives open-loop load (``support.load.drive``) and asserts its pass criterion:
+nothing lost (every request answered once, with its own answer, or refused with a
+documented fast 503), every slot back to free, and no resource left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+from conftest import Server, free_port, shm_segments, wait_until
+from support.load import DIGIT3, Planned, drive, echo_request
+from test_e2e_core import HANDLER_ENV
+
+from ringserve.ipc.arena import Arena
+from ringserve.ipc.layout import SlotState
+
+pytestmark = pytest.mark.e2e
+
+SLOW = "slow=python:support.fake_handlers:Slow"
+SLOW_PATH = "/v1/models/slow/predict"
+SLOTS = 256  # arena.slots default
+
+
+def slot_states(server: Server) -> dict[str, float]:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return {
+        m[1]: float(m[2])
+        for m in re.finditer(r'^ringserve_ring_slots\{state="(\w+)"\} (\S+)$', text, re.M)
+    }
+
+
+def all_slots_free(server: Server, total: int = SLOTS) -> bool:
+    return slot_states(server).get("free") == total
+
+
+def wait_workers(server: Server, n: int, gone: int | None = None) -> None:
+    def ready() -> bool:
+        st = server.ctl("status")
+        pids = [p["pid"] for p in st["processes"] if p["role"] == "worker"]
+        return st["models"][0]["ready"] == n and len(pids) == n and gone not in pids
+
+    wait_until(ready, 60, f"{n} ready workers" + (f" without {gone}" if gone else ""))
+
+
+def test_worker_sigkilled_mid_batch_three_times_loses_nothing(start_server) -> None:
+    server: Server = start_server(
+        "--model", SLOW, "--workers", "2", "--max-batch-size", "8", env=HANDLER_ENV
+    )
+    wait_workers(server, 2)
+    arena = Arena.attach(server.ctl("status")["server"]["arena"])
+    kills: list[dict] = []
+
+    def running_on(pid: int) -> bool:
+        slots = arena.slots
+        return bool(np.any((slots["state"] == SlotState.RUNNING) & (slots["worker_pid"] == pid)))
+
+    def kill_three_times() -> None:
+        for _ in range(3):
+            victim = server.pids("worker")[0]
+            # Mid-batch: the victim holds a RUNNING slot (each batch sleeps 40 ms).
+            wait_until(lambda v=victim: running_on(v), 20, f"worker {victim} running a batch")
+            os.kill(victim, signal.SIGKILL)
+            t0 = time.monotonic()
+            wait_workers(server, 2, gone=victim)
+            kills.append({"pid": victim, "replaced_s": round(time.monotonic() - t0, 2)})
+
+    try:
+        result = drive(
+            server.url,
+            lambda i: echo_request(SLOW_PATH, i, first=40.0),
+            kill_three_times,
+            rate=40,
+            max_requests=4000,
+            max_duration_s=100,
+        )
+    finally:
+        arena.close()
+    print(f"kills {kills}; {result.summary()}")
+    result.assert_nothing_lost(min_ok=100)
+    assert len(kills) == 3
+    totals = server.ctl("status")["server"]["totals"]
+    assert sum(v for k, v in totals.items() if k.startswith("restarts:worker:")) == 3, totals
+    assert totals.get("requeued", 0) >= 3, f"each kill caught a batch in flight: {totals}"
+    assert not totals.get("poisoned"), totals
+    wait_until(lambda: all_slots_free(server), 20, "every slot back to free")
+    assert server.stop() == 0
+
+
+def _frontend_footprint(server: Server) -> dict[int, tuple[int, int]]:
+    """pid -> (open fds, USS bytes) of each frontend."""
+    out = {}
+    for pid in server.pids("frontend"):
+        p = psutil.Process(pid)
+        out[pid] = (p.num_fds(), p.memory_full_info().uss)
+    return out
+
+
+def test_fifty_clients_disconnecting_mid_request_leak_nothing(start_server) -> None:
+    server: Server = start_server("--model", SLOW, "--max-batch-size", "8", env=HANDLER_ENV)
+    # Warm both frontends (lazy imports, first allocations) before the baseline.
+    warm = drive(
+        server.url, lambda i: echo_request(SLOW_PATH, i, first=1.0), rate=50, max_requests=60
+    )
+    warm.assert_nothing_lost(min_ok=60)
+    wait_until(lambda: all_slots_free(server), 10, "warm-up slots free")
+    before = _frontend_footprint(server)
+
+    async def impatient_clients(n: int) -> list[BaseException | httpx.Response]:
+        limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=server.url, timeout=0.3, limits=limits) as c:
+            return await asyncio.gather(
+                *(c.post(SLOW_PATH, json={"data": [1000.0, float(i)]}) for i in range(n)),
+                return_exceptions=True,
+            )
+
+    outcomes = asyncio.run(impatient_clients(50))
+    assert all(isinstance(o, httpx.TimeoutException) for o in outcomes), outcomes[:3]
+    # The worker finishes the batch it is running (1 s), skips the cancelled rest.
+    wait_until(lambda: all_slots_free(server), 30, "every abandoned slot back to free")
+
+    def fds_back() -> bool:
+        now = _frontend_footprint(server)
+        return all(now[pid][0] <= before[pid][0] + 2 for pid in before)
+
+    wait_until(fds_back, 20, "the frontends' fds back to baseline")
+    after = _frontend_footprint(server)
+    for pid, (fds, uss) in after.items():
+        grew = (uss - before[pid][1]) / 2**20
+        print(f"frontend {pid}: fds {before[pid][0]} -> {fds}, USS grew {grew:.2f} MiB")
+        assert grew < 8, f"frontend {pid} USS grew {grew:.1f} MiB after 50 disconnects"
+    with server.client() as c:
+        r = c.post(SLOW_PATH, json={"data": [1.0, 2.0]})
+        assert r.status_code == 200 and r.json()["result"] == [1.0, 2.0]
+    assert server.stop() == 0
+
+
+def _tree(server: Server) -> list[psutil.Process]:
+    sup = psutil.Process(server.proc.pid)
+    return [sup, *sup.children(recursive=True)]
+
+
+def _gone(procs: list[psutil.Process]) -> bool:
+    for p in procs:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            continue
+    return True
+
+
+def test_sigkill_whole_tree_then_restart_is_clean_and_prompt(start_server) -> None:
+    t0 = time.monotonic()
+    server: Server = start_server()
+    clean_s = time.monotonic() - t0
+    with server.client() as c:
+        assert c.post("/predict", json={"data": [[0.0] * 8] * 8}).status_code == 200
+    procs = _tree(server)
+    assert len(procs) >= 4, procs  # supervisor, 2 frontends, a worker
+    segments = shm_segments(server.instance)
+    assert segments
+    for p in procs:  # every child runs in its own session: kill each group at once
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(os.getpgid(p.pid), signal.SIGKILL)
+    assert server.proc.wait(10) == -signal.SIGKILL
+    wait_until(lambda: _gone(procs), 10, "every process of the tree to die")
+    assert shm_segments(server.instance) == segments, "a crash leaves its segment behind"
+    assert os.path.exists(server.admin_socket), "and its admin socket"
+
+    t1 = time.monotonic()
+    again: Server = start_server(
+        "--instance", server.instance, "--admin-socket", server.admin_socket
+    )
+    restart_s = time.monotonic() - t1
+    again.instance, again.admin_socket = server.instance, server.admin_socket
+    print(f"clean start {clean_s:.1f} s, restart after SIGKILL of the tree {restart_s:.1f} s")
+    assert restart_s <= 2 * clean_s + 5
+    assert not set(segments) & set(shm_segments(server.instance)), "stale segment removed"
+    assert len(shm_segments(server.instance)) == 1
+    assert "removed stale shared memory" in again.log()
+    assert again.ctl("status")["server"]["phase"] == "running"  # the same socket path
+    result = drive(again.url, _digit_request, rate=40, max_requests=40)
+    result.assert_nothing_lost(min_ok=40)
+    assert again.stop() == 0
+    assert shm_segments(server.instance) == []
+
+
+def _digit_request(i: int) -> Planned:
+    rid = f"digit-{i}"
+
+    def check(r: httpx.Response) -> str | None:
+        body = r.json()
+        if body["request_id"] != rid or body["result"]["label"] != "3":
+            return f"{body['request_id']} {body['result']}"
+        return None
+
+    return Planned("/predict", {"json": {**DIGIT3, "request_id": rid}}, check)
+
+
+@contextlib.contextmanager
+def _small_tmpfs(path: Path, size: str):  # type: ignore[no-untyped-def]
+    path.mkdir()
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if mount.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot mount a tmpfs in CI: {mount.stderr}")
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False, timeout=30)
+
+
+def test_shm_too_small_fails_at_start_with_a_clear_error(tmp_path: Path) -> None:
+    with _small_tmpfs(tmp_path / "shm", "2m") as shm:
+        port = free_port()
+        sock = tmp_path / "admin.sock"
+        env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+        env.pop("NOTIFY_SOCKET", None)
+        t0 = time.monotonic()
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ringserve.supervisor.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--instance",
+                f"t{port}",
+                "--admin-socket",
+                str(sock),
+                "--set",
+                f"arena.shm_dir={shm}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            check=False,
+        )
+        took = time.monotonic() - t0
+        print(f"rc {out.returncode} after {took:.1f} s: {out.stderr.strip()[-300:]}")
+        assert out.returncode not in (-signal.SIGBUS, 128 + signal.SIGBUS), "died of SIGBUS"
+        assert out.returncode == 1, out.stderr
+        assert re.search(r"arena needs [\d.]+ MiB but \S+ has [\d.]+ MiB free", out.stderr)
+        assert "Traceback" not in out.stderr
+        assert os.listdir(shm) == [], "nothing left in the too-small directory"
+        assert not sock.exists()
+        with socket.socket() as s:  # the port was let go too
+            s.bind(("127.0.0.1", port))
+
+
+def test_missing_shm_dir_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
+    port = free_port()
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ringserve.supervisor.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--admin-socket",
+            str(tmp_path / "admin.sock"),
+            "--set",
+            f"arena.shm_dir={tmp_path / 'missing'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 1, out.stderr
+    assert "arena.shm_dir" in out.stderr and "No such file or directory" in out.stderr
+    assert "Traceback" not in out.stderr

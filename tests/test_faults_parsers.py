@@ -1,0 +1,167 @@
+"""The request parsers under Hypothesis, in-process (no server): any input returns or
+raises ``HTTPError`` with a 4xx, never another exception (nor a numpy warning, which the
+strict warning filter turns into one), and what they return keeps the house rules
+(finite floats, values unchanged by the cast, shapes that fit)."""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from ringserve.frontend.errors import HTTPError
+from ringserve.frontend.images import check_image
+from ringserve.frontend.tensors import cast, fit_shape, from_json
+from ringserve.frontend.v2_codec import TensorSpec, decode_request, decompress_body, split_body
+from ringserve.ipc.layout import DTYPES
+
+JSON_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=5)
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=3), children, max_size=3),
+    max_leaves=30,
+)  # fmt: skip
+# Rectangular-ish numeric nests reach the casting and shape code more often.
+NUMERIC_NESTS = st.integers(1, 4).flatmap(
+    lambda depth: st.recursive(
+        st.floats(width=64) | st.integers(-(2**65), 2**65) | st.booleans(),
+        lambda c: st.lists(c, min_size=1, max_size=4),
+        max_leaves=40,
+    )
+)
+DTYPE_NAMES = st.sampled_from(DTYPES)
+SHAPES = st.lists(st.integers(-1, 5), max_size=4)
+PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def only_http_4xx(fn, *args):  # type: ignore[no-untyped-def]
+    """Call ``fn``; it may return or raise HTTPError with a 4xx, nothing else."""
+    try:
+        return fn(*args)
+    except HTTPError as e:
+        assert 400 <= e.status < 500, (e.status, e.message)
+        assert e.message
+        return None
+
+
+@PROPERTY
+@given(data=JSON_VALUES | NUMERIC_NESTS, dtype=DTYPE_NAMES, shape=SHAPES, rows=st.integers(1, 64))
+def test_property_from_json_and_fit_shape(data: object, dtype: str, shape: list, rows: int) -> None:
+    arr = only_http_4xx(from_json, data, dtype)
+    if arr is None:
+        return
+    assert isinstance(arr, np.ndarray)
+    if arr.dtype.kind == "f":
+        assert np.isfinite(arr).all(), "NaN/Inf got through"
+    fitted = only_http_4xx(fit_shape, arr, shape, rows)
+    if fitted is not None:
+        out, n, _ = fitted
+        assert out.shape[0] == n and 1 <= n <= rows
+
+
+@PROPERTY
+@given(
+    arr=hnp.arrays(
+        hnp.scalar_dtypes().filter(lambda d: d.kind in "biuf"),
+        hnp.array_shapes(min_dims=0, max_dims=3, max_side=4),
+    ),
+    dtype=st.sampled_from([d for d in DTYPES if d != "bytes"]),
+)
+def test_property_cast_never_wraps_or_makes_inf(arr: np.ndarray, dtype: str) -> None:
+    out = only_http_4xx(cast, arr, dtype)
+    if out is None:
+        return
+    assert out.dtype == np.dtype(dtype)
+    if out.dtype.kind == "f":
+        assert np.isfinite(out).all()
+    if out.dtype.kind in "iu" and arr.dtype.kind in "iuf" and arr.size:
+        assert (out.astype(object) == arr.astype(object)).all(), "a value changed in the cast"
+
+
+IMAGE_PREFIXES = st.sampled_from(
+    [b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"RIFF\x00\x00\x00\x00WEBP"]
+)
+
+
+@PROPERTY
+@given(prefix=IMAGE_PREFIXES, rest=st.binary(max_size=200), max_pixels=st.integers(0, 10**9))
+def test_property_check_image(prefix: bytes, rest: bytes, max_pixels: int) -> None:
+    fmt = only_http_4xx(check_image, prefix + rest, max_pixels)
+    assert fmt is None or fmt in ("png", "jpeg", "gif", "webp")
+
+
+V2_TENSORS = st.fixed_dictionaries(
+    {},
+    optional={
+        "name": st.sampled_from(["INPUT0", "x"]) | JSON_SCALARS,
+        "datatype": st.sampled_from(["FP32", "INT8", "BOOL", "BYTES", "FP16"]) | JSON_SCALARS,
+        "shape": st.lists(st.integers(-2, 4), max_size=3) | JSON_VALUES,
+        "data": NUMERIC_NESTS | JSON_VALUES,
+        "parameters": st.fixed_dictionaries(
+            {}, optional={"binary_data_size": st.integers(-1, 64) | JSON_SCALARS}
+        )
+        | JSON_VALUES,
+    },
+)
+V2_DOCS = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": st.text(max_size=5) | JSON_SCALARS,
+        "inputs": st.lists(V2_TENSORS, max_size=2) | JSON_VALUES,
+        "outputs": st.lists(st.fixed_dictionaries({"name": st.sampled_from(["OUTPUT0", "y"])}))
+        | JSON_VALUES,
+        "parameters": st.dictionaries(
+            st.sampled_from(["binary_data_output", "sequence_id"]), JSON_SCALARS
+        )
+        | JSON_VALUES,
+    },
+)
+
+
+@PROPERTY
+@given(
+    doc=V2_DOCS | JSON_VALUES,
+    binary=st.binary(max_size=64),
+    header_length=st.none() | st.integers(-2, 400).map(str) | st.text(max_size=4),
+    dtype=st.sampled_from(["float32", "int8", "bool", "float16"]),
+    per_row=st.lists(st.integers(-1, 4), max_size=2),
+    mbs=st.integers(0, 8),
+)
+def test_property_v2_decode_request(
+    doc: object, binary: bytes, header_length: str | None, dtype: str, per_row: list, mbs: int
+) -> None:
+    head = json.dumps(doc).encode()
+    split = only_http_4xx(split_body, head + binary, header_length)
+    if split is None:
+        return
+    inp = TensorSpec("INPUT0", dtype, per_row)
+    out = TensorSpec("OUTPUT0", dtype, per_row)
+    req = only_http_4xx(decode_request, split[0], split[1], inp, out, mbs)
+    if req is not None:
+        assert req.payload.dtype == np.dtype(dtype)
+        assert req.payload.shape[0] >= 1 and req.rows >= 1
+        if req.payload.dtype.kind == "f":
+            assert np.isfinite(req.payload).all()
+        assert math.prod(req.payload.shape) * req.payload.itemsize == req.payload.nbytes
+
+
+@PROPERTY
+@given(
+    body=st.binary(max_size=300) | st.binary(max_size=300).map(zlib.compress),
+    encoding=st.sampled_from(["gzip", "deflate", "identity", "", "br", "GZIP", None]),
+    limit=st.integers(0, 10_000),
+)
+def test_property_decompress_body(body: bytes, encoding: str | None, limit: int) -> None:
+    out = only_http_4xx(decompress_body, body, encoding, limit)
+    assert out is None or len(out) <= max(limit, len(body))
