@@ -59,7 +59,7 @@ def segment_name(instance: str, pid: int | None = None) -> str:
     return f"ringserve-{safe}-{pid if pid is not None else os.getpid()}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -78,7 +78,7 @@ def sweep_stale(shm_dir: str = SHM_DIR) -> list[str]:
         raise ArenaError(f"arena.shm_dir {shm_dir!r} is not usable: {e.strerror}") from e
     for name in names:
         m = _NAME_RE.match(name)
-        if m and not _pid_alive(int(m["pid"])):
+        if m and not pid_alive(int(m["pid"])):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(shm_dir, name))
                 removed.append(name)

@@ -18,7 +18,6 @@ import selectors
 import shutil
 import signal
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from ringserve.supervisor.admin import AdminCommandError
 from ringserve.supervisor.children import Child, Phase, spawn
 from ringserve.supervisor.gpu import GpuWatch
 from ringserve.supervisor.memory import MemorySample, MemoryWatch
+from ringserve.supervisor.paths import make_metrics_dir
 from ringserve.supervisor.stats import SupervisorStats
 
 log = logging.getLogger("ringserve.supervisor")
@@ -158,7 +158,7 @@ class Arbiter:
         self.model_efds = tuple(wake.new_eventfd() for _ in s.models)
         self.frontend_efds = tuple(wake.new_eventfd() for _ in range(s.server.frontends))
         self.free_controls = list(range(n_procs - 1, s.server.frontends - 1, -1))
-        self.metrics_dir = tempfile.mkdtemp(prefix=f"ringserve-metrics-{s.instance}-")
+        self.metrics_dir = make_metrics_dir(s.instance)
         self.stats.open(self.metrics_dir)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(sig, lambda signum, frame: None)  # the wakeup fd carries it

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import stat
 
+from ringserve.ipc.arena import pid_alive
 from ringserve.ipc.errors import ConfigError
 
 SYSTEMD_RUNTIME_DIR = "/run/ringserve"  # RuntimeDirectory=ringserve in systemd/ringserve.service
@@ -90,3 +91,26 @@ def prepare_socket_dir(sock_path: str) -> None:
                 f"{os.getuid()} with mode 0700 (found uid {st.st_uid}, mode "
                 f"{stat.filemode(st.st_mode)}); remove it or set server.admin_socket"
             )
+
+
+def make_metrics_dir(instance: str, base: str | None = None) -> str:
+    """A fresh per-run directory for prometheus-client's multiprocess files.
+
+    Named ``ringserve-metrics-<instance>-<supervisor pid>`` under ``$RUNTIME_DIRECTORY``
+    (systemd) or the temp dir; directories of supervisors that died without cleaning up
+    (SIGKILL) are removed first, as stale shared memory is.
+    """
+    import re
+    import shutil
+    import tempfile
+
+    root = base or os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or tempfile.gettempdir()
+    pattern = re.compile(r"^ringserve-metrics-[A-Za-z0-9_.-]+-(\d+)$")
+    for name in os.listdir(root):
+        m = pattern.match(name)
+        if m and not pid_alive(int(m[1])):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    path = os.path.join(root, f"ringserve-metrics-{instance}-{os.getpid()}")
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path, mode=0o700)
+    return path

@@ -431,3 +431,21 @@ def test_adopting_a_dead_frontends_inflight_slots(shm_dir: Path) -> None:
     d._on_done()
     assert {0, 1} <= set(d.free) and not d.orphans
     arena.close()
+
+
+def test_metrics_dirs_of_dead_supervisors_are_swept(tmp_path: Path) -> None:
+    from ringserve.supervisor.paths import make_metrics_dir
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    stale = tmp_path / f"ringserve-metrics-old-{int(dead.stdout)}"
+    stale.mkdir()
+    live = tmp_path / f"ringserve-metrics-other-{os.getppid()}"
+    live.mkdir()
+    path = make_metrics_dir("mine", base=str(tmp_path))
+    assert not stale.exists() and live.exists()
+    assert path.endswith(f"ringserve-metrics-mine-{os.getpid()}") and os.path.isdir(path)
