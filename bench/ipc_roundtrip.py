@@ -1,0 +1,266 @@
+"""Round trip through the ipc layer alone: no HTTP, no torch.
+
+One process plays the frontend: it claims a slot of its range, writes the header, copies
+the payload into the slot, pushes the slot on the model's ring, signals the model's
+eventfd and waits on its own done eventfd, then copies the output out and frees the slot
+(what ``frontend/dispatch.py`` does). A forked process plays the worker: it waits on the
+model eventfd, pops, gathers each input out of its slot into a private batch array, writes
+it back as the output (a copy in and a copy out, as a real worker does), marks the slot
+DONE and signals the owner.
+
+Two waits on the frontend side: ``poll`` (a blocking ``poll(2)``, the floor) and
+``asyncio`` (an ``add_reader`` callback on a uvloop event loop resolving a future, the
+way the real frontend waits). Per payload size it reports the round-trip median and p99
+with one request in flight, and items/s with 1 and with 32 requests in flight.
+
+    python -m bench.ipc_roundtrip [--iterations N] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import select
+import tempfile
+import time
+
+import numpy as np
+
+from ringserve.ipc import wake
+from ringserve.ipc.arena import Arena, ArenaGeometry, segment_name
+from ringserve.ipc.layout import DTYPE_CODE, SlotState, Status
+from ringserve.ipc.ring import RequestRing
+
+SIZES = {"1KB": 1024, "600KB": 600 * 1024}
+SLOT_BYTES = 1 << 20
+N_SLOTS = 64
+PIPELINE = 32
+
+
+def _worker(path: str, work_fd: int, done_fd: int, stop_fd: int) -> None:
+    arena = Arena.attach(path)
+    ring = RequestRing(arena, 0)
+    slots = arena.slots
+    poller = select.poll()
+    poller.register(work_fd, select.POLLIN)
+    poller.register(stop_fd, select.POLLIN)
+    while True:
+        claimed = ring.pop(PIPELINE, 1, os.getpid())
+        if not claimed:
+            poller.poll(1000)
+            if wake.drain(stop_fd):
+                break
+            wake.drain(work_fd)
+            continue
+        # Gather: inputs out of shared memory into one private batch (a copy out) ...
+        batch = [
+            arena.data_array(c.slot, np.dtype("float32"), (int(slots["in_nbytes"][c.slot]) // 4,))
+            for c in claimed
+        ]
+        outputs = [np.array(x) for x in batch]
+        # ... and the outputs back into the same slots (a copy in).
+        for c, out in zip(claimed, outputs, strict=True):
+            rec = slots[c.slot]
+            np.copyto(arena.data_array(c.slot, out.dtype, out.shape), out)
+            rec["out_dtype"] = DTYPE_CODE["float32"]
+            rec["out_ndim"] = 1
+            rec["out_shape"][0] = out.shape[0]
+            rec["out_nbytes"] = out.nbytes
+            rec["status"] = Status.OK
+            rec["finished_ns"] = time.monotonic_ns()
+            rec["state"] = SlotState.DONE
+        wake.signal(done_fd)
+    ring.close()
+    arena.close()
+    os._exit(0)
+
+
+class Frontend:
+    """The frontend's half: submit (copy in + push + signal) and collect (copy out + free)."""
+
+    def __init__(self, arena: Arena, work_fd: int, done_fd: int) -> None:
+        self.arena = arena
+        self.ring = RequestRing(arena, 0)
+        self.work_fd = work_fd
+        self.done_fd = done_fd
+        self.free = list(arena.frontend_slots(0))
+
+    def submit(self, payload: np.ndarray) -> int:
+        slot = self.free.pop()
+        rec = self.arena.slots[slot]
+        rec["state"] = SlotState.WRITING
+        rec["generation"] = int(rec["generation"]) + 1
+        rec["status"] = Status.OK
+        rec["cancel"] = 0
+        rec["attempts"] = 0
+        rec["owner"] = 0
+        rec["model"] = 0
+        rec["in_dtype"] = DTYPE_CODE["float32"]
+        rec["in_ndim"] = 1
+        rec["in_shape"][0] = payload.shape[0]
+        rec["in_nbytes"] = payload.nbytes
+        rec["rows"] = 1
+        np.copyto(self.arena.data_array(slot, payload.dtype, payload.shape), payload)
+        rec["enqueued_ns"] = time.monotonic_ns()
+        self.ring.push(slot)
+        wake.signal(self.work_fd)
+        return slot
+
+    def done(self, slot: int) -> bool:
+        return int(self.arena.slots["state"][slot]) == SlotState.DONE
+
+    def collect(self, slot: int) -> np.ndarray:
+        rec = self.arena.slots[slot]
+        n = int(rec["out_shape"][0])
+        out = self.arena.data_array(slot, np.dtype("float32"), (n,)).copy()
+        rec["state"] = SlotState.FREE
+        self.free.append(slot)
+        return out
+
+
+def _run_poll(fe: Frontend, payload: np.ndarray, iterations: int, inflight: int) -> list[int]:
+    """Blocking poll(2) on the done eventfd. Returns per-request round trips in ns."""
+    rtts: list[int] = []
+    started: dict[int, int] = {}
+    sent = 0
+    while len(rtts) < iterations:
+        while len(started) < inflight and sent < iterations:
+            t0 = time.perf_counter_ns()
+            started[fe.submit(payload)] = t0
+            sent += 1
+        wake.wait(fe.done_fd, 5.0)
+        wake.drain(fe.done_fd)
+        for slot in [s for s in started if fe.done(s)]:
+            out = fe.collect(slot)
+            rtts.append(time.perf_counter_ns() - started.pop(slot))
+            assert out.shape == payload.shape
+    return rtts
+
+
+def _run_asyncio(fe: Frontend, payload: np.ndarray, iterations: int, inflight: int) -> list[int]:
+    """The real frontend's wait: an event-loop reader on the done eventfd resolves futures."""
+
+    async def main() -> list[int]:
+        loop = asyncio.get_running_loop()
+        pending: dict[int, asyncio.Future[None]] = {}
+
+        def on_done() -> None:
+            wake.drain(fe.done_fd)
+            for slot, fut in list(pending.items()):
+                if fe.done(slot) and not fut.done():
+                    fut.set_result(None)
+
+        loop.add_reader(fe.done_fd, on_done)
+        rtts: list[int] = []
+        sem = asyncio.Semaphore(inflight)
+
+        async def one() -> None:
+            async with sem:
+                t0 = time.perf_counter_ns()
+                slot = fe.submit(payload)
+                fut = loop.create_future()
+                pending[slot] = fut
+                await fut
+                del pending[slot]
+                fe.collect(slot)
+                rtts.append(time.perf_counter_ns() - t0)
+
+        if inflight == 1:
+            for _ in range(iterations):
+                await one()
+        else:
+            await asyncio.gather(*(one() for _ in range(iterations)))
+        loop.remove_reader(fe.done_fd)
+        return rtts
+
+    try:
+        import uvloop
+
+        return uvloop.run(main())
+    except ImportError:
+        return asyncio.run(main())
+
+
+def measure(iterations: int, sizes: dict[str, int] | None = None) -> list[dict]:
+    sizes = sizes or SIZES
+    rows = []
+    # /dev/shm (tmpfs) like the server; a disk-backed temp dir would add writeback.
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    with tempfile.TemporaryDirectory(prefix="ringserve-bench-", dir=shm) as tmp:
+        geometry = ArenaGeometry(
+            n_slots=N_SLOTS, slot_bytes=SLOT_BYTES, n_models=1, n_procs=4, n_frontends=1
+        )
+        arena = Arena.create(os.path.join(tmp, segment_name("bench")), geometry)
+        work_fd, done_fd, stop_fd = wake.new_eventfd(), wake.new_eventfd(), wake.new_eventfd()
+        # ipc has no torch and no threads: fork is safe and keeps the fds.
+        worker = mp.get_context("fork").Process(
+            target=_worker, args=(arena.path, work_fd, done_fd, stop_fd), daemon=True
+        )
+        worker.start()
+        fe = Frontend(arena, work_fd, done_fd)
+        try:
+            for label, nbytes in sizes.items():
+                payload = np.arange(nbytes // 4, dtype=np.float32)
+                for mode, run in (("poll", _run_poll), ("asyncio", _run_asyncio)):
+                    run(fe, payload, max(10, iterations // 10), 1)  # warm-up
+                    t0 = time.perf_counter()
+                    rtts = np.array(run(fe, payload, iterations, 1)) / 1000
+                    serial_s = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    run(fe, payload, iterations, PIPELINE)
+                    piped_s = time.perf_counter() - t0
+                    rows.append(
+                        {
+                            "payload": label,
+                            "bytes": nbytes,
+                            "wait": mode,
+                            "iterations": iterations,
+                            "p50_us": float(np.percentile(rtts, 50)),
+                            "p99_us": float(np.percentile(rtts, 99)),
+                            "items_per_s_1": iterations / serial_s,
+                            f"items_per_s_{PIPELINE}": iterations / piped_s,
+                        }
+                    )
+        finally:
+            wake.signal(stop_fd)
+            worker.join(10)
+            if worker.is_alive():
+                worker.kill()
+                worker.join(5)
+            fe.ring.close()
+            arena.close()
+            for fd in (work_fd, done_fd, stop_fd):
+                os.close(fd)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        f"| payload | wait | p50 µs | p99 µs | items/s (1 in flight) | items/s ({PIPELINE} in flight) |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['payload']} | {r['wait']} | {r['p50_us']:.1f} | {r['p99_us']:.1f} "
+            f"| {r['items_per_s_1']:,.0f} | {r[f'items_per_s_{PIPELINE}']:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--iterations", type=int, default=20000)
+    ap.add_argument("--json", help="write the rows as JSON to this file")
+    args = ap.parse_args()
+    rows = measure(args.iterations)
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""(a) The raw model limit: the model alone in a tight in-process loop at each batch size
+(no HTTP, no decoding, no IPC). ``--with-decode`` also times the per-image JPEG decode and
+resize that a server does before the model (reported separately).
+
+    python -m bench.raw_model --model resnet50 --batch-sizes 1,2,4,8 --duration 3 \
+        [--threads 2] [--device cpu|cuda] [--image bench/results/input.jpg] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.baselines import common
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(
+    model_name: str, batch_sizes: list[int], duration_s: float, threads: int, device: str
+) -> list[dict]:
+    model = common.load_model(model_name, threads, device)
+    shape = (16,) if model_name == "identity" else (3, common.CROP, common.CROP)
+    rows = []
+    for bs in batch_sizes:
+        x = torch.randn(bs, *shape, device=device)
+        with torch.inference_mode():
+            for _ in range(2):  # warm-up (allocator, kernels)
+                model(x)
+            _sync(device)
+            times = []
+            end = time.perf_counter() + duration_s
+            while time.perf_counter() < end or len(times) < 3:
+                t0 = time.perf_counter()
+                out = model(x)
+                if model_name != "identity":
+                    out = out.softmax(dim=1)
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+        t = np.array(times)
+        rows.append(
+            {
+                "batch_size": bs,
+                "iterations": len(t),
+                "items_per_s": bs * len(t) / t.sum(),
+                "p50_ms": float(np.percentile(t, 50) * 1000),
+                "p99_ms": float(np.percentile(t, 99) * 1000),
+            }
+        )
+    return rows
+
+
+def decode_ms(image: str, n: int = 20) -> float:
+    body = Path(image).read_bytes()
+    common.decode_image(body)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        common.decode_image(body)
+    return (time.perf_counter() - t0) / n * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="identity")
+    ap.add_argument("--batch-sizes", default="1,2,4,8,16,32")
+    ap.add_argument("--duration", type=float, default=3.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--image", help="JPEG to time the decode of (resnet50)")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.batch_sizes.split(",")]
+    result = {
+        "model": args.model,
+        "threads": args.threads,
+        "device": args.device,
+        "rows": measure(args.model, sizes, args.duration, args.threads, args.device),
+    }
+    if args.image and args.model != "identity":
+        result["decode_ms"] = decode_ms(args.image)
+    for r in result["rows"]:
+        print(
+            f"batch {r['batch_size']:3d}: {r['items_per_s']:12,.1f} items/s  "
+            f"p50 {r['p50_ms']:8.3f} ms  p99 {r['p99_ms']:8.3f} ms"
+        )
+    if "decode_ms" in result:
+        print(f"decode+resize one JPEG: {result['decode_ms']:.2f} ms")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
