@@ -19,7 +19,7 @@ import numpy as np
 from ringserve.ipc import wake
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.errors import QueueFull
-from ringserve.ipc.layout import DTYPE_CODE, SlotState, Status, numpy_dtype
+from ringserve.ipc.layout import DONE, DTYPE_CODE, WRITING, SlotState, Status, numpy_dtype
 from ringserve.ipc.ring import RequestRing
 
 
@@ -118,7 +118,7 @@ class Dispatcher:
             )
         slot = self.free.pop()
         rec = self.arena.slots[slot]
-        rec["state"] = SlotState.WRITING
+        rec["state"] = WRITING
         rec["generation"] = int(rec["generation"]) + 1
         rec["status"] = Status.OK
         rec["cancel"] = 0
@@ -192,9 +192,12 @@ class Dispatcher:
     def _on_done(self) -> None:
         wake.drain(self.done_efd)
         states = self.arena.slots["state"]
-        for slot, fut in list(self.pending.items()):
-            if states[slot] == SlotState.DONE and not fut.done():
-                fut.set_result(None)
-        for slot in [s for s in self.orphans if states[s] == SlotState.DONE]:
+        if self.pending:
+            keys = np.fromiter(self.pending, dtype=np.intp, count=len(self.pending))
+            for slot in keys[states[keys] == DONE].tolist():
+                fut = self.pending[slot]
+                if not fut.done():
+                    fut.set_result(None)
+        for slot in [s for s in self.orphans if int(states[s]) == DONE]:
             self.orphans.discard(slot)
             self._release(slot)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import mmap
 import os
 import re
@@ -226,7 +227,7 @@ class Arena:
 
     def data_array(self, slot: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
         """A zero-copy numpy view of a slot's payload."""
-        count = int(np.prod(shape)) if shape else 1
+        count = math.prod(shape)
         start = self._data_off + slot * self._data_stride
         return np.frombuffer(self._buf, dtype=dtype, count=count, offset=start).reshape(shape)
 

@@ -58,6 +58,11 @@ class SlotState(enum.IntEnum):
     DONE = 4
 
 
+# Plain-int copies for hot loops: comparing a numpy scalar with an IntEnum member goes
+# through enum attribute lookup and costs microseconds per comparison.
+FREE, WRITING, QUEUED, RUNNING, DONE = (int(s) for s in SlotState)
+
+
 class Status(enum.IntEnum):
     """Outcome a worker (or the supervisor) records in a DONE slot."""
 

@@ -43,7 +43,7 @@ import numpy as np
 
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.errors import QueueFull
-from ringserve.ipc.layout import SlotState, Status
+from ringserve.ipc.layout import QUEUED, RUNNING, SlotState, Status
 from ringserve.ipc.testhooks import pause_point
 
 _GEN_MASK = 0xFFFF_FFFF
@@ -121,7 +121,7 @@ class RequestRing:
                 raise QueueFull(f"queue of model {self.model} is at its depth limit {max_depth}")
             self._append(slot, int(slots["generation"][slot]))
             pause_point("ring.push.before_state")
-            slots["state"][slot] = SlotState.QUEUED
+            slots["state"][slot] = QUEUED
             return bool(self._head["sleepers"][0])
 
     def going_to_sleep(self) -> None:
@@ -158,7 +158,7 @@ class RequestRing:
                 e = int(self._entries[head % self._cap])
                 slot, gen = e >> 32, e & _GEN_MASK
                 rec = slots[slot]
-                if rec["state"] != SlotState.QUEUED or (int(rec["generation"]) & _GEN_MASK) != gen:
+                if int(rec["state"]) != QUEUED or (int(rec["generation"]) & _GEN_MASK) != gen:
                     head += 1  # stale entry (cancelled, reclaimed, or a half-done push)
                     continue
                 n = max(1, int(rec["rows"]))
@@ -169,7 +169,7 @@ class RequestRing:
                 rec["worker_pid"] = worker_pid
                 rec["attempts"] = int(rec["attempts"]) + 1
                 rec["started_ns"] = now
-                rec["state"] = SlotState.RUNNING
+                rec["state"] = RUNNING
                 out.append(Claimed(slot, int(rec["generation"]), n, int(rec["attempts"])))
                 rows += n
                 head += 1
