@@ -135,6 +135,7 @@ class Arbiter:
         self._status_line = ""
         self.admin = None
         self._closing = False
+        self.workers_stopping = False
 
     # == set-up and tear-down ================================================================
 
@@ -623,23 +624,26 @@ class Arbiter:
             self.begin_stop(fast=False)
 
     def begin_stop(self, fast: bool) -> None:
+        """Stop in stages: frontends first (they finish answering what they accepted,
+        which may still need a worker), then workers; fast: everything at once."""
         assert self.arena is not None
         self.arena.header["draining"] = 1
         if self.phase != "stopping":
             systemd.stopping()
         self.phase = "stopping"
-        self._fail_queued(Status.SHUTDOWN, b"server is shutting down")
+        self.workers_stopping = fast
         for r in self.replacements:
             if r.new is not None:
                 self.stop_child(r.new, "shutdown")
         self.replacements = []
+        deadline = time.monotonic() + (5.0 if fast else self.settings.worker.stop_timeout_s)
         for child in self.all_children():
-            self.stop_child(child, "shutdown")
-            if fast:
-                child.stop_deadline = time.monotonic() + 5.0
-        self.stop_deadline = time.monotonic() + (
-            5.0 if fast else self.settings.worker.stop_timeout_s
-        )
+            if fast or child.role == "frontend":
+                self.stop_child(child, "shutdown")
+                child.stop_deadline = min(child.stop_deadline or deadline, deadline)
+        if fast:
+            self._fail_queued(Status.SHUTDOWN, b"server is shutting down")
+        self.stop_deadline = deadline
         self._notify_status()
 
     def _fail_queued(self, status: Status, message: bytes) -> None:
@@ -657,6 +661,15 @@ class Arbiter:
 
     def _advance_stop(self, now: float) -> None:
         alive = [c for c in self.all_children() if c.returncode is None]
+        if not self.workers_stopping and not any(c.role == "frontend" for c in alive):
+            self.workers_stopping = True
+            for child in alive:
+                self.stop_child(child, "shutdown")
+            self.stop_deadline = now + self.settings.worker.stop_timeout_s
+        if self.workers_stopping:
+            # Whatever is still queued now has no worker to run it: answer it (503)
+            # rather than let a client wait out its deadline.
+            self._fail_queued(Status.SHUTDOWN, b"server is shutting down")
         if not alive:
             self.phase = "stopped"
         elif now > self.stop_deadline + 1.0:
