@@ -88,7 +88,8 @@ class RecyclePolicy:
         window.append((t, value))
         while window and t - window[0][0] > self.mem.trend_window_s:
             window.popleft()
-        if t - window[0][0] < 0.9 * self.mem.trend_window_s or len(window) < 5:
+        # At least 4 points: a slow sampler (smaps of a huge process) must not blind us.
+        if t - window[0][0] < 0.9 * self.mem.trend_window_s or len(window) < 4:
             return False
         rate_mb_min = slope_per_s(window) * 60 / MB
         return rate_mb_min > self.mem.trend_min_mb_per_min and mostly_rising(window)

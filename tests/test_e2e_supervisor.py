@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -129,7 +130,7 @@ def test_leaking_worker_recycled_by_trend_without_storm(start_server) -> None:
         "--set",
         "memory.warmup_s=1",
         "--set",
-        "memory.trend_window_s=4",
+        "memory.trend_window_s=6",
         "--set",
         "memory.trend_min_mb_per_min=30",
         "--set",
@@ -138,18 +139,30 @@ def test_leaking_worker_recycled_by_trend_without_storm(start_server) -> None:
     )
     before = worker_pids(server)
     body = {"json": {"data": [1.0, 2.0]}}
-    t0 = time.monotonic()
-    sent = ok = 0
+    counts = {"sent": 0, "ok": 0}
+    stop = threading.Event()
+
+    def pump() -> None:
+        # Steady load, so the leak is a steady trend (a pause would read as flat memory).
+        while not stop.is_set():
+            rs = asyncio.run(_fire(server.url, [("/v1/models/leak/predict", body)] * 20, 4))
+            counts["sent"] += len(rs)
+            counts["ok"] += sum(isinstance(r, httpx.Response) and r.status_code == 200 for r in rs)
 
     def recycled() -> int:
         return server.ctl("status")["server"]["totals"].get("recycles:uss_trend", 0)
 
-    while not recycled() and time.monotonic() - t0 < 60:
-        rs = asyncio.run(_fire(server.url, [("/v1/models/leak/predict", body)] * 40, 8))
-        sent += len(rs)
-        ok += sum(isinstance(r, httpx.Response) and r.status_code == 200 for r in rs)
+    t0 = time.monotonic()
+    thread = threading.Thread(target=pump)
+    thread.start()
+    try:
+        wait_until(recycled, 120, "a uss_trend recycle")
+        wait_until(lambda: worker_pids(server) != before, 60, "the old worker to go")
+    finally:
+        stop.set()
+        thread.join(60)
     took = time.monotonic() - t0
-    assert worker_pids(server) != before, "the leaking worker was recycled"
+    sent, ok = counts["sent"], counts["ok"]
     assert ok == sent, "no request failed during the recycle"
     assert recycled() == 1
     print(f"leak (~{sent} MiB) recycled after {took:.1f} s and {sent} requests")
