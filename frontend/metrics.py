@@ -19,24 +19,7 @@ from ringserve.frontend.dispatch import Completed
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.config import Settings
 from ringserve.ipc.layout import ProcState, Role, SlotState
-
-LATENCY_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-)
+from ringserve.ipc.prom import LATENCY_BUCKETS
 
 
 class FrontendMetrics:

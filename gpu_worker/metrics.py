@@ -6,26 +6,7 @@ recycled or restarted worker never makes a counter go backwards (see ipc/prom.py
 from __future__ import annotations
 
 from ringserve.ipc.child import ChildSpec
-from ringserve.ipc.prom import use_multiprocess_files
-
-LATENCY_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+from ringserve.ipc.prom import BATCH_BUCKETS, LATENCY_BUCKETS, use_multiprocess_files
 
 
 class WorkerMetrics:

@@ -10,6 +10,27 @@ from __future__ import annotations
 
 import os
 
+# Shared by every process that records a histogram, so series from different processes
+# aggregate (a bucket boundary must be the same everywhere).
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
 
 def use_multiprocess_files(directory: str, process_key: str) -> None:
     """Must run before this process creates any metric object."""
