@@ -30,8 +30,9 @@ import time
 import numpy as np
 
 from ringserve.ipc import wake
+from ringserve.ipc.answer import write_output
 from ringserve.ipc.arena import Arena, ArenaGeometry, segment_name
-from ringserve.ipc.layout import DTYPE_CODE, SlotState, Status
+from ringserve.ipc.layout import DONE, DTYPE_CODE_OF, FREE, PayloadKind, numpy_dtype
 from ringserve.ipc.ring import RequestRing
 
 SIZES = {"1KB": 1024, "600KB": 600 * 1024}
@@ -43,35 +44,35 @@ PIPELINE = 32
 def _worker(path: str, work_fd: int, done_fd: int, stop_fd: int) -> None:
     arena = Arena.attach(path)
     ring = RequestRing(arena, 0)
-    slots = arena.slots
     poller = select.poll()
     poller.register(work_fd, select.POLLIN)
     poller.register(stop_fd, select.POLLIN)
+    batch_id = 0
     while True:
         claimed = ring.pop(PIPELINE, 1, os.getpid())
         if not claimed:
-            poller.poll(1000)
+            # The worker's sleep protocol: counted as a sleeper, so pushers signal.
+            ring.going_to_sleep()
+            if ring.depth() == 0:
+                poller.poll(1000)
+            ring.woke()
             if wake.drain(stop_fd):
                 break
             wake.drain(work_fd)
             continue
-        # Gather: inputs out of shared memory into one private batch (a copy out) ...
-        batch = [
-            arena.data_array(c.slot, np.dtype("float32"), (int(slots["in_nbytes"][c.slot]) // 4,))
-            for c in claimed
-        ]
-        outputs = [np.array(x) for x in batch]
-        # ... and the outputs back into the same slots (a copy in).
-        for c, out in zip(claimed, outputs, strict=True):
-            rec = slots[c.slot]
-            np.copyto(arena.data_array(c.slot, out.dtype, out.shape), out)
-            rec["out_dtype"] = DTYPE_CODE["float32"]
-            rec["out_ndim"] = 1
-            rec["out_shape"][0] = out.shape[0]
-            rec["out_nbytes"] = out.nbytes
-            rec["status"] = Status.OK
-            rec["finished_ns"] = time.monotonic_ns()
-            rec["state"] = SlotState.DONE
+        # What the worker does: read each header, gather the inputs out of shared memory
+        # into one private batch (a copy out), answer into the same slots (a copy in).
+        views = []
+        for c in claimed:
+            h = arena.headers.read_request(c.slot)
+            views.append(arena.data_array(c.slot, numpy_dtype(h.in_dtype), h.shape))
+        batch = views[0] if len(views) == 1 else np.concatenate(views)  # as the worker does
+        batch_id += 1
+        start = 0
+        for c, view in zip(claimed, views, strict=True):
+            n = view.shape[0]
+            write_output(arena, c.slot, batch[start : start + n], len(claimed), batch_id)
+            start += n
         wake.signal(done_fd)
     ring.close()
     arena.close()
@@ -79,7 +80,8 @@ def _worker(path: str, work_fd: int, done_fd: int, stop_fd: int) -> None:
 
 
 class Frontend:
-    """The frontend's half: submit (copy in + push + signal) and collect (copy out + free)."""
+    """The frontend's half, as ``frontend/dispatch.py`` does it: submit (header, copy in,
+    push, signal) and collect (read the result header, copy out, free)."""
 
     def __init__(self, arena: Arena, work_fd: int, done_fd: int) -> None:
         self.arena = arena
@@ -87,36 +89,36 @@ class Frontend:
         self.work_fd = work_fd
         self.done_fd = done_fd
         self.free = list(arena.frontend_slots(0))
+        self.pid = os.getpid()
 
     def submit(self, payload: np.ndarray) -> int:
         slot = self.free.pop()
-        rec = self.arena.slots[slot]
-        rec["state"] = SlotState.WRITING
-        rec["generation"] = int(rec["generation"]) + 1
-        rec["status"] = Status.OK
-        rec["cancel"] = 0
-        rec["attempts"] = 0
-        rec["owner"] = 0
-        rec["model"] = 0
-        rec["in_dtype"] = DTYPE_CODE["float32"]
-        rec["in_ndim"] = 1
-        rec["in_shape"][0] = payload.shape[0]
-        rec["in_nbytes"] = payload.nbytes
-        rec["rows"] = 1
+        self.arena.headers.write_request(
+            slot,
+            owner=0,
+            owner_pid=self.pid,
+            model=0,
+            kind=int(PayloadKind.TENSOR),
+            dtype_code=DTYPE_CODE_OF[payload.dtype],
+            shape=payload.shape,
+            nbytes=payload.nbytes,
+            rows=1,
+            deadline_ns=0,
+            enqueued_ns=time.monotonic_ns(),
+            request_id=b"bench",
+        )
         np.copyto(self.arena.data_array(slot, payload.dtype, payload.shape), payload)
-        rec["enqueued_ns"] = time.monotonic_ns()
-        self.ring.push(slot)
-        wake.signal(self.work_fd)
+        if self.ring.push(slot):
+            wake.signal(self.work_fd)
         return slot
 
     def done(self, slot: int) -> bool:
-        return int(self.arena.slots["state"][slot]) == SlotState.DONE
+        return self.arena.headers.state(slot) == DONE
 
     def collect(self, slot: int) -> np.ndarray:
-        rec = self.arena.slots[slot]
-        n = int(rec["out_shape"][0])
-        out = self.arena.data_array(slot, np.dtype("float32"), (n,)).copy()
-        rec["state"] = SlotState.FREE
+        r = self.arena.headers.read_result(slot)
+        out = self.arena.data_array(slot, numpy_dtype(r.out_dtype), r.shape).copy()
+        self.arena.headers.set_state(slot, FREE)
         self.free.append(slot)
         return out
 

@@ -8,25 +8,35 @@ their routes through ``FrontendState``; the request path they share is ``infer``
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ringserve.frontend.call import (
+    ASGIApp,
+    AsgiEndpoint,
+    Call,
+    Handler,
+    HotRoutes,
+    Reply,
+    error_reply,
+    json_reply,
+    new_request_id,
+)
 from ringserve.frontend.catalog import Catalog, ModelInfo
 from ringserve.frontend.dispatch import Completed, Dispatcher
 from ringserve.frontend.errors import HTTPError, bad_request, unavailable, unprocessable
 from ringserve.frontend.images import check_image
+from ringserve.frontend.jsonio import parse_json
 from ringserve.frontend.metrics import FrontendMetrics
 from ringserve.frontend.tensors import fit_shape, from_json
 from ringserve.ipc.arena import Arena
@@ -59,37 +69,17 @@ class FrontendState:
     started: bool = False
 
 
-def request_id(request: Request) -> str:
-    rid = request.headers.get(REQUEST_ID_HEADER)
+def request_id(headers: Mapping[str, str]) -> str:
+    """The client's X-Request-ID when it is sane, else a fresh one."""
+    rid = headers.get(REQUEST_ID_HEADER)
     if rid and len(rid) <= 128 and rid.isprintable():
         return rid
-    return uuid.uuid4().hex
+    return new_request_id()
 
 
 def error_response(err: HTTPError, rid: str) -> JSONResponse:
     headers = {"X-Request-ID": rid, **err.headers}
     return JSONResponse({"error": err.message}, status_code=err.status, headers=headers)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing one over ``limit`` bytes before reading it when we can."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise HTTPError(413, f"body of {declared} bytes is over the limit of {limit}")
-        except ValueError:
-            raise bad_request("invalid Content-Length") from None
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise HTTPError(413, f"body is over the limit of {limit} bytes")
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise HTTPError(499, "client disconnected while sending the body") from None
-    return b"".join(chunks)
 
 
 def check_intake(state: FrontendState) -> None:
@@ -111,8 +101,8 @@ def ready_model(state: FrontendState, name: str) -> ModelInfo:
     return info
 
 
-def deadline_s(request: Request, settings: Settings) -> float:
-    raw = request.headers.get(TIMEOUT_HEADER)
+def deadline_s(headers: Mapping[str, str], settings: Settings) -> float:
+    raw = headers.get(TIMEOUT_HEADER)
     if raw is None:
         return settings.server.request_timeout_s
     try:
@@ -124,17 +114,47 @@ def deadline_s(request: Request, settings: Settings) -> float:
     return ms / 1000
 
 
-async def _client_gone(request: Request) -> None:
-    """Returns when the client disconnects (the body was already read)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
+# The answer usually comes within this; only a request still waiting after it gets a
+# disconnect watcher and a deadline timer (a task and a timer per request cost more than
+# the rest of the wait).
+WATCH_AFTER_S = 0.05
+_GONE, _LATE = "gone", "late"
+
+
+async def _outcome(fut: asyncio.Future[Any], call: Call, limit_s: float) -> Any:
+    """Wait for the answer; None when it is in, ``_GONE`` if the client left first,
+    ``_LATE`` if ``limit_s`` passed first."""
+    loop = asyncio.get_running_loop()
+    watcher: asyncio.Task[None] | None = None
+    late: asyncio.TimerHandle | None = None
+
+    def settle(value: str) -> None:
+        if not fut.done():
+            fut.set_result(value)
+
+    async def watch() -> None:
+        await call.disconnected()
+        settle(_GONE)
+
+    def slow() -> None:
+        nonlocal watcher, late
+        watcher = loop.create_task(watch())
+        late = loop.call_later(limit_s - WATCH_AFTER_S, settle, _LATE)
+
+    first = loop.call_later(WATCH_AFTER_S, slow)
+    try:
+        return await fut
+    finally:
+        first.cancel()
+        if late is not None:
+            late.cancel()
+        if watcher is not None:
+            watcher.cancel()
 
 
 async def infer(
     state: FrontendState,
-    request: Request,
+    call: Call,
     info: ModelInfo,
     payload: np.ndarray,
     kind: PayloadKind,
@@ -143,7 +163,7 @@ async def infer(
     dtype_name: str | None = None,
 ) -> Completed:
     """The shared request path: slot in, wait (deadline, disconnect), answer out."""
-    timeout = deadline_s(request, state.settings)
+    timeout = deadline_s(call.headers, state.settings)
     d = state.dispatcher
     try:
         slot = d.submit(
@@ -162,19 +182,16 @@ async def infer(
         raise HTTPError(413, str(e)) from None
     # One wait for three outcomes: the answer, the client leaving, the deadline (plus a
     # little grace so the worker's own DEADLINE status usually wins and says why).
-    done = d.pending[slot]
-    gone_task = asyncio.ensure_future(_client_gone(request))
     try:
-        await asyncio.wait(
-            (done, gone_task), timeout=timeout + 0.25, return_when=asyncio.FIRST_COMPLETED
-        )
-    finally:
-        gone_task.cancel()
-    if not done.done() and gone_task.done() and not gone_task.cancelled():
+        outcome = await _outcome(d.pending[slot], call, timeout + 0.25)
+    except asyncio.CancelledError:
+        d.abandon(slot)
+        raise
+    if outcome == _GONE:
         d.abandon(slot)
         state.metrics.cancelled(info.settings.name)
         raise HTTPError(499, "client disconnected")
-    if not done.done():
+    if outcome == _LATE:
         d.abandon(slot)
         state.metrics.deadline(info.settings.name)
         raise HTTPError(504, f"no answer within the deadline of {timeout:.3f} s")
@@ -202,7 +219,7 @@ def _format_result(info: ModelInfo, output: np.ndarray, batched: bool) -> Any:
             for r, i in enumerate(idx)
         ]
         return rows if batched else rows[0]
-    return output.tolist() if batched else output[0].tolist()
+    return output if batched else output[0]  # serialised by orjson straight from numpy
 
 
 def log_access(
@@ -227,16 +244,16 @@ def log_access(
     access_log.info("%s %s %d %.3f ms", rid, model, status, seconds * 1000, extra=extra)
 
 
-def make_predict(state: FrontendState) -> Callable[[Request], Awaitable[Response]]:
-    async def predict(request: Request) -> Response:
+def make_predict(state: FrontendState) -> Handler:
+    async def predict(call: Call) -> Reply:
         t0 = time.perf_counter()
-        rid = request_id(request)
-        name = request.path_params.get("name") or state.catalog.names()[0]
+        rid = request_id(call.headers)
+        name = call.path_params.get("name") or state.catalog.names()[0]
         try:
             check_intake(state)
             info = ready_model(state, name)
-            body = await read_body(request, state.settings.server.max_body_bytes)
-            ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
+            body = await call.read_body(state.settings.server.max_body_bytes)
+            ctype = call.headers.get("content-type", "application/json").split(";")[0].strip()
             if ctype.startswith("image/"):
                 if not (info.spec or {}).get("accepts_images"):
                     raise HTTPError(415, f"model {name!r} does not take images")
@@ -249,11 +266,7 @@ def make_predict(state: FrontendState) -> Callable[[Request], Awaitable[Response
                 )
             elif ctype in ("application/json", "", "application/x-www-form-urlencoded"):
                 # (curl -d sends form-urlencoded by default; the body is still our JSON)
-                try:
-                    doc = json.loads(body)
-                except (ValueError, UnicodeDecodeError, RecursionError) as e:
-                    # RecursionError: nesting deeper than the interpreter's stack allows
-                    raise bad_request(f"malformed JSON: {e}") from None
+                doc = parse_json(body)
                 if not isinstance(doc, dict) or "data" not in doc:
                     raise unprocessable('body must be a JSON object with a "data" field')
                 if "request_id" in doc:
@@ -270,16 +283,16 @@ def make_predict(state: FrontendState) -> Callable[[Request], Awaitable[Response
                 raise HTTPError(
                     415, f"unsupported Content-Type {ctype!r}: use application/json or image/*"
                 )
-            completed = await infer(state, request, info, payload, kind, rows, rid)
+            completed = await infer(state, call, info, payload, kind, rows, rid)
         except HTTPError as err:
             state.metrics.request(name, err.status, time.perf_counter() - t0)
             log_access(state, rid, name, err.status, time.perf_counter() - t0, None)
-            return error_response(err, rid)
+            return error_reply(err, rid)
         assert completed.output is not None
         latency = time.perf_counter() - t0
         state.metrics.request(name, 200, latency)
         log_access(state, rid, name, 200, latency, completed)
-        return JSONResponse(
+        return json_reply(
             {
                 "request_id": rid,
                 "model": name,
@@ -293,9 +306,11 @@ def make_predict(state: FrontendState) -> Callable[[Request], Awaitable[Response
     return predict
 
 
-def build_app(state: FrontendState, extra_routes: list[Route] | None = None) -> Starlette:
+def build_app(state: FrontendState, extra_routes: list[Route] | None = None) -> HotRoutes:
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "alive"}, headers={"X-Request-ID": request_id(request)})
+        return JSONResponse(
+            {"status": "alive"}, headers={"X-Request-ID": request_id(request.headers)}
+        )
 
     async def readiness(request: Request) -> Response:
         ready_counts = state.catalog.ready_workers()
@@ -310,7 +325,9 @@ def build_app(state: FrontendState, extra_routes: list[Route] | None = None) -> 
         if reasons:
             body["reasons"] = reasons
         return JSONResponse(
-            body, status_code=503 if reasons else 200, headers={"X-Request-ID": request_id(request)}
+            body,
+            status_code=503 if reasons else 200,
+            headers={"X-Request-ID": request_id(request.headers)},
         )
 
     async def models(request: Request) -> Response:
@@ -332,7 +349,7 @@ def build_app(state: FrontendState, extra_routes: list[Route] | None = None) -> 
                     "outputs": (info.spec or {}).get("outputs", []),
                 }
             )
-        return JSONResponse({"models": out}, headers={"X-Request-ID": request_id(request)})
+        return JSONResponse({"models": out}, headers={"X-Request-ID": request_id(request.headers)})
 
     async def metrics(request: Request) -> Response:
         body, ctype = state.metrics.render()
@@ -343,8 +360,8 @@ def build_app(state: FrontendState, extra_routes: list[Route] | None = None) -> 
         Route("/health", health),
         Route("/readiness", readiness),
         Route("/v1/models", models),
-        Route("/predict", predict, methods=["POST"]),
-        Route("/v1/models/{name}/predict", predict, methods=["POST"]),
+        Route("/predict", AsgiEndpoint(predict), methods=["POST"]),
+        Route("/v1/models/{name}/predict", AsgiEndpoint(predict), methods=["POST"]),
         Route("/metrics", metrics),
         *(extra_routes or []),
     ]
@@ -361,9 +378,27 @@ def build_app(state: FrontendState, extra_routes: list[Route] | None = None) -> 
         return JSONResponse(
             {"error": getattr(exc, "detail", "not found")},
             status_code=status,
-            headers={"X-Request-ID": request_id(request)},
+            headers={"X-Request-ID": request_id(request.headers)},
         )
 
-    return Starlette(
+    app = Starlette(
         routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found}
     )
+    return hot_routes(app, routes, state.catalog.names())
+
+
+def hot_routes(app: ASGIApp, routes: list[Route], models: list[str]) -> HotRoutes:
+    """Every inference route (an ``AsgiEndpoint``) spelled out for each configured model,
+    so its requests skip Starlette's router; other paths fall through to ``app``."""
+    hot = HotRoutes(app)
+    for route in routes:
+        if not isinstance(route.endpoint, AsgiEndpoint):
+            continue
+        for name in models if "{name}" in route.path else [""]:
+            params = {"name": name} if name else {}
+            if "{version}" in route.path:
+                params["version"] = "1"
+            path = route.path.format(**params)
+            for method in route.methods or ("POST",):
+                hot.add(method, path, route.endpoint.handler, params)
+    return hot

@@ -11,6 +11,7 @@ supervisor) marks it DONE — never earlier, because a worker may still be writi
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import dataclass
 
@@ -19,7 +20,15 @@ import numpy as np
 from ringserve.ipc import wake
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.errors import QueueFull
-from ringserve.ipc.layout import DONE, DTYPE_CODE, WRITING, SlotState, Status, numpy_dtype
+from ringserve.ipc.layout import (
+    DONE,
+    DTYPE_CODE,
+    DTYPE_CODE_OF,
+    FREE,
+    SlotState,
+    Status,
+    numpy_dtype,
+)
 from ringserve.ipc.ring import RequestRing
 
 
@@ -55,6 +64,7 @@ class Dispatcher:
         self.pending: dict[int, asyncio.Future[None]] = {}
         self.orphans: set[int] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._pid = os.getpid()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -117,27 +127,22 @@ class Dispatcher:
                 f"input is {payload.nbytes} bytes; a slot holds {self.arena.geometry.slot_bytes}"
             )
         slot = self.free.pop()
-        rec = self.arena.slots[slot]
-        rec["state"] = WRITING
-        rec["generation"] = int(rec["generation"]) + 1
-        rec["status"] = Status.OK
-        rec["cancel"] = 0
-        rec["attempts"] = 0
-        rec["owner"] = self.frontend_id
-        rec["worker"] = -1
-        rec["model"] = model
-        rec["kind"] = kind
-        rec["in_dtype"] = DTYPE_CODE[dtype_name or payload.dtype.name]
-        rec["in_ndim"] = payload.ndim
-        rec["in_shape"][: payload.ndim] = payload.shape
-        rec["in_nbytes"] = payload.nbytes
-        rec["rows"] = rows
-        rec["deadline_ns"] = deadline_ns
-        rec["request_id"] = request_id.encode()[:128]
-        rec["batch_size"] = 0
+        self.arena.headers.write_request(
+            slot,
+            owner=self.frontend_id,
+            owner_pid=self._pid,
+            model=model,
+            kind=kind,
+            dtype_code=DTYPE_CODE[dtype_name] if dtype_name else DTYPE_CODE_OF[payload.dtype],
+            shape=payload.shape,
+            nbytes=payload.nbytes,
+            rows=rows,
+            deadline_ns=deadline_ns,
+            enqueued_ns=time.monotonic_ns(),
+            request_id=request_id.encode(),
+        )
         if payload.nbytes:
             np.copyto(self.arena.data_array(slot, payload.dtype, payload.shape), payload)
-        rec["enqueued_ns"] = time.monotonic_ns()
         try:
             sleeping = self.rings[model].push(slot, self.max_queue_depth)
         except QueueFull:
@@ -152,22 +157,18 @@ class Dispatcher:
     def collect(self, slot: int) -> Completed:
         """Read a DONE slot's answer (copying the output out) and free the slot."""
         self.pending.pop(slot, None)
-        rec = self.arena.slots[slot]
-        status = Status(int(rec["status"]))
-        ndim = int(rec["out_ndim"])
-        shape = tuple(int(d) for d in rec["out_shape"][:ndim])
-        dtype = numpy_dtype(int(rec["out_dtype"]))
-        view = self.arena.data_array(slot, dtype, shape)
-        started, finished = int(rec["started_ns"]), int(rec["finished_ns"])
+        r = self.arena.headers.read_result(slot)
+        ok = r.status == Status.OK
+        view = self.arena.data_array(slot, numpy_dtype(r.out_dtype), r.shape)
         result = Completed(
-            status=status,
-            output=view.copy() if status == Status.OK else None,
-            message="" if status == Status.OK else view.tobytes().decode(errors="replace"),
-            batch_size=int(rec["batch_size"]),
-            batch_id=int(rec["batch_id"]),
-            queue_wait_s=max(0, started - int(rec["enqueued_ns"])) / 1e9,
-            inference_s=max(0, finished - started) / 1e9 if status == Status.OK else 0.0,
-            attempts=int(rec["attempts"]),
+            status=Status(r.status),
+            output=view.copy() if ok else None,
+            message="" if ok else view.tobytes().decode(errors="replace"),
+            batch_size=r.batch_size,
+            batch_id=r.batch_id,
+            queue_wait_s=max(0, r.started_ns - r.enqueued_ns) / 1e9,
+            inference_s=max(0, r.finished_ns - r.started_ns) / 1e9 if ok else 0.0,
+            attempts=r.attempts,
         )
         self._release(slot)
         return result
@@ -177,16 +178,16 @@ class Dispatcher:
         fut = self.pending.pop(slot, None)
         if fut is not None and not fut.done():
             fut.cancel()
-        if int(self.arena.slots["state"][slot]) == SlotState.DONE:
+        if self.arena.headers.state(slot) == DONE:
             self._release(slot)
             return
-        self.arena.slots["cancel"][slot] = 1
+        self.arena.headers.set_cancel(slot)
         self.orphans.add(slot)
 
     # -- internals -------------------------------------------------------------------------
 
     def _release(self, slot: int) -> None:
-        self.arena.slots["state"][slot] = SlotState.FREE
+        self.arena.headers.set_state(slot, FREE)
         self.free.append(slot)
 
     def _on_done(self) -> None:

@@ -12,6 +12,7 @@ it. Whichever frontend gets the scrape renders the whole server.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from ringserve.ipc.arena import Arena
 from ringserve.ipc.config import Settings
 from ringserve.ipc.layout import ProcState, Role, SlotState
 from ringserve.ipc.prom import LATENCY_BUCKETS
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter, Histogram
 
 
 class FrontendMetrics:
@@ -55,17 +59,29 @@ class FrontendMetrics:
             "Requests refused with 503 because the queue was full",
             ["model"],
         )
+        self._requests: dict[tuple[str, int], Counter] = {}
+        self._children: dict[tuple[int, str], Histogram] = {}
 
     # -- recording (the request path: a few microseconds each) ---------------------------
 
     def request(self, model: str, code: int, seconds: float) -> None:
-        self.requests.labels(model, str(code)).inc()
+        counter = self._requests.get((model, code))
+        if counter is None:  # labels() takes a lock and builds a key: once per series
+            counter = self._requests[(model, code)] = self.requests.labels(model, str(code))
+        counter.inc()
         if code == 200:
-            self.duration.labels(model).observe(seconds)
+            self._child(self.duration, model).observe(seconds)
 
     def completed(self, model: str, c: Completed) -> None:
         if c.batch_size:  # it reached a worker
-            self.queue_wait.labels(model).observe(c.queue_wait_s)
+            self._child(self.queue_wait, model).observe(c.queue_wait_s)
+
+    def _child(self, histogram: Histogram, model: str) -> Histogram:
+        key = (id(histogram), model)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = histogram.labels(model)
+        return child
 
     def deadline(self, model: str) -> None:
         self.deadline_expired.labels(model).inc()

@@ -32,10 +32,10 @@ from ringserve.frontend.app import (
     check_intake,
     error_response,
     infer,
-    read_body,
     ready_model,
     request_id,
 )
+from ringserve.frontend.call import AsgiEndpoint, Call, Reply, error_reply
 from ringserve.frontend.catalog import ModelInfo
 from ringserve.frontend.errors import HTTPError, unavailable
 from ringserve.frontend.v2_codec import (
@@ -73,7 +73,7 @@ def _json(
 
 def _errors_as_json(fn: Callable[[Request, str], Awaitable[Response]]) -> Handler:
     async def handler(request: Request) -> Response:
-        rid = request_id(request)
+        rid = request_id(request.headers)
         try:
             return await fn(request, rid)
         except HTTPError as err:
@@ -82,7 +82,7 @@ def _errors_as_json(fn: Callable[[Request, str], Awaitable[Response]]) -> Handle
     return handler
 
 
-def _lookup(state: FrontendState, request: Request) -> ModelInfo:
+def _lookup(state: FrontendState, request: Request | Call) -> ModelInfo:
     """The model named in the path (404 if unknown, or for a version other than 1)."""
     name = request.path_params["name"]
     info = state.catalog.get(name)
@@ -205,12 +205,12 @@ def v2_routes(state: FrontendState) -> list[Route]:
             names = state.catalog.names()
         return _json({"model_stats": model_stats(state, names)}, rid)
 
-    async def infer_endpoint(request: Request) -> Response:
+    async def infer_endpoint(call: Call) -> Reply:
         t0 = time.perf_counter()
-        rid = request_id(request)
-        name = request.path_params["name"]
+        rid = request_id(call.headers)
+        name = call.path_params["name"]
         try:
-            info = _lookup(state, request)
+            info = _lookup(state, call)
             check_intake(state)
             ready_model(state, name)
             spec = _spec(info)
@@ -218,7 +218,7 @@ def v2_routes(state: FrontendState) -> list[Route]:
             out = TensorSpec.from_spec(spec["outputs"][0])
             if "bytes" in (inp.dtype, out.dtype):
                 raise HTTPError(501, f"model {name!r} has BYTES tensors, not served over v2 yet")
-            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            ctype = call.headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype not in REQUEST_TYPES:
                 raise HTTPError(
                     415,
@@ -226,14 +226,14 @@ def v2_routes(state: FrontendState) -> list[Route]:
                     "application/octet-stream",
                 )
             limit = state.settings.server.max_body_bytes
-            body = await read_body(request, limit)
-            body = decompress_body(body, request.headers.get("content-encoding"), limit)
-            header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
+            body = await call.read_body(limit)
+            body = decompress_body(body, call.headers.get("content-encoding"), limit)
+            header, binary = split_body(body, call.headers.get(HEADER_LENGTH))
             mbs = info.settings.batching.max_batch_size
             req = decode_request(header, binary, inp, out, mbs)
             if req.id and len(req.id) <= 128 and req.id.isprintable():
                 rid = req.id
-            done = await infer(state, request, info, req.payload, PayloadKind.TENSOR, req.rows, rid)
+            done = await infer(state, call, info, req.payload, PayloadKind.TENSOR, req.rows, rid)
             assert done.output is not None
             content, header_len = encode_response(
                 name, req, done.output, done.output.dtype.name, mbs
@@ -241,13 +241,13 @@ def v2_routes(state: FrontendState) -> list[Route]:
         except HTTPError as err:
             if name in state.catalog.names():  # no metric series for made-up names
                 state.metrics.request(name, err.status, time.perf_counter() - t0)
-            return error_response(err, rid)
+            return error_reply(err, rid)
         state.metrics.request(name, 200, time.perf_counter() - t0)
         headers = {"X-Request-ID": rid}
         if header_len is None:
-            return Response(content, media_type="application/json", headers=headers)
+            return Reply(200, content, headers)
         headers["Inference-Header-Content-Length"] = str(header_len)
-        return Response(content, media_type="application/octet-stream", headers=headers)
+        return Reply(200, content, headers, "application/octet-stream")
 
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
@@ -264,6 +264,6 @@ def v2_routes(state: FrontendState) -> list[Route]:
         Route(f"{versioned}/config", config),
         Route(f"{model}/stats", stats),
         Route(f"{versioned}/stats", stats),
-        Route(f"{model}/infer", infer_endpoint, methods=["POST"]),
-        Route(f"{versioned}/infer", infer_endpoint, methods=["POST"]),
+        Route(f"{model}/infer", AsgiEndpoint(infer_endpoint), methods=["POST"]),
+        Route(f"{versioned}/infer", AsgiEndpoint(infer_endpoint), methods=["POST"]),
     ]

@@ -20,7 +20,6 @@ its header once. JSON data is parsed and cast like the simple API's (same NaN ru
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 import zlib
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ringserve.frontend.errors import HTTPError, bad_request
+from ringserve.frontend.jsonio import dump_json, parse_json
 from ringserve.frontend.tensors import MAX_JSON_DEPTH, cast
 
 # KServe datatype <-> ringserve dtype name (ringserve.ipc.layout.DTYPES) <-> Triton config.
@@ -266,11 +266,7 @@ def decode_request(
     max_batch_size: int,
 ) -> InferRequest:
     """Validate an infer request against the model's one input and output."""
-    try:
-        doc = json.loads(bytes(header))
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        # RecursionError: nesting deeper than the interpreter's stack allows
-        raise bad_request(f"malformed JSON: {e}") from None
+    doc = parse_json(header)
     if not isinstance(doc, dict):
         raise bad_request("infer request must be a JSON object")
     rid = doc.get("id")
@@ -408,7 +404,7 @@ def encode_response(
     if request.id is not None:
         doc["id"] = request.id
     doc["outputs"] = [entry]
-    head = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+    head = dump_json(doc)
     if raw is None:
         return head, None
     return b"".join((head, raw)), len(head)

@@ -13,6 +13,7 @@ import ctypes
 import gc
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -27,12 +28,12 @@ from ringserve.gpu_worker.handlers import BadInput, Handler, create_handler
 from ringserve.gpu_worker.metrics import WorkerMetrics
 from ringserve.gpu_worker.profile import throughput_profile
 from ringserve.ipc import wake
+from ringserve.ipc.answer import write_error, write_output
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.child import ChildSpec, load_spec
 from ringserve.ipc.control import ControlBlock
 from ringserve.ipc.errors import ArenaError, ExitCode
 from ringserve.ipc.layout import (
-    DTYPE_CODE,
     DTYPES,
     MAX_NDIM,
     MODEL_ENTRY,
@@ -40,12 +41,12 @@ from ringserve.ipc.layout import (
     PayloadKind,
     ProcState,
     Role,
-    SlotState,
     Status,
     numpy_dtype,
 )
 from ringserve.ipc.logs import setup_logging
-from ringserve.ipc.ring import Claimed, RequestRing, write_error
+from ringserve.ipc.ring import Claimed, RequestRing
+from ringserve.ipc.slot_io import Request as SlotRequest
 from ringserve.ipc.testhooks import pause_point
 
 log = logging.getLogger("ringserve.worker")
@@ -175,10 +176,10 @@ class Worker:
             self._sleep(idle_timeout_s)
             return []
         rows = sum(c.rows for c in claimed)
-        slots = self.arena.slots
+        headers = self.arena.headers
         while rows < target and claimed[0].attempts == 1:
-            oldest = int(slots["enqueued_ns"][claimed[0].slot]) / 1e9
-            newest = int(slots["enqueued_ns"][claimed[-1].slot]) / 1e9
+            oldest = headers.read_request(claimed[0].slot).enqueued_ns / 1e9
+            newest = headers.read_request(claimed[-1].slot).enqueued_ns / 1e9
             delay = self.batcher.wait_time(rows, oldest, newest)
             if not delay:
                 break
@@ -205,16 +206,17 @@ class Worker:
 
     def _run_batch(self, claimed: list[Claimed]) -> None:
         assert self.handler is not None and self.batcher is not None
-        slots = self.arena.slots
+        headers = {c.slot: self.arena.headers.read_request(c.slot) for c in claimed}
         items = [
             Pending(
                 key=c.slot,
                 rows=c.rows,
-                enqueued_s=int(slots["enqueued_ns"][c.slot]) / 1e9,
-                deadline_s=(int(slots["deadline_ns"][c.slot]) / 1e9) or None,
-                cancelled=bool(slots["cancel"][c.slot]),
+                enqueued_s=h.enqueued_ns / 1e9,
+                deadline_s=(h.deadline_ns / 1e9) or None,
+                cancelled=bool(h.cancel),
             )
             for c in claimed
+            for h in (headers[c.slot],)
         ]
         run, expired, cancelled = self.batcher.select(items)
         owners: set[int] = set()
@@ -225,7 +227,7 @@ class Worker:
         groups: dict[tuple, list[tuple[int, torch.Tensor]]] = defaultdict(list)
         for p in run:
             try:
-                tensor = self.handler.preprocess(*self._payload(p.key))
+                tensor = self.handler.preprocess(*self._payload(p.key, headers[p.key]))
             except (BadInput, HeaderError) as e:
                 self._finish_error(p.key, Status.BAD_INPUT, str(e).encode(), owners)
                 continue
@@ -243,24 +245,18 @@ class Worker:
             wake.signal(self.spec.frontend_efds[owner])
         self.control.beat()
 
-    def _payload(self, slot: int) -> tuple[np.ndarray, PayloadKind]:
+    def _payload(self, slot: int, h: SlotRequest) -> tuple[np.ndarray, PayloadKind]:
         """A zero-copy view of a slot's input, after bounds-checking its header."""
-        rec = self.arena.slots[slot]
-        kind = int(rec["kind"])
-        code = int(rec["in_dtype"])
-        ndim = int(rec["in_ndim"])
-        nbytes = int(rec["in_nbytes"])
-        if kind not in (PayloadKind.TENSOR, PayloadKind.IMAGE):
-            raise HeaderError(f"corrupt request header: payload kind {kind}")
-        if code >= len(DTYPES) or not 0 <= ndim <= MAX_NDIM:
+        if h.kind not in (PayloadKind.TENSOR, PayloadKind.IMAGE):
+            raise HeaderError(f"corrupt request header: payload kind {h.kind}")
+        if h.in_dtype >= len(DTYPES) or not 0 <= h.ndim <= MAX_NDIM:
             raise HeaderError("corrupt request header: dtype or rank out of range")
-        if nbytes > self.arena.geometry.slot_bytes:
+        if h.in_nbytes > self.arena.geometry.slot_bytes:
             raise HeaderError("corrupt request header: payload larger than its slot")
-        shape = tuple(int(d) for d in rec["in_shape"][:ndim])
-        dtype = numpy_dtype(code)
-        if int(np.prod(shape, dtype=np.uint64)) * dtype.itemsize != nbytes:
+        dtype = numpy_dtype(h.in_dtype)
+        if math.prod(h.shape) * dtype.itemsize != h.in_nbytes:
             raise HeaderError("corrupt request header: shape does not match byte length")
-        return self.arena.data_array(slot, dtype, shape), PayloadKind(kind)
+        return self.arena.data_array(slot, dtype, h.shape), PayloadKind(h.kind)
 
     def _infer_group(self, members: list[tuple[int, torch.Tensor]], owners: set[int]) -> None:
         assert self.handler is not None
@@ -325,33 +321,15 @@ class Worker:
     # -- answering -------------------------------------------------------------------------
 
     def _finish_ok(self, slot: int, out: np.ndarray, batch_rows: int, owners: set[int]) -> None:
-        out = np.ascontiguousarray(out)
-        rec = self.arena.slots[slot]
-        if out.nbytes > self.arena.geometry.slot_bytes or out.ndim > MAX_NDIM:
-            self._finish_error(slot, Status.MODEL_ERROR, b"output does not fit the slot", owners)
+        why = write_output(self.arena, slot, out, batch_rows, self._batch_seq)
+        if why is not None:
+            self._finish_error(slot, Status.MODEL_ERROR, why.encode(), owners)
             return
-        name = out.dtype.name
-        if name not in DTYPE_CODE:
-            self._finish_error(
-                slot, Status.MODEL_ERROR, f"unsupported output {name}".encode(), owners
-            )
-            return
-        dest = self.arena.data_array(slot, out.dtype, out.shape)
-        np.copyto(dest, out)
-        rec["out_dtype"] = DTYPE_CODE[name]
-        rec["out_ndim"] = out.ndim
-        rec["out_shape"][: out.ndim] = out.shape
-        rec["out_nbytes"] = out.nbytes
-        rec["batch_size"] = batch_rows
-        rec["batch_id"] = self._batch_seq
-        rec["status"] = Status.OK
-        rec["finished_ns"] = time.monotonic_ns()
-        rec["state"] = SlotState.DONE
-        owners.add(int(rec["owner"]))
+        owners.add(self.arena.headers.owner(slot))
 
     def _finish_error(self, slot: int, status: Status, message: bytes, owners: set[int]) -> None:
         write_error(self.arena, slot, status, message)
-        owners.add(int(self.arena.slots["owner"][slot]))
+        owners.add(self.arena.headers.owner(slot))
 
 
 def main() -> None:

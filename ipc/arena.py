@@ -25,6 +25,7 @@ import numpy as np
 
 from ringserve.ipc import layout as L
 from ringserve.ipc.errors import ArenaError
+from ringserve.ipc.slot_io import SlotHeaders
 
 SHM_DIR = "/dev/shm"
 _NAME_RE = re.compile(r"^ringserve-(?P<instance>[A-Za-z0-9_.]+)-(?P<pid>\d+)$")
@@ -126,10 +127,17 @@ class Arena:
             count=g.n_slots,
             offset=off["slots"],
         )
+        self.headers = SlotHeaders(buf, off["slots"])
         self._ring_off = off["rings"]
         self._ring_stride = off["ring_stride"]
         self._data_off = off["data"]
         self._data_stride = L.align_up(g.slot_bytes, 64)
+        self._slot_bytes = [
+            np.frombuffer(
+                buf, np.uint8, count=g.slot_bytes, offset=self._data_off + i * self._data_stride
+            )
+            for i in range(g.n_slots)
+        ]
 
     # -- creation and attachment -------------------------------------------------------
 
@@ -188,7 +196,8 @@ class Arena:
         if self._mm is None:
             return
         # numpy views pin the buffer; release them before closing the map.
-        self.header = self.models = self.control = self.slots = None  # type: ignore[assignment]
+        self.header = self.models = self.control = self.slots = self.headers = None  # type: ignore[assignment]
+        self._slot_bytes = []
         self._buf.release()
         # BufferError: a caller still holds a view; the mapping goes with the process.
         with contextlib.suppress(BufferError):
@@ -204,6 +213,11 @@ class Arena:
     @property
     def fd(self) -> int:
         return self._fd
+
+    @property
+    def buffer(self) -> memoryview:
+        """The whole mapping, for ``struct`` access on hot paths (ring, slot headers)."""
+        return self._buf
 
     def ring_view(self, model: int) -> tuple[np.ndarray, np.ndarray]:
         """(header record array of length 1, entries u64 array) of one model's ring."""
@@ -226,10 +240,12 @@ class Arena:
         return self._buf[start : start + self.geometry.slot_bytes]
 
     def data_array(self, slot: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-        """A zero-copy numpy view of a slot's payload."""
-        count = math.prod(shape)
-        start = self._data_off + slot * self._data_stride
-        return np.frombuffer(self._buf, dtype=dtype, count=count, offset=start).reshape(shape)
+        """A zero-copy numpy view of a slot's payload (sliced from a cached per-slot byte
+        view: a fresh ``np.frombuffer`` per call costs several times more)."""
+        if not isinstance(dtype, np.dtype):
+            dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        return self._slot_bytes[slot][:nbytes].view(dtype).reshape(shape)
 
     def frontend_slots(self, frontend: int) -> range:
         """The disjoint slot range a frontend owns."""

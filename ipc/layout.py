@@ -121,9 +121,15 @@ DTYPES: tuple[str, ...] = (
 DTYPE_CODE = {name: i for i, name in enumerate(DTYPES)}
 
 
+_NUMPY_DTYPES = tuple(np.dtype("uint8" if name == "bytes" else name) for name in DTYPES)
+# Keyed by dtype object: ``dtype.name`` is a Python-level property costing microseconds.
+DTYPE_CODE_OF: dict[np.dtype, int] = {
+    np.dtype(name): i for i, name in enumerate(DTYPES) if name != "bytes"
+}
+
+
 def numpy_dtype(code: int) -> np.dtype:
-    name = DTYPES[code]
-    return np.dtype("uint8" if name == "bytes" else name)
+    return _NUMPY_DTYPES[code]
 
 
 ARENA_HEADER = np.dtype(

@@ -41,9 +41,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ringserve.ipc.answer import write_error
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.errors import QueueFull
-from ringserve.ipc.layout import QUEUED, RUNNING, SlotState, Status
+from ringserve.ipc.layout import QUEUED, RING_HEADER, RING_HEADER_BYTES, SlotState, Status
 from ringserve.ipc.testhooks import pause_point
 
 _GEN_MASK = 0xFFFF_FFFF
@@ -68,19 +69,31 @@ class Claimed:
     attempts: int
 
 
+_HT = struct.Struct("<QQ")  # head, tail
+_U4 = struct.Struct("<I")
+_U8 = struct.Struct("<Q")
+_SLEEPERS_OFF = RING_HEADER.fields["sleepers"][1]
+assert RING_HEADER.fields["head"][1] == 0 and RING_HEADER.fields["tail"][1] == 8
+
+
 class RequestRing:
-    """One model's FIFO of queued slots. Create one per process per model."""
+    """One model's FIFO of queued slots. Create one per process per model.
+
+    The header and entries are read and written with ``struct`` on the arena buffer
+    (a numpy scalar access costs ~1 µs; these run several times per request).
+    """
 
     def __init__(self, arena: Arena, model: int) -> None:
         self.arena = arena
         self.model = model
-        self._head, self._entries = arena.ring_view(model)
-        self._cap = len(self._entries)
+        self._buf = arena.buffer
+        self._base = arena.ring_lock_offset(model)
+        self._entries_off = self._base + RING_HEADER_BYTES
+        self._cap = arena.geometry.ring_capacity
         # A private open file description: OFD locks belong to it, not to the process.
         self._lock_fd = os.open(arena.path, os.O_RDWR | os.O_CLOEXEC)
-        start = arena.ring_lock_offset(model)
-        self._lock_req = _flock_struct(fcntl.F_WRLCK, start)
-        self._unlock_req = _flock_struct(fcntl.F_UNLCK, start)
+        self._lock_req = _flock_struct(fcntl.F_WRLCK, self._base)
+        self._unlock_req = _flock_struct(fcntl.F_UNLCK, self._base)
 
     def close(self) -> None:
         if self._lock_fd >= 0:
@@ -95,18 +108,31 @@ class RequestRing:
         finally:
             fcntl.fcntl(self._lock_fd, fcntl.F_OFD_SETLKW, self._unlock_req)
 
+    def _lock(self) -> None:
+        fcntl.fcntl(self._lock_fd, fcntl.F_OFD_SETLKW, self._lock_req)
+
+    def _unlock(self) -> None:
+        fcntl.fcntl(self._lock_fd, fcntl.F_OFD_SETLKW, self._unlock_req)
+
     def depth(self) -> int:
         """Entries waiting (a lock-free read: exact enough for bounds and metrics)."""
-        h = self._head[0]
-        return int(h["tail"]) - int(h["head"])
+        head, tail = _HT.unpack_from(self._buf, self._base)
+        return tail - head
+
+    def _entry(self, i: int) -> int:
+        return _U8.unpack_from(self._buf, self._entries_off + 8 * (i % self._cap))[0]
 
     def _append(self, slot: int, generation: int) -> None:
-        h = self._head
-        tail = int(h["tail"][0])
-        if tail - int(h["head"][0]) >= self._cap:
+        head, tail = _HT.unpack_from(self._buf, self._base)
+        if tail - head >= self._cap:
             raise QueueFull("ring is full")  # unreachable by construction; never corrupt
-        self._entries[tail % self._cap] = entry(slot, generation)
-        h["tail"] = tail + 1
+        _U8.pack_into(
+            self._buf, self._entries_off + 8 * (tail % self._cap), entry(slot, generation)
+        )
+        _U8.pack_into(self._buf, self._base + 8, tail + 1)
+
+    def _sleepers(self) -> int:
+        return _U4.unpack_from(self._buf, self._base + _SLEEPERS_OFF)[0]
 
     def push(self, slot: int, max_depth: int | None = None) -> bool:
         """Publish a WRITING slot (header and payload already written) as QUEUED.
@@ -115,14 +141,17 @@ class RequestRing:
         caller then writes the model's eventfd; under load nobody sleeps and the syscall
         (and the needless wake-up it causes) is saved.
         """
-        slots = self.arena.slots
-        with self.locked():
+        headers = self.arena.headers
+        self._lock()
+        try:
             if max_depth is not None and self.depth() >= max_depth:
                 raise QueueFull(f"queue of model {self.model} is at its depth limit {max_depth}")
-            self._append(slot, int(slots["generation"][slot]))
+            self._append(slot, headers.generation(slot))
             pause_point("ring.push.before_state")
-            slots["state"][slot] = QUEUED
-            return bool(self._head["sleepers"][0])
+            headers.set_state(slot, QUEUED)
+            return self._sleepers() > 0
+        finally:
+            self._unlock()
 
     def going_to_sleep(self) -> None:
         """A worker found nothing (or too little) and will wait on the eventfd.
@@ -131,11 +160,11 @@ class RequestRing:
         came first is seen by the caller's next pop. Always pair with ``woke``.
         """
         with self.locked():
-            self._head["sleepers"] = int(self._head["sleepers"][0]) + 1
+            _U4.pack_into(self._buf, self._base + _SLEEPERS_OFF, self._sleepers() + 1)
 
     def woke(self) -> None:
         with self.locked():
-            self._head["sleepers"] = max(0, int(self._head["sleepers"][0]) - 1)
+            _U4.pack_into(self._buf, self._base + _SLEEPERS_OFF, max(0, self._sleepers() - 1))
 
     def pop(
         self, max_rows: int, worker: int, worker_pid: int, fresh_only: bool = False
@@ -146,37 +175,34 @@ class RequestRing:
         poison input cannot take a whole batch down with it again; ``fresh_only`` (topping
         up a batch) stops before such a slot instead.
         """
-        slots = self.arena.slots
+        headers = self.arena.headers
         out: list[Claimed] = []
         rows = 0
-        with self.locked():
-            h = self._head
-            head = int(h["head"][0])
-            tail = int(h["tail"][0])
+        self._lock()
+        try:
+            head, tail = _HT.unpack_from(self._buf, self._base)
             now = time.monotonic_ns()
             while head < tail:
-                e = int(self._entries[head % self._cap])
+                e = self._entry(head)
                 slot, gen = e >> 32, e & _GEN_MASK
-                rec = slots[slot]
-                if int(rec["state"]) != QUEUED or (int(rec["generation"]) & _GEN_MASK) != gen:
+                state, _status, _cancel, attempts, generation = headers.head(slot)
+                if state != QUEUED or (generation & _GEN_MASK) != gen:
                     head += 1  # stale entry (cancelled, reclaimed, or a half-done push)
                     continue
-                n = max(1, int(rec["rows"]))
-                retried = int(rec["attempts"]) > 0
+                n = max(1, headers.rows(slot))
+                retried = attempts > 0
                 if (out or fresh_only) and (rows + n > max_rows or retried):
                     break
-                rec["worker"] = worker
-                rec["worker_pid"] = worker_pid
-                rec["attempts"] = int(rec["attempts"]) + 1
-                rec["started_ns"] = now
-                rec["state"] = RUNNING
-                out.append(Claimed(slot, int(rec["generation"]), n, int(rec["attempts"])))
+                headers.claim(slot, worker, worker_pid, attempts + 1, now)
+                out.append(Claimed(slot, generation, n, attempts + 1))
                 rows += n
                 head += 1
                 pause_point("ring.pop.claimed")
                 if retried:
                     break
-            h["head"] = head
+            _U8.pack_into(self._buf, self._base, head)
+        finally:
+            self._unlock()
         return out
 
     def requeue_from_dead(self, worker: int, poison_message: bytes) -> tuple[list[int], list[int]]:
@@ -192,9 +218,8 @@ class RequestRing:
             )
             if len(mine) == 0:
                 return requeued, poisoned
-            h = self._head
-            head, tail = int(h["head"][0]), int(h["tail"][0])
-            waiting = {int(self._entries[i % self._cap]) for i in range(head, tail)}
+            head, tail = _HT.unpack_from(self._buf, self._base)
+            waiting = {self._entry(i) for i in range(head, tail)}
             for slot in (int(s) for s in mine):
                 rec = slots[slot]
                 rec["worker"] = -1
@@ -207,19 +232,3 @@ class RequestRing:
                 rec["state"] = SlotState.QUEUED
                 requeued.append(slot)
         return requeued, poisoned
-
-
-def write_error(arena: Arena, slot: int, status: Status, message: bytes) -> None:
-    """Finish a slot with an error status and a UTF-8 message as its payload."""
-    from ringserve.ipc.layout import DTYPE_CODE
-
-    msg = message[: arena.geometry.slot_bytes]
-    arena.data(slot)[: len(msg)] = msg
-    rec = arena.slots[slot]
-    rec["out_dtype"] = DTYPE_CODE["bytes"]
-    rec["out_ndim"] = 1
-    rec["out_shape"][0] = len(msg)
-    rec["out_nbytes"] = len(msg)
-    rec["status"] = status
-    rec["finished_ns"] = time.monotonic_ns()
-    rec["state"] = SlotState.DONE

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ringserve.ipc import wake
+from ringserve.ipc.answer import write_error
 from ringserve.ipc.arena import Arena, ArenaGeometry, segment_name, sweep_stale
 from ringserve.ipc.child import ChildSpec
 from ringserve.ipc.config import Settings
@@ -32,7 +33,7 @@ from ringserve.ipc.control import reset as reset_control
 from ringserve.ipc.control import send_command
 from ringserve.ipc.errors import ExitCode
 from ringserve.ipc.layout import Command, ModelAvailability, ProcState, SlotState, Status
-from ringserve.ipc.ring import RequestRing, write_error
+from ringserve.ipc.ring import RequestRing
 from ringserve.supervisor import systemd
 from ringserve.supervisor.admin import AdminCommandError
 from ringserve.supervisor.children import Child, Phase, spawn

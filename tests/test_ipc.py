@@ -17,10 +17,11 @@ import pytest
 from conftest import wait_until
 
 from ringserve.ipc import wake
+from ringserve.ipc.answer import write_error
 from ringserve.ipc.arena import Arena, ArenaGeometry, segment_name, sweep_stale
 from ringserve.ipc.errors import ArenaError, QueueFull
 from ringserve.ipc.layout import DTYPE_CODE, SlotState, Status
-from ringserve.ipc.ring import RequestRing, write_error
+from ringserve.ipc.ring import RequestRing
 from ringserve.ipc.testhooks import arm
 
 FORK = mp.get_context("fork")  # ipc has no torch and no threads: fork is safe here

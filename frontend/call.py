@@ -1,0 +1,168 @@
+"""One HTTP request as the inference path sees it: headers, body, disconnect, reply.
+
+The inference endpoints (``/predict``, ``/v1/models/{name}/predict``,
+``/v2/models/{name}[/versions/1]/infer``) are the only hot routes. They are plain ASGI
+handlers over this small object, and ``HotRoutes`` sends the requests for known models
+straight to them, ahead of Starlette: Starlette's router (a regex per route tried in
+turn), its two middlewares and its Request/Response objects cost as much CPU per request
+as the whole shared-memory round trip (profiled in docs/benchmarks.md). Every other
+route, and an inference path that names no known model, stays on Starlette (through
+``AsgiEndpoint``, so the handler is the same either way).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any
+
+from ringserve.frontend.errors import HTTPError
+from ringserve.frontend.jsonio import dump_json
+
+log = logging.getLogger("ringserve.frontend")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# 32 hex characters like a uuid4 (and nginx's $request_id), without a getrandom(2) per
+# request: 64 random bits per process, then a counter.
+_ID_PREFIX = os.urandom(8).hex()
+_ID_SEQ = count(1)
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_SEQ) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+
+
+@dataclass(slots=True)
+class Reply:
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    content_type: str = "application/json"
+
+
+def json_reply(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Reply:
+    return Reply(status, dump_json(doc), headers or {})
+
+
+def error_reply(err: HTTPError, rid: str) -> Reply:
+    return json_reply({"error": err.message}, err.status, {"X-Request-ID": rid, **err.headers})
+
+
+class Call:
+    """What a handler may do with the request: read headers and body, notice the client
+    leaving, answer once."""
+
+    __slots__ = ("headers", "path_params", "receive", "scope", "send")
+
+    def __init__(
+        self, scope: Scope, receive: Receive, send: Send, path_params: dict[str, str]
+    ) -> None:
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.path_params = path_params
+        # First value per lower-cased name (ASGI servers give names lower-cased already).
+        headers: dict[str, str] = {}
+        for k, v in scope["headers"]:
+            name = k.decode("latin-1")
+            if name not in headers:
+                headers[name] = v.decode("latin-1")
+        self.headers = headers
+
+    async def read_body(self, limit: int) -> bytes:
+        """The body, refused (413) before reading when the declared length is over
+        ``limit``, and as soon as the bytes read pass it otherwise."""
+        declared = self.headers.get("content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > limit
+            except ValueError:
+                raise HTTPError(400, "invalid Content-Length") from None
+            if too_big:
+                raise HTTPError(413, f"body of {declared} bytes is over the limit of {limit}")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise HTTPError(499, "client disconnected while sending the body")
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise HTTPError(413, f"body is over the limit of {limit} bytes")
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def disconnected(self) -> None:
+        """Returns when the client goes away (call only after the body was read)."""
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+
+    async def reply(self, r: Reply) -> None:
+        headers = [
+            (b"content-type", r.content_type.encode("latin-1")),
+            (b"content-length", str(len(r.body)).encode("latin-1")),
+        ]
+        headers += [
+            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in r.headers.items()
+        ]
+        await self.send({"type": "http.response.start", "status": r.status, "headers": headers})
+        await self.send({"type": "http.response.body", "body": r.body})
+
+
+Handler = Callable[[Call], Awaitable[Reply]]
+
+
+async def run_handler(handler: Handler, call: Call) -> None:
+    """Run a handler and send its reply; an unexpected error becomes a logged 500."""
+    try:
+        reply = await handler(call)
+    except Exception:
+        log.exception("unhandled error on %s %s", call.scope["method"], call.scope["path"])
+        reply = json_reply({"error": "internal server error"}, 500)
+    await call.reply(reply)
+
+
+class AsgiEndpoint:
+    """The handler as a Starlette route endpoint (path parameters from the router).
+
+    A class instance, not a function: Starlette wraps functions in its Request/Response
+    machinery and hands other callables the raw ASGI triple.
+    """
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        call = Call(scope, receive, send, scope.get("path_params", {}))
+        await run_handler(self.handler, call)
+
+
+class HotRoutes:
+    """Exact ``(method, path)`` → handler, tried before the Starlette app."""
+
+    def __init__(self, fallback: ASGIApp) -> None:
+        self.fallback = fallback
+        self.routes: dict[tuple[str, str], tuple[Handler, dict[str, str]]] = {}
+
+    def add(self, method: str, path: str, handler: Handler, params: dict[str, str]) -> None:
+        self.routes[(method, path)] = (handler, params)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            hit = self.routes.get((scope["method"], scope["path"]))
+            if hit is not None:
+                await run_handler(hit[0], Call(scope, receive, send, hit[1]))
+                return
+        await self.fallback(scope, receive, send)

@@ -1,0 +1,40 @@
+"""Finishing a slot: the RUNNING → DONE transition, with an output or an error message.
+
+Workers finish the slots they claimed; the supervisor finishes those of a dead worker
+(poison) or of a model that can no longer be served. Header and payload are written
+first, ``state = DONE`` last (``SlotHeaders.write_result``), then the caller signals the
+owning frontend.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ringserve.ipc.arena import Arena
+from ringserve.ipc.layout import DTYPE_CODE, DTYPE_CODE_OF, MAX_NDIM, Status
+
+_BYTES = DTYPE_CODE["bytes"]
+
+
+def write_error(arena: Arena, slot: int, status: Status, message: bytes) -> None:
+    """Finish a slot with an error status and a UTF-8 message as its payload."""
+    msg = message[: arena.geometry.slot_bytes]
+    arena.data(slot)[: len(msg)] = msg
+    arena.headers.write_result(slot, int(status), _BYTES, (len(msg),), len(msg))
+
+
+def write_output(
+    arena: Arena, slot: int, out: np.ndarray, batch_size: int, batch_id: int
+) -> str | None:
+    """Copy ``out`` into the slot and finish it OK; returns why it could not, if so."""
+    if out.nbytes > arena.geometry.slot_bytes or out.ndim > MAX_NDIM:
+        return "output does not fit the slot"
+    code = DTYPE_CODE_OF.get(out.dtype)
+    if code is None:
+        return f"unsupported output dtype {out.dtype.name}"
+    dest = arena.data_array(slot, out.dtype, out.shape)
+    np.copyto(dest, out)
+    arena.headers.write_result(
+        slot, int(Status.OK), code, out.shape, out.nbytes, batch_size, batch_id
+    )
+    return None

@@ -1,0 +1,272 @@
+"""Packed reads and writes of slot headers, for the request path.
+
+``arena.slots`` (a numpy record array) defines the layout and serves the vectorised
+scans (supervisor, metrics). But one field of one record through numpy costs about a
+microsecond, and a request touches some forty fields across frontend and worker. The
+request path instead moves whole spans of a header with one precompiled ``struct`` call
+each: writing a request's complete header costs about as much as two numpy field stores.
+Every format here is derived from ``SLOT_HEADER`` itself, so it cannot drift from the
+layout.
+
+Ordering rules are those of ``layout.py``: a writer stores every other field first and
+``state`` last, as its own store.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from typing import NamedTuple
+
+import numpy as np
+
+from ringserve.ipc import layout as L
+
+_CODES = {"<u4": "I", "<i4": "i", "<u8": "Q", "<i8": "q"}
+
+
+def _code(dtype: np.dtype) -> str:
+    if dtype.subdtype is not None:
+        base, shape = dtype.subdtype
+        return f"{int(np.prod(shape))}{_CODES[base.str]}"
+    if dtype.kind == "S":
+        return f"{dtype.itemsize}s"
+    return _CODES[dtype.str]
+
+
+def span(*names: str) -> tuple[int, struct.Struct]:
+    """(offset, Struct) covering ``names``: consecutive fields of SLOT_HEADER, in order,
+    with any padding between them skipped."""
+    fields = L.SLOT_HEADER.fields
+    start = fields[names[0]][1]
+    fmt, pos = "<", start
+    for name in names:
+        dtype, off = fields[name][0], fields[name][1]
+        if off < pos:
+            raise ValueError(f"{name} is not after the previous field")
+        fmt += "x" * (off - pos) + _code(dtype)
+        pos = off + dtype.itemsize
+    return start, struct.Struct(fmt)
+
+
+_NAMES = L.SLOT_HEADER.names
+_WHOLE_OFF, _WHOLE = span(*_NAMES)
+_STATE_OFF, _U4 = span("state")
+_GEN_OFF, _U8 = span("generation")
+_HEAD_OFF, _HEAD = span("state", "status", "cancel", "attempts", "generation")
+_ATTEMPTS_OFF = L.SLOT_HEADER.fields["attempts"][1]
+_CLAIM_OFF, _CLAIM = span("worker", "worker_pid")
+_STARTED_OFF, _I8 = span("started_ns")
+_ROWS_OFF = L.SLOT_HEADER.fields["rows"][1]
+_OUT_OFF, _OUT = span("out_dtype", "out_ndim", "out_shape", "out_nbytes")
+_FINISHED_OFF = L.SLOT_HEADER.fields["finished_ns"][1]
+_BATCH_OFF, _BATCH = span("batch_size", "batch_id")
+_STATUS_OFF = L.SLOT_HEADER.fields["status"][1]
+_OWNER_OFF = L.SLOT_HEADER.fields["owner"][1]
+_CANCEL_OFF = L.SLOT_HEADER.fields["cancel"][1]
+_ZERO_SHAPE = (0,) * L.MAX_NDIM
+
+assert _WHOLE_OFF == 0 and _WHOLE.size <= L.SLOT_HEADER_BYTES
+
+
+def _indices() -> dict[str, int]:
+    """Position of each field's first value in ``_WHOLE.unpack`` output."""
+    out, i = {}, 0
+    for name in _NAMES:
+        out[name] = i
+        sub = L.SLOT_HEADER.fields[name][0].subdtype
+        i += int(np.prod(sub[1])) if sub is not None else 1
+    return out
+
+
+_IX = _indices()
+
+
+class Request(NamedTuple):
+    """What a worker needs of a claimed slot (one unpack of the whole header)."""
+
+    cancel: int
+    attempts: int
+    owner: int
+    kind: int
+    in_dtype: int
+    ndim: int  # as written (checked by the reader), shape holds at most MAX_NDIM
+    shape: tuple[int, ...]
+    in_nbytes: int
+    deadline_ns: int
+    enqueued_ns: int
+    rows: int
+
+
+class Result(NamedTuple):
+    """What a frontend needs of a DONE slot."""
+
+    status: int
+    attempts: int
+    out_dtype: int
+    shape: tuple[int, ...]
+    out_nbytes: int
+    enqueued_ns: int
+    started_ns: int
+    finished_ns: int
+    batch_size: int
+    batch_id: int
+
+
+class SlotHeaders:
+    """Struct-speed access to the slot headers of one arena mapping."""
+
+    def __init__(self, buf: memoryview, slots_offset: int) -> None:
+        self.buf = buf
+        self.base = slots_offset
+        self.stride = L.SLOT_HEADER_BYTES
+
+    def _off(self, slot: int) -> int:
+        return self.base + slot * self.stride
+
+    # -- single fields -------------------------------------------------------------------
+
+    def state(self, slot: int) -> int:
+        return _U4.unpack_from(self.buf, self.base + slot * self.stride)[0]
+
+    def set_state(self, slot: int, state: int) -> None:
+        _U4.pack_into(self.buf, self.base + slot * self.stride, state)
+
+    def generation(self, slot: int) -> int:
+        return _U8.unpack_from(self.buf, self._off(slot) + _GEN_OFF)[0]
+
+    def owner(self, slot: int) -> int:
+        return _U4.unpack_from(self.buf, self._off(slot) + _OWNER_OFF)[0]
+
+    def set_cancel(self, slot: int) -> None:
+        _U4.pack_into(self.buf, self._off(slot) + _CANCEL_OFF, 1)
+
+    # -- frontend: write a request -------------------------------------------------------
+
+    def write_request(
+        self,
+        slot: int,
+        *,
+        owner: int,
+        owner_pid: int,
+        model: int,
+        kind: int,
+        dtype_code: int,
+        shape: tuple[int, ...],
+        nbytes: int,
+        rows: int,
+        deadline_ns: int,
+        enqueued_ns: int,
+        request_id: bytes,
+    ) -> int:
+        """The whole header of a fresh request in one store, left in state WRITING;
+        returns the slot's new generation."""
+        off = self._off(slot)
+        generation = _U8.unpack_from(self.buf, off + _GEN_OFF)[0] + 1
+        ndim = len(shape)
+        _WHOLE.pack_into(
+            self.buf,
+            off,
+            L.WRITING,  # state
+            int(L.Status.OK),  # status
+            0,  # cancel
+            0,  # attempts
+            generation,
+            owner,
+            owner_pid,
+            -1,  # worker
+            0,  # worker_pid
+            model,
+            kind,
+            dtype_code,
+            ndim,
+            *shape,
+            *_ZERO_SHAPE[ndim:],
+            nbytes,
+            0,  # out_dtype
+            0,  # out_ndim
+            *_ZERO_SHAPE,
+            0,  # out_nbytes
+            deadline_ns,
+            enqueued_ns,
+            0,  # started_ns
+            0,  # finished_ns
+            rows,
+            0,  # batch_size
+            0,  # batch_id
+            request_id[: L.REQUEST_ID_BYTES],
+        )
+        return generation
+
+    # -- worker: claim, read, answer -------------------------------------------------------
+
+    def head(self, slot: int) -> tuple[int, int, int, int, int]:
+        """(state, status, cancel, attempts, generation)."""
+        return _HEAD.unpack_from(self.buf, self._off(slot))
+
+    def rows(self, slot: int) -> int:
+        return _U4.unpack_from(self.buf, self._off(slot) + _ROWS_OFF)[0]
+
+    def claim(self, slot: int, worker: int, worker_pid: int, attempts: int, now_ns: int) -> None:
+        """QUEUED → RUNNING for ``worker`` (under the ring lock)."""
+        off = self._off(slot)
+        _CLAIM.pack_into(self.buf, off + _CLAIM_OFF, worker, worker_pid)
+        _U4.pack_into(self.buf, off + _ATTEMPTS_OFF, attempts)
+        _I8.pack_into(self.buf, off + _STARTED_OFF, now_ns)
+        _U4.pack_into(self.buf, off, L.RUNNING)
+
+    def read_request(self, slot: int) -> Request:
+        v = _WHOLE.unpack_from(self.buf, self._off(slot))
+        ndim, shape_at = v[_IX["in_ndim"]], _IX["in_shape"]
+        return Request(
+            cancel=v[_IX["cancel"]],
+            attempts=v[_IX["attempts"]],
+            owner=v[_IX["owner"]],
+            kind=v[_IX["kind"]],
+            in_dtype=v[_IX["in_dtype"]],
+            ndim=ndim,
+            shape=v[shape_at : shape_at + min(ndim, L.MAX_NDIM)],
+            in_nbytes=v[_IX["in_nbytes"]],
+            deadline_ns=v[_IX["deadline_ns"]],
+            enqueued_ns=v[_IX["enqueued_ns"]],
+            rows=v[_IX["rows"]],
+        )
+
+    def write_result(
+        self,
+        slot: int,
+        status: int,
+        dtype_code: int,
+        shape: tuple[int, ...],
+        nbytes: int,
+        batch_size: int = 0,
+        batch_id: int = 0,
+    ) -> None:
+        """Output header, then ``state = DONE`` as the last store."""
+        off = self._off(slot)
+        ndim = len(shape)
+        _OUT.pack_into(
+            self.buf, off + _OUT_OFF, dtype_code, ndim, *shape, *_ZERO_SHAPE[ndim:], nbytes
+        )
+        _I8.pack_into(self.buf, off + _FINISHED_OFF, time.monotonic_ns())
+        _BATCH.pack_into(self.buf, off + _BATCH_OFF, batch_size, batch_id)
+        _U4.pack_into(self.buf, off + _STATUS_OFF, status)
+        _U4.pack_into(self.buf, off, L.DONE)
+
+    # -- frontend: read an answer ----------------------------------------------------------
+
+    def read_result(self, slot: int) -> Result:
+        v = _WHOLE.unpack_from(self.buf, self._off(slot))
+        ndim, shape_at = min(v[_IX["out_ndim"]], L.MAX_NDIM), _IX["out_shape"]
+        return Result(
+            status=v[_IX["status"]],
+            attempts=v[_IX["attempts"]],
+            out_dtype=v[_IX["out_dtype"]],
+            shape=v[shape_at : shape_at + ndim],
+            out_nbytes=v[_IX["out_nbytes"]],
+            enqueued_ns=v[_IX["enqueued_ns"]],
+            started_ns=v[_IX["started_ns"]],
+            finished_ns=v[_IX["finished_ns"]],
+            batch_size=v[_IX["batch_size"]],
+            batch_id=v[_IX["batch_id"]],
+        )
