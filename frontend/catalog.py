@@ -13,7 +13,7 @@ from ringserve.ipc.arena import Arena
 from ringserve.ipc.config import ModelSettings, Settings
 from ringserve.ipc.layout import ModelAvailability, ProcState, Role
 
-_ACCEPTING = (ModelAvailability.SERVING, ModelAvailability.RECOVERING)
+_ACCEPTING = frozenset({int(ModelAvailability.SERVING), int(ModelAvailability.RECOVERING)})
 
 
 @dataclass
@@ -41,9 +41,9 @@ class Catalog:
         return ModelInfo(index, self.settings.models[index], self._spec(index))
 
     def _spec(self, index: int) -> dict[str, Any] | None:
-        entry = self.arena.models[index]
-        version = int(entry["spec_version"])
+        version = self.arena.model_word(index, "spec_version")
         if version != self._versions[index]:
+            entry = self.arena.models[index]
             blob = bytes(entry["spec"])[: int(entry["spec_len"])]
             try:
                 self._specs[index] = json.loads(blob)
@@ -63,7 +63,7 @@ class Catalog:
 
         One field the supervisor publishes each tick; only when it says no (rare: the
         tick may lag a worker that just became ready) do we scan the processes."""
-        if int(self.arena.models["availability"][index]) in _ACCEPTING:
+        if self.arena.model_word(index, "availability") in _ACCEPTING:
             return True
         return bool(self.ready_workers()[index] > 0)
 

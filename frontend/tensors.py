@@ -45,6 +45,12 @@ def from_json(data: Any, dtype: str) -> np.ndarray:
 def cast(arr: np.ndarray, dtype: str) -> np.ndarray:
     """Cast to the model's dtype, refusing values it cannot hold."""
     target = np.dtype(dtype)
+    # The common case (JSON floats for a float model) in one reduction: NaN fails the
+    # comparison, Inf and values the target cannot hold exceed its max.
+    if (arr.dtype.kind == "f" and target.kind == "f" and arr.size) and float(
+        np.abs(arr).max()
+    ) <= float(np.finfo(target).max):
+        return np.ascontiguousarray(arr, dtype=target)
     if (arr.dtype.kind == "f" and target.kind in "iub") and (
         not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr))
     ):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,9 @@ class BatchPolicy:
         return self.preferred_batch_size or self.max_batch_size
 
 
-@dataclass(frozen=True)
-class Pending:
-    """What the batcher needs to know about one queued request."""
+class Pending(NamedTuple):
+    """What the batcher needs to know about one queued request (a tuple: built per
+    request on the worker's hot path)."""
 
     key: int  # slot index
     rows: int

@@ -71,6 +71,7 @@ class Worker:
         self._pinned: dict[tuple, torch.Tensor] = {}
         self._batch_seq = 0
         self._last_infer_s = 0.0
+        self._ran: list[tuple[int, int, float]] = []  # (rows, requests, seconds) per batch
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -176,10 +177,9 @@ class Worker:
             self._sleep(idle_timeout_s)
             return []
         rows = sum(c.rows for c in claimed)
-        headers = self.arena.headers
         while rows < target and claimed[0].attempts == 1:
-            oldest = headers.read_request(claimed[0].slot).enqueued_ns / 1e9
-            newest = headers.read_request(claimed[-1].slot).enqueued_ns / 1e9
+            oldest = claimed[0].request.enqueued_ns / 1e9
+            newest = claimed[-1].request.enqueued_ns / 1e9
             delay = self.batcher.wait_time(rows, oldest, newest)
             if not delay:
                 break
@@ -206,17 +206,16 @@ class Worker:
 
     def _run_batch(self, claimed: list[Claimed]) -> None:
         assert self.handler is not None and self.batcher is not None
-        headers = {c.slot: self.arena.headers.read_request(c.slot) for c in claimed}
+        headers = {c.slot: c.request for c in claimed}
         items = [
             Pending(
-                key=c.slot,
-                rows=c.rows,
-                enqueued_s=h.enqueued_ns / 1e9,
-                deadline_s=(h.deadline_ns / 1e9) or None,
-                cancelled=bool(h.cancel),
+                c.slot,
+                c.rows,
+                c.request.enqueued_ns / 1e9,
+                (c.request.deadline_ns / 1e9) or None,
+                bool(c.request.cancel),
             )
             for c in claimed
-            for h in (headers[c.slot],)
         ]
         run, expired, cancelled = self.batcher.select(items)
         owners: set[int] = set()
@@ -243,7 +242,18 @@ class Worker:
         pause_point("worker.after_batch")
         for owner in owners:
             wake.signal(self.spec.frontend_efds[owner])
+        self._record_batches()  # bookkeeping after the answers are out, not before
         self.control.beat()
+
+    def _record_batches(self) -> None:
+        rec = self.control.rec
+        for rows, requests, seconds in self._ran:
+            self.metrics.batch(rows, seconds)
+            rec["batches"] = int(rec["batches"]) + 1
+            rec["rows"] = int(rec["rows"]) + rows
+            rec["requests"] = int(rec["requests"]) + requests
+        rec["busy_ns"] = int(rec["busy_ns"]) + int(sum(r[2] for r in self._ran) * 1e9)
+        self._ran.clear()
 
     def _payload(self, slot: int, h: SlotRequest) -> tuple[np.ndarray, PayloadKind]:
         """A zero-copy view of a slot's input, after bounds-checking its header."""
@@ -279,11 +289,7 @@ class Worker:
             n = int(tensor.shape[0])
             self._finish_ok(slot, outputs[start : start + n], rows_total, owners)
             start += n
-        self.metrics.batch(rows_total, self._last_infer_s)
-        rec = self.control.rec
-        rec["batches"] = int(rec["batches"]) + 1
-        rec["rows"] = int(rec["rows"]) + rows_total
-        rec["requests"] = int(rec["requests"]) + len(members)
+        self._ran.append((rows_total, len(members), self._last_infer_s))
 
     def _infer(self, tensors: list[torch.Tensor]) -> np.ndarray:
         assert self.handler is not None
@@ -298,11 +304,9 @@ class Worker:
         result = self.handler.postprocess(out)
         if result.shape[0] != batch.shape[0]:
             raise RuntimeError(f"handler returned {result.shape[0]} rows for {batch.shape[0]}")
-        rec = self.control.rec
-        elapsed = time.monotonic_ns() - t0
-        self._last_infer_s = elapsed / 1e9
-        rec["busy_ns"] = int(rec["busy_ns"]) + elapsed
+        self._last_infer_s = (time.monotonic_ns() - t0) / 1e9
         if device.type == "cuda":
+            rec = self.control.rec
             rec["gpu_allocated"] = torch.cuda.memory_allocated(device)
             rec["gpu_reserved"] = torch.cuda.memory_reserved(device)
         return result

@@ -18,6 +18,7 @@ import math
 import mmap
 import os
 import re
+import struct
 import time
 from dataclasses import dataclass
 
@@ -26,6 +27,11 @@ import numpy as np
 from ringserve.ipc import layout as L
 from ringserve.ipc.errors import ArenaError
 from ringserve.ipc.slot_io import SlotHeaders
+
+_U4 = struct.Struct("<I")
+_DRAINING_OFF = L.ARENA_HEADER.fields["draining"][1]
+_PAUSED_OFF = L.ARENA_HEADER.fields["paused"][1]
+_MODEL_OFF = {name: L.MODEL_ENTRY.fields[name][1] for name in ("spec_version", "availability")}
 
 SHM_DIR = "/dev/shm"
 _NAME_RE = re.compile(r"^ringserve-(?P<instance>[A-Za-z0-9_.]+)-(?P<pid>\d+)$")
@@ -128,6 +134,7 @@ class Arena:
             offset=off["slots"],
         )
         self.headers = SlotHeaders(buf, off["slots"])
+        self._models_off = off["models"]
         self._ring_off = off["rings"]
         self._ring_stride = off["ring_stride"]
         self._data_off = off["data"]
@@ -256,8 +263,14 @@ class Arena:
 
     @property
     def draining(self) -> bool:
-        return bool(self.header["draining"])
+        return _U4.unpack_from(self._buf, _DRAINING_OFF)[0] != 0
 
     @property
     def paused(self) -> bool:
-        return bool(self.header["paused"])
+        return _U4.unpack_from(self._buf, _PAUSED_OFF)[0] != 0
+
+    def model_word(self, index: int, field: str) -> int:
+        """One u4 field of a model-table entry (read on every request: struct speed)."""
+        return _U4.unpack_from(
+            self._buf, self._models_off + index * L.MODEL_ENTRY_BYTES + _MODEL_OFF[field]
+        )[0]

@@ -37,7 +37,7 @@ import os
 import struct
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -45,6 +45,7 @@ from ringserve.ipc.answer import write_error
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.errors import QueueFull
 from ringserve.ipc.layout import QUEUED, RING_HEADER, RING_HEADER_BYTES, SlotState, Status
+from ringserve.ipc.slot_io import Request
 from ringserve.ipc.testhooks import pause_point
 
 _GEN_MASK = 0xFFFF_FFFF
@@ -61,12 +62,12 @@ def entry(slot: int, generation: int) -> int:
     return (slot << 32) | (generation & _GEN_MASK)
 
 
-@dataclass(frozen=True)
-class Claimed:
+class Claimed(NamedTuple):
     slot: int
     generation: int
     rows: int
     attempts: int
+    request: Request  # the header as claimed (one unpack serves the whole batch step)
 
 
 _HT = struct.Struct("<QQ")  # head, tail
@@ -185,16 +186,16 @@ class RequestRing:
             while head < tail:
                 e = self._entry(head)
                 slot, gen = e >> 32, e & _GEN_MASK
-                state, _status, _cancel, attempts, generation = headers.head(slot)
-                if state != QUEUED or (generation & _GEN_MASK) != gen:
+                req = headers.read_request(slot)
+                if req.state != QUEUED or (req.generation & _GEN_MASK) != gen:
                     head += 1  # stale entry (cancelled, reclaimed, or a half-done push)
                     continue
-                n = max(1, headers.rows(slot))
-                retried = attempts > 0
+                n = max(1, req.rows)
+                retried = req.attempts > 0
                 if (out or fresh_only) and (rows + n > max_rows or retried):
                     break
-                headers.claim(slot, worker, worker_pid, attempts + 1, now)
-                out.append(Claimed(slot, generation, n, attempts + 1))
+                headers.claim(slot, worker, worker_pid, req.attempts + 1, now)
+                out.append(Claimed(slot, req.generation, n, req.attempts + 1, req))
                 rows += n
                 head += 1
                 pause_point("ring.pop.claimed")

@@ -53,11 +53,9 @@ _NAMES = L.SLOT_HEADER.names
 _WHOLE_OFF, _WHOLE = span(*_NAMES)
 _STATE_OFF, _U4 = span("state")
 _GEN_OFF, _U8 = span("generation")
-_HEAD_OFF, _HEAD = span("state", "status", "cancel", "attempts", "generation")
 _ATTEMPTS_OFF = L.SLOT_HEADER.fields["attempts"][1]
 _CLAIM_OFF, _CLAIM = span("worker", "worker_pid")
 _STARTED_OFF, _I8 = span("started_ns")
-_ROWS_OFF = L.SLOT_HEADER.fields["rows"][1]
 _OUT_OFF, _OUT = span("out_dtype", "out_ndim", "out_shape", "out_nbytes")
 _FINISHED_OFF = L.SLOT_HEADER.fields["finished_ns"][1]
 _BATCH_OFF, _BATCH = span("batch_size", "batch_id")
@@ -85,6 +83,8 @@ _IX = _indices()
 class Request(NamedTuple):
     """What a worker needs of a claimed slot (one unpack of the whole header)."""
 
+    state: int
+    generation: int
     cancel: int
     attempts: int
     owner: int
@@ -200,13 +200,6 @@ class SlotHeaders:
 
     # -- worker: claim, read, answer -------------------------------------------------------
 
-    def head(self, slot: int) -> tuple[int, int, int, int, int]:
-        """(state, status, cancel, attempts, generation)."""
-        return _HEAD.unpack_from(self.buf, self._off(slot))
-
-    def rows(self, slot: int) -> int:
-        return _U4.unpack_from(self.buf, self._off(slot) + _ROWS_OFF)[0]
-
     def claim(self, slot: int, worker: int, worker_pid: int, attempts: int, now_ns: int) -> None:
         """QUEUED → RUNNING for ``worker`` (under the ring lock)."""
         off = self._off(slot)
@@ -219,6 +212,8 @@ class SlotHeaders:
         v = _WHOLE.unpack_from(self.buf, self._off(slot))
         ndim, shape_at = v[_IX["in_ndim"]], _IX["in_shape"]
         return Request(
+            state=v[_IX["state"]],
+            generation=v[_IX["generation"]],
             cancel=v[_IX["cancel"]],
             attempts=v[_IX["attempts"]],
             owner=v[_IX["owner"]],

@@ -69,7 +69,9 @@ class Handler(ABC):
         """Run the model on a batch already on ``self.device``."""
 
     def postprocess(self, output: torch.Tensor) -> np.ndarray:
-        return output.detach().to("cpu").numpy()
+        if output.device.type != "cpu":
+            output = output.cpu()
+        return output.numpy(force=output.requires_grad)  # force: detach when needed
 
     def describe(self) -> dict[str, Any]:
         """Metadata published to frontends (KServe v2 metadata and model config)."""
