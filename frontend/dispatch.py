@@ -65,6 +65,7 @@ class Dispatcher:
         self.orphans: set[int] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pid = os.getpid()
+        self._to_wake: set[int] = set()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -148,11 +149,23 @@ class Dispatcher:
         except QueueFull:
             self._release(slot)
             raise
-        if sleeping:
-            wake.signal(self.model_efds[model])
         assert self._loop is not None
+        if sleeping:
+            self._wake_later(model)
         self.pending[slot] = self._loop.create_future()
         return slot
+
+    def _wake_later(self, model: int) -> None:
+        """Signal the model's workers once this event-loop pass ends: requests submitted
+        in the same pass (common under load) share one eventfd write and one wake-up."""
+        if not self._to_wake:
+            self._loop.call_soon(self._wake_now)  # type: ignore[union-attr]
+        self._to_wake.add(model)
+
+    def _wake_now(self) -> None:
+        for model in self._to_wake:
+            wake.signal(self.model_efds[model])
+        self._to_wake.clear()
 
     def collect(self, slot: int) -> Completed:
         """Read a DONE slot's answer (copying the output out) and free the slot."""
