@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -32,8 +32,7 @@ from ringserve.ipc.layout import (
 from ringserve.ipc.ring import RequestRing
 
 
-@dataclass(frozen=True)
-class Completed:
+class Completed(NamedTuple):
     status: Status
     output: np.ndarray | None  # a private copy (the slot is already free)
     message: str  # error text for non-OK statuses

@@ -8,6 +8,7 @@ train mode, softmax over a padded batch) and no real client means to send one.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,11 @@ def from_json(data: Any, dtype: str) -> np.ndarray:
     return cast(raw, dtype)
 
 
+@functools.cache
+def _float_max(dtype: np.dtype) -> float:
+    return float(np.finfo(dtype).max)
+
+
 def cast(arr: np.ndarray, dtype: str) -> np.ndarray:
     """Cast to the model's dtype, refusing values it cannot hold."""
     target = np.dtype(dtype)
@@ -49,7 +55,7 @@ def cast(arr: np.ndarray, dtype: str) -> np.ndarray:
     # comparison, Inf and values the target cannot hold exceed its max.
     if (arr.dtype.kind == "f" and target.kind == "f" and arr.size) and float(
         np.abs(arr).max()
-    ) <= float(np.finfo(target).max):
+    ) <= _float_max(target):
         return np.ascontiguousarray(arr, dtype=target)
     if (arr.dtype.kind == "f" and target.kind in "iub") and (
         not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr))
@@ -71,6 +77,16 @@ def cast(arr: np.ndarray, dtype: str) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=target)
 
 
+def _matches(shape: tuple[int, ...], spec_shape: list[int]) -> bool:
+    """``-1`` in the spec matches any size >= 1."""
+    if len(shape) != len(spec_shape):
+        return False
+    for got, want in zip(shape, spec_shape, strict=True):
+        if (got < 1) if want < 0 else (got != want):
+            return False
+    return True
+
+
 def fit_shape(
     arr: np.ndarray, spec_shape: list[int], max_rows: int
 ) -> tuple[np.ndarray, int, bool]:
@@ -79,16 +95,9 @@ def fit_shape(
     Accepts one row (``spec_shape``) or a batch (``[rows, *spec_shape]``); ``-1`` in the
     spec matches any size >= 1.
     """
-
-    def matches(shape: tuple[int, ...]) -> bool:
-        return len(shape) == len(spec_shape) and all(
-            (want < 0 and got >= 1) or got == want
-            for got, want in zip(shape, spec_shape, strict=True)
-        )
-
-    if matches(arr.shape):
+    if _matches(arr.shape, spec_shape):
         return arr.reshape(1, *arr.shape), 1, False
-    if arr.ndim == len(spec_shape) + 1 and matches(arr.shape[1:]):
+    if arr.ndim == len(spec_shape) + 1 and _matches(arr.shape[1:], spec_shape):
         rows = arr.shape[0]
         if rows < 1:
             raise unprocessable("a batch needs at least one row")
