@@ -33,7 +33,7 @@ from ringserve.frontend.call import (
     new_request_id,
 )
 from ringserve.frontend.catalog import Catalog, ModelInfo
-from ringserve.frontend.dispatch import Completed, Dispatcher
+from ringserve.frontend.dispatch import REFUSED, Completed, Dispatcher
 from ringserve.frontend.errors import HTTPError, bad_request, unavailable, unprocessable
 from ringserve.frontend.images import check_image
 from ringserve.frontend.jsonio import parse_json
@@ -187,6 +187,9 @@ async def infer(
     except asyncio.CancelledError:
         d.abandon(slot)
         raise
+    if outcome == REFUSED:  # the queue was at its depth limit; the slot is free again
+        state.metrics.rejected(info.settings.name)
+        raise unavailable(f"queue of model {info.settings.name!r} is at its depth limit")
     if outcome == _GONE:
         d.abandon(slot)
         state.metrics.cancelled(info.settings.name)

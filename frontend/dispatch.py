@@ -31,6 +31,8 @@ from ringserve.ipc.layout import (
 )
 from ringserve.ipc.ring import RequestRing
 
+REFUSED = "refused"  # a pending future's result: the queue was at its depth limit
+
 
 class Completed(NamedTuple):
     status: Status
@@ -64,7 +66,9 @@ class Dispatcher:
         self.orphans: set[int] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pid = os.getpid()
-        self._to_wake: set[int] = set()
+        self._to_push: list[list[int]] = [[] for _ in range(arena.geometry.n_models)]
+        self._push_scheduled = False
+        self._stopped = False
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -90,6 +94,7 @@ class Dispatcher:
         self._on_done()  # anything finished while we were starting
 
     def stop(self) -> None:
+        self._stopped = True
         if self._loop is not None:
             self._loop.remove_reader(self.done_efd)
         for ring in self.rings:
@@ -118,7 +123,9 @@ class Dispatcher:
         """Write one request into a free slot and queue it; returns the slot.
 
         ``payload`` is copied exactly once, into shared memory. Raises QueueFull when no
-        slot is free or the model's queue is at its depth limit.
+        slot is free; the ring push happens at the end of this event-loop pass
+        (``_push_now``), and the future resolves to REFUSED if the model's queue was at
+        its depth limit then.
         """
         if not self.free:
             raise QueueFull("all request slots of this frontend are busy")
@@ -143,28 +150,35 @@ class Dispatcher:
         )
         if payload.nbytes:
             np.copyto(self.arena.data_array(slot, payload.dtype, payload.shape), payload)
-        try:
-            sleeping = self.rings[model].push(slot, self.max_queue_depth)
-        except QueueFull:
-            self._release(slot)
-            raise
         assert self._loop is not None
-        if sleeping:
-            self._wake_later(model)
+        if not self._push_scheduled:
+            self._loop.call_soon(self._push_now)
+            self._push_scheduled = True
+        self._to_push[model].append(slot)
         self.pending[slot] = self._loop.create_future()
         return slot
 
-    def _wake_later(self, model: int) -> None:
-        """Signal the model's workers once this event-loop pass ends: requests submitted
-        in the same pass (common under load) share one eventfd write and one wake-up."""
-        if not self._to_wake:
-            self._loop.call_soon(self._wake_now)  # type: ignore[union-attr]
-        self._to_wake.add(model)
-
-    def _wake_now(self) -> None:
-        for model in self._to_wake:
-            wake.signal(self.model_efds[model])
-        self._to_wake.clear()
+    def _push_now(self) -> None:
+        """Queue everything submitted in this event-loop pass: under load that is many
+        requests sharing one ring-lock round trip and one worker wake-up (eventfd write).
+        A request over the queue's depth limit is freed and its future says REFUSED."""
+        self._push_scheduled = False
+        if self._stopped:
+            return
+        for model, slots in enumerate(self._to_push):
+            if not slots:
+                continue
+            batch = slots.copy()
+            slots.clear()
+            sleeping, refused = self.rings[model].push_many(batch, self.max_queue_depth)
+            for slot in refused:
+                self.orphans.discard(slot)  # abandoned before it was ever queued
+                self._release(slot)
+                fut = self.pending.pop(slot, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(REFUSED)
+            if sleeping:
+                wake.signal(self.model_efds[model])
 
     def collect(self, slot: int) -> Completed:
         """Read a DONE slot's answer (copying the output out) and free the slot."""

@@ -140,6 +140,7 @@ class Worker:
                 break
             claimed = self._collect(interval)
             if claimed:
+                self.batcher.batch_started()  # type: ignore[union-attr]
                 self._run_batch(claimed)
                 self.batcher.batch_finished(self.ring.depth())  # type: ignore[union-attr]
             self.control.beat()

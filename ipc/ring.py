@@ -140,17 +140,28 @@ class RequestRing:
 
         Returns True when a worker is (about to be) asleep and must be signalled: the
         caller then writes the model's eventfd; under load nobody sleeps and the syscall
-        (and the needless wake-up it causes) is saved.
+        (and the needless wake-up it causes) is saved. Raises QueueFull at ``max_depth``.
         """
+        sleeping, refused = self.push_many([slot], max_depth)
+        if refused:
+            raise QueueFull(f"queue of model {self.model} is at its depth limit {max_depth}")
+        return sleeping
+
+    def push_many(self, slots: list[int], max_depth: int | None = None) -> tuple[bool, list[int]]:
+        """``push`` for several slots under one lock round trip, in order; returns
+        (a worker must be signalled, the slots refused because the depth limit was hit)."""
         headers = self.arena.headers
+        refused: list[int] = []
         self._lock()
         try:
-            if max_depth is not None and self.depth() >= max_depth:
-                raise QueueFull(f"queue of model {self.model} is at its depth limit {max_depth}")
-            self._append(slot, headers.generation(slot))
-            pause_point("ring.push.before_state")
-            headers.set_state(slot, QUEUED)
-            return self._sleepers() > 0
+            for slot in slots:
+                if max_depth is not None and self.depth() >= max_depth:
+                    refused.append(slot)
+                    continue
+                self._append(slot, headers.generation(slot))
+                pause_point("ring.push.before_state")
+                headers.set_state(slot, QUEUED)
+            return len(refused) < len(slots) and self._sleepers() > 0, refused
         finally:
             self._unlock()
 

@@ -423,3 +423,16 @@ def test_no_backlog_at_batch_end_means_idle():
     assert b.wait_time(1, now[0]) == 0.0
     b.batch_finished(backlog=3)
     assert b.device_busy()
+
+
+def test_wait_never_exceeds_the_last_batch_duration():
+    clock = FakeClock()
+    b = Batcher(BatchPolicy(max_batch_size=32, max_queue_delay_s=0.010), clock=clock)
+    b.batch_started()
+    clock.advance(0.0005)  # a batch of a model that costs next to nothing
+    b.batch_finished(backlog=3)
+    assert b.wait_time(3, clock.t, clock.t) == pytest.approx(0.0005)
+    b.batch_started()
+    clock.advance(0.070)  # a slow model: the queue delay is the tighter bound again
+    b.batch_finished(backlog=3)
+    assert b.wait_time(3, clock.t, clock.t) == pytest.approx(0.0025)  # delay / 4

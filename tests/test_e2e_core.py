@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -321,6 +322,47 @@ def test_deadline_full_queue_and_disconnect(start_server) -> None:
         c.post("/v1/models/slow/predict", json={"data": [1500.0]})
 
     wait_until(all_free, 20, "every slot back to free")
+    with server.client() as c:
+        assert c.post("/v1/models/slow/predict", json={"data": [1.0]}).status_code == 200
+    assert server.stop() == 0
+
+
+def test_queue_depth_limit_refuses_fast_and_frees_the_slot(start_server) -> None:
+    """Slots to spare, but the model's queue is capped at 2: requests beyond it get a fast
+    503 with Retry-After (the push is refused after the slot was written), and every slot
+    comes back."""
+    server: Server = start_server(
+        "--model",
+        "slow=python:support.fake_handlers:Slow",
+        "--set",
+        "arena.slots=32",
+        "--set",
+        "arena.max_queue_depth=2",
+        "--max-batch-size",
+        "1",
+        env=HANDLER_ENV,
+        frontends=1,
+    )
+    t0 = time.monotonic()
+    responses = fire(
+        server.url, [("/v1/models/slow/predict", {"json": {"data": [400.0]}})] * 10, concurrency=10
+    )
+    codes = sorted(r.status_code for r in responses)
+    assert codes.count(200) >= 2 and codes.count(503) >= 5, codes
+    assert set(codes) <= {200, 503}
+    for r in responses:
+        if r.status_code == 503:
+            assert r.headers.get("retry-after"), r.headers
+            assert "depth limit" in r.json()["error"], r.text
+    assert time.monotonic() - t0 < 20
+
+    def all_free() -> bool:
+        text = httpx.get(f"{server.url}/metrics").text
+        return 'ringserve_ring_slots{state="free"} 32.0' in text
+
+    wait_until(all_free, 20, "every slot back to free")
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert re.search(r'ringserve_rejected_requests_total\{model="slow"\} [1-9]', metrics)
     with server.client() as c:
         assert c.post("/v1/models/slow/predict", json={"data": [1.0]}).status_code == 200
     assert server.stop() == 0

@@ -1,0 +1,136 @@
+"""The packed header access (ipc/slot_io.py) must agree byte for byte with the numpy
+layout it is derived from: what one writes, the other reads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ringserve.frontend.app import hot_routes
+from ringserve.frontend.call import AsgiEndpoint, new_request_id
+from ringserve.ipc.answer import write_error, write_output
+from ringserve.ipc.arena import Arena, ArenaGeometry, segment_name
+from ringserve.ipc.layout import DONE, DTYPE_CODE, DTYPE_CODE_OF, RUNNING, WRITING, Status
+from ringserve.ipc.slot_io import span
+
+
+@pytest.fixture
+def arena(tmp_path: Path):
+    a = Arena.create(
+        os.path.join(tmp_path, segment_name("slotio")),
+        ArenaGeometry(n_slots=4, slot_bytes=4096, n_models=2, n_procs=4, n_frontends=1),
+    )
+    yield a
+    a.close()
+
+
+def test_write_request_is_what_numpy_reads(arena: Arena) -> None:
+    rec = arena.slots[2]
+    rec["generation"] = 41
+    gen = arena.headers.write_request(
+        2,
+        owner=0,
+        owner_pid=1234,
+        model=1,
+        kind=1,
+        dtype_code=DTYPE_CODE["float32"],
+        shape=(3, 5),
+        nbytes=60,
+        rows=3,
+        deadline_ns=987654321,
+        enqueued_ns=123456789,
+        request_id=b"req-1",
+    )
+    assert gen == 42
+    assert int(rec["state"]) == WRITING and int(rec["generation"]) == 42
+    assert int(rec["owner_pid"]) == 1234 and int(rec["worker"]) == -1
+    assert int(rec["model"]) == 1 and int(rec["kind"]) == 1
+    assert int(rec["in_ndim"]) == 2 and list(rec["in_shape"][:3]) == [3, 5, 0]
+    assert int(rec["in_nbytes"]) == 60 and int(rec["rows"]) == 3
+    assert int(rec["deadline_ns"]) == 987654321 and int(rec["enqueued_ns"]) == 123456789
+    assert bytes(rec["request_id"]) == b"req-1"
+    req = arena.headers.read_request(2)
+    assert (req.shape, req.rows, req.generation, req.attempts) == ((3, 5), 3, 42, 0)
+
+
+def test_claim_and_answer_round_trip(arena: Arena) -> None:
+    arena.headers.write_request(
+        1,
+        owner=0,
+        owner_pid=1,
+        model=0,
+        kind=1,
+        dtype_code=DTYPE_CODE_OF[np.dtype("float32")],
+        shape=(4,),
+        nbytes=16,
+        rows=1,
+        deadline_ns=0,
+        enqueued_ns=10,
+        request_id=b"x",
+    )
+    arena.headers.claim(1, worker=3, worker_pid=777, attempts=1, now_ns=20)
+    rec = arena.slots[1]
+    assert int(rec["state"]) == RUNNING and int(rec["worker"]) == 3
+    assert int(rec["worker_pid"]) == 777 and int(rec["started_ns"]) == 20
+    out = np.arange(6, dtype=np.int64).reshape(2, 3)
+    assert write_output(arena, 1, out, batch_size=5, batch_id=9) is None
+    r = arena.headers.read_result(1)
+    assert int(rec["state"]) == DONE and r.status == Status.OK
+    assert r.shape == (2, 3) and r.out_nbytes == 48 and (r.batch_size, r.batch_id) == (5, 9)
+    assert r.started_ns == 20 and r.enqueued_ns == 10 and r.finished_ns >= 20
+    np.testing.assert_array_equal(arena.data_array(1, np.dtype("int64"), r.shape), out)
+
+
+def test_answer_in_place_and_refusals(arena: Arena) -> None:
+    view = arena.data_array(0, np.dtype("float32"), (1024,))  # 4 KiB: the whole slot
+    view[:] = 7.0
+    assert write_output(arena, 0, view, 1, 1) is None  # the model answered in place
+    assert (arena.data_array(0, np.dtype("float32"), (1024,)) == 7.0).all()
+    assert write_output(arena, 0, np.zeros(2048, np.float32), 1, 1) == (
+        "output does not fit the slot"
+    )
+    assert "unsupported" in write_output(arena, 0, np.array(["a"]), 1, 1)
+    write_error(arena, 3, Status.BAD_INPUT, b"no good")
+    r = arena.headers.read_result(3)
+    assert r.status == Status.BAD_INPUT and bytes(arena.data(3)[: r.out_nbytes]) == b"no good"
+
+
+def test_span_skips_padding_and_refuses_disorder() -> None:
+    off, st = span("model", "in_shape")
+    assert off == 40 and st.size == 120 - 40  # model, kind, in_dtype, in_ndim, in_shape
+    with pytest.raises(ValueError):
+        span("in_shape", "model")
+
+
+def test_request_ids_are_uuid_shaped_and_unique() -> None:
+    ids = {new_request_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+def test_hot_routes_spell_out_each_model() -> None:
+    async def handler(call):  # pragma: no cover - never called here
+        raise AssertionError
+
+    from starlette.routing import Route
+
+    routes = [
+        Route("/predict", AsgiEndpoint(handler), methods=["POST"]),
+        Route(
+            "/v2/models/{name}/versions/{version}/infer", AsgiEndpoint(handler), methods=["POST"]
+        ),
+        Route("/health", lambda r: None),
+    ]
+    hot = hot_routes(object(), routes, ["a", "b"])  # type: ignore[arg-type]
+    assert set(hot.routes) == {
+        ("POST", "/predict"),
+        ("POST", "/v2/models/a/versions/1/infer"),
+        ("POST", "/v2/models/b/versions/1/infer"),
+    }
+    assert hot.routes[("POST", "/v2/models/b/versions/1/infer")][1] == {
+        "name": "b",
+        "version": "1",
+    }
