@@ -79,13 +79,15 @@ class Batcher:
         pending_rows: int,
         oldest_enqueued_s: float | None,
         newest_enqueued_s: float | None = None,
+        waited_s: float = 0.0,
     ) -> float | None:
         """Seconds to wait before dispatching: 0 = now; None = nothing queued.
 
         While busy we wait for company, but only while it keeps coming: at most
         ``max_queue_delay`` after the oldest request, at most a quarter of that after
         the newest one (a pause in arrivals means the batch is as full as it gets), and
-        never longer than the last batch took to run.
+        never longer in all (``waited_s``: already spent filling this batch) than the
+        last batch took to run.
         """
         if pending_rows <= 0 or oldest_enqueued_s is None:
             return None
@@ -100,7 +102,7 @@ class Batcher:
             # Waiting longer than a batch takes cannot pay: in that time the device could
             # run what it has and come back for the rest. For a model that costs nothing
             # (identity) this removes the wait; for a 70 ms CPU model it changes nothing.
-            wait = min(wait, self._last_batch_s)
+            wait = min(wait, self._last_batch_s - waited_s)
         return max(0.0, wait)
 
     def select(

@@ -178,10 +178,12 @@ class Worker:
             self._sleep(idle_timeout_s)
             return []
         rows = sum(c.rows for c in claimed)
+        first_claim = time.monotonic()
         while rows < target and claimed[0].attempts == 1:
             oldest = claimed[0].request.enqueued_ns / 1e9
             newest = claimed[-1].request.enqueued_ns / 1e9
-            delay = self.batcher.wait_time(rows, oldest, newest)
+            waited = time.monotonic() - first_claim
+            delay = self.batcher.wait_time(rows, oldest, newest, waited)
             if not delay:
                 break
             self._sleep(delay)

@@ -436,3 +436,14 @@ def test_wait_never_exceeds_the_last_batch_duration():
     clock.advance(0.070)  # a slow model: the queue delay is the tighter bound again
     b.batch_finished(backlog=3)
     assert b.wait_time(3, clock.t, clock.t) == pytest.approx(0.0025)  # delay / 4
+
+
+def test_a_trickle_cannot_stretch_the_fill_wait_past_one_batch_time():
+    clock = FakeClock()
+    b = Batcher(BatchPolicy(max_batch_size=32, max_queue_delay_s=0.010), clock=clock)
+    b.batch_started()
+    clock.advance(0.001)
+    b.batch_finished(backlog=2)
+    assert b.wait_time(2, clock.t, clock.t, waited_s=0.0) == pytest.approx(0.001)
+    assert b.wait_time(3, clock.t, clock.t, waited_s=0.0008) == pytest.approx(0.0002)
+    assert b.wait_time(4, clock.t, clock.t, waited_s=0.0015) == 0.0
