@@ -673,8 +673,8 @@ def render_markdown(res: dict) -> str:
         if raw:
             lines += [
                 "",
-                f"(a) raw model, {raw['threads']} thread(s), {raw['device']} (best of "
-                f"{len(res['raw_reps'].get(model, [])) or 1} repetition(s): it is a limit):",
+                f"(a) raw model, {raw['threads']} thread(s), {raw['device']} (median of "
+                f"{len(res['raw_reps'].get(model, [])) or 1} repetition(s)):",
                 "",
                 "| batch | items/s | batch p50 ms | batch p99 ms |",
                 "| ---: | ---: | ---: | ---: |",
@@ -900,15 +900,20 @@ def main(argv: list[str] | None = None) -> int:
 def report(res: dict, out: Path) -> int:
     """Aggregate, judge the targets, write results.json, results.md and the plot."""
     for model, reps in res["raw_reps"].items():
-        # The raw model is a limit: contention from other tenants only ever lowers it, so
-        # take the best repetition of each batch size, not the median.
+        # The median repetition of each batch size, like every other system: the targets
+        # compare medians from the same run. (Taking the raw model's best repetition
+        # would judge the servers' medians against the quietest moment of the run.)
         rows = []
         for i, first in enumerate(reps[0]["rows"]):
-            best = max((r["rows"][i] for r in reps), key=lambda row: row["items_per_s"])
-            rows.append({"batch_size": first["batch_size"], **best, "reps": len(reps)})
+            ranked = sorted((r["rows"][i] for r in reps), key=lambda row: row["items_per_s"])
+            mid = ranked[(len(ranked) - 1) // 2]
+            best = ranked[-1]["items_per_s"]
+            rows.append({"batch_size": first["batch_size"], **mid, "best": best, "reps": len(reps)})
         res["raw"][model] = {**reps[0], "rows": rows}
         if "decode_ms" in reps[0]:
-            res["raw"][model]["decode_ms"] = min(r["decode_ms"] for r in reps)
+            res["raw"][model]["decode_ms"] = sorted(r["decode_ms"] for r in reps)[
+                (len(reps) - 1) // 2
+            ]
     res["medians"] = medians(res["rows"])
     res["targets"] = evaluate_targets(res, res["meta"].get("frontends", 2))
     (out / "results.json").write_text(json.dumps(res, indent=2))
