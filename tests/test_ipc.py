@@ -194,6 +194,27 @@ def test_max_depth_refuses_at_once(shm_dir: Path) -> None:
     arena.close()
 
 
+def test_push_many_keeps_order_refuses_past_the_limit_and_reports_sleepers(
+    shm_dir: Path,
+) -> None:
+    arena = make_arena(shm_dir)
+    ring = RequestRing(arena, 0)
+    for slot in range(4):
+        arena.slots["state"][slot] = SlotState.WRITING
+    assert ring.push_many([2, 0, 3], max_depth=2) == (False, [3])  # nobody asleep
+    assert [int(s) for s in arena.slots["state"][[2, 0, 3]]] == [
+        SlotState.QUEUED,
+        SlotState.QUEUED,
+        SlotState.WRITING,  # refused: still the frontend's
+    ]
+    ring.going_to_sleep()
+    assert ring.push_many([1], max_depth=2) == (False, [1])  # nothing queued: no signal
+    assert ring.push_many([1]) == (True, [])  # a sleeper must be woken
+    ring.woke()
+    assert [c.slot for c in ring.pop(8, 1, os.getpid())] == [2, 0, 1]
+    arena.close()
+
+
 def test_dead_worker_requeued_once_then_poison_alone(shm_dir: Path) -> None:
     arena = make_arena(shm_dir)
     ring = RequestRing(arena, 0)
