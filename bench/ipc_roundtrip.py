@@ -64,8 +64,8 @@ def _worker(path: str, work_fd: int, done_fd: int, stop_fd: int) -> None:
         # into one private batch (a copy out), answer into the same slots (a copy in).
         views = []
         for c in claimed:
-            h = arena.headers.read_request(c.slot)
-            views.append(arena.data_array(c.slot, numpy_dtype(h.in_dtype), h.shape))
+            h = arena.headers.read(c.slot)
+            views.append(arena.data_array(c.slot, numpy_dtype(h.in_dtype), h.in_shape))
         batch = views[0] if len(views) == 1 else np.concatenate(views)  # as the worker does
         batch_id += 1
         start = 0
@@ -116,8 +116,8 @@ class Frontend:
         return self.arena.headers.state(slot) == DONE
 
     def collect(self, slot: int) -> np.ndarray:
-        r = self.arena.headers.read_result(slot)
-        out = self.arena.data_array(slot, numpy_dtype(r.out_dtype), r.shape).copy()
+        r = self.arena.headers.read(slot)
+        out = self.arena.data_array(slot, numpy_dtype(r.out_dtype), r.out_shape).copy()
         self.arena.headers.set_state(slot, FREE)
         self.free.append(slot)
         return out

@@ -77,9 +77,10 @@ def request_id(headers: Mapping[str, str]) -> str:
     return new_request_id()
 
 
-def error_response(err: HTTPError, rid: str) -> JSONResponse:
-    headers = {"X-Request-ID": rid, **err.headers}
-    return JSONResponse({"error": err.message}, status_code=err.status, headers=headers)
+def error_response(err: HTTPError, rid: str) -> Response:
+    """``error_reply`` for the Starlette routes."""
+    r = error_reply(err, rid)
+    return Response(r.body, r.status, r.headers, media_type=r.content_type)
 
 
 def check_intake(state: FrontendState) -> None:

@@ -168,9 +168,8 @@ class Dispatcher:
         for model, slots in enumerate(self._to_push):
             if not slots:
                 continue
-            batch = slots.copy()
-            slots.clear()
-            sleeping, refused = self.rings[model].push_many(batch, self.max_queue_depth)
+            self._to_push[model] = []
+            sleeping, refused = self.rings[model].push_many(slots, self.max_queue_depth)
             for slot in refused:
                 self.orphans.discard(slot)  # abandoned before it was ever queued
                 self._release(slot)
@@ -183,9 +182,9 @@ class Dispatcher:
     def collect(self, slot: int) -> Completed:
         """Read a DONE slot's answer (copying the output out) and free the slot."""
         self.pending.pop(slot, None)
-        r = self.arena.headers.read_result(slot)
+        r = self.arena.headers.read(slot)
         ok = r.status == Status.OK
-        view = self.arena.data_array(slot, numpy_dtype(r.out_dtype), r.shape)
+        view = self.arena.data_array(slot, numpy_dtype(r.out_dtype), r.out_shape)
         result = Completed(
             status=Status(r.status),
             output=view.copy() if ok else None,
@@ -219,16 +218,12 @@ class Dispatcher:
     def _on_done(self) -> None:
         wake.drain(self.done_efd)
         states = self.arena.slots["state"]
-        if len(self.pending) <= 16:  # a struct read per slot beats numpy's set-up
-            state = self.arena.headers.state
-            done = [slot for slot in self.pending if state(slot) == DONE]
-        else:
+        if self.pending:
             keys = np.fromiter(self.pending, dtype=np.intp, count=len(self.pending))
-            done = keys[states[keys] == DONE].tolist()
-        for slot in done:
-            fut = self.pending[slot]
-            if not fut.done():
-                fut.set_result(None)
+            for slot in keys[states[keys] == DONE].tolist():
+                fut = self.pending[slot]
+                if not fut.done():
+                    fut.set_result(None)
         for slot in [s for s in self.orphans if int(states[s]) == DONE]:
             self.orphans.discard(slot)
             self._release(slot)

@@ -12,7 +12,7 @@ it. Whichever frontend gets the scrape renders the whole server.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -22,8 +22,7 @@ from ringserve.ipc.config import Settings
 from ringserve.ipc.layout import ProcState, Role, SlotState
 from ringserve.ipc.prom import LATENCY_BUCKETS
 
-if TYPE_CHECKING:
-    from prometheus_client import Counter, Histogram
+MetricT = TypeVar("MetricT")
 
 
 class FrontendMetrics:
@@ -59,16 +58,12 @@ class FrontendMetrics:
             "Requests refused with 503 because the queue was full",
             ["model"],
         )
-        self._requests: dict[tuple[str, int], Counter] = {}
-        self._children: dict[tuple[int, str], Histogram] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     # -- recording (the request path: a few microseconds each) ---------------------------
 
     def request(self, model: str, code: int, seconds: float) -> None:
-        counter = self._requests.get((model, code))
-        if counter is None:  # labels() takes a lock and builds a key: once per series
-            counter = self._requests[(model, code)] = self.requests.labels(model, str(code))
-        counter.inc()
+        self._child(self.requests, model, str(code)).inc()
         if code == 200:
             self._child(self.duration, model).observe(seconds)
 
@@ -76,21 +71,23 @@ class FrontendMetrics:
         if c.batch_size:  # it reached a worker
             self._child(self.queue_wait, model).observe(c.queue_wait_s)
 
-    def _child(self, histogram: Histogram, model: str) -> Histogram:
-        key = (id(histogram), model)
+    def _child(self, metric: MetricT, *labels: str) -> MetricT:
+        """``metric.labels(*labels)``, looked up once per series: labels() takes a lock
+        and builds its key on every call."""
+        key = (id(metric), labels)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = histogram.labels(model)
+            child = self._children[key] = metric.labels(*labels)
         return child
 
     def deadline(self, model: str) -> None:
-        self.deadline_expired.labels(model).inc()
+        self._child(self.deadline_expired, model).inc()
 
     def cancelled(self, model: str) -> None:
-        self.cancelled_total.labels(model).inc()
+        self._child(self.cancelled_total, model).inc()
 
     def rejected(self, model: str) -> None:
-        self.rejected_total.labels(model).inc()
+        self._child(self.rejected_total, model).inc()
 
     # -- scraping ------------------------------------------------------------------------
 

@@ -359,7 +359,7 @@ def decode_request(
 # -- responses --------------------------------------------------------------------------
 
 
-def _json_data(arr: np.ndarray, dtype: str) -> list[Any]:
+def _json_data(arr: np.ndarray, dtype: str) -> list[Any] | np.ndarray:
     if dtype == "bytes":
         try:
             return [
@@ -373,7 +373,7 @@ def _json_data(arr: np.ndarray, dtype: str) -> list[Any]:
         raise HTTPError(
             500, "the output holds NaN or Inf, which JSON cannot carry: ask for it with binary_data"
         )
-    return arr.ravel().tolist()
+    return arr.ravel()  # orjson writes numpy arrays itself (dump_json)
 
 
 def encode_response(

@@ -46,7 +46,7 @@ from ringserve.ipc.layout import (
 )
 from ringserve.ipc.logs import setup_logging
 from ringserve.ipc.ring import Claimed, RequestRing
-from ringserve.ipc.slot_io import Request as SlotRequest
+from ringserve.ipc.slot_io import Header
 from ringserve.ipc.testhooks import pause_point
 
 log = logging.getLogger("ringserve.worker")
@@ -70,7 +70,6 @@ class Worker:
         self.stopping = False
         self._pinned: dict[tuple, torch.Tensor] = {}
         self._batch_seq = 0
-        self._last_infer_s = 0.0
         self._ran: list[tuple[int, int, float]] = []  # (rows, requests, seconds) per batch
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -258,23 +257,23 @@ class Worker:
         rec["busy_ns"] = int(rec["busy_ns"]) + int(sum(r[2] for r in self._ran) * 1e9)
         self._ran.clear()
 
-    def _payload(self, slot: int, h: SlotRequest) -> tuple[np.ndarray, PayloadKind]:
+    def _payload(self, slot: int, h: Header) -> tuple[np.ndarray, PayloadKind]:
         """A zero-copy view of a slot's input, after bounds-checking its header."""
         if h.kind not in (PayloadKind.TENSOR, PayloadKind.IMAGE):
             raise HeaderError(f"corrupt request header: payload kind {h.kind}")
-        if h.in_dtype >= len(DTYPES) or not 0 <= h.ndim <= MAX_NDIM:
+        if h.in_dtype >= len(DTYPES) or not 0 <= h.in_ndim <= MAX_NDIM:
             raise HeaderError("corrupt request header: dtype or rank out of range")
         if h.in_nbytes > self.arena.geometry.slot_bytes:
             raise HeaderError("corrupt request header: payload larger than its slot")
         dtype = numpy_dtype(h.in_dtype)
-        if math.prod(h.shape) * dtype.itemsize != h.in_nbytes:
+        if math.prod(h.in_shape) * dtype.itemsize != h.in_nbytes:
             raise HeaderError("corrupt request header: shape does not match byte length")
-        return self.arena.data_array(slot, dtype, h.shape), PayloadKind(h.kind)
+        return self.arena.data_array(slot, dtype, h.in_shape), PayloadKind(h.kind)
 
     def _infer_group(self, members: list[tuple[int, torch.Tensor]], owners: set[int]) -> None:
         assert self.handler is not None
         try:
-            outputs = self._infer([t for _, t in members])
+            outputs, seconds = self._infer([t for _, t in members])
         except Exception as e:
             if len(members) == 1:
                 log.warning("model %s raised on request: %s", self.model.name, e)
@@ -292,9 +291,10 @@ class Worker:
             n = int(tensor.shape[0])
             self._finish_ok(slot, outputs[start : start + n], rows_total, owners)
             start += n
-        self._ran.append((rows_total, len(members), self._last_infer_s))
+        self._ran.append((rows_total, len(members), seconds))
 
-    def _infer(self, tensors: list[torch.Tensor]) -> np.ndarray:
+    def _infer(self, tensors: list[torch.Tensor]) -> tuple[np.ndarray, float]:
+        """The outputs of one batch, and the seconds the model took."""
         assert self.handler is not None
         device = self.handler.device
         if device.type == "cuda":
@@ -307,12 +307,12 @@ class Worker:
         result = self.handler.postprocess(out)
         if result.shape[0] != batch.shape[0]:
             raise RuntimeError(f"handler returned {result.shape[0]} rows for {batch.shape[0]}")
-        self._last_infer_s = (time.monotonic_ns() - t0) / 1e9
+        seconds = (time.monotonic_ns() - t0) / 1e9
         if device.type == "cuda":
             rec = self.control.rec
             rec["gpu_allocated"] = torch.cuda.memory_allocated(device)
             rec["gpu_reserved"] = torch.cuda.memory_reserved(device)
-        return result
+        return result, seconds
 
     def _gather_pinned(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """Concatenate straight into a reused page-locked buffer for an async H2D copy."""

@@ -45,7 +45,7 @@ from ringserve.ipc.answer import write_error
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.errors import QueueFull
 from ringserve.ipc.layout import QUEUED, RING_HEADER, RING_HEADER_BYTES, SlotState, Status
-from ringserve.ipc.slot_io import Request
+from ringserve.ipc.slot_io import Header
 from ringserve.ipc.testhooks import pause_point
 
 _GEN_MASK = 0xFFFF_FFFF
@@ -64,10 +64,9 @@ def entry(slot: int, generation: int) -> int:
 
 class Claimed(NamedTuple):
     slot: int
-    generation: int
-    rows: int
-    attempts: int
-    request: Request  # the header as claimed (one unpack serves the whole batch step)
+    rows: int  # at least 1
+    attempts: int  # counting this claim
+    request: Header  # the header as claimed (one unpack serves the whole batch step)
 
 
 _HT = struct.Struct("<QQ")  # head, tail
@@ -103,11 +102,13 @@ class RequestRing:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        fcntl.fcntl(self._lock_fd, fcntl.F_OFD_SETLKW, self._lock_req)
+        """For the cold paths; push and pop call ``_lock``/``_unlock`` directly (the
+        context manager costs more than the lock round trip itself)."""
+        self._lock()
         try:
             yield
         finally:
-            fcntl.fcntl(self._lock_fd, fcntl.F_OFD_SETLKW, self._unlock_req)
+            self._unlock()
 
     def _lock(self) -> None:
         fcntl.fcntl(self._lock_fd, fcntl.F_OFD_SETLKW, self._lock_req)
@@ -197,7 +198,7 @@ class RequestRing:
             while head < tail:
                 e = self._entry(head)
                 slot, gen = e >> 32, e & _GEN_MASK
-                req = headers.read_request(slot)
+                req = headers.read(slot)
                 if req.state != QUEUED or (req.generation & _GEN_MASK) != gen:
                     head += 1  # stale entry (cancelled, reclaimed, or a half-done push)
                     continue
@@ -206,7 +207,7 @@ class RequestRing:
                 if (out or fresh_only) and (rows + n > max_rows or retried):
                     break
                 headers.claim(slot, worker, worker_pid, req.attempts + 1, now)
-                out.append(Claimed(slot, req.generation, n, req.attempts + 1, req))
+                out.append(Claimed(slot, n, req.attempts + 1, req))
                 rows += n
                 head += 1
                 pause_point("ring.pop.claimed")

@@ -14,6 +14,7 @@ Ordering rules are those of ``layout.py``: a writer stores every other field fir
 
 from __future__ import annotations
 
+import operator
 import struct
 import time
 from typing import NamedTuple
@@ -80,37 +81,41 @@ def _indices() -> dict[str, int]:
 _IX = _indices()
 
 
-class Request(NamedTuple):
-    """What a worker needs of a claimed slot (one unpack of the whole header)."""
+class Header(NamedTuple):
+    """One slot's header from one unpack, shapes cut to their rank. ``in_ndim`` is kept as
+    written: the worker bounds-checks it before trusting ``in_shape``."""
 
     state: int
-    generation: int
+    status: int
     cancel: int
     attempts: int
+    generation: int
     owner: int
     kind: int
     in_dtype: int
-    ndim: int  # as written (checked by the reader), shape holds at most MAX_NDIM
-    shape: tuple[int, ...]
+    in_ndim: int
+    in_shape: tuple[int, ...]
     in_nbytes: int
-    deadline_ns: int
-    enqueued_ns: int
-    rows: int
-
-
-class Result(NamedTuple):
-    """What a frontend needs of a DONE slot."""
-
-    status: int
-    attempts: int
     out_dtype: int
-    shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
     out_nbytes: int
+    deadline_ns: int
     enqueued_ns: int
     started_ns: int
     finished_ns: int
+    rows: int
     batch_size: int
     batch_id: int
+
+
+# Header's fields, positionally, from the unpacked tuple (keywords cost a microsecond):
+# plain fields by name around the five that need work (ranks and shapes).
+_SHAPED = ("in_ndim", "in_shape", "in_nbytes", "out_dtype", "out_shape")
+assert Header._fields[8:13] == _SHAPED
+_HEAD = operator.itemgetter(*(_IX[n] for n in Header._fields[:8]))
+_TAIL = operator.itemgetter(*(_IX[n] for n in Header._fields[13:]))
+_IN_NDIM, _IN_SHAPE, _IN_NBYTES = _IX["in_ndim"], _IX["in_shape"], _IX["in_nbytes"]
+_OUT_DTYPE, _OUT_NDIM, _OUT_SHAPE = _IX["out_dtype"], _IX["out_ndim"], _IX["out_shape"]
 
 
 class SlotHeaders:
@@ -198,7 +203,7 @@ class SlotHeaders:
         )
         return generation
 
-    # -- worker: claim, read, answer -------------------------------------------------------
+    # -- worker: claim and answer; anyone: read ----------------------------------------------------
 
     def claim(self, slot: int, worker: int, worker_pid: int, attempts: int, now_ns: int) -> None:
         """QUEUED → RUNNING for ``worker`` (under the ring lock)."""
@@ -208,23 +213,17 @@ class SlotHeaders:
         _I8.pack_into(self.buf, off + _STARTED_OFF, now_ns)
         _U4.pack_into(self.buf, off, L.RUNNING)
 
-    def read_request(self, slot: int) -> Request:
+    def read(self, slot: int) -> Header:
         v = _WHOLE.unpack_from(self.buf, self._off(slot))
-        ndim, shape_at = v[_IX["in_ndim"]], _IX["in_shape"]
-        return Request(
-            state=v[_IX["state"]],
-            generation=v[_IX["generation"]],
-            cancel=v[_IX["cancel"]],
-            attempts=v[_IX["attempts"]],
-            owner=v[_IX["owner"]],
-            kind=v[_IX["kind"]],
-            in_dtype=v[_IX["in_dtype"]],
-            ndim=ndim,
-            shape=v[shape_at : shape_at + min(ndim, L.MAX_NDIM)],
-            in_nbytes=v[_IX["in_nbytes"]],
-            deadline_ns=v[_IX["deadline_ns"]],
-            enqueued_ns=v[_IX["enqueued_ns"]],
-            rows=v[_IX["rows"]],
+        in_ndim, out_ndim = v[_IN_NDIM], v[_OUT_NDIM]
+        return Header(
+            *_HEAD(v),
+            in_ndim,
+            v[_IN_SHAPE : _IN_SHAPE + min(in_ndim, L.MAX_NDIM)],
+            v[_IN_NBYTES],
+            v[_OUT_DTYPE],
+            v[_OUT_SHAPE : _OUT_SHAPE + min(out_ndim, L.MAX_NDIM)],
+            *_TAIL(v),
         )
 
     def write_result(
@@ -247,21 +246,3 @@ class SlotHeaders:
         _BATCH.pack_into(self.buf, off + _BATCH_OFF, batch_size, batch_id)
         _U4.pack_into(self.buf, off + _STATUS_OFF, status)
         _U4.pack_into(self.buf, off, L.DONE)
-
-    # -- frontend: read an answer ----------------------------------------------------------
-
-    def read_result(self, slot: int) -> Result:
-        v = _WHOLE.unpack_from(self.buf, self._off(slot))
-        ndim, shape_at = min(v[_IX["out_ndim"]], L.MAX_NDIM), _IX["out_shape"]
-        return Result(
-            status=v[_IX["status"]],
-            attempts=v[_IX["attempts"]],
-            out_dtype=v[_IX["out_dtype"]],
-            shape=v[shape_at : shape_at + ndim],
-            out_nbytes=v[_IX["out_nbytes"]],
-            enqueued_ns=v[_IX["enqueued_ns"]],
-            started_ns=v[_IX["started_ns"]],
-            finished_ns=v[_IX["finished_ns"]],
-            batch_size=v[_IX["batch_size"]],
-            batch_id=v[_IX["batch_id"]],
-        )

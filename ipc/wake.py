@@ -41,11 +41,13 @@ _FD_SETSIZE = 1024
 def wait(fd: int, timeout_s: float | None) -> bool:
     """Block until ``fd`` is signalled or the timeout passes; True if signalled.
 
-    Short waits use select(2), whose timeout has microsecond resolution: poll(2) counts
-    in whole milliseconds, which turned the batcher's 150 µs fill wait into 1 ms.
+    select(2), whose timeout has microsecond resolution: poll(2) counts in whole
+    milliseconds, which turned the batcher's 150 µs fill wait into 1 ms. poll only for
+    an fd that select cannot take.
     """
-    if timeout_s is not None and timeout_s < 1.0 and fd < _FD_SETSIZE:
-        return bool(select.select((fd,), (), (), max(0.0, timeout_s))[0])
+    if fd < _FD_SETSIZE:
+        timeout = None if timeout_s is None else max(0.0, timeout_s)
+        return bool(select.select((fd,), (), (), timeout)[0])
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     ms = None if timeout_s is None else max(0, int(timeout_s * 1000 + 0.999))

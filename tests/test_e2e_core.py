@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import re
@@ -39,6 +40,12 @@ async def _fire(
                     return e
 
         return await asyncio.gather(*(one(p, kw) for p, kw in requests))
+
+
+def slots_free(server: Server, slots: int) -> bool:
+    """Every request slot is free again (the gauge every frontend renders)."""
+    text = httpx.get(f"{server.url}/metrics").text
+    return f'ringserve_ring_slots{{state="free"}} {slots}.0' in text
 
 
 def fire(url: str, requests: list[tuple[str, dict]], **kw: object) -> list:
@@ -301,10 +308,7 @@ def test_deadline_full_queue_and_disconnect(start_server) -> None:
         )
         assert r.status_code == 504, r.text
 
-    def all_free() -> bool:
-        text = httpx.get(f"{server.url}/metrics").text
-        return 'ringserve_ring_slots{state="free"} 4.0' in text
-
+    all_free = functools.partial(slots_free, server, 4)
     # The abandoned request's slot is freed once the worker is done with it.
     wait_until(all_free, 20, "the timed-out request's slot to be freed")
     # Full queue: 4 slots, each request holds one for 300 ms: the rest get a fast 503.
@@ -356,10 +360,7 @@ def test_queue_depth_limit_refuses_fast_and_frees_the_slot(start_server) -> None
             assert "depth limit" in r.json()["error"], r.text
     assert time.monotonic() - t0 < 20
 
-    def all_free() -> bool:
-        text = httpx.get(f"{server.url}/metrics").text
-        return 'ringserve_ring_slots{state="free"} 32.0' in text
-
+    all_free = functools.partial(slots_free, server, 32)
     wait_until(all_free, 20, "every slot back to free")
     metrics = httpx.get(f"{server.url}/metrics").text
     assert re.search(r'ringserve_rejected_requests_total\{model="slow"\} [1-9]', metrics)

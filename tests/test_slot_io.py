@@ -11,7 +11,7 @@ import pytest
 
 from ringserve.frontend.app import hot_routes
 from ringserve.frontend.call import AsgiEndpoint, new_request_id
-from ringserve.ipc.answer import write_error, write_output
+from ringserve.ipc.answer import _same_memory, write_error, write_output
 from ringserve.ipc.arena import Arena, ArenaGeometry, segment_name
 from ringserve.ipc.layout import DONE, DTYPE_CODE, DTYPE_CODE_OF, RUNNING, WRITING, Status
 from ringserve.ipc.slot_io import span
@@ -52,8 +52,9 @@ def test_write_request_is_what_numpy_reads(arena: Arena) -> None:
     assert int(rec["in_nbytes"]) == 60 and int(rec["rows"]) == 3
     assert int(rec["deadline_ns"]) == 987654321 and int(rec["enqueued_ns"]) == 123456789
     assert bytes(rec["request_id"]) == b"req-1"
-    req = arena.headers.read_request(2)
-    assert (req.shape, req.rows, req.generation, req.attempts) == ((3, 5), 3, 42, 0)
+    h = arena.headers.read(2)
+    assert (h.in_shape, h.in_ndim, h.rows, h.generation, h.attempts) == ((3, 5), 2, 3, 42, 0)
+    assert (h.out_shape, h.out_nbytes, h.started_ns) == ((), 0, 0)  # cleared for reuse
 
 
 def test_claim_and_answer_round_trip(arena: Arena) -> None:
@@ -77,24 +78,31 @@ def test_claim_and_answer_round_trip(arena: Arena) -> None:
     assert int(rec["worker_pid"]) == 777 and int(rec["started_ns"]) == 20
     out = np.arange(6, dtype=np.int64).reshape(2, 3)
     assert write_output(arena, 1, out, batch_size=5, batch_id=9) is None
-    r = arena.headers.read_result(1)
+    r = arena.headers.read(1)
     assert int(rec["state"]) == DONE and r.status == Status.OK
-    assert r.shape == (2, 3) and r.out_nbytes == 48 and (r.batch_size, r.batch_id) == (5, 9)
+    assert r.out_shape == (2, 3) and r.out_nbytes == 48 and (r.batch_size, r.batch_id) == (5, 9)
     assert r.started_ns == 20 and r.enqueued_ns == 10 and r.finished_ns >= 20
-    np.testing.assert_array_equal(arena.data_array(1, np.dtype("int64"), r.shape), out)
+    assert r.in_shape == (4,)  # the request's half is left as it was
+    np.testing.assert_array_equal(arena.data_array(1, np.dtype("int64"), r.out_shape), out)
 
 
 def test_answer_in_place_and_refusals(arena: Arena) -> None:
     view = arena.data_array(0, np.dtype("float32"), (1024,))  # 4 KiB: the whole slot
     view[:] = 7.0
+    assert _same_memory(arena.data_array(0, np.dtype("float32"), (1024,)), view)
+    assert not _same_memory(view.copy(), view)
+    assert not _same_memory(arena.data_array(0, np.dtype("float32"), (2, 512))[:, ::2], view)
     assert write_output(arena, 0, view, 1, 1) is None  # the model answered in place
     assert (arena.data_array(0, np.dtype("float32"), (1024,)) == 7.0).all()
+    other = np.arange(1024, dtype=np.float32)
+    assert write_output(arena, 0, other, 1, 1) is None  # not in place: copied
+    np.testing.assert_array_equal(arena.data_array(0, np.dtype("float32"), (1024,)), other)
     assert write_output(arena, 0, np.zeros(2048, np.float32), 1, 1) == (
         "output does not fit the slot"
     )
     assert "unsupported" in write_output(arena, 0, np.array(["a"]), 1, 1)
     write_error(arena, 3, Status.BAD_INPUT, b"no good")
-    r = arena.headers.read_result(3)
+    r = arena.headers.read(3)
     assert r.status == Status.BAD_INPUT and bytes(arena.data(3)[: r.out_nbytes]) == b"no good"
 
 
