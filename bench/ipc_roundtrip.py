@@ -11,7 +11,9 @@ DONE and signals the owner.
 Two waits on the frontend side: ``poll`` (a blocking ``poll(2)``, the floor) and
 ``asyncio`` (an ``add_reader`` callback on a uvloop event loop resolving a future, the
 way the real frontend waits). Per payload size it reports the round-trip median and p99
-with one request in flight, and items/s with 1 and with 32 requests in flight.
+with one request in flight, and items/s with 1 and with 32 requests in flight. Two last
+rows give the floor under all of it: an eventfd bounced between two processes that do
+nothing else, back to back and after an idle gap.
 
     python -m bench.ipc_roundtrip [--iterations N] [--json OUT]
 """
@@ -123,6 +125,46 @@ class Frontend:
         return out
 
 
+def _echo(ping_fd: int, pong_fd: int, stop_fd: int) -> None:
+    """The floor's far end: answer each ping with a pong, nothing else."""
+    while True:
+        wake.wait(ping_fd, 1.0)
+        if wake.drain(stop_fd):
+            os._exit(0)
+        if wake.drain(ping_fd):
+            wake.signal(pong_fd)
+
+
+def eventfd_floor(iterations: int, gap_s: float) -> list[int]:
+    """Two processes bouncing an eventfd with the same wait and signal calls as the round
+    trip, and no work: what any design built on kernel wake-ups pays on this machine.
+
+    ``gap_s`` idles both sides between pings: once a vCPU has idled for a few hundred µs
+    the hypervisor halts it, and the wake-up that follows costs several times more.
+    """
+    ping, pong, stop = wake.new_eventfd(), wake.new_eventfd(), wake.new_eventfd()
+    echo = mp.get_context("fork").Process(target=_echo, args=(ping, pong, stop), daemon=True)
+    echo.start()
+    rtts = []
+    try:
+        for i in range(iterations + iterations // 10):
+            if gap_s:
+                time.sleep(gap_s)
+            t0 = time.perf_counter_ns()
+            wake.signal(ping)
+            if not wake.wait(pong, 5.0):
+                raise RuntimeError("eventfd floor: no pong within 5 s")
+            wake.drain(pong)
+            if i >= iterations // 10:  # the first tenth warms up
+                rtts.append(time.perf_counter_ns() - t0)
+    finally:
+        wake.signal(stop)
+        echo.join(5)
+        for fd in (ping, pong, stop):
+            os.close(fd)
+    return rtts
+
+
 def _run_poll(fe: Frontend, payload: np.ndarray, iterations: int, inflight: int) -> list[int]:
     """Blocking poll(2) on the done eventfd. Returns per-request round trips in ns."""
     rtts: list[int] = []
@@ -226,6 +268,18 @@ def measure(iterations: int, sizes: dict[str, int] | None = None) -> list[dict]:
                             f"items_per_s_{PIPELINE}": iterations / piped_s,
                         }
                     )
+            for label, gap_s in (("back to back", 0.0), ("after 300 µs idle", 300e-6)):
+                rtts = np.array(eventfd_floor(min(iterations, 5000), gap_s)) / 1000
+                rows.append(
+                    {
+                        "payload": "none",
+                        "bytes": 0,
+                        "wait": f"eventfd ping-pong, {label} (floor)",
+                        "iterations": len(rtts),
+                        "p50_us": float(np.percentile(rtts, 50)),
+                        "p99_us": float(np.percentile(rtts, 99)),
+                    }
+                )
         finally:
             wake.signal(stop_fd)
             worker.join(10)
@@ -245,9 +299,11 @@ def table(rows: list[dict]) -> str:
         "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
+        rates = [r.get("items_per_s_1"), r.get(f"items_per_s_{PIPELINE}")]
         lines.append(
-            f"| {r['payload']} | {r['wait']} | {r['p50_us']:.1f} | {r['p99_us']:.1f} "
-            f"| {r['items_per_s_1']:,.0f} | {r[f'items_per_s_{PIPELINE}']:,.0f} |"
+            f"| {r['payload']} | {r['wait']} | {r['p50_us']:.1f} | {r['p99_us']:.1f} | "
+            + " | ".join("—" if x is None else f"{x:,.0f}" for x in rates)
+            + " |"
         )
     return "\n".join(lines)
 
