@@ -1,0 +1,108 @@
+"""The warm-up throughput profile, on a virtual clock: a fake model whose every run
+advances the clock by a cost we choose, so rates, order and budget are exact."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from ringserve.gpu_worker import profile
+from ringserve.gpu_worker.handlers.base import Handler, TensorSpec
+from ringserve.ipc.config import BatchingSettings, ModelSettings
+
+
+class VirtualClock:
+    """Stands in for the ``time`` module inside ``profile``."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class CostModel(Handler):
+    """A model whose run of batch size n costs ``cost(n, k)`` virtual seconds (k: how
+    many runs came before it)."""
+
+    inputs = (TensorSpec("x", "float32", (4,)),)
+
+    def __init__(self, clock: VirtualClock, cost) -> None:
+        super().__init__(ModelSettings(name="m", handler="fake"))
+        self.clock, self.cost, self.sizes = clock, cost, []
+
+    def load(self, device: torch.device) -> None:
+        pass
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        self.clock.now += self.cost(batch.shape[0], len(self.sizes))
+        self.sizes.append(batch.shape[0])
+        return batch
+
+
+@pytest.fixture
+def clock(monkeypatch, tmp_path) -> VirtualClock:
+    vc = VirtualClock()
+    monkeypatch.setattr(profile, "time", vc)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    return vc
+
+
+def settings(max_batch: int, handler: str = "fake") -> ModelSettings:
+    return ModelSettings(
+        name="m", handler=handler, batching=BatchingSettings(max_batch_size=max_batch)
+    )
+
+
+def test_prefers_the_fastest_size_per_row_not_the_largest(clock):
+    per_batch = {1: 0.010, 2: 0.012, 4: 0.016, 8: 0.040}  # 100, 167, 250, 200 rows/s
+    model = CostModel(clock, lambda n, k: per_batch[n])
+    got = profile.throughput_profile(model, settings(8), lambda: None)
+    assert got.rows_per_s == pytest.approx({1: 100.0, 2: 166.67, 4: 250.0, 8: 200.0}, rel=1e-3)
+    assert got.preferred == 4
+
+
+def test_rounds_take_the_sizes_in_turn_so_a_slow_spell_hits_all_alike(clock):
+    # The host runs at half speed for the first 0.2 virtual seconds. Measured size by
+    # size, that spell would land on the small sizes only and rank them low; in turns,
+    # every size gets a clean round and the best round wins.
+    per_batch = {1: 0.010, 2: 0.012, 4: 0.016, 8: 0.040}
+
+    def cost(n: int, k: int) -> float:
+        return per_batch[n] * (2.0 if clock.now < 0.2 else 1.0)
+
+    model = CostModel(clock, cost)
+    got = profile.throughput_profile(model, settings(8), lambda: None)
+    turns = [size for size, _ in itertools.groupby(model.sizes)]
+    assert turns == [1, 2, 4, 8] * profile.ROUNDS
+    assert got.rows_per_s[1] == pytest.approx(100.0, rel=1e-3)
+    assert got.preferred == 4
+
+
+def test_a_slow_model_stops_at_the_budget_with_what_it_measured(clock):
+    model = CostModel(clock, lambda n, k: 2.0 * n)  # 2 s per row: 0.5 rows/s at any size
+    beats = []
+    got = profile.throughput_profile(model, settings(8), lambda: beats.append(clock.now))
+    # warm-up 2 s; size 1 ends at 4, size 2 at 8, size 4 starts at 8 (not past the
+    # budget) and ends at 16; size 8 would start past it and is never run.
+    assert sorted(got.rows_per_s) == [1, 2, 4]
+    assert clock.now == pytest.approx(16.0)
+    assert len(beats) == 3  # a heartbeat after every measurement: no start timeout
+    assert got.preferred == 1  # all equal per row: the smallest (lowest latency) wins
+
+
+def test_the_profile_is_cached_per_model_and_shape(clock):
+    per_batch = {1: 0.010, 2: 0.012, 4: 0.016}
+    first = CostModel(clock, lambda n, k: per_batch[n])
+    a = profile.throughput_profile(first, settings(4), lambda: None)
+    again = CostModel(clock, lambda n, k: per_batch[n])
+    b = profile.throughput_profile(again, settings(4), lambda: None)
+    assert again.sizes == [] and b == a
+    other = CostModel(clock, lambda n, k: per_batch[n])
+    profile.throughput_profile(other, settings(4, handler="other"), lambda: None)
+    assert other.sizes  # another model is profiled afresh
