@@ -231,6 +231,10 @@ def launch_ringserve(driver: str) -> Callable[[str, int, argparse.Namespace, Pat
         else:
             cmd += ["--model", f"{name}=torchvision:resnet50", "--threads", str(args.threads)]
             cmd += ["--max-batch-size", str(RESNET_MAX_BATCH)]
+            if args.device == "cpu" and args.threads > 1:
+                # One worker per thread, sharing the --threads budget: all of it for a
+                # lone request, one each under load (gpu_worker/cpu_share.py).
+                cmd += ["--workers", str(args.threads), "--share-threads"]
         body, ct = _body_for(model)
         env = {"XDG_CACHE_HOME": str(tmp / "cache")}
         return Launch(cmd, f"/v1/models/{name}/predict", body, ct, env, driver)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ringserve.gpu_worker.batcher import Batcher, BatchPolicy, Pending
+from ringserve.gpu_worker.cpu_share import ThreadShare
 from ringserve.gpu_worker.handlers import BadInput, Handler, create_handler
 from ringserve.gpu_worker.metrics import WorkerMetrics
 from ringserve.gpu_worker.profile import throughput_profile
@@ -78,6 +79,14 @@ class Worker:
         self.control.register(Role.WORKER, self.spec.ident, self.spec.model_index)
         self.metrics = WorkerMetrics(self.spec, self.model.name)
         torch.set_num_threads(self.model.threads)
+        self.thread_share = ThreadShare(
+            self.arena,
+            self.spec.control_index,
+            self.spec.model_index,
+            self.model.threads,
+            self.model.threads_shared and self.model.device == "cpu",
+            backlog=self.ring.depth,
+        )
         device = torch.device(self.model.device)
         if device.type == "cuda":
             try:
@@ -96,12 +105,22 @@ class Worker:
         preferred = self.model.batching.preferred_batch_size
         rates: dict[int, float] = {}
         if not preferred:
-            profile = throughput_profile(self.handler, self.model, self.control.beat)
+            # Profiled as it will run under load: sharing the threads with any sibling
+            # that is profiling (or serving) at the same time.
+            def between_rounds() -> None:
+                self.control.beat()
+                self.thread_share.enter(1)  # a sibling may have started or finished
+
+            self.thread_share.enter(1)
+            try:
+                profile = throughput_profile(self.handler, self.model, between_rounds)
+            finally:
+                self.thread_share.leave()
             preferred, rates = profile.preferred, profile.rows_per_s
             log.info(
                 "model %s batch profile (rows/s by size): %s -> preferred %d",
                 self.model.name,
-                {k: round(v) for k, v in rates.items()},
+                {k: float(f"{v:.3g}") for k, v in rates.items()},  # 3 digits: 7.6, 9.2
                 preferred,
             )
         self._publish_spec(
@@ -302,9 +321,13 @@ class Worker:
         else:
             batch = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
         t0 = time.monotonic_ns()
-        with torch.inference_mode():
-            out = self.handler.infer(batch)
-        result = self.handler.postprocess(out)
+        self.thread_share.enter(int(batch.shape[0]))
+        try:
+            with torch.inference_mode():
+                out = self.handler.infer(batch)
+            result = self.handler.postprocess(out)
+        finally:
+            self.thread_share.leave()
         if result.shape[0] != batch.shape[0]:
             raise RuntimeError(f"handler returned {result.shape[0]} rows for {batch.shape[0]}")
         seconds = (time.monotonic_ns() - t0) / 1e9

@@ -88,6 +88,9 @@ class ModelSettings:
     workers: int = 1
     device: str = "cpu"
     threads: int = 1
+    # CPU: the workers of this model share ``threads``: alone, a worker uses them all;
+    # k workers running batches at once use threads // k each (gpu_worker/cpu_share.py)
+    threads_shared: bool = False
     weights: str = ""
     batching: BatchingSettings = field(default_factory=BatchingSettings)
     options: Mapping[str, Any] = field(default_factory=dict)

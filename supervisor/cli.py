@@ -38,6 +38,13 @@ def _serve_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", help="cpu or cuda[:N] for every model (models.*.device)")
     p.add_argument("--threads", type=int, help="torch threads per worker (models.*.threads)")
+    p.add_argument(
+        "--share-threads",
+        action="store_const",
+        const=True,
+        help="a model's workers share its --threads: all of them for a worker running "
+        "alone, an equal part each when several run at once (models.*.threads_shared)",
+    )
     p.add_argument("--weights", help="weights file for every model (models.*.weights)")
     p.add_argument("--max-batch-size", type=int, help="batching.max_batch_size")
     p.add_argument("--max-queue-delay-ms", type=float, help="batching.max_queue_delay_ms")
@@ -93,6 +100,7 @@ def settings_from_args(ns: argparse.Namespace):  # type: ignore[no-untyped-def]
             ("workers", ns.workers),
             ("device", ns.device),
             ("threads", ns.threads),
+            ("threads_shared", ns.share_threads),
             ("weights", ns.weights),
         )
         if v is not None

@@ -171,6 +171,16 @@ def test_model_overrides_apply_to_every_model(tmp_path):
     assert load_settings(model_overrides={"workers": 5}, environ={}).models[0].workers == 5
 
 
+def test_share_threads_flag_reaches_every_model():
+    from ringserve.supervisor.cli import _serve_parser, settings_from_args
+
+    ns = _serve_parser().parse_args(["--model", "a=identity", "--threads", "2", "--share-threads"])
+    m = settings_from_args(ns).models[0]
+    assert (m.threads, m.threads_shared) == (2, True)
+    plain = settings_from_args(_serve_parser().parse_args(["--model", "a=identity"]))
+    assert plain.models[0].threads_shared is False
+
+
 def test_json_round_trip(tmp_path):
     for s in (
         load_settings(environ={}),

@@ -1,0 +1,87 @@
+"""A model's CPU threads, shared among its workers (``models.*.threads_shared``).
+
+On a CPU, two workers with two torch threads each, on two cores, oversubscribe them
+whenever both run a batch: an OpenMP thread waits at every barrier for a sibling the
+kernel has preempted. One worker with two threads avoids that but runs one batch at a
+time, which is the slower use of the cores under load (resnet50 on this project's 2-core
+VM, concurrency 8: 1 worker x 2 threads 7.8-8.1 img/s, 2 workers x 1 thread 10.2-10.6;
+the raw model at its best batch size, 2 threads, 8.3-9.8). Two workers with one thread
+each lose at low load instead: a lone request runs on one core (211 against 133 ms).
+
+Shared, ``threads`` is the model's budget: a worker that runs alone uses all of it, and
+while k of the model's workers run batches each uses ``threads // k``. Each worker
+announces its batch in its own control record (``inflight``: rows it is running) before
+it counts its siblings, so two that start together both see two and neither
+oversubscribes. Nothing is locked: the count is a hint, read once per batch, and a
+record left set by a dead worker is cleared by the supervisor when it reaps it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ringserve.ipc.arena import Arena
+from ringserve.ipc.layout import ProcState, Role
+
+# STARTING too: a worker's warm-up profile runs batches before it is ready.
+_LIVE_STATES = np.array([ProcState.STARTING, ProcState.READY, ProcState.DRAINING])
+
+
+class ThreadShare:
+    """Sets this worker's torch threads before each batch; a no-op unless shared."""
+
+    def __init__(
+        self,
+        arena: Arena,
+        control_index: int,
+        model_index: int,
+        budget: int,
+        enabled: bool,
+        backlog: Callable[[], int] = lambda: 0,
+        set_threads: Callable[[int], None] = torch.set_num_threads,
+    ) -> None:
+        self.control = arena.control
+        self.rec = arena.control[control_index]
+        self.model_index = model_index
+        self.budget = max(1, budget)
+        self.enabled = enabled and self.budget > 1
+        self.backlog = backlog
+        self.set_threads = set_threads
+        self.threads = self.budget
+
+    def workers(self) -> tuple[int, int]:
+        """(live workers of this model, those running a batch now, this one included
+        once it has announced its own)."""
+        c = self.control
+        live = (
+            (c["role"] == Role.WORKER)
+            & (c["model"] == self.model_index)
+            & np.isin(c["state"], _LIVE_STATES)
+        )
+        return int(live.sum()), int((live & (c["inflight"] > 0)).sum())
+
+    def enter(self, rows: int) -> int:
+        """Announce a batch of ``rows`` and take this worker's share; returns the threads.
+
+        Work still queued behind this batch counts as a second runner: an idle sibling
+        is about to take it, and a batch cannot change its thread count once started (a
+        worker that began alone with every thread and was joined mid-batch would
+        oversubscribe the cores until it ends).
+        """
+        self.rec["inflight"] = max(1, rows)
+        if not self.enabled:
+            return self.threads
+        live, running = self.workers()
+        if running < 2 <= live and self.backlog() > 0:
+            running = 2
+        threads = max(1, self.budget // max(1, running))
+        if threads != self.threads:
+            self.set_threads(threads)
+            self.threads = threads
+        return threads
+
+    def leave(self) -> None:
+        self.rec["inflight"] = 0
