@@ -10,7 +10,6 @@ pending restarts, replacements, drain progress).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue
@@ -25,64 +24,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ringserve.ipc import wake
-from ringserve.ipc.answer import write_error
 from ringserve.ipc.arena import Arena, ArenaGeometry, segment_name, sweep_stale
 from ringserve.ipc.child import ChildSpec
 from ringserve.ipc.config import Settings
 from ringserve.ipc.control import reset as reset_control
-from ringserve.ipc.control import send_command
-from ringserve.ipc.errors import ExitCode
-from ringserve.ipc.layout import Command, ModelAvailability, ProcState, SlotState, Status
+from ringserve.ipc.layout import ModelAvailability, ProcState
 from ringserve.ipc.ring import RequestRing
 from ringserve.supervisor import systemd
 from ringserve.supervisor.admin import AdminCommandError
 from ringserve.supervisor.children import Child, Phase, spawn
+from ringserve.supervisor.exits import ExitHandling
 from ringserve.supervisor.gpu import GpuWatch
-from ringserve.supervisor.memory import MemorySample, MemoryWatch
+from ringserve.supervisor.memory import MemoryWatch
+from ringserve.supervisor.memory_policy import MemoryPolicy
 from ringserve.supervisor.paths import make_metrics_dir
+from ringserve.supervisor.positions import FrontendSlot, Replacement, WorkerSlot
+from ringserve.supervisor.replacing import Replacing
+from ringserve.supervisor.shutdown import Shutdown
 from ringserve.supervisor.stats import SupervisorStats
 
 log = logging.getLogger("ringserve.supervisor")
-
-POISON_MESSAGE = (
-    b"request was in flight when two workers died; failed alone so it cannot crash-loop the pool"
-)
-
-
-@dataclass
-class Replacement:
-    """Start ``new`` for ``old``; once ``new`` is ready, stop ``old``. Nothing drops."""
-
-    old: Child
-    reason: str
-    new: Child | None = None
-    deadline: float = 0.0
-
-
-@dataclass
-class WorkerSlot:
-    """A configured worker position (stable id across restarts and recycles)."""
-
-    ident: int
-    model_index: int
-    child: Child | None = None
-    failures: int = 0  # consecutive deaths before becoming ready
-    restart_at: float | None = None
-    restarts: int = 0
-    last_exit_reason: str = ""
-    last_recycle_reason: str = ""
-    retired: bool = False  # scaled down: do not restart
-
-
-@dataclass
-class FrontendSlot:
-    ident: int
-    child: Child | None = None
-    restarts: int = 0
-    last_exit_reason: str = ""
-    restart_at: float | None = None
-    failures: int = 0  # consecutive deaths before becoming ready
-    rolling: bool = False  # stopped for a rolling restart: respawn on exit
 
 
 @dataclass
@@ -94,7 +55,12 @@ class AdminRequest:
     error: Exception | None = None
 
 
-class Arbiter:
+class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
+    """The supervisor. Its parts live in their own modules, one job each: ``exits``
+    (a child died), ``replacing`` (recycles, rolling restarts), ``shutdown`` (drain and
+    staged stop) and ``memory_policy`` (sampling and acting on leaks); this module keeps
+    the loop, set-up, spawning, liveness and readiness."""
+
     def __init__(
         self,
         settings: Settings,
@@ -371,185 +337,7 @@ class Arbiter:
                 log.warning("%s did not stop in time: killing it", child.name)
                 child.kill("stop_timeout")
 
-    def _on_exit(self, child: Child) -> None:
-        self.selector.unregister(child.pidfd)
-        rc = child.reap()
-        if rc is None:  # spurious wake: pidfd readable only on exit, but be safe
-            self.selector.register(child.pidfd, selectors.EVENT_READ, child)
-            return
-        reason = child.kill_reason or ExitCode.describe(rc)
-        expected = child.phase == Phase.STOPPING and not child.kill_reason
-        level = logging.INFO if expected or rc in (0, ExitCode.RECYCLE) else logging.ERROR
-        log.log(level, "%s (pid %d) exited: %s", child.name, child.pid, reason)
-        self.memory.forget(child.pid)
-        if child.role == "worker":
-            self._recover_worker_slots(child)
-        assert self.arena is not None
-        reset_control(self.arena, child.control_index)
-        if child.role == "frontend":
-            self._frontend_exited(child, reason)
-        else:
-            self._worker_exited(child, reason)
-        child.phase = Phase.EXITED
-
-    def _recover_worker_slots(self, child: Child) -> None:
-        ring = self.rings[child.model_index]
-        requeued, poisoned = ring.requeue_from_dead(child.control_index, POISON_MESSAGE)
-        model = self.settings.models[child.model_index].name
-        if requeued:
-            log.warning("re-queued %d requests of %s", len(requeued), child.name)
-            self.stats.requeued(model, len(requeued))
-            wake.signal(self.model_efds[child.model_index])
-        if poisoned:
-            log.error("failed %d poison requests of %s", len(poisoned), child.name)
-            self.stats.poisoned(model, len(poisoned))
-            self._signal_owners(poisoned)
-
-    def _signal_owners(self, slots: list[int]) -> None:
-        assert self.arena is not None
-        for owner in {int(self.arena.slots["owner"][s]) for s in slots}:
-            wake.signal(self.frontend_efds[owner])
-
-    def _frontend_exited(self, child: Child, reason: str) -> None:
-        fs = self.frontends[child.ident]
-        if fs.child is not child:
-            return
-        fs.child = None
-        if self.phase in ("stopping", "stopped"):
-            return
-        delay = 0.0
-        if not fs.rolling:
-            fs.restarts += 1
-            fs.last_exit_reason = reason
-            self.stats.restarted("frontend", reason)
-            if child.phase == Phase.STARTING:
-                fs.failures += 1
-                delay = self._backoff(fs.failures, child.name, reason)
-        fs.rolling = False
-        fs.restart_at = time.monotonic() + delay
-
-    def _worker_exited(self, child: Child, reason: str) -> None:
-        self.free_controls.append(child.control_index)
-        for r in list(self.replacements):
-            if r.new is child:  # the replacement died before taking over: keep the old one
-                log.error("replacement for %s failed (%s); keeping the old one", r.old.name, reason)
-                self.replacements.remove(r)
-                return
-        ws = self._worker_slot(child)
-        if ws is None or ws.child is not child:
-            return  # an old worker retired by a replacement
-        ws.child = None
-        if self.phase in ("stopping", "stopped") or ws.retired:
-            return
-        if child.phase == Phase.STARTING:
-            ws.failures += 1
-        ws.restarts += 1
-        ws.last_exit_reason = reason
-        self.stats.restarted("worker", reason)
-        delay = self._backoff(ws.failures, child.name, reason) if ws.failures else 0.0
-        ws.restart_at = time.monotonic() + delay
-        self._notify_status()
-
-    def _backoff(self, failures: int, name: str, reason: str) -> float:
-        """Exponential back-off for a child that keeps dying before it is ready."""
-        w = self.settings.worker
-        delay = min(w.restart_backoff_max_s, w.restart_backoff_s * 2 ** (failures - 1))
-        log.error(
-            "%s failed to start %d time(s) in a row (%s); retrying in %.1f s",
-            name,
-            failures,
-            reason,
-            delay,
-        )
-        return delay
-
-    def _restart_due(self, now: float) -> None:
-        if self.phase != "running":
-            return
-        for fs in self.frontends:
-            if fs.child is None and fs.restart_at is not None and now >= fs.restart_at:
-                fs.restart_at = None
-                self._spawn_frontend(fs)
-        for ws in self.workers:
-            if ws.child is None and ws.restart_at is not None and now >= ws.restart_at:
-                ws.restart_at = None
-                ws.child = self._spawn_worker(ws)
-
-    # == replacement: recycle and rolling restart ==========================================
-
-    def replace_worker(self, ws: WorkerSlot, reason: str) -> bool:
-        """Recycle one worker with no capacity dip: the new one is ready before the old stops."""
-        if ws.child is None or any(r.old is ws.child for r in self.replacements):
-            return False
-        r = Replacement(old=ws.child, reason=reason)
-        r.new = self._spawn_worker(ws)
-        r.deadline = time.monotonic() + self.settings.worker.start_timeout_s
-        self.replacements.append(r)
-        ws.last_recycle_reason = reason
-        log.info("recycling %s (%s): replacement pid %d starting", ws.child.name, reason, r.new.pid)
-        return True
-
-    def _advance_replacements(self, now: float) -> None:
-        for r in list(self.replacements):
-            assert r.new is not None
-            if r.new.phase == Phase.READY:
-                ws = self._worker_slot(r.old)
-                self.replacements.remove(r)
-                if ws is not None:
-                    ws.child = r.new
-                self.stop_child(r.old, r.reason)
-                if r.reason not in ("reload",):
-                    self.stats.recycled(self.settings.models[r.old.model_index].name, r.reason)
-            elif now > r.deadline:
-                log.error(
-                    "replacement for %s not ready in %.0f s: raise worker.start_timeout_s "
-                    "if the model needs longer to load",
-                    r.old.name,
-                    self.settings.worker.start_timeout_s,
-                )
-                r.new.kill("start_timeout")
-
-    def stop_child(self, child: Child, reason: str) -> None:
-        """Ask a child to finish what it is doing and exit; killed after stop_timeout_s."""
-        if child.phase in (Phase.STOPPING, Phase.EXITED):
-            return
-        assert self.arena is not None
-        child.phase = Phase.STOPPING
-        child.stop_reason = reason
-        child.stop_deadline = time.monotonic() + self.settings.worker.stop_timeout_s
-        if child.role == "worker":
-            send_command(self.arena, child.control_index, Command.STOP)
-        child.signal(signal.SIGTERM)
-
-    def rolling_restart(self, include_frontends: bool) -> None:
-        names = [f"worker-{ws.ident}" for ws in self.workers if ws.child and not ws.retired]
-        if include_frontends:
-            names += [f"frontend-{fs.ident}" for fs in self.frontends]
-        self.rolling = names
-
-    def _advance_rolling(self) -> None:
-        """One at a time: start the next step only when nothing is being replaced."""
-        if not self.rolling or self.phase != "running" or self.replacements:
-            return
-        if any(
-            fs.child is None or fs.child.phase != Phase.READY or fs.rolling for fs in self.frontends
-        ):
-            return
-        name = self.rolling.pop(0)
-        role, ident = name.rsplit("-", 1)
-        if role == "worker":
-            ws = next((w for w in self.workers if w.ident == int(ident)), None)
-            if ws is not None and ws.child is not None:
-                self.replace_worker(ws, "reload")
-        else:
-            fs = self.frontends[int(ident)]
-            if fs.child is not None:
-                fs.rolling = True
-                self.stop_child(fs.child, "reload")
-        if not self.rolling:
-            self.ready_notified = False
-
-    # == readiness, drain and stop ============================================================
+    # == readiness ===========================================================================
 
     def ready_workers(self) -> dict[int, int]:
         counts = {i: 0 for i in range(len(self.settings.models))}
@@ -601,139 +389,6 @@ class Arbiter:
         if line != self._status_line:
             self._status_line = line
             systemd.status(line)
-
-    def begin_drain(self) -> None:
-        assert self.arena is not None
-        self.phase = "draining"
-        self.arena.header["draining"] = 1
-        self.rolling = []
-        systemd.stopping()
-        self.drain_deadline = time.monotonic() + self.settings.server.drain_timeout_s
-        self._notify_status()
-
-    def _inflight_slots(self) -> int:
-        assert self.arena is not None
-        st = self.arena.slots["state"]
-        return int(
-            ((st == SlotState.QUEUED) | (st == SlotState.RUNNING) | (st == SlotState.WRITING)).sum()
-        )
-
-    def _advance_drain(self, now: float) -> None:
-        if self._inflight_slots() == 0 or now > self.drain_deadline:
-            if now > self.drain_deadline:
-                log.warning("drain timeout: %d requests still in flight", self._inflight_slots())
-            self.begin_stop(fast=False)
-
-    def begin_stop(self, fast: bool) -> None:
-        """Stop in stages: frontends first (they finish answering what they accepted,
-        which may still need a worker), then workers; fast: everything at once."""
-        assert self.arena is not None
-        self.arena.header["draining"] = 1
-        if self.phase != "stopping":
-            systemd.stopping()
-        self.phase = "stopping"
-        self.workers_stopping = fast
-        for r in self.replacements:
-            if r.new is not None:
-                self.stop_child(r.new, "shutdown")
-        self.replacements = []
-        deadline = time.monotonic() + (5.0 if fast else self.settings.worker.stop_timeout_s)
-        for child in self.all_children():
-            if fast or child.role == "frontend":
-                self.stop_child(child, "shutdown")
-                child.stop_deadline = min(child.stop_deadline or deadline, deadline)
-        if fast:
-            self._fail_queued(Status.SHUTDOWN, b"server is shutting down")
-        self.stop_deadline = deadline
-        self._notify_status()
-
-    def _fail_queued(self, status: Status, message: bytes) -> None:
-        """Answer everything still queued (nobody will run it) so no client hangs."""
-        assert self.arena is not None
-        failed = []
-        for ring in self.rings:
-            with ring.locked():
-                st = self.arena.slots["state"]
-                for slot in (int(s) for s in (st == SlotState.QUEUED).nonzero()[0]):
-                    if int(self.arena.slots["model"][slot]) == ring.model:
-                        write_error(self.arena, slot, status, message)
-                        failed.append(slot)
-        self._signal_owners(failed)
-
-    def _advance_stop(self, now: float) -> None:
-        alive = [c for c in self.all_children() if c.returncode is None]
-        if not self.workers_stopping and not any(c.role == "frontend" for c in alive):
-            self.workers_stopping = True
-            for child in alive:
-                self.stop_child(child, "shutdown")
-            self.stop_deadline = now + self.settings.worker.stop_timeout_s
-        if self.workers_stopping:
-            # Whatever is still queued now has no worker to run it: answer it (503)
-            # rather than let a client wait out its deadline.
-            self._fail_queued(Status.SHUTDOWN, b"server is shutting down")
-        if not alive:
-            self.phase = "stopped"
-        elif now > self.stop_deadline + 1.0:
-            for c in alive:
-                c.kill("stop_timeout")
-
-    def _kill_all(self) -> None:
-        deadline = time.monotonic() + 5.0
-        for c in self.all_children():
-            if c.returncode is None:
-                c.kill("supervisor exit")
-        for c in self.all_children():
-            while c.reap() is None and time.monotonic() < deadline:
-                with contextlib.suppress(Exception):
-                    c.popen.wait(timeout=max(0.01, deadline - time.monotonic()))
-
-    # == memory =============================================================================
-
-    def _sample_memory(self, now: float) -> None:
-        assert self.arena is not None
-        gpu_used = self.gpu.used_by_pid() if self.gpu.enabled else {}
-        for child in self.all_children():
-            if child.returncode is not None:
-                continue
-            sample = self.memory.sample(child.pid)
-            if sample is None:
-                continue
-            rec = self.arena.control[child.control_index]
-            rec["rss"], rec["uss"], rec["pss"] = sample.rss, sample.uss, sample.pss
-            rec["gpu_nvml"] = gpu_used.get(child.pid, 0)
-            if child.role == "worker" and child.phase == Phase.READY and self.phase == "running":
-                self._apply_policy(child, sample, rec, now)
-
-    def _apply_policy(self, child: Child, sample: MemorySample, rec: Any, now: float) -> None:
-        assert self.arena is not None
-        busy = any(r.old.model_index == child.model_index for r in self.replacements)
-        action = self.memory.observe(
-            child.pid,
-            child.model_index,
-            child.started,
-            sample,
-            int(rec["requests"]),
-            int(rec["gpu_allocated"]),
-            int(rec["gpu_reserved"]),
-            now,
-            busy,
-        )
-        if action is None:
-            return
-        if action.kind == "trim":
-            log.info(
-                "%s: memory trend (%s): asking it to trim before deciding",
-                child.name,
-                action.reason,
-            )
-            send_command(self.arena, child.control_index, Command.TRIM)
-            return
-        ws = self._worker_slot(child)
-        if ws is not None and ws.child is child:
-            log.warning(
-                "%s: recycling: %s (uss %.1f MiB)", child.name, action.reason, sample.uss / 2**20
-            )
-            self.replace_worker(ws, action.reason)
 
     # == admin ===============================================================================
 

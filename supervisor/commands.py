@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 from ringserve.ipc.layout import ProcState
 from ringserve.supervisor.admin import AdminCommandError
 from ringserve.supervisor.children import Phase
+from ringserve.supervisor.positions import WorkerSlot
 
 if TYPE_CHECKING:
-    from ringserve.supervisor.arbiter import Arbiter, WorkerSlot
+    from ringserve.supervisor.arbiter import Arbiter
 
 
 def _id(args: dict[str, Any]) -> str:
@@ -182,8 +183,6 @@ def run_command(arb: Arbiter, cmd: str, args: dict[str, Any]) -> Any:
 
 
 def scale(arb: Arbiter, args: dict[str, Any]) -> dict[str, Any]:
-    from ringserve.supervisor.arbiter import WorkerSlot
-
     name, n = args.get("model"), args.get("workers")
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 64:
         raise AdminCommandError('"workers" must be an integer from 1 to 64')

@@ -1,0 +1,126 @@
+"""What the supervisor does when a child exits: re-queue or fail the dead worker's
+requests, and restart the position, with back-off for a child that dies before it is
+ready. A part of ``Arbiter`` (its state and helpers are the arbiter's)."""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import time
+
+from ringserve.ipc import wake
+from ringserve.ipc.control import reset as reset_control
+from ringserve.ipc.errors import ExitCode
+from ringserve.supervisor.children import Child, Phase
+
+log = logging.getLogger("ringserve.supervisor")
+
+POISON_MESSAGE = (
+    b"request was in flight when two workers died; failed alone so it cannot crash-loop the pool"
+)
+
+
+class ExitHandling:
+    def _on_exit(self, child: Child) -> None:
+        self.selector.unregister(child.pidfd)
+        rc = child.reap()
+        if rc is None:  # spurious wake: pidfd readable only on exit, but be safe
+            self.selector.register(child.pidfd, selectors.EVENT_READ, child)
+            return
+        reason = child.kill_reason or ExitCode.describe(rc)
+        expected = child.phase == Phase.STOPPING and not child.kill_reason
+        level = logging.INFO if expected or rc in (0, ExitCode.RECYCLE) else logging.ERROR
+        log.log(level, "%s (pid %d) exited: %s", child.name, child.pid, reason)
+        self.memory.forget(child.pid)
+        if child.role == "worker":
+            self._recover_worker_slots(child)
+        assert self.arena is not None
+        reset_control(self.arena, child.control_index)
+        if child.role == "frontend":
+            self._frontend_exited(child, reason)
+        else:
+            self._worker_exited(child, reason)
+        child.phase = Phase.EXITED
+
+    def _recover_worker_slots(self, child: Child) -> None:
+        ring = self.rings[child.model_index]
+        requeued, poisoned = ring.requeue_from_dead(child.control_index, POISON_MESSAGE)
+        model = self.settings.models[child.model_index].name
+        if requeued:
+            log.warning("re-queued %d requests of %s", len(requeued), child.name)
+            self.stats.requeued(model, len(requeued))
+            wake.signal(self.model_efds[child.model_index])
+        if poisoned:
+            log.error("failed %d poison requests of %s", len(poisoned), child.name)
+            self.stats.poisoned(model, len(poisoned))
+            self._signal_owners(poisoned)
+
+    def _signal_owners(self, slots: list[int]) -> None:
+        assert self.arena is not None
+        for owner in {int(self.arena.slots["owner"][s]) for s in slots}:
+            wake.signal(self.frontend_efds[owner])
+
+    def _frontend_exited(self, child: Child, reason: str) -> None:
+        fs = self.frontends[child.ident]
+        if fs.child is not child:
+            return
+        fs.child = None
+        if self.phase in ("stopping", "stopped"):
+            return
+        delay = 0.0
+        if not fs.rolling:
+            fs.restarts += 1
+            fs.last_exit_reason = reason
+            self.stats.restarted("frontend", reason)
+            if child.phase == Phase.STARTING:
+                fs.failures += 1
+                delay = self._backoff(fs.failures, child.name, reason)
+        fs.rolling = False
+        fs.restart_at = time.monotonic() + delay
+
+    def _worker_exited(self, child: Child, reason: str) -> None:
+        self.free_controls.append(child.control_index)
+        for r in list(self.replacements):
+            if r.new is child:  # the replacement died before taking over: keep the old one
+                log.error("replacement for %s failed (%s); keeping the old one", r.old.name, reason)
+                self.replacements.remove(r)
+                return
+        ws = self._worker_slot(child)
+        if ws is None or ws.child is not child:
+            return  # an old worker retired by a replacement
+        ws.child = None
+        if self.phase in ("stopping", "stopped") or ws.retired:
+            return
+        if child.phase == Phase.STARTING:
+            ws.failures += 1
+        ws.restarts += 1
+        ws.last_exit_reason = reason
+        self.stats.restarted("worker", reason)
+        delay = self._backoff(ws.failures, child.name, reason) if ws.failures else 0.0
+        ws.restart_at = time.monotonic() + delay
+        self._notify_status()
+
+    def _backoff(self, failures: int, name: str, reason: str) -> float:
+        """Exponential back-off for a child that keeps dying before it is ready."""
+        w = self.settings.worker
+        delay = min(w.restart_backoff_max_s, w.restart_backoff_s * 2 ** (failures - 1))
+        log.error(
+            "%s failed to start %d time(s) in a row (%s); retrying in %.1f s",
+            name,
+            failures,
+            reason,
+            delay,
+        )
+        return delay
+
+    def _restart_due(self, now: float) -> None:
+        if self.phase != "running":
+            return
+        for fs in self.frontends:
+            if fs.child is None and fs.restart_at is not None and now >= fs.restart_at:
+                fs.restart_at = None
+                self._spawn_frontend(fs)
+        for ws in self.workers:
+            if ws.child is None and ws.restart_at is not None and now >= ws.restart_at:
+                ws.restart_at = None
+                ws.child = self._spawn_worker(ws)

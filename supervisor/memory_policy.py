@@ -1,0 +1,62 @@
+"""Sampling each child's memory into its control record, and acting on a worker's
+trend: ask it to trim, then recycle it if the growth stays. A part of ``Arbiter``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ringserve.ipc.control import send_command
+from ringserve.ipc.layout import Command
+from ringserve.supervisor.children import Child, Phase
+from ringserve.supervisor.memory import MemorySample
+
+log = logging.getLogger("ringserve.supervisor")
+
+
+class MemoryPolicy:
+    def _sample_memory(self, now: float) -> None:
+        assert self.arena is not None
+        gpu_used = self.gpu.used_by_pid() if self.gpu.enabled else {}
+        for child in self.all_children():
+            if child.returncode is not None:
+                continue
+            sample = self.memory.sample(child.pid)
+            if sample is None:
+                continue
+            rec = self.arena.control[child.control_index]
+            rec["rss"], rec["uss"], rec["pss"] = sample.rss, sample.uss, sample.pss
+            rec["gpu_nvml"] = gpu_used.get(child.pid, 0)
+            if child.role == "worker" and child.phase == Phase.READY and self.phase == "running":
+                self._apply_policy(child, sample, rec, now)
+
+    def _apply_policy(self, child: Child, sample: MemorySample, rec: Any, now: float) -> None:
+        assert self.arena is not None
+        busy = any(r.old.model_index == child.model_index for r in self.replacements)
+        action = self.memory.observe(
+            child.pid,
+            child.model_index,
+            child.started,
+            sample,
+            int(rec["requests"]),
+            int(rec["gpu_allocated"]),
+            int(rec["gpu_reserved"]),
+            now,
+            busy,
+        )
+        if action is None:
+            return
+        if action.kind == "trim":
+            log.info(
+                "%s: memory trend (%s): asking it to trim before deciding",
+                child.name,
+                action.reason,
+            )
+            send_command(self.arena, child.control_index, Command.TRIM)
+            return
+        ws = self._worker_slot(child)
+        if ws is not None and ws.child is child:
+            log.warning(
+                "%s: recycling: %s (uss %.1f MiB)", child.name, action.reason, sample.uss / 2**20
+            )
+            self.replace_worker(ws, action.reason)

@@ -1,0 +1,44 @@
+"""The supervisor's configured positions (a worker or frontend id that outlives the
+processes that fill it) and the recycles in progress."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ringserve.supervisor.children import Child
+
+
+@dataclass
+class Replacement:
+    """Start ``new`` for ``old``; once ``new`` is ready, stop ``old``. Nothing drops."""
+
+    old: Child
+    reason: str
+    new: Child | None = None
+    deadline: float = 0.0
+
+
+@dataclass
+class WorkerSlot:
+    """A configured worker position (stable id across restarts and recycles)."""
+
+    ident: int
+    model_index: int
+    child: Child | None = None
+    failures: int = 0  # consecutive deaths before becoming ready
+    restart_at: float | None = None
+    restarts: int = 0
+    last_exit_reason: str = ""
+    last_recycle_reason: str = ""
+    retired: bool = False  # scaled down: do not restart
+
+
+@dataclass
+class FrontendSlot:
+    ident: int
+    child: Child | None = None
+    restarts: int = 0
+    last_exit_reason: str = ""
+    restart_at: float | None = None
+    failures: int = 0  # consecutive deaths before becoming ready
+    rolling: bool = False  # stopped for a rolling restart: respawn on exit
