@@ -302,6 +302,36 @@ def test_poison_request_fails_alone(start_server) -> None:
     assert server.stop() == 0
 
 
+def test_workers_share_their_threads_across_processes(start_server) -> None:
+    """--share-threads between real worker processes: a lone request runs on every
+    thread; two at once (one per worker) split them; alone again, all come back."""
+    server: Server = start_server(
+        "--model",
+        "t=python:support.fake_handlers:ThreadCount",
+        "--workers",
+        "2",
+        "--threads",
+        "2",
+        "--share-threads",
+        "--max-batch-size",
+        "1",
+        env=HANDLER_ENV,
+    )
+    url = "/v1/models/t/predict"
+
+    def threads_used(responses: list) -> list[float]:
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+        return sorted(r.json()["result"][0] for r in responses)
+
+    with server.client() as c:
+        assert threads_used([c.post(url, json={"data": [0.0]})]) == [2.0]
+    both = threads_used(fire(server.url, [(url, {"json": {"data": [1500.0]}})] * 2))
+    assert both[0] == 1.0, both  # the second to start saw the first running
+    with server.client() as c:
+        assert threads_used([c.post(url, json={"data": [0.0]})]) == [2.0]
+    assert server.stop() == 0
+
+
 def test_deadline_full_queue_and_disconnect(start_server) -> None:
     server: Server = start_server(
         "--model",

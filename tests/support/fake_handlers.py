@@ -69,3 +69,17 @@ class FailsToLoad(Handler):
 
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
         return batch
+
+
+class ThreadCount(Handler):
+    """Sleeps ``input[0, 0]`` milliseconds, then answers the torch threads it ran with."""
+
+    inputs = (TensorSpec("INPUT0", "float32", (-1,)),)
+    outputs = (TensorSpec("OUTPUT0", "float32", (1,)),)
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        time.sleep(min(float(batch[:, 0].max()), 10_000) / 1000)
+        return torch.full((batch.shape[0], 1), float(torch.get_num_threads()))
