@@ -53,6 +53,12 @@ from ringserve.ipc.testhooks import pause_point
 log = logging.getLogger("ringserve.worker")
 
 
+def _three_digits(rate: float) -> float | int:
+    """7.34, 10.6, 5120: enough to compare batch sizes in a log line."""
+    r = float(f"{rate:.3g}")
+    return int(r) if r >= 100 else r
+
+
 class HeaderError(ValueError):
     """A slot header fails bounds checks: that request fails, the worker does not."""
 
@@ -120,7 +126,7 @@ class Worker:
             log.info(
                 "model %s batch profile (rows/s by size): %s -> preferred %d",
                 self.model.name,
-                {k: float(f"{v:.3g}") for k, v in rates.items()},  # 3 digits: 7.6, 9.2
+                {k: _three_digits(v) for k, v in rates.items()},
                 preferred,
             )
         self._publish_spec(
