@@ -32,7 +32,7 @@ from ringserve.frontend.call import (
     json_reply,
     new_request_id,
 )
-from ringserve.frontend.catalog import Catalog, ModelInfo
+from ringserve.frontend.catalog import MODEL_VERSION, Catalog, ModelInfo
 from ringserve.frontend.dispatch import REFUSED, Completed, Dispatcher
 from ringserve.frontend.errors import HTTPError, bad_request, unavailable, unprocessable
 from ringserve.frontend.images import check_image
@@ -401,7 +401,7 @@ def hot_routes(app: ASGIApp, routes: list[Route], models: list[str]) -> HotRoute
         for name in models if "{name}" in route.path else [""]:
             params = {"name": name} if name else {}
             if "{version}" in route.path:
-                params["version"] = "1"
+                params["version"] = MODEL_VERSION
             path = route.path.format(**params)
             for method in route.methods or ("POST",):
                 hot.add(method, path, route.endpoint.handler, params)

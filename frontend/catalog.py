@@ -13,6 +13,8 @@ from ringserve.ipc.arena import Arena
 from ringserve.ipc.config import ModelSettings, Settings
 from ringserve.ipc.layout import ModelAvailability, ProcState, Role
 
+# Each model has one version (v2 paths may name it); its workers all serve the same.
+MODEL_VERSION = "1"
 _ACCEPTING = frozenset({int(ModelAvailability.SERVING), int(ModelAvailability.RECOVERING)})
 
 

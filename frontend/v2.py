@@ -36,7 +36,7 @@ from ringserve.frontend.app import (
     request_id,
 )
 from ringserve.frontend.call import AsgiEndpoint, Call, Reply, error_reply
-from ringserve.frontend.catalog import ModelInfo
+from ringserve.frontend.catalog import MODEL_VERSION, ModelInfo
 from ringserve.frontend.errors import HTTPError, unavailable
 from ringserve.frontend.v2_codec import (
     V2_TO_CONFIG,
@@ -51,7 +51,6 @@ from ringserve.frontend.v2_codec import (
 from ringserve.frontend.v2_stats import model_stats
 from ringserve.ipc.layout import PayloadKind
 
-VERSION = "1"
 HEADER_LENGTH = "inference-header-content-length"
 EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics")
 # curl -d sends form-urlencoded unless told otherwise; the body is still ours.
@@ -88,8 +87,8 @@ def _lookup(state: FrontendState, request: Request | Call) -> ModelInfo:
     info = state.catalog.get(name)
     if info is None:
         raise HTTPError(404, f"unknown model {name!r}")
-    version = request.path_params.get("version", VERSION)
-    if version != VERSION:
+    version = request.path_params.get("version", MODEL_VERSION)
+    if version != MODEL_VERSION:
         raise HTTPError(404, f"model {name!r} has no version {version!r}; it serves version 1")
     return info
 
@@ -113,7 +112,7 @@ def _metadata(info: ModelInfo) -> dict[str, Any]:
 
     return {
         "name": info.settings.name,
-        "versions": [VERSION],
+        "versions": [MODEL_VERSION],
         "platform": spec.get("platform", ""),
         "inputs": [tensor(t) for t in spec["inputs"]],
         "outputs": [tensor(t) for t in spec["outputs"]],
