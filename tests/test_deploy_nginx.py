@@ -79,11 +79,11 @@ def multi_host_params(site: str) -> str:
 def site_for(ports: list[int], listen_port: int, log_dir: Path) -> str:
     """The shipped site, rewritten to listen on ``listen_port`` and proxy to ``ports``.
 
-    One ringserve instance: the shipped upstream (one address listed three times, so
+    One ringserve instance: the shipped upstream (one address listed four times, so
     nginx may retry), with our port. Several: the documented several-hosts form.
     """
     site = SITE.read_text()
-    assert site.count(SHIPPED_SERVER) == 3, "upstream block changed: update this test"
+    assert site.count(SHIPPED_SERVER) == 4, "upstream block changed: update this test"
     assert site.count("listen 80;") == 1
     if len(ports) == 1:
         site = site.replace(SHIPPED_SERVER, f"server 127.0.0.1:{ports[0]} max_fails=0;")
