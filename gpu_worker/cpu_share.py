@@ -26,12 +26,9 @@ import torch
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.layout import ProcState, Role
 
-# STARTING too: a worker's warm-up profile runs batches before it is ready.
-_LIVE_STATES = np.array([ProcState.STARTING, ProcState.READY, ProcState.DRAINING])
-
 
 class ThreadShare:
-    """Sets this worker's torch threads before each batch; a no-op unless shared."""
+    """Sets this worker's torch threads before each batch; does nothing unless shared."""
 
     def __init__(
         self,
@@ -43,8 +40,12 @@ class ThreadShare:
         backlog: Callable[[], int] = lambda: 0,
         set_threads: Callable[[int], None] = torch.set_num_threads,
     ) -> None:
-        self.control = arena.control
-        self.rec = arena.control[control_index]
+        c = arena.control
+        # Column views of the control table, taken once: indexing a structured array by
+        # field name costs microseconds per call.
+        self._role, self._model, self._state = c["role"], c["model"], c["state"]
+        self._inflight = c["inflight"]
+        self.index = control_index
         self.model_index = model_index
         self.budget = max(1, budget)
         self.enabled = enabled and self.budget > 1
@@ -55,13 +56,14 @@ class ThreadShare:
     def workers(self) -> tuple[int, int]:
         """(live workers of this model, those running a batch now, this one included
         once it has announced its own)."""
-        c = self.control
+        # Live: STARTING (its warm-up profile runs batches), READY or DRAINING.
         live = (
-            (c["role"] == Role.WORKER)
-            & (c["model"] == self.model_index)
-            & np.isin(c["state"], _LIVE_STATES)
+            (self._role == Role.WORKER)
+            & (self._model == self.model_index)
+            & (self._state >= ProcState.STARTING)
+            & (self._state <= ProcState.DRAINING)
         )
-        return int(live.sum()), int((live & (c["inflight"] > 0)).sum())
+        return int(np.count_nonzero(live)), int(np.count_nonzero(live & (self._inflight > 0)))
 
     def enter(self, rows: int) -> int:
         """Announce a batch of ``rows`` and take this worker's share; returns the threads.
@@ -69,11 +71,12 @@ class ThreadShare:
         Work still queued behind this batch counts as a second runner: an idle sibling
         is about to take it, and a batch cannot change its thread count once started (a
         worker that began alone with every thread and was joined mid-batch would
-        oversubscribe the cores until it ends).
+        oversubscribe the cores until it ends). Unshared, nothing reads the announcement,
+        so nothing is written.
         """
-        self.rec["inflight"] = max(1, rows)
         if not self.enabled:
             return self.threads
+        self._inflight[self.index] = max(1, rows)
         live, running = self.workers()
         if running < 2 <= live and self.backlog() > 0:
             running = 2
@@ -84,4 +87,5 @@ class ThreadShare:
         return threads
 
     def leave(self) -> None:
-        self.rec["inflight"] = 0
+        if self.enabled:
+            self._inflight[self.index] = 0

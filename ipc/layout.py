@@ -195,7 +195,7 @@ CONTROL = np.dtype(
         ("requests", "<u8"),
         ("batches", "<u8"),
         ("rows", "<u8"),
-        ("inflight", "<u4"),  # frontend: slots it holds; worker: rows it is running now
+        ("inflight", "<u4"),  # frontend: slots it holds; worker (shared threads): rows running
         ("generation", "<u4"),  # bumped each time the slot is handed to a new process
         ("gpu_allocated", "<u8"),
         ("gpu_reserved", "<u8"),
