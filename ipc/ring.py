@@ -152,17 +152,15 @@ class RequestRing:
         """``push`` for several slots under one lock round trip, in order; returns
         (a worker must be signalled, the slots refused because the depth limit was hit)."""
         headers = self.arena.headers
-        refused: list[int] = []
         self._lock()
         try:
-            for slot in slots:
-                if max_depth is not None and self.depth() >= max_depth:
-                    refused.append(slot)
-                    continue
+            # Nobody else pushes or pops while we hold the lock: one depth read serves.
+            room = len(slots) if max_depth is None else max(0, max_depth - self.depth())
+            for slot in slots[:room]:
                 self._append(slot, headers.generation(slot))
                 pause_point("ring.push.before_state")
                 headers.set_state(slot, QUEUED)
-            return len(refused) < len(slots) and self._sleepers() > 0, refused
+            return room > 0 and self._sleepers() > 0, slots[room:]
         finally:
             self._unlock()
 
