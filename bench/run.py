@@ -41,6 +41,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 
@@ -50,6 +51,7 @@ LITSERVE_VENV = BENCH / ".venv-litserve"
 PERF_ANALYZER = REPO / ".venv-perf" / "bin" / "pa"
 POST_LUA = BENCH / "post.lua"
 
+T = TypeVar("T")
 MODEL_NAMES = {"identity": "id", "resnet50": "r50"}
 RESNET_MAX_BATCH = 8
 
@@ -582,7 +584,7 @@ def evaluate_targets(res: dict, n: int) -> list[dict]:
 
     rraw = raw.get("resnet50")
     for conc in (8, 32):
-        ratios = paired_ratios(res, conc, lambda r, x: r["throughput"] / _best(x))
+        ratios = per_repetition(res, conc, lambda r, x: r["throughput"] / _best(x))
         value = statistics.median(ratios) if ratios else None
         add(
             f"resnet50 c={conc}: ringserve img/s vs raw best batch",
@@ -592,7 +594,7 @@ def evaluate_targets(res: dict, n: int) -> list[dict]:
             ("per repetition (raw model run just before): " if ratios else "")
             + ", ".join(f"{q:.2f}x" for q in ratios),
         )
-    diffs = paired_ratios(res, 1, lambda r, x: r["p50_ms"] - _batch(x, 1)["p50_ms"])
+    diffs = per_repetition(res, 1, lambda r, x: r["p50_ms"] - _batch(x, 1)["p50_ms"])
     value = statistics.median(diffs) if diffs else None
     add(
         "resnet50 c=1: ringserve p50 - raw batch-1 ms",
@@ -631,7 +633,7 @@ def evaluate_targets(res: dict, n: int) -> list[dict]:
     return targets
 
 
-def paired_ratios(res: dict, conc: int, compare: Callable[[dict, dict], float]) -> list[float]:
+def per_repetition(res: dict, conc: int, compare: Callable[[dict, dict], float]) -> list[float]:
     """``compare(ringserve row, raw run)`` for each resnet50 repetition, against the raw
     model measured in that same repetition right before ringserve.
 
@@ -917,20 +919,18 @@ def main(argv: list[str] | None = None) -> int:
             for rep in range(args.repeats):
                 # Interleave: every system once per repetition, the order rotated each time.
                 order = active[rep % len(active) :] + active[: rep % len(active)]
-                # The raw model runs right before ringserve, so each repetition's ratio
-                # compares two moments a minute apart, not the two ends of a repetition
-                # on a host whose speed drifts (see ``paired_ratios``).
-                served = [s for s in order if model in s.models]
-                paired_with = next((s for s in served if s.key == "ringserve"), None)
-                if paired_with is None:
-                    res["raw_reps"].setdefault(model, []).append(
-                        bench_raw(model, args, inputs, tmp)
-                    )
+                # The raw model (None here) runs right before ringserve, or first without
+                # it, so each repetition's ratio compares two moments a minute apart, not
+                # the two ends of a repetition on a host whose speed drifts
+                # (see ``per_repetition``).
+                served: list[System | None] = [s for s in order if model in s.models]
+                keys = [s.key for s in served if s is not None]
+                served.insert(keys.index("ringserve") if "ringserve" in keys else 0, None)
                 for system in served:
-                    if system is paired_with:
-                        res["raw_reps"].setdefault(model, []).append(
-                            bench_raw(model, args, inputs, tmp)
-                        )
+                    if system is None:
+                        raw_run = bench_raw(model, args, inputs, tmp)
+                        res["raw_reps"].setdefault(model, []).append(raw_run)
+                        continue
                     try:
                         res["rows"] += bench_system(
                             system, model, rep, args, inputs, wrk, tmp, logs
@@ -944,6 +944,11 @@ def main(argv: list[str] | None = None) -> int:
     return report(res, out)
 
 
+def _middle(items: list[T], key: Callable[[T], float]) -> T:
+    """The median item itself (the lower one of an even count), not an average of two."""
+    return sorted(items, key=key)[(len(items) - 1) // 2]
+
+
 def report(res: dict, out: Path) -> int:
     """Aggregate, judge the targets, write results.json, results.md and the plot."""
     for model, reps in res["raw_reps"].items():
@@ -952,15 +957,13 @@ def report(res: dict, out: Path) -> int:
         # would judge the servers' medians against the quietest moment of the run.)
         rows = []
         for i, first in enumerate(reps[0]["rows"]):
-            ranked = sorted((r["rows"][i] for r in reps), key=lambda row: row["items_per_s"])
-            mid = ranked[(len(ranked) - 1) // 2]
-            best = ranked[-1]["items_per_s"]
+            runs = [r["rows"][i] for r in reps]
+            mid = _middle(runs, lambda row: row["items_per_s"])
+            best = max(row["items_per_s"] for row in runs)
             rows.append({"batch_size": first["batch_size"], **mid, "best": best, "reps": len(reps)})
         res["raw"][model] = {**reps[0], "rows": rows}
         if "decode_ms" in reps[0]:
-            res["raw"][model]["decode_ms"] = sorted(r["decode_ms"] for r in reps)[
-                (len(reps) - 1) // 2
-            ]
+            res["raw"][model]["decode_ms"] = _middle([r["decode_ms"] for r in reps], float)
     res["medians"] = medians(res["rows"])
     res["targets"] = evaluate_targets(res, res["meta"].get("frontends", 2))
     (out / "results.json").write_text(json.dumps(res, indent=2))
