@@ -50,14 +50,14 @@ def _worker(path: str, work_fd: int, done_fd: int, stop_fd: int) -> None:
     poller.register(work_fd, select.POLLIN)
     poller.register(stop_fd, select.POLLIN)
     batch_id = 0
+    asleep = False
     while True:
-        claimed = ring.pop(PIPELINE, 1, os.getpid())
-        if not claimed:
-            # The worker's sleep protocol: counted as a sleeper, so pushers signal.
-            ring.going_to_sleep()
-            if ring.depth() == 0:
-                poller.poll(1000)
-            ring.woke()
+        # The worker's sleep protocol: an empty pop counts us as a sleeper (so pushers
+        # signal), and the pop after the wait uncounts us, in the same lock round trips.
+        claimed = ring.pop(PIPELINE, 1, os.getpid(), woke=asleep, sleep_if_empty=True)
+        asleep = not claimed
+        if asleep:
+            poller.poll(1000)
             if wake.drain(stop_fd):
                 break
             wake.drain(work_fd)

@@ -197,10 +197,15 @@ class Worker:
     def _collect(self, idle_timeout_s: float) -> list[Claimed]:
         assert self.batcher is not None
         target = self.batcher.policy.target
-        claimed = self.ring.pop(target, self.control.index, os.getpid())
+        index, pid = self.control.index, os.getpid()
+        claimed = self.ring.pop(target, index, pid, sleep_if_empty=True)
         if not claimed:
-            self._sleep(idle_timeout_s)
-            return []
+            # Counted as a sleeper by that pop: wait, then pop at once (no loop round
+            # first: the request that woke us is on the latency path).
+            self._wait_for_work(idle_timeout_s)
+            claimed = self.ring.pop(target, index, pid, woke=True)
+            if not claimed:
+                return []
         rows = sum(c.rows for c in claimed)
         first_claim = time.monotonic()
         while rows < target and claimed[0].attempts == 1:
@@ -210,8 +215,10 @@ class Worker:
             delay = self.batcher.wait_time(rows, oldest, newest, waited)
             if not delay:
                 break
-            self._sleep(delay)
-            more = self.ring.pop(target - rows, self.control.index, os.getpid(), fresh_only=True)
+            self.ring.going_to_sleep()
+            if self.ring.depth() == 0:
+                self._wait_for_work(delay)
+            more = self.ring.pop(target - rows, index, pid, fresh_only=True, woke=True)
             if not more:
                 break  # the stream paused: waiting longer only adds latency
             claimed.extend(more)
@@ -220,14 +227,11 @@ class Worker:
             wake.signal(self.model_efd)  # pass the baton to an idle sibling
         return claimed
 
-    def _sleep(self, timeout_s: float) -> None:
-        """Wait for a push (or the timeout); pushers signal only while we are counted."""
-        self.ring.going_to_sleep()
-        try:
-            if self.ring.depth() == 0 and wake.wait(self.model_efd, timeout_s):
-                wake.drain(self.model_efd)
-        finally:
-            self.ring.woke()
+    def _wait_for_work(self, timeout_s: float) -> None:
+        """Wait for a push (or the timeout). Only while we are counted as a sleeper
+        (``pop(sleep_if_empty=True)`` or ``going_to_sleep``) do pushers signal."""
+        if wake.wait(self.model_efd, timeout_s):
+            wake.drain(self.model_efd)
 
     # -- running a batch -------------------------------------------------------------------
 

@@ -165,32 +165,46 @@ class RequestRing:
             self._unlock()
 
     def going_to_sleep(self) -> None:
-        """A worker found nothing (or too little) and will wait on the eventfd.
+        """A worker holding part of a batch will wait on the eventfd for more.
 
         Counted under the lock, so a push that follows sees it and signals; a push that
-        came first is seen by the caller's next pop. Always pair with ``woke``.
+        came first is seen by the caller's check of ``depth``. The next ``pop`` must pass
+        ``woke=True``. (An empty ``pop`` counts itself with ``sleep_if_empty``.)
         """
         with self.locked():
-            _U4.pack_into(self._buf, self._base + _SLEEPERS_OFF, self._sleepers() + 1)
+            self._count_sleeper(+1)
 
-    def woke(self) -> None:
-        with self.locked():
-            _U4.pack_into(self._buf, self._base + _SLEEPERS_OFF, max(0, self._sleepers() - 1))
+    def _count_sleeper(self, delta: int) -> None:
+        _U4.pack_into(self._buf, self._base + _SLEEPERS_OFF, max(0, self._sleepers() + delta))
 
     def pop(
-        self, max_rows: int, worker: int, worker_pid: int, fresh_only: bool = False
+        self,
+        max_rows: int,
+        worker: int,
+        worker_pid: int,
+        fresh_only: bool = False,
+        *,
+        woke: bool = False,
+        sleep_if_empty: bool = False,
     ) -> list[Claimed]:
         """Claim queued slots in FIFO order, up to ``max_rows`` rows (at least one slot).
 
         A slot that was already claimed once (its worker died) is returned alone, so a
         poison input cannot take a whole batch down with it again; ``fresh_only`` (topping
         up a batch) stops before such a slot instead.
+
+        The sleep protocol rides on the same lock round trip: ``sleep_if_empty`` counts
+        the caller as a sleeper when nothing was claimed (it must then wait on the
+        eventfd, and pass ``woke=True`` to its next pop, which uncounts it first). Under
+        the lock no push can fall between "found nothing" and "counted": it signals.
         """
         headers = self.arena.headers
         out: list[Claimed] = []
         rows = 0
         self._lock()
         try:
+            if woke:
+                self._count_sleeper(-1)
             head, tail = _HT.unpack_from(self._buf, self._base)
             now = time.monotonic_ns()
             while head < tail:
@@ -212,6 +226,8 @@ class RequestRing:
                 if retried:
                     break
             _U8.pack_into(self._buf, self._base, head)
+            if sleep_if_empty and not out:
+                self._count_sleeper(+1)
         finally:
             self._unlock()
         return out

@@ -210,8 +210,29 @@ def test_push_many_keeps_order_refuses_past_the_limit_and_reports_sleepers(
     ring.going_to_sleep()
     assert ring.push_many([1], max_depth=2) == (False, [1])  # nothing queued: no signal
     assert ring.push_many([1]) == (True, [])  # a sleeper must be woken
-    ring.woke()
-    assert [c.slot for c in ring.pop(8, 1, os.getpid())] == [2, 0, 1]
+    assert [c.slot for c in ring.pop(8, 1, os.getpid(), woke=True)] == [2, 0, 1]
+    arena.slots["state"][3] = SlotState.WRITING
+    assert ring.push_many([3]) == (False, [])  # the pop uncounted the sleeper
+    arena.close()
+
+
+def test_an_empty_pop_counts_a_sleeper_and_the_next_pop_uncounts_it(shm_dir: Path) -> None:
+    """The lost-wakeup guard: between "found nothing" and "counted as asleep" no push
+    can slip by unsignalled, because both happen under one lock round trip."""
+    arena = make_arena(shm_dir)
+    ring = RequestRing(arena, 0)
+    me = os.getpid()
+    assert ring.pop(8, 1, me, sleep_if_empty=True) == []
+    arena.slots["state"][0] = SlotState.WRITING
+    assert ring.push_many([0]) == (True, [])  # counted: the push must signal
+    claimed = ring.pop(8, 1, me, woke=True, sleep_if_empty=True)
+    assert [c.slot for c in claimed] == [0]  # claimed something: not counted again
+    arena.slots["state"][1] = SlotState.WRITING
+    assert ring.push_many([1]) == (False, [])
+    # A pop that finds work does not count the caller even when asked to.
+    assert [c.slot for c in ring.pop(8, 1, me, sleep_if_empty=True)] == [1]
+    arena.slots["state"][2] = SlotState.WRITING
+    assert ring.push_many([2]) == (False, [])
     arena.close()
 
 
