@@ -157,6 +157,12 @@ class Worker:
         entry["spec_version"] = int(entry["spec_version"]) + 1
 
     def run(self) -> int:
+        # Inference mode for the whole loop, entered once: per batch it was a context
+        # manager's cost on every request's path (the loop builds no autograd graph).
+        with torch.inference_mode():
+            return self._serve()
+
+    def _serve(self) -> int:
         interval = self.settings.worker.heartbeat_interval_s
         while not self.stopping:
             self._handle_command()
@@ -333,8 +339,7 @@ class Worker:
         t0 = time.monotonic_ns()
         self.thread_share.enter(int(batch.shape[0]))
         try:
-            with torch.inference_mode():
-                out = self.handler.infer(batch)
+            out = self.handler.infer(batch)  # (in inference mode: see ``run``)
             result = self.handler.postprocess(out)
         finally:
             self.thread_share.leave()
