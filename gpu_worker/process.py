@@ -221,7 +221,7 @@ class Worker:
             delay = self.batcher.wait_time(rows, oldest, newest, waited)
             if not delay:
                 break
-            self.ring.going_to_sleep()
+            self.ring.going_to_sleep(index)
             if self.ring.depth() == 0:
                 self._wait_for_work(delay)
             more = self.ring.pop(target - rows, index, pid, fresh_only=True, woke=True)

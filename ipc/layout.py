@@ -38,7 +38,7 @@ import enum
 import numpy as np
 
 MAGIC = 0x5245_5653_474E_4952  # "RINGSVER" as little-endian bytes, give or take
-VERSION = 1
+VERSION = 2
 
 PAGE = 4096
 ARENA_HEADER_BYTES = PAGE
@@ -174,7 +174,7 @@ RING_HEADER = np.dtype(
     [
         ("head", "<u8"),
         ("tail", "<u8"),
-        ("sleepers", "<u4"),  # workers about to wait for work: only then do pushers signal
+        ("sleepers", "<u4"),  # workers counted as waiting for work: only then do pushers signal
         ("pad", "V44"),
     ]
 )
@@ -207,6 +207,9 @@ CONTROL = np.dtype(
         ("uss", "<u8"),
         ("pss", "<u8"),
         ("gpu_nvml", "<u8"),  # NVML usedGpuMemory (context + allocator cache)
+        # Worker: 1 while counted in its ring's ``sleepers`` (set and cleared under the
+        # ring lock), so the supervisor can take a dead worker's count back.
+        ("asleep", "<u4"),
     ],
     align=True,
 )

@@ -44,7 +44,15 @@ import numpy as np
 from ringserve.ipc.answer import write_error
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.errors import QueueFull
-from ringserve.ipc.layout import QUEUED, RING_HEADER, RING_HEADER_BYTES, SlotState, Status
+from ringserve.ipc.layout import (
+    CONTROL,
+    CONTROL_BYTES,
+    QUEUED,
+    RING_HEADER,
+    RING_HEADER_BYTES,
+    SlotState,
+    Status,
+)
 from ringserve.ipc.slot_io import Header
 from ringserve.ipc.testhooks import pause_point
 
@@ -73,6 +81,7 @@ _HT = struct.Struct("<QQ")  # head, tail
 _U4 = struct.Struct("<I")
 _U8 = struct.Struct("<Q")
 _SLEEPERS_OFF = RING_HEADER.fields["sleepers"][1]
+_ASLEEP_OFF = CONTROL.fields["asleep"][1]
 assert RING_HEADER.fields["head"][1] == 0 and RING_HEADER.fields["tail"][1] == 8
 
 
@@ -90,6 +99,7 @@ class RequestRing:
         self._base = arena.ring_lock_offset(model)
         self._entries_off = self._base + RING_HEADER_BYTES
         self._cap = arena.geometry.ring_capacity
+        self._control_off = arena.geometry.offsets()["control"]
         # A private open file description: OFD locks belong to it, not to the process.
         self._lock_fd = os.open(arena.path, os.O_RDWR | os.O_CLOEXEC)
         self._lock_req = _flock_struct(fcntl.F_WRLCK, self._base)
@@ -164,7 +174,7 @@ class RequestRing:
         finally:
             self._unlock()
 
-    def going_to_sleep(self) -> None:
+    def going_to_sleep(self, worker: int) -> None:
         """A worker holding part of a batch will wait on the eventfd for more.
 
         Counted under the lock, so a push that follows sees it and signals; a push that
@@ -172,10 +182,26 @@ class RequestRing:
         ``woke=True``. (An empty ``pop`` counts itself with ``sleep_if_empty``.)
         """
         with self.locked():
-            self._count_sleeper(+1)
+            self._set_asleep(worker, True)
 
-    def _count_sleeper(self, delta: int) -> None:
-        _U4.pack_into(self._buf, self._base + _SLEEPERS_OFF, max(0, self._sleepers() + delta))
+    def _set_asleep(self, worker: int, asleep: bool) -> None:
+        """Count ``worker`` in or out of ``sleepers`` (under the lock), with its own
+        control-record flag saying whether it is counted: so uncounting twice is harmless
+        and the supervisor can uncount a worker that died asleep. The flag is set after
+        the count and cleared before it, so a death between the two stores can only
+        leave one sleeper too many (an extra signal), never a missing one (a lost wake).
+        """
+        flag = self._control_off + worker * CONTROL_BYTES + _ASLEEP_OFF
+        counted = _U4.unpack_from(self._buf, flag)[0] != 0
+        if asleep == counted:
+            return
+        count = self._base + _SLEEPERS_OFF
+        if asleep:
+            _U4.pack_into(self._buf, count, self._sleepers() + 1)
+            _U4.pack_into(self._buf, flag, 1)
+        else:
+            _U4.pack_into(self._buf, flag, 0)
+            _U4.pack_into(self._buf, count, max(0, self._sleepers() - 1))
 
     def pop(
         self,
@@ -204,7 +230,7 @@ class RequestRing:
         self._lock()
         try:
             if woke:
-                self._count_sleeper(-1)
+                self._set_asleep(worker, False)
             head, tail = _HT.unpack_from(self._buf, self._base)
             now = time.monotonic_ns()
             while head < tail:
@@ -227,17 +253,22 @@ class RequestRing:
                     break
             _U8.pack_into(self._buf, self._base, head)
             if sleep_if_empty and not out:
-                self._count_sleeper(+1)
+                self._set_asleep(worker, True)
         finally:
             self._unlock()
         return out
 
     def requeue_from_dead(self, worker: int, poison_message: bytes) -> tuple[list[int], list[int]]:
-        """Recover the RUNNING slots of a dead worker: returns (requeued, poisoned)."""
+        """Recover the RUNNING slots of a dead worker: returns (requeued, poisoned).
+
+        A worker that died counted as a sleeper (its usual state when idle) is uncounted
+        too, or every later push would signal a wake-up nobody needs.
+        """
         slots = self.arena.slots
         requeued: list[int] = []
         poisoned: list[int] = []
         with self.locked():
+            self._set_asleep(worker, False)
             mine = np.flatnonzero(
                 (slots["state"] == SlotState.RUNNING)
                 & (slots["worker"] == worker)

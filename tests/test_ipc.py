@@ -207,7 +207,7 @@ def test_push_many_keeps_order_refuses_past_the_limit_and_reports_sleepers(
         SlotState.QUEUED,
         SlotState.WRITING,  # refused: still the frontend's
     ]
-    ring.going_to_sleep()
+    ring.going_to_sleep(1)
     assert ring.push_many([1], max_depth=2) == (False, [1])  # nothing queued: no signal
     assert ring.push_many([1]) == (True, [])  # a sleeper must be woken
     assert [c.slot for c in ring.pop(8, 1, os.getpid(), woke=True)] == [2, 0, 1]
@@ -233,6 +233,27 @@ def test_an_empty_pop_counts_a_sleeper_and_the_next_pop_uncounts_it(shm_dir: Pat
     assert [c.slot for c in ring.pop(8, 1, me, sleep_if_empty=True)] == [1]
     arena.slots["state"][2] = SlotState.WRITING
     assert ring.push_many([2]) == (False, [])
+    arena.close()
+
+
+def test_a_worker_that_died_asleep_is_uncounted(shm_dir: Path) -> None:
+    """Killed while waiting for work (an idle worker's usual state): the supervisor's
+    recovery takes its sleeper count back, or every later push would signal for nobody;
+    a second uncount (its replacement's first ``woke``) changes nothing."""
+    arena = make_arena(shm_dir)
+    ring = RequestRing(arena, 0)
+    me = os.getpid()
+    assert ring.pop(8, 3, me, sleep_if_empty=True) == []  # worker 3 waits
+    assert ring.pop(8, 4, me, sleep_if_empty=True) == []  # and so does worker 4
+    assert ring.requeue_from_dead(3, b"poison") == ([], [])  # worker 3 was SIGKILLed
+    arena.slots["state"][0] = SlotState.WRITING
+    assert ring.push_many([0]) == (True, [])  # worker 4 still waits: signal
+    assert [c.slot for c in ring.pop(8, 4, me, woke=True)] == [0]
+    arena.slots["state"][1] = SlotState.WRITING
+    assert ring.push_many([1]) == (False, [])  # nobody counted any more
+    assert [c.slot for c in ring.pop(8, 3, me, woke=True)] == [1]  # uncounting again
+    arena.slots["state"][2] = SlotState.WRITING
+    assert ring.push_many([2]) == (False, [])  # ... changed nothing
     arena.close()
 
 
