@@ -28,16 +28,24 @@ def _depth_ok(data: Any, limit: int) -> bool:
     return True
 
 
+def _too_deep() -> HTTPError:
+    return unprocessable(f'"data" is nested deeper than {MAX_JSON_DEPTH} levels')
+
+
 def from_json(data: Any, dtype: str) -> np.ndarray:
     """Nested JSON lists → array of ``dtype`` (422 for ragged, non-numeric or too deep)."""
     if not isinstance(data, list | int | float | bool):
         raise unprocessable('"data" must be a number or a (nested) list of numbers')
-    if not _depth_ok(data, MAX_JSON_DEPTH):
-        raise unprocessable(f'"data" is nested deeper than {MAX_JSON_DEPTH} levels')
+    # numpy itself stops at 64 dimensions (a ValueError, in microseconds), so the depth
+    # is measured only when the array is deep or was refused: not on every request.
     try:
         raw = np.array(data)
     except ValueError as e:
+        if not _depth_ok(data, MAX_JSON_DEPTH):
+            raise _too_deep() from None
         raise unprocessable(f'"data" is not a rectangular array: {e}') from None
+    if raw.ndim > MAX_JSON_DEPTH:
+        raise _too_deep()
     if raw.dtype.kind not in "biuf":
         raise unprocessable(f'"data" must hold numbers, got {raw.dtype.kind!r}-kind values')
     return cast(raw, dtype)
@@ -48,13 +56,17 @@ def _float_max(dtype: np.dtype) -> float:
     return float(np.finfo(dtype).max)
 
 
+_dtype = functools.cache(np.dtype)
+_max_of = np.maximum.reduce  # ``ndarray.max`` without its Python-level wrapper
+
+
 def cast(arr: np.ndarray, dtype: str) -> np.ndarray:
     """Cast to the model's dtype, refusing values it cannot hold."""
-    target = np.dtype(dtype)
+    target = _dtype(dtype)
     # The common case (JSON floats for a float model) in one reduction: NaN fails the
     # comparison, Inf and values the target cannot hold exceed its max.
     if (arr.dtype.kind == "f" and target.kind == "f" and arr.size) and float(
-        np.abs(arr).max()
+        _max_of(np.abs(arr), axis=None)
     ) <= _float_max(target):
         return np.ascontiguousarray(arr, dtype=target)
     if (arr.dtype.kind == "f" and target.kind in "iub") and (
