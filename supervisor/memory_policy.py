@@ -21,7 +21,7 @@ class MemoryPolicy:
         for child in self.all_children():
             if child.returncode is not None:
                 continue
-            sample = self.memory.sample(child.pid)
+            sample = self.memory.sample(child.pid, now)
             if sample is None:
                 continue
             rec = self.arena.control[child.control_index]

@@ -490,3 +490,45 @@ def test_watch_recycles_a_leak_end_to_end_and_forget_resets():
     w.forget(11)
     assert 11 not in w.policies
     w.forget(11)  # idempotent
+
+
+# -- MemoryWatch.sample: smaps only when RSS moved -------------------------------------------
+
+
+def test_sample_reads_smaps_only_when_rss_moves_or_the_last_read_is_old(monkeypatch):
+    """smaps_rollup walks the whole address space (26 ms for a resnet50 worker): between
+    full reads USS and PSS follow RSS, so a leak still shows at once, byte for byte."""
+    from ringserve.supervisor import memory
+
+    rss = {"now": 500 * MB}
+    full_reads = []
+
+    def full(pid: int) -> MemorySample:
+        full_reads.append(pid)
+        return MemorySample(rss=rss["now"], uss=rss["now"] - 400 * MB, pss=rss["now"] - 300 * MB)
+
+    monkeypatch.setattr(memory, "sample_process", full)
+    monkeypatch.setattr(memory, "rss_of", lambda pid: rss["now"])
+    w = watch()
+    assert w.sample(7, now=0.0) == MemorySample(500 * MB, 100 * MB, 200 * MB)
+    rss["now"] += 3 * MB  # a small move: estimated from RSS, no smaps read
+    assert w.sample(7, now=3.0) == MemorySample(503 * MB, 103 * MB, 203 * MB)
+    assert full_reads == [7]
+    rss["now"] += 2 * MB  # 5 MiB away from the last full read: read smaps again
+    assert w.sample(7, now=6.0) == MemorySample(505 * MB, 105 * MB, 205 * MB)
+    assert full_reads == [7, 7]
+    assert w.sample(7, now=6.0 + memory.FULL_SAMPLE_MAX_AGE_S) is not None  # too old
+    assert full_reads == [7, 7, 7]
+    w.forget(7)  # a new process may get the pid: start from a full read
+    w.sample(7, now=40.0)
+    assert full_reads == [7, 7, 7, 7]
+
+
+def test_sample_of_a_gone_process_is_none(monkeypatch):
+    from ringserve.supervisor import memory
+
+    monkeypatch.setattr(memory, "sample_process", lambda pid: MemorySample(1, 1, 1))
+    monkeypatch.setattr(memory, "rss_of", lambda pid: None)
+    w = watch()
+    assert w.sample(9, now=0.0) is not None
+    assert w.sample(9, now=1.0) is None
