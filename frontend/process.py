@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 from collections.abc import Iterator
+from types import FrameType
 
 import uvicorn
 
@@ -38,12 +39,28 @@ async def _heartbeat(control: ControlBlock, dispatcher: Dispatcher, interval_s: 
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, minus its signal capture: it re-raises SIGTERM after a graceful shutdown,
-    which would turn our clean exit 0 into death by signal."""
+    """uvicorn, minus its signal capture (it re-raises SIGTERM after a graceful shutdown,
+    which would turn our clean exit 0 into death by signal) and minus its 10 Hz poll."""
+
+    _exit_asked: asyncio.Event | None = None
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def main_loop(self) -> None:
+        """uvicorn wakes ten times a second to look at ``should_exit``: a third of an
+        idle frontend's CPU. Here: once a second (the Date header's resolution), and at
+        once when ``handle_exit`` is called."""
+        self._exit_asked = asyncio.Event()
+        while not await self.on_tick(0):  # tick 0: refresh the Date header every time
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._exit_asked.wait(), 1.0)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        if self._exit_asked is not None:
+            self._exit_asked.set()
 
 
 M_MMAP_THRESHOLD = -3  # glibc malloc.h
