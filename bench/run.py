@@ -309,7 +309,7 @@ def wait_ready(proc: subprocess.Popen, port: int, timeout_s: float, log_path: Pa
             raise RuntimeError(f"server exited {proc.returncode} before ready:\n{tail}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/readiness", timeout=2) as r:
-                if r.status == 200:
+                if r.status == 200 and all_workers_ready(port):
                     return
         except (urllib.error.URLError, OSError):
             pass
@@ -317,6 +317,20 @@ def wait_ready(proc: subprocess.Popen, port: int, timeout_s: float, log_path: Pa
             raise RuntimeError(f"not ready within {timeout_s} s (log: {log_path})")
         time.sleep(delay)
         delay = min(delay * 1.5, 0.5)
+
+
+def all_workers_ready(port: int) -> bool:
+    """ringserve is ready with one worker per model; the benchmark waits for all of them
+    (a worker still profiling its batch sizes would be measured as idle CPU and would
+    slow the first point). Servers without ``/v1/models`` count as ready."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as r:
+            models = json.loads(r.read()).get("models", [])
+    except urllib.error.HTTPError:
+        return True  # a baseline: no such route
+    except (ValueError, AttributeError):
+        return True
+    return all(m.get("workers_ready", 0) >= m.get("workers", 0) for m in models)
 
 
 def stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
@@ -338,6 +352,22 @@ def tree(pid: int) -> list[psutil.Process]:
         return [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return []
+
+
+def host_cpu_ticks() -> tuple[int, int]:
+    """(steal, total) clock ticks over all CPUs since boot, from /proc/stat.
+
+    Steal is time a vCPU was runnable but the hypervisor ran someone else: on a shared
+    VM it is the one number that says a slow point was the host's doing, not ours."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return ticks[7], sum(ticks)  # user nice system idle iowait irq softirq steal
+    return 0, 0
+
+
+def steal_pct(before: tuple[int, int], after: tuple[int, int]) -> float:
+    total = after[1] - before[1]
+    return 100 * (after[0] - before[0]) / total if total > 0 else 0.0
 
 
 def cpu_seconds(procs: list[psutil.Process]) -> float:
@@ -450,12 +480,13 @@ def bench_system(
             if args.warmup > 0 and launch.driver == "wrk" and model == "identity":
                 run_wrk(wrk, url, conc, args.warmup, inputs[launch.body], launch.content_type)
             procs = tree(pid)
-            c0 = cpu_seconds(procs)
+            c0, host0 = cpu_seconds(procs), host_cpu_ticks()
             if launch.driver == "pa":
                 r = run_pa(port, model, conc, args.duration, tmp)
             else:
                 r = run_wrk(wrk, url, conc, args.duration, inputs[launch.body], launch.content_type)
             cpu = cpu_seconds(procs) - c0
+            steal = steal_pct(host0, host_cpu_ticks())
             pss, fe = memory(procs)
             rows.append(
                 {
@@ -474,12 +505,14 @@ def bench_system(
                     "processes": len(procs),
                     "startup_s": startup_s,
                     "loadavg_1m": os.getloadavg()[0],
+                    "steal_pct": steal,
                 }
             )
             log(
                 f"{model:8s} {system.key:13s} rep {rep} c={conc:<3d} "
                 f"{r['throughput']:9.1f}/s p50 {r['p50_ms']:8.2f} ms p99 {r['p99_ms']:8.2f} ms "
-                f"err {r['errors']} cpu {rows[-1]['cpu_ms_per_req']:.2f} ms/req pss {pss:.0f} MB"
+                f"err {r['errors']} cpu {rows[-1]['cpu_ms_per_req']:.2f} ms/req pss {pss:.0f} MB "
+                f"steal {steal:.1f} %"
             )
     return rows
 
@@ -712,8 +745,8 @@ def render_markdown(res: dict) -> str:
             f"## {model}",
             "",
             "| system | c | req/s | p50 ms | p90 ms | p99 ms | errors | CPU ms/req | PSS MB "
-            "| idle CPU % | load 1m |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| idle CPU % | load 1m | steal % |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for sysd in res["systems"]:
             rows = sorted(
@@ -725,13 +758,14 @@ def render_markdown(res: dict) -> str:
                 continue
             if not rows:
                 why = skipped["reason"] if skipped else "no result"
-                lines.append(f"| {sysd['label']} | — | skipped: {why} | | | | | | | | |")
+                lines.append(f"| {sysd['label']} | — | skipped: {why} | | | | | | | | | |")
             for r in rows:
                 lines.append(
                     f"| {labels[r['system']]} | {r['concurrency']} | {r['throughput']:,.1f} "
                     f"| {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} "
                     f"| {r['errors']} | {r['cpu_ms_per_req']:.3f} | {r['pss_mb']:,.0f} "
-                    f"| {r['idle_cpu_pct']:.1f} | {r.get('loadavg_1m', 0):.1f} |"
+                    f"| {r['idle_cpu_pct']:.1f} | {r.get('loadavg_1m', 0):.1f} "
+                    f"| {r.get('steal_pct', 0):.1f} |"
                 )
         raw = res["raw"].get(model)
         if raw:
@@ -958,7 +992,9 @@ def main(argv: list[str] | None = None) -> int:
                 served.insert(keys.index("ringserve") if "ringserve" in keys else 0, None)
                 for system in served:
                     if system is None:
+                        host0 = host_cpu_ticks()
                         raw_run = bench_raw(model, args, inputs, tmp)
+                        raw_run["steal_pct"] = steal_pct(host0, host_cpu_ticks())
                         res["raw_reps"].setdefault(model, []).append(raw_run)
                         continue
                     try:
