@@ -26,6 +26,8 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from ringserve.frontend.response_writes import HeadWithBody
+
 MAX_HEAD_BYTES = 64 * 1024
 
 
@@ -73,6 +75,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(431, f"request head is over the limit of {MAX_HEAD_BYTES} bytes")
             return
         super().on_headers_complete()
+        cycle = self.cycle  # its head goes out with its body: see response_writes.py
+        cycle.transport = writer = HeadWithBody(self.transport, cycle.on_response)
+        cycle.on_response = writer.completed
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:
