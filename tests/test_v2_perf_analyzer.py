@@ -60,8 +60,9 @@ def run_pa(pa: Path, server: Server, *args: str) -> dict[int, tuple[float, int]]
         "--measurement-interval",
         "1000",
         # a shared CI box is noisy: accept any three windows rather than chase stability
+        # (100 % still failed once: windows at c=4 varied more than 2x on a busy host)
         "--stability-percentage",
-        "100",
+        "1000",
         "--max-trials",
         "5",
         *args,
