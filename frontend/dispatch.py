@@ -158,11 +158,12 @@ class Dispatcher:
         idle = not self.pending  # nothing else in flight: no company to wait for
         self._to_push[model].append(slot)
         self.pending[slot] = self._loop.create_future()
-        if idle and not self._push_scheduled:
-            self._push_now()  # a lone request goes out now, not after a loop pass
-        elif not self._push_scheduled:
-            self._loop.call_soon(self._push_now)
-            self._push_scheduled = True
+        if not self._push_scheduled:
+            if idle:
+                self._push_now()  # a lone request goes out now, not after a loop pass
+            else:
+                self._loop.call_soon(self._push_now)
+                self._push_scheduled = True
         return slot
 
     def _push_now(self) -> None:
