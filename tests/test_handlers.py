@@ -199,6 +199,21 @@ def test_torchvision_normalises_like_imagenet(resnet18: Handler) -> None:
         np.testing.assert_allclose(x[0, channel].numpy(), expected[channel], atol=1e-5)
 
 
+def test_torchvision_preprocess_is_the_torchvision_recipe(resnet18: Handler) -> None:
+    """The fused normalisation gives what resize, center_crop, to_dtype and normalize
+    give, on a textured photo-sized image (not only a flat colour)."""
+    import torchvision.transforms.v2.functional as F
+
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)
+    x = resnet18.preprocess(encode(pixels, "PNG"), IMAGE)
+    ref = F.resize(torch.from_numpy(pixels).permute(2, 0, 1), [73], antialias=True)
+    ref = F.to_dtype(F.center_crop(ref, [64, 64]), torch.float32, scale=True)
+    ref = F.normalize(ref, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    assert x.is_contiguous()
+    torch.testing.assert_close(x[0], ref, atol=1e-5, rtol=1e-5)
+
+
 def test_torchvision_garbage_image_is_bad_input(resnet18: Handler) -> None:
     with pytest.raises(BadInput, match="could not decode image"):
         resnet18.preprocess(np.frombuffer(b"\xff\xd8\xff garbage", np.uint8), IMAGE)

@@ -80,7 +80,10 @@ def decode_payload(
                     raise BadInput(f"image too large: {width}x{height} pixels (limit {max_pixels})")
                 if min_side:
                     im.draft(mode, (min_side, min_side))
-                pixels = np.array(ImageOps.exif_transpose(im).convert(mode))
+                upright = ImageOps.exif_transpose(im)
+                if upright.mode != mode:  # (a convert to the same mode is a full copy)
+                    upright = upright.convert(mode)
+                pixels = np.array(upright)
     except BadInput:
         raise
     except Image.DecompressionBombError as e:
@@ -112,6 +115,12 @@ class TorchvisionHandler(Handler):
         self.num_classes = int(opts.get("num_classes", 1000))
         self.channels_last = bool(opts.get("channels_last", False))
         self.max_pixels = int(opts.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
+        # Normalisation as one multiply-add on the uint8 pixels: (x / 255 - mean) / std
+        # = x * scale + bias, in one pass into the output (to_dtype then normalize made
+        # three passes and two temporaries: 0.5 ms of a 224x224 image's ~2.7 ms here).
+        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self.scale = 1 / (255 * std)
+        self.bias = -torch.tensor(IMAGENET_MEAN).view(3, 1, 1) / std
         self.inputs = (TensorSpec("INPUT0", "float32", (3, self.image_size, self.image_size)),)
         self.outputs = (TensorSpec("OUTPUT0", "float32", (self.num_classes,)),)
         self.model: torch.nn.Module | None = None
@@ -155,8 +164,9 @@ class TorchvisionHandler(Handler):
         image = decode_payload(payload, "RGB", self.max_pixels, self.resize_size)
         image = F.resize(image, [self.resize_size], antialias=True)
         image = F.center_crop(image, [self.image_size, self.image_size])
-        image = F.to_dtype(image, torch.float32, scale=True)
-        return F.normalize(image, IMAGENET_MEAN, IMAGENET_STD).unsqueeze(0)
+        out = torch.empty((1, 3, self.image_size, self.image_size), dtype=torch.float32)
+        torch.addcmul(self.bias, image, self.scale, out=out[0])
+        return out
 
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
         assert self.model is not None, "load() was not called"
