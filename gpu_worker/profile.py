@@ -3,8 +3,8 @@ prefer the fastest size instead of the largest (on a CPU, batch 32 can be slower
 than batch 4).
 
 Bounded: each size gets a few timed rounds and the whole profile stops at a time budget.
-Results are cached per model handler, device and input shape in
-``$XDG_CACHE_HOME/ringserve/profiles-v3.json`` so restarts and recycles skip it
+Results are cached per model handler, weights, options, device and input shape in
+``$XDG_CACHE_HOME/ringserve/profiles-v4.json`` so restarts and recycles skip it
 (delete the file to re-profile, e.g. after a hardware change).
 """
 
@@ -63,7 +63,9 @@ def _sizes(max_batch: int) -> list[int]:
 
 def _cache_path() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return os.path.join(base, "ringserve", "profiles-v3.json")  # v3: interleaved rounds
+    # v3: interleaved rounds; v4: options in the key (a vision model now runs NHWC on a
+    # CPU by default, so a v3 figure measured NCHW must not be reused).
+    return os.path.join(base, "ringserve", "profiles-v4.json")
 
 
 def _load_cache() -> dict:
@@ -91,7 +93,11 @@ def throughput_profile(
 ) -> Profile:
     spec = handler.inputs[0]
     shape = tuple(DYNAMIC_DIM if d < 0 else d for d in spec.shape)
-    key = f"{model.handler}|{model.weights}|{model.device}|{shape}|{model.batching.max_batch_size}"
+    options = json.dumps(dict(model.options), sort_keys=True, default=str)
+    key = (
+        f"{model.handler}|{model.weights}|{options}|{model.device}|{shape}"
+        f"|{model.batching.max_batch_size}"
+    )
     cache = _load_cache()
     if key in cache:
         rates = {int(k): float(v) for k, v in cache[key].items()}

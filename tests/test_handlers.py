@@ -206,12 +206,28 @@ def test_torchvision_preprocess_is_the_torchvision_recipe(resnet18: Handler) -> 
 
     rng = np.random.default_rng(1)
     pixels = rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)
-    x = resnet18.preprocess(encode(pixels, "PNG"), IMAGE)
+    x = resnet18.preprocess(encode(pixels, "PNG"), IMAGE).contiguous()
     ref = F.resize(torch.from_numpy(pixels).permute(2, 0, 1), [73], antialias=True)
     ref = F.to_dtype(F.center_crop(ref, [64, 64]), torch.float32, scale=True)
     ref = F.normalize(ref, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-    assert x.is_contiguous()
     torch.testing.assert_close(x[0], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_torchvision_runs_nhwc_on_a_cpu_unless_told_not_to(resnet18: Handler) -> None:
+    """NHWC is oneDNN's faster layout for convolutions; the image path writes its input
+    in that layout already, and ``channels_last = false`` keeps NCHW."""
+    NHWC = torch.channels_last
+    conv = resnet18.model.conv1.weight  # type: ignore[union-attr]
+    assert conv.is_contiguous(memory_format=NHWC) and not conv.is_contiguous()
+    image = encode(np.zeros((70, 90, 3), np.uint8), "PNG")
+    assert resnet18.preprocess(image, IMAGE).is_contiguous(memory_format=NHWC)
+    nchw = loaded("torchvision:resnet18", options={**SMALL, "channels_last": False})
+    assert nchw.model.conv1.weight.is_contiguous()  # type: ignore[union-attr]
+    assert nchw.preprocess(image, IMAGE).is_contiguous()
+    x = torch.randn(2, 3, 64, 64)
+    nchw.model.load_state_dict(resnet18.model.state_dict())  # type: ignore[union-attr]
+    with torch.inference_mode():
+        torch.testing.assert_close(resnet18.infer(x), nchw.infer(x), rtol=1e-4, atol=1e-5)
 
 
 def test_torchvision_garbage_image_is_bad_input(resnet18: Handler) -> None:

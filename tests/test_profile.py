@@ -4,6 +4,7 @@ advances the clock by a cost we choose, so rates, order and budget are exact."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -106,3 +107,7 @@ def test_the_profile_is_cached_per_model_and_shape(clock):
     other = CostModel(clock, lambda n, k: per_batch[n])
     profile.throughput_profile(other, settings(4, handler="other"), lambda: None)
     assert other.sizes  # another model is profiled afresh
+    nchw = CostModel(clock, lambda n, k: per_batch[n])
+    options = {"channels_last": False}
+    profile.throughput_profile(nchw, replace(settings(4), options=options), lambda: None)
+    assert nchw.sizes  # so is the same model run with other options

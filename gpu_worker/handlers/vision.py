@@ -11,7 +11,11 @@ Model options (``[models.NAME.options]``):
   first resized to ``image_size * 256 / 224`` (the usual ImageNet evaluation recipe).
 - ``num_classes`` (1000): size of the classifier head, and of ``OUTPUT0``.
 - ``labels_file`` (none): text file with one class label per line, ``num_classes`` lines.
-- ``channels_last`` (false): NHWC memory format, often faster for convnets on GPUs.
+- ``channels_last`` (on for CPU, off for CUDA): run the network in NHWC memory format.
+  On a CPU, oneDNN's NHWC convolutions are faster: resnet50 with 2 threads on this
+  project's 2-vCPU VM, batch 1 101.6 against 118.5 ms, batch 4 367 against 437 ms
+  (same weights, interleaved). On a GPU it depends on the card and dtype, so it stays a
+  choice there.
 - ``max_image_pixels`` (40,000,000): refuse images whose header declares more pixels,
   before decoding them (an image bomb is small on the wire and huge in memory).
 
@@ -113,7 +117,8 @@ class TorchvisionHandler(Handler):
         self.image_size = int(opts.get("image_size", 224))
         self.resize_size = round(self.image_size * 256 / 224)
         self.num_classes = int(opts.get("num_classes", 1000))
-        self.channels_last = bool(opts.get("channels_last", False))
+        self._channels_last_option = opts.get("channels_last")  # None: by device, in load
+        self.channels_last = bool(self._channels_last_option)
         self.max_pixels = int(opts.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
         # Normalisation as one multiply-add on the uint8 pixels: (x / 255 - mean) / std
         # = x * scale + bias, in one pass into the output (to_dtype then normalize made
@@ -152,6 +157,8 @@ class TorchvisionHandler(Handler):
                 )
             self.labels = labels
         model = model.eval().to(device)
+        if self._channels_last_option is None:
+            self.channels_last = device.type == "cpu"
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
@@ -164,7 +171,9 @@ class TorchvisionHandler(Handler):
         image = decode_payload(payload, "RGB", self.max_pixels, self.resize_size)
         image = F.resize(image, [self.resize_size], antialias=True)
         image = F.center_crop(image, [self.image_size, self.image_size])
-        out = torch.empty((1, 3, self.image_size, self.image_size), dtype=torch.float32)
+        # Written in the layout the network runs in: ``infer``'s conversion is then free.
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        out = torch.empty((1, 3, self.image_size, self.image_size), memory_format=layout)
         torch.addcmul(self.bias, image, self.scale, out=out[0])
         return out
 
