@@ -32,6 +32,8 @@ def measure(
     rows = []
     for bs in batch_sizes:
         x = torch.randn(bs, *shape, device=device)
+        if model_name != "identity" and device == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)  # the layout the model runs in
         with torch.inference_mode():
             for _ in range(2):  # warm-up (allocator, kernels)
                 model(x)

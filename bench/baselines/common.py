@@ -2,7 +2,8 @@
 
 The same work ringserve does per request, so the comparison is about serving, not about
 the model: identity takes ``{"data": [floats]}`` and returns it; resnet50
-(``torchvision.models.resnet50(weights=None)``) takes a JPEG body, decodes it with PIL
+(``torchvision.models.resnet50(weights=None)``, NHWC on a CPU as ringserve runs it) takes
+a JPEG body, decodes it with PIL
 (draft mode, as ringserve's ``vision`` handler), resizes the shorter side to 256,
 centre-crops 224, normalises, and answers the top class as ``{"label", "index", "score"}``.
 
@@ -35,6 +36,10 @@ def load_model(name: str, threads: int, device: str = "cpu") -> torch.nn.Module:
         import torchvision
 
         model = torchvision.models.resnet50(weights=None).eval().to(device)
+        if device == "cpu":
+            # As ringserve's vision handler runs a convnet on a CPU (NHWC, oneDNN's faster
+            # layout): the comparison is about serving, not about the memory format.
+            model = model.to(memory_format=torch.channels_last)
         with torch.inference_mode():  # first call allocates; keep it out of the measurement
             model(torch.zeros(1, 3, CROP, CROP, device=device))
         return model
