@@ -2,10 +2,10 @@
 
 The same work ringserve does per request, so the comparison is about serving, not about
 the model: identity takes ``{"data": [floats]}`` and returns it; resnet50
-(``torchvision.models.resnet50(weights=None)``, NHWC on a CPU as ringserve runs it) takes
-a JPEG body, decodes it with PIL
-(draft mode, as ringserve's ``vision`` handler), resizes the shorter side to 256,
-centre-crops 224, normalises, and answers the top class as ``{"label", "index", "score"}``.
+(``torchvision.models.resnet50(weights=None)``, NHWC on a CPU as ringserve runs it)
+takes a JPEG body, decodes it with PIL (draft mode, as ringserve's ``vision`` handler),
+resizes the shorter side to 256, centre-crops 224, normalises, and answers the top
+class as ``{"label", "index", "score"}``.
 
 Imports torch: load it only in processes that run the model.
 """
