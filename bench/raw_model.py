@@ -32,8 +32,7 @@ def measure(
     rows = []
     for bs in batch_sizes:
         x = torch.randn(bs, *shape, device=device)
-        if model_name != "identity" and device == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)  # the layout the model runs in
+        x = x.contiguous(memory_format=common.memory_format(model_name, device))
         with torch.inference_mode():
             for _ in range(2):  # warm-up (allocator, kernels)
                 model(x)

@@ -18,22 +18,23 @@ _CONTINUE = b"HTTP/1.1 100 "
 
 
 class HeadWithBody:
-    __slots__ = ("_done", "_head", "_transport")
+    __slots__ = ("_done", "_head", "_seen_head", "_transport")
 
     def __init__(self, transport: asyncio.Transport, on_response: Callable[[], None]) -> None:
         self._transport = transport
         self._done = on_response  # the cycle's completion callback, after our flush
-        self._head: bytes | None = None
+        self._head: bytes | None = None  # the response head, held for its body
+        self._seen_head = False  # after it, every write is body: straight through
 
     def write(self, data: bytes) -> None:
-        if self._head is None:
-            if data.startswith(b"HTTP/") and not data.startswith(_CONTINUE):
-                self._head = data  # the response head: wait for its body
-                return
+        if self._head is not None:
+            head, self._head = self._head, None
+            self._transport.write(head + data)
+        elif not self._seen_head and data.startswith(b"HTTP/") and not data.startswith(_CONTINUE):
+            self._seen_head = True
+            self._head = data
+        else:
             self._transport.write(data)
-            return
-        head, self._head = self._head, None
-        self._transport.write(head + data)
 
     def flush(self) -> None:
         if self._head is not None:

@@ -57,6 +57,14 @@ def test_100_continue_and_later_chunks_pass_straight_through() -> None:
     assert rec.writes[1:] == [HEAD + b"a", b"b"]
 
 
+def test_a_body_chunk_that_looks_like_a_head_is_not_held() -> None:
+    w, rec, _ = make()  # (a proxied or echoed body may well start with "HTTP/")
+    w.write(HEAD)
+    w.write(b"{")
+    w.write(b"HTTP/1.1 200 OK, said the upstream")
+    assert rec.writes == [HEAD + b"{", b"HTTP/1.1 200 OK, said the upstream"]
+
+
 def test_close_flushes_the_head_first() -> None:
     w, rec, _ = make()
     w.write(HEAD)

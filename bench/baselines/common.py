@@ -28,6 +28,14 @@ class BadRequest(ValueError):
     pass
 
 
+def memory_format(name: str, device: str) -> torch.memory_format:
+    """The layout a model runs in: NHWC for the convnet on a CPU, as ringserve's vision
+    handler runs it (oneDNN's faster layout), so the comparison is about serving."""
+    if name == "resnet50" and device == "cpu":
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def load_model(name: str, threads: int, device: str = "cpu") -> torch.nn.Module:
     torch.set_num_threads(max(1, threads))
     if name == "identity":
@@ -36,10 +44,7 @@ def load_model(name: str, threads: int, device: str = "cpu") -> torch.nn.Module:
         import torchvision
 
         model = torchvision.models.resnet50(weights=None).eval().to(device)
-        if device == "cpu":
-            # As ringserve's vision handler runs a convnet on a CPU (NHWC, oneDNN's faster
-            # layout): the comparison is about serving, not about the memory format.
-            model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=memory_format(name, device))
         with torch.inference_mode():  # first call allocates; keep it out of the measurement
             model(torch.zeros(1, 3, CROP, CROP, device=device))
         return model

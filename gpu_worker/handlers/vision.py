@@ -117,8 +117,8 @@ class TorchvisionHandler(Handler):
         self.image_size = int(opts.get("image_size", 224))
         self.resize_size = round(self.image_size * 256 / 224)
         self.num_classes = int(opts.get("num_classes", 1000))
-        self._channels_last_option = opts.get("channels_last")  # None: by device, in load
-        self.channels_last = bool(self._channels_last_option)
+        option = opts.get("channels_last")
+        self.channels_last: bool | None = None if option is None else bool(option)  # see load
         self.max_pixels = int(opts.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
         # Normalisation as one multiply-add on the uint8 pixels: (x / 255 - mean) / std
         # = x * scale + bias, in one pass into the output (to_dtype then normalize made
@@ -157,7 +157,7 @@ class TorchvisionHandler(Handler):
                 )
             self.labels = labels
         model = model.eval().to(device)
-        if self._channels_last_option is None:
+        if self.channels_last is None:  # unset: by device
             self.channels_last = device.type == "cpu"
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
