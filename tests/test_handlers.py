@@ -230,6 +230,24 @@ def test_torchvision_runs_nhwc_on_a_cpu_unless_told_not_to(resnet18: Handler) ->
         torch.testing.assert_close(resnet18.infer(x), nchw.infer(x), rtol=1e-4, atol=1e-5)
 
 
+def test_decode_applies_exif_orientation_and_leaves_upright_images_alone() -> None:
+    """A phone photo stored sideways (EXIF Orientation 6) decodes upright; the in-place
+    transpose must not disturb an image that has no orientation tag."""
+    from ringserve.gpu_worker.handlers.vision import decode_payload
+
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:5, :5] = 255  # a white mark in the stored top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG", exif=exif)
+    upright = decode_payload(np.frombuffer(buf.getvalue(), np.uint8), "RGB")
+    assert upright.shape == (3, 40, 20)  # height and width swapped
+    assert upright[:, :5, -5:].min() == 255 and upright[:, -5:, :5].max() == 0
+    plain = decode_payload(encode(pixels, "PNG"), "RGB")
+    assert torch.equal(plain, torch.from_numpy(pixels).permute(2, 0, 1))
+
+
 def test_torchvision_garbage_image_is_bad_input(resnet18: Handler) -> None:
     with pytest.raises(BadInput, match="could not decode image"):
         resnet18.preprocess(np.frombuffer(b"\xff\xd8\xff garbage", np.uint8), IMAGE)

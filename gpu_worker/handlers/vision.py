@@ -84,10 +84,11 @@ def decode_payload(
                     raise BadInput(f"image too large: {width}x{height} pixels (limit {max_pixels})")
                 if min_side:
                     im.draft(mode, (min_side, min_side))
-                upright = ImageOps.exif_transpose(im)
-                if upright.mode != mode:  # (a convert to the same mode is a full copy)
-                    upright = upright.convert(mode)
-                pixels = np.array(upright)
+                # In place: without an orientation tag it is then a no-op, not a copy.
+                ImageOps.exif_transpose(im, in_place=True)
+                upright = im if im.mode == mode else im.convert(mode)  # (same mode: a copy)
+                # asarray wraps PIL's packed bytes (read-only) where array copied them again.
+                pixels = np.asarray(upright)
     except BadInput:
         raise
     except Image.DecompressionBombError as e:
@@ -98,7 +99,10 @@ def decode_payload(
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
         raise BadInput(f"could not decode image: {e}") from None
-    tensor = torch.from_numpy(pixels)
+    with warnings.catch_warnings():
+        # Read-only pixels: every caller only reads them (resize makes the copy it keeps).
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.from_numpy(pixels)
     return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
 
 
