@@ -4,12 +4,17 @@ resize that a server does before the model (reported separately).
 
     python -m bench.raw_model --model resnet50 --batch-sizes 1,2,4,8 --duration 3 \
         [--threads 2] [--device cpu|cuda] [--image bench/results/input.jpg] [--json OUT]
+
+``--serve`` keeps the model loaded and runs the batch-1 loop for as many seconds as each
+line on stdin says, answering each with one JSON line (``bench.run`` interleaves it with
+a server's c=1 point).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -28,25 +33,14 @@ def measure(
     model_name: str, batch_sizes: list[int], duration_s: float, threads: int, device: str
 ) -> list[dict]:
     model = common.load_model(model_name, threads, device)
-    shape = (16,) if model_name == "identity" else (3, common.CROP, common.CROP)
     rows = []
     for bs in batch_sizes:
-        x = torch.randn(bs, *shape, device=device)
-        x = x.contiguous(memory_format=common.memory_format(model_name, device))
+        x = _input(model_name, bs, device)
         with torch.inference_mode():
             for _ in range(2):  # warm-up (allocator, kernels)
                 model(x)
             _sync(device)
-            times = []
-            end = time.perf_counter() + duration_s
-            while time.perf_counter() < end or len(times) < 3:
-                t0 = time.perf_counter()
-                out = model(x)
-                if model_name != "identity":
-                    out = out.softmax(dim=1)
-                _sync(device)
-                times.append(time.perf_counter() - t0)
-        t = np.array(times)
+        t = np.array(_loop(model, model_name, x, duration_s, device))
         rows.append(
             {
                 "batch_size": bs,
@@ -57,6 +51,41 @@ def measure(
             }
         )
     return rows
+
+
+def _input(model_name: str, batch: int, device: str) -> torch.Tensor:
+    shape = (16,) if model_name == "identity" else (3, common.CROP, common.CROP)
+    x = torch.randn(batch, *shape, device=device)
+    return x.contiguous(memory_format=common.memory_format(model_name, device))
+
+
+def _loop(
+    model: torch.nn.Module, model_name: str, x: torch.Tensor, duration_s: float, device: str
+) -> list[float]:
+    """Seconds per forward, back to back, for ``duration_s`` (at least 3 forwards)."""
+    times: list[float] = []
+    with torch.inference_mode():
+        end = time.perf_counter() + duration_s
+        while time.perf_counter() < end or len(times) < 3:
+            t0 = time.perf_counter()
+            out = model(x)
+            if model_name != "identity":
+                out = out.softmax(dim=1)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def serve(model_name: str, threads: int, device: str) -> None:
+    """Batch 1 on request: each stdin line is a duration in seconds; each answer is one
+    JSON line with the p50 in ms. Idle (blocked on stdin) between requests."""
+    model = common.load_model(model_name, threads, device)
+    x = _input(model_name, 1, device)
+    _loop(model, model_name, x, 0.0, device)  # warm-up
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        t = _loop(model, model_name, x, float(line), device)
+        print(json.dumps({"p50_ms": float(np.percentile(t, 50) * 1000), "n": len(t)}), flush=True)
 
 
 def decode_ms(image: str, n: int = 20) -> float:
@@ -77,7 +106,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--image", help="JPEG to time the decode of (resnet50)")
     ap.add_argument("--json")
+    ap.add_argument("--serve", action="store_true", help="batch 1 on request (stdin)")
     args = ap.parse_args()
+    if args.serve:
+        serve(args.model, args.threads, args.device)
+        return
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     result = {
         "model": args.model,

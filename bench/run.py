@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import re
+import select
 import shutil
 import signal
 import socket
@@ -481,11 +482,19 @@ def bench_system(
                 run_wrk(wrk, url, conc, args.warmup, inputs[launch.body], launch.content_type)
             procs = tree(pid)
             c0, host0 = cpu_seconds(procs), host_cpu_ticks()
-            if launch.driver == "pa":
+            sliced: dict = {}
+            if model != "identity" and system.key == "ringserve" and conc == 1:
+                # Judged against the raw batch-1 time: a 3 ms budget on a host whose speed
+                # drifts by more than that within a minute, so the two take turns.
+                r, cpu, sliced = run_c1_between_raw(
+                    model, args, procs, wrk, url, inputs[launch.body], launch.content_type
+                )
+            elif launch.driver == "pa":
                 r = run_pa(port, model, conc, args.duration, tmp)
             else:
                 r = run_wrk(wrk, url, conc, args.duration, inputs[launch.body], launch.content_type)
-            cpu = cpu_seconds(procs) - c0
+            if not sliced:
+                cpu = cpu_seconds(procs) - c0
             steal = steal_pct(host0, host_cpu_ticks())
             pss, fe = memory(procs)
             rows.append(
@@ -506,6 +515,7 @@ def bench_system(
                     "startup_s": startup_s,
                     "loadavg_1m": os.getloadavg()[0],
                     "steal_pct": steal,
+                    **sliced,
                 }
             )
             log(
@@ -529,6 +539,84 @@ def bench_raw(model: str, args: argparse.Namespace, inputs: dict[str, Path], tmp
         cmd, cwd=REPO, check=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)}
     )
     return json.loads(out.read_text())
+
+
+C1_SLICES = 4
+
+
+class RawProbe:
+    """The raw batch-1 loop kept loaded in its own process (``raw_model --serve``), timed
+    on request; it waits on its stdin in between, so the server under test runs alone."""
+
+    def __init__(self, model: str, args: argparse.Namespace) -> None:
+        cmd = [sys.executable, "-m", "bench.raw_model", "--serve", "--model", model]
+        cmd += ["--threads", str(args.threads), "--device", args.device]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self._answer(120)
+
+    def p50_ms(self, seconds: float) -> float:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{seconds}\n")
+        self.proc.stdin.flush()
+        return self._answer(seconds + 60)["p50_ms"]
+
+    def _answer(self, timeout_s: float) -> dict:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            raise RuntimeError(f"raw probe gave no answer within {timeout_s:.0f} s")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+def run_c1_between_raw(
+    model: str,
+    args: argparse.Namespace,
+    procs: list[psutil.Process],
+    wrk: str,
+    url: str,
+    body: Path,
+    content_type: str,
+) -> tuple[dict, float, dict]:
+    """c=1 in ``C1_SLICES`` slices of wrk, each between two slices of the raw batch-1 loop:
+    (the wrk result over all slices, the server's CPU seconds during them, the slices).
+
+    Each slice's p50 is compared with the mean of the raw p50s on either side of it, and
+    the point's figure is the median of those differences. p50/p90/p99 of the point are
+    medians over the slices.
+    """
+    slice_s = max(1.0, round(args.duration / C1_SLICES))
+    probe = RawProbe(model, args)
+    try:
+        raw = [probe.p50_ms(slice_s)]
+        parts, cpu = [], 0.0
+        for _ in range(C1_SLICES):
+            c0 = cpu_seconds(procs)
+            parts.append(run_wrk(wrk, url, 1, slice_s, body, content_type))
+            cpu += cpu_seconds(procs) - c0
+            raw.append(probe.p50_ms(slice_s))
+    finally:
+        probe.close()
+    diffs = [p["p50_ms"] - (a + b) / 2 for p, a, b in zip(parts, raw, raw[1:], strict=False)]
+    total = {k: sum(p[k] for p in parts) for k in ("requests", "errors", "ok", "seconds")}
+    merged = {
+        **total,
+        "throughput": (total["requests"] - total["errors"]) / total["seconds"],
+        **{k: statistics.median(p[k] for p in parts) for k in ("p50_ms", "p90_ms", "p99_ms")},
+    }
+    sliced = {
+        "raw_b1_slices_ms": raw,
+        "c1_slices_p50_ms": [p["p50_ms"] for p in parts],
+        "c1_minus_raw_ms": statistics.median(diffs),
+    }
+    return merged, cpu, sliced
 
 
 def bench_ipc(iterations: int, tmp: Path) -> list[dict]:
@@ -638,16 +726,21 @@ def evaluate_targets(res: dict, n: int) -> list[dict]:
             ("per repetition (raw model run just before): " if ratios else "")
             + ", ".join(f"{q:.2f}x" for q in ratios),
         )
-    diffs = per_repetition(res, 1, lambda r, x: r["p50_ms"] - _batch(x, 1)["p50_ms"])
-    value = statistics.median(diffs) if diffs else None
+    # Judged against the raw batch-1 loop timed in turns with the point (see
+    # ``run_c1_between_raw``); the repetition's own earlier raw run, in the note.
+    around = per_repetition(res, 1, c1_minus_raw)
+    earlier = per_repetition(res, 1, lambda r, x: r["p50_ms"] - _batch(x, 1)["p50_ms"])
+    value = statistics.median(around) if around else None
     add(
         "resnet50 c=1: ringserve p50 - raw batch-1 ms",
         value,
         "<= 3",
         _le(value, 3),
-        f"per repetition: {', '.join(f'{d:+.1f}' for d in diffs)} ms"
+        f"per repetition, against the raw loop in turns with it: "
+        f"{', '.join(f'{d:+.1f}' for d in around)} ms; against the repetition's raw run: "
+        f"{', '.join(f'{d:+.1f}' for d in earlier)} ms"
         f" (JPEG decode alone {rraw.get('decode_ms', 0):.1f} ms)"
-        if diffs and rraw
+        if around and rraw
         else "",
     )
     fe = [r["frontend_pss_mb"] for r in med if r["system"] == "ringserve"]
@@ -706,6 +799,14 @@ def paired_ratios(res: dict, model: str, other: str, conc: int) -> list[float]:
         for _, runs in sorted(by_rep.items())
         if runs.get(other, 0) > 0 and "ringserve" in runs
     ]
+
+
+def c1_minus_raw(row: dict, raw_run: dict) -> float:
+    """A c=1 point's p50 over the raw batch-1 p50: by the slices timed in turns, or (an
+    older results file) against the repetition's raw run."""
+    if "c1_minus_raw_ms" in row:
+        return row["c1_minus_raw_ms"]
+    return row["p50_ms"] - _batch(raw_run, 1)["p50_ms"]
 
 
 def _best(raw_run: dict) -> float:
