@@ -2,8 +2,9 @@
 
 One process plays the frontend: it claims a slot of its range, writes the header, copies
 the payload into the slot, pushes the slot on the model's ring, signals the model's
-eventfd and waits on its own done eventfd, then copies the output out and frees the slot
-(what ``frontend/dispatch.py`` does). A forked process plays the worker: it waits on the
+eventfd and waits on its own done eventfd, then reads the output in place (a read-only
+view, which the real frontend encodes its response from) and frees the slot (what
+``frontend/dispatch.py`` does). A forked process plays the worker: it waits on the
 model eventfd, pops, gathers each input out of its slot into a private batch array, writes
 it back as the output (a copy in and a copy out, as a real worker does), marks the slot
 DONE and signals the owner.
@@ -83,7 +84,7 @@ def _worker(path: str, work_fd: int, done_fd: int, stop_fd: int) -> None:
 
 class Frontend:
     """The frontend's half, as ``frontend/dispatch.py`` does it: submit (header, copy in,
-    push, signal) and collect (read the result header, copy out, free)."""
+    push, signal) and collect (read the result header, view the output, free)."""
 
     def __init__(self, arena: Arena, work_fd: int, done_fd: int) -> None:
         self.arena = arena
@@ -117,12 +118,16 @@ class Frontend:
     def done(self, slot: int) -> bool:
         return self.arena.headers.state(slot) == DONE
 
-    def collect(self, slot: int) -> np.ndarray:
+    def collect(self, slot: int) -> tuple[int, ...]:
+        """The output's shape, read from a view of the slot (the real frontend encodes
+        the response from that view before it frees the slot)."""
         r = self.arena.headers.read(slot)
-        out = self.arena.data_array(slot, numpy_dtype(r.out_dtype), r.out_shape).copy()
+        out = self.arena.data_array(slot, numpy_dtype(r.out_dtype), r.out_shape)
+        out.flags.writeable = False
+        shape = out.shape
         self.arena.headers.set_state(slot, FREE)
         self.free.append(slot)
-        return out
+        return shape
 
 
 def _echo(ping_fd: int, pong_fd: int, stop_fd: int) -> None:
@@ -178,9 +183,9 @@ def _run_poll(fe: Frontend, payload: np.ndarray, iterations: int, inflight: int)
         wake.wait(fe.done_fd, 5.0)
         wake.drain(fe.done_fd)
         for slot in [s for s in started if fe.done(s)]:
-            out = fe.collect(slot)
+            shape = fe.collect(slot)
             rtts.append(time.perf_counter_ns() - started.pop(slot))
-            assert out.shape == payload.shape
+            assert shape == payload.shape
     return rtts
 
 

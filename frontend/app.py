@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from starlette.applications import Starlette
@@ -45,6 +45,7 @@ from ringserve.ipc.errors import QueueFull
 from ringserve.ipc.layout import PayloadKind, Status
 
 access_log = logging.getLogger("ringserve.access")
+R = TypeVar("R")
 
 REQUEST_ID_HEADER = "x-request-id"
 TIMEOUT_HEADER = "x-request-timeout-ms"
@@ -161,9 +162,14 @@ async def infer(
     kind: PayloadKind,
     rows: int,
     rid: str,
+    answer: Callable[[Completed], R],
     dtype_name: str | None = None,
-) -> Completed:
-    """The shared request path: slot in, wait (deadline, disconnect), answer out."""
+) -> R:
+    """The shared request path: slot in, wait (deadline, disconnect), answer out.
+
+    ``answer`` turns a successful completion into the response while the output is
+    still a view of the slot (no copy out of shared memory); it must not keep the view.
+    """
     timeout = deadline_s(call.headers, state.settings)
     d = state.dispatcher
     try:
@@ -199,14 +205,17 @@ async def infer(
         d.abandon(slot)
         state.metrics.deadline(info.settings.name)
         raise HTTPError(504, f"no answer within the deadline of {timeout:.3f} s")
-    completed = d.collect(slot)
-    state.metrics.completed(info.settings.name, completed)
-    if completed.status != Status.OK:
-        message = completed.message
-        if completed.status == Status.POISON:
-            message = f"poison request: {message}"
-        raise HTTPError(_STATUS_HTTP[completed.status], message)
-    return completed
+
+    def checked(completed: Completed) -> R:
+        state.metrics.completed(info.settings.name, completed)
+        if completed.status != Status.OK:
+            message = completed.message
+            if completed.status == Status.POISON:
+                message = f"poison request: {message}"
+            raise HTTPError(_STATUS_HTTP[completed.status], message)
+        return answer(completed)
+
+    return d.collect(slot, checked)
 
 
 def _format_result(info: ModelInfo, output: np.ndarray, batched: bool) -> Any:
@@ -287,25 +296,28 @@ def make_predict(state: FrontendState) -> Handler:
                 raise HTTPError(
                     415, f"unsupported Content-Type {ctype!r}: use application/json or image/*"
                 )
-            completed = await infer(state, call, info, payload, kind, rows, rid)
+
+            def answer(completed: Completed) -> Reply:
+                assert completed.output is not None
+                latency = time.perf_counter() - t0
+                state.metrics.request(name, 200, latency)
+                log_access(state, rid, name, 200, latency, completed)
+                return json_reply(
+                    {
+                        "request_id": rid,
+                        "model": name,
+                        "result": _format_result(info, completed.output, batched),
+                        "latency_ms": round(latency * 1000, 3),
+                        "batch_size": completed.batch_size,
+                    },
+                    headers={"X-Request-ID": rid},
+                )
+
+            return await infer(state, call, info, payload, kind, rows, rid, answer)
         except HTTPError as err:
             state.metrics.request(name, err.status, time.perf_counter() - t0)
             log_access(state, rid, name, err.status, time.perf_counter() - t0, None)
             return error_reply(err, rid)
-        assert completed.output is not None
-        latency = time.perf_counter() - t0
-        state.metrics.request(name, 200, latency)
-        log_access(state, rid, name, 200, latency, completed)
-        return json_reply(
-            {
-                "request_id": rid,
-                "model": name,
-                "result": _format_result(info, completed.output, batched),
-                "latency_ms": round(latency * 1000, 3),
-                "batch_size": completed.batch_size,
-            },
-            headers={"X-Request-ID": rid},
-        )
 
     return predict
 

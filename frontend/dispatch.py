@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 
@@ -31,6 +32,7 @@ from ringserve.ipc.layout import (
 )
 from ringserve.ipc.ring import RequestRing
 
+R = TypeVar("R")
 REFUSED = "refused"  # a pending future's result: the queue was at its depth limit
 # Up to this many pending slots, DONE is checked one struct read each; beyond it one
 # vectorised numpy gather is cheaper.
@@ -39,7 +41,7 @@ _SCALAR_SCAN = 8
 
 class Completed(NamedTuple):
     status: Status
-    output: np.ndarray | None  # a private copy (the slot is already free)
+    output: np.ndarray | None  # a read-only view of the slot, valid inside ``collect``
     message: str  # error text for non-OK statuses
     batch_size: int
     batch_id: int
@@ -187,24 +189,33 @@ class Dispatcher:
             if sleeping:
                 wake.signal(self.model_efds[model])
 
-    def collect(self, slot: int) -> Completed:
-        """Read a DONE slot's answer (copying the output out) and free the slot."""
+    def collect(self, slot: int, use: Callable[[Completed], R]) -> R:
+        """Hand a DONE slot's answer to ``use``, then free the slot; returns what ``use``
+        returns (or raises what it raises: the slot is freed either way).
+
+        The output is a read-only view of the slot, not a copy: ``use`` encodes the
+        response straight from shared memory and must not keep the view.
+        """
         self.pending.pop(slot, None)
         r = self.arena.headers.read(slot)
         ok = r.status == Status.OK
         view = self.arena.data_array(slot, numpy_dtype(r.out_dtype), r.out_shape)
-        result = Completed(
-            status=Status(r.status),
-            output=view.copy() if ok else None,
-            message="" if ok else view.tobytes().decode(errors="replace"),
-            batch_size=r.batch_size,
-            batch_id=r.batch_id,
-            queue_wait_s=max(0, r.started_ns - r.enqueued_ns) / 1e9,
-            inference_s=max(0, r.finished_ns - r.started_ns) / 1e9 if ok else 0.0,
-            attempts=r.attempts,
-        )
-        self._release(slot)
-        return result
+        view.flags.writeable = False
+        try:
+            return use(
+                Completed(
+                    status=Status(r.status),
+                    output=view if ok else None,
+                    message="" if ok else view.tobytes().decode(errors="replace"),
+                    batch_size=r.batch_size,
+                    batch_id=r.batch_id,
+                    queue_wait_s=max(0, r.started_ns - r.enqueued_ns) / 1e9,
+                    inference_s=max(0, r.finished_ns - r.started_ns) / 1e9 if ok else 0.0,
+                    attempts=r.attempts,
+                )
+            )
+        finally:
+            self._release(slot)
 
     def abandon(self, slot: int) -> None:
         """The client is gone or its deadline passed: cancel, free when safe."""

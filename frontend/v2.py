@@ -37,6 +37,7 @@ from ringserve.frontend.app import (
 )
 from ringserve.frontend.call import AsgiEndpoint, Call, Reply, error_reply
 from ringserve.frontend.catalog import MODEL_VERSION, ModelInfo
+from ringserve.frontend.dispatch import Completed
 from ringserve.frontend.errors import HTTPError, unavailable
 from ringserve.frontend.v2_codec import (
     V2_TO_CONFIG,
@@ -232,10 +233,13 @@ def v2_routes(state: FrontendState) -> list[Route]:
             req = decode_request(header, binary, inp, out, mbs)
             if req.id and len(req.id) <= 128 and req.id.isprintable():
                 rid = req.id
-            done = await infer(state, call, info, req.payload, PayloadKind.TENSOR, req.rows, rid)
-            assert done.output is not None
-            content, header_len = encode_response(
-                name, req, done.output, done.output.dtype.name, mbs
+
+            def answer(done: Completed) -> tuple[bytes, int | None]:
+                assert done.output is not None
+                return encode_response(name, req, done.output, done.output.dtype.name, mbs)
+
+            content, header_len = await infer(
+                state, call, info, req.payload, PayloadKind.TENSOR, req.rows, rid, answer
             )
         except HTTPError as err:
             if name in state.catalog.names():  # no metric series for made-up names

@@ -497,6 +497,52 @@ def test_adopting_a_dead_frontends_inflight_slots(shm_dir: Path) -> None:
     arena.close()
 
 
+def test_an_answer_is_read_in_place_and_its_slot_freed_whatever_the_reader_does(
+    shm_dir: Path,
+) -> None:
+    """collect hands the reader a read-only view of the slot (the response is encoded
+    from shared memory, no copy out), and frees the slot even when the reader raises."""
+    import asyncio
+
+    from ringserve.frontend.dispatch import Completed, Dispatcher
+
+    arena = make_arena(shm_dir)
+    worker_ring = RequestRing(arena, 0)
+    d = Dispatcher(arena, 0, wake.new_eventfd(), (wake.new_eventfd(),))
+    d.adopt_slots()
+    loop = asyncio.new_event_loop()
+    d.start(loop)
+
+    def round_trip(use: object) -> object:
+        slot = d.submit(0, np.arange(4, dtype=np.uint8), 1, 1, 0, "rid")
+        worker_ring.pop(1, 1, 1)
+        answer(arena, slot)  # input + 1, in place
+        d._on_done()
+        return slot, d.collect(slot, use)  # type: ignore[arg-type]
+
+    def reader(c: Completed) -> tuple[bool, bool, list[int]]:
+        assert c.output is not None
+        shared = np.shares_memory(c.output, arena.data(slot_seen[0]))
+        return shared, c.output.flags.writeable, c.output.tolist()
+
+    slot_seen = [d.free[-1]]
+    slot, (shared, writeable, values) = round_trip(reader)
+    assert slot == slot_seen[0] and (shared, writeable, values) == (True, False, [1, 2, 3, 4])
+    assert arena.slots["state"][slot] == SlotState.FREE and slot in d.free
+
+    def failing(c: Completed) -> None:
+        raise RuntimeError("encoder failed")
+
+    with pytest.raises(RuntimeError, match="encoder failed"):
+        round_trip(failing)
+    assert all(arena.slots["state"][s] == SlotState.FREE for s in d.owned) and not d.pending
+    assert sorted(d.free) == sorted(d.owned)
+    d.stop()
+    loop.close()
+    worker_ring.close()
+    arena.close()
+
+
 def test_metrics_dirs_of_dead_supervisors_are_swept(tmp_path: Path) -> None:
     from ringserve.supervisor.paths import make_metrics_dir
 
