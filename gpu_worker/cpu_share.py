@@ -65,8 +65,10 @@ class ThreadShare:
         )
         return int(np.count_nonzero(live)), int(np.count_nonzero(live & (self._inflight > 0)))
 
-    def enter(self, rows: int) -> int:
+    def enter(self, rows: int, runners: int = 1) -> int:
         """Announce a batch of ``rows`` and take this worker's share; returns the threads.
+        ``runners``: count at least this many workers running (the warm-up profile
+        measures the share each worker gets under load).
 
         Work still queued behind this batch counts as a second runner: an idle sibling
         is about to take it, and a batch cannot change its thread count once started (a
@@ -80,6 +82,7 @@ class ThreadShare:
         live, running = self.workers()
         if running < 2 <= live and self.backlog() > 0:
             running = 2
+        running = max(running, runners)
         threads = max(1, self.budget // max(1, running))
         if threads != self.threads:
             self.set_threads(threads)

@@ -111,15 +111,11 @@ class Worker:
         preferred = self.model.batching.preferred_batch_size
         rates: dict[int, float] = {}
         if not preferred:
-            # Profiled as it will run under load: sharing the threads with any sibling
-            # that is profiling (or serving) at the same time.
-            def between_rounds() -> None:
-                self.control.beat()
-                self.thread_share.enter(1)  # a sibling may have started or finished
-
-            self.thread_share.enter(1)
+            # Profiled with the threads each worker gets under load, when all of the
+            # model's workers run batches (one profiles, its siblings wait for it).
+            threads = self.thread_share.enter(1, runners=self.model.workers)
             try:
-                profile = throughput_profile(self.handler, self.model, between_rounds)
+                profile = throughput_profile(self.handler, self.model, self.control.beat, threads)
             finally:
                 self.thread_share.leave()
             preferred, rates = profile.preferred, profile.rows_per_s

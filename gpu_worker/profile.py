@@ -3,24 +3,35 @@ prefer the fastest size instead of the largest (on a CPU, batch 32 can be slower
 than batch 4).
 
 Bounded: each size gets a few timed rounds and the whole profile stops at a time budget.
-Results are cached per model handler, weights, options, device and input shape in
-``$XDG_CACHE_HOME/ringserve/profiles-v4.json`` so restarts and recycles skip it
+Results are cached per model handler, weights, options, device, input shape and threads
+in ``$XDG_CACHE_HOME/ringserve/profiles-v4.json`` so restarts and recycles skip it
 (delete the file to re-profile, e.g. after a hardware change).
+
+One worker of a model profiles, its siblings wait for the entry (a lock file per entry):
+two workers profiling at once disturbed each other's figures and could settle on
+different sizes (on this project's 2-core VM, one worker of resnet50 chose batch 2 and
+its sibling batch 8, and the last to write the cache decided for every later start).
+Writes re-read the cache under a lock, so workers of different models that profile at
+the same time both keep their entries.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ringserve.gpu_worker.batcher import choose_preferred
-from ringserve.gpu_worker.handlers.base import Handler
+from ringserve.gpu_worker.handlers.base import Handler, TensorSpec
 from ringserve.ipc.config import ModelSettings
 from ringserve.ipc.layout import PayloadKind
 
@@ -34,6 +45,7 @@ BUDGET_S = 8.0
 ROUNDS = 3
 ROUND_S = 0.03  # a round of a fast model repeats it for this long (at most 50 runs)
 DYNAMIC_DIM = 16  # size used for -1 dimensions when making a sample input
+WAIT_S = 3 * BUDGET_S  # longest wait for a sibling's profile
 
 
 @dataclass(frozen=True)
@@ -76,32 +88,86 @@ def _load_cache() -> dict:
         return {}
 
 
-def _save_cache(cache: dict) -> None:
+def _save_entry(key: str, rates: dict[int, float]) -> None:
+    """Add one entry: re-read the file under its lock (held for a read and a write; the
+    kernel drops it if we die), so a concurrent writer's entry is kept, not overwritten."""
     path = _cache_path()
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(cache, f)
-        os.replace(tmp, path)
+        with open(f"{path}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            cache = _load_cache()
+            cache[key] = rates
+            tmp = f"{path}.{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(cache, f)
+            os.replace(tmp, path)
     except OSError:
         pass  # a read-only home only costs a re-profile next start
 
 
+@contextlib.contextmanager
+def _profiling_turn(key: str, heartbeat: Callable[[], None]) -> Iterator[None]:
+    """Hold the right to profile ``key``: a sibling that holds it is waited for, beating
+    the heartbeat each second (the lock is taken in a helper thread, so the wait ends the
+    moment it is free). Past ``WAIT_S`` (a holder that hangs), go ahead without it."""
+    path = _cache_path()
+    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(f"{path}.{digest}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        yield  # no cache directory: nothing to share either
+        return
+    taken = threading.Event()
+
+    def take() -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        taken.set()
+
+    threading.Thread(target=take, name="profile-lock", daemon=True).start()
+    deadline = time.monotonic() + WAIT_S
+    while not taken.wait(1.0) and time.monotonic() < deadline:
+        heartbeat()
+    try:
+        yield
+    finally:
+        if taken.is_set():
+            os.close(fd)  # (closing the only fd of the description releases the lock)
+        # else the helper still waits on fd: left open, freed with the process
+
+
 def throughput_profile(
-    handler: Handler, model: ModelSettings, heartbeat: Callable[[], None]
+    handler: Handler, model: ModelSettings, heartbeat: Callable[[], None], threads: int = 0
 ) -> Profile:
+    """Rows/s by batch size (cached). ``threads``: the torch threads the caller set for
+    the profile (part of the cache key: the best size depends on them)."""
     spec = handler.inputs[0]
     shape = tuple(DYNAMIC_DIM if d < 0 else d for d in spec.shape)
     options = json.dumps(dict(model.options), sort_keys=True, default=str)
     key = (
         f"{model.handler}|{model.weights}|{options}|{model.device}|{shape}"
-        f"|{model.batching.max_batch_size}"
+        f"|{model.batching.max_batch_size}|t{threads}"
     )
-    cache = _load_cache()
-    if key in cache:
-        rates = {int(k): float(v) for k, v in cache[key].items()}
-        return Profile(rates, choose_preferred(rates))
+    cached = _load_cache().get(key)
+    if cached is None:
+        with _profiling_turn(key, heartbeat):
+            cached = _load_cache().get(key)  # a sibling's, measured while we waited
+            if cached is None:
+                rates = _measure(handler, model, spec, shape, heartbeat)
+                _save_entry(key, rates)
+                return Profile(rates, choose_preferred(rates))
+    rates = {int(k): float(v) for k, v in cached.items()}
+    return Profile(rates, choose_preferred(rates))
+
+
+def _measure(
+    handler: Handler,
+    model: ModelSettings,
+    spec: TensorSpec,
+    shape: tuple[int, ...],
+    heartbeat: Callable[[], None],
+) -> dict[int, float]:
     row = handler.preprocess(np.zeros((1, *shape), dtype=spec.dtype), PayloadKind.TENSOR)
     batches = {}
     for size in _sizes(model.batching.max_batch_size):
@@ -116,6 +182,4 @@ def throughput_profile(
                     break  # over budget: what was measured is all we get
                 rates[size] = max(rates.get(size, 0.0), _rate(handler, batch, size))
                 heartbeat()
-    cache[key] = rates
-    _save_cache(cache)
-    return Profile(rates, choose_preferred(rates))
+    return rates

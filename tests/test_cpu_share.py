@@ -74,3 +74,12 @@ def test_unshared_it_touches_nothing(arena):
     assert arena.control[1]["inflight"] == 0  # nobody reads it: no write on the hot path
     one = share(arena, 1, budget=1)
     assert one.enter(1) == 1 and one.calls == []  # a budget of one has nothing to share
+
+
+def test_the_profile_takes_the_share_each_worker_gets_under_load(arena):
+    """The warm-up profile counts every worker of the model as running, even alone."""
+    worker(arena, 1)
+    s = share(arena, 1)
+    assert s.enter(1, runners=2) == 2 and s.calls == [2]
+    s.leave()
+    assert share(arena, 1, enabled=False).enter(1, runners=2) == 4  # unshared: its own

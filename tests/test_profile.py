@@ -3,8 +3,11 @@ advances the clock by a cost we choose, so rates, order and budget are exact."""
 
 from __future__ import annotations
 
+import fcntl
 import itertools
+import threading
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +114,51 @@ def test_the_profile_is_cached_per_model_and_shape(clock):
     options = {"channels_last": False}
     profile.throughput_profile(nchw, replace(settings(4), options=options), lambda: None)
     assert nchw.sizes  # so is the same model run with other options
+
+
+def test_a_sibling_waits_for_the_profile_and_reuses_it(clock):
+    """While a sibling holds the model's profiling turn, a worker only beats its
+    heartbeat; it then takes the sibling's entry instead of measuring again."""
+    key_model = CostModel(clock, lambda n, k: 0.01 * n)
+    measured = profile.throughput_profile(key_model, settings(4), lambda: None, threads=2)
+    entry = profile._load_cache()  # the entry a sibling would write
+    cache = Path(profile._cache_path())
+    cache.unlink()
+    (turn,) = [p for p in cache.parent.glob("*.lock") if p.name != f"{cache.name}.lock"]
+    with open(turn, "a") as sibling:
+        fcntl.flock(sibling, fcntl.LOCK_EX)  # the sibling is profiling
+        beats: list[float] = []
+        waiter = CostModel(clock, lambda n, k: 0.01 * n)
+        result: list[profile.Profile] = []
+        t = threading.Thread(
+            target=lambda: result.append(
+                profile.throughput_profile(waiter, settings(4), lambda: beats.append(1), 2)
+            )
+        )
+        t.start()
+        t.join(1.5)
+        assert t.is_alive() and beats and waiter.sizes == []  # waiting, beating
+        for key, rates in entry.items():
+            profile._save_entry(key, {int(k): v for k, v in rates.items()})
+    t.join(5)
+    assert not t.is_alive() and waiter.sizes == [] and result == [measured]
+
+
+def test_workers_of_two_models_profiling_at_once_both_keep_their_entry(clock):
+    """A write re-reads the cache: the entry another model saved meanwhile stays."""
+    other_done = []
+
+    def first_cost(n: int, k: int) -> float:
+        if not other_done:  # while this profile runs, another model's completes
+            other_done.append(
+                profile.throughput_profile(
+                    CostModel(clock, lambda n, k: 0.02), settings(4, "other"), lambda: None
+                )
+            )
+        return 0.01
+
+    profile.throughput_profile(CostModel(clock, first_cost), settings(4), lambda: None)
+    again = [CostModel(clock, lambda n, k: 0.01) for _ in range(2)]
+    profile.throughput_profile(again[0], settings(4), lambda: None)
+    profile.throughput_profile(again[1], settings(4, "other"), lambda: None)
+    assert again[0].sizes == [] and again[1].sizes == []  # both cached
