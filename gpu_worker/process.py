@@ -198,13 +198,15 @@ class Worker:
 
     def _collect(self, idle_timeout_s: float) -> list[Claimed]:
         assert self.batcher is not None
-        target = self.batcher.policy.target
+        share, policy = self.thread_share, self.batcher.policy
+        target = share.batch_limit(policy.target, self.ring.depth())
         index, pid = self.control.index, os.getpid()
         claimed = self.ring.pop(target, index, pid, sleep_if_empty=True)
         if not claimed:
             # Counted as a sleeper by that pop: wait, then pop at once (no loop round
             # first: the request that woke us is on the latency path).
             self._wait_for_work(idle_timeout_s)
+            target = share.batch_limit(policy.target, self.ring.depth())
             claimed = self.ring.pop(target, index, pid, woke=True)
             if not claimed:
                 return []

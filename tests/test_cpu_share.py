@@ -83,3 +83,21 @@ def test_the_profile_takes_the_share_each_worker_gets_under_load(arena):
     assert s.enter(1, runners=2) == 2 and s.calls == [2]
     s.leave()
     assert share(arena, 1, enabled=False).enter(1, runners=2) == 4  # unshared: its own
+
+
+def test_idle_ready_siblings_split_the_queue_instead_of_one_taking_it_all(arena):
+    """8 queued, 2 ready workers idle: take 4 and leave 4 to the sibling; a sibling that
+    is busy, still starting, or sharing nothing leaves the whole target to this one."""
+    for i in (1, 2):
+        worker(arena, i)
+    a = share(arena, 1)
+    assert a.batch_limit(8, 8) == 4
+    assert a.batch_limit(8, 5) == 3 and a.batch_limit(8, 1) == 8
+    assert a.batch_limit(2, 8) == 2  # never past the target
+    arena.control[2]["inflight"] = 4  # the sibling is running a batch
+    assert a.batch_limit(8, 8) == 8
+    arena.control[2]["inflight"] = 0
+    arena.control[2]["state"] = ProcState.STARTING  # still profiling: cannot take any
+    assert a.batch_limit(8, 8) == 8
+    arena.control[2]["state"] = ProcState.READY
+    assert share(arena, 1, enabled=False).batch_limit(8, 8) == 8
