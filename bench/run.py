@@ -489,11 +489,12 @@ def bench_system(
                 r, cpu, sliced = run_c1_between_raw(
                     model, args, procs, wrk, url, inputs[launch.body], launch.content_type
                 )
-            elif launch.driver == "pa":
-                r = run_pa(port, model, conc, args.duration, tmp)
             else:
-                r = run_wrk(wrk, url, conc, args.duration, inputs[launch.body], launch.content_type)
-            if not sliced:
+                if launch.driver == "pa":
+                    r = run_pa(port, model, conc, args.duration, tmp)
+                else:
+                    body, ctype = inputs[launch.body], launch.content_type
+                    r = run_wrk(wrk, url, conc, args.duration, body, ctype)
                 cpu = cpu_seconds(procs) - c0
             steal = steal_pct(host0, host_cpu_ticks())
             pss, fe = memory(procs)
@@ -527,17 +528,24 @@ def bench_system(
     return rows
 
 
+def _repo_module(module: str, *argv: str) -> tuple[list[str], dict[str, str]]:
+    """(command, environment) that run ``python -m module argv`` from this checkout."""
+    return [sys.executable, "-m", module, *argv], {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def _raw_model(model: str, args: argparse.Namespace, *argv: str) -> tuple[list[str], dict]:
+    common = ["--model", model, "--threads", str(args.threads), "--device", args.device]
+    return _repo_module("bench.raw_model", *common, *argv)
+
+
 def bench_raw(model: str, args: argparse.Namespace, inputs: dict[str, Path], tmp: Path) -> dict:
     out = tmp / f"raw-{model}.json"
     sizes = "1,8,32" if model == "identity" else ",".join(str(b) for b in (1, 2, 4, 8))
-    cmd = [sys.executable, "-m", "bench.raw_model", "--model", model, "--batch-sizes", sizes]
-    cmd += ["--duration", str(args.raw_duration), "--threads", str(args.threads)]
-    cmd += ["--device", args.device, "--json", str(out)]
+    argv = ["--batch-sizes", sizes, "--duration", str(args.raw_duration), "--json", str(out)]
     if model != "identity":
-        cmd += ["--image", str(inputs["jpeg"])]
-    subprocess.run(
-        cmd, cwd=REPO, check=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)}
-    )
+        argv += ["--image", str(inputs["jpeg"])]
+    cmd, env = _raw_model(model, args, *argv)
+    subprocess.run(cmd, cwd=REPO, check=True, timeout=600, env=env)
     return json.loads(out.read_text())
 
 
@@ -549,9 +557,7 @@ class RawProbe:
     on request; it waits on its stdin in between, so the server under test runs alone."""
 
     def __init__(self, model: str, args: argparse.Namespace) -> None:
-        cmd = [sys.executable, "-m", "bench.raw_model", "--serve", "--model", model]
-        cmd += ["--threads", str(args.threads), "--device", args.device]
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        cmd, env = _raw_model(model, args, "--serve")
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
@@ -621,14 +627,10 @@ def run_c1_between_raw(
 
 def bench_ipc(iterations: int, tmp: Path) -> list[dict]:
     out = tmp / "ipc.json"
-    cmd = [sys.executable, "-m", "bench.ipc_roundtrip", "--iterations", str(iterations)]
-    subprocess.run(
-        [*cmd, "--json", str(out)],
-        cwd=REPO,
-        check=True,
-        timeout=600,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+    cmd, env = _repo_module(
+        "bench.ipc_roundtrip", "--iterations", str(iterations), "--json", str(out)
     )
+    subprocess.run(cmd, cwd=REPO, check=True, timeout=600, env=env)
     return json.loads(out.read_text())
 
 

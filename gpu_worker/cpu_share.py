@@ -58,8 +58,7 @@ class ThreadShare:
         once it has announced its own)."""
         # Live: STARTING (its warm-up profile runs batches), READY or DRAINING.
         live = (
-            (self._role == Role.WORKER)
-            & (self._model == self.model_index)
+            self._of_model()
             & (self._state >= ProcState.STARTING)
             & (self._state <= ProcState.DRAINING)
         )
@@ -99,14 +98,13 @@ class ThreadShare:
         2 threads: 10.8 rows/s at batch 8)."""
         if not self.enabled or queued <= 1:
             return target
-        ready_idle = (
-            (self._role == Role.WORKER)
-            & (self._model == self.model_index)
-            & (self._state == ProcState.READY)
-            & (self._inflight == 0)
-        )
+        ready_idle = self._of_model() & (self._state == ProcState.READY) & (self._inflight == 0)
         idle = int(np.count_nonzero(ready_idle))
         return target if idle < 2 else max(1, min(target, -(-queued // idle)))
+
+    def _of_model(self) -> np.ndarray:
+        """Mask of the control records that are workers of this model."""
+        return (self._role == Role.WORKER) & (self._model == self.model_index)
 
     def leave(self) -> None:
         if self.enabled:

@@ -117,7 +117,9 @@ def _profiling_turn(key: str, heartbeat: Callable[[], None]) -> Iterator[None]:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd = os.open(f"{path}.{digest}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError:
-        yield  # no cache directory: nothing to share either
+        fd = -1  # no cache directory: nothing to share either
+    if fd < 0:
+        yield  # (not inside the except: a caller's error would chain onto the OSError)
         return
     taken = threading.Event()
 

@@ -127,17 +127,17 @@ def test_a_sibling_waits_for_the_profile_and_reuses_it(clock):
     (turn,) = [p for p in cache.parent.glob("*.lock") if p.name != f"{cache.name}.lock"]
     with open(turn, "a") as sibling:
         fcntl.flock(sibling, fcntl.LOCK_EX)  # the sibling is profiling
-        beats: list[float] = []
+        beat = threading.Event()
         waiter = CostModel(clock, lambda n, k: 0.01 * n)
         result: list[profile.Profile] = []
         t = threading.Thread(
             target=lambda: result.append(
-                profile.throughput_profile(waiter, settings(4), lambda: beats.append(1), 2)
+                profile.throughput_profile(waiter, settings(4), beat.set, 2)
             )
         )
         t.start()
-        t.join(1.5)
-        assert t.is_alive() and beats and waiter.sizes == []  # waiting, beating
+        assert beat.wait(30)  # it beats while it waits (once a second)
+        assert t.is_alive() and waiter.sizes == []  # and has measured nothing
         for key, rates in entry.items():
             profile._save_entry(key, {int(k): v for k, v in rates.items()})
     t.join(5)

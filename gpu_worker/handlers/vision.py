@@ -78,6 +78,8 @@ def decode_payload(
         with warnings.catch_warnings():
             # PIL warns on images over its own limit; ours below is the one that counts.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # torch warns on read-only pixels (below): every caller only reads them.
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
             with Image.open(io.BytesIO(data)) as im:
                 width, height = im.size
                 if width * height > max_pixels:
@@ -88,7 +90,7 @@ def decode_payload(
                 ImageOps.exif_transpose(im, in_place=True)
                 upright = im if im.mode == mode else im.convert(mode)  # (same mode: a copy)
                 # asarray wraps PIL's packed bytes (read-only) where array copied them again.
-                pixels = np.asarray(upright)
+                tensor = torch.from_numpy(np.asarray(upright))
     except BadInput:
         raise
     except Image.DecompressionBombError as e:
@@ -99,10 +101,6 @@ def decode_payload(
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
         raise BadInput(f"could not decode image: {e}") from None
-    with warnings.catch_warnings():
-        # Read-only pixels: every caller only reads them (resize makes the copy it keeps).
-        warnings.simplefilter("ignore", UserWarning)
-        tensor = torch.from_numpy(pixels)
     return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
 
 
