@@ -5,9 +5,9 @@ resize that a server does before the model (reported separately).
     python -m bench.raw_model --model resnet50 --batch-sizes 1,2,4,8 --duration 3 \
         [--threads 2] [--device cpu|cuda] [--image bench/results/input.jpg] [--json OUT]
 
-``--serve`` keeps the model loaded and runs the batch-1 loop for as many seconds as each
-line on stdin says, answering each with one JSON line (``bench.run`` interleaves it with
-a server's c=1 point).
+``--serve`` keeps the model loaded and runs the loop for as many seconds, at the batch
+size, as each line on stdin says, answering each with one JSON line (``bench.run`` takes
+turns with it around a server's resnet50 points).
 """
 
 from __future__ import annotations
@@ -77,15 +77,27 @@ def _loop(
 
 
 def serve(model_name: str, threads: int, device: str) -> None:
-    """Batch 1 on request: each stdin line is a duration in seconds; each answer is one
-    JSON line with the p50 in ms. Idle (blocked on stdin) between requests."""
+    """The loop on request: each stdin line is "SECONDS [BATCH]" (batch 1 by default);
+    each answer is one JSON line with the p50 in ms and the items/s. Idle (blocked on
+    stdin) between requests."""
     model = common.load_model(model_name, threads, device)
-    x = _input(model_name, 1, device)
-    _loop(model, model_name, x, 0.0, device)  # warm-up
+    inputs = {1: _input(model_name, 1, device)}
+    _loop(model, model_name, inputs[1], 0.0, device)  # warm-up
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
-        t = _loop(model, model_name, x, float(line), device)
-        print(json.dumps({"p50_ms": float(np.percentile(t, 50) * 1000), "n": len(t)}), flush=True)
+        seconds, *rest = line.split()
+        batch = int(rest[0]) if rest else 1
+        if batch not in inputs:
+            inputs[batch] = _input(model_name, batch, device)
+            _loop(model, model_name, inputs[batch], 0.0, device)  # warm-up at this size
+        t = np.array(_loop(model, model_name, inputs[batch], float(seconds), device))
+        answer = {
+            "batch_size": batch,
+            "p50_ms": float(np.percentile(t, 50) * 1000),
+            "items_per_s": batch * len(t) / float(t.sum()),
+            "n": len(t),
+        }
+        print(json.dumps(answer), flush=True)
 
 
 def decode_ms(image: str, n: int = 20) -> float:

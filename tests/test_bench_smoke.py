@@ -93,15 +93,9 @@ def test_c1_slices_take_turns_with_the_raw_loop(monkeypatch: pytest.MonkeyPatch)
     p50s = iter([86.0, 97.0, 96.0, 88.0])
 
     class Probe:
-        def __init__(self, model: str, args: argparse.Namespace) -> None:
-            pass
-
-        def p50_ms(self, seconds: float) -> float:
-            order.append("raw")
-            return next(raws)
-
-        def close(self) -> None:
-            order.append("closed")
+        def run(self, seconds: float, batch: int = 1) -> dict:
+            order.append(f"raw b{batch}")
+            return {"p50_ms": next(raws)}
 
     def wrk(*a: object) -> dict:
         order.append("wrk")
@@ -109,11 +103,52 @@ def test_c1_slices_take_turns_with_the_raw_loop(monkeypatch: pytest.MonkeyPatch)
         return {"requests": 20, "errors": 0, "ok": 20, "seconds": 2.0, "p50_ms": p50,
                 "p90_ms": p50 + 10, "p99_ms": p50 + 20}  # fmt: skip
 
-    monkeypatch.setattr(bench_run, "RawProbe", Probe)
     monkeypatch.setattr(bench_run, "run_wrk", wrk)
     monkeypatch.setattr(bench_run, "cpu_seconds", lambda procs: 0.0)
     args = argparse.Namespace(duration=8.0)
-    r, _, sliced = bench_run.run_c1_between_raw("resnet50", args, [], "wrk", "u", REPO, "t")
-    assert order == ["raw", "wrk"] * 4 + ["raw", "closed"]
+    r, _, sliced = bench_run.run_c1_between_raw(Probe(), args, [], "wrk", "u", REPO, "t")
+    assert order == ["raw b1", "wrk"] * 4 + ["raw b1"]
     assert sliced["c1_minus_raw_ms"] == 1.5  # diffs +1, +2, +1, +3
     assert (r["requests"], r["throughput"], r["p50_ms"]) == (80, 10.0, 92.0)
+
+
+def test_resnet50_throughput_is_judged_against_the_raw_best_batch_timed_around_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """c=8 and c=32 against the raw best batch timed right before and after the point;
+    the repetition's earlier raw run stays in the note (and judges older results)."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench.run import evaluate_targets
+
+    raw_run = {"rows": [{"batch_size": 1, "p50_ms": 80.0, "items_per_s": 8.0},
+                        {"batch_size": 4, "p50_ms": 400.0, "items_per_s": 10.0}]}  # fmt: skip
+    row = {"model": "resnet50", "system": "ringserve", "rep": 0, "p50_ms": 700.0}
+    res = {
+        "medians": [],
+        "ipc": [],
+        "raw": {"resnet50": {"decode_ms": 1.3}},
+        "raw_reps": {"resnet50": [raw_run]},
+        "rows": [
+            {**row, "concurrency": 8, "throughput": 9.0, "vs_raw_around": 0.96},
+            {**row, "concurrency": 32, "throughput": 9.0},
+        ],
+    }
+    by_name = {t["target"]: t for t in evaluate_targets(res, 2)}
+    c8 = by_name["resnet50 c=8: ringserve img/s vs raw best batch"]
+    assert (c8["value"], c8["result"]) == ("0.96", "PASS")
+    assert "timed around it: 0.96x; against the repetition's raw run: 0.90x" in c8["note"]
+    c32 = by_name["resnet50 c=32: ringserve img/s vs raw best batch"]
+    assert (c32["value"], c32["result"]) == ("0.9", "FAIL")  # 9.0 / 10.0, the older way
+
+
+def test_settle_waits_for_the_server_to_stop_using_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The raw slice after a point waits for the requests still in flight to finish."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench import run as bench_run
+
+    busy = iter([0.0, 0.2, 0.2, 0.4, 0.4, 0.41])  # cpu seconds: busy, busy, then idle
+    monkeypatch.setattr(bench_run, "cpu_seconds", lambda procs: next(busy))
+    monkeypatch.setattr(bench_run.time, "sleep", lambda s: None)
+    bench_run.settle([])
+    with pytest.raises(StopIteration):  # it stopped at the idle window, not before
+        next(busy)
