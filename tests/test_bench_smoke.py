@@ -152,3 +152,33 @@ def test_settle_waits_for_the_server_to_stop_using_cpu(monkeypatch: pytest.Monke
     bench_run.settle([])
     with pytest.raises(StopIteration):  # it stopped at the idle window, not before
         next(busy)
+
+
+def test_identity_c1_targets_name_the_inline_server_of_the_same_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A c=1 figure depends on the host's minute: its note gives one inline uvicorn
+    process's figure from the same run, the HTTP stack alone."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench import run as bench_run
+
+    row = {"model": "identity", "concurrency": 1, "errors": 0}
+    med = [
+        {
+            **row,
+            "system": "ringserve",
+            "p50_ms": 0.74,
+            "p99_ms": 2.93,
+            "frontend_pss_mb": 35.0,
+            "idle_cpu_pct": 0.5,
+        },
+        {**row, "system": "inline-1", "p50_ms": 0.43, "p99_ms": 2.19},
+    ]
+    res = {"rows": [], "medians": med, "ipc": [], "raw": {}, "raw_reps": {}}
+    by_name = {t["target"]: t for t in bench_run.evaluate_targets(res, 2)}
+    p50 = by_name["identity c=1: ringserve p50 ms"]
+    assert (p50["result"], p50["note"]) == (
+        "FAIL",
+        "one inline uvicorn process in the same run: 0.43 ms",
+    )
+    assert by_name["identity c=1: ringserve p99 ms"]["note"].endswith(": 2.19 ms")
