@@ -54,6 +54,11 @@ POST_LUA = BENCH / "post.lua"
 
 T = TypeVar("T")
 MODEL_NAMES = {"identity": "id", "resnet50": "r50"}
+# Per model unless --duration / --concurrency say otherwise: seconds per point and the
+# concurrencies swept. resnet50 serves ~9 img/s on 2 cores, so its points run longer
+# (a 5 s point completes ~45 requests) and skip c=64 (no target; minutes of queueing).
+POINT_S = {"identity": 5.0, "resnet50": 8.0}
+CONCURRENCY = {"identity": [1, 8, 32, 64], "resnet50": [1, 8, 32]}
 RESNET_MAX_BATCH = 8
 
 
@@ -464,6 +469,7 @@ def bench_system(
 ) -> list[dict]:
     """Every concurrency point of one system; ``raw_run``: the raw model's run of this
     repetition (its best batch size is what resnet50 throughput is judged against)."""
+    seconds = point_seconds(model, args)
     port = free_port()
     launch = system.launch(model, port, args, tmp)
     url = f"http://127.0.0.1:{port}{launch.path}"
@@ -484,7 +490,7 @@ def bench_system(
         time.sleep(args.idle_window)
         idle_pct = 100 * (cpu_seconds(procs) - c0) / (time.monotonic() - t0)
         pss_idle, fe_idle = memory(procs)
-        for conc in args.concurrency:
+        for conc in args.concurrency or CONCURRENCY[model]:
             # A warm-up leaves its in-flight requests behind; with a slow model (resnet50 on
             # a CPU) they would eat into the measured window, so only identity warms up.
             if args.warmup > 0 and launch.driver == "wrk" and model == "identity":
@@ -500,12 +506,12 @@ def bench_system(
             if probe is not None and conc == 1:
                 # Judged against the raw batch-1 time: a 3 ms budget on a host whose speed
                 # drifts by more than that within a minute, so the two take turns.
-                r, cpu, sliced = run_c1_between_raw(probe, args, procs, wrk, url, body, ctype)
+                r, cpu, sliced = run_c1_between_raw(probe, seconds, procs, wrk, url, body, ctype)
             elif launch.driver == "pa":
-                r = run_pa(port, model, conc, args.duration, tmp)
+                r = run_pa(port, model, conc, seconds, tmp)
                 cpu = cpu_seconds(procs) - c0
             else:
-                r = run_wrk(wrk, url, conc, args.duration, body, ctype)
+                r = run_wrk(wrk, url, conc, seconds, body, ctype)
                 cpu = cpu_seconds(procs) - c0
             steal = steal_pct(host0, host_cpu_ticks())
             pss, fe = memory(procs)
@@ -606,7 +612,7 @@ class RawProbe:
 
 def run_c1_between_raw(
     probe: RawProbe,
-    args: argparse.Namespace,
+    seconds: float,
     procs: list[psutil.Process],
     wrk: str,
     url: str,
@@ -620,7 +626,7 @@ def run_c1_between_raw(
     the point's figure is the median of those differences. p50/p90/p99 of the point are
     medians over the slices.
     """
-    slice_s = max(1.0, round(args.duration / C1_SLICES))
+    slice_s = max(1.0, round(seconds / C1_SLICES))
     raw = [probe.run(slice_s)["p50_ms"]]
     parts, cpu = [], 0.0
     for _ in range(C1_SLICES):
@@ -661,6 +667,10 @@ def settle(procs: list[psutil.Process], max_s: float = SETTLE_MAX_S) -> float:
 
 def _best_batch(raw_run: dict) -> int:
     return max(raw_run["rows"], key=lambda x: x["items_per_s"])["batch_size"]
+
+
+def point_seconds(model: str, args: argparse.Namespace) -> float:
+    return args.duration or POINT_S[model]
 
 
 def bench_ipc(iterations: int, tmp: Path) -> list[dict]:
@@ -885,13 +895,21 @@ def _le(value: float | None, limit: float) -> bool | None:
     return None if value is None else value <= limit
 
 
+def _durations(meta: dict) -> str:
+    """ "5.0 s", or per model (results since the per-model defaults): "identity 5 s, ..."."""
+    d = meta["duration"]
+    if isinstance(d, dict):
+        return ", ".join(f"{m} {s:g} s" for m, s in d.items())
+    return f"{d} s"
+
+
 def render_markdown(res: dict) -> str:
     meta = res["meta"]
     lines = [
         "# ringserve benchmark results",
         "",
         f"{meta['date']} · {meta['cpu']} · {meta['cpus']} CPUs · torch {meta['torch']} · "
-        f"device {meta['device']} · {meta['repeats']} repetition(s) x {meta['duration']} s "
+        f"device {meta['device']} · {meta['repeats']} repetition(s) x {_durations(meta)} "
         f"per point (medians) · load generator: {meta['wrk']} · load average "
         f"{meta['loadavg_start'][0]:.1f} at start, {meta['loadavg_end'][0]:.1f} at end "
         "(1 min; other tenants share the CPUs)",
@@ -1039,9 +1057,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--quick", action="store_true", help="CI smoke: one short point per system")
     ap.add_argument("--models", default="identity,resnet50")
-    ap.add_argument("--concurrency", default="1,8,32,64")
+    ap.add_argument(
+        "--concurrency",
+        default="",
+        help="comma list (default: identity 1,8,32,64; resnet50 1,8,32)",
+    )
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--duration", type=float, default=5.0, help="seconds per point")
+    ap.add_argument(
+        "--duration",
+        type=float,
+        default=0.0,
+        help="seconds per point (default: identity 5, resnet50 8)",
+    )
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per point")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for resnet50")
@@ -1068,7 +1095,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for m in args.models:
         if m not in MODEL_NAMES:
             ap.error(f"unknown model {m!r}: choose from {', '.join(MODEL_NAMES)}")
-    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
     return args
 
 
@@ -1110,8 +1137,8 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "device": args.device,
             "repeats": args.repeats,
-            "duration": args.duration,
-            "concurrency": args.concurrency,
+            "duration": {m: point_seconds(m, args) for m in args.models},
+            "concurrency": {m: args.concurrency or CONCURRENCY[m] for m in args.models},
             "wrk": " ".join(wrk_version.split()[:2]),
             "quick": args.quick,
             "loadavg_start": os.getloadavg(),

@@ -84,7 +84,6 @@ def test_resnet50_c1_is_judged_against_the_raw_loop_timed_around_it(
 def test_c1_slices_take_turns_with_the_raw_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     """raw, wrk, raw, wrk, ... raw: each wrk slice against the mean of its neighbours."""
     monkeypatch.syspath_prepend(str(REPO))
-    import argparse
 
     from bench import run as bench_run
 
@@ -105,8 +104,7 @@ def test_c1_slices_take_turns_with_the_raw_loop(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(bench_run, "run_wrk", wrk)
     monkeypatch.setattr(bench_run, "cpu_seconds", lambda procs: 0.0)
-    args = argparse.Namespace(duration=8.0)
-    r, _, sliced = bench_run.run_c1_between_raw(Probe(), args, [], "wrk", "u", REPO, "t")
+    r, _, sliced = bench_run.run_c1_between_raw(Probe(), 8.0, [], "wrk", "u", REPO, "t")
     assert order == ["raw b1", "wrk"] * 4 + ["raw b1"]
     assert sliced["c1_minus_raw_ms"] == 1.5  # diffs +1, +2, +1, +3
     assert (r["requests"], r["throughput"], r["p50_ms"]) == (80, 10.0, 92.0)
@@ -182,3 +180,22 @@ def test_identity_c1_targets_name_the_inline_server_of_the_same_run(
         "one inline uvicorn process in the same run: 0.43 ms",
     )
     assert by_name["identity c=1: ringserve p99 ms"]["note"].endswith(": 2.19 ms")
+
+
+def test_points_default_per_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make bench` runs the published method: identity 5 s points at c=1..64, resnet50 8 s
+    points at c=1, 8, 32; --duration and --concurrency override both. Results files from
+    before the per-model defaults still render."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench import run as bench_run
+
+    args = bench_run.parse_args([])
+    assert [bench_run.point_seconds(m, args) for m in args.models] == [5.0, 8.0]
+    assert args.concurrency == []  # per model: bench_run.CONCURRENCY
+    assert bench_run.CONCURRENCY["resnet50"] == [1, 8, 32]
+    args = bench_run.parse_args(["--duration", "3", "--concurrency", "1,8"])
+    assert (bench_run.point_seconds("resnet50", args), args.concurrency) == (3.0, [1, 8])
+    assert bench_run._durations({"duration": {"identity": 5.0, "resnet50": 8.0}}) == (
+        "identity 5 s, resnet50 8 s"
+    )
+    assert bench_run._durations({"duration": 4.0}) == "4.0 s"
