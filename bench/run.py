@@ -496,10 +496,10 @@ def bench_system(
             if args.warmup > 0 and launch.driver == "wrk" and model == "identity":
                 run_wrk(wrk, url, conc, args.warmup, inputs[launch.body], launch.content_type)
             procs = tree(pid)
-            around = probe is not None and raw_run is not None and conc > 1
-            if around:
-                batch = _best_batch(raw_run)
-                raw_before = probe.run(RAW_AROUND_S, batch)["items_per_s"]
+            # Throughput is judged against the raw best batch timed right before and right
+            # after the point, not a run a minute earlier (the host drifts by more than 5%).
+            best = _best_row(raw_run)["batch_size"] if probe and raw_run and conc > 1 else 0
+            raw_around = [probe.run(RAW_AROUND_S, best)["items_per_s"]] if best else []
             c0, host0 = cpu_seconds(procs), host_cpu_ticks()
             sliced: dict = {}
             body, ctype = inputs[launch.body], launch.content_type
@@ -507,23 +507,21 @@ def bench_system(
                 # Judged against the raw batch-1 time: a 3 ms budget on a host whose speed
                 # drifts by more than that within a minute, so the two take turns.
                 r, cpu, sliced = run_c1_between_raw(probe, seconds, procs, wrk, url, body, ctype)
-            elif launch.driver == "pa":
-                r = run_pa(port, model, conc, seconds, tmp)
-                cpu = cpu_seconds(procs) - c0
             else:
-                r = run_wrk(wrk, url, conc, seconds, body, ctype)
+                if launch.driver == "pa":
+                    r = run_pa(port, model, conc, seconds, tmp)
+                else:
+                    r = run_wrk(wrk, url, conc, seconds, body, ctype)
                 cpu = cpu_seconds(procs) - c0
             steal = steal_pct(host0, host_cpu_ticks())
             pss, fe = memory(procs)
-            if around:
-                # Judged against the raw best batch right before and right after it, not
-                # a run a minute earlier (the host's speed drifts by more than 5%).
+            if best:
                 settle(procs)  # what was in flight when wrk stopped finishes first
-                raw_after = probe.run(RAW_AROUND_S, batch)["items_per_s"]
+                raw_around.append(probe.run(RAW_AROUND_S, best)["items_per_s"])
                 sliced = {
-                    "raw_best_batch": batch,
-                    "raw_around_items_per_s": [raw_before, raw_after],
-                    "vs_raw_around": r["throughput"] / statistics.fmean([raw_before, raw_after]),
+                    "raw_best_batch": best,
+                    "raw_around_items_per_s": raw_around,
+                    "vs_raw_around": r["throughput"] / statistics.fmean(raw_around),
                 }
             rows.append(
                 {
@@ -653,20 +651,15 @@ RAW_AROUND_S = 5.0  # the raw best-batch loop right before and right after a poi
 SETTLE_MAX_S = 20.0
 
 
-def settle(procs: list[psutil.Process], max_s: float = SETTLE_MAX_S) -> float:
+def settle(procs: list[psutil.Process], max_s: float = SETTLE_MAX_S) -> None:
     """Wait until the process tree stops using CPU (under a tenth of a core over 0.25 s),
-    at most ``max_s``; returns the seconds waited."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < max_s:
+    at most ``max_s``."""
+    deadline = time.monotonic() + max_s
+    while time.monotonic() < deadline:
         c0 = cpu_seconds(procs)
         time.sleep(0.25)
         if cpu_seconds(procs) - c0 < 0.025:
-            break
-    return time.monotonic() - t0
-
-
-def _best_batch(raw_run: dict) -> int:
-    return max(raw_run["rows"], key=lambda x: x["items_per_s"])["batch_size"]
+            return
 
 
 def point_seconds(model: str, args: argparse.Namespace) -> float:
@@ -775,7 +768,7 @@ def evaluate_targets(res: dict, n: int) -> list[dict]:
         # Judged against the raw best batch timed right before and after the point (see
         # ``bench_system``); the repetition's own earlier raw run, in the note.
         around = per_repetition(res, conc, vs_raw_best)
-        earlier = per_repetition(res, conc, lambda r, x: r["throughput"] / _best(x))
+        earlier = per_repetition(res, conc, vs_raw_run)
         value = statistics.median(around) if around else None
         note = ""
         if around:
@@ -872,7 +865,12 @@ def vs_raw_best(row: dict, raw_run: dict) -> float:
     after it, or (an older results file) the repetition's raw run."""
     if "vs_raw_around" in row:
         return row["vs_raw_around"]
-    return row["throughput"] / _best(raw_run)
+    return vs_raw_run(row, raw_run)
+
+
+def vs_raw_run(row: dict, raw_run: dict) -> float:
+    """A throughput point over the best batch of the repetition's raw run."""
+    return row["throughput"] / _best_row(raw_run)["items_per_s"]
 
 
 def c1_minus_raw(row: dict, raw_run: dict) -> float:
@@ -883,8 +881,9 @@ def c1_minus_raw(row: dict, raw_run: dict) -> float:
     return row["p50_ms"] - _batch(raw_run, 1)["p50_ms"]
 
 
-def _best(raw_run: dict) -> float:
-    return max(x["items_per_s"] for x in raw_run["rows"])
+def _best_row(raw_run: dict) -> dict:
+    """The raw run's row at its fastest batch size (items/s)."""
+    return max(raw_run["rows"], key=lambda x: x["items_per_s"])
 
 
 def _batch(raw_run: dict, size: int) -> dict:
