@@ -16,6 +16,7 @@ see the counts per scenario.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import random
@@ -24,9 +25,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +37,7 @@ import httpx
 import psutil
 import pytest
 from conftest import REPO, Server, free_port, wait_until
-from support.load import LoadResult, load_during
+from support.load import DIGIT3, LoadResult, load_during
 
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.layout import SlotState
@@ -43,6 +46,8 @@ pytestmark = pytest.mark.e2e
 
 SITE = REPO / "systemd" / "nginx-ringserve.conf"
 SHIPPED_SERVER = "server 127.0.0.1:8000 max_fails=0;"
+# Idle upstream connections nginx caches per worker (the site's "keepalive N;").
+UPSTREAM_KEEPALIVE = int(re.search(r"^\s*keepalive (\d+);", SITE.read_text(), re.M).group(1))
 
 # nginx.conf around the site file (which lives in the http{} context).
 MAIN_CONF = """\
@@ -338,31 +343,79 @@ def unread_bytes(pid: int) -> int:
     return total
 
 
+def wide_rounds(url: str, stop: threading.Event) -> LoadResult:
+    """Rounds of more concurrent requests than nginx keeps idle upstream connections.
+
+    nginx reuses its most recently used idle upstream connection first, so a light load
+    can go on for longer than the supervisor's heartbeat timeout without touching the
+    connections a stopped frontend holds (the likely story of one CI failure, where the
+    supervisor killed the victim first). A round wider than the
+    cache takes every cached connection, the stopped frontend's among them; each round
+    waits for all its answers, so the last one ends only after nginx has retried what
+    the victim held. Runs until ``stop``.
+    """
+    width = UPSTREAM_KEEPALIVE + 8
+    result = LoadResult()
+
+    async def one(client: httpx.AsyncClient) -> None:
+        try:
+            r = await client.post("/predict", json=DIGIT3)
+        except httpx.HTTPError as e:
+            result.errors[type(e).__name__] += 1
+            result.samples.append(f"{type(e).__name__}: {e}")
+        else:
+            result.statuses[r.status_code] += 1
+            if r.status_code != 200:
+                result.samples.append(f"{r.status_code}: {r.text[:200]}")
+            elif r.json()["result"]["label"] != "3":
+                result.wrong += 1
+
+    async def rounds() -> None:
+        limits = httpx.Limits(max_connections=width, max_keepalive_connections=width)
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+            while not stop.is_set():
+                await asyncio.gather(*(one(client) for _ in range(width)))
+
+    asyncio.run(rounds())
+    return result
+
+
 def test_sigkill_frontend_behind_nginx(start_server, start_nginx) -> None:
     """A frontend dies with requests sent to it and unanswered: nginx retries them.
 
     To be sure the kill meets requests, the victim is stopped (SIGSTOP) first and
-    killed once nginx has sent it a request it will now never read.
+    killed once nginx has sent it a request it will now never read (``wide_rounds``
+    makes nginx use the victim's connections). The heartbeat timeout is raised so the
+    supervisor does not kill the stopped victim first.
     """
-    server: Server = start_server()
+    server: Server = start_server("--set", "worker.heartbeat_timeout_s=120")
     ngx = start_nginx([server.port])
 
-    def kill_and_wait() -> None:
+    def kill_and_wait() -> LoadResult:
         victim = busiest_frontend(server)
+        stop = threading.Event()
         os.kill(victim, signal.SIGSTOP)
-        try:
-            wait_until(lambda: unread_bytes(victim) > 0, 20, "a request sent to the victim")
-        finally:
-            os.kill(victim, signal.SIGKILL)
+        with ThreadPoolExecutor(1) as pool:
+            wide = pool.submit(wide_rounds, ngx.url, stop)
+            try:
+                wait_until(lambda: unread_bytes(victim) > 0, 30, "a request sent to the victim")
+            finally:
+                os.kill(victim, signal.SIGKILL)
+                stop.set()
+            wide_result = wide.result(120)
         wait_until(
             lambda: victim not in server.pids("frontend") and len(server.pids("frontend")) == 2,
             30,
             "a replacement frontend",
         )
         server.wait_ready()
+        return wide_result
 
     result = load_during(ngx.url, kill_and_wait, rate=200, warmup=100, min_requests=400)
     retries = check_clean("(d) SIGKILL of one frontend", result, ngx)
+    wide: LoadResult = result.action_result
+    print(f"  wide rounds (while the victim was stopped): {wide.summary()}")
+    assert wide.ok == wide.total and wide.wrong == 0, wide.summary()
     assert retries, "nginx never had to retry: the kill did not meet the load"
     assert ngx.stop() == 0
     assert server.stop() == 0
