@@ -349,10 +349,10 @@ def wide_rounds(url: str, stop: threading.Event) -> LoadResult:
     nginx reuses its most recently used idle upstream connection first, so a light load
     can go on for longer than the supervisor's heartbeat timeout without touching the
     connections a stopped frontend holds (the likely story of one CI failure, where the
-    supervisor killed the victim first). A round wider than the
-    cache takes every cached connection, the stopped frontend's among them; each round
-    waits for all its answers, so the last one ends only after nginx has retried what
-    the victim held. Runs until ``stop``.
+    supervisor killed the victim first). A round wider than the cache takes every cached
+    connection, the stopped frontend's among them; each round waits for all its answers,
+    so the last one ends only after nginx has retried what the victim held. Runs until
+    ``stop``.
     """
     width = UPSTREAM_KEEPALIVE + 8
     result = LoadResult()
