@@ -411,7 +411,9 @@ def test_sigkill_frontend_behind_nginx(start_server, start_nginx) -> None:
         server.wait_ready()
         return wide_result
 
-    result = load_during(ngx.url, kill_and_wait, rate=200, warmup=100, min_requests=400)
+    result = load_during(
+        ngx.url, kill_and_wait, rate=200, warmup=100, min_requests=400, max_requests=4000
+    )
     retries = check_clean("(d) SIGKILL of one frontend", result, ngx)
     wide: LoadResult = result.action_result
     print(f"  wide rounds (while the victim was stopped): {wide.summary()}")
