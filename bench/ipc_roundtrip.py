@@ -67,7 +67,7 @@ def _worker(path: str, work_fd: int, done_fd: int, stop_fd: int) -> None:
         # into one private batch (a copy out), answer into the same slots (a copy in).
         views = []
         for c in claimed:
-            h = arena.headers.read(c.slot)
+            h = c.request  # the header as the pop read it, as the worker uses it
             views.append(arena.data_array(c.slot, numpy_dtype(h.in_dtype), h.in_shape))
         batch = views[0] if len(views) == 1 else np.concatenate(views)  # as the worker does
         batch_id += 1
