@@ -37,7 +37,7 @@ import httpx
 import psutil
 import pytest
 from conftest import REPO, Server, free_port, wait_until
-from support.load import DIGIT3, LoadResult, load_during
+from support.load import LoadResult, load_during, post_counted
 
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.layout import SlotState
@@ -357,24 +357,11 @@ def wide_rounds(url: str, stop: threading.Event) -> LoadResult:
     width = UPSTREAM_KEEPALIVE + 8
     result = LoadResult()
 
-    async def one(client: httpx.AsyncClient) -> None:
-        try:
-            r = await client.post("/predict", json=DIGIT3)
-        except httpx.HTTPError as e:
-            result.errors[type(e).__name__] += 1
-            result.samples.append(f"{type(e).__name__}: {e}")
-        else:
-            result.statuses[r.status_code] += 1
-            if r.status_code != 200:
-                result.samples.append(f"{r.status_code}: {r.text[:200]}")
-            elif r.json()["result"]["label"] != "3":
-                result.wrong += 1
-
     async def rounds() -> None:
         limits = httpx.Limits(max_connections=width, max_keepalive_connections=width)
         async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
             while not stop.is_set():
-                await asyncio.gather(*(one(client) for _ in range(width)))
+                await asyncio.gather(*(post_counted(client, result) for _ in range(width)))
 
     asyncio.run(rounds())
     return result

@@ -70,6 +70,38 @@ class LoadResult:
         )
 
 
+async def post_counted(
+    client: httpx.AsyncClient,
+    result: LoadResult,
+    path: str = "/predict",
+    payload: dict | None = None,
+    expect_label: str | None = "3",
+) -> None:
+    """One POST, counted into ``result`` by outcome: its status (with the reason of a
+    non-2xx), its transport error, or a 200 with the wrong label."""
+    try:
+        r = await client.post(path, json=DIGIT3 if payload is None else payload)
+    except httpx.HTTPError as e:
+        result.errors[type(e).__name__] += 1
+        if len(result.samples) < 10:
+            result.samples.append(f"{type(e).__name__}: {e}")
+        return
+    result.statuses[r.status_code] += 1
+    if not 200 <= r.status_code < 300:
+        if r.status_code == 503 and not r.headers.get("retry-after"):
+            result.no_retry_after += 1
+        try:
+            body = r.json()
+        except ValueError:  # nginx's own error pages are HTML
+            body = None
+        reason = body.get("error", "") if isinstance(body, dict) else r.text[:80]
+        result.reasons[f"{r.status_code} {reason}"] += 1
+        if len(result.samples) < 10:
+            result.samples.append(f"{r.status_code}: {r.text[:200]}")
+    elif expect_label is not None and r.json()["result"]["label"] != expect_label:
+        result.wrong += 1
+
+
 async def _run(
     url: str,
     action: Callable[[], Any],
@@ -96,26 +128,7 @@ async def _run(
     async def one(client: httpx.AsyncClient) -> None:
         nonlocal answered
         try:
-            r = await client.post(path, json=payload)
-        except httpx.HTTPError as e:
-            result.errors[type(e).__name__] += 1
-            if len(result.samples) < 10:
-                result.samples.append(f"{type(e).__name__}: {e}")
-        else:
-            result.statuses[r.status_code] += 1
-            if not 200 <= r.status_code < 300:
-                if r.status_code == 503 and not r.headers.get("retry-after"):
-                    result.no_retry_after += 1
-                try:
-                    body = r.json()
-                except ValueError:  # nginx's own error pages are HTML
-                    body = None
-                reason = body.get("error", "") if isinstance(body, dict) else r.text[:80]
-                result.reasons[f"{r.status_code} {reason}"] += 1
-                if len(result.samples) < 10:
-                    result.samples.append(f"{r.status_code}: {r.text[:200]}")
-            elif expect_label is not None and r.json()["result"]["label"] != expect_label:
-                result.wrong += 1
+            await post_counted(client, result, path, payload, expect_label)
         finally:
             sem.release()
             async with progress:
