@@ -75,6 +75,7 @@ class Worker:
         self.handler: Handler | None = None
         self.batcher: Batcher | None = None
         self.stopping = False
+        self.interrupt_fd = -1  # a signal_wakeup_pipe: SIGTERM ends an idle wait at once
         self._pinned: dict[tuple, torch.Tensor] = {}
         self._batch_seq = 0
         self._ran: list[tuple[int, int, float]] = []  # (rows, requests, seconds) per batch
@@ -232,9 +233,10 @@ class Worker:
         return claimed
 
     def _wait_for_work(self, timeout_s: float) -> None:
-        """Wait for a push (or the timeout). Only while we are counted as a sleeper
-        (``pop(sleep_if_empty=True)`` or ``going_to_sleep``) do pushers signal."""
-        if wake.wait(self.model_efd, timeout_s):
+        """Wait for a push, a signal (SIGTERM: stop now, not at the timeout) or the
+        timeout. Only while we are counted as a sleeper (``pop(sleep_if_empty=True)`` or
+        ``going_to_sleep``) do pushers signal."""
+        if wake.wait(self.model_efd, timeout_s, self.interrupt_fd):
             wake.drain(self.model_efd)
 
     # -- running a batch -------------------------------------------------------------------
@@ -387,11 +389,13 @@ def main() -> None:
             worker_ref[0].stopping = True  # record only; the loop finishes its batch
 
     signal.signal(signal.SIGTERM, on_term)
+    interrupt_fd = wake.signal_wakeup_pipe()
     try:
         worker = Worker(spec)
     except ArenaError as e:
         log.error("%s", e)
         sys.exit(ExitCode.BOOT)
+    worker.interrupt_fd = interrupt_fd
     worker_ref.append(worker)
     worker.start()
     sys.exit(worker.run())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import signal as _signal
 
 
 def new_eventfd() -> int:
@@ -35,20 +36,47 @@ def drain(fd: int) -> int:
         return 0
 
 
+def signal_wakeup_pipe() -> int:
+    """The read end of a pipe that turns readable whenever a signal reaches a Python handler
+    (``signal.set_wakeup_fd``; main thread only).
+
+    A process blocked in ``select`` does not act on SIGTERM until its timeout: Python runs
+    the handler and restarts the wait with the time left (PEP 475). A wait that also
+    watches this fd ends on the signal itself.
+    """
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    _signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    return r
+
+
+def _drain_pipe(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 512):
+            pass
+
+
 _FD_SETSIZE = 1024
 
 
-def wait(fd: int, timeout_s: float | None) -> bool:
-    """Block until ``fd`` is signalled or the timeout passes; True if signalled.
+def wait(fd: int, timeout_s: float | None, interrupt_fd: int = -1) -> bool:
+    """Block until ``fd`` is signalled, ``interrupt_fd`` (a ``signal_wakeup_pipe``) turns
+    readable, or the timeout passes; True if ``fd`` was signalled. The interrupt pipe is
+    drained here, so the next wait blocks again.
 
     select(2), whose timeout has microsecond resolution: poll(2) counts in whole
     milliseconds, which turned the batcher's 150 µs fill wait into 1 ms. poll only for
     an fd that select cannot take.
     """
-    if fd < _FD_SETSIZE:
+    fds = (fd,) if interrupt_fd < 0 else (fd, interrupt_fd)
+    if max(fds) < _FD_SETSIZE:
         timeout = None if timeout_s is None else max(0.0, timeout_s)
-        return bool(select.select((fd,), (), (), timeout)[0])
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    ms = None if timeout_s is None else max(0, int(timeout_s * 1000 + 0.999))
-    return bool(poller.poll(ms))
+        ready = select.select(fds, (), (), timeout)[0]
+    else:
+        poller = select.poll()
+        for f in fds:
+            poller.register(f, select.POLLIN)
+        ms = None if timeout_s is None else max(0, int(timeout_s * 1000 + 0.999))
+        ready = [f for f, _ in poller.poll(ms)]
+    if interrupt_fd >= 0 and interrupt_fd in ready:
+        _drain_pipe(interrupt_fd)
+    return fd in ready

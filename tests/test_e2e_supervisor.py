@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -301,6 +302,27 @@ def test_systemd_notify_protocol(start_server, tmp_path: Path) -> None:
     wait_until(lambda: seen("STOPPING=1"), 10, "STOPPING")
     assert server.proc.wait(60) == 0
     notify.close()
+
+
+def test_idle_worker_stops_on_sigterm_not_at_its_heartbeat(start_server) -> None:
+    """An idle worker blocks on its model's eventfd for up to a heartbeat interval
+    (30 s here). Shutdown must end that wait with the SIGTERM itself: before the worker
+    watched its signal wake-up pipe, every stop, drain or recycle of an idle worker
+    waited out the interval."""
+    server: Server = start_server(
+        "--model",
+        "id=identity",
+        "--set",
+        "worker.heartbeat_interval_s=30",
+        "--set",
+        "worker.heartbeat_timeout_s=90",
+    )
+    time.sleep(1)  # the worker is in its idle wait
+    t0 = time.monotonic()
+    assert server.stop(timeout_s=60) == 0
+    took = time.monotonic() - t0
+    assert took < 15, f"shutdown took {took:.1f} s: the idle worker waited for its interval"
+    assert re.search(r"worker-0 \(pid \d+\) exited: ok", server.log()), server.log()[-2000:]
 
 
 @pytest.mark.parametrize("how", ["second SIGTERM", "SIGQUIT"])

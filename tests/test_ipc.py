@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -314,6 +315,33 @@ def test_eventfd_wakes_and_times_out() -> None:
     assert wake.drain(fd) == 2
     assert wake.drain(fd) == 0
     os.close(fd)
+
+
+def test_signal_ends_a_wait_through_the_wakeup_pipe() -> None:
+    """SIGTERM to a process blocked in ``wake.wait`` ends the wait then, not at its
+    timeout (Python restarts an interrupted select after the handler), and the pipe is
+    drained so the next wait blocks again."""
+    fd = wake.new_eventfd()
+    got: list[int] = []
+    old_handler = signal.signal(signal.SIGUSR1, lambda signum, frame: got.append(signum))
+    old_wakeup = signal.set_wakeup_fd(-1)
+    pipe = wake.signal_wakeup_pipe()
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1))
+    try:
+        timer.start()
+        t0 = time.monotonic()
+        assert not wake.wait(fd, 30, pipe)
+        assert time.monotonic() - t0 < 15, "the wait ran to its timeout"
+        assert got == [signal.SIGUSR1]
+        assert not wake.wait(fd, 0.05, pipe)  # drained: blocks (and times out) again
+        wake.signal(fd)
+        assert wake.wait(fd, 5, pipe)
+    finally:
+        timer.cancel()
+        signal.set_wakeup_fd(old_wakeup)
+        signal.signal(signal.SIGUSR1, old_handler)
+        os.close(pipe)
+        os.close(fd)
 
 
 # -- concurrency and death -----------------------------------------------------------------
