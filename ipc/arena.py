@@ -145,6 +145,7 @@ class Arena:
             )
             for i in range(g.n_slots)
         ]
+        self._slot_addr = [a.__array_interface__["data"][0] for a in self._slot_bytes]
 
     # -- creation and attachment -------------------------------------------------------
 
@@ -205,6 +206,7 @@ class Arena:
         # numpy views pin the buffer; release them before closing the map.
         self.header = self.models = self.control = self.slots = self.headers = None  # type: ignore[assignment]
         self._slot_bytes = []
+        self._slot_addr = []
         self._buf.release()
         # BufferError: a caller still holds a view; the mapping goes with the process.
         with contextlib.suppress(BufferError):
@@ -253,6 +255,14 @@ class Arena:
             dtype = np.dtype(dtype)
         nbytes = math.prod(shape) * dtype.itemsize
         return self._slot_bytes[slot][:nbytes].view(dtype).reshape(shape)
+
+    def holds_in_place(self, slot: int, arr: np.ndarray) -> bool:
+        """Whether ``arr`` is C-contiguous and starts at ``slot``'s payload: writing it
+        there would copy it onto itself (a model that answers in place, like identity).
+        One address read, against the ~3 µs of comparing two arrays' interfaces."""
+        return (
+            arr.flags.c_contiguous and arr.__array_interface__["data"][0] == (self._slot_addr[slot])
+        )
 
     def frontend_slots(self, frontend: int) -> range:
         """The disjoint slot range a frontend owns."""

@@ -11,7 +11,7 @@ import pytest
 
 from ringserve.frontend.app import hot_routes
 from ringserve.frontend.call import AsgiEndpoint, new_request_id
-from ringserve.ipc.answer import _same_memory, write_error, write_output
+from ringserve.ipc.answer import write_error, write_output
 from ringserve.ipc.arena import Arena, ArenaGeometry, segment_name
 from ringserve.ipc.layout import DONE, DTYPE_CODE, DTYPE_CODE_OF, RUNNING, WRITING, Status
 from ringserve.ipc.slot_io import span
@@ -89,9 +89,12 @@ def test_claim_and_answer_round_trip(arena: Arena) -> None:
 def test_answer_in_place_and_refusals(arena: Arena) -> None:
     view = arena.data_array(0, np.dtype("float32"), (1024,))  # 4 KiB: the whole slot
     view[:] = 7.0
-    assert _same_memory(arena.data_array(0, np.dtype("float32"), (1024,)), view)
-    assert not _same_memory(view.copy(), view)
-    assert not _same_memory(arena.data_array(0, np.dtype("float32"), (2, 512))[:, ::2], view)
+    assert arena.holds_in_place(0, view)
+    assert arena.holds_in_place(0, view.reshape(2, 512).view(np.int32))  # same bytes
+    assert not arena.holds_in_place(1, view)  # another slot's payload
+    assert not arena.holds_in_place(0, view.copy())
+    assert not arena.holds_in_place(0, view[1:])  # overlaps, shifted by one element
+    assert not arena.holds_in_place(0, view.reshape(2, 512)[:, ::2])  # not contiguous
     assert write_output(arena, 0, view, 1, 1) is None  # the model answered in place
     assert (arena.data_array(0, np.dtype("float32"), (1024,)) == 7.0).all()
     other = np.arange(1024, dtype=np.float32)
