@@ -39,6 +39,7 @@ from ringserve.frontend.images import check_image
 from ringserve.frontend.jsonio import parse_json
 from ringserve.frontend.metrics import FrontendMetrics
 from ringserve.frontend.tensors import fit_shape, from_json
+from ringserve.ipc import bytes_tensor
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.config import Settings
 from ringserve.ipc.errors import QueueFull
@@ -169,7 +170,13 @@ async def infer(
 
     ``answer`` turns a successful completion into the response while the output is
     still a view of the slot (no copy out of shared memory); it must not keep the view.
+    A BYTES tensor (an object array of ``bytes``) goes into the slot in Triton's
+    length-prefixed form, its shape in the header.
     """
+    shape = None
+    if payload.dtype.hasobject:
+        shape, dtype_name = payload.shape, "bytes"
+        payload = np.frombuffer(bytes_tensor.pack(payload), dtype=np.uint8)
     timeout = deadline_s(call.headers, state.settings)
     d = state.dispatcher
     try:
@@ -181,6 +188,7 @@ async def infer(
             time.monotonic_ns() + int(timeout * 1e9),
             rid,
             dtype_name,
+            shape,
         )
     except QueueFull as e:
         state.metrics.rejected(info.settings.name)

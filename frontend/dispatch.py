@@ -124,14 +124,17 @@ class Dispatcher:
         deadline_ns: int,
         request_id: str,
         dtype_name: str | None = None,
+        shape: tuple[int, ...] | None = None,
     ) -> int:
         """Write one request into a free slot and queue it; returns the slot.
 
-        ``payload`` is copied exactly once, into shared memory. Raises QueueFull when no
-        slot is free. The ring push happens at once when nothing else is in flight, else
-        at the end of this event-loop pass (``_push_now``, one push for all the requests
-        of the pass); the future resolves to REFUSED if the model's queue was at its
-        depth limit then.
+        ``payload`` is copied exactly once, into shared memory. ``dtype_name`` and
+        ``shape`` describe it where its bytes are not a plain array of that shape: an
+        encoded image, or a BYTES tensor in its length-prefixed form. Raises QueueFull
+        when no slot is free. The ring push happens at once when nothing else is in
+        flight, else at the end of this event-loop pass (``_push_now``, one push for all
+        the requests of the pass); the future resolves to REFUSED if the model's queue
+        was at its depth limit then.
         """
         if not self.free:
             raise QueueFull("all request slots of this frontend are busy")
@@ -147,7 +150,7 @@ class Dispatcher:
             model=model,
             kind=kind,
             dtype_code=DTYPE_CODE[dtype_name] if dtype_name else DTYPE_CODE_OF[payload.dtype],
-            shape=payload.shape,
+            shape=payload.shape if shape is None else shape,
             nbytes=payload.nbytes,
             rows=rows,
             deadline_ns=deadline_ns,

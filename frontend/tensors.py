@@ -34,6 +34,8 @@ def _too_deep() -> HTTPError:
 
 def from_json(data: Any, dtype: str) -> np.ndarray:
     """Nested JSON lists → array of ``dtype`` (422 for ragged, non-numeric or too deep)."""
+    if dtype == "bytes":
+        return strings_from_json(data)
     if not isinstance(data, list | int | float | bool):
         raise unprocessable('"data" must be a number or a (nested) list of numbers')
     # numpy itself stops at 64 dimensions (a ValueError, in microseconds), so the depth
@@ -49,6 +51,28 @@ def from_json(data: Any, dtype: str) -> np.ndarray:
     if raw.dtype.kind not in "biuf":
         raise unprocessable(f'"data" must hold numbers, got {raw.dtype.kind!r}-kind values')
     return cast(raw, dtype)
+
+
+def strings_from_json(data: Any) -> np.ndarray:
+    """Nested JSON lists of strings → object array of their UTF-8 bytes, for a model with
+    a BYTES input (422 for ragged, non-string or too deep)."""
+    if not isinstance(data, list | str):
+        raise unprocessable('"data" must be a string or a (nested) list of strings')
+    if not _depth_ok(data, MAX_JSON_DEPTH):
+        raise _too_deep()
+    try:
+        arr = np.array(data, dtype=object)  # ragged lists mostly stay lists: refused below
+    except ValueError as e:
+        raise unprocessable(f'"data" is not a rectangular array: {e}') from None
+    flat = arr.ravel().tolist()
+    if not all(isinstance(x, str) for x in flat):
+        raise unprocessable('"data" must hold strings in a rectangular array (a BYTES input)')
+    out = np.empty(arr.shape, dtype=object)
+    try:
+        out.ravel()[:] = [x.encode() for x in flat]
+    except UnicodeEncodeError:
+        raise unprocessable('"data" holds a string that is not valid Unicode') from None
+    return out
 
 
 @functools.cache

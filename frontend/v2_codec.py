@@ -21,7 +21,6 @@ its header once. JSON data is parsed and cast like the simple API's (same NaN ru
 from __future__ import annotations
 
 import math
-import struct
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +30,8 @@ import numpy as np
 from ringserve.frontend.errors import HTTPError, bad_request
 from ringserve.frontend.jsonio import dump_json, parse_json
 from ringserve.frontend.tensors import MAX_JSON_DEPTH, cast
+from ringserve.ipc.bytes_tensor import pack as serialize_bytes
+from ringserve.ipc.bytes_tensor import unpack as unpack_bytes
 
 # KServe datatype <-> ringserve dtype name (ringserve.ipc.layout.DTYPES) <-> Triton config.
 V2_TO_DTYPE: dict[str, str] = {
@@ -54,7 +55,6 @@ V2_TO_CONFIG = {k: "TYPE_STRING" if k == "BYTES" else f"TYPE_{k}" for k in V2_TO
 
 MAX_DIMS = 8  # ringserve.ipc.layout.MAX_NDIM
 MAX_ID_CHARS = 256
-_LEN = struct.Struct("<I")
 
 
 def v2_datatype(dtype: str) -> str:
@@ -73,38 +73,12 @@ def model_shape(per_row: list[int], max_batch_size: int) -> list[int]:
 # -- BYTES ------------------------------------------------------------------------------
 
 
-def serialize_bytes(items: np.ndarray | list[Any]) -> bytes:
-    """BYTES elements (bytes or str, any shape, row-major) → length-prefixed binary."""
-    flat = np.asarray(items, dtype=object).ravel()
-    parts = []
-    for item in flat:
-        b = item.encode() if isinstance(item, str) else bytes(item)
-        parts.append(_LEN.pack(len(b)))
-        parts.append(b)
-    return b"".join(parts)
-
-
 def deserialize_bytes(buf: bytes | memoryview, count: int | None = None) -> np.ndarray:
     """Length-prefixed binary → 1-D object array of ``bytes``; 400 if it is malformed."""
-    view = memoryview(buf)
-    out: list[bytes] = []
-    pos, end = 0, len(view)
-    while pos < end:
-        if end - pos < 4:
-            raise bad_request(f"BYTES data is truncated: {end - pos} bytes left for a length")
-        (n,) = _LEN.unpack_from(view, pos)
-        pos += 4
-        if n > end - pos:
-            raise bad_request(f"BYTES element of {n} bytes runs past the end of its data")
-        out.append(bytes(view[pos : pos + n]))
-        pos += n
-        if count is not None and len(out) > count:
-            raise bad_request(f"BYTES data holds more than the {count} elements of its shape")
-    if count is not None and len(out) != count:
-        raise bad_request(f"BYTES data holds {len(out)} elements; its shape needs {count}")
-    arr = np.empty(len(out), dtype=object)
-    arr[:] = out
-    return arr
+    try:
+        return unpack_bytes(buf, count)
+    except ValueError as e:
+        raise bad_request(str(e)) from None
 
 
 # -- requests ---------------------------------------------------------------------------

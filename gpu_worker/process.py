@@ -28,13 +28,14 @@ from ringserve.gpu_worker.cpu_share import ThreadShare
 from ringserve.gpu_worker.handlers import BadInput, Handler, create_handler
 from ringserve.gpu_worker.metrics import WorkerMetrics
 from ringserve.gpu_worker.profile import throughput_profile
-from ringserve.ipc import wake
+from ringserve.ipc import bytes_tensor, wake
 from ringserve.ipc.answer import write_error, write_output
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.child import ChildSpec, load_spec
 from ringserve.ipc.control import ControlBlock
 from ringserve.ipc.errors import ArenaError, ExitCode
 from ringserve.ipc.layout import (
+    DTYPE_CODE,
     DTYPES,
     MAX_NDIM,
     MODEL_ENTRY,
@@ -51,6 +52,7 @@ from ringserve.ipc.slot_io import Header
 from ringserve.ipc.testhooks import pause_point
 
 log = logging.getLogger("ringserve.worker")
+_BYTES = DTYPE_CODE["bytes"]
 
 
 def _three_digits(rate: float) -> float | int:
@@ -300,10 +302,23 @@ class Worker:
             raise HeaderError("corrupt request header: dtype or rank out of range")
         if h.in_nbytes > self.arena.geometry.slot_bytes:
             raise HeaderError("corrupt request header: payload larger than its slot")
+        if h.in_dtype == _BYTES and h.kind == PayloadKind.TENSOR:
+            return self._bytes_payload(slot, h), PayloadKind.TENSOR
         dtype = numpy_dtype(h.in_dtype)
         if math.prod(h.in_shape) * dtype.itemsize != h.in_nbytes:
             raise HeaderError("corrupt request header: shape does not match byte length")
         return self.arena.data_array(slot, dtype, h.in_shape), PayloadKind(h.kind)
+
+    def _bytes_payload(self, slot: int, h: Header) -> np.ndarray:
+        """A BYTES tensor: an object array of ``bytes`` in the header's shape, unpacked
+        from the slot's length-prefixed form (a copy: the elements are Python objects)."""
+        if not h.in_shape:
+            raise HeaderError("corrupt request header: BYTES tensor without a shape")
+        raw = self.arena.data(slot)[: h.in_nbytes]
+        try:
+            return bytes_tensor.unpack(raw, math.prod(h.in_shape)).reshape(h.in_shape)
+        except ValueError as e:
+            raise HeaderError(f"corrupt request header or BYTES payload: {e}") from None
 
     def _infer_group(self, members: list[tuple[int, torch.Tensor]], owners: set[int]) -> None:
         assert self.handler is not None

@@ -165,3 +165,26 @@ def test_property_v2_decode_request(
 def test_property_decompress_body(body: bytes, encoding: str | None, limit: int) -> None:
     out = only_http_4xx(decompress_body, body, encoding, limit)
     assert out is None or len(out) <= max(limit, len(body))
+
+
+STRING_NESTS = st.integers(1, 3).flatmap(
+    lambda depth: st.recursive(
+        st.text(max_size=4) | st.integers(0, 3),
+        lambda c: st.lists(c, min_size=1, max_size=3),
+        max_leaves=20,
+    )
+)
+
+
+@PROPERTY
+@given(data=STRING_NESTS | JSON_VALUES, shape=SHAPES, rows=st.integers(1, 8))
+def test_property_strings_for_a_bytes_input(data: object, shape: list, rows: int) -> None:
+    """A BYTES input on the simple API: strings in, UTF-8 bytes out, nothing else."""
+    arr = only_http_4xx(from_json, data, "bytes")
+    if arr is None:
+        return
+    assert arr.dtype == object and all(isinstance(x, bytes) for x in arr.ravel().tolist())
+    fitted = only_http_4xx(fit_shape, arr, shape, rows)
+    if fitted is not None:
+        out, n, _ = fitted
+        assert out.shape[0] == n and 1 <= n <= rows

@@ -27,7 +27,7 @@ from test_e2e_core import HANDLER_ENV
 from ringserve.gpu_worker.handlers import create_handler
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.config import ModelSettings
-from ringserve.ipc.layout import SlotState
+from ringserve.ipc.layout import DTYPE_CODE, SlotState
 
 NOBODY = 65534
 
@@ -241,6 +241,8 @@ CORRUPTIONS = {
     "in_dtype out of range": ("in_dtype", lambda _: 200),
     "payload kind 7": ("kind", lambda _: 7),
     "shape not matching the bytes": ("in_shape", lambda _: [10**12] + [0] * 7),
+    # float32 1.0 read as a BYTES length prefix: 0x3f800000 bytes, past the slot's end
+    "in_dtype BYTES over floats": ("in_dtype", lambda _: DTYPE_CODE["bytes"]),
 }
 
 

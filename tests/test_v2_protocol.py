@@ -1,4 +1,5 @@
-"""KServe v2 REST against a real ``ringserve serve`` (identity + digits), raw httpx.
+"""KServe v2 REST against a real ``ringserve serve`` (identity, digits and a model with a
+BYTES input), raw httpx.
 
 One server for the module. Every bad request is followed by a good one that must still
 succeed: a refused request costs nothing and leaves the server healthy.
@@ -20,6 +21,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import EXAMPLES, Server, free_port, wait_until
+from test_e2e_core import HANDLER_ENV
 
 pytestmark = pytest.mark.e2e
 
@@ -33,7 +35,7 @@ def serve(tmp: Path, *args: str) -> Iterator[Server]:
     port = free_port()
     sock = str(tmp / f"admin-{port}.sock")
     log_path = tmp / f"server-{port}.log"
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache")}
+    env = {**os.environ, **HANDLER_ENV, "XDG_CACHE_HOME": str(tmp / "cache")}
     env.pop("NOTIFY_SOCKET", None)
     cmd = [
         sys.executable,
@@ -77,6 +79,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "id=identity",
         "--model",
         "digits=digits",
+        "--model",
+        "text=python:support.fake_handlers:ByteLengths",
         "--set",
         f"server.max_body_bytes={MAX_BODY}",
     ) as s:
@@ -212,7 +216,7 @@ def test_stats(client: httpx.Client) -> None:
     assert after["inference_count"] >= after["inference_stats"]["success"]["count"]
     assert after["execution_count"] >= 1
     every = client.get("/v2/models/stats").json()["model_stats"]
-    assert sorted(m["name"] for m in every) == ["digits", "id"]
+    assert sorted(m["name"] for m in every) == ["digits", "id", "text"]
 
 
 # -- good inference ---------------------------------------------------------------------
@@ -504,3 +508,94 @@ def test_model_without_a_ready_worker_is_503(start_server: Callable[..., Server]
         assert c.get("/v2/health/ready").status_code == 503
         # metadata is still known from what the worker published
         assert c.get("/v2/models/id").json()["inputs"][0]["name"] == "INPUT0"
+
+
+# -- BYTES input ---------------------------------------------------------------------------
+
+
+def _bytes_binary(shape: list[int], raw: bytes) -> tuple[bytes, dict]:
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "INPUT0",
+                    "datatype": "BYTES",
+                    "shape": shape,
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "outputs": [{"name": "OUTPUT0", "parameters": {"binary_data": False}}],
+        }
+    ).encode()
+    return head + raw, {"Inference-Header-Content-Length": str(len(head))}
+
+
+def _prefixed(*items: bytes) -> bytes:
+    return b"".join(len(b).to_bytes(4, "little") + b for b in items)
+
+
+def test_bytes_input_json_and_binary(client: httpx.Client) -> None:
+    md = client.get("/v2/models/text").json()
+    assert md["inputs"] == [{"name": "INPUT0", "datatype": "BYTES", "shape": [-1, -1]}]
+    cfg = client.get("/v2/models/text/config").json()
+    assert cfg["input"][0]["data_type"] == "TYPE_STRING"
+
+    doc = {"inputs": [_t(datatype="BYTES", shape=[2, 2], data=["a", "bcd", "", "h\u00e9llo"])]}
+    r = client.post("/v2/models/text/infer", json=doc)
+    assert r.status_code == 200, r.text
+    out = r.json()["outputs"][0]
+    assert (out["datatype"], out["shape"], out["data"]) == ("FP32", [2, 2], [1, 3, 0, 6])
+
+    # Binary: the bytes reach the handler as sent (a NUL, an empty one, non-UTF-8).
+    body, headers = _bytes_binary([1, 4], _prefixed(b"\x00", b"", b"\xff\xfe", b"xyz"))
+    r = client.post("/v2/models/text/infer", content=body, headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"][0]["data"] == [1, 0, -1, 3]
+
+
+BYTES_ERRORS = [
+    ("truncated-length", [1, 2], _prefixed(b"ab") + b"\x01\x00", "truncated"),
+    ("runs-past-end", [1, 1], b"\x09\x00\x00\x00abc", "runs past the end"),
+    ("too-few", [1, 3], _prefixed(b"a", b"b"), "holds 2 elements; its shape needs 3"),
+    ("too-many", [1, 1], _prefixed(b"a", b"b"), "more than the 1 elements"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "shape", "raw", "words"), BYTES_ERRORS, ids=[c[0] for c in BYTES_ERRORS]
+)
+def test_bytes_input_refusals(
+    client: httpx.Client, case: str, shape: list[int], raw: bytes, words: str
+) -> None:
+    body, headers = _bytes_binary(shape, raw)
+    r = client.post("/v2/models/text/infer", content=body, headers=headers)
+    assert r.status_code == 400, r.text
+    assert words in r.json()["error"]
+    r = client.post(
+        "/v2/models/text/infer", json={"inputs": [_t(datatype="BYTES", shape=[1, 1], data=[7])]}
+    )
+    assert r.status_code == 400 and "must hold strings" in r.json()["error"]
+    r = client.post(
+        "/v2/models/text/infer", json={"inputs": [_t(datatype="FP32", shape=[1, 1], data=[7])]}
+    )
+    assert r.status_code == 400 and "does not match the model's BYTES" in r.json()["error"]
+    good_json(client)
+    r = client.post(
+        "/v2/models/text/infer",
+        json={"inputs": [_t(datatype="BYTES", shape=[1, 1], data=["ok"])]},
+    )
+    assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [2]
+
+
+def test_bytes_input_on_the_simple_api(client: httpx.Client) -> None:
+    """The same model through ``/v1/models/{name}/predict``: JSON strings, one row or a
+    batch; numbers for a BYTES input are a 422, not a 500."""
+    r = client.post("/v1/models/text/predict", json={"data": ["ab", "c", "h\u00e9"]})
+    assert r.status_code == 200, r.text
+    assert r.json()["result"] == [2, 1, 3]
+    r = client.post("/v1/models/text/predict", json={"data": [["ab"], ["xyz"]]})
+    assert r.status_code == 200 and r.json()["result"] == [[2], [3]], r.text
+    for bad in ([1, 2], [["a", "b"], ["c"]], {"a": 1}):
+        r = client.post("/v1/models/text/predict", json={"data": bad})
+        assert r.status_code == 422 and "string" in r.json()["error"], (bad, r.text)
+    good_json(client)

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("v2triton")
-    with serve(tmp, "--frontends", "2", "--model", "id=identity", "--model", "digits=digits") as s:
+    models = ["id=identity", "digits=digits", "text=python:support.fake_handlers:ByteLengths"]
+    with serve(tmp, "--frontends", "2", *(a for m in models for a in ("--model", m))) as s:
         yield s
 
 
@@ -183,3 +184,15 @@ def test_aio_client(server: Server) -> None:
                 np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), xs[i])
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_bytes_input(client: httpclient.InferenceServerClient, binary: bool) -> None:
+    """A BYTES input as Triton users send text: an object array of bytes or str."""
+    x = np.array([[b"a", b"\x00bc"], ["h\u00e9llo", b""]], dtype=object)
+    i = httpclient.InferInput("INPUT0", [2, 2], "BYTES")
+    i.set_data_from_numpy(x, binary_data=binary)
+    r = client.infer("text", [i])
+    np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), [[1, 3], [6, 0]])
+    md = client.get_model_metadata("text")
+    assert md["inputs"][0]["datatype"] == "BYTES"

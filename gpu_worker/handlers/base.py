@@ -9,8 +9,10 @@ frontends (which never import torch) can validate requests and serve metadata.
 Contract:
 - one input tensor and one output tensor per request; the first dimension is the batch;
 - ``preprocess`` turns one request's payload (a numpy view of shared memory, already
-  checked against ``inputs[0]`` by the frontend, or encoded image bytes) into a tensor of
-  shape ``[rows, *inputs[0].shape]``; it raises ``BadInput`` for input it refuses;
+  checked against ``inputs[0]`` by the frontend; encoded image bytes; or, for an input
+  declared ``"bytes"`` (KServe v2 BYTES), an object array of ``bytes`` in the request's
+  shape, which the default ``preprocess`` refuses) into a tensor of shape
+  ``[rows, *inputs[0].shape]``; it raises ``BadInput`` for input it refuses;
 - ``infer`` must not keep references to its input (the batch buffer is reused);
 - ``postprocess`` returns a numpy array whose first dimension matches the batch.
 """
@@ -62,6 +64,8 @@ class Handler(ABC):
         """One request's payload → ``[rows, *input shape]`` tensor (CPU; the worker moves it)."""
         if kind == PayloadKind.IMAGE:
             raise BadInput(f"model {self.settings.name} does not take images")
+        if payload.dtype.hasobject:
+            raise BadInput(f"model {self.settings.name} has no preprocess for BYTES input")
         return torch.from_numpy(payload)
 
     @abstractmethod

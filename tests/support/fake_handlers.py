@@ -1,14 +1,17 @@
-"""Handlers used only by tests: a slow one (deadlines, full queues, disconnects) and a
-poisonous one (raises on 13, kills its process on 666)."""
+"""Handlers used only by tests: a slow one (deadlines, full queues, disconnects), a
+poisonous one (raises on 13, kills its process on 666), a leaking one, one that fails to
+load, one that reports its threads, and one with a BYTES input."""
 
 from __future__ import annotations
 
 import os
 import time
 
+import numpy as np
 import torch
 
 from ringserve.gpu_worker.handlers.base import Handler, TensorSpec
+from ringserve.ipc.layout import PayloadKind
 
 
 class Slow(Handler):
@@ -83,3 +86,28 @@ class ThreadCount(Handler):
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
         time.sleep(min(float(batch[:, 0].max()), 10_000) / 1000)
         return torch.full((batch.shape[0], 1), float(torch.get_num_threads()))
+
+
+class ByteLengths(Handler):
+    """A BYTES input (KServe v2): each element's length in bytes, as float32, and -1 where
+    the element is not UTF-8 (so a test can tell the bytes arrived as sent)."""
+
+    inputs = (TensorSpec("INPUT0", "bytes", (-1,)),)
+    outputs = (TensorSpec("OUTPUT0", "float32", (-1,)),)
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+
+    def preprocess(self, payload: np.ndarray, kind: PayloadKind) -> torch.Tensor:
+        def length(b: bytes) -> float:
+            try:
+                b.decode()
+            except UnicodeDecodeError:
+                return -1.0
+            return float(len(b))
+
+        rows = [[length(b) for b in row] for row in payload.tolist()]
+        return torch.tensor(rows, dtype=torch.float32)
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch

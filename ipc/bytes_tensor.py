@@ -1,0 +1,52 @@
+"""BYTES tensors in a slot: Triton's length-prefixed form, shared by the frontend's v2
+codec (which reads it off the wire) and the worker (which hands the elements to the
+handler).
+
+Each element is a 4-byte little-endian length and then that many bytes, row-major, no
+padding: the form ``binary_data`` already uses, so a binary request's bytes go into the
+slot as they came. The element count comes from the shape in the slot header.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import numpy as np
+
+_LEN = struct.Struct("<I")
+
+
+def pack(items: np.ndarray | list[Any]) -> bytes:
+    """BYTES elements (bytes or str, any shape, row-major) → length-prefixed binary."""
+    flat = np.asarray(items, dtype=object).ravel()
+    parts = []
+    for item in flat:
+        b = item.encode() if isinstance(item, str) else bytes(item)
+        parts.append(_LEN.pack(len(b)))
+        parts.append(b)
+    return b"".join(parts)
+
+
+def unpack(buf: bytes | memoryview | np.ndarray, count: int | None = None) -> np.ndarray:
+    """Length-prefixed binary → 1-D object array of ``bytes``; ValueError, saying where,
+    if it is malformed or (given ``count``) holds another number of elements."""
+    view = memoryview(buf).cast("B")
+    out: list[bytes] = []
+    pos, end = 0, len(view)
+    while pos < end:
+        if end - pos < 4:
+            raise ValueError(f"BYTES data is truncated: {end - pos} bytes left for a length")
+        (n,) = _LEN.unpack_from(view, pos)
+        pos += 4
+        if n > end - pos:
+            raise ValueError(f"BYTES element of {n} bytes runs past the end of its data")
+        out.append(bytes(view[pos : pos + n]))
+        pos += n
+        if count is not None and len(out) > count:
+            raise ValueError(f"BYTES data holds more than the {count} elements of its shape")
+    if count is not None and len(out) != count:
+        raise ValueError(f"BYTES data holds {len(out)} elements; its shape needs {count}")
+    arr = np.empty(len(out), dtype=object)
+    arr[:] = out
+    return arr
