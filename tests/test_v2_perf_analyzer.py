@@ -1,4 +1,5 @@
-"""NVIDIA's perf_analyzer drives ringserve's v2 endpoint (identity model) unchanged.
+"""NVIDIA's perf_analyzer drives ringserve's v2 endpoint (identity, and a model with a
+BYTES input) unchanged.
 
 perf_analyzer is installed by ``.ci/install_perf_analyzer.sh`` into ``.venv-perf`` with a
 wrapper ``.venv-perf/bin/pa`` (override with ``RINGSERVE_PERF_ANALYZER``). In CI a missing
@@ -39,16 +40,19 @@ def perf_analyzer() -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("v2perf")
-    with serve(tmp, "--frontends", "2", "--model", "id=identity") as s:
+    text = "text=python:support.fake_handlers:ByteLengths"
+    with serve(tmp, "--frontends", "2", "--model", "id=identity", "--model", text) as s:
         yield s
 
 
-def run_pa(pa: Path, server: Server, *args: str) -> dict[int, tuple[float, int]]:
+def run_pa(
+    pa: Path, server: Server, *args: str, model: str = "id", shape: str = "INPUT0:16"
+) -> dict[int, tuple[float, int]]:
     """Run perf_analyzer; returns {concurrency: (infer/sec, avg latency usec)}."""
     cmd = [
         str(pa),
         "-m",
-        "id",
+        model,
         "-u",
         f"127.0.0.1:{server.port}",
         "-i",
@@ -56,7 +60,7 @@ def run_pa(pa: Path, server: Server, *args: str) -> dict[int, tuple[float, int]]
         "-b",
         "1",
         "--shape",
-        "INPUT0:16",
+        shape,
         "--measurement-interval",
         "1000",
         # a shared CI box is noisy: accept any three windows rather than chase stability
@@ -94,6 +98,14 @@ def test_json_tensors(perf_analyzer: Path, server: Server) -> None:
         "json",
         "--output-tensor-format",
         "json",
+    )
+    assert found[2][0] > 0
+
+
+def test_bytes_input(perf_analyzer: Path, server: Server) -> None:
+    """perf_analyzer's own random strings, as binary BYTES tensors."""
+    found = run_pa(
+        perf_analyzer, server, "--concurrency-range", "2", model="text", shape="INPUT0:3"
     )
     assert found[2][0] > 0
 
