@@ -227,6 +227,9 @@ async def infer(
 
 
 def _format_result(info: ModelInfo, output: np.ndarray, batched: bool) -> Any:
+    if output.dtype.hasobject:  # a BYTES output: strings
+        strings = _utf8_strings(output)
+        return strings if batched else strings[0]
     spec = info.spec or {}
     if spec.get("task") == "classification":
         labels = spec.get("labels") or []
@@ -241,6 +244,19 @@ def _format_result(info: ModelInfo, output: np.ndarray, batched: bool) -> Any:
         ]
         return rows if batched else rows[0]
     return output if batched else output[0]  # serialised by orjson straight from numpy
+
+
+def _utf8_strings(output: np.ndarray) -> list:
+    """A BYTES output as nested lists of str (orjson takes no object arrays)."""
+    try:
+        strings = [b.decode() for b in output.ravel().tolist()]
+    except UnicodeDecodeError:
+        raise HTTPError(
+            500, "the BYTES output is not UTF-8: JSON cannot carry it (v2 binary_data can)"
+        ) from None
+    out = np.empty(output.shape, dtype=object)
+    out.ravel()[:] = strings
+    return out.tolist()
 
 
 def log_access(
@@ -307,6 +323,7 @@ def make_predict(state: FrontendState) -> Handler:
 
             def answer(completed: Completed) -> Reply:
                 assert completed.output is not None
+                result = _format_result(info, completed.output, batched)  # may refuse: 500
                 latency = time.perf_counter() - t0
                 state.metrics.request(name, 200, latency)
                 log_access(state, rid, name, 200, latency, completed)
@@ -314,7 +331,7 @@ def make_predict(state: FrontendState) -> Handler:
                     {
                         "request_id": rid,
                         "model": name,
-                        "result": _format_result(info, completed.output, batched),
+                        "result": result,
                         "latency_ms": round(latency * 1000, 3),
                         "batch_size": completed.batch_size,
                     },

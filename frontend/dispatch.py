@@ -11,6 +11,7 @@ supervisor) marks it DONE — never earlier, because a worker may still be writi
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import NamedTuple, TypeVar
 
 import numpy as np
 
-from ringserve.ipc import wake
+from ringserve.ipc import bytes_tensor, wake
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.errors import QueueFull
 from ringserve.ipc.layout import (
@@ -37,11 +38,13 @@ REFUSED = "refused"  # a pending future's result: the queue was at its depth lim
 # Up to this many pending slots, DONE is checked one struct read each; beyond it one
 # vectorised numpy gather is cheaper.
 _SCALAR_SCAN = 8
+_BYTES = DTYPE_CODE["bytes"]
 
 
 class Completed(NamedTuple):
     status: Status
-    output: np.ndarray | None  # a read-only view of the slot, valid inside ``collect``
+    output: np.ndarray | None  # a read-only view of the slot, valid inside ``collect``;
+    # a BYTES output is an object array of ``bytes`` (a copy)
     message: str  # error text for non-OK statuses
     batch_size: int
     batch_id: int
@@ -201,15 +204,27 @@ class Dispatcher:
         """
         self.pending.pop(slot, None)
         r = self.arena.headers.read(slot)
-        ok = r.status == Status.OK
-        view = self.arena.data_array(slot, numpy_dtype(r.out_dtype), r.out_shape)
-        view.flags.writeable = False
+        status, message = Status(r.status), ""
+        output: np.ndarray | None = None
+        if status != Status.OK:
+            message = bytes(self.arena.data(slot)[: r.out_nbytes]).decode(errors="replace")
+        elif r.out_dtype == _BYTES:
+            try:  # a BYTES output: Python objects, so unpacked (a copy), not viewed
+                output = bytes_tensor.unpack(
+                    self.arena.data(slot)[: r.out_nbytes], math.prod(r.out_shape)
+                ).reshape(r.out_shape)
+            except ValueError as e:
+                status, message = Status.MODEL_ERROR, f"corrupt BYTES output: {e}"
+        else:
+            output = self.arena.data_array(slot, numpy_dtype(r.out_dtype), r.out_shape)
+            output.flags.writeable = False
+        ok = status == Status.OK
         try:
             return use(
                 Completed(
-                    status=Status(r.status),
-                    output=view if ok else None,
-                    message="" if ok else view.tobytes().decode(errors="replace"),
+                    status=status,
+                    output=output,
+                    message=message,
                     batch_size=r.batch_size,
                     batch_id=r.batch_id,
                     queue_wait_s=max(0, r.started_ns - r.enqueued_ns) / 1e9,

@@ -216,8 +216,6 @@ def v2_routes(state: FrontendState) -> list[Route]:
             spec = _spec(info)
             inp = TensorSpec.from_spec(spec["inputs"][0])
             out = TensorSpec.from_spec(spec["outputs"][0])
-            if out.dtype == "bytes":
-                raise HTTPError(501, f"model {name!r} has a BYTES output, not served over v2 yet")
             ctype = call.headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype not in REQUEST_TYPES:
                 raise HTTPError(
@@ -236,7 +234,8 @@ def v2_routes(state: FrontendState) -> list[Route]:
 
             def answer(done: Completed) -> tuple[bytes, int | None]:
                 assert done.output is not None
-                return encode_response(name, req, done.output, done.output.dtype.name, mbs)
+                dtype = "bytes" if done.output.dtype.hasobject else done.output.dtype.name
+                return encode_response(name, req, done.output, dtype, mbs)
 
             content, header_len = await infer(
                 state, call, info, req.payload, PayloadKind.TENSOR, req.rows, rid, answer

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ringserve.ipc import bytes_tensor
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.layout import DTYPE_CODE, DTYPE_CODE_OF, MAX_NDIM, Status
 
@@ -27,7 +28,13 @@ def write_error(arena: Arena, slot: int, status: Status, message: bytes) -> None
 def write_output(
     arena: Arena, slot: int, out: np.ndarray, batch_size: int, batch_id: int
 ) -> str | None:
-    """Copy ``out`` into the slot and finish it OK; returns why it could not, if so."""
+    """Copy ``out`` into the slot and finish it OK; returns why it could not, if so.
+
+    An object array is a BYTES output: its elements (bytes or str) go in packed, in
+    Triton's length-prefixed form, with the array's shape in the header.
+    """
+    if out.dtype.hasobject:
+        return _write_bytes_output(arena, slot, out, batch_size, batch_id)
     if out.nbytes > arena.geometry.slot_bytes or out.ndim > MAX_NDIM:
         return "output does not fit the slot"
     code = DTYPE_CODE_OF.get(out.dtype)
@@ -37,5 +44,21 @@ def write_output(
         np.copyto(arena.data_array(slot, out.dtype, out.shape), out)
     arena.headers.write_result(
         slot, int(Status.OK), code, out.shape, out.nbytes, batch_size, batch_id
+    )
+    return None
+
+
+def _write_bytes_output(
+    arena: Arena, slot: int, out: np.ndarray, batch_size: int, batch_id: int
+) -> str | None:
+    try:
+        packed = bytes_tensor.pack(out)
+    except TypeError as e:
+        return str(e)
+    if len(packed) > arena.geometry.slot_bytes or out.ndim > MAX_NDIM:
+        return "output does not fit the slot"
+    arena.data(slot)[: len(packed)] = packed
+    arena.headers.write_result(
+        slot, int(Status.OK), _BYTES, out.shape, len(packed), batch_size, batch_id
     )
     return None

@@ -18,11 +18,18 @@ _LEN = struct.Struct("<I")
 
 
 def pack(items: np.ndarray | list[Any]) -> bytes:
-    """BYTES elements (bytes or str, any shape, row-major) → length-prefixed binary."""
+    """BYTES elements (bytes or str, any shape, row-major) → length-prefixed binary;
+    TypeError naming the first element that is neither (``bytes(5)`` would be five
+    zero bytes, not an error)."""
     flat = np.asarray(items, dtype=object).ravel()
     parts = []
     for item in flat:
-        b = item.encode() if isinstance(item, str) else bytes(item)
+        if isinstance(item, str):
+            b = item.encode()
+        elif isinstance(item, bytes | bytearray | memoryview):
+            b = bytes(item)
+        else:
+            raise TypeError(f"a BYTES element must be bytes or str, not {type(item).__name__}")
         parts.append(_LEN.pack(len(b)))
         parts.append(b)
     return b"".join(parts)

@@ -109,6 +109,20 @@ def test_answer_in_place_and_refusals(arena: Arena) -> None:
     assert r.status == Status.BAD_INPUT and bytes(arena.data(3)[: r.out_nbytes]) == b"no good"
 
 
+def test_bytes_output_packed_into_the_slot(arena: Arena) -> None:
+    """An object array answers BYTES: packed length-prefixed, shape in the header; an
+    element that is neither bytes nor str, or too much to fit, is refused by name."""
+    out = np.array([["ab"], [b"\x00"]], dtype=object)
+    assert write_output(arena, 2, out, 2, 7) is None
+    r = arena.headers.read(2)
+    assert (r.status, r.out_dtype, r.out_shape) == (Status.OK, DTYPE_CODE["bytes"], (2, 1))
+    assert bytes(arena.data(2)[: r.out_nbytes]) == b"\x02\x00\x00\x00ab\x01\x00\x00\x00\x00"
+    bad = np.array([b"a", 5], dtype=object)
+    assert write_output(arena, 2, bad, 1, 1) == "a BYTES element must be bytes or str, not int"
+    big = np.array([b"x" * arena.geometry.slot_bytes], dtype=object)
+    assert write_output(arena, 2, big, 1, 1) == "output does not fit the slot"
+
+
 def test_span_skips_padding_and_refuses_disorder() -> None:
     off, st = span("model", "in_shape")
     assert off == 40 and st.size == 120 - 40  # model, kind, in_dtype, in_ndim, in_shape

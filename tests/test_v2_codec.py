@@ -274,6 +274,8 @@ def test_bytes_round_trip_with_length_prefixes() -> None:
     assert back.tolist() == [b"", b"a", "héllo".encode(), b"\x00\xff"]
     nested = np.array([[b"ab", b"c"], [b"", b"xyz"]], dtype=object)
     assert deserialize_bytes(serialize_bytes(nested)).tolist() == [b"ab", b"c", b"", b"xyz"]
+    with pytest.raises(TypeError, match="must be bytes or str, not int"):
+        serialize_bytes([b"a", 5])  # bytes(5) would be five zero bytes, silently
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
-"""KServe v2 REST against a real ``ringserve serve`` (identity, digits and a model with a
-BYTES input), raw httpx.
+"""KServe v2 REST against a real ``ringserve serve`` (identity, digits and models with a
+BYTES input and a BYTES output), raw httpx.
 
 One server for the module. Every bad request is followed by a good one that must still
 succeed: a refused request costs nothing and leaves the server healthy.
@@ -81,6 +81,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "digits=digits",
         "--model",
         "text=python:support.fake_handlers:ByteLengths",
+        "--model",
+        "desc=python:support.fake_handlers:Describe",
         "--set",
         f"server.max_body_bytes={MAX_BODY}",
     ) as s:
@@ -216,7 +218,7 @@ def test_stats(client: httpx.Client) -> None:
     assert after["inference_count"] >= after["inference_stats"]["success"]["count"]
     assert after["execution_count"] >= 1
     every = client.get("/v2/models/stats").json()["model_stats"]
-    assert sorted(m["name"] for m in every) == ["digits", "id", "text"]
+    assert sorted(m["name"] for m in every) == ["desc", "digits", "id", "text"]
 
 
 # -- good inference ---------------------------------------------------------------------
@@ -598,4 +600,52 @@ def test_bytes_input_on_the_simple_api(client: httpx.Client) -> None:
     for bad in ([1, 2], [["a", "b"], ["c"]], {"a": 1}):
         r = client.post("/v1/models/text/predict", json={"data": bad})
         assert r.status_code == 422 and "string" in r.json()["error"], (bad, r.text)
+    good_json(client)
+
+
+# -- BYTES output ---------------------------------------------------------------------------
+
+
+def test_bytes_output_json_binary_and_simple_api(client: httpx.Client) -> None:
+    md = client.get("/v2/models/desc").json()
+    assert md["outputs"] == [{"name": "OUTPUT0", "datatype": "BYTES", "shape": [-1, 1]}]
+    doc = {"inputs": [_t(shape=[2, 2], data=[1, 2.5, 3, 4])]}
+    r = client.post("/v2/models/desc/infer", json=doc)
+    assert r.status_code == 200, r.text
+    out = r.json()["outputs"][0]
+    assert (out["datatype"], out["shape"], out["data"]) == ("BYTES", [2, 1], ["1,2.5", "3,4"])
+
+    # Binary output: Triton's length-prefixed form after the JSON header.
+    r = client.post(
+        "/v2/models/desc/infer", json={**doc, "parameters": {"binary_data_output": True}}
+    )
+    assert r.status_code == 200, r.text
+    n = int(r.headers["inference-header-content-length"])
+    entry = json.loads(r.content[:n])["outputs"][0]
+    assert entry["parameters"]["binary_data_size"] == len(r.content) - n
+    assert r.content[n:] == b"\x05\x00\x00\x001,2.5\x03\x00\x00\x003,4"
+
+    r = client.post("/v1/models/desc/predict", json={"data": [1, 2.5]})
+    assert r.status_code == 200 and r.json()["result"] == ["1,2.5"], r.text
+    r = client.post("/v1/models/desc/predict", json={"data": [[1], [2]]})
+    assert r.status_code == 200 and r.json()["result"] == [["1"], ["2"]], r.text
+
+
+def test_bytes_output_refusals(client: httpx.Client) -> None:
+    """Not UTF-8: JSON cannot carry it (500 saying so), binary can; an element that is
+    neither bytes nor str fails that request alone (500 naming its type)."""
+    not_utf8 = {"inputs": [_t(shape=[1, 1], data=[-1])]}
+    r = client.post("/v2/models/desc/infer", json=not_utf8)
+    assert r.status_code == 500 and "not UTF-8" in r.json()["error"], r.text
+    r = client.post("/v1/models/desc/predict", json={"data": [-1]})
+    assert r.status_code == 500 and "not UTF-8" in r.json()["error"], r.text
+    r = client.post(
+        "/v2/models/desc/infer", json={**not_utf8, "parameters": {"binary_data_output": True}}
+    )
+    n = int(r.headers["inference-header-content-length"])
+    assert r.status_code == 200 and r.content[n:] == b"\x01\x00\x00\x00\xff"
+    r = client.post("/v2/models/desc/infer", json={"inputs": [_t(shape=[1, 1], data=[13])]})
+    assert r.status_code == 500 and "must be bytes or str, not int" in r.json()["error"], r.text
+    r = client.post("/v2/models/desc/infer", json={"inputs": [_t(shape=[1, 1], data=[7])]})
+    assert r.status_code == 200 and r.json()["outputs"][0]["data"] == ["7"]
     good_json(client)

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("v2triton")
-    models = ["id=identity", "digits=digits", "text=python:support.fake_handlers:ByteLengths"]
+    fake = "python:support.fake_handlers"
+    models = ["id=identity", "digits=digits", f"text={fake}:ByteLengths", f"desc={fake}:Describe"]
     with serve(tmp, "--frontends", "2", *(a for m in models for a in ("--model", m))) as s:
         yield s
 
@@ -196,3 +197,16 @@ def test_bytes_input(client: httpclient.InferenceServerClient, binary: bool) -> 
     np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), [[1, 3], [6, 0]])
     md = client.get_model_metadata("text")
     assert md["inputs"][0]["datatype"] == "BYTES"
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_bytes_output(client: httpclient.InferenceServerClient, binary: bool) -> None:
+    """A BYTES output comes back as Triton's client makes it: an object array, of bytes
+    from binary data and of str from JSON (as against Triton itself)."""
+    x = np.array([[1, 2.5], [3, 4]], dtype=np.float32)
+    out = httpclient.InferRequestedOutput("OUTPUT0", binary_data=binary)
+    r = client.infer("desc", [infer_input(x, binary=binary)], outputs=[out])
+    got = r.as_numpy("OUTPUT0")
+    assert got.dtype == object and got.shape == (2, 1)
+    want = [b"1,2.5", b"3,4"] if binary else ["1,2.5", "3,4"]
+    assert got.ravel().tolist() == want

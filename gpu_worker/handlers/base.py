@@ -14,7 +14,8 @@ Contract:
   shape, which the default ``preprocess`` refuses) into a tensor of shape
   ``[rows, *inputs[0].shape]``; it raises ``BadInput`` for input it refuses;
 - ``infer`` must not keep references to its input (the batch buffer is reused);
-- ``postprocess`` returns a numpy array whose first dimension matches the batch.
+- ``postprocess`` returns a numpy array whose first dimension matches the batch (for an
+  output declared ``"bytes"``, an object array of ``bytes`` or ``str``).
 """
 
 from __future__ import annotations

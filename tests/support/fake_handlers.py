@@ -1,6 +1,7 @@
 """Handlers used only by tests: a slow one (deadlines, full queues, disconnects), a
 poisonous one (raises on 13, kills its process on 666), a leaking one, one that fails to
-load, one that reports its threads, and one with a BYTES input."""
+load, one that reports its threads, one with a BYTES input and one with a BYTES
+output."""
 
 from __future__ import annotations
 
@@ -111,3 +112,29 @@ class ByteLengths(Handler):
 
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
         return batch
+
+
+class Describe(Handler):
+    """A BYTES output: each row as text (``[1, 2.5]`` -> ``"1,2.5"``); a row starting with
+    -1 answers ``b"\\xff"`` (not UTF-8), one starting with 13 an int (not bytes or str)."""
+
+    inputs = (TensorSpec("INPUT0", "float32", (-1,)),)
+    outputs = (TensorSpec("OUTPUT0", "bytes", (1,)),)
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch
+
+    def postprocess(self, output: torch.Tensor) -> np.ndarray:
+        def text(row: list[float]) -> object:
+            if row[0] == -1:
+                return b"\xff"
+            if row[0] == 13:
+                return 13
+            return ",".join(f"{v:g}" for v in row)
+
+        out = np.empty((output.shape[0], 1), dtype=object)
+        out[:, 0] = [text(row) for row in output.tolist()]
+        return out
