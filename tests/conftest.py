@@ -91,6 +91,20 @@ class Server:
     def pids(self, role: str) -> list[int]:
         return [p["pid"] for p in self.children() if p["role"] == role]
 
+    def open_sockets(self, role: str = "frontend") -> dict[int, int]:
+        """pid -> open socket fds, for leak checks. Not all fds: a frontend opens its
+        metric files on its first counted request, and which frontend accepts a
+        connection is the kernel's pick, so a warm-up may never reach one of them (CI saw
+        a counter file and its mmap's dup open during a measured part)."""
+        out = {}
+        for pid in self.pids(role):
+            fd_dir, n = f"/proc/{pid}/fd", 0
+            for fd in os.listdir(fd_dir):
+                with contextlib.suppress(FileNotFoundError):  # closed while we looked
+                    n += os.readlink(f"{fd_dir}/{fd}").startswith("socket:")
+            out[pid] = n
+        return out
+
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         def ready() -> bool:
             if self.proc.poll() is not None:

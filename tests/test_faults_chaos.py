@@ -102,12 +102,9 @@ def test_worker_sigkilled_mid_batch_three_times_loses_nothing(start_server) -> N
 
 
 def _frontend_footprint(server: Server) -> dict[int, tuple[int, int]]:
-    """pid -> (open fds, USS bytes) of each frontend."""
-    out = {}
-    for pid in server.pids("frontend"):
-        p = psutil.Process(pid)
-        out[pid] = (p.num_fds(), p.memory_full_info().uss)
-    return out
+    """pid -> (open sockets, USS bytes) of each frontend."""
+    sockets = server.open_sockets()
+    return {pid: (n, psutil.Process(pid).memory_full_info().uss) for pid, n in sockets.items()}
 
 
 def test_fifty_clients_disconnecting_mid_request_leak_nothing(start_server) -> None:
@@ -133,15 +130,15 @@ def test_fifty_clients_disconnecting_mid_request_leak_nothing(start_server) -> N
     # The worker finishes the batch it is running (1 s), skips the cancelled rest.
     wait_until(lambda: all_slots_free(server), 30, "every abandoned slot back to free")
 
-    def fds_back() -> bool:
-        now = _frontend_footprint(server)
-        return all(now[pid][0] <= before[pid][0] + 2 for pid in before)
+    def sockets_back() -> bool:
+        now = server.open_sockets()
+        return all(now[pid] <= before[pid][0] for pid in before)
 
-    wait_until(fds_back, 20, "the frontends' fds back to baseline")
+    wait_until(sockets_back, 20, "the frontends' sockets back to baseline")
     after = _frontend_footprint(server)
-    for pid, (fds, uss) in after.items():
+    for pid, (sockets, uss) in after.items():
         grew = (uss - before[pid][1]) / 2**20
-        print(f"frontend {pid}: fds {before[pid][0]} -> {fds}, USS grew {grew:.2f} MiB")
+        print(f"frontend {pid}: sockets {before[pid][0]} -> {sockets}, USS grew {grew:.2f} MiB")
         assert grew < 8, f"frontend {pid} USS grew {grew:.1f} MiB after 50 disconnects"
     with server.client() as c:
         r = c.post(SLOW_PATH, json={"data": [1.0, 2.0]})

@@ -14,7 +14,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
-import os
 import re
 import socket
 import struct
@@ -279,20 +278,6 @@ def test_wrong_content_type_or_encoding(
 # -- truncated bodies -------------------------------------------------------------------------
 
 
-def _sockets(server: Server) -> int:
-    """The frontends' open sockets. Not all fds: a frontend opens its metric files on its
-    first counted request, and which frontend accepts a connection is the kernel's pick,
-    so ten warm-up connections could all land on one (CI saw the other's counter file
-    open during the measured part and the fd count stay two above its baseline)."""
-    n = 0
-    for pid in server.pids("frontend"):
-        fd_dir = f"/proc/{pid}/fd"
-        for fd in os.listdir(fd_dir):
-            with contextlib.suppress(FileNotFoundError):  # closed while we looked
-                n += os.readlink(f"{fd_dir}/{fd}").startswith("socket:")
-    return n
-
-
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
 def test_truncated_body_then_close_costs_nothing(
     server: Server, healthy_after: None, framing: str
@@ -303,14 +288,16 @@ def test_truncated_body_then_close_costs_nothing(
         data = post_head(ID, None) + b'5\r\n{"dat\r\n'  # then no last chunk
     for _ in range(10):  # first-use work out of the way
         raw_exchange(server.port, data, close_write=True)
-    sockets_before = _sockets(server)
+    sockets_before = sum(server.open_sockets().values())
     for _ in range(20):
         # The client closes its side: the frontend sees the end of the body early.
         assert raw_exchange(server.port, data, close_write=True) is None
     assert free_slots(server) == SLOTS
     # Each half-closed connection is closed by the server, not kept: back to baseline.
     wait_until(
-        lambda: _sockets(server) <= sockets_before, 10, "the frontends' sockets back to baseline"
+        lambda: sum(server.open_sockets().values()) <= sockets_before,
+        10,
+        "the frontends' sockets back to baseline",
     )
 
 
