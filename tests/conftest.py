@@ -96,14 +96,7 @@ class Server:
         metric files on its first counted request, and which frontend accepts a
         connection is the kernel's pick, so a warm-up may never reach one of them (CI saw
         a counter file and its mmap's dup open during a measured part)."""
-        out = {}
-        for pid in self.pids(role):
-            fd_dir, n = f"/proc/{pid}/fd", 0
-            for fd in os.listdir(fd_dir):
-                with contextlib.suppress(FileNotFoundError):  # closed while we looked
-                    n += os.readlink(f"{fd_dir}/{fd}").startswith("socket:")
-            out[pid] = n
-        return out
+        return {pid: len(socket_links(pid)) for pid in self.pids(role)}
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         def ready() -> bool:
@@ -127,6 +120,17 @@ class Server:
                 self.proc.wait(10)
                 raise AssertionError(f"server did not stop within {timeout_s} s") from None
         return self.proc.returncode
+
+
+def socket_links(pid: int) -> set[str]:
+    """The ``socket:[inode]`` links of ``pid``'s open fds."""
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # closed while we looked
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:"):
+                out.add(link)
+    return out
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import REPO, Server, free_port, wait_until
+from conftest import REPO, Server, free_port, socket_links, wait_until
 from support.load import LoadResult, load_during, post_counted
 
 from ringserve.ipc.arena import Arena
@@ -326,12 +326,7 @@ def busiest_frontend(server: Server) -> int:
 
 def unread_bytes(pid: int) -> int:
     """Bytes waiting unread on ``pid``'s TCP connections (from /proc/net/tcp)."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if link.startswith("socket:["):
-                inodes.add(link[8:-1])
+    inodes = {link[8:-1] for link in socket_links(pid)}
     total = 0
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(FileNotFoundError):

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import Server, free_port, shm_segments, wait_until
+from conftest import Server, free_port, shm_segments, socket_links, wait_until
 from support.load import DIGIT3, LoadResult, load_during
 
 pytestmark = pytest.mark.e2e
@@ -72,16 +72,6 @@ def socket_inode(pid: int, fd: int) -> str:
     return os.readlink(f"/proc/{pid}/fd/{fd}")
 
 
-def socket_inodes(pid: int) -> set[str]:
-    out = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if link.startswith("socket:"):
-                out.add(link)
-    return out
-
-
 @pytest.fixture
 def launch(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """``launch(cmd_prefix, port, instance, *serve_args, pass_fds=())`` → a started Server."""
@@ -121,7 +111,7 @@ def check_passed_socket(server: Server) -> None:
     assert listen == [{"address": f"127.0.0.1:{server.port}", "fd": 3, "source": "systemd:http"}]
     passed = socket_inode(server.proc.pid, 3)
     for pid in server.pids("frontend"):
-        assert passed in socket_inodes(pid), f"frontend {pid} does not hold the passed socket"
+        assert passed in socket_links(pid), f"frontend {pid} does not hold the passed socket"
     assert "systemd:http socket" in server.log()
 
 
