@@ -36,7 +36,7 @@ from ringserve.frontend.catalog import MODEL_VERSION, Catalog, ModelInfo
 from ringserve.frontend.dispatch import REFUSED, Completed, Dispatcher
 from ringserve.frontend.errors import HTTPError, bad_request, unavailable, unprocessable
 from ringserve.frontend.images import check_image
-from ringserve.frontend.jsonio import parse_json
+from ringserve.frontend.jsonio import parse_json, utf8_strings
 from ringserve.frontend.metrics import FrontendMetrics
 from ringserve.frontend.tensors import fit_shape, from_json
 from ringserve.ipc import bytes_tensor
@@ -165,18 +165,15 @@ async def infer(
     rid: str,
     answer: Callable[[Completed], R],
     dtype_name: str | None = None,
+    shape: tuple[int, ...] | None = None,
 ) -> R:
     """The shared request path: slot in, wait (deadline, disconnect), answer out.
 
     ``answer`` turns a successful completion into the response while the output is
     still a view of the slot (no copy out of shared memory); it must not keep the view.
-    A BYTES tensor (an object array of ``bytes``) goes into the slot in Triton's
-    length-prefixed form, its shape in the header.
+    ``dtype_name`` and ``shape`` as in ``Dispatcher.submit`` (a BYTES tensor comes
+    length-prefixed, its shape beside it).
     """
-    shape = None
-    if payload.dtype.hasobject:
-        shape, dtype_name = payload.shape, "bytes"
-        payload = np.frombuffer(bytes_tensor.pack(payload), dtype=np.uint8)
     timeout = deadline_s(call.headers, state.settings)
     d = state.dispatcher
     try:
@@ -228,7 +225,7 @@ async def infer(
 
 def _format_result(info: ModelInfo, output: np.ndarray, batched: bool) -> Any:
     if output.dtype.hasobject:  # a BYTES output: strings
-        strings = _utf8_strings(output)
+        strings = utf8_strings(output).tolist()  # nested lists: orjson takes no object arrays
         return strings if batched else strings[0]
     spec = info.spec or {}
     if spec.get("task") == "classification":
@@ -244,19 +241,6 @@ def _format_result(info: ModelInfo, output: np.ndarray, batched: bool) -> Any:
         ]
         return rows if batched else rows[0]
     return output if batched else output[0]  # serialised by orjson straight from numpy
-
-
-def _utf8_strings(output: np.ndarray) -> list:
-    """A BYTES output as nested lists of str (orjson takes no object arrays)."""
-    try:
-        strings = [b.decode() for b in output.ravel().tolist()]
-    except UnicodeDecodeError:
-        raise HTTPError(
-            500, "the BYTES output is not UTF-8: JSON cannot carry it (v2 binary_data can)"
-        ) from None
-    out = np.empty(output.shape, dtype=object)
-    out.ravel()[:] = strings
-    return out.tolist()
 
 
 def log_access(
@@ -291,6 +275,8 @@ def make_predict(state: FrontendState) -> Handler:
             info = ready_model(state, name)
             body = await call.read_body(state.settings.server.max_body_bytes)
             ctype = call.headers.get("content-type", "application/json").split(";")[0].strip()
+            dtype_name: str | None = None
+            shape: tuple[int, ...] | None = None
             if ctype.startswith("image/"):
                 if not (info.spec or {}).get("accepts_images"):
                     raise HTTPError(415, f"model {name!r} does not take images")
@@ -316,6 +302,9 @@ def make_predict(state: FrontendState) -> Handler:
                     arr, in_spec["shape"], info.settings.batching.max_batch_size
                 )
                 kind = PayloadKind.TENSOR
+                if payload.dtype.hasobject:  # strings for a BYTES input: length-prefixed
+                    dtype_name, shape = "bytes", payload.shape
+                    payload = bytes_tensor.packed(payload)
             else:
                 raise HTTPError(
                     415, f"unsupported Content-Type {ctype!r}: use application/json or image/*"
@@ -338,7 +327,9 @@ def make_predict(state: FrontendState) -> Handler:
                     headers={"X-Request-ID": rid},
                 )
 
-            return await infer(state, call, info, payload, kind, rows, rid, answer)
+            return await infer(
+                state, call, info, payload, kind, rows, rid, answer, dtype_name, shape
+            )
         except HTTPError as err:
             state.metrics.request(name, err.status, time.perf_counter() - t0)
             log_access(state, rid, name, err.status, time.perf_counter() - t0, None)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from ringserve.frontend.errors import bad_request
+from ringserve.frontend.errors import HTTPError, bad_request
 
 
 def parse_json(body: bytes | memoryview) -> Any:
@@ -37,3 +37,17 @@ def _fallback(obj: Any) -> Any:
 
 def dump_json(doc: Any) -> bytes:
     return orjson.dumps(doc, default=_fallback, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def utf8_strings(arr: np.ndarray) -> np.ndarray:
+    """A BYTES output (object array of bytes) as str in the same shape, for a JSON answer
+    (orjson takes no bytes); a 500 saying so when they are not UTF-8."""
+    try:
+        strings = [b.decode() for b in arr.ravel().tolist()]
+    except UnicodeDecodeError:
+        raise HTTPError(
+            500, "the BYTES output is not UTF-8, which JSON cannot carry: ask for binary_data"
+        ) from None
+    out = np.empty(arr.shape, dtype=object)
+    out.ravel()[:] = strings
+    return out

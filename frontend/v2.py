@@ -238,7 +238,16 @@ def v2_routes(state: FrontendState) -> list[Route]:
                 return encode_response(name, req, done.output, dtype, mbs)
 
             content, header_len = await infer(
-                state, call, info, req.payload, PayloadKind.TENSOR, req.rows, rid, answer
+                state,
+                call,
+                info,
+                req.payload,
+                PayloadKind.TENSOR,
+                req.rows,
+                rid,
+                answer,
+                "bytes" if req.bytes_shape else None,
+                req.bytes_shape,
             )
         except HTTPError as err:
             if name in state.catalog.names():  # no metric series for made-up names

@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 
 from ringserve.frontend.errors import HTTPError, bad_request
-from ringserve.frontend.jsonio import dump_json, parse_json
+from ringserve.frontend.jsonio import dump_json, parse_json, utf8_strings
 from ringserve.frontend.tensors import MAX_JSON_DEPTH, cast
+from ringserve.ipc import bytes_tensor
 from ringserve.ipc.bytes_tensor import pack as serialize_bytes
-from ringserve.ipc.bytes_tensor import unpack as unpack_bytes
 
 # KServe datatype <-> ringserve dtype name (ringserve.ipc.layout.DTYPES) <-> Triton config.
 V2_TO_DTYPE: dict[str, str] = {
@@ -73,14 +73,6 @@ def model_shape(per_row: list[int], max_batch_size: int) -> list[int]:
 # -- BYTES ------------------------------------------------------------------------------
 
 
-def deserialize_bytes(buf: bytes | memoryview, count: int | None = None) -> np.ndarray:
-    """Length-prefixed binary → 1-D object array of ``bytes``; 400 if it is malformed."""
-    try:
-        return unpack_bytes(buf, count)
-    except ValueError as e:
-        raise bad_request(str(e)) from None
-
-
 # -- requests ---------------------------------------------------------------------------
 
 
@@ -106,6 +98,8 @@ class InferRequest:
     id: str | None
     binary_output: bool  # answer the output as binary data
     output_name: str
+    # BYTES: ``payload`` is the tensor in its length-prefixed form (uint8), this its shape
+    bytes_shape: tuple[int, ...] | None = None
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes | memoryview, memoryview]:
@@ -186,9 +180,7 @@ def _from_json_data(data: Any, shape: list[int], dtype: str, where: str) -> np.n
             raise bad_request(f"{where} has {len(flat)} elements; shape {shape} needs {count}")
         if not all(isinstance(x, str) for x in flat):
             raise bad_request(f'{where} BYTES "data" must hold strings')
-        arr = np.empty(count, dtype=object)
-        arr[:] = [x.encode() for x in flat]
-        return arr.reshape(shape)
+        return bytes_tensor.packed(flat)
     try:
         raw = np.array(data)
     except ValueError as e:
@@ -219,7 +211,11 @@ def _flatten(data: list[Any], where: str) -> list[Any]:
 def _from_binary(chunk: memoryview, shape: list[int], dtype: str, where: str) -> np.ndarray:
     count = math.prod(shape)
     if dtype == "bytes":
-        return deserialize_bytes(chunk, count).reshape(shape)
+        try:
+            bytes_tensor.check(chunk, count)
+        except ValueError as e:
+            raise bad_request(str(e)) from None
+        return np.frombuffer(chunk, dtype=np.uint8)  # passed on as it came
     dt = np.dtype(dtype).newbyteorder("<")
     if len(chunk) != count * dt.itemsize:
         raise bad_request(
@@ -326,6 +322,9 @@ def decode_request(
                 raise bad_request('"binary_data" must be true or false')
             binary_output = flag
 
+    if inp.dtype == "bytes":
+        tensor_shape = tuple(shape) if max_batch_size > 0 else (1, *shape)
+        return InferRequest(arr, rows, rid, binary_output, out.name, tensor_shape)
     payload = arr if max_batch_size > 0 else arr.reshape(1, *arr.shape)
     return InferRequest(payload, rows, rid, binary_output, out.name)
 
@@ -335,14 +334,7 @@ def decode_request(
 
 def _json_data(arr: np.ndarray, dtype: str) -> list[Any] | np.ndarray:
     if dtype == "bytes":
-        try:
-            return [
-                (x if isinstance(x, bytes) else bytes(x)).decode() for x in arr.ravel().tolist()
-            ]
-        except UnicodeDecodeError:
-            raise HTTPError(
-                500, "a BYTES output is not UTF-8: ask for it with binary_data"
-            ) from None
+        return utf8_strings(arr).ravel().tolist()
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise HTTPError(
             500, "the output holds NaN or Inf, which JSON cannot carry: ask for it with binary_data"

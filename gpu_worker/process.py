@@ -66,7 +66,7 @@ class HeaderError(ValueError):
 
 
 class Worker:
-    def __init__(self, spec: ChildSpec) -> None:
+    def __init__(self, spec: ChildSpec, interrupt_fd: int = -1) -> None:
         self.spec = spec
         self.settings = spec.settings
         self.model = self.settings.models[spec.model_index]
@@ -77,7 +77,7 @@ class Worker:
         self.handler: Handler | None = None
         self.batcher: Batcher | None = None
         self.stopping = False
-        self.interrupt_fd = -1  # a signal_wakeup_pipe: SIGTERM ends an idle wait at once
+        self.interrupt_fd = interrupt_fd  # a signal_wakeup_pipe: SIGTERM ends an idle wait
         self._pinned: dict[tuple, torch.Tensor] = {}
         self._batch_seq = 0
         self._ran: list[tuple[int, int, float]] = []  # (rows, requests, seconds) per batch
@@ -404,13 +404,11 @@ def main() -> None:
             worker_ref[0].stopping = True  # record only; the loop finishes its batch
 
     signal.signal(signal.SIGTERM, on_term)
-    interrupt_fd = wake.signal_wakeup_pipe()
     try:
-        worker = Worker(spec)
+        worker = Worker(spec, wake.signal_wakeup_pipe())
     except ArenaError as e:
         log.error("%s", e)
         sys.exit(ExitCode.BOOT)
-    worker.interrupt_fd = interrupt_fd
     worker_ref.append(worker)
     worker.start()
     sys.exit(worker.run())

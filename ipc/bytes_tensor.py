@@ -4,7 +4,7 @@ handler).
 
 Each element is a 4-byte little-endian length and then that many bytes, row-major, no
 padding: the form ``binary_data`` already uses, so a binary request's bytes go into the
-slot as they came. The element count comes from the shape in the slot header.
+slot as they came (``check``ed, not unpacked and packed again). The element count comes from the shape in the slot header.
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ def pack(items: np.ndarray | list[Any]) -> bytes:
     return b"".join(parts)
 
 
-def unpack(buf: bytes | memoryview | np.ndarray, count: int | None = None) -> np.ndarray:
-    """Length-prefixed binary → 1-D object array of ``bytes``; ValueError, saying where,
-    if it is malformed or (given ``count``) holds another number of elements."""
+def _spans(buf: bytes | memoryview | np.ndarray, count: int | None) -> tuple[memoryview, list]:
+    """Walk the length prefixes: (a byte view, each element's (start, end)); ValueError,
+    saying where, if the framing is broken or (given ``count``) the number is not it."""
     view = memoryview(buf).cast("B")
-    out: list[bytes] = []
+    spans: list[tuple[int, int]] = []
     pos, end = 0, len(view)
     while pos < end:
         if end - pos < 4:
@@ -48,12 +48,30 @@ def unpack(buf: bytes | memoryview | np.ndarray, count: int | None = None) -> np
         pos += 4
         if n > end - pos:
             raise ValueError(f"BYTES element of {n} bytes runs past the end of its data")
-        out.append(bytes(view[pos : pos + n]))
+        spans.append((pos, pos + n))
         pos += n
-        if count is not None and len(out) > count:
+        if count is not None and len(spans) > count:
             raise ValueError(f"BYTES data holds more than the {count} elements of its shape")
-    if count is not None and len(out) != count:
-        raise ValueError(f"BYTES data holds {len(out)} elements; its shape needs {count}")
-    arr = np.empty(len(out), dtype=object)
-    arr[:] = out
+    if count is not None and len(spans) != count:
+        raise ValueError(f"BYTES data holds {len(spans)} elements; its shape needs {count}")
+    return view, spans
+
+
+def check(buf: bytes | memoryview | np.ndarray, count: int) -> None:
+    """Validate length-prefixed binary without building its elements (the frontend
+    passes a valid binary request's bytes on as they came)."""
+    _spans(buf, count)
+
+
+def unpack(buf: bytes | memoryview | np.ndarray, count: int | None = None) -> np.ndarray:
+    """Length-prefixed binary → 1-D object array of ``bytes``; ValueError, saying where,
+    if it is malformed or (given ``count``) holds another number of elements."""
+    view, spans = _spans(buf, count)
+    arr = np.empty(len(spans), dtype=object)
+    arr[:] = [bytes(view[a:b]) for a, b in spans]
     return arr
+
+
+def packed(items: np.ndarray | list[Any]) -> np.ndarray:
+    """``pack`` as a uint8 array, the form a slot payload is submitted in."""
+    return np.frombuffer(pack(items), dtype=np.uint8)

@@ -357,3 +357,11 @@ def test_python_user_handler(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_python_handler_must_subclass_handler() -> None:
     with pytest.raises(TypeError, match="not a ringserve Handler"):
         create_handler(ModelSettings(name="m", handler="python:json:JSONDecoder"))
+
+
+def test_bytes_input_needs_its_own_preprocess() -> None:
+    """Refused once, when the handler is created, not on every request it gets."""
+    fake = "python:support.fake_handlers"
+    assert create_handler(ModelSettings(name="t", handler=f"{fake}:ByteLengths"))
+    with pytest.raises(TypeError, match="its input is BYTES, so it must define preprocess"):
+        create_handler(ModelSettings(name="t", handler=f"{fake}:BytesWithoutPreprocess"))

@@ -18,13 +18,13 @@ from ringserve.frontend.v2_codec import (
     TensorSpec,
     decode_request,
     decompress_body,
-    deserialize_bytes,
     encode_response,
     model_shape,
     serialize_bytes,
     split_body,
     v2_datatype,
 )
+from ringserve.ipc import bytes_tensor
 
 IN = TensorSpec("INPUT0", "float32", [-1])
 OUT = TensorSpec("OUTPUT0", "float32", [-1])
@@ -265,15 +265,33 @@ def test_split_body_without_header_is_all_json() -> None:
 # -- BYTES ------------------------------------------------------------------------------
 
 
+BYTES_IN = TensorSpec("INPUT0", "bytes", [-1])
+
+
+def _bytes_binary_tensor(shape: list[int], size: int) -> dict[str, object]:
+    return {
+        "name": "INPUT0",
+        "datatype": "BYTES",
+        "shape": shape,
+        "parameters": {"binary_data_size": size},
+    }
+
+
+def _elements(r: InferRequest) -> list:
+    """A BYTES request's elements: its payload is the length-prefixed form."""
+    assert r.bytes_shape is not None and r.payload.dtype == np.uint8
+    return bytes_tensor.unpack(r.payload).reshape(r.bytes_shape).tolist()
+
+
 def test_bytes_round_trip_with_length_prefixes() -> None:
     items = [b"", b"a", "héllo", b"\x00\xff"]
     raw = serialize_bytes(items)
     assert raw[:4] == struct.pack("<I", 0)
     assert raw[4:9] == struct.pack("<I", 1) + b"a"
-    back = deserialize_bytes(raw, 4)
+    back = bytes_tensor.unpack(raw, 4)
     assert back.tolist() == [b"", b"a", "héllo".encode(), b"\x00\xff"]
     nested = np.array([[b"ab", b"c"], [b"", b"xyz"]], dtype=object)
-    assert deserialize_bytes(serialize_bytes(nested)).tolist() == [b"ab", b"c", b"", b"xyz"]
+    assert bytes_tensor.unpack(serialize_bytes(nested)).tolist() == [b"ab", b"c", b"", b"xyz"]
     with pytest.raises(TypeError, match="must be bytes or str, not int"):
         serialize_bytes([b"a", 5])  # bytes(5) would be five zero bytes, silently
 
@@ -288,35 +306,23 @@ def test_bytes_round_trip_with_length_prefixes() -> None:
     ],
 )
 def test_bad_bytes_data(raw: bytes, count: int | None, words: str) -> None:
-    with pytest.raises(HTTPError) as e:
-        deserialize_bytes(raw, count)
-    assert e.value.status == 400
-    assert words in e.value.message
+    """Malformed binary BYTES are a 400 from the codec, checked without unpacking."""
+    doc = {"inputs": [_bytes_binary_tensor([1, count or 1], len(raw))]}
+    e = err(doc, raw, spec=BYTES_IN)
+    assert e.status == 400
+    assert words in e.message
 
 
 def test_bytes_model_input_json_and_binary() -> None:
-    spec = TensorSpec("INPUT0", "bytes", [-1])
     r = decode(
-        {"inputs": [tensor(datatype="BYTES", shape=[1, 2], data=["hi", "there"])]}, spec=spec
+        {"inputs": [tensor(datatype="BYTES", shape=[1, 2], data=["hi", "there"])]}, spec=BYTES_IN
     )
-    assert r.payload.tolist() == [[b"hi", b"there"]]
+    assert _elements(r) == [[b"hi", b"there"]]
     raw = serialize_bytes([b"a", b"bc"])
-    r = decode(
-        {
-            "inputs": [
-                {
-                    "name": "INPUT0",
-                    "datatype": "BYTES",
-                    "shape": [2, 1],
-                    "parameters": {"binary_data_size": len(raw)},
-                }
-            ]
-        },
-        raw,
-        spec=spec,
-    )
-    assert r.payload.tolist() == [[b"a"], [b"bc"]]
-    e = err({"inputs": [tensor(datatype="BYTES", shape=[1, 2], data=[1, 2])]}, spec=spec)
+    r = decode({"inputs": [_bytes_binary_tensor([2, 1], len(raw))]}, raw, spec=BYTES_IN)
+    assert _elements(r) == [[b"a"], [b"bc"]]
+    assert r.payload.tobytes() == raw  # passed on as it came, not unpacked and packed again
+    e = err({"inputs": [tensor(datatype="BYTES", shape=[1, 2], data=[1, 2])]}, spec=BYTES_IN)
     assert "strings" in e.message
 
 
@@ -363,7 +369,7 @@ def test_bytes_response_json_and_binary() -> None:
     assert json.loads(content)["outputs"][0]["data"] == ["a", "bc"]
     content, hlen = encode_response("m", request(True), out, "bytes", 32)
     assert hlen is not None
-    assert deserialize_bytes(content[hlen:]).tolist() == [b"a", b"bc"]
+    assert bytes_tensor.unpack(content[hlen:]).tolist() == [b"a", b"bc"]
 
 
 def test_nan_output_needs_binary() -> None:

@@ -573,6 +573,10 @@ def test_bytes_input_refusals(
     r = client.post("/v2/models/text/infer", content=body, headers=headers)
     assert r.status_code == 400, r.text
     assert words in r.json()["error"]
+    good_json(client)
+
+
+def test_bytes_input_json_refusals(client: httpx.Client) -> None:
     r = client.post(
         "/v2/models/text/infer", json={"inputs": [_t(datatype="BYTES", shape=[1, 1], data=[7])]}
     )

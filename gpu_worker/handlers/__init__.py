@@ -26,8 +26,19 @@ def _import(path: str) -> type:
 
 
 def create_handler(settings: ModelSettings) -> Handler:
-    """Build the handler named by ``settings.handler`` (not loaded yet)."""
+    """Build the handler named by ``settings.handler`` (not loaded yet). A BYTES input
+    with the default ``preprocess`` (which makes tensors of numbers) is refused here,
+    once, rather than failing every request."""
     kind, _, arg = settings.handler.partition(":")
-    if kind == "python":
-        return _import(arg)(settings, "")
-    return _import(_BUILTINS[kind])(settings, arg)
+    cls = _import(arg) if kind == "python" else _import(_BUILTINS[kind])
+    handler = cls(settings, "" if kind == "python" else arg)
+    if (
+        handler.inputs
+        and handler.inputs[0].dtype == "bytes"
+        and (cls.preprocess is Handler.preprocess)
+    ):
+        raise TypeError(
+            f"{settings.handler}: its input is BYTES, so it must define preprocess "
+            "(an object array of bytes in, a tensor out)"
+        )
+    return handler

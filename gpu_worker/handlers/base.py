@@ -11,7 +11,7 @@ Contract:
 - ``preprocess`` turns one request's payload (a numpy view of shared memory, already
   checked against ``inputs[0]`` by the frontend; encoded image bytes; or, for an input
   declared ``"bytes"`` (KServe v2 BYTES), an object array of ``bytes`` in the request's
-  shape, which the default ``preprocess`` refuses) into a tensor of shape
+  shape: such a handler must define ``preprocess``) into a tensor of shape
   ``[rows, *inputs[0].shape]``; it raises ``BadInput`` for input it refuses;
 - ``infer`` must not keep references to its input (the batch buffer is reused);
 - ``postprocess`` returns a numpy array whose first dimension matches the batch (for an
@@ -65,8 +65,6 @@ class Handler(ABC):
         """One request's payload → ``[rows, *input shape]`` tensor (CPU; the worker moves it)."""
         if kind == PayloadKind.IMAGE:
             raise BadInput(f"model {self.settings.name} does not take images")
-        if payload.dtype.hasobject:
-            raise BadInput(f"model {self.settings.name} has no preprocess for BYTES input")
         return torch.from_numpy(payload)
 
     @abstractmethod

@@ -114,6 +114,12 @@ class ByteLengths(Handler):
         return batch
 
 
+class BytesWithoutPreprocess(ByteLengths):
+    """Declares a BYTES input but keeps the default preprocess: refused at creation."""
+
+    preprocess = Handler.preprocess
+
+
 class Describe(Handler):
     """A BYTES output: each row as text (``[1, 2.5]`` -> ``"1,2.5"``); a row starting with
     -1 answers ``b"\\xff"`` (not UTF-8), one starting with 13 an int (not bytes or str)."""
