@@ -47,9 +47,6 @@ PIPELINE = 32
 def _worker(path: str, work_fd: int, done_fd: int, stop_fd: int) -> None:
     arena = Arena.attach(path)
     ring = RequestRing(arena, 0)
-    poller = select.poll()
-    poller.register(work_fd, select.POLLIN)
-    poller.register(stop_fd, select.POLLIN)
     batch_id = 0
     asleep = False
     while True:
@@ -58,10 +55,13 @@ def _worker(path: str, work_fd: int, done_fd: int, stop_fd: int) -> None:
         claimed = ring.pop(PIPELINE, 1, os.getpid(), woke=asleep, sleep_if_empty=True)
         asleep = not claimed
         if asleep:
-            poller.poll(1000)
-            if wake.drain(stop_fd):
+            # The real worker's wait (``wake.wait``: one select, the stop fd standing in
+            # for its signal pipe), and only an fd that fired is read.
+            ready = select.select((work_fd, stop_fd), (), (), 1.0)[0]
+            if stop_fd in ready:
                 break
-            wake.drain(work_fd)
+            if ready:
+                wake.drain(work_fd)
             continue
         # What the worker does: read each header, gather the inputs out of shared memory
         # into one private batch (a copy out), answer into the same slots (a copy in).
