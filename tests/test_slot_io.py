@@ -88,6 +88,8 @@ def test_claim_and_answer_round_trip(arena: Arena) -> None:
 
 def test_answer_in_place_and_refusals(arena: Arena) -> None:
     view = arena.data_array(0, np.dtype("float32"), (1024,))  # 4 KiB: the whole slot
+    with pytest.raises(ValueError, match="does not fit"):
+        arena.data_array(0, np.dtype("float32"), (1025,))  # a view never reaches past it
     view[:] = 7.0
     assert arena.holds_in_place(0, view)
     assert arena.holds_in_place(0, view.reshape(2, 512).view(np.int32))  # same bytes
