@@ -4,7 +4,7 @@ than batch 4).
 
 Bounded: each size gets a few timed rounds and the whole profile stops at a time budget.
 Results are cached per model handler, weights, options, device, input shape and threads
-in ``$XDG_CACHE_HOME/ringserve/profiles-v4.json`` so restarts and recycles skip it
+in ``$XDG_CACHE_HOME/ringserve/profiles-v5.json`` so restarts and recycles skip it
 (delete the file to re-profile, e.g. after a hardware change).
 
 One worker of a model profiles, its siblings wait for the entry (a lock file per entry):
@@ -76,8 +76,9 @@ def _sizes(max_batch: int) -> list[int]:
 def _cache_path() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     # v3: interleaved rounds; v4: options in the key (a vision model now runs NHWC on a
-    # CPU by default, so a v3 figure measured NCHW must not be reused).
-    return os.path.join(base, "ringserve", "profiles-v4.json")
+    # CPU by default, so a v3 figure measured NCHW must not be reused); v5: vision models
+    # fold their BatchNorms by default (a v4 figure measured them unfolded).
+    return os.path.join(base, "ringserve", "profiles-v5.json")
 
 
 def _load_cache() -> dict:

@@ -279,6 +279,61 @@ def test_torchvision_loads_state_dict(tmp_path: Path) -> None:
     torch.testing.assert_close(h.infer(x), expected, rtol=1e-4, atol=1e-5)
 
 
+def _with_trained_batchnorms(model: torch.nn.Module) -> torch.nn.Module:
+    """Fresh BatchNorms are the identity (mean 0, var 1, weight 1, bias 0): folding them
+    would go unchecked. Statistics as after training make a wrong fold show."""
+    gen = torch.Generator().manual_seed(4)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.5, generator=gen)
+            m.running_var.uniform_(0.5, 2.0, generator=gen)
+            m.weight.data.uniform_(0.5, 1.5, generator=gen)
+            m.bias.data.normal_(0, 0.5, generator=gen)
+    return model.eval()
+
+
+def test_torchvision_folds_batchnorm_into_convolutions(tmp_path: Path) -> None:
+    """Served with each BatchNorm folded into its convolution (one pass fewer per layer)
+    and answering as the model built by torchvision does; ``fold_batchnorm = false``
+    keeps the layers."""
+    torch.manual_seed(5)
+    reference = _with_trained_batchnorms(torchvision.models.resnet18(num_classes=10))
+    path = tmp_path / "resnet18.pt"
+    torch.save(reference.state_dict(), path)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        expected = reference(x).softmax(dim=1)
+    for fold, batchnorms in ((True, 0), (False, 20)):
+        h = loaded(
+            "torchvision:resnet18", weights=str(path), options={**SMALL, "fold_batchnorm": fold}
+        )
+        found = [m for m in h.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]  # type: ignore[union-attr]
+        assert len(found) == batchnorms
+        torch.testing.assert_close(h.infer(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_stays_when_the_model_cannot_be_traced(caplog: pytest.LogCaptureFixture) -> None:
+    """torch.fx cannot trace data-dependent control flow: such a model runs as built, and
+    the log says why."""
+    from ringserve.gpu_worker.handlers.vision import fold_batchnorm
+
+    class Branchy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.bn = torch.nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.bn(self.conv(x))
+            return y if y.sum() > 0 else -y
+
+    model = _with_trained_batchnorms(Branchy())
+    with caplog.at_level("WARNING", logger="ringserve.worker"):
+        assert fold_batchnorm(model, "branchy") is model
+    assert "model branchy: BatchNorm not folded" in caplog.text
+    assert isinstance(model.bn, torch.nn.BatchNorm2d)
+
+
 def test_torchvision_labels_must_match_classes(tmp_path: Path) -> None:
     labels = tmp_path / "labels.txt"
     labels.write_text("a\nb\n")

@@ -2,7 +2,8 @@
 
 The same work ringserve does per request, so the comparison is about serving, not about
 the model: identity takes ``{"data": [floats]}`` and returns it; resnet50
-(``torchvision.models.resnet50(weights=None)``, NHWC on a CPU as ringserve runs it)
+(``torchvision.models.resnet50(weights=None)``, its BatchNorms folded into the
+convolutions and NHWC on a CPU, as ringserve runs it)
 takes a JPEG body, decodes it with PIL (draft mode, as ringserve's ``vision`` handler),
 resizes the shorter side to 256, centre-crops 224, normalises, and answers the top
 class as ``{"label", "index", "score"}``.
@@ -42,8 +43,11 @@ def load_model(name: str, threads: int, device: str = "cpu") -> torch.nn.Module:
         return torch.nn.Identity()
     if name == "resnet50":
         import torchvision
+        from torch.fx.experimental.optimization import fuse
 
-        model = torchvision.models.resnet50(weights=None).eval().to(device)
+        # Folded as ringserve's vision handler folds it (``fold_batchnorm``): the same
+        # network, so the comparison stays about serving.
+        model = fuse(torchvision.models.resnet50(weights=None).eval()).to(device)
         model = model.to(memory_format=memory_format(name, device))
         with torch.inference_mode():  # first call allocates; keep it out of the measurement
             model(torch.zeros(1, 3, CROP, CROP, device=device))

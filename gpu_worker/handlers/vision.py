@@ -16,6 +16,11 @@ Model options (``[models.NAME.options]``):
   project's 2-vCPU VM, batch 1 101.6 against 118.5 ms, batch 4 367 against 437 ms
   (same weights, interleaved). On a GPU it depends on the card and dtype, so it stays a
   choice there.
+- ``fold_batchnorm`` (on): fold every BatchNorm that directly follows a convolution into
+  that convolution's weights and bias at load (``torch.fx``): the same function, to
+  float rounding, with one pass over each layer's activations fewer. resnet50, 2
+  threads, NHWC, on this project's 2-vCPU VM: batch 1 63.1 against 66.5 ms, batch 4
+  about 5 % faster. A model that ``torch.fx`` cannot trace runs as built (logged).
 - ``max_image_pixels`` (40,000,000): refuse images whose header declares more pixels,
   before decoding them (an image bomb is small on the wire and huge in memory).
 
@@ -104,6 +109,27 @@ def decode_payload(
     return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
 
 
+def fold_batchnorm(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """``model`` (in eval mode) with each convolution's BatchNorm folded into it, or
+    ``model`` itself when ``torch.fx`` cannot trace it (data-dependent control flow)."""
+    from torch.fx.experimental.optimization import fuse
+
+    before = _batchnorms(model)
+    try:
+        folded = fuse(model)  # a traced copy; ``model`` is left as it was
+    except Exception as e:  # fx raises whatever the model's forward raises on proxies
+        log.warning("model %s: BatchNorm not folded, it runs as built (%s)", name, e)
+        return model
+    log.info(
+        "model %s: folded %d of %d BatchNorm layers", name, before - _batchnorms(folded), before
+    )
+    return folded
+
+
+def _batchnorms(model: torch.nn.Module) -> int:
+    return sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def read_labels(path: str) -> tuple[str, ...]:
     """One label per line; blank lines at the end are ignored."""
     return tuple(Path(path).read_text(encoding="utf-8").rstrip("\n").split("\n"))
@@ -121,6 +147,7 @@ class TorchvisionHandler(Handler):
         self.num_classes = int(opts.get("num_classes", 1000))
         option = opts.get("channels_last")
         self.channels_last: bool | None = None if option is None else bool(option)  # see load
+        self.fold_batchnorm = bool(opts.get("fold_batchnorm", True))
         self.max_pixels = int(opts.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
         # Normalisation as one multiply-add on the uint8 pixels: (x / 255 - mean) / std
         # = x * scale + bias, in one pass into the output (to_dtype then normalize made
@@ -158,7 +185,10 @@ class TorchvisionHandler(Handler):
                     f"{labels_file}: {len(labels)} labels for {self.num_classes} classes"
                 )
             self.labels = labels
-        model = model.eval().to(device)
+        model = model.eval()
+        if self.fold_batchnorm:
+            model = fold_batchnorm(model, self.settings.name)
+        model = model.to(device)
         if self.channels_last is None:  # unset: by device
             self.channels_last = device.type == "cpu"
         if self.channels_last:
