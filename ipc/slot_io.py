@@ -114,6 +114,7 @@ _SHAPED = ("in_ndim", "in_shape", "in_nbytes", "out_dtype", "out_shape")
 assert Header._fields[8:13] == _SHAPED
 _HEAD = operator.itemgetter(*(_IX[n] for n in Header._fields[:8]))
 _TAIL = operator.itemgetter(*(_IX[n] for n in Header._fields[13:]))
+_tuple_new = tuple.__new__
 _IN_NDIM, _IN_SHAPE, _IN_NBYTES = _IX["in_ndim"], _IX["in_shape"], _IX["in_nbytes"]
 _OUT_DTYPE, _OUT_NDIM, _OUT_SHAPE = _IX["out_dtype"], _IX["out_ndim"], _IX["out_shape"]
 
@@ -214,17 +215,18 @@ class SlotHeaders:
         _U4.pack_into(self.buf, off, L.RUNNING)
 
     def read(self, slot: int) -> Header:
-        v = _WHOLE.unpack_from(self.buf, self._off(slot))
+        v = _WHOLE.unpack_from(self.buf, self.base + slot * self.stride)
         in_ndim, out_ndim = v[_IN_NDIM], v[_OUT_NDIM]
-        return Header(
-            *_HEAD(v),
+        shaped = (
             in_ndim,
             v[_IN_SHAPE : _IN_SHAPE + min(in_ndim, L.MAX_NDIM)],
             v[_IN_NBYTES],
             v[_OUT_DTYPE],
             v[_OUT_SHAPE : _OUT_SHAPE + min(out_ndim, L.MAX_NDIM)],
-            *_TAIL(v),
         )
+        # tuple.__new__ on the concatenated fields: ``Header(*...)`` goes through the
+        # named tuple's Python-level __new__ (2.0 against 1.6 µs hot, twice per request).
+        return _tuple_new(Header, _HEAD(v) + shaped + _TAIL(v))
 
     def write_result(
         self,

@@ -23,9 +23,12 @@ def new_eventfd() -> int:
 
 def signal(fd: int) -> None:
     """Add one to the counter (never blocks: the counter saturates far beyond use)."""
-    # BlockingIOError: counter at its maximum, so the waiter is already due to wake.
-    with contextlib.suppress(BlockingIOError):
+    # try, not contextlib.suppress: this runs twice per request, and with the context
+    # manager the call costs 0.96 µs hot against 0.43.
+    try:  # noqa: SIM105
         os.eventfd_write(fd, 1)
+    except BlockingIOError:  # counter at its maximum: the waiter is already due to wake
+        pass
 
 
 def drain(fd: int) -> int:
