@@ -26,7 +26,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import select
+import signal
 import tempfile
 import time
 
@@ -44,7 +44,16 @@ N_SLOTS = 64
 PIPELINE = 32
 
 
-def _worker(path: str, work_fd: int, done_fd: int, stop_fd: int) -> None:
+def _worker(path: str, work_fd: int, done_fd: int) -> None:
+    stopping = False
+
+    def on_term(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    # Stopped as the real worker is: SIGTERM, seen through the signal wake-up pipe.
+    signal.signal(signal.SIGTERM, on_term)
+    interrupt_fd = wake.signal_wakeup_pipe()
     arena = Arena.attach(path)
     ring = RequestRing(arena, 0)
     batch_id = 0
@@ -55,13 +64,11 @@ def _worker(path: str, work_fd: int, done_fd: int, stop_fd: int) -> None:
         claimed = ring.pop(PIPELINE, 1, os.getpid(), woke=asleep, sleep_if_empty=True)
         asleep = not claimed
         if asleep:
-            # The real worker's wait (``wake.wait``: one select, the stop fd standing in
-            # for its signal pipe), and only an fd that fired is read.
-            ready = select.select((work_fd, stop_fd), (), (), 1.0)[0]
-            if stop_fd in ready:
-                break
-            if ready:
+            # The real worker's wait (``Worker._wait_for_work``).
+            if wake.wait(work_fd, 1.0, interrupt_fd):
                 wake.drain(work_fd)
+            if stopping:
+                break
             continue
         # What the worker does: read each header, gather the inputs out of shared memory
         # into one private batch (a copy out), answer into the same slots (a copy in).
@@ -243,10 +250,10 @@ def measure(iterations: int, sizes: dict[str, int] | None = None) -> list[dict]:
             n_slots=N_SLOTS, slot_bytes=SLOT_BYTES, n_models=1, n_procs=4, n_frontends=1
         )
         arena = Arena.create(os.path.join(tmp, segment_name("bench")), geometry)
-        work_fd, done_fd, stop_fd = wake.new_eventfd(), wake.new_eventfd(), wake.new_eventfd()
+        work_fd, done_fd = wake.new_eventfd(), wake.new_eventfd()
         # ipc has no torch and no threads: fork is safe and keeps the fds.
         worker = mp.get_context("fork").Process(
-            target=_worker, args=(arena.path, work_fd, done_fd, stop_fd), daemon=True
+            target=_worker, args=(arena.path, work_fd, done_fd), daemon=True
         )
         worker.start()
         fe = Frontend(arena, work_fd, done_fd)
@@ -286,14 +293,14 @@ def measure(iterations: int, sizes: dict[str, int] | None = None) -> list[dict]:
                     }
                 )
         finally:
-            wake.signal(stop_fd)
+            worker.terminate()
             worker.join(10)
             if worker.is_alive():
                 worker.kill()
                 worker.join(5)
             fe.ring.close()
             arena.close()
-            for fd in (work_fd, done_fd, stop_fd):
+            for fd in (work_fd, done_fd):
                 os.close(fd)
     return rows
 

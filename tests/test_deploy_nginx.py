@@ -316,26 +316,23 @@ def test_sigterm_one_of_two_instances_behind_nginx(start_server, start_nginx) ->
 
 def busiest_frontend(server: Server, ngx: Nginx) -> int:
     """The frontend holding the most connections from nginx (the kernel need not spread
-    them), once one holds any.
-
-    Only nginx's count: a stopped frontend accepts no new connection, so nginx reaches it
-    only through those it already holds, and a connection of the test's own (a readiness
-    check) must not make a frontend look busy. It did, in one loaded run: the victim
-    held no nginx connection and never received a request."""
+    them), once one holds any: a stopped frontend accepts no new connection, so nginx
+    reaches it only through those it already holds, and no other connection counts."""
     master = psutil.Process(ngx.pid())
-    nginx_ends: set[tuple[str, int]] = set()
-
-    def from_nginx(pid: int) -> int:
-        conns = psutil.Process(pid).net_connections(kind="tcp")
-        return sum(
-            1 for c in conns if c.status == psutil.CONN_ESTABLISHED and c.raddr in nginx_ends
-        )
 
     def busiest() -> int | None:
-        nginx_ends.clear()
-        for proc in (master, *master.children()):
-            nginx_ends.update(tuple(c.laddr) for c in proc.net_connections(kind="tcp"))
-        counts = {pid: from_nginx(pid) for pid in server.pids("frontend")}
+        nginx_ends = {
+            tuple(c.laddr)
+            for proc in (master, *master.children())
+            for c in proc.net_connections(kind="tcp")
+        }
+        counts = {
+            pid: sum(
+                c.status == psutil.CONN_ESTABLISHED and c.raddr in nginx_ends
+                for c in psutil.Process(pid).net_connections(kind="tcp")
+            )
+            for pid in server.pids("frontend")
+        }
         pid = max(counts, key=counts.__getitem__)
         return pid if counts[pid] else None
 
@@ -404,19 +401,20 @@ def test_sigkill_frontend_behind_nginx(start_server, start_nginx) -> None:
         # Each of the victim's nginx connections may be in the middle of a request when
         # it stops: a busy connection gets nothing new and a stopped frontend accepts
         # none, so nothing reaches it. Then it goes on, finishes them, and is stopped
-        # again (the wide rounds stop first: while it runs they would hand it many more
-        # connections, and the kill would leave them all dead in nginx's cache).
+        # again. The wide rounds stop before it goes on: running, they would hand it many
+        # more connections, and the kill would leave them all dead in nginx's cache.
         for _ in range(3):
             victim = busiest_frontend(server, ngx)
             stop = threading.Event()
+            sent = False
             os.kill(victim, signal.SIGSTOP)
             with ThreadPoolExecutor(1) as pool:
                 wide = pool.submit(wide_rounds, ngx.url, stop)
                 try:
                     sent = within(lambda v=victim: unread_bytes(v) > 0, 10)
-                    os.kill(victim, signal.SIGKILL if sent else signal.SIGCONT)
                 finally:
                     stop.set()
+                    os.kill(victim, signal.SIGKILL if sent else signal.SIGCONT)
                 wide_result = wide.result(120)
             if sent:
                 break
