@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -39,6 +40,7 @@ from ringserve.frontend.call import AsgiEndpoint, Call, Reply, error_reply
 from ringserve.frontend.catalog import MODEL_VERSION, ModelInfo
 from ringserve.frontend.dispatch import Completed
 from ringserve.frontend.errors import HTTPError, unavailable
+from ringserve.frontend.images import check_image
 from ringserve.frontend.v2_codec import (
     V2_TO_CONFIG,
     TensorSpec,
@@ -50,6 +52,7 @@ from ringserve.frontend.v2_codec import (
     v2_datatype,
 )
 from ringserve.frontend.v2_stats import model_stats
+from ringserve.ipc import bytes_tensor
 from ringserve.ipc.layout import PayloadKind
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -164,6 +167,16 @@ def _config(info: ModelInfo) -> dict[str, Any]:
     return config
 
 
+def check_images(packed: np.ndarray, max_pixels: int, input_name: str) -> None:
+    """Each element of a BYTES tensor of images, as ``check_image`` checks an image body
+    (format, declared size), before any worker decodes it; the error names the row."""
+    for row, image in enumerate(bytes_tensor.unpack(packed)):
+        try:
+            check_image(image, max_pixels)
+        except HTTPError as err:
+            raise HTTPError(err.status, f"input {input_name!r} row {row}: {err.message}") from None
+
+
 def v2_routes(state: FrontendState) -> list[Route]:
     @_errors_as_json
     async def server_metadata(request: Request, rid: str) -> Response:
@@ -228,7 +241,9 @@ def v2_routes(state: FrontendState) -> list[Route]:
             body = decompress_body(body, call.headers.get("content-encoding"), limit)
             header, binary = split_body(body, call.headers.get(HEADER_LENGTH))
             mbs = info.settings.batching.max_batch_size
-            req = decode_request(header, binary, inp, out, mbs)
+            req = decode_request(header, binary, inp, out, mbs, bool(spec.get("accepts_images")))
+            if req.images:
+                check_images(req.payload, state.settings.server.max_image_pixels, inp.name)
             if req.id and len(req.id) <= 128 and req.id.isprintable():
                 rid = req.id
 
@@ -242,7 +257,7 @@ def v2_routes(state: FrontendState) -> list[Route]:
                 call,
                 info,
                 req.payload,
-                PayloadKind.TENSOR,
+                PayloadKind.IMAGE if req.images else PayloadKind.TENSOR,
                 req.rows,
                 rid,
                 answer,

@@ -100,6 +100,7 @@ class InferRequest:
     output_name: str
     # BYTES: ``payload`` is the tensor in its length-prefixed form (uint8), this its shape
     bytes_shape: tuple[int, ...] | None = None
+    images: bool = False  # BYTES elements are encoded images, one per row (see below)
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes | memoryview, memoryview]:
@@ -228,14 +229,40 @@ def _from_binary(chunk: memoryview, shape: list[int], dtype: str, where: str) ->
     return cast(arr, dtype)  # NaN rule; no copy when already the right dtype
 
 
+def _image_rows(shape: list[int], max_batch_size: int, where: str) -> int:
+    """Rows of a BYTES tensor of encoded images: ``[rows]`` or ``[rows, 1]`` when the
+    model batches, ``[1]`` when it does not."""
+    if max_batch_size > 0:
+        if not 1 <= len(shape) <= 2 or shape[1:] not in ([], [1]):
+            raise bad_request(
+                f"{where} shape {shape}: a BYTES tensor of images is [rows] or [rows, 1], "
+                "one encoded image per row"
+            )
+        if shape[0] > max_batch_size:
+            raise bad_request(
+                f"{where} batch of {shape[0]} images exceeds max_batch_size {max_batch_size}"
+            )
+        return shape[0]
+    if shape != [1]:
+        raise bad_request(f"{where} shape {shape}: this model takes one image, shape [1]")
+    return 1
+
+
 def decode_request(
     header: bytes | memoryview,
     binary: memoryview,
     inp: TensorSpec,
     out: TensorSpec,
     max_batch_size: int,
+    accepts_images: bool = False,
 ) -> InferRequest:
-    """Validate an infer request against the model's one input and output."""
+    """Validate an infer request against the model's one input and output.
+
+    A model that ``accepts_images`` also takes its input as BYTES whatever its declared
+    datatype: one encoded image (JPEG, PNG, ...) per row, which the worker decodes and
+    preprocesses as it does an ``image/*`` body of the simple API (Triton users send
+    images this way to a model with server-side preprocessing).
+    """
     doc = parse_json(header)
     if not isinstance(doc, dict):
         raise bad_request("infer request must be a JSON object")
@@ -270,12 +297,18 @@ def decode_request(
         raise bad_request(
             f"{where} has invalid datatype {datatype!r}; use one of {', '.join(V2_TO_DTYPE)}"
         )
-    if V2_TO_DTYPE[datatype] != inp.dtype:
+    images = accepts_images and datatype == "BYTES" and inp.dtype != "bytes"
+    if V2_TO_DTYPE[datatype] != inp.dtype and not images:
+        also = " (or BYTES: encoded images)" if accepts_images and inp.dtype != "bytes" else ""
         raise bad_request(
-            f"{where} datatype {datatype} does not match the model's {v2_datatype(inp.dtype)}"
+            f"{where} datatype {datatype} does not match the model's {v2_datatype(inp.dtype)}{also}"
         )
     shape = _shape(tensor.get("shape"), where)
-    rows = _check_shape(shape, inp, max_batch_size)
+    if images:
+        rows = _image_rows(shape, max_batch_size, where)
+    else:
+        rows = _check_shape(shape, inp, max_batch_size)
+    dtype = "bytes" if images else inp.dtype
     tparams = _params(tensor, where)
 
     consumed = 0
@@ -290,10 +323,10 @@ def decode_request(
                 f"{where} binary data is truncated: binary_data_size {size}, "
                 f"{len(binary)} bytes after the JSON header"
             )
-        arr = _from_binary(binary[:size], shape, inp.dtype, where)
+        arr = _from_binary(binary[:size], shape, dtype, where)
         consumed = size
     elif "data" in tensor:
-        arr = _from_json_data(tensor["data"], shape, inp.dtype, where)
+        arr = _from_json_data(tensor["data"], shape, dtype, where)
     else:
         raise bad_request(f'{where} needs "data" or parameters.binary_data_size')
     if consumed != len(binary):
@@ -322,7 +355,9 @@ def decode_request(
                 raise bad_request('"binary_data" must be true or false')
             binary_output = flag
 
-    if inp.dtype == "bytes":
+    if images:
+        return InferRequest(arr, rows, rid, binary_output, out.name, (rows,), images=True)
+    if dtype == "bytes":
         tensor_shape = tuple(shape) if max_batch_size > 0 else (1, *shape)
         return InferRequest(arr, rows, rid, binary_output, out.name, tensor_shape)
     payload = arr if max_batch_size > 0 else arr.reshape(1, *arr.shape)

@@ -265,7 +265,7 @@ class Worker:
         groups: dict[tuple, list[tuple[int, torch.Tensor]]] = defaultdict(list)
         for p in run:
             try:
-                tensor = self.handler.preprocess(*self._payload(p.key, headers[p.key]))
+                tensor = self._preprocess(p.key, headers[p.key])
             except (BadInput, HeaderError) as e:
                 self._finish_error(p.key, Status.BAD_INPUT, str(e).encode(), owners)
                 continue
@@ -294,6 +294,22 @@ class Worker:
         rec["busy_ns"] = int(rec["busy_ns"]) + int(sum(r[2] for r in self._ran) * 1e9)
         self._ran.clear()
 
+    def _preprocess(self, slot: int, h: Header) -> torch.Tensor:
+        """The handler's tensor for one request. A BYTES tensor of images (KServe v2, one
+        encoded image per row) is preprocessed image by image, as ``image/*`` bodies are,
+        and the rows concatenated."""
+        assert self.handler is not None
+        payload, kind = self._payload(slot, h)
+        if kind != PayloadKind.IMAGE or not payload.dtype.hasobject:
+            return self.handler.preprocess(payload, kind)
+        rows = []
+        for row, image in enumerate(payload.ravel()):
+            try:
+                rows.append(self.handler.preprocess(np.frombuffer(image, np.uint8), kind))
+            except BadInput as e:
+                raise BadInput(f"row {row}: {e}") from None
+        return torch.cat(rows)
+
     def _payload(self, slot: int, h: Header) -> tuple[np.ndarray, PayloadKind]:
         """A zero-copy view of a slot's input, after bounds-checking its header."""
         if h.kind not in (PayloadKind.TENSOR, PayloadKind.IMAGE):
@@ -302,8 +318,8 @@ class Worker:
             raise HeaderError("corrupt request header: dtype or rank out of range")
         if h.in_nbytes > self.arena.geometry.slot_bytes:
             raise HeaderError("corrupt request header: payload larger than its slot")
-        if h.in_dtype == _BYTES and h.kind == PayloadKind.TENSOR:
-            return self._bytes_payload(slot, h), PayloadKind.TENSOR
+        if h.in_dtype == _BYTES:  # a BYTES tensor, or (IMAGE) a BYTES tensor of images
+            return self._bytes_payload(slot, h), PayloadKind(h.kind)
         dtype = numpy_dtype(h.in_dtype)
         if math.prod(h.in_shape) * dtype.itemsize != h.in_nbytes:
             raise HeaderError("corrupt request header: shape does not match byte length")

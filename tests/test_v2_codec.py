@@ -38,10 +38,12 @@ def body(doc: object, *binary: bytes) -> tuple[bytes, str | None]:
     return head + b"".join(binary), str(len(head))
 
 
-def decode(doc: object, *binary: bytes, spec: TensorSpec = IN, mbs: int = 32) -> InferRequest:
+def decode(
+    doc: object, *binary: bytes, spec: TensorSpec = IN, mbs: int = 32, images: bool = False
+) -> InferRequest:
     raw, hlen = body(doc, *binary)
     header, tail = split_body(raw, hlen)
-    return decode_request(header, tail, spec, OUT, mbs)
+    return decode_request(header, tail, spec, OUT, mbs, images)
 
 
 def err(doc: object, *binary: bytes, **kw: object) -> HTTPError:
@@ -324,6 +326,51 @@ def test_bytes_model_input_json_and_binary() -> None:
     assert r.payload.tobytes() == raw  # passed on as it came, not unpacked and packed again
     e = err({"inputs": [tensor(datatype="BYTES", shape=[1, 2], data=[1, 2])]}, spec=BYTES_IN)
     assert "strings" in e.message
+
+
+def test_images_as_bytes_for_a_model_that_takes_images() -> None:
+    """[rows] or [rows, 1] BYTES elements, one image each, passed on as they came with
+    the shape [rows]; the bytes are not looked at here (``check_images`` does that)."""
+    raw = serialize_bytes([b"\x89PNG-one", b"\xff\xd8\xff-two"])
+    for shape in ([2], [2, 1]):
+        r = decode({"inputs": [_bytes_binary_tensor(shape, len(raw))]}, raw, spec=IMG, images=True)
+        assert (r.images, r.rows, r.bytes_shape) == (True, 2, (2,))
+        assert r.payload.tobytes() == raw
+    r = decode(
+        {"inputs": [_bytes_binary_tensor([1], 5)]}, b"\x01\0\0\0x", spec=IMG, mbs=0, images=True
+    )
+    assert (r.images, r.rows, r.bytes_shape) == (True, 1, (1,))
+    # The declared datatype still works as before.
+    x = np.zeros((1, 8, 8), np.float32).tobytes()
+    fp32 = {"name": "INPUT0", "datatype": "FP32", "shape": [1, 8, 8]}
+    doc = {"inputs": [{**fp32, "parameters": {"binary_data_size": len(x)}}]}
+    assert not decode(doc, x, spec=IMG, images=True).images
+
+
+@pytest.mark.parametrize(
+    ("shape", "mbs", "words"),
+    [
+        ([2, 2], 32, "[rows] or [rows, 1]"),
+        ([1, 1, 1], 32, "[rows] or [rows, 1]"),
+        ([33], 32, "exceeds max_batch_size 32"),
+        ([2], 0, "takes one image, shape [1]"),
+    ],
+)
+def test_images_as_bytes_bad_shapes(shape: list[int], mbs: int, words: str) -> None:
+    raw = serialize_bytes([b"x"] * int(np.prod(shape)))
+    doc = {"inputs": [_bytes_binary_tensor(shape, len(raw))]}
+    e = err(doc, raw, spec=IMG, mbs=mbs, images=True)
+    assert e.status == 400 and words in e.message
+
+
+def test_bytes_for_a_model_without_images_is_a_datatype_mismatch() -> None:
+    raw = serialize_bytes([b"x"])
+    doc = {"inputs": [_bytes_binary_tensor([1], len(raw))]}
+    e = err(doc, raw, spec=IMG)
+    assert "BYTES does not match the model's FP32" in e.message
+    assert "encoded images" not in e.message
+    e = err({"inputs": [tensor(datatype="INT32", shape=[1, 8, 8])]}, spec=IMG, images=True)
+    assert "INT32 does not match the model's FP32 (or BYTES: encoded images)" in e.message
 
 
 # -- responses --------------------------------------------------------------------------

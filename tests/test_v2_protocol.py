@@ -555,6 +555,61 @@ def test_bytes_input_json_and_binary(client: httpx.Client) -> None:
     assert r.json()["outputs"][0]["data"] == [1, 0, -1, 3]
 
 
+PNGS = {label: (EXAMPLES / f"digit_{label}.png").read_bytes() for label in ("0", "3", "7")}
+
+
+def test_images_as_bytes_to_an_image_model(client: httpx.Client) -> None:
+    """Encoded images as a BYTES tensor, one per row, to a model declared FP32 that takes
+    images: each row answers as the same image does through ``/v1/.../predict``."""
+    body, headers = _bytes_binary([3], _prefixed(PNGS["3"], PNGS["7"], PNGS["0"]))
+    r = client.post("/v2/models/digits/infer", content=body, headers=headers)
+    assert r.status_code == 200, r.text
+    out = r.json()["outputs"][0]
+    assert out["shape"] == [3, 10]
+    rows = np.asarray(out["data"], np.float32).reshape(3, 10)
+    assert rows.argmax(axis=1).tolist() == [3, 7, 0]
+    one = client.post(
+        "/v1/models/digits/predict", content=PNGS["7"], headers={"Content-Type": "image/png"}
+    )
+    assert one.status_code == 200, one.text
+    assert one.json()["result"]["label"] == "7"
+    assert one.json()["result"]["score"] == pytest.approx(float(rows[1].max()), rel=1e-5)
+    body, headers = _bytes_binary([1, 1], _prefixed(PNGS["3"]))  # [rows, 1] as well
+    r = client.post("/v2/models/digits/infer", content=body, headers=headers)
+    assert r.status_code == 200, r.text
+    assert int(np.argmax(r.json()["outputs"][0]["data"])) == 3
+
+
+IMAGE_ERRORS = [
+    ("not-an-image", b"hello world", 400, "row 1: body is not a JPEG, PNG, GIF or WebP image"),
+    (
+        "declared-bomb",
+        PNGS["3"][:16] + (100000).to_bytes(4, "big") * 2 + PNGS["3"][24:],
+        413,
+        "row 1: png declares 100000x100000 pixels",
+    ),
+    ("corrupt", PNGS["3"][:40] + b"\0" * 40, 400, "row 1: could not decode image"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "bad", "status", "words"), IMAGE_ERRORS, ids=[c[0] for c in IMAGE_ERRORS]
+)
+def test_images_as_bytes_refusals(
+    client: httpx.Client, case: str, bad: bytes, status: int, words: str
+) -> None:
+    """A bad image in row 1 fails the request, naming the row: the header checks in the
+    frontend, the decode in the worker; the server answers the next request."""
+    body, headers = _bytes_binary([2], _prefixed(PNGS["3"], bad))
+    r = client.post("/v2/models/digits/infer", content=body, headers=headers)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]
+    good_json(client)
+    body, headers = _bytes_binary([1], _prefixed(PNGS["7"]))
+    r = client.post("/v2/models/digits/infer", content=body, headers=headers)
+    assert r.status_code == 200 and int(np.argmax(r.json()["outputs"][0]["data"])) == 7
+
+
 BYTES_ERRORS = [
     ("truncated-length", [1, 2], _prefixed(b"ab") + b"\x01\x00", "truncated"),
     ("runs-past-end", [1, 1], b"\x09\x00\x00\x00abc", "runs past the end"),

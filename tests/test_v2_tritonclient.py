@@ -199,6 +199,16 @@ def test_bytes_input(client: httpclient.InferenceServerClient, binary: bool) -> 
     assert md["inputs"][0]["datatype"] == "BYTES"
 
 
+def test_images_as_bytes(client: httpclient.InferenceServerClient) -> None:
+    """Encoded images the way Triton users send them to a model that preprocesses
+    server-side: a BYTES tensor of file contents, one image per row."""
+    pngs = [(EXAMPLES / f"digit_{d}.png").read_bytes() for d in (7, 3)]
+    i = httpclient.InferInput("INPUT0", [2, 1], "BYTES")
+    i.set_data_from_numpy(np.array(pngs, dtype=object).reshape(2, 1))
+    r = client.infer("digits", [i])
+    assert r.as_numpy("OUTPUT0").argmax(axis=1).tolist() == [7, 3]
+
+
 @pytest.mark.parametrize("binary", [True, False])
 def test_bytes_output(client: httpclient.InferenceServerClient, binary: bool) -> None:
     """A BYTES output comes back as Triton's client makes it: an object array, of bytes
