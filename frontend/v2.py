@@ -1,6 +1,6 @@
 """KServe v2 / Open Inference Protocol REST routes, with Triton's binary tensor data,
-model configuration and statistics extensions, so ``tritonclient.http`` and
-``perf_analyzer`` work against ringserve unchanged.
+classification, model configuration and statistics extensions, so ``tritonclient.http``
+and ``perf_analyzer`` work against ringserve unchanged.
 
 Endpoints (``{v}`` is always ``1``: ringserve serves one version of each model)::
 
@@ -56,7 +56,7 @@ from ringserve.ipc import bytes_tensor
 from ringserve.ipc.layout import PayloadKind
 
 HEADER_LENGTH = "inference-header-content-length"
-EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics")
+EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration", "statistics")
 # curl -d sends form-urlencoded unless told otherwise; the body is still ours.
 REQUEST_TYPES = (
     "",
@@ -227,6 +227,7 @@ def v2_routes(state: FrontendState) -> list[Route]:
             check_intake(state)
             ready_model(state, name)
             spec = _spec(info)
+            labels = spec.get("labels") or ()
             inp = TensorSpec.from_spec(spec["inputs"][0])
             out = TensorSpec.from_spec(spec["outputs"][0])
             ctype = call.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -250,7 +251,7 @@ def v2_routes(state: FrontendState) -> list[Route]:
             def answer(done: Completed) -> tuple[bytes, int | None]:
                 assert done.output is not None
                 dtype = "bytes" if done.output.dtype.hasobject else done.output.dtype.name
-                return encode_response(name, req, done.output, dtype, mbs)
+                return encode_response(name, req, done.output, dtype, mbs, labels)
 
             content, header_len = await infer(
                 state,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +102,7 @@ class InferRequest:
     # BYTES: ``payload`` is the tensor in its length-prefixed form (uint8), this its shape
     bytes_shape: tuple[int, ...] | None = None
     images: bool = False  # BYTES elements are encoded images, one per row (see below)
+    classification: int = 0  # >0: answer the top-k classes instead of the tensor
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes | memoryview, memoryview]:
@@ -336,6 +338,7 @@ def decode_request(
         )
 
     binary_output = binary_default
+    classification = 0
     outputs = doc.get("outputs")
     if outputs is not None:
         if not isinstance(outputs, list):
@@ -348,20 +351,27 @@ def decode_request(
                     f"unknown output {o['name']!r}: the model's output is {out.name!r}"
                 )
             oparams = _params(o, f"output {o['name']!r}")
-            if oparams.get("classification"):
-                raise bad_request("the classification extension is not supported")
+            classification = oparams.get("classification", 0)
+            if not isinstance(classification, int) or isinstance(classification, bool):
+                raise bad_request('"classification" must be a non-negative integer')
+            if classification < 0:
+                raise bad_request('"classification" must be a non-negative integer')
+            if classification and out.dtype == "bytes":
+                raise bad_request(f"output {out.name!r} is BYTES: it has no classes to rank")
             flag = oparams.get("binary_data", binary_default)
             if not isinstance(flag, bool):
                 raise bad_request('"binary_data" must be true or false')
             binary_output = flag
 
     if images:
-        return InferRequest(arr, rows, rid, binary_output, out.name, (rows,), images=True)
-    if dtype == "bytes":
-        tensor_shape = tuple(shape) if max_batch_size > 0 else (1, *shape)
-        return InferRequest(arr, rows, rid, binary_output, out.name, tensor_shape)
-    payload = arr if max_batch_size > 0 else arr.reshape(1, *arr.shape)
-    return InferRequest(payload, rows, rid, binary_output, out.name)
+        payload, bytes_shape = arr, (rows,)
+    elif dtype == "bytes":
+        payload, bytes_shape = arr, tuple(shape) if max_batch_size > 0 else (1, *shape)
+    else:
+        payload, bytes_shape = arr if max_batch_size > 0 else arr.reshape(1, *arr.shape), None
+    return InferRequest(
+        payload, rows, rid, binary_output, out.name, bytes_shape, images, classification
+    )
 
 
 # -- responses --------------------------------------------------------------------------
@@ -377,14 +387,38 @@ def _json_data(arr: np.ndarray, dtype: str) -> list[Any] | np.ndarray:
     return arr.ravel()  # orjson writes numpy arrays itself (dump_json)
 
 
+def classify(output: np.ndarray, count: int, labels: Sequence[str] = ()) -> np.ndarray:
+    """Triton's classification extension: per row (first dimension), the ``count``
+    highest of its values, highest first (ties in index order), each as the string
+    "value:index[:label]"; the value printed as Triton prints it (fixed, 9 decimals, for
+    floating types). Returns an object array of UTF-8 ``bytes`` (as a BYTES output of a
+    model), ``[rows, min(count, values per row)]``."""
+    rows = output.reshape(output.shape[0], -1) if output.ndim else output.reshape(1, 1)
+    k = min(count, rows.shape[1])
+    # Sorted as float64, negated: stable for ties, and safe for unsigned integers.
+    top = np.argsort(-rows.astype(np.float64), axis=1, kind="stable")[:, :k]
+    floating = rows.dtype.kind == "f"
+    out = np.empty(top.shape, dtype=object)
+    for r, indices in enumerate(top.tolist()):
+        for j, i in enumerate(indices):
+            v = rows[r, i]
+            text = f"{v:.9f}:{i}" if floating else f"{int(v)}:{i}"
+            out[r, j] = (f"{text}:{labels[i]}" if i < len(labels) else text).encode()
+    return out
+
+
 def encode_response(
     model_name: str,
     request: InferRequest,
     output: np.ndarray,
     out_dtype: str,
     max_batch_size: int,
+    labels: Sequence[str] = (),
 ) -> tuple[bytes, int | None]:
-    """Response body, and the JSON header's length when binary data follows it."""
+    """Response body, and the JSON header's length when binary data follows it.
+    ``labels`` name the output's classes for the classification extension."""
+    if request.classification:
+        output, out_dtype = classify(output, request.classification, labels), "bytes"
     if max_batch_size <= 0 and output.ndim and output.shape[0] == 1:
         output = output[0]
     entry: dict[str, Any] = {

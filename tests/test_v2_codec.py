@@ -16,6 +16,7 @@ from ringserve.frontend.v2_codec import (
     V2_TO_CONFIG,
     InferRequest,
     TensorSpec,
+    classify,
     decode_request,
     decompress_body,
     encode_response,
@@ -140,9 +141,30 @@ def test_id_and_binary_output_flags() -> None:
         (
             {
                 "inputs": [tensor()],
-                "outputs": [{"name": "OUTPUT0", "parameters": {"classification": 3}}],
+                "outputs": [{"name": "OUTPUT0", "parameters": {"classification": -1}}],
             },
-            "classification",
+            '"classification" must be a non-negative integer',
+        ),
+        (
+            {
+                "inputs": [tensor()],
+                "outputs": [{"name": "OUTPUT0", "parameters": {"classification": "3"}}],
+            },
+            '"classification" must be a non-negative integer',
+        ),
+        (
+            {
+                "inputs": [tensor()],
+                "outputs": [{"name": "OUTPUT0", "parameters": {"classification": True}}],
+            },
+            '"classification" must be a non-negative integer',
+        ),
+        (
+            {
+                "inputs": [tensor()],
+                "outputs": [{"name": "OUTPUT0", "parameters": {"classification": 1.5}}],
+            },
+            '"classification" must be a non-negative integer',
         ),
     ],
 )
@@ -417,6 +439,65 @@ def test_bytes_response_json_and_binary() -> None:
     content, hlen = encode_response("m", request(True), out, "bytes", 32)
     assert hlen is not None
     assert bytes_tensor.unpack(content[hlen:]).tolist() == [b"a", b"bc"]
+
+
+def test_classification_is_parsed_per_output() -> None:
+    doc = {
+        "inputs": [tensor()],
+        "outputs": [{"name": "OUTPUT0", "parameters": {"classification": 2}}],
+    }
+    assert decode(doc).classification == 2
+    assert decode({"inputs": [tensor()]}).classification == 0
+    text_out = TensorSpec("OUTPUT0", "bytes", [-1])
+    raw, hlen = body(doc)
+    header, tail = split_body(raw, hlen)
+    with pytest.raises(HTTPError) as e:
+        decode_request(header, tail, IN, text_out, 32)
+    assert e.value.status == 400 and "has no classes to rank" in e.value.message
+
+
+def texts(arr: np.ndarray) -> list:
+    return [[b.decode() for b in row] for row in arr.tolist()]
+
+
+def test_classify_top_k_as_triton_formats_it() -> None:
+    out = np.array([[0.1, 0.7, 0.2, 0.7], [0.4, 0.3, 0.2, 0.1]], np.float32)
+    got = texts(classify(out, 3, ("a", "b", "c", "d")))
+    assert got == [
+        # highest first; the tie (0.7 at 1 and 3) in index order; 9 decimals, as Triton
+        ["0.699999988:1:b", "0.699999988:3:d", "0.200000003:2:c"],
+        ["0.400000006:0:a", "0.300000012:1:b", "0.200000003:2:c"],
+    ]
+    # More than the row holds: all of it. Labels short of the classes: "value:index".
+    assert texts(classify(out[:1], 9, ("a",))) == [
+        ["0.699999988:1", "0.699999988:3", "0.200000003:2", "0.100000001:0:a"]
+    ]
+    # Integers print as integers, unsigned ones sort right; rows of more dims flatten.
+    assert texts(classify(np.array([[1, 250, 3]], np.uint8), 2)) == [["250:1", "3:2"]]
+    assert texts(classify(np.arange(8, dtype=np.int64).reshape(2, 2, 2), 1)) == [
+        ["3:3"],
+        ["7:3"],
+    ]
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_classification_response(binary: bool) -> None:
+    req = InferRequest(np.zeros(1), 2, None, binary, "OUTPUT0", classification=2)
+    out = np.array([[0.1, 0.9, 0.0], [0.5, 0.2, 0.3]], np.float32)
+    content, hlen = encode_response("m", req, out, "float32", 32, ("x", "y", "z"))
+    head = json.loads(content if hlen is None else content[:hlen])
+    entry = head["outputs"][0]
+    assert (entry["datatype"], entry["shape"]) == ("BYTES", [2, 2])
+    want = ["0.899999976:1:y", "0.100000001:0:x", "0.500000000:0:x", "0.300000012:2:z"]
+    if binary:
+        assert bytes_tensor.unpack(content[hlen:]).tolist() == [w.encode() for w in want]
+    else:
+        assert entry["data"] == want
+    # A model that does not batch: shape [k], as Triton answers.
+    one = InferRequest(np.zeros(1), 1, None, False, "OUTPUT0", classification=2)
+    content, _ = encode_response("m", one, out[:1], "float32", 0)
+    entry = json.loads(content)["outputs"][0]
+    assert (entry["shape"], entry["data"]) == ([2], ["0.899999976:1", "0.100000001:0"])
 
 
 def test_nan_output_needs_binary() -> None:

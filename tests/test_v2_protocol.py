@@ -580,6 +580,21 @@ def test_images_as_bytes_to_an_image_model(client: httpx.Client) -> None:
     assert int(np.argmax(r.json()["outputs"][0]["data"])) == 3
 
 
+def test_classification_json(client: httpx.Client) -> None:
+    """The classification extension over plain JSON: BYTES strings, highest first; a
+    BYTES output has nothing to rank (400) and the server goes on."""
+    cls = [{"name": "OUTPUT0", "parameters": {"classification": 2}}]
+    doc = {"inputs": [_t(shape=[2, 3], data=[1, 9, 5, 7, 3, 8])], "outputs": cls}
+    r = client.post("/v2/models/id/infer", json=doc)
+    assert r.status_code == 200, r.text
+    out = r.json()["outputs"][0]
+    assert (out["datatype"], out["shape"]) == ("BYTES", [2, 2])
+    assert out["data"] == ["9.000000000:1", "5.000000000:2", "8.000000000:2", "7.000000000:0"]
+    r = client.post("/v2/models/desc/infer", json={"inputs": [_t()], "outputs": cls})
+    assert r.status_code == 400 and "has no classes to rank" in r.json()["error"]
+    good_json(client)
+
+
 IMAGE_ERRORS = [
     ("not-an-image", b"hello world", 400, "row 1: body is not a JPEG, PNG, GIF or WebP image"),
     (

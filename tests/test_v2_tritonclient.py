@@ -210,6 +210,25 @@ def test_images_as_bytes(client: httpclient.InferenceServerClient) -> None:
 
 
 @pytest.mark.parametrize("binary", [True, False])
+def test_classification(client: httpclient.InferenceServerClient, binary: bool) -> None:
+    """``class_count``: the top classes as "value:index:label", as Triton answers."""
+    pngs = [(EXAMPLES / f"digit_{d}.png").read_bytes() for d in (3, 7)]
+    i = httpclient.InferInput("INPUT0", [2], "BYTES")
+    i.set_data_from_numpy(np.array(pngs, dtype=object))
+    full = client.infer("digits", [i]).as_numpy("OUTPUT0")
+    out = httpclient.InferRequestedOutput("OUTPUT0", binary_data=binary, class_count=3)
+    got = client.infer("digits", [i], outputs=[out]).as_numpy("OUTPUT0")
+    assert got.shape == (2, 3)
+    for row, probs in zip(got, full, strict=True):
+        fields = [(b if isinstance(b, bytes) else b.encode()).decode().split(":") for b in row]
+        indices = [int(f[1]) for f in fields]
+        assert indices == np.argsort(-probs, kind="stable")[:3].tolist()
+        assert [f[2] for f in fields] == [str(k) for k in indices]  # digits' labels
+        np.testing.assert_allclose([float(f[0]) for f in fields], probs[indices], atol=1e-9)
+    assert "classification" in client.get_server_metadata()["extensions"]
+
+
+@pytest.mark.parametrize("binary", [True, False])
 def test_bytes_output(client: httpclient.InferenceServerClient, binary: bool) -> None:
     """A BYTES output comes back as Triton's client makes it: an object array, of bytes
     from binary data and of str from JSON (as against Triton itself)."""
