@@ -25,9 +25,14 @@ PNGS = {label: (EXAMPLES / f"digit_{label}.png").read_bytes() for label in ("0",
 
 
 async def _fire(
-    url: str, requests: list[tuple[str, dict]], concurrency: int = 64, timeout: float = 60.0
+    url: str,
+    requests: list[tuple[str, dict]],
+    concurrency: int = 64,
+    timeout: float = 60.0,
+    answered: asyncio.Event | None = None,
 ) -> list[httpx.Response | Exception]:
-    """Send every request once (bounded concurrency); return responses or exceptions."""
+    """Send every request once (bounded concurrency); return responses or exceptions.
+    ``answered`` is set at the first response."""
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
@@ -35,9 +40,12 @@ async def _fire(
         async def one(path: str, kw: dict) -> httpx.Response | Exception:
             async with sem:
                 try:
-                    return await client.post(path, **kw)
+                    response = await client.post(path, **kw)
                 except httpx.HTTPError as e:
                     return e
+                if answered is not None:
+                    answered.set()
+                return response
 
         return await asyncio.gather(*(one(p, kw) for p, kw in requests))
 
@@ -248,8 +256,12 @@ def test_sigterm_under_load_drains_and_exits_clean(start_server) -> None:
     cases = digit_requests(300)
 
     async def scenario() -> list:
-        task = asyncio.ensure_future(_fire(server.url, [c for c, _ in cases], concurrency=32))
-        await asyncio.sleep(0.3)
+        # SIGTERM once the server answers (a fixed delay met a loaded CI host before any
+        # request had been answered), with most of the 300 still to come.
+        first = asyncio.Event()
+        requests = [c for c, _ in cases]
+        task = asyncio.ensure_future(_fire(server.url, requests, concurrency=32, answered=first))
+        await asyncio.wait_for(first.wait(), 60)
         server.proc.send_signal(signal.SIGTERM)
         return await task
 
