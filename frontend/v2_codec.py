@@ -352,9 +352,11 @@ def decode_request(
                 )
             oparams = _params(o, f"output {o['name']!r}")
             classification = oparams.get("classification", 0)
-            if not isinstance(classification, int) or isinstance(classification, bool):
-                raise bad_request('"classification" must be a non-negative integer')
-            if classification < 0:
+            if (
+                not isinstance(classification, int)
+                or isinstance(classification, bool)
+                or classification < 0
+            ):
                 raise bad_request('"classification" must be a non-negative integer')
             if classification and out.dtype == "bytes":
                 raise bad_request(f"output {out.name!r} is BYTES: it has no classes to rank")
