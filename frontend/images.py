@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
+
 from ringserve.frontend.errors import HTTPError, bad_request
+from ringserve.ipc import bytes_tensor
 
 _FORMATS = (
     (b"\x89PNG\r\n\x1a\n", "png"),
@@ -16,16 +19,16 @@ _FORMATS = (
 )
 
 
-def sniff(body: bytes) -> str:
+def sniff(body: bytes | memoryview) -> str:
     for magic, name in _FORMATS:
-        if body.startswith(magic):
+        if body[: len(magic)] == magic:
             return name
     if body[:4] == b"RIFF" and body[8:12] == b"WEBP":
         return "webp"
     raise bad_request("body is not a JPEG, PNG, GIF or WebP image")
 
 
-def declared_size(body: bytes, fmt: str) -> tuple[int, int] | None:
+def declared_size(body: bytes | memoryview, fmt: str) -> tuple[int, int] | None:
     """(width, height) from the header, or None when the header does not say."""
     if fmt == "png":
         if len(body) < 24 or body[12:16] != b"IHDR":
@@ -53,7 +56,7 @@ def declared_size(body: bytes, fmt: str) -> tuple[int, int] | None:
     return None
 
 
-def check_image(body: bytes, max_pixels: int) -> str:
+def check_image(body: bytes | memoryview, max_pixels: int) -> str:
     fmt = sniff(body)
     size = declared_size(body, fmt)
     if size is not None:
@@ -63,3 +66,13 @@ def check_image(body: bytes, max_pixels: int) -> str:
         if w * h > max_pixels:
             raise HTTPError(413, f"{fmt} declares {w}x{h} pixels, over the limit of {max_pixels}")
     return fmt
+
+
+def check_images(packed: np.ndarray, max_pixels: int, input_name: str) -> None:
+    """``check_image`` on each element of a BYTES tensor of images (KServe v2, one encoded
+    image per row), read in place; the error names the row."""
+    for row, image in enumerate(bytes_tensor.elements(packed)):
+        try:
+            check_image(image, max_pixels)
+        except HTTPError as err:
+            raise HTTPError(err.status, f"input {input_name!r} row {row}: {err.message}") from None

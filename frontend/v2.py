@@ -22,7 +22,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -40,7 +39,7 @@ from ringserve.frontend.call import AsgiEndpoint, Call, Reply, error_reply
 from ringserve.frontend.catalog import MODEL_VERSION, ModelInfo
 from ringserve.frontend.dispatch import Completed
 from ringserve.frontend.errors import HTTPError, unavailable
-from ringserve.frontend.images import check_image
+from ringserve.frontend.images import check_images
 from ringserve.frontend.v2_codec import (
     V2_TO_CONFIG,
     TensorSpec,
@@ -52,7 +51,6 @@ from ringserve.frontend.v2_codec import (
     v2_datatype,
 )
 from ringserve.frontend.v2_stats import model_stats
-from ringserve.ipc import bytes_tensor
 from ringserve.ipc.layout import PayloadKind
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -165,16 +163,6 @@ def _config(info: ModelInfo) -> dict[str, Any]:
             "max_queue_delay_microseconds": int(s.batching.max_queue_delay_ms * 1000),
         }
     return config
-
-
-def check_images(packed: np.ndarray, max_pixels: int, input_name: str) -> None:
-    """Each element of a BYTES tensor of images, as ``check_image`` checks an image body
-    (format, declared size), before any worker decodes it; the error names the row."""
-    for row, image in enumerate(bytes_tensor.unpack(packed)):
-        try:
-            check_image(image, max_pixels)
-        except HTTPError as err:
-            raise HTTPError(err.status, f"input {input_name!r} row {row}: {err.message}") from None
 
 
 def v2_routes(state: FrontendState) -> list[Route]:

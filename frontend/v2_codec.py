@@ -299,9 +299,10 @@ def decode_request(
         raise bad_request(
             f"{where} has invalid datatype {datatype!r}; use one of {', '.join(V2_TO_DTYPE)}"
         )
-    images = accepts_images and datatype == "BYTES" and inp.dtype != "bytes"
+    takes_images = accepts_images and inp.dtype != "bytes"  # else BYTES is the tensor itself
+    images = takes_images and datatype == "BYTES"
     if V2_TO_DTYPE[datatype] != inp.dtype and not images:
-        also = " (or BYTES: encoded images)" if accepts_images and inp.dtype != "bytes" else ""
+        also = " (or BYTES: encoded images)" if takes_images else ""
         raise bad_request(
             f"{where} datatype {datatype} does not match the model's {v2_datatype(inp.dtype)}{also}"
         )

@@ -300,17 +300,17 @@ class Worker:
         and the rows concatenated."""
         assert self.handler is not None
         payload, kind = self._payload(slot, h)
-        if kind != PayloadKind.IMAGE or not payload.dtype.hasobject:
+        if not isinstance(payload, list):
             return self.handler.preprocess(payload, kind)
         rows = []
-        for row, image in enumerate(payload.ravel()):
+        for row, image in enumerate(payload):
             try:
                 rows.append(self.handler.preprocess(np.frombuffer(image, np.uint8), kind))
             except BadInput as e:
                 raise BadInput(f"row {row}: {e}") from None
         return torch.cat(rows)
 
-    def _payload(self, slot: int, h: Header) -> tuple[np.ndarray, PayloadKind]:
+    def _payload(self, slot: int, h: Header) -> tuple[np.ndarray | list[memoryview], PayloadKind]:
         """A zero-copy view of a slot's input, after bounds-checking its header."""
         if h.kind not in (PayloadKind.TENSOR, PayloadKind.IMAGE):
             raise HeaderError(f"corrupt request header: payload kind {h.kind}")
@@ -325,14 +325,19 @@ class Worker:
             raise HeaderError("corrupt request header: shape does not match byte length")
         return self.arena.data_array(slot, dtype, h.in_shape), PayloadKind(h.kind)
 
-    def _bytes_payload(self, slot: int, h: Header) -> np.ndarray:
-        """A BYTES tensor: an object array of ``bytes`` in the header's shape, unpacked
-        from the slot's length-prefixed form (a copy: the elements are Python objects)."""
+    def _bytes_payload(self, slot: int, h: Header) -> np.ndarray | list[memoryview]:
+        """A BYTES tensor from the slot's length-prefixed form: for the handler, an object
+        array of ``bytes`` in the header's shape (a copy: the elements are Python
+        objects); images (kind IMAGE), the elements as views of the slot, decoded in
+        place as an ``image/*`` body is."""
         if not h.in_shape:
             raise HeaderError("corrupt request header: BYTES tensor without a shape")
         raw = self.arena.data(slot)[: h.in_nbytes]
+        count = math.prod(h.in_shape)
         try:
-            return bytes_tensor.unpack(raw, math.prod(h.in_shape)).reshape(h.in_shape)
+            if h.kind == PayloadKind.IMAGE:
+                return bytes_tensor.elements(raw, count)
+            return bytes_tensor.unpack(raw, count).reshape(h.in_shape)
         except ValueError as e:
             raise HeaderError(f"corrupt request header or BYTES payload: {e}") from None
 

@@ -63,12 +63,19 @@ def check(buf: bytes | memoryview | np.ndarray, count: int) -> None:
     _spans(buf, count)
 
 
+def elements(buf: bytes | memoryview | np.ndarray, count: int | None = None) -> list[memoryview]:
+    """Length-prefixed binary → each element as a view of ``buf`` (no copy: for readers
+    done with them before ``buf`` changes); ValueError as ``unpack``."""
+    view, spans = _spans(buf, count)
+    return [view[a:b] for a, b in spans]
+
+
 def unpack(buf: bytes | memoryview | np.ndarray, count: int | None = None) -> np.ndarray:
     """Length-prefixed binary → 1-D object array of ``bytes``; ValueError, saying where,
     if it is malformed or (given ``count``) holds another number of elements."""
-    view, spans = _spans(buf, count)
-    arr = np.empty(len(spans), dtype=object)
-    arr[:] = [bytes(view[a:b]) for a, b in spans]
+    items = elements(buf, count)
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = [bytes(v) for v in items]
     return arr
 
 

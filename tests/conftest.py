@@ -98,6 +98,15 @@ class Server:
         a counter file and its mmap's dup open during a measured part)."""
         return {pid: len(socket_links(pid)) for pid in self.pids(role)}
 
+    def wait_replaced(self, dead: int, role: str = "frontend", count: int = 2) -> None:
+        """Until the supervisor has reaped ``dead`` and runs ``count`` of ``role`` again."""
+
+        def replaced() -> bool:
+            pids = self.pids(role)
+            return dead not in pids and len(pids) == count
+
+        wait_until(replaced, 30, f"a replacement {role}")
+
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         def ready() -> bool:
             if self.proc.poll() is not None:

@@ -459,11 +459,7 @@ def test_sigkill_frontend_is_replaced_and_slots_reclaimed(start_server) -> None:
     # Requests on the dead frontend's connections fail at the TCP level (nginx retries
     # them; see the nginx tests); all others succeed.
     assert all(isinstance(r, httpx.HTTPError) or r.status_code == 200 for r in responses)
-    wait_until(
-        lambda: victim not in server.pids("frontend") and len(server.pids("frontend")) == 2,
-        30,
-        "replacement frontend",
-    )
+    server.wait_replaced(victim)
 
     def all_free() -> bool:
         return 'ringserve_ring_slots{state="free"} 256.0' in httpx.get(f"{server.url}/metrics").text

@@ -138,33 +138,15 @@ def test_id_and_binary_output_flags() -> None:
         ({"inputs": [tensor()], "id": 7}, '"id"'),
         ({"inputs": [tensor()], "parameters": {"binary_data_output": "yes"}}, "true or false"),
         ({"inputs": [tensor()], "parameters": {"sequence_id": 3}}, "sequence_id"),
-        (
-            {
-                "inputs": [tensor()],
-                "outputs": [{"name": "OUTPUT0", "parameters": {"classification": -1}}],
-            },
-            '"classification" must be a non-negative integer',
-        ),
-        (
-            {
-                "inputs": [tensor()],
-                "outputs": [{"name": "OUTPUT0", "parameters": {"classification": "3"}}],
-            },
-            '"classification" must be a non-negative integer',
-        ),
-        (
-            {
-                "inputs": [tensor()],
-                "outputs": [{"name": "OUTPUT0", "parameters": {"classification": True}}],
-            },
-            '"classification" must be a non-negative integer',
-        ),
-        (
-            {
-                "inputs": [tensor()],
-                "outputs": [{"name": "OUTPUT0", "parameters": {"classification": 1.5}}],
-            },
-            '"classification" must be a non-negative integer',
+        *(
+            (
+                {
+                    "inputs": [tensor()],
+                    "outputs": [{"name": "OUTPUT0", "parameters": {"classification": bad}}],
+                },
+                '"classification" must be a non-negative integer',
+            )
+            for bad in (-1, "3", True, 1.5)
         ),
     ],
 )
@@ -318,6 +300,11 @@ def test_bytes_round_trip_with_length_prefixes() -> None:
     assert bytes_tensor.unpack(serialize_bytes(nested)).tolist() == [b"ab", b"c", b"", b"xyz"]
     with pytest.raises(TypeError, match="must be bytes or str, not int"):
         serialize_bytes([b"a", 5])  # bytes(5) would be five zero bytes, silently
+    # The elements as views of the buffer, read in place (v2 images): no copies.
+    buf = np.frombuffer(raw, np.uint8)
+    views = bytes_tensor.elements(buf, 4)
+    assert [bytes(v) for v in views] == back.tolist()
+    assert all(v.obj is buf for v in views)
 
 
 @pytest.mark.parametrize(

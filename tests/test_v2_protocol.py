@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import EXAMPLES, Server, free_port, wait_until
-from test_e2e_core import HANDLER_ENV
+from test_e2e_core import HANDLER_ENV, PNGS
 
 pytestmark = pytest.mark.e2e
 
@@ -553,9 +553,6 @@ def test_bytes_input_json_and_binary(client: httpx.Client) -> None:
     r = client.post("/v2/models/text/infer", content=body, headers=headers)
     assert r.status_code == 200, r.text
     assert r.json()["outputs"][0]["data"] == [1, 0, -1, 3]
-
-
-PNGS = {label: (EXAMPLES / f"digit_{label}.png").read_bytes() for label in ("0", "3", "7")}
 
 
 def test_images_as_bytes_to_an_image_model(client: httpx.Client) -> None:
