@@ -107,6 +107,29 @@ class Server:
 
         wait_until(replaced, 30, f"a replacement {role}")
 
+    def wait_workers_ready(self, count: int, timeout_s: float = 60.0, model: int = 0) -> None:
+        """Until ``count`` workers of ``model`` are READY. Readiness needs only one: a
+        sibling still warming up runs batches of its own (and takes its thread share)."""
+
+        def ready() -> bool:
+            return self.ctl("status")["models"][model]["ready"] == count
+
+        wait_until(ready, timeout_s, f"{count} ready workers")
+
+    def rolling_restart(self, timeout_s: float = 60.0) -> None:
+        """SIGHUP, then wait until every child process has been replaced and the restart
+        is over."""
+        before = {p["pid"] for p in self.children()}
+        self.proc.send_signal(signal.SIGHUP)
+        wait_until(
+            lambda: (
+                not ({p["pid"] for p in self.children()} & before)
+                and not self.ctl("status")["server"]["rolling_restart_pending"]
+            ),
+            timeout_s,
+            "every process to be replaced",
+        )
+
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         def ready() -> bool:
             if self.proc.poll() is not None:

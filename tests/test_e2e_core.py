@@ -223,7 +223,7 @@ def test_idle_server_uses_under_two_percent_of_a_core(start_server) -> None:
 
 def test_sigkill_worker_under_load_every_request_answered(start_server) -> None:
     server: Server = start_server("--workers", "2")
-    wait_until(lambda: server.ctl("status")["models"][0]["ready"] == 2, 60, "both workers")
+    server.wait_workers_ready(2)
     cases = digit_requests(300)
     victim = server.pids("worker")[0]
 

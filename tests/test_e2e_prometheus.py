@@ -60,7 +60,7 @@ def test_real_prometheus_scrapes_through_a_recycle(start_server, tmp_path: Path)
     prometheus = shutil.which("prometheus")
     assert prometheus, "Debian's prometheus package is required (CI installs it)"
     server: Server = start_server("--frontends", "4", "--workers", "2")
-    wait_until(lambda: server.ctl("status")["models"][0]["ready"] == 2, 60, "two workers")
+    server.wait_workers_ready(2)
     # Scrape cost with 4 frontends and 2 workers (reported in the closing note).
     with httpx.Client() as c:
         c.get(f"{server.url}/metrics")

@@ -48,7 +48,7 @@ def worker_pids(server: Server) -> set[int]:
 
 def test_admin_recycle_under_load_loses_nothing_and_keeps_capacity(start_server) -> None:
     server: Server = start_server("--workers", "2")
-    wait_until(lambda: server.ctl("status")["models"][0]["ready"] == 2, 60, "two ready workers")
+    server.wait_workers_ready(2)
     before = worker_pids(server)
     min_ready = [2]
 
@@ -76,19 +76,10 @@ def test_admin_recycle_under_load_loses_nothing_and_keeps_capacity(start_server)
 
 def test_sighup_rolling_restart_under_load(start_server) -> None:
     server: Server = start_server("--workers", "2")
-    wait_until(lambda: server.ctl("status")["models"][0]["ready"] == 2, 60, "two ready workers")
-    before = {p["pid"] for p in server.children()}
+    server.wait_workers_ready(2)
 
     def hup_and_wait() -> None:
-        server.proc.send_signal(signal.SIGHUP)
-        wait_until(
-            lambda: (
-                not ({p["pid"] for p in server.children()} & before)
-                and not server.ctl("status")["server"]["rolling_restart_pending"]
-            ),
-            180,
-            "every process to be replaced",
-        )
+        server.rolling_restart(180)
 
     responses, _ = load_while(server, 600, hup_and_wait, delay=0.2)
     # Frontends restart one at a time on the shared listening socket; a request that
@@ -101,7 +92,7 @@ def test_sighup_rolling_restart_under_load(start_server) -> None:
 
 def test_hung_worker_is_killed_and_replaced(start_server) -> None:
     server: Server = start_server("--workers", "2", "--set", "worker.heartbeat_timeout_s=3")
-    wait_until(lambda: server.ctl("status")["models"][0]["ready"] == 2, 60, "two ready workers")
+    server.wait_workers_ready(2)
     victim = sorted(worker_pids(server))[0]
     os.kill(victim, signal.SIGSTOP)
     t0 = time.monotonic()
@@ -247,7 +238,7 @@ def test_admin_socket_commands_and_mode(start_server) -> None:
         server.ctl("resume")
         assert c.get("/readiness").status_code == 200
     server.ctl("scale", "digits", "2")
-    wait_until(lambda: server.ctl("status")["models"][0]["ready"] == 2, 60, "scale up to 2")
+    server.wait_workers_ready(2)
     server.ctl("scale", "digits", "1")
     wait_until(lambda: len(worker_pids(server)) == 1, 60, "scale down to 1")
     # Bad commands get an error reply; the supervisor keeps serving.
