@@ -8,6 +8,7 @@ raises ``ConfigError`` naming its key. Children get the resolved tree as JSON
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -292,11 +293,14 @@ def load_settings(
     models: list[tuple[str, str]] | None = None,
     model_overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    model_sets: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Settings:
     """Resolve defaults < file < environment < ``overrides`` (flags) into Settings.
 
     ``models`` (from ``--model NAME=HANDLER``) replaces the file's model list;
-    ``model_overrides`` (``--workers``, ``--device``, ...) applies to every model.
+    ``model_overrides`` (``--workers``, ``--device``, ...) applies to every model, and
+    ``model_sets`` (``--set models.NAME.KEY=VALUE``, see ``model_set``) to one, over
+    everything else.
     """
     raw: dict[str, Any] = {}
     if path:
@@ -327,14 +331,43 @@ def load_settings(
         table = {name: {**file_models.get(name, {}), "handler": h} for name, h in models}
     else:
         table = dict(file_models) or {DEFAULT_MODEL.name: {"handler": DEFAULT_MODEL.handler}}
+    model_sets = model_sets or {}
+    for name in model_sets:
+        if name not in table:
+            raise ConfigError(f"models.{name}: no such model (models: {', '.join(table)})")
     model_list = []
     for name, values in table.items():
         if not isinstance(values, Mapping):
             raise ConfigError(f"models.{name}: expected a table")
-        model_list.append(_model(name, {**values, **(model_overrides or {})}, built["batching"]))
+        merged = {**values, **(model_overrides or {})}
+        for k, v in model_sets.get(name, {}).items():
+            if k in ("batching", "options") and isinstance(merged.get(k, {}), Mapping):
+                v = {**merged.get(k, {}), **v}
+            merged[k] = v
+        model_list.append(_model(name, merged, built["batching"]))
     settings = Settings(**built, models=tuple(model_list))
     _validate(settings)
     return settings
+
+
+def model_set(path: str, value: str, into: dict[str, dict[str, Any]]) -> None:
+    """File ``--set models.PATH=VALUE`` into ``into`` (``load_settings``'s ``model_sets``):
+    PATH is ``NAME.KEY``, ``NAME.batching.KEY`` or ``NAME.options.KEY``. A handler option
+    is read as a TOML value when it is one (``224``, ``true``, ``"a b"``), else as text."""
+    parts = path.split(".")
+    if len(parts) == 2 and all(parts):
+        into.setdefault(parts[0], {})[parts[1]] = value
+        return
+    if len(parts) == 3 and parts[0] and parts[2] and parts[1] in ("batching", "options"):
+        if parts[1] == "options":
+            with contextlib.suppress(tomllib.TOMLDecodeError):  # else plain text
+                value = tomllib.loads(f"v = {value}")["v"]
+        into.setdefault(parts[0], {}).setdefault(parts[1], {})[parts[2]] = value
+        return
+    raise ConfigError(
+        f"--set models.{path}: expected models.NAME.KEY, models.NAME.batching.KEY "
+        "or models.NAME.options.KEY"
+    )
 
 
 def field_docs() -> list[str]:

@@ -8,7 +8,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from ringserve.ipc.config import field_docs, load_settings
+from ringserve.ipc.config import field_docs, load_settings, model_set
 from ringserve.ipc.errors import ArenaError, ConfigError, RingserveError
 
 log = logging.getLogger("ringserve.supervisor")
@@ -22,7 +22,8 @@ def _serve_parser() -> argparse.ArgumentParser:
         "127.0.0.1:8000.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Every config key (TOML section.key = default); set any of them with "
-        "--set section.key=VALUE or RINGSERVE_<SECTION>_<KEY>:\n  " + "\n  ".join(field_docs()),
+        "--set section.key=VALUE (one model's: --set models.NAME.key=VALUE) or "
+        "RINGSERVE_<SECTION>_<KEY>:\n  " + "\n  ".join(field_docs()),
     )
     p.add_argument("--config", help="TOML config file")
     p.add_argument("--host", help="listen address (server.host)")
@@ -80,12 +81,16 @@ def settings_from_args(ns: argparse.Namespace):  # type: ignore[no-untyped-def]
     put("server", "log_format", ns.log_format)
     put("batching", "max_batch_size", ns.max_batch_size)
     put("batching", "max_queue_delay_ms", ns.max_queue_delay_ms)
+    model_sets: dict[str, dict[str, object]] = {}
     for item in ns.set:
         key, eq, value = item.partition("=")
         section, dot, name = key.partition(".")
         if not eq or not dot:
             raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE")
-        put(section, name, value)
+        if section == "models":
+            model_set(name, value, model_sets)
+        else:
+            put(section, name, value)
     models = None
     if ns.model:
         models = []
@@ -105,7 +110,7 @@ def settings_from_args(ns: argparse.Namespace):  # type: ignore[no-untyped-def]
         )
         if v is not None
     }
-    return load_settings(ns.config, overrides, models, model_overrides)
+    return load_settings(ns.config, overrides, models, model_overrides, model_sets=model_sets)
 
 
 def listen_sockets(host: str, port: int) -> tuple[list[socket.socket], list[str]]:

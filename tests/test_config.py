@@ -181,6 +181,27 @@ def test_share_threads_flag_reaches_every_model():
     assert plain.models[0].threads_shared is False
 
 
+def test_set_one_models_key_over_the_file_and_the_every_model_flags(tmp_path):
+    """``--set models.NAME.KEY=VALUE``: one model's setting, as ``serve --help`` lists
+    them; it wins over the file and over a flag for every model (``--workers``)."""
+    from ringserve.supervisor.cli import _serve_parser, settings_from_args
+
+    write(tmp_path, FULL)
+    ns = _serve_parser().parse_args(
+        [
+            *("--config", str(tmp_path / "ringserve.toml"), "--workers", "3"),
+            *("--set", "models.b.workers=1", "--set", "models.a.weights=/w/a.pt"),
+            *("--set", "models.a.batching.max_batch_size=4"),
+            *("--set", "models.a.options.size=300", "--set", "models.a.options.labels=l.txt"),
+        ]
+    )
+    a, b = settings_from_args(ns).models
+    assert (a.workers, a.weights, a.batching.max_batch_size) == (3, "/w/a.pt", 4)
+    assert a.batching.max_queue_delay_ms == 5  # the rest of [batching] as before
+    assert a.options == {"scale": 2.5, "tags": ["x", "y"], "size": 300, "labels": "l.txt"}
+    assert (b.workers, b.weights, b.batching.max_batch_size) == (1, "/srv/w.pth", 16)
+
+
 def test_json_round_trip(tmp_path):
     for s in (
         load_settings(environ={}),
@@ -405,6 +426,12 @@ def cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
         (["--set", "nosuch.key=1"], "nosuch"),
         (["--set", "server.nosuch=1"], "server.nosuch"),
         (["--set", "noequals"], "--set"),
+        (["--set", "models.nosuch.workers=2"], "models.nosuch: no such model"),
+        (["--set", "models.digits=2"], "--set models.digits"),
+        (["--set", "models.digits.nosuch.key=1"], "--set models.digits.nosuch.key"),
+        (["--set", "models.digits.nosuch=1"], "models.digits.nosuch"),
+        (["--set", "models.digits.workers=x"], "models.digits.workers"),
+        (["--set", "models.digits.batching.max_batch_size=0"], "models.digits.batching"),
         (["--workers", "0"], "models.digits.workers"),
         (["--model", "a=tensorflow:x"], "models.a.handler"),
         (["--model", "justaname"], "--model"),
