@@ -288,7 +288,7 @@ def systems(args: argparse.Namespace, lit_py: Path | None, lit_skip: str) -> lis
 @contextlib.contextmanager
 def running(launch: Launch, port: int, log_path: Path, timeout_s: float) -> Iterator[int]:
     """Start a server in its own session, wait for /readiness, stop it (group) afterwards."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), **launch.env}
+    env = {**os.environ, "PYTHONPATH": _pythonpath(), **launch.env}
     env.pop("NOTIFY_SOCKET", None)
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(
@@ -555,7 +555,13 @@ def bench_system(
 
 def _repo_module(module: str, *argv: str) -> tuple[list[str], dict[str, str]]:
     """(command, environment) that run ``python -m module argv`` from this checkout."""
-    return [sys.executable, "-m", module, *argv], {**os.environ, "PYTHONPATH": str(REPO)}
+    return [sys.executable, "-m", module, *argv], {**os.environ, "PYTHONPATH": _pythonpath()}
+
+
+def _pythonpath() -> str:
+    """This checkout first, then whatever PYTHONPATH already holds (packages installed
+    beside the interpreter's, as ``.ci/gpu_check`` does on a GPU host)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
 
 
 def _raw_model(model: str, args: argparse.Namespace, *argv: str) -> tuple[list[str], dict]:

@@ -1,6 +1,6 @@
 """Handlers used only by tests: a slow one (deadlines, full queues, disconnects), a
-poisonous one (raises on 13, kills its process on 666), a leaking one, one that fails to
-load, one that reports its threads, one with a BYTES input and one with a BYTES
+poisonous one (raises on 13, kills its process on 666), a leaking one (host memory) and
+one that leaks on its device (GPU memory, on a GPU), one that fails to load, one that reports its threads, one with a BYTES input and one with a BYTES
 output."""
 
 from __future__ import annotations
@@ -61,6 +61,23 @@ class Leaky(Handler):
         chunk = bytearray(2**20)
         chunk[::4096] = b"x" * len(chunk[::4096])  # touch every page: counted in USS
         self.hoard.append(chunk)
+        return batch
+
+
+class DeviceLeaky(Handler):
+    """Identity that keeps 32 MiB per batch forever on its device: on a GPU, memory that
+    torch's allocator counts as allocated (``memory_allocated``), the GPU leak the
+    supervisor's ``gpu_allocated_limit_mb`` is for; on a CPU, touched host memory."""
+
+    inputs = (TensorSpec("INPUT0", "float32", (-1,)),)
+    outputs = (TensorSpec("OUTPUT0", "float32", (-1,)),)
+    hoard: list = []  # the leak is the point
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        self.hoard.append(torch.ones(8 * 2**20, device=batch.device))  # 32 MiB of float32
         return batch
 
 

@@ -1,0 +1,207 @@
+"""The CUDA path end to end: workers on a GPU serve and batch (through the pinned
+staging buffer), report their GPU memory (torch's allocator and NVML), and one that
+leaks GPU memory is recycled with nothing lost.
+
+Skipped where torch sees no CUDA device (CI has none): ``.ci/gpu_check`` runs it on a
+GPU host. ``RINGSERVE_TEST_DEVICE=cpu`` runs the same scenarios on the CPU, which checks
+the tests themselves; the assertions only a GPU can satisfy are then skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from conftest import Server, wait_until
+from support.load import DIGIT3, load_during
+from test_e2e_core import HANDLER_ENV, PNGS
+from test_v2_protocol import binary_body
+
+DEVICE = os.environ.get("RINGSERVE_TEST_DEVICE", "cuda")
+ON_GPU = DEVICE.startswith("cuda")
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(ON_GPU and not torch.cuda.is_available(), reason="no CUDA device"),
+]
+
+
+def resnet18_weights(path: Path) -> torch.nn.Module:
+    """A resnet18 with seeded random weights, saved to ``path`` for the server; returned
+    in eval mode on the CPU as the reference."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    torch.save(model.state_dict(), path)
+    return model
+
+
+def v2_infer(client: httpx.Client, model: str, x: np.ndarray) -> np.ndarray:
+    """One v2 binary request; the output as a float32 array."""
+    body, headers = binary_body(
+        x, outputs=[{"name": "OUTPUT0", "parameters": {"binary_data": True}}]
+    )
+    r = client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
+    assert r.status_code == 200, r.text
+    head_len = int(r.headers["Inference-Header-Content-Length"])
+    out = json.loads(r.content[:head_len])["outputs"][0]
+    return np.frombuffer(r.content[head_len:], np.float32).reshape(out["shape"])
+
+
+def queue_depth(server: Server, model: str) -> int:
+    (m,) = [m for m in server.ctl("status")["models"] if m["name"] == model]
+    return m["queue_depth"]
+
+
+def worker_records(server: Server, model: str) -> list[dict]:
+    return [p for p in server.children() if p["role"] == "worker" and p["model"] == model]
+
+
+def test_models_answer_on_the_device_as_on_the_cpu(start_server, tmp_path: Path) -> None:
+    """digits (JSON and a PNG) and a resnet18 (v2 binary, batched) on ``DEVICE`` give the
+    CPU's answers; the workers then report the GPU memory they hold."""
+    weights = tmp_path / "resnet18.pt"
+    reference = resnet18_weights(weights)
+    server: Server = start_server(
+        "--device",
+        DEVICE,
+        "--model",
+        "digits=digits",
+        "--model",
+        "r=torchvision:resnet18",
+        "--set",
+        f"models.r.weights={weights}",
+        "--set",
+        "models.r.batching.preferred_batch_size=8",
+        "--set",
+        "memory.sample_interval_s=0.5",
+    )
+    with server.client(timeout=60) as c:
+        r = c.post("/predict", json=DIGIT3)
+        assert r.status_code == 200, r.text
+        assert r.json()["result"]["label"] == "3" and r.json()["result"]["score"] > 0.99
+        r = c.post(
+            "/v1/models/digits/predict",
+            content=PNGS["7"],
+            headers={"Content-Type": "image/png"},
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["result"]["label"] == "7"
+
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((1, 3, 224, 224), dtype=np.float32)  # a slot holds 1 MiB
+        with torch.inference_mode():
+            want = reference(torch.from_numpy(x)).softmax(dim=1).numpy()
+        # cuDNN may run its convolutions in TF32: close, not equal.
+        np.testing.assert_allclose(v2_infer(c, "r", x), want, rtol=0.05, atol=1e-5)
+
+    # Sixteen queued while the worker is stopped, one row each: resumed, it takes them
+    # as two batches of 8 (its preferred size), gathered through the pinned staging
+    # buffer on a GPU; each answer is still its own row's.
+    xs = [np.random.default_rng(i).standard_normal((1, 3, 224, 224), np.float32) for i in range(16)]
+
+    async def all_at_once() -> list[np.ndarray]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as ac:
+
+            async def one(x: np.ndarray) -> np.ndarray:
+                body, headers = binary_body(x)
+                r = await ac.post("/v2/models/r/infer", content=body, headers=headers)
+                assert r.status_code == 200, r.text
+                return np.array(r.json()["outputs"][0]["data"], np.float32).reshape(1, -1)
+
+            return await asyncio.gather(*(one(x) for x in xs))
+
+    (worker,) = worker_records(server, "r")
+    os.kill(worker["pid"], signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            answers = pool.submit(asyncio.run, all_at_once())
+            wait_until(lambda: queue_depth(server, "r") == 16, 30, "sixteen queued requests")
+            os.kill(worker["pid"], signal.SIGCONT)
+            got = answers.result(120)
+    finally:
+        os.kill(worker["pid"], signal.SIGCONT)
+    with torch.inference_mode():
+        want = reference(torch.from_numpy(np.concatenate(xs))).softmax(dim=1).numpy()
+    np.testing.assert_allclose(np.concatenate(got), want, rtol=0.05, atol=1e-5)
+    (rec,) = worker_records(server, "r")
+    assert (rec["requests"], rec["batches"]) == (17, 3), rec  # 1, then 8 + 8
+
+    if ON_GPU:
+        for model in ("digits", "r"):
+            (rec,) = worker_records(server, model)
+            assert 0 < rec["gpu_allocated_bytes"] <= rec["gpu_reserved_bytes"], rec
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert 'ringserve_worker_gpu_allocated_bytes{model="r"' in metrics, metrics[-2000:]
+        try:
+            import pynvml  # noqa: F401  (nvidia-ml-py: the supervisor's NVML watch)
+        except ImportError:
+            print("nvidia-ml-py not installed: NVML's per-process reading not checked")
+        else:
+            wait_until(
+                lambda: all(w["gpu_nvml_used_bytes"] > 0 for w in worker_records(server, "r")),
+                30,
+                "NVML's reading of the worker's GPU memory",
+            )
+            assert (
+                "ringserve_worker_gpu_nvml_used_bytes{" in httpx.get(f"{server.url}/metrics").text
+            )
+    assert server.stop() == 0
+
+
+def test_worker_leaking_device_memory_is_recycled_with_nothing_lost(start_server) -> None:
+    """32 MiB kept on the device per batch: past ``gpu_allocated_limit_mb`` (on the CPU,
+    ``uss_limit_mb``) the supervisor recycles the worker under load, and every request
+    is answered, by the old worker or its replacement."""
+    limit, reason = (
+        ("gpu_allocated_limit_mb", "gpu_limit") if ON_GPU else ("uss_limit_mb", "uss_limit")
+    )
+    server: Server = start_server(
+        "--device",
+        DEVICE,
+        "--model",
+        "leak=python:support.fake_handlers:DeviceLeaky",
+        "--set",
+        f"memory.{limit}=1024",
+        "--set",
+        "memory.uss_limit_samples=1",
+        "--set",
+        "memory.sample_interval_s=0.5",
+        env=HANDLER_ENV,
+    )
+    before = server.pids("worker")
+
+    def recycled() -> None:
+        wait_until(
+            lambda: server.ctl("status")["server"]["totals"].get(f"recycles:{reason}"),
+            120,
+            f"a {reason} recycle",
+        )
+        wait_until(lambda: not set(server.pids("worker")) & set(before), 60, "the old worker to go")
+        server.wait_workers_ready(1)
+
+    result = load_during(
+        server.url,
+        recycled,
+        path="/v1/models/leak/predict",
+        payload={"data": [1.0, 2.0]},
+        expect_label=None,
+        rate=60,
+        max_requests=6000,
+    )
+    print(f"[gpu] {reason} recycle under load: {result.summary()}")
+    assert not result.exhausted, result.summary()
+    assert result.ok == result.total and result.wrong == 0, result.summary()
+    (rec,) = worker_records(server, "leak")
+    if ON_GPU:  # the replacement starts from nothing: the leak went with the old process
+        assert rec["gpu_allocated_bytes"] < 1024 * 2**20, rec
+    assert server.stop() == 0
