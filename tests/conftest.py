@@ -165,6 +165,36 @@ def socket_links(pid: int) -> set[str]:
     return out
 
 
+SERVE = [sys.executable, "-m", "ringserve.supervisor.cli", "serve"]
+
+
+def launch(tmp: Path, *args: str, env: dict[str, str] | None = None, frontends: int = 2) -> Server:
+    """``ringserve serve`` on a free port, in its own process group, its admin socket,
+    log and profile cache under ``tmp``; not waited for."""
+    port = free_port()
+    instance = f"t{port}"
+    sock = str(tmp / f"admin-{port}.sock")
+    log_path = tmp / f"server-{port}.log"
+    full_env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache"), **(env or {})}
+    if "NOTIFY_SOCKET" not in (env or {}):
+        full_env.pop("NOTIFY_SOCKET", None)  # never talk to a real systemd from tests
+    cmd = [*SERVE, "--port", str(port), "--instance", instance, "--admin-socket", sock]
+    cmd += ["--frontends", str(frontends), *args]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+        )
+    return Server(proc, port, instance, sock, log_path, full_env)
+
+
+def kill_group(server: Server) -> None:
+    """SIGKILL whatever is left of ``server``'s process group (teardown)."""
+    if server.proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(10)
+
+
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """Factory: ``start_server("--model", "id=identity", env={...})`` → a ready Server."""
@@ -173,33 +203,7 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     def start(
         *args: str, env: dict[str, str] | None = None, ready: bool = True, frontends: int = 2
     ) -> Server:
-        port = free_port()
-        instance = f"t{port}"
-        sock = str(tmp_path / f"admin-{port}.sock")
-        log_path = tmp_path / f"server-{port}.log"
-        full_env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), **(env or {})}
-        if "NOTIFY_SOCKET" not in (env or {}):
-            full_env.pop("NOTIFY_SOCKET", None)  # never talk to a real systemd from tests
-        cmd = [
-            sys.executable,
-            "-m",
-            "ringserve.supervisor.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--instance",
-            instance,
-            "--admin-socket",
-            sock,
-            "--frontends",
-            str(frontends),
-            *args,
-        ]
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
-            )
-        server = Server(proc, port, instance, sock, log_path, full_env)
+        server = launch(tmp_path, *args, env=env, frontends=frontends)
         started.append(server)
         if ready:
             server.wait_ready()
@@ -207,10 +211,7 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
 
     yield start
     for server in started:
-        if server.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.proc.pid, signal.SIGKILL)
-            server.proc.wait(10)
+        kill_group(server)
 
 
 def shm_segments(instance: str) -> list[str]:

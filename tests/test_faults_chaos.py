@@ -14,7 +14,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-from conftest import Server, free_port, shm_segments, wait_until
+from conftest import SERVE, Server, free_port, shm_segments, wait_until
 from support.load import DIGIT3, Planned, drive, echo_request
 from test_e2e_core import HANDLER_ENV
 
@@ -238,10 +237,7 @@ def test_shm_too_small_fails_at_start_with_a_clear_error(tmp_path: Path) -> None
         t0 = time.monotonic()
         out = subprocess.run(
             [
-                sys.executable,
-                "-m",
-                "ringserve.supervisor.cli",
-                "serve",
+                *SERVE,
                 "--port",
                 str(port),
                 "--instance",
@@ -273,10 +269,7 @@ def test_missing_shm_dir_is_a_clear_error_not_a_traceback(tmp_path: Path) -> Non
     port = free_port()
     out = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "ringserve.supervisor.cli",
-            "serve",
+            *SERVE,
             "--port",
             str(port),
             "--admin-socket",

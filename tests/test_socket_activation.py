@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import Server, free_port, shm_segments, socket_links
+from conftest import SERVE, Server, free_port, shm_segments, socket_links
 from support.load import DIGIT3, LoadResult, load_during
 
 pytestmark = pytest.mark.e2e
@@ -55,17 +55,7 @@ def socket_activate() -> str:
 
 
 def serve_cmd(instance: str, admin_socket: str, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "ringserve.supervisor.cli",
-        "serve",
-        "--instance",
-        instance,
-        "--admin-socket",
-        admin_socket,
-        *args,
-    ]
+    return [*SERVE, "--instance", instance, "--admin-socket", admin_socket, *args]
 
 
 def socket_inode(pid: int, fd: int) -> str:

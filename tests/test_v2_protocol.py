@@ -10,17 +10,13 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from conftest import EXAMPLES, Server, free_port, wait_until
+from conftest import EXAMPLES, Server, kill_group, launch, wait_until
 from test_e2e_core import HANDLER_ENV, PNGS
 
 pytestmark = pytest.mark.e2e
@@ -30,31 +26,9 @@ MAX_BODY = 256 * 1024
 
 @contextlib.contextmanager
 def serve(tmp: Path, *args: str) -> Iterator[Server]:
-    """``ringserve serve`` on a free port for a whole module (conftest's fixture is
-    per test); the same bounded start and process-group teardown."""
-    port = free_port()
-    sock = str(tmp / f"admin-{port}.sock")
-    log_path = tmp / f"server-{port}.log"
-    env = {**os.environ, **HANDLER_ENV, "XDG_CACHE_HOME": str(tmp / "cache")}
-    env.pop("NOTIFY_SOCKET", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "ringserve.supervisor.cli",
-        "serve",
-        "--port",
-        str(port),
-        "--instance",
-        f"t{port}",
-        "--admin-socket",
-        sock,
-        *args,
-    ]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    server = Server(proc, port, f"t{port}", sock, log_path, env)
+    """``ringserve serve`` for a whole module (conftest's fixture is per test); the same
+    bounded start and process-group teardown."""
+    server = launch(tmp, *args, env=HANDLER_ENV, frontends=2)
     try:
         server.wait_ready()
         yield server
@@ -62,10 +36,7 @@ def serve(tmp: Path, *args: str) -> Iterator[Server]:
         try:
             server.stop()
         finally:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+            kill_group(server)
 
 
 @pytest.fixture(scope="module")
