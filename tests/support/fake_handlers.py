@@ -64,17 +64,10 @@ class Leaky(Handler):
         return batch
 
 
-class DeviceLeaky(Handler):
+class DeviceLeaky(Leaky):
     """Identity that keeps 32 MiB per batch forever on its device: on a GPU, memory that
     torch's allocator counts as allocated (``memory_allocated``), the GPU leak the
     supervisor's ``gpu_allocated_limit_mb`` is for; on a CPU, touched host memory."""
-
-    inputs = (TensorSpec("INPUT0", "float32", (-1,)),)
-    outputs = (TensorSpec("OUTPUT0", "float32", (-1,)),)
-    hoard: list = []  # the leak is the point
-
-    def load(self, device: torch.device) -> None:
-        self.device = device
 
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
         self.hoard.append(torch.ones(8 * 2**20, device=batch.device))  # 32 MiB of float32
