@@ -174,6 +174,8 @@ def test_worker_leaking_device_memory_is_recycled_with_nothing_lost(start_server
         f"memory.{limit}=1024",
         "--set",
         "memory.uss_limit_samples=1",
+        "--set",  # no warm-up profile: it would leak too, before the first request
+        "batching.preferred_batch_size=8",
         "--set",
         "memory.sample_interval_s=0.5",
         env=HANDLER_ENV,
