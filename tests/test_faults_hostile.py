@@ -51,8 +51,6 @@ pytestmark = pytest.mark.e2e
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with serve(
         tmp_path_factory.mktemp("hostile"),
-        "--frontends",
-        "2",
         "--model",
         "id=identity",
         "--model",

@@ -1,10 +1,8 @@
-"""The CUDA path end to end: workers on a GPU serve and batch (through the pinned
-staging buffer), report their GPU memory (torch's allocator and NVML), and one that
-leaks GPU memory is recycled with nothing lost.
-
-Skipped where torch sees no CUDA device (CI has none): ``.ci/gpu_check`` runs it on a
-GPU host. ``RINGSERVE_TEST_DEVICE=cpu`` runs the same scenarios on the CPU, which checks
-the tests themselves; the assertions only a GPU can satisfy are then skipped.
+"""Models served on a device, end to end: on the CPU (every run, CI included) and on a
+GPU where torch sees one (``.ci/gpu_check`` runs them on a GPU host). On the GPU the
+batches go through the pinned staging buffer, the workers report their GPU memory
+(torch's allocator and NVML), and one that leaks GPU memory is recycled with nothing
+lost; those checks exist only there.
 """
 
 from __future__ import annotations
@@ -25,13 +23,11 @@ from support.load import DIGIT3, load_during
 from test_e2e_core import HANDLER_ENV, PNGS
 from test_v2_protocol import binary_body
 
-DEVICE = os.environ.get("RINGSERVE_TEST_DEVICE", "cuda")
-ON_GPU = DEVICE.startswith("cuda")
+pytestmark = pytest.mark.e2e
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(ON_GPU and not torch.cuda.is_available(), reason="no CUDA device"),
-]
+CUDA = pytest.param(
+    "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+)
 
 
 def resnet18_weights(path: Path) -> torch.nn.Module:
@@ -95,13 +91,17 @@ def queued_behind_a_stopped_worker(server: Server, model: str, xs: list[np.ndarr
         os.kill(worker["pid"], signal.SIGCONT)
 
 
-def test_models_answer_on_the_device_as_on_the_cpu(start_server, tmp_path: Path) -> None:
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_models_answer_on_the_device_as_on_the_cpu(
+    start_server, tmp_path: Path, device: str
+) -> None:
     """digits (JSON and a PNG), identity and a resnet18 (v2 binary, batched) on
-    ``DEVICE`` give the CPU's answers; the workers then report their GPU memory."""
+    ``device`` give the answers the same weights give in this process; on a GPU the
+    workers then report their GPU memory."""
     weights = tmp_path / "resnet18.pt"
     reference = resnet18_weights(weights)
     server: Server = start_server(
-        *("--device", DEVICE, "--model", "digits=digits", "--model", "id=identity"),
+        *("--device", device, "--model", "digits=digits", "--model", "id=identity"),
         *("--model", "r=torchvision:resnet18", "--set", f"models.r.weights={weights}"),
         *("--set", "batching.preferred_batch_size=8", "--set", "memory.sample_interval_s=0.5"),
     )
@@ -136,7 +136,7 @@ def test_models_answer_on_the_device_as_on_the_cpu(start_server, tmp_path: Path)
     (rec,) = worker_records(server, "r")
     assert (rec["requests"], rec["batches"]) == (17, 3), rec  # 1, then 8 + 8
 
-    if ON_GPU:
+    if device == "cuda":
         for model in ("digits", "id", "r"):
             (rec,) = worker_records(server, model)
             assert 0 < rec["gpu_allocated_bytes"] <= rec["gpu_reserved_bytes"], rec
@@ -158,22 +158,20 @@ def test_models_answer_on_the_device_as_on_the_cpu(start_server, tmp_path: Path)
     assert server.stop() == 0
 
 
-def test_worker_leaking_device_memory_is_recycled_with_nothing_lost(start_server) -> None:
-    """32 MiB kept on the device per batch: past ``gpu_allocated_limit_mb`` (on the CPU,
-    ``uss_limit_mb``) the supervisor recycles the worker under load, and every request
-    is answered, by the old worker or its replacement."""
-    limit, reason = (
-        ("gpu_allocated_limit_mb", "gpu_limit") if ON_GPU else ("uss_limit_mb", "uss_limit")
-    )
+@pytest.mark.parametrize("device", [CUDA])
+def test_worker_leaking_device_memory_is_recycled_with_nothing_lost(
+    start_server, device: str
+) -> None:
+    """32 MiB kept on the GPU per batch: past ``gpu_allocated_limit_mb`` the supervisor
+    recycles the worker under load, and every request is answered, by the old worker or
+    its replacement. (On the CPU the same is ``test_uss_limit_recycles``.)"""
     server: Server = start_server(
         "--device",
-        DEVICE,
+        device,
         "--model",
         "leak=python:support.fake_handlers:DeviceLeaky",
         "--set",
-        f"memory.{limit}=1024",
-        "--set",
-        "memory.uss_limit_samples=1",
+        "memory.gpu_allocated_limit_mb=1024",
         "--set",  # no warm-up profile: it would leak too, before the first request
         "batching.preferred_batch_size=8",
         "--set",
@@ -184,9 +182,9 @@ def test_worker_leaking_device_memory_is_recycled_with_nothing_lost(start_server
 
     def recycled() -> None:
         wait_until(
-            lambda: server.ctl("status")["server"]["totals"].get(f"recycles:{reason}"),
+            lambda: server.ctl("status")["server"]["totals"].get("recycles:gpu_limit"),
             120,
-            f"a {reason} recycle",
+            "a gpu_limit recycle",
         )
         wait_until(lambda: not set(server.pids("worker")) & set(before), 60, "the old worker to go")
         server.wait_workers_ready(1)
@@ -200,10 +198,10 @@ def test_worker_leaking_device_memory_is_recycled_with_nothing_lost(start_server
         rate=60,
         max_requests=6000,
     )
-    print(f"[gpu] {reason} recycle under load: {result.summary()}")
+    print(f"[gpu] gpu_limit recycle under load: {result.summary()}")
     assert not result.exhausted, result.summary()
     assert result.ok == result.total and result.wrong == 0, result.summary()
     (rec,) = worker_records(server, "leak")
-    if ON_GPU:  # the replacement starts from nothing: the leak went with the old process
-        assert rec["gpu_allocated_bytes"] < 1024 * 2**20, rec
+    # The replacement starts from nothing: the leak went with the old process.
+    assert rec["gpu_allocated_bytes"] < 1024 * 2**20, rec
     assert server.stop() == 0

@@ -41,7 +41,7 @@ def perf_analyzer() -> Path:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("v2perf")
     text = "text=python:support.fake_handlers:ByteLengths"
-    with serve(tmp, "--frontends", "2", "--model", "id=identity", "--model", text) as s:
+    with serve(tmp, "--model", "id=identity", "--model", text) as s:
         yield s
 
 

@@ -26,9 +26,9 @@ MAX_BODY = 256 * 1024
 
 @contextlib.contextmanager
 def serve(tmp: Path, *args: str) -> Iterator[Server]:
-    """``ringserve serve`` for a whole module (conftest's fixture is per test); the same
-    bounded start and process-group teardown."""
-    server = launch(tmp, *args, env=HANDLER_ENV, frontends=2)
+    """``ringserve serve`` (2 frontends) for a whole module (conftest's fixture is per
+    test); the same bounded start and process-group teardown."""
+    server = launch(tmp, *args, env=HANDLER_ENV)
     try:
         server.wait_ready()
         yield server
@@ -44,8 +44,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("v2proto")
     with serve(
         tmp,
-        "--frontends",
-        "2",
         "--model",
         "id=identity",
         "--model",

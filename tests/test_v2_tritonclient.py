@@ -23,7 +23,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("v2triton")
     fake = "python:support.fake_handlers"
     models = ["id=identity", "digits=digits", f"text={fake}:ByteLengths", f"desc={fake}:Describe"]
-    with serve(tmp, "--frontends", "2", *(a for m in models for a in ("--model", m))) as s:
+    with serve(tmp, *(a for m in models for a in ("--model", m))) as s:
         yield s
 
 
