@@ -166,15 +166,19 @@ async def infer(
     answer: Callable[[Completed], R],
     dtype_name: str | None = None,
     shape: tuple[int, ...] | None = None,
+    timeout_s: float | None = None,
 ) -> R:
     """The shared request path: slot in, wait (deadline, disconnect), answer out.
 
     ``answer`` turns a successful completion into the response while the output is
     still a view of the slot (no copy out of shared memory); it must not keep the view.
     ``dtype_name`` and ``shape`` as in ``Dispatcher.submit`` (a BYTES tensor comes
-    length-prefixed, its shape beside it).
+    length-prefixed, its shape beside it). ``timeout_s``, a deadline set in the body
+    (v2's ``timeout``), replaces the default as the header does; with both, the shorter wins.
     """
     timeout = deadline_s(call.headers, state.settings)
+    if timeout_s is not None:
+        timeout = min(timeout, timeout_s) if TIMEOUT_HEADER in call.headers else timeout_s
     d = state.dispatcher
     try:
         slot = d.submit(

@@ -252,6 +252,7 @@ def v2_routes(state: FrontendState) -> list[Route]:
                 answer,
                 "bytes" if req.bytes_shape else None,
                 req.bytes_shape,
+                req.timeout_s,
             )
         except HTTPError as err:
             if name in state.catalog.names():  # no metric series for made-up names

@@ -103,6 +103,7 @@ class InferRequest:
     bytes_shape: tuple[int, ...] | None = None
     images: bool = False  # BYTES elements are encoded images, one per row (see below)
     classification: int = 0  # >0: answer the top-k classes instead of the tensor
+    timeout_s: float | None = None  # Triton's ``timeout`` parameter (sent in µs), if any
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes | memoryview, memoryview]:
@@ -132,6 +133,20 @@ def _params(obj: dict[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise bad_request(f'{where} "parameters" must be an object')
     return params
+
+
+MAX_TIMEOUT_US = 3_600_000_000  # an hour, as X-Request-Timeout-Ms allows
+
+
+def _timeout_param(raw: Any) -> float | None:
+    """Triton's schedule-policy ``timeout`` (what ``tritonclient``'s ``infer(timeout=)``
+    sends): microseconds, 0 for none. It is the request's deadline, as the
+    ``X-Request-Timeout-Ms`` header is; with both, the shorter wins."""
+    if raw is None or raw == 0:
+        return None
+    if not isinstance(raw, int) or isinstance(raw, bool) or not 0 < raw <= MAX_TIMEOUT_US:
+        raise bad_request(f'"timeout" must be an integer of microseconds in [0, {MAX_TIMEOUT_US}]')
+    return raw / 1e6
 
 
 def _shape(raw: Any, where: str) -> list[int]:
@@ -274,6 +289,7 @@ def decode_request(
     params = _params(doc, "request")
     if params.get("sequence_id") not in (None, 0, ""):
         raise bad_request("sequence_id is not supported: ringserve models are stateless")
+    timeout_s = _timeout_param(params.get("timeout"))
     binary_default = params.get("binary_data_output", False)
     if not isinstance(binary_default, bool):
         raise bad_request('"binary_data_output" must be true or false')
@@ -373,7 +389,7 @@ def decode_request(
     else:
         payload, bytes_shape = arr if max_batch_size > 0 else arr.reshape(1, *arr.shape), None
     return InferRequest(
-        payload, rows, rid, binary_output, out.name, bytes_shape, images, classification
+        payload, rows, rid, binary_output, out.name, bytes_shape, images, classification, timeout_s
     )
 
 

@@ -362,6 +362,19 @@ def test_deadline_full_queue_and_disconnect(start_server) -> None:
             headers={"X-Request-Timeout-Ms": "200"},
         )
         assert r.status_code == 504, r.text
+        # v2's own deadline (Triton's ``timeout`` parameter, in µs), and the shorter of
+        # it and the header when both are set.
+        v2 = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 1], "data": [800.0]}]}
+        for params, headers in (
+            ({"timeout": 200_000}, {}),
+            ({"timeout": 200_000}, {"X-Request-Timeout-Ms": "60000"}),
+            ({"timeout": 60_000_000}, {"X-Request-Timeout-Ms": "200"}),
+        ):
+            t0 = time.monotonic()
+            r = c.post("/v2/models/slow/infer", json={**v2, "parameters": params}, headers=headers)
+            assert r.status_code == 504, (params, headers, r.text)
+            assert "deadline" in r.json()["error"]
+            assert time.monotonic() - t0 < 5  # not the 60 s one
 
     all_free = functools.partial(slots_free, server, 4)
     # The abandoned request's slot is freed once the worker is done with it.

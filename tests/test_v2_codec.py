@@ -139,6 +139,10 @@ def test_id_and_binary_output_flags() -> None:
         ({"inputs": [tensor()], "parameters": {"binary_data_output": "yes"}}, "true or false"),
         ({"inputs": [tensor()], "parameters": {"sequence_id": 3}}, "sequence_id"),
         *(
+            ({"inputs": [tensor()], "parameters": {"timeout": bad}}, '"timeout" must be')
+            for bad in (-1, "100", True, 1.5, 3_600_000_001)
+        ),
+        *(
             (
                 {
                     "inputs": [tensor()],
@@ -154,6 +158,12 @@ def test_bad_requests_are_400_naming_the_problem(doc: object, words: str) -> Non
     e = err(doc)
     assert e.status == 400
     assert words in e.message
+
+
+def test_timeout_parameter_is_microseconds_and_zero_means_none() -> None:
+    assert decode({"inputs": [tensor()], "parameters": {"timeout": 250_000}}).timeout_s == 0.25
+    assert decode({"inputs": [tensor()], "parameters": {"timeout": 0}}).timeout_s is None
+    assert decode({"inputs": [tensor()]}).timeout_s is None
 
 
 def test_fixed_dims_and_rank_against_the_model() -> None:

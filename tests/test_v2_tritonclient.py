@@ -70,6 +70,9 @@ def test_json_infer(client: httpclient.InferenceServerClient) -> None:
     r = client.infer("id", [infer_input(x, binary=False)], outputs=[out])
     np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), x)
     assert "data" in r.get_output("OUTPUT0")
+    # ``timeout`` (µs) rides in the request's parameters: a deadline, not an error.
+    r = client.infer("id", [infer_input(x)], timeout=10_000_000)
+    np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), x)
 
 
 @pytest.mark.parametrize("binary_in", [False, True])
