@@ -7,7 +7,8 @@ Two sources, both server-wide, whichever frontend answers:
   backwards, so perf_analyzer's deltas between two samples are sound;
 - the workers' control blocks: rows and batches run (``inference_count``,
   ``execution_count``). These restart from zero when a worker is recycled, so across a
-  recycle they under-count; they are never allowed to go below the request count.
+  recycle they under-count; they are never allowed to go below the request count. The
+  newest of their latest-batch stamps is ``last_inference``.
 
 Mapping: ``success`` = 200 answers and their end-to-end time; ``fail`` = other answers
 (no time); ``queue`` = enqueue → worker claim; ``compute_infer`` = claim → answer (gather,
@@ -75,7 +76,7 @@ def model_stats(state: FrontendState, names: list[str]) -> list[dict[str, Any]]:
             {
                 "name": name,
                 "version": "1",
-                "last_inference": 0,
+                "last_inference": int(mine["last_batch_ms"].max(initial=0)),
                 "inference_count": rows,
                 "execution_count": batches,
                 "inference_stats": {

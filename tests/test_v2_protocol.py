@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -175,6 +176,7 @@ def test_model_config(client: httpx.Client) -> None:
 
 
 def test_stats(client: httpx.Client) -> None:
+    t0_ms = time.time() * 1000
     good_json(client)
     one = client.get("/v2/models/id/stats").json()["model_stats"]
     assert [m["name"] for m in one] == ["id"]
@@ -186,6 +188,9 @@ def test_stats(client: httpx.Client) -> None:
     assert after["inference_stats"]["success"]["ns"] > 0
     assert after["inference_count"] >= after["inference_stats"]["success"]["count"]
     assert after["execution_count"] >= 1
+    # Milliseconds since the epoch; the first request's batch was recorded (after its
+    # answer went out) before the third request was sent.
+    assert t0_ms - 1 <= after["last_inference"] <= time.time() * 1000 + 1
     every = client.get("/v2/models/stats").json()["model_stats"]
     assert sorted(m["name"] for m in every) == ["desc", "digits", "id", "text"]
 
