@@ -35,11 +35,12 @@ from ringserve.frontend.app import (
     ready_model,
     request_id,
 )
-from ringserve.frontend.call import AsgiEndpoint, Call, Reply, error_reply
+from ringserve.frontend.call import AsgiEndpoint, Call, Reply, error_reply, json_reply
 from ringserve.frontend.catalog import MODEL_VERSION, ModelInfo
 from ringserve.frontend.dispatch import Completed
 from ringserve.frontend.errors import HTTPError, unavailable
 from ringserve.frontend.images import check_images
+from ringserve.frontend.jsonio import parse_json
 from ringserve.frontend.v2_codec import (
     V2_TO_CONFIG,
     TensorSpec,
@@ -165,6 +166,33 @@ def _config(info: ModelInfo) -> dict[str, Any]:
     return config
 
 
+INDEX_BODY_LIMIT = 64 * 1024
+NO_MODEL_CONTROL = (
+    "model control is not supported: ringserve serves the models it was started with "
+    "(--model); change workers with `ringserve ctl scale|recycle|restart`"
+)
+
+
+def repository_index(state: FrontendState, ready_only: bool) -> list[dict[str, str]]:
+    """Triton's model repository index: every served model with its state (READY, or
+    LOADING before any worker has loaded it, or UNAVAILABLE while none is ready)."""
+    ready_counts = state.catalog.ready_workers()
+    out = []
+    for name in state.catalog.names():
+        info = state.catalog.get(name)
+        assert info is not None
+        if info.spec is None:
+            model_state, reason = "LOADING", "no worker has loaded the model yet"
+        elif ready_counts[info.index] == 0:
+            model_state, reason = "UNAVAILABLE", "no ready worker"
+        else:
+            model_state, reason = "READY", ""
+        if ready_only and model_state != "READY":
+            continue
+        out.append({"name": name, "version": MODEL_VERSION, "state": model_state, "reason": reason})
+    return out
+
+
 def v2_routes(state: FrontendState) -> list[Route]:
     @_errors_as_json
     async def server_metadata(request: Request, rid: str) -> Response:
@@ -265,6 +293,27 @@ def v2_routes(state: FrontendState) -> list[Route]:
         headers["Inference-Header-Content-Length"] = str(header_len)
         return Reply(200, content, headers, "application/octet-stream")
 
+    async def index_endpoint(call: Call) -> Reply:
+        rid = request_id(call.headers)
+        try:
+            body = await call.read_body(INDEX_BODY_LIMIT)
+            doc = parse_json(body) if body.strip() else {}
+            if not isinstance(doc, dict):
+                raise HTTPError(400, "repository index request must be a JSON object")
+            ready_only = doc.get("ready", False)
+            if not isinstance(ready_only, bool):
+                raise HTTPError(400, '"ready" must be true or false')
+        except HTTPError as err:
+            return error_reply(err, rid)
+        return json_reply(repository_index(state, ready_only), headers={"X-Request-ID": rid})
+
+    async def model_control(call: Call) -> Reply:
+        rid = request_id(call.headers)
+        name = call.path_params["name"]
+        if state.catalog.get(name) is None:
+            return error_reply(HTTPError(404, f"unknown model {name!r}"), rid)
+        return error_reply(HTTPError(400, NO_MODEL_CONTROL), rid)
+
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
     return [
@@ -282,4 +331,7 @@ def v2_routes(state: FrontendState) -> list[Route]:
         Route(f"{versioned}/stats", stats),
         Route(f"{model}/infer", AsgiEndpoint(infer_endpoint), methods=["POST"]),
         Route(f"{versioned}/infer", AsgiEndpoint(infer_endpoint), methods=["POST"]),
+        Route("/v2/repository/index", AsgiEndpoint(index_endpoint), methods=["POST"]),
+        Route("/v2/repository/models/{name}/load", AsgiEndpoint(model_control), methods=["POST"]),
+        Route("/v2/repository/models/{name}/unload", AsgiEndpoint(model_control), methods=["POST"]),
     ]

@@ -484,6 +484,30 @@ def test_model_without_a_ready_worker_is_503(start_server: Callable[..., Server]
         assert c.get("/v2/health/ready").status_code == 503
         # metadata is still known from what the worker published
         assert c.get("/v2/models/id").json()["inputs"][0]["name"] == "INPUT0"
+        index = c.post("/v2/repository/index").json()
+        assert index == [
+            {"name": "id", "version": "1", "state": "UNAVAILABLE", "reason": "no ready worker"}
+        ]
+        assert c.post("/v2/repository/index", json={"ready": True}).json() == []
+
+
+def test_repository_index(client: httpx.Client) -> None:
+    models = ["desc", "digits", "id", "text"]
+    for body in ({}, {"ready": False}, {"ready": True}, None):
+        r = client.post("/v2/repository/index", json=body)
+        assert r.status_code == 200, r.text
+        assert sorted(m["name"] for m in r.json()) == models
+        assert {(m["version"], m["state"], m["reason"]) for m in r.json()} == {("1", "READY", "")}
+    for bad, words in (([1], "JSON object"), ({"ready": "yes"}, '"ready"')):
+        r = client.post("/v2/repository/index", json=bad)
+        assert r.status_code == 400 and words in r.json()["error"], r.text
+    assert client.post("/v2/repository/index", content=b"{").status_code == 400
+    # The models are the ones the server was started with: no load or unload over HTTP.
+    for action in ("load", "unload"):
+        r = client.post(f"/v2/repository/models/id/{action}")
+        assert r.status_code == 400 and "not supported" in r.json()["error"], r.text
+        assert client.post(f"/v2/repository/models/nope/{action}").status_code == 404
+    good_json(client)
 
 
 # -- BYTES input ---------------------------------------------------------------------------

@@ -64,6 +64,17 @@ def test_server_and_model_metadata(client: httpclient.InferenceServerClient) -> 
     assert "nope" in e.value.message()
 
 
+def test_repository_index_and_no_model_control(
+    client: httpclient.InferenceServerClient,
+) -> None:
+    index = client.get_model_repository_index()
+    assert sorted(m["name"] for m in index) == ["desc", "digits", "id", "text"]
+    assert all(m["state"] == "READY" for m in index)
+    with pytest.raises(InferenceServerException, match="not supported"):
+        client.unload_model("id")
+    assert client.is_model_ready("id")
+
+
 def test_json_infer(client: httpclient.InferenceServerClient) -> None:
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     out = httpclient.InferRequestedOutput("OUTPUT0", binary_data=False)
