@@ -410,11 +410,15 @@ def build_app(state: FrontendState, extra_routes: list[Route] | None = None) -> 
         state.dispatcher.stop()
 
     async def not_found(request: Request, exc: Exception) -> Response:
+        """404 and 405 as JSON; a 405 keeps the ``Allow`` header Starlette gives it."""
         status = getattr(exc, "status_code", 404)
         return JSONResponse(
             {"error": getattr(exc, "detail", "not found")},
             status_code=status,
-            headers={"X-Request-ID": request_id(request.headers)},
+            headers={
+                **(getattr(exc, "headers", None) or {}),
+                "X-Request-ID": request_id(request.headers),
+            },
         )
 
     app = Starlette(

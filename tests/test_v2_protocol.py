@@ -156,7 +156,10 @@ def test_model_ready_and_unknowns(client: httpx.Client) -> None:
     assert "nope" in r.json()["error"]
     r = client.post("/v2/models/id/versions/7/infer", json={"inputs": []})
     assert r.status_code == 404
-    assert client.get("/v2/models/id/infer").status_code == 405
+    r = client.get("/v2/models/id/infer")
+    assert r.status_code == 405
+    assert r.headers["allow"] == "POST"  # RFC 9110: a 405 says which methods would do
+    assert "error" in r.json()
     good_json(client)
 
 
