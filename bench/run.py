@@ -371,6 +371,20 @@ def host_cpu_ticks() -> tuple[int, int]:
     return 0, 0
 
 
+HALT_POLL = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+
+
+def guest_halt_poll() -> str:
+    """How an idle vCPU of a virtual machine waits: "off" when it halts at once (each
+    wake-up then goes through the hypervisor, which more than doubles the ipc round trip
+    here; docs/deployment.md), else for how long it polls first; "" on bare metal."""
+    try:
+        ns = int(HALT_POLL.read_text())
+    except (OSError, ValueError):
+        return ""
+    return "guest halt polling off" if ns == 0 else f"guest halt polling {ns / 1000:g} µs"
+
+
 def steal_pct(before: tuple[int, int], after: tuple[int, int]) -> float:
     total = after[1] - before[1]
     return 100 * (after[0] - before[0]) / total if total > 0 else 0.0
@@ -913,7 +927,9 @@ def render_markdown(res: dict) -> str:
     lines = [
         "# ringserve benchmark results",
         "",
-        f"{meta['date']} · {meta['cpu']} · {meta['cpus']} CPUs · torch {meta['torch']} · "
+        f"{meta['date']} · {meta['cpu']} · {meta['cpus']} CPUs"
+        + (f" · {meta['halt_poll']}" if meta.get("halt_poll") else "")
+        + f" · torch {meta['torch']} · "
         f"device {meta['device']} · {meta['repeats']} repetition(s) x {_durations(meta)} "
         f"per point (medians) · load generator: {meta['wrk']} · load average "
         f"{meta['loadavg_start'][0]:.1f} at start, {meta['loadavg_end'][0]:.1f} at end "
@@ -1147,6 +1163,7 @@ def main(argv: list[str] | None = None) -> int:
             "wrk": " ".join(wrk_version.split()[:2]),
             "quick": args.quick,
             "loadavg_start": os.getloadavg(),
+            "halt_poll": guest_halt_poll(),
         },
         "models": args.models,
         "systems": [

@@ -199,3 +199,18 @@ def test_points_default_per_model(monkeypatch: pytest.MonkeyPatch) -> None:
         "identity 5 s, resnet50 8 s"
     )
     assert bench_run._durations({"duration": 4.0}) == "4.0 s"
+
+
+def test_header_names_the_guest_halt_polling(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench import run
+
+    knob = tmp_path / "guest_halt_poll_ns"
+    monkeypatch.setattr(run, "HALT_POLL", knob)
+    assert run.guest_halt_poll() == ""  # bare metal: no such knob
+    knob.write_text("0\n")
+    assert run.guest_halt_poll() == "guest halt polling off"
+    knob.write_text("200000\n")
+    assert run.guest_halt_poll() == "guest halt polling 200 µs"
