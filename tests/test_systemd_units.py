@@ -328,3 +328,29 @@ def test_nginx_refuses_bodies_over_8_mib(proxied: tuple[Backend, int]) -> None:
         status_line = s.makefile("rb").readline()
     assert status_line.split()[1] == b"413"
     assert backend.seen == []
+
+
+def test_vm_haltpoll_snippet_sets_the_knob_and_skips_a_host_without_it(tmp_path: Path) -> None:
+    """systemd-tmpfiles itself applies the snippet under a scratch root: it writes the
+    value where the driver's file exists and does nothing (exit 0) where it does not."""
+    snippet = UNITS / "ringserve-vm-haltpoll.conf"
+    knob = tmp_path / "sys/module/haltpoll/parameters/guest_halt_poll_ns"
+    knob.parent.mkdir(parents=True)
+    knob.write_text("0\n")
+
+    def apply() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [tool("systemd-tmpfiles"), f"--root={tmp_path}", "--create", str(snippet)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    r = apply()
+    assert r.returncode == 0 and not r.stderr, r.stderr
+    assert knob.read_text().strip() == "200000"
+    knob.unlink()  # bare metal: no cpuidle-haltpoll
+    r = apply()
+    assert r.returncode == 0 and not r.stderr, r.stderr
+    assert not knob.exists()
