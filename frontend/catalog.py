@@ -69,5 +69,9 @@ class Catalog:
             return True
         return bool(self.ready_workers()[index] > 0)
 
+    def availability(self, index: int) -> ModelAvailability:
+        """What the supervisor last published for the model (it may lag by a tick)."""
+        return ModelAvailability(self.arena.model_word(index, "availability"))
+
     def all_ready(self) -> bool:
         return bool((self.ready_workers() > 0).all())

@@ -52,7 +52,7 @@ from ringserve.frontend.v2_codec import (
     v2_datatype,
 )
 from ringserve.frontend.v2_stats import model_stats
-from ringserve.ipc.layout import PayloadKind
+from ringserve.ipc.layout import ModelAvailability, PayloadKind
 
 HEADER_LENGTH = "inference-header-content-length"
 EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration", "statistics")
@@ -173,20 +173,26 @@ NO_MODEL_CONTROL = (
 )
 
 
+def _repository_state(state: FrontendState, info: ModelInfo) -> tuple[str, str]:
+    """(Triton state, reason): READY exactly when ``/v2/models/{name}/ready`` says so."""
+    failing = state.catalog.availability(info.index) == ModelAvailability.FAILING
+    if info.spec is None and not failing:
+        return "LOADING", "no worker has loaded the model yet"
+    if info.spec is not None and state.catalog.accepting(info.index):
+        return "READY", ""
+    if failing:
+        return "UNAVAILABLE", "its workers keep failing to start, or none is left (see the log)"
+    return "UNAVAILABLE", "no ready worker"
+
+
 def repository_index(state: FrontendState, ready_only: bool) -> list[dict[str, str]]:
-    """Triton's model repository index: every served model with its state (READY, or
-    LOADING before any worker has loaded it, or UNAVAILABLE while none is ready)."""
-    ready_counts = state.catalog.ready_workers()
+    """Triton's model repository index: every served model with its state (READY;
+    LOADING before any worker has loaded it; UNAVAILABLE, and why, otherwise)."""
     out = []
     for name in state.catalog.names():
         info = state.catalog.get(name)
         assert info is not None
-        if info.spec is None:
-            model_state, reason = "LOADING", "no worker has loaded the model yet"
-        elif ready_counts[info.index] == 0:
-            model_state, reason = "UNAVAILABLE", "no ready worker"
-        else:
-            model_state, reason = "READY", ""
+        model_state, reason = _repository_state(state, info)
         if ready_only and model_state != "READY":
             continue
         out.append({"name": name, "version": MODEL_VERSION, "state": model_state, "reason": reason})

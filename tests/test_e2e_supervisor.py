@@ -213,7 +213,8 @@ def test_model_that_never_loads_backs_off_and_is_not_ready(start_server) -> None
         r = c.post("/v1/models/bad/predict", json={"data": [1.0]})
         assert r.status_code == 503 and r.headers["retry-after"]
         [entry] = c.post("/v2/repository/index").json()  # Triton's view of the same
-        assert (entry["name"], entry["state"]) == ("bad", "LOADING") and entry["reason"]
+        assert (entry["name"], entry["state"]) == ("bad", "UNAVAILABLE")
+        assert "failing to start" in entry["reason"]
     st = server.ctl("status")
     assert st["models"][0]["ready"] == 0
     assert "weights file is corrupt" in server.log()

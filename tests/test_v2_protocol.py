@@ -487,11 +487,38 @@ def test_model_without_a_ready_worker_is_503(start_server: Callable[..., Server]
         assert c.get("/v2/health/ready").status_code == 503
         # metadata is still known from what the worker published
         assert c.get("/v2/models/id").json()["inputs"][0]["name"] == "INPUT0"
-        index = c.post("/v2/repository/index").json()
-        assert index == [
-            {"name": "id", "version": "1", "state": "UNAVAILABLE", "reason": "no ready worker"}
-        ]
+        [entry] = c.post("/v2/repository/index").json()
+        assert (entry["name"], entry["version"], entry["state"]) == ("id", "1", "UNAVAILABLE")
+        assert "none is left" in entry["reason"]  # its only worker was retired
         assert c.post("/v2/repository/index", json={"ready": True}).json() == []
+
+
+@pytest.mark.parametrize(
+    ("loaded", "availability", "accepting", "expected"),
+    [
+        (False, "LOADING", False, "LOADING"),
+        (False, "FAILING", False, "UNAVAILABLE"),
+        (True, "SERVING", True, "READY"),
+        (True, "RECOVERING", True, "READY"),  # queued while a worker is replaced, as /ready
+        (True, "FAILING", False, "UNAVAILABLE"),
+        (True, "LOADING", False, "UNAVAILABLE"),  # the supervisor's tick lags a death
+    ],
+)
+def test_repository_state_follows_what_the_supervisor_publishes(
+    loaded: bool, availability: str, accepting: bool, expected: str
+) -> None:
+    from types import SimpleNamespace
+
+    from ringserve.frontend.v2 import _repository_state
+    from ringserve.ipc.layout import ModelAvailability
+
+    catalog = SimpleNamespace(
+        availability=lambda i: ModelAvailability[availability], accepting=lambda i: accepting
+    )
+    info = SimpleNamespace(index=0, spec={"inputs": []} if loaded else None)
+    got, reason = _repository_state(SimpleNamespace(catalog=catalog), info)  # type: ignore[arg-type]
+    assert got == expected
+    assert bool(reason) == (expected != "READY")
 
 
 def test_repository_index(client: httpx.Client) -> None:
