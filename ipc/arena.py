@@ -25,12 +25,16 @@ import numpy as np
 
 from ringserve.ipc import layout as L
 from ringserve.ipc.errors import ArenaError
+from ringserve.ipc.robust_mutex import MUTEX_BYTES, RobustMutex
+from ringserve.ipc.robust_mutex import init_at as init_mutex_at
 from ringserve.ipc.slot_io import SlotHeaders
 
 _U4 = struct.Struct("<I")
 _DRAINING_OFF = L.ARENA_HEADER.fields["draining"][1]
 _PAUSED_OFF = L.ARENA_HEADER.fields["paused"][1]
 _MODEL_OFF = {name: L.MODEL_ENTRY.fields[name][1] for name in ("spec_version", "availability")}
+_RING_LOCK_OFF = L.RING_HEADER.fields["lock"][1]
+assert L.RING_HEADER.fields["lock"][0].itemsize >= MUTEX_BYTES and _RING_LOCK_OFF % 8 == 0
 
 SHM_DIR = "/dev/shm"
 _NAME_RE = re.compile(r"^ringserve-(?P<instance>[A-Za-z0-9_.]+)-(?P<pid>\d+)$")
@@ -186,6 +190,8 @@ class Arena:
             raise
         arena = cls(path, fd, mm, owner=True)
         arena.slots["worker"] = -1
+        for model in range(geometry.n_models):
+            init_mutex_at(mm, arena.ring_offset(model) + _RING_LOCK_OFF)
         return arena
 
     @classmethod
@@ -238,9 +244,13 @@ class Arena:
         )
         return head, entries
 
-    def ring_lock_offset(self, model: int) -> int:
-        """Byte offset used as the OFD lock range of one model's ring."""
+    def ring_offset(self, model: int) -> int:
+        """Byte offset of one model's ring header."""
         return self._ring_off + model * self._ring_stride
+
+    def ring_mutex(self, model: int) -> RobustMutex:
+        """This process's handle on one model's ring lock (close it before the arena)."""
+        return RobustMutex(self._mm, self.ring_offset(model) + _RING_LOCK_OFF)
 
     def data(self, slot: int) -> memoryview:
         start = self._data_off + slot * self._data_stride

@@ -4,7 +4,7 @@ One arena file per server instance lives in ``/dev/shm`` (see ``segments.py``)::
 
     offset 0      ArenaHeader     4096 B   magic, version, sizes, draining/paused flags
                   ModelTable      n_models x 64 KiB   handler-declared spec (JSON), spec version
-                  RingBlock       n_models x (64 B head/tail + capacity x u64 entries)
+                  RingBlock       n_models x (128 B head/tail/lock + capacity x u64 entries)
                   ControlBlock    n_procs x 256 B     one per process slot (heartbeat, state, ...)
                   SlotHeader      n_slots x 512 B     request/response metadata
     page-aligned  SlotData        n_slots x slot_bytes  input bytes, then output bytes
@@ -24,9 +24,10 @@ a slot; the ring lock in ``ring.py`` only guards the ring's head/tail)::
 A frontend owns a fixed, disjoint range of slots (no cross-process allocator). The
 owner writes every header field and the payload *before* it stores ``state``; readers
 check ``state`` first. On x86-64 stores are seen in program order, and every hand-off
-between processes also crosses a syscall (ring lock, eventfd), which orders memory on
-any architecture. ``generation`` grows on every reuse so a stale ring entry or a late
-signal never acts on a newer request. ``cancel`` is written only by the frontend and read
+between processes also crosses the ring lock (a mutex: release on unlock, acquire on
+lock) or an eventfd syscall, either of which orders memory on any architecture.
+``generation`` grows on every reuse so a stale ring entry or a late signal never acts on
+a newer request. ``cancel`` is written only by the frontend and read
 by the worker. ``attempts`` counts claims by workers: a request claimed by a worker that
 died is re-queued once and run alone; a second death fails it as poison.
 """
@@ -38,12 +39,12 @@ import enum
 import numpy as np
 
 MAGIC = 0x5245_5653_474E_4952  # "RINGSVER" as little-endian bytes, give or take
-VERSION = 2
+VERSION = 3  # 3: the ring lock is a robust mutex in the ring header
 
 PAGE = 4096
 ARENA_HEADER_BYTES = PAGE
 MODEL_ENTRY_BYTES = 64 * 1024  # room for 1000 class labels
-RING_HEADER_BYTES = 64
+RING_HEADER_BYTES = 128
 CONTROL_BYTES = 256
 SLOT_HEADER_BYTES = 512
 MAX_NDIM = 8
@@ -176,6 +177,7 @@ RING_HEADER = np.dtype(
         ("tail", "<u8"),
         ("sleepers", "<u4"),  # workers counted as waiting for work: only then do pushers signal
         ("pad", "V44"),
+        ("lock", "V64"),  # robust process-shared pthread_mutex_t (robust_mutex.py)
     ]
 )
 

@@ -1,20 +1,21 @@
 """The request ring of one model: a FIFO of ``(slot, generation)`` entries in shared
-memory, guarded by an open-file-description lock on the arena file.
+memory, guarded by a robust process-shared mutex in the ring's header.
 
 Layout (see ``layout.py`` for where it sits in the arena)::
 
-    +--------+--------+---------+---------------------------------------------+
-    | head   | tail   | pad     | entries[capacity]: u64 = slot << 32 | gen32 |
-    +--------+--------+---------+---------------------------------------------+
+    +------+------+----------+-----+-------------+---------------------------------------+
+    | head | tail | sleepers | pad | lock (64 B) | entries[capacity]: u64 = slot<<32|gen32 |
+    +------+------+----------+-----+-------------+---------------------------------------+
 
 ``head`` and ``tail`` only grow; ``tail - head`` is the depth. capacity == n_slots and a
 slot is in at most one ring at most once (pushed when it becomes QUEUED, removed when
 popped), so the ring cannot overflow.
 
-Why an OFD lock (``F_OFD_SETLKW``): the kernel drops it when the holder dies, even by
-SIGKILL (a ``multiprocessing.Lock`` would stay held forever), it is per open file
-description rather than per process (two threads with their own fds exclude each other;
-closing an unrelated fd does not drop it), and it is held for a few microseconds.
+Why a robust mutex (``robust_mutex.py``): when its holder dies, even by SIGKILL, the
+kernel hands it to the next locker, told that the holder died (a ``multiprocessing.Lock``
+would stay held forever); threads exclude each other as processes do; it is held for a
+few microseconds, and taking it costs no syscall unless another process holds it (an
+OFD file lock cost two per round trip, three round trips per request).
 
 Transitions done under the lock, and why each order is safe if the holder dies midway:
 
@@ -32,8 +33,6 @@ Transitions done under the lock, and why each order is safe if the holder dies m
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
 import struct
 import time
 from collections.abc import Iterator
@@ -58,12 +57,6 @@ from ringserve.ipc.testhooks import pause_point
 
 _GEN_MASK = 0xFFFF_FFFF
 MAX_ATTEMPTS = 2
-
-
-def _flock_struct(lock_type: int, start: int) -> bytes:
-    # struct flock on Linux x86-64/aarch64: short type, short whence, off_t start,
-    # off_t len, pid_t pid (must be 0 for OFD locks), padding.
-    return struct.pack("hhqqi4x", lock_type, os.SEEK_SET, start, 1, 0)
 
 
 def entry(slot: int, generation: int) -> int:
@@ -96,19 +89,22 @@ class RequestRing:
         self.arena = arena
         self.model = model
         self._buf = arena.buffer
-        self._base = arena.ring_lock_offset(model)
+        self._base = arena.ring_offset(model)
         self._entries_off = self._base + RING_HEADER_BYTES
         self._cap = arena.geometry.ring_capacity
         self._control_off = arena.geometry.offsets()["control"]
-        # A private open file description: OFD locks belong to it, not to the process.
-        self._lock_fd = os.open(arena.path, os.O_RDWR | os.O_CLOEXEC)
-        self._lock_req = _flock_struct(fcntl.F_WRLCK, self._base)
-        self._unlock_req = _flock_struct(fcntl.F_UNLCK, self._base)
+        self._mutex = arena.ring_mutex(model)
+        # Bound methods: push and pop take the lock with no attribute walk.
+        self._lock = self._mutex.lock
+        self._unlock = self._mutex.unlock
+
+    @property
+    def owner_deaths(self) -> int:
+        """Times this process found the lock's holder dead (and carried on)."""
+        return self._mutex.owner_deaths
 
     def close(self) -> None:
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        self._mutex.close()
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -119,12 +115,6 @@ class RequestRing:
             yield
         finally:
             self._unlock()
-
-    def _lock(self) -> None:
-        fcntl.fcntl(self._lock_fd, fcntl.F_OFD_SETLKW, self._lock_req)
-
-    def _unlock(self) -> None:
-        fcntl.fcntl(self._lock_fd, fcntl.F_OFD_SETLKW, self._unlock_req)
 
     def depth(self) -> int:
         """Entries waiting (a lock-free read: exact enough for bounds and metrics)."""

@@ -21,7 +21,7 @@ from ringserve.ipc import wake
 from ringserve.ipc.answer import write_error
 from ringserve.ipc.arena import Arena, ArenaGeometry, segment_name, sweep_stale
 from ringserve.ipc.errors import ArenaError, QueueFull
-from ringserve.ipc.layout import DTYPE_CODE, SlotState, Status
+from ringserve.ipc.layout import DTYPE_CODE, RING_HEADER, SlotState, Status
 from ringserve.ipc.ring import RequestRing
 from ringserve.ipc.testhooks import arm
 
@@ -461,6 +461,7 @@ def test_consumer_killed_while_holding_the_ring_lock(shm_dir: Path) -> None:
     victim.join(10)
     # The lock died with its holder: this would hang forever with a POSIX semaphore.
     requeued, poisoned = ring.requeue_from_dead(3, b"poison")
+    assert ring.owner_deaths == 1  # the kernel told us the holder died, and we carried on
     assert requeued == [0] and poisoned == []
     # The dead consumer never advanced head: entry 0 is still in the ring, not duplicated.
     assert ring.depth() == 3
@@ -473,6 +474,58 @@ def test_consumer_killed_while_holding_the_ring_lock(shm_dir: Path) -> None:
         assert arena.slots["state"][slot] == SlotState.DONE
         assert arena.data(slot)[:8].tobytes() == bytes([slot + 1] * 8)
     arena.close()
+
+
+def _hold_ring_lock(path: str, hold_s: float) -> None:
+    arena = Arena.attach(path)
+    ring = RequestRing(arena, 0)
+    ring._lock()
+    time.sleep(hold_s)  # then exit (or be killed) still holding it
+    os._exit(0)
+
+
+def test_ring_lock_excludes_other_processes_and_passes_on_when_its_holder_dies(
+    shm_dir: Path,
+) -> None:
+    """The robust mutex: a second process waits while the first holds it; when the holder
+    is SIGKILLed the waiter gets it at once (told that the holder died), and when a
+    holder exits without unlocking the next locker gets it too; it stays usable."""
+    arena = make_arena(shm_dir)
+    ring = RequestRing(arena, 0)
+    holder = FORK.Process(target=_hold_ring_lock, args=(arena.path, 60.0))
+    holder.start()
+    wait_until(lambda: _lock_taken(arena), 10, "the other process to take the lock")
+    got = threading.Event()
+
+    def waiter() -> None:
+        with ring.locked():
+            got.set()
+
+    t = threading.Thread(target=waiter, daemon=True)
+    t.start()
+    assert not got.wait(0.3)  # excluded while the holder lives
+    os.kill(holder.pid, signal.SIGKILL)
+    assert got.wait(10), "the waiter was not handed the lock of the dead holder"
+    t.join(10)
+    holder.join(10)
+    assert ring.owner_deaths == 1
+    quitter = FORK.Process(target=_hold_ring_lock, args=(arena.path, 0.0))
+    quitter.start()
+    quitter.join(10)
+    with ring.locked():  # an exit without unlock: handed over too
+        pass
+    assert ring.owner_deaths == 2
+    with ring.locked():  # consistent again: a plain lock from now on
+        pass
+    assert ring.owner_deaths == 2
+    ring.close()
+    arena.close()
+
+
+def _lock_taken(arena: Arena) -> bool:
+    """The mutex word (glibc: ``__lock`` at offset 0) is non-zero while held."""
+    off = arena.ring_offset(0) + RING_HEADER.fields["lock"][1]
+    return int.from_bytes(arena.buffer[off : off + 4], "little") != 0
 
 
 def _push_and_pause(path: str) -> None:
