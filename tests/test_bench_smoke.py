@@ -214,3 +214,13 @@ def test_header_names_the_guest_halt_polling(
     assert run.guest_halt_poll() == "guest halt polling off"
     knob.write_text("200000\n")
     assert run.guest_halt_poll() == "guest halt polling 200 µs"
+
+
+def test_ipc_parts_times_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench import ipc_parts
+
+    rows = ipc_parts.measure(50)
+    assert rows[0][0].startswith("whole cycle") and len(rows) == 11
+    assert all(us > 0 for _, us in rows)
+    assert "| ring lock + unlock |" in ipc_parts.table(rows)
