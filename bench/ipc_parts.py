@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 import timeit
 from collections.abc import Callable
 
@@ -23,7 +22,7 @@ from bench.ipc_roundtrip import N_SLOTS, PIPELINE, SLOT_BYTES, Frontend
 from ringserve.ipc import wake
 from ringserve.ipc.answer import write_output
 from ringserve.ipc.arena import Arena, ArenaGeometry, segment_name
-from ringserve.ipc.layout import DTYPE_CODE_OF, PayloadKind, numpy_dtype
+from ringserve.ipc.layout import numpy_dtype
 from ringserve.ipc.ring import RequestRing
 
 
@@ -63,20 +62,7 @@ def measure(iterations: int, payload_bytes: int = 1024) -> list[tuple[str, float
             slot = fe.submit(payload)
             ring.pop(PIPELINE, 1, pid, woke=True)
             steps: dict[str, Callable[[], object]] = {
-                "frontend: header write": lambda: arena.headers.write_request(
-                    slot,
-                    owner=0,
-                    owner_pid=pid,
-                    model=0,
-                    kind=int(PayloadKind.TENSOR),
-                    dtype_code=DTYPE_CODE_OF[payload.dtype],
-                    shape=payload.shape,
-                    nbytes=payload.nbytes,
-                    rows=1,
-                    deadline_ns=0,
-                    enqueued_ns=time.monotonic_ns(),
-                    request_id=b"bench",
-                ),
+                "frontend: header write": lambda: fe.write_header(slot, payload),
                 "frontend: payload copy in": lambda: np.copyto(
                     arena.data_array(slot, payload.dtype, payload.shape), payload
                 ),

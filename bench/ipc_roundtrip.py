@@ -103,6 +103,13 @@ class Frontend:
 
     def submit(self, payload: np.ndarray) -> int:
         slot = self.free.pop()
+        self.write_header(slot, payload)
+        np.copyto(self.arena.data_array(slot, payload.dtype, payload.shape), payload)
+        if self.ring.push(slot):
+            wake.signal(self.work_fd)
+        return slot
+
+    def write_header(self, slot: int, payload: np.ndarray) -> None:
         self.arena.headers.write_request(
             slot,
             owner=0,
@@ -117,10 +124,6 @@ class Frontend:
             enqueued_ns=time.monotonic_ns(),
             request_id=b"bench",
         )
-        np.copyto(self.arena.data_array(slot, payload.dtype, payload.shape), payload)
-        if self.ring.push(slot):
-            wake.signal(self.work_fd)
-        return slot
 
     def done(self, slot: int) -> bool:
         return self.arena.headers.state(slot) == DONE
