@@ -99,22 +99,26 @@ def ready_model(state: FrontendState, name: str) -> ModelInfo:
     info = state.catalog.get(name)
     if info is None:
         raise HTTPError(404, f"unknown model {name!r}")
-    if info.spec is None or not state.catalog.accepting(info.index):
+    if not state.catalog.serving(info):
         raise unavailable(f"model {name!r} is not ready", retry_after_s=2)
     return info
 
 
-def deadline_s(headers: Mapping[str, str], settings: Settings) -> float:
+def deadline_s(
+    headers: Mapping[str, str], settings: Settings, body_timeout_s: float | None = None
+) -> float:
+    """The request's deadline: ``X-Request-Timeout-Ms`` or one the body set (v2's
+    ``timeout``), the shorter if both; else the server's default."""
     raw = headers.get(TIMEOUT_HEADER)
     if raw is None:
-        return settings.server.request_timeout_s
+        return settings.server.request_timeout_s if body_timeout_s is None else body_timeout_s
     try:
         ms = float(raw)
     except ValueError:
         raise bad_request(f"{TIMEOUT_HEADER} must be a number of milliseconds") from None
     if not 0 < ms <= 3_600_000:
         raise bad_request(f"{TIMEOUT_HEADER} must be in (0, 3600000]")
-    return ms / 1000
+    return ms / 1000 if body_timeout_s is None else min(ms / 1000, body_timeout_s)
 
 
 # The answer usually comes within this; only a request still waiting after it gets a
@@ -173,12 +177,10 @@ async def infer(
     ``answer`` turns a successful completion into the response while the output is
     still a view of the slot (no copy out of shared memory); it must not keep the view.
     ``dtype_name`` and ``shape`` as in ``Dispatcher.submit`` (a BYTES tensor comes
-    length-prefixed, its shape beside it). ``timeout_s``, a deadline set in the body
-    (v2's ``timeout``), replaces the default as the header does; with both, the shorter wins.
+    length-prefixed, its shape beside it). ``timeout_s``: a deadline the body set
+    (``deadline_s``).
     """
-    timeout = deadline_s(call.headers, state.settings)
-    if timeout_s is not None:
-        timeout = min(timeout, timeout_s) if TIMEOUT_HEADER in call.headers else timeout_s
+    timeout = deadline_s(call.headers, state.settings, timeout_s)
     d = state.dispatcher
     try:
         slot = d.submit(

@@ -69,6 +69,12 @@ class Catalog:
             return True
         return bool(self.ready_workers()[index] > 0)
 
+    def serving(self, info: ModelInfo) -> bool:
+        """Requests for the model are taken: a worker has published its spec and the
+        model is accepting. What ``/v2/models/{name}/ready``, inference and the
+        repository index all go by."""
+        return info.spec is not None and self.accepting(info.index)
+
     def availability(self, index: int) -> ModelAvailability:
         """What the supervisor last published for the model (it may lag by a tick)."""
         return ModelAvailability(self.arena.model_word(index, "availability"))

@@ -175,11 +175,11 @@ NO_MODEL_CONTROL = (
 
 def _repository_state(state: FrontendState, info: ModelInfo) -> tuple[str, str]:
     """(Triton state, reason): READY exactly when ``/v2/models/{name}/ready`` says so."""
+    if state.catalog.serving(info):
+        return "READY", ""
     failing = state.catalog.availability(info.index) == ModelAvailability.FAILING
     if info.spec is None and not failing:
         return "LOADING", "no worker has loaded the model yet"
-    if info.spec is not None and state.catalog.accepting(info.index):
-        return "READY", ""
     if failing:
         return "UNAVAILABLE", "its workers keep failing to start, or none is left (see the log)"
     return "UNAVAILABLE", "no ready worker"

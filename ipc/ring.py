@@ -11,11 +11,8 @@ Layout (see ``layout.py`` for where it sits in the arena)::
 slot is in at most one ring at most once (pushed when it becomes QUEUED, removed when
 popped), so the ring cannot overflow.
 
-Why a robust mutex (``robust_mutex.py``): when its holder dies, even by SIGKILL, the
-kernel hands it to the next locker, told that the holder died (a ``multiprocessing.Lock``
-would stay held forever); threads exclude each other as processes do; it is held for a
-few microseconds, and taking it costs no syscall unless another process holds it (an
-OFD file lock cost two per round trip, three round trips per request).
+The lock is a robust mutex (``robust_mutex.py`` says why): when its holder dies, the
+next locker gets it, and finds the ring as the transitions below leave it.
 
 Transitions done under the lock, and why each order is safe if the holder dies midway:
 

@@ -25,9 +25,8 @@ from test_v2_protocol import binary_body
 
 pytestmark = pytest.mark.e2e
 
-CUDA = pytest.param(
-    "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-)
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+CUDA = pytest.param("cuda", marks=NEEDS_CUDA)
 
 
 def resnet18_weights(path: Path) -> torch.nn.Module:
@@ -158,16 +157,14 @@ def test_models_answer_on_the_device_as_on_the_cpu(
     assert server.stop() == 0
 
 
-@pytest.mark.parametrize("device", [CUDA])
-def test_worker_leaking_device_memory_is_recycled_with_nothing_lost(
-    start_server, device: str
-) -> None:
+@NEEDS_CUDA
+def test_worker_leaking_device_memory_is_recycled_with_nothing_lost(start_server) -> None:
     """32 MiB kept on the GPU per batch: past ``gpu_allocated_limit_mb`` the supervisor
     recycles the worker under load, and every request is answered, by the old worker or
     its replacement. (On the CPU the same is ``test_uss_limit_recycles``.)"""
     server: Server = start_server(
         "--device",
-        device,
+        "cuda",
         "--model",
         "leak=python:support.fake_handlers:DeviceLeaky",
         "--set",

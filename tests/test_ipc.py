@@ -21,7 +21,7 @@ from ringserve.ipc import wake
 from ringserve.ipc.answer import write_error
 from ringserve.ipc.arena import Arena, ArenaGeometry, segment_name, sweep_stale
 from ringserve.ipc.errors import ArenaError, QueueFull
-from ringserve.ipc.layout import DTYPE_CODE, RING_HEADER, SlotState, Status
+from ringserve.ipc.layout import DTYPE_CODE, SlotState, Status
 from ringserve.ipc.ring import RequestRing
 from ringserve.ipc.testhooks import arm
 
@@ -476,10 +476,11 @@ def test_consumer_killed_while_holding_the_ring_lock(shm_dir: Path) -> None:
     arena.close()
 
 
-def _hold_ring_lock(path: str, hold_s: float) -> None:
+def _hold_ring_lock(path: str, hold_s: float, holding: mp.synchronize.Event) -> None:
     arena = Arena.attach(path)
     ring = RequestRing(arena, 0)
     ring._lock()
+    holding.set()
     time.sleep(hold_s)  # then exit (or be killed) still holding it
     os._exit(0)
 
@@ -492,9 +493,10 @@ def test_ring_lock_excludes_other_processes_and_passes_on_when_its_holder_dies(
     holder exits without unlocking the next locker gets it too; it stays usable."""
     arena = make_arena(shm_dir)
     ring = RequestRing(arena, 0)
-    holder = FORK.Process(target=_hold_ring_lock, args=(arena.path, 60.0))
+    holding = FORK.Event()
+    holder = FORK.Process(target=_hold_ring_lock, args=(arena.path, 60.0, holding))
     holder.start()
-    wait_until(lambda: _lock_taken(arena), 10, "the other process to take the lock")
+    assert holding.wait(10), "the other process never took the lock"
     got = threading.Event()
 
     def waiter() -> None:
@@ -509,7 +511,7 @@ def test_ring_lock_excludes_other_processes_and_passes_on_when_its_holder_dies(
     t.join(10)
     holder.join(10)
     assert ring.owner_deaths == 1
-    quitter = FORK.Process(target=_hold_ring_lock, args=(arena.path, 0.0))
+    quitter = FORK.Process(target=_hold_ring_lock, args=(arena.path, 0.0, FORK.Event()))
     quitter.start()
     quitter.join(10)
     with ring.locked():  # an exit without unlock: handed over too
@@ -520,12 +522,6 @@ def test_ring_lock_excludes_other_processes_and_passes_on_when_its_holder_dies(
     assert ring.owner_deaths == 2
     ring.close()
     arena.close()
-
-
-def _lock_taken(arena: Arena) -> bool:
-    """The mutex word (glibc: ``__lock`` at offset 0) is non-zero while held."""
-    off = arena.ring_offset(0) + RING_HEADER.fields["lock"][1]
-    return int.from_bytes(arena.buffer[off : off + 4], "little") != 0
 
 
 def _push_and_pause(path: str) -> None:

@@ -166,6 +166,20 @@ def test_timeout_parameter_is_microseconds_and_zero_means_none() -> None:
     assert decode({"inputs": [tensor()]}).timeout_s is None
 
 
+def test_deadline_takes_the_shorter_of_header_and_body() -> None:
+    from ringserve.frontend.app import TIMEOUT_HEADER, deadline_s
+    from ringserve.ipc.config import load_settings
+
+    s = load_settings(environ={})
+    default = s.server.request_timeout_s
+    assert deadline_s({}, s) == default
+    assert deadline_s({}, s, 0.2) == 0.2  # the body's replaces the default, even longer ones
+    assert deadline_s({}, s, default + 60) == default + 60
+    assert deadline_s({TIMEOUT_HEADER: "60000"}, s, 0.2) == 0.2
+    assert deadline_s({TIMEOUT_HEADER: "200"}, s, 60.0) == 0.2
+    assert deadline_s({TIMEOUT_HEADER: "200"}, s) == 0.2
+
+
 def test_fixed_dims_and_rank_against_the_model() -> None:
     ok = decode({"inputs": [tensor(shape=[2, 8, 8], data=[0.0] * 128)]}, spec=IMG)
     assert ok.payload.shape == (2, 8, 8)

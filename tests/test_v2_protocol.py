@@ -509,13 +509,14 @@ def test_repository_state_follows_what_the_supervisor_publishes(
 ) -> None:
     from types import SimpleNamespace
 
+    from ringserve.frontend.catalog import Catalog
     from ringserve.frontend.v2 import _repository_state
     from ringserve.ipc.layout import ModelAvailability
 
-    catalog = SimpleNamespace(
-        availability=lambda i: ModelAvailability[availability], accepting=lambda i: accepting
-    )
     info = SimpleNamespace(index=0, spec={"inputs": []} if loaded else None)
+    catalog = Catalog.__new__(Catalog)  # the real readiness rule over a stubbed arena
+    catalog.accepting = lambda i: accepting  # type: ignore[method-assign]
+    catalog.availability = lambda i: ModelAvailability[availability]  # type: ignore[method-assign]
     got, reason = _repository_state(SimpleNamespace(catalog=catalog), info)  # type: ignore[arg-type]
     assert got == expected
     assert bool(reason) == (expected != "READY")
