@@ -35,6 +35,8 @@ _PAUSED_OFF = L.ARENA_HEADER.fields["paused"][1]
 _MODEL_OFF = {name: L.MODEL_ENTRY.fields[name][1] for name in ("spec_version", "availability")}
 _RING_LOCK_OFF = L.RING_HEADER.fields["lock"][1]
 assert L.RING_HEADER.fields["lock"][0].itemsize >= MUTEX_BYTES and _RING_LOCK_OFF % 8 == 0
+_REGION_LOCK_OFF = L.REGION_TABLE_HEADER.fields["lock"][1]
+assert L.REGION_TABLE_HEADER.fields["lock"][0].itemsize >= MUTEX_BYTES
 
 SHM_DIR = "/dev/shm"
 _NAME_RE = re.compile(r"^ringserve-(?P<instance>[A-Za-z0-9_.]+)-(?P<pid>\d+)$")
@@ -59,7 +61,9 @@ class ArenaGeometry:
         ring_bytes = L.RING_HEADER_BYTES + 8 * self.ring_capacity
         off["ring_stride"] = L.align_up(ring_bytes, 64)
         off["control"] = L.align_up(off["rings"] + self.n_models * off["ring_stride"], 64)
-        off["slots"] = L.align_up(off["control"] + self.n_procs * L.CONTROL_BYTES, 64)
+        off["regions"] = L.align_up(off["control"] + self.n_procs * L.CONTROL_BYTES, 64)
+        region_bytes = L.REGION_TABLE_HEADER_BYTES + L.MAX_CLIENT_REGIONS * L.REGION_ENTRY_BYTES
+        off["slots"] = L.align_up(off["regions"] + region_bytes, 64)
         off["data"] = L.align_up(off["slots"] + self.n_slots * L.SLOT_HEADER_BYTES)
         off["total"] = off["data"] + self.n_slots * L.align_up(self.slot_bytes, 64)
         return off
@@ -138,6 +142,13 @@ class Arena:
         )
         self.headers = SlotHeaders(buf, off["slots"])
         self._models_off = off["models"]
+        self._regions_off = off["regions"]
+        self.regions = np.frombuffer(
+            buf,
+            dtype=L.pad_dtype(L.REGION_ENTRY, L.REGION_ENTRY_BYTES),
+            count=L.MAX_CLIENT_REGIONS,
+            offset=off["regions"] + L.REGION_TABLE_HEADER_BYTES,
+        )
         self._ring_off = off["rings"]
         self._ring_stride = off["ring_stride"]
         self._data_off = off["data"]
@@ -192,6 +203,7 @@ class Arena:
         arena.slots["worker"] = -1
         for model in range(geometry.n_models):
             init_mutex_at(mm, arena.ring_offset(model) + _RING_LOCK_OFF)
+        init_mutex_at(mm, arena._regions_off + _REGION_LOCK_OFF)
         return arena
 
     @classmethod
@@ -210,6 +222,7 @@ class Arena:
             return
         # numpy views pin the buffer; release them before closing the map.
         self.header = self.models = self.control = self.slots = self.headers = None  # type: ignore[assignment]
+        self.regions = None  # type: ignore[assignment]
         self._slot_bytes = []
         self._buf.release()
         # BufferError: a caller still holds a view; the mapping goes with the process.
@@ -251,6 +264,16 @@ class Arena:
     def ring_mutex(self, model: int) -> RobustMutex:
         """This process's handle on one model's ring lock (close it before the arena)."""
         return RobustMutex(self._mm, self.ring_offset(model) + _RING_LOCK_OFF)
+
+    def regions_mutex(self) -> RobustMutex:
+        """This process's handle on the client region table's lock."""
+        return RobustMutex(self._mm, self._regions_off + _REGION_LOCK_OFF)
+
+    def next_region_serial(self) -> int:
+        """A fresh nonzero serial for a region entry; call with the table's lock held."""
+        serial = struct.unpack_from("<Q", self._buf, self._regions_off)[0] + 1
+        struct.pack_into("<Q", self._buf, self._regions_off, serial)
+        return serial
 
     def data(self, slot: int) -> memoryview:
         start = self._data_off + slot * self._data_stride

@@ -6,6 +6,7 @@ One arena file per server instance lives in ``/dev/shm`` (see ``segments.py``)::
                   ModelTable      n_models x 64 KiB   handler-declared spec (JSON), spec version
                   RingBlock       n_models x (128 B head/tail/lock + capacity x u64 entries)
                   ControlBlock    n_procs x 256 B     one per process slot (heartbeat, state, ...)
+                  RegionTable     128 B + 64 x 512 B  clients' registered shared memory (Triton)
                   SlotHeader      n_slots x 512 B     request/response metadata
     page-aligned  SlotData        n_slots x slot_bytes  input bytes, then output bytes
 
@@ -39,7 +40,7 @@ import enum
 import numpy as np
 
 MAGIC = 0x5245_5653_474E_4952  # "RINGSVER" as little-endian bytes, give or take
-VERSION = 3  # 3: the ring lock is a robust mutex in the ring header
+VERSION = 4  # 3: the ring lock is a robust mutex in the ring header; 4: the region table
 
 PAGE = 4096
 ARENA_HEADER_BYTES = PAGE
@@ -47,6 +48,11 @@ MODEL_ENTRY_BYTES = 64 * 1024  # room for 1000 class labels
 RING_HEADER_BYTES = 128
 CONTROL_BYTES = 256
 SLOT_HEADER_BYTES = 512
+REGION_TABLE_HEADER_BYTES = 128
+REGION_ENTRY_BYTES = 512
+MAX_CLIENT_REGIONS = 64
+REGION_NAME_BYTES = 128
+REGION_KEY_BYTES = 256  # a shm_open name is at most NAME_MAX (255) bytes
 MAX_NDIM = 8
 REQUEST_ID_BYTES = 128
 
@@ -219,6 +225,28 @@ CONTROL = np.dtype(
     align=True,
 )
 
+# Triton's system shared-memory extension: regions clients registered, seen by every
+# frontend (a client may register through one and infer through another). Guarded by
+# the table's robust mutex; ``serial`` is 0 for a free entry, else unique per
+# registration, so a frontend's cached mapping of a name can tell it is stale.
+REGION_TABLE_HEADER = np.dtype(
+    [
+        ("next_serial", "<u8"),
+        ("pad", "V56"),
+        ("lock", "V64"),  # robust process-shared pthread_mutex_t (robust_mutex.py)
+    ]
+)
+
+REGION_ENTRY = np.dtype(
+    [
+        ("serial", "<u8"),
+        ("offset", "<u8"),
+        ("byte_size", "<u8"),
+        ("name", f"S{REGION_NAME_BYTES}"),
+        ("key", f"S{REGION_KEY_BYTES}"),
+    ]
+)
+
 SLOT_HEADER = np.dtype(
     [
         ("state", "<u4"),
@@ -257,6 +285,8 @@ assert MODEL_ENTRY.itemsize == MODEL_ENTRY_BYTES
 assert RING_HEADER.itemsize == RING_HEADER_BYTES
 assert CONTROL.itemsize <= CONTROL_BYTES
 assert SLOT_HEADER.itemsize <= SLOT_HEADER_BYTES
+assert REGION_TABLE_HEADER.itemsize == REGION_TABLE_HEADER_BYTES
+assert REGION_ENTRY.itemsize <= REGION_ENTRY_BYTES
 
 
 def pad_dtype(dtype: np.dtype, size: int) -> np.dtype:

@@ -1,0 +1,134 @@
+"""The table of shared-memory regions clients registered (Triton's system shared-memory
+extension), kept in the arena so every frontend sees every registration: a client may
+register through one frontend and infer through another.
+
+Only the table lives here: names, keys, offsets and sizes. Each frontend maps a
+region's memory itself, on first use (``frontend/client_shm.py``). Writes take the
+table's robust mutex and order their stores so that a holder killed at any instant
+leaves a usable table: a register fills the entry and stores its nonzero ``serial``
+last; an unregister clears ``serial`` first, so a torn entry is a free one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ringserve.ipc import layout as L
+from ringserve.ipc.arena import Arena
+
+
+class RegionError(ValueError):
+    """A registration the table refuses; ``conflict`` for a name already taken."""
+
+    def __init__(self, message: str, conflict: bool = False) -> None:
+        super().__init__(message)
+        self.conflict = conflict
+
+
+@dataclass(frozen=True)
+class Region:
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+    serial: int = 0  # unique per registration; 0 until registered
+
+    def status(self) -> dict[str, object]:
+        """The region as Triton's status endpoint lists it."""
+        return {
+            "name": self.name,
+            "key": self.key,
+            "offset": self.offset,
+            "byte_size": self.byte_size,
+        }
+
+
+def _encoded(text: str, limit: int, what: str) -> bytes:
+    raw = text.encode()
+    if not raw or len(raw) >= limit or b"\0" in raw:
+        raise RegionError(f"{what} must be 1 to {limit - 1} bytes of UTF-8 without NUL")
+    return raw
+
+
+class ClientRegions:
+    """This process's view of the arena's region table."""
+
+    def __init__(self, arena: Arena) -> None:
+        self._arena = arena
+        self._entries = arena.regions
+        self._mutex = arena.regions_mutex()
+
+    def _find(self, raw_name: bytes) -> int:
+        for i, e in enumerate(self._entries):
+            if e["serial"] and e["name"] == raw_name:
+                return i
+        return -1
+
+    @staticmethod
+    def _region(e) -> Region:  # type: ignore[no-untyped-def]
+        return Region(
+            e["name"].decode(),
+            e["key"].decode(),
+            int(e["offset"]),
+            int(e["byte_size"]),
+            int(e["serial"]),
+        )
+
+    def register(self, region: Region) -> Region:
+        """Add ``region`` under a fresh serial; RegionError if its name is taken or the
+        table is full."""
+        raw_name = _encoded(region.name, L.REGION_NAME_BYTES, "a region name")
+        raw_key = _encoded(region.key, L.REGION_KEY_BYTES, "a shared memory key")
+        self._mutex.lock()
+        try:
+            if self._find(raw_name) >= 0:
+                raise RegionError(
+                    f"shared memory region {region.name!r} is already registered", conflict=True
+                )
+            free = [i for i, e in enumerate(self._entries) if not e["serial"]]
+            if not free:
+                raise RegionError(
+                    f"{L.MAX_CLIENT_REGIONS} shared memory regions are registered already: "
+                    "unregister one first"
+                )
+            e = self._entries[free[0]]
+            e["name"], e["key"] = raw_name, raw_key
+            e["offset"], e["byte_size"] = region.offset, region.byte_size
+            serial = self._arena.next_region_serial()
+            e["serial"] = serial  # last: the entry exists from here on
+        finally:
+            self._mutex.unlock()
+        return Region(region.name, region.key, region.offset, region.byte_size, serial)
+
+    def unregister(self, name: str | None) -> list[str]:
+        """Remove one region, or every one for ``None``; returns the names removed (an
+        unknown name removes nothing and is no error, as in Triton)."""
+        removed = []
+        self._mutex.lock()
+        try:
+            for e in self._entries:
+                if e["serial"] and (name is None or e["name"] == name.encode()):
+                    e["serial"] = 0  # first: the entry is free from here on
+                    removed.append(e["name"].decode())
+        finally:
+            self._mutex.unlock()
+        return removed
+
+    def get(self, name: str) -> Region | None:
+        self._mutex.lock()
+        try:
+            i = self._find(name.encode())
+            return None if i < 0 else self._region(self._entries[i])
+        finally:
+            self._mutex.unlock()
+
+    def all(self) -> list[Region]:
+        self._mutex.lock()
+        try:
+            return [self._region(e) for e in self._entries if e["serial"]]
+        finally:
+            self._mutex.unlock()
+
+    def close(self) -> None:
+        self._mutex.close()
+        self._entries = None  # type: ignore[assignment]
