@@ -33,6 +33,7 @@ from ringserve.frontend.call import (
     new_request_id,
 )
 from ringserve.frontend.catalog import MODEL_VERSION, Catalog, ModelInfo
+from ringserve.frontend.client_shm import ClientShm
 from ringserve.frontend.dispatch import REFUSED, Completed, Dispatcher
 from ringserve.frontend.errors import HTTPError, bad_request, unavailable, unprocessable
 from ringserve.frontend.images import check_image
@@ -69,6 +70,7 @@ class FrontendState:
     catalog: Catalog
     metrics: FrontendMetrics
     started: bool = False
+    client_shm: ClientShm | None = None  # None unless server.allow_client_shm
 
 
 def request_id(headers: Mapping[str, str]) -> str:
@@ -431,10 +433,13 @@ def build_app(state: FrontendState, extra_routes: list[Route] | None = None) -> 
 
 def hot_routes(app: ASGIApp, routes: list[Route], models: list[str]) -> HotRoutes:
     """Every inference route (an ``AsgiEndpoint``) spelled out for each configured model,
-    so its requests skip Starlette's router; other paths fall through to ``app``."""
+    so its requests skip Starlette's router; other paths fall through to ``app`` (and so
+    do routes with parameters other than the model's name and version)."""
     hot = HotRoutes(app)
     for route in routes:
         if not isinstance(route.endpoint, AsgiEndpoint):
+            continue
+        if not set(route.param_convertors) <= {"name", "version"}:
             continue
         for name in models if "{name}" in route.path else [""]:
             params = {"name": name} if name else {}

@@ -17,11 +17,13 @@ import uvicorn
 
 from ringserve.frontend.app import FrontendState, build_app
 from ringserve.frontend.catalog import Catalog
+from ringserve.frontend.client_shm import ClientShm
 from ringserve.frontend.dispatch import Dispatcher
 from ringserve.frontend.http_guard import MAX_HEAD_BYTES, guarded_protocol
 from ringserve.frontend.metrics import FrontendMetrics
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.child import ChildSpec, load_spec
+from ringserve.ipc.client_regions import ClientRegions
 from ringserve.ipc.control import ControlBlock
 from ringserve.ipc.errors import ArenaError, ExitCode
 from ringserve.ipc.layout import ProcState, Role
@@ -102,6 +104,7 @@ def build_state(spec: ChildSpec) -> tuple[FrontendState, ControlBlock]:
         dispatcher,
         Catalog(arena, settings),
         FrontendMetrics(settings, arena, spec.metrics_dir),
+        client_shm=ClientShm(ClientRegions(arena)) if settings.server.allow_client_shm else None,
     )
     return state, control
 

@@ -10,7 +10,8 @@ Endpoints (``{v}`` is always ``1``: ringserve serves one version of each model):
     GET  /v2/models/{name}[/versions/{v}]/ready
     GET  /v2/models/{name}[/versions/{v}]/config   Triton model configuration (JSON)
     GET  /v2/models[/{name}[/versions/{v}]]/stats  Triton inference statistics
-    POST /v2/models/{name}[/versions/{v}]/infer    JSON or binary tensors
+    POST /v2/models/{name}[/versions/{v}]/infer    JSON, binary or shared-memory tensors
+    .../v2/systemsharedmemory/...                  client shared memory (v2_shm.py)
 
 Tensor decoding and encoding live in ``v2_codec`` (pure); this module is the HTTP glue
 around the shared request path ``app.infer``. Statistics come from ``v2_stats``.
@@ -37,6 +38,7 @@ from ringserve.frontend.app import (
 )
 from ringserve.frontend.call import AsgiEndpoint, Call, Reply, error_reply, json_reply
 from ringserve.frontend.catalog import MODEL_VERSION, ModelInfo
+from ringserve.frontend.client_shm import not_enabled
 from ringserve.frontend.dispatch import Completed
 from ringserve.frontend.errors import HTTPError, unavailable
 from ringserve.frontend.images import check_images
@@ -51,6 +53,7 @@ from ringserve.frontend.v2_codec import (
     split_body,
     v2_datatype,
 )
+from ringserve.frontend.v2_shm import shm_routes
 from ringserve.frontend.v2_stats import model_stats
 from ringserve.ipc.layout import ModelAvailability, PayloadKind
 
@@ -199,11 +202,20 @@ def repository_index(state: FrontendState, ready_only: bool) -> list[dict[str, s
     return out
 
 
+def _no_shm(name: str, offset: int, byte_size: int, where: str) -> memoryview:
+    raise not_enabled()
+
+
 def v2_routes(state: FrontendState) -> list[Route]:
+    extensions = list(EXTENSIONS)
+    if state.client_shm is not None:
+        extensions.append("system_shared_memory")
+    shm_view = _no_shm if state.client_shm is None else state.client_shm.view
+
     @_errors_as_json
     async def server_metadata(request: Request, rid: str) -> Response:
         return _json(
-            {"name": "ringserve", "version": ringserve.__version__, "extensions": list(EXTENSIONS)},
+            {"name": "ringserve", "version": ringserve.__version__, "extensions": extensions},
             rid,
         )
 
@@ -264,7 +276,8 @@ def v2_routes(state: FrontendState) -> list[Route]:
             body = decompress_body(body, call.headers.get("content-encoding"), limit)
             header, binary = split_body(body, call.headers.get(HEADER_LENGTH))
             mbs = info.settings.batching.max_batch_size
-            req = decode_request(header, binary, inp, out, mbs, bool(spec.get("accepts_images")))
+            images_ok = bool(spec.get("accepts_images"))
+            req = decode_request(header, binary, inp, out, mbs, images_ok, shm_view)
             if req.images:
                 check_images(req.payload, state.settings.server.max_image_pixels, inp.name)
             if req.id and len(req.id) <= 128 and req.id.isprintable():
@@ -273,7 +286,10 @@ def v2_routes(state: FrontendState) -> list[Route]:
             def answer(done: Completed) -> tuple[bytes, int | None]:
                 assert done.output is not None
                 dtype = "bytes" if done.output.dtype.hasobject else done.output.dtype.name
-                return encode_response(name, req, done.output, dtype, mbs, labels)
+                shm_out = None
+                if req.shm_output is not None:
+                    shm_out = shm_view(*req.shm_output, f"output {req.output_name!r}")
+                return encode_response(name, req, done.output, dtype, mbs, labels, shm_out)
 
             content, header_len = await infer(
                 state,
@@ -340,4 +356,5 @@ def v2_routes(state: FrontendState) -> list[Route]:
         Route("/v2/repository/index", AsgiEndpoint(index_endpoint), methods=["POST"]),
         Route("/v2/repository/models/{name}/load", AsgiEndpoint(model_control), methods=["POST"]),
         Route("/v2/repository/models/{name}/unload", AsgiEndpoint(model_control), methods=["POST"]),
+        *shm_routes(state),
     ]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +104,12 @@ class InferRequest:
     images: bool = False  # BYTES elements are encoded images, one per row (see below)
     classification: int = 0  # >0: answer the top-k classes instead of the tensor
     timeout_s: float | None = None  # Triton's ``timeout`` parameter (sent in µs), if any
+    # The output goes into this client shared-memory region: (name, offset, byte size)
+    shm_output: tuple[str, int, int] | None = None
+
+
+# Reads ``byte_size`` bytes at ``offset`` of a registered client region (client_shm.py)
+ShmReader = Callable[[str, int, int, str], memoryview]
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes | memoryview, memoryview]:
@@ -226,7 +232,24 @@ def _flatten(data: list[Any], where: str) -> list[Any]:
     return out
 
 
-def _from_binary(chunk: memoryview, shape: list[int], dtype: str, where: str) -> np.ndarray:
+def _shm_ref(params: dict[str, Any], where: str) -> tuple[str, int, int] | None:
+    """(region, offset, byte size) from Triton's shared-memory parameters, if given."""
+    region = params.get("shared_memory_region")
+    size = params.get("shared_memory_byte_size")
+    offset = params.get("shared_memory_offset", 0)
+    if region is None and size is None and "shared_memory_offset" not in params:
+        return None
+    if not isinstance(region, str) or not region:
+        raise bad_request(f"{where} shared memory parameters need a shared_memory_region name")
+    for what, value in (("shared_memory_byte_size", size), ("shared_memory_offset", offset)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise bad_request(f"{where} {what} must be a non-negative integer")
+    return region, offset, size
+
+
+def _from_binary(
+    chunk: memoryview, shape: list[int], dtype: str, where: str, size_name: str = "binary_data_size"
+) -> np.ndarray:
     count = math.prod(shape)
     if dtype == "bytes":
         try:
@@ -237,7 +260,7 @@ def _from_binary(chunk: memoryview, shape: list[int], dtype: str, where: str) ->
     dt = np.dtype(dtype).newbyteorder("<")
     if len(chunk) != count * dt.itemsize:
         raise bad_request(
-            f"{where} binary_data_size {len(chunk)} does not match shape {shape} x "
+            f"{where} {size_name} {len(chunk)} does not match shape {shape} x "
             f"{dt.itemsize} bytes = {count * dt.itemsize}"
         )
     arr = np.frombuffer(chunk, dtype=dt).reshape(shape)
@@ -272,8 +295,12 @@ def decode_request(
     out: TensorSpec,
     max_batch_size: int,
     accepts_images: bool = False,
+    shm: ShmReader | None = None,
 ) -> InferRequest:
     """Validate an infer request against the model's one input and output.
+
+    ``shm`` reads client shared memory for inputs and outputs that name a region
+    (Triton's system shared-memory extension); without it such a request is a 400.
 
     A model that ``accepts_images`` also takes its input as BYTES whatever its declared
     datatype: one encoded image (JPEG, PNG, ...) per row, which the worker decodes and
@@ -331,7 +358,14 @@ def decode_request(
     tparams = _params(tensor, where)
 
     consumed = 0
-    if "binary_data_size" in tparams:
+    shm_input = _shm_ref(tparams, where)
+    if shm_input is not None:
+        if "data" in tensor or "binary_data_size" in tparams:
+            raise bad_request(f"{where} names a shared memory region and also carries data")
+        if shm is None:
+            raise bad_request(f"{where}: this server takes no shared memory")
+        arr = _from_binary(shm(*shm_input, where), shape, dtype, where, "shared_memory_byte_size")
+    elif "binary_data_size" in tparams:
         size = tparams["binary_data_size"]
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise bad_request(f"{where} binary_data_size must be a non-negative integer")
@@ -347,7 +381,9 @@ def decode_request(
     elif "data" in tensor:
         arr = _from_json_data(tensor["data"], shape, dtype, where)
     else:
-        raise bad_request(f'{where} needs "data" or parameters.binary_data_size')
+        raise bad_request(
+            f'{where} needs "data", parameters.binary_data_size or parameters.shared_memory_region'
+        )
     if consumed != len(binary):
         raise bad_request(
             f"{len(binary) - consumed} bytes after the JSON header are not claimed by any "
@@ -356,6 +392,7 @@ def decode_request(
 
     binary_output = binary_default
     classification = 0
+    shm_output = None
     outputs = doc.get("outputs")
     if outputs is not None:
         if not isinstance(outputs, list):
@@ -381,6 +418,9 @@ def decode_request(
             if not isinstance(flag, bool):
                 raise bad_request('"binary_data" must be true or false')
             binary_output = flag
+            shm_output = _shm_ref(oparams, f"output {o['name']!r}")
+            if shm_output is not None and shm is None:
+                raise bad_request(f"output {o['name']!r}: this server takes no shared memory")
 
     if images:
         payload, bytes_shape = arr, (rows,)
@@ -389,7 +429,16 @@ def decode_request(
     else:
         payload, bytes_shape = arr if max_batch_size > 0 else arr.reshape(1, *arr.shape), None
     return InferRequest(
-        payload, rows, rid, binary_output, out.name, bytes_shape, images, classification, timeout_s
+        payload,
+        rows,
+        rid,
+        binary_output,
+        out.name,
+        bytes_shape,
+        images,
+        classification,
+        timeout_s,
+        shm_output,
     )
 
 
@@ -426,6 +475,13 @@ def classify(output: np.ndarray, count: int, labels: Sequence[str] = ()) -> np.n
     return out
 
 
+def _raw(output: np.ndarray, dtype: str) -> memoryview:
+    """The output's bytes as the binary extension lays them out."""
+    if dtype == "bytes":
+        return memoryview(serialize_bytes(output))
+    return np.ascontiguousarray(output, dtype=output.dtype.newbyteorder("<")).data
+
+
 def encode_response(
     model_name: str,
     request: InferRequest,
@@ -433,9 +489,11 @@ def encode_response(
     out_dtype: str,
     max_batch_size: int,
     labels: Sequence[str] = (),
+    shm_out: memoryview | None = None,
 ) -> tuple[bytes, int | None]:
     """Response body, and the JSON header's length when binary data follows it.
-    ``labels`` name the output's classes for the classification extension."""
+    ``labels`` name the output's classes for the classification extension; ``shm_out``
+    is the client region ``request.shm_output`` names, which gets the output instead."""
     if request.classification:
         output, out_dtype = classify(output, request.classification, labels), "bytes"
     if max_batch_size <= 0 and output.ndim and output.shape[0] == 1:
@@ -446,11 +504,20 @@ def encode_response(
         "shape": list(output.shape),
     }
     raw: memoryview | None = None
-    if request.binary_output:
-        if out_dtype == "bytes":
-            raw = memoryview(serialize_bytes(output))
-        else:
-            raw = np.ascontiguousarray(output, dtype=output.dtype.newbyteorder("<")).data
+    if request.shm_output is not None:
+        assert shm_out is not None
+        region, _, size = request.shm_output
+        data = _raw(output, out_dtype)
+        if data.nbytes > size:
+            raise bad_request(
+                f"output {request.output_name!r} needs {data.nbytes} bytes; shared memory "
+                f"region {region!r} was given shared_memory_byte_size {size}"
+            )
+        shm_out[: data.nbytes] = data.cast("B")
+        # The entry says no more than name, datatype and shape, as Triton's does: its C++
+        # client reads any output "parameters" as binary data that must follow.
+    elif request.binary_output:
+        raw = _raw(output, out_dtype)
         entry["parameters"] = {"binary_data_size": raw.nbytes}
     else:
         entry["data"] = _json_data(output, out_dtype)

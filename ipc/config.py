@@ -40,6 +40,10 @@ class ServerSettings:
     log_format: str = "text"  # text | json
     log_level: str = "info"
     access_log: bool = False
+    # Triton's system shared-memory extension: clients on this host may have the server
+    # map shared memory they name (frontend/client_shm.py). Off unless trusted, as in
+    # Triton (--allow-client-shm).
+    allow_client_shm: bool = False
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,12 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, help="server.request_timeout_s")
     p.add_argument("--log-format", choices=["text", "json"], help="server.log_format")
     p.add_argument(
+        "--allow-client-shm",
+        action="store_true",
+        default=None,
+        help="let local clients register system shared memory (server.allow_client_shm)",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -79,6 +85,7 @@ def settings_from_args(ns: argparse.Namespace):  # type: ignore[no-untyped-def]
     put("server", "drain_timeout_s", ns.drain_timeout)
     put("server", "request_timeout_s", ns.request_timeout)
     put("server", "log_format", ns.log_format)
+    put("server", "allow_client_shm", ns.allow_client_shm)
     put("batching", "max_batch_size", ns.max_batch_size)
     put("batching", "max_queue_delay_ms", ns.max_queue_delay_ms)
     model_sets: dict[str, dict[str, object]] = {}

@@ -542,3 +542,104 @@ def test_decompress_gzip_deflate_and_bounds() -> None:
     with pytest.raises(HTTPError) as e:
         decompress_body(data, "br", 1000)
     assert e.value.status == 415
+
+
+# -- system shared memory (the region lookup itself is client_shm's) -------------------
+
+
+def _regions(memory: bytearray):  # type: ignore[no-untyped-def]
+    """A ShmReader over one buffer, recording what it was asked for."""
+    asked: list[tuple[str, int, int]] = []
+
+    def read(name: str, offset: int, size: int, where: str) -> memoryview:
+        asked.append((name, offset, size))
+        return memoryview(memory)[offset : offset + size]
+
+    return read, asked
+
+
+def shm_doc(params: dict[str, object], outputs: list[dict] | None = None) -> dict[str, object]:
+    t = {"name": "INPUT0", "datatype": "FP32", "shape": [1, 3], "parameters": params}
+    doc: dict[str, object] = {"inputs": [t]}
+    if outputs is not None:
+        doc["outputs"] = outputs
+    return doc
+
+
+def decode_shm(doc: dict[str, object], read) -> InferRequest:  # type: ignore[no-untyped-def]
+    return decode_request(json.dumps(doc).encode(), memoryview(b""), IN, OUT, 32, False, read)
+
+
+def test_input_from_shared_memory() -> None:
+    memory = bytearray(8) + bytearray(np.array([1, 2, 3], "<f4").tobytes())
+    read, asked = _regions(memory)
+    params = {"shared_memory_region": "r", "shared_memory_byte_size": 12}
+    req = decode_shm(shm_doc({**params, "shared_memory_offset": 8}), read)
+    assert asked == [("r", 8, 12)]
+    assert req.payload.tolist() == [[1, 2, 3]] and req.shm_output is None
+
+
+@pytest.mark.parametrize(
+    ("params", "words"),
+    [
+        ({"shared_memory_byte_size": 12}, "shared_memory_region name"),
+        ({"shared_memory_region": "r"}, "shared_memory_byte_size must be"),
+        ({"shared_memory_region": "r", "shared_memory_byte_size": -1}, "non-negative"),
+        ({"shared_memory_region": "r", "shared_memory_byte_size": True}, "non-negative"),
+        (
+            {
+                "shared_memory_region": "r",
+                "shared_memory_byte_size": 12,
+                "shared_memory_offset": "8",
+            },
+            "shared_memory_offset must be",
+        ),
+        ({"shared_memory_region": "r", "shared_memory_byte_size": 8}, "shared_memory_byte_size 8"),
+        (
+            {"shared_memory_region": "r", "shared_memory_byte_size": 12, "binary_data_size": 12},
+            "also carries data",
+        ),
+    ],
+)
+def test_bad_shared_memory_input_parameters(params: dict[str, object], words: str) -> None:
+    read, _ = _regions(bytearray(64))
+    with pytest.raises(HTTPError, match=words) as e:
+        decode_shm(shm_doc(params), read)
+    assert e.value.status == 400
+
+
+def test_shared_memory_without_a_reader_is_refused() -> None:
+    doc = shm_doc({"shared_memory_region": "r", "shared_memory_byte_size": 12})
+    with pytest.raises(HTTPError, match="takes no shared memory"):
+        decode_request(json.dumps(doc).encode(), memoryview(b""), IN, OUT, 32)
+
+
+def test_output_into_shared_memory() -> None:
+    read, _ = _regions(bytearray(np.zeros(3, "<f4").tobytes()))
+    out = [
+        {
+            "name": "OUTPUT0",
+            "parameters": {
+                "shared_memory_region": "o",
+                "shared_memory_byte_size": 16,
+                "shared_memory_offset": 4,
+            },
+        }
+    ]
+    doc = shm_doc({"shared_memory_region": "r", "shared_memory_byte_size": 12}, out)
+    req = decode_shm(doc, read)
+    assert req.shm_output == ("o", 4, 16)
+    region = bytearray(20)
+    output = np.array([[4, 5, 6]], np.float32)
+    content, header_len = encode_response(
+        "m", req, output, "float32", 32, shm_out=memoryview(region)[4:]
+    )
+    assert header_len is None  # nothing follows the JSON: the data went to the region
+    assert json.loads(content)["outputs"] == [
+        {"name": "OUTPUT0", "datatype": "FP32", "shape": [1, 3]}
+    ]
+    assert np.frombuffer(region[4:16], "<f4").tolist() == [4, 5, 6]
+    small = memoryview(bytearray(8))
+    req = InferRequest(req.payload, 1, None, False, "OUTPUT0", shm_output=("o", 0, 8))
+    with pytest.raises(HTTPError, match="needs 12 bytes"):
+        encode_response("m", req, output, "float32", 32, shm_out=small)

@@ -1,5 +1,5 @@
 """NVIDIA's perf_analyzer drives ringserve's v2 endpoint (identity, and a model with a
-BYTES input) unchanged.
+BYTES input) unchanged, also through system shared memory.
 
 perf_analyzer is installed by ``.ci/install_perf_analyzer.sh`` into ``.venv-perf`` with a
 wrapper ``.venv-perf/bin/pa`` (override with ``RINGSERVE_PERF_ANALYZER``). In CI a missing
@@ -41,7 +41,7 @@ def perf_analyzer() -> Path:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("v2perf")
     text = "text=python:support.fake_handlers:ByteLengths"
-    with serve(tmp, "--model", "id=identity", "--model", text) as s:
+    with serve(tmp, "--model", "id=identity", "--model", text, "--allow-client-shm") as s:
         yield s
 
 
@@ -100,6 +100,15 @@ def test_json_tensors(perf_analyzer: Path, server: Server) -> None:
         "json",
     )
     assert found[2][0] > 0
+
+
+def test_system_shared_memory(perf_analyzer: Path, server: Server) -> None:
+    """``--shared-memory system``: perf_analyzer registers its own regions, sends every
+    input and takes every output through them, then unregisters them."""
+    found = run_pa(perf_analyzer, server, "--concurrency-range", "2", "--shared-memory", "system")
+    assert found[2][0] > 0
+    with server.client() as c:
+        assert c.get("/v2/systemsharedmemory/status").json() == []
 
 
 def test_bytes_input(perf_analyzer: Path, server: Server) -> None:
