@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from ringserve.ipc import layout as L
 from ringserve.ipc.arena import Arena
 
@@ -59,10 +61,10 @@ class ClientRegions:
         self._mutex = arena.regions_mutex()
 
     def _find(self, raw_name: bytes) -> int:
-        for i, e in enumerate(self._entries):
-            if e["serial"] and e["name"] == raw_name:
-                return i
-        return -1
+        # One vectorised compare over the table: looping over 64 numpy records costs
+        # tens of µs, and an infer request naming regions looks up two.
+        hits = np.flatnonzero((self._entries["serial"] != 0) & (self._entries["name"] == raw_name))
+        return int(hits[0]) if len(hits) else -1
 
     @staticmethod
     def _region(e) -> Region:  # type: ignore[no-untyped-def]
