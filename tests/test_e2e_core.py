@@ -21,6 +21,7 @@ pytestmark = pytest.mark.e2e
 TESTS = str(REPO / "tests")
 HANDLER_ENV = {"PYTHONPATH": TESTS + os.pathsep + os.environ.get("PYTHONPATH", "")}
 DIGIT3 = json.loads((EXAMPLES / "digit_3.json").read_text())
+IMAGE_PNG = {"Content-Type": "image/png"}
 PNGS = {label: (EXAMPLES / f"digit_{label}.png").read_bytes() for label in ("0", "3", "7")}
 
 
@@ -194,7 +195,22 @@ def test_bad_input_gets_4xx_and_server_stays_healthy(start_server) -> None:
 
 
 def test_frontend_never_loads_torch_and_stays_small(start_server) -> None:
+    """Also after serving every kind of request (a lazy import on one path would load
+    torch only then): each kind eight times on fresh connections, which the kernel
+    spreads over both frontends."""
     server: Server = start_server()
+    pixels = DIGIT3["data"]
+    v2 = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 8, 8], "data": pixels}]}
+    kinds = [
+        ("POST", "/predict", {"json": DIGIT3}),
+        ("POST", "/v1/models/digits/predict", {"content": PNGS["3"], "headers": IMAGE_PNG}),
+        ("POST", "/v2/models/digits/infer", {"json": v2}),
+        ("GET", "/v2/models/digits/stats", {}),
+        ("GET", "/metrics", {}),
+    ]
+    for method, path, kw in kinds * 8:
+        with server.client() as c:
+            assert c.request(method, path, **kw).status_code == 200, path
     for pid in server.pids("frontend"):
         maps = Path(f"/proc/{pid}/maps").read_text()
         assert "libtorch" not in maps and "torch/lib" not in maps
@@ -222,6 +238,10 @@ def test_idle_server_uses_under_two_percent_of_a_core(start_server) -> None:
 
 
 def test_sigkill_worker_under_load_every_request_answered(start_server) -> None:
+    """A worker SIGKILLed at an arbitrary instant under load: every request answered
+    right (one death poisons nothing). A digits batch lasts well under a millisecond, so
+    the kill rarely lands mid-batch; the re-queue of a batch in flight is
+    ``test_faults_chaos``'s (under load, and for a lone request)."""
     server: Server = start_server("--workers", "2")
     server.wait_workers_ready(2)
     cases = digit_requests(300)
@@ -237,11 +257,8 @@ def test_sigkill_worker_under_load_every_request_answered(start_server) -> None:
     responses = asyncio.run(scenario())
     for resp, (_, label) in zip(responses, cases, strict=True):
         assert isinstance(resp, httpx.Response), resp
-        if resp.status_code == 500:
-            assert "poison" in resp.json()["error"]
-        else:
-            assert resp.status_code == 200, resp.text
-            assert resp.json()["result"]["label"] == label
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["result"]["label"] == label
     wait_until(
         lambda: victim not in server.pids("worker") and len(server.pids("worker")) == 2,
         60,

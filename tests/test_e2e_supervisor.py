@@ -12,12 +12,17 @@ import socket
 import stat
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import Server, wait_until
 from test_e2e_core import DIGIT3, HANDLER_ENV, _fire, digit_requests
+
+from ringserve.ipc.arena import Arena
+from ringserve.ipc.layout import SlotState
+from ringserve.supervisor.admin_protocol import AdminClient
 
 pytestmark = pytest.mark.e2e
 
@@ -88,6 +93,70 @@ def test_sighup_rolling_restart_under_load(start_server) -> None:
     assert all(r.status_code == 200 for r in ok), [r.text for r in ok if r.status_code != 200][:3]
     server.wait_ready()
     assert server.stop() == 0
+
+
+def test_sighup_replaces_one_worker_at_a_time(start_server) -> None:
+    """A rolling restart replaces workers one by one, each replacement ready before its
+    old worker stops: watched through the admin socket, never two replacements at once
+    and never fewer ready workers than configured."""
+    server: Server = start_server("--workers", "2")
+    server.wait_workers_ready(2)
+    admin = AdminClient(server.admin_socket)
+    seen: list[tuple[int, int]] = []  # (replacements in progress, ready workers)
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            st = admin.call("status")
+            seen.append((len(st["server"]["recycles_in_progress"]), st["models"][0]["ready"]))
+            stop.wait(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        server.rolling_restart(180)
+    finally:
+        stop.set()
+        watcher.join(10)
+    assert any(n for n, _ in seen), "the watch never saw a replacement"
+    assert max(n for n, _ in seen) == 1, seen
+    assert min(ready for _, ready in seen) >= 2, seen
+    assert server.stop() == 0
+
+
+def test_sigterm_flips_readiness_and_refuses_new_work_while_finishing_old(start_server) -> None:
+    """SIGTERM: readiness goes 503 and a new request is refused (503, Retry-After) while
+    an accepted request is still running; that one still gets its answer; exit 0."""
+    slow = "slow=python:support.fake_handlers:Slow"
+    server: Server = start_server("--model", slow, "--drain-timeout", "60", env=HANDLER_ENV)
+    with server.client() as c, ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(c.post, "/v1/models/slow/predict", json={"data": [4000.0, 1.0]})
+        arena = server.ctl("status")["server"]["arena"]
+        wait_until(lambda: running(arena), 20, "the request to reach a worker")
+        server.proc.send_signal(signal.SIGTERM)
+        with server.client() as probe:
+
+            def readiness() -> httpx.Response | None:
+                r = probe.get("/readiness")
+                return r if r.status_code == 503 or pending.done() else None
+
+            r = wait_until(readiness, 30, "readiness to flip")
+            assert not pending.done(), "readiness flipped only after the drain"
+            assert r.status_code == 503 and "draining" in r.json()["reasons"], r.text
+            refused = probe.post("/v1/models/slow/predict", json={"data": [1.0, 1.0]})
+            assert not pending.done()
+            assert refused.status_code == 503 and refused.headers.get("retry-after"), refused.text
+        answered = pending.result(60)
+    assert answered.status_code == 200 and answered.json()["result"] == [4000.0, 1.0]
+    assert server.proc.wait(60) == 0
+
+
+def running(arena_path: str) -> bool:
+    arena = Arena.attach(arena_path)
+    try:
+        return bool((arena.slots["state"] == SlotState.RUNNING).any())
+    finally:
+        arena.close()
 
 
 def test_hung_worker_is_killed_and_replaced(start_server) -> None:

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -285,3 +286,34 @@ def test_missing_shm_dir_is_a_clear_error_not_a_traceback(tmp_path: Path) -> Non
     assert out.returncode == 1, out.stderr
     assert "arena.shm_dir" in out.stderr and "No such file or directory" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_lone_request_whose_worker_dies_is_answered_by_its_retry(start_server) -> None:
+    """Exactly one answer with no other traffic: under load, any later answer wakes the
+    frontend, which would hide a retried request whose answer never signals it. Alone,
+    such a request would sit until its deadline and get a 504 instead of its result."""
+    server: Server = start_server("--model", SLOW, "--workers", "2", env=HANDLER_ENV, frontends=1)
+    wait_workers(server, 2)
+    arena = Arena.attach(server.ctl("status")["server"]["arena"])
+
+    def running_worker() -> int:
+        slots = arena.slots
+        pids = slots["worker_pid"][slots["state"] == SlotState.RUNNING]
+        return int(pids[0]) if len(pids) else 0
+
+    try:
+        with server.client(timeout=60) as c, ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(
+                c.post,
+                SLOW_PATH,
+                json={"data": [1500.0, 2.0]},  # each run sleeps 1.5 s
+                headers={"X-Request-Timeout-Ms": "20000"},
+            )
+            victim = wait_until(running_worker, 20, "the request to run on a worker")
+            os.kill(victim, signal.SIGKILL)
+            r = pending.result(90)
+    finally:
+        arena.close()
+    assert r.status_code == 200, r.text
+    assert r.json()["result"] == [1500.0, 2.0]
+    assert server.ctl("status")["server"]["totals"].get("requeued") == 1

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import mmap
+import multiprocessing as mp
+import multiprocessing.synchronize
 import random
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -17,6 +21,7 @@ from ringserve.supervisor.memory import (
     MemoryWatch,
     RecyclePolicy,
     mostly_rising,
+    sample_process,
     slope_per_s,
 )
 
@@ -532,3 +537,30 @@ def test_sample_of_a_gone_process_is_none(monkeypatch):
     w = watch()
     assert w.sample(9, now=0.0) is not None
     assert w.sample(9, now=1.0) is None
+
+
+def _map_shared_pages(mem: mmap.mmap, touched: mp.synchronize.Event) -> None:
+    sum(mem[i] for i in range(0, len(mem), mmap.PAGESIZE))  # fault every page in
+    touched.set()
+    time.sleep(60)
+
+
+def test_sample_process_leaves_shared_pages_out_of_uss() -> None:
+    """Why USS: a process that maps pages another process maps too (as every worker maps
+    the arena) has them in its RSS but not in its USS, so they never look like a leak."""
+    size = 64 * MB
+    mem = mmap.mmap(-1, size, mmap.MAP_SHARED)
+    mem.write(b"\1" * size)  # the parent maps and touches them first: shared pages
+    fork = mp.get_context("fork")
+    touched = fork.Event()
+    child = fork.Process(target=_map_shared_pages, args=(mem, touched), daemon=True)
+    child.start()
+    try:
+        assert touched.wait(30)
+        sample = sample_process(child.pid)
+        assert sample is not None
+        assert sample.rss - sample.uss >= size - 8 * MB, sample
+    finally:
+        child.kill()
+        child.join(10)
+        mem.close()
