@@ -6,7 +6,7 @@ it under a name, and then names that region in an infer request instead of sendi
 tensor: the frontend copies the input from it into the request's slot and writes the
 output into it. The registrations live in the arena (``ipc/client_regions.py``), so
 every frontend knows them; each frontend maps a region on first use and keeps the
-mapping until the name is unregistered or registered again.
+mapping until the name is unregistered or registered again (noticed within a heartbeat).
 
 What the server will open, since a client names it: a single name in ``/dev/shm``
 (what ``shm_open`` takes), not a symlink, a regular file, not one of ringserve's own
@@ -89,7 +89,7 @@ class ClientShm:
 
     def unregister(self, name: str | None) -> None:
         self._regions.unregister(name)
-        self._prune()
+        self.prune()
 
     def status(self, name: str | None) -> list[dict[str, object]]:
         regions = self._regions.all()
@@ -157,12 +157,16 @@ class ClientShm:
         if old is not None:
             old.close()
         self._mapped[name] = mapped
-        self._prune()
+        self.prune()
         return mapped
 
-    def _prune(self) -> None:
+    def prune(self) -> None:
         """Drop mappings whose registration is gone or was replaced (bounded by the
-        table's size, whatever names clients come up with)."""
+        table's size, whatever names clients come up with). Also run from the frontend's
+        heartbeat, so a region unregistered through another frontend is unmapped here
+        within a second, not at this frontend's next registration."""
+        if not self._mapped:
+            return
         live = {r.name: r.serial for r in self._regions.all()}
         for name in [n for n, m in self._mapped.items() if live.get(n) != m.serial]:
             with contextlib.suppress(OSError):

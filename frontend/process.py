@@ -33,10 +33,12 @@ from ringserve.ipc.prom import use_multiprocess_files
 log = logging.getLogger("ringserve.frontend")
 
 
-async def _heartbeat(control: ControlBlock, dispatcher: Dispatcher, interval_s: float) -> None:
+async def _heartbeat(state: FrontendState, control: ControlBlock, interval_s: float) -> None:
     while True:
-        control.rec["inflight"] = dispatcher.inflight
+        control.rec["inflight"] = state.dispatcher.inflight
         control.beat()
+        if state.client_shm is not None:
+            state.client_shm.prune()
         await asyncio.sleep(interval_s)
 
 
@@ -142,9 +144,7 @@ def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.handle_exit, sig, None)
-        beat = asyncio.create_task(
-            _heartbeat(control, state.dispatcher, settings.worker.heartbeat_interval_s)
-        )
+        beat = asyncio.create_task(_heartbeat(state, control, settings.worker.heartbeat_interval_s))
         control.set_state(ProcState.READY)
         try:
             await server.serve(sockets=[sock])

@@ -150,3 +150,17 @@ def test_only_plain_objects_in_the_directory_are_opened(client_shm, tmp_path: Pa
         with pytest.raises(HTTPError, match=words):
             shm.register("r", {"key": key, "byte_size": 8})
     assert shm.status(None) == []
+
+
+def test_a_frontend_unmaps_what_another_unregistered(tmp_path: Path) -> None:
+    (tmp_path / "arena").mkdir()
+    (tmp_path / "obj").write_bytes(bytes(8))
+    arena = make_arena(tmp_path / "arena")
+    mine, theirs = (ClientShm(ClientRegions(arena), str(tmp_path)) for _ in range(2))
+    mine.register("r", {"key": "/obj", "byte_size": 8})
+    mine.view("r", 0, 8, "input")
+    theirs.unregister("r")
+    assert "r" in mine._mapped  # not noticed yet
+    mine.prune()  # what the frontend's heartbeat runs
+    assert mine._mapped == {}
+    arena.close()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
-from conftest import Server
+from conftest import Server, wait_until
 from test_v2_protocol import serve
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
@@ -247,3 +247,34 @@ def test_a_server_without_the_flag_refuses_with_403(tmp_path: Path) -> None:
         r = c.post("/v2/models/id/infer", json=body)
         assert r.status_code == 403 and "--allow-client-shm" in r.json()["error"]
         assert httpx.get(f"{s.url}/v2/health/ready").status_code == 200
+
+
+def test_ctl_status_lists_the_registrations(
+    server: Server, client: httpclient.InferenceServerClient, regions
+) -> None:
+    regions("in", 64)
+    client.register_system_shared_memory("in", KEY + "in", 64)
+    listed = server.ctl("status")["server"]["client_shm_regions"]
+    assert listed == [{"name": "in", "key": KEY + "in", "offset": 0, "byte_size": 64}]
+    client.unregister_system_shared_memory()
+    assert server.ctl("status")["server"]["client_shm_regions"] == []
+
+
+def test_every_frontend_lets_go_of_an_unregistered_region(
+    server: Server, client: httpclient.InferenceServerClient, regions
+) -> None:
+    """Unregistered through one frontend, the region is unmapped by every frontend that
+    used it (at its next heartbeat), so the client's memory is not held for good."""
+    shm.set_shared_memory_region(regions("held", 64), [np.zeros((1, 16), np.float32)])
+    client.register_system_shared_memory("held", KEY + "held", 64)
+    for _ in range(10):  # fresh connections: both frontends map it
+        with httpclient.InferenceServerClient(f"127.0.0.1:{server.port}") as fresh:
+            fresh.infer("id", [shm_input("INPUT0", [1, 16], "FP32", "held", 64)])
+    path = f"/dev/shm{KEY}held"
+
+    def mapping_it() -> list[int]:
+        return [p for p in server.pids("frontend") if path in Path(f"/proc/{p}/maps").read_text()]
+
+    assert mapping_it()
+    client.unregister_system_shared_memory("held")
+    wait_until(lambda: not mapping_it(), 15, "the frontends to unmap the region")
