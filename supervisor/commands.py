@@ -12,6 +12,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
+from ringserve.ipc.client_regions import ClientRegions
 from ringserve.ipc.layout import ProcState
 from ringserve.supervisor.admin import AdminCommandError
 from ringserve.supervisor.children import Phase
@@ -103,6 +104,15 @@ def status(arb: Arbiter) -> dict[str, Any]:
         }
         for i, m in enumerate(arb.settings.models)
     ]
+    server_extra: dict[str, Any] = {}
+    if arb.settings.server.allow_client_shm:
+        # What clients registered (frontends keep these mapped): an operator's view of
+        # memory the server holds for them, and of registrations a client left behind.
+        regions = ClientRegions(arb.arena)
+        try:
+            server_extra["client_shm_regions"] = [r.status() for r in regions.all()]
+        finally:
+            regions.close()
     return {
         "server": {
             "phase": arb.phase,
@@ -118,6 +128,7 @@ def status(arb: Arbiter) -> dict[str, Any]:
             "rolling_restart_pending": list(arb.rolling),
             "recycles_in_progress": [r.old.name for r in arb.replacements],
             "totals": dict(arb.stats.totals),
+            **server_extra,
         },
         "processes": procs,
         "models": models,
