@@ -2,13 +2,14 @@
 
 Two sources, both server-wide, whichever frontend answers:
 
-- the Prometheus multiprocess files every frontend records into (``metrics.py``): request
-  counts and summed durations (end to end, queue wait, claim-to-answer); they never go
-  backwards, so perf_analyzer's deltas between two samples are sound;
-- the workers' control blocks: rows and batches run (``inference_count``,
-  ``execution_count``). These restart from zero when a worker is recycled, so across a
-  recycle they under-count; they are never allowed to go below the request count. The
-  newest of their latest-batch stamps is ``last_inference``.
+Everything comes from the Prometheus multiprocess files of the frontends (request
+counts and summed durations: end to end, queue wait, claim to answer) and of the workers
+(``ringserve_batch_size``: batches run and their rows, for ``execution_count`` and
+``inference_count``; the newest batch's wall-clock time, for ``last_inference``). Those
+files are kept per process slot, so a recycled or restarted worker carries on from its
+predecessor's counts: nothing goes backwards, and perf_analyzer's deltas between two
+samples stay sound across a recycle. Workers record a batch just after its answers go
+out, so ``inference_count`` is never allowed below the request count.
 
 Mapping: ``success`` = 200 answers and their end-to-end time; ``fail`` = other answers
 (no time); ``queue`` = enqueue → worker claim; ``compute_infer`` = claim → answer (gather,
@@ -21,13 +22,14 @@ from collections import defaultdict
 from typing import Any
 
 from ringserve.frontend.app import FrontendState
-from ringserve.ipc.layout import Role
 
 _SECONDS = {
     "ringserve_request_duration_seconds": "success",
     "ringserve_queue_wait_seconds": "queue",
     "ringserve_inference_duration_seconds": "compute_infer",
+    "ringserve_batch_size": "batches",  # count: batches; sum: rows
 }
+_LAST_BATCH = "ringserve_last_batch_timestamp_seconds"
 
 
 def _duration(count: float = 0, seconds: float = 0.0) -> dict[str, int]:
@@ -35,7 +37,8 @@ def _duration(count: float = 0, seconds: float = 0.0) -> dict[str, int]:
 
 
 def _prometheus(metrics_dir: str) -> dict[str, dict[str, list[float]]]:
-    """{model: {stat: [count, seconds]}} plus "fail" from the request counter."""
+    """{model: {stat: [count, sum]}}, plus "fail" from the request counter and "last"
+    (the newest batch's time, seconds since the epoch)."""
     from prometheus_client.multiprocess import MultiProcessCollector
 
     out: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0, 0.0]))
@@ -45,7 +48,9 @@ def _prometheus(metrics_dir: str) -> dict[str, dict[str, list[float]]]:
             model = s.labels.get("model")
             if model is None:
                 continue
-            if stat is not None and s.name.endswith("_count"):
+            if metric.name == _LAST_BATCH:
+                out[model]["last"][1] = max(out[model]["last"][1], s.value)
+            elif stat is not None and s.name.endswith("_count"):
                 out[model][stat][0] += s.value
             elif stat is not None and s.name.endswith("_sum"):
                 out[model][stat][1] += s.value
@@ -60,25 +65,19 @@ def _prometheus(metrics_dir: str) -> dict[str, dict[str, list[float]]]:
 
 def model_stats(state: FrontendState, names: list[str]) -> list[dict[str, Any]]:
     prom = _prometheus(state.metrics.metrics_dir)
-    ctl = state.arena.control
-    workers = ctl[ctl["role"] == Role.WORKER]
     result = []
     for name in names:
-        info = state.catalog.get(name)
-        assert info is not None
         p = prom.get(name, {})
-        mine = workers[workers["model"] == info.index]
         success = p.get("success", [0, 0.0])
-        rows = max(int(mine["rows"].sum()), int(success[0]))
-        batches = int(mine["batches"].sum())
+        batches, rows = p.get("batches", [0, 0.0])
         infer = p.get("compute_infer", [0, 0.0])
         result.append(
             {
                 "name": name,
                 "version": "1",
-                "last_inference": int(mine["last_batch_ms"].max(initial=0)),
-                "inference_count": rows,
-                "execution_count": batches,
+                "last_inference": int(p.get("last", [0, 0.0])[1] * 1000),
+                "inference_count": max(int(rows), int(success[0])),
+                "execution_count": int(batches),
                 "inference_stats": {
                     "success": _duration(*success),
                     "fail": _duration(p.get("fail", [0])[0]),

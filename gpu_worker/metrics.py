@@ -15,7 +15,7 @@ class WorkerMetrics:
         if not self.enabled:
             return
         use_multiprocess_files(spec.metrics_dir, f"worker-c{spec.control_index}")
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
 
         worker = str(spec.ident)
         self._batches = Counter(
@@ -30,9 +30,20 @@ class WorkerMetrics:
             ["model"],
             buckets=LATENCY_BUCKETS,
         ).labels(model)
+        # The newest over every worker, dead ones included: v2 stats' ``last_inference``.
+        self._last = Gauge(
+            "ringserve_last_batch_timestamp_seconds",
+            "Wall-clock time of the model's latest batch",
+            ["model"],
+            multiprocess_mode="max",
+        ).labels(model)
 
     def batch(self, rows: int, seconds: float) -> None:
         if self.enabled:
             self._batches.inc()
             self._size.observe(rows)
             self._infer.observe(seconds)
+
+    def ran_at(self, wall_s: float) -> None:
+        if self.enabled:
+            self._last.set(wall_s)

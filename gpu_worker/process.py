@@ -293,7 +293,7 @@ class Worker:
             rec["requests"] = int(rec["requests"]) + requests
         rec["busy_ns"] = int(rec["busy_ns"]) + int(sum(r[2] for r in self._ran) * 1e9)
         if self._ran:
-            rec["last_batch_ms"] = time.time_ns() // 1_000_000
+            self.metrics.ran_at(time.time())
         self._ran.clear()
 
     def _preprocess(self, slot: int, h: Header) -> torch.Tensor:

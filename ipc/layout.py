@@ -210,9 +210,6 @@ CONTROL = np.dtype(
         ("trim_rss_before", "<u8"),
         ("trim_rss_after", "<u8"),
         ("busy_ns", "<u8"),  # time spent inside inference, for utilisation
-        # Worker: wall clock (ms since the epoch) of its latest batch, for v2 stats'
-        # ``last_inference`` (like the counters above, it starts again with the process).
-        ("last_batch_ms", "<u8"),
         # Written by the supervisor's memory sampler (not the child):
         ("rss", "<u8"),
         ("uss", "<u8"),

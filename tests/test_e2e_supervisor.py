@@ -79,6 +79,42 @@ def test_admin_recycle_under_load_loses_nothing_and_keeps_capacity(start_server)
     assert server.stop() == 0
 
 
+def test_v2_statistics_do_not_go_backwards_across_a_recycle(start_server) -> None:
+    """perf_analyzer and dashboards take deltas of Triton's counters: a recycled worker
+    must not take the model's batches, rows or last inference time back to zero."""
+    server: Server = start_server()
+    with server.client() as c:
+        for _ in range(5):
+            assert c.post("/predict", json=DIGIT3).status_code == 200
+
+        def stats() -> dict:
+            return c.get("/v2/models/digits/stats").json()["model_stats"][0]
+
+        before = wait_until(lambda: (s := stats())["execution_count"] >= 5 and s, 10, "stats")
+        for _ in range(2):  # twice: the second replacement reuses the first's control slot
+            old = worker_pids(server)
+            server.ctl("recycle", "worker-0")
+            wait_until(
+                lambda old=old: (
+                    worker_pids(server).isdisjoint(old)
+                    and not server.ctl("status")["server"]["recycles_in_progress"]
+                ),
+                60,
+                "the recycle to finish",
+            )
+        after = stats()
+        for key in ("execution_count", "inference_count", "last_inference"):
+            assert after[key] >= before[key] > 0, (key, before, after)
+        assert c.post("/predict", json=DIGIT3).status_code == 200
+        later = wait_until(
+            lambda: (s := stats())["execution_count"] > after["execution_count"] and s,
+            10,
+            "the new worker's batch in the stats",
+        )
+        assert later["inference_count"] > after["inference_count"]
+    assert server.stop() == 0
+
+
 def test_sighup_rolling_restart_under_load(start_server) -> None:
     server: Server = start_server("--workers", "2")
     server.wait_workers_ready(2)
