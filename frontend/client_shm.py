@@ -32,14 +32,6 @@ _KEY_RE = re.compile(r"^/?([^/\0]{1,255})$")
 OWN_PREFIX = "ringserve-"  # our arenas: a client may not map them
 
 
-def not_enabled() -> HTTPError:
-    return HTTPError(
-        403,
-        "client shared memory is off: start ringserve with --allow-client-shm "
-        "(server.allow_client_shm) to use Triton's system shared-memory extension",
-    )
-
-
 def _size(value: object, what: str, positive: bool = False) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < int(positive):
         kind = "a positive" if positive else "a non-negative"

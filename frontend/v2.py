@@ -38,7 +38,6 @@ from ringserve.frontend.app import (
 )
 from ringserve.frontend.call import AsgiEndpoint, Call, Reply, error_reply, json_reply
 from ringserve.frontend.catalog import MODEL_VERSION, ModelInfo
-from ringserve.frontend.client_shm import not_enabled
 from ringserve.frontend.dispatch import Completed
 from ringserve.frontend.errors import HTTPError, unavailable
 from ringserve.frontend.images import check_images
@@ -50,6 +49,7 @@ from ringserve.frontend.v2_codec import (
     decompress_body,
     encode_response,
     model_shape,
+    shm_off,
     split_body,
     v2_datatype,
 )
@@ -202,15 +202,11 @@ def repository_index(state: FrontendState, ready_only: bool) -> list[dict[str, s
     return out
 
 
-def _no_shm(name: str, offset: int, byte_size: int, where: str) -> memoryview:
-    raise not_enabled()
-
-
 def v2_routes(state: FrontendState) -> list[Route]:
     extensions = list(EXTENSIONS)
     if state.client_shm is not None:
         extensions.append("system_shared_memory")
-    shm_view = _no_shm if state.client_shm is None else state.client_shm.view
+    shm_view = shm_off if state.client_shm is None else state.client_shm.view
 
     @_errors_as_json
     async def server_metadata(request: Request, rid: str) -> Response:

@@ -111,6 +111,16 @@ class InferRequest:
 # Reads ``byte_size`` bytes at ``offset`` of a registered client region (client_shm.py)
 ShmReader = Callable[[str, int, int, str], memoryview]
 
+SHM_OFF = (
+    "client shared memory is off: start ringserve with --allow-client-shm "
+    "(server.allow_client_shm) to use Triton's system shared-memory extension"
+)
+
+
+def shm_off(name: str, offset: int, byte_size: int, where: str) -> memoryview:
+    """The ShmReader of a server without ``server.allow_client_shm``: always a 403."""
+    raise HTTPError(403, SHM_OFF)
+
 
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes | memoryview, memoryview]:
     """(JSON header, binary tail) per the Inference-Header-Content-Length header."""
@@ -295,12 +305,12 @@ def decode_request(
     out: TensorSpec,
     max_batch_size: int,
     accepts_images: bool = False,
-    shm: ShmReader | None = None,
+    shm: ShmReader = shm_off,
 ) -> InferRequest:
     """Validate an infer request against the model's one input and output.
 
     ``shm`` reads client shared memory for inputs and outputs that name a region
-    (Triton's system shared-memory extension); without it such a request is a 400.
+    (Triton's system shared-memory extension).
 
     A model that ``accepts_images`` also takes its input as BYTES whatever its declared
     datatype: one encoded image (JPEG, PNG, ...) per row, which the worker decodes and
@@ -362,8 +372,6 @@ def decode_request(
     if shm_input is not None:
         if "data" in tensor or "binary_data_size" in tparams:
             raise bad_request(f"{where} names a shared memory region and also carries data")
-        if shm is None:
-            raise bad_request(f"{where}: this server takes no shared memory")
         arr = _from_binary(shm(*shm_input, where), shape, dtype, where, "shared_memory_byte_size")
     elif "binary_data_size" in tparams:
         size = tparams["binary_data_size"]
@@ -419,8 +427,8 @@ def decode_request(
                 raise bad_request('"binary_data" must be true or false')
             binary_output = flag
             shm_output = _shm_ref(oparams, f"output {o['name']!r}")
-            if shm_output is not None and shm is None:
-                raise bad_request(f"output {o['name']!r}: this server takes no shared memory")
+            if shm_output is not None:
+                shm(*shm_output, f"output {o['name']!r}")  # refused now, not after the model
 
     if images:
         payload, bytes_shape = arr, (rows,)

@@ -18,9 +18,10 @@ from starlette.routing import Route
 
 from ringserve.frontend.app import FrontendState, request_id
 from ringserve.frontend.call import AsgiEndpoint, Call, Handler, Reply, error_reply, json_reply
-from ringserve.frontend.client_shm import ClientShm, not_enabled
+from ringserve.frontend.client_shm import ClientShm
 from ringserve.frontend.errors import HTTPError, bad_request
 from ringserve.frontend.jsonio import parse_json
+from ringserve.frontend.v2_codec import SHM_OFF
 
 REGISTER_BODY_LIMIT = 64 * 1024
 CUDA_UNSUPPORTED = (
@@ -44,7 +45,7 @@ def shm_routes(state: FrontendState) -> list[Route]:
 
     def client_shm() -> ClientShm:
         if state.client_shm is None:
-            raise not_enabled()
+            raise HTTPError(403, SHM_OFF)
         return state.client_shm
 
     async def status(call: Call) -> Reply:

@@ -610,8 +610,9 @@ def test_bad_shared_memory_input_parameters(params: dict[str, object], words: st
 
 def test_shared_memory_without_a_reader_is_refused() -> None:
     doc = shm_doc({"shared_memory_region": "r", "shared_memory_byte_size": 12})
-    with pytest.raises(HTTPError, match="takes no shared memory"):
+    with pytest.raises(HTTPError, match="--allow-client-shm") as e:
         decode_request(json.dumps(doc).encode(), memoryview(b""), IN, OUT, 32)
+    assert e.value.status == 403
 
 
 def test_output_into_shared_memory() -> None:
