@@ -313,6 +313,8 @@ def test_poison_request_fails_alone(start_server) -> None:
     raises = ("/v1/models/p/predict", {"json": {"data": [13.0, 1.0]}})
     kills = ("/v1/models/p/predict", {"json": {"data": [666.0, 1.0]}})
     responses = fire(server.url, [*good[:20], raises, kills, *good[20:]], concurrency=16)
+    errors = [(i, repr(r)) for i, r in enumerate(responses) if not isinstance(r, httpx.Response)]
+    assert not errors, f"{errors}\n{server.log()[-6000:]}"  # once in CI: say what, and why
     statuses = [r.status_code for r in responses]
     assert statuses[20] == 500 and "unlucky" in responses[20].json()["error"]
     assert statuses[21] == 500 and "poison" in responses[21].json()["error"]
