@@ -81,6 +81,22 @@ def request_id(headers: Mapping[str, str]) -> str:
     return new_request_id()
 
 
+def json_endpoint(act: Handler) -> AsgiEndpoint:
+    """A route for a handler that may raise ``HTTPError``: the error as JSON, and the
+    request id on every reply."""
+
+    async def handler(call: Call) -> Reply:
+        rid = request_id(call.headers)
+        try:
+            reply = await act(call)
+        except HTTPError as err:
+            return error_reply(err, rid)
+        reply.headers["X-Request-ID"] = rid
+        return reply
+
+    return AsgiEndpoint(handler)
+
+
 def error_response(err: HTTPError, rid: str) -> Response:
     """``error_reply`` for the Starlette routes."""
     r = error_reply(err, rid)

@@ -33,6 +33,7 @@ from ringserve.frontend.app import (
     check_intake,
     error_response,
     infer,
+    json_endpoint,
     ready_model,
     request_id,
 )
@@ -282,10 +283,7 @@ def v2_routes(state: FrontendState) -> list[Route]:
             def answer(done: Completed) -> tuple[bytes, int | None]:
                 assert done.output is not None
                 dtype = "bytes" if done.output.dtype.hasobject else done.output.dtype.name
-                shm_out = None
-                if req.shm_output is not None:
-                    shm_out = shm_view(*req.shm_output, f"output {req.output_name!r}")
-                return encode_response(name, req, done.output, dtype, mbs, labels, shm_out)
+                return encode_response(name, req, done.output, dtype, mbs, labels)
 
             content, header_len = await infer(
                 state,
@@ -312,25 +310,20 @@ def v2_routes(state: FrontendState) -> list[Route]:
         return Reply(200, content, headers, "application/octet-stream")
 
     async def index_endpoint(call: Call) -> Reply:
-        rid = request_id(call.headers)
-        try:
-            body = await call.read_body(INDEX_BODY_LIMIT)
-            doc = parse_json(body) if body.strip() else {}
-            if not isinstance(doc, dict):
-                raise HTTPError(400, "repository index request must be a JSON object")
-            ready_only = doc.get("ready", False)
-            if not isinstance(ready_only, bool):
-                raise HTTPError(400, '"ready" must be true or false')
-        except HTTPError as err:
-            return error_reply(err, rid)
-        return json_reply(repository_index(state, ready_only), headers={"X-Request-ID": rid})
+        body = await call.read_body(INDEX_BODY_LIMIT)
+        doc = parse_json(body) if body.strip() else {}
+        if not isinstance(doc, dict):
+            raise HTTPError(400, "repository index request must be a JSON object")
+        ready_only = doc.get("ready", False)
+        if not isinstance(ready_only, bool):
+            raise HTTPError(400, '"ready" must be true or false')
+        return json_reply(repository_index(state, ready_only))
 
     async def model_control(call: Call) -> Reply:
-        rid = request_id(call.headers)
         name = call.path_params["name"]
         if state.catalog.get(name) is None:
-            return error_reply(HTTPError(404, f"unknown model {name!r}"), rid)
-        return error_reply(HTTPError(400, NO_MODEL_CONTROL), rid)
+            raise HTTPError(404, f"unknown model {name!r}")
+        raise HTTPError(400, NO_MODEL_CONTROL)
 
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
@@ -349,8 +342,10 @@ def v2_routes(state: FrontendState) -> list[Route]:
         Route(f"{versioned}/stats", stats),
         Route(f"{model}/infer", AsgiEndpoint(infer_endpoint), methods=["POST"]),
         Route(f"{versioned}/infer", AsgiEndpoint(infer_endpoint), methods=["POST"]),
-        Route("/v2/repository/index", AsgiEndpoint(index_endpoint), methods=["POST"]),
-        Route("/v2/repository/models/{name}/load", AsgiEndpoint(model_control), methods=["POST"]),
-        Route("/v2/repository/models/{name}/unload", AsgiEndpoint(model_control), methods=["POST"]),
+        Route("/v2/repository/index", json_endpoint(index_endpoint), methods=["POST"]),
+        Route("/v2/repository/models/{name}/load", json_endpoint(model_control), methods=["POST"]),
+        Route(
+            "/v2/repository/models/{name}/unload", json_endpoint(model_control), methods=["POST"]
+        ),
         *shm_routes(state),
     ]

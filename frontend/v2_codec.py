@@ -105,7 +105,7 @@ class InferRequest:
     classification: int = 0  # >0: answer the top-k classes instead of the tensor
     timeout_s: float | None = None  # Triton's ``timeout`` parameter (sent in µs), if any
     # The output goes into this client shared-memory region: (name, offset, byte size)
-    shm_output: tuple[str, int, int] | None = None
+    shm_output: tuple[str, memoryview] | None = None
 
 
 # Reads ``byte_size`` bytes at ``offset`` of a registered client region (client_shm.py)
@@ -426,9 +426,9 @@ def decode_request(
             if not isinstance(flag, bool):
                 raise bad_request('"binary_data" must be true or false')
             binary_output = flag
-            shm_output = _shm_ref(oparams, f"output {o['name']!r}")
-            if shm_output is not None:
-                shm(*shm_output, f"output {o['name']!r}")  # refused now, not after the model
+            ref = _shm_ref(oparams, f"output {o['name']!r}")
+            if ref is not None:  # looked up once, now: a bad region is refused before the model
+                shm_output = (ref[0], shm(*ref, f"output {o['name']!r}"))
 
     if images:
         payload, bytes_shape = arr, (rows,)
@@ -497,11 +497,10 @@ def encode_response(
     out_dtype: str,
     max_batch_size: int,
     labels: Sequence[str] = (),
-    shm_out: memoryview | None = None,
 ) -> tuple[bytes, int | None]:
     """Response body, and the JSON header's length when binary data follows it.
-    ``labels`` name the output's classes for the classification extension; ``shm_out``
-    is the client region ``request.shm_output`` names, which gets the output instead."""
+    ``labels`` name the output's classes for the classification extension. An output
+    ``request.shm_output`` names goes into that client region instead of the body."""
     if request.classification:
         output, out_dtype = classify(output, request.classification, labels), "bytes"
     if max_batch_size <= 0 and output.ndim and output.shape[0] == 1:
@@ -513,15 +512,14 @@ def encode_response(
     }
     raw: memoryview | None = None
     if request.shm_output is not None:
-        assert shm_out is not None
-        region, _, size = request.shm_output
+        region, dest = request.shm_output
         data = _raw(output, out_dtype)
-        if data.nbytes > size:
+        if data.nbytes > len(dest):
             raise bad_request(
                 f"output {request.output_name!r} needs {data.nbytes} bytes; shared memory "
-                f"region {region!r} was given shared_memory_byte_size {size}"
+                f"region {region!r} was given shared_memory_byte_size {len(dest)}"
             )
-        shm_out[: data.nbytes] = data.cast("B")
+        dest[: data.nbytes] = data.cast("B")
         # The entry says no more than name, datatype and shape, as Triton's does: its C++
         # client reads any output "parameters" as binary data that must follow.
     elif request.binary_output:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from starlette.routing import Route
 
-from ringserve.frontend.app import FrontendState, request_id
-from ringserve.frontend.call import AsgiEndpoint, Call, Handler, Reply, error_reply, json_reply
+from ringserve.frontend.app import FrontendState, json_endpoint
+from ringserve.frontend.call import Call, Reply, json_reply
 from ringserve.frontend.client_shm import ClientShm
 from ringserve.frontend.errors import HTTPError, bad_request
 from ringserve.frontend.jsonio import parse_json
@@ -31,18 +31,6 @@ CUDA_UNSUPPORTED = (
 
 
 def shm_routes(state: FrontendState) -> list[Route]:
-    def endpoint(act: Handler) -> AsgiEndpoint:
-        async def handler(call: Call) -> Reply:
-            rid = request_id(call.headers)
-            try:
-                reply = await act(call)
-            except HTTPError as err:
-                return error_reply(err, rid)
-            reply.headers["X-Request-ID"] = rid
-            return reply
-
-        return AsgiEndpoint(handler)
-
     def client_shm() -> ClientShm:
         if state.client_shm is None:
             raise HTTPError(403, SHM_OFF)
@@ -84,10 +72,10 @@ def shm_routes(state: FrontendState) -> list[Route]:
         base = f"/v2/{kind}sharedmemory"
         region = f"{base}/region/{{region}}"
         routes += [
-            Route(f"{base}/status", endpoint(on_status), methods=["GET"]),
-            Route(f"{region}/status", endpoint(on_status), methods=["GET"]),
-            Route(f"{region}/register", endpoint(on_register), methods=["POST"]),
-            Route(f"{base}/unregister", endpoint(on_unregister), methods=["POST"]),
-            Route(f"{region}/unregister", endpoint(on_unregister), methods=["POST"]),
+            Route(f"{base}/status", json_endpoint(on_status), methods=["GET"]),
+            Route(f"{region}/status", json_endpoint(on_status), methods=["GET"]),
+            Route(f"{region}/register", json_endpoint(on_register), methods=["POST"]),
+            Route(f"{base}/unregister", json_endpoint(on_unregister), methods=["POST"]),
+            Route(f"{region}/unregister", json_endpoint(on_unregister), methods=["POST"]),
         ]
     return routes

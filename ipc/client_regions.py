@@ -60,14 +60,18 @@ class ClientRegions:
         self._entries = arena.regions
         self._mutex = arena.regions_mutex()
 
+    def _live(self) -> np.ndarray:
+        """Indices of the registered entries. Whole-column compares: looping over 64
+        numpy records costs tens of µs, and an infer request naming regions looks up two."""
+        return np.flatnonzero(self._entries["serial"] != 0)
+
     def _find(self, raw_name: bytes) -> int:
-        # One vectorised compare over the table: looping over 64 numpy records costs
-        # tens of µs, and an infer request naming regions looks up two.
-        hits = np.flatnonzero((self._entries["serial"] != 0) & (self._entries["name"] == raw_name))
+        live = self._live()
+        hits = live[self._entries["name"][live] == raw_name]
         return int(hits[0]) if len(hits) else -1
 
-    @staticmethod
-    def _region(e) -> Region:  # type: ignore[no-untyped-def]
+    def _region(self, i: int) -> Region:
+        e = self._entries[i]
         return Region(
             e["name"].decode(),
             e["key"].decode(),
@@ -81,14 +85,13 @@ class ClientRegions:
         table is full."""
         raw_name = _encoded(region.name, L.REGION_NAME_BYTES, "a region name")
         raw_key = _encoded(region.key, L.REGION_KEY_BYTES, "a shared memory key")
-        self._mutex.lock()
-        try:
+        with self._mutex:
             if self._find(raw_name) >= 0:
                 raise RegionError(
                     f"shared memory region {region.name!r} is already registered", conflict=True
                 )
-            free = [i for i, e in enumerate(self._entries) if not e["serial"]]
-            if not free:
+            free = np.flatnonzero(self._entries["serial"] == 0)
+            if not len(free):
                 raise RegionError(
                     f"{L.MAX_CLIENT_REGIONS} shared memory regions are registered already: "
                     "unregister one first"
@@ -98,38 +101,28 @@ class ClientRegions:
             e["offset"], e["byte_size"] = region.offset, region.byte_size
             serial = self._arena.next_region_serial()
             e["serial"] = serial  # last: the entry exists from here on
-        finally:
-            self._mutex.unlock()
         return Region(region.name, region.key, region.offset, region.byte_size, serial)
 
     def unregister(self, name: str | None) -> list[str]:
         """Remove one region, or every one for ``None``; returns the names removed (an
         unknown name removes nothing and is no error, as in Triton)."""
-        removed = []
-        self._mutex.lock()
-        try:
-            for e in self._entries:
-                if e["serial"] and (name is None or e["name"] == name.encode()):
-                    e["serial"] = 0  # first: the entry is free from here on
-                    removed.append(e["name"].decode())
-        finally:
-            self._mutex.unlock()
-        return removed
+        with self._mutex:
+            if name is None:
+                gone = self._live()
+            else:
+                i = self._find(name.encode())
+                gone = np.array([] if i < 0 else [i], dtype=np.intp)
+            self._entries["serial"][gone] = 0  # first: the entries are free from here on
+            return [self._entries["name"][i].decode() for i in gone]
 
     def get(self, name: str) -> Region | None:
-        self._mutex.lock()
-        try:
+        with self._mutex:
             i = self._find(name.encode())
-            return None if i < 0 else self._region(self._entries[i])
-        finally:
-            self._mutex.unlock()
+            return None if i < 0 else self._region(i)
 
     def all(self) -> list[Region]:
-        self._mutex.lock()
-        try:
-            return [self._region(e) for e in self._entries if e["serial"]]
-        finally:
-            self._mutex.unlock()
+        with self._mutex:
+            return [self._region(i) for i in self._live()]
 
     def close(self) -> None:
         self._mutex.close()

@@ -29,10 +29,8 @@ Transitions done under the lock, and why each order is safe if the holder dies m
 
 from __future__ import annotations
 
-import contextlib
 import struct
 import time
-from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -49,6 +47,7 @@ from ringserve.ipc.layout import (
     SlotState,
     Status,
 )
+from ringserve.ipc.robust_mutex import RobustMutex
 from ringserve.ipc.slot_io import Header
 from ringserve.ipc.testhooks import pause_point
 
@@ -103,15 +102,10 @@ class RequestRing:
     def close(self) -> None:
         self._mutex.close()
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """For the cold paths; push and pop call ``_lock``/``_unlock`` directly (the
-        context manager costs more than the lock round trip itself)."""
-        self._lock()
-        try:
-            yield
-        finally:
-            self._unlock()
+    def locked(self) -> RobustMutex:
+        """The lock as a context manager, for the cold paths; push and pop call
+        ``_lock``/``_unlock`` directly (the ``with`` costs more than the lock itself)."""
+        return self._mutex
 
     def depth(self) -> int:
         """Entries waiting (a lock-free read: exact enough for bounds and metrics)."""

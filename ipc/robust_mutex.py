@@ -97,6 +97,13 @@ class RobustMutex:
     def unlock(self) -> None:
         _check(_unlock(self._addr), "pthread_mutex_unlock")
 
+    def __enter__(self) -> RobustMutex:
+        self.lock()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unlock()
+
     def close(self) -> None:
         """Unpin the mapping. The mutex must not be held."""
         self._view = None

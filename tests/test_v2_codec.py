@@ -616,31 +616,30 @@ def test_shared_memory_without_a_reader_is_refused() -> None:
 
 
 def test_output_into_shared_memory() -> None:
-    read, _ = _regions(bytearray(np.zeros(3, "<f4").tobytes()))
+    memory = bytearray(32)  # the input at 0 (12 bytes), the output region at 16
+    read, asked = _regions(memory)
     out = [
         {
             "name": "OUTPUT0",
             "parameters": {
                 "shared_memory_region": "o",
                 "shared_memory_byte_size": 16,
-                "shared_memory_offset": 4,
+                "shared_memory_offset": 16,
             },
         }
     ]
     doc = shm_doc({"shared_memory_region": "r", "shared_memory_byte_size": 12}, out)
     req = decode_shm(doc, read)
-    assert req.shm_output == ("o", 4, 16)
-    region = bytearray(20)
+    assert asked == [("r", 0, 12), ("o", 16, 16)]  # each region looked up once
+    assert req.shm_output is not None and req.shm_output[0] == "o"
     output = np.array([[4, 5, 6]], np.float32)
-    content, header_len = encode_response(
-        "m", req, output, "float32", 32, shm_out=memoryview(region)[4:]
-    )
+    content, header_len = encode_response("m", req, output, "float32", 32)
     assert header_len is None  # nothing follows the JSON: the data went to the region
     assert json.loads(content)["outputs"] == [
         {"name": "OUTPUT0", "datatype": "FP32", "shape": [1, 3]}
     ]
-    assert np.frombuffer(region[4:16], "<f4").tolist() == [4, 5, 6]
-    small = memoryview(bytearray(8))
-    req = InferRequest(req.payload, 1, None, False, "OUTPUT0", shm_output=("o", 0, 8))
+    assert np.frombuffer(memory[16:28], "<f4").tolist() == [4, 5, 6]
+    small = ("o", memoryview(bytearray(8)))
+    req = InferRequest(req.payload, 1, None, False, "OUTPUT0", shm_output=small)
     with pytest.raises(HTTPError, match="needs 12 bytes"):
-        encode_response("m", req, output, "float32", 32, shm_out=small)
+        encode_response("m", req, output, "float32", 32)
