@@ -1,19 +1,24 @@
 """Triton-style inference statistics (``GET /v2/models/{name}/stats``) for perf_analyzer.
 
-Two sources, both server-wide, whichever frontend answers:
+Server-wide, whichever frontend answers: everything comes from the Prometheus
+multiprocess files of the frontends (request counts and end-to-end and queue time) and
+of the workers (what each model execution took, per batch size; see
+gpu_worker/metrics.py). Those files are kept per process slot, so a recycled or
+restarted worker carries on from its predecessor's counts: nothing goes backwards, and
+perf_analyzer's deltas between two samples stay sound across a recycle. Workers record a
+batch just after its answers go out, so ``inference_count`` is never allowed below the
+request count.
 
-Everything comes from the Prometheus multiprocess files of the frontends (request
-counts and summed durations: end to end, queue wait, claim to answer) and of the workers
-(``ringserve_batch_size``: batches run and their rows, for ``execution_count`` and
-``inference_count``; the newest batch's wall-clock time, for ``last_inference``). Those
-files are kept per process slot, so a recycled or restarted worker carries on from its
-predecessor's counts: nothing goes backwards, and perf_analyzer's deltas between two
-samples stay sound across a recycle. Workers record a batch just after its answers go
-out, so ``inference_count`` is never allowed below the request count.
-
-Mapping: ``success`` = 200 answers and their end-to-end time; ``fail`` = other answers
-(no time); ``queue`` = enqueue → worker claim; ``compute_infer`` = claim → answer (gather,
-model, write back; ringserve does not split input/output copies, so those are 0 ns).
+Mapping, with Triton's meaning of each field:
+- ``success``: 200 answers and their end-to-end time in the frontend; ``fail``: the
+  other answers (no time); ``queue``: enqueue → a worker's claim, per request.
+- ``compute_input``: preprocess (decode, cast) and gathering the batch, with the copy to
+  the device; ``compute_infer``: the model, with the copy back; ``compute_output``:
+  writing the answers into their slots. In ``inference_stats`` these count requests,
+  each charged its whole batch's time (Triton's rule), so ns / count is the compute time
+  a request saw; in ``batch_stats`` they count executions of each batch size.
+- ``inference_count``: rows run; ``execution_count``: batches run; ``last_inference``:
+  the newest batch's wall-clock time, in milliseconds.
 """
 
 from __future__ import annotations
@@ -23,72 +28,107 @@ from typing import Any
 
 from ringserve.frontend.app import FrontendState
 
-_SECONDS = {
+# Summed [count, seconds] per model and stat, from histograms' _count and _sum.
+_HISTOGRAMS = {
     "ringserve_request_duration_seconds": "success",
     "ringserve_queue_wait_seconds": "queue",
-    "ringserve_inference_duration_seconds": "compute_infer",
     "ringserve_batch_size": "batches",  # count: batches; sum: rows
 }
 _LAST_BATCH = "ringserve_last_batch_timestamp_seconds"
+_STAGES = {"input": "compute_input", "infer": "compute_infer", "output": "compute_output"}
 
 
 def _duration(count: float = 0, seconds: float = 0.0) -> dict[str, int]:
     return {"count": int(count), "ns": round(seconds * 1e9)}
 
 
-def _prometheus(metrics_dir: str) -> dict[str, dict[str, list[float]]]:
-    """{model: {stat: [count, sum]}}, plus "fail" from the request counter and "last"
-    (the newest batch's time, seconds since the epoch)."""
+class _Model:
+    """What the metric files say of one model."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+        self.fail = 0.0
+        self.last = 0.0
+        self.computed = 0.0  # requests through the model
+        self.request_stage: dict[str, float] = defaultdict(float)
+        self.runs: dict[int, float] = defaultdict(float)  # batch size -> executions
+        self.size_stage: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+
+
+def _prometheus(metrics_dir: str) -> dict[str, _Model]:
     from prometheus_client.multiprocess import MultiProcessCollector
 
-    out: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0, 0.0]))
+    out: dict[str, _Model] = defaultdict(_Model)
     for metric in MultiProcessCollector(None, metrics_dir).collect():
-        stat = _SECONDS.get(metric.name)
+        name, stat = metric.name, _HISTOGRAMS.get(metric.name)
         for s in metric.samples:
             model = s.labels.get("model")
             if model is None:
                 continue
-            if metric.name == _LAST_BATCH:
-                out[model]["last"][1] = max(out[model]["last"][1], s.value)
-            elif stat is not None and s.name.endswith("_count"):
-                out[model][stat][0] += s.value
-            elif stat is not None and s.name.endswith("_sum"):
-                out[model][stat][1] += s.value
-            elif (
-                metric.name == "ringserve_requests"
-                and s.name.endswith("_total")
-                and s.labels.get("code") != "200"
-            ):
-                out[model]["fail"][0] += s.value
+            m = out[model]
+            if stat is not None:
+                if s.name.endswith("_count"):
+                    m.sums[stat][0] += s.value
+                elif s.name.endswith("_sum"):
+                    m.sums[stat][1] += s.value
+            elif name == _LAST_BATCH:
+                m.last = max(m.last, s.value)
+            elif name == "ringserve_requests" and s.labels.get("code") != "200":
+                if s.name.endswith("_total"):
+                    m.fail += s.value
+            elif not s.name.endswith("_total"):
+                continue  # a counter's _created sample
+            elif name == "ringserve_computed_requests":
+                m.computed += s.value
+            elif name == "ringserve_request_stage_seconds":
+                m.request_stage[s.labels["stage"]] += s.value
+            elif name == "ringserve_batch_runs":
+                m.runs[int(s.labels["batch_size"])] += s.value
+            elif name == "ringserve_batch_stage_seconds":
+                m.size_stage[int(s.labels["batch_size"])][s.labels["stage"]] += s.value
     return out
+
+
+def _batch_stats(m: _Model) -> list[dict[str, Any]]:
+    return [
+        {
+            "batch_size": size,
+            **{
+                field: _duration(m.runs[size], m.size_stage[size][stage])
+                for stage, field in _STAGES.items()
+            },
+        }
+        for size in sorted(m.runs)
+        if m.runs[size]
+    ]
 
 
 def model_stats(state: FrontendState, names: list[str]) -> list[dict[str, Any]]:
     prom = _prometheus(state.metrics.metrics_dir)
     result = []
     for name in names:
-        p = prom.get(name, {})
-        success = p.get("success", [0, 0.0])
-        batches, rows = p.get("batches", [0, 0.0])
-        infer = p.get("compute_infer", [0, 0.0])
+        m = prom.get(name) or _Model()
+        success = m.sums["success"]
+        batches, rows = m.sums["batches"]
         result.append(
             {
                 "name": name,
                 "version": "1",
-                "last_inference": int(p.get("last", [0, 0.0])[1] * 1000),
+                "last_inference": int(m.last * 1000),
                 "inference_count": max(int(rows), int(success[0])),
                 "execution_count": int(batches),
                 "inference_stats": {
                     "success": _duration(*success),
-                    "fail": _duration(p.get("fail", [0])[0]),
-                    "queue": _duration(*p.get("queue", [0, 0.0])),
-                    "compute_input": _duration(infer[0]),
-                    "compute_infer": _duration(*infer),
-                    "compute_output": _duration(infer[0]),
+                    "fail": _duration(m.fail),
+                    "queue": _duration(*m.sums["queue"]),
+                    **{
+                        field: _duration(m.computed, m.request_stage[stage])
+                        for stage, field in _STAGES.items()
+                    },
                     "cache_hit": _duration(),
                     "cache_miss": _duration(),
                 },
-                "batch_stats": [],
+                "batch_stats": _batch_stats(m),
             }
         )
     return result

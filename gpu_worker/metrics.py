@@ -1,12 +1,34 @@
-"""The worker's Prometheus series: batches, batch sizes and inference time, per batch.
+"""The worker's Prometheus series, recorded once per batch after its answers are out.
 
 Recorded in the instance's multiprocess files keyed by the control-block index, so a
-recycled or restarted worker never makes a counter go backwards (see ipc/prom.py)."""
+recycled or restarted worker never makes a counter go backwards (see ipc/prom.py).
+
+Besides the dashboard series (batches, the batch-size histogram, model time), two
+counter families carry what Triton's statistics extension reports (frontend/v2_stats.py):
+per batch size, executions and the seconds of each stage (``batch_stats``); and per
+model, the requests computed and each stage's seconds counted once per request in the
+batch, Triton's rule for ``inference_stats`` (a request's compute time is its batch's).
+"""
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 from ringserve.ipc.child import ChildSpec
 from ringserve.ipc.prom import BATCH_BUCKETS, LATENCY_BUCKETS, use_multiprocess_files
+
+STAGES = ("input", "infer", "output")
+
+
+class BatchTiming(NamedTuple):
+    """One model execution: its rows and requests, and the seconds of its three stages
+    (input: preprocess and gather; infer: the model; output: answers into the slots)."""
+
+    rows: int
+    requests: int
+    input_s: float
+    infer_s: float
+    output_s: float
 
 
 class WorkerMetrics:
@@ -17,6 +39,7 @@ class WorkerMetrics:
         use_multiprocess_files(spec.metrics_dir, f"worker-c{spec.control_index}")
         from prometheus_client import Counter, Gauge, Histogram
 
+        self.model = model
         worker = str(spec.ident)
         self._batches = Counter(
             "ringserve_batches", "Batches run, by worker slot", ["model", "worker"]
@@ -37,12 +60,51 @@ class WorkerMetrics:
             ["model"],
             multiprocess_mode="max",
         ).labels(model)
+        self._by_size_family = Counter(
+            "ringserve_batch_stage_seconds",
+            "Seconds per stage (input, infer, output) of the batches of each size",
+            ["model", "batch_size", "stage"],
+        )
+        self._runs_family = Counter(
+            "ringserve_batch_runs", "Batches run, by batch size (rows)", ["model", "batch_size"]
+        )
+        self._by_size: dict[int, tuple[Any, ...]] = {}  # rows -> (runs, input, infer, output)
+        request_seconds = Counter(
+            "ringserve_request_stage_seconds",
+            "Seconds per stage of each computed request's batch, summed over requests",
+            ["model", "stage"],
+        )
+        self._per_request = [request_seconds.labels(model, s) for s in STAGES]
+        self._requests = Counter(
+            "ringserve_computed_requests", "Requests that went through the model", ["model"]
+        ).labels(model)
 
-    def batch(self, rows: int, seconds: float) -> None:
-        if self.enabled:
-            self._batches.inc()
-            self._size.observe(rows)
-            self._infer.observe(seconds)
+    def batch(self, t: BatchTiming) -> None:
+        if not self.enabled:
+            return
+        self._batches.inc()
+        self._size.observe(t.rows)
+        self._infer.observe(t.infer_s)
+        runs, *by_stage = self._size_children(t.rows)
+        runs.inc()
+        self._requests.inc(t.requests)
+        for seconds, size_child, request_child in zip(
+            (t.input_s, t.infer_s, t.output_s), by_stage, self._per_request, strict=True
+        ):
+            size_child.inc(seconds)
+            request_child.inc(seconds * t.requests)
+
+    def _size_children(self, rows: int) -> tuple[Any, ...]:
+        """The series of one batch size, looked up once (``labels()`` takes a lock)."""
+        children = self._by_size.get(rows)
+        if children is None:
+            size = str(rows)
+            children = (
+                self._runs_family.labels(self.model, size),
+                *(self._by_size_family.labels(self.model, size, s) for s in STAGES),
+            )
+            self._by_size[rows] = children
+        return children
 
     def ran_at(self, wall_s: float) -> None:
         if self.enabled:

@@ -26,7 +26,7 @@ import torch
 from ringserve.gpu_worker.batcher import Batcher, BatchPolicy, Pending
 from ringserve.gpu_worker.cpu_share import ThreadShare
 from ringserve.gpu_worker.handlers import BadInput, Handler, create_handler
-from ringserve.gpu_worker.metrics import WorkerMetrics
+from ringserve.gpu_worker.metrics import BatchTiming, WorkerMetrics
 from ringserve.gpu_worker.profile import throughput_profile
 from ringserve.ipc import bytes_tensor, wake
 from ringserve.ipc.answer import write_error, write_output
@@ -80,7 +80,8 @@ class Worker:
         self.interrupt_fd = interrupt_fd  # a signal_wakeup_pipe: SIGTERM ends an idle wait
         self._pinned: dict[tuple, torch.Tensor] = {}
         self._batch_seq = 0
-        self._ran: list[tuple[int, int, float]] = []  # (rows, requests, seconds) per batch
+        self._ran: list[BatchTiming] = []  # this loop round's model executions
+        self._preprocess_s: dict[int, float] = {}  # slot -> its preprocess time, this round
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -264,6 +265,7 @@ class Worker:
             self._finish_error(p.key, Status.CANCELLED, b"cancelled by the client", owners)
         groups: dict[tuple, list[tuple[int, torch.Tensor]]] = defaultdict(list)
         for p in run:
+            t0 = time.perf_counter()
             try:
                 tensor = self._preprocess(p.key, headers[p.key])
             except (BadInput, HeaderError) as e:
@@ -275,9 +277,11 @@ class Worker:
                     p.key, Status.MODEL_ERROR, f"preprocess failed: {e}".encode(), owners
                 )
                 continue
+            self._preprocess_s[p.key] = time.perf_counter() - t0
             groups[(tensor.dtype, tuple(tensor.shape[1:]))].append((p.key, tensor))
         for members in groups.values():
             self._infer_group(members, owners)
+        self._preprocess_s.clear()
         pause_point("worker.after_batch")
         for owner in owners:
             wake.signal(self.spec.frontend_efds[owner])
@@ -286,12 +290,12 @@ class Worker:
 
     def _record_batches(self) -> None:
         rec = self.control.rec
-        for rows, requests, seconds in self._ran:
-            self.metrics.batch(rows, seconds)
+        for timing in self._ran:
+            self.metrics.batch(timing)
             rec["batches"] = int(rec["batches"]) + 1
-            rec["rows"] = int(rec["rows"]) + rows
-            rec["requests"] = int(rec["requests"]) + requests
-        rec["busy_ns"] = int(rec["busy_ns"]) + int(sum(r[2] for r in self._ran) * 1e9)
+            rec["rows"] = int(rec["rows"]) + timing.rows
+            rec["requests"] = int(rec["requests"]) + timing.requests
+        rec["busy_ns"] = int(rec["busy_ns"]) + int(sum(t.infer_s for t in self._ran) * 1e9)
         if self._ran:
             self.metrics.ran_at(time.time())
         self._ran.clear()
@@ -346,7 +350,7 @@ class Worker:
     def _infer_group(self, members: list[tuple[int, torch.Tensor]], owners: set[int]) -> None:
         assert self.handler is not None
         try:
-            outputs, seconds = self._infer([t for _, t in members])
+            outputs, gather_s, infer_s = self._infer([t for _, t in members])
         except Exception as e:
             if len(members) == 1:
                 log.warning("model %s raised on request: %s", self.model.name, e)
@@ -359,17 +363,22 @@ class Worker:
             return
         self._batch_seq += 1
         rows_total = sum(int(t.shape[0]) for _, t in members)
+        t0 = time.perf_counter()
         start = 0
         for slot, tensor in members:
             n = int(tensor.shape[0])
             self._finish_ok(slot, outputs[start : start + n], rows_total, owners)
             start += n
-        self._ran.append((rows_total, len(members), seconds))
+        output_s = time.perf_counter() - t0
+        input_s = gather_s + sum(self._preprocess_s.get(slot, 0.0) for slot, _ in members)
+        self._ran.append(BatchTiming(rows_total, len(members), input_s, infer_s, output_s))
 
-    def _infer(self, tensors: list[torch.Tensor]) -> tuple[np.ndarray, float]:
-        """The outputs of one batch, and the seconds the model took."""
+    def _infer(self, tensors: list[torch.Tensor]) -> tuple[np.ndarray, float, float]:
+        """The outputs of one batch, the seconds spent gathering its input (and copying it
+        to the device), and the seconds the model took (with the copy back)."""
         assert self.handler is not None
         device = self.handler.device
+        t_gather = time.monotonic_ns()
         if device.type == "cuda":
             batch = self._gather_pinned(tensors).to(device, non_blocking=True)
         else:
@@ -388,7 +397,7 @@ class Worker:
             rec = self.control.rec
             rec["gpu_allocated"] = torch.cuda.memory_allocated(device)
             rec["gpu_reserved"] = torch.cuda.memory_reserved(device)
-        return result, seconds
+        return result, (t0 - t_gather) / 1e9, seconds
 
     def _gather_pinned(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """Concatenate straight into a reused page-locked buffer for an async H2D copy."""

@@ -38,6 +38,10 @@ EXPORTED_METRICS = HISTOGRAMS | frozenset(
     {
         "ringserve_requests_total",
         "ringserve_batches_total",
+        "ringserve_batch_runs_total",
+        "ringserve_batch_stage_seconds_total",
+        "ringserve_request_stage_seconds_total",
+        "ringserve_computed_requests_total",
         "ringserve_ring_slots",
         "ringserve_queue_depth",
         "ringserve_queue_capacity",

@@ -198,6 +198,49 @@ def test_stats(client: httpx.Client) -> None:
     assert sorted(m["name"] for m in every) == ["desc", "digits", "id", "text"]
 
 
+def test_stats_compute_times_follow_triton(client: httpx.Client) -> None:
+    """Compute stages count requests in ``inference_stats`` (each charged its batch's
+    time) and executions per batch size in ``batch_stats``: one request of 3 rows is one
+    execution of batch size 3 and one computed request, with the same times in both."""
+
+    def stats() -> dict:
+        return client.get("/v2/models/id/stats").json()["model_stats"][0]
+
+    def by_size(s: dict) -> dict[int, dict]:
+        return {b["batch_size"]: b for b in s["batch_stats"]}
+
+    good_json(client)
+    before = wait_until(lambda: (s := stats())["execution_count"] >= 1 and s, 10, "stats")
+    data = list(range(9))
+    r = client.post(
+        "/v2/models/id/infer",
+        json={"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [3, 3], "data": data}]},
+    )
+    assert r.status_code == 200, r.text
+    after = wait_until(
+        lambda: (s := stats())["execution_count"] > before["execution_count"] and s,
+        10,
+        "the 3-row batch in the stats",
+    )
+    assert after["execution_count"] == before["execution_count"] + 1
+    assert after["inference_count"] == before["inference_count"] + 3
+    three, three_before = by_size(after)[3], by_size(before).get(3)
+    runs_before = three_before["compute_infer"]["count"] if three_before else 0
+    assert three["compute_infer"]["count"] == runs_before + 1
+    for stage in ("compute_input", "compute_infer", "compute_output"):
+        req_now, req_then = after["inference_stats"][stage], before["inference_stats"][stage]
+        assert req_now["count"] == req_then["count"] + 1, stage
+        assert req_now["ns"] > req_then["ns"], stage
+        batch_ns = three[stage]["ns"] - (three_before[stage]["ns"] if three_before else 0)
+        assert abs((req_now["ns"] - req_then["ns"]) - batch_ns) <= 1000, stage
+    # Every execution is in batch_stats, with its rows.
+    sizes = by_size(after)
+    assert sum(b["compute_infer"]["count"] for b in sizes.values()) == after["execution_count"]
+    assert (
+        sum(n * b["compute_infer"]["count"] for n, b in sizes.items()) == after["inference_count"]
+    )
+
+
 # -- good inference ---------------------------------------------------------------------
 
 
