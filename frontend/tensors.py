@@ -48,8 +48,11 @@ def from_json(data: Any, dtype: str) -> np.ndarray:
         raise unprocessable(f'"data" is not a rectangular array: {e}') from None
     if raw.ndim > MAX_JSON_DEPTH:
         raise _too_deep()
-    if raw.dtype.kind not in "biuf":
-        raise unprocessable(f'"data" must hold numbers, got {raw.dtype.kind!r}-kind values')
+    # As on the v2 route: a BOOL input takes JSON booleans, any other input numbers. (A
+    # boolean mixed into numbers becomes 0 or 1 in numpy's promotion; not worth a scan.)
+    if raw.dtype.kind not in ("b" if dtype == "bool" else "iuf"):
+        kind = "booleans" if dtype == "bool" else "numbers"
+        raise unprocessable(f'"data" must hold {kind} for dtype {dtype}')
     return cast(raw, dtype)
 
 

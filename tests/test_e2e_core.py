@@ -128,6 +128,7 @@ def test_bad_input_gets_4xx_and_server_stays_healthy(start_server) -> None:
         ("wrong dtype", "/predict", {"json": {"data": [["a"] * 8] * 8}}, 422),
         ("wrong shape", "/predict", {"json": {"data": [1.0, 2.0, 3.0]}}, 422),
         ("ragged", "/predict", {"json": {"data": [[1.0], [1.0, 2.0]]}}, 422),
+        ("booleans", "/predict", {"json": {"data": [[True] * 8] * 8}}, 422),
         (
             "nan",
             "/predict",

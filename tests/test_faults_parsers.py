@@ -10,6 +10,7 @@ import math
 import zlib
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -68,6 +69,18 @@ def test_property_from_json_and_fit_shape(data: object, dtype: str, shape: list,
     if fitted is not None:
         out, n, _ = fitted
         assert out.shape[0] == n and 1 <= n <= rows
+
+
+@pytest.mark.parametrize(
+    ("data", "dtype"),
+    [([True, False], "float32"), ([[True]], "int64"), (True, "float32"), ([1, 0], "bool")],
+)
+def test_from_json_takes_booleans_only_for_a_bool_input(data: object, dtype: str) -> None:
+    with pytest.raises(HTTPError) as e:
+        from_json(data, dtype)
+    assert e.value.status == 422
+    assert ("booleans" if dtype == "bool" else "numbers") in e.value.message
+    assert from_json([True, False], "bool").tolist() == [True, False]
 
 
 @PROPERTY
