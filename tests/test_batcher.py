@@ -9,7 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ringserve.gpu_worker.batcher import Batcher, BatchPolicy, Pending, choose_preferred
+from ringserve.gpu_worker.batcher import (
+    PREFERRED_TOLERANCE,
+    Batcher,
+    BatchPolicy,
+    Pending,
+    choose_preferred,
+)
 
 EPS = 1e-9
 
@@ -372,10 +378,12 @@ def test_simulated_workloads_many_combinations():
 
 
 def test_choose_preferred_picks_smallest_within_tolerance():
-    # 16 is the best; 8 is within 97% of it; 4 is not.
-    assert choose_preferred({1: 100.0, 4: 900.0, 8: 980.0, 16: 1000.0, 32: 990.0}) == 8
-    assert choose_preferred({1: 100.0, 4: 900.0, 8: 969.0, 16: 1000.0}) == 16
-    assert choose_preferred({1: 100.0, 4: 900.0, 8: 970.0, 16: 1000.0}) == 8  # exactly 97%
+    # 16 is the best; 8 is within 99% of it; 4 is not.
+    assert choose_preferred({1: 100.0, 4: 900.0, 8: 995.0, 16: 1000.0, 32: 990.0}) == 8
+    assert choose_preferred({1: 100.0, 4: 900.0, 8: 989.0, 16: 1000.0}) == 16
+    assert choose_preferred({1: 100.0, 4: 900.0, 8: 990.0, 16: 1000.0}) == 8  # exactly 99%
+    # The resnet50 profile of the 2-core VM: 4 is 2.3 % faster than 2, so 4.
+    assert choose_preferred({1: 8.6, 2: 9.27, 4: 9.48, 8: 8.52}) == 4
 
 
 def test_choose_preferred_cpu_knee_prefers_smaller():
@@ -408,8 +416,8 @@ def test_choose_preferred_property():
         chosen = choose_preferred(profile)
         best = max(profile.values())
         assert chosen in profile
-        assert profile[chosen] >= 0.97 * best
-        assert all(profile[s] < 0.97 * best for s in sizes if s < chosen)
+        assert profile[chosen] >= PREFERRED_TOLERANCE * best
+        assert all(profile[s] < PREFERRED_TOLERANCE * best for s in sizes if s < chosen)
 
 
 def test_no_backlog_at_batch_end_means_idle():
