@@ -167,8 +167,11 @@ class MemoryWatch:
             if rss is None:
                 return None
             drift = rss - last[1].rss
-            if abs(drift) < RSS_RESYNC_BYTES:
-                return MemorySample(rss=rss, uss=last[1].uss + drift, pss=last[1].pss + drift)
+            uss, pss = last[1].uss + drift, last[1].pss + drift
+            # RSS falling by more than the private memory last read (a process unmapping
+            # its libraries as it exits) makes the estimate negative: read smaps instead.
+            if abs(drift) < RSS_RESYNC_BYTES and min(uss, pss) >= 0:
+                return MemorySample(rss=rss, uss=uss, pss=pss)
         full = sample_process(pid)
         if full is not None:
             self._full[pid] = (now, full)

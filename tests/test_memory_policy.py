@@ -529,6 +529,29 @@ def test_sample_reads_smaps_only_when_rss_moves_or_the_last_read_is_old(monkeypa
     assert full_reads == [7, 7, 7, 7]
 
 
+def test_sample_never_estimates_below_zero(monkeypatch):
+    """A worker failing to load unmaps torch as it exits: RSS fell 3 MiB below a 1.6 MiB
+    USS read just before, the estimate went negative, and the supervisor died writing it
+    into the control block's unsigned field. Such a fall reads smaps instead."""
+    from ringserve.supervisor import memory
+
+    rss = {"now": 300 * MB}
+    reads = []
+
+    def full(pid: int) -> MemorySample:
+        reads.append(pid)
+        return MemorySample(rss=rss["now"], uss=min(rss["now"], 1 * MB), pss=2 * MB)
+
+    monkeypatch.setattr(memory, "sample_process", full)
+    monkeypatch.setattr(memory, "rss_of", lambda pid: rss["now"])
+    w = watch()
+    w.sample(5, now=0.0)
+    rss["now"] -= 3 * MB  # within the resync distance, but more than the USS
+    got = w.sample(5, now=1.0)
+    assert got is not None and min(got.rss, got.uss, got.pss) >= 0
+    assert reads == [5, 5]
+
+
 def test_sample_of_a_gone_process_is_none(monkeypatch):
     from ringserve.supervisor import memory
 
