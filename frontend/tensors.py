@@ -48,12 +48,19 @@ def from_json(data: Any, dtype: str) -> np.ndarray:
         raise unprocessable(f'"data" is not a rectangular array: {e}') from None
     if raw.ndim > MAX_JSON_DEPTH:
         raise _too_deep()
-    # As on the v2 route: a BOOL input takes JSON booleans, any other input numbers. (A
-    # boolean mixed into numbers becomes 0 or 1 in numpy's promotion; not worth a scan.)
-    if raw.dtype.kind not in ("b" if dtype == "bool" else "iuf"):
-        kind = "booleans" if dtype == "bool" else "numbers"
-        raise unprocessable(f'"data" must hold {kind} for dtype {dtype}')
+    if wanted := json_kind_wanted(raw, dtype):
+        raise unprocessable(f'"data" must hold {wanted} for dtype {dtype}')
     return cast(raw, dtype)
+
+
+def json_kind_wanted(raw: np.ndarray, dtype: str) -> str | None:
+    """What JSON ``data`` must hold for an input of ``dtype`` ("booleans" for BOOL,
+    "numbers" for the rest) when ``raw`` (numpy's reading of it) holds something else;
+    None when it fits. Both routes' rule. (A boolean mixed into numbers becomes 0 or 1 in
+    numpy's promotion and passes: catching it would take a scan of every request.)"""
+    if dtype == "bool":
+        return None if raw.dtype.kind == "b" else "booleans"
+    return None if raw.dtype.kind in "iuf" else "numbers"
 
 
 def strings_from_json(data: Any) -> np.ndarray:

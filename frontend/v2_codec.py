@@ -30,7 +30,7 @@ import numpy as np
 
 from ringserve.frontend.errors import HTTPError, bad_request
 from ringserve.frontend.jsonio import dump_json, parse_json, utf8_strings
-from ringserve.frontend.tensors import MAX_JSON_DEPTH, cast
+from ringserve.frontend.tensors import MAX_JSON_DEPTH, cast, json_kind_wanted
 from ringserve.ipc import bytes_tensor
 from ringserve.ipc.bytes_tensor import pack as serialize_bytes
 
@@ -221,10 +221,8 @@ def _from_json_data(data: Any, shape: list[int], dtype: str, where: str) -> np.n
         raise bad_request(f'{where} "data" is not a rectangular array: {e}') from None
     if raw.size != count:
         raise bad_request(f"{where} has {raw.size} elements; shape {shape} needs {count}")
-    allowed = "b" if dtype == "bool" else "iuf"
-    if raw.dtype.kind not in allowed:
-        kind = "booleans" if dtype == "bool" else "numbers"
-        raise bad_request(f'{where} "data" must hold {kind} for {v2_datatype(dtype)}')
+    if wanted := json_kind_wanted(raw, dtype):
+        raise bad_request(f'{where} "data" must hold {wanted} for {v2_datatype(dtype)}')
     return cast(raw.reshape(shape), dtype)
 
 

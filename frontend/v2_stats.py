@@ -12,13 +12,15 @@ request count.
 Mapping, with Triton's meaning of each field:
 - ``success``: 200 answers and their end-to-end time in the frontend; ``fail``: the
   other answers (no time); ``queue``: enqueue → a worker's claim, per request.
-- ``compute_input``: preprocess (decode, cast) and gathering the batch, with the copy to
-  the device; ``compute_infer``: the model, with the copy back; ``compute_output``:
+- ``compute_input``: preprocess (decode, cast) and gathering the batch (a GPU copy is
+  asynchronous, so it lands in the next); ``compute_infer``: the model, with the copy
+  back; ``compute_output``:
   writing the answers into their slots. In ``inference_stats`` these count requests,
   each charged its whole batch's time (Triton's rule), so ns / count is the compute time
   a request saw; in ``batch_stats`` they count executions of each batch size.
-- ``inference_count``: rows run; ``execution_count``: batches run; ``last_inference``:
-  the newest batch's wall-clock time, in milliseconds.
+- ``inference_count``: rows run; ``execution_count``: batches run (both summed over
+  ``batch_stats``, so the three always agree); ``last_inference``: the newest batch's
+  wall-clock time, in milliseconds.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from ringserve.frontend.app import FrontendState
 _HISTOGRAMS = {
     "ringserve_request_duration_seconds": "success",
     "ringserve_queue_wait_seconds": "queue",
-    "ringserve_batch_size": "batches",  # count: batches; sum: rows
 }
 _LAST_BATCH = "ringserve_last_batch_timestamp_seconds"
 _STAGES = {"input": "compute_input", "infer": "compute_infer", "output": "compute_output"}
@@ -109,7 +110,8 @@ def model_stats(state: FrontendState, names: list[str]) -> list[dict[str, Any]]:
     for name in names:
         m = prom.get(name) or _Model()
         success = m.sums["success"]
-        batches, rows = m.sums["batches"]
+        batches = sum(m.runs.values())
+        rows = sum(size * runs for size, runs in m.runs.items())
         result.append(
             {
                 "name": name,

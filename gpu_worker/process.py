@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 from collections import defaultdict
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -61,6 +62,14 @@ def _three_digits(rate: float) -> float | int:
     return int(r) if r >= 100 else r
 
 
+class Prepared(NamedTuple):
+    """One request's input, ready to batch, and the seconds its preprocess took."""
+
+    slot: int
+    tensor: torch.Tensor
+    preprocess_s: float
+
+
 class HeaderError(ValueError):
     """A slot header fails bounds checks: that request fails, the worker does not."""
 
@@ -81,7 +90,6 @@ class Worker:
         self._pinned: dict[tuple, torch.Tensor] = {}
         self._batch_seq = 0
         self._ran: list[BatchTiming] = []  # this loop round's model executions
-        self._preprocess_s: dict[int, float] = {}  # slot -> its preprocess time, this round
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -263,7 +271,7 @@ class Worker:
             self._finish_error(p.key, Status.DEADLINE, b"deadline passed before inference", owners)
         for p in cancelled:
             self._finish_error(p.key, Status.CANCELLED, b"cancelled by the client", owners)
-        groups: dict[tuple, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+        groups: dict[tuple, list[Prepared]] = defaultdict(list)
         for p in run:
             t0 = time.perf_counter()
             try:
@@ -277,11 +285,10 @@ class Worker:
                     p.key, Status.MODEL_ERROR, f"preprocess failed: {e}".encode(), owners
                 )
                 continue
-            self._preprocess_s[p.key] = time.perf_counter() - t0
-            groups[(tensor.dtype, tuple(tensor.shape[1:]))].append((p.key, tensor))
+            prepared = Prepared(p.key, tensor, time.perf_counter() - t0)
+            groups[(tensor.dtype, tuple(tensor.shape[1:]))].append(prepared)
         for members in groups.values():
             self._infer_group(members, owners)
-        self._preprocess_s.clear()
         pause_point("worker.after_batch")
         for owner in owners:
             wake.signal(self.spec.frontend_efds[owner])
@@ -347,35 +354,36 @@ class Worker:
         except ValueError as e:
             raise HeaderError(f"corrupt request header or BYTES payload: {e}") from None
 
-    def _infer_group(self, members: list[tuple[int, torch.Tensor]], owners: set[int]) -> None:
+    def _infer_group(self, members: list[Prepared], owners: set[int]) -> None:
         assert self.handler is not None
         try:
-            outputs, gather_s, infer_s = self._infer([t for _, t in members])
+            outputs, gather_s, infer_s = self._infer([m.tensor for m in members])
         except Exception as e:
             if len(members) == 1:
                 log.warning("model %s raised on request: %s", self.model.name, e)
                 self._finish_error(
-                    members[0][0], Status.MODEL_ERROR, f"model error: {e}".encode(), owners
+                    members[0].slot, Status.MODEL_ERROR, f"model error: {e}".encode(), owners
                 )
                 return
             for member in members:  # isolate the request that raises; the rest succeed
                 self._infer_group([member], owners)
             return
         self._batch_seq += 1
-        rows_total = sum(int(t.shape[0]) for _, t in members)
+        rows_total = sum(int(m.tensor.shape[0]) for m in members)
         t0 = time.perf_counter()
         start = 0
-        for slot, tensor in members:
-            n = int(tensor.shape[0])
-            self._finish_ok(slot, outputs[start : start + n], rows_total, owners)
+        for m in members:
+            n = int(m.tensor.shape[0])
+            self._finish_ok(m.slot, outputs[start : start + n], rows_total, owners)
             start += n
         output_s = time.perf_counter() - t0
-        input_s = gather_s + sum(self._preprocess_s.get(slot, 0.0) for slot, _ in members)
+        input_s = gather_s + sum(m.preprocess_s for m in members)
         self._ran.append(BatchTiming(rows_total, len(members), input_s, infer_s, output_s))
 
     def _infer(self, tensors: list[torch.Tensor]) -> tuple[np.ndarray, float, float]:
-        """The outputs of one batch, the seconds spent gathering its input (and copying it
-        to the device), and the seconds the model took (with the copy back)."""
+        """The outputs of one batch, the seconds spent gathering its input (and starting
+        the copy to a GPU, which is asynchronous: it completes inside the model's time),
+        and the seconds the model took (with the copy back)."""
         assert self.handler is not None
         device = self.handler.device
         t_gather = time.monotonic_ns()
