@@ -41,6 +41,11 @@ class FrontendMetrics:
             ["model"],
             buckets=LATENCY_BUCKETS,
         )
+        self.failed_seconds = Counter(
+            "ringserve_failed_request_seconds",
+            "Time spent on requests answered with an error, in the frontend",
+            ["model"],
+        )
         self.queue_wait = Histogram(
             "ringserve_queue_wait_seconds",
             "Time from enqueue to a worker's claim",
@@ -66,6 +71,8 @@ class FrontendMetrics:
         self._child(self.requests, model, str(code)).inc()
         if code == 200:
             self._child(self.duration, model).observe(seconds)
+        else:
+            self._child(self.failed_seconds, model).inc(seconds)
 
     def completed(self, model: str, c: Completed) -> None:
         if c.batch_size:  # it reached a worker

@@ -11,7 +11,7 @@ request count.
 
 Mapping, with Triton's meaning of each field:
 - ``success``: 200 answers and their end-to-end time in the frontend; ``fail``: the
-  other answers (no time); ``queue``: enqueue → a worker's claim, per request.
+  other answers and theirs; ``queue``: enqueue → a worker's claim, per request.
 - ``compute_input``: preprocess (decode, cast) and gathering the batch (a GPU copy is
   asynchronous, so it lands in the next); ``compute_infer``: the model, with the copy
   back; ``compute_output``:
@@ -48,7 +48,7 @@ class _Model:
 
     def __init__(self) -> None:
         self.sums: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
-        self.fail = 0.0
+        self.fail = [0.0, 0.0]  # answers, seconds
         self.last = 0.0
         self.computed = 0.0  # requests through the model
         self.request_stage: dict[str, float] = defaultdict(float)
@@ -76,9 +76,11 @@ def _prometheus(metrics_dir: str) -> dict[str, _Model]:
                 m.last = max(m.last, s.value)
             elif name == "ringserve_requests" and s.labels.get("code") != "200":
                 if s.name.endswith("_total"):
-                    m.fail += s.value
+                    m.fail[0] += s.value
             elif not s.name.endswith("_total"):
                 continue  # a counter's _created sample
+            elif name == "ringserve_failed_request_seconds":
+                m.fail[1] += s.value
             elif name == "ringserve_computed_requests":
                 m.computed += s.value
             elif name == "ringserve_request_stage_seconds":
@@ -121,7 +123,7 @@ def model_stats(state: FrontendState, names: list[str]) -> list[dict[str, Any]]:
                 "execution_count": int(batches),
                 "inference_stats": {
                     "success": _duration(*success),
-                    "fail": _duration(m.fail),
+                    "fail": _duration(*m.fail),
                     "queue": _duration(*m.sums["queue"]),
                     **{
                         field: _duration(m.computed, m.request_stage[stage])

@@ -37,6 +37,7 @@ HISTOGRAMS = frozenset(
 EXPORTED_METRICS = HISTOGRAMS | frozenset(
     {
         "ringserve_requests_total",
+        "ringserve_failed_request_seconds_total",
         "ringserve_batches_total",
         "ringserve_batch_runs_total",
         "ringserve_batch_stage_seconds_total",

@@ -24,6 +24,7 @@ GPU_ONLY = {
     "ringserve_worker_gpu_nvml_used_bytes",
 }
 EVENT_ONLY = {
+    "ringserve_failed_request_seconds_total",
     "ringserve_process_restarts_total",
     "ringserve_requeued_requests_total",
     "ringserve_poison_requests_total",

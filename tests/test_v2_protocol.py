@@ -194,6 +194,12 @@ def test_stats(client: httpx.Client) -> None:
     # Milliseconds since the epoch; the first request's batch was recorded (after its
     # answer went out) before the third request was sent.
     assert t0_ms - 1 <= after["last_inference"] <= time.time() * 1000 + 1
+    # An error answer counts in ``fail``, with the time it took (as Triton reports it).
+    bad = client.post("/v2/models/id/infer", json={"inputs": [{"name": "x"}]})
+    assert bad.status_code == 400
+    failed = client.get("/v2/models/id/stats").json()["model_stats"][0]["inference_stats"]
+    assert failed["fail"]["count"] == after["inference_stats"]["fail"]["count"] + 1
+    assert failed["fail"]["ns"] > after["inference_stats"]["fail"]["ns"]
     every = client.get("/v2/models/stats").json()["model_stats"]
     assert sorted(m["name"] for m in every) == ["desc", "digits", "id", "text"]
 
