@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import logging
 import os
+import string
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
+from urllib.parse import quote
 
 from ringserve.frontend.errors import HTTPError
 from ringserve.frontend.jsonio import dump_json
@@ -34,6 +36,18 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # request: 64 random bits per process, then a counter.
 _ID_PREFIX = os.urandom(8).hex()
 _ID_SEQ = count(1)
+
+
+_HEADER_SAFE = "".join(c for c in string.printable if c not in "%\t\n\r\x0b\x0c")
+
+
+def header_value(value: str) -> bytes:
+    """A header value as bytes; anything but printable ASCII percent-encoded (UTF-8), so
+    that an id taken from a JSON body ("日本") can be echoed in ``X-Request-ID``."""
+    try:
+        return value.encode("ascii")
+    except UnicodeEncodeError:
+        return quote(value, safe=_HEADER_SAFE).encode("ascii")
 
 
 def new_request_id() -> str:
@@ -114,9 +128,7 @@ class Call:
             (b"content-type", r.content_type.encode("latin-1")),
             (b"content-length", str(len(r.body)).encode("latin-1")),
         ]
-        headers += [
-            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in r.headers.items()
-        ]
+        headers += [(k.lower().encode("latin-1"), header_value(v)) for k, v in r.headers.items()]
         await self.send({"type": "http.response.start", "status": r.status, "headers": headers})
         await self.send({"type": "http.response.body", "body": r.body})
 

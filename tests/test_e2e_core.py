@@ -109,6 +109,10 @@ def test_default_model_200_concurrent_right_labels(start_server) -> None:
         assert r.json()["request_id"] == "abc" and r.headers["x-request-id"] == "abc"
         r = c.get("/health", headers={"X-Request-ID": "mine"})
         assert r.headers["x-request-id"] == "mine"
+        # An id from the body that a header cannot carry as it is: percent-encoded there.
+        r = c.post("/predict", json={**DIGIT3, "request_id": "日本-1"})
+        assert r.status_code == 200 and r.json()["request_id"] == "日本-1"
+        assert r.headers["x-request-id"] == "%E6%97%A5%E6%9C%AC-1"
         models = c.get("/v1/models").json()["models"]
         assert models[0]["name"] == "digits" and models[0]["state"] == "ready"
     assert server.stop() == 0

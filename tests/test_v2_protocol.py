@@ -278,6 +278,20 @@ def test_json_infer_flat_and_nested_and_id_echo(client: httpx.Client) -> None:
         }
 
 
+def test_any_id_is_echoed(client: httpx.Client) -> None:
+    """Triton takes any string id: one a header cannot carry goes there percent-encoded
+    (it was a 500 once, with the answer already computed)."""
+    r = client.post(
+        "/v2/models/id/infer",
+        json={
+            "id": "日本",
+            "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 1], "data": [1]}],
+        },
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] == "日本" and r.headers["x-request-id"] == "%E6%97%A5%E6%9C%AC"
+
+
 def test_digits_json_sample_is_a_3(client: httpx.Client) -> None:
     data = json.loads((EXAMPLES / "digit_3.json").read_text())["data"]
     arr = np.asarray(data, np.float32).reshape(1, 8, 8)  # one row: the batch dim is explicit
