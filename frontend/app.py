@@ -321,7 +321,7 @@ def make_predict(state: FrontendState) -> Handler:
                         raise unprocessable('"request_id" must be a string of at most 128 chars')
                     rid = doc["request_id"]
                 in_spec = info.spec["inputs"][0]  # type: ignore[index]
-                arr = from_json(doc["data"], in_spec["dtype"])
+                arr = from_json(doc["data"], in_spec["dtype"], body)
                 payload, rows, batched = fit_shape(
                     arr, in_spec["shape"], info.settings.batching.max_batch_size
                 )

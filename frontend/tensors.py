@@ -9,6 +9,7 @@ train mode, softmax over a padded batch) and no real client means to send one.
 from __future__ import annotations
 
 import functools
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -32,8 +33,9 @@ def _too_deep() -> HTTPError:
     return unprocessable(f'"data" is nested deeper than {MAX_JSON_DEPTH} levels')
 
 
-def from_json(data: Any, dtype: str) -> np.ndarray:
-    """Nested JSON lists → array of ``dtype`` (422 for ragged, non-numeric or too deep)."""
+def from_json(data: Any, dtype: str, body: bytes | memoryview | None = None) -> np.ndarray:
+    """Nested JSON lists → array of ``dtype`` (422 for ragged, non-numeric or too deep).
+    ``body``, the JSON text ``data`` came from, lets the boolean check skip its scan."""
     if dtype == "bytes":
         return strings_from_json(data)
     if not isinstance(data, list | int | float | bool):
@@ -48,19 +50,55 @@ def from_json(data: Any, dtype: str) -> np.ndarray:
         raise unprocessable(f'"data" is not a rectangular array: {e}') from None
     if raw.ndim > MAX_JSON_DEPTH:
         raise _too_deep()
-    if wanted := json_kind_wanted(raw, dtype):
+    if wanted := json_kind_wanted(raw, dtype, data, body):
         raise unprocessable(f'"data" must hold {wanted} for dtype {dtype}')
-    return cast(raw, dtype)
+    return cast(exact_integers(raw, data, dtype), dtype)
 
 
-def json_kind_wanted(raw: np.ndarray, dtype: str) -> str | None:
+def json_kind_wanted(
+    raw: np.ndarray, dtype: str, data: Any, body: bytes | memoryview | None = None
+) -> str | None:
     """What JSON ``data`` must hold for an input of ``dtype`` ("booleans" for BOOL,
     "numbers" for the rest) when ``raw`` (numpy's reading of it) holds something else;
-    None when it fits. Both routes' rule. (A boolean mixed into numbers becomes 0 or 1 in
-    numpy's promotion and passes: catching it would take a scan of every request.)"""
+    None when it fits. Both routes' rule.
+
+    numpy reads a boolean among numbers as 0 or 1, so ``data`` is scanned for one only
+    when ``raw`` has a 0 or a 1 and ``body`` (the JSON text, when given) has a literal:
+    a float image pays one vectorised comparison, not a scan."""
     if dtype == "bool":
         return None if raw.dtype.kind == "b" else "booleans"
-    return None if raw.dtype.kind in "iuf" else "numbers"
+    if raw.dtype.kind not in "iuf":
+        return "numbers"
+    if not ((raw == 0) | (raw == 1)).any():
+        return None
+    if body is not None:
+        text = body if isinstance(body, bytes) else bytes(body)  # (`in` on a view: items)
+        if b"true" not in text and b"false" not in text:
+            return None
+    flat = [data] if raw.ndim == 0 else data
+    for _ in range(raw.ndim - 1):
+        flat = chain.from_iterable(flat)
+    return "numbers, not booleans" if bool in set(map(type, flat)) else None
+
+
+_EXACT_IN_FLOAT = 2.0**53  # float64 holds every integer up to here, and not all past it
+
+
+def exact_integers(raw: np.ndarray, data: Any, dtype: str) -> np.ndarray:
+    """``raw`` for an integer ``dtype``, with the values exactly as sent: numpy reads a
+    list mixing an integer past 2**63 (or a float) with others as float64, which rounds
+    every value past 2**53; such data is read again straight into ``dtype`` (422 when a
+    value does not fit). Anything else is returned as it is, for ``cast`` to judge."""
+    target = _dtype(dtype)
+    if raw.dtype.kind != "f" or target.kind not in "iu" or not raw.size:
+        return raw
+    largest = float(_max_of(np.abs(raw), axis=None))
+    if not _EXACT_IN_FLOAT <= largest < np.inf or not np.all(raw == np.round(raw)):
+        return raw
+    try:
+        return np.array(data, dtype=target)
+    except OverflowError:
+        raise unprocessable(f"input values out of range for {dtype}") from None
 
 
 def strings_from_json(data: Any) -> np.ndarray:

@@ -30,7 +30,7 @@ import numpy as np
 
 from ringserve.frontend.errors import HTTPError, bad_request
 from ringserve.frontend.jsonio import dump_json, parse_json, utf8_strings
-from ringserve.frontend.tensors import MAX_JSON_DEPTH, cast, json_kind_wanted
+from ringserve.frontend.tensors import MAX_JSON_DEPTH, cast, exact_integers, json_kind_wanted
 from ringserve.ipc import bytes_tensor
 from ringserve.ipc.bytes_tensor import pack as serialize_bytes
 
@@ -160,9 +160,12 @@ def _timeout_param(raw: Any) -> float | None:
     ``X-Request-Timeout-Ms`` header is; with both, the shorter wins."""
     if raw is None or raw == 0:
         return None
-    if not isinstance(raw, int) or isinstance(raw, bool) or not 0 < raw <= MAX_TIMEOUT_US:
-        raise bad_request(f'"timeout" must be an integer of microseconds in [0, {MAX_TIMEOUT_US}]')
-    return raw / 1e6
+    if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0:
+        raise bad_request('"timeout" must be a non-negative integer of microseconds')
+    return min(raw, MAX_TIMEOUT_US) / 1e6  # longer ones, which Triton takes, as an hour
+
+
+_MAX_DIM = 2**63 - 1  # Triton's dims are int64
 
 
 def _shape(raw: Any, where: str) -> list[int]:
@@ -174,11 +177,18 @@ def _shape(raw: Any, where: str) -> list[int]:
         raise bad_request(f"{where} has {len(raw)} dimensions; at most {MAX_DIMS} are supported")
     if any(d < 1 for d in raw):
         raise bad_request(f"{where} shape {raw} has a dimension below 1")
+    if any(d > _MAX_DIM for d in raw):
+        raise bad_request(f"{where} shape has a dimension over {_MAX_DIM}")
     return raw
 
 
 def _check_shape(shape: list[int], spec: TensorSpec, max_batch_size: int) -> int:
     """Shape against the model's; returns the rows (batch dim, 1 when not batching)."""
+    if max_batch_size > 0 and not shape:
+        raise bad_request(
+            f"input {spec.name!r} shape [] has no batch dimension; the model takes "
+            f"{model_shape(spec.shape, max_batch_size)}"
+        )
     per_row, rows = (shape[1:], shape[0]) if max_batch_size > 0 else (shape, 1)
     want = model_shape(spec.shape, max_batch_size)
     if len(shape) != len(want):
@@ -198,8 +208,12 @@ def _check_shape(shape: list[int], spec: TensorSpec, max_batch_size: int) -> int
     return rows
 
 
-def _from_json_data(data: Any, shape: list[int], dtype: str, where: str) -> np.ndarray:
+def _from_json_data(
+    data: Any, shape: list[int], dtype: str, where: str, header: bytes | memoryview
+) -> np.ndarray:
     count = math.prod(shape)
+    if data is None or isinstance(data, dict):
+        raise bad_request(f'{where} "data" must be a list of values (or one value)')
     if not isinstance(data, list):
         data = [data]
     depth, level = 0, [data]
@@ -221,9 +235,9 @@ def _from_json_data(data: Any, shape: list[int], dtype: str, where: str) -> np.n
         raise bad_request(f'{where} "data" is not a rectangular array: {e}') from None
     if raw.size != count:
         raise bad_request(f"{where} has {raw.size} elements; shape {shape} needs {count}")
-    if wanted := json_kind_wanted(raw, dtype):
+    if wanted := json_kind_wanted(raw, dtype, data, header):
         raise bad_request(f'{where} "data" must hold {wanted} for {v2_datatype(dtype)}')
-    return cast(raw.reshape(shape), dtype)
+    return cast(exact_integers(raw, data, dtype).reshape(shape), dtype)
 
 
 def _flatten(data: list[Any], where: str) -> list[Any]:
@@ -315,13 +329,26 @@ def decode_request(
     preprocesses as it does an ``image/*`` body of the simple API (Triton users send
     images this way to a model with server-side preprocessing).
     """
-    doc = parse_json(header)
+    try:
+        doc = parse_json(header)
+    except HTTPError as e:
+        if len(binary) or not isinstance(header, bytes) or header.isascii():
+            raise
+        raise bad_request(  # most likely binary tensors without their header length
+            f"{e.message}; a body with binary tensors needs the Inference-Header-Content-Length "
+            "header (the size of its JSON part)"
+        ) from None
     if not isinstance(doc, dict):
         raise bad_request("infer request must be a JSON object")
     rid = doc.get("id")
     if rid is not None and (not isinstance(rid, str) or len(rid) > MAX_ID_CHARS):
         raise bad_request(f'"id" must be a string of at most {MAX_ID_CHARS} characters')
     params = _params(doc, "request")
+    if reserved := [k for k in params if k.startswith("triton_")]:
+        raise bad_request(f"parameter {reserved[0]!r}: names starting triton_ are reserved")
+    priority = params.get("priority", 0)
+    if not isinstance(priority, int) or isinstance(priority, bool) or priority < 0:
+        raise bad_request('"priority" must be a non-negative integer')
     if params.get("sequence_id") not in (None, 0, ""):
         raise bad_request("sequence_id is not supported: ringserve models are stateless")
     timeout_s = _timeout_param(params.get("timeout"))
@@ -346,6 +373,8 @@ def decode_request(
         raise bad_request(f"unknown input {name!r}: the model's input is {inp.name!r}")
     where = f"input {name!r}"
     datatype = tensor.get("datatype")
+    if datatype is None:
+        raise bad_request(f'{where} needs a "datatype" ({v2_datatype(inp.dtype)})')
     if not isinstance(datatype, str) or datatype not in V2_TO_DTYPE:
         raise bad_request(
             f"{where} has invalid datatype {datatype!r}; use one of {', '.join(V2_TO_DTYPE)}"
@@ -385,7 +414,7 @@ def decode_request(
         arr = _from_binary(binary[:size], shape, dtype, where)
         consumed = size
     elif "data" in tensor:
-        arr = _from_json_data(tensor["data"], shape, dtype, where)
+        arr = _from_json_data(tensor["data"], shape, dtype, where, header)
     else:
         raise bad_request(
             f'{where} needs "data", parameters.binary_data_size or parameters.shared_memory_region'
@@ -410,6 +439,9 @@ def decode_request(
                 raise bad_request(
                     f"unknown output {o['name']!r}: the model's output is {out.name!r}"
                 )
+        if len(outputs) > 1:
+            raise bad_request(f"output {out.name!r} is requested {len(outputs)} times")
+        for o in outputs:
             oparams = _params(o, f"output {o['name']!r}")
             classification = oparams.get("classification", 0)
             if (
@@ -425,6 +457,11 @@ def decode_request(
                 raise bad_request('"binary_data" must be true or false')
             binary_output = flag
             ref = _shm_ref(oparams, f"output {o['name']!r}")
+            if ref is not None and (classification or "binary_data" in oparams):
+                what = "classification" if classification else "binary_data"
+                raise bad_request(
+                    f"output {o['name']!r} can't set both shared_memory_region and {what}"
+                )
             if ref is not None:  # looked up once, now: a bad region is refused before the model
                 shm_output = (ref[0], shm(*ref, f"output {o['name']!r}"))
 
@@ -526,7 +563,7 @@ def encode_response(
     else:
         entry["data"] = _json_data(output, out_dtype)
     doc: dict[str, Any] = {"model_name": model_name, "model_version": "1"}
-    if request.id is not None:
+    if request.id:  # Triton leaves an empty id out
         doc["id"] = request.id
     doc["outputs"] = [entry]
     head = dump_json(doc)

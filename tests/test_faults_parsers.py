@@ -83,6 +83,26 @@ def test_from_json_takes_booleans_only_for_a_bool_input(data: object, dtype: str
     assert from_json([True, False], "bool").tolist() == [True, False]
 
 
+@pytest.mark.parametrize(
+    ("data", "body"),
+    [([1.5, True], None), ([[0, 2], [3, False]], b'{"data": [[0, 2], [3, false]]}')],
+)
+def test_from_json_refuses_a_boolean_among_numbers(data: object, body: bytes | None) -> None:
+    with pytest.raises(HTTPError, match="numbers, not booleans") as e:
+        from_json(data, "float32", body)
+    assert e.value.status == 422
+    # Given the body, a 0 or 1 with no literal in the text skips the scan.
+    assert from_json([0, 1, 2], "float32", b'{"data": [0, 1, 2]}').tolist() == [0, 1, 2]
+
+
+def test_from_json_keeps_large_integers_exact() -> None:
+    assert from_json([2**64 - 1, 1], "uint64").tolist() == [2**64 - 1, 1]
+    assert from_json([[2**62 + 1], [2.0]], "int64").tolist() == [[2**62 + 1], [2]]
+    with pytest.raises(HTTPError, match="out of range") as e:
+        from_json([-1, 2**64 - 1], "uint64")
+    assert e.value.status == 422
+
+
 @PROPERTY
 @given(
     arr=hnp.arrays(

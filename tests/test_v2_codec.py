@@ -140,7 +140,23 @@ def test_id_and_binary_output_flags() -> None:
         ({"inputs": [tensor()], "parameters": {"sequence_id": 3}}, "sequence_id"),
         *(
             ({"inputs": [tensor()], "parameters": {"timeout": bad}}, '"timeout" must be')
-            for bad in (-1, "100", True, 1.5, 3_600_000_001)
+            for bad in (-1, "100", True, 1.5)
+        ),
+        *(
+            ({"inputs": [tensor()], "parameters": {"priority": bad}}, '"priority" must be')
+            for bad in (-1, "high", True, 1.5)
+        ),
+        ({"inputs": [tensor()], "parameters": {"triton_x": 1}}, "'triton_x': names starting"),
+        ({"inputs": [tensor(shape=[])]}, "shape [] has no batch dimension"),
+        ({"inputs": [tensor(shape=[1, 2**63])]}, "dimension over"),
+        ({"inputs": [tensor(datatype=None)]}, 'needs a "datatype" (FP32)'),
+        ({"inputs": [tensor(data=None)]}, '"data" must be a list'),
+        ({"inputs": [tensor(data={"a": 1})]}, '"data" must be a list'),
+        ({"inputs": [tensor(data=[1, True, 3])]}, "numbers, not booleans"),
+        ({"inputs": [tensor(data=[[0.5, False, 2.5]])]}, "numbers, not booleans"),
+        (
+            {"inputs": [tensor()], "outputs": [{"name": "OUTPUT0"}, {"name": "OUTPUT0"}]},
+            "requested 2 times",
         ),
         *(
             (
@@ -162,6 +178,9 @@ def test_bad_requests_are_400_naming_the_problem(doc: object, words: str) -> Non
 
 def test_timeout_parameter_is_microseconds_and_zero_means_none() -> None:
     assert decode({"inputs": [tensor()], "parameters": {"timeout": 250_000}}).timeout_s == 0.25
+    # Triton takes any uint64; past an hour it is an hour (server.request_timeout_s bounds
+    # it anyway).
+    assert decode({"inputs": [tensor()], "parameters": {"timeout": 2**64 - 1}}).timeout_s == 3600
     assert decode({"inputs": [tensor()], "parameters": {"timeout": 0}}).timeout_s is None
     assert decode({"inputs": [tensor()]}).timeout_s is None
 
@@ -196,6 +215,10 @@ def test_malformed_json_is_400() -> None:
         decode_request(header, tail, IN, OUT, 32)
     assert e.value.status == 400
     assert "malformed JSON" in e.value.message
+    # Binary bytes after JSON with no header length: the error says what is missing.
+    with pytest.raises(HTTPError, match="needs the Inference-Header-Content-Length") as e:
+        decode_request(b'{"inputs": []}\x80\x00\x00\x3f', memoryview(b""), IN, OUT, 32)
+    assert e.value.status == 400
 
 
 def test_nan_and_out_of_range_follow_the_house_rule() -> None:
@@ -204,6 +227,49 @@ def test_nan_and_out_of_range_follow_the_house_rule() -> None:
     ints = TensorSpec("INPUT0", "int8", [-1])
     e = err({"inputs": [tensor(datatype="INT8", data=[1, 2, 300])]}, spec=ints)
     assert e.status == 422
+
+
+@pytest.mark.parametrize(
+    ("dtype", "values"),
+    [
+        ("UINT64", [2**63 + 1, 5]),  # numpy alone reads these as float64: 2**63
+        ("UINT64", [2**64 - 1, 1]),  # ...and this as out of range
+        ("UINT64", [2**53 + 1, 2**63]),
+        ("INT64", [2**62 + 1, 2.0]),
+        ("INT64", [-(2**63), 2**53 + 1]),
+    ],
+)
+def test_json_integers_arrive_exactly(dtype: str, values: list[object]) -> None:
+    spec = TensorSpec("INPUT0", dtype.lower(), [-1])
+    r = decode({"inputs": [tensor(datatype=dtype, shape=[1, 2], data=values)]}, spec=spec)
+    assert r.payload.dtype == np.dtype(dtype.lower())
+    assert r.payload.tolist() == [[int(v) for v in values]]
+
+
+def test_json_integers_out_of_range_or_fractional_are_refused() -> None:
+    spec = TensorSpec("INPUT0", "uint64", [-1])
+    for values in ([-1, 2**64 - 1], [2**64, 1], [2**60, 0.5]):
+        e = err({"inputs": [tensor(datatype="UINT64", shape=[1, 2], data=values)]}, spec=spec)
+        assert e.status in (400, 422), values
+
+
+def test_a_boolean_among_numbers_is_refused_only_when_there_is_one() -> None:
+    # A 0 or a 1 sends the check to the data; booleans elsewhere in the body do not count.
+    doc = {
+        "inputs": [tensor(data=[0, 1, 2])],
+        "outputs": [{"name": "OUTPUT0", "parameters": {"binary_data": False}}],
+    }
+    assert decode(doc).payload.tolist() == [[0, 1, 2]]
+    assert "not booleans" in err({"inputs": [tensor(data=[False, 1, 2])]}).message
+    ints = TensorSpec("INPUT0", "int8", [-1])
+    e = err({"inputs": [tensor(datatype="INT8", data=[True, 2, 3])]}, spec=ints)
+    assert "not booleans" in e.message
+
+
+def test_empty_id_is_left_out_of_the_response() -> None:
+    req = decode({"inputs": [tensor()], "id": ""})
+    content, _ = encode_response("m", req, np.zeros((1, 3), np.float32), "float32", 32)
+    assert "id" not in json.loads(content)
 
 
 def test_bool_json_needs_booleans() -> None:
@@ -605,6 +671,24 @@ def test_bad_shared_memory_input_parameters(params: dict[str, object], words: st
     read, _ = _regions(bytearray(64))
     with pytest.raises(HTTPError, match=words) as e:
         decode_shm(shm_doc(params), read)
+    assert e.value.status == 400
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [({"classification": 2}, "classification"), ({"binary_data": True}, "binary_data")],
+)
+def test_output_in_shared_memory_takes_no_classification_or_binary_flag(
+    extra: dict[str, object], words: str
+) -> None:
+    read, _ = _regions(bytearray(64))
+    params = {"shared_memory_region": "o", "shared_memory_byte_size": 16, **extra}
+    doc = shm_doc(
+        {"shared_memory_region": "r", "shared_memory_byte_size": 12},
+        [{"name": "OUTPUT0", "parameters": params}],
+    )
+    with pytest.raises(HTTPError, match=f"both shared_memory_region and {words}") as e:
+        decode_shm(doc, read)
     assert e.value.status == 400
 
 
