@@ -289,6 +289,13 @@ def log_access(
     access_log.info("%s %s %d %.3f ms", rid, model, status, seconds * 1000, extra=extra)
 
 
+def count_answer(state: FrontendState, name: str, status: int, seconds: float) -> None:
+    """Count one answer in the metrics: a name no model has gets no series (any client
+    could make up millions of them)."""
+    if status == 200 or name in state.catalog.names():
+        state.metrics.request(name, status, seconds)
+
+
 def make_predict(state: FrontendState) -> Handler:
     async def predict(call: Call) -> Reply:
         t0 = time.perf_counter()
@@ -298,7 +305,8 @@ def make_predict(state: FrontendState) -> Handler:
             check_intake(state)
             info = ready_model(state, name)
             body = await call.read_body(state.settings.server.max_body_bytes)
-            ctype = call.headers.get("content-type", "application/json").split(";")[0].strip()
+            ctype = call.headers.get("content-type", "application/json")
+            ctype = ctype.split(";")[0].strip().lower()  # media types are case-insensitive
             dtype_name: str | None = None
             shape: tuple[int, ...] | None = None
             if ctype.startswith("image/"):
@@ -338,7 +346,7 @@ def make_predict(state: FrontendState) -> Handler:
                 assert completed.output is not None
                 result = _format_result(info, completed.output, batched)  # may refuse: 500
                 latency = time.perf_counter() - t0
-                state.metrics.request(name, 200, latency)
+                count_answer(state, name, 200, latency)
                 log_access(state, rid, name, 200, latency, completed)
                 return json_reply(
                     {
@@ -355,8 +363,11 @@ def make_predict(state: FrontendState) -> Handler:
                 state, call, info, payload, kind, rows, rid, answer, dtype_name, shape
             )
         except HTTPError as err:
-            state.metrics.request(name, err.status, time.perf_counter() - t0)
-            log_access(state, rid, name, err.status, time.perf_counter() - t0, None)
+            seconds = time.perf_counter() - t0
+            count_answer(state, name, err.status, seconds)
+            if name not in state.catalog.names():
+                name = ascii(name[:64])  # a made-up name, quoted for the log line
+            log_access(state, rid, name, err.status, seconds, None)
             return error_reply(err, rid)
 
     return predict

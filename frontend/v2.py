@@ -31,6 +31,7 @@ import ringserve
 from ringserve.frontend.app import (
     FrontendState,
     check_intake,
+    count_answer,
     error_response,
     infer,
     json_endpoint,
@@ -299,10 +300,9 @@ def v2_routes(state: FrontendState) -> list[Route]:
                 req.timeout_s,
             )
         except HTTPError as err:
-            if name in state.catalog.names():  # no metric series for made-up names
-                state.metrics.request(name, err.status, time.perf_counter() - t0)
+            count_answer(state, name, err.status, time.perf_counter() - t0)
             return error_reply(err, rid)
-        state.metrics.request(name, 200, time.perf_counter() - t0)
+        count_answer(state, name, 200, time.perf_counter() - t0)
         headers = {"X-Request-ID": rid}
         if header_len is None:
             return Reply(200, content, headers)

@@ -196,6 +196,17 @@ def test_bad_input_gets_4xx_and_server_stays_healthy(start_server) -> None:
             ok = c.post("/predict", json=DIGIT3)
             assert ok.status_code == 200 and ok.json()["result"]["label"] == "3", what
         assert c.get("/readiness").status_code == 200
+        # Made-up model names get no metric series (a client could make millions).
+        metrics = c.get("/metrics").text
+        assert 'model="nope"' not in metrics and "etc" not in metrics
+        assert 'ringserve_requests_total{code="422",model="digits"}' in metrics
+        # Media types are case-insensitive.
+        r = c.post(
+            "/predict",
+            content=json.dumps(DIGIT3).encode(),
+            headers={"Content-Type": "Application/JSON; charset=UTF-8"},
+        )
+        assert r.status_code == 200, r.text
     assert server.stop() == 0
 
 
