@@ -1,7 +1,7 @@
 """The one frozen settings tree, shared by every process.
 
-Sources, later wins: defaults < TOML file < ``RINGSERVE_<SECTION>_<KEY>`` environment
-variables < command-line flags. Every value is checked once, at start, and a bad one
+Sources, later wins: defaults < TOML file < ``RINGSERVE_<SECTION>_<KEY>`` (and
+``RINGSERVE_MODELS_<NAME>_<KEY>``) environment variables < command-line flags. Every value is checked once, at start, and a bad one
 raises ``ConfigError`` naming its key. Children get the resolved tree as JSON
 (``to_json``/``from_json``), never by re-reading sources, so all processes agree.
 """
@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,6 +147,8 @@ SECTIONS: dict[str, type] = {
     "memory": MemorySettings,
     "batching": BatchingSettings,
 }
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
 MODEL_KEYS = {f.name for f in dataclasses.fields(ModelSettings)} - {"name"}
 
 DEFAULT_MODEL = ModelSettings(name="digits", handler="digits")
@@ -171,11 +173,17 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if typ is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError("expected an integer")
-            return int(value)
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError("expected an integer") from None
         if typ is float:
             if isinstance(value, bool):
                 raise ValueError("expected a number")
-            return float(value)
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError("expected a number") from None
         if typ is str:
             if not isinstance(value, str):
                 raise ValueError("expected a string")
@@ -225,6 +233,11 @@ def _validate(s: Settings) -> None:
     need(0 <= s.server.port <= 65535, "server.port", "must be 0..65535")
     need(s.server.frontends >= 1, "server.frontends", "must be at least 1")
     need(s.server.log_format in ("text", "json"), "server.log_format", "must be text or json")
+    need(
+        s.server.log_level in LOG_LEVELS,
+        "server.log_level",
+        f"must be one of {', '.join(LOG_LEVELS)}",
+    )
     need(s.server.max_body_bytes > 0, "server.max_body_bytes", "must be positive")
     need(s.server.request_timeout_s > 0, "server.request_timeout_s", "must be positive")
     need(s.server.read_timeout_s > 0, "server.read_timeout_s", "must be positive")
@@ -254,6 +267,9 @@ def _validate(s: Settings) -> None:
             bool(m.name) and all(c.isalnum() or c in "-_." for c in m.name),
             key,
             "model names use letters, digits, '-', '_' and '.'",
+        )
+        need(
+            bool(m.handler), f"{key}.handler", "required (identity, digits, torchvision:ARCH, ...)"
         )
         kind = m.handler.split(":", 1)[0]
         need(
@@ -291,6 +307,44 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
     return out
 
 
+def _env_model_sets(environ: Mapping[str, str], names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``RINGSERVE_MODELS_<NAME>_<KEY>`` (or ``..._BATCHING_<KEY>``) for the served models,
+    matched case-insensitively (the longest name first: names and keys may hold "_"). A
+    variable that names no model or key is an error, not silently dropped."""
+    out: dict[str, dict[str, Any]] = {}
+    batching_keys = {f.name for f in dataclasses.fields(BatchingSettings)}
+    for var, value in environ.items():
+        if not var.startswith("RINGSERVE_MODELS_"):
+            continue
+        rest = var[len("RINGSERVE_MODELS_") :].lower()
+        name = max((n for n in names if rest.startswith(n.lower() + "_")), key=len, default=None)
+        if name is None:
+            raise ConfigError(f"{var}: names no served model (models: {', '.join(names)})")
+        key = rest[len(name) + 1 :]
+        if key in MODEL_KEYS - {"batching", "options"}:
+            out.setdefault(name, {})[key] = value
+        elif key.startswith("batching_") and key[len("batching_") :] in batching_keys:
+            out.setdefault(name, {}).setdefault("batching", {})[key[len("batching_") :]] = value
+        else:
+            raise ConfigError(f"{var}: models.{name}.{key.replace('_', '.', 1)}: unknown key")
+    return out
+
+
+INTERNAL_ENV = ("RINGSERVE_CHILD", "RINGSERVE_TEST_", "RINGSERVE_PERF_ANALYZER")
+
+
+def unused_env(environ: Mapping[str, str]) -> list[str]:
+    """``RINGSERVE_*`` variables that configure nothing (a misspelt section, say), for a
+    warning: they cannot be errors, since other tools may use the prefix."""
+    return sorted(
+        var
+        for var in environ
+        if var.startswith("RINGSERVE_")
+        and not var.startswith(INTERNAL_ENV)
+        and var[len("RINGSERVE_") :].lower().partition("_")[0] not in (*SECTIONS, "models")
+    )
+
+
 def load_settings(
     path: str | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
@@ -306,6 +360,7 @@ def load_settings(
     ``model_sets`` (``--set models.NAME.KEY=VALUE``, see ``model_set``) to one, over
     everything else.
     """
+    environ = os.environ if environ is None else environ
     raw: dict[str, Any] = {}
     if path:
         try:
@@ -322,7 +377,7 @@ def load_settings(
         if not isinstance(raw.get(k, {}), Mapping):
             raise ConfigError(f"{k}: expected a table")
     layered: dict[str, dict[str, Any]] = {k: dict(raw.get(k, {})) for k in SECTIONS}
-    for source in (_env_overrides(os.environ if environ is None else environ), overrides or {}):
+    for source in (_env_overrides(environ), overrides or {}):
         for section, values in source.items():
             if section not in SECTIONS:
                 raise ConfigError(f"{section}: unknown section")
@@ -332,6 +387,9 @@ def load_settings(
     if not isinstance(file_models, Mapping):
         raise ConfigError("models: expected a table of tables")
     if models:
+        named = [name for name, _ in models]
+        if dup := next((n for n in named if named.count(n) > 1), None):
+            raise ConfigError(f"--model {dup}: given more than once")
         table = {name: {**file_models.get(name, {}), "handler": h} for name, h in models}
     else:
         table = dict(file_models) or {DEFAULT_MODEL.name: {"handler": DEFAULT_MODEL.handler}}
@@ -339,11 +397,15 @@ def load_settings(
     for name in model_sets:
         if name not in table:
             raise ConfigError(f"models.{name}: no such model (models: {', '.join(table)})")
+    env_sets = _env_model_sets(environ, list(table))
     model_list = []
     for name, values in table.items():
         if not isinstance(values, Mapping):
             raise ConfigError(f"models.{name}: expected a table")
-        merged = {**values, **(model_overrides or {})}
+        merged = {**values}
+        for k, v in env_sets.get(name, {}).items():  # environment < flags, as for sections
+            merged[k] = {**merged.get(k, {}), **v} if k == "batching" else v
+        merged.update(model_overrides or {})
         for k, v in model_sets.get(name, {}).items():
             if k in ("batching", "options") and isinstance(merged.get(k, {}), Mapping):
                 v = {**merged.get(k, {}), **v}

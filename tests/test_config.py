@@ -126,6 +126,39 @@ def test_env_overrides_file(tmp_path):
     assert s.models[1].batching.max_batch_size == 12  # models inherit the resolved default
 
 
+def test_env_sets_one_models_keys_below_the_flags():
+    models = [("digits", "digits"), ("res_net", "torchvision:resnet18")]
+    env = {
+        "RINGSERVE_MODELS_DIGITS_WORKERS": "2",
+        "RINGSERVE_MODELS_RES_NET_THREADS": "3",  # "_" in the name and in keys
+        "RINGSERVE_MODELS_RES_NET_BATCHING_MAX_QUEUE_DELAY_MS": "7.5",
+    }
+    s = load_settings(models=models, environ=env)
+    assert s.models[0].workers == 2 and s.models[1].threads == 3
+    assert s.models[1].batching.max_queue_delay_ms == 7.5
+    flagged = load_settings(models=models, environ=env, model_sets={"digits": {"workers": 4}})
+    assert flagged.models[0].workers == 4
+    fails(
+        "RINGSERVE_MODELS_NOPE_WORKERS",
+        models=models,
+        environ={"RINGSERVE_MODELS_NOPE_WORKERS": "2"},
+    )
+    fails("models.digits.wrokers", models=models, environ={"RINGSERVE_MODELS_DIGITS_WROKERS": "2"})
+
+
+def test_unused_env_is_reported_for_a_warning():
+    from ringserve.ipc.config import unused_env
+
+    env = {
+        "RINGSERVE_SERVRE_FRONTENDS": "3",
+        "RINGSERVE_SERVER_PORT": "1",
+        "RINGSERVE_MODELS_X_WORKERS": "1",
+        "RINGSERVE_CHILD": "1",
+        "HOME": "/root",
+    }
+    assert unused_env(env) == ["RINGSERVE_SERVRE_FRONTENDS"]
+
+
 def test_env_read_from_process_environment_by_default(monkeypatch):
     monkeypatch.setenv("RINGSERVE_SERVER_PORT", "9300")
     assert load_settings().server.port == 9300
@@ -355,6 +388,18 @@ def test_invalid_env_values_name_the_key():
     fails("server.access_log", environ={"RINGSERVE_SERVER_ACCESS_LOG": "maybe"})
     fails("server.bogus", environ={"RINGSERVE_SERVER_BOGUS": "1"})
     fails("memory.uss_limit_mb", environ={"RINGSERVE_MEMORY_USS_LIMIT_MB": "4G"})
+
+
+def test_plain_messages_for_common_mistakes():
+    assert "expected an integer" in fails(
+        "server.frontends", overrides={"server": {"frontends": "two"}}
+    )
+    assert "expected a number" in fails(
+        "server.drain_timeout_s", overrides={"server": {"drain_timeout_s": "x"}}
+    )
+    fails("server.log_level", overrides={"server": {"log_level": "loud"}})
+    assert "given more than once" in fails("--model a", models=[("a", "identity"), ("a", "digits")])
+    assert "required" in fails("models.a.handler", models=[("a", "")])
 
 
 def test_invalid_flag_values_name_the_key():
