@@ -45,6 +45,9 @@ from ringserve.supervisor.paths import prepare_socket_dir
 
 log = logging.getLogger("ringserve.supervisor")
 
+_READ_ONLY = frozenset({"status", "config"})  # admin commands logged at DEBUG only
+_REFUSAL_LOG_S = 10.0
+
 IDLE_TIMEOUT_S = 10.0
 MAX_CLIENTS = 64
 RECV_BYTES = 64 * 1024
@@ -101,6 +104,8 @@ class AdminServer:
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self._ident: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we bound
+        self._refused = 0  # connections refused since the last warning about it
+        self._refusal_logged_at = -_REFUSAL_LOG_S
 
     # -- lifetime ---------------------------------------------------------------------
 
@@ -281,6 +286,22 @@ class AdminServer:
         except BlockingIOError:
             pass
 
+    def _log_refusal(self, connected: int, peer: str) -> None:
+        """One warning per ``_REFUSAL_LOG_S`` at most, with how many it stands for: a
+        client looping on connect would otherwise fill the journal."""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refusal_logged_at < _REFUSAL_LOG_S:
+            return
+        log.warning(
+            "admin socket: %d clients connected, refusing %s (%d refused since the last "
+            "such message)",
+            connected,
+            peer,
+            self._refused,
+        )
+        self._refused, self._refusal_logged_at = 0, now
+
     def _accept(self, sel: selectors.BaseSelector, conns: dict[int, _Conn]) -> bool:
         """Accept every pending client; False if accepting should pause (e.g. EMFILE)."""
         assert self._listener is not None
@@ -299,7 +320,7 @@ class AdminServer:
             sock.setblocking(False)
             peer = _peer(sock)
             if len(conns) >= self._max_clients:
-                log.warning("admin socket: %d clients connected, refusing %s", len(conns), peer)
+                self._log_refusal(len(conns), peer)
                 with contextlib.suppress(OSError):  # best effort: the refusal is logged
                     sock.send(encode_error(f"too many admin connections ({len(conns)})"))
                 sock.close()
@@ -381,7 +402,14 @@ class AdminServer:
             cmd, args = decode_request(line)
         except ProtocolError as e:
             return encode_error(str(e))
-        log.debug("admin command %r from %s", cmd, peer)
+        # What changes the server is an operator's action: on the record at INFO.
+        log.log(
+            logging.DEBUG if cmd in _READ_ONLY else logging.INFO,
+            "admin %s %s from %s",
+            cmd,
+            args or "",
+            peer,
+        )
         try:
             result = self._dispatch(cmd, args)
         except KeyError as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import socket
 import time
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,8 @@ from ringserve.ipc.layout import ProcState
 from ringserve.supervisor.admin import AdminCommandError
 from ringserve.supervisor.children import Phase
 from ringserve.supervisor.positions import WorkerSlot
+
+log = logging.getLogger("ringserve.supervisor")
 
 if TYPE_CHECKING:
     from ringserve.supervisor.arbiter import Arbiter
@@ -163,6 +166,16 @@ def run_command(arb: Arbiter, cmd: str, args: dict[str, Any]) -> Any:
             raise AdminCommandError(f"{name} is not running")
         ws.retired = True
         arb.stop_child(ws.child, "drain")
+        model = arb.settings.models[ws.model_index].name
+        if not any(w.model_index == ws.model_index and not w.retired for w in arb.workers):
+            log.warning(
+                "%s was model %r's last worker: the model serves nothing (503) until "
+                "`ringserve ctl scale %s N` or `ringserve ctl restart %s`",
+                name,
+                model,
+                model,
+                name,
+            )
         return {"draining": name}
     if cmd == "restart":
         name = _id(args)
