@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scale = sub.add_parser("scale", help="set the number of workers of a model")
     scale.add_argument("model")
-    scale.add_argument("workers", type=_non_negative_int, metavar="N")
+    scale.add_argument("workers", type=_worker_count, metavar="N")
     sub.add_parser("pause", help="stop taking new requests (readiness 503)")
     sub.add_parser("resume", help="take requests again")
     sub.add_parser("config", help="the resolved settings the server runs with")
@@ -85,10 +86,14 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be 0 or more")
+def _worker_count(text: str) -> int:
+    """What the server's ``scale`` takes: 1 to 64 (drain a worker to go lower)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers") from None
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError("must be from 1 to 64")
     return value
 
 
@@ -139,14 +144,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ringserve ctl: {label}: {e}", file=sys.stderr)
         return EXIT_UNREACHABLE
     out = sys.stdout
-    if ns.json:
-        out.write(json.dumps(result, indent=2) + "\n")
-    elif cmd == "status":
-        write_status(result, out)
-    elif cmd == "config":
-        out.write(json.dumps(result, indent=2) + "\n")
-    else:
-        out.write(f"{label}: {summarize(result)}\n")
+    try:
+        if ns.json or cmd == "config":
+            out.write(json.dumps(result, indent=2) + "\n")
+        elif cmd == "status":
+            write_status(result, out)
+        else:
+            out.write(f"{label}: {summarize(result)}\n")
+        out.flush()
+    except BrokenPipeError:  # `ringserve ctl status | head -1`: the reader has enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
     return EXIT_OK
 
 

@@ -191,7 +191,8 @@ def test_unreachable_socket_exits_2(sock_dir: str, capsys: pytest.CaptureFixture
 @pytest.mark.parametrize(
     "argv",
     [[], ["frobnicate"], ["scale", "digits", "-1"], ["scale", "digits"], ["--timeout", "0", "status"],
-     ["--port", "1", "--instance", "x", "status"]],
+     ["--port", "1", "--instance", "x", "status"], ["scale", "digits", "0"],
+     ["scale", "digits", "abc"]],
 )  # fmt: skip
 def test_usage_errors_exit_2(
     sock_dir: str, capsys: pytest.CaptureFixture[str], argv: list[str]
@@ -199,6 +200,23 @@ def test_usage_errors_exit_2(
     rc, _, err = run(capsys, *argv)
     assert rc == 2
     assert "usage: ringserve ctl" in err
+    if argv[:1] == ["scale"] and len(argv) == 3:  # the server's range, said before asking
+        assert "from 1 to 64" in err or "not a number of workers" in err
+
+
+def test_status_into_a_closed_pipe_is_quiet(server: AdminServer) -> None:
+    """``ringserve ctl status | head -1``: the reader leaves early; no traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ringserve.supervisor.ctl", "--socket", server.path, "status"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the child has written anything
+    with proc.stderr:
+        err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
 
 
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
