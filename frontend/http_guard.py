@@ -12,9 +12,10 @@ is reached directly.
 - A new connection that sends nothing → closed after ``timeout_keep_alive``, the same
   as an idle keep-alive connection.
 - A request not fully received (head and body) within ``read_timeout_s`` of its first
-  byte → 408 and close while the head is incomplete; once the app runs (the body is
-  incomplete) the connection is closed and the app sees a disconnect (the frontend then
-  answers nobody and has touched no slot: bodies are read before a slot is claimed).
+  byte → 408 and close. When the head was complete the app is already reading the body;
+  the 408 goes out only if the app has not started its response, and the close that
+  follows is a disconnect to the app (which has touched no slot: bodies are read before
+  a slot is claimed), so nothing else is written.
 """
 
 from __future__ import annotations
@@ -99,10 +100,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._read_timer = None
         if self.transport.is_closing():
             return
-        if self._in_head:
-            self._refuse(408, f"request not received within {self.read_timeout_s:g} s")
+        message = f"request not received within {self.read_timeout_s:g} s"
+        cycle = getattr(self, "cycle", None)
+        if self._in_head or (cycle is not None and not cycle.response_started):
+            self._refuse(408, message)
         else:
-            self.logger.info("closing a connection whose body did not arrive in time")
             self.transport.close()
 
     def _refuse(self, status: int, message: str) -> None:
