@@ -56,7 +56,12 @@ class MemoryPolicy:
             return
         ws = self._worker_slot(child)
         if ws is not None and ws.child is child:
-            log.warning(
-                "%s: recycling: %s (uss %.1f MiB)", child.name, action.reason, sample.uss / 2**20
+            # A configured request count is routine; a memory reason is worth a look.
+            log.log(
+                logging.INFO if action.reason == "max_requests" else logging.WARNING,
+                "%s: recycling: %s (uss %.1f MiB)",
+                child.name,
+                action.reason,
+                sample.uss / 2**20,
             )
             self.replace_worker(ws, action.reason)
