@@ -12,6 +12,7 @@ route, and an inference path that names no known model, stays on Starlette (thro
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import string
@@ -143,6 +144,20 @@ async def run_handler(handler: Handler, call: Call) -> None:
     except Exception:
         log.exception("unhandled error on %s %s", call.scope["method"], call.scope["path"])
         reply = json_reply({"error": "internal server error"}, 500)
+    except asyncio.CancelledError:
+        # uvicorn cancels what still runs when server.drain_timeout_s is spent, and then
+        # only closes the connections: the client gets a JSON answer that says so instead
+        # of uvicorn's text 500 and a logged traceback. The task ends here either way.
+        log.warning(
+            "%s %s unanswered at the end of the drain timeout",
+            call.scope["method"],
+            call.scope["path"],
+        )
+        reply = json_reply(
+            {"error": "the server shut down before the answer (drain timeout)"},
+            503,
+            {"Retry-After": "1"},
+        )
     await call.reply(reply)
 
 

@@ -187,6 +187,23 @@ def test_sigterm_flips_readiness_and_refuses_new_work_while_finishing_old(start_
     assert server.proc.wait(60) == 0
 
 
+def test_request_unanswered_at_the_drain_timeout_gets_a_json_503(start_server) -> None:
+    """A request still in the model when server.drain_timeout_s runs out: uvicorn cancels
+    it; the client gets a JSON 503 saying so (it was a text 500 and a logged traceback),
+    and the server still exits 0."""
+    slow = "slow=python:support.fake_handlers:Slow"
+    server: Server = start_server("--model", slow, "--drain-timeout", "1", env=HANDLER_ENV)
+    with server.client() as c, ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(c.post, "/v1/models/slow/predict", json={"data": [6000.0, 1.0]})
+        arena = server.ctl("status")["server"]["arena"]
+        wait_until(lambda: running(arena), 20, "the request to reach a worker")
+        server.proc.send_signal(signal.SIGTERM)
+        r = pending.result(60)
+    assert r.status_code == 503 and "drain timeout" in r.json()["error"], r.text
+    assert server.proc.wait(60) == 0
+    assert "Exception in ASGI application" not in server.log()
+
+
 def running(arena_path: str) -> bool:
     arena = Arena.attach(arena_path)
     try:
