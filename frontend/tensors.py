@@ -69,16 +69,24 @@ def json_kind_wanted(
         return None if raw.dtype.kind == "b" else "booleans"
     if raw.dtype.kind not in "iuf":
         return "numbers"
+    # Cheaper test first: searching a small body (0.8 µs for 16 floats) beats the
+    # comparison (2.8 µs); on a large one the search costs ~1 ms per MB.
+    small = body is not None and len(body) <= 4096
+    if small and not _has_literal(body):  # type: ignore[arg-type]
+        return None
     if not ((raw == 0) | (raw == 1)).any():
         return None
-    if body is not None:
-        text = body if isinstance(body, bytes) else bytes(body)  # (`in` on a view: items)
-        if b"true" not in text and b"false" not in text:
-            return None
+    if body is not None and not small and not _has_literal(body):
+        return None
     flat = [data] if raw.ndim == 0 else data
     for _ in range(raw.ndim - 1):
         flat = chain.from_iterable(flat)
     return "numbers, not booleans" if bool in set(map(type, flat)) else None
+
+
+def _has_literal(body: bytes | memoryview) -> bool:
+    text = body if isinstance(body, bytes) else bytes(body)  # (`in` on a view: items)
+    return b"true" in text or b"false" in text
 
 
 _EXACT_IN_FLOAT = 2.0**53  # float64 holds every integer up to here, and not all past it
