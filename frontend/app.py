@@ -272,33 +272,41 @@ def _format_result(info: ModelInfo, output: np.ndarray, batched: bool) -> Any:
     return output if batched else output[0]  # serialised by orjson straight from numpy
 
 
-def log_access(
+def record_answer(
     state: FrontendState,
+    call: Call,
     rid: str,
     model: str,
     status: int,
     seconds: float,
-    completed: Completed | None,
+    completed: Completed | None = None,
 ) -> None:
-    """One structured line per request when ``server.access_log`` is on (else free)."""
+    """Count one inference answer in the metrics and, with ``server.access_log`` on, log
+    it as one structured line. A name no model has gets no metric series (any client
+    could make up millions) and is quoted in the log."""
+    known = status == 200 or model in state.catalog.names()
+    if known:
+        state.metrics.request(model, status, seconds)
     if not state.settings.server.access_log:
         return
+    method, path = call.scope["method"], call.scope["path"]
+    if not known:
+        model = ascii(model[:64])
+    if not path.isprintable():
+        path = ascii(path)
     extra = {
         "request_id": rid,
+        "method": method,
+        "path": path,
         "model": model,
         "status": status,
         "latency_ms": round(seconds * 1000, 3),
     }
     if completed is not None:
         extra["batch_id"] = completed.batch_id
-    access_log.info("%s %s %d %.3f ms", rid, model, status, seconds * 1000, extra=extra)
-
-
-def count_answer(state: FrontendState, name: str, status: int, seconds: float) -> None:
-    """Count one answer in the metrics: a name no model has gets no series (any client
-    could make up millions of them)."""
-    if status == 200 or name in state.catalog.names():
-        state.metrics.request(name, status, seconds)
+    access_log.info(
+        "%s %s %s %s %d %.3f ms", rid, method, path, model, status, seconds * 1000, extra=extra
+    )
 
 
 def make_predict(state: FrontendState) -> Handler:
@@ -351,8 +359,7 @@ def make_predict(state: FrontendState) -> Handler:
                 assert completed.output is not None
                 result = _format_result(info, completed.output, batched)  # may refuse: 500
                 latency = time.perf_counter() - t0
-                count_answer(state, name, 200, latency)
-                log_access(state, rid, name, 200, latency, completed)
+                record_answer(state, call, rid, name, 200, latency, completed)
                 return json_reply(
                     {
                         "request_id": rid,
@@ -368,11 +375,7 @@ def make_predict(state: FrontendState) -> Handler:
                 state, call, info, payload, kind, rows, rid, answer, dtype_name, shape
             )
         except HTTPError as err:
-            seconds = time.perf_counter() - t0
-            count_answer(state, name, err.status, seconds)
-            if name not in state.catalog.names():
-                name = ascii(name[:64])  # a made-up name, quoted for the log line
-            log_access(state, rid, name, err.status, seconds, None)
+            record_answer(state, call, rid, name, err.status, time.perf_counter() - t0)
             return error_reply(err, rid)
 
     return predict

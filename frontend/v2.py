@@ -31,11 +31,11 @@ import ringserve
 from ringserve.frontend.app import (
     FrontendState,
     check_intake,
-    count_answer,
     error_response,
     infer,
     json_endpoint,
     ready_model,
+    record_answer,
     request_id,
 )
 from ringserve.frontend.call import AsgiEndpoint, Call, Reply, error_reply, json_reply
@@ -253,6 +253,7 @@ def v2_routes(state: FrontendState) -> list[Route]:
     async def infer_endpoint(call: Call) -> Reply:
         t0 = time.perf_counter()
         rid = request_id(call.headers)
+        completed: list[Completed] = []  # the answer's, for the access log
         name = call.path_params["name"]
         try:
             info = _lookup(state, call)
@@ -283,6 +284,7 @@ def v2_routes(state: FrontendState) -> list[Route]:
 
             def answer(done: Completed) -> tuple[bytes, int | None]:
                 assert done.output is not None
+                completed.append(done)
                 dtype = "bytes" if done.output.dtype.hasobject else done.output.dtype.name
                 return encode_response(name, req, done.output, dtype, mbs, labels)
 
@@ -300,9 +302,9 @@ def v2_routes(state: FrontendState) -> list[Route]:
                 req.timeout_s,
             )
         except HTTPError as err:
-            count_answer(state, name, err.status, time.perf_counter() - t0)
+            record_answer(state, call, rid, name, err.status, time.perf_counter() - t0)
             return error_reply(err, rid)
-        count_answer(state, name, 200, time.perf_counter() - t0)
+        record_answer(state, call, rid, name, 200, time.perf_counter() - t0, completed[0])
         headers = {"X-Request-ID": rid}
         if header_len is None:
             return Reply(200, content, headers)

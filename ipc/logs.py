@@ -23,7 +23,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key in ("request_id", "model", "batch_id", "status", "latency_ms"):
+        for key in ("request_id", "method", "path", "model", "batch_id", "status", "latency_ms"):
             if hasattr(record, key):
                 doc[key] = getattr(record, key)
         if record.exc_info:

@@ -518,14 +518,29 @@ def test_sigkill_frontend_is_replaced_and_slots_reclaimed(start_server) -> None:
 
 def test_json_logs_tagged_by_process_with_access_lines(start_server) -> None:
     server: Server = start_server("--log-format", "json", "--set", "server.access_log=true")
+    v2 = {
+        "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 8, 8], "data": [0.0] * 64}]
+    }
     with server.client() as c:
         c.post("/predict", json=DIGIT3, headers={"X-Request-ID": "trace-me"})
+        c.post("/v2/models/digits/infer", json=v2, headers={"X-Request-ID": "trace-v2"})
+        c.post("/v2/models/digits/infer", json={}, headers={"X-Request-ID": "trace-400"})
     assert server.stop() == 0
     records = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
     procs = {r["proc"] for r in records}
     assert {"supervisor", "frontend-0", "worker-0"} <= procs | {"frontend-1"}, procs
-    access = [r for r in records if r.get("request_id") == "trace-me"]
-    assert access and access[0]["status"] == 200 and access[0]["model"] == "digits"
-    assert access[0]["latency_ms"] > 0 and "batch_id" in access[0]
+    access = {r["request_id"]: r for r in records if "latency_ms" in r and "request_id" in r}
+    one = access["trace-me"]
+    assert (one["status"], one["model"], one["method"], one["path"]) == (
+        200,
+        "digits",
+        "POST",
+        "/predict",
+    )
+    assert one["latency_ms"] > 0 and "batch_id" in one
+    # The v2 route is logged as well, answers and errors alike.
+    assert access["trace-v2"]["path"] == "/v2/models/digits/infer"
+    assert access["trace-v2"]["status"] == 200 and "batch_id" in access["trace-v2"]
+    assert access["trace-400"]["status"] == 400
     noise = [line for line in server.log().splitlines() if line and not line.startswith("{")]
     assert noise == [], noise[:5]
