@@ -1,5 +1,6 @@
 """The frontend process: uvicorn serving the app on the listening socket the supervisor
-created (shared by every frontend; the kernel spreads connections among them)."""
+created (shared by every frontend; the kernel spreads connections among them), and, with
+``server.metrics_port``, ``GET /metrics`` alone on the metrics socket (metrics_port.py)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from types import FrameType
 import uvicorn
 
 from ringserve.frontend.app import FrontendState, build_app
+from ringserve.frontend.call import ASGIApp
 from ringserve.frontend.catalog import Catalog
 from ringserve.frontend.client_shm import ClientShm
 from ringserve.frontend.dispatch import Dispatcher
 from ringserve.frontend.http_guard import MAX_HEAD_BYTES, guarded_protocol
 from ringserve.frontend.metrics import FrontendMetrics
+from ringserve.frontend.metrics_port import by_local_port, metrics_only_app
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.child import ChildSpec, load_spec
 from ringserve.ipc.client_regions import ClientRegions
@@ -111,6 +114,19 @@ def build_state(spec: ChildSpec) -> tuple[FrontendState, ControlBlock]:
     return state, control
 
 
+def listeners(
+    spec: ChildSpec, state: FrontendState, app: ASGIApp
+) -> tuple[ASGIApp, list[socket.socket]]:
+    """The sockets to serve and the app for them: the main socket, plus the metrics
+    socket (routed to the metrics-only app by local port) when the supervisor passed one."""
+    socks = [socket.socket(fileno=spec.listen_fds[0])]
+    if spec.metrics_fd < 0:
+        return app, socks
+    metrics = socket.socket(fileno=spec.metrics_fd)
+    port = metrics.getsockname()[1]
+    return by_local_port(app, metrics_only_app(state), port), [*socks, metrics]
+
+
 def main() -> None:
     spec = load_spec()
     settings = spec.settings
@@ -124,8 +140,7 @@ def main() -> None:
         sys.exit(ExitCode.BOOT)
     from ringserve.frontend.v2 import v2_routes
 
-    app = build_app(state, v2_routes(state))
-    sock = socket.socket(fileno=spec.listen_fds[0])
+    app, socks = listeners(spec, state, build_app(state, v2_routes(state)))
     config = uvicorn.Config(
         app,
         loop="uvloop",
@@ -147,7 +162,7 @@ def main() -> None:
         beat = asyncio.create_task(_heartbeat(state, control, settings.worker.heartbeat_interval_s))
         control.set_state(ProcState.READY)
         try:
-            await server.serve(sockets=[sock])
+            await server.serve(sockets=socks)
         finally:
             beat.cancel()
             control.set_state(ProcState.STOPPED)

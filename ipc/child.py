@@ -2,7 +2,8 @@
 
 The supervisor starts every child as ``python -m ringserve.<role>`` with one
 environment variable, ``RINGSERVE_CHILD``, holding this JSON spec (settings, arena path,
-control index, inherited fds). Children die with the supervisor (``PR_SET_PDEATHSIG``)
+control index, inherited fds: the listen sockets, the metrics socket when
+``server.metrics_port`` is set, the wake-up eventfds). Children die with the supervisor (``PR_SET_PDEATHSIG``)
 so none is left holding shared or GPU memory.
 """
 
@@ -32,6 +33,7 @@ class ChildSpec:
     parent_pid: int
     model_index: int = -1
     listen_fds: tuple[int, ...] = ()
+    metrics_fd: int = -1  # frontends: the server.metrics_port socket; -1 = none
     model_efds: tuple[int, ...] = ()
     frontend_efds: tuple[int, ...] = ()
     metrics_dir: str = ""

@@ -231,6 +231,17 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"{key}: {msg}")
 
     need(0 <= s.server.port <= 65535, "server.port", "must be 0..65535")
+    need(
+        0 <= s.server.metrics_port <= 65535,
+        "server.metrics_port",
+        "must be 0..65535 (0 = /metrics on the main port only)",
+    )
+    need(
+        not s.server.metrics_port or s.server.metrics_port != s.server.port,
+        "server.metrics_port",
+        "must differ from server.port",
+    )
+    need(s.server.startup_timeout_s >= 0, "server.startup_timeout_s", "must be >= 0 (0 = no limit)")
     need(s.server.frontends >= 1, "server.frontends", "must be at least 1")
     need(s.server.log_format in ("text", "json"), "server.log_format", "must be text or json")
     need(

@@ -5,7 +5,7 @@ One thread acts (STYLE practice 1): signal handlers only record (the wakeup fd c
 the signal number), the admin socket thread only enqueues, children's exits arrive as
 readable pidfds. ``run`` is a short loop: wait on the selector until the next timer,
 handle what woke us, then ``tick`` the timers (heartbeats, readiness, memory sampling,
-pending restarts, replacements, drain progress).
+pending restarts, replacements, drain progress, the start-up deadline).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from ringserve.ipc.ring import RequestRing
 from ringserve.supervisor import systemd
 from ringserve.supervisor.admin import AdminCommandError
 from ringserve.supervisor.children import Child, Phase, spawn
-from ringserve.supervisor.exits import ExitHandling
+from ringserve.supervisor.exits import ExitHandling, ServeExit
 from ringserve.supervisor.gpu import GpuWatch
 from ringserve.supervisor.memory import MemoryWatch
 from ringserve.supervisor.memory_policy import MemoryPolicy
@@ -66,9 +66,12 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         settings: Settings,
         listen_sockets: list[socket.socket],
         listen_origins: list[str] | None = None,
+        metrics_socket: socket.socket | None = None,
     ) -> None:
         self.settings = settings
         self.listen_sockets = listen_sockets
+        # server.metrics_port: every frontend serves GET /metrics (only) on it too
+        self.metrics_socket = metrics_socket
         # per socket: "systemd:<name>" (socket activation) or "bound"; for ctl status
         self.listen_origins = listen_origins or ["bound"] * len(listen_sockets)
         # On a socket systemd holds across restarts, connections wait in the backlog
@@ -92,6 +95,8 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         self.gpu = GpuWatch()
         self.phase = "starting"  # starting | running | draining | stopping | stopped
         self.ready_notified = False
+        # Every model had a ready worker once: server.startup_timeout_s no longer applies.
+        self.ever_ready = False
         self.drain_deadline = 0.0
         self.stop_deadline = 0.0
         self.exit_code = 0
@@ -169,6 +174,8 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
         for sock in self.listen_sockets:
             sock.close()
+        if self.metrics_socket is not None:
+            self.metrics_socket.close()
 
     # == the loop ===========================================================================
 
@@ -229,6 +236,7 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         self._restart_due(now)
         self._advance_rolling()
         self._check_ready()
+        self._check_startup(now)
         if self.phase == "draining":
             self._advance_drain(now)
         elif self.phase == "stopping":
@@ -240,9 +248,11 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         if interval and now >= self._next_watchdog:
             systemd.watchdog()  # only after _check_children looked at every heartbeat
             self._next_watchdog = now + interval
+        startup = self._startup_deadline()
         return min(
             0.25 if self.phase in ("draining", "stopping") else 1.0,
             max(0.01, self._next_sample - now),
+            max(0.01, startup - now) if startup is not None else 1.0,
         )
 
     # == children =================================================================================
@@ -257,6 +267,7 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         assert self.arena is not None
         index = control if control is not None else self.free_controls.pop()
         reset_control(self.arena, index)
+        frontend = role == "frontend"
         return ChildSpec(
             role=role,
             ident=ident,
@@ -265,7 +276,8 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
             settings_json=self.settings.to_json(),
             parent_pid=os.getpid(),
             model_index=model_index,
-            listen_fds=tuple(s.fileno() for s in self.listen_sockets) if role == "frontend" else (),
+            listen_fds=tuple(s.fileno() for s in self.listen_sockets) if frontend else (),
+            metrics_fd=self.metrics_socket.fileno() if frontend and self.metrics_socket else -1,
             model_efds=self.model_efds,
             frontend_efds=self.frontend_efds,
             metrics_dir=self.metrics_dir,
@@ -366,7 +378,9 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         self._publish_availability()
         if self.phase != "running":
             return
-        if self.defer_frontends and all(self.ready_workers().values()):
+        models_ready = all(self.ready_workers().values())
+        self.ever_ready = self.ever_ready or models_ready
+        if self.defer_frontends and models_ready:
             self.defer_frontends = False
             log.info("models ready: starting frontends on the inherited socket")
             self._spawn_missing()
@@ -378,6 +392,58 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
             log.info("ready: every model has a ready worker")
             systemd.ready()
             self._notify_status()
+
+    def _startup_deadline(self) -> float | None:
+        """When to give up on the first readiness; None once reached, when
+        ``server.startup_timeout_s`` is 0, or when the server is already stopping."""
+        limit = self.settings.server.startup_timeout_s
+        if limit <= 0 or self.ever_ready or self.phase != "running":
+            return None
+        return self.started + limit
+
+    def _check_startup(self, now: float) -> None:
+        """A model that can never load would be retried with back-off forever: past
+        ``server.startup_timeout_s`` without a first readiness, say which models and
+        why, then shut down the normal way and exit non-zero, so that systemd's
+        ``Restart=`` or Kubernetes takes over (a fresh process, an alert, a rollback)."""
+        deadline = self._startup_deadline()
+        if deadline is None or now < deadline:
+            return
+        log.error(
+            "start-up timeout: not ready within server.startup_timeout_s=%g s; %s. "
+            "Shutting down (exit %d); raise server.startup_timeout_s if loading just "
+            "takes longer",
+            self.settings.server.startup_timeout_s,
+            "; ".join(self._not_ready_models(now)),
+            ServeExit.STARTUP_TIMEOUT,
+        )
+        self.exit_code = ServeExit.STARTUP_TIMEOUT
+        self.begin_drain()
+
+    def _not_ready_models(self, now: float) -> list[str]:
+        """One phrase per model without a ready worker: what each of its workers is
+        doing or last died of."""
+        out = []
+        for i, n in self.ready_workers().items():
+            if n == 0:
+                m = self.settings.models[i]
+                slots = [ws for ws in self.workers if ws.model_index == i and not ws.retired]
+                states = ", ".join(self._worker_state(ws, now) for ws in slots) or "no workers"
+                out.append(f"model {m.name} ({m.handler}) has no ready worker: {states}")
+        return out
+
+    @staticmethod
+    def _worker_state(ws: WorkerSlot, now: float) -> str:
+        """``worker-0 failed to start 3 time(s) (last: model_load)``, ``worker-1 still
+        loading after 170 s``: what an operator needs to pick the right log lines."""
+        what = []
+        if ws.child is not None and ws.child.returncode is None:
+            what.append(f"still loading after {now - ws.child.started:.0f} s")
+        if ws.failures:
+            what.append(f"failed to start {ws.failures} time(s)")
+        if ws.last_exit_reason:
+            what.append(f"(last: {ws.last_exit_reason})")
+        return f"worker-{ws.ident} " + (" ".join(what) or "not started")
 
     def _notify_status(self) -> None:
         counts = self.ready_workers()

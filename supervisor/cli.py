@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 import sys
 from collections.abc import Sequence
 
-from ringserve.ipc.config import field_docs, load_settings, model_set
+from ringserve.ipc.config import Settings, field_docs, load_settings, model_set, unused_env
 from ringserve.ipc.errors import ArenaError, ConfigError, RingserveError
 
 log = logging.getLogger("ringserve.supervisor")
@@ -23,7 +24,8 @@ def _serve_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Every config key (TOML section.key = default); set any of them with "
         "--set section.key=VALUE (one model's: --set models.NAME.key=VALUE) or "
-        "RINGSERVE_<SECTION>_<KEY>:\n  " + "\n  ".join(field_docs()),
+        "RINGSERVE_<SECTION>_<KEY> (RINGSERVE_MODELS_<NAME>_<KEY>):\n  "
+        + "\n  ".join(field_docs()),
     )
     p.add_argument("--config", help="TOML config file")
     p.add_argument("--host", help="listen address (server.host)")
@@ -136,6 +138,12 @@ def listen_sockets(host: str, port: int) -> tuple[list[socket.socket], list[str]
         for s, _ in named:
             s.set_inheritable(True)
         return [s for s, _ in named], [origin for _, origin in named]
+    return [bind_socket(host, port, "server.port")], ["bound"]
+
+
+def bind_socket(host: str, port: int, key: str) -> socket.socket:
+    """A listening TCP socket on ``host:port``; ConfigError naming ``key`` if it cannot
+    be bound (port taken, address not local), so the operator knows what to change."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -143,26 +151,62 @@ def listen_sockets(host: str, port: int) -> tuple[list[socket.socket], list[str]
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise ConfigError(f"server.port: cannot listen on {host}:{port}: {e.strerror}") from None
+        raise ConfigError(f"{key}: cannot listen on {host}:{port}: {e.strerror}") from None
     sock.listen(4096)
     sock.set_inheritable(True)
-    return [sock], ["bound"]
+    return sock
+
+
+def _local_port(sock: socket.socket) -> int | None:
+    addr = sock.getsockname()
+    return addr[1] if isinstance(addr, tuple) else None  # None: a Unix socket
+
+
+def metrics_socket(host: str, port: int, main: list[socket.socket]) -> socket.socket | None:
+    """The ``server.metrics_port`` socket, bound by the supervisor itself even under
+    socket activation (systemd passes only the main socket), or None when the key is 0.
+
+    Frontends tell a metrics request from an inference one by the local port it arrived
+    on, so the metrics port may not be a port the main sockets already listen on.
+    """
+    if port == 0:
+        return None
+    if any(_local_port(s) == port for s in main):
+        raise ConfigError(f"server.metrics_port: {port} is the main listen port; pick another")
+    return bind_socket(host, port, "server.metrics_port")
+
+
+def _metrics_socket_or_close(settings: Settings, main: list[socket.socket]) -> socket.socket | None:
+    """``metrics_socket`` for these settings; on failure the main sockets are closed
+    before the error propagates (nothing else owns them yet)."""
+    try:
+        return metrics_socket(settings.server.host, settings.server.metrics_port, main)
+    except ConfigError:
+        for sock in main:
+            sock.close()
+        raise
 
 
 def serve(argv: Sequence[str]) -> int:
+    """Run the supervisor; the exit status is a ``ServeExit`` (supervisor/exits.py)."""
+    from ringserve.supervisor.exits import ServeExit
+
     ns = _serve_parser().parse_args(argv)
     try:
         settings = settings_from_args(ns)
     except ConfigError as e:
         print(f"ringserve: invalid configuration: {e}", file=sys.stderr)
-        return 2
+        return ServeExit.CONFIG
     from ringserve.ipc.logs import setup_logging
 
     setup_logging(settings.server.log_format, settings.server.log_level, "supervisor")
+    for var in unused_env(os.environ):
+        log.warning("%s configures nothing (no such section): ignored", var)
     from ringserve.supervisor.arbiter import Arbiter
 
     try:
         socks, origins = listen_sockets(settings.server.host, settings.server.port)
+        metrics = _metrics_socket_or_close(settings, socks)
         host, port = socks[0].getsockname()[:2]
         log.info(
             "listening on http://%s:%d (%s socket; %d frontends; models: %s)",
@@ -172,13 +216,16 @@ def serve(argv: Sequence[str]) -> int:
             settings.server.frontends,
             ", ".join(f"{m.name}={m.handler} x{m.workers}" for m in settings.models),
         )
-        return Arbiter(settings, socks, origins).run()
+        if metrics is not None:
+            m_host, m_port = metrics.getsockname()[:2]
+            log.info("metrics only (GET /metrics) on http://%s:%d", m_host, m_port)
+        return Arbiter(settings, socks, origins, metrics).run()
     except (ArenaError, ConfigError) as e:
         log.error("%s", e)
-        return 1
+        return ServeExit.ERROR
     except RingserveError as e:
         log.error("fatal: %s", e)
-        return 1
+        return ServeExit.ERROR
 
 
 def main(argv: Sequence[str] | None = None) -> int:

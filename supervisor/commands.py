@@ -108,6 +108,14 @@ def status(arb: Arbiter) -> dict[str, Any]:
         for i, m in enumerate(arb.settings.models)
     ]
     server_extra: dict[str, Any] = {}
+    if arb.metrics_socket is not None:
+        # server.metrics_port: always bound by the supervisor, socket activation or not
+        sock = arb.metrics_socket
+        server_extra["metrics_listen"] = {
+            "address": _address(sock),
+            "fd": sock.fileno(),
+            "source": "bound",
+        }
     if arb.settings.server.allow_client_shm:
         # What clients registered (frontends keep these mapped): an operator's view of
         # memory the server holds for them, and of registrations a client left behind.

@@ -1,9 +1,11 @@
 """What the supervisor does when a child exits: re-queue or fail the dead worker's
 requests, and restart the position, with back-off for a child that dies before it is
-ready. A part of ``Arbiter`` (its state and helpers are the arbiter's)."""
+ready. A part of ``Arbiter`` (its state and helpers are the arbiter's). Also the
+supervisor's own exit status (``ServeExit``)."""
 
 from __future__ import annotations
 
+import enum
 import logging
 import selectors
 import time
@@ -14,6 +16,17 @@ from ringserve.ipc.errors import ExitCode
 from ringserve.supervisor.children import Child, Phase
 
 log = logging.getLogger("ringserve.supervisor")
+
+
+class ServeExit(enum.IntEnum):
+    """``ringserve serve``'s own exit status: what systemd's ``Restart=`` and Kubernetes
+    act on (the children's codes are ``ExitCode`` in ipc/errors.py)."""
+
+    OK = 0  # stopped on request (SIGTERM, SIGINT, SIGQUIT), everything cleaned up
+    ERROR = 1  # could not start (a listen port taken, shared memory) or a fatal error
+    CONFIG = 2  # invalid configuration; the message names the key
+    STARTUP_TIMEOUT = 3  # a model had no ready worker within server.startup_timeout_s
+
 
 POISON_MESSAGE = (
     b"request was in flight when two workers died; failed alone so it cannot crash-loop the pool"

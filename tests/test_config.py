@@ -398,6 +398,9 @@ def test_plain_messages_for_common_mistakes():
         "server.drain_timeout_s", overrides={"server": {"drain_timeout_s": "x"}}
     )
     fails("server.log_level", overrides={"server": {"log_level": "loud"}})
+    fails("server.startup_timeout_s", overrides={"server": {"startup_timeout_s": -1}})
+    fails("server.metrics_port", overrides={"server": {"metrics_port": 70000}})
+    fails("server.metrics_port", overrides={"server": {"metrics_port": 8000}})  # = port
     assert "given more than once" in fails("--model a", models=[("a", "identity"), ("a", "digits")])
     assert "required" in fails("models.a.handler", models=[("a", "")])
 

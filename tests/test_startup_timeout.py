@@ -1,0 +1,71 @@
+"""``server.startup_timeout_s``: a server whose models never all become ready gives up,
+cleans up and exits non-zero (so systemd's ``Restart=`` or Kubernetes takes over),
+instead of retrying a model that cannot load forever; once ready, the limit is gone."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+from conftest import Server, shm_segments, wait_until
+from test_e2e_core import HANDLER_ENV
+
+from ringserve.supervisor.exits import ServeExit
+
+pytestmark = pytest.mark.e2e
+
+
+def test_model_that_cannot_load_stops_the_server_after_the_startup_timeout(
+    start_server,
+) -> None:
+    server: Server = start_server(
+        "--model",
+        "bad=python:support.fake_handlers:FailsToLoad",
+        "--model",
+        "good=identity",
+        "--set",
+        "server.startup_timeout_s=8",
+        "--set",
+        "worker.restart_backoff_s=0.2",
+        env=HANDLER_ENV,
+        ready=False,
+    )
+    rc = server.proc.wait(120)
+    log = server.log()
+    assert rc == ServeExit.STARTUP_TIMEOUT == 3, log[-3000:]
+    lines = log.splitlines()
+    [at] = [i for i, x in enumerate(lines) if "start-up timeout" in x]
+    line = lines[at]
+    assert "server.startup_timeout_s=8 s" in line, line
+    assert re.search(r"model bad \(python:support\.fake_handlers:FailsToLoad\)", line), line
+    assert "worker-0 " in line, line
+    # What the worker last failed with, when it had failed by then (on a slow machine the
+    # first load may still run at the deadline: the line says so instead).
+    if any(re.search(r"worker-0 \(pid \d+\) exited: model_load", x) for x in lines[:at]):
+        assert re.search(r"failed to start \d+ time\(s\) \(last: model_load\)", line), line
+    else:
+        assert "worker-0 still loading" in line, line
+    assert "model good" not in line, line  # identity loads: only the failing one is named
+    # The normal shutdown path: children stopped, shared memory and admin socket gone.
+    assert "frontend-0" in log and not re.search(r"frontend-\d \(pid \d+\) exited: killed", log)
+    assert shm_segments(server.instance) == []
+    assert not os.path.exists(server.admin_socket)
+
+
+def test_startup_timeout_does_not_apply_after_the_first_readiness(start_server) -> None:
+    limit_s = 30.0  # well above this machine's start-up, so the server gets ready first
+    server: Server = start_server("--set", f"server.startup_timeout_s={limit_s:g}")
+    server.ctl("drain", "worker-0")  # the only worker: the model is not ready any more
+    wait_until(
+        lambda: server.ctl("status")["models"][0]["ready"] == 0, 60, "the drained worker gone"
+    )
+    wait_until(
+        lambda: server.ctl("status")["server"]["uptime_s"] > limit_s + 2,
+        limit_s + 60,
+        "the start-up deadline to pass",
+    )
+    assert server.proc.poll() is None, server.log()[-3000:]
+    assert "start-up timeout" not in server.log()
+    assert server.stop() == 0
+    assert shm_segments(server.instance) == []
