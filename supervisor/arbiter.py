@@ -155,8 +155,7 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
             path, self._admin_dispatch, self.settings.server.admin_socket_group
         )
         self.admin.start()
-        self.admin_path = path
-        log.info("admin socket at %s", path)
+        self.admin_path = path  # (AdminServer logs where it listens)
 
     def teardown(self) -> None:
         signal.set_wakeup_fd(-1)
@@ -180,8 +179,8 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
     # == the loop ===========================================================================
 
     def run(self) -> int:
-        self.setup()
         try:
+            self.setup()  # inside: a failed start (admin socket taken) unlinks the arena too
             self._spawn_missing()
             self.phase = "running"
             self._notify_status()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Server, wait_until
+from conftest import Server, kill_group, launch, shm_segments, wait_until
 from test_e2e_core import DIGIT3, HANDLER_ENV, _fire, digit_requests
 
 from ringserve.ipc.arena import Arena
@@ -202,6 +202,25 @@ def test_request_unanswered_at_the_drain_timeout_gets_a_json_503(start_server) -
     assert r.status_code == 503 and "drain timeout" in r.json()["error"], r.text
     assert server.proc.wait(60) == 0
     assert "Exception in ASGI application" not in server.log()
+
+
+def test_second_server_on_the_same_instance_leaves_nothing_behind(
+    start_server, tmp_path: Path
+) -> None:
+    """It fails at the admin socket (a live server answers there), after creating its own
+    shared memory: that must go too (it stayed, 256 MiB, until the next start)."""
+    server: Server = start_server(frontends=1)
+    before = shm_segments(server.instance)
+    second = launch(tmp_path, "--instance", server.instance, "--admin-socket", server.admin_socket)
+    try:
+        rc = second.proc.wait(60)
+    finally:
+        kill_group(second)
+    assert rc == 1 and "already running" in second.log(), second.log()
+    assert shm_segments(server.instance) == before  # the first server's alone
+    with server.client() as c:
+        assert c.get("/readiness").status_code == 200
+    assert server.stop() == 0
 
 
 def running(arena_path: str) -> bool:
