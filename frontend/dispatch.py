@@ -71,6 +71,7 @@ class Dispatcher:
         self.owned = arena.frontend_slots(frontend_id)
         self.free: list[int] = []
         self.pending: dict[int, asyncio.Future[None]] = {}
+        self.submitted = 0  # requests queued by this process, for ctl status (REQS)
         self.orphans: set[int] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pid = os.getpid()
@@ -166,6 +167,7 @@ class Dispatcher:
         idle = not self.pending  # nothing else in flight: no company to wait for
         self._to_push[model].append(slot)
         self.pending[slot] = self._loop.create_future()
+        self.submitted += 1
         if not self._push_scheduled:
             if idle:
                 self._push_now()  # a lone request goes out now, not after a loop pass

@@ -39,6 +39,7 @@ log = logging.getLogger("ringserve.frontend")
 async def _heartbeat(state: FrontendState, control: ControlBlock, interval_s: float) -> None:
     while True:
         control.rec["inflight"] = state.dispatcher.inflight
+        control.rec["requests"] = state.dispatcher.submitted  # ctl status REQS, per beat
         control.beat()
         if state.client_shm is not None:
             state.client_shm.prune()

@@ -376,6 +376,13 @@ def test_admin_socket_commands_and_mode(start_server) -> None:
         assert r.status_code == 503 and "paused" in r.text
         server.ctl("resume")
         assert c.post("/predict", json=DIGIT3).status_code == 200
+
+        def frontend_requests() -> int:
+            procs = server.ctl("status")["processes"]
+            return sum(p["requests"] for p in procs if p["role"] == "frontend")
+
+        # Frontends report what they queued (ctl status REQS), at their next heartbeat.
+        wait_until(frontend_requests, 10, "the frontends' request counts")
         server.ctl("drain")
         assert c.get("/readiness").status_code == 503
         assert c.post("/predict", json=DIGIT3).status_code == 503
