@@ -97,6 +97,15 @@ class ExitHandling:
             if r.new is child:  # the replacement died before taking over: keep the old one
                 log.error("replacement for %s failed (%s); keeping the old one", r.old.name, reason)
                 self.replacements.remove(r)
+                old = self._worker_slot(r.old)
+                if old is not None:  # what ctl status shows: not a recycle that happened
+                    old.last_recycle_reason = f"{r.reason} failed: {reason}"
+                if r.reason == "reload" and self.rolling:
+                    # The next worker would load the same broken model: stop here, as a
+                    # rollout pauses on its first failure, and leave the rest serving.
+                    log.error("rolling restart stopped; not restarted: %s", ", ".join(self.rolling))
+                    self.rolling = []
+                    self.ready_notified = False  # READY=1 again ends systemd's reload
                 return
         ws = self._worker_slot(child)
         if ws is None or ws.child is not child:

@@ -223,6 +223,32 @@ def test_second_server_on_the_same_instance_leaves_nothing_behind(
     assert server.stop() == 0
 
 
+def test_failed_reload_stops_the_rolling_restart_and_says_so(start_server, tmp_path: Path) -> None:
+    """SIGHUP after the model's code broke: the first replacement fails to load, the old
+    worker keeps serving, the rolling restart stops there (the next would fail the same
+    way), and ctl status shows the failure instead of a done reload."""
+    module = tmp_path / "reloadable.py"
+    module.write_text("from ringserve.gpu_worker.handlers.identity import IdentityHandler\n")
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{HANDLER_ENV['PYTHONPATH']}"}
+    server: Server = start_server(
+        "--model", "m=python:reloadable:IdentityHandler", "--workers", "2", env=env, frontends=1
+    )
+    server.wait_workers_ready(2)
+    pids = {p["id"]: p["pid"] for p in server.children() if p["role"] == "worker"}
+    module.write_text("raise ImportError('broken on purpose')\n")
+    server.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "rolling restart stopped" in server.log(), 90, "the stop")
+    procs = {p["id"]: p for p in server.children() if p["role"] == "worker"}
+    assert {i: p["pid"] for i, p in procs.items()} == pids  # both old workers still serve
+    reasons = [str(p.get("last_recycle_reason")) for p in procs.values()]
+    # One failed and the other was never tried.
+    assert sum(r.startswith("reload failed: model_load") for r in reasons) == 1, reasons
+    with server.client() as c:
+        r = c.post("/v1/models/m/predict", json={"data": [1.0, 2.0]})
+        assert r.status_code == 200 and r.json()["result"] == [1.0, 2.0]
+    assert server.stop() == 0
+
+
 def running(arena_path: str) -> bool:
     arena = Arena.attach(arena_path)
     try:
