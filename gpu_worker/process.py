@@ -117,8 +117,18 @@ class Worker:
             self.handler = create_handler(self.model)
             self.handler.load(device)
             self.handler.device = device
-        except Exception:
-            log.exception("model %s (%s) failed to load", self.model.name, self.model.handler)
+        except Exception as e:
+            if self.spec.failures:  # the traceback is in the journal from the first try
+                log.error(
+                    "model %s (%s) failed to load again (try %d): %s: %s",
+                    self.model.name,
+                    self.model.handler,
+                    self.spec.failures + 1,
+                    type(e).__name__,
+                    e,
+                )
+            else:
+                log.exception("model %s (%s) failed to load", self.model.name, self.model.handler)
             sys.exit(ExitCode.MODEL_LOAD)
         preferred = self.model.batching.preferred_batch_size
         rates: dict[int, float] = {}

@@ -34,6 +34,7 @@ class ChildSpec:
     model_index: int = -1
     listen_fds: tuple[int, ...] = ()
     metrics_fd: int = -1  # frontends: the server.metrics_port socket; -1 = none
+    failures: int = 0  # starts of this position that failed in a row (a worker's retry)
     model_efds: tuple[int, ...] = ()
     frontend_efds: tuple[int, ...] = ()
     metrics_dir: str = ""

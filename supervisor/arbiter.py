@@ -10,6 +10,7 @@ pending restarts, replacements, drain progress, the start-up deadline).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -294,7 +295,8 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         fs.child = self._spawn(self._new_spec("frontend", fs.ident, control=fs.ident))
 
     def _spawn_worker(self, ws: WorkerSlot) -> Child:
-        return self._spawn(self._new_spec("worker", ws.ident, ws.model_index))
+        spec = self._new_spec("worker", ws.ident, ws.model_index)
+        return self._spawn(dataclasses.replace(spec, failures=ws.failures))
 
     def _spawn_missing(self) -> None:
         for fs in self.frontends if not self.defer_frontends else ():
