@@ -138,15 +138,30 @@ class Worker:
             threads = self.thread_share.enter(1, runners=self.model.workers)
             try:
                 profile = throughput_profile(self.handler, self.model, self.control.beat, threads)
+            except Exception as e:
+                # The profile feeds the handler zeros of the declared input shape; a
+                # handler that cannot take those (it decodes images, its declared shape
+                # is looser than its model) still serves real requests: batch to the
+                # largest size instead of crash-looping on a start-up measurement.
+                profile = None
+                log.warning(
+                    "model %s: batch profile skipped (%s: %s); batching up to max_batch_size. "
+                    "Declare the input shape the model takes, or set "
+                    "batching.preferred_batch_size, to avoid this",
+                    self.model.name,
+                    type(e).__name__,
+                    e,
+                )
             finally:
                 self.thread_share.leave()
-            preferred, rates = profile.preferred, profile.rows_per_s
-            log.info(
-                "model %s batch profile (rows/s by size): %s -> preferred %d",
-                self.model.name,
-                {k: _three_digits(v) for k, v in rates.items()},
-                preferred,
-            )
+            if profile is not None:
+                preferred, rates = profile.preferred, profile.rows_per_s
+                log.info(
+                    "model %s batch profile (rows/s by size): %s -> preferred %d",
+                    self.model.name,
+                    {k: _three_digits(v) for k, v in rates.items()},
+                    preferred,
+                )
         self._publish_spec(
             {
                 "preferred_batch_size": preferred,

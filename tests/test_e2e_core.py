@@ -210,6 +210,19 @@ def test_bad_input_gets_4xx_and_server_stays_healthy(start_server) -> None:
     assert server.stop() == 0
 
 
+def test_handler_that_fails_the_start_up_profile_still_serves(start_server) -> None:
+    """The batch profile feeds zeros of the declared shape; a handler that refuses them
+    crash-looped and never became ready. Now the profile is skipped, with a warning."""
+    server: Server = start_server(
+        "--model", "z=python:support.fake_handlers:RefusesZeros", env=HANDLER_ENV, frontends=1
+    )
+    with server.client() as c:
+        r = c.post("/v1/models/z/predict", json={"data": [1.0, 2.0]})
+        assert r.status_code == 200 and r.json()["result"] == [1.0, 2.0], r.text
+    assert "batch profile skipped (ValueError: all zeros" in server.log()
+    assert server.stop() == 0
+
+
 def test_frontend_never_loads_torch_and_stays_small(start_server) -> None:
     """Also after serving every kind of request (a lazy import on one path would load
     torch only then): each kind eight times on fresh connections, which the kernel

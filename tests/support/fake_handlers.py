@@ -154,3 +154,19 @@ class Describe(Handler):
         out = np.empty((output.shape[0], 1), dtype=object)
         out[:, 0] = [text(row) for row in output.tolist()]
         return out
+
+
+class RefusesZeros(Handler):
+    """Identity that raises on an all-zero batch: what the start-up batch profile feeds a
+    handler (a TorchServe-style image decoder fails the same way)."""
+
+    inputs = (TensorSpec("INPUT0", "float32", (-1,)),)
+    outputs = (TensorSpec("OUTPUT0", "float32", (-1,)),)
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        if not bool(batch.any()):
+            raise ValueError("all zeros: not a real input")
+        return batch
