@@ -57,7 +57,7 @@ def test_model_that_cannot_load_stops_the_server_after_the_startup_timeout(
 
 
 def test_startup_timeout_does_not_apply_after_the_first_readiness(start_server) -> None:
-    limit_s = 20.0  # well above this machine's start-up, so the server gets ready first
+    limit_s = 40.0  # well above this machine's start-up, so the server gets ready first
     server: Server = start_server("--set", f"server.startup_timeout_s={limit_s:g}")
     server.ctl("drain", "worker-0")  # the only worker: the model is not ready any more
     wait_until(
