@@ -385,7 +385,10 @@ class Worker:
             outputs, gather_s, infer_s = self._infer([m.tensor for m in members])
         except Exception as e:
             if len(members) == 1:
-                log.warning("model %s raised on request: %s", self.model.name, e)
+                if isinstance(e, BadInput):  # refused by infer or postprocess: still a 400
+                    self._finish_error(members[0].slot, Status.BAD_INPUT, str(e).encode(), owners)
+                    return
+                log.warning("model %s raised on request: %s", self.model.name, e, exc_info=True)
                 self._finish_error(
                     members[0].slot, Status.MODEL_ERROR, f"model error: {e}".encode(), owners
                 )

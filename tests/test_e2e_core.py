@@ -219,6 +219,9 @@ def test_handler_that_fails_the_start_up_profile_still_serves(start_server) -> N
     with server.client() as c:
         r = c.post("/v1/models/z/predict", json={"data": [1.0, 2.0]})
         assert r.status_code == 200 and r.json()["result"] == [1.0, 2.0], r.text
+        # BadInput raised in infer (not only in preprocess) is the client's 400.
+        r = c.post("/v1/models/z/predict", json={"data": [-1.0, 2.0]})
+        assert r.status_code == 400 and "negatives" in r.json()["error"], r.text
     assert "batch profile skipped (ValueError: all zeros" in server.log()
     assert server.stop() == 0
 

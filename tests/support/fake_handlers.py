@@ -11,7 +11,7 @@ import time
 import numpy as np
 import torch
 
-from ringserve.gpu_worker.handlers.base import Handler, TensorSpec
+from ringserve.gpu_worker.handlers.base import BadInput, Handler, TensorSpec
 from ringserve.ipc.layout import PayloadKind
 
 
@@ -169,4 +169,6 @@ class RefusesZeros(Handler):
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
         if not bool(batch.any()):
             raise ValueError("all zeros: not a real input")
+        if bool((batch < 0).any()):
+            raise BadInput("negatives are not allowed")  # refused in infer: still a 400
         return batch
