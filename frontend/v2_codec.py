@@ -457,7 +457,7 @@ def decode_request(
                 raise bad_request('"binary_data" must be true or false')
             binary_output = flag
             ref = _shm_ref(oparams, f"output {o['name']!r}")
-            if ref is not None and (classification or "binary_data" in oparams):
+            if ref is not None and (classification or oparams.get("binary_data") is True):
                 what = "classification" if classification else "binary_data"
                 raise bad_request(
                     f"output {o['name']!r} can't set both shared_memory_region and {what}"
