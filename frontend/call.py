@@ -44,11 +44,11 @@ _HEADER_SAFE = "".join(c for c in string.printable if c not in "%\t\n\r\x0b\x0c"
 
 def header_value(value: str) -> bytes:
     """A header value as bytes; anything but printable ASCII percent-encoded (UTF-8), so
-    that an id taken from a JSON body ("日本") can be echoed in ``X-Request-ID``."""
-    try:
+    that an id taken from a JSON body ("日本", or one holding a CR LF) can be echoed in
+    ``X-Request-ID`` without breaking or splitting the response head."""
+    if value.isascii() and value.isprintable():
         return value.encode("ascii")
-    except UnicodeEncodeError:
-        return quote(value, safe=_HEADER_SAFE).encode("ascii")
+    return quote(value, safe=_HEADER_SAFE).encode("ascii")
 
 
 def new_request_id() -> str:

@@ -101,7 +101,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         message = f"request not received within {self.read_timeout_s:g} s"
-        cycle = getattr(self, "cycle", None)
+        cycle = self.cycle  # None until a head was complete
         if self._in_head or (cycle is not None and not cycle.response_started):
             self._refuse(408, message)
         else:

@@ -253,7 +253,6 @@ def v2_routes(state: FrontendState) -> list[Route]:
     async def infer_endpoint(call: Call) -> Reply:
         t0 = time.perf_counter()
         rid = request_id(call.headers)
-        completed: list[Completed] = []  # the answer's, for the access log
         name = call.path_params["name"]
         try:
             info = _lookup(state, call)
@@ -282,13 +281,12 @@ def v2_routes(state: FrontendState) -> list[Route]:
             if req.id and len(req.id) <= 128 and req.id.isprintable():
                 rid = req.id
 
-            def answer(done: Completed) -> tuple[bytes, int | None]:
+            def answer(done: Completed) -> tuple[bytes, int | None, Completed]:
                 assert done.output is not None
-                completed.append(done)
                 dtype = "bytes" if done.output.dtype.hasobject else done.output.dtype.name
-                return encode_response(name, req, done.output, dtype, mbs, labels)
+                return (*encode_response(name, req, done.output, dtype, mbs, labels), done)
 
-            content, header_len = await infer(
+            content, header_len, done = await infer(
                 state,
                 call,
                 info,
@@ -304,7 +302,7 @@ def v2_routes(state: FrontendState) -> list[Route]:
         except HTTPError as err:
             record_answer(state, call, rid, name, err.status, time.perf_counter() - t0)
             return error_reply(err, rid)
-        record_answer(state, call, rid, name, 200, time.perf_counter() - t0, completed[0])
+        record_answer(state, call, rid, name, 200, time.perf_counter() - t0, done)
         headers = {"X-Request-ID": rid}
         if header_len is None:
             return Reply(200, content, headers)

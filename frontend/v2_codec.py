@@ -441,7 +441,7 @@ def decode_request(
                 )
         if len(outputs) > 1:
             raise bad_request(f"output {out.name!r} is requested {len(outputs)} times")
-        for o in outputs:
+        for o in outputs:  # (at most one)
             oparams = _params(o, f"output {o['name']!r}")
             classification = oparams.get("classification", 0)
             if (

@@ -47,6 +47,10 @@ def _address(sock: socket.socket) -> str:
     return addr.decode(errors="replace") if isinstance(addr, bytes) else str(addr)
 
 
+def _listen_entry(sock: socket.socket, source: str) -> dict[str, Any]:
+    return {"address": _address(sock), "fd": sock.fileno(), "source": source}
+
+
 def _published(arb: Arbiter, model: int) -> dict[str, Any]:
     """What the model's workers published: the batch profile and preferred size."""
     assert arb.arena is not None
@@ -110,12 +114,7 @@ def status(arb: Arbiter) -> dict[str, Any]:
     server_extra: dict[str, Any] = {}
     if arb.metrics_socket is not None:
         # server.metrics_port: always bound by the supervisor, socket activation or not
-        sock = arb.metrics_socket
-        server_extra["metrics_listen"] = {
-            "address": _address(sock),
-            "fd": sock.fileno(),
-            "source": "bound",
-        }
+        server_extra["metrics_listen"] = _listen_entry(arb.metrics_socket, "bound")
     if arb.settings.server.allow_client_shm:
         # What clients registered (frontends keep these mapped): an operator's view of
         # memory the server holds for them, and of registrations a client left behind.
@@ -133,7 +132,7 @@ def status(arb: Arbiter) -> dict[str, Any]:
             "uptime_s": round(now - arb.started, 1),
             "arena": arb.arena.path,
             "listen": [
-                {"address": _address(sock), "fd": sock.fileno(), "source": origin}
+                _listen_entry(sock, origin)
                 for sock, origin in zip(arb.listen_sockets, arb.listen_origins, strict=False)
             ],
             "rolling_restart_pending": list(arb.rolling),

@@ -113,6 +113,10 @@ def test_default_model_200_concurrent_right_labels(start_server) -> None:
         r = c.post("/predict", json={**DIGIT3, "request_id": "日本-1"})
         assert r.status_code == 200 and r.json()["request_id"] == "日本-1"
         assert r.headers["x-request-id"] == "%E6%97%A5%E6%9C%AC-1"
+        # ...and one that would split the response head: escaped, no extra header.
+        r = c.post("/predict", json={**DIGIT3, "request_id": "a\r\nX-Evil: 1"})
+        assert r.status_code == 200 and r.json()["request_id"] == "a\r\nX-Evil: 1"
+        assert r.headers["x-request-id"] == "a%0D%0AX-Evil: 1" and "x-evil" not in r.headers
         models = c.get("/v1/models").json()["models"]
         assert models[0]["name"] == "digits" and models[0]["state"] == "ready"
     assert server.stop() == 0

@@ -12,7 +12,7 @@ import socket
 import stat
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -160,16 +160,27 @@ def test_sighup_replaces_one_worker_at_a_time(start_server) -> None:
     assert server.stop() == 0
 
 
+SLOW = "slow=python:support.fake_handlers:Slow"
+
+
+def sigterm_while_in_the_model(
+    server: Server, c: httpx.Client, pool: ThreadPoolExecutor, ms: float
+) -> Future[httpx.Response]:
+    """Send a request that sleeps ``ms`` in the Slow model, wait until a worker runs it,
+    then SIGTERM the server; returns the request's future."""
+    pending = pool.submit(c.post, "/v1/models/slow/predict", json={"data": [ms, 1.0]})
+    arena = server.ctl("status")["server"]["arena"]
+    wait_until(lambda: running(arena), 20, "the request to reach a worker")
+    server.proc.send_signal(signal.SIGTERM)
+    return pending
+
+
 def test_sigterm_flips_readiness_and_refuses_new_work_while_finishing_old(start_server) -> None:
     """SIGTERM: readiness goes 503 and a new request is refused (503, Retry-After) while
     an accepted request is still running; that one still gets its answer; exit 0."""
-    slow = "slow=python:support.fake_handlers:Slow"
-    server: Server = start_server("--model", slow, "--drain-timeout", "60", env=HANDLER_ENV)
+    server: Server = start_server("--model", SLOW, "--drain-timeout", "60", env=HANDLER_ENV)
     with server.client() as c, ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(c.post, "/v1/models/slow/predict", json={"data": [4000.0, 1.0]})
-        arena = server.ctl("status")["server"]["arena"]
-        wait_until(lambda: running(arena), 20, "the request to reach a worker")
-        server.proc.send_signal(signal.SIGTERM)
+        pending = sigterm_while_in_the_model(server, c, pool, 4000.0)
         with server.client() as probe:
 
             def readiness() -> httpx.Response | None:
@@ -191,14 +202,9 @@ def test_request_unanswered_at_the_drain_timeout_gets_a_json_503(start_server) -
     """A request still in the model when server.drain_timeout_s runs out: uvicorn cancels
     it; the client gets a JSON 503 saying so (it was a text 500 and a logged traceback),
     and the server still exits 0."""
-    slow = "slow=python:support.fake_handlers:Slow"
-    server: Server = start_server("--model", slow, "--drain-timeout", "1", env=HANDLER_ENV)
+    server: Server = start_server("--model", SLOW, "--drain-timeout", "1", env=HANDLER_ENV)
     with server.client() as c, ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(c.post, "/v1/models/slow/predict", json={"data": [6000.0, 1.0]})
-        arena = server.ctl("status")["server"]["arena"]
-        wait_until(lambda: running(arena), 20, "the request to reach a worker")
-        server.proc.send_signal(signal.SIGTERM)
-        r = pending.result(60)
+        r = sigterm_while_in_the_model(server, c, pool, 6000.0).result(60)
     assert r.status_code == 503 and "drain timeout" in r.json()["error"], r.text
     assert server.proc.wait(60) == 0
     assert "Exception in ASGI application" not in server.log()
@@ -497,7 +503,7 @@ def test_idle_worker_stops_on_sigterm_not_at_its_heartbeat(start_server) -> None
 def test_fast_shutdown(start_server, how: str) -> None:
     server: Server = start_server(
         "--model",
-        "slow=python:support.fake_handlers:Slow",
+        SLOW,
         "--drain-timeout",
         "60",
         "--max-batch-size",
