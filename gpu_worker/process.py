@@ -26,8 +26,10 @@ import torch
 
 from ringserve.gpu_worker.batcher import Batcher, BatchPolicy, Pending
 from ringserve.gpu_worker.cpu_share import ThreadShare
-from ringserve.gpu_worker.handlers import BadInput, Handler, create_handler
+from ringserve.gpu_worker.handlers import BadInput, Handler, TensorSpec, create_handler
+from ringserve.gpu_worker.handlers.base import OutputContractError
 from ringserve.gpu_worker.metrics import BatchTiming, WorkerMetrics
+from ringserve.gpu_worker.output_contract import check_output
 from ringserve.gpu_worker.profile import throughput_profile
 from ringserve.ipc import bytes_tensor, wake
 from ringserve.ipc.answer import write_error, write_output
@@ -90,6 +92,8 @@ class Worker:
         self._pinned: dict[tuple, torch.Tensor] = {}
         self._batch_seq = 0
         self._ran: list[BatchTiming] = []  # this loop round's model executions
+        self._declared_output: TensorSpec | None = None  # what answers are checked against
+        self._contract_errors: set[str] = set()  # logged once each, not once a batch
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -117,6 +121,8 @@ class Worker:
             self.handler = create_handler(self.model)
             self.handler.load(device)
             self.handler.device = device
+            if self.handler.output_declared and self.handler.outputs:
+                self._declared_output = self.handler.outputs[0]
         except Exception as e:
             if self.spec.failures:  # the traceback is in the journal from the first try
                 log.error(
@@ -383,6 +389,13 @@ class Worker:
         assert self.handler is not None
         try:
             outputs, gather_s, infer_s = self._infer([m.tensor for m in members])
+        except OutputContractError as e:
+            # The handler's fault, not a request's: running members alone would only
+            # run the model again per request to fail the same way.
+            self._contract_broken(str(e))
+            for m in members:
+                self._finish_error(m.slot, Status.MODEL_ERROR, f"model error: {e}".encode(), owners)
+            return
         except Exception as e:
             if len(members) == 1:
                 if isinstance(e, BadInput):  # refused by infer or postprocess: still a 400
@@ -408,6 +421,11 @@ class Worker:
         input_s = gather_s + sum(m.preprocess_s for m in members)
         self._ran.append(BatchTiming(rows_total, len(members), input_s, infer_s, output_s))
 
+    def _contract_broken(self, why: str) -> None:
+        if why not in self._contract_errors and len(self._contract_errors) < 16:
+            self._contract_errors.add(why)
+            log.error("model %s breaks the handler contract: %s", self.model.name, why)
+
     def _infer(self, tensors: list[torch.Tensor]) -> tuple[np.ndarray, float, float]:
         """The outputs of one batch, the seconds spent gathering its input (and starting
         the copy to a GPU, which is asynchronous: it completes inside the model's time),
@@ -426,8 +444,7 @@ class Worker:
             result = self.handler.postprocess(out)
         finally:
             self.thread_share.leave()
-        if result.shape[0] != batch.shape[0]:
-            raise RuntimeError(f"handler returned {result.shape[0]} rows for {batch.shape[0]}")
+        check_output(result, int(batch.shape[0]), self._declared_output)
         seconds = (time.monotonic_ns() - t0) / 1e9
         if device.type == "cuda":
             rec = self.control.rec

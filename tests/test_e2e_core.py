@@ -214,11 +214,14 @@ def test_bad_input_gets_4xx_and_server_stays_healthy(start_server) -> None:
     assert server.stop() == 0
 
 
-def test_handler_that_fails_the_start_up_profile_still_serves(start_server) -> None:
+def test_handler_faults_are_named_and_the_server_keeps_serving(start_server) -> None:
     """The batch profile feeds zeros of the declared shape; a handler that refuses them
-    crash-looped and never became ready. Now the profile is skipped, with a warning."""
+    crash-looped and never became ready. Now the profile is skipped, with a warning.
+    An output that contradicts the handler's declaration (which v2 metadata advertises)
+    answered 200, or a tuple from ``infer`` a riddle about ``.device``: now each is a
+    500 that names the mismatch, logged once, and the next request is served."""
     server: Server = start_server(
-        "--model", "z=python:support.fake_handlers:RefusesZeros", env=HANDLER_ENV, frontends=1
+        "--model", "z=python:support.fake_handlers:Misbehaves", env=HANDLER_ENV, frontends=1
     )
     with server.client() as c:
         r = c.post("/v1/models/z/predict", json={"data": [1.0, 2.0]})
@@ -226,7 +229,20 @@ def test_handler_that_fails_the_start_up_profile_still_serves(start_server) -> N
         # BadInput raised in infer (not only in preprocess) is the client's 400.
         r = c.post("/v1/models/z/predict", json={"data": [-1.0, 2.0]})
         assert r.status_code == 400 and "negatives" in r.json()["error"], r.text
-    assert "batch profile skipped (ValueError: all zeros" in server.log()
+        broken = {
+            1001: "output OUTPUT0 is float64; the model declares float32",
+            1002: "output OUTPUT0 has per-row shape [2, 1]; the model declares [-1]",
+            1003: "infer returned tuple; it must return one torch.Tensor",
+            1004: "handler returned 0 rows for a batch of 1",
+        }
+        for first, why in [*broken.items(), (1001, broken[1001])]:
+            r = c.post("/v1/models/z/predict", json={"data": [first, 2.0]})
+            assert r.status_code == 500 and why in r.json()["error"], r.text
+            ok = c.post("/v1/models/z/predict", json={"data": [3.0, 4.0]})
+            assert ok.status_code == 200 and ok.json()["result"] == [3.0, 4.0], ok.text
+    log = server.log()
+    assert "batch profile skipped (ValueError: all zeros" in log
+    assert log.count("output OUTPUT0 is float64; the model declares float32") == 1
     assert server.stop() == 0
 
 

@@ -18,7 +18,9 @@ import torch
 import torchvision
 from PIL import Image
 
-from ringserve.gpu_worker.handlers import BadInput, Handler, create_handler
+from ringserve.gpu_worker.handlers import BadInput, Handler, TensorSpec, create_handler
+from ringserve.gpu_worker.handlers.base import OutputContractError
+from ringserve.gpu_worker.output_contract import check_output
 from ringserve.ipc.config import ModelSettings
 from ringserve.ipc.layout import PayloadKind
 
@@ -34,9 +36,10 @@ def loaded(handler: str, **kwargs: object) -> Handler:
 
 
 def run(h: Handler, *requests: tuple[np.ndarray, PayloadKind]) -> np.ndarray:
-    """The worker's path for one batch made of ``requests``."""
+    """The worker's path for one batch made of ``requests``, with its output check."""
     batch = torch.cat([h.preprocess(payload, kind) for payload, kind in requests])
-    return h.postprocess(h.infer(batch.to(h.device)))
+    out = h.postprocess(h.infer(batch.to(h.device)))
+    return check_output(out, batch.shape[0], h.outputs[0] if h.output_declared else None)
 
 
 def image_bytes(path: Path) -> np.ndarray:
@@ -394,6 +397,74 @@ def test_torchscript_defaults_and_refusals(tmp_path: Path) -> None:
         )
     with pytest.raises(ValueError, match="task"):
         create_handler(ModelSettings(name="m", handler="torchscript:x", options={"task": "nope"}))
+
+
+def test_torchscript_output_is_checked_only_when_declared(tmp_path: Path) -> None:
+    """Without output options the spec is a placeholder, so a [N] output is served as
+    the archive returns it; once declared, a mismatch is named."""
+    path = tmp_path / "affine.pt"
+    _script(_Affine().eval(), path)
+    x = (np.ones((2, 4), np.float32), TENSOR)
+    assert run(loaded(f"torchscript:{path}"), x).shape == (2, 3)
+    h = loaded(f"torchscript:{path}", options={"output_shape": [4]})
+    with pytest.raises(OutputContractError, match=r"per-row shape \[3\]; the model declares \[4\]"):
+        run(h, x)
+
+
+# -- the output contract -----------------------------------------------------------------
+
+FP32_3 = TensorSpec("OUT", "float32", (3,))
+
+
+@pytest.mark.parametrize(
+    ("result", "spec", "why"),
+    [
+        ((1, 2), FP32_3, "postprocess returned tuple; it must return a numpy array"),
+        (np.float32(1), FP32_3, "postprocess returned float32"),
+        (np.array(1.0, np.float32), FP32_3, "handler returned a scalar for a batch of 2"),
+        (np.zeros((3, 3), np.float32), FP32_3, "handler returned 3 rows for a batch of 2"),
+        (np.zeros((2, 3)), FP32_3, "output OUT is float64; the model declares float32"),
+        (np.zeros((2, 3), object), FP32_3, "output OUT is object; the model declares float32"),
+        (np.zeros((2, 4), np.float32), FP32_3, r"per-row shape \[4\]; the model declares \[3\]"),
+        (np.zeros(2, np.float32), FP32_3, r"per-row shape \[\]; the model declares \[3\]"),
+        (
+            np.zeros((2, 3, 1), np.float32),
+            TensorSpec("OUT", "float32", (-1,)),
+            r"per-row shape \[3, 1\]; the model declares \[-1\]",
+        ),
+        (
+            np.zeros((2, 1), np.float32),
+            TensorSpec("OUT", "bytes", (1,)),
+            "output OUT is float32; the model declares bytes",
+        ),
+    ],
+)
+def test_an_output_that_breaks_its_declaration_is_named(
+    result: object, spec: TensorSpec, why: str
+) -> None:
+    with pytest.raises(OutputContractError, match=why):
+        check_output(result, 2, spec)
+
+
+@pytest.mark.parametrize(
+    ("result", "spec"),
+    [
+        (np.zeros((2, 3), np.float32), FP32_3),
+        (np.zeros((2, 7, 5), np.int64), TensorSpec("OUT", "int64", (-1, 5))),
+        (np.array([[b"a"], ["b"]], object), TensorSpec("OUT", "bytes", (1,))),
+        (np.zeros((2, 9, 9), np.float64), None),  # nothing declared: type and rows only
+    ],
+)
+def test_an_output_that_keeps_its_declaration_passes(result: np.ndarray, spec: TensorSpec) -> None:
+    assert check_output(result, 2, spec) is result
+
+
+def test_default_postprocess_names_a_wrong_return_type() -> None:
+    h = loaded("identity")
+    with pytest.raises(OutputContractError, match="infer returned dict; it must return one"):
+        h.postprocess({"logits": torch.zeros(1)})  # type: ignore[arg-type]
+    array = np.zeros((1, 2), np.float32)
+    assert h.postprocess(array) is array  # type: ignore[arg-type]
 
 
 # -- python:module:Class -----------------------------------------------------------------

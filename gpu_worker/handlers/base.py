@@ -35,6 +35,12 @@ class BadInput(ValueError):
     """The request's input is refused; its message goes back to the client with a 400."""
 
 
+class OutputContractError(TypeError):
+    """A batch's output breaks the handler contract or the handler's own declaration
+    (``gpu_worker/output_contract.py``): every request of the batch fails with a 500
+    naming the mismatch; the handler, not a request, is at fault."""
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -51,6 +57,9 @@ class Handler(ABC):
     accepts_images: bool = False
     task: str = "tensor"  # "classification": /predict answers {"label", "score"}
     labels: tuple[str, ...] = ()
+    # Answers are checked against ``outputs[0]`` (dtype and per-row shape); False where
+    # that spec is a placeholder, not a declaration (TorchScript without output options).
+    output_declared: bool = True
 
     def __init__(self, settings: ModelSettings, arg: str = "") -> None:
         self.settings = settings
@@ -72,6 +81,15 @@ class Handler(ABC):
         """Run the model on a batch already on ``self.device``."""
 
     def postprocess(self, output: torch.Tensor) -> np.ndarray:
+        """The batch output as a numpy array on the host (an array passes as is)."""
+        if isinstance(output, np.ndarray):
+            return output
+        if not isinstance(output, torch.Tensor):
+            raise OutputContractError(
+                f"infer returned {type(output).__name__}; it must return one torch.Tensor "
+                "with the batch first (or define postprocess to turn what it returns into "
+                "a numpy array)"
+            )
         if output.device.type != "cpu":
             output = output.cpu()
         return output.numpy(force=output.requires_grad)  # force: detach when needed

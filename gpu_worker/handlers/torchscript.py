@@ -4,7 +4,9 @@ A TorchScript file carries no description of its inputs, so the tensor specs com
 the model's options (``[models.NAME.options]``), with permissive defaults:
 
 - ``input_dtype`` ("float32") and ``input_shape`` ([-1]): per-row input, -1 = any size;
-- ``output_dtype`` ("float32") and ``output_shape`` ([-1]): per-row output;
+- ``output_dtype`` ("float32") and ``output_shape`` ([-1]): per-row output; with either
+  set, every answer is checked against them (a mismatch is a 500 naming it), with
+  neither, answers go out as the archive returns them;
 - ``task`` ("tensor"): "classification" makes /predict answer a label and a score;
 - ``labels_file`` (none): one label per line, for a classification model.
 
@@ -59,6 +61,9 @@ class TorchScriptHandler(Handler):
                 "output",
             ),
         )
+        # Without either option the output spec is a placeholder: answers are whatever
+        # the archive returns. With one, the declaration is checked on every batch.
+        self.output_declared = "output_dtype" in opts or "output_shape" in opts
         self.task = str(opts.get("task", "tensor"))
         if self.task not in TASKS:
             raise ValueError(f"options.task: {self.task!r} is not one of {', '.join(TASKS)}")

@@ -1,7 +1,7 @@
 """Handlers used only by tests: a slow one (deadlines, full queues, disconnects), a
 poisonous one (raises on 13, kills its process on 666), a leaking one (host memory) and
-one that leaks on its device (GPU memory, on a GPU), one that fails to load, one that reports its threads, one with a BYTES input and one with a BYTES
-output."""
+one that leaks on its device (GPU memory, on a GPU), one that fails to load, one that reports its threads, one with a BYTES input, one with
+a BYTES output and one that breaks the handler contract."""
 
 from __future__ import annotations
 
@@ -156,9 +156,11 @@ class Describe(Handler):
         return out
 
 
-class RefusesZeros(Handler):
+class Misbehaves(Handler):
     """Identity that raises on an all-zero batch: what the start-up batch profile feeds a
-    handler (a TorchServe-style image decoder fails the same way)."""
+    handler (a TorchServe-style image decoder fails the same way); refuses negatives in
+    ``infer``; and breaks its own declaration when a row starts with 1001 (float64),
+    1002 (an extra dimension), 1003 (a tuple, not a tensor) or 1004 (one row too few)."""
 
     inputs = (TensorSpec("INPUT0", "float32", (-1,)),)
     outputs = (TensorSpec("OUTPUT0", "float32", (-1,)),)
@@ -166,9 +168,18 @@ class RefusesZeros(Handler):
     def load(self, device: torch.device) -> None:
         self.device = device
 
-    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+    def infer(self, batch: torch.Tensor) -> object:
         if not bool(batch.any()):
             raise ValueError("all zeros: not a real input")
         if bool((batch < 0).any()):
             raise BadInput("negatives are not allowed")  # refused in infer: still a 400
+        first = set(batch[:, 0].tolist())
+        if 1001 in first:
+            return batch.double()
+        if 1002 in first:
+            return batch[..., None]
+        if 1003 in first:
+            return batch, batch
+        if 1004 in first:
+            return batch[1:]
         return batch

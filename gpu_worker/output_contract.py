@@ -1,0 +1,54 @@
+"""What a batch's output must be before it is answered: checked once per batch.
+
+Frontends describe a model to clients from the handler's declared ``outputs[0]`` (v2
+metadata, ``/v1/models``), while each answer carries the dtype and shape the handler
+actually returned. A handler that returns float64, or the wrong number of columns,
+would answer 200 with data its own metadata contradicts; Triton's backends refuse such
+an output, and so do we, with a message that names the mismatch. A few microseconds a
+batch, not a request.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ringserve.gpu_worker.handlers.base import OutputContractError, TensorSpec
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def check_output(result: object, rows: int, spec: TensorSpec | None) -> np.ndarray:
+    """``result`` if it is a numpy array of ``rows`` rows matching ``spec`` (the declared
+    per-row dtype and shape, -1 for any size); else raise ``OutputContractError``.
+    With no declared output, only the type and the row count are checked."""
+    if not isinstance(result, np.ndarray):
+        raise OutputContractError(
+            f"postprocess returned {type(result).__name__}; it must return a numpy array "
+            "with one row per input row"
+        )
+    if result.ndim == 0 or result.shape[0] != rows:
+        got = "a scalar" if result.ndim == 0 else f"{result.shape[0]} rows"
+        raise OutputContractError(f"handler returned {got} for a batch of {rows}")
+    if spec is None:
+        return result
+    name = spec.name
+    if spec.dtype == "bytes":
+        if not result.dtype.hasobject:
+            raise OutputContractError(
+                f"output {name} is {result.dtype.name}; the model declares bytes "
+                "(an object array of bytes or str)"
+            )
+    elif result.dtype != np.dtype(spec.dtype):
+        got = "object" if result.dtype.hasobject else result.dtype.name
+        raise OutputContractError(f"output {name} is {got}; the model declares {spec.dtype}")
+    per_row = result.shape[1:]
+    if len(per_row) != len(spec.shape) or any(
+        d != -1 and d != g for d, g in zip(spec.shape, per_row, strict=True)
+    ):
+        raise OutputContractError(
+            f"output {name} has per-row shape {_shape_text(per_row)}; "
+            f"the model declares {_shape_text(spec.shape)}"
+        )
+    return result
