@@ -44,7 +44,7 @@ from ringserve.ipc import bytes_tensor
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.config import Settings
 from ringserve.ipc.errors import QueueFull
-from ringserve.ipc.layout import PayloadKind, Status
+from ringserve.ipc.layout import ModelAvailability, PayloadKind, Status
 
 access_log = logging.getLogger("ringserve.access")
 R = TypeVar("R")
@@ -118,7 +118,7 @@ def ready_model(state: FrontendState, name: str) -> ModelInfo:
     if info is None:
         raise HTTPError(404, f"unknown model {name!r}")
     if not state.catalog.serving(info):
-        raise unavailable(f"model {name!r} is not ready", retry_after_s=2)
+        raise unavailable(state.catalog.not_served_why(info), retry_after_s=2)
     return info
 
 
@@ -381,6 +381,19 @@ def make_predict(state: FrontendState) -> Handler:
     return predict
 
 
+def _model_state(state: FrontendState, info: ModelInfo, ready: int) -> str:
+    """``/v1/models`` state: ready, loading (never served yet), recovering (a worker is
+    being replaced) or failing (its workers keep dying at start, or none is left)."""
+    if ready and info.spec:
+        return "ready"
+    availability = state.catalog.availability(info.index)
+    if availability == ModelAvailability.FAILING:
+        return "failing"
+    if availability == ModelAvailability.RECOVERING:
+        return "recovering"
+    return "loading"
+
+
 def build_app(state: FrontendState, extra_routes: list[Route] | None = None) -> HotRoutes:
     async def health(request: Request) -> Response:
         return JSONResponse(
@@ -395,7 +408,10 @@ def build_app(state: FrontendState, extra_routes: list[Route] | None = None) -> 
             reasons.append("draining")
         if state.arena.paused:
             reasons.append("intake paused")
-        reasons += [f"model {n} has no ready worker" for n, c in models.items() if c == 0]
+        for index, (n, c) in enumerate(models.items()):
+            if c == 0:
+                error = state.catalog.last_error(index)
+                reasons.append(f"model {n} has no ready worker" + (f": {error}" if error else ""))
         body = {"ready": not reasons, "workers_ready": models}
         if reasons:
             body["reasons"] = reasons
@@ -412,11 +428,13 @@ def build_app(state: FrontendState, extra_routes: list[Route] | None = None) -> 
             info = state.catalog.get(name)
             assert info is not None
             ready = int(ready_counts[info.index])
+            error = state.catalog.last_error(info.index)
             out.append(
                 {
                     "name": name,
                     "handler": info.settings.handler,
-                    "state": "ready" if ready and info.spec else "loading",
+                    "state": _model_state(state, info, ready),
+                    **({"last_error": error} if error else {}),
                     "workers_ready": ready,
                     "workers": info.settings.workers,
                     "max_batch_size": info.settings.batching.max_batch_size,

@@ -11,6 +11,7 @@ import numpy as np
 
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.config import ModelSettings, Settings
+from ringserve.ipc.control import error_text
 from ringserve.ipc.layout import ModelAvailability, ProcState, Role
 
 # Each model has one version (v2 paths may name it); its workers all serve the same.
@@ -78,6 +79,20 @@ class Catalog:
     def availability(self, index: int) -> ModelAvailability:
         """What the supervisor last published for the model (it may lag by a tick)."""
         return ModelAvailability(self.arena.model_word(index, "availability"))
+
+    def last_error(self, index: int) -> str:
+        """The newest load error of the model's workers ("" once one is ready again)."""
+        return error_text(self.arena.models[index]["last_error"])
+
+    def not_served_why(self, info: ModelInfo) -> str:
+        """Why requests for a model that is not serving are refused, for a 503 body."""
+        name = info.settings.name
+        error = self.last_error(info.index)
+        if error:
+            return f"model {name!r} is not ready: its workers fail to load it ({error})"
+        if info.spec is None:
+            return f"model {name!r} is loading"
+        return f"model {name!r} is not ready"
 
     def all_ready(self) -> bool:
         return bool((self.ready_workers() > 0).all())

@@ -39,7 +39,7 @@ from ringserve.frontend.app import (
     request_id,
 )
 from ringserve.frontend.call import AsgiEndpoint, Call, Reply, error_reply, json_reply
-from ringserve.frontend.catalog import MODEL_VERSION, ModelInfo
+from ringserve.frontend.catalog import MODEL_VERSION, Catalog, ModelInfo
 from ringserve.frontend.dispatch import Completed
 from ringserve.frontend.errors import HTTPError, unavailable
 from ringserve.frontend.images import check_images
@@ -101,14 +101,14 @@ def _lookup(state: FrontendState, request: Request | Call) -> ModelInfo:
     return info
 
 
-def _spec(info: ModelInfo) -> dict[str, Any]:
+def _spec(catalog: Catalog, info: ModelInfo) -> dict[str, Any]:
     if info.spec is None:
-        raise unavailable(f"model {info.settings.name!r} is loading", retry_after_s=2)
+        raise unavailable(catalog.not_served_why(info), retry_after_s=2)
     return info.spec
 
 
-def _metadata(info: ModelInfo) -> dict[str, Any]:
-    spec = _spec(info)
+def _metadata(catalog: Catalog, info: ModelInfo) -> dict[str, Any]:
+    spec = _spec(catalog, info)
     mbs = info.settings.batching.max_batch_size
 
     def tensor(t: dict[str, Any]) -> dict[str, Any]:
@@ -127,9 +127,9 @@ def _metadata(info: ModelInfo) -> dict[str, Any]:
     }
 
 
-def _config(info: ModelInfo) -> dict[str, Any]:
+def _config(catalog: Catalog, info: ModelInfo) -> dict[str, Any]:
     """Triton's model configuration as JSON: dims without the batch dimension."""
-    spec = _spec(info)
+    spec = _spec(catalog, info)
     s = info.settings
     mbs = s.batching.max_batch_size
 
@@ -186,7 +186,9 @@ def _repository_state(state: FrontendState, info: ModelInfo) -> tuple[str, str]:
     if info.spec is None and not failing:
         return "LOADING", "no worker has loaded the model yet"
     if failing:
-        return "UNAVAILABLE", "its workers keep failing to start, or none is left (see the log)"
+        error = state.catalog.last_error(info.index)
+        why = f"last error: {error}" if error else "see the log"
+        return "UNAVAILABLE", f"its workers keep failing to start, or none is left ({why})"
     return "UNAVAILABLE", "no ready worker"
 
 
@@ -230,7 +232,7 @@ def v2_routes(state: FrontendState) -> list[Route]:
 
     @_errors_as_json
     async def metadata(request: Request, rid: str) -> Response:
-        return _json(_metadata(_lookup(state, request)), rid)
+        return _json(_metadata(state.catalog, _lookup(state, request)), rid)
 
     @_errors_as_json
     async def model_ready(request: Request, rid: str) -> Response:
@@ -240,7 +242,7 @@ def v2_routes(state: FrontendState) -> list[Route]:
 
     @_errors_as_json
     async def config(request: Request, rid: str) -> Response:
-        return _json(_config(_lookup(state, request)), rid)
+        return _json(_config(state.catalog, _lookup(state, request)), rid)
 
     @_errors_as_json
     async def stats(request: Request, rid: str) -> Response:
@@ -258,7 +260,7 @@ def v2_routes(state: FrontendState) -> list[Route]:
             info = _lookup(state, call)
             check_intake(state)
             ready_model(state, name)
-            spec = _spec(info)
+            spec = _spec(state.catalog, info)
             labels = spec.get("labels") or ()
             inp = TensorSpec.from_spec(spec["inputs"][0])
             out = TensorSpec.from_spec(spec["outputs"][0])

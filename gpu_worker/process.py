@@ -116,6 +116,7 @@ class Worker:
                 torch.zeros(1, device=device)
             except Exception as e:
                 log.error("cannot use %s: %s", device, e)
+                self.control.record_error(e)
                 sys.exit(ExitCode.CUDA_INIT)
         try:
             self.handler = create_handler(self.model)
@@ -135,6 +136,7 @@ class Worker:
                 )
             else:
                 log.exception("model %s (%s) failed to load", self.model.name, self.model.handler)
+            self.control.record_error(e)
             sys.exit(ExitCode.MODEL_LOAD)
         preferred = self.model.batching.preferred_batch_size
         rates: dict[int, float] = {}

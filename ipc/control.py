@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from ringserve.ipc.arena import Arena
-from ringserve.ipc.layout import Command, ProcState, Role
+from ringserve.ipc.layout import ERROR_BYTES, Command, ProcState, Role
 
 
 class ControlBlock:
@@ -68,6 +68,25 @@ class ControlBlock:
 
     def ack(self) -> None:
         self.rec["ack_seq"] = self._seen_seq
+
+    def record_error(self, error: BaseException) -> None:
+        """Why this process cannot start, for the supervisor to read after it exits."""
+        self.rec["error"] = error_bytes(f"{type(error).__name__}: {error}")
+
+
+def error_bytes(text: str) -> bytes:
+    """``text`` as UTF-8 cut to ``ERROR_BYTES`` on a character boundary, one line."""
+    raw = " ".join(text.split()).encode()[:ERROR_BYTES]
+    return raw.decode(errors="ignore").encode()
+
+
+def error_text(field: np.bytes_ | bytes) -> str:
+    return bytes(field).decode(errors="replace")
+
+
+def read_error(arena: Arena, index: int) -> str:
+    """Supervisor side: what a child recorded with ``record_error`` ("" if nothing)."""
+    return error_text(arena.control[index]["error"])
 
 
 def send_command(arena: Arena, index: int, command: Command) -> int:

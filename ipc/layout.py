@@ -40,13 +40,15 @@ import enum
 import numpy as np
 
 MAGIC = 0x5245_5653_474E_4952  # "RINGSVER" as little-endian bytes, give or take
-VERSION = 4  # 3: the ring lock is a robust mutex in the ring header; 4: the region table
+VERSION = 5  # 3: the ring lock is a robust mutex in the ring header; 4: the region table;
+# 5: load errors in control records and model entries
 
 PAGE = 4096
 ARENA_HEADER_BYTES = PAGE
 MODEL_ENTRY_BYTES = 64 * 1024  # room for 1000 class labels
 RING_HEADER_BYTES = 128
-CONTROL_BYTES = 256
+CONTROL_BYTES = 512
+ERROR_BYTES = 320  # a load error's "Type: message", UTF-8, cut to fit
 SLOT_HEADER_BYTES = 512
 REGION_TABLE_HEADER_BYTES = 128
 REGION_ENTRY_BYTES = 512
@@ -173,7 +175,10 @@ MODEL_ENTRY = np.dtype(
         ("spec_len", "<u4"),
         ("availability", "<u4"),
         ("pad", "<u4"),
-        ("spec", f"S{MODEL_ENTRY_BYTES - 16}"),
+        # The supervisor's copy of the newest load error of the model's workers; cleared
+        # when one becomes ready. Frontends show it while the model is not served.
+        ("last_error", f"S{ERROR_BYTES}"),
+        ("spec", f"S{MODEL_ENTRY_BYTES - 16 - ERROR_BYTES}"),
     ]
 )
 
@@ -218,6 +223,9 @@ CONTROL = np.dtype(
         # Worker: 1 while counted in its ring's ``sleepers`` (set and cleared under the
         # ring lock), so the supervisor can take a dead worker's count back.
         ("asleep", "<u4"),
+        # Worker: why it could not start (model load, CUDA init), written just before it
+        # exits; the supervisor reads it on the exit, before the record is reset.
+        ("error", f"S{ERROR_BYTES}"),
     ],
     align=True,
 )

@@ -333,6 +333,10 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
                 )
                 if owner is not None and owner.child is child:
                     owner.failures = 0
+                if child.role == "worker":  # the model loads again: old errors are history
+                    self.arena.models[child.model_index]["last_error"] = b""
+                    if isinstance(owner, WorkerSlot):
+                        owner.last_error = ""
             # Until the child registers, its record is blank: count from its spawn.
             silent_s = now - max(int(rec["heartbeat_ns"]) / 1e9, child.started)
             limit = w.start_timeout_s if child.phase == Phase.STARTING else w.heartbeat_timeout_s
@@ -359,7 +363,7 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
                 counts[ws.model_index] += 1
         return counts
 
-    def _publish_availability(self) -> None:
+    def publish_availability(self) -> None:
         assert self.arena is not None
         counts = self.ready_workers()
         table = self.arena.models["availability"]
@@ -376,7 +380,7 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
             table[i] = state
 
     def _check_ready(self) -> None:
-        self._publish_availability()
+        self.publish_availability()
         if self.phase != "running":
             return
         models_ready = all(self.ready_workers().values())
@@ -443,7 +447,8 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         if ws.failures:
             what.append(f"failed to start {ws.failures} time(s)")
         if ws.last_exit_reason:
-            what.append(f"(last: {ws.last_exit_reason})")
+            last = ws.last_exit_reason + (f": {ws.last_error}" if ws.last_error else "")
+            what.append(f"(last: {last})")
         return f"worker-{ws.ident} " + (" ".join(what) or "not started")
 
     def _notify_status(self) -> None:

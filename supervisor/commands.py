@@ -14,7 +14,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ringserve.ipc.client_regions import ClientRegions
-from ringserve.ipc.layout import ProcState
+from ringserve.ipc.control import error_text
+from ringserve.ipc.layout import ModelAvailability, ProcState
 from ringserve.supervisor.admin import AdminCommandError
 from ringserve.supervisor.children import Phase
 from ringserve.supervisor.positions import WorkerSlot
@@ -62,13 +63,22 @@ def _published(arb: Arbiter, model: int) -> dict[str, Any]:
     return {k: spec[k] for k in ("preferred_batch_size", "batch_profile", "device") if k in spec}
 
 
+def _last_error(field: bytes) -> dict[str, str]:
+    """``{"last_error": ...}`` while the model's newest load error stands, else nothing."""
+    text = error_text(field)
+    return {"last_error": text} if text else {}
+
+
 def status(arb: Arbiter) -> dict[str, Any]:
     assert arb.arena is not None
+    arb.publish_availability()  # current, not as of the last tick: "ready" agrees with it
     now = time.monotonic()
     procs = []
     restarts: dict[str, tuple[int, str, str]] = {}
+    errors: dict[str, str] = {}
     for ws in arb.workers:
         restarts[f"worker-{ws.ident}"] = (ws.restarts, ws.last_exit_reason, ws.last_recycle_reason)
+        errors[f"worker-{ws.ident}"] = ws.last_error
     for fs in arb.frontends:
         restarts[f"frontend-{fs.ident}"] = (fs.restarts, fs.last_exit_reason, "")
     for child in arb.all_children():
@@ -97,6 +107,7 @@ def status(arb: Arbiter) -> dict[str, Any]:
                 "restarts": n_restarts,
                 "last_exit_reason": last_exit,
                 "last_recycle_reason": last_recycle,
+                **({"last_error": errors[child.name]} if errors.get(child.name) else {}),
             }
         )
     ready = arb.ready_workers()
@@ -104,10 +115,12 @@ def status(arb: Arbiter) -> dict[str, Any]:
         {
             "name": m.name,
             "handler": m.handler,
+            "state": ModelAvailability(int(arb.arena.models[i]["availability"])).name.lower(),
             "workers": sum(1 for ws in arb.workers if ws.model_index == i and not ws.retired),
             "ready": ready[i],
             "queue_depth": arb.rings[i].depth(),
             **_published(arb, i),
+            **_last_error(arb.arena.models[i]["last_error"]),
         }
         for i, m in enumerate(arb.settings.models)
     ]

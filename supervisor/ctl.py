@@ -276,9 +276,12 @@ def write_status(result: Any, out: TextIO) -> None:
         if dicts:
             keys: dict[str, None] = {}
             for m in dicts:
-                keys.update(dict.fromkeys(m))
+                keys.update(dict.fromkeys(k for k in m if k != "last_error"))
             columns = [(_label(k).upper(), k) for k in keys]
             out.write("\n".join(render_table(dicts, columns)) + "\n")
+            for m in dicts:  # a sentence, not a column: it would widen every row
+                if m.get("last_error"):
+                    out.write(f"{m.get('name', '?')}: last load error: {m['last_error']}\n")
         others = [m for m in models if not isinstance(m, dict)]
         if others:
             out.write("models: " + ", ".join(map(str, others)) + "\n")

@@ -11,6 +11,7 @@ import selectors
 import time
 
 from ringserve.ipc import wake
+from ringserve.ipc.control import error_bytes, read_error
 from ringserve.ipc.control import reset as reset_control
 from ringserve.ipc.errors import ExitCode
 from ringserve.supervisor.children import Child, Phase
@@ -43,16 +44,24 @@ class ExitHandling:
         reason = child.kill_reason or ExitCode.describe(rc)
         expected = child.phase == Phase.STOPPING and not child.kill_reason
         level = logging.INFO if expected or rc in (0, ExitCode.RECYCLE) else logging.ERROR
-        log.log(level, "%s (pid %d) exited: %s", child.name, child.pid, reason)
+        assert self.arena is not None
+        error = read_error(self.arena, child.control_index)  # before the reset below
+        log.log(
+            level,
+            "%s (pid %d) exited: %s%s",
+            child.name,
+            child.pid,
+            reason,
+            f" ({error})" if error else "",
+        )
         self.memory.forget(child.pid)
         if child.role == "worker":
             self._recover_worker_slots(child)
-        assert self.arena is not None
         reset_control(self.arena, child.control_index)
         if child.role == "frontend":
             self._frontend_exited(child, reason)
         else:
-            self._worker_exited(child, reason)
+            self._worker_exited(child, reason, error)
         child.phase = Phase.EXITED
 
     def _recover_worker_slots(self, child: Child) -> None:
@@ -91,15 +100,16 @@ class ExitHandling:
         fs.rolling = False
         fs.restart_at = time.monotonic() + delay
 
-    def _worker_exited(self, child: Child, reason: str) -> None:
+    def _worker_exited(self, child: Child, reason: str, error: str = "") -> None:
         self.free_controls.append(child.control_index)
+        why = f"{reason}: {error}" if error else reason
         for r in list(self.replacements):
             if r.new is child:  # the replacement died before taking over: keep the old one
-                log.error("replacement for %s failed (%s); keeping the old one", r.old.name, reason)
+                log.error("replacement for %s failed (%s); keeping the old one", r.old.name, why)
                 self.replacements.remove(r)
                 old = self._worker_slot(r.old)
                 if old is not None:  # what ctl status shows: not a recycle that happened
-                    old.last_recycle_reason = f"{r.reason} failed: {reason}"
+                    old.last_recycle_reason = f"{r.reason} failed: {why}"
                 if r.reason == "reload" and self.rolling:
                     # The next worker would load the same broken model: stop here, as a
                     # rollout pauses on its first failure, and leave the rest serving.
@@ -115,6 +125,10 @@ class ExitHandling:
             return
         if child.phase == Phase.STARTING:
             ws.failures += 1
+        if error:
+            assert self.arena is not None
+            ws.last_error = error
+            self.arena.models[ws.model_index]["last_error"] = error_bytes(error)
         ws.restarts += 1
         ws.last_exit_reason = reason
         self.stats.restarted("worker", reason)

@@ -30,6 +30,7 @@ class WorkerSlot:
     restarts: int = 0
     last_exit_reason: str = ""
     last_recycle_reason: str = ""
+    last_error: str = ""  # what its last process recorded before failing to start
     retired: bool = False  # scaled down: do not restart
 
 

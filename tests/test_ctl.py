@@ -53,7 +53,10 @@ STATUS: dict[str, Any] = {
         },
         {"id": "worker-1", "state": "starting"},  # most keys missing
     ],
-    "models": [{"name": "digits", "workers": 2, "ready": True}],
+    "models": [
+        {"name": "digits", "workers": 2, "ready": True},
+        {"name": "bad", "workers": 1, "ready": 0, "last_error": "RuntimeError: corrupt"},
+    ],
 }
 
 
@@ -134,6 +137,9 @@ def test_status_table(server: AdminServer, capsys: pytest.CaptureFixture[str]) -
     assert worker[header.index("MODEL") :].startswith("digits")
     assert all(line == line.rstrip() for line in lines)
     assert "NAME" in lines[7] and "digits" in lines[8] and "yes" in lines[8]
+    # A load error is a sentence under the table, not a column widening every row.
+    assert "LAST_ERROR" not in lines[7] and lines[9].split()[0] == "bad"
+    assert lines[10] == "bad: last load error: RuntimeError: corrupt"
 
 
 def test_status_json(server: AdminServer, capsys: pytest.CaptureFixture[str]) -> None:

@@ -380,17 +380,50 @@ def test_model_that_never_loads_backs_off_and_is_not_ready(start_server) -> None
         60,
         "three load failures with back-off",
     )
+    # The worker's own error, not only "not ready": in every view an operator or a
+    # client looks at (it was only in the journal, next to the traceback).
+    error = "RuntimeError: weights file is corrupt"
     with server.client() as c:
         r = c.get("/readiness")
-        assert r.status_code == 503 and "bad" in r.text
+        assert r.status_code == 503 and f"model bad has no ready worker: {error}" in r.text
         r = c.post("/v1/models/bad/predict", json={"data": [1.0]})
         assert r.status_code == 503 and r.headers["retry-after"]
+        assert r.json()["error"] == (
+            f"model 'bad' is not ready: its workers fail to load it ({error})"
+        )
+        [model] = c.get("/v1/models").json()["models"]
+        assert (model["state"], model["last_error"]) == ("failing", error)
+        r = c.get("/v2/models/bad")
+        assert r.status_code == 503 and error in r.json()["error"]
         [entry] = c.post("/v2/repository/index").json()  # Triton's view of the same
         assert (entry["name"], entry["state"]) == ("bad", "UNAVAILABLE")
-        assert "failing to start" in entry["reason"]
-    st = server.ctl("status")
-    assert st["models"][0]["ready"] == 0
-    assert "weights file is corrupt" in server.log()
+        assert "failing to start" in entry["reason"] and error in entry["reason"]
+    [model] = server.ctl("status")["models"]
+    assert (model["ready"], model["state"], model["last_error"]) == (0, "failing", error)
+    assert f"exited: model_load ({error})" in server.log()
+    assert server.stop() == 0
+
+
+def test_a_load_error_that_goes_away_is_cleared(start_server, tmp_path: Path) -> None:
+    """Once a worker loads the model, its earlier load error is history: /v1/models and
+    ``ctl status`` stop showing it (the journal keeps it)."""
+    server: Server = start_server(
+        "--model",
+        "flaky=python:support.fake_handlers:FailsFirstLoad",
+        "--set",
+        f"models.flaky.options.marker={tmp_path / 'loaded-once'}",
+        "--set",
+        "worker.restart_backoff_s=0.2",
+        env=HANDLER_ENV,
+        frontends=1,
+    )
+    assert "exited: model_load (RuntimeError: device busy, try again)" in server.log()
+    [model] = server.ctl("status")["models"]
+    assert model["state"] == "serving" and "last_error" not in model, model
+    with server.client() as c:
+        [model] = c.get("/v1/models").json()["models"]
+        assert model["state"] == "ready" and "last_error" not in model, model
+        assert c.post("/v1/models/flaky/predict", json={"data": [1.0]}).status_code == 200
     assert server.stop() == 0
 
 

@@ -580,9 +580,11 @@ def test_repository_state_follows_what_the_supervisor_publishes(
     catalog = Catalog.__new__(Catalog)  # the real readiness rule over a stubbed arena
     catalog.accepting = lambda i: accepting  # type: ignore[method-assign]
     catalog.availability = lambda i: ModelAvailability[availability]  # type: ignore[method-assign]
+    catalog.last_error = lambda i: "OSError: no such file"  # type: ignore[method-assign]
     got, reason = _repository_state(SimpleNamespace(catalog=catalog), info)  # type: ignore[arg-type]
     assert got == expected
     assert bool(reason) == (expected != "READY")
+    assert ("OSError: no such file" in reason) == (availability == "FAILING")
 
 
 def test_repository_index(client: httpx.Client) -> None:

@@ -85,6 +85,18 @@ class FailsToLoad(Handler):
         return batch
 
 
+class FailsFirstLoad(FailsToLoad):
+    """Fails to load until the file ``options.marker`` exists (it creates it on the
+    first try): a load error that goes away, as a GPU busy at boot does."""
+
+    def load(self, device: torch.device) -> None:
+        marker = str(self.settings.options["marker"])
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            raise RuntimeError("device busy, try again")
+        self.device = device
+
+
 class ThreadCount(Handler):
     """Sleeps ``input[0, 0]`` milliseconds, then answers the torch threads it ran with."""
 
