@@ -32,6 +32,7 @@ from ringserve.ipc.layout import (
     numpy_dtype,
 )
 from ringserve.ipc.ring import RequestRing
+from ringserve.ipc.slot_fit import over_slot
 
 R = TypeVar("R")
 REFUSED = "refused"  # a pending future's result: the queue was at its depth limit
@@ -143,9 +144,7 @@ class Dispatcher:
         if not self.free:
             raise QueueFull("all request slots of this frontend are busy")
         if payload.nbytes > self.arena.geometry.slot_bytes:
-            raise ValueError(
-                f"input is {payload.nbytes} bytes; a slot holds {self.arena.geometry.slot_bytes}"
-            )
+            raise ValueError(over_slot("input", payload.nbytes, self.arena.geometry.slot_bytes))
         slot = self.free.pop()
         self.arena.headers.write_request(
             slot,

@@ -51,6 +51,7 @@ from ringserve.ipc.layout import (
 )
 from ringserve.ipc.logs import setup_logging
 from ringserve.ipc.ring import Claimed, RequestRing
+from ringserve.ipc.slot_fit import SLOT_BYTES_KEY, row_bytes
 from ringserve.ipc.slot_io import Header
 from ringserve.ipc.testhooks import pause_point
 
@@ -138,6 +139,7 @@ class Worker:
                 log.exception("model %s (%s) failed to load", self.model.name, self.model.handler)
             self.control.record_error(e)
             sys.exit(ExitCode.MODEL_LOAD)
+        self._warn_if_slots_are_small()
         preferred = self.model.batching.preferred_batch_size
         rates: dict[int, float] = {}
         if not preferred:
@@ -185,6 +187,31 @@ class Worker:
         )
         self.control.set_state(ProcState.READY)
         log.info("worker %d ready: model %s on %s", self.spec.ident, self.model.name, device)
+
+    def _warn_if_slots_are_small(self) -> None:
+        """A request's input, then its output, travel in one slot: say at start, not on
+        the first 413 or 500, when a request of ``max_batch_size`` rows cannot."""
+        assert self.handler is not None
+        slot_bytes, most = self.arena.geometry.slot_bytes, self.model.batching.max_batch_size
+        for spec in (*self.handler.inputs[:1], *self.handler.outputs[:1]):
+            size = row_bytes(spec.dtype, tuple(spec.shape))
+            if not size or slot_bytes // size >= most:
+                continue
+            log.warning(
+                "model %s: a request slot (%s=%d) holds %d row(s) of %s (%s %s), fewer "
+                "than max_batch_size=%d: larger requests are refused. Raise %s to %d for %d",
+                self.model.name,
+                SLOT_BYTES_KEY,
+                slot_bytes,
+                slot_bytes // size,
+                spec.name,
+                spec.dtype,
+                list(spec.shape),
+                most,
+                SLOT_BYTES_KEY,
+                size * most,
+                most,
+            )
 
     def _publish_spec(self, extra: dict) -> None:
         """Metadata for frontends (validation, v2 metadata) and ``ctl status``."""

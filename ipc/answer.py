@@ -13,6 +13,7 @@ import numpy as np
 from ringserve.ipc import bytes_tensor
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.layout import DTYPE_CODE, DTYPE_CODE_OF, MAX_NDIM, Status
+from ringserve.ipc.slot_fit import over_slot
 
 _BYTES = DTYPE_CODE["bytes"]
 IN_PLACE_CHECK_BYTES = 64 * 1024  # below this, copying is cheaper than checking
@@ -36,7 +37,7 @@ def write_output(
     if out.dtype.hasobject:
         return _write_bytes_output(arena, slot, out, batch_size, batch_id)
     if out.nbytes > arena.geometry.slot_bytes or out.ndim > MAX_NDIM:
-        return "output does not fit the slot"
+        return _unfit(arena, out, out.nbytes, "output")
     code = DTYPE_CODE_OF.get(out.dtype)
     if code is None:
         return f"unsupported output dtype {out.dtype.name}"
@@ -56,9 +57,18 @@ def _write_bytes_output(
     except TypeError as e:
         return str(e)
     if len(packed) > arena.geometry.slot_bytes or out.ndim > MAX_NDIM:
-        return "output does not fit the slot"
+        return _unfit(arena, out, len(packed), "BYTES output")
     arena.data(slot)[: len(packed)] = packed
     arena.headers.write_result(
         slot, int(Status.OK), _BYTES, out.shape, len(packed), batch_size, batch_id
     )
     return None
+
+
+def _unfit(arena: Arena, out: np.ndarray, nbytes: int, what: str) -> str:
+    """Why ``out`` (``nbytes`` in the slot) cannot go in: too many dimensions for the
+    header, or too many bytes for the slot, named with the setting that fixes that.
+    Called only on refusal, so the answer path keeps its one comparison."""
+    if out.ndim > MAX_NDIM:
+        return f"{what} has {out.ndim} dimensions; a slot header holds at most {MAX_NDIM}"
+    return over_slot(what, nbytes, arena.geometry.slot_bytes)

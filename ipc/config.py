@@ -289,6 +289,11 @@ def _validate(s: Settings) -> None:
             f"unknown handler {m.handler!r} (one of: identity, digits, torchvision:ARCH, "
             "torchscript:PATH, python:MODULE:CLASS)",
         )
+        need(
+            kind != "python" or _is_python_handler(m.handler),
+            f"{key}.handler",
+            f"python handlers are python:MODULE:CLASS, not {m.handler!r}",
+        )
         need(m.workers >= 1, f"{key}.workers", "must be at least 1")
         need(m.threads >= 1, f"{key}.threads", "must be at least 1")
         need(
@@ -304,6 +309,13 @@ def _validate(s: Settings) -> None:
             f"{key}.batching.preferred_batch_size",
             "must be 0..max_batch_size",
         )
+
+
+def _is_python_handler(handler: str) -> bool:
+    """``python:MODULE:CLASS`` with a dotted module path and a class name: checked here,
+    so a missing part is a config error at start, not a worker failing to load it."""
+    module, _, cls = handler.removeprefix("python:").partition(":")
+    return all(p.isidentifier() for p in module.split(".")) and cls.isidentifier()
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:

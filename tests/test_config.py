@@ -416,6 +416,25 @@ def test_invalid_flag_values_name_the_key():
     fails("models.a!", models=[("a!", "identity")])
 
 
+@pytest.mark.parametrize(
+    "handler",
+    [
+        "python:some.module",  # no class
+        "python:",  # nothing
+        "python",
+        "python::Cls",  # no module
+        "python:some.module:",
+        "python:some..module:Cls",
+        "python:some.module:Cls:extra",
+    ],
+)
+def test_python_handlers_need_a_module_and_a_class(handler):
+    """Refused at start, not when a worker fails to import it."""
+    message = fails("models.a.handler", models=[("a", handler)])
+    assert f"python handlers are python:MODULE:CLASS, not {handler!r}" in message
+    assert load_settings(models=[("a", "python:some.module:Cls")], environ={})
+
+
 def test_flags_fix_a_bad_env_value():
     # later sources win before validation: a bad env port is replaced by the flag
     s = load_settings(
@@ -482,6 +501,7 @@ def cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
         (["--set", "models.digits.batching.max_batch_size=0"], "models.digits.batching"),
         (["--workers", "0"], "models.digits.workers"),
         (["--model", "a=tensorflow:x"], "models.a.handler"),
+        (["--model", "a=python:some.module"], "python handlers are python:MODULE:CLASS"),
         (["--model", "justaname"], "--model"),
         (
             ["--max-batch-size", "4", "--set", "batching.preferred_batch_size=8"],

@@ -404,26 +404,41 @@ def test_model_that_never_loads_backs_off_and_is_not_ready(start_server) -> None
     assert server.stop() == 0
 
 
-def test_a_load_error_that_goes_away_is_cleared(start_server, tmp_path: Path) -> None:
+def test_start_up_diagnostics_load_error_cleared_and_slot_size(
+    start_server, tmp_path: Path
+) -> None:
     """Once a worker loads the model, its earlier load error is history: /v1/models and
-    ``ctl status`` stop showing it (the journal keeps it)."""
+    ``ctl status`` stop showing it (the journal keeps it). And a slot too small for a
+    request of max_batch_size rows is said at start, with the size that would do,
+    instead of on the first 413."""
     server: Server = start_server(
         "--model",
         "flaky=python:support.fake_handlers:FailsFirstLoad",
-        "--set",
-        f"models.flaky.options.marker={tmp_path / 'loaded-once'}",
-        "--set",
-        "worker.restart_backoff_s=0.2",
+        *("--set", f"models.flaky.options.marker={tmp_path / 'loaded-once'}"),
+        *("--set", "models.flaky.batching.max_batch_size=32"),
+        *("--set", "arena.slot_bytes=4096"),
+        *("--set", "worker.restart_backoff_s=0.2"),
         env=HANDLER_ENV,
         frontends=1,
     )
-    assert "exited: model_load (RuntimeError: device busy, try again)" in server.log()
+    log = server.log()
+    assert "exited: model_load (RuntimeError: device busy, try again)" in log
+    assert (
+        "model flaky: a request slot (arena.slot_bytes=4096) holds 16 row(s) of INPUT0 "
+        "(float32 [64]), fewer than max_batch_size=32: larger requests are refused. "
+        "Raise arena.slot_bytes to 8192 for 32"
+    ) in log
+    # The supervisor counts a worker ready on its next tick, after the frontends do.
+    wait_until(lambda: server.ctl("status")["models"][0]["state"] == "serving", 10, "serving")
     [model] = server.ctl("status")["models"]
-    assert model["state"] == "serving" and "last_error" not in model, model
+    assert "last_error" not in model, model
     with server.client() as c:
         [model] = c.get("/v1/models").json()["models"]
         assert model["state"] == "ready" and "last_error" not in model, model
-        assert c.post("/v1/models/flaky/predict", json={"data": [1.0]}).status_code == 200
+        ok = c.post("/v1/models/flaky/predict", json={"data": [[1.0] * 64] * 16})
+        assert ok.status_code == 200, ok.text
+        r = c.post("/v1/models/flaky/predict", json={"data": [[1.0] * 64] * 17})
+        assert r.status_code == 413 and "(arena.slot_bytes)" in r.json()["error"], r.text
     assert server.stop() == 0
 
 

@@ -217,7 +217,8 @@ def test_largest_array_within_the_limit_is_refused_fast(
     body = numbers(n)
     assert len(body) <= MAX_BODY
     t0 = time.monotonic()
-    refused(client.post(ID, content=body, headers=JSON_CT), 413, "a slot holds")
+    error = refused(client.post(ID, content=body, headers=JSON_CT), 413, "a request slot holds")
+    assert error.endswith(f"holds {2**20} (arena.slot_bytes)"), error
     refused(client.post("/v1/models/digits/predict", content=body, headers=JSON_CT), 422, "shape")
     took = time.monotonic() - t0
     print(f"two {len(body) / 2**20:.1f} MiB arrays refused in {took:.2f} s")

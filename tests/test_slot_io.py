@@ -14,6 +14,7 @@ from ringserve.frontend.call import AsgiEndpoint, new_request_id
 from ringserve.ipc.answer import write_error, write_output
 from ringserve.ipc.arena import Arena, ArenaGeometry, segment_name
 from ringserve.ipc.layout import DONE, DTYPE_CODE, DTYPE_CODE_OF, RUNNING, WRITING, Status
+from ringserve.ipc.slot_fit import over_slot, row_bytes
 from ringserve.ipc.slot_io import span
 
 
@@ -103,7 +104,10 @@ def test_answer_in_place_and_refusals(arena: Arena) -> None:
     assert write_output(arena, 0, other, 1, 1) is None  # not in place: copied
     np.testing.assert_array_equal(arena.data_array(0, np.dtype("float32"), (1024,)), other)
     assert write_output(arena, 0, np.zeros(2048, np.float32), 1, 1) == (
-        "output does not fit the slot"
+        "output is 8192 bytes; a request slot holds 4096 (arena.slot_bytes)"
+    )
+    assert write_output(arena, 0, np.zeros((1,) * 9, np.float32), 1, 1) == (
+        "output has 9 dimensions; a slot header holds at most 8"
     )
     assert "unsupported" in write_output(arena, 0, np.array(["a"]), 1, 1)
     write_error(arena, 3, Status.BAD_INPUT, b"no good")
@@ -121,8 +125,52 @@ def test_bytes_output_packed_into_the_slot(arena: Arena) -> None:
     assert bytes(arena.data(2)[: r.out_nbytes]) == b"\x02\x00\x00\x00ab\x01\x00\x00\x00\x00"
     bad = np.array([b"a", 5], dtype=object)
     assert write_output(arena, 2, bad, 1, 1) == "a BYTES element must be bytes or str, not int"
-    big = np.array([b"x" * arena.geometry.slot_bytes], dtype=object)
-    assert write_output(arena, 2, big, 1, 1) == "output does not fit the slot"
+    big = np.array([b"x" * arena.geometry.slot_bytes], dtype=object)  # + 4 length bytes
+    assert write_output(arena, 2, big, 1, 1) == (
+        "BYTES output is 4100 bytes; a request slot holds 4096 (arena.slot_bytes)"
+    )
+
+
+def test_an_oversized_input_is_refused_naming_the_setting(arena: Arena) -> None:
+    """The 413 a client gets for an input over the slot says what to raise; the slot
+    stays free."""
+    from ringserve.frontend.dispatch import Dispatcher
+    from ringserve.ipc import wake
+
+    fds = [wake.new_eventfd() for _ in range(3)]
+    d = Dispatcher(arena, 0, fds[0], (fds[1], fds[2]))
+    d.adopt_slots()
+    free = len(d.free)
+    with pytest.raises(ValueError) as refused:
+        d.submit(0, np.zeros(4097, np.uint8), 1, 1, 0, "rid")
+    assert str(refused.value) == (
+        "input is 4097 bytes; a request slot holds 4096 (arena.slot_bytes)"
+    )
+    assert len(d.free) == free and not d.pending
+    d.stop()
+    for fd in fds:
+        os.close(fd)
+
+
+def test_over_slot_names_size_limit_and_key() -> None:
+    assert over_slot("input", 1204224, 1048576) == (
+        "input is 1204224 bytes; a request slot holds 1048576 (arena.slot_bytes)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape", "size"),
+    [
+        ("float32", (3, 224, 224), 602112),  # one row in the 1 MiB default slot
+        ("uint8", (28, 28), 784),
+        ("float64", (), 8),  # a scalar row
+        ("float32", (3, -1, -1), None),  # dynamic: unknown until a request comes
+        ("bytes", (1,), None),  # BYTES elements have no fixed size
+        ("float32", (0, 4), 0),  # an empty row
+    ],
+)
+def test_row_bytes(dtype: str, shape: tuple[int, ...], size: int | None) -> None:
+    assert row_bytes(dtype, shape) == size
 
 
 def test_span_skips_padding_and_refuses_disorder() -> None:

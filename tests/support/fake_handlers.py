@@ -87,7 +87,11 @@ class FailsToLoad(Handler):
 
 class FailsFirstLoad(FailsToLoad):
     """Fails to load until the file ``options.marker`` exists (it creates it on the
-    first try): a load error that goes away, as a GPU busy at boot does."""
+    first try): a load error that goes away, as a GPU busy at boot does. Its rows are
+    64 floats (256 bytes), so a small ``arena.slot_bytes`` holds few of them."""
+
+    inputs = (TensorSpec("INPUT0", "float32", (64,)),)
+    outputs = (TensorSpec("OUTPUT0", "float32", (64,)),)
 
     def load(self, device: torch.device) -> None:
         marker = str(self.settings.options["marker"])
