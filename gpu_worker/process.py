@@ -30,7 +30,7 @@ from ringserve.gpu_worker.handlers import BadInput, Handler, TensorSpec, create_
 from ringserve.gpu_worker.handlers.base import OutputContractError
 from ringserve.gpu_worker.metrics import BatchTiming, WorkerMetrics
 from ringserve.gpu_worker.output_contract import check_output
-from ringserve.gpu_worker.profile import throughput_profile
+from ringserve.gpu_worker.profile import sample_shape, throughput_profile
 from ringserve.ipc import bytes_tensor, wake
 from ringserve.ipc.answer import write_error, write_output
 from ringserve.ipc.arena import Arena
@@ -142,6 +142,7 @@ class Worker:
         self._warn_if_slots_are_small()
         preferred = self.model.batching.preferred_batch_size
         rates: dict[int, float] = {}
+        profile_ran = False  # the handler takes zeros of its declared shape
         if not preferred:
             # Profiled with the threads each worker gets under load, when all of the
             # model's workers run batches (one profiles, its siblings wait for it).
@@ -165,6 +166,7 @@ class Worker:
             finally:
                 self.thread_share.leave()
             if profile is not None:
+                profile_ran = True
                 preferred, rates = profile.preferred, profile.rows_per_s
                 log.info(
                     "model %s batch profile (rows/s by size): %s -> preferred %d",
@@ -172,6 +174,8 @@ class Worker:
                     {k: _three_digits(v) for k, v in rates.items()},
                     preferred,
                 )
+        if profile_ran:
+            self._probe_output()
         self._publish_spec(
             {
                 "preferred_batch_size": preferred,
@@ -187,6 +191,25 @@ class Worker:
         )
         self.control.set_state(ProcState.READY)
         log.info("worker %d ready: model %s on %s", self.spec.ident, self.model.name, device)
+
+    def _probe_output(self) -> None:
+        """One row of zeros through the whole handler, once at start: an output that
+        contradicts the declaration is named in the log now, not on the first request
+        (which still fails with it: the log line is not repeated then)."""
+        assert self.handler is not None
+        if self._declared_output is None or self.handler.inputs[0].dtype == "bytes":
+            return
+        spec = self.handler.inputs[0]
+        zeros = np.zeros((1, *sample_shape(spec)), dtype=spec.dtype)
+        try:
+            with torch.inference_mode():
+                row = self.handler.preprocess(zeros, PayloadKind.TENSOR).to(self.handler.device)
+                out = self.handler.postprocess(self.handler.infer(row))
+            check_output(out, 1, self._declared_output)
+        except OutputContractError as e:
+            self._contract_broken(str(e))
+        except Exception as e:  # zeros the profile took, refused here: not for us to judge
+            log.debug("model %s: output probe skipped: %s", self.model.name, e)
 
     def _warn_if_slots_are_small(self) -> None:
         """A request's input, then its output, travel in one slot: say at start, not on

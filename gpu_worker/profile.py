@@ -140,13 +140,18 @@ def _profiling_turn(key: str, heartbeat: Callable[[], None]) -> Iterator[None]:
         # else the helper still waits on fd: left open, freed with the process
 
 
+def sample_shape(spec: TensorSpec) -> tuple[int, ...]:
+    """A per-row shape for sample input: the declared one, ``DYNAMIC_DIM`` for -1."""
+    return tuple(DYNAMIC_DIM if d < 0 else d for d in spec.shape)
+
+
 def throughput_profile(
     handler: Handler, model: ModelSettings, heartbeat: Callable[[], None], threads: int = 0
 ) -> Profile:
     """Rows/s by batch size (cached). ``threads``: the torch threads the caller set for
     the profile (part of the cache key: the best size depends on them)."""
     spec = handler.inputs[0]
-    shape = tuple(DYNAMIC_DIM if d < 0 else d for d in spec.shape)
+    shape = sample_shape(spec)
     options = json.dumps(dict(model.options), sort_keys=True, default=str)
     key = (
         f"{model.handler}|{model.weights}|{options}|{model.device}|{shape}"

@@ -11,6 +11,7 @@ import json
 import warnings
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -457,6 +458,30 @@ def test_an_output_that_breaks_its_declaration_is_named(
 )
 def test_an_output_that_keeps_its_declaration_passes(result: np.ndarray, spec: TensorSpec) -> None:
     assert check_output(result, 2, spec) is result
+
+
+def test_a_worker_names_a_broken_output_at_start_and_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The start-up probe runs one row of zeros through the handler, so the operator
+    reads the mismatch before the first request fails on it, and only once."""
+    from ringserve.gpu_worker.process import Worker
+
+    worker = Worker.__new__(Worker)  # the probe alone: no arena, no process
+    worker.handler, worker.model = loaded("identity"), SimpleNamespace(name="m")
+    worker._contract_errors = set()
+    worker._declared_output = TensorSpec("OUTPUT0", "float64", (-1,))  # identity: float32
+    with caplog.at_level("DEBUG", "ringserve.worker"):
+        worker._probe_output()
+        worker._probe_output()
+    why = (
+        "model m breaks the handler contract: output OUTPUT0 is float32; the model declares float64"
+    )
+    assert [r.getMessage() for r in caplog.records] == [why]
+    caplog.clear()
+    worker._declared_output = TensorSpec("OUTPUT0", "float32", (-1,))
+    worker._probe_output()
+    assert caplog.records == []
 
 
 def test_default_postprocess_names_a_wrong_return_type() -> None:
