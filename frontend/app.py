@@ -185,7 +185,7 @@ async def infer(
     call: Call,
     info: ModelInfo,
     payload: np.ndarray,
-    kind: PayloadKind,
+    kind: int,  # a PayloadKind, with flags (layout.RUN_ALONE)
     rows: int,
     rid: str,
     answer: Callable[[Completed], R],

@@ -57,7 +57,7 @@ from ringserve.frontend.v2_codec import (
 )
 from ringserve.frontend.v2_shm import shm_routes
 from ringserve.frontend.v2_stats import model_stats
-from ringserve.ipc.layout import ModelAvailability, PayloadKind
+from ringserve.ipc.layout import RUN_ALONE, ModelAvailability, PayloadKind
 
 HEADER_LENGTH = "inference-header-content-length"
 EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration", "statistics")
@@ -293,7 +293,8 @@ def v2_routes(state: FrontendState) -> list[Route]:
                 call,
                 info,
                 req.payload,
-                PayloadKind.IMAGE if req.images else PayloadKind.TENSOR,
+                (PayloadKind.IMAGE if req.images else PayloadKind.TENSOR)
+                | (RUN_ALONE if req.nonfinite else 0),
                 req.rows,
                 rid,
                 answer,

@@ -40,8 +40,10 @@ from ringserve.ipc.errors import ArenaError, ExitCode
 from ringserve.ipc.layout import (
     DTYPE_CODE,
     DTYPES,
+    KIND_MASK,
     MAX_NDIM,
     MODEL_ENTRY,
+    RUN_ALONE,
     Command,
     PayloadKind,
     ProcState,
@@ -369,7 +371,8 @@ class Worker:
                 )
                 continue
             prepared = Prepared(p.key, tensor, time.perf_counter() - t0)
-            groups[(tensor.dtype, tuple(tensor.shape[1:]))].append(prepared)
+            alone = p.key if headers[p.key].kind & RUN_ALONE else -1  # its own group
+            groups[(tensor.dtype, tuple(tensor.shape[1:]), alone)].append(prepared)
         for members in groups.values():
             self._infer_group(members, owners)
         pause_point("worker.after_batch")
@@ -408,18 +411,19 @@ class Worker:
 
     def _payload(self, slot: int, h: Header) -> tuple[np.ndarray | list[memoryview], PayloadKind]:
         """A zero-copy view of a slot's input, after bounds-checking its header."""
-        if h.kind not in (PayloadKind.TENSOR, PayloadKind.IMAGE):
+        kind = h.kind & KIND_MASK
+        if kind not in (PayloadKind.TENSOR, PayloadKind.IMAGE):
             raise HeaderError(f"corrupt request header: payload kind {h.kind}")
         if h.in_dtype >= len(DTYPES) or not 0 <= h.in_ndim <= MAX_NDIM:
             raise HeaderError("corrupt request header: dtype or rank out of range")
         if h.in_nbytes > self.arena.geometry.slot_bytes:
             raise HeaderError("corrupt request header: payload larger than its slot")
         if h.in_dtype == _BYTES:  # a BYTES tensor, or (IMAGE) a BYTES tensor of images
-            return self._bytes_payload(slot, h), PayloadKind(h.kind)
+            return self._bytes_payload(slot, h), PayloadKind(kind)
         dtype = numpy_dtype(h.in_dtype)
         if math.prod(h.in_shape) * dtype.itemsize != h.in_nbytes:
             raise HeaderError("corrupt request header: shape does not match byte length")
-        return self.arena.data_array(slot, dtype, h.in_shape), PayloadKind(h.kind)
+        return self.arena.data_array(slot, dtype, h.in_shape), PayloadKind(kind)
 
     def _bytes_payload(self, slot: int, h: Header) -> np.ndarray | list[memoryview]:
         """A BYTES tensor from the slot's length-prefixed form: for the handler, an object
@@ -431,7 +435,7 @@ class Worker:
         raw = self.arena.data(slot)[: h.in_nbytes]
         count = math.prod(h.in_shape)
         try:
-            if h.kind == PayloadKind.IMAGE:
+            if h.kind & KIND_MASK == PayloadKind.IMAGE:
                 return bytes_tensor.elements(raw, count)
             return bytes_tensor.unpack(raw, count).reshape(h.in_shape)
         except ValueError as e:

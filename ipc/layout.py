@@ -89,6 +89,14 @@ class PayloadKind(enum.IntEnum):
     IMAGE = 1  # encoded image bytes (JPEG/PNG), decoded by the worker
 
 
+# A slot's ``kind`` is a PayloadKind in its low byte, plus flags above it:
+KIND_MASK = 0xFF
+# The worker runs this request in a batch of its own: its input holds NaN or Inf (taken
+# as Triton takes them, in binary v2 tensors), which a model that mixes rows (batch
+# statistics, attention over the batch) would spread to the other requests' rows.
+RUN_ALONE = 0x100
+
+
 class Role(enum.IntEnum):
     NONE = 0
     FRONTEND = 1

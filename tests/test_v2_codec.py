@@ -333,12 +333,20 @@ def test_binary_and_data_together_is_refused() -> None:
     assert "both" in e.message
 
 
-def test_binary_bool_must_be_0_or_1_and_nan_is_refused() -> None:
+def test_binary_data_is_taken_as_triton_takes_it() -> None:
+    """perf_analyzer fills binary tensors with random bytes: BOOL bytes other than 0 and
+    1 (true, as in Triton), float NaN and Inf (taken, and the request marked to run
+    alone). JSON data keeps the house rule (``test_nan_and_out_of_range...``)."""
     spec = TensorSpec("INPUT0", "bool", [-1])
-    e = err({"inputs": [binary_tensor(np.zeros((1, 2), np.bool_), "BOOL")]}, b"\x01\x02", spec=spec)
-    assert "0 or 1" in e.message
-    x = np.array([[1.0, np.inf]], np.float32)
-    assert err({"inputs": [binary_tensor(x)]}, x.tobytes()).status == 422
+    body = {"inputs": [binary_tensor(np.zeros((1, 3), np.bool_), "BOOL")]}
+    req = decode(body, b"\x00\x02\xff", spec=spec)
+    assert req.payload.tolist() == [[False, True, True]] and not req.nonfinite
+    for bad in (np.inf, -np.inf, np.nan):
+        x = np.array([[1.0, bad]], np.float32)
+        req = decode({"inputs": [binary_tensor(x)]}, x.tobytes())
+        assert req.nonfinite and np.array_equal(req.payload, x, equal_nan=True)
+    x = np.array([[1.0, 2.0]], np.float32)
+    assert not decode({"inputs": [binary_tensor(x)]}, x.tobytes()).nonfinite
 
 
 @pytest.mark.parametrize(

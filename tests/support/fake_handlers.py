@@ -172,6 +172,23 @@ class Describe(Handler):
         return out
 
 
+class MixesRows(Handler):
+    """Each row minus the batch's mean row: a model whose rows meet (batch statistics,
+    attention over the batch), so one NaN row would spoil every row of its batch. A
+    first value of 200 sleeps 300 ms first, so that requests behind it queue up."""
+
+    inputs = (TensorSpec("INPUT0", "float32", (2,)),)
+    outputs = (TensorSpec("OUTPUT0", "float32", (2,)),)
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        if bool((batch[:, 0] == 200).any()):
+            time.sleep(0.3)
+        return batch - batch.mean(0, keepdim=True)
+
+
 class Misbehaves(Handler):
     """Identity that raises on an all-zero batch: what the start-up batch profile feeds a
     handler (a TorchServe-style image decoder fails the same way); refuses negatives in
