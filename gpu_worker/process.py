@@ -28,6 +28,7 @@ from ringserve.gpu_worker.batcher import Batcher, BatchPolicy, Pending
 from ringserve.gpu_worker.cpu_share import ThreadShare
 from ringserve.gpu_worker.handlers import BadInput, Handler, TensorSpec, create_handler
 from ringserve.gpu_worker.handlers.base import OutputContractError
+from ringserve.gpu_worker.handlers.declaration import check_declaration
 from ringserve.gpu_worker.metrics import BatchTiming, WorkerMetrics
 from ringserve.gpu_worker.output_contract import check_output
 from ringserve.gpu_worker.profile import sample_shape, throughput_profile
@@ -65,6 +66,19 @@ def _three_digits(rate: float) -> float | int:
     """7.34, 10.6, 5120: enough to compare batch sizes in a log line."""
     r = float(f"{rate:.3g}")
     return int(r) if r >= 100 else r
+
+
+def _as_tensor(x: object) -> torch.Tensor:
+    """What ``preprocess`` returned, as the batch tensor it must be (a numpy array is
+    taken without a copy); anything else fails its request, not the worker."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray) and not x.dtype.hasobject:
+        return torch.from_numpy(x)
+    raise OutputContractError(
+        f"preprocess returned {type(x).__name__}; it must return a torch.Tensor of shape "
+        "[rows, *input shape]"
+    )
 
 
 class Prepared(NamedTuple):
@@ -125,6 +139,7 @@ class Worker:
             self.handler = create_handler(self.model)
             self.handler.load(device)
             self.handler.device = device
+            check_declaration(self.handler)
             if self.handler.output_declared and self.handler.outputs:
                 self._declared_output = self.handler.outputs[0]
         except Exception as e:
@@ -400,11 +415,13 @@ class Worker:
         assert self.handler is not None
         payload, kind = self._payload(slot, h)
         if not isinstance(payload, list):
-            return self.handler.preprocess(payload, kind)
+            return _as_tensor(self.handler.preprocess(payload, kind))
         rows = []
         for row, image in enumerate(payload):
             try:
-                rows.append(self.handler.preprocess(np.frombuffer(image, np.uint8), kind))
+                rows.append(
+                    _as_tensor(self.handler.preprocess(np.frombuffer(image, np.uint8), kind))
+                )
             except BadInput as e:
                 raise BadInput(f"row {row}: {e}") from None
         return torch.cat(rows)

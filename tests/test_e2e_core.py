@@ -234,12 +234,15 @@ def test_handler_faults_are_named_and_the_server_keeps_serving(start_server) -> 
             1002: "output OUTPUT0 has per-row shape [2, 1]; the model declares [-1]",
             1003: "infer returned tuple; it must return one torch.Tensor",
             1004: "handler returned 0 rows for a batch of 1",
+            1005: "preprocess returned list; it must return a torch.Tensor",
         }
+        worker = server.pids("worker")
         for first, why in [*broken.items(), (1001, broken[1001])]:
             r = c.post("/v1/models/z/predict", json={"data": [first, 2.0]})
             assert r.status_code == 500 and why in r.json()["error"], r.text
             ok = c.post("/v1/models/z/predict", json={"data": [3.0, 4.0]})
             assert ok.status_code == 200 and ok.json()["result"] == [3.0, 4.0], ok.text
+        assert server.pids("worker") == worker  # a handler's bug fails requests, not workers
     log = server.log()
     assert "batch profile skipped (ValueError: all zeros" in log
     assert log.count("output OUTPUT0 is float64; the model declares float32") == 1

@@ -21,6 +21,7 @@ from PIL import Image
 
 from ringserve.gpu_worker.handlers import BadInput, Handler, TensorSpec, create_handler
 from ringserve.gpu_worker.handlers.base import OutputContractError
+from ringserve.gpu_worker.handlers.declaration import DeclarationError, check_declaration
 from ringserve.gpu_worker.output_contract import check_output
 from ringserve.ipc.config import ModelSettings
 from ringserve.ipc.layout import PayloadKind
@@ -482,6 +483,57 @@ def test_a_worker_names_a_broken_output_at_start_and_once(
     worker._declared_output = TensorSpec("OUTPUT0", "float32", (-1,))
     worker._probe_output()
     assert caplog.records == []
+
+
+def _declaring(inputs: object, outputs: object) -> Handler:
+    h = loaded("identity")
+    h.inputs, h.outputs = inputs, outputs  # type: ignore[assignment]
+    return h
+
+
+F32 = TensorSpec("X", "float32", (-1,))
+
+
+@pytest.mark.parametrize(
+    ("inputs", "outputs", "why"),
+    [
+        ((), (F32,), "IdentityHandler.inputs declares 0: ringserve serves one input"),
+        ((F32,), (F32, F32), "IdentityHandler.outputs declares 2"),
+        ((F32,), None, "outputs declares NoneType"),
+        (("X",), (F32,), "input must be a TensorSpec"),
+        ((TensorSpec("", "float32", (1,)),), (F32,), "input needs a name"),
+        ((TensorSpec("X", "fp32", (1,)),), (F32,), "input X: dtype 'fp32' is not one of bool"),
+        ((F32,), (TensorSpec("Y", "float32", (None, 4)),), r"output Y: shape \(None, 4\)"),
+        ((TensorSpec("X", "float32", (0,)),), (F32,), "positive integers, with -1"),
+    ],
+)
+def test_a_declaration_that_cannot_be_served_is_refused_at_load(
+    inputs: object, outputs: object, why: str
+) -> None:
+    """Before, these loaded and then failed every request in the frontend (IndexError,
+    "data type 'fp32' not understood") or crashed the worker (a None dimension)."""
+    with pytest.raises(DeclarationError, match=why):
+        check_declaration(_declaring(inputs, outputs))
+
+
+@pytest.mark.parametrize(
+    "handler", ["identity", "digits", "python:user_handler:Scale2x", "torchvision:resnet18"]
+)
+def test_built_in_declarations_pass(handler: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    options = SMALL if handler.startswith("torchvision") else {}
+    check_declaration(loaded(handler, options=options))
+
+
+def test_preprocess_must_return_a_tensor() -> None:
+    from ringserve.gpu_worker.process import _as_tensor
+
+    t = torch.zeros(1)
+    assert _as_tensor(t) is t
+    assert _as_tensor(np.ones((1, 2), np.float32)).tolist() == [[1.0, 1.0]]
+    for wrong in ([1.0], np.array([b"x"], object), None):
+        with pytest.raises(OutputContractError, match=r"preprocess returned .*; it must return"):
+            _as_tensor(wrong)
 
 
 def test_default_postprocess_names_a_wrong_return_type() -> None:

@@ -193,13 +193,19 @@ class Misbehaves(Handler):
     """Identity that raises on an all-zero batch: what the start-up batch profile feeds a
     handler (a TorchServe-style image decoder fails the same way); refuses negatives in
     ``infer``; and breaks its own declaration when a row starts with 1001 (float64),
-    1002 (an extra dimension), 1003 (a tuple, not a tensor) or 1004 (one row too few)."""
+    1002 (an extra dimension), 1003 (a tuple, not a tensor) or 1004 (one row too few),
+    or the handler contract when one starts with 1005 (preprocess returns a list)."""
 
     inputs = (TensorSpec("INPUT0", "float32", (-1,)),)
     outputs = (TensorSpec("OUTPUT0", "float32", (-1,)),)
 
     def load(self, device: torch.device) -> None:
         self.device = device
+
+    def preprocess(self, payload: np.ndarray, kind: PayloadKind) -> torch.Tensor:
+        if payload.size and payload.flat[0] == 1005:
+            return payload.tolist()  # type: ignore[return-value]  # the bug under test
+        return super().preprocess(payload, kind)
 
     def infer(self, batch: torch.Tensor) -> object:
         if not bool(batch.any()):

@@ -1,0 +1,50 @@
+"""A handler's declared input and output, checked once after ``load``.
+
+Frontends validate requests against ``inputs[0]`` and describe the model from both specs
+(they never import the handler). A missing spec, a dtype name numpy reads but ringserve
+does not carry ("fp32"), or an ONNX-style ``None`` dimension used to load fine and then
+fail every request with a frontend traceback (or crash the worker): refused here, with
+the field named, as a model load error (shown in ``ctl status`` and ``/v1/models``).
+"""
+
+from __future__ import annotations
+
+from ringserve.gpu_worker.handlers.base import Handler, TensorSpec
+from ringserve.ipc.layout import DTYPES
+
+FORM = 'TensorSpec("NAME", "float32", (per-row dims, -1 for any size))'
+
+
+class DeclarationError(ValueError):
+    """The handler's ``inputs``/``outputs`` cannot be served as declared."""
+
+
+def check_declaration(handler: Handler) -> None:
+    for role, specs in (("inputs", handler.inputs), ("outputs", handler.outputs)):
+        if not isinstance(specs, tuple | list) or len(specs) != 1:
+            count = len(specs) if isinstance(specs, tuple | list) else type(specs).__name__
+            raise DeclarationError(
+                f"{type(handler).__name__}.{role} declares {count}: ringserve serves one "
+                f"input and one output per model; set {role} = ({FORM},)"
+            )
+        _check_spec(role[:-1], specs[0])
+
+
+def _check_spec(role: str, spec: object) -> None:
+    if not isinstance(spec, TensorSpec):
+        raise DeclarationError(f"{role} must be a {FORM}, not {type(spec).__name__}")
+    if not isinstance(spec.name, str) or not spec.name:
+        raise DeclarationError(f"{role} needs a name (a non-empty string), got {spec.name!r}")
+    where = f"{role} {spec.name}"
+    if spec.dtype not in DTYPES:
+        raise DeclarationError(
+            f"{where}: dtype {spec.dtype!r} is not one of {', '.join(DTYPES)} "
+            "(numpy names; v2 metadata shows them as FP32, INT64, ...)"
+        )
+    if not isinstance(spec.shape, tuple | list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and (d == -1 or d >= 1) for d in spec.shape
+    ):
+        raise DeclarationError(
+            f"{where}: shape {spec.shape!r} must list the per-row dimensions as positive "
+            "integers, with -1 (not None) for a size that varies"
+        )
