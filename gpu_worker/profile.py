@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import inspect
 import json
 import os
 import threading
@@ -157,6 +158,7 @@ def throughput_profile(
         f"{model.handler}|{model.weights}|{options}|{model.device}|{shape}"
         f"|{model.batching.max_batch_size}|t{threads}"
     )
+    key += f"|{_source_stamp(handler, model)}"
     cached = _load_cache().get(key)
     if cached is None:
         with _profiling_turn(key, heartbeat):
@@ -164,9 +166,35 @@ def throughput_profile(
             if cached is None:
                 rates = _measure(handler, model, spec, shape, heartbeat)
                 _save_entry(key, rates)
-                return Profile(rates, choose_preferred(rates))
+                return Profile(rates, preferred_size(rates, model.batching.max_batch_size))
     rates = {int(k): float(v) for k, v in cached.items()}
-    return Profile(rates, choose_preferred(rates))
+    return Profile(rates, preferred_size(rates, model.batching.max_batch_size))
+
+
+def preferred_size(rates: dict[int, float], max_batch_size: int) -> int:
+    """``choose_preferred``, unless the profile ran out of time while larger batches were
+    still getting faster (a model of seconds a batch measures batch 1 only): then what
+    lies beyond is unknown, and capping there would serve a heavy model one row at a
+    time. Batch toward ``max_batch_size`` instead, as without a profile."""
+    preferred = choose_preferred(rates)
+    if preferred == max(rates) < max_batch_size:
+        return max_batch_size
+    return preferred
+
+
+def _source_stamp(handler: Handler, model: ModelSettings) -> str:
+    """Size and mtime of the files that make the model (the handler's module, a
+    TorchScript archive or weights file): a profile of yesterday's code or weights is
+    not reused for today's."""
+    paths = [inspect.getfile(type(handler)), handler.arg, model.weights]
+    stamps = []
+    for path in paths:
+        try:
+            st = os.stat(path) if path else None
+        except OSError:
+            st = None
+        stamps.append(f"{st.st_size}:{st.st_mtime_ns}" if st else "-")
+    return ",".join(stamps)
 
 
 def _measure(

@@ -100,6 +100,42 @@ def test_a_slow_model_stops_at_the_budget_with_what_it_measured(clock):
     assert got.preferred == 1  # all equal per row: the smallest (lowest latency) wins
 
 
+@pytest.mark.parametrize(
+    ("seconds_a_batch", "measured"),
+    [(5.0, [1]), (3.0, [1, 2])],  # out of budget after one size; after two, still rising
+)
+def test_a_profile_cut_short_while_batches_still_pay_does_not_cap_batching(
+    clock, seconds_a_batch: float, measured: list[int]
+):
+    """A model of seconds a batch measures batch 1 (or 1 and 2) before the budget runs
+    out. Its profile showed rows/s still rising, so what lies beyond is unknown: it used
+    to cap batching at the last size measured (six requests took 6 x 4 s at batch 1);
+    it now batches toward max_batch_size, as without a profile."""
+    model = CostModel(clock, lambda n, k: seconds_a_batch)
+    got = profile.throughput_profile(model, settings(8), lambda: None)
+    assert sorted(got.rows_per_s) == measured
+    assert got.preferred == 8
+
+
+def test_the_profile_is_not_reused_once_the_model_file_changes(clock, tmp_path):
+    """Keyed by the size and mtime of the handler's module and of its TorchScript or
+    weights file: yesterday's figures are not reused for today's model."""
+    archive = tmp_path / "model.pt"
+    archive.write_bytes(b"v1")
+    first = CostModel(clock, lambda n, k: 0.01 * n)
+    first.arg = str(archive)
+    profile.throughput_profile(first, settings(4), lambda: None)
+    same = CostModel(clock, lambda n, k: 0.01 * n)
+    same.arg = str(archive)
+    profile.throughput_profile(same, settings(4), lambda: None)
+    assert same.sizes == []  # cached
+    archive.write_bytes(b"v2, retrained")
+    changed = CostModel(clock, lambda n, k: 0.01 * n)
+    changed.arg = str(archive)
+    profile.throughput_profile(changed, settings(4), lambda: None)
+    assert changed.sizes  # profiled afresh
+
+
 def test_the_profile_is_cached_per_model_and_shape(clock):
     per_batch = {1: 0.010, 2: 0.012, 4: 0.016}
     first = CostModel(clock, lambda n, k: per_batch[n])
