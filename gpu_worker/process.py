@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from collections import defaultdict
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from ringserve.gpu_worker.batcher import Batcher, BatchPolicy, Pending
 from ringserve.gpu_worker.cpu_share import ThreadShare
 from ringserve.gpu_worker.handlers import BadInput, Handler, TensorSpec, create_handler
 from ringserve.gpu_worker.handlers.base import OutputContractError
-from ringserve.gpu_worker.handlers.declaration import check_declaration
+from ringserve.gpu_worker.handlers.declaration import DeclarationError, check_declaration
 from ringserve.gpu_worker.metrics import BatchTiming, WorkerMetrics
 from ringserve.gpu_worker.output_contract import check_output
 from ringserve.gpu_worker.profile import sample_shape, throughput_profile
@@ -135,27 +135,26 @@ class Worker:
                 log.error("cannot use %s: %s", device, e)
                 self.control.record_error(e)
                 sys.exit(ExitCode.CUDA_INIT)
+        # Errors of the model's configuration (its handler does not import, its options
+        # or declared tensors are invalid) exit MODEL_CONFIG: no retry can fix them, and
+        # the supervisor stops a start on them at once. ``load`` itself may fail for a
+        # while (a busy device, storage not mounted yet): MODEL_LOAD, retried.
         try:
-            self.handler = create_handler(self.model)
-            self.handler.load(device)
-            self.handler.device = device
-            check_declaration(self.handler)
-            if self.handler.output_declared and self.handler.outputs:
-                self._declared_output = self.handler.outputs[0]
+            handler = create_handler(self.model)
         except Exception as e:
-            if self.spec.failures:  # the traceback is in the journal from the first try
-                log.error(
-                    "model %s (%s) failed to load again (try %d): %s: %s",
-                    self.model.name,
-                    self.model.handler,
-                    self.spec.failures + 1,
-                    type(e).__name__,
-                    e,
-                )
-            else:
-                log.exception("model %s (%s) failed to load", self.model.name, self.model.handler)
-            self.control.record_error(e)
-            sys.exit(ExitCode.MODEL_LOAD)
+            self._cannot_load(e, ExitCode.MODEL_CONFIG)
+        try:
+            handler.load(device)
+            handler.device = device
+        except Exception as e:
+            self._cannot_load(e, ExitCode.MODEL_LOAD)
+        try:
+            check_declaration(handler)
+        except DeclarationError as e:
+            self._cannot_load(e, ExitCode.MODEL_CONFIG)
+        self.handler = handler
+        if handler.output_declared:
+            self._declared_output = handler.outputs[0]
         self._warn_if_slots_are_small()
         preferred = self.model.batching.preferred_batch_size
         rates: dict[int, float] = {}
@@ -208,6 +207,26 @@ class Worker:
         )
         self.control.set_state(ProcState.READY)
         log.info("worker %d ready: model %s on %s", self.spec.ident, self.model.name, device)
+
+    def _cannot_load(self, error: Exception, code: ExitCode) -> NoReturn:
+        if self.spec.failures:  # the traceback is in the journal from the first try
+            log.error(
+                "model %s (%s) failed to load again (try %d): %s: %s",
+                self.model.name,
+                self.model.handler,
+                self.spec.failures + 1,
+                type(error).__name__,
+                error,
+            )
+        else:
+            log.error(
+                "model %s (%s) failed to load",
+                self.model.name,
+                self.model.handler,
+                exc_info=error,
+            )
+        self.control.record_error(error)
+        sys.exit(code)
 
     def _probe_output(self) -> None:
         """One row of zeros through the whole handler, once at start: an output that

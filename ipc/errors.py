@@ -32,6 +32,9 @@ class ExitCode(enum.IntEnum):
     CUDA_INIT = 5  # the requested CUDA device is not usable
     RECYCLE = 6  # stopped because the supervisor asked it to (recycle, scale down)
     ORPHANED = 7  # the supervisor went away
+    # The model cannot be served as configured (its handler does not import, its options
+    # or declared tensors are invalid): unlike MODEL_LOAD, no retry can help.
+    MODEL_CONFIG = 8
 
     @classmethod
     def describe(cls, returncode: int) -> str:

@@ -61,7 +61,7 @@ class ExitHandling:
         if child.role == "frontend":
             self._frontend_exited(child, reason)
         else:
-            self._worker_exited(child, reason, error)
+            self._worker_exited(child, reason, error, rc)
         child.phase = Phase.EXITED
 
     def _recover_worker_slots(self, child: Child) -> None:
@@ -100,7 +100,25 @@ class ExitHandling:
         fs.rolling = False
         fs.restart_at = time.monotonic() + delay
 
-    def _worker_exited(self, child: Child, reason: str, error: str = "") -> None:
+    def _refuse_model_config(self, model_index: int, error: str) -> None:
+        """A start stops on a model that cannot be served as configured (a handler that
+        does not import, invalid options or declared tensors), as on an invalid key: no
+        retry would help, and waiting out ``server.startup_timeout_s`` only delays the
+        message. Once the server has served, such a worker (a reload of broken code) is
+        retried instead, and the rest keep serving."""
+        m = self.settings.models[model_index]
+        log.error(
+            "model %s (%s) cannot be served as configured: %s. Shutting down (exit %d): "
+            "fix the handler or its options",
+            m.name,
+            m.handler,
+            error or "see the worker's error above",
+            ServeExit.CONFIG,
+        )
+        self.exit_code = ServeExit.CONFIG
+        self.begin_drain()
+
+    def _worker_exited(self, child: Child, reason: str, error: str = "", rc: int = 0) -> None:
         self.free_controls.append(child.control_index)
         why = f"{reason}: {error}" if error else reason
         for r in list(self.replacements):
@@ -131,6 +149,9 @@ class ExitHandling:
             self.arena.models[ws.model_index]["last_error"] = error_bytes(error)
         ws.restarts += 1
         ws.last_exit_reason = reason
+        if rc == ExitCode.MODEL_CONFIG and not self.ever_ready and self.phase == "running":
+            self._refuse_model_config(ws.model_index, error)
+            return
         self.stats.restarted("worker", reason)
         delay = self._backoff(ws.failures, child.name, reason) if ws.failures else 0.0
         ws.restart_at = time.monotonic() + delay

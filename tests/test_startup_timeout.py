@@ -76,3 +76,32 @@ def test_startup_timeout_does_not_apply_after_the_first_readiness(start_server) 
     assert "start-up timeout" not in server.log()
     assert server.stop() == 0
     assert shm_segments(server.instance) == []
+
+
+@pytest.mark.parametrize(
+    ("handler", "error"),
+    [
+        ("python:support.fake_handlers:Nope", "AttributeError: module 'support.fake_handlers'"),
+        ("python:support.no_such_module:Cls", "ModuleNotFoundError: No module named"),
+    ],
+)
+def test_a_model_that_cannot_be_served_as_configured_stops_the_start_at_once(
+    start_server, handler: str, error: str
+) -> None:
+    """A handler that does not import (or invalid options, or declared tensors) cannot
+    fix itself: the start stops with exit 2 at the first failure, naming the error,
+    instead of retrying with back-off until server.startup_timeout_s (180 s by default)
+    and then suggesting a longer timeout. The other model had loaded meanwhile."""
+    server: Server = start_server(
+        *("--model", f"bad={handler}"),
+        *("--model", "good=identity"),
+        env=HANDLER_ENV,
+        ready=False,
+    )
+    rc = server.proc.wait(60)
+    log = server.log()
+    assert rc == ServeExit.CONFIG == 2, log[-3000:]
+    [line] = [x for x in log.splitlines() if "cannot be served as configured" in x]
+    assert f"model bad ({handler}) cannot be served as configured: {error}" in line, line
+    assert "failed to load again" not in log and "start-up timeout" not in log
+    assert shm_segments(server.instance) == []
