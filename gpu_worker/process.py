@@ -229,9 +229,10 @@ class Worker:
         sys.exit(code)
 
     def _probe_output(self) -> None:
-        """One row of zeros through the whole handler, once at start: an output that
-        contradicts the declaration is named in the log now, not on the first request
-        (which still fails with it: the log line is not repeated then)."""
+        """One row of zeros through the whole handler, once at start. An output that
+        contradicts the declaration would fail every request with a 500 while the model
+        showed ready: it is a configuration error instead (MODEL_CONFIG: the start
+        stops naming it, as for a handler that does not import)."""
         assert self.handler is not None
         if self._declared_output is None or self.handler.inputs[0].dtype == "bytes":
             return
@@ -243,7 +244,7 @@ class Worker:
                 out = self.handler.postprocess(self.handler.infer(row))
             check_output(out, 1, self._declared_output)
         except OutputContractError as e:
-            self._contract_broken(str(e))
+            self._cannot_load(OutputContractError(f"on a row of zeros: {e}"), ExitCode.MODEL_CONFIG)
         except Exception as e:  # zeros the profile took, refused here: not for us to judge
             log.debug("model %s: output probe skipped: %s", self.model.name, e)
 

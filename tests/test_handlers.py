@@ -24,6 +24,7 @@ from ringserve.gpu_worker.handlers.base import OutputContractError
 from ringserve.gpu_worker.handlers.declaration import DeclarationError, check_declaration
 from ringserve.gpu_worker.output_contract import check_output
 from ringserve.ipc.config import ModelSettings
+from ringserve.ipc.errors import ExitCode
 from ringserve.ipc.layout import PayloadKind
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -461,28 +462,27 @@ def test_an_output_that_keeps_its_declaration_passes(result: np.ndarray, spec: T
     assert check_output(result, 2, spec) is result
 
 
-def test_a_worker_names_a_broken_output_at_start_and_once(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """The start-up probe runs one row of zeros through the handler, so the operator
-    reads the mismatch before the first request fails on it, and only once."""
+def test_a_worker_refuses_to_start_on_an_output_that_breaks_its_declaration() -> None:
+    """The start-up probe runs one row of zeros through the handler: a model whose
+    answers would all be 500s does not show ready, it stops the start (MODEL_CONFIG)
+    with the mismatch recorded for ctl status and /v1/models."""
     from ringserve.gpu_worker.process import Worker
 
     worker = Worker.__new__(Worker)  # the probe alone: no arena, no process
-    worker.handler, worker.model = loaded("identity"), SimpleNamespace(name="m")
-    worker._contract_errors = set()
+    recorded: list[BaseException] = []
+    worker.handler = loaded("identity")
+    worker.model = SimpleNamespace(name="m", handler="identity")
+    worker.spec = SimpleNamespace(failures=0)
+    worker.control = SimpleNamespace(record_error=recorded.append)
     worker._declared_output = TensorSpec("OUTPUT0", "float64", (-1,))  # identity: float32
-    with caplog.at_level("DEBUG", "ringserve.worker"):
+    with pytest.raises(SystemExit) as stopped:
         worker._probe_output()
-        worker._probe_output()
-    why = (
-        "model m breaks the handler contract: output OUTPUT0 is float32; the model declares float64"
-    )
-    assert [r.getMessage() for r in caplog.records] == [why]
-    caplog.clear()
+    assert stopped.value.code == ExitCode.MODEL_CONFIG
+    assert [str(e) for e in recorded] == [
+        "on a row of zeros: output OUTPUT0 is float32; the model declares float64"
+    ]
     worker._declared_output = TensorSpec("OUTPUT0", "float32", (-1,))
-    worker._probe_output()
-    assert caplog.records == []
+    worker._probe_output()  # a handler that keeps its declaration starts
 
 
 def _declaring(inputs: object, outputs: object) -> Handler:
