@@ -253,24 +253,32 @@ class Worker:
         the first 413 or 500, when a request of ``max_batch_size`` rows cannot."""
         assert self.handler is not None
         slot_bytes, most = self.arena.geometry.slot_bytes, self.model.batching.max_batch_size
+        slots = self.arena.geometry.n_slots
         for spec in (*self.handler.inputs[:1], *self.handler.outputs[:1]):
             size = row_bytes(spec.dtype, tuple(spec.shape))
             if not size or slot_bytes // size >= most:
                 continue
-            log.warning(
-                "model %s: a request slot (%s=%d) holds %d row(s) of %s (%s %s), fewer "
-                "than max_batch_size=%d: larger requests are refused. Raise %s to %d for %d",
+            rows = slot_bytes // size
+            what = f"{spec.name} ({spec.dtype} {list(spec.shape)}, {size} bytes a row)"
+            # The arena takes slots x slot_bytes of /dev/shm: say what the fix costs.
+            need = size * (most if rows else 1)
+            log.log(
+                logging.WARNING if rows else logging.ERROR,
+                "model %s: a request slot (%s=%d) holds %s of %s: %s. %s=%d would hold "
+                "%d; the arena then takes %d MiB of /dev/shm (%d slots)",
                 self.model.name,
                 SLOT_BYTES_KEY,
                 slot_bytes,
-                slot_bytes // size,
-                spec.name,
-                spec.dtype,
-                list(spec.shape),
-                most,
+                f"{rows} row(s)" if rows else "not one row",
+                what,
+                f"requests over {rows} row(s) are refused (max_batch_size={most})"
+                if rows
+                else "every tensor request is refused (413)",
                 SLOT_BYTES_KEY,
-                size * most,
-                most,
+                need,
+                most if rows else 1,
+                need * slots // 2**20,
+                slots,
             )
 
     def _publish_spec(self, extra: dict) -> None:

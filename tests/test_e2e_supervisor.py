@@ -425,8 +425,9 @@ def test_start_up_diagnostics_load_error_cleared_and_slot_size(
     assert "exited: model_load (RuntimeError: device busy, try again)" in log
     assert (
         "model flaky: a request slot (arena.slot_bytes=4096) holds 16 row(s) of INPUT0 "
-        "(float32 [64]), fewer than max_batch_size=32: larger requests are refused. "
-        "Raise arena.slot_bytes to 8192 for 32"
+        "(float32 [64], 256 bytes a row): requests over 16 row(s) are refused "
+        "(max_batch_size=32). arena.slot_bytes=8192 would hold 32; the arena then takes "
+        "2 MiB of /dev/shm (256 slots)"
     ) in log
     # The supervisor counts a worker ready on its next tick, after the frontends do.
     wait_until(lambda: server.ctl("status")["models"][0]["state"] == "serving", 10, "serving")

@@ -536,6 +536,32 @@ def test_preprocess_must_return_a_tensor() -> None:
             _as_tensor(wrong)
 
 
+def test_a_slot_that_cannot_hold_one_row_is_an_error_with_its_cost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A [3, 512, 512] float32 input (3 MiB a row) in the default 1 MiB slot: every
+    tensor request would be a 413, so this is an error, and the fix is sized for one row
+    with what it takes of /dev/shm (slots x slot_bytes), not for max_batch_size rows
+    (which would have asked for 24 GiB)."""
+    from ringserve.gpu_worker.process import Worker
+
+    worker = Worker.__new__(Worker)
+    worker.handler = loaded("identity")
+    worker.handler.inputs = (TensorSpec("INPUT0", "float32", (3, 512, 512)),)
+    worker.model = SimpleNamespace(name="m", batching=SimpleNamespace(max_batch_size=32))
+    worker.arena = SimpleNamespace(geometry=SimpleNamespace(slot_bytes=2**20, n_slots=256))
+    with caplog.at_level("WARNING", "ringserve.worker"):
+        worker._warn_if_slots_are_small()
+    [record] = caplog.records
+    assert record.levelname == "ERROR"
+    assert record.getMessage() == (
+        "model m: a request slot (arena.slot_bytes=1048576) holds not one row of INPUT0 "
+        "(float32 [3, 512, 512], 3145728 bytes a row): every tensor request is refused "
+        "(413). arena.slot_bytes=3145728 would hold 1; the arena then takes 768 MiB of "
+        "/dev/shm (256 slots)"
+    )
+
+
 def test_default_postprocess_names_a_wrong_return_type() -> None:
     h = loaded("identity")
     with pytest.raises(OutputContractError, match="infer returned dict; it must return one"):
