@@ -14,6 +14,7 @@ Which socket: ``--socket PATH``; else ``--instance NAME`` or ``--port P`` (insta
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -42,6 +43,39 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 ok, 1 the server answered with an error, "
         "2 cannot reach the server or bad usage.",
     )
+    _add_options(p)
+    # The options also after the command (``ctl status --instance X``), as people type
+    # them; SUPPRESS there keeps a value given before the command.
+    after = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    _add_options(after, timeout_default=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = functools.partial(sub.add_parser, parents=[after])
+    add("status", help="processes, memory, models")
+    add(
+        "drain", help="drain the whole server (default) or retire one worker gracefully"
+    ).add_argument(
+        "id",
+        nargs="?",
+        default="server",
+        help="'server' (readiness 503, new requests get a fast 503, undo with resume) or "
+        "a worker id like worker-0",
+    )
+    add("restart", help="replace a process, or all of them one by one").add_argument(
+        "id", help="process id, or 'all'"
+    )
+    add("recycle", help="replace a worker, ready before retire").add_argument(
+        "id", help="worker id, e.g. worker-0"
+    )
+    scale = add("scale", help="set the number of workers of a model")
+    scale.add_argument("model")
+    scale.add_argument("workers", type=_worker_count, metavar="N")
+    add("pause", help="stop taking new requests (readiness 503)")
+    add("resume", help="take requests again")
+    add("config", help="the resolved settings the server runs with")
+    return p
+
+
+def _add_options(p: argparse.ArgumentParser, timeout_default: object = 5.0) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket", metavar="PATH", help="admin socket path")
     where.add_argument("--instance", metavar="NAME", help="server instance name (server.instance)")
@@ -51,32 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the raw JSON result")
     p.add_argument(
-        "--timeout", type=_positive_float, default=5.0, metavar="S", help="seconds (default 5)"
+        "--timeout",
+        type=_positive_float,
+        default=timeout_default,
+        metavar="S",
+        help="seconds (default 5)",
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("status", help="processes, memory, models")
-    sub.add_parser(
-        "drain", help="drain the whole server (default) or retire one worker gracefully"
-    ).add_argument(
-        "id",
-        nargs="?",
-        default="server",
-        help="'server' (readiness 503, new requests get a fast 503, undo with resume) or "
-        "a worker id like worker-0",
-    )
-    sub.add_parser("restart", help="replace a process, or all of them one by one").add_argument(
-        "id", help="process id, or 'all'"
-    )
-    sub.add_parser("recycle", help="replace a worker, ready before retire").add_argument(
-        "id", help="worker id, e.g. worker-0"
-    )
-    scale = sub.add_parser("scale", help="set the number of workers of a model")
-    scale.add_argument("model")
-    scale.add_argument("workers", type=_worker_count, metavar="N")
-    sub.add_parser("pause", help="stop taking new requests (readiness 503)")
-    sub.add_parser("resume", help="take requests again")
-    sub.add_parser("config", help="the resolved settings the server runs with")
-    return p
 
 
 def _positive_float(text: str) -> float:

@@ -149,6 +149,21 @@ def test_status_json(server: AdminServer, capsys: pytest.CaptureFixture[str]) ->
 
 
 @pytest.mark.parametrize(
+    "argv",
+    [
+        ["status", "--socket", "{path}", "--json"],  # options after the command, as typed
+        ["--json", "status", "--socket", "{path}", "--timeout", "3"],
+        ["--timeout", "3", "--socket", "{path}", "status", "--json"],
+    ],
+)
+def test_options_go_before_or_after_the_command(
+    server: AdminServer, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    rc, out, err = run(capsys, *(a.format(path=server.path) for a in argv))
+    assert (rc, err) == (0, "") and json.loads(out) == STATUS
+
+
+@pytest.mark.parametrize(
     ("argv", "cmd", "args", "line"),
     [
         (["drain", "worker-0"], "drain", {"id": "worker-0"}, "drain worker-0: ok"),
