@@ -30,7 +30,8 @@ class ServeExit(enum.IntEnum):
 
 
 POISON_MESSAGE = (
-    b"request was in flight when two workers died; failed alone so it cannot crash-loop the pool"
+    b"request was in flight when two workers died (crashed, or killed when hung or over a "
+    b"memory limit); failed alone so it cannot crash-loop the pool"
 )
 
 
