@@ -331,7 +331,8 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
 
 
 def _env_model_sets(environ: Mapping[str, str], names: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``RINGSERVE_MODELS_<NAME>_<KEY>`` (or ``..._BATCHING_<KEY>``) for the served models,
+    """``RINGSERVE_MODELS_<NAME>_<KEY>`` (or ``..._BATCHING_<KEY>``, or ``..._OPTIONS_<KEY>``
+    for a handler option, read as ``--set`` reads it) for the served models,
     matched case-insensitively (the longest name first: names and keys may hold "_"). A
     variable that names no model or key is an error, not silently dropped."""
     out: dict[str, dict[str, Any]] = {}
@@ -348,6 +349,8 @@ def _env_model_sets(environ: Mapping[str, str], names: Sequence[str]) -> dict[st
             out.setdefault(name, {})[key] = value
         elif key.startswith("batching_") and key[len("batching_") :] in batching_keys:
             out.setdefault(name, {}).setdefault("batching", {})[key[len("batching_") :]] = value
+        elif key.startswith("options_") and len(key) > len("options_"):
+            model_set(f"{name}.options.{key[len('options_') :]}", value, out)
         else:
             raise ConfigError(f"{var}: models.{name}.{key.replace('_', '.', 1)}: unknown key")
     return out

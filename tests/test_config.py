@@ -132,10 +132,14 @@ def test_env_sets_one_models_keys_below_the_flags():
         "RINGSERVE_MODELS_DIGITS_WORKERS": "2",
         "RINGSERVE_MODELS_RES_NET_THREADS": "3",  # "_" in the name and in keys
         "RINGSERVE_MODELS_RES_NET_BATCHING_MAX_QUEUE_DELAY_MS": "7.5",
+        # a handler option, read as --set reads it (a TOML value, else text)
+        "RINGSERVE_MODELS_RES_NET_OPTIONS_IMAGE_SIZE": "64",
+        "RINGSERVE_MODELS_RES_NET_OPTIONS_LABELS_FILE": "/srv/labels.txt",
     }
     s = load_settings(models=models, environ=env)
     assert s.models[0].workers == 2 and s.models[1].threads == 3
     assert s.models[1].batching.max_queue_delay_ms == 7.5
+    assert s.models[1].options == {"image_size": 64, "labels_file": "/srv/labels.txt"}
     flagged = load_settings(models=models, environ=env, model_sets={"digits": {"workers": 4}})
     assert flagged.models[0].workers == 4
     fails(
