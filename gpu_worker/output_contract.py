@@ -14,6 +14,12 @@ import numpy as np
 
 from ringserve.gpu_worker.handlers.base import OutputContractError, TensorSpec
 
+# TorchServe handlers return labels or dicts from postprocess; ringserve's two ways:
+TEXT_HINT = (
+    " (for text per row, declare the output dtype 'bytes' and return an object array of "
+    "str or bytes; for a label and score per row, set task = 'classification' and labels)"
+)
+
 
 def _shape_text(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
@@ -26,7 +32,7 @@ def check_output(result: object, rows: int, spec: TensorSpec | None) -> np.ndarr
     if not isinstance(result, np.ndarray):
         raise OutputContractError(
             f"postprocess returned {type(result).__name__}; it must return a numpy array "
-            "with one row per input row"
+            f"with one row per input row{TEXT_HINT}"
         )
     if result.ndim == 0 or result.shape[0] != rows:
         got = "a scalar" if result.ndim == 0 else f"{result.shape[0]} rows"
@@ -42,7 +48,8 @@ def check_output(result: object, rows: int, spec: TensorSpec | None) -> np.ndarr
             )
     elif result.dtype != np.dtype(spec.dtype):
         got = "object" if result.dtype.hasobject else result.dtype.name
-        raise OutputContractError(f"output {name} is {got}; the model declares {spec.dtype}")
+        hint = TEXT_HINT if result.dtype.kind in "OUS" else ""
+        raise OutputContractError(f"output {name} is {got}; the model declares {spec.dtype}{hint}")
     per_row = result.shape[1:]
     if len(per_row) != len(spec.shape) or any(
         d != -1 and d != g for d, g in zip(spec.shape, per_row, strict=True)

@@ -402,6 +402,20 @@ def test_torchscript_defaults_and_refusals(tmp_path: Path) -> None:
         create_handler(ModelSettings(name="m", handler="torchscript:x", options={"task": "nope"}))
 
 
+class _Pair(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, x
+
+
+def test_torchscript_returning_a_tuple_is_told_what_to_do(tmp_path: Path) -> None:
+    """A TorchScript user cannot "define postprocess": the message says what can be
+    done instead."""
+    path = tmp_path / "pair.pt"
+    _script(_Pair().eval(), path)
+    with pytest.raises(OutputContractError, match=r"returned tuple; .* script a wrapper"):
+        run(loaded(f"torchscript:{path}"), (np.ones((1, 4), np.float32), TENSOR))
+
+
 def test_torchscript_output_is_checked_only_when_declared(tmp_path: Path) -> None:
     """Without output options the spec is a placeholder, so a [N] output is served as
     the archive returns it; once declared, a mismatch is named."""
@@ -423,6 +437,8 @@ FP32_3 = TensorSpec("OUT", "float32", (3,))
     ("result", "spec", "why"),
     [
         ((1, 2), FP32_3, "postprocess returned tuple; it must return a numpy array"),
+        (["cat", "dog"], FP32_3, "returned list; .* declare the output dtype 'bytes'"),
+        (np.array([["cat"] * 3] * 2), FP32_3, "is str96; .* set task = 'classification'"),
         (np.float32(1), FP32_3, "postprocess returned float32"),
         (np.array(1.0, np.float32), FP32_3, "handler returned a scalar for a batch of 2"),
         (np.zeros((3, 3), np.float32), FP32_3, "handler returned 3 rows for a batch of 2"),

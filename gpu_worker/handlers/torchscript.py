@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ringserve.gpu_worker.handlers.base import Handler, TensorSpec
+from ringserve.gpu_worker.handlers.base import Handler, OutputContractError, TensorSpec
 from ringserve.gpu_worker.handlers.vision import read_labels
 from ringserve.ipc.config import ModelSettings
 from ringserve.ipc.layout import DTYPES
@@ -92,4 +92,10 @@ class TorchScriptHandler(Handler):
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
         assert self.model is not None, "load() was not called"
         with torch.inference_mode():
-            return self.model(batch)
+            out = self.model(batch)
+        if not isinstance(out, torch.Tensor):  # "define postprocess" is no help here
+            raise OutputContractError(
+                f"the TorchScript model returned {type(out).__name__}; ringserve serves "
+                "one output tensor: script a wrapper whose forward returns one tensor"
+            )
+        return out
