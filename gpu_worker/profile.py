@@ -47,6 +47,7 @@ ROUNDS = 3
 ROUND_S = 0.03  # a round of a fast model repeats it for this long (at most 50 runs)
 DYNAMIC_DIM = 16  # size used for -1 dimensions when making a sample input
 WAIT_S = 3 * BUDGET_S  # longest wait for a sibling's profile
+MAX_ENTRIES = 256  # the cache keeps the newest (a key changes with each model edit)
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,10 @@ def _save_entry(key: str, rates: dict[int, float]) -> None:
         with open(f"{path}.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             cache = _load_cache()
-            cache[key] = rates
+            cache.pop(key, None)
+            cache[key] = rates  # newest last: past MAX_ENTRIES the oldest go
+            for stale in list(cache)[: max(0, len(cache) - MAX_ENTRIES)]:
+                del cache[stale]
             tmp = f"{path}.{os.getpid()}"
             with open(tmp, "w") as f:
                 json.dump(cache, f)
@@ -158,10 +162,13 @@ def throughput_profile(
         f"{model.handler}|{model.weights}|{options}|{model.device}|{shape}"
         f"|{model.batching.max_batch_size}|t{threads}"
     )
+    # The turn's lock file is named by the model, not by its files' stamp: one lock file
+    # per model configuration, not one more per edit of the handler.
+    turn = key
     key += f"|{_source_stamp(handler, model)}"
     cached = _load_cache().get(key)
     if cached is None:
-        with _profiling_turn(key, heartbeat):
+        with _profiling_turn(turn, heartbeat):
             cached = _load_cache().get(key)  # a sibling's, measured while we waited
             if cached is None:
                 rates = _measure(handler, model, spec, shape, heartbeat)

@@ -134,6 +134,18 @@ def test_the_profile_is_not_reused_once_the_model_file_changes(clock, tmp_path):
     changed.arg = str(archive)
     profile.throughput_profile(changed, settings(4), lambda: None)
     assert changed.sizes  # profiled afresh
+    cache = Path(profile._cache_path())
+    turns = [p for p in cache.parent.glob("*.lock") if p.name != f"{cache.name}.lock"]
+    assert len(turns) == 1  # one turn lock for the model, not one per edit
+
+
+def test_the_cache_keeps_the_newest_entries(clock, monkeypatch):
+    monkeypatch.setattr(profile, "MAX_ENTRIES", 2)
+    for name in ("a", "b", "c"):
+        profile.throughput_profile(
+            CostModel(clock, lambda n, k: 0.01 * n), settings(2, handler=name), lambda: None
+        )
+    assert [k.split("|")[0] for k in profile._load_cache()] == ["b", "c"]
 
 
 def test_the_profile_is_cached_per_model_and_shape(clock):
