@@ -398,7 +398,7 @@ def decode_request(
     dtype = "bytes" if images else inp.dtype
     tparams = _params(tensor, where)
 
-    consumed, from_json = 0, False
+    consumed = 0
     shm_input = _shm_ref(tparams, where)
     if shm_input is not None:
         if "data" in tensor or "binary_data_size" in tparams:
@@ -419,7 +419,6 @@ def decode_request(
         consumed = size
     elif "data" in tensor:
         arr = _from_json_data(tensor["data"], shape, dtype, where, header)
-        from_json = True
     else:
         raise bad_request(
             f'{where} needs "data", parameters.binary_data_size or parameters.shared_memory_region'
@@ -487,8 +486,8 @@ def decode_request(
         classification,
         timeout_s,
         shm_output,
-        # JSON data was held to the house rule already (``cast``); binary data was not
-        nonfinite=not from_json and arr.dtype.kind == "f" and not np.isfinite(arr).all(),
+        # (JSON data holds none: the house rule refused it in ``cast``)
+        nonfinite=arr.dtype.kind == "f" and not np.isfinite(arr).all(),
     )
 
 

@@ -31,7 +31,7 @@ from ringserve.gpu_worker.handlers.base import OutputContractError
 from ringserve.gpu_worker.handlers.declaration import DeclarationError, check_declaration
 from ringserve.gpu_worker.metrics import BatchTiming, WorkerMetrics
 from ringserve.gpu_worker.output_contract import check_output
-from ringserve.gpu_worker.profile import sample_shape, throughput_profile
+from ringserve.gpu_worker.profile import sample_row, throughput_profile
 from ringserve.ipc import bytes_tensor, wake
 from ringserve.ipc.answer import write_error, write_output
 from ringserve.ipc.arena import Arena
@@ -236,11 +236,9 @@ class Worker:
         assert self.handler is not None
         if self._declared_output is None or self.handler.inputs[0].dtype == "bytes":
             return
-        spec = self.handler.inputs[0]
-        zeros = np.zeros((1, *sample_shape(spec)), dtype=spec.dtype)
         try:
             with torch.inference_mode():
-                row = self.handler.preprocess(zeros, PayloadKind.TENSOR).to(self.handler.device)
+                row = sample_row(self.handler).to(self.handler.device)
                 out = self.handler.postprocess(self.handler.infer(row))
             check_output(out, 1, self._declared_output)
         except OutputContractError as e:
@@ -407,6 +405,10 @@ class Worker:
             except (BadInput, HeaderError) as e:
                 self._finish_error(p.key, Status.BAD_INPUT, str(e).encode(), owners)
                 continue
+            except OutputContractError as e:  # the handler's fault: logged once, not per request
+                self._contract_broken(str(e))
+                self._finish_error(p.key, Status.MODEL_ERROR, f"model error: {e}".encode(), owners)
+                continue
             except Exception as e:
                 log.exception("preprocess failed")
                 self._finish_error(
@@ -464,13 +466,13 @@ class Worker:
         if h.in_nbytes > self.arena.geometry.slot_bytes:
             raise HeaderError("corrupt request header: payload larger than its slot")
         if h.in_dtype == _BYTES:  # a BYTES tensor, or (IMAGE) a BYTES tensor of images
-            return self._bytes_payload(slot, h), PayloadKind(kind)
+            return self._bytes_payload(slot, h, kind), PayloadKind(kind)
         dtype = numpy_dtype(h.in_dtype)
         if math.prod(h.in_shape) * dtype.itemsize != h.in_nbytes:
             raise HeaderError("corrupt request header: shape does not match byte length")
         return self.arena.data_array(slot, dtype, h.in_shape), PayloadKind(kind)
 
-    def _bytes_payload(self, slot: int, h: Header) -> np.ndarray | list[memoryview]:
+    def _bytes_payload(self, slot: int, h: Header, kind: int) -> np.ndarray | list[memoryview]:
         """A BYTES tensor from the slot's length-prefixed form: for the handler, an object
         array of ``bytes`` in the header's shape (a copy: the elements are Python
         objects); images (kind IMAGE), the elements as views of the slot, decoded in
@@ -480,7 +482,7 @@ class Worker:
         raw = self.arena.data(slot)[: h.in_nbytes]
         count = math.prod(h.in_shape)
         try:
-            if h.kind & KIND_MASK == PayloadKind.IMAGE:
+            if kind == PayloadKind.IMAGE:
                 return bytes_tensor.elements(raw, count)
             return bytes_tensor.unpack(raw, count).reshape(h.in_shape)
         except ValueError as e:

@@ -150,6 +150,14 @@ def sample_shape(spec: TensorSpec) -> tuple[int, ...]:
     return tuple(DYNAMIC_DIM if d < 0 else d for d in spec.shape)
 
 
+def sample_row(handler: Handler) -> torch.Tensor:
+    """One preprocessed row of zeros of the declared input: what the profile batches and
+    the worker's start-up output probe runs."""
+    spec = handler.inputs[0]
+    zeros = np.zeros((1, *sample_shape(spec)), dtype=spec.dtype)
+    return handler.preprocess(zeros, PayloadKind.TENSOR)
+
+
 def throughput_profile(
     handler: Handler, model: ModelSettings, heartbeat: Callable[[], None], threads: int = 0
 ) -> Profile:
@@ -211,7 +219,7 @@ def _measure(
     shape: tuple[int, ...],
     heartbeat: Callable[[], None],
 ) -> dict[int, float]:
-    row = handler.preprocess(np.zeros((1, *shape), dtype=spec.dtype), PayloadKind.TENSOR)
+    row = sample_row(handler)
     batches = {}
     for size in _sizes(model.batching.max_batch_size):
         batches[size] = row.expand(size, *row.shape[1:]).contiguous().to(handler.device)

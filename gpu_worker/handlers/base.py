@@ -36,9 +36,10 @@ class BadInput(ValueError):
 
 
 class OutputContractError(TypeError):
-    """A batch's output breaks the handler contract or the handler's own declaration
-    (``gpu_worker/output_contract.py``): every request of the batch fails with a 500
-    naming the mismatch; the handler, not a request, is at fault."""
+    """What the handler returned breaks its contract (``preprocess`` not a tensor,
+    ``infer`` not one tensor) or its own declaration (``gpu_worker/output_contract.py``):
+    the requests involved fail with a 500 naming it, logged once; the handler, not a
+    request, is at fault."""
 
 
 @dataclass(frozen=True)
