@@ -47,12 +47,11 @@ from ringserve.frontend.jsonio import parse_json
 from ringserve.frontend.v2_codec import (
     V2_TO_CONFIG,
     TensorSpec,
-    decode_request,
+    decode_infer_body,
     decompress_body,
     encode_response,
     model_shape,
     shm_off,
-    split_body,
     v2_datatype,
 )
 from ringserve.frontend.v2_shm import shm_routes
@@ -274,10 +273,11 @@ def v2_routes(state: FrontendState) -> list[Route]:
             limit = state.settings.server.max_body_bytes
             body = await call.read_body(limit)
             body = decompress_body(body, call.headers.get("content-encoding"), limit)
-            header, binary = split_body(body, call.headers.get(HEADER_LENGTH))
             mbs = info.settings.batching.max_batch_size
             images_ok = bool(spec.get("accepts_images"))
-            req = decode_request(header, binary, inp, out, mbs, images_ok, shm_view)
+            req = decode_infer_body(
+                body, call.headers.get(HEADER_LENGTH), inp, out, mbs, images_ok, shm_view
+            )
             if req.images:
                 check_images(req.payload, state.settings.server.max_image_pixels, inp.name)
             if req.id and len(req.id) <= 128 and req.id.isprintable():

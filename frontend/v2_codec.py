@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ringserve.frontend.errors import HTTPError, bad_request
+from ringserve.frontend.images import sniff
 from ringserve.frontend.jsonio import dump_json, parse_json, utf8_strings
 from ringserve.frontend.tensors import MAX_JSON_DEPTH, cast, exact_integers, json_kind_wanted
 from ringserve.ipc import bytes_tensor
@@ -123,18 +124,26 @@ def shm_off(name: str, offset: int, byte_size: int, where: str) -> memoryview:
     raise HTTPError(403, SHM_OFF)
 
 
-def split_body(body: bytes, header_length: str | None) -> tuple[bytes | memoryview, memoryview]:
-    """(JSON header, binary tail) per the Inference-Header-Content-Length header."""
-    if header_length is None:
-        return body, memoryview(b"")
+def _header_length(raw: str) -> int:
     try:
-        n = int(header_length.strip())
+        n = int(raw.strip())
     except ValueError:
         raise bad_request(
-            f"Inference-Header-Content-Length must be an integer, got {header_length[:40]!r}"
+            f"Inference-Header-Content-Length must be an integer, got {raw[:40]!r}"
         ) from None
-    if n <= 0:
-        raise bad_request(f"Inference-Header-Content-Length must be positive, got {n}")
+    if n < 0:
+        raise bad_request(f"Inference-Header-Content-Length must not be negative, got {n}")
+    return n
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[bytes | memoryview, memoryview]:
+    """(JSON header, binary tail) per the Inference-Header-Content-Length header (a
+    positive one: 0 is a raw binary request, ``decode_infer_body``)."""
+    if header_length is None:
+        return body, memoryview(b"")
+    n = _header_length(header_length)
+    if n == 0:
+        raise bad_request("Inference-Header-Content-Length 0 is a raw binary request")
     if n > len(body):
         raise bad_request(
             f"Inference-Header-Content-Length {n} is larger than the body of {len(body)} bytes"
@@ -489,6 +498,86 @@ def decode_request(
         # (JSON data holds none: the house rule refused it in ``cast``)
         nonfinite=arr.dtype.kind == "f" and not np.isfinite(arr).all(),
     )
+
+
+def _raw_image(body: memoryview, accepts_images: bool, inp: TensorSpec) -> bool:
+    """An image-taking model's raw body is one encoded image when it is not the tensor:
+    its size does not fit the declared shape and it starts as an image does."""
+    if not accepts_images or inp.dtype == "bytes":
+        return False
+    per_row = math.prod(d for d in inp.shape if d >= 0) * np.dtype(inp.dtype).itemsize
+    fits = len(body) % per_row == 0 if -1 in inp.shape else len(body) == per_row
+    if fits:
+        return False
+    try:
+        sniff(body)
+    except HTTPError:
+        return False
+    return True
+
+
+def decode_raw_request(
+    body: memoryview, inp: TensorSpec, out: TensorSpec, max_batch_size: int, accepts_images: bool
+) -> InferRequest:
+    """Triton's raw binary request (``Inference-Header-Content-Length: 0``): the body is
+    the one input's bytes, one row, and every output comes back binary. As Triton
+    deduces it: the declared shape, its one variable dimension (at most one) sized by
+    the byte count; a BYTES input must be ``[1]``, the body its one element. Beyond
+    Triton: a model that takes images also takes one encoded image this way."""
+    where = f"raw binary input {inp.name!r}"
+    want = model_shape(inp.shape, max_batch_size)
+    if not len(body):
+        raise bad_request(f"{where}: the body is empty; it must hold the input's bytes")
+    images = _raw_image(body, accepts_images, inp)
+    if images or inp.dtype == "bytes":
+        if not images and inp.shape != [1]:
+            raise bad_request(
+                f"{where} is BYTES of shape {want}: a raw binary request can only give a "
+                "BYTES input of shape [1] (one element); send the JSON header"
+            )
+        arr = np.frombuffer(bytes_tensor.pack([bytes(body)]), dtype=np.uint8)
+        return InferRequest(arr, 1, None, True, out.name, (1,) if images else (1, 1), images)
+    variable = [i for i, d in enumerate(inp.shape) if d < 0]
+    if len(variable) > 1:
+        raise bad_request(
+            f"{where} of shape {want} has more than one variable dimension, which the "
+            "body's size cannot give; send the JSON header with the shape"
+        )
+    shape = list(inp.shape)
+    per_fixed = math.prod(d for d in shape if d >= 0) * np.dtype(inp.dtype).itemsize
+    if variable:
+        if len(body) % per_fixed:
+            raise bad_request(
+                f"{where}: the body of {len(body)} bytes is not a whole number of "
+                f"{per_fixed}-byte steps of shape {want} ({v2_datatype(inp.dtype)})"
+            )
+        shape[variable[0]] = len(body) // per_fixed
+    arr = _from_binary(body, shape, inp.dtype, where, "body size")
+    return InferRequest(
+        arr.reshape(1, *shape),
+        1,
+        None,
+        True,
+        out.name,
+        nonfinite=arr.dtype.kind == "f" and not np.isfinite(arr).all(),
+    )
+
+
+def decode_infer_body(
+    body: bytes,
+    header_length: str | None,
+    inp: TensorSpec,
+    out: TensorSpec,
+    max_batch_size: int,
+    accepts_images: bool = False,
+    shm: ShmReader = shm_off,
+) -> InferRequest:
+    """An infer request body, per its Inference-Header-Content-Length: all JSON (no
+    header), JSON and binary tensors (a positive length), or raw binary (0)."""
+    if header_length is not None and _header_length(header_length) == 0:
+        return decode_raw_request(memoryview(body), inp, out, max_batch_size, accepts_images)
+    header, binary = split_body(body, header_length)
+    return decode_request(header, binary, inp, out, max_batch_size, accepts_images, shm)
 
 
 # -- responses --------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from ringserve.frontend.v2_codec import (
     InferRequest,
     TensorSpec,
     classify,
+    decode_infer_body,
     decode_request,
     decompress_body,
     encode_response,
@@ -351,7 +352,7 @@ def test_binary_data_is_taken_as_triton_takes_it() -> None:
 
 @pytest.mark.parametrize(
     ("header", "words"),
-    [("abc", "must be an integer"), ("0", "positive"), ("9999", "larger than the body")],
+    [("abc", "must be an integer"), ("-1", "negative"), ("9999", "larger than the body")],
 )
 def test_header_length_checks(header: str, words: str) -> None:
     with pytest.raises(HTTPError) as e:
@@ -364,6 +365,69 @@ def test_split_body_without_header_is_all_json() -> None:
     header, tail = split_body(b"{}", None)
     assert bytes(header) == b"{}"
     assert len(tail) == 0
+
+
+# -- raw binary requests (Inference-Header-Content-Length: 0) ----------------------------
+
+
+def raw(data: bytes, spec: TensorSpec = IN, mbs: int = 32, images: bool = False) -> InferRequest:
+    return decode_infer_body(data, "0", spec, OUT, mbs, images)
+
+
+def raw_err(data: bytes, **kw: object) -> HTTPError:
+    with pytest.raises(HTTPError) as e:
+        raw(data, **kw)  # type: ignore[arg-type]
+    assert e.value.status == 400
+    return e.value
+
+
+@pytest.mark.parametrize("mbs", [0, 8])
+def test_raw_binary_is_one_row_its_variable_dimension_from_the_size(mbs: int) -> None:
+    x = np.arange(6, dtype=np.float32)
+    req = raw(x.tobytes(), mbs=mbs)
+    assert req.rows == 1 and req.binary_output and req.id is None
+    assert req.payload.shape == (1, 6) and np.array_equal(req.payload[0], x)
+    spec = TensorSpec("INPUT0", "int16", [-1, 3])
+    y = np.arange(12, dtype=np.int16).reshape(4, 3)
+    assert np.array_equal(raw(y.tobytes(), spec=spec).payload, y[None])
+
+
+def test_raw_binary_fixed_shape_must_match_the_size() -> None:
+    x = np.ones((8, 8), np.float32)
+    assert raw(x.tobytes(), spec=IMG).payload.shape == (1, 8, 8)
+    assert "256" in raw_err(x.tobytes()[:-4], spec=IMG).message
+    assert "whole number" in raw_err(b"\0" * 6).message  # 6 bytes of FP32
+    assert "empty" in raw_err(b"").message
+
+
+def test_raw_binary_refuses_two_variable_dimensions() -> None:
+    e = raw_err(b"\0" * 16, spec=TensorSpec("INPUT0", "float32", [-1, -1]))
+    assert "more than one variable dimension" in e.message
+
+
+def test_raw_binary_takes_nan_and_runs_it_alone() -> None:
+    req = raw(np.array([1, np.nan], np.float32).tobytes())
+    assert req.nonfinite
+    assert not raw(np.ones(2, np.float32).tobytes()).nonfinite
+
+
+def test_raw_binary_bytes_input_is_one_element_of_shape_one() -> None:
+    spec = TensorSpec("INPUT0", "bytes", [1])
+    req = raw(b"hello\xff", spec=spec)
+    assert req.bytes_shape == (1, 1) and not req.images
+    assert bytes_tensor.unpack(req.payload).tolist() == [b"hello\xff"]
+    e = raw_err(b"hello", spec=TensorSpec("INPUT0", "bytes", [-1]))
+    assert "shape [1]" in e.message
+
+
+def test_raw_binary_image_for_an_image_model_only_when_it_is_not_the_tensor() -> None:
+    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 40
+    req = raw(png, spec=IMG, images=True)
+    assert req.images and req.bytes_shape == (1,)
+    assert bytes_tensor.unpack(req.payload).tolist() == [png]
+    assert "256" in raw_err(png, spec=IMG).message  # the model does not take images
+    tensor_bytes = (png * 6)[:256]  # the tensor's exact size: a tensor, whatever it starts with
+    assert not raw(tensor_bytes, spec=IMG, images=True).images
 
 
 # -- BYTES ------------------------------------------------------------------------------

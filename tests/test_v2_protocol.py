@@ -471,7 +471,7 @@ BINARY_ERRORS = [
     ("unclaimed-tail", dict(tail=bytes(40)), None, "8 bytes after the JSON header"),
     ("header-not-number", {}, "twelve", "must be an integer"),
     ("header-too-long", {}, "100000", "larger than the body"),
-    ("header-negative", {}, "-5", "positive"),
+    ("header-negative", {}, "-5", "must not be negative"),
     ("header-cuts-json", {}, "10", "malformed JSON"),
 ]  # fmt: skip
 
@@ -490,6 +490,38 @@ def test_binary_refusals(
     assert r.status_code == 400, r.text
     assert words in r.json()["error"]
     good_json(client)
+
+
+def _binary_answer(r: httpx.Response) -> tuple[dict, bytes]:
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/octet-stream"
+    n = int(r.headers["inference-header-content-length"])
+    return json.loads(r.content[:n])["outputs"][0], r.content[n:]
+
+
+def test_raw_binary_request(client: httpx.Client) -> None:
+    """Triton's raw binary request (header length 0): the body is one row of the one
+    input, its variable dimension from the size; the answer is binary. An image model
+    also takes one encoded image this way."""
+    raw_headers = {"Inference-Header-Content-Length": "0"}
+    x = np.arange(5, dtype=np.float32)
+    r = client.post("/v2/models/id/infer", content=x.tobytes(), headers=raw_headers)
+    entry, data = _binary_answer(r)
+    assert entry["shape"] == [1, 5] and entry["parameters"]["binary_data_size"] == x.nbytes
+    np.testing.assert_array_equal(np.frombuffer(data, np.float32), x)
+    r = client.post("/v2/models/digits/infer", content=PNGS["7"], headers=raw_headers)
+    entry, data = _binary_answer(r)
+    assert entry["shape"] == [1, 10] and int(np.frombuffer(data, np.float32).argmax()) == 7
+    for model, body, words in [
+        ("id", bytes(6), "not a whole number of 4-byte steps"),
+        ("digits", bytes(12), "does not match shape [8, 8]"),
+        ("text", b"hello", "BYTES input of shape [1]"),
+        ("id", b"", "the body is empty"),
+    ]:
+        r = client.post(f"/v2/models/{model}/infer", content=body, headers=raw_headers)
+        assert r.status_code == 400, r.text
+        assert words in r.json()["error"]
+        good_json(client)
 
 
 def test_binary_bytes_input_to_fp32_model(client: httpx.Client) -> None:
