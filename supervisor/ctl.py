@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+WHERE_OPTIONS = ("socket", "instance", "port")  # which server: at most one of them
+
+
 def _add_options(p: argparse.ArgumentParser, timeout_default: object = 5.0) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket", metavar="PATH", help="admin socket path")
@@ -138,6 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         ns = parser.parse_args(argv)
+        # Exclusive within each place, but one may come before the command, one after.
+        named = [f"--{o}" for o in WHERE_OPTIONS if getattr(ns, o) is not None]
+        if len(named) > 1:
+            parser.error(f"{' and '.join(named)} each name the server: give one")
     except SystemExit as e:  # --help (0) or a usage error (2): argparse has printed why
         return e.code if isinstance(e.code, int) else EXIT_OK
     try:

@@ -164,6 +164,22 @@ def test_options_go_before_or_after_the_command(
 
 
 @pytest.mark.parametrize(
+    "argv",
+    [
+        ["--socket", "{path}", "status", "--instance", "other"],
+        ["--port", "8001", "status", "--socket", "{path}"],
+        ["--instance", "a", "--port", "1", "status"],  # argparse's own check
+    ],
+)
+def test_two_ways_of_naming_the_server_are_refused(
+    server: AdminServer, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    rc, out, err = run(capsys, *(a.format(path=server.path) for a in argv))
+    assert rc == 2 and out == ""
+    assert "--" in err and ("each name the server" in err or "not allowed with" in err)
+
+
+@pytest.mark.parametrize(
     ("argv", "cmd", "args", "line"),
     [
         (["drain", "worker-0"], "drain", {"id": "worker-0"}, "drain worker-0: ok"),
