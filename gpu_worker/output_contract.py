@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ringserve.gpu_worker.handlers.base import OutputContractError, TensorSpec
+from ringserve.ipc.layout import DTYPES
 
 # TorchServe handlers return labels or dicts from postprocess; ringserve's two ways:
 TEXT_HINT = (
@@ -59,3 +60,16 @@ def check_output(result: object, rows: int, spec: TensorSpec | None) -> np.ndarr
             f"the model declares {_shape_text(spec.shape)}"
         )
     return result
+
+
+def advertised_output(
+    placeholder: TensorSpec, inp: TensorSpec, probe: np.ndarray
+) -> TensorSpec | None:
+    """What to advertise for an output nobody declared, from one probe row: its dtype,
+    and its per-row shape when the input's is fixed (a variable input may change it:
+    then as many dimensions, each -1). None when the probe says nothing usable."""
+    if probe.dtype.name not in DTYPES or probe.dtype.name == "bytes":
+        return None
+    per_row = probe.shape[1:]
+    shape = per_row if -1 not in inp.shape else tuple(-1 for _ in per_row)
+    return TensorSpec(placeholder.name, probe.dtype.name, tuple(int(d) for d in shape))

@@ -30,7 +30,7 @@ from ringserve.gpu_worker.handlers import BadInput, Handler, TensorSpec, create_
 from ringserve.gpu_worker.handlers.base import OutputContractError
 from ringserve.gpu_worker.handlers.declaration import DeclarationError, check_declaration
 from ringserve.gpu_worker.metrics import BatchTiming, WorkerMetrics
-from ringserve.gpu_worker.output_contract import check_output
+from ringserve.gpu_worker.output_contract import advertised_output, check_output
 from ringserve.gpu_worker.profile import sample_row, throughput_profile
 from ringserve.ipc import bytes_tensor, wake
 from ringserve.ipc.answer import write_error, write_output
@@ -230,21 +230,31 @@ class Worker:
 
     def _probe_output(self) -> None:
         """One row of zeros through the whole handler, once at start. An output that
-        contradicts the declaration would fail every request with a 500 while the model
-        showed ready: it is a configuration error instead (MODEL_CONFIG: the start
-        stops naming it, as for a handler that does not import)."""
-        assert self.handler is not None
-        if self._declared_output is None or self.handler.inputs[0].dtype == "bytes":
+        contradicts the declaration (or, with none declared, is no array of one row)
+        would fail every request with a 500 while the model showed ready: it is a
+        configuration error instead (MODEL_CONFIG: the start stops naming it, as for a
+        handler that does not import). A handler that declares no output (TorchScript
+        without output options) advertises what the probe returned instead of its
+        placeholder ``float32 [-1]``."""
+        handler = self.handler
+        assert handler is not None
+        if handler.inputs[0].dtype == "bytes":
             return
         try:
             with torch.inference_mode():
-                row = sample_row(self.handler).to(self.handler.device)
-                out = self.handler.postprocess(self.handler.infer(row))
-            check_output(out, 1, self._declared_output)
+                row = sample_row(handler).to(handler.device)
+                out = check_output(
+                    handler.postprocess(handler.infer(row)), 1, self._declared_output
+                )
         except OutputContractError as e:
             self._cannot_load(OutputContractError(f"on a row of zeros: {e}"), ExitCode.MODEL_CONFIG)
         except Exception as e:  # zeros the profile took, refused here: not for us to judge
             log.debug("model %s: output probe skipped: %s", self.model.name, e)
+            return
+        if self._declared_output is None:
+            learned = advertised_output(handler.outputs[0], handler.inputs[0], out)
+            if learned is not None:
+                handler.outputs = (learned,)
 
     def _warn_if_slots_are_small(self) -> None:
         """A request's input, then its output, travel in one slot: say at start, not on

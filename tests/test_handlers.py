@@ -12,6 +12,7 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -428,6 +429,45 @@ def test_torchscript_output_is_checked_only_when_declared(tmp_path: Path) -> Non
         run(h, x)
 
 
+class _Argmax(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1, 2).argmax(dim=-1)
+
+
+@pytest.mark.parametrize(
+    ("options", "advertised"),
+    [
+        ({"input_shape": [6]}, TensorSpec("OUTPUT0", "int64", (3,))),
+        ({}, TensorSpec("OUTPUT0", "int64", (-1,))),  # a variable input: a variable output
+        ({"output_dtype": "int64"}, TensorSpec("OUTPUT0", "int64", (-1,))),  # as declared
+    ],
+)
+def test_an_undeclared_torchscript_output_is_advertised_as_the_probe_finds_it(
+    tmp_path: Path, options: dict, advertised: TensorSpec
+) -> None:
+    """Without output options, v2 metadata said FP32 [-1] whatever the archive returns;
+    the start-up probe's row now tells the dtype, and the shape when the input's is
+    fixed. Answers stay unchecked: the advertisement is a learned one."""
+    path = tmp_path / "argmax.pt"
+    _script(_Argmax().eval(), path)
+    recorded: list[BaseException] = []
+    worker = _probing_worker(loaded(f"torchscript:{path}", options=options), recorded)
+    worker._probe_output()
+    assert worker.handler.outputs == (advertised,) and not recorded
+    assert worker.handler.describe()["outputs"][0]["dtype"] == "int64"
+
+
+def test_an_undeclared_output_that_is_no_array_stops_the_start(tmp_path: Path) -> None:
+    path = tmp_path / "pair.pt"
+    _script(_Pair().eval(), path)
+    recorded: list[BaseException] = []
+    worker = _probing_worker(loaded(f"torchscript:{path}"), recorded)
+    with pytest.raises(SystemExit) as stopped:
+        worker._probe_output()
+    assert stopped.value.code == ExitCode.MODEL_CONFIG
+    assert "returned tuple" in str(recorded[0])
+
+
 # -- the output contract -----------------------------------------------------------------
 
 FP32_3 = TensorSpec("OUT", "float32", (3,))
@@ -478,18 +518,25 @@ def test_an_output_that_keeps_its_declaration_passes(result: np.ndarray, spec: T
     assert check_output(result, 2, spec) is result
 
 
+def _probing_worker(handler: Handler, recorded: list[BaseException]) -> Any:
+    """A worker for the start-up probe alone: no arena, no process."""
+    from ringserve.gpu_worker.process import Worker
+
+    worker = Worker.__new__(Worker)
+    worker.handler = handler
+    worker.model = SimpleNamespace(name="m", handler="h")
+    worker.spec = SimpleNamespace(failures=0)
+    worker.control = SimpleNamespace(record_error=recorded.append)
+    worker._declared_output = handler.outputs[0] if handler.output_declared else None
+    return worker
+
+
 def test_a_worker_refuses_to_start_on_an_output_that_breaks_its_declaration() -> None:
     """The start-up probe runs one row of zeros through the handler: a model whose
     answers would all be 500s does not show ready, it stops the start (MODEL_CONFIG)
     with the mismatch recorded for ctl status and /v1/models."""
-    from ringserve.gpu_worker.process import Worker
-
-    worker = Worker.__new__(Worker)  # the probe alone: no arena, no process
     recorded: list[BaseException] = []
-    worker.handler = loaded("identity")
-    worker.model = SimpleNamespace(name="m", handler="identity")
-    worker.spec = SimpleNamespace(failures=0)
-    worker.control = SimpleNamespace(record_error=recorded.append)
+    worker = _probing_worker(loaded("identity"), recorded)
     worker._declared_output = TensorSpec("OUTPUT0", "float64", (-1,))  # identity: float32
     with pytest.raises(SystemExit) as stopped:
         worker._probe_output()

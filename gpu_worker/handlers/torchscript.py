@@ -6,7 +6,9 @@ the model's options (``[models.NAME.options]``), with permissive defaults:
 - ``input_dtype`` ("float32") and ``input_shape`` ([-1]): per-row input, -1 = any size;
 - ``output_dtype`` ("float32") and ``output_shape`` ([-1]): per-row output; with either
   set, every answer is checked against them (a mismatch is a 500 naming it), with
-  neither, answers go out as the archive returns them;
+  neither, answers go out as the archive returns them, and the metadata advertises
+  what the start-up probe's row of zeros returned (its dtype; its per-row shape when
+  the input shape is fixed, else as many -1 dimensions);
 - ``task`` ("tensor"): "classification" makes /predict answer a label and a score;
 - ``labels_file`` (none): one label per line, for a classification model.
 
