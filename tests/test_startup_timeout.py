@@ -83,6 +83,11 @@ def test_startup_timeout_does_not_apply_after_the_first_readiness(start_server) 
     [
         ("python:support.fake_handlers:Nope", "AttributeError: module 'support.fake_handlers'"),
         ("python:support.no_such_module:Cls", "ModuleNotFoundError: No module named"),
+        (  # found by the start-up probe, after the load
+            "python:support.fake_handlers:DeclaresFloat64",
+            "OutputContractError: on a row of zeros: output OUTPUT0 is float32; "
+            "the model declares float64",
+        ),
     ],
 )
 def test_a_model_that_cannot_be_served_as_configured_stops_the_start_at_once(

@@ -222,3 +222,17 @@ class Misbehaves(Handler):
         if 1004 in first:
             return batch[1:]
         return batch
+
+
+class DeclaresFloat64(Handler):
+    """Declares a float64 output and answers float32: every answer would break the
+    declaration, which the start-up probe finds on its row of zeros."""
+
+    inputs = (TensorSpec("INPUT0", "float32", (-1,)),)
+    outputs = (TensorSpec("OUTPUT0", "float64", (-1,)),)
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch
