@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import PurePath
 from typing import Any
 
 from starlette.requests import Request
@@ -56,6 +57,7 @@ from ringserve.frontend.v2_codec import (
 )
 from ringserve.frontend.v2_shm import shm_routes
 from ringserve.frontend.v2_stats import model_stats
+from ringserve.ipc.config import ModelSettings
 from ringserve.ipc.layout import RUN_ALONE, ModelAvailability, PayloadKind
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -126,6 +128,11 @@ def _metadata(catalog: Catalog, info: ModelInfo) -> dict[str, Any]:
     }
 
 
+def _label_filename(settings: ModelSettings) -> str:
+    """Triton names the labels file of the model's repository; ours is an option."""
+    return PurePath(str(settings.options.get("labels_file") or "")).name
+
+
 def _config(catalog: Catalog, info: ModelInfo) -> dict[str, Any]:
     """Triton's model configuration as JSON: dims without the batch dimension."""
     spec = _spec(catalog, info)
@@ -151,7 +158,7 @@ def _config(catalog: Catalog, info: ModelInfo) -> dict[str, Any]:
             {**tensor(t), "format": "FORMAT_NONE", "allow_ragged_batch": False, "optional": False}
             for t in spec["inputs"]
         ],
-        "output": [{**tensor(t), "label_filename": ""} for t in spec["outputs"]],
+        "output": [{**tensor(t), "label_filename": _label_filename(s)} for t in spec["outputs"]],
         "instance_group": [
             {
                 "name": f"{s.name}_0",

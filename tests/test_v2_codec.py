@@ -799,3 +799,23 @@ def test_output_into_shared_memory() -> None:
     req = InferRequest(req.payload, 1, None, False, "OUTPUT0", shm_output=small)
     with pytest.raises(HTTPError, match="needs 12 bytes"):
         encode_response("m", req, output, "float32", 32)
+
+
+# -- model configuration ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "name"), [({"labels_file": "/srv/models/imagenet.txt"}, "imagenet.txt"), ({}, "")]
+)
+def test_config_names_the_labels_file(options: dict, name: str) -> None:
+    from ringserve.frontend.catalog import ModelInfo
+    from ringserve.frontend.v2 import _config
+    from ringserve.ipc.config import ModelSettings
+
+    spec = {
+        "inputs": [{"name": "INPUT0", "dtype": "float32", "shape": [4]}],
+        "outputs": [{"name": "OUTPUT0", "dtype": "float32", "shape": [3]}],
+    }
+    info = ModelInfo(0, ModelSettings(name="m", handler="identity", options=options), spec)
+    config = _config(None, info)  # type: ignore[arg-type]  # the catalog serves no spec here
+    assert config["output"][0]["label_filename"] == name
