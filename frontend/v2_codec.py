@@ -304,6 +304,12 @@ def _from_binary(
     return np.ascontiguousarray(arr, dtype=np.dtype(dtype))
 
 
+def _nonfinite(arr: np.ndarray) -> bool:
+    """Float data holding NaN or Inf: an input taken from binary data (as Triton takes
+    it) then runs alone; JSON cannot carry such an output."""
+    return arr.dtype.kind == "f" and not np.isfinite(arr).all()
+
+
 def _image_rows(shape: list[int], max_batch_size: int, where: str) -> int:
     """Rows of a BYTES tensor of encoded images: ``[rows]`` or ``[rows, 1]`` when the
     model batches, ``[1]`` when it does not."""
@@ -496,7 +502,7 @@ def decode_request(
         timeout_s,
         shm_output,
         # (JSON data holds none: the house rule refused it in ``cast``)
-        nonfinite=arr.dtype.kind == "f" and not np.isfinite(arr).all(),
+        nonfinite=_nonfinite(arr),
     )
 
 
@@ -559,7 +565,7 @@ def decode_raw_request(
         None,
         True,
         out.name,
-        nonfinite=arr.dtype.kind == "f" and not np.isfinite(arr).all(),
+        nonfinite=_nonfinite(arr),
     )
 
 
@@ -586,7 +592,7 @@ def decode_infer_body(
 def _json_data(arr: np.ndarray, dtype: str) -> list[Any] | np.ndarray:
     if dtype == "bytes":
         return utf8_strings(arr).ravel().tolist()
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+    if _nonfinite(arr):
         raise HTTPError(
             500, "the output holds NaN or Inf, which JSON cannot carry: ask for it with binary_data"
         )
