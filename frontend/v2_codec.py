@@ -233,7 +233,7 @@ def _from_json_data(
             raise bad_request(f'{where} "data" is nested deeper than {MAX_JSON_DEPTH} levels')
         level = [x for item in level if isinstance(item, list) for x in item if isinstance(x, list)]
     if dtype == "bytes":
-        flat = _flatten(data, where)
+        flat = _flatten(data)
         if len(flat) != count:
             raise bad_request(f"{where} has {len(flat)} elements; shape {shape} needs {count}")
         if not all(isinstance(x, str) for x in flat):
@@ -241,8 +241,9 @@ def _from_json_data(
         return bytes_tensor.packed(flat)
     try:
         raw = np.array(data)
-    except ValueError as e:
-        raise bad_request(f'{where} "data" is not a rectangular array: {e}') from None
+    except ValueError:  # nested unevenly ([1, [2, 3]]): Triton reads the values in order
+        data = _flatten(data)
+        raw = np.array(data)
     if raw.size != count:
         raise bad_request(f"{where} has {raw.size} elements; shape {shape} needs {count}")
     if wanted := json_kind_wanted(raw, dtype, data, header):
@@ -250,7 +251,7 @@ def _from_json_data(
     return cast(exact_integers(raw, data, dtype).reshape(shape), dtype)
 
 
-def _flatten(data: list[Any], where: str) -> list[Any]:
+def _flatten(data: list[Any]) -> list[Any]:
     out: list[Any] = []
     stack = [iter(data)]
     while stack:

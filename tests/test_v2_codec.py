@@ -110,6 +110,12 @@ def test_id_and_binary_output_flags() -> None:
     assert not r.binary_output
 
 
+@pytest.mark.parametrize("data", [[[1, 2], [3]], [1, [2, 3]], [[1], 2, [[3]]]])
+def test_json_data_nested_unevenly_is_read_in_order_as_triton_does(data: list) -> None:
+    req = decode({"inputs": [tensor(data=data)]})
+    assert req.payload.tolist() == [[1.0, 2.0, 3.0]]
+
+
 @pytest.mark.parametrize(
     ("doc", "words"),
     [
@@ -129,7 +135,8 @@ def test_id_and_binary_output_flags() -> None:
         ({"inputs": [tensor(shape=[1, 0], data=[])]}, "below 1"),
         ({"inputs": [tensor(shape=[3])]}, "rank"),
         ({"inputs": [tensor(shape=[33, 1], data=[0] * 33)]}, "exceeds max_batch_size 32"),
-        ({"inputs": [tensor(data=[[1, 2], [3]])]}, "rectangular"),
+        ({"inputs": [tensor(data=[[1, 2], [3, 4]])]}, "4 elements; shape [1, 3] needs 3"),
+        ({"inputs": [tensor(data=[1, [2, {}]])]}, "numbers"),
         ({"inputs": [tensor(data=["a", "b", "c"])]}, "numbers"),
         ({"inputs": [tensor(data=[True, False, True])]}, "numbers"),
         ({"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 1]}]}, '"data"'),
