@@ -204,7 +204,7 @@ async def infer(
     timeout = deadline_s(call.headers, state.settings, timeout_s)
     d = state.dispatcher
     try:
-        slot = d.submit(
+        slot, answered = d.submit(
             info.index,
             payload,
             int(kind),
@@ -224,7 +224,7 @@ async def infer(
     # deadline only when it pops it: waiting for that made a 300 ms deadline a 580 ms
     # 504); the grace covers only an answer landing in the same instant.
     try:
-        outcome = await _outcome(d.pending[slot], call, timeout + DEADLINE_GRACE_S)
+        outcome = await _outcome(answered, call, timeout + DEADLINE_GRACE_S)
     except asyncio.CancelledError:
         d.abandon(slot)
         raise

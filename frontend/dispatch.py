@@ -130,8 +130,9 @@ class Dispatcher:
         request_id: str,
         dtype_name: str | None = None,
         shape: tuple[int, ...] | None = None,
-    ) -> int:
-        """Write one request into a free slot and queue it; returns the slot.
+    ) -> tuple[int, asyncio.Future[None]]:
+        """Write one request into a free slot and queue it; returns the slot and the
+        future that resolves when it is DONE (or to REFUSED).
 
         ``payload`` is copied exactly once, into shared memory. ``dtype_name`` and
         ``shape`` describe it where its bytes are not a plain array of that shape: an
@@ -139,7 +140,8 @@ class Dispatcher:
         when no slot is free. The ring push happens at once when nothing else is in
         flight, else at the end of this event-loop pass (``_push_now``, one push for all
         the requests of the pass); the future resolves to REFUSED if the model's queue
-        was at its depth limit then.
+        was at its depth limit then. It is returned, not looked up in ``pending``: a push
+        made at once may have refused the slot and dropped it from there already.
         """
         if not self.free:
             raise QueueFull("all request slots of this frontend are busy")
@@ -165,7 +167,7 @@ class Dispatcher:
         assert self._loop is not None
         idle = not self.pending  # nothing else in flight: no company to wait for
         self._to_push[model].append(slot)
-        self.pending[slot] = self._loop.create_future()
+        fut = self.pending[slot] = self._loop.create_future()
         self.submitted += 1
         if not self._push_scheduled:
             if idle:
@@ -173,7 +175,7 @@ class Dispatcher:
             else:
                 self._loop.call_soon(self._push_now)
                 self._push_scheduled = True
-        return slot
+        return slot, fut
 
     def _push_now(self) -> None:
         """Queue everything submitted in this event-loop pass: under load that is many

@@ -591,7 +591,7 @@ def test_an_answer_is_read_in_place_and_its_slot_freed_whatever_the_reader_does(
     d.start(loop)
 
     def round_trip(use: object) -> object:
-        slot = d.submit(0, np.arange(4, dtype=np.uint8), 1, 1, 0, "rid")
+        slot, _ = d.submit(0, np.arange(4, dtype=np.uint8), 1, 1, 0, "rid")
         worker_ring.pop(1, 1, 1)
         answer(arena, slot)  # input + 1, in place
         d._on_done()
@@ -636,3 +636,39 @@ def test_metrics_dirs_of_dead_supervisors_are_swept(tmp_path: Path) -> None:
     path = make_metrics_dir("mine", base=str(tmp_path))
     assert not stale.exists() and live.exists()
     assert path.endswith(f"ringserve-metrics-mine-{os.getpid()}") and os.path.isdir(path)
+
+
+def test_a_push_refused_at_once_still_answers_its_request(shm_dir: Path) -> None:
+    """A frontend with nothing in flight pushes at once, inside ``submit``. When another
+    frontend has filled the model's queue to its depth limit, that push is refused there
+    and then: the request must still get its REFUSED future (a 503), and the slot must be
+    free. (The future used to be looked up in ``pending`` after the refusal had removed
+    it: a KeyError, so a 500.)"""
+    import asyncio
+
+    from ringserve.frontend.dispatch import REFUSED, Dispatcher
+
+    arena = make_arena(shm_dir)
+    efds = [wake.new_eventfd() for _ in range(3)]
+    first = Dispatcher(arena, 0, efds[0], (efds[2],), max_queue_depth=1)
+    second = Dispatcher(arena, 1, efds[1], (efds[2],), max_queue_depth=1)
+    loop = asyncio.new_event_loop()
+    for d in (first, second):
+        d.adopt_slots()
+        d.start(loop)
+    payload = np.arange(4, dtype=np.uint8)
+    _, queued_answer = first.submit(0, payload, 1, 1, 0, "a")
+    ring = RequestRing(arena, 0)
+    assert not queued_answer.done() and ring.depth() == 1
+    free = len(second.free)
+    refused, refused_answer = second.submit(0, payload, 1, 1, 0, "b")
+    assert refused_answer.done() and refused_answer.result() == REFUSED
+    assert len(second.free) == free and refused not in second.pending
+    assert arena.slots["state"][refused] == SlotState.FREE
+    for d in (first, second):
+        d.stop()
+    ring.close()
+    loop.close()
+    arena.close()
+    for fd in efds:
+        os.close(fd)
