@@ -28,6 +28,7 @@ from ringserve.frontend.call import (
     Handler,
     HotRoutes,
     Reply,
+    as_http_error,
     error_reply,
     json_reply,
     new_request_id,
@@ -374,7 +375,8 @@ def make_predict(state: FrontendState) -> Handler:
             return await infer(
                 state, call, info, payload, kind, rows, rid, answer, dtype_name, shape
             )
-        except HTTPError as err:
+        except Exception as e:  # a bug too gets its metric, log line and request id
+            err = as_http_error(e, call.scope)
             record_answer(state, call, rid, name, err.status, time.perf_counter() - t0)
             return error_reply(err, rid)
 

@@ -67,6 +67,15 @@ def json_reply(doc: Any, status: int = 200, headers: dict[str, str] | None = Non
     return Reply(status, dump_json(doc), headers or {})
 
 
+def as_http_error(error: Exception, scope: Scope) -> HTTPError:
+    """An HTTPError as it is; anything else is a bug here: logged with its traceback and
+    answered as a plain 500 (what the client sees says nothing of our internals)."""
+    if isinstance(error, HTTPError):
+        return error
+    log.error("unhandled error on %s %s", scope["method"], scope["path"], exc_info=error)
+    return HTTPError(500, "internal server error")
+
+
 def error_reply(err: HTTPError, rid: str) -> Reply:
     return json_reply({"error": err.message}, err.status, {"X-Request-ID": rid, **err.headers})
 
@@ -141,9 +150,8 @@ async def run_handler(handler: Handler, call: Call) -> None:
     """Run a handler and send its reply; an unexpected error becomes a logged 500."""
     try:
         reply = await handler(call)
-    except Exception:
-        log.exception("unhandled error on %s %s", call.scope["method"], call.scope["path"])
-        reply = json_reply({"error": "internal server error"}, 500)
+    except Exception as e:
+        reply = json_reply({"error": as_http_error(e, call.scope).message}, 500)
     except asyncio.CancelledError:
         # uvicorn cancels what still runs when server.drain_timeout_s is spent, and then
         # only closes the connections: the client gets a JSON answer that says so instead

@@ -39,7 +39,14 @@ from ringserve.frontend.app import (
     record_answer,
     request_id,
 )
-from ringserve.frontend.call import AsgiEndpoint, Call, Reply, error_reply, json_reply
+from ringserve.frontend.call import (
+    AsgiEndpoint,
+    Call,
+    Reply,
+    as_http_error,
+    error_reply,
+    json_reply,
+)
 from ringserve.frontend.catalog import MODEL_VERSION, Catalog, ModelInfo
 from ringserve.frontend.dispatch import Completed
 from ringserve.frontend.errors import HTTPError, unavailable
@@ -309,7 +316,8 @@ def v2_routes(state: FrontendState) -> list[Route]:
                 req.bytes_shape,
                 req.timeout_s,
             )
-        except HTTPError as err:
+        except Exception as e:  # a bug too gets its metric, log line and request id
+            err = as_http_error(e, call.scope)
             record_answer(state, call, rid, name, err.status, time.perf_counter() - t0)
             return error_reply(err, rid)
         record_answer(state, call, rid, name, 200, time.perf_counter() - t0, done)

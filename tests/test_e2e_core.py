@@ -583,3 +583,31 @@ def test_json_logs_tagged_by_process_with_access_lines(start_server) -> None:
     assert access["trace-400"]["status"] == 400
     noise = [line for line in server.log().splitlines() if line and not line.startswith("{")]
     assert noise == [], noise[:5]
+
+
+def test_a_bug_in_the_request_path_is_a_counted_500_with_the_request_id(start_server) -> None:
+    """An unexpected exception in a frontend's answer path (planted by a sitecustomize
+    on the frontends' PYTHONPATH) is a JSON 500 that echoes X-Request-ID, counted in
+    ``ringserve_requests_total`` and logged with its traceback; the slot comes back and
+    the other routes keep serving."""
+    bug = str(REPO / "tests" / "support" / "frontend_bug")
+    server: Server = start_server(
+        "--model",
+        "id=identity",
+        env={"PYTHONPATH": bug + os.pathsep + os.environ.get("PYTHONPATH", "")},
+        frontends=1,
+    )
+    with server.client() as c:
+        r = c.post("/v1/models/id/predict", json={"data": [1.0]}, headers={"X-Request-ID": "bug-1"})
+        assert r.status_code == 500, r.text
+        assert r.json() == {"error": "internal server error"}
+        assert r.headers["x-request-id"] == "bug-1"
+        v2 = {"inputs": [{"name": "INPUT0", "shape": [1, 1], "datatype": "FP32", "data": [2]}]}
+        assert c.post("/v2/models/id/infer", json=v2).status_code == 200
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert re.search(r'ringserve_requests_total\{code="500",model="id"\} 1\.0', metrics), [
+        line for line in metrics.splitlines() if "requests_total" in line
+    ]
+    assert "RuntimeError: injected frontend bug" in server.log()
+    wait_until(functools.partial(slots_free, server, 256), 10, "every slot back to free")
+    assert server.stop() == 0
