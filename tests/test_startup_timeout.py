@@ -8,6 +8,7 @@ import os
 import re
 
 import pytest
+import torchvision
 from conftest import Server, shm_segments, wait_until
 from test_e2e_core import HANDLER_ENV
 
@@ -83,6 +84,11 @@ def test_startup_timeout_does_not_apply_after_the_first_readiness(start_server) 
     [
         ("python:support.fake_handlers:Nope", "AttributeError: module 'support.fake_handlers'"),
         ("python:support.no_such_module:Cls", "ModuleNotFoundError: No module named"),
+        (
+            "torchvision:resnet05",
+            f"ValueError: torchvision {torchvision.__version__} has no classification model "
+            "'resnet05'; did you mean resnet50",
+        ),
         (  # found by the start-up probe, after the load
             "python:support.fake_handlers:DeclaresFloat64",
             "OutputContractError: on a row of zeros: output OUTPUT0 is float32; "

@@ -29,6 +29,7 @@ Model options (``[models.NAME.options]``):
 
 from __future__ import annotations
 
+import difflib
 import io
 import logging
 import warnings
@@ -135,12 +136,26 @@ def read_labels(path: str) -> tuple[str, ...]:
     return tuple(Path(path).read_text(encoding="utf-8").rstrip("\n").split("\n"))
 
 
+def check_architecture(arch: str) -> None:
+    """Refuse an architecture this torchvision does not have, naming the nearest ones."""
+    if not arch:
+        raise ValueError("torchvision handler needs an architecture: torchvision:ARCH")
+    known = torchvision.models.list_models(torchvision.models)
+    if arch not in known:
+        near = difflib.get_close_matches(arch, known, n=3)
+        hint = f"; did you mean {', '.join(near)}?" if near else ""
+        raise ValueError(
+            f"torchvision {torchvision.__version__} has no classification model {arch!r}{hint}"
+        )
+
+
 class TorchvisionHandler(Handler):
     task = "classification"
     accepts_images = True
 
     def __init__(self, settings: ModelSettings, arg: str = "") -> None:
         super().__init__(settings, arg)
+        check_architecture(arg)  # here, not in load: a typo is a config error, never retried
         opts = settings.options
         self.image_size = int(opts.get("image_size", 224))
         self.resize_size = round(self.image_size * 256 / 224)
@@ -160,8 +175,6 @@ class TorchvisionHandler(Handler):
         self.model: torch.nn.Module | None = None
 
     def load(self, device: torch.device) -> None:
-        if not self.arg:
-            raise ValueError("torchvision handler needs an architecture: torchvision:ARCH")
         model = torchvision.models.get_model(self.arg, weights=None, num_classes=self.num_classes)
         if self.settings.weights:
             state = torch.load(self.settings.weights, map_location="cpu", weights_only=True)
