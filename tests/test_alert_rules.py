@@ -241,6 +241,27 @@ def test_every_alert_has_firing_and_quiet_unit_tests() -> None:
     assert names - quiet == set(), "alerts without a test where they stay quiet"
 
 
+def test_runbook_commands_name_real_targets() -> None:
+    """Every ``ringserve ctl`` command a firing alert's runbook renders (promtool checks
+    the rendering against the unit tests' expectations) parses, and names a process the
+    way the admin socket does: ``ctl restart 0`` failed with "no worker '0'"."""
+    from ringserve.supervisor.ctl import build_parser
+
+    parser = build_parser()
+    commands = []
+    for case in _load_yaml(RULE_TESTS)["tests"]:
+        for check in case.get("alert_rule_test", []):
+            for alert in check.get("exp_alerts") or []:
+                runbook = alert.get("exp_annotations", {}).get("runbook", "")
+                commands += re.findall(r"ringserve ctl ([a-z]+(?: [\w-]+){0,2})", runbook)
+    assert commands, "no runbook renders a ctl command"
+    placeholder = {"MODEL": "resnet", "N": "2"}  # as a reader fills them in
+    for command in commands:
+        ns = parser.parse_args([placeholder.get(w, w) for w in command.split()])
+        if ns.command in ("drain", "restart", "recycle"):
+            assert re.fullmatch(r"(worker|frontend)-\d+|all|server", ns.id), command
+
+
 # ---------------------------------------------------------------- dashboard
 
 
