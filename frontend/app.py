@@ -385,9 +385,12 @@ def make_predict(state: FrontendState) -> Handler:
 
 def _model_state(state: FrontendState, info: ModelInfo, ready: int) -> str:
     """``/v1/models`` state: ready, loading (never served yet), recovering (a worker is
-    being replaced) or failing (its workers keep dying at start, or none is left)."""
+    being replaced), drained (its last worker was drained: ``ctl scale`` brings it back)
+    or failing (its workers keep dying at start)."""
     if ready and info.spec:
         return "ready"
+    if not state.catalog.workers(info.index):
+        return "drained"
     availability = state.catalog.availability(info.index)
     if availability == ModelAvailability.FAILING:
         return "failing"
@@ -438,7 +441,7 @@ def build_app(state: FrontendState, extra_routes: list[Route] | None = None) -> 
                     "state": _model_state(state, info, ready),
                     **({"last_error": error} if error else {}),
                     "workers_ready": ready,
-                    "workers": info.settings.workers,
+                    "workers": state.catalog.workers(info.index),
                     "max_batch_size": info.settings.batching.max_batch_size,
                     "inputs": (info.spec or {}).get("inputs", []),
                     "outputs": (info.spec or {}).get("outputs", []),

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ringserve.ipc.answer import no_workers
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.config import ModelSettings, Settings
 from ringserve.ipc.control import error_text
@@ -80,6 +81,11 @@ class Catalog:
         """What the supervisor last published for the model (it may lag by a tick)."""
         return ModelAvailability(self.arena.model_word(index, "availability"))
 
+    def workers(self, index: int) -> int:
+        """The workers the model should have now: configured, moved by ``ctl scale`` and
+        by drains (as the supervisor published it, on every change)."""
+        return self.arena.model_word(index, "workers")
+
     def last_error(self, index: int) -> str:
         """The newest load error of the model's workers ("" once one is ready again)."""
         return error_text(self.arena.models[index]["last_error"])
@@ -87,6 +93,8 @@ class Catalog:
     def not_served_why(self, info: ModelInfo) -> str:
         """Why requests for a model that is not serving are refused, for a 503 body."""
         name = info.settings.name
+        if not self.workers(info.index):
+            return no_workers(name)
         error = self.last_error(info.index)
         if error:
             return f"model {name!r} is not ready: its workers fail to load it ({error})"

@@ -168,7 +168,7 @@ class ArenaCollector:
                 ).sum()
             )
             ready.add_metric([m.name], float(n))
-            configured.add_metric([m.name], float(m.workers))
+            configured.add_metric([m.name], float(self.arena.model_word(i, "workers")))
         yield ready
         yield configured
         fams = {

@@ -170,7 +170,7 @@ def _config(catalog: Catalog, info: ModelInfo) -> dict[str, Any]:
             {
                 "name": f"{s.name}_0",
                 "kind": "KIND_GPU" if device.startswith("cuda") else "KIND_CPU",
-                "count": s.workers,
+                "count": catalog.workers(info.index),
             }
         ],
         "parameters": {"handler": {"string_value": s.handler}},
@@ -195,13 +195,15 @@ def _repository_state(state: FrontendState, info: ModelInfo) -> tuple[str, str]:
     """(Triton state, reason): READY exactly when ``/v2/models/{name}/ready`` says so."""
     if state.catalog.serving(info):
         return "READY", ""
+    if not state.catalog.workers(info.index):
+        return "UNAVAILABLE", "its last worker was drained (ctl scale serves it again)"
     failing = state.catalog.availability(info.index) == ModelAvailability.FAILING
     if info.spec is None and not failing:
         return "LOADING", "no worker has loaded the model yet"
     if failing:
         error = state.catalog.last_error(info.index)
         why = f"last error: {error}" if error else "see the log"
-        return "UNAVAILABLE", f"its workers keep failing to start, or none is left ({why})"
+        return "UNAVAILABLE", f"its workers keep failing to start ({why})"
     return "UNAVAILABLE", "no ready worker"
 
 

@@ -19,6 +19,15 @@ _BYTES = DTYPE_CODE["bytes"]
 IN_PLACE_CHECK_BYTES = 64 * 1024  # below this, copying is cheaper than checking
 
 
+def no_workers(model: str) -> str:
+    """Why a model whose last worker was drained refuses requests (503), in the frontend
+    and in what the supervisor answers for the requests it had queued."""
+    return (
+        f"model {model!r} has no workers: its last one was drained "
+        f"(ringserve ctl scale {model} N serves it again)"
+    )
+
+
 def write_error(arena: Arena, slot: int, status: Status, message: bytes) -> None:
     """Finish a slot with an error status and a UTF-8 message as its payload."""
     msg = message[: arena.geometry.slot_bytes]

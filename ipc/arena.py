@@ -32,7 +32,9 @@ from ringserve.ipc.slot_io import SlotHeaders
 _U4 = struct.Struct("<I")
 _DRAINING_OFF = L.ARENA_HEADER.fields["draining"][1]
 _PAUSED_OFF = L.ARENA_HEADER.fields["paused"][1]
-_MODEL_OFF = {name: L.MODEL_ENTRY.fields[name][1] for name in ("spec_version", "availability")}
+_MODEL_OFF = {
+    name: L.MODEL_ENTRY.fields[name][1] for name in ("spec_version", "availability", "workers")
+}
 _RING_LOCK_OFF = L.RING_HEADER.fields["lock"][1]
 assert L.RING_HEADER.fields["lock"][0].itemsize >= MUTEX_BYTES and _RING_LOCK_OFF % 8 == 0
 _REGION_LOCK_OFF = L.REGION_TABLE_HEADER.fields["lock"][1]

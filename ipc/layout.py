@@ -182,7 +182,9 @@ MODEL_ENTRY = np.dtype(
         ("spec_version", "<u4"),
         ("spec_len", "<u4"),
         ("availability", "<u4"),
-        ("pad", "<u4"),
+        # The workers the model should have now: its configured count, moved by
+        # ``ctl scale`` and by draining one (to 0 when its last worker is drained).
+        ("workers", "<u4"),
         # The supervisor's copy of the newest load error of the model's workers; cleared
         # when one becomes ready. Frontends show it while the model is not served.
         ("last_error", f"S{ERROR_BYTES}"),

@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ringserve.ipc import wake
+from ringserve.ipc.answer import no_workers
 from ringserve.ipc.arena import Arena, ArenaGeometry, segment_name, sweep_stale
 from ringserve.ipc.child import ChildSpec
 from ringserve.ipc.config import Settings
 from ringserve.ipc.control import reset as reset_control
-from ringserve.ipc.layout import ModelAvailability, ProcState
+from ringserve.ipc.layout import ModelAvailability, ProcState, Status
 from ringserve.ipc.ring import RequestRing
 from ringserve.supervisor import systemd
 from ringserve.supervisor.admin import AdminCommandError
@@ -144,6 +145,7 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
             for _ in range(m.workers):
                 self.workers.append(WorkerSlot(ident, mi))
                 ident += 1
+        self.publish_availability()  # before any frontend reads it
         self._start_admin()
 
     def _start_admin(self) -> None:
@@ -363,10 +365,19 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
                 counts[ws.model_index] += 1
         return counts
 
+    def wanted_workers(self) -> dict[int, int]:
+        """Per model, the workers it should have now: configured, then moved by ``ctl
+        scale`` and by draining one (a retired slot is not wanted)."""
+        counts = {i: 0 for i in range(len(self.settings.models))}
+        for ws in self.workers:
+            counts[ws.model_index] += not ws.retired
+        return counts
+
     def publish_availability(self) -> None:
         assert self.arena is not None
         counts = self.ready_workers()
         table = self.arena.models["availability"]
+        self.arena.models["workers"] = list(self.wanted_workers().values())
         for i, n in counts.items():
             slots = [ws for ws in self.workers if ws.model_index == i and not ws.retired]
             if n > 0:
@@ -379,10 +390,19 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
                 state = ModelAvailability.LOADING
             table[i] = state
 
+    def _answer_unserved(self) -> None:
+        """A model whose last worker was drained has nobody to run what it still had
+        queued: answer that now (503), not at each request's deadline."""
+        for i, wanted in self.wanted_workers().items():
+            if wanted == 0 and not any(ws.child for ws in self.workers if ws.model_index == i):
+                name = self.settings.models[i].name
+                self._fail_queued(Status.SHUTDOWN, no_workers(name).encode(), model=i)
+
     def _check_ready(self) -> None:
         self.publish_availability()
         if self.phase != "running":
             return
+        self._answer_unserved()
         models_ready = all(self.ready_workers().values())
         self.ever_ready = self.ever_ready or models_ready
         if self.defer_frontends and models_ready:
@@ -452,10 +472,9 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         return f"worker-{ws.ident} " + (" ".join(what) or "not started")
 
     def _notify_status(self) -> None:
-        counts = self.ready_workers()
+        counts, wanted = self.ready_workers(), self.wanted_workers()
         parts = [
-            f"{self.settings.models[i].name}: {n}/{self.settings.models[i].workers} ready"
-            for i, n in counts.items()
+            f"{self.settings.models[i].name}: {n}/{wanted[i]} ready" for i, n in counts.items()
         ]
         line = f"{self.phase}; " + ", ".join(parts)
         if line != self._status_line:

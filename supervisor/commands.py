@@ -110,13 +110,15 @@ def status(arb: Arbiter) -> dict[str, Any]:
                 **({"last_error": errors[child.name]} if errors.get(child.name) else {}),
             }
         )
-    ready = arb.ready_workers()
+    ready, wanted = arb.ready_workers(), arb.wanted_workers()
     models = [
         {
             "name": m.name,
             "handler": m.handler,
-            "state": ModelAvailability(int(arb.arena.models[i]["availability"])).name.lower(),
-            "workers": sum(1 for ws in arb.workers if ws.model_index == i and not ws.retired),
+            "state": ModelAvailability(int(arb.arena.models[i]["availability"])).name.lower()
+            if wanted[i]
+            else "drained",
+            "workers": wanted[i],
             "ready": ready[i],
             "queue_depth": arb.rings[i].depth(),
             **_published(arb, i),

@@ -61,11 +61,12 @@ class Shutdown:
         self.stop_deadline = deadline
         self._notify_status()
 
-    def _fail_queued(self, status: Status, message: bytes) -> None:
-        """Answer everything still queued (nobody will run it) so no client hangs."""
+    def _fail_queued(self, status: Status, message: bytes, model: int | None = None) -> None:
+        """Answer everything still queued (for all models, or for ``model``): nobody will
+        run it, and no client should wait out its deadline for that."""
         assert self.arena is not None
         failed = []
-        for ring in self.rings:
+        for ring in self.rings if model is None else [self.rings[model]]:
             with ring.locked():
                 st = self.arena.slots["state"]
                 for slot in (int(s) for s in (st == SlotState.QUEUED).nonzero()[0]):

@@ -583,3 +583,53 @@ def test_fast_shutdown(start_server, how: str) -> None:
     assert took < 20, f"fast shutdown took {took:.1f} s (drain timeout is 60 s)"
     codes = [r.status_code if isinstance(r, httpx.Response) else "transport" for r in responses]
     assert 503 in codes, codes
+
+
+def test_scale_and_drain_move_the_worker_count_everywhere(start_server) -> None:
+    """``ctl scale`` and draining a model's last worker change the count it should have
+    in /metrics, /v1/models and the v2 config (not only in ctl status: the shipped
+    degraded/no-worker alerts compare against it). Requests still queued when the last
+    worker is drained get a 503 that says so at once, not a 504 at their deadline."""
+    server: Server = start_server("--model", SLOW, env=HANDLER_ENV, frontends=1)
+
+    def counts() -> tuple[str, int, int]:
+        metrics = httpx.get(f"{server.url}/metrics").text
+        [configured] = re.findall(r'ringserve_workers_configured\{model="slow"\} (\S+)', metrics)
+        [model] = httpx.get(f"{server.url}/v1/models").json()["models"]
+        group = httpx.get(f"{server.url}/v2/models/slow/config").json()["instance_group"]
+        return configured, model["workers"], group[0]["count"]
+
+    assert counts() == ("1.0", 1, 1)
+    server.ctl("scale", "slow", "2")
+    assert counts() == ("2.0", 2, 2)
+    server.wait_workers_ready(2)
+    server.ctl("scale", "slow", "1")
+    assert counts() == ("1.0", 1, 1)
+    wait_until(lambda: len(worker_pids(server)) == 1, 60, "scale down to 1")
+    arena = server.ctl("status")["server"]["arena"]
+    with server.client(timeout=60) as c, ThreadPoolExecutor(4) as pool:
+        busy = pool.submit(c.post, "/v1/models/slow/predict", json={"data": [1500.0, 1.0]})
+        wait_until(lambda: running(arena), 20, "the first request to reach the worker")
+        queued = [
+            pool.submit(c.post, "/v1/models/slow/predict", json={"data": [1.0, float(i)]})
+            for i in range(3)
+        ]
+        wait_until(lambda: server.ctl("status")["models"][0]["queue_depth"] == 3, 10, "queued")
+        [worker] = [p["id"] for p in server.ctl("status")["processes"] if p["role"] == "worker"]
+        t0 = time.monotonic()
+        server.ctl("drain", worker)
+        assert busy.result(30).status_code == 200
+        for f in queued:
+            r = f.result(30)
+            assert r.status_code == 503, r.text
+            assert "has no workers: its last one was drained" in r.json()["error"]
+        assert time.monotonic() - t0 < 15  # the deadline is 30 s
+    assert counts() == ("0.0", 0, 0)
+    [model] = httpx.get(f"{server.url}/v1/models").json()["models"]
+    assert model["state"] == "drained"
+    assert server.ctl("status")["models"][0]["state"] == "drained"
+    server.ctl("scale", "slow", "1")
+    server.wait_workers_ready(1)
+    with server.client() as c:
+        assert c.post("/v1/models/slow/predict", json={"data": [1.0, 2.0]}).status_code == 200
+    assert server.stop() == 0

@@ -605,7 +605,7 @@ def test_model_without_a_ready_worker_is_503(start_server: Callable[..., Server]
         wait_until(lambda: c.get("/v2/models/id/ready").status_code == 503, 30, "model unready")
         r = c.get("/v2/models/id/ready")
         assert r.headers["retry-after"]
-        assert "not ready" in r.json()["error"]
+        assert "has no workers: its last one was drained" in r.json()["error"]
         r = c.post("/v2/models/id/infer", json={"inputs": [_t()]})
         assert r.status_code == 503
         assert r.headers["retry-after"]
@@ -614,7 +614,7 @@ def test_model_without_a_ready_worker_is_503(start_server: Callable[..., Server]
         assert c.get("/v2/models/id").json()["inputs"][0]["name"] == "INPUT0"
         [entry] = c.post("/v2/repository/index").json()
         assert (entry["name"], entry["version"], entry["state"]) == ("id", "1", "UNAVAILABLE")
-        assert "none is left" in entry["reason"]  # its only worker was retired
+        assert "last worker was drained" in entry["reason"]  # its only worker was retired
         assert c.post("/v2/repository/index", json={"ready": True}).json() == []
 
 
@@ -643,6 +643,7 @@ def test_repository_state_follows_what_the_supervisor_publishes(
     catalog.accepting = lambda i: accepting  # type: ignore[method-assign]
     catalog.availability = lambda i: ModelAvailability[availability]  # type: ignore[method-assign]
     catalog.last_error = lambda i: "OSError: no such file"  # type: ignore[method-assign]
+    catalog.workers = lambda i: 1  # type: ignore[method-assign]
     got, reason = _repository_state(SimpleNamespace(catalog=catalog), info)  # type: ignore[arg-type]
     assert got == expected
     assert bool(reason) == (expected != "READY")
