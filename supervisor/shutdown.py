@@ -77,6 +77,8 @@ class Shutdown:
 
     def _advance_stop(self, now: float) -> None:
         alive = [c for c in self.all_children() if c.returncode is None]
+        if self.listen_sockets and not any(c.role == "frontend" for c in alive):
+            self._close_listeners()
         if not self.workers_stopping and not any(c.role == "frontend" for c in alive):
             self.workers_stopping = True
             for child in alive:
@@ -91,6 +93,17 @@ class Shutdown:
         elif now > self.stop_deadline + 1.0:
             for c in alive:
                 c.kill("stop_timeout")
+
+    def _close_listeners(self) -> None:
+        """No frontend is left to answer: close our listening sockets now, while workers
+        still finish, so a client is refused (and nginx tries another upstream) instead
+        of being accepted into a backlog nobody reads and reset when we exit. Under
+        socket activation systemd keeps its own copy, and queues for the next start."""
+        for sock in (*self.listen_sockets, self.metrics_socket):
+            if sock is not None:
+                sock.close()
+        self.listen_sockets, self.listen_origins, self.metrics_socket = [], [], None
+        log.info("frontends gone: listening sockets closed")
 
     def _kill_all(self) -> None:
         deadline = time.monotonic() + 5.0

@@ -633,3 +633,29 @@ def test_scale_and_drain_move_the_worker_count_everywhere(start_server) -> None:
     with server.client() as c:
         assert c.post("/v1/models/slow/predict", json={"data": [1.0, 2.0]}).status_code == 200
     assert server.stop() == 0
+
+
+def test_a_stopping_server_refuses_connections_once_its_frontends_are_gone(
+    start_server,
+) -> None:
+    """SIGTERM with a worker still busy past the drain timeout: the frontends exit first,
+    and from then on a connection is refused (nginx moves to another upstream at once)
+    instead of being accepted into a backlog nobody reads and reset when the supervisor
+    finally exits, seconds later."""
+    server: Server = start_server("--model", SLOW, "--drain-timeout", "1", env=HANDLER_ENV)
+    with server.client() as c, ThreadPoolExecutor(1) as pool:
+        pending = sigterm_while_in_the_model(server, c, pool, 6000.0)
+        gone = re.compile(r"frontend-\d \(pid \d+\) exited")
+        wait_until(lambda: len(gone.findall(server.log())) == 2, 20, "the frontends gone")
+
+        def refused() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
+            except ConnectionRefusedError:
+                return True
+            return False
+
+        wait_until(refused, 2, "connections refused")  # the supervisor's next tick
+        assert server.proc.poll() is None, "the worker is still in its batch"
+        assert pending.result(30).status_code == 503
+    assert server.proc.wait(30) == 0
