@@ -129,13 +129,21 @@ class ArenaCollector:
         depth = GaugeMetricFamily(
             "ringserve_queue_depth", "Requests waiting in the model's ring", labels=["model"]
         )
-        cap = GaugeMetricFamily("ringserve_queue_capacity", "Queue depth limit", labels=["model"])
+        cap = GaugeMetricFamily(
+            "ringserve_queue_capacity",
+            "Requests the model's queue could hold now: its depth plus the free request "
+            "slots, at most arena.max_queue_depth (depth = capacity: new requests get 503)",
+            labels=["model"],
+        )
+        limit = self.settings.arena.max_queue_depth or self.settings.arena.slots
         for i, name in enumerate(names):
             head, _ = self.arena.ring_view(i)
-            depth.add_metric([name], float(int(head["tail"][0]) - int(head["head"][0])))
-            cap.add_metric(
-                [name], float(self.settings.arena.max_queue_depth or self.settings.arena.slots)
-            )
+            queued = int(head["tail"][0]) - int(head["head"][0])
+            depth.add_metric([name], float(queued))
+            # Not arena.slots: the slots that running batches and unread answers hold
+            # can never queue, so depth / slots stayed under the alert's 0.8 while
+            # every request was refused.
+            cap.add_metric([name], float(min(limit, queued + int(counts[SlotState.FREE]))))
         yield depth
         yield cap
         inflight = GaugeMetricFamily(

@@ -672,3 +672,51 @@ def test_a_push_refused_at_once_still_answers_its_request(shm_dir: Path) -> None
     arena.close()
     for fd in efds:
         os.close(fd)
+
+
+def test_queue_capacity_is_what_the_queue_could_still_hold(shm_dir: Path) -> None:
+    """``ringserve_queue_capacity`` counts the queued requests plus the free slots (at
+    most arena.max_queue_depth): slots that running batches hold cannot queue. With
+    every slot taken it equals the depth, so depth / capacity reaches 1 and the shipped
+    RingserveQueueSaturated alert can fire (against arena.slots it stayed at 0.75 while
+    every new request was refused)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from ringserve.frontend.dispatch import Dispatcher
+    from ringserve.frontend.metrics import ArenaCollector
+
+    arena = make_arena(shm_dir, n_slots=8, n_frontends=1)
+    efds = [wake.new_eventfd() for _ in range(2)]
+    d = Dispatcher(arena, 0, efds[0], (efds[1],))
+    d.adopt_slots()
+    loop = asyncio.new_event_loop()
+    d.start(loop)
+    worker_ring = RequestRing(arena, 0)
+
+    def gauges(max_queue_depth: int) -> tuple[float, float]:
+        settings = SimpleNamespace(
+            models=[SimpleNamespace(name="m")],
+            arena=SimpleNamespace(slots=8, max_queue_depth=max_queue_depth),
+        )
+        found = {}
+        for family in ArenaCollector(settings, arena).collect():  # type: ignore[arg-type]
+            for sample in family.samples:
+                if sample.name in ("ringserve_queue_depth", "ringserve_queue_capacity"):
+                    found[sample.name] = sample.value
+        return found["ringserve_queue_depth"], found["ringserve_queue_capacity"]
+
+    assert gauges(0) == (0.0, 8.0)
+    for i in range(8):
+        d.submit(0, np.arange(4, dtype=np.uint8), 1, 1, 0, f"r{i}")
+    loop.run_until_complete(asyncio.sleep(0))  # the end-of-pass push
+    assert len(worker_ring.pop(2, 2, 1)) == 2  # a batch of two is running
+    assert not d.free
+    assert gauges(0) == (6.0, 6.0)
+    assert gauges(4) == (6.0, 4.0)  # the depth limit, when set, bounds it too
+    d.stop()
+    worker_ring.close()
+    loop.close()
+    arena.close()
+    for fd in efds:
+        os.close(fd)
