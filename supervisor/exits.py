@@ -126,6 +126,7 @@ class ExitHandling:
             if r.new is child:  # the replacement died before taking over: keep the old one
                 log.error("replacement for %s failed (%s); keeping the old one", r.old.name, why)
                 self.replacements.remove(r)
+                self.stats.restarted("worker", reason)  # a failed deploy shows in metrics
                 old = self._worker_slot(r.old)
                 if old is not None:  # what ctl status shows: not a recycle that happened
                     old.last_recycle_reason = f"{r.reason} failed: {why}"

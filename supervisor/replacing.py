@@ -37,8 +37,7 @@ class Replacing:
                 if ws is not None:
                     ws.child = r.new
                 self.stop_child(r.old, r.reason)
-                if r.reason not in ("reload",):
-                    self.stats.recycled(self.settings.models[r.old.model_index].name, r.reason)
+                self.stats.recycled(self.settings.models[r.old.model_index].name, r.reason)
             elif now > r.deadline:
                 log.error(
                     "replacement for %s not ready in %.0f s: raise worker.start_timeout_s "

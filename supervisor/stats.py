@@ -6,6 +6,33 @@ from __future__ import annotations
 
 from ringserve.ipc.config import Settings
 
+# Reasons created at zero: Prometheus' increase() cannot see a series' first sample,
+# so a counter that appeared already at 1 hid the first recycle of each kind after every
+# start. Restart reasons are open-ended (a signal, an exit code); these are the usual.
+RECYCLE_REASONS = (
+    "uss_limit",
+    "uss_trend",
+    "gpu_limit",
+    "gpu_trend",
+    "max_requests",
+    "max_age",
+    "admin",
+    "reload",
+)
+RESTART_REASONS = {
+    "frontend": ("error", "killed by SIGKILL", "heartbeat_timeout", "start_timeout"),
+    "worker": (
+        "error",
+        "killed by SIGKILL",
+        "killed by SIGSEGV",
+        "heartbeat_timeout",
+        "start_timeout",
+        "model_load",
+        "model_config",
+        "cuda_init",
+    ),
+}
+
 
 class SupervisorStats:
     def __init__(self, settings: Settings) -> None:
@@ -58,7 +85,14 @@ class SupervisorStats:
 
         devices = sorted({m.device for m in self.settings.models})
         info.labels(__version__, torch_version, ",".join(devices)).set(1)
+        for role, reasons in RESTART_REASONS.items():
+            for reason in reasons:
+                self._restarts.labels(role, reason)
         for m in self.settings.models:
+            for reason in RECYCLE_REASONS:
+                self._recycles.labels(m.name, reason)
+            self._requeued.labels(m.name)
+            self._poison.labels(m.name)
             limit.labels(m.name).set(self.settings.memory.uss_limit_mb * 2**20)
             gpu_limit.labels(m.name).set(self.settings.memory.gpu_allocated_limit_mb * 2**20)
 

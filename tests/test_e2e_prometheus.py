@@ -126,6 +126,10 @@ def test_real_prometheus_scrapes_through_a_recycle(start_server, tmp_path: Path)
             30,
             "the recycle counted with its reason",
         )
+        # The series existed at 0 before it (scraped above), so even the first recycle
+        # after a start is an increase, as dashboards and alerts read it.
+        increase = 'sum(increase(ringserve_worker_recycles_total{reason="admin"}[5m]))'
+        assert value(increase) > 0
         assert value("sum(ringserve_batches_total)") > before
         # No counter went backwards across the recycle (a reset would show here).
         for counter in (

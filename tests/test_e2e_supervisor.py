@@ -254,6 +254,29 @@ def test_failed_reload_stops_the_rolling_restart_and_says_so(start_server, tmp_p
     with server.client() as c:
         r = c.post("/v1/models/m/predict", json={"data": [1.0, 2.0]})
         assert r.status_code == 200 and r.json()["result"] == [1.0, 2.0]
+    # A failed deploy shows in metrics (the crash-loop alert counts restarts by role).
+    metrics = httpx.get(f"{server.url}/metrics").text
+    restarts = r'ringserve_process_restarts_total\{reason="model_config",role="worker"\} 1\.0'
+    assert re.search(restarts, metrics), [x for x in metrics.splitlines() if "restarts" in x]
+    assert server.stop() == 0
+
+
+def test_reload_recycles_are_counted(start_server) -> None:
+    """Each worker a SIGHUP replaces is a recycle with reason reload in the metrics, as
+    ctl recycle is one with reason admin (the recycle-storm alert leaves both out)."""
+    server: Server = start_server("--workers", "2", frontends=1)
+    server.wait_workers_ready(2)
+    server.proc.send_signal(signal.SIGHUP)
+
+    def reloads() -> str:
+        metrics = httpx.get(f"{server.url}/metrics").text
+        found = re.findall(
+            r'ringserve_worker_recycles_total\{model="digits",reason="reload"\} (\S+)', metrics
+        )
+        return found[0] if found else ""
+
+    wait_until(lambda: reloads() == "2.0", 90, "both workers recycled by the reload")
+    assert server.ctl("status")["server"]["totals"].get("recycles:reload") == 2
     assert server.stop() == 0
 
 
