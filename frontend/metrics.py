@@ -108,6 +108,19 @@ class FrontendMetrics:
         return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
+def one_per_process(live: np.ndarray) -> list[np.void]:
+    """One control record per (role, id): while a worker is replaced, its old and new
+    process share the id, and two samples of one series is invalid exposition. The one
+    serving wins (READY), then the newer."""
+    best: dict[tuple[int, int], tuple[tuple[bool, int], np.void]] = {}
+    for rec in live:
+        key = (int(rec["role"]), int(rec["ident"]))
+        rank = (int(rec["state"]) == ProcState.READY, int(rec["started_ns"]))
+        if key not in best or rank > best[key][0]:
+            best[key] = (rank, rec)
+    return [rec for _, rec in best.values()]
+
+
 class ArenaCollector:
     """Gauges read from shared memory at scrape time."""
 
@@ -219,7 +232,7 @@ class ArenaCollector:
         import time
 
         epoch_offset = time.time() - time.monotonic()
-        for rec in live:
+        for rec in one_per_process(live):
             role = Role(int(rec["role"])).name.lower()
             model = names[int(rec["model"])] if rec["role"] == Role.WORKER else ""
             labels = [role, str(int(rec["ident"])), model]

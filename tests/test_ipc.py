@@ -720,3 +720,41 @@ def test_queue_capacity_is_what_the_queue_could_still_hold(shm_dir: Path) -> Non
     arena.close()
     for fd in efds:
         os.close(fd)
+
+
+def test_process_series_are_one_per_process_while_a_worker_is_replaced(
+    shm_dir: Path,
+) -> None:
+    """A replacement shares its worker's id: while it loads, the old process (READY)
+    gives the series; once it is READY and the old one drains, the new one does. Never
+    both: two samples of one series is invalid exposition."""
+    from types import SimpleNamespace
+
+    from ringserve.frontend.metrics import ArenaCollector
+    from ringserve.ipc.layout import ProcState, Role
+
+    arena = make_arena(shm_dir)
+    settings = SimpleNamespace(
+        models=[SimpleNamespace(name="m")], arena=SimpleNamespace(slots=16, max_queue_depth=0)
+    )
+
+    def record(index: int, pid: int, state: ProcState, started_s: int) -> None:
+        rec = arena.control[index]
+        rec["role"], rec["ident"], rec["model"], rec["pid"] = Role.WORKER, 3, 0, pid
+        rec["state"], rec["started_ns"], rec["rss"] = state, started_s * 10**9, pid
+
+    def resident() -> list[tuple[dict, float]]:
+        return [
+            (s.labels, s.value)
+            for family in ArenaCollector(settings, arena).collect()  # type: ignore[arg-type]
+            for s in family.samples
+            if s.name == "ringserve_process_resident_memory_bytes"
+        ]
+
+    record(4, 100, ProcState.READY, 10)
+    record(5, 200, ProcState.STARTING, 20)
+    assert resident() == [({"role": "worker", "id": "3", "model": "m"}, 100.0)]
+    record(4, 100, ProcState.DRAINING, 10)
+    record(5, 200, ProcState.READY, 20)
+    assert resident() == [({"role": "worker", "id": "3", "model": "m"}, 200.0)]
+    arena.close()
