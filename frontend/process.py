@@ -51,6 +51,7 @@ class _Server(uvicorn.Server):
     which would turn our clean exit 0 into death by signal) and minus its 10 Hz poll."""
 
     _exit_asked: asyncio.Event | None = None
+    arena: Arena | None = None
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -66,10 +67,17 @@ class _Server(uvicorn.Server):
                 await asyncio.wait_for(self._exit_asked.wait(), 1.0)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.arena is not None and self.arena.header["stopping"]:
+            # The server's drain already spent server.drain_timeout_s: what is still in
+            # flight gets its JSON 503 now, not after a second full drain timeout (that
+            # made a stop take 2 x drain + worker stop, past systemd's TimeoutStopSec).
+            self.config.timeout_graceful_shutdown = STOP_GRACE_S
         super().handle_exit(sig, frame)
         if self._exit_asked is not None:
             self._exit_asked.set()
 
+
+STOP_GRACE_S = 1  # to write the answers at hand once the server's drain is over
 
 M_MMAP_THRESHOLD = -3  # glibc malloc.h
 BIG_ALLOCATION_BYTES = 128 * 1024
@@ -155,6 +163,7 @@ def main() -> None:
         h11_max_incomplete_event_size=MAX_HEAD_BYTES,
     )
     server = _Server(config)
+    server.arena = state.arena
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()

@@ -162,7 +162,9 @@ ARENA_HEADER = np.dtype(
         ("draining", "<u4"),  # set by the supervisor: refuse new work, readiness 503
         ("paused", "<u4"),  # intake paused by the admin: new requests get 503
         ("supervisor_pid", "<u4"),
-        ("pad0", "<u4"),
+        # Set by the supervisor when its drain is over and it stops the children: a
+        # frontend then gets a short grace, not a fresh server.drain_timeout_s.
+        ("stopping", "<u4"),
         ("created_ns", "<i8"),
     ]
 )

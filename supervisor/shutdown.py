@@ -43,6 +43,7 @@ class Shutdown:
         which may still need a worker), then workers; fast: everything at once."""
         assert self.arena is not None
         self.arena.header["draining"] = 1
+        self.arena.header["stopping"] = 1
         if self.phase != "stopping":
             systemd.stopping()
         self.phase = "stopping"

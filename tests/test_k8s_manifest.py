@@ -116,7 +116,10 @@ def test_grace_period_covers_prestop_drain_and_stop(pod, container, settings: Se
     assert pre_stop_s >= 5, "endpoints need a few seconds to drop the pod before SIGTERM"
     grace = pod["terminationGracePeriodSeconds"]
     assert grace > pre_stop_s + ServerSettings().drain_timeout_s
-    assert grace > pre_stop_s + settings.server.drain_timeout_s + settings.worker.stop_timeout_s
+    from ringserve.frontend.process import STOP_GRACE_S
+
+    stop_s = settings.server.drain_timeout_s + STOP_GRACE_S + settings.worker.stop_timeout_s
+    assert grace > pre_stop_s + stop_s
 
 
 def test_dev_shm_holds_the_arena(pod, container, settings: Settings) -> None:

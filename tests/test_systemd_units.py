@@ -22,6 +22,9 @@ from typing import Any
 
 import pytest
 
+from ringserve.frontend.process import STOP_GRACE_S
+from ringserve.ipc.config import Settings
+
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 EXEC_START = "/opt/ringserve/venv/bin/ringserve"
 
@@ -94,7 +97,9 @@ def test_service_settings_that_matter() -> None:
     one = {k: v[-1] for k, v in settings.items()}
     assert one["Type"] == "notify" and one["NotifyAccess"] == "main"
     assert one["KillMode"] == "mixed"
-    assert int(one["TimeoutStopSec"]) > 30  # server.drain_timeout_s default
+    defaults = Settings()
+    worst_stop_s = defaults.server.drain_timeout_s + STOP_GRACE_S + defaults.worker.stop_timeout_s
+    assert int(one["TimeoutStopSec"]) > worst_stop_s
     assert int(one["TimeoutStartSec"]) > 180  # server.startup_timeout_s default
     assert one["RuntimeDirectory"] == "ringserve"  # paths.SYSTEMD_RUNTIME_DIR
     assert "MALLOC_ARENA_MAX=2" in settings["Environment"]
