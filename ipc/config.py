@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -181,9 +182,12 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             if isinstance(value, bool):
                 raise ValueError("expected a number")
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise ValueError("expected a number") from None
+            if not math.isfinite(number):  # inf passed every "> 0" check and turned
+                raise ValueError("expected a finite number")  # sampling or hang checks off
+            return number
         if typ is str:
             if not isinstance(value, str):
                 raise ValueError("expected a string")

@@ -401,6 +401,14 @@ def test_plain_messages_for_common_mistakes():
     assert "expected a number" in fails(
         "server.drain_timeout_s", overrides={"server": {"drain_timeout_s": "x"}}
     )
+    # inf passed every "> 0" check, and turned memory sampling or hang detection off
+    for key, value in (("sample_interval_s", "inf"), ("uss_limit_mb", float("inf"))):
+        assert "expected a finite number" in fails(
+            f"memory.{key}", overrides={"memory": {key: value}}
+        )
+    assert "expected a finite number" in fails(
+        "worker.heartbeat_timeout_s", overrides={"worker": {"heartbeat_timeout_s": "Infinity"}}
+    )
     fails("server.log_level", overrides={"server": {"log_level": "loud"}})
     fails("server.startup_timeout_s", overrides={"server": {"startup_timeout_s": -1}})
     fails("server.metrics_port", overrides={"server": {"metrics_port": 70000}})
