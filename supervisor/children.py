@@ -39,6 +39,7 @@ class Child:
     stop_deadline: float | None = None
     kill_reason: str = ""  # why the supervisor killed it (heartbeat, stop timeout, ...)
     stop_reason: str = ""  # why it was asked to stop (recycle reason, scale, shutdown)
+    sampled_ready: bool = False  # its memory was sampled once it was ready
     returncode: int | None = None
 
     @property

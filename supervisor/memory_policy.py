@@ -28,7 +28,24 @@ class MemoryPolicy:
             rec["rss"], rec["uss"], rec["pss"] = sample.rss, sample.uss, sample.pss
             rec["gpu_nvml"] = gpu_used.get(child.pid, 0)
             if child.role == "worker" and child.phase == Phase.READY and self.phase == "running":
+                if not child.sampled_ready:
+                    child.sampled_ready = True
+                    self._check_fresh_footprint(child, sample)
                 self._apply_policy(child, sample, rec, now)
+
+    def _check_fresh_footprint(self, child: Child, sample: MemorySample) -> None:
+        """A worker over memory.uss_limit_mb as soon as it is ready will be recycled, and
+        so will each replacement, forever: say so once per worker, with the numbers."""
+        limit_mb = self.settings.memory.uss_limit_mb
+        if limit_mb and sample.uss > limit_mb * 2**20:
+            log.error(
+                "%s is over memory.uss_limit_mb (%g MiB) as soon as it is ready (uss %.1f "
+                "MiB): it and every replacement will be recycled in a loop; set the limit "
+                "above the model's steady footprint",
+                child.name,
+                limit_mb,
+                sample.uss / 2**20,
+            )
 
     def _apply_policy(self, child: Child, sample: MemorySample, rec: Any, now: float) -> None:
         assert self.arena is not None
@@ -57,11 +74,16 @@ class MemoryPolicy:
         ws = self._worker_slot(child)
         if ws is not None and ws.child is child:
             # A configured request count is routine; a memory reason is worth a look.
+            limit = {
+                "uss_limit": f", limit {self.settings.memory.uss_limit_mb:g} MiB",
+                "gpu_limit": f", limit {self.settings.memory.gpu_allocated_limit_mb:g} MiB",
+            }.get(action.reason, "")
             log.log(
                 logging.INFO if action.reason == "max_requests" else logging.WARNING,
-                "%s: recycling: %s (uss %.1f MiB)",
+                "%s: recycling: %s (uss %.1f MiB%s)",
                 child.name,
                 action.reason,
                 sample.uss / 2**20,
+                limit,
             )
             self.replace_worker(ws, action.reason)

@@ -396,6 +396,25 @@ def test_uss_limit_recycles(start_server) -> None:
         30,
         "a uss_limit recycle",
     )
+    assert re.search(r"recycling: uss_limit \(uss [\d.]+ MiB, limit 400 MiB\)", server.log())
+    assert server.stop() == 0
+
+
+def test_a_uss_limit_below_the_fresh_footprint_is_named(start_server) -> None:
+    """A limit under what the model needs right after loading recycles every worker and
+    every replacement, forever: the log says so once per worker, with both numbers."""
+    server: Server = start_server(
+        *("--set", "memory.sample_interval_s=0.5"),
+        *("--set", "memory.uss_limit_mb=1"),
+        *("--set", "memory.uss_limit_samples=1000"),  # no recycle in this test
+    )
+    message = re.compile(
+        r"worker-0 is over memory.uss_limit_mb \(1 MiB\) as soon as it is ready \(uss "
+        r"[\d.]+ MiB\): it and every replacement will be recycled in a loop"
+    )
+    wait_until(lambda: message.search(server.log()), 20, "the warning")
+    time.sleep(1.5)  # three more samples: still once
+    assert len(message.findall(server.log())) == 1
     assert server.stop() == 0
 
 
