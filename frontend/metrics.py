@@ -37,7 +37,8 @@ class FrontendMetrics:
         )
         self.duration = Histogram(
             "ringserve_request_duration_seconds",
-            "End-to-end request time in the frontend",
+            "Time to answer a successful (200) request, in the frontend; time spent on "
+            "errors (a 504 at the deadline too) is in ringserve_failed_request_seconds_total",
             ["model"],
             buckets=LATENCY_BUCKETS,
         )
