@@ -139,6 +139,14 @@ class ArenaCollector:
         for st in SlotState:
             slots.add_metric([st.name.lower()], float(counts[st]))
         yield slots
+        intake = GaugeMetricFamily(
+            "ringserve_intake_open",
+            "1 while the server takes new requests; 0 while it drains (SIGTERM, ctl drain) "
+            "or is paused (ctl pause), when its 503s are planned",
+        )
+        header = self.arena.header
+        intake.add_metric([], float(not (header["draining"] or header["paused"])))
+        yield intake
         names = [m.name for m in self.settings.models]
         depth = GaugeMetricFamily(
             "ringserve_queue_depth", "Requests waiting in the model's ring", labels=["model"]

@@ -47,6 +47,7 @@ EXPORTED_METRICS = HISTOGRAMS | frozenset(
         "ringserve_queue_depth",
         "ringserve_queue_capacity",
         "ringserve_inflight_requests",
+        "ringserve_intake_open",
         "ringserve_process_resident_memory_bytes",
         "ringserve_process_unique_memory_bytes",
         "ringserve_process_proportional_memory_bytes",

@@ -504,9 +504,11 @@ def test_admin_socket_commands_and_mode(start_server) -> None:
         assert p["pid"] > 0 and p["state"] == "ready" and p["uss_bytes"] >= 0
     assert server.ctl("config")["server"]["port"] == server.port
     with server.client() as c:
+        assert "\nringserve_intake_open 1.0\n" in c.get("/metrics").text
         server.ctl("pause")
         r = c.post("/predict", json=DIGIT3)
         assert r.status_code == 503 and "paused" in r.text
+        assert "\nringserve_intake_open 0.0\n" in c.get("/metrics").text  # planned 503s
         server.ctl("resume")
         assert c.post("/predict", json=DIGIT3).status_code == 200
 
