@@ -273,6 +273,22 @@ def _format_result(info: ModelInfo, output: np.ndarray, batched: bool) -> Any:
     return output if batched else output[0]  # serialised by orjson straight from numpy
 
 
+def answer_error(
+    state: FrontendState, call: Call, rid: str, model: str, t0: float, error: Exception
+) -> Reply:
+    """The error reply for an inference request, counted and logged like any answer.
+
+    A function of its own, called from the ``except`` clause: there, Python unbinds the
+    exception when the clause ends. Kept in a local of the handler instead, it formed a
+    cycle (frame, exception, traceback, frame) that held the request's body and parsed
+    JSON until the cycle collector ran: +48 MiB of frontend USS after two 2 MiB arrays
+    (tests/test_faults_hostile.py).
+    """
+    err = as_http_error(error, call.scope)
+    record_answer(state, call, rid, model, err.status, time.perf_counter() - t0)
+    return error_reply(err, rid)
+
+
 def record_answer(
     state: FrontendState,
     call: Call,
@@ -376,9 +392,7 @@ def make_predict(state: FrontendState) -> Handler:
                 state, call, info, payload, kind, rows, rid, answer, dtype_name, shape
             )
         except Exception as e:  # a bug too gets its metric, log line and request id
-            err = as_http_error(e, call.scope)
-            record_answer(state, call, rid, name, err.status, time.perf_counter() - t0)
-            return error_reply(err, rid)
+            return answer_error(state, call, rid, name, t0, e)
 
     return predict
 

@@ -31,6 +31,7 @@ from starlette.routing import Route
 import ringserve
 from ringserve.frontend.app import (
     FrontendState,
+    answer_error,
     check_intake,
     error_response,
     infer,
@@ -43,8 +44,6 @@ from ringserve.frontend.call import (
     AsgiEndpoint,
     Call,
     Reply,
-    as_http_error,
-    error_reply,
     json_reply,
 )
 from ringserve.frontend.catalog import MODEL_VERSION, Catalog, ModelInfo
@@ -319,9 +318,7 @@ def v2_routes(state: FrontendState) -> list[Route]:
                 req.timeout_s,
             )
         except Exception as e:  # a bug too gets its metric, log line and request id
-            err = as_http_error(e, call.scope)
-            record_answer(state, call, rid, name, err.status, time.perf_counter() - t0)
-            return error_reply(err, rid)
+            return answer_error(state, call, rid, name, t0, e)
         record_answer(state, call, rid, name, 200, time.perf_counter() - t0, done)
         headers = {"X-Request-ID": rid}
         if header_len is None:
