@@ -824,5 +824,9 @@ def test_config_names_the_labels_file(options: dict, name: str) -> None:
         "outputs": [{"name": "OUTPUT0", "dtype": "float32", "shape": [3]}],
     }
     info = ModelInfo(0, ModelSettings(name="m", handler="identity", options=options), spec)
-    config = _config(None, info)  # type: ignore[arg-type]  # the catalog serves no spec here
+    from types import SimpleNamespace
+
+    catalog = SimpleNamespace(workers=lambda index: 2)  # the spec is in info already
+    config = _config(catalog, info)  # type: ignore[arg-type]
     assert config["output"][0]["label_filename"] == name
+    assert config["instance_group"][0]["count"] == 2
