@@ -40,8 +40,10 @@ import enum
 import numpy as np
 
 MAGIC = 0x5245_5653_474E_4952  # "RINGSVER" as little-endian bytes, give or take
-VERSION = 5  # 3: the ring lock is a robust mutex in the ring header; 4: the region table;
-# 5: load errors in control records and model entries
+VERSION = 6  # 3: the ring lock is a robust mutex in the ring header; 4: the region table;
+# 5: load errors in control records and model entries; 6: the supervisor publishes each
+# model's wanted worker count and the header's stopping flag (a frontend of version 6
+# would read an older supervisor's zero padding as "drained")
 
 PAGE = 4096
 ARENA_HEADER_BYTES = PAGE
