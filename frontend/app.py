@@ -75,8 +75,15 @@ class FrontendState:
 
 
 def request_id(headers: Mapping[str, str]) -> str:
-    """The client's X-Request-ID when it is sane, else a fresh one."""
+    """The client's X-Request-ID when it is sane, else a fresh one.
+
+    Header values arrive decoded as latin-1 (ASGI); an id that is not ASCII is taken as
+    the UTF-8 its bytes are, so that it is logged and echoed (percent-encoded) as sent,
+    not as the mojibake 'Ã¼' of a 'ü'.
+    """
     rid = headers.get(REQUEST_ID_HEADER)
+    if rid and not rid.isascii():
+        rid = rid.encode("latin-1").decode("utf-8", errors="replace")
     if rid and len(rid) <= 128 and rid.isprintable():
         return rid
     return new_request_id()

@@ -109,6 +109,10 @@ def test_default_model_200_concurrent_right_labels(start_server) -> None:
         assert r.json()["request_id"] == "abc" and r.headers["x-request-id"] == "abc"
         r = c.get("/health", headers={"X-Request-ID": "mine"})
         assert r.headers["x-request-id"] == "mine"
+        # A UTF-8 header id comes back as its own bytes percent-encoded (was 'Ã¼' encoded)
+        r = c.post("/predict", json=DIGIT3, headers={"X-Request-ID": "ünï".encode()})
+        assert r.json()["request_id"] == "ünï"
+        assert r.headers["x-request-id"] == "%C3%BCn%C3%AF"
         # An id from the body that a header cannot carry as it is: percent-encoded there.
         r = c.post("/predict", json={**DIGIT3, "request_id": "日本-1"})
         assert r.status_code == 200 and r.json()["request_id"] == "日本-1"
