@@ -395,6 +395,11 @@ def decode_request(
     datatype = tensor.get("datatype")
     if datatype is None:
         raise bad_request(f'{where} needs a "datatype" ({v2_datatype(inp.dtype)})')
+    if datatype == "BF16":  # a v2 datatype, but numpy (the slot's format) has no bfloat16
+        raise bad_request(
+            f"{where} datatype BF16 does not match the model's {v2_datatype(inp.dtype)} "
+            "(ringserve takes no BF16 tensors: send FP32 or FP16)"
+        )
     if not isinstance(datatype, str) or datatype not in V2_TO_DTYPE:
         raise bad_request(
             f"{where} has invalid datatype {datatype!r}; use one of {', '.join(V2_TO_DTYPE)}"

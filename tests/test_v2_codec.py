@@ -129,6 +129,7 @@ def test_json_data_nested_unevenly_is_read_in_order_as_triton_does(data: list) -
         ({"inputs": [tensor(name=None)]}, '"name"'),
         ({"inputs": [tensor(datatype="FLOAT32")]}, "invalid datatype 'FLOAT32'"),
         ({"inputs": [tensor(datatype="FP64")]}, "FP64 does not match the model's FP32"),
+        ({"inputs": [tensor(datatype="BF16")]}, "BF16 does not match the model's FP32"),
         ({"inputs": [tensor(datatype="BYTES", data=["a", "b", "c"])]}, "BYTES does not match"),
         ({"inputs": [tensor(shape=[1, 4])]}, "3 elements; shape [1, 4] needs 4"),
         ({"inputs": [tensor(shape="13")]}, "list of integers"),
