@@ -341,7 +341,7 @@ def make_predict(state: FrontendState) -> Handler:
         try:
             check_intake(state)
             info = ready_model(state, name)
-            body = await call.read_body(state.settings.server.max_body_bytes)
+            body = await call.read_content(state.settings.server.max_body_bytes)
             ctype = call.headers.get("content-type", "application/json")
             ctype = ctype.split(";")[0].strip().lower()  # media types are case-insensitive
             dtype_name: str | None = None

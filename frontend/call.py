@@ -16,13 +16,14 @@ import asyncio
 import logging
 import os
 import string
+import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
 from urllib.parse import quote
 
-from ringserve.frontend.errors import HTTPError
+from ringserve.frontend.errors import HTTPError, bad_request
 from ringserve.frontend.jsonio import dump_json
 
 log = logging.getLogger("ringserve.frontend")
@@ -80,6 +81,30 @@ def error_reply(err: HTTPError, rid: str) -> Reply:
     return json_reply({"error": err.message}, err.status, {"X-Request-ID": rid, **err.headers})
 
 
+def decompress_body(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """Undo ``Content-Encoding: gzip|deflate`` (tritonclient's request compression),
+    never inflating past ``limit`` bytes (413), so a small bomb costs nothing."""
+    enc = (encoding or "").strip().lower()
+    if enc in ("", "identity"):
+        return body
+    if enc == "gzip":
+        wbits = 16 + zlib.MAX_WBITS
+    elif enc == "deflate":
+        wbits = 32 + zlib.MAX_WBITS  # zlib-wrapped (what HTTP means by deflate) or gzip
+    else:
+        raise HTTPError(415, f"unsupported Content-Encoding {encoding!r}: use gzip or deflate")
+    d = zlib.decompressobj(wbits)
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise bad_request(f"cannot decompress the {enc} body: {e}") from None
+    if len(out) > limit or d.unconsumed_tail:
+        raise HTTPError(413, f"decompressed body is over the limit of {limit} bytes")
+    if not d.eof:
+        raise bad_request(f"the {enc} body is truncated")
+    return out
+
+
 class Call:
     """What a handler may do with the request: read headers and body, notice the client
     leaving, answer once."""
@@ -100,6 +125,12 @@ class Call:
             if name not in headers:
                 headers[name] = v.decode("latin-1")
         self.headers = headers
+
+    async def read_content(self, limit: int) -> bytes:
+        """The body with its ``Content-Encoding`` undone, at most ``limit`` bytes sent
+        and at most ``limit`` inflated."""
+        body = await self.read_body(limit)
+        return decompress_body(body, self.headers.get("content-encoding"), limit)
 
     async def read_body(self, limit: int) -> bytes:
         """The body, refused (413) before reading when the declared length is over

@@ -55,7 +55,6 @@ from ringserve.frontend.v2_codec import (
     V2_TO_CONFIG,
     TensorSpec,
     decode_infer_body,
-    decompress_body,
     encode_response,
     model_shape,
     shm_off,
@@ -286,8 +285,7 @@ def v2_routes(state: FrontendState) -> list[Route]:
                     "application/octet-stream",
                 )
             limit = state.settings.server.max_body_bytes
-            body = await call.read_body(limit)
-            body = decompress_body(body, call.headers.get("content-encoding"), limit)
+            body = await call.read_content(limit)
             mbs = info.settings.batching.max_batch_size
             images_ok = bool(spec.get("accepts_images"))
             req = decode_infer_body(

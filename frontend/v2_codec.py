@@ -21,7 +21,6 @@ its header once. JSON data is parsed and cast like the simple API's (same NaN ru
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -677,27 +676,3 @@ def encode_response(
     if raw is None:
         return head, None
     return b"".join((head, raw)), len(head)
-
-
-def decompress_body(body: bytes, encoding: str | None, limit: int) -> bytes:
-    """Undo ``Content-Encoding: gzip|deflate`` (tritonclient's request compression),
-    never inflating past ``limit`` bytes (413), so a small bomb costs nothing."""
-    enc = (encoding or "").strip().lower()
-    if enc in ("", "identity"):
-        return body
-    if enc == "gzip":
-        wbits = 16 + zlib.MAX_WBITS
-    elif enc == "deflate":
-        wbits = 32 + zlib.MAX_WBITS  # zlib-wrapped (what HTTP means by deflate) or gzip
-    else:
-        raise HTTPError(415, f"unsupported Content-Encoding {encoding!r}: use gzip or deflate")
-    d = zlib.decompressobj(wbits)
-    try:
-        out = d.decompress(body, limit + 1)
-    except zlib.error as e:
-        raise bad_request(f"cannot decompress the {enc} body: {e}") from None
-    if len(out) > limit or d.unconsumed_tail:
-        raise HTTPError(413, f"decompressed body is over the limit of {limit} bytes")
-    if not d.eof:
-        raise bad_request(f"the {enc} body is truncated")
-    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gzip
 import json
 import os
 import re
@@ -105,6 +106,11 @@ def test_default_model_200_concurrent_right_labels(start_server) -> None:
         assert resp.headers["x-request-id"] == body["request_id"]
         assert body["batch_size"] >= 1 and body["latency_ms"] > 0
     with server.client() as c:
+        # A compressed body, as v2 takes it too (tritonclient's request compression).
+        body = gzip.compress(json.dumps(DIGIT3).encode())
+        headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+        r = c.post("/predict", content=body, headers=headers)
+        assert r.status_code == 200 and r.json()["result"]["label"] == "3", r.text
         r = c.post("/predict", json={**DIGIT3, "request_id": "abc"})
         assert r.json()["request_id"] == "abc" and r.headers["x-request-id"] == "abc"
         r = c.get("/health", headers={"X-Request-ID": "mine"})
@@ -136,6 +142,24 @@ def test_bad_input_gets_4xx_and_server_stays_healthy(start_server) -> None:
             400,
         ),
         ("not an object", "/predict", {"json": [1, 2]}, 422),
+        (
+            "content coding it cannot undo",  # was ignored: the body read as it was
+            "/predict",
+            {
+                "content": json.dumps(DIGIT3).encode(),
+                "headers": {"Content-Type": "application/json", "Content-Encoding": "br"},
+            },
+            415,
+        ),
+        (
+            "gzip bomb",
+            "/predict",
+            {
+                "content": gzip.compress(b" " * 10**6),
+                "headers": {"Content-Type": "application/json", "Content-Encoding": "gzip"},
+            },
+            413,
+        ),
         ("no data", "/predict", {"json": {"x": 1}}, 422),
         ("wrong dtype", "/predict", {"json": {"data": [["a"] * 8] * 8}}, 422),
         ("wrong shape", "/predict", {"json": {"data": [1.0, 2.0, 3.0]}}, 422),

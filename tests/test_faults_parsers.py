@@ -15,10 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from ringserve.frontend.call import decompress_body
 from ringserve.frontend.errors import HTTPError
 from ringserve.frontend.images import check_image
 from ringserve.frontend.tensors import cast, fit_shape, from_json
-from ringserve.frontend.v2_codec import TensorSpec, decode_infer_body, decompress_body
+from ringserve.frontend.v2_codec import TensorSpec, decode_infer_body
 from ringserve.ipc.layout import DTYPES
 
 JSON_SCALARS = (

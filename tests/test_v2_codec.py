@@ -11,6 +11,7 @@ import zlib
 import numpy as np
 import pytest
 
+from ringserve.frontend.call import decompress_body
 from ringserve.frontend.errors import HTTPError
 from ringserve.frontend.v2_codec import (
     V2_TO_CONFIG,
@@ -19,7 +20,6 @@ from ringserve.frontend.v2_codec import (
     classify,
     decode_infer_body,
     decode_request,
-    decompress_body,
     encode_response,
     model_shape,
     serialize_bytes,
