@@ -158,7 +158,7 @@ def main() -> None:
         access_log=False,  # ours is structured and cheaper (app.log_access)
         log_config=None,  # uvicorn logs through our handler (text or JSON, tagged)
         log_level=settings.server.log_level,
-        timeout_keep_alive=5,
+        timeout_keep_alive=settings.server.keep_alive_s,
         timeout_graceful_shutdown=int(settings.server.drain_timeout_s) or None,
         h11_max_incomplete_event_size=MAX_HEAD_BYTES,
     )

@@ -35,6 +35,10 @@ class ServerSettings:
     drain_timeout_s: float = 30.0
     request_timeout_s: float = 30.0  # default deadline; header X-Request-Timeout-Ms overrides
     read_timeout_s: float = 30.0  # a client must send its whole request (head + body) in this
+    # An idle keep-alive connection is closed after this. A proxy or load balancer in
+    # front must give up its idle connections first (nginx site: 4 s; raise both
+    # together, e.g. above an AWS ALB's 60 s idle timeout when it talks to us directly).
+    keep_alive_s: float = 5.0
     max_body_bytes: int = 8 * 2**20
     max_image_pixels: int = 40_000_000  # decoded-size cap against image bombs
     startup_timeout_s: float = 180.0
@@ -256,6 +260,7 @@ def _validate(s: Settings) -> None:
     need(s.server.max_body_bytes > 0, "server.max_body_bytes", "must be positive")
     need(s.server.request_timeout_s > 0, "server.request_timeout_s", "must be positive")
     need(s.server.read_timeout_s > 0, "server.read_timeout_s", "must be positive")
+    need(s.server.keep_alive_s > 0, "server.keep_alive_s", "must be positive")
     need(s.server.drain_timeout_s >= 0, "server.drain_timeout_s", "must be >= 0")
     need(s.arena.slots >= s.server.frontends, "arena.slots", "must be at least server.frontends")
     need(s.arena.slot_bytes >= 4096, "arena.slot_bytes", "must be at least 4096")

@@ -639,3 +639,18 @@ def test_a_bug_in_the_request_path_is_a_counted_500_with_the_request_id(start_se
     assert "RuntimeError: injected frontend bug" in server.log()
     wait_until(functools.partial(slots_free, server, 256), 10, "every slot back to free")
     assert server.stop() == 0
+
+
+def test_idle_keep_alive_connections_close_after_the_configured_time(start_server) -> None:
+    """server.keep_alive_s sets how long a frontend keeps an idle connection (a load
+    balancer in front must give up its own idle connections first)."""
+    import socket
+
+    server: Server = start_server("--set", "server.keep_alive_s=1", frontends=1)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        t0 = time.monotonic()
+        assert s.recv(4096) == b""  # the server closed it
+        assert 0.5 < time.monotonic() - t0 < 4  # after about 1 s, not uvicorn's 5 s
+    assert server.stop() == 0
