@@ -507,6 +507,9 @@ def build_app(state: FrontendState, extra_routes: list[Route] | None = None) -> 
     app = Starlette(
         routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found}
     )
+    # A trailing slash is a 404 like any unknown path, not Starlette's 307 to a Location
+    # built from the client's Host header (empty body, no request id).
+    app.router.redirect_slashes = False
     return hot_routes(app, routes, state.catalog.names())
 
 

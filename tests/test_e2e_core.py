@@ -212,6 +212,7 @@ def test_bad_input_gets_4xx_and_server_stays_healthy(start_server) -> None:
         ),
         ("unknown model", "/v1/models/nope/predict", {"json": DIGIT3}, 404),
         ("path-like model", "/v1/models/..%2F..%2Fetc/predict", {"json": DIGIT3}, 404),
+        ("trailing slash", "/v1/models/digits/predict/", {"json": DIGIT3}, 404),  # was a 307
         (
             "bad timeout header",
             "/predict",
