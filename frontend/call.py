@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ringserve.frontend.errors import HTTPError, bad_request
+from ringserve.frontend.http_guard import READ_TIMED_OUT
 from ringserve.frontend.jsonio import dump_json
 
 log = logging.getLogger("ringserve.frontend")
@@ -148,6 +149,8 @@ class Call:
         while True:
             message = await self.receive()
             if message["type"] == "http.disconnect":
+                if READ_TIMED_OUT in self.scope:  # the client got a 408, not nothing
+                    raise HTTPError(408, self.scope[READ_TIMED_OUT])
                 raise HTTPError(499, "client disconnected while sending the body")
             chunk = message.get("body", b"")
             if chunk:

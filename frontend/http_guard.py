@@ -30,6 +30,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from ringserve.frontend.response_writes import HeadWithBody
 
 MAX_HEAD_BYTES = 64 * 1024
+# Set in the request's scope when the body stalled and the client was answered 408 here:
+# the app, which then sees a disconnect, counts the 408 the client got, not a 499.
+READ_TIMED_OUT = "ringserve.read_timed_out"
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -103,6 +106,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         message = f"request not received within {self.read_timeout_s:g} s"
         cycle = self.cycle  # None until a head was complete
         if self._in_head or (cycle is not None and not cycle.response_started):
+            if cycle is not None:
+                cycle.scope[READ_TIMED_OUT] = message
             self._refuse(408, message)
         else:
             self.transport.close()
