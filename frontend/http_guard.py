@@ -33,6 +33,9 @@ MAX_HEAD_BYTES = 64 * 1024
 # Set in the request's scope when the body stalled and the client was answered 408 here:
 # the app, which then sees a disconnect, counts the 408 the client got, not a 499.
 READ_TIMED_OUT = "ringserve.read_timed_out"
+# At a graceful stop, how long a connection with no request in progress stays open for
+# one that may be on its way (it is then answered with Connection: close).
+IDLE_GRACE_S = 1.0
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -44,12 +47,31 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._read_timer: asyncio.TimerHandle | None = None
         self._refused = False  # answered by us; the parser's remaining callbacks are moot
+        self._stopping = False  # the server is stopping: this connection serves one more
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.timeout_keep_alive_task = self.loop.call_later(
             self.timeout_keep_alive, self.timeout_keep_alive_handler
         )
+
+    def shutdown(self) -> None:
+        """The server stops gracefully. uvicorn closes a connection with no request in
+        progress at once, which loses a request the client is sending right then: a
+        keep-alive client under load between two requests, or a connection accepted an
+        instant before (a read error, with or without keep-alive, at every rolling
+        restart). Such a connection gets IDLE_GRACE_S for a request to arrive; one that
+        does is served, with Connection: close."""
+        self._stopping = True
+        if self.cycle is None or self.cycle.response_complete:
+            self.loop.call_later(IDLE_GRACE_S, self._close_if_idle)
+        else:
+            self.cycle.keep_alive = False
+
+    def _close_if_idle(self) -> None:
+        idle = self.cycle is None or self.cycle.response_complete
+        if idle and not self.transport.is_closing():
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_read_timer()
@@ -80,6 +102,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         super().on_headers_complete()
         cycle = self.cycle  # its head goes out with its body: see response_writes.py
+        if self._stopping:  # the one request a stopping server still takes here
+            cycle.keep_alive = False
         cycle.transport = writer = HeadWithBody(self.transport, cycle.on_response)
         cycle.on_response = writer.completed
 

@@ -711,3 +711,27 @@ def test_a_stopping_server_refuses_connections_once_its_frontends_are_gone(
         assert server.proc.poll() is None, "the worker is still in its batch"
         assert pending.result(30).status_code == 503
     assert server.proc.wait(30) == 0
+
+
+def test_a_stopping_frontend_still_serves_a_request_arriving_on_an_idle_connection(
+    start_server,
+) -> None:
+    """A keep-alive connection idle when its frontend is restarted: a request the client
+    sends just then is served (with Connection: close), not lost to a close that races
+    it (uvicorn closed such connections at once: a read error at every rolling restart,
+    for keep-alive clients and for connections accepted an instant before)."""
+    server: Server = start_server(frontends=1)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")  # now idle, kept alive
+        server.ctl("restart", "frontend-0")
+        wait_until(lambda: "Shutting down" in server.log(), 10, "the frontend stopping")
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while chunk := s.recv(4096):
+            answer += chunk
+    head = answer.split(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 200") and b"connection: close" in head, answer
+    with server.client() as c:
+        wait_until(lambda: c.get("/readiness").status_code == 200, 30, "the new frontend")
+    assert server.stop() == 0
