@@ -64,6 +64,7 @@ from ringserve.frontend.v2_shm import shm_routes
 from ringserve.frontend.v2_stats import model_stats
 from ringserve.ipc.config import ModelSettings
 from ringserve.ipc.layout import RUN_ALONE, ModelAvailability, PayloadKind
+from ringserve.ipc.slot_fit import rows_per_request
 
 HEADER_LENGTH = "inference-header-content-length"
 EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration", "statistics")
@@ -138,6 +139,17 @@ def _label_filename(settings: ModelSettings) -> str:
     return PurePath(str(settings.options.get("labels_file") or "")).name
 
 
+def _request_rows(catalog: Catalog, spec: dict[str, Any], mbs: int) -> int:
+    """Triton's ``max_batch_size``: the most rows one request may carry. Below the model's
+    own when a request of that many rows does not fit a slot (resnet50 rows are 602,112
+    bytes: a 1 MiB slot holds one), so that perf_analyzer -b and batching clients are
+    told, not refused with 413; at least 1 (0 would mean no batch dimension)."""
+    travelling = (spec["inputs"][0], spec["outputs"][0])  # what a slot carries
+    tensors = [(t["dtype"], tuple(t["shape"])) for t in travelling]
+    fit = rows_per_request(catalog.arena.geometry.slot_bytes, tensors)
+    return mbs if mbs <= 0 or fit is None else max(1, min(mbs, fit))
+
+
 def _config(catalog: Catalog, info: ModelInfo) -> dict[str, Any]:
     """Triton's model configuration as JSON: dims without the batch dimension."""
     spec = _spec(catalog, info)
@@ -158,7 +170,7 @@ def _config(catalog: Catalog, info: ModelInfo) -> dict[str, Any]:
         "platform": spec.get("platform", ""),
         "backend": "ringserve",
         "version_policy": {"latest": {"num_versions": 1}},
-        "max_batch_size": mbs,
+        "max_batch_size": _request_rows(catalog, spec, mbs),
         "input": [
             {**tensor(t), "format": "FORMAT_NONE", "allow_ragged_batch": False, "optional": False}
             for t in spec["inputs"]

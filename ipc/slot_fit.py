@@ -26,3 +26,10 @@ def row_bytes(dtype: str, shape: tuple[int, ...]) -> int | None:
     if dtype == "bytes" or any(d < 0 for d in shape):
         return None
     return np.dtype(dtype).itemsize * math.prod(shape)
+
+
+def rows_per_request(slot_bytes: int, tensors: list[tuple[str, tuple[int, ...]]]) -> int | None:
+    """The most rows one request can carry: its input, then its output over it, must fit
+    one slot. None when no tensor's row size is known in advance."""
+    sizes = [n for dtype, shape in tensors if (n := row_bytes(dtype, shape))]
+    return min(slot_bytes // n for n in sizes) if sizes else None

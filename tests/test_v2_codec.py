@@ -827,7 +827,46 @@ def test_config_names_the_labels_file(options: dict, name: str) -> None:
     info = ModelInfo(0, ModelSettings(name="m", handler="identity", options=options), spec)
     from types import SimpleNamespace
 
-    catalog = SimpleNamespace(workers=lambda index: 2)  # the spec is in info already
+    catalog = SimpleNamespace(  # the spec is in info already
+        workers=lambda index: 2, arena=SimpleNamespace(geometry=SimpleNamespace(slot_bytes=4096))
+    )
     config = _config(catalog, info)  # type: ignore[arg-type]
     assert config["output"][0]["label_filename"] == name
     assert config["instance_group"][0]["count"] == 2
+
+
+@pytest.mark.parametrize(
+    ("in_shape", "slot_bytes", "advertised"),
+    [
+        ([3, 224, 224], 2**20, 1),  # resnet50 rows (602,112 bytes): a 1 MiB slot holds one
+        ([3, 224, 224], 20 * 2**20, 32),  # enough for max_batch_size
+        ([3, 224, 224], 4096, 1),  # not one row: still 1 (0 would mean no batch dimension)
+        ([-1], 2**20, 32),  # input rows of unknown size: the output's 262 rows fit
+        ([-1], 4096, 1),  # ...and here the output's one row
+    ],
+)
+def test_config_max_batch_size_is_what_one_request_can_carry(
+    in_shape: list[int], slot_bytes: int, advertised: int
+) -> None:
+    """perf_analyzer -b N and batching Triton clients read max_batch_size from the config:
+    it must not promise rows that a request slot cannot hold (every such request was a
+    413 while the config said 32)."""
+    from types import SimpleNamespace
+
+    from ringserve.frontend.catalog import ModelInfo
+    from ringserve.frontend.v2 import _config
+    from ringserve.ipc.config import BatchingSettings, ModelSettings
+
+    spec = {
+        "inputs": [{"name": "INPUT0", "dtype": "float32", "shape": in_shape}],
+        "outputs": [{"name": "OUTPUT0", "dtype": "float32", "shape": [1000]}],
+    }
+    settings = ModelSettings(
+        name="m", handler="identity", batching=BatchingSettings(max_batch_size=32)
+    )
+    catalog = SimpleNamespace(
+        workers=lambda index: 1,
+        arena=SimpleNamespace(geometry=SimpleNamespace(slot_bytes=slot_bytes)),
+    )
+    config = _config(catalog, ModelInfo(0, settings, spec))  # type: ignore[arg-type]
+    assert config["max_batch_size"] == advertised
