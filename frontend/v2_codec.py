@@ -557,6 +557,11 @@ def decode_raw_request(
     shape = list(inp.shape)
     per_fixed = math.prod(d for d in shape if d >= 0) * np.dtype(inp.dtype).itemsize
     if variable:
+        if not per_fixed:  # a fixed dimension of 0: no byte count gives the variable one
+            raise bad_request(
+                f"{where} of shape {want} holds no bytes whatever its variable dimension; "
+                "send the JSON header with the shape"
+            )
         if len(body) % per_fixed:
             raise bad_request(
                 f"{where}: the body of {len(body)} bytes is not a whole number of "

@@ -411,6 +411,8 @@ def test_raw_binary_fixed_shape_must_match_the_size() -> None:
 def test_raw_binary_refuses_two_variable_dimensions() -> None:
     e = raw_err(b"\0" * 16, spec=TensorSpec("INPUT0", "float32", [-1, -1]))
     assert "more than one variable dimension" in e.message
+    e = raw_err(b"\0" * 16, spec=TensorSpec("INPUT0", "float32", [0, -1]))  # found by hypothesis
+    assert "holds no bytes" in e.message  # was a ZeroDivisionError: a 500
 
 
 def test_raw_binary_takes_nan_and_runs_it_alone() -> None:
