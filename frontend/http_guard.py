@@ -136,12 +136,22 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         else:
             self.transport.close()
 
+    def send_400_response(self, msg: str) -> None:
+        """httptools could not parse the bytes (a malformed request line or header, two
+        Content-Lengths, Content-Length with chunked, an unknown method): answered like
+        every ringserve error, JSON with a request id, not uvicorn's text/plain."""
+        self._refuse(400, "invalid HTTP request: its request line or headers cannot be parsed")
+
     def _refuse(self, status: int, message: str) -> None:
         """Answer before the app saw the request (JSON, like every ringserve error), close."""
         self._in_head, self._refused = False, True
         self._cancel_read_timer()
         body = json.dumps({"error": message}).encode()
-        reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+        reason = {
+            400: b"Bad Request",
+            408: b"Request Timeout",
+            431: b"Request Header Fields Too Large",
+        }[status]
         head = [
             b"HTTP/1.1 %d %s\r\n" % (status, reason),
             *(name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers),

@@ -578,3 +578,30 @@ def test_memory_flat_under_repeated_abuse(server: Server, client: httpx.Client) 
         assert mib[-1] - mib[0] < 20, f"frontend {pid} USS grew: {mib}"
         assert max(mib) < 100, f"frontend {pid} USS over 100 MiB: {mib}"
     assert free_slots(server) == SLOTS
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabc",
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        b"BREW /predict HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost x\r\n\r\n",  # a header line without its colon
+    ],
+    ids=["two-lengths", "length-and-chunked", "unknown-method", "bad-header-line"],
+)
+def test_a_request_the_parser_refuses_gets_a_json_400_with_a_request_id(
+    server: Server, healthy_after: None, raw: bytes
+) -> None:
+    """What httptools cannot parse is answered like every other error: JSON with an
+    X-Request-ID (uvicorn's own answer was text/plain without one), then closed."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(raw)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    status, headers, body = parse_response(answer)
+    assert status == 400, answer
+    assert headers["content-type"] == "application/json" and headers.get("x-request-id")
+    assert "cannot be parsed" in json.loads(body)["error"]
