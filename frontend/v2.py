@@ -203,6 +203,9 @@ NO_MODEL_CONTROL = (
 
 def _repository_state(state: FrontendState, info: ModelInfo) -> tuple[str, str]:
     """(Triton state, reason): READY exactly when ``/v2/models/{name}/ready`` says so."""
+    if state.arena.draining or state.arena.paused:
+        why = "server is draining" if state.arena.draining else "intake is paused by the operator"
+        return "UNAVAILABLE", why
     if state.catalog.serving(info):
         return "READY", ""
     if not state.catalog.workers(info.index):
@@ -262,6 +265,7 @@ def v2_routes(state: FrontendState) -> list[Route]:
     @_errors_as_json
     async def model_ready(request: Request, rid: str) -> Response:
         info = _lookup(state, request)
+        check_intake(state)  # paused or draining: inference is a 503, so is readiness
         ready_model(state, info.settings.name)  # 503 with Retry-After when not
         return _json({"name": info.settings.name, "ready": True}, rid)
 

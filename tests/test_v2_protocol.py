@@ -590,6 +590,11 @@ def test_drain_and_pause_make_ready_and_infer_503(server: Server, client: httpx.
             r = client.post("/v2/models/id/infer", json={"inputs": [_t()]})
             assert r.status_code == 503, command
             assert "retry-after" in r.headers
+            # Model readiness says what inference does (it said ready: a client gating
+            # on is_model_ready() went on to a 503).
+            assert client.get("/v2/models/id/ready").status_code == 503, command
+            index = {m["name"]: m for m in client.post("/v2/repository/index").json()}
+            assert index["id"]["state"] == "UNAVAILABLE", command
             assert client.get("/v2/health/live").status_code == 200
         finally:
             server.ctl("resume")
@@ -644,7 +649,8 @@ def test_repository_state_follows_what_the_supervisor_publishes(
     catalog.availability = lambda i: ModelAvailability[availability]  # type: ignore[method-assign]
     catalog.last_error = lambda i: "OSError: no such file"  # type: ignore[method-assign]
     catalog.workers = lambda i: 1  # type: ignore[method-assign]
-    got, reason = _repository_state(SimpleNamespace(catalog=catalog), info)  # type: ignore[arg-type]
+    state = SimpleNamespace(catalog=catalog, arena=SimpleNamespace(draining=0, paused=0))
+    got, reason = _repository_state(state, info)  # type: ignore[arg-type]
     assert got == expected
     assert bool(reason) == (expected != "READY")
     assert ("OSError: no such file" in reason) == (availability == "FAILING")
