@@ -128,9 +128,12 @@ class RecyclePolicy:
         if age < m.warmup_s or not m.trend_min_mb_per_min:
             return None
         if self.trim_pending is not None:
-            before, self.trim_pending = self.trim_pending, None
+            # Kept until the growth comes back: a recycle the storm guard holds back is
+            # asked for again next sample, not preceded by another trim each time.
+            before = self.trim_pending
             grown = before - self.window[0][1] if self.window else 0
             if uss <= before - 0.5 * grown:  # the growth came back: allocator retention
+                self.trim_pending = None
                 self.window.clear()
                 return None
             return Action("recycle", "uss_trend")

@@ -471,6 +471,9 @@ def test_trims_pass_the_storm_guard():
             actions.append(a)
     assert TRIM in actions
     assert RECYCLE not in actions
+    # One trim, then the recycle is asked for (and held back) each sample: the worker is
+    # not told to trim again every other sample, nor the log filled with it.
+    assert actions.count(TRIM) == 1, actions
 
 
 def test_watch_recycles_a_leak_end_to_end_and_forget_resets():
