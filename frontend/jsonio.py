@@ -22,8 +22,9 @@ def parse_json(body: bytes | memoryview) -> Any:
         pass
     try:
         return json.loads(bytes(body))
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        # RecursionError: nesting deeper than the interpreter's stack allows
+    except RecursionError:  # nesting deeper than the interpreter's stack allows
+        raise bad_request("malformed JSON: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:
         raise bad_request(f"malformed JSON: {e}") from None
 
 
