@@ -111,14 +111,23 @@ def error_response(err: HTTPError, rid: str) -> Response:
     return Response(r.body, r.status, r.headers, media_type=r.content_type)
 
 
+def intake_closed(state: FrontendState) -> str | None:
+    """Why the server takes no new requests now (draining or paused), else None."""
+    if state.arena.draining:
+        return "server is draining"
+    if state.arena.paused:
+        return "intake is paused by the operator"
+    return None
+
+
 def check_intake(state: FrontendState) -> None:
     """Fast 503 before any work while draining or paused (nginx then retries elsewhere)."""
-    if state.arena.draining:
-        err = unavailable("server is draining")
-        err.headers["Connection"] = "close"  # move keep-alive clients off this host
+    why = intake_closed(state)
+    if why is not None:
+        err = unavailable(why)
+        if state.arena.draining:
+            err.headers["Connection"] = "close"  # move keep-alive clients off this host
         raise err
-    if state.arena.paused:
-        raise unavailable("intake is paused by the operator")
 
 
 def ready_model(state: FrontendState, name: str) -> ModelInfo:

@@ -144,8 +144,7 @@ class ArenaCollector:
             "1 while the server takes new requests; 0 while it drains (SIGTERM, ctl drain) "
             "or is paused (ctl pause), when its 503s are planned",
         )
-        header = self.arena.header
-        intake.add_metric([], float(not (header["draining"] or header["paused"])))
+        intake.add_metric([], float(not (self.arena.draining or self.arena.paused)))
         yield intake
         names = [m.name for m in self.settings.models]
         depth = GaugeMetricFamily(

@@ -46,6 +46,9 @@ async def _heartbeat(state: FrontendState, control: ControlBlock, interval_s: fl
         await asyncio.sleep(interval_s)
 
 
+STOP_GRACE_S = 1  # to write the answers at hand once the server's drain is over
+
+
 class _Server(uvicorn.Server):
     """uvicorn, minus its signal capture (it re-raises SIGTERM after a graceful shutdown,
     which would turn our clean exit 0 into death by signal) and minus its 10 Hz poll."""
@@ -76,8 +79,6 @@ class _Server(uvicorn.Server):
         if self._exit_asked is not None:
             self._exit_asked.set()
 
-
-STOP_GRACE_S = 1  # to write the answers at hand once the server's drain is over
 
 M_MMAP_THRESHOLD = -3  # glibc malloc.h
 BIG_ALLOCATION_BYTES = 128 * 1024

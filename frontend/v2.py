@@ -35,6 +35,7 @@ from ringserve.frontend.app import (
     check_intake,
     error_response,
     infer,
+    intake_closed,
     json_endpoint,
     ready_model,
     record_answer,
@@ -203,9 +204,9 @@ NO_MODEL_CONTROL = (
 
 def _repository_state(state: FrontendState, info: ModelInfo) -> tuple[str, str]:
     """(Triton state, reason): READY exactly when ``/v2/models/{name}/ready`` says so."""
-    if state.arena.draining or state.arena.paused:
-        why = "server is draining" if state.arena.draining else "intake is paused by the operator"
-        return "UNAVAILABLE", why
+    closed = intake_closed(state)
+    if closed is not None:
+        return "UNAVAILABLE", closed
     if state.catalog.serving(info):
         return "READY", ""
     if not state.catalog.workers(info.index):

@@ -4,11 +4,15 @@ frontend that answers a scrape includes them."""
 
 from __future__ import annotations
 
+import signal
+
 from ringserve.ipc.config import Settings
+from ringserve.ipc.errors import ExitCode
 
 # Reasons created at zero: Prometheus' increase() cannot see a series' first sample,
 # so a counter that appeared already at 1 hid the first recycle of each kind after every
-# start. Restart reasons are open-ended (a signal, an exit code); these are the usual.
+# start. Restart reasons are open-ended (a signal, an exit code); these are the usual,
+# spelled as ExitCode.describe spells an exit, or as the supervisor names its kills.
 RECYCLE_REASONS = (
     "uss_limit",
     "uss_trend",
@@ -19,17 +23,22 @@ RECYCLE_REASONS = (
     "admin",
     "reload",
 )
+_KILLS = ("heartbeat_timeout", "start_timeout")  # Arbiter._check_children
+_DEATHS = (ExitCode.ERROR, -signal.SIGKILL)
 RESTART_REASONS = {
-    "frontend": ("error", "killed by SIGKILL", "heartbeat_timeout", "start_timeout"),
+    "frontend": (*map(ExitCode.describe, _DEATHS), *_KILLS),
     "worker": (
-        "error",
-        "killed by SIGKILL",
-        "killed by SIGSEGV",
-        "heartbeat_timeout",
-        "start_timeout",
-        "model_load",
-        "model_config",
-        "cuda_init",
+        *map(
+            ExitCode.describe,
+            (
+                *_DEATHS,
+                -signal.SIGSEGV,
+                ExitCode.MODEL_LOAD,
+                ExitCode.MODEL_CONFIG,
+                ExitCode.CUDA_INIT,
+            ),
+        ),
+        *_KILLS,
     ),
 }
 

@@ -3,6 +3,8 @@ and what happens when a producer or consumer dies inside a transition."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import multiprocessing as mp
 import os
 import random
@@ -11,12 +13,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from conftest import wait_until
 
+from ringserve.frontend.dispatch import REFUSED, Completed, Dispatcher
+from ringserve.frontend.metrics import ArenaCollector
 from ringserve.ipc import wake
 from ringserve.ipc.answer import write_error
 from ringserve.ipc.arena import Arena, ArenaGeometry, segment_name, sweep_stale
@@ -48,6 +54,43 @@ def make_arena(
         n_frontends=n_frontends,
     )
     return Arena.create(str(shm_dir / segment_name("test")), geometry)
+
+
+@contextlib.contextmanager
+def dispatchers(
+    arena: Arena, count: int = 1, max_queue_depth: int = 0
+) -> Iterator[tuple[list[Dispatcher], asyncio.AbstractEventLoop]]:
+    """The first ``count`` frontends' dispatchers on one event loop, sharing one model's
+    wake-up eventfd; stopped and closed after."""
+    efds = [wake.new_eventfd() for _ in range(count + 1)]
+    loop = asyncio.new_event_loop()
+    ds = [Dispatcher(arena, i, efds[i], (efds[-1],), max_queue_depth) for i in range(count)]
+    for d in ds:
+        d.adopt_slots()
+        d.start(loop)
+    try:
+        yield ds, loop
+    finally:
+        for d in ds:
+            d.stop()
+        loop.close()
+        for fd in efds:
+            os.close(fd)
+
+
+def collected(arena: Arena, name: str, max_queue_depth: int = 0) -> list[tuple[dict, float]]:
+    """``(labels, value)`` of every sample of ``name`` the frontends' arena collector
+    renders for one model "m" over ``arena``."""
+    settings = SimpleNamespace(
+        models=[SimpleNamespace(name="m")],
+        arena=SimpleNamespace(slots=arena.geometry.n_slots, max_queue_depth=max_queue_depth),
+    )
+    return [
+        (sample.labels, sample.value)
+        for family in ArenaCollector(settings, arena).collect()  # type: ignore[arg-type]
+        for sample in family.samples
+        if sample.name == name
+    ]
 
 
 def produce(arena: Arena, ring: RequestRing, slot: int, payload: np.ndarray, rows: int = 1) -> int:
@@ -579,17 +622,15 @@ def test_an_answer_is_read_in_place_and_its_slot_freed_whatever_the_reader_does(
 ) -> None:
     """collect hands the reader a read-only view of the slot (the response is encoded
     from shared memory, no copy out), and frees the slot even when the reader raises."""
-    import asyncio
-
-    from ringserve.frontend.dispatch import Completed, Dispatcher
-
     arena = make_arena(shm_dir)
     worker_ring = RequestRing(arena, 0)
-    d = Dispatcher(arena, 0, wake.new_eventfd(), (wake.new_eventfd(),))
-    d.adopt_slots()
-    loop = asyncio.new_event_loop()
-    d.start(loop)
+    with dispatchers(arena) as ([d], _):
+        _read_in_place(arena, worker_ring, d)
+    worker_ring.close()
+    arena.close()
 
+
+def _read_in_place(arena: Arena, worker_ring: RequestRing, d: Dispatcher) -> None:
     def round_trip(use: object) -> object:
         slot, _ = d.submit(0, np.arange(4, dtype=np.uint8), 1, 1, 0, "rid")
         worker_ring.pop(1, 1, 1)
@@ -614,10 +655,6 @@ def test_an_answer_is_read_in_place_and_its_slot_freed_whatever_the_reader_does(
         round_trip(failing)
     assert all(arena.slots["state"][s] == SlotState.FREE for s in d.owned) and not d.pending
     assert sorted(d.free) == sorted(d.owned)
-    d.stop()
-    loop.close()
-    worker_ring.close()
-    arena.close()
 
 
 def test_metrics_dirs_of_dead_supervisors_are_swept(tmp_path: Path) -> None:
@@ -644,34 +681,19 @@ def test_a_push_refused_at_once_still_answers_its_request(shm_dir: Path) -> None
     and then: the request must still get its REFUSED future (a 503), and the slot must be
     free. (The future used to be looked up in ``pending`` after the refusal had removed
     it: a KeyError, so a 500.)"""
-    import asyncio
-
-    from ringserve.frontend.dispatch import REFUSED, Dispatcher
-
     arena = make_arena(shm_dir)
-    efds = [wake.new_eventfd() for _ in range(3)]
-    first = Dispatcher(arena, 0, efds[0], (efds[2],), max_queue_depth=1)
-    second = Dispatcher(arena, 1, efds[1], (efds[2],), max_queue_depth=1)
-    loop = asyncio.new_event_loop()
-    for d in (first, second):
-        d.adopt_slots()
-        d.start(loop)
-    payload = np.arange(4, dtype=np.uint8)
-    _, queued_answer = first.submit(0, payload, 1, 1, 0, "a")
     ring = RequestRing(arena, 0)
-    assert not queued_answer.done() and ring.depth() == 1
-    free = len(second.free)
-    refused, refused_answer = second.submit(0, payload, 1, 1, 0, "b")
-    assert refused_answer.done() and refused_answer.result() == REFUSED
-    assert len(second.free) == free and refused not in second.pending
-    assert arena.slots["state"][refused] == SlotState.FREE
-    for d in (first, second):
-        d.stop()
+    payload = np.arange(4, dtype=np.uint8)
+    with dispatchers(arena, 2, max_queue_depth=1) as ([first, second], _):
+        _, queued_answer = first.submit(0, payload, 1, 1, 0, "a")
+        assert not queued_answer.done() and ring.depth() == 1
+        free = len(second.free)
+        refused, refused_answer = second.submit(0, payload, 1, 1, 0, "b")
+        assert refused_answer.done() and refused_answer.result() == REFUSED
+        assert len(second.free) == free and refused not in second.pending
+        assert arena.slots["state"][refused] == SlotState.FREE
     ring.close()
-    loop.close()
     arena.close()
-    for fd in efds:
-        os.close(fd)
 
 
 def test_queue_capacity_is_what_the_queue_could_still_hold(shm_dir: Path) -> None:
@@ -680,46 +702,25 @@ def test_queue_capacity_is_what_the_queue_could_still_hold(shm_dir: Path) -> Non
     every slot taken it equals the depth, so depth / capacity reaches 1 and the shipped
     RingserveQueueSaturated alert can fire (against arena.slots it stayed at 0.75 while
     every new request was refused)."""
-    import asyncio
-    from types import SimpleNamespace
-
-    from ringserve.frontend.dispatch import Dispatcher
-    from ringserve.frontend.metrics import ArenaCollector
-
     arena = make_arena(shm_dir, n_slots=8, n_frontends=1)
-    efds = [wake.new_eventfd() for _ in range(2)]
-    d = Dispatcher(arena, 0, efds[0], (efds[1],))
-    d.adopt_slots()
-    loop = asyncio.new_event_loop()
-    d.start(loop)
     worker_ring = RequestRing(arena, 0)
 
     def gauges(max_queue_depth: int) -> tuple[float, float]:
-        settings = SimpleNamespace(
-            models=[SimpleNamespace(name="m")],
-            arena=SimpleNamespace(slots=8, max_queue_depth=max_queue_depth),
-        )
-        found = {}
-        for family in ArenaCollector(settings, arena).collect():  # type: ignore[arg-type]
-            for sample in family.samples:
-                if sample.name in ("ringserve_queue_depth", "ringserve_queue_capacity"):
-                    found[sample.name] = sample.value
-        return found["ringserve_queue_depth"], found["ringserve_queue_capacity"]
+        [(_, depth)] = collected(arena, "ringserve_queue_depth", max_queue_depth)
+        [(_, capacity)] = collected(arena, "ringserve_queue_capacity", max_queue_depth)
+        return depth, capacity
 
     assert gauges(0) == (0.0, 8.0)
-    for i in range(8):
-        d.submit(0, np.arange(4, dtype=np.uint8), 1, 1, 0, f"r{i}")
-    loop.run_until_complete(asyncio.sleep(0))  # the end-of-pass push
-    assert len(worker_ring.pop(2, 2, 1)) == 2  # a batch of two is running
-    assert not d.free
-    assert gauges(0) == (6.0, 6.0)
-    assert gauges(4) == (6.0, 4.0)  # the depth limit, when set, bounds it too
-    d.stop()
+    with dispatchers(arena) as ([d], loop):
+        for i in range(8):
+            d.submit(0, np.arange(4, dtype=np.uint8), 1, 1, 0, f"r{i}")
+        loop.run_until_complete(asyncio.sleep(0))  # the end-of-pass push
+        assert len(worker_ring.pop(2, 2, 1)) == 2  # a batch of two is running
+        assert not d.free
+        assert gauges(0) == (6.0, 6.0)
+        assert gauges(4) == (6.0, 4.0)  # the depth limit, when set, bounds it too
     worker_ring.close()
-    loop.close()
     arena.close()
-    for fd in efds:
-        os.close(fd)
 
 
 def test_process_series_are_one_per_process_while_a_worker_is_replaced(
@@ -728,15 +729,9 @@ def test_process_series_are_one_per_process_while_a_worker_is_replaced(
     """A replacement shares its worker's id: while it loads, the old process (READY)
     gives the series; once it is READY and the old one drains, the new one does. Never
     both: two samples of one series is invalid exposition."""
-    from types import SimpleNamespace
-
-    from ringserve.frontend.metrics import ArenaCollector
     from ringserve.ipc.layout import ProcState, Role
 
     arena = make_arena(shm_dir)
-    settings = SimpleNamespace(
-        models=[SimpleNamespace(name="m")], arena=SimpleNamespace(slots=16, max_queue_depth=0)
-    )
 
     def record(index: int, pid: int, state: ProcState, started_s: int) -> None:
         rec = arena.control[index]
@@ -744,12 +739,7 @@ def test_process_series_are_one_per_process_while_a_worker_is_replaced(
         rec["state"], rec["started_ns"], rec["rss"] = state, started_s * 10**9, pid
 
     def resident() -> list[tuple[dict, float]]:
-        return [
-            (s.labels, s.value)
-            for family in ArenaCollector(settings, arena).collect()  # type: ignore[arg-type]
-            for s in family.samples
-            if s.name == "ringserve_process_resident_memory_bytes"
-        ]
+        return collected(arena, "ringserve_process_resident_memory_bytes")
 
     record(4, 100, ProcState.READY, 10)
     record(5, 200, ProcState.STARTING, 20)
