@@ -90,6 +90,10 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         self.workers: list[WorkerSlot] = []
         self.free_controls: list[int] = []
         self.replacements: list[Replacement] = []
+        # Children asked to stop that no position holds any more (an old worker after its
+        # replacement took over, a cancelled replacement): still watched until they exit,
+        # so a stop that hangs is killed at its deadline.
+        self.leaving: list[Child] = []
         self.rolling: list[str] = []  # names still to restart in a rolling restart
         self.admin_queue: queue.Queue[AdminRequest] = queue.Queue()
         self.stats = SupervisorStats(settings)
@@ -312,7 +316,7 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         kids = [fs.child for fs in self.frontends if fs.child]
         kids += [ws.child for ws in self.workers if ws.child]
         kids += [r.new for r in self.replacements if r.new]
-        return kids
+        return kids + self.leaving
 
     def _worker_slot(self, child: Child) -> WorkerSlot | None:
         return next((ws for ws in self.workers if ws.ident == child.ident), None)

@@ -15,6 +15,7 @@ from ringserve.ipc.control import error_bytes, read_error
 from ringserve.ipc.control import reset as reset_control
 from ringserve.ipc.errors import ExitCode
 from ringserve.supervisor.children import Child, Phase
+from ringserve.supervisor.positions import Replacement
 
 log = logging.getLogger("ringserve.supervisor")
 
@@ -56,6 +57,8 @@ class ExitHandling:
             f" ({error})" if error else "",
         )
         self.memory.forget(child.pid)
+        if child in self.leaving:
+            self.leaving.remove(child)
         if child.role == "worker":
             self._recover_worker_slots(child)
         reset_control(self.arena, child.control_index)
@@ -137,6 +140,9 @@ class ExitHandling:
                     self.rolling = []
                     self.ready_notified = False  # READY=1 again ends systemd's reload
                 return
+            # Died while its replacement was starting: the replacement takes its place.
+            if r.old is child and self._hand_over(r, reason, why):
+                return
         ws = self._worker_slot(child)
         if ws is None or ws.child is not child:
             return  # an old worker retired by a replacement
@@ -158,6 +164,31 @@ class ExitHandling:
         delay = self._backoff(ws.failures, child.name, reason) if ws.failures else 0.0
         ws.restart_at = time.monotonic() + delay
         self._notify_status()
+
+    def _hand_over(self, r: Replacement, reason: str, why: str) -> bool:
+        """A worker that dies while its replacement starts leaves its position to that
+        replacement, which becomes the one child the supervisor watches there (a
+        restart besides it would leave a worker nobody tracks). False when the position
+        is no longer wanted: the replacement is stopped and the exit handled as usual."""
+        ws = self._worker_slot(r.old)
+        if ws is None or ws.child is not r.old or ws.retired or self.phase != "running":
+            self.cancel_replacement(r, f"{r.old.name} exited")
+            return False
+        self.replacements.remove(r)
+        assert r.new is not None
+        log.warning(
+            "%s died (%s) while its replacement (pid %d) was starting: the replacement takes "
+            "its place",
+            r.old.name,
+            why,
+            r.new.pid,
+        )
+        ws.child = r.new
+        ws.restarts += 1
+        ws.last_exit_reason = reason
+        self.stats.restarted("worker", reason)
+        self._notify_status()
+        return True
 
     def _backoff(self, failures: int, name: str, reason: str) -> float:
         """Exponential back-off for a child that keeps dying before it is ready."""

@@ -18,7 +18,7 @@ log = logging.getLogger("ringserve.supervisor")
 class Replacing:
     def replace_worker(self, ws: WorkerSlot, reason: str) -> bool:
         """Recycle one worker with no capacity dip: the new one is ready before the old stops."""
-        if ws.child is None or any(r.old is ws.child for r in self.replacements):
+        if ws.child is None or ws.retired or any(r.old is ws.child for r in self.replacements):
             return False
         r = Replacement(old=ws.child, reason=reason)
         r.new = self._spawn_worker(ws)
@@ -31,11 +31,13 @@ class Replacing:
     def _advance_replacements(self, now: float) -> None:
         for r in list(self.replacements):
             assert r.new is not None
-            if r.new.phase == Phase.READY:
-                ws = self._worker_slot(r.old)
+            ws = self._worker_slot(r.old)
+            if ws is None or ws.retired or ws.child is not r.old:
+                # Drained or scaled away while its replacement started: the drain wins.
+                self.cancel_replacement(r, "the position was drained")
+            elif r.new.phase == Phase.READY:
                 self.replacements.remove(r)
-                if ws is not None:
-                    ws.child = r.new
+                ws.child = r.new
                 self.stop_child(r.old, r.reason)
                 self.stats.recycled(self.settings.models[r.old.model_index].name, r.reason)
             elif now > r.deadline:
@@ -47,11 +49,20 @@ class Replacing:
                 )
                 r.new.kill("start_timeout")
 
+    def cancel_replacement(self, r: Replacement, why: str) -> None:
+        """Stop a replacement that has no position to take over any more."""
+        assert r.new is not None
+        self.replacements.remove(r)
+        log.info("recycling %s cancelled (%s): stopping pid %d", r.old.name, why, r.new.pid)
+        self.stop_child(r.new, "drain")
+
     def stop_child(self, child: Child, reason: str) -> None:
         """Ask a child to finish what it is doing and exit; killed after stop_timeout_s."""
         if child.phase in (Phase.STOPPING, Phase.EXITED):
             return
         assert self.arena is not None
+        if child not in self.all_children():
+            self.leaving.append(child)
         child.phase = Phase.STOPPING
         child.stop_reason = reason
         child.stop_deadline = time.monotonic() + self.settings.worker.stop_timeout_s

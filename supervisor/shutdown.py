@@ -48,10 +48,10 @@ class Shutdown:
             systemd.stopping()
         self.phase = "stopping"
         self.workers_stopping = fast
-        for r in self.replacements:
+        replacements, self.replacements = self.replacements, []
+        for r in replacements:
             if r.new is not None:
                 self.stop_child(r.new, "shutdown")
-        self.replacements = []
         deadline = time.monotonic() + (5.0 if fast else self.settings.worker.stop_timeout_s)
         for child in self.all_children():
             if fast or child.role == "frontend":

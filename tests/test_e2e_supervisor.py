@@ -735,3 +735,57 @@ def test_a_stopping_frontend_still_serves_a_request_arriving_on_an_idle_connecti
     with server.client() as c:
         wait_until(lambda: c.get("/readiness").status_code == 200, 30, "the new frontend")
     assert server.stop() == 0
+
+
+def worker_processes(server: Server) -> set[int]:
+    """The supervisor's live worker children, as the kernel sees them (not as ctl says)."""
+    import psutil
+
+    kids = psutil.Process(server.proc.pid).children()
+    return {
+        p.pid
+        for p in kids
+        if p.status() != psutil.STATUS_ZOMBIE and "ringserve.gpu_worker" in p.cmdline()
+    }
+
+
+def test_a_worker_dying_while_its_recycle_starts_leaves_one_tracked_worker(start_server) -> None:
+    """The old worker dies (OOM kill, crash) before its replacement is ready: the
+    replacement takes the position. A restart beside it would leave a third worker that
+    no heartbeat, memory limit or metric watches."""
+    server: Server = start_server("--workers", "2")
+    server.wait_workers_ready(2)
+    old = next(p["pid"] for p in server.children() if p["id"] == "worker-0")
+    server.ctl("recycle", "worker-0")
+    os.kill(old, signal.SIGKILL)
+    wait_until(
+        lambda: (
+            not server.ctl("status")["server"]["recycles_in_progress"]
+            and server.ctl("status")["models"][0]["ready"] == 2
+        ),
+        60,
+        "the replacement to take over",
+    )
+    time.sleep(3)  # a stray restart would be spawned within a tick or two
+    assert worker_processes(server) == worker_pids(server)
+    assert len(worker_processes(server)) == 2
+    assert "the replacement takes its place" in server.log()
+    with server.client() as c:
+        assert c.post("/predict", json=DIGIT3).status_code == 200
+    assert server.stop() == 0
+
+
+def test_a_drain_during_a_recycle_is_not_undone_by_the_replacement(start_server) -> None:
+    server: Server = start_server("--workers", "2")
+    server.wait_workers_ready(2)
+    server.ctl("recycle", "worker-1")
+    server.ctl("drain", "worker-1")
+    wait_until(lambda: len(worker_processes(server)) == 1, 60, "worker-1 and its replacement gone")
+    time.sleep(2)
+    assert len(worker_processes(server)) == 1
+    st = server.ctl("status")
+    assert [p["id"] for p in st["processes"] if p["role"] == "worker"] == ["worker-0"]
+    assert st["models"][0]["workers"] == 1
+    with pytest.raises(AssertionError, match="not running or already being replaced"):
+        server.ctl("recycle", "worker-1")
+    assert server.stop() == 0
