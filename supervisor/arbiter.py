@@ -321,6 +321,33 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
     def _worker_slot(self, child: Child) -> WorkerSlot | None:
         return next((ws for ws in self.workers if ws.ident == child.ident), None)
 
+    def promote(self, child: Child) -> None:
+        """A child that reported ready: its position's run of failed starts is over."""
+        assert self.arena is not None
+        child.phase = Phase.READY
+        owner = (
+            self.frontends[child.ident] if child.role == "frontend" else self._worker_slot(child)
+        )
+        if owner is not None and owner.child is child:
+            owner.failures = 0
+        if child.role == "worker":  # the model loads again: old errors are history
+            self.arena.models[child.model_index]["last_error"] = b""
+            if isinstance(owner, WorkerSlot):
+                owner.last_error = ""
+
+    def promote_ready(self) -> None:
+        """Promote the children that reported ready since the last tick: for answers
+        (``ctl status``) that must agree with what frontends already act on."""
+        assert self.arena is not None
+        for child in self.all_children():
+            state = int(self.arena.control[child.control_index]["state"])
+            if (
+                child.returncode is None
+                and child.phase == Phase.STARTING
+                and state == ProcState.READY
+            ):
+                self.promote(child)
+
     def _check_children(self, now: float) -> None:
         """Promote children that reported ready; kill the silent and the overdue."""
         assert self.arena is not None
@@ -329,20 +356,8 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
             if child.returncode is not None:
                 continue
             rec = self.arena.control[child.control_index]
-            state = int(rec["state"])
-            if child.phase == Phase.STARTING and state == ProcState.READY:
-                child.phase = Phase.READY
-                owner = (
-                    self.frontends[child.ident]
-                    if child.role == "frontend"
-                    else (self._worker_slot(child))
-                )
-                if owner is not None and owner.child is child:
-                    owner.failures = 0
-                if child.role == "worker":  # the model loads again: old errors are history
-                    self.arena.models[child.model_index]["last_error"] = b""
-                    if isinstance(owner, WorkerSlot):
-                        owner.last_error = ""
+            if child.phase == Phase.STARTING and int(rec["state"]) == ProcState.READY:
+                self.promote(child)
             # Until the child registers, its record is blank: count from its spawn.
             silent_s = now - max(int(rec["heartbeat_ns"]) / 1e9, child.started)
             limit = w.start_timeout_s if child.phase == Phase.STARTING else w.heartbeat_timeout_s

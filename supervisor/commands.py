@@ -71,7 +71,8 @@ def _last_error(field: bytes) -> dict[str, str]:
 
 def status(arb: Arbiter) -> dict[str, Any]:
     assert arb.arena is not None
-    arb.publish_availability()  # current, not as of the last tick: "ready" agrees with it
+    arb.promote_ready()  # current, not as of the last tick: agrees with what frontends do
+    arb.publish_availability()
     now = time.monotonic()
     procs = []
     restarts: dict[str, tuple[int, str, str]] = {}

@@ -14,6 +14,7 @@ from ringserve.ipc import wake
 from ringserve.ipc.control import error_bytes, read_error
 from ringserve.ipc.control import reset as reset_control
 from ringserve.ipc.errors import ExitCode
+from ringserve.ipc.layout import ProcState
 from ringserve.supervisor.children import Child, Phase
 from ringserve.supervisor.positions import Replacement
 
@@ -48,6 +49,12 @@ class ExitHandling:
         level = logging.INFO if expected or rc in (0, ExitCode.RECYCLE) else logging.ERROR
         assert self.arena is not None
         error = read_error(self.arena, child.control_index)  # before the reset below
+        state = int(self.arena.control[child.control_index]["state"])
+        if child.phase == Phase.STARTING and state in (ProcState.READY, ProcState.DRAINING):
+            # Ready (frontends sent it work) before the tick that would have promoted it:
+            # a request that crashes it now is not a failed start (no back-off, and a
+            # loadable model is never marked failing by its poison requests).
+            self.promote(child)
         log.log(
             level,
             "%s (pid %d) exited: %s%s",

@@ -655,3 +655,23 @@ def test_idle_keep_alive_connections_close_after_the_configured_time(start_serve
         assert s.recv(4096) == b""  # the server closed it
         assert 0.5 < time.monotonic() - t0 < 4  # after about 1 s, not uvicorn's 5 s
     assert server.stop() == 0
+
+
+def test_requests_that_crash_a_fresh_worker_do_not_mark_the_model_failing(start_server) -> None:
+    """A worker that reported ready and then dies on a request has not failed to start,
+    even before the supervisor's tick has promoted it: a poison request kills the
+    restarted worker at once, and counting that as a failed start backed the position
+    off and, from three, marked a loadable model failing (readiness 503 for all)."""
+    server: Server = start_server(
+        "--model", "p=python:support.fake_handlers:Poison", env=HANDLER_ENV, frontends=1
+    )
+    with server.client(timeout=60) as c:
+        for _ in range(3):
+            server.wait_ready()
+            r = c.post("/v1/models/p/predict", json={"data": [666.0, 1.0]})
+            assert r.status_code == 500 and "poison" in r.json()["error"], r.text
+        server.wait_ready()
+        assert c.post("/v1/models/p/predict", json={"data": [1.0, 2.0]}).status_code == 200
+    assert "failed to start" not in server.log()
+    assert server.ctl("status")["models"][0]["state"] == "serving"
+    assert server.stop() == 0
