@@ -87,6 +87,7 @@ class Prepared(NamedTuple):
     slot: int
     tensor: torch.Tensor
     preprocess_s: float
+    deadline_s: float | None = None  # monotonic, as the batcher's
 
 
 class HeaderError(ValueError):
@@ -425,7 +426,7 @@ class Worker:
                     p.key, Status.MODEL_ERROR, f"preprocess failed: {e}".encode(), owners
                 )
                 continue
-            prepared = Prepared(p.key, tensor, time.perf_counter() - t0)
+            prepared = Prepared(p.key, tensor, time.perf_counter() - t0, p.deadline_s)
             alone = p.key if headers[p.key].kind & RUN_ALONE else -1  # its own group
             groups[(tensor.dtype, tuple(tensor.shape[1:]), alone)].append(prepared)
         for members in groups.values():
@@ -519,7 +520,16 @@ class Worker:
                     members[0].slot, Status.MODEL_ERROR, f"model error: {e}".encode(), owners
                 )
                 return
-            for member in members:  # isolate the request that raises; the rest succeed
+            # Isolate the request that raises; the rest succeed. One model run each, so
+            # beat between them (N runs may outlast the heartbeat timeout) and skip
+            # those whose deadline passed meanwhile: nobody waits for their answer.
+            for member in members:
+                self.control.beat()
+                if member.deadline_s is not None and member.deadline_s <= time.monotonic():
+                    self._finish_error(
+                        member.slot, Status.DEADLINE, b"deadline passed before inference", owners
+                    )
+                    continue
                 self._infer_group([member], owners)
             return
         self._batch_seq += 1

@@ -789,3 +789,34 @@ def test_a_drain_during_a_recycle_is_not_undone_by_the_replacement(start_server)
     with pytest.raises(AssertionError, match="not running or already being replaced"):
         server.ctl("recycle", "worker-1")
     assert server.stop() == 0
+
+
+def test_isolating_a_failing_request_keeps_the_worker_alive(start_server) -> None:
+    """A batch that raises is re-run member by member to find the culprit. Those runs
+    together may outlast the heartbeat timeout: the worker beats between them, so it
+    is not killed as hung (a cold restart, every batchmate re-queued) for one bad
+    request."""
+    server: Server = start_server(
+        "--model",
+        "slow=python:support.fake_handlers:SlowUnlucky",
+        "--set",
+        "worker.heartbeat_timeout_s=3",
+        "--set",
+        "batching.preferred_batch_size=8",
+        env=HANDLER_ENV,
+        frontends=1,
+    )
+    arena = server.ctl("status")["server"]["arena"]
+    url = "/v1/models/slow/predict"
+    with server.client(timeout=60) as c, ThreadPoolExecutor(9) as pool:
+        blocker = pool.submit(c.post, url, json={"data": [1500.0, 0.0]})
+        wait_until(lambda: running(arena), 20, "the blocker to reach the worker")
+        rows = [[600.0, float(i)] for i in range(7)] + [[600.0, 13.0]]
+        answers = [pool.submit(c.post, url, json={"data": row}) for row in rows]
+        assert blocker.result(30).status_code == 200
+        statuses = [f.result(60) for f in answers]
+    assert [r.status_code for r in statuses] == [200] * 7 + [500], [r.text for r in statuses]
+    assert "unlucky" in statuses[-1].json()["error"]
+    assert max(r.json()["batch_size"] for r in statuses[:7]) == 1  # each re-run alone
+    assert "heartbeat stopped" not in server.log()
+    assert server.stop() == 0

@@ -29,6 +29,16 @@ class Slow(Handler):
         return batch
 
 
+class SlowUnlucky(Slow):
+    """Slow, and a batch holding a row whose second value is 13 raises (after the sleep)."""
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        out = super().infer(batch)
+        if bool((batch[:, 1] == 13).any()):
+            raise ValueError("13 is unlucky")
+        return out
+
+
 class Poison(Handler):
     """Identity, except a row starting with 13 raises and one starting with 666 kills us."""
 
