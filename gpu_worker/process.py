@@ -112,6 +112,7 @@ class Worker:
         self._ran: list[BatchTiming] = []  # this loop round's model executions
         self._declared_output: TensorSpec | None = None  # what answers are checked against
         self._contract_errors: set[str] = set()  # logged once each, not once a batch
+        self._own_payload = False  # preprocess gets a copy of the slot's input (``start``)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -154,6 +155,13 @@ class Worker:
         except DeclarationError as e:
             self._cannot_load(e, ExitCode.MODEL_CONFIG)
         self.handler = handler
+        # The model may change its input in place (normalising, an in-place activation).
+        # Were that input the slot itself, a request re-queued after this worker dies
+        # would run again on the changed values and get a confident wrong answer. So the
+        # model never sees the slot: a batch of several is concatenated (a copy anyway),
+        # a batch of one that is a view of the slot is cloned, and a ``preprocess`` that
+        # is not ringserve's own (which only read) gets a copy of the payload.
+        self._own_payload = not type(handler).preprocess.__module__.startswith("ringserve.")
         if handler.output_declared:
             self._declared_output = handler.outputs[0]
         self._warn_if_slots_are_small()
@@ -456,12 +464,19 @@ class Worker:
         assert self.handler is not None
         payload, kind = self._payload(slot, h)
         if not isinstance(payload, list):
+            if self._own_payload and payload.dtype != object:
+                payload = payload.copy()
             return _as_tensor(self.handler.preprocess(payload, kind))
         rows = []
         for row, image in enumerate(payload):
+            pixels = np.frombuffer(image, np.uint8)
             try:
                 rows.append(
-                    _as_tensor(self.handler.preprocess(np.frombuffer(image, np.uint8), kind))
+                    _as_tensor(
+                        self.handler.preprocess(
+                            pixels.copy() if self._own_payload else pixels, kind
+                        )
+                    )
                 )
             except BadInput as e:
                 raise BadInput(f"row {row}: {e}") from None
@@ -558,8 +573,13 @@ class Worker:
         t_gather = time.monotonic_ns()
         if device.type == "cuda":
             batch = self._gather_pinned(tensors).to(device, non_blocking=True)
+        elif len(tensors) > 1:
+            batch = torch.cat(tensors)
         else:
-            batch = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+            batch = tensors[0]
+            lo, hi = self.arena.span
+            if lo <= batch.data_ptr() < hi:  # a view of the slot: see ``_own_payload``
+                batch = batch.clone()
         t0 = time.monotonic_ns()
         self.thread_share.enter(int(batch.shape[0]))
         try:

@@ -112,6 +112,8 @@ class Arena:
         self.owner = owner
         buf = memoryview(mm)
         self._buf = buf
+        base = np.frombuffer(buf, np.uint8, count=1).__array_interface__["data"][0]
+        self.span = (base, base + len(mm))  # the mapping's addresses: what aliases it
         hdr = np.frombuffer(buf, dtype=L.ARENA_HEADER, count=1, offset=0)
         if int(hdr["magic"][0]) != L.MAGIC or int(hdr["version"][0]) != L.VERSION:
             raise ArenaError(f"{path}: not a ringserve arena of version {L.VERSION}")

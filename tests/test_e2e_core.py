@@ -675,3 +675,30 @@ def test_requests_that_crash_a_fresh_worker_do_not_mark_the_model_failing(start_
     assert "failed to start" not in server.log()
     assert server.ctl("status")["models"][0]["state"] == "serving"
     assert server.stop() == 0
+
+
+def test_a_request_retried_after_a_crash_sees_its_original_input(
+    start_server, tmp_path: Path
+) -> None:
+    """A model that changes its input in place (in preprocess or in infer) must not
+    change the request's slot: when the worker then dies, the request is re-queued and
+    the next worker runs it again, which answered 200 with the input scaled twice."""
+    server: Server = start_server(
+        "--model",
+        "pre=python:support.fake_handlers:ScalesInPreprocess",
+        "--model",
+        "inf=python:support.fake_handlers:ScalesInInfer",
+        "--set",
+        f"models.pre.options.marker={tmp_path / 'pre'}",
+        "--set",
+        f"models.inf.options.marker={tmp_path / 'inf'}",
+        env=HANDLER_ENV,
+        frontends=1,
+    )
+    with server.client(timeout=60) as c:
+        for model, sent in (("pre", [7.0, 2.0, 3.0, 4.0]), ("inf", [7.0, 2.0, 3.0, 4.0])):
+            r = c.post(f"/v1/models/{model}/predict", json={"data": [sent]})
+            assert r.status_code == 200, r.text
+            assert r.json()["result"] == [[70.0, 20.0, 30.0, 40.0]], model
+            assert (tmp_path / model).exists()  # it did crash once on the way
+    assert server.stop() == 0

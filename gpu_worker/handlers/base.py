@@ -8,8 +8,10 @@ frontends (which never import torch) can validate requests and serve metadata.
 
 Contract:
 - one input tensor and one output tensor per request; the first dimension is the batch;
-- ``preprocess`` turns one request's payload (a numpy view of shared memory, already
-  checked against ``inputs[0]`` by the frontend; encoded image bytes; or, for an input
+- ``preprocess`` turns one request's payload (a numpy array, already checked against
+  ``inputs[0]`` by the frontend: a private copy that it may change in place, as ``infer``
+  may its batch, since the request's slot must stay intact for a retry after a crash;
+  encoded image bytes; or, for an input
   declared ``"bytes"`` (KServe v2 BYTES), an object array of ``bytes`` in the request's
   shape: such a handler must define ``preprocess``) into a tensor of shape
   ``[rows, *inputs[0].shape]``; it raises ``BadInput`` for input it refuses;

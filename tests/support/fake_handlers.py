@@ -246,3 +246,42 @@ class DeclaresFloat64(Handler):
 
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
         return batch
+
+
+class _CrashesOnceAt70(Handler):
+    """Exits (a crash: its request is re-queued) the first time a batch starts with
+    70, once per ``options.marker`` file; else answers what ``infer`` made of its input."""
+
+    inputs = (TensorSpec("INPUT0", "float32", (4,)),)
+    outputs = (TensorSpec("OUTPUT0", "float32", (4,)),)
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+
+    def crash_once(self, batch: torch.Tensor) -> None:
+        marker = self.settings.options["marker"]
+        if float(batch[0, 0]) == 70 and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(99)
+
+
+class ScalesInPreprocess(_CrashesOnceAt70):
+    """Multiplies its input by 10 in place in ``preprocess``, as a normaliser might."""
+
+    def preprocess(self, payload: np.ndarray, kind: object) -> torch.Tensor:
+        t = torch.from_numpy(payload)
+        t.mul_(10)
+        return t
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        self.crash_once(batch)
+        return batch.clone()
+
+
+class ScalesInInfer(_CrashesOnceAt70):
+    """Multiplies its batch by 10 in place in ``infer`` (an in-place first layer)."""
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        batch.mul_(10)
+        self.crash_once(batch)
+        return batch
