@@ -48,6 +48,13 @@ class Shutdown:
             systemd.stopping()
         self.phase = "stopping"
         self.workers_stopping = fast
+        # No frontend is started again from here on, so our copy of the listening socket
+        # has no use left, and keeping it would keep the socket listening after the
+        # frontends stop accepting: the kernel would complete connections into a backlog
+        # nobody reads, reset when we close it. Closed now, the socket stops listening
+        # when the last frontend lets go of it, and a client is refused, cleanly.
+        if self.listen_sockets:
+            self._close_listeners()
         replacements, self.replacements = self.replacements, []
         for r in replacements:
             if r.new is not None:
@@ -78,8 +85,6 @@ class Shutdown:
 
     def _advance_stop(self, now: float) -> None:
         alive = [c for c in self.all_children() if c.returncode is None]
-        if self.listen_sockets and not any(c.role == "frontend" for c in alive):
-            self._close_listeners()
         if not self.workers_stopping and not any(c.role == "frontend" for c in alive):
             self.workers_stopping = True
             for child in alive:
@@ -96,15 +101,16 @@ class Shutdown:
                 c.kill("stop_timeout")
 
     def _close_listeners(self) -> None:
-        """No frontend is left to answer: close our listening sockets now, while workers
-        still finish, so a client is refused (and nginx tries another upstream) instead
-        of being accepted into a backlog nobody reads and reset when we exit. Under
-        socket activation systemd keeps its own copy, and queues for the next start."""
+        """Close our copies of the listening sockets (frontends hold their own), so a
+        client is refused (and nginx tries another upstream) once no frontend accepts,
+        instead of being accepted into a backlog nobody reads and reset when we exit.
+        Under socket activation systemd keeps its own copy, and queues for the next
+        start."""
         for sock in (*self.listen_sockets, self.metrics_socket):
             if sock is not None:
                 sock.close()
         self.listen_sockets, self.listen_origins, self.metrics_socket = [], [], None
-        log.info("frontends gone: listening sockets closed")
+        log.info("stopping: our copies of the listening sockets closed")
 
     def _kill_all(self) -> None:
         deadline = time.monotonic() + 5.0

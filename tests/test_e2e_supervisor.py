@@ -820,3 +820,38 @@ def test_isolating_a_failing_request_keeps_the_worker_alive(start_server) -> Non
     assert max(r.json()["batch_size"] for r in statuses[:7]) == 1  # each re-run alone
     assert "heartbeat stopped" not in server.log()
     assert server.stop() == 0
+
+
+def test_a_connection_during_the_frontends_stop_is_answered_or_refused_never_reset(
+    start_server,
+) -> None:
+    """A frontend finishing its last request has stopped accepting. The socket must stop
+    listening with it: were the supervisor's copy still open, the kernel would complete
+    new connections into a backlog nobody reads and reset them when it closes."""
+    server: Server = start_server(
+        "--model", SLOW, "--drain-timeout", "0.5", env=HANDLER_ENV, frontends=1
+    )
+    outcomes: list[str] = []
+
+    def attempt() -> bool:
+        try:
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        except ConnectionRefusedError:
+            outcomes.append("refused")
+            return True
+        with s:
+            s.settimeout(5)
+            try:
+                s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                head = s.recv(64)
+            except OSError as e:
+                head = repr(e).encode()
+        outcomes.append("answered" if head.startswith(b"HTTP/1.1 ") else f"lost: {head!r}")
+        return False
+
+    with server.client() as c, ThreadPoolExecutor(1) as pool:
+        pending = sigterm_while_in_the_model(server, c, pool, 4000.0)
+        wait_until(attempt, 20, "connections refused")
+        assert pending.result(30).status_code == 503
+    assert [o for o in outcomes if o.startswith("lost")] == [], outcomes
+    assert server.proc.wait(30) == 0
