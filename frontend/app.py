@@ -38,7 +38,7 @@ from ringserve.frontend.client_shm import ClientShm
 from ringserve.frontend.dispatch import REFUSED, Completed, Dispatcher
 from ringserve.frontend.errors import HTTPError, bad_request, unavailable, unprocessable
 from ringserve.frontend.images import check_image
-from ringserve.frontend.jsonio import parse_json, utf8_strings
+from ringserve.frontend.jsonio import nonfinite, parse_json, utf8_strings
 from ringserve.frontend.metrics import FrontendMetrics
 from ringserve.frontend.tensors import fit_shape, from_json
 from ringserve.ipc import bytes_tensor
@@ -277,6 +277,12 @@ def _format_result(info: ModelInfo, output: np.ndarray, batched: bool) -> Any:
     if output.dtype.hasobject:  # a BYTES output: strings
         strings = utf8_strings(output).tolist()  # nested lists: orjson takes no object arrays
         return strings if batched else strings[0]
+    if nonfinite(output):
+        raise HTTPError(
+            500,
+            f"model {info.settings.name} answered NaN or Inf, which JSON cannot carry "
+            "(v2 binary_data outputs can)",
+        )
     spec = info.spec or {}
     if spec.get("task") == "classification":
         labels = spec.get("labels") or []

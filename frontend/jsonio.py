@@ -40,6 +40,13 @@ def dump_json(doc: Any) -> bytes:
     return orjson.dumps(doc, default=_fallback, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
+def nonfinite(arr: np.ndarray) -> bool:
+    """Float data holding NaN or Inf: JSON cannot carry it (orjson would write null, a
+    confident-looking answer). A v2 input taken from binary data (as Triton takes it)
+    holding some runs alone."""
+    return arr.dtype.kind == "f" and not np.isfinite(arr).all()
+
+
 def utf8_strings(arr: np.ndarray) -> np.ndarray:
     """A BYTES output (object array of bytes) as str in the same shape, for a JSON answer
     (orjson takes no bytes); a 500 saying so when they are not UTF-8."""

@@ -29,7 +29,7 @@ import numpy as np
 
 from ringserve.frontend.errors import HTTPError, bad_request
 from ringserve.frontend.images import sniff
-from ringserve.frontend.jsonio import dump_json, parse_json, utf8_strings
+from ringserve.frontend.jsonio import dump_json, nonfinite, parse_json, utf8_strings
 from ringserve.frontend.tensors import MAX_JSON_DEPTH, cast, exact_integers, json_kind_wanted
 from ringserve.ipc import bytes_tensor
 from ringserve.ipc.bytes_tensor import pack as serialize_bytes
@@ -304,12 +304,6 @@ def _from_binary(
     return np.ascontiguousarray(arr, dtype=np.dtype(dtype))
 
 
-def _nonfinite(arr: np.ndarray) -> bool:
-    """Float data holding NaN or Inf: an input taken from binary data (as Triton takes
-    it) then runs alone; JSON cannot carry such an output."""
-    return arr.dtype.kind == "f" and not np.isfinite(arr).all()
-
-
 def _image_rows(shape: list[int], max_batch_size: int, where: str) -> int:
     """Rows of a BYTES tensor of encoded images: ``[rows]`` or ``[rows, 1]`` when the
     model batches, ``[1]`` when it does not."""
@@ -507,7 +501,7 @@ def decode_request(
         timeout_s,
         shm_output,
         # (JSON data holds none: the house rule refused it in ``cast``)
-        nonfinite=_nonfinite(arr),
+        nonfinite=nonfinite(arr),
     )
 
 
@@ -575,7 +569,7 @@ def decode_raw_request(
         None,
         True,
         out.name,
-        nonfinite=_nonfinite(arr),
+        nonfinite=nonfinite(arr),
     )
 
 
@@ -602,7 +596,7 @@ def decode_infer_body(
 def _json_data(arr: np.ndarray, dtype: str) -> list[Any] | np.ndarray:
     if dtype == "bytes":
         return utf8_strings(arr).ravel().tolist()
-    if _nonfinite(arr):
+    if nonfinite(arr):
         raise HTTPError(
             500, "the output holds NaN or Inf, which JSON cannot carry: ask for it with binary_data"
         )

@@ -421,6 +421,12 @@ class Worker:
             t0 = time.perf_counter()
             try:
                 tensor = self._preprocess(p.key, headers[p.key])
+                if tensor.dim() == 0 or tensor.shape[0] != p.rows:
+                    got = "a scalar" if tensor.dim() == 0 else f"{tensor.shape[0]} rows"
+                    raise OutputContractError(
+                        f"preprocess returned {got} for a request of {p.rows}: one answer "
+                        "row per request row, so it must keep the rows it was given"
+                    )
             except (BadInput, HeaderError) as e:
                 self._finish_error(p.key, Status.BAD_INPUT, str(e).encode(), owners)
                 continue

@@ -264,6 +264,8 @@ def test_handler_faults_are_named_and_the_server_keeps_serving(start_server) -> 
             1003: "infer returned tuple; it must return one torch.Tensor",
             1004: "handler returned 0 rows for a batch of 1",
             1005: "preprocess returned list; it must return a torch.Tensor",
+            1006: "preprocess returned 0 rows for a request of 1",
+            1007: "model z answered NaN or Inf, which JSON cannot carry",  # not null, a 200
         }
         worker = server.pids("worker")
         for first, why in [*broken.items(), (1001, broken[1001])]:

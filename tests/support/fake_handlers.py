@@ -204,7 +204,8 @@ class Misbehaves(Handler):
     handler (a TorchServe-style image decoder fails the same way); refuses negatives in
     ``infer``; and breaks its own declaration when a row starts with 1001 (float64),
     1002 (an extra dimension), 1003 (a tuple, not a tensor) or 1004 (one row too few),
-    or the handler contract when one starts with 1005 (preprocess returns a list)."""
+    or the handler contract when one starts with 1005 (preprocess returns a list) or
+    1006 (preprocess drops the row); 1007 answers NaN."""
 
     inputs = (TensorSpec("INPUT0", "float32", (-1,)),)
     outputs = (TensorSpec("OUTPUT0", "float32", (-1,)),)
@@ -215,6 +216,8 @@ class Misbehaves(Handler):
     def preprocess(self, payload: np.ndarray, kind: PayloadKind) -> torch.Tensor:
         if payload.size and payload.flat[0] == 1005:
             return payload.tolist()  # type: ignore[return-value]  # the bug under test
+        if payload.size and payload.flat[0] == 1006:
+            return super().preprocess(payload[:0], kind)
         return super().preprocess(payload, kind)
 
     def infer(self, batch: torch.Tensor) -> object:
@@ -231,6 +234,8 @@ class Misbehaves(Handler):
             return batch, batch
         if 1004 in first:
             return batch[1:]
+        if 1007 in first:
+            return batch * float("nan")
         return batch
 
 
