@@ -174,6 +174,10 @@ class Worker:
             threads = self.thread_share.enter(1, runners=self.model.workers)
             try:
                 profile = throughput_profile(self.handler, self.model, self.control.beat, threads)
+            except OutputContractError as e:
+                # Not an input it cannot take: it answers in a way no request can be
+                # served with, as the output probe below would find.
+                self._cannot_load(e, ExitCode.MODEL_CONFIG)
             except Exception as e:
                 # The profile feeds the handler zeros of the declared input shape; a
                 # handler that cannot take those (it decodes images, its declared shape

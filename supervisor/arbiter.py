@@ -363,11 +363,19 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
             limit = w.start_timeout_s if child.phase == Phase.STARTING else w.heartbeat_timeout_s
             if silent_s > limit:
                 what = (
-                    "did not become ready" if child.phase == Phase.STARTING else "heartbeat stopped"
+                    f"did not become ready within worker.start_timeout_s={limit:g} s"
+                    if child.phase == Phase.STARTING
+                    else f"heartbeat stopped for longer than worker.heartbeat_timeout_s={limit:g} s"
+                    + (" (a batch that long, or a hang)" if child.role == "worker" else "")
                 )
                 log.error(
-                    "%s (pid %d) %s for %.1f s: killing it", child.name, child.pid, what, silent_s
+                    "%s (pid %d) %s (silent %.1f s): killing it",
+                    child.name,
+                    child.pid,
+                    what,
+                    silent_s,
                 )
+                child.kill_detail = what
                 child.kill(
                     "start_timeout" if child.phase == Phase.STARTING else "heartbeat_timeout"
                 )
@@ -455,11 +463,13 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
             return
         log.error(
             "start-up timeout: not ready within server.startup_timeout_s=%g s; %s. "
-            "Shutting down (exit %d); raise server.startup_timeout_s if loading just "
-            "takes longer",
+            "Shutting down (exit %d); raise %s if loading just takes longer",
             self.settings.server.startup_timeout_s,
             "; ".join(self._not_ready_models(now)),
             ServeExit.STARTUP_TIMEOUT,
+            "worker.start_timeout_s (each try was cut short) and server.startup_timeout_s"
+            if any(ws.last_exit_reason == "start_timeout" for ws in self.workers)
+            else "server.startup_timeout_s",
         )
         self.exit_code = ServeExit.STARTUP_TIMEOUT
         self.begin_drain()

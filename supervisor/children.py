@@ -38,6 +38,7 @@ class Child:
     phase: Phase = Phase.STARTING
     stop_deadline: float | None = None
     kill_reason: str = ""  # why the supervisor killed it (heartbeat, stop timeout, ...)
+    kill_detail: str = ""  # the same for people: the limit it ran into, and its setting
     stop_reason: str = ""  # why it was asked to stop (recycle reason, scale, shutdown)
     sampled_ready: bool = False  # its memory was sampled once it was ready
     returncode: int | None = None

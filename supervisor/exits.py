@@ -46,9 +46,12 @@ class ExitHandling:
             return
         reason = child.kill_reason or ExitCode.describe(rc)
         expected = child.phase == Phase.STOPPING and not child.kill_reason
-        level = logging.INFO if expected or rc in (0, ExitCode.RECYCLE) else logging.ERROR
+        if rc == 0 and not expected:  # exit 0 unasked: its handler called sys.exit?
+            reason = "unasked_exit"
+        level = logging.INFO if expected or rc == ExitCode.RECYCLE else logging.ERROR
         assert self.arena is not None
-        error = read_error(self.arena, child.control_index)  # before the reset below
+        # Before the reset below. The supervisor's own words for a kill come second.
+        error = read_error(self.arena, child.control_index) or child.kill_detail
         state = int(self.arena.control[child.control_index]["state"])
         if child.phase == Phase.STARTING and state in (ProcState.READY, ProcState.DRAINING):
             # Ready (frontends sent it work) before the tick that would have promoted it:

@@ -673,7 +673,12 @@ def test_requests_that_crash_a_fresh_worker_do_not_mark_the_model_failing(start_
             r = c.post("/v1/models/p/predict", json={"data": [666.0, 1.0]})
             assert r.status_code == 500 and "poison" in r.json()["error"], r.text
         server.wait_ready()
+        r = c.post("/v1/models/p/predict", json={"data": [667.0, 1.0]})
+        assert r.status_code == 500 and "poison" in r.json()["error"], r.text
+        server.wait_ready()
         assert c.post("/v1/models/p/predict", json={"data": [1.0, 2.0]}).status_code == 200
+    # A worker ending itself with exit 0 while serving is no "ok" at INFO.
+    assert re.search(r"supervisor ERROR worker-0 \(pid \d+\) exited: unasked_exit", server.log())
     assert "failed to start" not in server.log()
     assert server.ctl("status")["models"][0]["state"] == "serving"
     assert server.stop() == 0

@@ -116,3 +116,48 @@ def test_a_model_that_cannot_be_served_as_configured_stops_the_start_at_once(
     assert f"model bad ({handler}) cannot be served as configured: {error}" in line, line
     assert "failed to load again" not in log and "start-up timeout" not in log
     assert shm_segments(server.instance) == []
+
+
+def test_a_load_cut_short_by_the_worker_start_timeout_names_that_setting(start_server) -> None:
+    """A model that loads slower than worker.start_timeout_s is killed each try: the
+    kill, the model's last error and the start-up timeout line name that setting (the
+    line used to suggest only server.startup_timeout_s, which cannot help)."""
+    server: Server = start_server(
+        "--model",
+        "slow=python:support.fake_handlers:LoadsSlowly",
+        *("--set", "models.slow.options.load_s=30"),
+        *("--set", "worker.start_timeout_s=2"),
+        *("--set", "server.startup_timeout_s=6"),
+        *("--set", "worker.restart_backoff_s=0.2"),
+        env=HANDLER_ENV,
+        ready=False,
+    )
+    assert server.proc.wait(60) == ServeExit.STARTUP_TIMEOUT
+    log = server.log()
+    assert "did not become ready within worker.start_timeout_s=2 s" in log, log[-3000:]
+    [line] = [x for x in log.splitlines() if "start-up timeout" in x]
+    assert "(last: start_timeout: did not become ready within worker.start_timeout_s=2 s)" in line
+    assert "raise worker.start_timeout_s (each try was cut short)" in line, line
+
+
+def test_a_torchscript_model_whose_answer_no_request_can_use_stops_the_start(
+    start_server, tmp_path
+) -> None:
+    """The batch profile is the first to run the model; a TorchScript archive returning
+    a tuple fails it with the handler's contract error. That was taken for "this model
+    cannot take zeros" and the server came up ready, failing every request (500)."""
+    import torch
+    from test_handlers import _script
+
+    class Pair(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return x, x
+
+    path = tmp_path / "pair.pt"
+    _script(Pair(), path)
+    server: Server = start_server(
+        "--model", f"pair=torchscript:{path}", env=HANDLER_ENV, ready=False
+    )
+    assert server.proc.wait(60) == ServeExit.CONFIG, server.log()[-3000:]
+    [line] = [x for x in server.log().splitlines() if "cannot be served as configured" in x]
+    assert "OutputContractError: the TorchScript model returned tuple" in line, line

@@ -6,6 +6,7 @@ a BYTES output and one that breaks the handler contract."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import numpy as np
@@ -40,7 +41,8 @@ class SlowUnlucky(Slow):
 
 
 class Poison(Handler):
-    """Identity, except a row starting with 13 raises and one starting with 666 kills us."""
+    """Identity, except a row starting with 13 raises, one starting with 666 kills us
+    and one starting with 667 calls sys.exit(0)."""
 
     inputs = (TensorSpec("INPUT0", "float32", (-1,)),)
     outputs = (TensorSpec("OUTPUT0", "float32", (-1,)),)
@@ -52,6 +54,8 @@ class Poison(Handler):
         first = batch[:, 0]
         if bool((first == 666).any()):
             os._exit(99)
+        if bool((first == 667).any()):
+            sys.exit(0)  # a handler ending its process "cleanly", mid-request
         if bool((first == 13).any()):
             raise ValueError("13 is unlucky")
         return batch * 1
@@ -93,6 +97,14 @@ class FailsToLoad(Handler):
 
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
         return batch
+
+
+class LoadsSlowly(FailsToLoad):
+    """Takes ``options.load_s`` seconds to load (a large model on a slow disk)."""
+
+    def load(self, device: torch.device) -> None:
+        time.sleep(float(self.settings.options["load_s"]))
+        self.device = device
 
 
 class FailsFirstLoad(FailsToLoad):
