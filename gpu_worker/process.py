@@ -640,6 +640,8 @@ def main() -> None:
     def on_term(signum: int, frame: object) -> None:
         if worker_ref:
             worker_ref[0].stopping = True  # record only; the loop finishes its batch
+        else:  # still loading: nothing to finish, so do not make a stop wait for the load
+            raise SystemExit(ExitCode.OK)
 
     signal.signal(signal.SIGTERM, on_term)
     try:
@@ -647,6 +649,6 @@ def main() -> None:
     except ArenaError as e:
         log.error("%s", e)
         sys.exit(ExitCode.BOOT)
-    worker_ref.append(worker)
     worker.start()
+    worker_ref.append(worker)
     sys.exit(worker.run())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 import pytest
 import torchvision
@@ -161,3 +162,22 @@ def test_a_torchscript_model_whose_answer_no_request_can_use_stops_the_start(
     assert server.proc.wait(60) == ServeExit.CONFIG, server.log()[-3000:]
     [line] = [x for x in server.log().splitlines() if "cannot be served as configured" in x]
     assert "OutputContractError: the TorchScript model returned tuple" in line, line
+
+
+def test_a_worker_still_loading_stops_at_once_on_sigterm(start_server) -> None:
+    """Stopping the service while a large model loads: the worker has nothing to finish,
+    so it exits on SIGTERM instead of being killed at worker.stop_timeout_s."""
+    server: Server = start_server(
+        "--model",
+        "slow=python:support.fake_handlers:LoadsSlowly",
+        *("--set", "models.slow.options.load_s=60"),
+        *("--set", "worker.stop_timeout_s=5"),
+        env=HANDLER_ENV,
+        ready=False,
+    )
+    wait_until(lambda: "started worker-0" in server.log(), 30, "the worker to start")
+    time.sleep(2)  # into its load
+    assert server.stop() == 0
+    log = server.log()
+    assert re.search(r"worker-0 \(pid \d+\) exited: ok", log), log[-3000:]
+    assert "did not stop in time" not in log
