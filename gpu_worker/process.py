@@ -68,6 +68,14 @@ def _three_digits(rate: float) -> float | int:
     return int(r) if r >= 100 else r
 
 
+def _model_error(e: Exception) -> bytes:
+    """What the client is told when the model raised on its request: the error itself.
+    A TorchScript error carries the interpreter's traceback, with source paths of the
+    machine that built the archive; that stays in the log (logged with the traceback)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"model error: {lines[-1] if lines else type(e).__name__}".encode()[:1024]
+
+
 def _as_tensor(x: object) -> torch.Tensor:
     """What ``preprocess`` returned, as the batch tensor it must be (a numpy array is
     taken without a copy); anything else fails its request, not the worker."""
@@ -541,9 +549,7 @@ class Worker:
                     self._finish_error(members[0].slot, Status.BAD_INPUT, str(e).encode(), owners)
                     return
                 log.warning("model %s raised on request: %s", self.model.name, e, exc_info=True)
-                self._finish_error(
-                    members[0].slot, Status.MODEL_ERROR, f"model error: {e}".encode(), owners
-                )
+                self._finish_error(members[0].slot, Status.MODEL_ERROR, _model_error(e), owners)
                 return
             # Isolate the request that raises; the rest succeed. One model run each, so
             # beat between them (N runs may outlast the heartbeat timeout) and skip

@@ -657,3 +657,28 @@ def test_bytes_input_needs_its_own_preprocess() -> None:
     assert create_handler(ModelSettings(name="t", handler=f"{fake}:ByteLengths"))
     with pytest.raises(TypeError, match="its input is BYTES, so it must define preprocess"):
         create_handler(ModelSettings(name="t", handler=f"{fake}:BytesWithoutPreprocess"))
+
+
+class _RaisesInside(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(x.sum() > 0):
+            raise ValueError("row is bad")
+        return x
+
+
+def test_a_torchscript_error_reaches_the_client_without_the_interpreter_traceback(
+    tmp_path: Path,
+) -> None:
+    from ringserve.gpu_worker.process import _model_error
+
+    _script(_RaisesInside(), tmp_path / "m.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated
+        model = torch.jit.load(str(tmp_path / "m.pt"))
+    with pytest.raises(Exception) as info:
+        model(torch.ones(2))
+    assert "Traceback" in str(info.value)  # what the log keeps
+    told = _model_error(info.value).decode()
+    assert "Traceback" not in told and str(tmp_path) not in told, told
+    assert told.startswith("model error: ") and "row is bad" in told, told
+    assert _model_error(ValueError("13 is unlucky")) == b"model error: 13 is unlucky"
