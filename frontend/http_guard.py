@@ -45,6 +45,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._in_head = False
         self._head_bytes = 0
+        self._messages = 0  # requests begun on this connection
         self._read_timer: asyncio.TimerHandle | None = None
         self._refused = False  # answered by us; the parser's remaining callbacks are moot
         self._stopping = False  # the server is stopping: this connection serves one more
@@ -78,8 +79,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        # Only a read that falls wholly inside one head counts towards it: the read in
+        # which a head begins may also carry the previous request's body (pipelined, or
+        # the rest of a body refused early), which is not head. The head then passes the
+        # limit by at most that one read before it is refused here; a head that ends
+        # first is measured exactly in ``on_headers_complete``.
+        inside, begun = self._in_head, self._messages
         super().data_received(data)
-        if self._in_head and not self.transport.is_closing():
+        if inside and self._in_head and self._messages == begun:
+            if self.transport.is_closing():
+                return
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse(431, f"request head is over the limit of {MAX_HEAD_BYTES} bytes")
@@ -89,6 +98,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head, self._head_bytes = True, 0
+        self._messages += 1
         self._cancel_read_timer()
         self._read_timer = self.loop.call_later(self.read_timeout_s, self._read_timed_out)
 

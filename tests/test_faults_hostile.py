@@ -605,3 +605,28 @@ def test_a_request_the_parser_refuses_gets_a_json_400_with_a_request_id(
     assert status == 400, answer
     assert headers["content-type"] == "application/json" and headers.get("x-request-id")
     assert "cannot be parsed" in json.loads(body)["error"]
+
+
+def test_a_head_after_a_large_body_is_not_counted_with_it(
+    server: Server, healthy_after: None
+) -> None:
+    """A read that ends a 100 KiB body and begins the next request's head (pipelined, or
+    a body refused early still arriving) counted whole as that head: the next request,
+    a few hundred bytes, got 431 and the connection closed with the first answer unsent."""
+    floats = json.dumps({"data": [1.5] * 20_000}).encode()  # ~100 KiB
+    first = (
+        b"POST /v1/models/id/predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(floats) + floats
+    )
+    second = b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(first + second[:20])
+        time.sleep(0.3)  # the rest of the head in a later read
+        s.sendall(second[20:])
+        chunks = []
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+    raw = b"".join(chunks)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3})", raw)
+    assert statuses == [b"200", b"200"], raw[:300]
