@@ -106,6 +106,11 @@ def decompress_body(body: bytes, encoding: str | None, limit: int) -> bytes:
     return out
 
 
+# A body refused before it was read whole: the rest of it would be taken for the next
+# request (or waited for until read_timeout_s), so the answer closes the connection.
+UNREAD_BODY = {"Connection": "close"}
+
+
 class Call:
     """What a handler may do with the request: read headers and body, notice the client
     leaving, answer once."""
@@ -143,7 +148,9 @@ class Call:
             except ValueError:
                 raise HTTPError(400, "invalid Content-Length") from None
             if too_big:
-                raise HTTPError(413, f"body of {declared} bytes is over the limit of {limit}")
+                raise HTTPError(
+                    413, f"body of {declared} bytes is over the limit of {limit}", dict(UNREAD_BODY)
+                )
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -156,7 +163,9 @@ class Call:
             if chunk:
                 size += len(chunk)
                 if size > limit:
-                    raise HTTPError(413, f"body is over the limit of {limit} bytes")
+                    raise HTTPError(
+                        413, f"body is over the limit of {limit} bytes", dict(UNREAD_BODY)
+                    )
                 chunks.append(chunk)
             if not message.get("more_body", False):
                 break

@@ -630,3 +630,24 @@ def test_a_head_after_a_large_body_is_not_counted_with_it(
     raw = b"".join(chunks)
     statuses = re.findall(rb"HTTP/1\.1 (\d{3})", raw)
     assert statuses == [b"200", b"200"], raw[:300]
+
+
+def test_a_body_refused_before_it_was_read_closes_the_connection(
+    server: Server, healthy_after: None
+) -> None:
+    """A 413 from the declared length leaves the body unread: with the connection kept,
+    the next request on it was taken for body bytes and got no answer until
+    read_timeout_s. The 413 says Connection: close, and the server closes."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(
+            b"POST /v1/models/id/predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json"
+            b"\r\nContent-Length: %d\r\n\r\n{}" % (MAX_BODY * 4)
+        )
+        s.settimeout(READ_TIMEOUT_S / 2)  # closed at once, not at the read timeout
+        chunks = []
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+    status, headers, _ = parse_response(b"".join(chunks))
+    assert status == 413
+    assert {k.lower(): v for k, v in headers.items()}.get("connection") == "close", headers
