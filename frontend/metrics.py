@@ -54,10 +54,15 @@ class FrontendMetrics:
             buckets=LATENCY_BUCKETS,
         )
         self.deadline_expired = Counter(
-            "ringserve_deadline_expired", "Requests that missed their deadline", ["model"]
+            "ringserve_deadline_expired",
+            "Requests that missed their deadline (every 504 of an inference route)",
+            ["model"],
         )
         self.cancelled_total = Counter(
-            "ringserve_cancelled_requests", "Requests whose client went away", ["model"]
+            "ringserve_cancelled_requests",
+            "Requests whose client went away once they were queued (one that leaves while "
+            "sending its body is a 499 in ringserve_requests_total only: nothing was queued)",
+            ["model"],
         )
         self.rejected_total = Counter(
             "ringserve_rejected_requests",

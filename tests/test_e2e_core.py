@@ -709,3 +709,29 @@ def test_a_request_retried_after_a_crash_sees_its_original_input(
             assert r.json()["result"] == [[70.0, 20.0, 30.0, 40.0]], model
             assert (tmp_path / model).exists()  # it did crash once on the way
     assert server.stop() == 0
+
+
+def test_every_504_counts_as_a_missed_deadline(start_server) -> None:
+    """A request can miss its deadline in the frontend (its timer) or in the worker (it
+    pops a request already past it, and answers 504 at once). Both are 504s; only the
+    first was counted in ringserve_deadline_expired_total, which then showed a few
+    percent of the 504s the dashboards' error panel had."""
+    server: Server = start_server("--model", "id=identity", frontends=1)
+    burst = [
+        (
+            "/v1/models/id/predict",
+            {"json": {"data": [float(i)]}, "headers": {"X-Request-Timeout-Ms": "2"}},
+        )
+        for i in range(40)
+    ]
+    codes: list[int] = []
+    for _ in range(5):
+        codes += [r.status_code for r in fire(server.url, burst, concurrency=40)]
+    assert set(codes) <= {200, 504} and 504 in codes, codes
+    metrics = httpx.get(f"{server.url}/metrics").text
+    counted = re.search(r'ringserve_deadline_expired_total\{model="id"\} (\S+)', metrics)
+    assert counted is not None and float(counted.group(1)) == codes.count(504), (
+        counted and counted.group(0),
+        codes.count(504),
+    )
+    assert server.stop() == 0
