@@ -90,6 +90,15 @@ def test_startup_timeout_does_not_apply_after_the_first_readiness(start_server) 
             f"ValueError: torchvision {torchvision.__version__} has no classification model "
             "'resnet05'; did you mean resnet50",
         ),
+        (
+            "python:support.fake_handlers:ScoresWithoutClasses",
+            "DeclarationError: ScoresWithoutClasses is a classification model, so its output "
+            "is one score per class per row",
+        ),
+        (
+            "python:support.fake_handlers:LabelsTooFew",
+            "DeclarationError: LabelsTooFew declares 4 classes but 3 labels",
+        ),
         (  # found by the start-up probe, after the load
             "python:support.fake_handlers:DeclaresFloat64",
             "OutputContractError: on a row of zeros: output OUTPUT0 is float32; "

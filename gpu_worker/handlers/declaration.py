@@ -28,6 +28,25 @@ def check_declaration(handler: Handler) -> None:
                 f"input and one output per model; set {role} = ({FORM},)"
             )
         _check_spec(role[:-1], specs[0])
+    if handler.task == "classification":
+        _check_classes(type(handler).__name__, handler.outputs[0], handler.labels)
+    elif handler.task != "tensor":
+        raise DeclarationError(
+            f"{type(handler).__name__}.task is {handler.task!r}: tensor or classification"
+        )
+
+
+def _check_classes(cls: str, out: TensorSpec, labels: tuple[str, ...]) -> None:
+    """A classification answer is one score per class per row: /predict and v2's
+    classification extension take the top classes of each row."""
+    if len(out.shape) != 1 or out.dtype == "bytes":
+        raise DeclarationError(
+            f"{cls} is a classification model, so its output is one score per class per "
+            f"row (a per-row shape like [classes]); it declares {out.dtype} {list(out.shape)}"
+        )
+    classes = out.shape[0]
+    if labels and classes != -1 and len(labels) != classes:
+        raise DeclarationError(f"{cls} declares {classes} classes but {len(labels)} labels")
 
 
 def _check_spec(role: str, spec: object) -> None:

@@ -302,3 +302,27 @@ class ScalesInInfer(_CrashesOnceAt70):
         batch.mul_(10)
         self.crash_once(batch)
         return batch
+
+
+class ScoresWithoutClasses(Handler):
+    """Says classification, but answers one number per row: nothing to take a class of."""
+
+    task = "classification"
+    inputs = (TensorSpec("INPUT0", "float32", (4,)),)
+    outputs = (TensorSpec("OUTPUT0", "float32", ()),)
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch.sum(1)
+
+
+class LabelsTooFew(ScoresWithoutClasses):
+    """Four classes, three labels."""
+
+    outputs = (TensorSpec("OUTPUT0", "float32", (4,)),)
+    labels = ("a", "b", "c")
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch
