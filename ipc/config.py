@@ -299,6 +299,11 @@ def _validate(s: Settings) -> None:
             "torchscript:PATH, python:MODULE:CLASS)",
         )
         need(
+            kind not in ("torchscript", "torchvision") or bool(m.handler.partition(":")[2]),
+            f"{key}.handler",
+            f"{kind} needs what to serve: {kind}:{'PATH' if kind == 'torchscript' else 'ARCH'}",
+        )
+        need(
             kind != "python" or _is_python_handler(m.handler),
             f"{key}.handler",
             f"python handlers are python:MODULE:CLASS, not {m.handler!r}",

@@ -328,6 +328,8 @@ BAD_FILES = [
     ("models.a.colour", '[models.a]\nhandler = "identity"\ncolour = "red"\n'),  # unknown model key
     ("models.a.name", '[models.a]\nhandler = "identity"\nname = "b"\n'),
     ("models.a.handler", '[models.a]\nhandler = "tensorflow:x"\n'),  # bad handler kind
+    ("models.a.handler", '[models.a]\nhandler = "torchscript:"\n'),  # no path
+    ("models.a.handler", '[models.a]\nhandler = "torchvision:"\n'),  # no architecture
     ("models.a.handler", "[models.a]\nworkers = 1\n"),  # no handler at all
     ("models.a.handler", "[models.a]\nhandler = 3\n"),
     ("models.a.workers", '[models.a]\nhandler = "identity"\nworkers = 0\n'),

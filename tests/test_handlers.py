@@ -682,3 +682,9 @@ def test_a_torchscript_error_reaches_the_client_without_the_interpreter_tracebac
     assert "Traceback" not in told and str(tmp_path) not in told, told
     assert told.startswith("model error: ") and "row is bad" in told, told
     assert _model_error(ValueError("13 is unlucky")) == b"model error: 13 is unlucky"
+
+
+def test_a_torchscript_directory_is_a_configuration_error(tmp_path: Path) -> None:
+    """Refused when the handler is made (exit 2 at start), not retried as a load error."""
+    with pytest.raises(ValueError, match="is a directory; name the archive file in it"):
+        create_handler(ModelSettings(name="m", handler=f"torchscript:{tmp_path}"))

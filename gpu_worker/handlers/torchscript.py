@@ -18,6 +18,7 @@ the frontend) becomes a tensor ``[rows, *input_shape]`` without a copy.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -49,6 +50,11 @@ class TorchScriptHandler(Handler):
 
     def __init__(self, settings: ModelSettings, arg: str = "") -> None:
         super().__init__(settings, arg)
+        # No retry fixes these (a missing file may be storage not mounted yet: retried).
+        if not arg:
+            raise ValueError("torchscript handler needs a file: torchscript:PATH")
+        if os.path.isdir(arg):
+            raise ValueError(f"torchscript:{arg} is a directory; name the archive file in it")
         opts = settings.options
         self.inputs = (
             _spec(
@@ -72,8 +78,6 @@ class TorchScriptHandler(Handler):
         self.model: torch.jit.ScriptModule | None = None
 
     def load(self, device: torch.device) -> None:
-        if not self.arg:
-            raise ValueError("torchscript handler needs a file: torchscript:PATH")
         with warnings.catch_warnings():
             # Serving TorchScript is this handler's purpose; upstream's deprecation of
             # torch.jit is not news to the operator on every start.
