@@ -144,7 +144,10 @@ class Dispatcher:
         made at once may have refused the slot and dropped it from there already.
         """
         if not self.free:
-            raise QueueFull("all request slots of this frontend are busy")
+            raise QueueFull(
+                f"all {len(self.owned)} request slots of this frontend are busy (arena.slots "
+                "is split evenly between the frontends)"
+            )
         if payload.nbytes > self.arena.geometry.slot_bytes:
             raise ValueError(over_slot("input", payload.nbytes, self.arena.geometry.slot_bytes))
         slot = self.free.pop()
