@@ -31,6 +31,7 @@ Try it by hand: ``echo '{"cmd": "status"}' | socat - UNIX-CONNECT:PATH``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -177,7 +178,9 @@ class AdminClient:
         buf = bytearray()
         try:
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            sock.sendall(request)
+            # Refused before it read us (too many clients): its reply waits below.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(request)
             while True:
                 nl = buf.find(b"\n")
                 if nl >= 0:

@@ -510,3 +510,25 @@ def test_codec_round_trip() -> None:
         decode_request(b"{")
     with pytest.raises(ValueError):
         encode_result(float("nan"))
+
+
+def test_a_client_refused_before_it_sent_reads_why(
+    make_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server writes its refusal and closes at once; a client whose request goes
+    out after that got EPIPE and reported "Broken pipe" instead of the reason."""
+    server = make_server(max_clients=1)
+    held = Raw(server.path)
+    try:
+        assert held.ask(encode_request("echo"))["ok"] is True
+        real = socket.socket.sendall
+
+        def late(self: socket.socket, data: bytes, *args: Any) -> None:
+            time.sleep(0.3)  # the refusal and the close come first
+            real(self, data, *args)
+
+        monkeypatch.setattr(socket.socket, "sendall", late)
+        with pytest.raises(AdminRemoteError, match=r"too many admin connections \(1\)"):
+            AdminClient(server.path).call("echo")
+    finally:
+        held.close()
