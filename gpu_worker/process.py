@@ -52,7 +52,7 @@ from ringserve.ipc.layout import (
     Status,
     numpy_dtype,
 )
-from ringserve.ipc.logs import setup_logging
+from ringserve.ipc.logs import capture_prints, setup_logging
 from ringserve.ipc.ring import Claimed, RequestRing
 from ringserve.ipc.slot_fit import SLOT_BYTES_KEY, row_bytes
 from ringserve.ipc.slot_io import Header
@@ -641,6 +641,7 @@ def main() -> None:
     setup_logging(
         spec.settings.server.log_format, spec.settings.server.log_level, f"worker-{spec.ident}"
     )
+    capture_prints("ringserve.handler.output")  # the model's own print()s, as log lines
     worker_ref: list[Worker] = []
 
     def on_term(signum: int, frame: object) -> None:

@@ -735,3 +735,24 @@ def test_every_504_counts_as_a_missed_deadline(start_server) -> None:
         codes.count(504),
     )
     assert server.stop() == 0
+
+
+def test_a_handlers_prints_become_log_records_of_its_worker(start_server) -> None:
+    """print() in model code went raw into the server's output: no time, no process,
+    and lines that are not JSON in a JSON log (a log shipper's parse errors)."""
+    server: Server = start_server(
+        "--model",
+        "chatty=python:support.fake_handlers:Chatty",
+        "--log-format",
+        "json",
+        env=HANDLER_ENV,
+        frontends=1,
+    )
+    with server.client() as c:
+        assert c.post("/v1/models/chatty/predict", json={"data": [1.0]}).status_code == 200
+    assert server.stop() == 0
+    records = [json.loads(line) for line in server.log().splitlines() if line.strip()]
+    printed = {(r["proc"], r["level"], r["msg"]) for r in records if r["logger"].endswith("output")}
+    assert ("worker-0", "info", "loading the chatty model") in printed, printed
+    assert ("worker-0", "info", "batch of 1 rows") in printed, printed
+    assert ("worker-0", "warning", "careful: a warning") in printed, printed

@@ -326,3 +326,19 @@ class LabelsTooFew(ScoresWithoutClasses):
 
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
         return batch
+
+
+class Chatty(Handler):
+    """Identity that prints, as model code does: to stdout and to stderr."""
+
+    inputs = (TensorSpec("INPUT0", "float32", (-1,)),)
+    outputs = (TensorSpec("OUTPUT0", "float32", (-1,)),)
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+        print("loading the chatty model")
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        print("batch of", batch.shape[0], "rows")
+        print("careful: a warning", file=sys.stderr)
+        return batch
