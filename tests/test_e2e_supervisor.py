@@ -63,7 +63,9 @@ def test_admin_recycle_under_load_loses_nothing_and_keeps_capacity(start_server)
         def done() -> bool:
             st = server.ctl("status")
             min_ready[0] = min(min_ready[0], st["models"][0]["ready"])
-            return not st["server"]["recycles_in_progress"] and worker_pids(server) != before
+            # The old worker is listed (stopping) until it has finished and exited.
+            pids = {p["pid"] for p in st["processes"] if p["role"] == "worker"}
+            return not st["server"]["recycles_in_progress"] and len(pids & before) == 1
 
         wait_until(done, 60, "the recycle to finish")
 
@@ -355,7 +357,7 @@ def test_leaking_worker_recycled_by_trend_without_storm(start_server) -> None:
     thread.start()
     try:
         wait_until(recycled, 120, "a uss_trend recycle")
-        wait_until(lambda: worker_pids(server) != before, 60, "the old worker to go")
+        wait_until(lambda: not worker_pids(server) & before, 60, "the old worker to go")
     finally:
         stop.set()
         thread.join(60)
