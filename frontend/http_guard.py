@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import select
 import uuid
 from typing import Any
 
@@ -68,6 +69,30 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.loop.call_later(IDLE_GRACE_S, self._close_if_idle)
         else:
             self.cycle.keep_alive = False
+
+    def timeout_keep_alive_handler(self) -> None:
+        """Close an idle connection, unless a request is already waiting in its socket:
+        after this process was stalled (stopped, starved) past the keep-alive timeout,
+        the timer fires before the read, which dropped requests clients had sent in
+        time. Then the read serves it, and the timer starts again."""
+        if self.transport.is_closing():
+            return
+        if self._bytes_waiting():
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+            return
+        self.transport.close()
+
+    def _bytes_waiting(self) -> bool:
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([sock.fileno()], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return bool(readable)
 
     def _close_if_idle(self) -> None:
         idle = self.cycle is None or self.cycle.response_complete

@@ -857,3 +857,29 @@ def test_a_connection_during_the_frontends_stop_is_answered_or_refused_never_res
         assert pending.result(30).status_code == 503
     assert [o for o in outcomes if o.startswith("lost")] == [], outcomes
     assert server.proc.wait(30) == 0
+
+
+def test_a_request_waiting_on_a_kept_alive_connection_survives_a_stalled_frontend(
+    start_server,
+) -> None:
+    """A frontend stopped (SIGSTOP, a starved VM) past server.keep_alive_s: when it runs
+    again, its keep-alive timer fires before the read, and closed connections whose
+    client had sent a request in time. That request is served now."""
+    server: Server = start_server("--set", "server.keep_alive_s=1", frontends=1)
+    [frontend] = server.pids("frontend")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        request = (
+            b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(json.dumps(DIGIT3)) + json.dumps(DIGIT3).encode()
+        )
+        s.sendall(request)
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        os.kill(frontend, signal.SIGSTOP)
+        try:
+            s.sendall(request)  # in time: the connection is not idle for 1 s yet
+            time.sleep(3)
+        finally:
+            os.kill(frontend, signal.SIGCONT)
+        answer = s.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert server.stop() == 0
