@@ -289,6 +289,11 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
             metrics_dir=self.metrics_dir,
         )
 
+    def worker_records(self) -> int:
+        """Control records for worker processes: fixed when the arena was made."""
+        assert self.arena is not None
+        return len(self.arena.control) - self.settings.server.frontends
+
     def _spawn(self, spec: ChildSpec) -> Child:
         child = spawn(spec)
         self.selector.register(child.pidfd, selectors.EVENT_READ, child)

@@ -237,6 +237,18 @@ def scale(arb: Arbiter, args: dict[str, Any]) -> dict[str, Any]:
         mi = arb.settings.model_index(str(name))
     except KeyError:
         raise AdminCommandError(f"unknown model {name!r}") from None
+    # Every worker process holds a control record, and the arena was sized at start; a
+    # spawn with none left would end the supervisor. Keep room for a replacement and a
+    # stopping worker per model (a recycle, a rolling restart).
+    others = sum(1 for ws in arb.workers if ws.model_index != mi and not ws.retired)
+    needed = others + n + 2 * len(arb.settings.models)
+    capacity = arb.worker_records()
+    if needed > capacity:
+        raise AdminCommandError(
+            f"{n} workers for {name!r} (with the others and room for recycles) would need "
+            f"{needed} worker records; this server has {capacity}, sized at start from the "
+            "configured workers: raise the workers in the config and restart"
+        )
     active = [ws for ws in arb.workers if ws.model_index == mi and not ws.retired]
     for ws in active[n:]:
         ws.retired = True

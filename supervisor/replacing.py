@@ -20,6 +20,9 @@ class Replacing:
         """Recycle one worker with no capacity dip: the new one is ready before the old stops."""
         if ws.child is None or ws.retired or any(r.old is ws.child for r in self.replacements):
             return False
+        if not self.free_controls:  # every record in use: recycle when one is free again
+            log.warning("cannot recycle %s now: no free control record", ws.child.name)
+            return False
         r = Replacement(old=ws.child, reason=reason)
         r.new = self._spawn_worker(ws)
         r.deadline = time.monotonic() + self.settings.worker.start_timeout_s

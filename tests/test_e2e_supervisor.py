@@ -883,3 +883,14 @@ def test_a_request_waiting_on_a_kept_alive_connection_survives_a_stalled_fronten
         answer = s.recv(65536)
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
     assert server.stop() == 0
+
+
+def test_scale_beyond_the_arenas_worker_records_is_refused(start_server) -> None:
+    """Each worker process holds a control record of the arena, sized at start. Scaling
+    two models to 64 each took more than there are, and the spawn with none left ended
+    the supervisor (IndexError). ctl scale refuses it and says what to do."""
+    server: Server = start_server("--model", "a=identity", "--model", "b=identity")
+    with pytest.raises(AssertionError, match="would need 69 worker records; this server has 68"):
+        server.ctl("scale", "a", "64")
+    assert server.ctl("status")["models"][0]["workers"] == 1
+    assert server.stop() == 0
