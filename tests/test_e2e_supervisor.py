@@ -4,6 +4,7 @@ the admin socket and systemd notify — real processes, real signals."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import re
@@ -873,21 +874,22 @@ def test_a_request_waiting_on_a_kept_alive_connection_survives_a_stalled_fronten
     client had sent a request in time. That request is served now."""
     server: Server = start_server("--set", "server.keep_alive_s=1", frontends=1)
     [frontend] = server.pids("frontend")
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-        request = (
-            b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n" % len(json.dumps(DIGIT3)) + json.dumps(DIGIT3).encode()
-        )
-        s.sendall(request)
-        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    body, headers = json.dumps(DIGIT3), {"Content-Type": "application/json"}
+    try:
+        conn.request("POST", "/predict", body, headers)
+        first = conn.getresponse()
+        assert first.status == 200 and first.read()
         os.kill(frontend, signal.SIGSTOP)
         try:
-            s.sendall(request)  # in time: the connection is not idle for 1 s yet
+            conn.request("POST", "/predict", body, headers)  # in time: idle for < 1 s
             time.sleep(3)
         finally:
             os.kill(frontend, signal.SIGCONT)
-        answer = s.recv(65536)
-    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        answer = conn.getresponse()
+        assert answer.status == 200, answer.read()[:200]
+    finally:
+        conn.close()
     assert server.stop() == 0
 
 
