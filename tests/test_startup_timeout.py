@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 
 import pytest
 import torchvision
@@ -184,8 +183,7 @@ def test_a_worker_still_loading_stops_at_once_on_sigterm(start_server) -> None:
         env=HANDLER_ENV,
         ready=False,
     )
-    wait_until(lambda: "started worker-0" in server.log(), 30, "the worker to start")
-    time.sleep(2)  # into its load
+    wait_until(lambda: "loading slowly" in server.log(), 60, "the worker to be in its load")
     assert server.stop() == 0
     log = server.log()
     assert re.search(r"worker-0 \(pid \d+\) exited: ok", log), log[-3000:]

@@ -103,6 +103,7 @@ class LoadsSlowly(FailsToLoad):
     """Takes ``options.load_s`` seconds to load (a large model on a slow disk)."""
 
     def load(self, device: torch.device) -> None:
+        print("loading slowly")  # a log line of its worker: a test waits for it
         time.sleep(float(self.settings.options["load_s"]))
         self.device = device
 
