@@ -263,8 +263,6 @@ async def infer(
 
     def checked(completed: Completed) -> R:
         state.metrics.completed(info.settings.name, completed)
-        if completed.status == Status.DEADLINE:  # the worker found it past its deadline
-            state.metrics.deadline(info.settings.name)
         if completed.status != Status.OK:
             message = completed.message
             if completed.status == Status.POISON:

@@ -106,9 +106,11 @@ def decompress_body(body: bytes, encoding: str | None, limit: int) -> bytes:
     return out
 
 
-# A body refused before it was read whole: the rest of it would be taken for the next
-# request (or waited for until read_timeout_s), so the answer closes the connection.
-UNREAD_BODY = {"Connection": "close"}
+def _too_large(message: str) -> HTTPError:
+    """A 413 for a body refused before it was read whole: the rest of it would be taken
+    for the next request (or waited for until read_timeout_s), so the answer closes the
+    connection."""
+    return HTTPError(413, message, {"Connection": "close"})
 
 
 class Call:
@@ -148,9 +150,7 @@ class Call:
             except ValueError:
                 raise HTTPError(400, "invalid Content-Length") from None
             if too_big:
-                raise HTTPError(
-                    413, f"body of {declared} bytes is over the limit of {limit}", dict(UNREAD_BODY)
-                )
+                raise _too_large(f"body of {declared} bytes is over the limit of {limit}")
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -163,9 +163,7 @@ class Call:
             if chunk:
                 size += len(chunk)
                 if size > limit:
-                    raise HTTPError(
-                        413, f"body is over the limit of {limit} bytes", dict(UNREAD_BODY)
-                    )
+                    raise _too_large(f"body is over the limit of {limit} bytes")
                 chunks.append(chunk)
             if not message.get("more_body", False):
                 break

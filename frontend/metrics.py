@@ -19,7 +19,7 @@ import numpy as np
 from ringserve.frontend.dispatch import Completed
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.config import Settings
-from ringserve.ipc.layout import ProcState, Role, SlotState
+from ringserve.ipc.layout import ProcState, Role, SlotState, Status
 from ringserve.ipc.prom import LATENCY_BUCKETS
 
 MetricT = TypeVar("MetricT")
@@ -81,8 +81,11 @@ class FrontendMetrics:
             self._child(self.failed_seconds, model).inc(seconds)
 
     def completed(self, model: str, c: Completed) -> None:
+        """A worker's answer (the frontend's own 504 timer counts in ``deadline``)."""
         if c.batch_size:  # it reached a worker
             self._child(self.queue_wait, model).observe(c.queue_wait_s)
+        if c.status == Status.DEADLINE:  # the worker popped it past its deadline
+            self.deadline(model)
 
     def _child(self, metric: MetricT, *labels: str) -> MetricT:
         """``metric.labels(*labels)``, looked up once per series: labels() takes a lock

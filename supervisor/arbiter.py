@@ -340,18 +340,21 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
             if isinstance(owner, WorkerSlot):
                 owner.last_error = ""
 
+    def promote_if_ready(self, child: Child) -> None:
+        """Promote a starting child whose control record says it is ready (or already
+        draining): frontends send it work from that moment, before the supervisor's
+        tick would have noticed."""
+        assert self.arena is not None
+        state = int(self.arena.control[child.control_index]["state"])
+        if child.phase == Phase.STARTING and state in (ProcState.READY, ProcState.DRAINING):
+            self.promote(child)
+
     def promote_ready(self) -> None:
         """Promote the children that reported ready since the last tick: for answers
         (``ctl status``) that must agree with what frontends already act on."""
-        assert self.arena is not None
         for child in self.all_children():
-            state = int(self.arena.control[child.control_index]["state"])
-            if (
-                child.returncode is None
-                and child.phase == Phase.STARTING
-                and state == ProcState.READY
-            ):
-                self.promote(child)
+            if child.returncode is None:
+                self.promote_if_ready(child)
 
     def _check_children(self, now: float) -> None:
         """Promote children that reported ready; kill the silent and the overdue."""
@@ -360,9 +363,8 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         for child in self.all_children():
             if child.returncode is not None:
                 continue
+            self.promote_if_ready(child)
             rec = self.arena.control[child.control_index]
-            if child.phase == Phase.STARTING and int(rec["state"]) == ProcState.READY:
-                self.promote(child)
             # Until the child registers, its record is blank: count from its spawn.
             silent_s = now - max(int(rec["heartbeat_ns"]) / 1e9, child.started)
             limit = w.start_timeout_s if child.phase == Phase.STARTING else w.heartbeat_timeout_s

@@ -14,9 +14,9 @@ from ringserve.ipc import wake
 from ringserve.ipc.control import error_bytes, read_error
 from ringserve.ipc.control import reset as reset_control
 from ringserve.ipc.errors import ExitCode
-from ringserve.ipc.layout import ProcState
 from ringserve.supervisor.children import Child, Phase
 from ringserve.supervisor.positions import Replacement
+from ringserve.supervisor.stats import UNASKED_EXIT
 
 log = logging.getLogger("ringserve.supervisor")
 
@@ -47,17 +47,15 @@ class ExitHandling:
         reason = child.kill_reason or ExitCode.describe(rc)
         expected = child.phase == Phase.STOPPING and not child.kill_reason
         if rc == 0 and not expected:  # exit 0 unasked: its handler called sys.exit?
-            reason = "unasked_exit"
+            reason = UNASKED_EXIT
         level = logging.INFO if expected or rc == ExitCode.RECYCLE else logging.ERROR
         assert self.arena is not None
         # Before the reset below. The supervisor's own words for a kill come second.
         error = read_error(self.arena, child.control_index) or child.kill_detail
-        state = int(self.arena.control[child.control_index]["state"])
-        if child.phase == Phase.STARTING and state in (ProcState.READY, ProcState.DRAINING):
-            # Ready (frontends sent it work) before the tick that would have promoted it:
-            # a request that crashes it now is not a failed start (no back-off, and a
-            # loadable model is never marked failing by its poison requests).
-            self.promote(child)
+        # Ready before the tick that would have promoted it: a request that crashes it
+        # now is not a failed start (no back-off; a loadable model is never marked
+        # failing by its poison requests). Read before the reset below.
+        self.promote_if_ready(child)
         log.log(
             level,
             "%s (pid %d) exited: %s%s",

@@ -57,7 +57,7 @@ class Replacing:
         assert r.new is not None
         self.replacements.remove(r)
         log.info("recycling %s cancelled (%s): stopping pid %d", r.old.name, why, r.new.pid)
-        self.stop_child(r.new, "drain")
+        self.stop_child(r.new, "cancelled")
 
     def stop_child(self, child: Child, reason: str) -> None:
         """Ask a child to finish what it is doing and exit; killed after stop_timeout_s."""

@@ -24,6 +24,7 @@ RECYCLE_REASONS = (
     "reload",
 )
 _KILLS = ("heartbeat_timeout", "start_timeout")  # Arbiter._check_children
+UNASKED_EXIT = "unasked_exit"  # exit 0 nobody asked for (ExitHandling._on_exit)
 _DEATHS = (ExitCode.ERROR, -signal.SIGKILL)
 RESTART_REASONS = {
     "frontend": (*map(ExitCode.describe, _DEATHS), *_KILLS),
@@ -39,6 +40,7 @@ RESTART_REASONS = {
             ),
         ),
         *_KILLS,
+        UNASKED_EXIT,
     ),
 }
 

@@ -678,6 +678,9 @@ def test_requests_that_crash_a_fresh_worker_do_not_mark_the_model_failing(start_
             r = c.post("/v1/models/p/predict", json={"data": [666.0, 1.0]})
             assert r.status_code == 500 and "poison" in r.json()["error"], r.text
         server.wait_ready()
+        # Created at zero, so increase() sees the first one (as every restart reason).
+        zero = 'ringserve_process_restarts_total{reason="unasked_exit",role="worker"} 0.0'
+        assert zero in c.get("/metrics").text
         r = c.post("/v1/models/p/predict", json={"data": [667.0, 1.0]})
         assert r.status_code == 500 and "poison" in r.json()["error"], r.text
         server.wait_ready()

@@ -50,9 +50,8 @@ class TorchScriptHandler(Handler):
 
     def __init__(self, settings: ModelSettings, arg: str = "") -> None:
         super().__init__(settings, arg)
-        # No retry fixes these (a missing file may be storage not mounted yet: retried).
-        if not arg:
-            raise ValueError("torchscript handler needs a file: torchscript:PATH")
+        # No retry fixes a directory (a missing file may be storage not mounted yet:
+        # retried; no path at all is refused by the config's validation).
         if os.path.isdir(arg):
             raise ValueError(f"torchscript:{arg} is a directory; name the archive file in it")
         opts = settings.options
