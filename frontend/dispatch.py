@@ -1,7 +1,9 @@
 """The frontend's ring client: put a request into a slot, await its answer, free the slot.
 
-Runs entirely on the event loop thread (the ring lock is held for microseconds, so it is
-taken inline rather than in an executor). Completion is an eventfd per frontend that
+Runs on the event loop thread: the ring lock is held for microseconds, so it is taken
+inline rather than in an executor. Only when it stays held (a process frozen while it
+holds it, until the supervisor's heartbeat check kills that one) does a thread take the
+model's pushes over, so the loop, and every other model and endpoint, keeps serving. Completion is an eventfd per frontend that
 workers signal after each batch; its reader callback resolves the futures of every
 pending slot that is DONE. A request whose client left or whose deadline passed is
 *abandoned*: its ``cancel`` flag is set and the slot is freed once a worker (or the
@@ -11,17 +13,20 @@ supervisor) marks it DONE — never earlier, because a worker may still be writi
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar
 
 import numpy as np
 
 from ringserve.ipc import bytes_tensor, wake
 from ringserve.ipc.arena import Arena
-from ringserve.ipc.errors import QueueFull
+from ringserve.ipc.errors import QueueFull, RingLockTimeout
 from ringserve.ipc.layout import (
     DONE,
     DTYPE_CODE,
@@ -34,7 +39,13 @@ from ringserve.ipc.layout import (
 from ringserve.ipc.ring import RequestRing
 from ringserve.ipc.slot_fit import over_slot
 
+log = logging.getLogger("ringserve.frontend")
 R = TypeVar("R")
+# How long a push may hold the event loop up waiting for a ring's lock; past it a thread
+# takes the model's pushes over. Its waits are bounded too, so it sees our own stop.
+LOOP_LOCK_WAIT_S = 0.005
+THREAD_LOCK_WAIT_S = 0.25
+STALL_WARNING_S = 1.0
 REFUSED = "refused"  # a pending future's result: the queue was at its depth limit
 # Up to this many pending slots, DONE is checked one struct read each; beyond it one
 # vectorised numpy gather is cheaper.
@@ -54,6 +65,15 @@ class Completed(NamedTuple):
     attempts: int
 
 
+@dataclass
+class _Stall:
+    """A model whose ring lock stayed held: its pushes go through a thread, in order."""
+
+    since: float = field(default_factory=time.monotonic)
+    backlog: list[int] = field(default_factory=list)  # submitted while the thread waits
+    warned: bool = False
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -62,6 +82,7 @@ class Dispatcher:
         done_efd: int,
         model_efds: tuple[int, ...],
         max_queue_depth: int = 0,
+        model_names: tuple[str, ...] = (),
     ) -> None:
         self.arena = arena
         self.frontend_id = frontend_id
@@ -79,6 +100,9 @@ class Dispatcher:
         self._to_push: list[list[int]] = [[] for _ in range(arena.geometry.n_models)]
         self._push_scheduled = False
         self._stopped = False
+        self._names = model_names or tuple(str(m) for m in range(arena.geometry.n_models))
+        self._stalls: dict[int, _Stall] = {}
+        self._stall_pool: ThreadPoolExecutor | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -107,6 +131,8 @@ class Dispatcher:
         self._stopped = True
         if self._loop is not None:
             self._loop.remove_reader(self.done_efd)
+        if self._stall_pool is not None:  # its threads see the stop within one wait
+            self._stall_pool.shutdown(wait=True)
         for ring in self.rings:
             ring.close()
 
@@ -191,15 +217,81 @@ class Dispatcher:
             if not slots:
                 continue
             self._to_push[model] = []
-            sleeping, refused = self.rings[model].push_many(slots, self.max_queue_depth)
-            for slot in refused:
-                self.orphans.discard(slot)  # abandoned before it was ever queued
-                self._release(slot)
-                fut = self.pending.pop(slot, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(REFUSED)
-            if sleeping:
-                wake.signal(self.model_efds[model])
+            stall = self._stalls.get(model)
+            if stall is not None:
+                stall.backlog.extend(slots)  # after what the thread is pushing: in order
+            else:
+                self._push(model, slots)
+
+    def _push(self, model: int, slots: list[int]) -> None:
+        try:
+            sleeping, refused = self.rings[model].push_many(
+                slots, self.max_queue_depth, LOOP_LOCK_WAIT_S
+            )
+        except RingLockTimeout:
+            stall = self._stalls[model] = _Stall()
+            self._push_from_thread(model, slots, stall)
+            return
+        self._pushed(model, sleeping, refused)
+
+    def _pushed(self, model: int, sleeping: bool, refused: list[int]) -> None:
+        for slot in refused:
+            self.orphans.discard(slot)  # abandoned before it was ever queued
+            self._release(slot)
+            fut = self.pending.pop(slot, None)
+            if fut is not None and not fut.done():
+                fut.set_result(REFUSED)
+        if sleeping:
+            wake.signal(self.model_efds[model])
+
+    # -- a ring lock that stays held -------------------------------------------------------
+
+    def _push_from_thread(self, model: int, slots: list[int], stall: _Stall) -> None:
+        assert self._loop is not None
+        if self._stall_pool is None:
+            self._stall_pool = ThreadPoolExecutor(len(self.rings), "ringserve-push")
+        done = self._loop.run_in_executor(self._stall_pool, self._push_waiting, model, slots, stall)
+        done.add_done_callback(lambda f: self._pushed_from_thread(model, stall, f))
+
+    def _push_waiting(
+        self, model: int, slots: list[int], stall: _Stall
+    ) -> tuple[bool, list[int]] | None:
+        """(In the thread.) Push once the lock is free; None if we stopped first."""
+        while not self._stopped:
+            try:
+                return self.rings[model].push_many(slots, self.max_queue_depth, THREAD_LOCK_WAIT_S)
+            except RingLockTimeout:
+                if not stall.warned and time.monotonic() - stall.since > STALL_WARNING_S:
+                    stall.warned = True
+                    log.warning(
+                        "the ring lock of model %s has been held for over %g s (a frozen "
+                        "process holds it; the supervisor's heartbeat check ends that): its "
+                        "requests wait, everything else is served",
+                        self._names[model],
+                        STALL_WARNING_S,
+                    )
+        return None
+
+    def _pushed_from_thread(
+        self, model: int, stall: _Stall, done: asyncio.Future[tuple[bool, list[int]] | None]
+    ) -> None:
+        if done.cancelled() or self._stopped:
+            return
+        del self._stalls[model]
+        try:
+            result = done.result()
+        finally:  # the thread's slots are in the ring (or lost to an error): these follow
+            if stall.backlog:
+                self._push(model, stall.backlog)
+        if result is None:
+            return
+        self._pushed(model, *result)
+        if stall.warned:
+            log.warning(
+                "the ring lock of model %s is free again after %.1f s",
+                self._names[model],
+                time.monotonic() - stall.since,
+            )
 
     def collect(self, slot: int, use: Callable[[Completed], R]) -> R:
         """Hand a DONE slot's answer to ``use``, then free the slot; returns what ``use``

@@ -109,6 +109,7 @@ def build_state(spec: ChildSpec) -> tuple[FrontendState, ControlBlock]:
         spec.frontend_efds[spec.ident],
         spec.model_efds,
         settings.arena.max_queue_depth,
+        tuple(m.name for m in settings.models),
     )
     orphaned = dispatcher.adopt_slots()
     if orphaned:

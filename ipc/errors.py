@@ -21,6 +21,10 @@ class QueueFull(RingserveError):
     """No free slot or the model's queue is at its configured depth (HTTP 503)."""
 
 
+class RingLockTimeout(RingserveError):
+    """A ring's lock stayed held past a bounded wait: its holder is frozen (or slow)."""
+
+
 class ExitCode(enum.IntEnum):
     """How a child tells the supervisor why it exited (decoded into restart reasons)."""
 

@@ -25,19 +25,28 @@ Transitions done under the lock, and why each order is safe if the holder dies m
 * requeue_from_dead (supervisor): every RUNNING slot of the dead worker goes back to
   QUEUED (pushed again unless still in the ring), or, if it already had two attempts,
   DONE with status POISON.
+
+A holder that is alive but frozen (SIGSTOP, a debugger, the cgroup freezer) keeps the
+lock until the supervisor's heartbeat check kills it, and only then does the kernel hand
+it on. Whoever must not stall meanwhile waits with a bound: the frontend's event loop
+(``lock_wait_s``, then a thread takes the push over), a worker (it beats between waits,
+so only the frozen holder looks hung) and the supervisor (``held(timeout_s)``; it must
+keep ticking to end the freeze).
 """
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import time
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import numpy as np
 
 from ringserve.ipc.answer import write_error
 from ringserve.ipc.arena import Arena
-from ringserve.ipc.errors import QueueFull
+from ringserve.ipc.errors import QueueFull, RingLockTimeout
 from ringserve.ipc.layout import (
     CONTROL,
     CONTROL_BYTES,
@@ -107,6 +116,32 @@ class RequestRing:
         ``_lock``/``_unlock`` directly (the ``with`` costs more than the lock itself)."""
         return self._mutex
 
+    @contextlib.contextmanager
+    def held(self, timeout_s: float | None) -> Iterator[None]:
+        """The lock, after at most ``timeout_s`` of waiting (None: no bound); raises
+        RingLockTimeout."""
+        if timeout_s is None:
+            self._lock()
+        elif not self._mutex.lock_within(timeout_s):
+            raise RingLockTimeout(f"ring lock of model {self.model} held over {timeout_s:g} s")
+        try:
+            yield
+        finally:
+            self._unlock()
+
+    def wait_for_lock_with(self, interval_s: float, meanwhile: Callable[[], None]) -> None:
+        """Make every lock wait of this ring call ``meanwhile`` each ``interval_s`` it
+        goes on (a worker's heartbeat): waiting on a frozen holder is not being hung."""
+        mutex = self._mutex
+
+        def lock() -> None:
+            if mutex.try_lock():
+                return
+            while not mutex.lock_within(interval_s):
+                meanwhile()
+
+        self._lock = lock
+
     def depth(self) -> int:
         """Entries waiting (a lock-free read: exact enough for bounds and metrics)."""
         head, tail = _HT.unpack_from(self._buf, self._base)
@@ -139,11 +174,18 @@ class RequestRing:
             raise QueueFull(f"queue of model {self.model} is at its depth limit {max_depth}")
         return sleeping
 
-    def push_many(self, slots: list[int], max_depth: int | None = None) -> tuple[bool, list[int]]:
+    def push_many(
+        self, slots: list[int], max_depth: int | None = None, lock_wait_s: float | None = None
+    ) -> tuple[bool, list[int]]:
         """``push`` for several slots under one lock round trip, in order; returns
-        (a worker must be signalled, the slots refused because the depth limit was hit)."""
+        (a worker must be signalled, the slots refused because the depth limit was hit).
+        With ``lock_wait_s``, raises RingLockTimeout (nothing pushed) if the lock stays
+        held that long."""
         headers = self.arena.headers
-        self._lock()
+        if lock_wait_s is None:
+            self._lock()
+        elif not self._mutex.lock_within(lock_wait_s):
+            raise RingLockTimeout(f"ring lock of model {self.model} held over {lock_wait_s:g} s")
         try:
             # Nobody else pushes or pops while we hold the lock: one depth read serves.
             room = len(slots) if max_depth is None else max(0, max_depth - self.depth())
@@ -162,8 +204,11 @@ class RequestRing:
         came first is seen by the caller's check of ``depth``. The next ``pop`` must pass
         ``woke=True``. (An empty ``pop`` counts itself with ``sleep_if_empty``.)
         """
-        with self.locked():
+        self._lock()
+        try:
             self._set_asleep(worker, True)
+        finally:
+            self._unlock()
 
     def _set_asleep(self, worker: int, asleep: bool) -> None:
         """Count ``worker`` in or out of ``sleepers`` (under the lock), with its own
@@ -239,16 +284,20 @@ class RequestRing:
             self._unlock()
         return out
 
-    def requeue_from_dead(self, worker: int, poison_message: bytes) -> tuple[list[int], list[int]]:
+    def requeue_from_dead(
+        self, worker: int, poison_message: bytes, lock_wait_s: float | None = None
+    ) -> tuple[list[int], list[int]]:
         """Recover the RUNNING slots of a dead worker: returns (requeued, poisoned).
 
         A worker that died counted as a sleeper (its usual state when idle) is uncounted
-        too, or every later push would signal a wake-up nobody needs.
+        too, or every later push would signal a wake-up nobody needs. With
+        ``lock_wait_s``, raises RingLockTimeout (nothing changed) if the lock stays held
+        that long: call again later.
         """
         slots = self.arena.slots
         requeued: list[int] = []
         poisoned: list[int] = []
-        with self.locked():
+        with self.held(lock_wait_s):
             self._set_asleep(worker, False)
             mine = np.flatnonzero(
                 (slots["state"] == SlotState.RUNNING)

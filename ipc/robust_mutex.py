@@ -17,7 +17,10 @@ waiter. The next ``lock`` returns ``EOWNERDEAD``: it holds the lock, and the dat
 lock guards may be half-updated. Every user of this lock is written so that any prefix
 of its critical section leaves a state the next holder can work from (see ``ring.py``),
 so that holder marks the mutex consistent and carries on. A ``multiprocessing.Lock``
-(a POSIX semaphore) would instead stay held forever.
+(a POSIX semaphore) would instead stay held forever. The kernel finds the mutex in the
+dead thread's memory: a holder that unmapped it first would leave it held (a test
+helper that let its arena be garbage-collected did); ringserve's processes keep the
+arena mapped for life.
 
 Only the creator of the memory calls ``init_at``; every process that maps it (and
 their forks) then uses ``RobustMutex``. The ctypes view pins the mapping, so the mutex
@@ -30,6 +33,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import mmap
+import time
 
 MUTEX_BYTES = 64  # room for pthread_mutex_t: 40 B on x86-64, 48 B on aarch64 (glibc)
 _PTHREAD_PROCESS_SHARED = 1
@@ -37,12 +41,23 @@ _PTHREAD_MUTEX_ROBUST = 1
 
 _libc = ctypes.CDLL(None, use_errno=True)  # glibc >= 2.34 keeps pthread in libc itself
 _lock = _libc.pthread_mutex_lock
+_trylock = _libc.pthread_mutex_trylock
 _unlock = _libc.pthread_mutex_unlock
 _consistent = _libc.pthread_mutex_consistent
 _init = _libc.pthread_mutex_init
-for _fn in (_lock, _unlock, _consistent):
+for _fn in (_lock, _trylock, _unlock, _consistent):
     _fn.argtypes = [ctypes.c_void_p]
     _fn.restype = ctypes.c_int
+_CLOCK_MONOTONIC = 1  # what time.monotonic_ns reads on Linux
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_clocklock = _libc.pthread_mutex_clocklock  # glibc >= 2.30: a deadline on the monotonic clock
+_clocklock.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_Timespec)]
+_clocklock.restype = ctypes.c_int
 _init.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
 _init.restype = ctypes.c_int
 
@@ -85,14 +100,41 @@ class RobustMutex:
         if not self._addr:
             raise MutexError(errno.EBADF, "mutex used after close")
         rc = _lock(self._addr)
+        if rc:
+            self._taken(rc, "pthread_mutex_lock")
+
+    def try_lock(self) -> bool:
+        """Take the lock if nobody holds it; never waits."""
+        if not self._addr:
+            raise MutexError(errno.EBADF, "mutex used after close")
+        rc = _trylock(self._addr)
         if rc == 0:
-            return
+            return True
+        return rc != errno.EBUSY and self._taken(rc, "pthread_mutex_trylock")
+
+    def lock_within(self, timeout_s: float) -> bool:
+        """Take the lock, waiting at most ``timeout_s``; False if it stayed held.
+
+        A robust mutex covers its holder's death, not a holder that is alive but frozen
+        (SIGSTOP, a debugger, the cgroup freezer): whoever must stay responsive meanwhile
+        (an event loop, a heartbeat, the supervisor that ends the freeze) waits with this.
+        """
+        if self.try_lock():
+            return True
+        at = time.monotonic_ns() + max(0, int(timeout_s * 1e9))
+        rc = _clocklock(self._addr, _CLOCK_MONOTONIC, _Timespec(*divmod(at, 1_000_000_000)))
+        return rc != errno.ETIMEDOUT and self._taken(rc, "pthread_mutex_clocklock")
+
+    def _taken(self, rc: int, what: str) -> bool:
+        """True for a lock call that took the lock (``rc``: 0, or a dead holder's);
+        raises for one that failed."""
         if rc == errno.EOWNERDEAD:
             # We hold it now; the guarded state is whatever the dead holder left.
             self.owner_deaths += 1
             _check(_consistent(self._addr), "pthread_mutex_consistent")
-            return
-        _check(rc, "pthread_mutex_lock")
+            return True
+        _check(rc, what)
+        return True
 
     def unlock(self) -> None:
         _check(_unlock(self._addr), "pthread_mutex_unlock")

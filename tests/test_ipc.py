@@ -26,7 +26,7 @@ from ringserve.frontend.metrics import ArenaCollector
 from ringserve.ipc import wake
 from ringserve.ipc.answer import write_error
 from ringserve.ipc.arena import Arena, ArenaGeometry, segment_name, sweep_stale
-from ringserve.ipc.errors import ArenaError, QueueFull
+from ringserve.ipc.errors import ArenaError, QueueFull, RingLockTimeout
 from ringserve.ipc.layout import DTYPE_CODE, SlotState, Status
 from ringserve.ipc.ring import RequestRing
 from ringserve.ipc.testhooks import arm
@@ -95,20 +95,26 @@ def collected(arena: Arena, name: str, max_queue_depth: int = 0) -> list[tuple[d
 
 def produce(arena: Arena, ring: RequestRing, slot: int, payload: np.ndarray, rows: int = 1) -> int:
     """What a frontend does (minus HTTP): header, payload, then push."""
+    generation = write_slot(arena, ring.model, slot, payload, rows)
+    ring.push(slot)
+    return generation
+
+
+def write_slot(arena: Arena, model: int, slot: int, payload: np.ndarray, rows: int = 1) -> int:
+    """A request's header and payload, in a WRITING slot (not pushed yet)."""
     rec = arena.slots[slot]
     rec["state"] = SlotState.WRITING
     rec["generation"] = int(rec["generation"]) + 1
     rec["cancel"] = 0
     rec["attempts"] = 0
     rec["owner"] = 0
-    rec["model"] = ring.model
+    rec["model"] = model
     rec["in_dtype"] = DTYPE_CODE[payload.dtype.name]
     rec["in_ndim"] = payload.ndim
     rec["in_shape"][: payload.ndim] = payload.shape
     rec["in_nbytes"] = payload.nbytes
     rec["rows"] = rows
     np.copyto(arena.data_array(slot, payload.dtype, payload.shape), payload)
-    ring.push(slot)
     return int(rec["generation"])
 
 
@@ -519,9 +525,11 @@ def test_consumer_killed_while_holding_the_ring_lock(shm_dir: Path) -> None:
     arena.close()
 
 
-def _hold_ring_lock(path: str, hold_s: float, holding: mp.synchronize.Event) -> None:
+def _hold_ring_lock(
+    path: str, hold_s: float, holding: mp.synchronize.Event, model: int = 0
+) -> None:
     arena = Arena.attach(path)
-    ring = RequestRing(arena, 0)
+    ring = RequestRing(arena, model)
     ring._lock()
     holding.set()
     time.sleep(hold_s)  # then exit (or be killed) still holding it
@@ -564,6 +572,90 @@ def test_ring_lock_excludes_other_processes_and_passes_on_when_its_holder_dies(
         pass
     assert ring.owner_deaths == 2
     ring.close()
+    arena.close()
+
+
+@contextlib.contextmanager
+def frozen_lock_holder(arena: Arena, model: int = 0) -> Iterator[int]:
+    """A process that holds ``model``'s ring lock, stopped (SIGSTOP): alive, so the
+    kernel hands nothing on, until it is SIGKILLed (inside the block, or after it)."""
+    holding = FORK.Event()
+    holder = FORK.Process(target=_hold_ring_lock, args=(arena.path, 600.0, holding, model))
+    holder.start()
+    assert holding.wait(10), "the other process never took the lock"
+    os.kill(holder.pid, signal.SIGSTOP)
+    try:
+        yield holder.pid
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.join(10)
+
+
+def test_bounded_waits_on_a_frozen_holder_give_up_changing_nothing(shm_dir: Path) -> None:
+    """A robust mutex covers its holder's death, not a holder frozen alive. The bounded
+    waits give up and change nothing; a worker's wait beats its heartbeat meanwhile
+    (only the frozen process goes silent, so only it is killed); and once the frozen
+    holder is killed, the waiter gets the lock."""
+    arena = make_arena(shm_dir)
+    ring = RequestRing(arena, 0)
+    worker_ring = RequestRing(arena, 0)
+    beats: list[float] = []
+    worker_ring.wait_for_lock_with(0.02, lambda: beats.append(time.monotonic()))
+    write_slot(arena, 0, 0, np.arange(4, dtype=np.uint8))
+    popped: list[list] = []
+    with frozen_lock_holder(arena) as holder:
+        with pytest.raises(RingLockTimeout):
+            ring.push_many([0], None, lock_wait_s=0.02)
+        assert ring.depth() == 0 and arena.slots["state"][0] == SlotState.WRITING
+        with pytest.raises(RingLockTimeout), ring.held(0.02):
+            pass
+        with pytest.raises(RingLockTimeout):
+            ring.requeue_from_dead(3, b"poison", lock_wait_s=0.02)
+        waiter = threading.Thread(target=lambda: popped.append(worker_ring.pop(4, 1, 1)))
+        waiter.start()
+        wait_until(lambda: len(beats) >= 3, 10, "the waiting worker to beat")
+        assert not popped  # still waiting, and beating
+        os.kill(holder, signal.SIGKILL)
+        waiter.join(10)
+    assert popped == [[]] and worker_ring.owner_deaths == 1
+    assert ring.push_many([0], None, lock_wait_s=0.02) == (False, [])
+    assert ring.depth() == 1 and arena.slots["state"][0] == SlotState.QUEUED
+    ring.close()
+    worker_ring.close()
+    arena.close()
+
+
+def test_a_frozen_ring_lock_holds_up_its_model_not_the_event_loop(shm_dir: Path) -> None:
+    """A frontend pushes on its event loop. With one model's ring lock held by a frozen
+    process, ``submit`` returns (it used to block the loop, so every endpoint of the
+    frontend, until the supervisor killed it as hung), the other model is served, and
+    the held-up requests are queued in order once the holder is gone."""
+    arena = make_arena(shm_dir, n_models=2)
+    rings = [RequestRing(arena, 0), RequestRing(arena, 1)]
+    payload = np.arange(4, dtype=np.uint8)
+
+    def run_loop_until(predicate: object, what: str) -> None:
+        def ran() -> bool:
+            loop.run_until_complete(asyncio.sleep(0.01))
+            return predicate()  # type: ignore[operator]
+
+        wait_until(ran, 10, what)
+
+    with dispatchers(arena) as ([d], loop):
+        with frozen_lock_holder(arena, model=0) as holder:
+            first, _ = d.submit(0, payload, 1, 1, 0, "a")  # alone: pushed inside submit
+            second, _ = d.submit(0, payload, 1, 1, 0, "b")  # at the end of the loop pass
+            other, _ = d.submit(1, payload, 1, 1, 0, "c")
+            run_loop_until(lambda: rings[1].depth() == 1, "the other model's push")
+            third, _ = d.submit(0, payload, 1, 1, 0, "d")
+            loop.run_until_complete(asyncio.sleep(0.05))
+            assert rings[0].depth() == 0  # held up, not lost
+            os.kill(holder, signal.SIGKILL)
+            run_loop_until(lambda: rings[0].depth() == 3, "the held-up pushes")
+        assert [c.slot for c in rings[0].pop(8, 1, 1)] == [first, second, third]
+        assert [c.slot for c in rings[1].pop(8, 1, 1)] == [other]
+    for ring in rings:
+        ring.close()
     arena.close()
 
 
