@@ -110,6 +110,8 @@ class Worker:
         self.arena = Arena.attach(spec.arena_path)
         self.control = ControlBlock(self.arena, spec.control_index)
         self.ring = RequestRing(self.arena, spec.model_index)
+        # A process frozen while it holds the ring lock must not make us look hung too.
+        self.ring.wait_for_lock_with(self.settings.worker.heartbeat_interval_s, self.control.beat)
         self.model_efd = spec.model_efds[spec.model_index]
         self.handler: Handler | None = None
         self.batcher: Batcher | None = None

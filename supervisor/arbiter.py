@@ -94,6 +94,9 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         # replacement took over, a cancelled replacement): still watched until they exit,
         # so a stop that hangs is killed at its deadline.
         self.leaving: list[Child] = []
+        # Dead workers whose requests are not re-queued yet: their ring's lock was held
+        # (by a frozen process) when they died. Retried each tick.
+        self.unrecovered: list[Child] = []
         self.rolling: list[str] = []  # names still to restart in a rolling restart
         self.admin_queue: queue.Queue[AdminRequest] = queue.Queue()
         self.stats = SupervisorStats(settings)
@@ -237,6 +240,7 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
     def _tick(self) -> float:
         """Run the timers; returns seconds until the next one is due."""
         now = time.monotonic()
+        self.recover_unrecovered()
         self._check_children(now)
         self._advance_replacements(now)
         self._restart_due(now)

@@ -13,7 +13,8 @@ import time
 from ringserve.ipc import wake
 from ringserve.ipc.control import error_bytes, read_error
 from ringserve.ipc.control import reset as reset_control
-from ringserve.ipc.errors import ExitCode
+from ringserve.ipc.errors import ExitCode, RingLockTimeout
+from ringserve.ipc.layout import ProcState
 from ringserve.supervisor.children import Child, Phase
 from ringserve.supervisor.positions import Replacement
 from ringserve.supervisor.stats import UNASKED_EXIT
@@ -30,6 +31,10 @@ class ServeExit(enum.IntEnum):
     CONFIG = 2  # invalid configuration; the message names the key
     STARTUP_TIMEOUT = 3  # a model had no ready worker within server.startup_timeout_s
 
+
+# How long the supervisor waits on a ring's lock. A process frozen while it holds one is
+# ended by the heartbeat check, so the supervisor must keep ticking, not wait it out.
+RING_LOCK_WAIT_S = 0.05
 
 POISON_MESSAGE = (
     b"request was in flight when two workers died (crashed, or killed when hung or over a "
@@ -67,18 +72,48 @@ class ExitHandling:
         self.memory.forget(child.pid)
         if child in self.leaving:
             self.leaving.remove(child)
-        if child.role == "worker":
-            self._recover_worker_slots(child)
-        reset_control(self.arena, child.control_index)
+        if child.role == "frontend":
+            reset_control(self.arena, child.control_index)
+        elif self._recover_worker_slots(child):
+            self._free_control(child)
+        else:
+            log.warning(
+                "%s's requests wait to be re-queued: the ring lock of model %s is held by a "
+                "frozen process (the heartbeat check ends it)",
+                child.name,
+                self.settings.models[child.model_index].name,
+            )
+            # Its record names its slots: kept (not counted live) until they are recovered.
+            self.arena.control[child.control_index]["state"] = ProcState.STOPPED
+            self.unrecovered.append(child)
         if child.role == "frontend":
             self._frontend_exited(child, reason)
         else:
             self._worker_exited(child, reason, error, rc)
         child.phase = Phase.EXITED
 
-    def _recover_worker_slots(self, child: Child) -> None:
+    def _free_control(self, child: Child) -> None:
+        assert self.arena is not None
+        reset_control(self.arena, child.control_index)
+        self.free_controls.append(child.control_index)
+
+    def recover_unrecovered(self) -> None:
+        """Re-queue the requests of dead workers whose ring lock was held when they died."""
+        for child in list(self.unrecovered):
+            if self._recover_worker_slots(child):
+                self.unrecovered.remove(child)
+                self._free_control(child)
+
+    def _recover_worker_slots(self, child: Child) -> bool:
+        """Re-queue (or fail, as poison) what ``child`` was running; False if its ring's
+        lock stayed held (try again later)."""
         ring = self.rings[child.model_index]
-        requeued, poisoned = ring.requeue_from_dead(child.control_index, POISON_MESSAGE)
+        try:
+            requeued, poisoned = ring.requeue_from_dead(
+                child.control_index, POISON_MESSAGE, RING_LOCK_WAIT_S
+            )
+        except RingLockTimeout:
+            return False
         model = self.settings.models[child.model_index].name
         if requeued:
             log.warning("re-queued %d requests of %s", len(requeued), child.name)
@@ -88,6 +123,7 @@ class ExitHandling:
             log.error("failed %d poison requests of %s", len(poisoned), child.name)
             self.stats.poisoned(model, len(poisoned))
             self._signal_owners(poisoned)
+        return True
 
     def _signal_owners(self, slots: list[int]) -> None:
         assert self.arena is not None
@@ -131,7 +167,6 @@ class ExitHandling:
         self.begin_drain()
 
     def _worker_exited(self, child: Child, reason: str, error: str = "", rc: int = 0) -> None:
-        self.free_controls.append(child.control_index)
         why = f"{reason}: {error}" if error else reason
         for r in list(self.replacements):
             if r.new is child:  # the replacement died before taking over: keep the old one

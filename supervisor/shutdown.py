@@ -9,8 +9,10 @@ import logging
 import time
 
 from ringserve.ipc.answer import write_error
+from ringserve.ipc.errors import RingLockTimeout
 from ringserve.ipc.layout import SlotState, Status
 from ringserve.supervisor import systemd
+from ringserve.supervisor.exits import RING_LOCK_WAIT_S
 
 log = logging.getLogger("ringserve.supervisor")
 
@@ -75,7 +77,9 @@ class Shutdown:
         assert self.arena is not None
         failed = []
         for ring in self.rings if model is None else [self.rings[model]]:
-            with ring.locked():
+            # A lock held by a frozen process: skipped, so the tick goes on to the kills
+            # that end the freeze (the callers in the tick try again on the next one).
+            with contextlib.suppress(RingLockTimeout), ring.held(RING_LOCK_WAIT_S):
                 st = self.arena.slots["state"]
                 for slot in (int(s) for s in (st == SlotState.QUEUED).nonzero()[0]):
                     if int(self.arena.slots["model"][slot]) == ring.model:

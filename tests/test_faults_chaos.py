@@ -14,7 +14,9 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -57,6 +59,11 @@ def wait_workers(server: Server, n: int, gone: int | None = None) -> None:
     wait_until(ready, 60, f"{n} ready workers" + (f" without {gone}" if gone else ""))
 
 
+def running_on(arena: Arena, pid: int) -> bool:
+    slots = arena.slots
+    return bool(np.any((slots["state"] == SlotState.RUNNING) & (slots["worker_pid"] == pid)))
+
+
 def test_worker_sigkilled_mid_batch_three_times_loses_nothing(start_server) -> None:
     server: Server = start_server(
         "--model", SLOW, "--workers", "2", "--max-batch-size", "8", env=HANDLER_ENV
@@ -65,15 +72,13 @@ def test_worker_sigkilled_mid_batch_three_times_loses_nothing(start_server) -> N
     arena = Arena.attach(server.ctl("status")["server"]["arena"])
     kills: list[dict] = []
 
-    def running_on(pid: int) -> bool:
-        slots = arena.slots
-        return bool(np.any((slots["state"] == SlotState.RUNNING) & (slots["worker_pid"] == pid)))
-
     def kill_three_times() -> None:
         for _ in range(3):
             victim = server.pids("worker")[0]
             # Mid-batch: the victim holds a RUNNING slot (each batch sleeps 40 ms).
-            wait_until(lambda v=victim: running_on(v), 20, f"worker {victim} running a batch")
+            wait_until(
+                lambda v=victim: running_on(arena, v), 20, f"worker {victim} running a batch"
+            )
             os.kill(victim, signal.SIGKILL)
             t0 = time.monotonic()
             wait_workers(server, 2, gone=victim)
@@ -318,3 +323,119 @@ def test_a_lone_request_whose_worker_dies_is_answered_by_its_retry(start_server)
     assert r.json()["result"] == [1500.0, 2.0]
     assert server.ctl("status")["server"]["totals"].get("requeued") == 1
     assert server.stop() == 0  # and a clean exit: no segment left in /dev/shm
+
+
+# A worker caught by a freeze (SIGSTOP, a debugger, the cgroup freezer) inside pop holds
+# its model's ring lock until the supervisor's heartbeat check kills it. Played here by a
+# process outside the server, so the freeze lasts exactly as long as the test wants.
+HOLD_RING_LOCK = """
+import sys, time
+from ringserve.ipc.arena import Arena
+from ringserve.ipc.ring import RequestRing
+ring = RequestRing(Arena.attach(sys.argv[1]), int(sys.argv[2]))  # kept: mapped until death
+ring.locked().lock()
+print("held", flush=True)
+time.sleep(600)
+"""
+FROZEN_LOCK_SETTINGS = (
+    *("--model", "id=identity", "--model", "other=identity"),
+    *("--set", "worker.heartbeat_interval_s=0.2", "--set", "worker.heartbeat_timeout_s=1"),
+)
+
+
+@contextlib.contextmanager
+def frozen_ring_lock(server: Server, model: int) -> Iterator[subprocess.Popen]:
+    """A process frozen (SIGSTOP) while it holds ``model``'s ring lock; killed after."""
+    arena = server.ctl("status")["server"]["arena"]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_RING_LOCK, arena, str(model)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=server.env,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        os.kill(holder.pid, signal.SIGSTOP)
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait(10)
+        holder.stdout.close()  # type: ignore[union-attr]
+
+
+def test_a_frozen_ring_lock_holds_up_its_model_and_kills_nobody(start_server) -> None:
+    """While a frozen process holds model id's ring lock, longer than several heartbeat
+    timeouts: the frontend answers /health and the other model, the held-up request
+    waits (not lost, not reset), and no process is killed as hung. The frontend used to
+    block its event loop on the lock, so every endpoint stalled, and the supervisor then
+    killed it and the waiting worker for silence. Once the lock is free, the request is
+    answered."""
+    server: Server = start_server(*FROZEN_LOCK_SETTINGS, frontends=1)
+    before = {p["pid"] for p in server.children()}
+    url = f"{server.url}/v1/models/id/predict"
+    long_deadline = {"X-Request-Timeout-Ms": "60000"}
+    arena = Arena.attach(server.ctl("status")["server"]["arena"])
+    with (
+        frozen_ring_lock(server, 0) as holder,
+        ThreadPoolExecutor(1) as pool,
+        server.client(timeout=10) as client,
+    ):
+        held_up = pool.submit(
+            httpx.post, url, json={"data": [1.5, 2.5]}, headers=long_deadline, timeout=60
+        )
+        wait_until(
+            lambda: np.any(arena.slots["state"] == SlotState.WRITING), 20, "the request's slot"
+        )
+        until = time.monotonic() + 3.0  # three heartbeat timeouts
+        while time.monotonic() < until:
+            assert client.get("/health").status_code == 200
+            other = client.post("/v1/models/other/predict", json={"data": [7.0]})
+            assert other.status_code == 200 and other.json()["result"] == [7.0], other.text
+            time.sleep(0.2)
+        assert not held_up.done()
+        assert "ring lock of model id has been held for over 1 s" in server.log()
+        assert {p["pid"] for p in server.children()} == before, server.log()
+        holder.kill()
+        answered = held_up.result(30)
+    arena.close()
+    assert answered.status_code == 200 and answered.json()["result"] == [1.5, 2.5]
+    assert "heartbeat stopped" not in server.log()
+    assert re.search(r"ring lock of model id is free again after [\d.]+ s", server.log())
+    wait_until(lambda: all_slots_free(server), 20, "every slot back to free")
+
+
+def test_a_worker_dying_while_its_ring_lock_is_frozen_loses_nothing(start_server) -> None:
+    """The supervisor re-queues a dead worker's requests under its ring's lock. With that
+    lock frozen it used to wait on it, and so stopped ticking: no replacement, no
+    heartbeat check (the one thing that ends a real freeze), no ``ctl``. Now it replaces
+    the worker at once and re-queues its request once the lock is free: answered, once."""
+    server: Server = start_server(
+        *("--model", SLOW, "--set", "worker.heartbeat_interval_s=0.2"),
+        *("--set", "worker.heartbeat_timeout_s=3"),
+        env=HANDLER_ENV,
+        frontends=1,
+    )
+    victim = server.pids("worker")[0]
+    arena = Arena.attach(server.ctl("status")["server"]["arena"])
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(
+                httpx.post,
+                f"{server.url}{SLOW_PATH}",
+                json={"data": [1000.0, 2.0]},  # runs for 1 s
+                headers={"X-Request-Timeout-Ms": "60000"},
+                timeout=60,
+            )
+            wait_until(lambda: running_on(arena, victim), 20, "the request to be running")
+            with frozen_ring_lock(server, 0) as holder:
+                os.kill(victim, signal.SIGKILL)
+                wait_workers(server, 1, gone=victim)
+                assert "wait to be re-queued" in server.log()
+                assert not answer.done()
+                holder.kill()
+            r = answer.result(60)
+    finally:
+        arena.close()
+    assert r.status_code == 200 and r.json()["result"] == [1000.0, 2.0], r.text
+    assert server.ctl("status")["server"]["totals"].get("requeued") == 1
+    wait_until(lambda: all_slots_free(server), 20, "every slot back to free")
