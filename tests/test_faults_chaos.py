@@ -64,6 +64,18 @@ def running_on(arena: Arena, pid: int) -> bool:
     return bool(np.any((slots["state"] == SlotState.RUNNING) & (slots["worker_pid"] == pid)))
 
 
+def frozen_mid_batch(arena: Arena, pid: int) -> bool:
+    """Stop ``pid`` if it is running a batch; True if it is stopped holding one."""
+    if not running_on(arena, pid):
+        return False
+    os.kill(pid, signal.SIGSTOP)
+    wait_until(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED, 10, "the stop")
+    if running_on(arena, pid):
+        return True
+    os.kill(pid, signal.SIGCONT)
+    return False
+
+
 def test_worker_sigkilled_mid_batch_three_times_loses_nothing(start_server) -> None:
     server: Server = start_server(
         "--model", SLOW, "--workers", "2", "--max-batch-size", "8", env=HANDLER_ENV
@@ -75,9 +87,11 @@ def test_worker_sigkilled_mid_batch_three_times_loses_nothing(start_server) -> N
     def kill_three_times() -> None:
         for _ in range(3):
             victim = server.pids("worker")[0]
-            # Mid-batch: the victim holds a RUNNING slot (each batch sleeps 40 ms).
+            # Mid-batch: the victim holds a RUNNING slot (each batch sleeps 40 ms), and
+            # still does when the kill lands: frozen first, so the batch cannot end
+            # between the look and the kill (on a slow host it once did).
             wait_until(
-                lambda v=victim: running_on(arena, v), 20, f"worker {victim} running a batch"
+                lambda v=victim: frozen_mid_batch(arena, v), 20, f"worker {victim} mid-batch"
             )
             os.kill(victim, signal.SIGKILL)
             t0 = time.monotonic()
