@@ -539,9 +539,14 @@ class Worker:
         try:
             outputs, gather_s, infer_s = self._infer([m.tensor for m in members])
         except OutputContractError as e:
-            # The handler's fault, not a request's: running members alone would only
-            # run the model again per request to fail the same way.
             self._contract_broken(str(e))
+            if len(members) > 1:
+                # A dtype promotion or a row filter may follow one request's data: run
+                # them alone, as for a raise. (A handler that breaks it whatever the
+                # data pays a run per member, as one that always raises does: never
+                # "learning" that keeps one client's bad batch from failing others later.)
+                self._run_alone(members, owners)
+                return
             for m in members:
                 self._finish_error(m.slot, Status.MODEL_ERROR, f"model error: {e}".encode(), owners)
             return
@@ -553,17 +558,7 @@ class Worker:
                 log.warning("model %s raised on request: %s", self.model.name, e, exc_info=True)
                 self._finish_error(members[0].slot, Status.MODEL_ERROR, _model_error(e), owners)
                 return
-            # Isolate the request that raises; the rest succeed. One model run each, so
-            # beat between them (N runs may outlast the heartbeat timeout) and skip
-            # those whose deadline passed meanwhile: nobody waits for their answer.
-            for member in members:
-                self.control.beat()
-                if member.deadline_s is not None and member.deadline_s <= time.monotonic():
-                    self._finish_error(
-                        member.slot, Status.DEADLINE, b"deadline passed before inference", owners
-                    )
-                    continue
-                self._infer_group([member], owners)
+            self._run_alone(members, owners)  # isolate the one that raises
             return
         self._batch_seq += 1
         rows_total = sum(int(m.tensor.shape[0]) for m in members)
@@ -576,6 +571,19 @@ class Worker:
         output_s = time.perf_counter() - t0
         input_s = gather_s + sum(m.preprocess_s for m in members)
         self._ran.append(BatchTiming(rows_total, len(members), input_s, infer_s, output_s))
+
+    def _run_alone(self, members: list[Prepared], owners: set[int]) -> None:
+        """Run each member as a batch of its own, so one bad request fails alone. One
+        model run each, so beat between them (N runs may outlast the heartbeat timeout)
+        and skip those whose deadline passed meanwhile: nobody waits for their answer."""
+        for member in members:
+            self.control.beat()
+            if member.deadline_s is not None and member.deadline_s <= time.monotonic():
+                self._finish_error(
+                    member.slot, Status.DEADLINE, b"deadline passed before inference", owners
+                )
+                continue
+            self._infer_group([member], owners)
 
     def _contract_broken(self, why: str) -> None:
         if why not in self._contract_errors and len(self._contract_errors) < 16:

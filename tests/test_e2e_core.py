@@ -10,12 +10,18 @@ import os
 import re
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import psutil
 import pytest
 from conftest import EXAMPLES, REPO, Server, shm_segments, wait_until
+
+from ringserve.ipc.arena import Arena
+from ringserve.ipc.layout import SlotState
+from ringserve.ipc.ring import RequestRing
 
 pytestmark = pytest.mark.e2e
 
@@ -277,6 +283,39 @@ def test_handler_faults_are_named_and_the_server_keeps_serving(start_server) -> 
     log = server.log()
     assert "batch profile skipped (ValueError: all zeros" in log
     assert log.count("output OUTPUT0 is float64; the model declares float32") == 1
+    assert server.stop() == 0
+
+
+def test_one_request_breaking_the_output_contract_fails_alone_in_its_batch(
+    start_server,
+) -> None:
+    """An output that breaks the declaration may follow one request's data (a dtype
+    promotion, a row filter): its batch is re-run member by member, as for a raise, so
+    only that request fails. Its batchmates used to get its 500."""
+    server: Server = start_server(
+        "--model", "z=python:support.fake_handlers:Misbehaves", env=HANDLER_ENV, frontends=1
+    )
+    arena = Arena.attach(server.ctl("status")["server"]["arena"])
+    ring = RequestRing(arena, 0)
+
+    def predict(first: float) -> httpx.Response:
+        return httpx.post(f"{server.url}/v1/models/z/predict", json={"data": [first, 2.0]})
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            blocker = pool.submit(predict, 1008)  # the worker is busy with it for 2 s
+            wait_until(lambda: np.any(arena.slots["state"] == SlotState.RUNNING), 10, "busy")
+            answers = {first: pool.submit(predict, first) for first in (5.0, 1001, 6.0)}
+            wait_until(lambda: ring.depth() == 3, 10, "three requests queued behind it")
+            replies = {first: a.result(30) for first, a in answers.items()}
+        assert blocker.result(30).status_code == 200
+    finally:
+        ring.close()
+        arena.close()
+    bad = replies.pop(1001)
+    assert bad.status_code == 500 and "is float64" in bad.json()["error"], bad.text
+    for first, r in replies.items():
+        assert r.status_code == 200 and r.json()["result"] == [first, 2.0], r.text
     assert server.stop() == 0
 
 

@@ -218,7 +218,8 @@ class Misbehaves(Handler):
     ``infer``; and breaks its own declaration when a row starts with 1001 (float64),
     1002 (an extra dimension), 1003 (a tuple, not a tensor) or 1004 (one row too few),
     or the handler contract when one starts with 1005 (preprocess returns a list) or
-    1006 (preprocess drops the row); 1007 answers NaN."""
+    1006 (preprocess drops the row); 1007 answers NaN; 1008 takes 2 s (others batch up
+    behind it)."""
 
     inputs = (TensorSpec("INPUT0", "float32", (-1,)),)
     outputs = (TensorSpec("OUTPUT0", "float32", (-1,)),)
@@ -249,6 +250,8 @@ class Misbehaves(Handler):
             return batch[1:]
         if 1007 in first:
             return batch * float("nan")
+        if 1008 in first:
+            time.sleep(2.0)
         return batch
 
 
