@@ -16,6 +16,9 @@ is reached directly.
   the 408 goes out only if the app has not started its response, and the close that
   follows is a disconnect to the app (which has touched no slot: bodies are read before
   a slot is claimed), so nothing else is written.
+
+What it answers itself (before any route, so in no model's series) counts in
+``ringserve_http_refused_total{code}``; a stalled body's 408 is the app's to count.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import asyncio
 import json
 import select
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -39,8 +43,13 @@ READ_TIMED_OUT = "ringserve.read_timed_out"
 IDLE_GRACE_S = 1.0
 
 
+def _uncounted(status: int) -> None:
+    pass
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     read_timeout_s: float = 30.0  # set per process by ``guarded_protocol``
+    count_refused: Callable[[int], None] = staticmethod(_uncounted)  # its metric
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -165,9 +174,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         message = f"request not received within {self.read_timeout_s:g} s"
         cycle = self.cycle  # None until a head was complete
         if self._in_head or (cycle is not None and not cycle.response_started):
-            if cycle is not None:
+            if cycle is not None:  # the app reads the body: it counts the 408 as its own
                 cycle.scope[READ_TIMED_OUT] = message
-            self._refuse(408, message)
+            self._refuse(408, message, counted=cycle is None)
         else:
             self.transport.close()
 
@@ -177,10 +186,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         every ringserve error, JSON with a request id, not uvicorn's text/plain."""
         self._refuse(400, "invalid HTTP request: its request line or headers cannot be parsed")
 
-    def _refuse(self, status: int, message: str) -> None:
+    def _refuse(self, status: int, message: str, counted: bool = True) -> None:
         """Answer before the app saw the request (JSON, like every ringserve error), close."""
         self._in_head, self._refused = False, True
         self._cancel_read_timer()
+        if counted:
+            self.count_refused(status)
         body = json.dumps({"error": message}).encode()
         reason = {
             400: b"Bad Request",
@@ -199,10 +210,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def guarded_protocol(read_timeout_s: float) -> type[GuardedHttpToolsProtocol]:
-    """The protocol class for ``uvicorn.Config(http=...)`` with this process's timeout."""
+def guarded_protocol(
+    read_timeout_s: float, count_refused: Callable[[int], None] = _uncounted
+) -> type[GuardedHttpToolsProtocol]:
+    """The protocol class for ``uvicorn.Config(http=...)`` with this process's timeout
+    and the metric that counts what it answers itself."""
     return type(
         "GuardedHttpToolsProtocol",
         (GuardedHttpToolsProtocol,),
-        {"read_timeout_s": read_timeout_s},
+        {"read_timeout_s": read_timeout_s, "count_refused": staticmethod(count_refused)},
     )

@@ -23,6 +23,7 @@ from ringserve.ipc.layout import ProcState, Role, SlotState, Status
 from ringserve.ipc.prom import LATENCY_BUCKETS
 
 MetricT = TypeVar("MetricT")
+HTTP_REFUSED_CODES = (400, 408, 431)  # what frontend/http_guard.py answers itself
 
 
 class FrontendMetrics:
@@ -69,6 +70,15 @@ class FrontendMetrics:
             "Requests refused with 503 because the queue was full",
             ["model"],
         )
+        self.http_refused_total = Counter(
+            "ringserve_http_refused",
+            "Requests the HTTP layer answered before any route saw them (so in no model's "
+            "series): 400 unparseable, 408 head not received within server.read_timeout_s, "
+            "431 head over the size limit",
+            ["code"],
+        )
+        for code in HTTP_REFUSED_CODES:  # created at zero: increase() sees the first one
+            self.http_refused_total.labels(str(code))
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     # -- recording (the request path: a few microseconds each) ---------------------------
@@ -104,6 +114,9 @@ class FrontendMetrics:
 
     def rejected(self, model: str) -> None:
         self._child(self.rejected_total, model).inc()
+
+    def http_refused(self, code: int) -> None:
+        self._child(self.http_refused_total, str(code)).inc()
 
     # -- scraping ------------------------------------------------------------------------
 

@@ -155,7 +155,8 @@ def main() -> None:
     config = uvicorn.Config(
         app,
         loop="uvloop",
-        http=guarded_protocol(settings.server.read_timeout_s),  # httptools + limits
+        # httptools + limits; what it refuses itself is counted
+        http=guarded_protocol(settings.server.read_timeout_s, state.metrics.http_refused),
         lifespan="on",
         access_log=False,  # ours is structured and cheaper (app.log_access)
         log_config=None,  # uvicorn logs through our handler (text or JSON, tagged)

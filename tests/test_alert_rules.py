@@ -63,6 +63,7 @@ EXPORTED_METRICS = HISTOGRAMS | frozenset(
         "ringserve_poison_requests_total",
         "ringserve_deadline_expired_total",
         "ringserve_cancelled_requests_total",
+        "ringserve_http_refused_total",
         "ringserve_workers_ready",
         "ringserve_workers_configured",
         "ringserve_build_info",

@@ -327,6 +327,30 @@ def test_truncated_body_left_open_is_cut_after_the_read_timeout(
     assert READ_TIMEOUT_S - 0.2 <= cut <= READ_TIMEOUT_S + 3
 
 
+def test_what_the_http_layer_refuses_itself_is_counted(server: Server, healthy_after: None) -> None:
+    """A 400 (unparseable), 408 (a head not received in time) or 431 (a head over the
+    limit) is answered below the app, before any route or model: it was in no metric,
+    so a dashboard showed nothing of a client (or an nginx) sending such requests. Each
+    now counts in ``ringserve_http_refused_total{code}``, whose series exist at zero. A
+    body that stalls is the app's 408, counted once with its model (the test above)."""
+
+    def refused() -> dict[str, float]:
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+        found = re.findall(r'^ringserve_http_refused_total\{code="(\d+)"\} (\S+)$', text, re.M)
+        return {code: float(v) for code, v in found}
+
+    before = refused()
+    assert set(before) == {"400", "408", "431"}, before
+    head_431 = b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"
+    for request, code in ((b"NOT HTTP AT ALL\r\n\r\n", 400), (head_431, 431)):
+        raw = raw_exchange(server.port, request)
+        assert raw is not None and parse_response(raw)[0] == code, raw
+    how, _ = trickle(server.port, b"GET /health HTTP/1.1\r\nHost: t\r\nX-Slow: " + b"a" * 40)
+    assert how == "408", how
+    want = {code: before[code] + 1 for code in before}
+    wait_until(lambda: refused() == want, 5, f"{want} in the metrics")
+
+
 # -- NaN, Inf and out-of-range values -------------------------------------------------------
 
 
