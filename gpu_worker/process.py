@@ -37,7 +37,7 @@ from ringserve.ipc.answer import write_error, write_output
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.child import ChildSpec, load_spec
 from ringserve.ipc.control import ControlBlock
-from ringserve.ipc.errors import ArenaError, ExitCode
+from ringserve.ipc.errors import ArenaError, ExitCode, RingLockTimeout
 from ringserve.ipc.layout import (
     DTYPE_CODE,
     DTYPES,
@@ -111,7 +111,9 @@ class Worker:
         self.control = ControlBlock(self.arena, spec.control_index)
         self.ring = RequestRing(self.arena, spec.model_index)
         # A process frozen while it holds the ring lock must not make us look hung too.
-        self.ring.wait_for_lock_with(self.settings.worker.heartbeat_interval_s, self.control.beat)
+        self.ring.wait_for_lock_with(
+            self.settings.worker.heartbeat_interval_s, self._beat_unless_stopping
+        )
         self.model_efd = spec.model_efds[spec.model_index]
         self.handler: Handler | None = None
         self.batcher: Batcher | None = None
@@ -335,7 +337,10 @@ class Worker:
             self._handle_command()
             if self.stopping:
                 break
-            claimed = self._collect(interval)
+            try:
+                claimed = self._collect(interval)
+            except RingLockTimeout:  # see _beat_unless_stopping
+                break
             if claimed:
                 self.batcher.batch_started()  # type: ignore[union-attr]
                 self._run_batch(claimed)
@@ -345,6 +350,13 @@ class Worker:
         return ExitCode.RECYCLE if self._stop_requested_by_supervisor else ExitCode.OK
 
     _stop_requested_by_supervisor = False
+
+    def _beat_unless_stopping(self) -> None:
+        """Between waits for the ring lock: beat, or give the wait up once asked to stop
+        (a frozen holder would hold our stop until worker.stop_timeout_s and a SIGKILL)."""
+        if self.stopping:
+            raise RingLockTimeout("asked to stop while waiting for the ring lock")
+        self.control.beat()
 
     def _handle_command(self) -> None:
         cmd = self.control.take_command()
@@ -390,10 +402,13 @@ class Worker:
             delay = self.batcher.wait_time(rows, oldest, newest, waited)
             if not delay:
                 break
-            self.ring.going_to_sleep(index)
-            if self.ring.depth() == 0:
-                self._wait_for_work(delay)
-            more = self.ring.pop(target - rows, index, pid, fresh_only=True, woke=True)
+            try:
+                self.ring.going_to_sleep(index)
+                if self.ring.depth() == 0:
+                    self._wait_for_work(delay)
+                more = self.ring.pop(target - rows, index, pid, fresh_only=True, woke=True)
+            except RingLockTimeout:
+                break  # asked to stop: run what we hold, then go
             if not more:
                 break  # the stream paused: waiting longer only adds latency
             claimed.extend(more)

@@ -14,7 +14,7 @@ from ringserve.ipc import wake
 from ringserve.ipc.control import error_bytes, read_error
 from ringserve.ipc.control import reset as reset_control
 from ringserve.ipc.errors import ExitCode, RingLockTimeout
-from ringserve.ipc.layout import ProcState
+from ringserve.ipc.layout import ProcState, SlotState
 from ringserve.supervisor.children import Child, Phase
 from ringserve.supervisor.positions import Replacement
 from ringserve.supervisor.stats import UNASKED_EXIT
@@ -77,12 +77,16 @@ class ExitHandling:
         elif self._recover_worker_slots(child):
             self._free_control(child)
         else:
-            log.warning(
-                "%s's requests wait to be re-queued: the ring lock of model %s is held by a "
-                "frozen process (the heartbeat check ends it)",
-                child.name,
-                self.settings.models[child.model_index].name,
-            )
+            slots = self.arena.slots  # a look without the lock: enough to say what waits
+            held = (slots["state"] == SlotState.RUNNING) & (slots["worker"] == child.control_index)
+            if held.any():
+                log.warning(
+                    "requests of %s wait to be re-queued (%d): the ring lock of model %s is "
+                    "held by a frozen process (the heartbeat check ends it)",
+                    child.name,
+                    int(held.sum()),
+                    self.settings.models[child.model_index].name,
+                )
             # Its record names its slots: kept (not counted live) until they are recovered.
             self.arena.control[child.control_index]["state"] = ProcState.STOPPED
             self.unrecovered.append(child)

@@ -377,6 +377,13 @@ def frozen_ring_lock(server: Server, model: int) -> Iterator[subprocess.Popen]:
         holder.stdout.close()  # type: ignore[union-attr]
 
 
+def waits_on_a_futex(pid: int) -> bool:
+    """The process's main thread sleeps in the kernel on a futex (a lock), not on its
+    eventfd or a timer."""
+    with open(f"/proc/{pid}/wchan") as f:
+        return "futex" in f.read()
+
+
 def test_a_frozen_ring_lock_holds_up_its_model_and_kills_nobody(start_server) -> None:
     """While a frozen process holds model id's ring lock, longer than several heartbeat
     timeouts: the frontend answers /health and the other model, the held-up request
@@ -444,7 +451,7 @@ def test_a_worker_dying_while_its_ring_lock_is_frozen_loses_nothing(start_server
             with frozen_ring_lock(server, 0) as holder:
                 os.kill(victim, signal.SIGKILL)
                 wait_workers(server, 1, gone=victim)
-                assert "wait to be re-queued" in server.log()
+                assert "requests of worker-0 wait to be re-queued (1)" in server.log()
                 assert not answer.done()
                 holder.kill()
             r = answer.result(60)
@@ -453,3 +460,21 @@ def test_a_worker_dying_while_its_ring_lock_is_frozen_loses_nothing(start_server
     assert r.status_code == 200 and r.json()["result"] == [1000.0, 2.0], r.text
     assert server.ctl("status")["server"]["totals"].get("requeued") == 1
     wait_until(lambda: all_slots_free(server), 20, "every slot back to free")
+
+
+def test_a_frozen_ring_lock_does_not_hold_up_a_stop(start_server) -> None:
+    """SIGTERM while a frozen process holds model id's ring lock: its worker, waiting on
+    the lock (each idle wake-up pops), gives the wait up and exits as asked, and the
+    supervisor does not wait on the lock to answer the queue. The worker used to stay in
+    the wait until worker.stop_timeout_s and be SIGKILLed."""
+    server: Server = start_server(
+        *FROZEN_LOCK_SETTINGS, "--set", "worker.stop_timeout_s=20", frontends=1
+    )
+    worker = next(p for p in server.children() if p["model"] == "id")
+    with frozen_ring_lock(server, 0):
+        # Its next idle wake-up (every 0.2 s) pops: then it waits on the lock (a futex).
+        wait_until(lambda: waits_on_a_futex(worker["pid"]), 10, "the worker in the lock wait")
+        assert server.stop(timeout_s=15) == 0
+    log = server.log()
+    assert f"{worker['id']} (pid {worker['pid']}) exited: ok" in log, log
+    assert "stop_timeout" not in log
