@@ -24,6 +24,8 @@ from typing import NamedTuple, NoReturn
 import numpy as np
 import torch
 
+from ringserve.gpu_worker.batch_check import TOLERANCE as BATCHMATE_TOLERANCE
+from ringserve.gpu_worker.batch_check import batchmate_effect
 from ringserve.gpu_worker.batcher import Batcher, BatchPolicy, Pending
 from ringserve.gpu_worker.cpu_share import ThreadShare
 from ringserve.gpu_worker.handlers import BadInput, Handler, TensorSpec, create_handler
@@ -217,6 +219,8 @@ class Worker:
                 )
         if profile_ran:
             self._probe_output()
+        if self.model.batching.max_batch_size > 1 and handler.inputs[0].dtype != "bytes":
+            self._warn_if_batchmates_matter()  # batches of two: it may take those
         self._publish_spec(
             {
                 "preferred_batch_size": preferred,
@@ -280,6 +284,28 @@ class Worker:
             learned = advertised_output(handler.outputs[0], handler.inputs[0], out)
             if learned is not None:
                 handler.outputs = (learned,)
+
+    def _warn_if_batchmates_matter(self) -> None:
+        """Say at start when an answer depends on what else is in its batch (see
+        ``batch_check.py``): two batches of two sample rows, once."""
+        assert self.handler is not None
+        try:
+            with torch.inference_mode():
+                effect = batchmate_effect(self.handler)
+        except Exception as e:  # sample rows it cannot take: not for this check to judge
+            log.debug("model %s: batchmate check skipped: %s", self.model.name, e)
+            return
+        if effect is not None and effect > BATCHMATE_TOLERANCE:
+            log.warning(
+                "model %s answers a request differently depending on what shares its batch "
+                "(a sample row's answer moved by %.0f%% of its size when its batchmate "
+                "changed): a BatchNorm or Dropout in training mode? Put the model in "
+                "eval() before tracing or saving it. Until then answers change with load, "
+                "and one request's input shows in another's answer (batching.max_batch_size "
+                "= 1 avoids that)",
+                self.model.name,
+                effect * 100,
+            )
 
     def _warn_if_slots_are_small(self) -> None:
         """A request's input, then its output, travel in one slot: say at start, not on

@@ -319,6 +319,25 @@ def test_one_request_breaking_the_output_contract_fails_alone_in_its_batch(
     assert server.stop() == 0
 
 
+def test_a_model_whose_answers_depend_on_their_batchmates_is_named_at_start(
+    start_server,
+) -> None:
+    """A BatchNorm left in training mode answers each request by its batch's statistics:
+    answers change with load and one request's input shows in another's answer, with no
+    error anywhere. The worker says so at start; models that batch correctly (the
+    built-in digits network, identity) do not."""
+    server: Server = start_server(
+        *("--model", "bn=python:support.fake_handlers:TrainModeBatchNorm"),
+        *("--model", "digits=digits", "--model", "id=identity"),
+        env=HANDLER_ENV,
+        frontends=1,
+    )
+    warnings = re.findall(r"model (\S+) answers a request differently depending on", server.log())
+    assert warnings == ["bn"], server.log()
+    assert "a BatchNorm or Dropout in training mode?" in server.log()
+    assert server.stop() == 0
+
+
 def test_frontend_never_loads_torch_and_stays_small(start_server) -> None:
     """Also after serving every kind of request (a lazy import on one path would load
     torch only then): each kind eight times on fresh connections, which the kernel

@@ -346,3 +346,18 @@ class Chatty(Handler):
         print("batch of", batch.shape[0], "rows")
         print("careful: a warning", file=sys.stderr)
         return batch
+
+
+class TrainModeBatchNorm(Handler):
+    """A BatchNorm left in training mode: each row's answer is normalised by the statistics
+    of its whole batch, so it depends on its batchmates."""
+
+    inputs = (TensorSpec("INPUT0", "float32", (4,)),)
+    outputs = (TensorSpec("OUTPUT0", "float32", (4,)),)
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+        self.norm = torch.nn.BatchNorm1d(4).train()
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.norm(batch)
