@@ -120,14 +120,17 @@ class RequestRing:
     def held(self, timeout_s: float | None) -> Iterator[None]:
         """The lock, after at most ``timeout_s`` of waiting (None: no bound); raises
         RingLockTimeout."""
-        if timeout_s is None:
-            self._lock()
-        elif not self._mutex.lock_within(timeout_s):
-            raise RingLockTimeout(f"ring lock of model {self.model} held over {timeout_s:g} s")
+        self._take(timeout_s)
         try:
             yield
         finally:
             self._unlock()
+
+    def _take(self, timeout_s: float | None) -> None:
+        if timeout_s is None:
+            self._lock()
+        elif not self._mutex.lock_within(timeout_s):
+            raise RingLockTimeout(f"ring lock of model {self.model} held over {timeout_s:g} s")
 
     def wait_for_lock_with(self, interval_s: float, meanwhile: Callable[[], None]) -> None:
         """Make every lock wait of this ring call ``meanwhile`` each ``interval_s`` it
@@ -182,10 +185,7 @@ class RequestRing:
         With ``lock_wait_s``, raises RingLockTimeout (nothing pushed) if the lock stays
         held that long."""
         headers = self.arena.headers
-        if lock_wait_s is None:
-            self._lock()
-        elif not self._mutex.lock_within(lock_wait_s):
-            raise RingLockTimeout(f"ring lock of model {self.model} held over {lock_wait_s:g} s")
+        self._take(lock_wait_s)
         try:
             # Nobody else pushes or pops while we hold the lock: one depth read serves.
             room = len(slots) if max_depth is None else max(0, max_depth - self.depth())
