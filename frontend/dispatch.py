@@ -3,11 +3,12 @@
 Runs on the event loop thread: the ring lock is held for microseconds, so it is taken
 inline rather than in an executor. Only when it stays held (a process frozen while it
 holds it, until the supervisor's heartbeat check kills that one) does a thread take the
-model's pushes over, so the loop, and every other model and endpoint, keeps serving. Completion is an eventfd per frontend that
-workers signal after each batch; its reader callback resolves the futures of every
-pending slot that is DONE. A request whose client left or whose deadline passed is
-*abandoned*: its ``cancel`` flag is set and the slot is freed once a worker (or the
-supervisor) marks it DONE — never earlier, because a worker may still be writing.
+model's pushes over, so the loop, and every other model and endpoint, keeps serving.
+Completion is an eventfd per frontend that workers signal after each batch; its reader
+callback resolves the futures of every pending slot that is DONE. A request whose client
+left or whose deadline passed is *abandoned*: its ``cancel`` flag is set and the slot is
+freed once a worker (or the supervisor) marks it DONE — never earlier, because a worker
+may still be writing.
 """
 
 from __future__ import annotations
