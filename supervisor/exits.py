@@ -32,6 +32,11 @@ class ServeExit(enum.IntEnum):
     STARTUP_TIMEOUT = 3  # a model had no ready worker within server.startup_timeout_s
 
 
+# Exit codes our children use only before they are ready (ipc/errors.py ExitCode).
+_START_CODES = frozenset(
+    {ExitCode.CONFIG, ExitCode.BOOT, ExitCode.MODEL_LOAD, ExitCode.CUDA_INIT, ExitCode.MODEL_CONFIG}
+)
+
 # How long the supervisor waits on a ring's lock. A process frozen while it holds one is
 # ended by the heartbeat check, so the supervisor must keep ticking, not wait it out.
 RING_LOCK_WAIT_S = 0.05
@@ -49,18 +54,22 @@ class ExitHandling:
         if rc is None:  # spurious wake: pidfd readable only on exit, but be safe
             self.selector.register(child.pidfd, selectors.EVENT_READ, child)
             return
-        reason = child.kill_reason or ExitCode.describe(rc)
-        expected = child.phase == Phase.STOPPING and not child.kill_reason
-        if rc == 0 and not expected:  # exit 0 unasked: its handler called sys.exit?
-            reason = UNASKED_EXIT
-        level = logging.INFO if expected or rc == ExitCode.RECYCLE else logging.ERROR
-        assert self.arena is not None
-        # Before the reset below. The supervisor's own words for a kill come second.
-        error = read_error(self.arena, child.control_index) or child.kill_detail
         # Ready before the tick that would have promoted it: a request that crashes it
         # now is not a failed start (no back-off; a loadable model is never marked
         # failing by its poison requests). Read before the reset below.
         self.promote_if_ready(child)
+        reason = child.kill_reason or ExitCode.describe(rc)
+        expected = child.phase == Phase.STOPPING and not child.kill_reason
+        if rc == 0 and not expected:  # exit 0 unasked: its handler called sys.exit?
+            reason = UNASKED_EXIT
+        elif rc in _START_CODES and child.phase is not Phase.STARTING:
+            # Ours only while starting: after that, the handler's own (``os._exit(3)``),
+            # which "boot" or "model_load" would blame on the wrong thing.
+            reason = f"exit {rc}"
+        level = logging.INFO if expected or rc == ExitCode.RECYCLE else logging.ERROR
+        assert self.arena is not None
+        # Before the reset below. The supervisor's own words for a kill come second.
+        error = read_error(self.arena, child.control_index) or child.kill_detail
         log.log(
             level,
             "%s (pid %d) exited: %s%s",

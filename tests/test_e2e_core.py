@@ -739,12 +739,16 @@ def test_requests_that_crash_a_fresh_worker_do_not_mark_the_model_failing(start_
         # Created at zero, so increase() sees the first one (as every restart reason).
         zero = 'ringserve_process_restarts_total{reason="unasked_exit",role="worker"} 0.0'
         assert zero in c.get("/metrics").text
-        r = c.post("/v1/models/p/predict", json={"data": [667.0, 1.0]})
-        assert r.status_code == 500 and "poison" in r.json()["error"], r.text
-        server.wait_ready()
+        for first in (667.0, 668.0):
+            r = c.post("/v1/models/p/predict", json={"data": [first, 1.0]})
+            assert r.status_code == 500 and "poison" in r.json()["error"], r.text
+            server.wait_ready()
         assert c.post("/v1/models/p/predict", json={"data": [1.0, 2.0]}).status_code == 200
     # A worker ending itself with exit 0 while serving is no "ok" at INFO.
     assert re.search(r"supervisor ERROR worker-0 \(pid \d+\) exited: unasked_exit", server.log())
+    # Exit 3 is BOOT only while starting: from a serving worker, the handler's own code.
+    assert re.search(r"supervisor ERROR worker-0 \(pid \d+\) exited: exit 3\n", server.log())
+    assert "exited: boot" not in server.log()
     assert "failed to start" not in server.log()
     assert server.ctl("status")["models"][0]["state"] == "serving"
     assert server.stop() == 0

@@ -42,7 +42,8 @@ class SlowUnlucky(Slow):
 
 class Poison(Handler):
     """Identity, except a row starting with 13 raises, one starting with 666 kills us
-    and one starting with 667 calls sys.exit(0)."""
+    one starting with 667 calls sys.exit(0) and one starting with 668 exits 3 (a code
+    ringserve's workers use only at start: BOOT)."""
 
     inputs = (TensorSpec("INPUT0", "float32", (-1,)),)
     outputs = (TensorSpec("OUTPUT0", "float32", (-1,)),)
@@ -56,6 +57,8 @@ class Poison(Handler):
             os._exit(99)
         if bool((first == 667).any()):
             sys.exit(0)  # a handler ending its process "cleanly", mid-request
+        if bool((first == 668).any()):
+            os._exit(3)
         if bool((first == 13).any()):
             raise ValueError("13 is unlucky")
         return batch * 1
