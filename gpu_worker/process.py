@@ -490,7 +490,8 @@ class Worker:
                 self._finish_error(p.key, Status.MODEL_ERROR, f"model error: {e}".encode(), owners)
                 continue
             except Exception as e:
-                log.exception("preprocess failed")
+                rid = self._request_id(p.key)
+                log.exception("model %s: preprocess failed on request %s", self.model.name, rid)
                 self._finish_error(
                     p.key, Status.MODEL_ERROR, f"preprocess failed: {e}".encode(), owners
                 )
@@ -596,7 +597,10 @@ class Worker:
                 if isinstance(e, BadInput):  # refused by infer or postprocess: still a 400
                     self._finish_error(members[0].slot, Status.BAD_INPUT, str(e).encode(), owners)
                     return
-                log.warning("model %s raised on request: %s", self.model.name, e, exc_info=True)
+                rid = self._request_id(members[0].slot)
+                log.warning(
+                    "model %s raised on request %s: %s", self.model.name, rid, e, exc_info=True
+                )
                 self._finish_error(members[0].slot, Status.MODEL_ERROR, _model_error(e), owners)
                 return
             self._run_alone(members, owners)  # isolate the one that raises
@@ -625,6 +629,10 @@ class Worker:
                 )
                 continue
             self._infer_group([member], owners)
+
+    def _request_id(self, slot: int) -> str:
+        """The client's id of the request in ``slot``, for a log line about it."""
+        return bytes(self.arena.slots["request_id"][slot]).decode(errors="replace")
 
     def _contract_broken(self, why: str) -> None:
         if why not in self._contract_errors and len(self._contract_errors) < 16:

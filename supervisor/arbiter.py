@@ -373,6 +373,7 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
             silent_s = now - max(int(rec["heartbeat_ns"]) / 1e9, child.started)
             limit = w.start_timeout_s if child.phase == Phase.STARTING else w.heartbeat_timeout_s
             if silent_s > limit:
+                running = self.running_request_ids(child) if child.role == "worker" else []
                 what = (
                     f"did not become ready within worker.start_timeout_s={limit:g} s"
                     if child.phase == Phase.STARTING
@@ -380,11 +381,12 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
                     + (" (a batch that long, or a hang)" if child.role == "worker" else "")
                 )
                 log.error(
-                    "%s (pid %d) %s (silent %.1f s): killing it",
+                    "%s (pid %d) %s (silent %.1f s%s): killing it",
                     child.name,
                     child.pid,
                     what,
                     silent_s,
+                    f", running request {', '.join(running)}" if running else "",
                 )
                 child.kill_detail = what
                 child.kill(

@@ -86,14 +86,14 @@ class ExitHandling:
         elif self._recover_worker_slots(child):
             self._free_control(child)
         else:
-            slots = self.arena.slots  # a look without the lock: enough to say what waits
-            held = (slots["state"] == SlotState.RUNNING) & (slots["worker"] == child.control_index)
-            if held.any():
+            held = self.running_request_ids(child)
+            if held:
                 log.warning(
-                    "requests of %s wait to be re-queued (%d): the ring lock of model %s is "
-                    "held by a frozen process (the heartbeat check ends it)",
+                    "requests of %s wait to be re-queued (%d: %s): the ring lock of model %s "
+                    "is held by a frozen process (the heartbeat check ends it)",
                     child.name,
-                    int(held.sum()),
+                    len(held),
+                    ", ".join(held),
                     self.settings.models[child.model_index].name,
                 )
             # Its record names its slots: kept (not counted live) until they are recovered.
@@ -104,6 +104,15 @@ class ExitHandling:
         else:
             self._worker_exited(child, reason, error, rc)
         child.phase = Phase.EXITED
+
+    def running_request_ids(self, child: Child) -> list[str]:
+        """The request ids of what ``child`` (a worker) holds RUNNING, read without the
+        ring lock: for log lines, which name requests so they can be found by their
+        X-Request-ID."""
+        assert self.arena is not None
+        slots = self.arena.slots
+        held = (slots["state"] == SlotState.RUNNING) & (slots["worker"] == child.control_index)
+        return [rid.decode(errors="replace") for rid in slots["request_id"][held]]
 
     def _free_control(self, child: Child) -> None:
         assert self.arena is not None

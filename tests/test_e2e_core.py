@@ -459,13 +459,15 @@ def test_poison_request_fails_alone(start_server) -> None:
         "--model", "p=python:support.fake_handlers:Poison", "--workers", "2", env=HANDLER_ENV
     )
     good = [("/v1/models/p/predict", {"json": {"data": [float(i + 100), 1.0]}}) for i in range(40)]
-    raises = ("/v1/models/p/predict", {"json": {"data": [13.0, 1.0]}})
+    raises = ("/v1/models/p/predict", {"json": {"data": [13.0, 1.0], "request_id": "unlucky-1"}})
     kills = ("/v1/models/p/predict", {"json": {"data": [666.0, 1.0]}})
     responses = fire(server.url, [*good[:20], raises, kills, *good[20:]], concurrency=16)
     errors = [(i, repr(r)) for i, r in enumerate(responses) if not isinstance(r, httpx.Response)]
     assert not errors, f"{errors}\n{server.log()[-6000:]}"  # once in CI: say what, and why
     statuses = [r.status_code for r in responses]
     assert statuses[20] == 500 and "unlucky" in responses[20].json()["error"]
+    # The log line names the request, to be found by its id.
+    assert "model p raised on request unlucky-1: 13 is unlucky" in server.log()
     assert statuses[21] == 500 and "poison" in responses[21].json()["error"]
     for _i, r in enumerate(responses[:20] + responses[22:]):
         assert r.status_code == 200, r.text

@@ -794,6 +794,34 @@ def test_a_drain_during_a_recycle_is_not_undone_by_the_replacement(start_server)
     assert server.stop() == 0
 
 
+def test_a_worker_killed_as_hung_is_logged_with_the_request_it_ran(start_server) -> None:
+    """The kill line names the request the worker was running, by the id its client
+    knows (X-Request-ID): the one clue to what hangs a model. The model's last error,
+    which /v1/models and 503s show to every client, does not carry it."""
+    server: Server = start_server(
+        *("--model", "slow=python:support.fake_handlers:Slow"),
+        *("--set", "worker.heartbeat_timeout_s=3"),
+        env=HANDLER_ENV,
+        frontends=1,
+    )
+    body = {"data": [5000.0, 0.0], "request_id": "hangs-1"}  # 5 s a try
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(
+            httpx.post, f"{server.url}/v1/models/slow/predict", json=body, timeout=60
+        )
+        wait_until(
+            lambda: re.search(
+                r"worker-0 \(pid \d+\) heartbeat stopped .* running request hangs-1\)", server.log()
+            ),
+            20,
+            "the kill line",
+        )
+        assert answer.result(60).status_code == 500  # killed on both tries: poison
+    last_error = server.ctl("status")["models"][0].get("last_error", "")
+    assert "heartbeat_timeout_s" in last_error and "hangs-1" not in last_error, last_error
+    assert server.stop() == 0
+
+
 def test_isolating_a_failing_request_keeps_the_worker_alive(start_server) -> None:
     """A batch that raises is re-run member by member to find the culprit. Those runs
     together may outlast the heartbeat timeout: the worker beats between them, so it

@@ -443,7 +443,7 @@ def test_a_worker_dying_while_its_ring_lock_is_frozen_loses_nothing(start_server
             answer = pool.submit(
                 httpx.post,
                 f"{server.url}{SLOW_PATH}",
-                json={"data": [1000.0, 2.0]},  # runs for 1 s
+                json={"data": [1000.0, 2.0], "request_id": "slow-1"},  # runs for 1 s
                 headers={"X-Request-Timeout-Ms": "60000"},
                 timeout=60,
             )
@@ -451,7 +451,7 @@ def test_a_worker_dying_while_its_ring_lock_is_frozen_loses_nothing(start_server
             with frozen_ring_lock(server, 0) as holder:
                 os.kill(victim, signal.SIGKILL)
                 wait_workers(server, 1, gone=victim)
-                assert "requests of worker-0 wait to be re-queued (1)" in server.log()
+                assert "requests of worker-0 wait to be re-queued (1: slow-1)" in server.log()
                 assert not answer.done()
                 holder.kill()
             r = answer.result(60)
