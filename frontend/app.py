@@ -460,11 +460,10 @@ def build_app(state: FrontendState, extra_routes: list[Route] | None = None) -> 
         body = {"ready": not reasons, "workers_ready": models}
         if reasons:
             body["reasons"] = reasons
-        return JSONResponse(
-            body,
-            status_code=503 if reasons else 200,
-            headers={"X-Request-ID": request_id(request.headers)},
-        )
+        headers = {"X-Request-ID": request_id(request.headers)}
+        if reasons:  # as every other 503 says when to ask again
+            headers["Retry-After"] = "2"
+        return JSONResponse(body, status_code=503 if reasons else 200, headers=headers)
 
     async def models(request: Request) -> Response:
         ready_counts = state.catalog.ready_workers()

@@ -522,7 +522,8 @@ def test_admin_socket_commands_and_mode(start_server) -> None:
         # Frontends report what they queued (ctl status REQS), at their next heartbeat.
         wait_until(frontend_requests, 10, "the frontends' request counts")
         server.ctl("drain")
-        assert c.get("/readiness").status_code == 503
+        not_ready = c.get("/readiness")
+        assert not_ready.status_code == 503 and not_ready.headers["Retry-After"] == "2"
         assert c.post("/predict", json=DIGIT3).status_code == 503
         server.ctl("resume")
         assert c.get("/readiness").status_code == 200
