@@ -217,6 +217,7 @@ class Worker:
                     {k: _three_digits(v) for k, v in rates.items()},
                     preferred,
                 )
+                self._warn_if_batches_near_heartbeat_timeout(preferred, rates)
         if profile_ran:
             self._probe_output()
         if self.model.batching.max_batch_size > 1 and handler.inputs[0].dtype != "bytes":
@@ -284,6 +285,27 @@ class Worker:
             learned = advertised_output(handler.outputs[0], handler.inputs[0], out)
             if learned is not None:
                 handler.outputs = (learned,)
+
+    def _warn_if_batches_near_heartbeat_timeout(
+        self, preferred: int, rates: dict[int, float]
+    ) -> None:
+        """A worker beats between batches, not during one: a batch that outlasts
+        worker.heartbeat_timeout_s gets it killed as hung, twice, and its requests failed
+        as poison. Say so at start, from the profile, rather than after the kills."""
+        rate = rates.get(preferred)
+        timeout = self.settings.worker.heartbeat_timeout_s
+        if not rate or preferred / rate <= timeout / 2:
+            return
+        log.warning(
+            "model %s: a batch of %d takes about %.1f s by the profile, near "
+            "worker.heartbeat_timeout_s=%g s; a batch that outlasts it (a slower moment, a "
+            "larger input) gets the worker killed as hung. Raise worker.heartbeat_timeout_s "
+            "or lower batching.max_batch_size",
+            self.model.name,
+            preferred,
+            preferred / rate,
+            timeout,
+        )
 
     def _warn_if_batchmates_matter(self) -> None:
         """Say at start when an answer depends on what else is in its batch (see

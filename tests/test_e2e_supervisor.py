@@ -823,6 +823,26 @@ def test_a_worker_killed_as_hung_is_logged_with_the_request_it_ran(start_server)
     assert server.stop() == 0
 
 
+def test_batches_near_the_heartbeat_timeout_are_named_at_start(start_server) -> None:
+    """A worker beats between batches: one that outlasts worker.heartbeat_timeout_s is
+    killed as hung (twice, and its requests fail as poison). When the profile shows a
+    batch taking over half the timeout, the start says so, naming both settings."""
+    server: Server = start_server(
+        *("--model", "slow=python:support.fake_handlers:TakesHalfASecondAndMore"),
+        *("--max-batch-size", "2", "--set", "worker.heartbeat_interval_s=0.2"),
+        *("--set", "worker.heartbeat_timeout_s=1"),
+        env=HANDLER_ENV,
+        frontends=1,
+    )
+    assert re.search(
+        r"model slow: a batch of \d takes about 0\.\d s by the profile, near "
+        r"worker\.heartbeat_timeout_s=1 s.*Raise worker\.heartbeat_timeout_s or lower "
+        r"batching\.max_batch_size",
+        server.log(),
+    ), server.log()
+    assert server.stop() == 0
+
+
 def test_isolating_a_failing_request_keeps_the_worker_alive(start_server) -> None:
     """A batch that raises is re-run member by member to find the culprit. Those runs
     together may outlast the heartbeat timeout: the worker beats between them, so it
