@@ -35,7 +35,7 @@ from ringserve.gpu_worker.metrics import BatchTiming, WorkerMetrics
 from ringserve.gpu_worker.output_contract import advertised_output, check_output
 from ringserve.gpu_worker.profile import sample_row, throughput_profile
 from ringserve.ipc import bytes_tensor, wake
-from ringserve.ipc.answer import write_error, write_output
+from ringserve.ipc.answer import CANCELLED_MESSAGE, write_error, write_output
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.child import ChildSpec, load_spec
 from ringserve.ipc.control import ControlBlock
@@ -492,7 +492,7 @@ class Worker:
         for p in expired:
             self._finish_error(p.key, Status.DEADLINE, b"deadline passed before inference", owners)
         for p in cancelled:
-            self._finish_error(p.key, Status.CANCELLED, b"cancelled by the client", owners)
+            self._finish_error(p.key, Status.CANCELLED, CANCELLED_MESSAGE, owners)
         groups: dict[tuple, list[Prepared]] = defaultdict(list)
         for p in run:
             t0 = time.perf_counter()

@@ -28,6 +28,9 @@ def no_workers(model: str) -> str:
     )
 
 
+CANCELLED_MESSAGE = b"cancelled by the client"  # its client left, or its deadline passed
+
+
 def write_error(arena: Arena, slot: int, status: Status, message: bytes) -> None:
     """Finish a slot with an error status and a UTF-8 message as its payload."""
     msg = message[: arena.geometry.slot_bytes]

@@ -24,7 +24,7 @@ Transitions done under the lock, and why each order is safe if the holder dies m
   RUNNING slots that are still in the ring; ``requeue_from_dead`` handles both cases.
 * requeue_from_dead (supervisor): every RUNNING slot of the dead worker goes back to
   QUEUED (pushed again unless still in the ring), or, if it already had two attempts,
-  DONE with status POISON.
+  DONE with status POISON (CANCELLED if its client is gone).
 
 A holder that is alive but frozen (SIGSTOP, a debugger, the cgroup freezer) keeps the
 lock until the supervisor's heartbeat check kills it, and only then does the kernel hand
@@ -44,7 +44,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ringserve.ipc.answer import write_error
+from ringserve.ipc.answer import CANCELLED_MESSAGE, write_error
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.errors import QueueFull, RingLockTimeout
 from ringserve.ipc.layout import (
@@ -66,6 +66,14 @@ MAX_ATTEMPTS = 2
 
 def entry(slot: int, generation: int) -> int:
     return (slot << 32) | (generation & _GEN_MASK)
+
+
+class Recovered(NamedTuple):
+    """What ``requeue_from_dead`` did with each RUNNING slot of a dead worker."""
+
+    requeued: list[int]
+    poisoned: list[int]  # DONE, POISON: its second worker died too
+    cancelled: list[int]  # DONE, CANCELLED: nobody waits for it (its client left)
 
 
 class Claimed(NamedTuple):
@@ -286,8 +294,9 @@ class RequestRing:
 
     def requeue_from_dead(
         self, worker: int, poison_message: bytes, lock_wait_s: float | None = None
-    ) -> tuple[list[int], list[int]]:
-        """Recover the RUNNING slots of a dead worker: returns (requeued, poisoned).
+    ) -> Recovered:
+        """Recover the RUNNING slots of a dead worker: re-queued, or finished as poison
+        or (its client gone: nobody would read an answer) as cancelled.
 
         A worker that died counted as a sleeper (its usual state when idle) is uncounted
         too, or every later push would signal a wake-up nobody needs. With
@@ -295,8 +304,7 @@ class RequestRing:
         that long: call again later.
         """
         slots = self.arena.slots
-        requeued: list[int] = []
-        poisoned: list[int] = []
+        done = Recovered([], [], [])
         with self.held(lock_wait_s):
             self._set_asleep(worker, False)
             mine = np.flatnonzero(
@@ -305,18 +313,22 @@ class RequestRing:
                 & (slots["model"] == self.model)
             )
             if len(mine) == 0:
-                return requeued, poisoned
+                return done
             head, tail = _HT.unpack_from(self._buf, self._base)
             waiting = {self._entry(i) for i in range(head, tail)}
             for slot in (int(s) for s in mine):
                 rec = slots[slot]
                 rec["worker"] = -1
+                if rec["cancel"]:
+                    write_error(self.arena, slot, Status.CANCELLED, CANCELLED_MESSAGE)
+                    done.cancelled.append(slot)
+                    continue
                 if int(rec["attempts"]) >= MAX_ATTEMPTS:
                     write_error(self.arena, slot, Status.POISON, poison_message)
-                    poisoned.append(slot)
+                    done.poisoned.append(slot)
                     continue
                 if entry(slot, int(rec["generation"])) not in waiting:
                     self._append(slot, int(rec["generation"]))
                 rec["state"] = SlotState.QUEUED
-                requeued.append(slot)
-        return requeued, poisoned
+                done.requeued.append(slot)
+        return done

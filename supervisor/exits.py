@@ -131,20 +131,20 @@ class ExitHandling:
         lock stayed held (try again later)."""
         ring = self.rings[child.model_index]
         try:
-            requeued, poisoned = ring.requeue_from_dead(
-                child.control_index, POISON_MESSAGE, RING_LOCK_WAIT_S
-            )
+            done = ring.requeue_from_dead(child.control_index, POISON_MESSAGE, RING_LOCK_WAIT_S)
         except RingLockTimeout:
             return False
         model = self.settings.models[child.model_index].name
-        if requeued:
-            log.warning("re-queued %d requests of %s", len(requeued), child.name)
-            self.stats.requeued(model, len(requeued))
+        if done.requeued:
+            log.warning("re-queued %d requests of %s", len(done.requeued), child.name)
+            self.stats.requeued(model, len(done.requeued))
             wake.signal(self.model_efds[child.model_index])
-        if poisoned:
-            log.error("failed %d poison requests of %s", len(poisoned), child.name)
-            self.stats.poisoned(model, len(poisoned))
-            self._signal_owners(poisoned)
+        if done.poisoned:
+            log.error("failed %d poison requests of %s", len(done.poisoned), child.name)
+            self.stats.poisoned(model, len(done.poisoned))
+        # The owners free what is finished: poison answers, and cancelled requests that
+        # nobody waits for (not re-queued: they would only be dropped by the next worker).
+        self._signal_owners(done.poisoned + done.cancelled)
         return True
 
     def _signal_owners(self, slots: list[int]) -> None:

@@ -295,7 +295,7 @@ def test_a_worker_that_died_asleep_is_uncounted(shm_dir: Path) -> None:
     me = os.getpid()
     assert ring.pop(8, 3, me, sleep_if_empty=True) == []  # worker 3 waits
     assert ring.pop(8, 4, me, sleep_if_empty=True) == []  # and so does worker 4
-    assert ring.requeue_from_dead(3, b"poison") == ([], [])  # worker 3 was SIGKILLed
+    assert ring.requeue_from_dead(3, b"poison") == ([], [], [])  # worker 3 was SIGKILLed
     arena.slots["state"][0] = SlotState.WRITING
     assert ring.push_many([0]) == (True, [])  # worker 4 still waits: signal
     assert [c.slot for c in ring.pop(8, 4, me, woke=True)] == [0]
@@ -314,7 +314,7 @@ def test_dead_worker_requeued_once_then_poison_alone(shm_dir: Path) -> None:
         produce(arena, ring, slot, np.zeros(4, np.uint8))
     claimed = ring.pop(4, worker=5, worker_pid=111)
     assert len(claimed) == 4
-    requeued, poisoned = ring.requeue_from_dead(5, b"poison")
+    requeued, poisoned, _ = ring.requeue_from_dead(5, b"poison")
     assert sorted(requeued) == [0, 1, 2, 3] and poisoned == []
     # Each retried request runs alone so one poison input cannot take the batch down.
     singles = [ring.pop(4, worker=6, worker_pid=222) for _ in range(4)]
@@ -322,11 +322,30 @@ def test_dead_worker_requeued_once_then_poison_alone(shm_dir: Path) -> None:
     assert all(s[0].attempts == 2 for s in singles)
     for s in singles[1:]:
         answer(arena, s[0].slot)
-    requeued, poisoned = ring.requeue_from_dead(6, b"poison: killed two workers")
+    requeued, poisoned, _ = ring.requeue_from_dead(6, b"poison: killed two workers")
     assert requeued == [] and poisoned == [singles[0][0].slot]
     rec = arena.slots[singles[0][0].slot]
     assert rec["state"] == SlotState.DONE and rec["status"] == Status.POISON
     assert arena.data(singles[0][0].slot)[:6].tobytes() == b"poison"
+    arena.close()
+
+
+def test_a_dead_workers_cancelled_request_is_finished_not_requeued(shm_dir: Path) -> None:
+    """A request whose client left (or whose deadline passed) while a worker ran it is
+    not re-queued when that worker dies: it would only be dropped by the next worker,
+    and count as re-queued (a killed hung worker logged 're-queued 1 requests' for a
+    request its client had long been answered 504). It is finished as cancelled, so its
+    frontend frees it; the others are re-queued."""
+    arena = make_arena(shm_dir)
+    ring = RequestRing(arena, 0)
+    for slot in range(2):
+        produce(arena, ring, slot, np.zeros(4, np.uint8))
+    assert len(ring.pop(4, worker=5, worker_pid=111)) == 2
+    arena.headers.set_cancel(1)  # the frontend abandoned it
+    assert ring.requeue_from_dead(5, b"poison") == ([0], [], [1])
+    rec = arena.slots[1]
+    assert rec["state"] == SlotState.DONE and rec["status"] == Status.CANCELLED
+    assert [c.slot for c in ring.pop(4, worker=6, worker_pid=222)] == [0]
     arena.close()
 
 
@@ -509,7 +528,7 @@ def test_consumer_killed_while_holding_the_ring_lock(shm_dir: Path) -> None:
     os.kill(victim.pid, signal.SIGKILL)
     victim.join(10)
     # The lock died with its holder: this would hang forever with a POSIX semaphore.
-    requeued, poisoned = ring.requeue_from_dead(3, b"poison")
+    requeued, poisoned, _ = ring.requeue_from_dead(3, b"poison")
     assert ring.owner_deaths == 1  # the kernel told us the holder died, and we carried on
     assert requeued == [0] and poisoned == []
     # The dead consumer never advanced head: entry 0 is still in the ring, not duplicated.
