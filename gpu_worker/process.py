@@ -39,7 +39,7 @@ from ringserve.ipc.answer import CANCELLED_MESSAGE, write_error, write_output
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.child import ChildSpec, load_spec
 from ringserve.ipc.control import ControlBlock
-from ringserve.ipc.errors import ArenaError, ExitCode, RingLockTimeout
+from ringserve.ipc.errors import ArenaError, ConfigError, ExitCode, RingLockTimeout
 from ringserve.ipc.layout import (
     DTYPE_CODE,
     DTYPES,
@@ -144,13 +144,7 @@ class Worker:
         )
         device = torch.device(self.model.device)
         if device.type == "cuda":
-            try:
-                torch.cuda.set_device(device)
-                torch.zeros(1, device=device)
-            except Exception as e:
-                log.error("cannot use %s: %s", device, e)
-                self.control.record_error(e)
-                sys.exit(ExitCode.CUDA_INIT)
+            device = self._cuda_device(device)
         # Errors of the model's configuration (its handler does not import, its options
         # or declared tensors are invalid) exit MODEL_CONFIG: no retry can fix them, and
         # the supervisor stops a start on them at once. ``load`` itself may fail for a
@@ -237,6 +231,32 @@ class Worker:
         )
         self.control.set_state(ProcState.READY)
         log.info("worker %d ready: model %s on %s", self.spec.ident, self.model.name, device)
+
+    def _cuda_device(self, device: torch.device) -> torch.device:
+        """``device`` with its index (``cuda`` is ``cuda:0``, as torch reads it), made
+        current. A device this host does not have is a configuration error (no retry
+        finds it: exit MODEL_CONFIG, so a start stops at once); a device that fails to
+        initialise is retried (CUDA_INIT: it may be busy or recovering)."""
+        index = 0 if device.index is None else device.index
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if index >= count:
+            why = (
+                f"this host has {count} CUDA device(s) (cuda:0 to cuda:{count - 1})"
+                if count
+                else "torch sees no CUDA device here (no NVIDIA driver, or "
+                "CUDA_VISIBLE_DEVICES hides them)"
+            )
+            error = ConfigError(f"models.{self.model.name}.device={self.model.device}: {why}")
+            self._cannot_load(error, ExitCode.MODEL_CONFIG)
+        device = torch.device("cuda", index)
+        try:
+            torch.cuda.set_device(device)
+            torch.zeros(1, device=device)
+        except Exception as e:
+            log.error("cannot use %s: %s", device, e)
+            self.control.record_error(e)
+            sys.exit(ExitCode.CUDA_INIT)
+        return device
 
     def _cannot_load(self, error: Exception, code: ExitCode) -> NoReturn:
         if self.spec.failures:  # the traceback is in the journal from the first try

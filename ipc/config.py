@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -311,7 +312,7 @@ def _validate(s: Settings) -> None:
         need(m.workers >= 1, f"{key}.workers", "must be at least 1")
         need(m.threads >= 1, f"{key}.threads", "must be at least 1")
         need(
-            m.device == "cpu" or m.device.startswith("cuda"),
+            re.fullmatch(r"cpu|cuda(:\d+)?", m.device) is not None,
             f"{key}.device",
             "must be cpu or cuda[:N]",
         )

@@ -337,6 +337,8 @@ BAD_FILES = [
     ("models.a.workers", '[models.a]\nhandler = "identity"\nworkers = 1.5\n'),
     ("models.a.threads", '[models.a]\nhandler = "identity"\nthreads = 0\n'),
     ("models.a.device", '[models.a]\nhandler = "identity"\ndevice = "tpu"\n'),
+    ("models.a.device", '[models.a]\nhandler = "identity"\ndevice = "cuda:"\n'),
+    ("models.a.device", '[models.a]\nhandler = "identity"\ndevice = "cudax"\n'),
     ("models.a.options", '[models.a]\nhandler = "identity"\noptions = 3\n'),
     ("models.a.batching", '[models.a]\nhandler = "identity"\nbatching = 3\n'),
     (

@@ -127,6 +127,31 @@ def test_a_model_that_cannot_be_served_as_configured_stops_the_start_at_once(
     assert shm_segments(server.instance) == []
 
 
+@pytest.mark.parametrize("device", ["cuda:99", "cuda"])
+def test_a_cuda_device_the_host_lacks_stops_the_start_at_once(start_server, device: str) -> None:
+    """``cuda`` is ``cuda:0``, as torch reads it: it crash-looped on any host (torch's
+    set_device wants an index), with a message about the index. A device this host does
+    not have cannot appear by retrying: exit 2 at once, naming the key and what the host
+    has (it was retried as cuda_init until server.startup_timeout_s)."""
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this host has cuda:0")
+    server: Server = start_server(
+        *("--model", "bad=identity", "--set", f"models.bad.device={device}"),
+        *("--model", "good=identity"),
+        ready=False,
+    )
+    assert server.proc.wait(60) == ServeExit.CONFIG, server.log()[-3000:]
+    log = server.log()
+    assert re.search(
+        rf"ConfigError: models\.bad\.device={device}: (this host has \d+ CUDA device|torch sees no "
+        r"CUDA device here)",
+        log,
+    ), log[-3000:]
+    assert "specified index" not in log and "start-up timeout" not in log
+
+
 def test_a_load_cut_short_by_the_worker_start_timeout_names_that_setting(start_server) -> None:
     """A model that loads slower than worker.start_timeout_s is killed each try: the
     kill, the model's last error and the start-up timeout line name that setting (the
