@@ -255,6 +255,24 @@ def test_decode_applies_exif_orientation_and_leaves_upright_images_alone() -> No
     assert torch.equal(plain, torch.from_numpy(pixels).permute(2, 0, 1))
 
 
+@pytest.mark.parametrize("label", [0, 3, 7])
+def test_a_16_bit_grayscale_png_decodes_as_its_8_bit_original(digits: Handler, label: int) -> None:
+    """A 16-bit grayscale PNG (mode I;16: scans, medical images) is scaled to 8 bits, for
+    one channel and for three. PIL's own conversion clips every value over 255 of 65535
+    to white: the same digit saved as 16 bits was answered 6 for 0, with a 200."""
+    from ringserve.gpu_worker.handlers.vision import decode_payload
+
+    eight = np.asarray(Image.open(EXAMPLES / f"digit_{label}.png").convert("L"))
+    buf = io.BytesIO()
+    Image.fromarray(eight.astype(np.uint16) * 257).save(buf, "PNG")  # 0..255 -> 0..65535
+    sixteen = np.frombuffer(buf.getvalue(), np.uint8)
+    assert Image.open(io.BytesIO(buf.getvalue())).mode in ("I;16", "I")
+    for mode in ("L", "RGB"):
+        original = decode_payload(image_bytes(EXAMPLES / f"digit_{label}.png"), mode)
+        assert torch.equal(decode_payload(sixteen, mode), original), mode
+    assert run(digits, (sixteen, IMAGE))[0].argmax() == label
+
+
 def test_torchvision_garbage_image_is_bad_input(resnet18: Handler) -> None:
     with pytest.raises(BadInput, match="could not decode image"):
         resnet18.preprocess(np.frombuffer(b"\xff\xd8\xff garbage", np.uint8), IMAGE)

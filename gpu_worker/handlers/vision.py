@@ -94,7 +94,7 @@ def decode_payload(
                     im.draft(mode, (min_side, min_side))
                 # In place: without an orientation tag it is then a no-op, not a copy.
                 ImageOps.exif_transpose(im, in_place=True)
-                upright = im if im.mode == mode else im.convert(mode)  # (same mode: a copy)
+                upright = im if im.mode == mode else _eight_bit(im).convert(mode)
                 # asarray wraps PIL's packed bytes (read-only) where array copied them again.
                 tensor = torch.from_numpy(np.asarray(upright))
     except BadInput:
@@ -108,6 +108,16 @@ def decode_payload(
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
         raise BadInput(f"could not decode image: {e}") from None
     return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
+
+
+def _eight_bit(im: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image (PNG, TIFF: modes ``I;16*``, or ``I`` as PIL opens such
+    a PNG) scaled to 8 bits. PIL's own conversion clips instead: every value over 255 of
+    65535 became white, and a 16-bit scan of a digit was answered as another digit."""
+    if not (im.mode.startswith("I;16") or im.mode == "I"):
+        return im
+    wide = np.asarray(im).astype(np.uint32, copy=False)
+    return Image.fromarray((wide >> 8).astype(np.uint8), "L")
 
 
 def fold_batchnorm(model: torch.nn.Module, name: str) -> torch.nn.Module:
