@@ -30,6 +30,7 @@ from ringserve.frontend.call import (
     Reply,
     as_http_error,
     error_reply,
+    header_value,
     json_reply,
     new_request_id,
 )
@@ -37,6 +38,7 @@ from ringserve.frontend.catalog import MODEL_VERSION, Catalog, ModelInfo
 from ringserve.frontend.client_shm import ClientShm
 from ringserve.frontend.dispatch import REFUSED, Completed, Dispatcher
 from ringserve.frontend.errors import HTTPError, bad_request, unavailable, unprocessable
+from ringserve.frontend.http_guard import REQUEST_ID_IN_SCOPE
 from ringserve.frontend.images import check_image
 from ringserve.frontend.jsonio import nonfinite, parse_json, utf8_strings
 from ringserve.frontend.metrics import FrontendMetrics
@@ -89,12 +91,20 @@ def request_id(headers: Mapping[str, str]) -> str:
     return new_request_id()
 
 
+def call_request_id(call: Call) -> str:
+    """``request_id`` of the call, kept in its scope: a 408 that the HTTP guard answers
+    for it (its body stalled) then echoes the id the access log names."""
+    rid = request_id(call.headers)
+    call.scope[REQUEST_ID_IN_SCOPE] = header_value(rid)  # as the response head carries it
+    return rid
+
+
 def json_endpoint(act: Handler) -> AsgiEndpoint:
     """A route for a handler that may raise ``HTTPError``: the error as JSON, and the
     request id on every reply."""
 
     async def handler(call: Call) -> Reply:
-        rid = request_id(call.headers)
+        rid = call_request_id(call)
         try:
             reply = await act(call)
         except HTTPError as err:
@@ -355,7 +365,7 @@ def record_answer(
 def make_predict(state: FrontendState) -> Handler:
     async def predict(call: Call) -> Reply:
         t0 = time.perf_counter()
-        rid = request_id(call.headers)
+        rid = call_request_id(call)
         name = call.path_params.get("name") or state.catalog.names()[0]
         try:
             check_intake(state)

@@ -38,6 +38,9 @@ MAX_HEAD_BYTES = 64 * 1024
 # Set in the request's scope when the body stalled and the client was answered 408 here:
 # the app, which then sees a disconnect, counts the 408 the client got, not a 499.
 READ_TIMED_OUT = "ringserve.read_timed_out"
+# Set in the request's scope by the app when it picks the request's id (as header bytes):
+# a 408 answered here for that request echoes it, as the app's access log names it.
+REQUEST_ID_IN_SCOPE = "ringserve.request_id"
 # At a graceful stop, how long a connection with no request in progress stays open for
 # one that may be on its way (it is then answered with Connection: close).
 IDLE_GRACE_S = 1.0
@@ -174,9 +177,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         message = f"request not received within {self.read_timeout_s:g} s"
         cycle = self.cycle  # None until a head was complete
         if self._in_head or (cycle is not None and not cycle.response_started):
+            rid = None
             if cycle is not None:  # the app reads the body: it counts the 408 as its own
                 cycle.scope[READ_TIMED_OUT] = message
-            self._refuse(408, message, counted=cycle is None)
+                rid = cycle.scope.get(REQUEST_ID_IN_SCOPE)
+            self._refuse(408, message, counted=cycle is None, rid=rid)
         else:
             self.transport.close()
 
@@ -186,7 +191,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         every ringserve error, JSON with a request id, not uvicorn's text/plain."""
         self._refuse(400, "invalid HTTP request: its request line or headers cannot be parsed")
 
-    def _refuse(self, status: int, message: str, counted: bool = True) -> None:
+    def _refuse(
+        self, status: int, message: str, counted: bool = True, rid: bytes | None = None
+    ) -> None:
         """Answer before the app saw the request (JSON, like every ringserve error), close."""
         self._in_head, self._refused = False, True
         self._cancel_read_timer()
@@ -203,7 +210,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             *(name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers),
             b"content-type: application/json\r\n",
             b"content-length: %d\r\n" % len(body),
-            b"x-request-id: " + uuid.uuid4().hex.encode() + b"\r\n",
+            b"x-request-id: " + (rid or uuid.uuid4().hex.encode()) + b"\r\n",
             b"connection: close\r\n\r\n",
         ]
         self.transport.write(b"".join(head) + body)

@@ -32,6 +32,7 @@ import ringserve
 from ringserve.frontend.app import (
     FrontendState,
     answer_error,
+    call_request_id,
     check_intake,
     error_response,
     infer,
@@ -284,7 +285,7 @@ def v2_routes(state: FrontendState) -> list[Route]:
 
     async def infer_endpoint(call: Call) -> Reply:
         t0 = time.perf_counter()
-        rid = request_id(call.headers)
+        rid = call_request_id(call)
         name = call.path_params["name"]
         try:
             info = _lookup(state, call)

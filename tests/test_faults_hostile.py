@@ -307,6 +307,8 @@ def test_truncated_body_left_open_is_cut_after_the_read_timeout(
     data = post_head(ID, 1000) + b'{"data":[1.0,' if framing == "content-length" else (
         post_head(ID, None) + b'5\r\n{"dat\r\n'
     )  # fmt: skip
+    rid = f"stalled-{framing}"  # echoed by the 408, as the access log names the request
+    data = data.replace(b"Host: t\r\n", f"Host: t\r\nX-Request-ID: {rid}\r\n".encode(), 1)
 
     def timeouts() -> float:
         text = httpx.get(f"{server.url}/metrics", timeout=10).text
@@ -318,7 +320,9 @@ def test_truncated_body_left_open_is_cut_after_the_read_timeout(
     with socket.create_connection(("127.0.0.1", server.port), timeout=READ_TIMEOUT_S + 8) as s:
         s.sendall(data)
         answer = s.recv(65536)
-        assert parse_response(answer)[0] == 408, answer  # as for a slow head
+        status, headers, _ = parse_response(answer)
+        assert status == 408, answer  # as for a slow head
+        assert headers["x-request-id"] == rid, answer  # it was a random one
         assert s.recv(65536) == b"", "closed after the 408"
     cut = time.monotonic() - t0
     # Counted as the 408 the client got (it was a 499, as if the client had left).
