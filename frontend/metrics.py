@@ -229,7 +229,7 @@ class ArenaCollector:
             ),
             "uss": GaugeMetricFamily(
                 "ringserve_process_unique_memory_bytes",
-                "USS: private memory, what a leak grows",
+                "USS: private memory this process wrote (not clean library pages), what a leak grows",
                 labels=["role", "id", "model"],
             ),
             "pss": GaugeMetricFamily(

@@ -6,6 +6,7 @@ import itertools
 import mmap
 import multiprocessing as mp
 import multiprocessing.synchronize
+import os
 import random
 import time
 from collections import deque
@@ -590,3 +591,41 @@ def test_sample_process_leaves_shared_pages_out_of_uss() -> None:
         child.kill()
         child.join(10)
         mem.close()
+
+
+def _map_a_file_and_grow(path: str, grow: int, ready: mp.synchronize.Event) -> None:
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    sum(mapped[i] for i in range(0, len(mapped), mmap.PAGESIZE))  # clean file pages
+    heap = bytearray(grow)
+    for i in range(0, grow, mmap.PAGESIZE):  # private pages it wrote: what a leak is
+        heap[i] = 1
+    ready.set()
+    time.sleep(60)
+    del heap
+
+
+def test_uss_is_what_the_process_wrote_not_library_pages_only_it_maps(tmp_path) -> None:
+    """A file only this process maps (as torch's libraries are for a lone worker) is
+    private but clean: it turns shared the moment another process maps the same file, so
+    counting it made a lone worker's USS 210 MiB higher than with any sibling, and a
+    worker with no leak was recycled at its limit. USS counts the pages it wrote."""
+    library, size, grow = tmp_path / "lib.so", 128 * MB, 32 * MB
+    with open(library, "wb") as f:
+        for _ in range(size // MB):
+            f.write(b"\7" * MB)
+        os.fsync(f.fileno())  # written back: clean pages, as an installed library's are
+    fork = mp.get_context("fork")
+    ready = fork.Event()
+    child = fork.Process(target=_map_a_file_and_grow, args=(str(library), grow, ready))
+    child.start()
+    try:
+        assert ready.wait(30)
+        sample = sample_process(child.pid)
+        assert sample is not None
+        assert sample.rss >= size + grow  # both are resident in it
+        # Only the pages it wrote count (its grow, and what Python wrote after the fork).
+        assert grow <= sample.uss < size, sample
+    finally:
+        child.kill()
+        child.join(10)
