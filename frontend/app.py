@@ -464,9 +464,13 @@ def build_app(state: FrontendState, extra_routes: list[Route] | None = None) -> 
         if state.arena.paused:
             reasons.append("intake paused")
         for index, (n, c) in enumerate(models.items()):
-            if c == 0:
+            # A model drained on purpose (ctl drain of its last worker: configured 0)
+            # answers its own 503s; the rest of the server is ready, as the alerts agree.
+            if c == 0 and state.catalog.workers(index):
                 error = state.catalog.last_error(index)
                 reasons.append(f"model {n} has no ready worker" + (f": {error}" if error else ""))
+        if not any(state.catalog.workers(i) for i in range(len(models))):
+            reasons.append("every model was drained (ctl scale MODEL N serves one again)")
         body = {"ready": not reasons, "workers_ready": models}
         if reasons:
             body["reasons"] = reasons

@@ -684,10 +684,28 @@ def test_scale_and_drain_move_the_worker_count_everywhere(start_server) -> None:
     [model] = httpx.get(f"{server.url}/v1/models").json()["models"]
     assert model["state"] == "drained"
     assert server.ctl("status")["models"][0]["state"] == "drained"
+    not_ready = httpx.get(f"{server.url}/readiness")  # it serves nothing now
+    assert not_ready.status_code == 503 and "every model was drained" in not_ready.text
     server.ctl("scale", "slow", "1")
     server.wait_workers_ready(1)
     with server.client() as c:
         assert c.post("/v1/models/slow/predict", json={"data": [1.0, 2.0]}).status_code == 200
+    assert server.stop() == 0
+
+
+def test_draining_one_models_last_worker_leaves_the_server_ready(start_server) -> None:
+    """``ctl drain`` of a model's last worker is deliberate (configured 0; the alerts
+    stay quiet): the server still serves its other models, so /readiness stays 200. It
+    went 503, which takes a Kubernetes pod or an nginx upstream out for every model."""
+    server: Server = start_server("--model", "a=identity", "--model", "b=identity")
+    [b_worker] = [p["id"] for p in server.children() if p["model"] == "b"]
+    server.ctl("drain", b_worker)
+    wait_until(lambda: len(worker_pids(server)) == 1, 60, "b's worker gone")
+    ready = httpx.get(f"{server.url}/readiness")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["workers_ready"] == {"a": 1, "b": 0}
+    r = httpx.post(f"{server.url}/v1/models/b/predict", json={"data": [1.0]})
+    assert r.status_code == 503 and "its last one was drained" in r.text
     assert server.stop() == 0
 
 
