@@ -189,6 +189,11 @@ def _config(catalog: Catalog, info: ModelInfo) -> dict[str, Any]:
     }
     if mbs > 0:
         preferred = spec.get("preferred_batch_size") or s.batching.preferred_batch_size
+        # Triton refuses a preferred size over max_batch_size; ours is rows per batch
+        # across requests, while max_batch_size above is rows one request may carry
+        # (a slot may hold fewer than the batcher joins): not advertised then.
+        if preferred and preferred > config["max_batch_size"]:
+            preferred = 0
         config["dynamic_batching"] = {
             "preferred_batch_size": [int(preferred)] if preferred else [],
             "max_queue_delay_microseconds": int(s.batching.max_queue_delay_ms * 1000),

@@ -883,3 +883,20 @@ def test_bytes_output_refusals(client: httpx.Client) -> None:
     r = client.post("/v2/models/desc/infer", json={"inputs": [_t(shape=[1, 1], data=[7])]})
     assert r.status_code == 200 and r.json()["outputs"][0]["data"] == ["7"]
     good_json(client)
+
+
+def test_config_never_prefers_more_rows_than_max_batch_size(start_server) -> None:
+    """max_batch_size in the config is the rows one request may carry: fewer than the
+    batcher joins when a slot holds fewer (digits rows in 4 KiB slots: 16). Triton
+    refuses a config whose preferred size exceeds it, and tools that read the config
+    (perf_analyzer, model analyzer) take it as invalid: the preferred size is then left
+    out, not advertised as 32 against 16."""
+    server = start_server(
+        *("--model", "digits=digits", "--set", "arena.slot_bytes=4096"),
+        *("--set", "models.digits.batching.preferred_batch_size=32"),
+        frontends=1,
+    )
+    config = httpx.get(f"{server.url}/v2/models/digits/config").json()
+    assert config["max_batch_size"] == 16, config
+    assert config["dynamic_batching"]["preferred_batch_size"] == [], config
+    assert server.stop() == 0
