@@ -504,7 +504,9 @@ def build_app(state: FrontendState, extra_routes: list[Route] | None = None) -> 
 
     async def metrics(request: Request) -> Response:
         body, ctype = state.metrics.render()
-        return Response(body, media_type=ctype)
+        return Response(
+            body, media_type=ctype, headers={"X-Request-ID": request_id(request.headers)}
+        )
 
     predict = make_predict(state)
     routes = [

@@ -48,7 +48,9 @@ def test_every_contract_metric_is_exported(start_server) -> None:
     wait_until(
         lambda: server.ctl("status")["server"]["totals"].get("recycles:admin"), 60, "the recycle"
     )
-    names = scrape_names(httpx.get(f"{server.url}/metrics").text)
+    scrape = httpx.get(f"{server.url}/metrics", headers={"X-Request-ID": "scrape-1"})
+    assert scrape.headers["X-Request-ID"] == "scrape-1"  # as on every other route
+    names = scrape_names(scrape.text)
     for metric in sorted(EXPORTED_METRICS - GPU_ONLY - EVENT_ONLY):
         if metric in HISTOGRAMS:
             assert f"{metric}_bucket" in names, metric
