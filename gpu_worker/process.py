@@ -31,6 +31,7 @@ from ringserve.gpu_worker.cpu_share import ThreadShare
 from ringserve.gpu_worker.handlers import BadInput, Handler, TensorSpec, create_handler
 from ringserve.gpu_worker.handlers.base import OutputContractError
 from ringserve.gpu_worker.handlers.declaration import DeclarationError, check_declaration
+from ringserve.gpu_worker.handlers.weights import WeightsError
 from ringserve.gpu_worker.metrics import BatchTiming, WorkerMetrics
 from ringserve.gpu_worker.output_contract import advertised_output, check_output
 from ringserve.gpu_worker.profile import sample_row, throughput_profile
@@ -156,6 +157,8 @@ class Worker:
         try:
             handler.load(device)
             handler.device = device
+        except WeightsError as e:  # there, but not this model's: no retry finds others
+            self._cannot_load(e, ExitCode.MODEL_CONFIG)
         except Exception as e:
             self._cannot_load(e, ExitCode.MODEL_LOAD)
         try:

@@ -179,7 +179,7 @@ class ExitHandling:
         m = self.settings.models[model_index]
         log.error(
             "model %s (%s) cannot be served as configured: %s. Shutting down (exit %d): "
-            "fix the handler or its options",
+            "fix the handler, its options, weights or device",
             m.name,
             m.handler,
             error or "see the worker's error above",

@@ -165,6 +165,43 @@ def test_digits_loads_weights_from_settings(digits: Handler, tmp_path: Path) -> 
     assert not torch.equal(digits.net.state_dict()[weight], state[weight])  # packaged asset
 
 
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"not a checkpoint at all\n", "is not a torch state_dict: Unsupported operand"),
+        ("resnet", "does not fit DigitsNet: Error(s) in loading state_dict for DigitsNet"),
+        ("tensor", "holds a Tensor, not a state_dict"),
+    ],
+    ids=["text", "another-model", "a-tensor"],
+)
+def test_a_weights_file_that_is_not_this_models_is_a_configuration_error(
+    tmp_path: Path, content: object, says: str
+) -> None:
+    """A weights file that is there but is no checkpoint of this model cannot fix itself:
+    WeightsError (the worker exits MODEL_CONFIG: the start stops at once; it was retried
+    as model_load until the start-up timeout), saying what is wrong on one short line.
+    torch's own message opened with advice to load with weights_only=False, which
+    ringserve never does, and was cut off before the cause. A missing file stays an
+    OSError, retried (storage may not be mounted yet)."""
+    from ringserve.gpu_worker.handlers.weights import MAX_REASON, WeightsError
+
+    path = tmp_path / "weights.pt"
+    if content == "resnet":
+        torch.save(torch.nn.Linear(2, 2).state_dict(), path)
+    elif content == "tensor":
+        torch.save(torch.zeros(3), path)
+    else:
+        path.write_bytes(content)  # type: ignore[arg-type]
+    with pytest.raises(WeightsError) as caught:
+        loaded("digits", weights=str(path))
+    message = str(caught.value)
+    assert says in message and str(path) in message, message
+    assert "weights_only" not in message and "\n" not in message
+    assert len(message) <= len(str(path)) + 60 + MAX_REASON
+    with pytest.raises(FileNotFoundError):
+        loaded("digits", weights=str(tmp_path / "missing.pt"))
+
+
 # -- torchvision -------------------------------------------------------------------------
 
 SMALL = {"num_classes": 10, "image_size": 64}

@@ -25,6 +25,7 @@ from ringserve.gpu_worker.handlers.vision import (
     decode_payload,
     tensor_from_payload,
 )
+from ringserve.gpu_worker.handlers.weights import load_state_dict
 from ringserve.ipc.layout import PayloadKind
 
 SIDE = 8
@@ -43,7 +44,7 @@ class DigitsHandler(Handler):
     def load(self, device: torch.device) -> None:
         path = self.settings.weights or ASSET
         net = DigitsNet()
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        load_state_dict(net, path)
         self.net = net.eval().to(device)
         self.device = device
 

@@ -42,6 +42,7 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ringserve.gpu_worker.handlers.base import BadInput, Handler, TensorSpec
+from ringserve.gpu_worker.handlers.weights import load_state_dict
 from ringserve.ipc.config import ModelSettings
 from ringserve.ipc.layout import PayloadKind
 
@@ -187,11 +188,7 @@ class TorchvisionHandler(Handler):
     def load(self, device: torch.device) -> None:
         model = torchvision.models.get_model(self.arg, weights=None, num_classes=self.num_classes)
         if self.settings.weights:
-            state = torch.load(self.settings.weights, map_location="cpu", weights_only=True)
-            for key in ("state_dict", "model"):  # common training-checkpoint wrappers
-                if isinstance(state, dict) and isinstance(state.get(key), dict):
-                    state = state[key]
-            model.load_state_dict(state)
+            load_state_dict(model, self.settings.weights)
         else:
             log.warning(
                 "model %s: no weights file for torchvision:%s; it runs with RANDOM "
