@@ -202,6 +202,41 @@ def test_a_weights_file_that_is_not_this_models_is_a_configuration_error(
         loaded("digits", weights=str(tmp_path / "missing.pt"))
 
 
+@pytest.mark.parametrize(
+    ("handler", "options", "says"),
+    [
+        ("torchscript:/m.pt", {"input_shap": [4]}, "input_shap: not an option of torchscript "
+         "(did you mean input_shape? it takes: input_dtype, input_shape"),
+        ("torchvision:resnet18", {"num_clases": 5}, "num_clases: not an option of torchvision "
+         "(did you mean num_classes?"),
+        ("digits", {"labels_fle": "x"}, "labels_fle: not an option of digits "
+         "(it takes: max_image_pixels)"),
+        ("identity", {"factor": 2}, "factor: not an option of identity (it takes: none)"),
+    ],
+)  # fmt: skip
+def test_an_option_a_built_in_handler_does_not_take_is_refused(
+    handler: str, options: dict, says: str
+) -> None:
+    """A typo in ``[models.NAME.options]`` was ignored without a word: the model served
+    with the default (a TorchScript model with any input shape, a 1000-class head), while
+    every other unknown config key stops the start. It is a configuration error (the
+    worker exits MODEL_CONFIG: exit 2 at start) naming the key and what is taken."""
+    from ringserve.ipc.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        create_handler(ModelSettings(name="m", handler=handler, options=options))
+    assert str(caught.value).startswith(f"models.m.options.{says}"), caught.value
+
+
+def test_a_handler_of_yours_takes_any_option() -> None:
+    h = create_handler(
+        ModelSettings(
+            name="m", handler="python:support.fake_handlers:Slow", options={"anything": 1}
+        )
+    )
+    assert h.settings.options == {"anything": 1}
+
+
 # -- torchvision -------------------------------------------------------------------------
 
 SMALL = {"num_classes": 10, "image_size": 64}

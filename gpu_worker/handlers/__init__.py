@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 
 from ringserve.gpu_worker.handlers.base import BadInput, Handler, TensorSpec
 from ringserve.ipc.config import ModelSettings
+from ringserve.ipc.errors import ConfigError
 
 __all__ = ["BadInput", "Handler", "TensorSpec", "create_handler"]
 
@@ -15,6 +17,23 @@ _BUILTINS = {
     "torchvision": "ringserve.gpu_worker.handlers.vision:TorchvisionHandler",
     "torchscript": "ringserve.gpu_worker.handlers.torchscript:TorchScriptHandler",
 }
+
+
+def _check_options(settings: ModelSettings, cls: type[Handler], kind: str) -> None:
+    """A key the handler does not read is a typo (``input_shap``, ``num_clases``): it was
+    ignored without a word, and the model served with the default instead."""
+    known = cls.known_options
+    if known is None:
+        return
+    for key in sorted(settings.options):
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            takes = ", ".join(sorted(known)) or "none"
+            raise ConfigError(
+                f"models.{settings.name}.options.{key}: not an option of {kind} "
+                f"({hint}it takes: {takes})"
+            )
 
 
 def _import(path: str) -> type:
@@ -31,6 +50,7 @@ def create_handler(settings: ModelSettings) -> Handler:
     once, rather than failing every request."""
     kind, _, arg = settings.handler.partition(":")
     cls = _import(arg) if kind == "python" else _import(_BUILTINS[kind])
+    _check_options(settings, cls, kind)
     handler = cls(settings, "" if kind == "python" else arg)
     if (
         handler.inputs

@@ -63,6 +63,9 @@ class Handler(ABC):
     # Answers are checked against ``outputs[0]`` (dtype and per-row shape); False where
     # that spec is a placeholder, not a declaration (TorchScript without output options).
     output_declared: bool = True
+    # The ``[models.NAME.options]`` keys it reads: any other is a typo, refused at start
+    # as an unknown config key is. None: any (a handler of yours reads what it likes).
+    known_options: frozenset[str] | None = None
 
     def __init__(self, settings: ModelSettings, arg: str = "") -> None:
         self.settings = settings

@@ -37,6 +37,7 @@ class DigitsHandler(Handler):
     task = "classification"
     accepts_images = True
     labels = tuple(str(d) for d in range(10))
+    known_options = frozenset({"max_image_pixels"})
     inputs = (TensorSpec("INPUT0", "float32", (SIDE, SIDE)),)
     outputs = (TensorSpec("OUTPUT0", "float32", (10,)),)
     net: DigitsNet  # set by load()

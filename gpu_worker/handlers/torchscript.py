@@ -46,6 +46,9 @@ def _spec(name: str, dtype: Any, shape: Any, key: str) -> TensorSpec:
 
 
 class TorchScriptHandler(Handler):
+    known_options = frozenset(
+        {"input_dtype", "input_shape", "output_dtype", "output_shape", "task", "labels_file"}
+    )
     platform = "pytorch_libtorch"
 
     def __init__(self, settings: ModelSettings, arg: str = "") -> None:

@@ -161,6 +161,16 @@ def check_architecture(arch: str) -> None:
 
 
 class TorchvisionHandler(Handler):
+    known_options = frozenset(
+        {
+            "image_size",
+            "num_classes",
+            "labels_file",
+            "channels_last",
+            "fold_batchnorm",
+            "max_image_pixels",
+        }
+    )
     task = "classification"
     accepts_images = True
 
