@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -432,6 +433,12 @@ def load_settings(
         if dup := next((n for n in named if named.count(n) > 1), None):
             raise ConfigError(f"--model {dup}: given more than once")
         table = {name: {**file_models.get(name, {}), "handler": h} for name, h in models}
+        if dropped := [name for name in file_models if name not in table]:
+            logging.getLogger("ringserve.supervisor").warning(
+                "--model replaces the models of the config file: %s not served (give "
+                "each with --model too to keep it)",
+                ", ".join(dropped),
+            )
     else:
         table = dict(file_models) or {DEFAULT_MODEL.name: {"handler": DEFAULT_MODEL.handler}}
     model_sets = model_sets or {}

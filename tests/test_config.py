@@ -180,10 +180,12 @@ def test_flags_override_env_and_file(tmp_path):
     assert s.server.frontends == 3  # from the file
 
 
-def test_model_list_replaces_file_models_keeping_their_settings(tmp_path):
+def test_model_list_replaces_file_models_keeping_their_settings(tmp_path, caplog):
     path = write(tmp_path, FULL)
     s = load_settings(path, models=[("a", "python:mymod:Cls"), ("c", "identity")], environ={})
     assert [m.name for m in s.models] == ["a", "c"]  # b dropped, c added
+    # ... and said so: a user adding one model with --model lost the file's others silently.
+    assert "--model replaces the models of the config file: b not served" in caplog.text
     a, c = s.models
     assert a.handler == "python:mymod:Cls"  # the flag's handler wins
     assert (a.workers, a.threads, a.batching.max_batch_size) == (2, 2, 8)  # file settings kept
