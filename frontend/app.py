@@ -277,6 +277,8 @@ async def infer(
             message = completed.message
             if completed.status == Status.POISON:
                 message = f"poison request: {message}"
+            if completed.status == Status.SHUTDOWN:  # a 503: say when to ask again
+                raise unavailable(message)
             raise HTTPError(_STATUS_HTTP[completed.status], message)
         return answer(completed)
 

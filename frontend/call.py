@@ -203,7 +203,10 @@ async def run_handler(handler: Handler, call: Call) -> None:
             call.scope["path"],
         )
         reply = json_reply(
-            {"error": "the server shut down before the answer (drain timeout)"},
+            {
+                "error": "the server stopped before the answer (server.drain_timeout_s ran out, "
+                "or a fast stop)"
+            },
             503,
             {"Retry-After": "1"},
         )

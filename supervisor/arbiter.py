@@ -230,6 +230,7 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
                 log.info("%s: draining", signal.Signals(signum).name)
                 self.begin_drain()
         elif signum == signal.SIGQUIT:
+            log.warning("SIGQUIT: fast shutdown")
             self.begin_stop(fast=True)
         elif signum == signal.SIGHUP and self.phase == "running":
             log.info("SIGHUP: rolling restart")

@@ -639,6 +639,12 @@ def test_fast_shutdown(start_server, how: str) -> None:
     assert took < 20, f"fast shutdown took {took:.1f} s (drain timeout is 60 s)"
     codes = [r.status_code if isinstance(r, httpx.Response) else "transport" for r in responses]
     assert 503 in codes, codes
+    for r in responses:  # a 503 says when to ask again, as the README promises of all
+        if isinstance(r, httpx.Response) and r.status_code == 503:
+            assert r.headers.get("Retry-After"), (r.text, r.headers)
+            assert "drain timeout)" not in r.text  # no drain ran out: it was a fast stop
+    if how == "SIGQUIT":
+        assert "SIGQUIT: fast shutdown" in server.log()  # it was silent
 
 
 def test_scale_and_drain_move_the_worker_count_everywhere(start_server) -> None:
