@@ -166,7 +166,12 @@ def run_command(arb: Arbiter, cmd: str, args: dict[str, Any]) -> Any:
     if cmd == "status":
         return status(arb)
     if cmd == "config":
-        return dataclasses.asdict(arb.settings)
+        # As it is now: with the worker counts that ctl scale and drain have set since
+        # the start (the settings hold the start's).
+        config = dataclasses.asdict(arb.settings)
+        for model, wanted in zip(config["models"], arb.wanted_workers().values(), strict=True):
+            model["workers"] = wanted
+        return config
     if cmd == "pause":
         arb.arena.header["paused"] = 1
         return {"paused": True}

@@ -649,7 +649,7 @@ def test_fast_shutdown(start_server, how: str) -> None:
 
 def test_scale_and_drain_move_the_worker_count_everywhere(start_server) -> None:
     """``ctl scale`` and draining a model's last worker change the count it should have
-    in /metrics, /v1/models and the v2 config (not only in ctl status: the shipped
+    in /metrics, /v1/models, ctl config and the v2 config (not only in ctl status: the shipped
     degraded/no-worker alerts compare against it). Requests still queued when the last
     worker is drained get a 503 that says so at once, not a 504 at their deadline."""
     server: Server = start_server("--model", SLOW, env=HANDLER_ENV, frontends=1)
@@ -659,6 +659,8 @@ def test_scale_and_drain_move_the_worker_count_everywhere(start_server) -> None:
         [configured] = re.findall(r'ringserve_workers_configured\{model="slow"\} (\S+)', metrics)
         [model] = httpx.get(f"{server.url}/v1/models").json()["models"]
         group = httpx.get(f"{server.url}/v2/models/slow/config").json()["instance_group"]
+        [effective] = server.ctl("config")["models"]  # "the effective configuration"
+        assert effective["workers"] == model["workers"], effective
         return configured, model["workers"], group[0]["count"]
 
     assert counts() == ("1.0", 1, 1)
