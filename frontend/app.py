@@ -301,7 +301,8 @@ def _format_result(info: ModelInfo, output: np.ndarray, batched: bool) -> Any:
         idx = output.argmax(axis=1)
         rows = [
             {
-                "label": labels[i] if i < len(labels) else int(i),
+                # Its index as text without labels: one type for a typed client either way.
+                "label": labels[i] if i < len(labels) else str(i),
                 "index": int(i),
                 "score": float(output[r, i]),
             }

@@ -778,3 +778,17 @@ def test_a_torchscript_directory_is_a_configuration_error(tmp_path: Path) -> Non
     """Refused when the handler is made (exit 2 at start), not retried as a load error."""
     with pytest.raises(ValueError, match="is a directory; name the archive file in it"):
         create_handler(ModelSettings(name="m", handler=f"torchscript:{tmp_path}"))
+
+
+def test_a_classification_label_is_a_string_with_or_without_labels() -> None:
+    """/predict's label was a string from a labels file and an integer without one (a
+    torchvision model with no labels_file): a typed client broke on the second."""
+    from types import SimpleNamespace
+
+    from ringserve.frontend.app import _format_result
+
+    scores = np.array([[0.1, 0.7, 0.2]], np.float32)
+    for labels, label in (([], "1"), (["cat", "dog", "eel"], "dog")):
+        info = SimpleNamespace(spec={"task": "classification", "labels": labels})
+        row = _format_result(info, scores, batched=False)  # type: ignore[arg-type]
+        assert row["label"] == label and row["index"] == 1, row
