@@ -346,6 +346,10 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
     return out
 
 
+def _env_name(model: str) -> str:
+    return model.lower().replace("-", "_").replace(".", "_")
+
+
 def _env_model_sets(environ: Mapping[str, str], names: Sequence[str]) -> dict[str, dict[str, Any]]:
     """``RINGSERVE_MODELS_<NAME>_<KEY>`` (or ``..._BATCHING_<KEY>``, or ``..._OPTIONS_<KEY>``
     for a handler option, read as ``--set`` reads it) for the served models,
@@ -357,7 +361,8 @@ def _env_model_sets(environ: Mapping[str, str], names: Sequence[str]) -> dict[st
         if not var.startswith("RINGSERVE_MODELS_"):
             continue
         rest = var[len("RINGSERVE_MODELS_") :].lower()
-        name = max((n for n in names if rest.startswith(n.lower() + "_")), key=len, default=None)
+        # A variable name cannot hold '-' or '.': model "resnet-50" is RESNET_50 there.
+        name = max((n for n in names if rest.startswith(_env_name(n) + "_")), key=len, default=None)
         if name is None:
             raise ConfigError(f"{var}: names no served model (models: {', '.join(names)})")
         key = rest[len(name) + 1 :]
@@ -444,7 +449,10 @@ def load_settings(
     model_sets = model_sets or {}
     for name in model_sets:
         if name not in table:
-            raise ConfigError(f"models.{name}: no such model (models: {', '.join(table)})")
+            raise ConfigError(
+                f"models.{name}: no such model (models: {', '.join(table)}); --set takes "
+                "models.NAME.KEY, models.NAME.batching.KEY or models.NAME.options.KEY"
+            )
     env_sets = _env_model_sets(environ, list(table))
     model_list = []
     for name, values in table.items():
@@ -468,15 +476,17 @@ def model_set(path: str, value: str, into: dict[str, dict[str, Any]]) -> None:
     """File ``--set models.PATH=VALUE`` into ``into`` (``load_settings``'s ``model_sets``):
     PATH is ``NAME.KEY``, ``NAME.batching.KEY`` or ``NAME.options.KEY``. A handler option
     is read as a TOML value when it is one (``224``, ``true``, ``"a b"``), else as text."""
+    # Keys hold no '.', a model name may ("resnet.v2"): the name is what comes before.
     parts = path.split(".")
-    if len(parts) == 2 and all(parts):
-        into.setdefault(parts[0], {})[parts[1]] = value
-        return
-    if len(parts) == 3 and parts[0] and parts[2] and parts[1] in ("batching", "options"):
-        if parts[1] == "options":
+    if len(parts) >= 3 and parts[-2] in ("batching", "options") and all(parts):
+        name, table, key = ".".join(parts[:-2]), parts[-2], parts[-1]
+        if table == "options":
             with contextlib.suppress(tomllib.TOMLDecodeError):  # else plain text
                 value = tomllib.loads(f"v = {value}")["v"]
-        into.setdefault(parts[0], {}).setdefault(parts[1], {})[parts[2]] = value
+        into.setdefault(name, {}).setdefault(table, {})[key] = value
+        return
+    if len(parts) >= 2 and all(parts):
+        into.setdefault(".".join(parts[:-1]), {})[parts[-1]] = value
         return
     raise ConfigError(
         f"--set models.{path}: expected models.NAME.KEY, models.NAME.batching.KEY "

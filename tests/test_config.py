@@ -19,6 +19,7 @@ from ringserve.ipc.config import (
     Settings,
     field_docs,
     load_settings,
+    model_set,
 )
 from ringserve.ipc.errors import ConfigError, RingserveError
 
@@ -191,6 +192,24 @@ def test_model_list_replaces_file_models_keeping_their_settings(tmp_path, caplog
     assert (a.workers, a.threads, a.batching.max_batch_size) == (2, 2, 8)  # file settings kept
     assert a.options == {"scale": 2.5, "tags": ["x", "y"]}
     assert (c.workers, c.batching) == (1, BatchingSettings(16, 5.0, 0))
+
+
+def test_a_model_named_with_dash_or_dot_is_set_by_env_and_by_set(tmp_path):
+    """Model names may hold '-' and '.' ("resnet-50", "bert.v2"), but a variable name
+    cannot, and --set split the name at its dot: neither override reached such a model
+    (new-user probe). In variables '-' and '.' are '_'; --set takes the name up to the
+    key."""
+    path = write(
+        tmp_path,
+        '[models."resnet-50"]\nhandler = "identity"\n[models."bert.v2"]\nhandler = "identity"\n',
+    )
+    sets: dict = {}
+    model_set("bert.v2.workers", "3", sets)
+    model_set("bert.v2.batching.max_batch_size", "4", sets)
+    s = load_settings(path, model_sets=sets, environ={"RINGSERVE_MODELS_RESNET_50_WORKERS": "2"})
+    by_name = {m.name: m for m in s.models}
+    assert by_name["resnet-50"].workers == 2
+    assert (by_name["bert.v2"].workers, by_name["bert.v2"].batching.max_batch_size) == (3, 4)
 
 
 def test_model_list_without_file_replaces_the_default_model():
@@ -513,7 +532,11 @@ def cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
         (["--set", "noequals"], "--set"),
         (["--set", "models.nosuch.workers=2"], "models.nosuch: no such model"),
         (["--set", "models.digits=2"], "--set models.digits"),
-        (["--set", "models.digits.nosuch.key=1"], "--set models.digits.nosuch.key"),
+        (
+            ["--set", "models.digits.nosuch.key=1"],
+            "models.digits.nosuch: no such model (models: "
+            "digits); --set takes models.NAME.KEY, models.NAME.batching.KEY",
+        ),
         (["--set", "models.digits.nosuch=1"], "models.digits.nosuch"),
         (["--set", "models.digits.workers=x"], "models.digits.workers"),
         (["--set", "models.digits.batching.max_batch_size=0"], "models.digits.batching"),
