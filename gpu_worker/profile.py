@@ -47,6 +47,7 @@ ROUNDS = 3
 ROUND_S = 0.03  # a round of a fast model repeats it for this long (at most 50 runs)
 DYNAMIC_DIM = 16  # size used for -1 dimensions when making a sample input
 WAIT_S = 3 * BUDGET_S  # longest wait for a sibling's profile
+STALE_LOCK_S = 3600.0  # a profile takes seconds to minutes
 MAX_ENTRIES = 256  # the cache keeps the newest (a key changes with each model edit)
 
 
@@ -104,6 +105,7 @@ def _save_entry(key: str, rates: dict[int, float]) -> None:
             cache[key] = rates  # newest last: past MAX_ENTRIES the oldest go
             for stale in list(cache)[: max(0, len(cache) - MAX_ENTRIES)]:
                 del cache[stale]
+            _prune_turn_locks(cache)
             tmp = f"{path}.{os.getpid()}"
             with open(tmp, "w") as f:
                 json.dump(cache, f)
@@ -112,16 +114,39 @@ def _save_entry(key: str, rates: dict[int, float]) -> None:
         pass  # a read-only home only costs a re-profile next start
 
 
+def _turn_lock(turn: str) -> str:
+    """The lock file of one model configuration's profiling turn."""
+    digest = hashlib.sha1(turn.encode()).hexdigest()[:16]
+    return f"{_cache_path()}.{digest}.lock"
+
+
+def _prune_turn_locks(cache: dict) -> None:
+    """Remove the turn locks of configurations the cache no longer holds an entry for:
+    one lock file per model configuration ever profiled piled up for ever (58 on one
+    workstation) while the cache itself is capped. Only old ones: a turn lasts seconds
+    to minutes, and removing a lock a late sibling still waits on costs one profile."""
+    path = _cache_path()
+    keep = {_turn_lock(key.rpartition("|")[0]) for key in cache}
+    directory, prefix = os.path.dirname(path), os.path.basename(path) + "."
+    with contextlib.suppress(OSError):
+        for name in os.listdir(directory):
+            lock = os.path.join(directory, name)
+            if not (name.startswith(prefix) and name.endswith(".lock")) or lock in keep:
+                continue
+            if name != prefix + "lock" and time.time() - os.path.getmtime(lock) > STALE_LOCK_S:
+                with contextlib.suppress(OSError):
+                    os.unlink(lock)
+
+
 @contextlib.contextmanager
 def _profiling_turn(key: str, heartbeat: Callable[[], None]) -> Iterator[None]:
     """Hold the right to profile ``key``: a sibling that holds it is waited for, beating
     the heartbeat each second (the lock is taken in a helper thread, so the wait ends the
     moment it is free). Past ``WAIT_S`` (a holder that hangs), go ahead without it."""
-    path = _cache_path()
-    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+    lock_path = _turn_lock(key)
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(f"{path}.{digest}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError:
         fd = -1  # no cache directory: nothing to share either
     if fd < 0:

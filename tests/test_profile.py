@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import itertools
 import threading
+import time as _time
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,6 +29,9 @@ class VirtualClock:
 
     def monotonic(self) -> float:
         return self.now
+
+    def time(self) -> float:  # wall clock: a day after any file's mtime here
+        return _time.time() + 86400 + self.now
 
 
 class CostModel(Handler):
@@ -146,6 +150,21 @@ def test_the_cache_keeps_the_newest_entries(clock, monkeypatch):
             CostModel(clock, lambda n, k: 0.01 * n), settings(2, handler=name), lambda: None
         )
     assert [k.split("|")[0] for k in profile._load_cache()] == ["b", "c"]
+
+
+def test_turn_locks_of_keys_the_cache_dropped_are_removed(clock, monkeypatch):
+    """Each model configuration has a lock file for its siblings' profiling turn; they
+    piled up for ever (58 on a workstation) while the cache itself is capped. Those of
+    configurations the cache dropped go, once old."""
+    monkeypatch.setattr(profile, "MAX_ENTRIES", 2)
+    for name in ("a", "b", "c"):
+        profile.throughput_profile(
+            CostModel(clock, lambda n, k: 0.01 * n), settings(2, handler=name), lambda: None
+        )
+    cache = Path(profile._cache_path())
+    turns = sorted(str(p) for p in cache.parent.glob("*.lock") if p.name != f"{cache.name}.lock")
+    kept = [k.rpartition("|")[0] for k in profile._load_cache()]  # b and c, not a
+    assert turns == sorted(profile._turn_lock(k) for k in kept)
 
 
 def test_the_profile_is_cached_per_model_and_shape(clock):
