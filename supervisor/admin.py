@@ -412,10 +412,17 @@ class AdminServer:
         )
         try:
             result = self._dispatch(cmd, args)
-        except KeyError as e:
-            return encode_error(str(e.args[0]) if e.args else "not found")
-        except (ValueError, AdminCommandError) as e:
-            return encode_error(str(e) or type(e).__name__)
+        except (KeyError, ValueError, AdminCommandError) as e:
+            why = (e.args[0] if e.args else "not found") if isinstance(e, KeyError) else e
+            why = str(why) or type(e).__name__
+            # On the record as refused, not only as asked (the line above).
+            log.log(
+                logging.DEBUG if cmd in _READ_ONLY else logging.INFO,
+                "admin %s refused: %s",
+                cmd,
+                why,
+            )
+            return encode_error(why)
         except Exception as e:
             log.exception("admin command %r failed", cmd)
             return encode_error(f"internal error: {type(e).__name__}: {e}")

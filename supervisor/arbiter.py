@@ -104,6 +104,7 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         self.gpu = GpuWatch()
         self.phase = "starting"  # starting | running | draining | stopping | stopped
         self.ready_notified = False
+        self.ever_notified = False
         # Every model had a ready worker once: server.startup_timeout_s no longer applies.
         self.ever_ready = False
         self.drain_deadline = 0.0
@@ -455,7 +456,14 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         )
         if ready and not self.ready_notified and not self.rolling and not self.replacements:
             self.ready_notified = True
-            log.info("ready: every model has a ready worker")
+            # Told again at the end of each rolling restart (systemd's reload ends on it);
+            # readiness did not drop then, so the journal must not read as if it had.
+            log.info(
+                "rolling restart over"
+                if self.ever_notified
+                else "ready: every model has a ready worker"
+            )
+            self.ever_notified = True
             systemd.ready()
             self._notify_status()
 

@@ -701,6 +701,22 @@ def test_scale_and_drain_move_the_worker_count_everywhere(start_server) -> None:
     assert server.stop() == 0
 
 
+def test_the_journal_says_what_happened_after_a_reload_and_a_refused_command(
+    start_server,
+) -> None:
+    """After a rolling restart the supervisor tells systemd READY=1 again (its reload
+    ends on it), and the journal said 'ready: every model has a ready worker' again, as
+    if readiness had dropped; an admin command that was refused read like one that ran.
+    Now: 'rolling restart over', and 'admin ... refused: why'."""
+    server: Server = start_server("--model", "id=identity", frontends=1)
+    server.rolling_restart()
+    wait_until(lambda: "rolling restart over" in server.log(), 30, "the end of the restart")
+    assert server.log().count("ready: every model has a ready worker") == 1
+    server.ctl("drain", "worker-99", check=False)
+    assert re.search(r"admin drain refused: .*worker-99", server.log()), server.log()[-2000:]
+    assert server.stop() == 0
+
+
 def test_draining_one_models_last_worker_leaves_the_server_ready(start_server) -> None:
     """``ctl drain`` of a model's last worker is deliberate (configured 0; the alerts
     stay quiet): the server still serves its other models, so /readiness stays 200. It
