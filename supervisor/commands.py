@@ -116,9 +116,7 @@ def status(arb: Arbiter) -> dict[str, Any]:
         {
             "name": m.name,
             "handler": m.handler,
-            "state": ModelAvailability(int(arb.arena.models[i]["availability"])).name.lower()
-            if wanted[i]
-            else "drained",
+            "state": _model_state(arb, i, wanted[i]),
             "workers": wanted[i],
             "ready": ready[i],
             "queue_depth": arb.rings[i].depth(),
@@ -159,6 +157,17 @@ def status(arb: Arbiter) -> dict[str, Any]:
         "processes": procs,
         "models": models,
     }
+
+
+def _model_state(arb: Arbiter, index: int, wanted: int) -> str:
+    """serving, loading, recovering, failing; drained (configured 0); stopping while the
+    server stops (its workers exiting is no 'recovering': nothing restarts them)."""
+    assert arb.arena is not None
+    if arb.phase in ("stopping", "stopped"):
+        return "stopping"
+    if not wanted:
+        return "drained"
+    return ModelAvailability(int(arb.arena.models[index]["availability"])).name.lower()
 
 
 def run_command(arb: Arbiter, cmd: str, args: dict[str, Any]) -> Any:

@@ -717,6 +717,34 @@ def test_the_journal_says_what_happened_after_a_reload_and_a_refused_command(
     assert server.stop() == 0
 
 
+def test_ctl_status_says_stopping_for_the_models_of_a_stopping_server(start_server) -> None:
+    """While the server stops, its workers exit and nothing restarts them: ctl status
+    said 'recovering' (a worker being replaced) for every model, which a script alerting
+    on it would take for trouble. It says 'stopping'."""
+    server: Server = start_server(
+        "--model", SLOW, "--set", "worker.stop_timeout_s=30", env=HANDLER_ENV, frontends=1
+    )
+    with ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(
+            httpx.post, f"{server.url}/v1/models/slow/predict", json={"data": [3000.0]}, timeout=30
+        )
+        wait_until(lambda: running(server.ctl("status")["server"]["arena"]), 20, "running")
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.send_signal(signal.SIGTERM)  # the second: stop now, not drain
+        status = wait_until(
+            lambda: (
+                (s := server.ctl("status", check=False)).get("server", {}).get("phase")
+                == "stopping"
+                and s
+            ),
+            20,
+            "the stopping phase",
+        )
+        assert [m["state"] for m in status["models"]] == ["stopping"], status["models"]  # type: ignore[index]
+        busy.result(30)
+    assert server.proc.wait(60) == 0
+
+
 def test_draining_one_models_last_worker_leaves_the_server_ready(start_server) -> None:
     """``ctl drain`` of a model's last worker is deliberate (configured 0; the alerts
     stay quiet): the server still serves its other models, so /readiness stays 200. It
