@@ -225,10 +225,10 @@ def run_command(arb: Arbiter, cmd: str, args: dict[str, Any]) -> Any:
             arb.rolling = [*arb.rolling, name]
             return {"restarting": name}
         ws = _worker(arb, name)
-        ws.retired = False
         if ws.child is None:
-            ws.restart_at = time.monotonic()
+            ws.revive(time.monotonic())
             return {"starting": name}
+        ws.retired = False
         arb.rolling = [*arb.rolling, name]
         return {"restarting": name}
     if cmd == "recycle":
@@ -272,8 +272,7 @@ def scale(arb: Arbiter, args: dict[str, Any]) -> dict[str, Any]:
         ws for ws in arb.workers if ws.model_index == mi and ws.retired and ws.child is None
     ][: max(0, n - len(active))]
     for ws in revived:
-        ws.retired = False
-        ws.restart_at = time.monotonic()
+        ws.revive(time.monotonic())
     for _ in range(n - len(active) - len(revived)):
         ident = max((w.ident for w in arb.workers), default=-1) + 1
         ws = WorkerSlot(ident, mi)

@@ -33,6 +33,13 @@ class WorkerSlot:
     last_error: str = ""  # what its last process recorded before failing to start
     retired: bool = False  # scaled down: do not restart
 
+    def revive(self, now: float) -> None:
+        """A drained or scaled-down position wanted again: its next process starts
+        fresh, so the last one's recycle reason is not shown as its own."""
+        self.retired = False
+        self.restart_at = now
+        self.last_recycle_reason = ""
+
 
 @dataclass
 class FrontendSlot:

@@ -745,6 +745,27 @@ def test_ctl_status_says_stopping_for_the_models_of_a_stopping_server(start_serv
     assert server.proc.wait(60) == 0
 
 
+def test_a_worker_started_by_scale_shows_no_recycle_it_never_had(start_server) -> None:
+    """LAST_RECYCLE belongs to the position: a worker that ``ctl scale`` started again
+    showed the recycle reason of the one before it, a process it never was."""
+    server: Server = start_server("--model", "id=identity", "--workers", "2", frontends=1)
+    server.wait_workers_ready(2)
+
+    def row(ident: str) -> dict:
+        return next(p for p in server.children() if p["id"] == ident and p["state"] == "ready")
+
+    old = row("worker-1")["pid"]
+    server.ctl("recycle", "worker-1")
+    wait_until(lambda: row("worker-1")["pid"] != old, 60, "the recycle")
+    assert row("worker-1")["last_recycle_reason"] == "admin"
+    server.ctl("scale", "id", "1")
+    wait_until(lambda: len(worker_pids(server)) == 1, 60, "scale down")
+    server.ctl("scale", "id", "2")
+    server.wait_workers_ready(2)
+    assert row("worker-1")["last_recycle_reason"] == "", row("worker-1")
+    assert server.stop() == 0
+
+
 def test_draining_one_models_last_worker_leaves_the_server_ready(start_server) -> None:
     """``ctl drain`` of a model's last worker is deliberate (configured 0; the alerts
     stay quiet): the server still serves its other models, so /readiness stays 200. It
