@@ -215,7 +215,7 @@ def test_request_unanswered_at_the_drain_timeout_gets_a_json_503(start_server) -
         t0 = time.monotonic()
         r = pending.result(60)
         answered_after_s = time.monotonic() - t0
-    assert r.status_code == 503 and "drain timeout" in r.json()["error"], r.text
+    assert r.status_code == 503 and "server.drain_timeout_s ran out" in r.json()["error"], r.text
     assert drain_s <= answered_after_s < 2 * drain_s - 1, answered_after_s
     assert server.proc.wait(60) == 0
     assert "Exception in ASGI application" not in server.log()
