@@ -215,6 +215,17 @@ def test_nginx_proxies_with_request_ids(start_server, start_nginx) -> None:
     assert server.stop() == 0
 
 
+def test_nginx_answers_json_when_ringserve_is_unreachable(start_nginx) -> None:
+    """With every try refused (a stop or restart without ringserve.socket, or the server
+    down), nginx answered its own HTML 502: no JSON, no Retry-After, unlike every answer
+    of ringserve's (operator probe). The site answers a JSON 503 with Retry-After."""
+    ngx = start_nginx([free_port()])  # nothing listens there
+    r = httpx.post(f"{ngx.url}/predict", json={"data": [1.0]}, headers={"X-Request-ID": "x-1"})
+    assert r.status_code == 503 and r.headers["Retry-After"] == "2", (r.status_code, r.text)
+    assert "not reachable" in r.json()["error"] and r.headers["X-Request-ID"] == "x-1"
+    assert ngx.stop() == 0
+
+
 def test_sighup_rolling_restart_behind_nginx(start_server, start_nginx) -> None:
     server: Server = start_server()
     ngx = start_nginx([server.port])
