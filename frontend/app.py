@@ -30,7 +30,6 @@ from ringserve.frontend.call import (
     Reply,
     as_http_error,
     error_reply,
-    header_value,
     json_reply,
     new_request_id,
 )
@@ -95,7 +94,7 @@ def call_request_id(call: Call) -> str:
     """``request_id`` of the call, kept in its scope: a 408 that the HTTP guard answers
     for it (its body stalled) then echoes the id the access log names."""
     rid = request_id(call.headers)
-    call.scope[REQUEST_ID_IN_SCOPE] = header_value(rid)  # as the response head carries it
+    call.scope[REQUEST_ID_IN_SCOPE] = rid  # encoded for the head only if that 408 comes
     return rid
 
 

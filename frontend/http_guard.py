@@ -38,8 +38,8 @@ MAX_HEAD_BYTES = 64 * 1024
 # Set in the request's scope when the body stalled and the client was answered 408 here:
 # the app, which then sees a disconnect, counts the 408 the client got, not a 499.
 READ_TIMED_OUT = "ringserve.read_timed_out"
-# Set in the request's scope by the app when it picks the request's id (as header bytes):
-# a 408 answered here for that request echoes it, as the app's access log names it.
+# Set in the request's scope by the app when it picks the request's id: a 408 answered
+# here for that request echoes it, as the app's access log names it.
 REQUEST_ID_IN_SCOPE = "ringserve.request_id"
 # At a graceful stop, how long a connection with no request in progress stays open for
 # one that may be on its way (it is then answered with Connection: close).
@@ -180,7 +180,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             rid = None
             if cycle is not None:  # the app reads the body: it counts the 408 as its own
                 cycle.scope[READ_TIMED_OUT] = message
-                rid = cycle.scope.get(REQUEST_ID_IN_SCOPE)
+                if chosen := cycle.scope.get(REQUEST_ID_IN_SCOPE):
+                    # Here, not on every request: (call.py imports this module.)
+                    from ringserve.frontend.call import header_value
+
+                    rid = header_value(chosen)
             self._refuse(408, message, counted=cycle is None, rid=rid)
         else:
             self.transport.close()

@@ -366,14 +366,8 @@ class TrainModeBatchNorm(Handler):
         return self.norm(batch)
 
 
-class TakesHalfASecondAndMore(Handler):
-    """Identity that takes 0.6 s a batch, whatever its size."""
-
-    inputs = (TensorSpec("INPUT0", "float32", (-1,)),)
-    outputs = (TensorSpec("OUTPUT0", "float32", (-1,)),)
-
-    def load(self, device: torch.device) -> None:
-        self.device = device
+class TakesHalfASecondAndMore(Slow):
+    """Identity that takes 0.6 s a batch, whatever its size or input."""
 
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
         time.sleep(0.6)
