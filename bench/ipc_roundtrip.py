@@ -16,7 +16,13 @@ with one request in flight, and items/s with 1 and with 32 requests in flight. T
 rows give the floor under all of it: an eventfd bounced between two processes that do
 nothing else, back to back and after an idle gap.
 
-    python -m bench.ipc_roundtrip [--iterations N] [--json OUT]
+Each row is measured in two placements. ``any vCPU``: the scheduler's choice, which puts a
+woken process on an idle CPU, so each wake-up crosses CPUs (an inter-processor interrupt;
+on a VM that goes through the hypervisor and costs tens of µs, on bare metal a few).
+``one vCPU``: both processes held on one CPU, where a wake-up is a context switch: the
+ipc layer's own cost, without the interrupt's.
+
+    python -m bench.ipc_roundtrip [--iterations N] [--placement any|one|both] [--json OUT]
 """
 
 from __future__ import annotations
@@ -243,7 +249,26 @@ def _run_asyncio(fe: Frontend, payload: np.ndarray, iterations: int, inflight: i
         return asyncio.run(main())
 
 
-def measure(iterations: int, sizes: dict[str, int] | None = None) -> list[dict]:
+PLACEMENTS = ("any vCPU", "one vCPU")
+
+
+def measure(
+    iterations: int, sizes: dict[str, int] | None = None, placements: tuple[str, ...] = PLACEMENTS
+) -> list[dict]:
+    rows = []
+    for placement in placements:
+        allowed = os.sched_getaffinity(0)
+        if placement == "one vCPU":
+            # Set before the fork: the worker and the floor's echo inherit it.
+            os.sched_setaffinity(0, {min(allowed)})
+        try:
+            rows += [dict(r, placement=placement) for r in _measure(iterations, sizes)]
+        finally:
+            os.sched_setaffinity(0, allowed)
+    return rows
+
+
+def _measure(iterations: int, sizes: dict[str, int] | None = None) -> list[dict]:
     sizes = sizes or SIZES
     rows = []
     # /dev/shm (tmpfs) like the server; a disk-backed temp dir would add writeback.
@@ -310,13 +335,15 @@ def measure(iterations: int, sizes: dict[str, int] | None = None) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        f"| payload | wait | p50 µs | p99 µs | items/s (1 in flight) | items/s ({PIPELINE} in flight) |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| placement | payload | wait | p50 µs | p99 µs | items/s (1 in flight) "
+        f"| items/s ({PIPELINE} in flight) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         rates = [r.get("items_per_s_1"), r.get(f"items_per_s_{PIPELINE}")]
         lines.append(
-            f"| {r['payload']} | {r['wait']} | {r['p50_us']:.1f} | {r['p99_us']:.1f} | "
+            f"| {r.get('placement', 'any vCPU')} | {r['payload']} | {r['wait']} "
+            f"| {r['p50_us']:.1f} | {r['p99_us']:.1f} | "
             + " | ".join("—" if x is None else f"{x:,.0f}" for x in rates)
             + " |"
         )
@@ -326,9 +353,16 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--iterations", type=int, default=20000)
+    ap.add_argument(
+        "--placement",
+        choices=("any", "one", "both"),
+        default="both",
+        help="any: where the scheduler puts the two processes; one: both on one CPU",
+    )
     ap.add_argument("--json", help="write the rows as JSON to this file")
     args = ap.parse_args()
-    rows = measure(args.iterations)
+    placements = {"any": PLACEMENTS[:1], "one": PLACEMENTS[1:], "both": PLACEMENTS}
+    rows = measure(args.iterations, placements=placements[args.placement])
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
