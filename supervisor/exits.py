@@ -94,7 +94,7 @@ class ExitHandling:
                     child.name,
                     len(held),
                     ", ".join(held),
-                    self.settings.models[child.model_index].name,
+                    self._model_name(child),
                 )
             # Its record names its slots: kept (not counted live) until they are recovered.
             self.arena.control[child.control_index]["state"] = ProcState.STOPPED
@@ -104,6 +104,9 @@ class ExitHandling:
         else:
             self._worker_exited(child, reason, error, rc)
         child.phase = Phase.EXITED
+
+    def _model_name(self, child: Child) -> str:
+        return self.settings.models[child.model_index].name
 
     def running_request_ids(self, child: Child) -> list[str]:
         """The request ids of what ``child`` (a worker) holds RUNNING, read without the
@@ -134,7 +137,7 @@ class ExitHandling:
             done = ring.requeue_from_dead(child.control_index, POISON_MESSAGE, RING_LOCK_WAIT_S)
         except RingLockTimeout:
             return False
-        model = self.settings.models[child.model_index].name
+        model = self._model_name(child)
         if done.requeued:
             log.warning("re-queued %d requests of %s", len(done.requeued), child.name)
             self.stats.requeued(model, len(done.requeued))
@@ -194,7 +197,8 @@ class ExitHandling:
             if r.new is child:  # the replacement died before taking over: keep the old one
                 log.error("replacement for %s failed (%s); keeping the old one", r.old.name, why)
                 self.replacements.remove(r)
-                self.stats.restarted("worker", reason)  # a failed deploy shows in metrics
+                # A failed deploy shows in metrics.
+                self.stats.restarted("worker", reason, self._model_name(child))
                 old = self._worker_slot(r.old)
                 if old is not None:  # what ctl status shows: not a recycle that happened
                     old.last_recycle_reason = f"{r.reason} failed: {why}"
@@ -225,7 +229,7 @@ class ExitHandling:
         if rc == ExitCode.MODEL_CONFIG and not self.ever_ready and self.phase == "running":
             self._refuse_model_config(ws.model_index, error)
             return
-        self.stats.restarted("worker", reason)
+        self.stats.restarted("worker", reason, self._model_name(child))
         delay = self._backoff(ws.failures, child.name, reason) if ws.failures else 0.0
         ws.restart_at = time.monotonic() + delay
         self._notify_status()
@@ -251,7 +255,7 @@ class ExitHandling:
         ws.child = r.new
         ws.restarts += 1
         ws.last_exit_reason = reason
-        self.stats.restarted("worker", reason)
+        self.stats.restarted("worker", reason, self._model_name(r.old))
         self._notify_status()
         return True
 

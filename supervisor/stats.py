@@ -60,7 +60,9 @@ class SupervisorStats:
             "ringserve_worker_recycles", "Planned worker recycles", ["model", "reason"]
         )
         self._restarts = Counter(
-            "ringserve_process_restarts", "Unplanned restarts after a death", ["role", "reason"]
+            "ringserve_process_restarts",
+            "Unplanned restarts after a death (model: the worker's; empty for frontends)",
+            ["role", "model", "reason"],
         )
         self._requeued = Counter(
             "ringserve_requeued_requests", "Requests re-queued after their worker died", ["model"]
@@ -96,10 +98,11 @@ class SupervisorStats:
 
         devices = sorted({m.device for m in self.settings.models})
         info.labels(__version__, torch_version, ",".join(devices)).set(1)
-        for role, reasons in RESTART_REASONS.items():
-            for reason in reasons:
-                self._restarts.labels(role, reason)
+        for reason in RESTART_REASONS["frontend"]:
+            self._restarts.labels("frontend", "", reason)
         for m in self.settings.models:
+            for reason in RESTART_REASONS["worker"]:
+                self._restarts.labels("worker", m.name, reason)
             for reason in RECYCLE_REASONS:
                 self._recycles.labels(m.name, reason)
             self._requeued.labels(m.name)
@@ -114,8 +117,8 @@ class SupervisorStats:
         self._recycles.labels(model, reason).inc()
         self._count(f"recycles:{reason}")
 
-    def restarted(self, role: str, reason: str) -> None:
-        self._restarts.labels(role, reason).inc()
+    def restarted(self, role: str, reason: str, model: str = "") -> None:
+        self._restarts.labels(role, model, reason).inc()
         self._count(f"restarts:{role}:{reason}")
 
     def requeued(self, model: str, n: int) -> None:

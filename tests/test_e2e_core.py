@@ -740,7 +740,7 @@ def test_requests_that_crash_a_fresh_worker_do_not_mark_the_model_failing(start_
             assert r.status_code == 500 and "poison" in r.json()["error"], r.text
         server.wait_ready()
         # Created at zero, so increase() sees the first one (as every restart reason).
-        zero = 'ringserve_process_restarts_total{reason="unasked_exit",role="worker"} 0.0'
+        zero = 'ringserve_process_restarts_total{model="p",reason="unasked_exit",role="worker"} 0.0'
         assert zero in c.get("/metrics").text
         for first in (667.0, 668.0):
             r = c.post("/v1/models/p/predict", json={"data": [first, 1.0]})

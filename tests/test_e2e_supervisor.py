@@ -267,7 +267,9 @@ def test_failed_reload_stops_the_rolling_restart_and_says_so(start_server, tmp_p
         assert r.status_code == 200 and r.json()["result"] == [1.0, 2.0]
     # A failed deploy shows in metrics (the crash-loop alert counts restarts by role).
     metrics = httpx.get(f"{server.url}/metrics").text
-    restarts = r'ringserve_process_restarts_total\{reason="model_config",role="worker"\} 1\.0'
+    restarts = (
+        r'ringserve_process_restarts_total\{model="m",reason="model_config",role="worker"\} 1\.0'
+    )
     assert re.search(restarts, metrics), [x for x in metrics.splitlines() if "restarts" in x]
     assert server.stop() == 0
 
