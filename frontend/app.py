@@ -32,6 +32,7 @@ from ringserve.frontend.call import (
     error_reply,
     json_reply,
     new_request_id,
+    starlette_headers,
 )
 from ringserve.frontend.catalog import MODEL_VERSION, Catalog, ModelInfo
 from ringserve.frontend.client_shm import ClientShm
@@ -90,6 +91,13 @@ def request_id(headers: Mapping[str, str]) -> str:
     return new_request_id()
 
 
+def echo_id(headers: Mapping[str, str]) -> dict[str, str]:
+    """The X-Request-ID header of a Starlette response. Starlette encodes header values
+    as latin-1, so the id goes percent-encoded, as ``Call.reply`` sends it: a client id
+    with a '€' made every such route (the health checks among them) a text 500."""
+    return starlette_headers({"X-Request-ID": request_id(headers)})
+
+
 def call_request_id(call: Call) -> str:
     """``request_id`` of the call, kept in its scope: a 408 that the HTTP guard answers
     for it (its body stalled) then echoes the id the access log names."""
@@ -117,7 +125,7 @@ def json_endpoint(act: Handler) -> AsgiEndpoint:
 def error_response(err: HTTPError, rid: str) -> Response:
     """``error_reply`` for the Starlette routes."""
     r = error_reply(err, rid)
-    return Response(r.body, r.status, r.headers, media_type=r.content_type)
+    return Response(r.body, r.status, starlette_headers(r.headers), media_type=r.content_type)
 
 
 def intake_closed(state: FrontendState) -> str | None:
@@ -453,9 +461,7 @@ def _model_state(state: FrontendState, info: ModelInfo, ready: int) -> str:
 
 def build_app(state: FrontendState, extra_routes: list[Route] | None = None) -> HotRoutes:
     async def health(request: Request) -> Response:
-        return JSONResponse(
-            {"status": "alive"}, headers={"X-Request-ID": request_id(request.headers)}
-        )
+        return JSONResponse({"status": "alive"}, headers=echo_id(request.headers))
 
     async def readiness(request: Request) -> Response:
         ready_counts = state.catalog.ready_workers()
@@ -476,7 +482,7 @@ def build_app(state: FrontendState, extra_routes: list[Route] | None = None) -> 
         body = {"ready": not reasons, "workers_ready": models}
         if reasons:
             body["reasons"] = reasons
-        headers = {"X-Request-ID": request_id(request.headers)}
+        headers = echo_id(request.headers)
         if reasons:  # as every other 503 says when to ask again
             headers["Retry-After"] = "2"
         return JSONResponse(body, status_code=503 if reasons else 200, headers=headers)
@@ -502,13 +508,11 @@ def build_app(state: FrontendState, extra_routes: list[Route] | None = None) -> 
                     "outputs": (info.spec or {}).get("outputs", []),
                 }
             )
-        return JSONResponse({"models": out}, headers={"X-Request-ID": request_id(request.headers)})
+        return JSONResponse({"models": out}, headers=echo_id(request.headers))
 
     async def metrics(request: Request) -> Response:
         body, ctype = state.metrics.render()
-        return Response(
-            body, media_type=ctype, headers={"X-Request-ID": request_id(request.headers)}
-        )
+        return Response(body, media_type=ctype, headers=echo_id(request.headers))
 
     predict = make_predict(state)
     routes = [
@@ -534,10 +538,7 @@ def build_app(state: FrontendState, extra_routes: list[Route] | None = None) -> 
         return JSONResponse(
             {"error": getattr(exc, "detail", "not found")},
             status_code=status,
-            headers={
-                **(getattr(exc, "headers", None) or {}),
-                "X-Request-ID": request_id(request.headers),
-            },
+            headers={**(getattr(exc, "headers", None) or {}), **echo_id(request.headers)},
         )
 
     app = Starlette(

@@ -53,6 +53,12 @@ def header_value(value: str) -> bytes:
     return quote(value, safe=_HEADER_SAFE).encode("ascii")
 
 
+def starlette_headers(headers: dict[str, str]) -> dict[str, str]:
+    """``headers`` made safe for a Starlette response (which encodes values as latin-1
+    and would fail on anything else) the way ``Call.reply`` makes them safe."""
+    return {k: header_value(v).decode("ascii") for k, v in headers.items()}
+
+
 def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_SEQ) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
 

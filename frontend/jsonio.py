@@ -14,18 +14,35 @@ from ringserve.frontend.errors import HTTPError, bad_request
 
 def parse_json(body: bytes | memoryview) -> Any:
     """orjson, falling back to the standard parser for what orjson refuses (NaN and
-    Infinity literals, integers over 64 bits, deep nesting), so those get the precise
+    Infinity literals, numbers beyond a double, deep nesting), so those get the precise
     error the validators give rather than "malformed"."""
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
         pass
+    raw = bytes(body)
     try:
-        return json.loads(bytes(body))
+        doc = json.loads(raw)
     except RecursionError:  # nesting deeper than the interpreter's stack allows
         raise bad_request("malformed JSON: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise bad_request(f"malformed JSON: {e}") from None
+    if b"\\u" in raw and not _is_text(doc):
+        # The standard parser takes "\ud800" as a str that no encoder takes back: it
+        # failed later, as a 500 (after inference, for a v2 id), not as the client's 400.
+        raise bad_request(
+            "malformed JSON: a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff)"
+        )
+    return doc
+
+
+def _is_text(doc: Any) -> bool:
+    """Every string in ``doc`` encodes to UTF-8."""
+    try:
+        json.dumps(doc, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _fallback(obj: Any) -> Any:

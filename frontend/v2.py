@@ -47,6 +47,7 @@ from ringserve.frontend.call import (
     Call,
     Reply,
     json_reply,
+    starlette_headers,
 )
 from ringserve.frontend.catalog import MODEL_VERSION, Catalog, ModelInfo
 from ringserve.frontend.dispatch import Completed
@@ -84,7 +85,8 @@ Handler = Callable[[Request], Awaitable[Response]]
 def _json(
     body: Any, rid: str, status: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
-    return JSONResponse(body, status_code=status, headers={"X-Request-ID": rid, **(headers or {})})
+    headers = starlette_headers({"X-Request-ID": rid, **(headers or {})})
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _errors_as_json(fn: Callable[[Request, str], Awaitable[Response]]) -> Handler:

@@ -408,6 +408,51 @@ def test_json_refusals(
     good_json(client)
 
 
+LONE_SURROGATE = b'"\\ud800"'  # a JSON string escape no UTF-8 encoder takes back
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v2/models/text/infer", b'{"inputs":[{"name":"INPUT0","datatype":"BYTES",'
+         b'"shape":[1,1],"data":[' + LONE_SURROGATE + b"]}]}"),
+        ("/v2/models/id/infer", b'{"id":' + LONE_SURROGATE + b',"inputs":[{"name":"INPUT0",'
+         b'"datatype":"FP32","shape":[1,1],"data":[1]}]}'),
+        ("/v1/models/id/predict", b'{"data":[[1]],"request_id":' + LONE_SURROGATE + b"}"),
+    ],
+    ids=["bytes-data", "v2-id", "v1-request-id"],
+)  # fmt: skip
+def test_a_lone_surrogate_in_a_json_string_is_400(
+    client: httpx.Client, path: str, body: bytes
+) -> None:
+    """orjson refuses it, the standard parser (its fallback, for NaN literals) takes it as
+    a str nothing can encode: that failed later as a 500 (a v2 id: after inference)."""
+    r = client.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert "lone UTF-16 surrogate" in r.json()["error"]
+    good_json(client)
+
+
+NOT_INFER = [
+    "/health", "/readiness", "/v1/models", "/metrics", "/v2", "/v2/health/live",
+    "/v2/health/ready", "/v2/models/id", "/v2/models/id/ready", "/v2/models/id/config",
+    "/v2/models/stats", "/v2/models/nope", "/nope",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("path", NOT_INFER)
+def test_any_request_id_header_is_echoed_on_every_route(client: httpx.Client, path: str) -> None:
+    """Starlette's responses encode headers as latin-1: a client's '€' in X-Request-ID made
+    each of these routes, the health checks among them, a text 500. It comes back
+    percent-encoded, as on the inference routes."""
+    for sent, echoed in (("€uro".encode(), "%E2%82%ACuro"), (b"\xff\xfe", "%EF%BF%BD%EF%BF%BD")):
+        r = client.get(path, headers={"X-Request-ID": sent})
+        assert r.status_code in (200, 404), (r.status_code, r.text)
+        assert r.headers["x-request-id"] == echoed
+        if r.status_code == 404:
+            assert r.headers["content-type"] == "application/json" and r.json()["error"]
+
+
 def test_digits_fixed_dims(client: httpx.Client) -> None:
     for shape, words in (([1, 8, 9], "does not match the model's [-1, 8, 8]"), ([1, 64], "rank")):
         r = client.post(
