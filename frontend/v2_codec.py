@@ -507,17 +507,23 @@ def decode_request(
 
 def _raw_image(body: memoryview, accepts_images: bool, inp: TensorSpec) -> bool:
     """An image-taking model's raw body is one encoded image when it is not the tensor:
-    its size does not fit the declared shape and it starts as an image does."""
+    its size does not fit the declared shape and it starts as an image does. A body that
+    does both is refused: read as the tensor, a 256-byte PNG was a digit's 64 floats."""
     if not accepts_images or inp.dtype == "bytes":
+        return False
+    try:
+        fmt = sniff(body)
+    except HTTPError:
         return False
     per_row = math.prod(d for d in inp.shape if d >= 0) * np.dtype(inp.dtype).itemsize
     fits = len(body) % per_row == 0 if -1 in inp.shape else len(body) == per_row
     if fits:
-        return False
-    try:
-        sniff(body)
-    except HTTPError:
-        return False
+        raise bad_request(
+            f"raw binary input {inp.name!r}: the body is a whole tensor's size ({len(body)} "
+            f"bytes) and starts as a {fmt.upper()} image does, so it is ambiguous: send an "
+            "image as BYTES with a JSON header, or the tensor with a JSON header "
+            "(Inference-Header-Content-Length > 0)"
+        )
     return True
 
 

@@ -562,6 +562,9 @@ def test_raw_binary_request(client: httpx.Client) -> None:
         ("digits", bytes(12), "does not match shape [8, 8]"),
         ("text", b"hello", "BYTES input of shape [1]"),
         ("id", b"", "the body is empty"),
+        # An image exactly the tensor's 256 bytes: either reading could be meant. Read as
+        # the tensor it was 64 floats of PNG and answered "2" with a 200.
+        ("digits", PNGS["7"].ljust(8 * 8 * 4, b"\0"), "ambiguous"),
     ]:
         r = client.post(f"/v2/models/{model}/infer", content=body, headers=raw_headers)
         assert r.status_code == 400, r.text
