@@ -100,16 +100,24 @@ def decompress_body(body: bytes, encoding: str | None, limit: int) -> bytes:
         wbits = 32 + zlib.MAX_WBITS  # zlib-wrapped (what HTTP means by deflate) or gzip
     else:
         raise HTTPError(415, f"unsupported Content-Encoding {encoding!r}: use gzip or deflate")
-    d = zlib.decompressobj(wbits)
-    try:
-        out = d.decompress(body, limit + 1)
-    except zlib.error as e:
-        raise bad_request(f"cannot decompress the {enc} body: {e}") from None
-    if len(out) > limit or d.unconsumed_tail:
-        raise HTTPError(413, f"decompressed body is over the limit of {limit} bytes")
-    if not d.eof:
-        raise bad_request(f"the {enc} body is truncated")
-    return out
+    parts: list[bytes] = []
+    left, rest = limit, body
+    while True:  # gzip: members one after another are one stream (RFC 1952, `cat a.gz b.gz`)
+        d = zlib.decompressobj(wbits)
+        try:
+            out = d.decompress(rest, left + 1)
+        except zlib.error as e:
+            raise bad_request(f"cannot decompress the {enc} body: {e}") from None
+        if len(out) > left or d.unconsumed_tail:
+            raise HTTPError(413, f"decompressed body is over the limit of {limit} bytes")
+        if not d.eof:
+            raise bad_request(f"the {enc} body is truncated")
+        parts.append(out)
+        left, rest = left - len(out), d.unused_data
+        if not rest:
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        if enc != "gzip":  # once silently dropped, as a gzip member after the first was
+            raise bad_request(f"{len(rest)} bytes follow the end of the {enc} stream")
 
 
 def _too_large(message: str) -> HTTPError:

@@ -692,6 +692,20 @@ def test_decompress_gzip_deflate_and_bounds() -> None:
     assert e.value.status == 415
 
 
+def test_decompress_takes_every_gzip_member_and_refuses_what_follows() -> None:
+    """Members one after another are one gzip stream (``cat a.gz b.gz``); the members
+    after the first, or bytes after a stream, were dropped without a word."""
+    a, b = b'{"inputs": [', b"]}"
+    assert decompress_body(gzip.compress(a) + gzip.compress(b), "gzip", 1000) == a + b
+    with pytest.raises(HTTPError) as e:  # the limit counts every member
+        decompress_body(gzip.compress(bytes(600)) * 2, "gzip", 1000)
+    assert e.value.status == 413
+    for body, enc in ((gzip.compress(a) + b"junk", "gzip"), (zlib.compress(a) + b"x", "deflate")):
+        with pytest.raises(HTTPError) as e:
+            decompress_body(body, enc, 1000)
+        assert e.value.status == 400, enc
+
+
 # -- system shared memory (the region lookup itself is client_shm's) -------------------
 
 
