@@ -314,7 +314,14 @@ def v2_routes(state: FrontendState) -> list[Route]:
             mbs = info.settings.batching.max_batch_size
             images_ok = bool(spec.get("accepts_images"))
             req = decode_infer_body(
-                body, call.headers.get(HEADER_LENGTH), inp, out, mbs, images_ok, shm_view
+                body,
+                call.headers.get(HEADER_LENGTH),
+                inp,
+                out,
+                mbs,
+                images_ok,
+                shm_view,
+                state.arena.geometry.slot_bytes,
             )
             if req.images:
                 check_images(req.payload, state.settings.server.max_image_pixels, inp.name)

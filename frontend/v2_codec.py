@@ -33,6 +33,7 @@ from ringserve.frontend.jsonio import dump_json, nonfinite, parse_json, utf8_str
 from ringserve.frontend.tensors import MAX_JSON_DEPTH, cast, exact_integers, json_kind_wanted
 from ringserve.ipc import bytes_tensor
 from ringserve.ipc.bytes_tensor import pack as serialize_bytes
+from ringserve.ipc.slot_fit import over_slot
 
 # KServe datatype <-> ringserve dtype name (ringserve.ipc.layout.DTYPES) <-> Triton config.
 V2_TO_DTYPE: dict[str, str] = {
@@ -587,12 +588,20 @@ def decode_infer_body(
     max_batch_size: int,
     accepts_images: bool = False,
     shm: ShmReader = shm_off,
+    slot_bytes: int | None = None,
 ) -> InferRequest:
     """An infer request body, per its Inference-Header-Content-Length: all JSON (no
-    header), JSON and binary tensors (a positive length), or raw binary (0)."""
-    if header_length is not None and _header_length(header_length) == 0:
-        return decode_raw_request(memoryview(body), inp, out, max_batch_size, accepts_images)
-    header, binary = split_body(body, header_length)
+    header), JSON and binary tensors (a positive length), or raw binary (0).
+
+    Binary input over ``slot_bytes`` is refused before it is parsed: walking the length
+    prefixes of 8 MiB of empty BYTES elements held the event loop for 0.6 s, only for
+    the request to be refused as over a slot once it had been."""
+    raw = header_length is not None and _header_length(header_length) == 0
+    header, binary = (b"", memoryview(body)) if raw else split_body(body, header_length)
+    if slot_bytes is not None and len(binary) > slot_bytes:
+        raise HTTPError(413, over_slot("binary input", len(binary), slot_bytes))
+    if raw:
+        return decode_raw_request(binary, inp, out, max_batch_size, accepts_images)
     return decode_request(header, binary, inp, out, max_batch_size, accepts_images, shm)
 
 
