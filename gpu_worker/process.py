@@ -35,6 +35,7 @@ from ringserve.gpu_worker.handlers.weights import WeightsError
 from ringserve.gpu_worker.metrics import BatchTiming, WorkerMetrics
 from ringserve.gpu_worker.output_contract import advertised_output, check_output
 from ringserve.gpu_worker.profile import sample_row, throughput_profile
+from ringserve.gpu_worker.request_errors import RequestErrors
 from ringserve.ipc import bytes_tensor, wake
 from ringserve.ipc.answer import CANCELLED_MESSAGE, write_error, write_output
 from ringserve.ipc.arena import Arena
@@ -127,6 +128,7 @@ class Worker:
         self._ran: list[BatchTiming] = []  # this loop round's model executions
         self._declared_output: TensorSpec | None = None  # what answers are checked against
         self._contract_errors: set[str] = set()  # logged once each, not once a batch
+        self._request_errors = RequestErrors(log, self.model.name)
         self._own_payload = False  # preprocess gets a copy of the slot's input (``start``)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -535,8 +537,7 @@ class Worker:
                 self._finish_error(p.key, Status.MODEL_ERROR, f"model error: {e}".encode(), owners)
                 continue
             except Exception as e:
-                rid = self._request_id(p.key)
-                log.exception("model %s: preprocess failed on request %s", self.model.name, rid)
+                self._request_errors.raised("preprocess failed", self._request_id(p.key), e)
                 self._finish_error(
                     p.key, Status.MODEL_ERROR, f"preprocess failed: {e}".encode(), owners
                 )
@@ -642,10 +643,7 @@ class Worker:
                 if isinstance(e, BadInput):  # refused by infer or postprocess: still a 400
                     self._finish_error(members[0].slot, Status.BAD_INPUT, str(e).encode(), owners)
                     return
-                rid = self._request_id(members[0].slot)
-                log.warning(
-                    "model %s raised on request %s: %s", self.model.name, rid, e, exc_info=True
-                )
+                self._request_errors.raised("raised", self._request_id(members[0].slot), e)
                 self._finish_error(members[0].slot, Status.MODEL_ERROR, _model_error(e), owners)
                 return
             self._run_alone(members, owners)  # isolate the one that raises

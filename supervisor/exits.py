@@ -9,6 +9,7 @@ import enum
 import logging
 import selectors
 import time
+from typing import Any
 
 from ringserve.ipc import wake
 from ringserve.ipc.control import error_bytes, read_error
@@ -115,7 +116,12 @@ class ExitHandling:
         assert self.arena is not None
         slots = self.arena.slots
         held = (slots["state"] == SlotState.RUNNING) & (slots["worker"] == child.control_index)
-        return [rid.decode(errors="replace") for rid in slots["request_id"][held]]
+        return self._request_ids(held)
+
+    def _request_ids(self, which: Any) -> list[str]:
+        """The request ids of the slots ``which`` selects (a mask or a list of slots)."""
+        assert self.arena is not None
+        return [rid.decode(errors="replace") for rid in self.arena.slots["request_id"][which]]
 
     def _free_control(self, child: Child) -> None:
         assert self.arena is not None
@@ -139,11 +145,21 @@ class ExitHandling:
             return False
         model = self._model_name(child)
         if done.requeued:
-            log.warning("re-queued %d requests of %s", len(done.requeued), child.name)
+            log.warning(
+                "re-queued %d requests of %s: %s",
+                len(done.requeued),
+                child.name,
+                ", ".join(self._request_ids(done.requeued)),
+            )
             self.stats.requeued(model, len(done.requeued))
             wake.signal(self.model_efds[child.model_index])
         if done.poisoned:
-            log.error("failed %d poison requests of %s", len(done.poisoned), child.name)
+            log.error(
+                "failed %d poison requests of %s: %s",
+                len(done.poisoned),
+                child.name,
+                ", ".join(self._request_ids(done.poisoned)),
+            )
             self.stats.poisoned(model, len(done.poisoned))
         # The owners free what is finished: poison answers, and cancelled requests that
         # nobody waits for (not re-queued: they would only be dropped by the next worker).

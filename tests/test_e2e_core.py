@@ -461,7 +461,7 @@ def test_poison_request_fails_alone(start_server) -> None:
     )
     good = [("/v1/models/p/predict", {"json": {"data": [float(i + 100), 1.0]}}) for i in range(40)]
     raises = ("/v1/models/p/predict", {"json": {"data": [13.0, 1.0], "request_id": "unlucky-1"}})
-    kills = ("/v1/models/p/predict", {"json": {"data": [666.0, 1.0]}})
+    kills = ("/v1/models/p/predict", {"json": {"data": [666.0, 1.0], "request_id": "crash-1"}})
     responses = fire(server.url, [*good[:20], raises, kills, *good[20:]], concurrency=16)
     errors = [(i, repr(r)) for i, r in enumerate(responses) if not isinstance(r, httpx.Response)]
     assert not errors, f"{errors}\n{server.log()[-6000:]}"  # once in CI: say what, and why
@@ -470,6 +470,9 @@ def test_poison_request_fails_alone(start_server) -> None:
     # The log line names the request, to be found by its id.
     assert "model p raised on request unlucky-1: 13 is unlucky" in server.log()
     assert statuses[21] == 500 and "poison" in responses[21].json()["error"]
+    # The supervisor's lines about the crashes name the request too (batchmates with it).
+    assert re.search(r"re-queued \d+ requests of worker-\d: [^\n]*crash-1", server.log())
+    assert re.search(r"failed 1 poison requests of worker-\d: crash-1\n", server.log())
     for _i, r in enumerate(responses[:20] + responses[22:]):
         assert r.status_code == 200, r.text
     status = server.ctl("status")
