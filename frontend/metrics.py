@@ -15,15 +15,18 @@ from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import numpy as np
+import psutil
 
 from ringserve.frontend.dispatch import Completed
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.config import Settings
 from ringserve.ipc.layout import ProcState, Role, SlotState, Status
 from ringserve.ipc.prom import LATENCY_BUCKETS
+from ringserve.supervisor.memory import sample_process
 
 MetricT = TypeVar("MetricT")
 HTTP_REFUSED_CODES = (400, 408, 431)  # what frontend/http_guard.py answers itself
+CREATED_CODES = ("200", "500", "503", "504")  # per model, before the first request
 
 
 class FrontendMetrics:
@@ -67,7 +70,9 @@ class FrontendMetrics:
         )
         self.rejected_total = Counter(
             "ringserve_rejected_requests",
-            "Requests refused with 503 because the queue was full",
+            "Requests refused with 503 for want of room: the model's queue at "
+            "arena.max_queue_depth, or every request slot of the frontend that took the "
+            "request busy (arena.slots is split between the frontends)",
             ["model"],
         )
         self.http_refused_total = Counter(
@@ -77,9 +82,21 @@ class FrontendMetrics:
             "431 head over the size limit",
             ["code"],
         )
-        for code in HTTP_REFUSED_CODES:  # created at zero: increase() sees the first one
-            self.http_refused_total.labels(str(code))
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        # Created at zero: increase() and rate() cannot see a series' first sample, so
+        # the first 504s or refusals after a start were in no graph and no alert.
+        for code in HTTP_REFUSED_CODES:
+            self._child(self.http_refused_total, str(code))
+        for m in settings.models:
+            for code in CREATED_CODES:
+                self._child(self.requests, m.name, code)
+            for counter in (
+                self.failed_seconds,
+                self.deadline_expired,
+                self.cancelled_total,
+                self.rejected_total,
+            ):
+                self._child(counter, m.name)
 
     # -- recording (the request path: a few microseconds each) ---------------------------
 
@@ -130,6 +147,16 @@ class FrontendMetrics:
         return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
+def _start_time(pid: int) -> float | None:
+    """When ``pid`` started, from the kernel's record (boot time plus start ticks): the
+    same figure whichever frontend answers the scrape, and at every scrape (a monotonic
+    start converted with the clock of the moment moved in the 7th digit)."""
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, OSError):
+        return None
+
+
 def one_per_process(live: np.ndarray) -> list[np.void]:
     """One control record per (role, id): while a worker is replaced, its old and new
     process share the id, and two samples of one series is invalid exposition. The one
@@ -174,7 +201,9 @@ class ArenaCollector:
         cap = GaugeMetricFamily(
             "ringserve_queue_capacity",
             "Requests the model's queue could hold now: its depth plus the free request "
-            "slots, at most arena.max_queue_depth (depth = capacity: new requests get 503)",
+            "slots, at most arena.max_queue_depth (depth = capacity: new requests get 503; "
+            "a frontend whose own share of the slots is busy refuses sooner, counted in "
+            "ringserve_rejected_requests_total)",
             labels=["model"],
         )
         limit = self.settings.arena.max_queue_depth or self.settings.arena.slots
@@ -268,7 +297,19 @@ class ArenaCollector:
             for key, fam in fams.items():
                 if int(rec[key]):
                     fam.add_metric(labels, float(rec[key]))
-            start.add_metric(labels, int(rec["started_ns"]) / 1e9 + epoch_offset)
+            started = _start_time(int(rec["pid"]))
+            start.add_metric(labels, started or int(rec["started_ns"]) / 1e9 + epoch_offset)
+        # The supervisor watches every other process, and none watches it: read here, at
+        # scrape time (smaps_rollup of a process without torch: about a millisecond).
+        supervisor_pid = int(self.arena.header["supervisor_pid"])
+        sample = sample_process(supervisor_pid)
+        if sample is not None:
+            labels = ["supervisor", "0", ""]
+            for key, fam in fams.items():
+                fam.add_metric(labels, float(getattr(sample, key)))
+            started = _start_time(supervisor_pid)
+            if started:
+                start.add_metric(labels, started)
             if rec["role"] == Role.WORKER:
                 wl = [model, str(int(rec["ident"]))]
                 if int(rec["gpu_nvml"]):

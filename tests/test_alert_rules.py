@@ -64,6 +64,8 @@ EXPORTED_METRICS = HISTOGRAMS | frozenset(
         "ringserve_deadline_expired_total",
         "ringserve_cancelled_requests_total",
         "ringserve_http_refused_total",
+        "ringserve_rejected_requests_total",
+        "ringserve_last_batch_timestamp_seconds",
         "ringserve_workers_ready",
         "ringserve_workers_configured",
         "ringserve_build_info",
@@ -81,6 +83,7 @@ REQUIRED_ALERTS = frozenset(
         "RingserveHigh5xxRate",
         "RingserveP99LatencyHigh",
         "RingserveQueueSaturated",
+        "RingserveRequestsRejected",
     }
 )
 SEVERITIES = frozenset({"critical", "warning", "info"})
