@@ -128,6 +128,26 @@ def error_response(err: HTTPError, rid: str) -> Response:
     return Response(r.body, r.status, starlette_headers(r.headers), media_type=r.content_type)
 
 
+def not_ready_reasons(state: FrontendState) -> list[str]:
+    """Why the server is not ready (empty when it is), for ``/readiness`` and
+    ``/v2/health/ready`` alike. A model drained on purpose (``ctl drain`` of its last
+    worker, ``ctl scale MODEL 0``: configured 0) answers its own 503s and leaves the rest
+    of the server ready, as the alerts agree and as Triton leaves out an unloaded model."""
+    reasons = []
+    if state.arena.draining:
+        reasons.append("draining")
+    if state.arena.paused:
+        reasons.append("intake paused")
+    ready_counts = state.catalog.ready_workers()
+    for index, name in enumerate(state.catalog.names()):
+        if ready_counts[index] == 0 and state.catalog.workers(index):
+            error = state.catalog.last_error(index)
+            reasons.append(f"model {name} has no ready worker" + (f": {error}" if error else ""))
+    if not any(state.catalog.workers(i) for i in range(len(ready_counts))):
+        reasons.append("every model was drained (ctl scale MODEL N serves one again)")
+    return reasons
+
+
 def intake_closed(state: FrontendState) -> str | None:
     """Why the server takes no new requests now (draining or paused), else None."""
     if state.arena.draining:
@@ -466,19 +486,7 @@ def build_app(state: FrontendState, extra_routes: list[Route] | None = None) -> 
     async def readiness(request: Request) -> Response:
         ready_counts = state.catalog.ready_workers()
         models = {n: int(ready_counts[i]) for i, n in enumerate(state.catalog.names())}
-        reasons = []
-        if state.arena.draining:
-            reasons.append("draining")
-        if state.arena.paused:
-            reasons.append("intake paused")
-        for index, (n, c) in enumerate(models.items()):
-            # A model drained on purpose (ctl drain of its last worker: configured 0)
-            # answers its own 503s; the rest of the server is ready, as the alerts agree.
-            if c == 0 and state.catalog.workers(index):
-                error = state.catalog.last_error(index)
-                reasons.append(f"model {n} has no ready worker" + (f": {error}" if error else ""))
-        if not any(state.catalog.workers(i) for i in range(len(models))):
-            reasons.append("every model was drained (ctl scale MODEL N serves one again)")
+        reasons = not_ready_reasons(state)
         body = {"ready": not reasons, "workers_ready": models}
         if reasons:
             body["reasons"] = reasons

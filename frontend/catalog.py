@@ -101,6 +101,3 @@ class Catalog:
         if info.spec is None:
             return f"model {name!r} is loading"
         return f"model {name!r} is not ready"
-
-    def all_ready(self) -> bool:
-        return bool((self.ready_workers() > 0).all())

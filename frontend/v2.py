@@ -38,6 +38,7 @@ from ringserve.frontend.app import (
     infer,
     intake_closed,
     json_endpoint,
+    not_ready_reasons,
     ready_model,
     record_answer,
     request_id,
@@ -263,8 +264,9 @@ def v2_routes(state: FrontendState) -> list[Route]:
     @_errors_as_json
     async def ready(request: Request, rid: str) -> Response:
         check_intake(state)  # draining or paused: 503
-        if not state.catalog.all_ready():
-            raise unavailable("not every model has a ready worker", retry_after_s=2)
+        reasons = not_ready_reasons(state)
+        if reasons:
+            raise unavailable("; ".join(reasons), retry_after_s=2)
         return _json({"ready": True}, rid)
 
     @_errors_as_json

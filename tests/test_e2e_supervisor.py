@@ -696,6 +696,8 @@ def test_scale_and_drain_move_the_worker_count_everywhere(start_server) -> None:
     assert server.ctl("status")["models"][0]["state"] == "drained"
     not_ready = httpx.get(f"{server.url}/readiness")  # it serves nothing now
     assert not_ready.status_code == 503 and "every model was drained" in not_ready.text
+    not_ready = httpx.get(f"{server.url}/v2/health/ready")
+    assert not_ready.status_code == 503 and "every model was drained" in not_ready.text
     server.ctl("scale", "slow", "1")
     server.wait_workers_ready(1)
     with server.client() as c:
@@ -779,6 +781,9 @@ def test_draining_one_models_last_worker_leaves_the_server_ready(start_server) -
     ready = httpx.get(f"{server.url}/readiness")
     assert ready.status_code == 200, ready.text
     assert ready.json()["workers_ready"] == {"a": 1, "b": 0}
+    # KServe v2's server readiness agrees (as Triton leaves out a model it unloaded).
+    v2 = httpx.get(f"{server.url}/v2/health/ready")
+    assert v2.status_code == 200, v2.text
     r = httpx.post(f"{server.url}/v1/models/b/predict", json={"data": [1.0]})
     assert r.status_code == 503 and "its last one was drained" in r.text
     assert server.stop() == 0
