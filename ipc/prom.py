@@ -13,6 +13,8 @@ import os
 # Shared by every process that records a histogram, so series from different processes
 # aggregate (a bucket boundary must be the same everywhere).
 LATENCY_BUCKETS = (
+    0.0001,  # a small model's queue wait and inference are tens of µs
+    0.00025,
     0.0005,
     0.001,
     0.0025,
@@ -20,7 +22,9 @@ LATENCY_BUCKETS = (
     0.01,
     0.025,
     0.05,
+    0.075,  # finer around a vision model's 100 ms
     0.1,
+    0.15,
     0.25,
     0.5,
     1.0,
