@@ -451,8 +451,12 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
             self.defer_frontends = False
             log.info("models ready: starting frontends on the inherited socket")
             self._spawn_missing()
+        # Frontends serving, not just present: a frontend stopped by a rolling restart
+        # is still the position's child until it exits, and "rolling restart over" (and
+        # systemd's READY=1) came before its replacement was up.
         ready = all(self.ready_workers().values()) and all(
-            fs.child is not None for fs in self.frontends
+            fs.child is not None and fs.child.phase == Phase.READY and not fs.rolling
+            for fs in self.frontends
         )
         if ready and not self.ready_notified and not self.rolling and not self.replacements:
             self.ready_notified = True

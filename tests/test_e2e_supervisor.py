@@ -716,6 +716,12 @@ def test_the_journal_says_what_happened_after_a_reload_and_a_refused_command(
     server.rolling_restart()
     wait_until(lambda: "rolling restart over" in server.log(), 30, "the end of the restart")
     assert server.log().count("ready: every model has a ready worker") == 1
+    # Over once the last step, the frontend, is back: it was said (and READY=1 sent)
+    # as soon as the old frontend was asked to stop.
+    before_over = server.log().split("rolling restart over")[0]
+    assert re.search(r"frontend-0 \(pid \d+\) exited", before_over), before_over[-2000:]
+    new_frontend = server.children()
+    assert [p["state"] for p in new_frontend if p["role"] == "frontend"] == ["ready"]
     server.ctl("drain", "worker-99", check=False)
     assert re.search(r"admin drain refused: .*worker-99", server.log()), server.log()[-2000:]
     assert server.stop() == 0
