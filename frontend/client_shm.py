@@ -87,8 +87,8 @@ class ClientShm:
         regions = self._regions.all()
         if name is not None:
             regions = [r for r in regions if r.name == name]
-            if not regions:
-                raise bad_request(f"shared memory region {name!r} is not registered")
+            if not regions:  # Triton's NOT_FOUND, which its HTTP frontend answers 404
+                raise HTTPError(404, f"shared memory region {name!r} is not registered")
         return [r.status() for r in regions]
 
     # -- inference ---------------------------------------------------------------------

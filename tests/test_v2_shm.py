@@ -187,8 +187,9 @@ def test_unregister_one_then_all(client: httpclient.InferenceServerClient, regio
     assert [r["name"] for r in client.get_system_shared_memory_status()] == ["b"]
     with pytest.raises(InferenceServerException, match="not registered"):
         client.infer("id", [shm_input("INPUT0", [1, 16], "FP32", "a", 64)])
-    with pytest.raises(InferenceServerException, match="not registered"):
+    with pytest.raises(InferenceServerException, match="not registered") as e:
         client.get_system_shared_memory_status("a")
+    assert e.value.status() == "404"  # as Triton (NOT_FOUND)
     client.unregister_system_shared_memory()
     assert client.get_system_shared_memory_status() == []
     # A name registered again, over a different object, is mapped afresh.
