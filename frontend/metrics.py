@@ -287,9 +287,16 @@ class ArenaCollector:
             "torch.cuda.memory_reserved",
             labels=["model", "worker"],
         )
+        beat = GaugeMetricFamily(
+            "ringserve_process_heartbeat_age_seconds",
+            "Seconds since the process last beat (a worker beats after every batch and "
+            "idle wake): the supervisor kills it past worker.heartbeat_timeout_s",
+            labels=["role", "id", "model"],
+        )
         import time
 
-        epoch_offset = time.time() - time.monotonic()
+        now = time.monotonic()
+        epoch_offset = time.time() - now
         for rec in one_per_process(live):
             role = Role(int(rec["role"])).name.lower()
             model = names[int(rec["model"])] if rec["role"] == Role.WORKER else ""
@@ -299,6 +306,8 @@ class ArenaCollector:
                     fam.add_metric(labels, float(rec[key]))
             started = _start_time(int(rec["pid"]))
             start.add_metric(labels, started or int(rec["started_ns"]) / 1e9 + epoch_offset)
+            if int(rec["heartbeat_ns"]):
+                beat.add_metric(labels, max(0.0, now - int(rec["heartbeat_ns"]) / 1e9))
         # The supervisor watches every other process, and none watches it: read here, at
         # scrape time (smaps_rollup of a process without torch: about a millisecond).
         supervisor_pid = int(self.arena.header["supervisor_pid"])
@@ -319,6 +328,7 @@ class ArenaCollector:
                     gpu_res.add_metric(wl, float(rec["gpu_reserved"]))
         yield from fams.values()
         yield start
+        yield beat
         yield gpu_alloc
         yield gpu_res
         yield gpu_nvml

@@ -52,6 +52,7 @@ EXPORTED_METRICS = HISTOGRAMS | frozenset(
         "ringserve_process_unique_memory_bytes",
         "ringserve_process_proportional_memory_bytes",
         "ringserve_process_start_time_seconds",
+        "ringserve_process_heartbeat_age_seconds",
         "ringserve_worker_gpu_allocated_bytes",
         "ringserve_worker_gpu_reserved_bytes",
         "ringserve_worker_gpu_nvml_used_bytes",

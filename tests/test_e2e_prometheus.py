@@ -4,8 +4,10 @@ worker recycle: the contract's series exist, counters grow and never go backward
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -175,4 +177,30 @@ def test_real_prometheus_scrapes_through_a_recycle(start_server, tmp_path: Path)
     finally:
         prom.terminate()
         prom.wait(30)
+    assert server.stop() == 0
+
+
+def test_a_frozen_workers_heartbeat_age_grows(start_server) -> None:
+    """A frozen worker stays ready until the supervisor kills it at
+    worker.heartbeat_timeout_s (minutes, for a model with long batches): its heartbeat
+    age shows the stall before that."""
+    server: Server = start_server("--set", "worker.heartbeat_timeout_s=60", frontends=1)
+    pattern = re.compile(
+        r'ringserve_process_heartbeat_age_seconds\{id="0",model="digits",role="worker"\} (\S+)'
+    )
+
+    def age() -> float:
+        match = pattern.search(httpx.get(f"{server.url}/metrics").text)
+        assert match, "no heartbeat age for the worker"
+        return float(match.group(1))
+
+    assert age() < 5  # an idle worker beats at every wake (worker.heartbeat_interval_s)
+    [worker] = [p["pid"] for p in server.children() if p["role"] == "worker"]
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        time.sleep(4)
+        assert age() >= 3.5
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    wait_until(lambda: age() < 3, 10, "the worker beating again")
     assert server.stop() == 0
