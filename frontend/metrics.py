@@ -308,6 +308,13 @@ class ArenaCollector:
             start.add_metric(labels, started or int(rec["started_ns"]) / 1e9 + epoch_offset)
             if int(rec["heartbeat_ns"]):
                 beat.add_metric(labels, max(0.0, now - int(rec["heartbeat_ns"]) / 1e9))
+            if rec["role"] == Role.WORKER:
+                wl = [model, str(int(rec["ident"]))]
+                if int(rec["gpu_nvml"]):
+                    gpu_nvml.add_metric(wl, float(rec["gpu_nvml"]))
+                if int(rec["gpu_reserved"]):
+                    gpu_alloc.add_metric(wl, float(rec["gpu_allocated"]))
+                    gpu_res.add_metric(wl, float(rec["gpu_reserved"]))
         # The supervisor watches every other process, and none watches it: read here, at
         # scrape time (smaps_rollup of a process without torch: about a millisecond).
         supervisor_pid = int(self.arena.header["supervisor_pid"])
@@ -319,13 +326,6 @@ class ArenaCollector:
             started = _start_time(supervisor_pid)
             if started:
                 start.add_metric(labels, started)
-            if rec["role"] == Role.WORKER:
-                wl = [model, str(int(rec["ident"]))]
-                if int(rec["gpu_nvml"]):
-                    gpu_nvml.add_metric(wl, float(rec["gpu_nvml"]))
-                if int(rec["gpu_reserved"]):
-                    gpu_alloc.add_metric(wl, float(rec["gpu_allocated"]))
-                    gpu_res.add_metric(wl, float(rec["gpu_reserved"]))
         yield from fams.values()
         yield start
         yield beat

@@ -850,7 +850,8 @@ def test_process_series_are_one_per_process_while_a_worker_is_replaced(
         rec["state"], rec["started_ns"], rec["rss"] = state, started_s * 10**9, pid
 
     def resident() -> list[tuple[dict, float]]:
-        return collected(arena, "ringserve_process_resident_memory_bytes")
+        series = collected(arena, "ringserve_process_resident_memory_bytes")
+        return [(labels, v) for labels, v in series if labels["role"] == "worker"]
 
     record(4, 100, ProcState.READY, 10)
     record(5, 200, ProcState.STARTING, 20)
@@ -858,4 +859,28 @@ def test_process_series_are_one_per_process_while_a_worker_is_replaced(
     record(4, 100, ProcState.DRAINING, 10)
     record(5, 200, ProcState.READY, 20)
     assert resident() == [({"role": "worker", "id": "3", "model": "m"}, 200.0)]
+    arena.close()
+
+
+def test_gpu_series_are_there_for_every_worker_and_the_supervisor_is_watched(
+    shm_dir: Path,
+) -> None:
+    """Each worker's GPU gauges, whatever the order of the records (a frontend last among
+    them once left every worker but one without), and the supervisor's own memory (the
+    arena's creator: this test process here)."""
+    from ringserve.ipc.layout import ProcState, Role
+
+    arena = make_arena(shm_dir)
+    for index, (role, ident) in enumerate([(Role.WORKER, 0), (Role.WORKER, 1), (Role.FRONTEND, 0)]):
+        rec = arena.control[index]
+        rec["role"], rec["ident"], rec["model"], rec["pid"] = role, ident, 0, os.getpid()
+        rec["state"], rec["started_ns"], rec["rss"] = ProcState.READY, 10**9, 1
+        rec["gpu_allocated"], rec["gpu_reserved"], rec["gpu_nvml"] = 5, 7, 9
+    allocated = collected(arena, "ringserve_worker_gpu_allocated_bytes")
+    assert sorted(labels["worker"] for labels, _ in allocated) == ["0", "1"]
+    assert {v for _, v in allocated} == {5.0}
+    roles = [
+        labels["role"] for labels, _ in collected(arena, "ringserve_process_resident_memory_bytes")
+    ]
+    assert sorted(roles) == ["frontend", "supervisor", "worker", "worker"]
     arena.close()
