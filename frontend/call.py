@@ -100,24 +100,56 @@ def decompress_body(body: bytes, encoding: str | None, limit: int) -> bytes:
         wbits = 32 + zlib.MAX_WBITS  # zlib-wrapped (what HTTP means by deflate) or gzip
     else:
         raise HTTPError(415, f"unsupported Content-Encoding {encoding!r}: use gzip or deflate")
+    return _inflate(memoryview(body), enc, wbits, limit)
+
+
+_INFLATE_CHUNK = 1 << 16  # input fed per call: what follows a stream's end is copied once
+MAX_GZIP_MEMBERS = 64
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _inflate(body: memoryview, enc: str, wbits: int, limit: int) -> bytes:
+    """Inflate ``body``, every gzip member of it (RFC 1952: members one after another are
+    one stream, as ``cat a.gz b.gz`` makes), in linear time: fed whole, each member's
+    end copied the rest of the body, which 4 MiB of empty members made 29 s."""
     parts: list[bytes] = []
-    left, rest = limit, body
-    while True:  # gzip: members one after another are one stream (RFC 1952, `cat a.gz b.gz`)
-        d = zlib.decompressobj(wbits)
+    size, pos, members = 0, 0, 1
+    d = zlib.decompressobj(wbits)
+    pending = b""  # what the previous member left unread of its last chunk
+    while True:
+        if pending:
+            data, pending = pending, b""
+        elif pos < len(body):
+            data, pos = body[pos : pos + _INFLATE_CHUNK], pos + _INFLATE_CHUNK
+        else:
+            break
         try:
-            out = d.decompress(rest, left + 1)
+            out = d.decompress(data, limit - size + 1)
         except zlib.error as e:
             raise bad_request(f"cannot decompress the {enc} body: {e}") from None
-        if len(out) > left or d.unconsumed_tail:
+        size += len(out)
+        if size > limit or d.unconsumed_tail:
             raise HTTPError(413, f"decompressed body is over the limit of {limit} bytes")
-        if not d.eof:
-            raise bad_request(f"the {enc} body is truncated")
         parts.append(out)
-        left, rest = left - len(out), d.unused_data
+        if not d.eof:
+            continue
+        pending = d.unused_data
+        rest = len(pending) + max(0, len(body) - pos)
         if not rest:
-            return parts[0] if len(parts) == 1 else b"".join(parts)
-        if enc != "gzip":  # once silently dropped, as a gzip member after the first was
-            raise bad_request(f"{len(rest)} bytes follow the end of the {enc} stream")
+            break
+        another_member = enc == "gzip" and (pending + body[pos : pos + 2])[:2] == GZIP_MAGIC
+        if not another_member:
+            if not bytes(pending).strip(b"\0") and not bytes(body[pos:]).strip(b"\0"):
+                break  # zero padding after the end, which gzip(1) ignores too
+            # Once dropped without a word, as was every gzip member after the first.
+            raise bad_request(f"{rest} bytes follow the end of the {enc} stream")
+        members += 1
+        if members > MAX_GZIP_MEMBERS:
+            raise bad_request(f"the gzip body has more than {MAX_GZIP_MEMBERS} members")
+        d = zlib.decompressobj(wbits)
+    if not d.eof:
+        raise bad_request(f"the {enc} body is truncated")
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _too_large(message: str) -> HTTPError:
