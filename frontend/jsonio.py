@@ -4,6 +4,7 @@ standard library on number arrays, and it serialises numpy arrays directly)."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import numpy as np
@@ -22,18 +23,25 @@ def parse_json(body: bytes | memoryview) -> Any:
         pass
     raw = bytes(body)
     try:
-        doc = json.loads(raw)
+        # Decoded strictly here: json.loads of bytes passes surrogates (UTF-8 "ED A0 80")
+        # and takes UTF-16, and a str holding a surrogate failed later as a 500.
+        doc = json.loads(raw.decode("utf-8-sig"))  # a BOM, as json.loads took it
     except RecursionError:  # nesting deeper than the interpreter's stack allows
         raise bad_request("malformed JSON: nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise bad_request(f"malformed JSON: the body is not UTF-8 ({e.reason})") from None
+    except ValueError as e:
         raise bad_request(f"malformed JSON: {e}") from None
-    if b"\\u" in raw and not _is_text(doc):
+    if _SURROGATE_ESCAPE.search(raw) and not _is_text(doc):
         # The standard parser takes "\ud800" as a str that no encoder takes back: it
         # failed later, as a 500 (after inference, for a v2 id), not as the client's 400.
         raise bad_request(
             "malformed JSON: a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff)"
         )
     return doc
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
 
 
 def _is_text(doc: Any) -> bool:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gzip
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -419,8 +420,11 @@ LONE_SURROGATE = b'"\\ud800"'  # a JSON string escape no UTF-8 encoder takes bac
         ("/v2/models/id/infer", b'{"id":' + LONE_SURROGATE + b',"inputs":[{"name":"INPUT0",'
          b'"datatype":"FP32","shape":[1,1],"data":[1]}]}'),
         ("/v1/models/id/predict", b'{"data":[[1]],"request_id":' + LONE_SURROGATE + b"}"),
+        # The same as raw bytes (not UTF-8: a surrogate has no UTF-8 form).
+        ("/v2/models/id/infer", b'{"id":"\xed\xa0\x80","inputs":[{"name":"INPUT0",'
+         b'"datatype":"FP32","shape":[1,1],"data":[1]}]}'),
     ],
-    ids=["bytes-data", "v2-id", "v1-request-id"],
+    ids=["bytes-data", "v2-id", "v1-request-id", "v2-id-raw-bytes"],
 )  # fmt: skip
 def test_a_lone_surrogate_in_a_json_string_is_400(
     client: httpx.Client, path: str, body: bytes
@@ -429,7 +433,7 @@ def test_a_lone_surrogate_in_a_json_string_is_400(
     a str nothing can encode: that failed later as a 500 (a v2 id: after inference)."""
     r = client.post(path, content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 400, r.text
-    assert "lone UTF-16 surrogate" in r.json()["error"]
+    assert re.search("lone UTF-16 surrogate|not UTF-8", r.json()["error"])
     good_json(client)
 
 
