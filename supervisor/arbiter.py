@@ -445,7 +445,10 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         if self.phase != "running":
             return
         self._answer_unserved()
-        models_ready = all(self.ready_workers().values())
+        # A model drained on purpose (wanted 0) has nothing to wait for: counting it kept
+        # a SIGHUP reload from ever ending (no READY=1 for systemd).
+        wanted = self.wanted_workers()
+        models_ready = all(n > 0 or wanted[i] == 0 for i, n in self.ready_workers().items())
         self.ever_ready = self.ever_ready or models_ready
         if self.defer_frontends and models_ready:
             self.defer_frontends = False
@@ -454,7 +457,7 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         # Frontends serving, not just present: a frontend stopped by a rolling restart
         # is still the position's child until it exits, and "rolling restart over" (and
         # systemd's READY=1) came before its replacement was up.
-        ready = all(self.ready_workers().values()) and all(
+        ready = models_ready and all(
             fs.child is not None and fs.child.phase == Phase.READY and not fs.rolling
             for fs in self.frontends
         )
