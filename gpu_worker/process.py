@@ -537,7 +537,8 @@ class Worker:
                 self._finish_error(p.key, Status.MODEL_ERROR, f"model error: {e}".encode(), owners)
                 continue
             except Exception as e:
-                self._request_errors.raised("preprocess failed", self._request_id(p.key), e)
+                rid = self._request_id(p.key)
+                self._request_errors.raised("preprocess failed", rid, e, logging.ERROR)
                 self._finish_error(
                     p.key, Status.MODEL_ERROR, f"preprocess failed: {e}".encode(), owners
                 )

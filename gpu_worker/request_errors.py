@@ -18,7 +18,9 @@ class RequestErrors:
         self._next_traceback: dict[tuple[str, type], float] = {}  # (what, type) → monotonic
         self._quiet: dict[tuple[str, type], int] = {}  # raised since its last traceback
 
-    def raised(self, what: str, request_id: str, error: BaseException) -> None:
+    def raised(
+        self, what: str, request_id: str, error: BaseException, level: int = logging.WARNING
+    ) -> None:
         """``what`` failed on ``request_id`` ("raised", "preprocess failed")."""
         key = (what, type(error))
         now = time.monotonic()
@@ -32,7 +34,8 @@ class RequestErrors:
         else:
             self._quiet[key] = self._quiet.get(key, 0) + 1
             note = f" (traceback at most once a minute per {type(error).__name__})"
-        self._log.warning(
+        self._log.log(
+            level,
             "model %s %s on request %s: %s%s",
             self._model,
             what,

@@ -464,6 +464,10 @@ def test_raw_binary_image_for_an_image_model_only_when_it_is_not_the_tensor() ->
     assert "256" in raw_err(png, spec=IMG).message  # the model does not take images
     assert not raw(bytes(256), spec=IMG, images=True).images  # the tensor's exact size
     assert "ambiguous" in raw_err((png * 6)[:256], spec=IMG, images=True).message
+    # A shape no raw body can be (two variable dimensions, a 0 one): an image, whatever
+    # its size (a 0 dimension was a ZeroDivisionError, a 500).
+    for shape in ([3, -1, -1], [0, -1]):
+        assert raw((png * 6)[:256], spec=TensorSpec("INPUT0", "float32", shape), images=True).images
 
 
 # -- BYTES ------------------------------------------------------------------------------
