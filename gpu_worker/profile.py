@@ -3,9 +3,10 @@ prefer the fastest size instead of the largest (on a CPU, batch 32 can be slower
 than batch 4).
 
 Bounded: each size gets a few timed rounds and the whole profile stops at a time budget.
-Results are cached per model handler, weights, options, device, input shape and threads
-in ``$XDG_CACHE_HOME/ringserve/profiles-v5.json`` so restarts and recycles skip it
-(delete the file to re-profile, e.g. after a hardware change).
+Results are cached per model handler, weights, options, device, input shape, threads
+and hardware (CPU model and count, torch version, GPU name) in
+``$XDG_CACHE_HOME/ringserve/profiles-v5.json`` so restarts and recycles skip it
+(delete the file to re-profile).
 
 One worker of a model profiles, its siblings wait for the entry (a lock file per entry):
 two workers profiling at once disturbed each other's figures and could settle on
@@ -23,6 +24,7 @@ import hashlib
 import inspect
 import json
 import os
+import platform
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -193,7 +195,7 @@ def throughput_profile(
     options = json.dumps(dict(model.options), sort_keys=True, default=str)
     key = (
         f"{model.handler}|{model.weights}|{options}|{model.device}|{shape}"
-        f"|{model.batching.max_batch_size}|t{threads}"
+        f"|{model.batching.max_batch_size}|t{threads}|{hardware(model.device)}"
     )
     # The turn's lock file is named by the model, not by its files' stamp: one lock file
     # per model configuration, not one more per edit of the handler.
@@ -220,6 +222,22 @@ def preferred_size(rates: dict[int, float], max_batch_size: int) -> int:
     if preferred == max(rates) < max_batch_size:
         return max_batch_size
     return preferred
+
+
+def hardware(device: str) -> str:
+    """What the figures depend on besides the model: the CPU's model and how many CPUs
+    this process may run on, torch's version, the GPU's name. A cache that outlived the
+    host it was measured on kept that host's choice: this project's VM, moved from an
+    AMD EPYC to an Intel Xeon, went on batching resnet50 by the EPYC's figures."""
+    cpu = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        names = (line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        cpu = next(names, "")
+    gpu = ""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        with contextlib.suppress(RuntimeError, AssertionError):
+            gpu = torch.cuda.get_device_name(torch.device(device))
+    return f"{cpu or platform.machine()} x{len(os.sched_getaffinity(0))}|torch {torch.__version__}|{gpu}"
 
 
 def _source_stamp(handler: Handler, model: ModelSettings) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import itertools
+import os
 import threading
 import time as _time
 from dataclasses import replace
@@ -181,6 +182,28 @@ def test_the_profile_is_cached_per_model_and_shape(clock):
     options = {"channels_last": False}
     profile.throughput_profile(nchw, replace(settings(4), options=options), lambda: None)
     assert nchw.sizes  # so is the same model run with other options
+
+
+def test_the_profile_is_not_reused_on_other_hardware(clock, monkeypatch):
+    """A cache that outlived its host (a VM moved to another CPU type, a GPU swapped,
+    torch upgraded) kept that host's choice of batch size: keyed by the hardware too."""
+    per_batch = {1: 0.010, 2: 0.012, 4: 0.016}
+    profile.throughput_profile(
+        CostModel(clock, lambda n, k: per_batch[n]), settings(4), lambda: None
+    )
+    monkeypatch.setattr(profile, "hardware", lambda device: "another CPU x2|torch 9|")
+    moved = CostModel(clock, lambda n, k: per_batch[n])
+    profile.throughput_profile(moved, settings(4), lambda: None)
+    assert moved.sizes  # profiled afresh
+    assert len(profile._load_cache()) == 2
+
+
+def test_the_hardware_names_the_cpu_and_torch() -> None:
+    cpu, version, gpu = profile.hardware("cpu").split("|")
+    assert (
+        cpu.endswith(f"x{len(os.sched_getaffinity(0))}") and version == f"torch {torch.__version__}"
+    )
+    assert gpu == ""  # no GPU named for a CPU model
 
 
 def test_a_sibling_waits_for_the_profile_and_reuses_it(clock):
