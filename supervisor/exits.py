@@ -9,7 +9,8 @@ import enum
 import logging
 import selectors
 import time
-from typing import Any
+
+import numpy as np
 
 from ringserve.ipc import wake
 from ringserve.ipc.control import error_bytes, read_error
@@ -113,15 +114,20 @@ class ExitHandling:
         """The request ids of what ``child`` (a worker) holds RUNNING, read without the
         ring lock: for log lines, which name requests so they can be found by their
         X-Request-ID."""
+        return list(self._running(child).values())
+
+    def _running(self, child: Child) -> dict[int, str]:
+        """Slot → request id of what ``child`` holds RUNNING. A dead worker's slots stay
+        as they are until ``requeue_from_dead`` (nobody else takes a RUNNING slot), so
+        read before it they name the requests it hands back; read after, a slot could
+        already be serving another request."""
         assert self.arena is not None
         slots = self.arena.slots
-        held = (slots["state"] == SlotState.RUNNING) & (slots["worker"] == child.control_index)
-        return self._request_ids(held)
-
-    def _request_ids(self, which: Any) -> list[str]:
-        """The request ids of the slots ``which`` selects (a mask or a list of slots)."""
-        assert self.arena is not None
-        return [rid.decode(errors="replace") for rid in self.arena.slots["request_id"][which]]
+        held = np.flatnonzero(
+            (slots["state"] == SlotState.RUNNING) & (slots["worker"] == child.control_index)
+        )
+        ids = slots["request_id"][held]
+        return {int(s): rid.decode(errors="replace") for s, rid in zip(held, ids, strict=True)}
 
     def _free_control(self, child: Child) -> None:
         assert self.arena is not None
@@ -139,6 +145,7 @@ class ExitHandling:
         """Re-queue (or fail, as poison) what ``child`` was running; False if its ring's
         lock stayed held (try again later)."""
         ring = self.rings[child.model_index]
+        ids = self._running(child)
         try:
             done = ring.requeue_from_dead(child.control_index, POISON_MESSAGE, RING_LOCK_WAIT_S)
         except RingLockTimeout:
@@ -149,7 +156,7 @@ class ExitHandling:
                 "re-queued %d requests of %s: %s",
                 len(done.requeued),
                 child.name,
-                ", ".join(self._request_ids(done.requeued)),
+                ", ".join(ids.get(s, "?") for s in done.requeued),
             )
             self.stats.requeued(model, len(done.requeued))
             wake.signal(self.model_efds[child.model_index])
@@ -158,7 +165,7 @@ class ExitHandling:
                 "failed %d poison requests of %s: %s",
                 len(done.poisoned),
                 child.name,
-                ", ".join(self._request_ids(done.poisoned)),
+                ", ".join(ids.get(s, "?") for s in done.poisoned),
             )
             self.stats.poisoned(model, len(done.poisoned))
         # The owners free what is finished: poison answers, and cancelled requests that
