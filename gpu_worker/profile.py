@@ -226,9 +226,10 @@ def preferred_size(rates: dict[int, float], max_batch_size: int) -> int:
 
 def hardware(device: str) -> str:
     """What the figures depend on besides the model: the CPU's model and how many CPUs
-    this process may run on, torch's version, the GPU's name. A cache that outlived the
-    host it was measured on kept that host's choice: this project's VM, moved from an
-    AMD EPYC to an Intel Xeon, went on batching resnet50 by the EPYC's figures."""
+    this process may run on, torch's version, the GPU's name. A cache that outlives the
+    host it was measured on (a VM moved to another CPU type, as this project's was from
+    an AMD EPYC to an Intel Xeon; a GPU swapped; torch upgraded) kept that host's
+    choice until someone deleted the file."""
     cpu = ""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         names = (line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
