@@ -139,9 +139,13 @@ def _header_length(raw: str) -> int:
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes | memoryview, memoryview]:
     """(JSON header, binary tail) per the Inference-Header-Content-Length header (a
     positive one: 0 is a raw binary request, ``decode_infer_body``)."""
-    if header_length is None:
+    return _split_at(body, None if header_length is None else _header_length(header_length))
+
+
+def _split_at(body: bytes, n: int | None) -> tuple[bytes | memoryview, memoryview]:
+    """``split_body`` with the header length already parsed (None: no header)."""
+    if n is None:
         return body, memoryview(b"")
-    n = _header_length(header_length)
     if n == 0:
         raise bad_request("Inference-Header-Content-Length 0 is a raw binary request")
     if n > len(body):
@@ -598,8 +602,9 @@ def decode_infer_body(
     Binary input over ``slot_bytes`` is refused before it is parsed: walking the length
     prefixes of 8 MiB of empty BYTES elements held the event loop for 0.6 s, only for
     the request to be refused as over a slot once it had been."""
-    raw = header_length is not None and _header_length(header_length) == 0
-    header, binary = (b"", memoryview(body)) if raw else split_body(body, header_length)
+    n = None if header_length is None else _header_length(header_length)  # parsed once
+    raw = n == 0
+    header, binary = (b"", memoryview(body)) if raw else _split_at(body, n)
     if slot_bytes is not None and len(binary) > slot_bytes:
         raise HTTPError(413, over_slot("binary input", len(binary), slot_bytes))
     if raw:
