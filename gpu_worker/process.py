@@ -417,7 +417,8 @@ class Worker:
             if claimed:
                 self.batcher.batch_started()  # type: ignore[union-attr]
                 self._run_batch(claimed)
-                self.batcher.batch_finished(self.ring.depth())  # type: ignore[union-attr]
+                rows = sum(c.rows for c in claimed)
+                self.batcher.batch_finished(self.ring.depth(), rows)  # type: ignore[union-attr]
             self.control.beat()
         self.control.set_state(ProcState.STOPPED)
         return ExitCode.RECYCLE if self._stop_requested_by_supervisor else ExitCode.OK
