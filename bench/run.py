@@ -60,6 +60,11 @@ MODEL_NAMES = {"identity": "id", "resnet50": "r50"}
 POINT_S = {"identity": 5.0, "resnet50": 8.0}
 CONCURRENCY = {"identity": [1, 8, 32, 64], "resnet50": [1, 8, 32]}
 RESNET_MAX_BATCH = 8
+RESNET_QUEUE_DELAY_MS = 10
+# ringserve's configurations whose resnet50 points are timed against the raw model and
+# judged on the issue's targets (``systems``).
+RESNET_JUDGED = ("ringserve", "ringserve-shared")
+_SHARED = "a worker per thread, sharing them"
 
 
 def log(msg: str) -> None:
@@ -228,7 +233,12 @@ def launch_litserve(py: Path) -> Callable[[str, int, argparse.Namespace, Path], 
     return launch
 
 
-def launch_ringserve(driver: str) -> Callable[[str, int, argparse.Namespace, Path], Launch]:
+def launch_ringserve(
+    driver: str, shared: bool = False
+) -> Callable[[str, int, argparse.Namespace, Path], Launch]:
+    """ringserve as a user would start it: resnet50 with one worker on every thread, or
+    (``shared``, on a CPU) one worker per thread, sharing them."""
+
     def launch(model: str, port: int, args: argparse.Namespace, tmp: Path) -> Launch:
         name = MODEL_NAMES[model]
         cmd = [sys.executable, "-m", "ringserve.supervisor.cli", "serve", "--port", str(port)]
@@ -239,7 +249,11 @@ def launch_ringserve(driver: str) -> Callable[[str, int, argparse.Namespace, Pat
         else:
             cmd += ["--model", f"{name}=torchvision:resnet50", "--threads", str(args.threads)]
             cmd += ["--max-batch-size", str(RESNET_MAX_BATCH)]
-            if args.device == "cpu" and args.threads > 1:
+            # A batch of 8 takes ~270 ms on a 2-core CPU: a 10 ms wait for company (4 %)
+            # covers the clients' turnaround (each JPEG is decoded first, ~1.2 ms), which
+            # the 2 ms default does not (docs/benchmarks.md).
+            cmd += ["--max-queue-delay-ms", str(RESNET_QUEUE_DELAY_MS)]
+            if shared:
                 # One worker per thread, sharing the --threads budget: all of it for a
                 # lone request, one each under load (gpu_worker/cpu_share.py).
                 cmd += ["--workers", str(args.threads), "--share-threads"]
@@ -265,6 +279,20 @@ def systems(args: argparse.Namespace, lit_py: Path | None, lit_skip: str) -> lis
         ),
         System("ringserve", f"(e) ringserve, {n} frontends", "e", launch_ringserve("wrk")),
     ]
+    if args.device == "cpu" and args.threads > 1:
+        # The other way to spend a CPU's threads on resnet50, judged beside it: one
+        # worker per thread (faster on the EPYC host before the batcher kept batches full
+        # at c=8, slower on the Xeon: docs/benchmarks.md).
+        out.append(
+            System(
+                "ringserve-shared",
+                f"(e) ringserve, {n} frontends, {args.threads} resnet50 workers sharing "
+                f"{args.threads} threads",
+                "e",
+                launch_ringserve("wrk", shared=True),
+                models=("resnet50",),
+            )
+        )
     if PERF_ANALYZER.exists():
         out.append(
             # perf_analyzer sends tensors, not JPEGs: identity only.
@@ -491,7 +519,8 @@ def bench_system(
     rows: list[dict] = []
     # ringserve's resnet50 points are judged against the raw model timed in turns with
     # them: loaded once, idle (blocked on its stdin) while the server runs.
-    probe = RawProbe(model, args) if model != "identity" and system.key == "ringserve" else None
+    judged = system.key in RESNET_JUDGED
+    probe = RawProbe(model, args) if model != "identity" and judged else None
     t_start = time.monotonic()
     with contextlib.ExitStack() as stack:
         if probe is not None:
@@ -705,10 +734,12 @@ def medians(rows: list[dict]) -> list[dict]:
     out = []
     for (model, system, conc), rs in groups.items():
         agg = {"model": model, "system": system, "concurrency": conc, "reps": len(rs)}
-        for k in rs[0]:
-            if k in agg or k == "rep" or not isinstance(rs[0][k], int | float):
-                continue
-            agg[k] = statistics.median(r[k] for r in rs)
+        # Keys in the order first seen; a key some repetitions lack (a raw slice that
+        # did not run) is the median of those that have it.
+        for k in dict.fromkeys(k for r in rs for k in r):
+            values = [r[k] for r in rs if isinstance(r.get(k), int | float)]
+            if k not in agg and k != "rep" and values:
+                agg[k] = statistics.median(values)
         agg["errors"] = sum(r["errors"] for r in rs)  # any error in any repetition counts
         out.append(agg)
     return out
@@ -784,44 +815,48 @@ def evaluate_targets(res: dict, n: int) -> list[dict]:
         )
 
     rraw = raw.get("resnet50")
-    for conc in (8, 32):
-        # Judged against the raw best batch timed right before and after the point (see
-        # ``bench_system``); the repetition's own earlier raw run, in the note.
-        around = per_repetition(res, conc, vs_raw_best)
-        earlier = per_repetition(res, conc, vs_raw_run)
-        value = statistics.median(around) if around else None
-        note = ""
-        if around:
-            note = (
-                "per repetition, against the raw best batch timed around it: "
-                + ", ".join(f"{q:.2f}x" for q in around)
-                + "; against the repetition's raw run: "
-                + ", ".join(f"{q:.2f}x" for q in earlier)
+    for key in RESNET_JUDGED:
+        if key != "ringserve" and not any(r["system"] == key for r in res["rows"]):
+            continue  # a variant that did not run (GPU, one thread, --systems)
+        who = "ringserve" if key == "ringserve" else f"{key} ({_SHARED})"
+        for conc in (8, 32):
+            # Judged against the raw best batch timed right before and after the point (see
+            # ``bench_system``); the repetition's own earlier raw run, in the note.
+            around = per_repetition(res, key, conc, vs_raw_best)
+            earlier = per_repetition(res, key, conc, vs_raw_run)
+            value = statistics.median(around) if around else None
+            note = ""
+            if around:
+                note = (
+                    "per repetition, against the raw best batch timed around it: "
+                    + ", ".join(f"{q:.2f}x" for q in around)
+                    + "; against the repetition's raw run: "
+                    + ", ".join(f"{q:.2f}x" for q in earlier)
+                )
+            add(
+                f"resnet50 c={conc}: {who} img/s vs raw best batch",
+                value,
+                ">= 0.95x",
+                None if value is None else value >= 0.95,
+                note,
             )
+        # Judged against the raw batch-1 loop timed in turns with the point (see
+        # ``run_c1_between_raw``); the repetition's own earlier raw run, in the note.
+        around = per_repetition(res, key, 1, c1_minus_raw)
+        earlier = per_repetition(res, key, 1, lambda r, x: r["p50_ms"] - _batch(x, 1)["p50_ms"])
+        value = statistics.median(around) if around else None
         add(
-            f"resnet50 c={conc}: ringserve img/s vs raw best batch",
+            f"resnet50 c=1: {who} p50 - raw batch-1 ms",
             value,
-            ">= 0.95x",
-            None if value is None else value >= 0.95,
-            note,
+            "<= 3",
+            _le(value, 3),
+            f"per repetition, against the raw loop in turns with it: "
+            f"{', '.join(f'{d:+.1f}' for d in around)} ms; against the repetition's raw run: "
+            f"{', '.join(f'{d:+.1f}' for d in earlier)} ms"
+            f" (JPEG decode alone {rraw.get('decode_ms', 0):.1f} ms)"
+            if around and rraw
+            else "",
         )
-    # Judged against the raw batch-1 loop timed in turns with the point (see
-    # ``run_c1_between_raw``); the repetition's own earlier raw run, in the note.
-    around = per_repetition(res, 1, c1_minus_raw)
-    earlier = per_repetition(res, 1, lambda r, x: r["p50_ms"] - _batch(x, 1)["p50_ms"])
-    value = statistics.median(around) if around else None
-    add(
-        "resnet50 c=1: ringserve p50 - raw batch-1 ms",
-        value,
-        "<= 3",
-        _le(value, 3),
-        f"per repetition, against the raw loop in turns with it: "
-        f"{', '.join(f'{d:+.1f}' for d in around)} ms; against the repetition's raw run: "
-        f"{', '.join(f'{d:+.1f}' for d in earlier)} ms"
-        f" (JPEG decode alone {rraw.get('decode_ms', 0):.1f} ms)"
-        if around and rraw
-        else "",
-    )
     fe = [r["frontend_pss_mb"] for r in med if r["system"] == "ringserve"]
     fe_max = max(fe) if fe else None
     add("ringserve frontend PSS MB (max)", fe_max, "<= 60", _le(fe_max, 60))
@@ -859,9 +894,11 @@ def evaluate_targets(res: dict, n: int) -> list[dict]:
     return targets
 
 
-def per_repetition(res: dict, conc: int, compare: Callable[[dict, dict], float]) -> list[float]:
-    """``compare(ringserve row, raw run)`` for each resnet50 repetition, against the raw
-    model measured in that same repetition right before ringserve.
+def per_repetition(
+    res: dict, system: str, conc: int, compare: Callable[[dict, dict], float]
+) -> list[float]:
+    """``compare(row of system, raw run)`` for each resnet50 repetition, against the raw
+    model measured in that same repetition before the servers.
 
     The host's speed drifts by up to 2x within minutes (other tenants), so a ratio of
     two run-wide medians mixes moments; a per-repetition ratio of adjacent runs does not.
@@ -869,7 +906,7 @@ def per_repetition(res: dict, conc: int, compare: Callable[[dict, dict], float])
     raws = res["raw_reps"].get("resnet50", [])
     out = []
     for r in res["rows"]:
-        if (r["model"], r["system"], r["concurrency"]) != ("resnet50", "ringserve", conc):
+        if (r["model"], r["system"], r["concurrency"]) != ("resnet50", system, conc):
             continue
         if r["rep"] < len(raws) and r["throughput"] > 0:
             out.append(compare(r, raws[r["rep"]]))
@@ -1203,7 +1240,8 @@ def main(argv: list[str] | None = None) -> int:
                 # Interleave: every system once per repetition, the order rotated each time.
                 order = active[rep % len(active) :] + active[: rep % len(active)]
                 # What ringserve's targets are ratios against runs right before it: the
-                # inline server with as many processes, then the raw model (None here),
+                # inline server with as many processes, then the raw model (None here,
+                # before the first of ringserve's configurations),
                 # so each repetition's ratio compares two moments a minute apart, not the
                 # two ends of a repetition on a host whose speed drifts
                 # (see ``per_repetition``).
@@ -1213,7 +1251,8 @@ def main(argv: list[str] | None = None) -> int:
                     served.remove(peer)
                     served.insert([s and s.key for s in served].index("ringserve"), peer)
                 keys = [s.key for s in served if s is not None]
-                served.insert(keys.index("ringserve") if "ringserve" in keys else 0, None)
+                judged = [i for i, k in enumerate(keys) if k in RESNET_JUDGED]
+                served.insert(judged[0] if judged else 0, None)
                 raw_run = None
                 for system in served:
                     if system is None:

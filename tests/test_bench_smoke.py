@@ -229,3 +229,36 @@ def test_ipc_parts_times_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
     assert rows[0][0].startswith("whole cycle") and len(rows) == 11
     assert all(us > 0 for _, us in rows)
     assert "| ring lock + unlock |" in ipc_parts.table(rows)
+
+
+def test_the_shared_workers_resnet50_configuration_is_judged_on_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both CPU configurations of ringserve (one worker with every thread, one worker
+    per thread sharing them) get their own target rows, each against the raw runs of
+    its own repetitions; a configuration that did not run gets none."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench.run import evaluate_targets
+
+    raw_run = {"rows": [{"batch_size": 1, "p50_ms": 80.0, "items_per_s": 8.0},
+                        {"batch_size": 8, "p50_ms": 800.0, "items_per_s": 10.0}]}  # fmt: skip
+    row = {"model": "resnet50", "rep": 0, "concurrency": 8, "p50_ms": 700.0}
+    res = {
+        "medians": [],
+        "ipc": [],
+        "raw": {"resnet50": {"decode_ms": 1.3}},
+        "raw_reps": {"resnet50": [raw_run]},
+        "rows": [
+            {**row, "system": "ringserve", "throughput": 9.6, "vs_raw_around": 0.96},
+            {**row, "system": "ringserve-shared", "throughput": 9.0, "vs_raw_around": 0.9},
+        ],
+    }
+    by_name = {t["target"]: t for t in evaluate_targets(res, 2)}
+    one = by_name["resnet50 c=8: ringserve img/s vs raw best batch"]
+    shared = by_name[
+        "resnet50 c=8: ringserve-shared (a worker per thread, sharing them) img/s vs raw best batch"
+    ]
+    assert (one["value"], one["result"]) == ("0.96", "PASS")
+    assert (shared["value"], shared["result"]) == ("0.9", "FAIL")
+    res["rows"].pop()
+    assert not [t for t in evaluate_targets(res, 2) if "ringserve-shared" in t["target"]]
