@@ -14,11 +14,14 @@ Two waits on the frontend side: ``poll`` (a blocking ``poll(2)``, the floor) and
 way the real frontend waits). Per payload size it reports the round-trip median and p99
 with one request in flight, and items/s with 1 and with 32 requests in flight. Two last
 rows give the floor under all of it: an eventfd bounced between two processes that do
-nothing else, back to back and after an idle gap.
+nothing else, back to back and after an idle gap, held on two CPUs in the ``any vCPU``
+placement (left alone, the scheduler ran both on one: see ``eventfd_floor``).
 
 Each row is measured in two placements. ``any vCPU``: the scheduler's choice, which puts a
 woken process on an idle CPU, so each wake-up crosses CPUs (an inter-processor interrupt;
-on a VM that goes through the hypervisor and costs tens of µs, on bare metal a few).
+on a VM that goes through the hypervisor and costs tens of µs, on bare metal a few: on
+the 2-vCPU Xeon VM 10-14 µs for the sender's ``eventfd_write`` and 18-23 µs until the
+woken process runs, per wake-up, two per round trip).
 ``one vCPU``: both processes held on one CPU, where a wake-up is a context switch: the
 ipc layer's own cost, without the interrupt's.
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
 import multiprocessing as mp
 import os
@@ -146,27 +150,48 @@ class Frontend:
         return shape
 
 
-def _echo(ping_fd: int, pong_fd: int, stop_fd: int) -> None:
-    """The floor's far end: answer each ping with a pong, nothing else."""
+_sched_getcpu = ctypes.CDLL(None, use_errno=True).sched_getcpu  # not in os before 3.14
+
+
+def _echo(ping_fd: int, pong_fd: int, stop_fd: int, cpu: int | None, where: object) -> None:
+    """The floor's far end: answer each ping with a pong, nothing else; ``where[0]``: the
+    CPU it answered on."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     while True:
         wake.wait(ping_fd, 1.0)
         if wake.drain(stop_fd):
             os._exit(0)
         if wake.drain(ping_fd):
+            where[0] = _sched_getcpu()  # type: ignore[index]
             wake.signal(pong_fd)
 
 
-def eventfd_floor(iterations: int, gap_s: float) -> list[int]:
+def eventfd_floor(
+    iterations: int, gap_s: float, cpus: tuple[int, int] | None = None
+) -> tuple[list[int], float]:
     """Two processes bouncing an eventfd with the same wait and signal calls as the round
     trip, and no work: what any design built on kernel wake-ups pays on this machine.
+    Returns (round trips in ns, the share of pings answered on the pinger's own CPU).
 
-    ``gap_s`` idles both sides between pings: once a vCPU has idled for a few hundred µs
-    the hypervisor halts it, and the wake-up that follows costs several times more.
+    ``cpus``: hold the pinger on the first and the echo on the second. Left to the
+    scheduler, a process that blocks right after it signals pulls its partner onto its
+    own CPU: the floor then measured a context switch on one vCPU (6-10 µs, every ping
+    on the same CPU) while the round trip's two processes ran on two (57-90 µs pinned).
+    ``gap_s`` idles both sides between pings: an idle vCPU is halted, and the wake-up
+    that follows costs more.
     """
     ping, pong, stop = wake.new_eventfd(), wake.new_eventfd(), wake.new_eventfd()
-    echo = mp.get_context("fork").Process(target=_echo, args=(ping, pong, stop), daemon=True)
+    where = mp.RawArray("i", 1)
+    echo_cpu = cpus[1] if cpus else None
+    echo = mp.get_context("fork").Process(
+        target=_echo, args=(ping, pong, stop, echo_cpu, where), daemon=True
+    )
     echo.start()
-    rtts = []
+    allowed = os.sched_getaffinity(0)
+    if cpus:
+        os.sched_setaffinity(0, {cpus[0]})
+    rtts, same = [], 0
     try:
         for i in range(iterations + iterations // 10):
             if gap_s:
@@ -178,12 +203,14 @@ def eventfd_floor(iterations: int, gap_s: float) -> list[int]:
             wake.drain(pong)
             if i >= iterations // 10:  # the first tenth warms up
                 rtts.append(time.perf_counter_ns() - t0)
+                same += where[0] == _sched_getcpu()
     finally:
+        os.sched_setaffinity(0, allowed)
         wake.signal(stop)
         echo.join(5)
         for fd in (ping, pong, stop):
             os.close(fd)
-    return rtts
+    return rtts, same / max(1, len(rtts))
 
 
 def _run_poll(fe: Frontend, payload: np.ndarray, iterations: int, inflight: int) -> list[int]:
@@ -308,8 +335,12 @@ def _measure(iterations: int, sizes: dict[str, int] | None = None) -> list[dict]
                             f"items_per_s_{PIPELINE}": iterations / piped_s,
                         }
                     )
+            # Across two CPUs where the placement has two (see ``eventfd_floor``).
+            allowed = sorted(os.sched_getaffinity(0))
+            cpus = (allowed[0], allowed[1]) if len(allowed) > 1 else None
             for label, gap_s in (("back to back", 0.0), ("after 300 µs idle", 300e-6)):
-                rtts = np.array(eventfd_floor(min(iterations, 5000), gap_s)) / 1000
+                ns, same = eventfd_floor(min(iterations, 5000), gap_s, cpus)
+                rtts = np.array(ns) / 1000
                 rows.append(
                     {
                         "payload": "none",
@@ -318,6 +349,7 @@ def _measure(iterations: int, sizes: dict[str, int] | None = None) -> list[dict]
                         "iterations": len(rtts),
                         "p50_us": float(np.percentile(rtts, 50)),
                         "p99_us": float(np.percentile(rtts, 99)),
+                        "same_cpu_pct": 100 * same,
                     }
                 )
         finally:
@@ -341,8 +373,11 @@ def table(rows: list[dict]) -> str:
     ]
     for r in rows:
         rates = [r.get("items_per_s_1"), r.get(f"items_per_s_{PIPELINE}")]
+        wait = r["wait"]
+        if "same_cpu_pct" in r:
+            wait += f", {r['same_cpu_pct']:.0f} % of pings on one CPU"
         lines.append(
-            f"| {r.get('placement', 'any vCPU')} | {r['payload']} | {r['wait']} "
+            f"| {r.get('placement', 'any vCPU')} | {r['payload']} | {wait} "
             f"| {r['p50_us']:.1f} | {r['p99_us']:.1f} | "
             + " | ".join("—" if x is None else f"{x:,.0f}" for x in rates)
             + " |"

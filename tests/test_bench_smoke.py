@@ -262,3 +262,42 @@ def test_the_shared_workers_resnet50_configuration_is_judged_on_its_own(
     assert (shared["value"], shared["result"]) == ("0.9", "FAIL")
     res["rows"].pop()
     assert not [t for t in evaluate_targets(res, 2) if "ringserve-shared" in t["target"]]
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(120)
+def test_batch_mix_reports_batches_and_stages(tmp_path: Path) -> None:
+    """The tuning tool (``bench/batch_mix.py``) keeps working: one short point on
+    identity prints the throughput, the batch sizes run and the time per stage."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env.pop("NOTIFY_SOCKET", None)
+    argv = ["--model", "identity", "--concurrency", "2", "--seconds", "1", "--reps", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.batch_mix", *argv],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("c=2 rep 0:")]
+    assert "batches {1: " in line or "batches {2: " in line, line
+    assert "compute_infer" in line and "queue" in line, line
+
+
+def test_the_eventfd_floor_crosses_cpus_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The floor under the "any vCPU" round trip is measured on two CPUs: left to the
+    scheduler, the echo ran on the pinger's CPU for every ping, and the floor (6-10 µs)
+    hid the cross-CPU wake-up (57-90 µs) that the round trip pays."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench.ipc_roundtrip import eventfd_floor
+
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("needs two CPUs")
+    rtts, same = eventfd_floor(200, 0.0, (allowed[0], allowed[1]))
+    assert len(rtts) == 200 and same == 0.0
+    rtts, same = eventfd_floor(200, 0.0, (allowed[0], allowed[0]))
+    assert same == 1.0
+    assert os.sched_getaffinity(0) == set(allowed)  # the pinger's affinity is given back
