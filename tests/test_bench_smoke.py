@@ -115,6 +115,17 @@ def test_c1_slices_take_turns_with_the_raw_loop(monkeypatch: pytest.MonkeyPatch)
     assert (r["requests"], r["throughput"], r["p50_ms"]) == (80, 10.0, 92.0)
 
 
+def resnet50_results(raw_run: dict, rows: list[dict]) -> dict:
+    """A results document with one resnet50 repetition: its raw run and server rows."""
+    return {
+        "medians": [],
+        "ipc": [],
+        "raw": {"resnet50": {"decode_ms": 1.3}},
+        "raw_reps": {"resnet50": [raw_run]},
+        "rows": rows,
+    }
+
+
 def test_resnet50_throughput_is_judged_against_the_raw_best_batch_timed_around_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -126,16 +137,13 @@ def test_resnet50_throughput_is_judged_against_the_raw_best_batch_timed_around_i
     raw_run = {"rows": [{"batch_size": 1, "p50_ms": 80.0, "items_per_s": 8.0},
                         {"batch_size": 4, "p50_ms": 400.0, "items_per_s": 10.0}]}  # fmt: skip
     row = {"model": "resnet50", "system": "ringserve", "rep": 0, "p50_ms": 700.0}
-    res = {
-        "medians": [],
-        "ipc": [],
-        "raw": {"resnet50": {"decode_ms": 1.3}},
-        "raw_reps": {"resnet50": [raw_run]},
-        "rows": [
+    res = resnet50_results(
+        raw_run,
+        [
             {**row, "concurrency": 8, "throughput": 9.0, "vs_raw_around": 0.96},
             {**row, "concurrency": 32, "throughput": 9.0},
         ],
-    }
+    )
     by_name = {t["target"]: t for t in evaluate_targets(res, 2)}
     c8 = by_name["resnet50 c=8: ringserve img/s vs raw best batch"]
     assert (c8["value"], c8["result"]) == ("0.96", "PASS")
@@ -243,16 +251,13 @@ def test_the_shared_workers_resnet50_configuration_is_judged_on_its_own(
     raw_run = {"rows": [{"batch_size": 1, "p50_ms": 80.0, "items_per_s": 8.0},
                         {"batch_size": 8, "p50_ms": 800.0, "items_per_s": 10.0}]}  # fmt: skip
     row = {"model": "resnet50", "rep": 0, "concurrency": 8, "p50_ms": 700.0}
-    res = {
-        "medians": [],
-        "ipc": [],
-        "raw": {"resnet50": {"decode_ms": 1.3}},
-        "raw_reps": {"resnet50": [raw_run]},
-        "rows": [
+    res = resnet50_results(
+        raw_run,
+        [
             {**row, "system": "ringserve", "throughput": 9.6, "vs_raw_around": 0.96},
             {**row, "system": "ringserve-shared", "throughput": 9.0, "vs_raw_around": 0.9},
         ],
-    }
+    )
     by_name = {t["target"]: t for t in evaluate_targets(res, 2)}
     one = by_name["resnet50 c=8: ringserve img/s vs raw best batch"]
     shared = by_name[
