@@ -8,8 +8,10 @@ largest batch is often not the fastest):
   warm-up, or ``max_batch_size``): run now.
 * The device is idle (no batch ran recently, or the last one was a lone request with
   nothing queued behind it): run now with whatever is queued.
-* The device is busy (we are running back to back under load): wait for more rows, but
-  at most until the oldest queued request has waited ``max_queue_delay``.
+* The device is busy (we are running back to back under load, or the last batch's
+  requests came together and their clients are likely to): wait for more rows, but at
+  most ``max_queue_delay`` after the oldest queued request came or the device became
+  free, whichever is later.
 
 Before inference, requests whose deadline passed or whose client went away are dropped.
 """
@@ -57,14 +59,15 @@ class Batcher:
     def batch_started(self) -> None:
         self._batch_start = self.clock()
 
-    def batch_finished(self, backlog: int = 1, rows: int = 1) -> None:
-        """Record the end of a batch of ``rows`` and how many requests were already
-        waiting then (``backlog``)."""
+    def batch_finished(self, backlog: int = 1, requests: int = 1) -> None:
+        """Record the end of a batch of ``requests`` and how many were already waiting
+        then (``backlog``). Requests, not rows: one client's request of eight rows is no
+        company, and its next request should not wait for any."""
         now = self.clock()
         if self._batch_start is not None:
             self._last_batch_s = now - self._batch_start
             self._batch_start = None
-        self._last_batch_end = now if backlog > 0 or rows > 1 else None
+        self._last_batch_end = now if backlog > 0 or requests > 1 else None
 
     def device_busy(self) -> bool:
         """Busy = the previous batch ended within one queue delay and either work piled

@@ -417,8 +417,7 @@ class Worker:
             if claimed:
                 self.batcher.batch_started()  # type: ignore[union-attr]
                 self._run_batch(claimed)
-                rows = sum(c.rows for c in claimed)
-                self.batcher.batch_finished(self.ring.depth(), rows)  # type: ignore[union-attr]
+                self.batcher.batch_finished(self.ring.depth(), len(claimed))  # type: ignore[union-attr]
             self.control.beat()
         self.control.set_state(ProcState.STOPPED)
         return ExitCode.RECYCLE if self._stop_requested_by_supervisor else ExitCode.OK

@@ -472,11 +472,11 @@ def test_a_batch_with_company_means_busy_even_with_nothing_queued():
     """Clients as many as the batch come back together after it: the first to arrive
     waits (at most the queue delay) for the rest; a lone client's next request does not."""
     b, clock = make(max_batch=8, delay=0.020)
-    b.batch_finished(backlog=0, rows=8)
+    b.batch_finished(backlog=0, requests=8)
     clock.advance(0.002)
     assert b.device_busy()
     assert b.wait_time(1, clock()) == pytest.approx(0.020)
-    b.batch_finished(backlog=0, rows=1)
+    b.batch_finished(backlog=0, requests=1)  # one request, of however many rows
     assert not b.device_busy()
     assert b.wait_time(1, clock()) == 0.0
 
@@ -518,7 +518,7 @@ def closed_loop(policy: BatchPolicy, clients: int, batches: int) -> list[int]:
         b.batch_started()
         clock.advance(0.040 + 0.030 * len(batch))
         take_arrived()
-        b.batch_finished(backlog=len(queue), rows=len(batch))
+        b.batch_finished(backlog=len(queue), requests=len(batch))
         arrivals = sorted(arrivals + [clock() + 0.002 + 0.0007 * i for i in range(len(batch))])
         sizes.append(len(batch))
     return sizes
