@@ -8,8 +8,8 @@ largest batch is often not the fastest):
   warm-up, or ``max_batch_size``): run now.
 * The device is idle (no batch ran recently, or the last one was a lone request with
   nothing queued behind it): run now with whatever is queued.
-* The device is busy (we are running back to back under load, or the last batch's
-  requests came together and their clients are likely to): wait for more rows, but at
+* The device is busy (we are running back to back under load, or the last batch held
+  several requests, whose clients tend to come back together): wait for more rows, but at
   most ``max_queue_delay`` after the oldest queued request came or the device became
   free, whichever is later.
 
