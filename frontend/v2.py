@@ -199,6 +199,8 @@ def _config(catalog: Catalog, info: ModelInfo) -> dict[str, Any]:
             preferred = 0
         config["dynamic_batching"] = {
             "preferred_batch_size": [int(preferred)] if preferred else [],
+            # Counted from when a worker could take the request (its arrival, or the end
+            # of the batch it queued behind), not from its arrival as in Triton.
             "max_queue_delay_microseconds": int(s.batching.max_queue_delay_ms * 1000),
         }
     return config

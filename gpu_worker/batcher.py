@@ -55,6 +55,9 @@ class Batcher:
         self._last_batch_end: float | None = None
         self._batch_start: float | None = None
         self._last_batch_s: float | None = None  # how long the last batch took, if timed
+        # Requests of the last batch when they came together with nothing queued behind
+        # them (0 otherwise): as many as come back together, so no more to wait for.
+        self._company = 0
 
     def batch_started(self) -> None:
         self._batch_start = self.clock()
@@ -68,6 +71,7 @@ class Batcher:
             self._last_batch_s = now - self._batch_start
             self._batch_start = None
         self._last_batch_end = now if backlog > 0 or requests > 1 else None
+        self._company = requests if backlog <= 0 and requests > 1 else 0
 
     def device_busy(self) -> bool:
         """Busy = the previous batch ended within one queue delay and either work piled
@@ -88,6 +92,7 @@ class Batcher:
         oldest_enqueued_s: float | None,
         newest_enqueued_s: float | None = None,
         waited_s: float = 0.0,
+        pending_requests: int | None = None,
     ) -> float | None:
         """Seconds to wait before dispatching: 0 = now; None = nothing queued.
 
@@ -96,18 +101,24 @@ class Batcher:
         the newest one (a pause in arrivals means the batch is as full as it gets), both
         counted from the end of the last batch for requests that came while it ran, and
         never longer in all (``waited_s``: already spent filling this batch) than the
-        last batch took to run.
+        last batch took to run. Busy only because the last batch held several requests
+        (nothing was queued behind it), we wait for no more than that many
+        (``pending_requests``): two clients with a batch of eight to fill would
+        otherwise wait a quarter delay each batch for company that is all there.
         """
         if pending_rows <= 0 or oldest_enqueued_s is None:
             return None
         if pending_rows >= self.policy.target or not self.device_busy():
+            return 0.0
+        if self._company and pending_requests is not None and pending_requests >= self._company:
             return 0.0
         now = self.clock()
         # Time queued while the device ran an earlier batch is not time spent waiting
         # for company: the clocks start when the device could first have taken them.
         # (From the enqueue alone, a request left over from a full batch had always
         # waited out the delay and ran alone while its batchmates came back.)
-        free = self._last_batch_end or 0.0
+        free = self._last_batch_end
+        assert free is not None  # device_busy
         until = max(oldest_enqueued_s, free) + self.policy.max_queue_delay_s
         if newest_enqueued_s is not None:
             until = min(until, max(newest_enqueued_s, free) + self.policy.max_queue_delay_s / 4)

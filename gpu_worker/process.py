@@ -416,8 +416,8 @@ class Worker:
                 break
             if claimed:
                 self.batcher.batch_started()  # type: ignore[union-attr]
-                self._run_batch(claimed)
-                self.batcher.batch_finished(self.ring.depth(), len(claimed))  # type: ignore[union-attr]
+                ran = self._run_batch(claimed)
+                self.batcher.batch_finished(self.ring.depth(), ran)  # type: ignore[union-attr]
             self.control.beat()
         self.control.set_state(ProcState.STOPPED)
         return ExitCode.RECYCLE if self._stop_requested_by_supervisor else ExitCode.OK
@@ -472,7 +472,7 @@ class Worker:
             oldest = claimed[0].request.enqueued_ns / 1e9
             newest = claimed[-1].request.enqueued_ns / 1e9
             waited = time.monotonic() - first_claim
-            delay = self.batcher.wait_time(rows, oldest, newest, waited)
+            delay = self.batcher.wait_time(rows, oldest, newest, waited, len(claimed))
             if not delay:
                 break
             try:
@@ -499,7 +499,9 @@ class Worker:
 
     # -- running a batch -------------------------------------------------------------------
 
-    def _run_batch(self, claimed: list[Claimed]) -> None:
+    def _run_batch(self, claimed: list[Claimed]) -> int:
+        """Answer every claimed request; returns how many were run (not expired or
+        cancelled): the batch's company, for the batcher."""
         assert self.handler is not None and self.batcher is not None
         headers = {c.slot: c.request for c in claimed}
         items = [
@@ -553,6 +555,7 @@ class Worker:
             wake.signal(self.spec.frontend_efds[owner])
         self._record_batches()  # bookkeeping after the answers are out, not before
         self.control.beat()
+        return len(run)
 
     def _record_batches(self) -> None:
         rec = self.control.rec

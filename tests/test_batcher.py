@@ -299,14 +299,14 @@ def simulate(policy: BatchPolicy, arrivals: list[float], service_s: float) -> li
     queue: list[float] = []  # enqueue times, one row each
     pending = sorted(arrivals)
     dispatches = []
-    device_free_at = 0.0
+    device_free_at, company = 0.0, 0
     while pending or queue:
         while pending and pending[0] <= clock() + EPS:
             queue.append(pending.pop(0))
         if not queue:
             clock.t = max(clock.t, pending[0])
             continue
-        w = b.wait_time(len(queue), queue[0])
+        w = b.wait_time(len(queue), queue[0], queue[-1], 0.0, len(queue))
         assert w is not None and 0.0 <= w <= policy.max_queue_delay_s + EPS
         if w > 0 and len(queue) < policy.target:
             # sleep until the wait ends or another request arrives, whichever is first
@@ -326,13 +326,17 @@ def simulate(policy: BatchPolicy, arrivals: list[float], service_s: float) -> li
                 "t": clock(),
                 "rows": len(run),
                 "oldest": take[0],
+                "newest": take[-1],
                 "busy": busy,
+                "company_back": bool(company) and len(take) >= company,
                 "free": device_free_at,
             }
         )
         clock.advance(service_s)
         device_free_at = clock()
-        b.batch_finished()
+        backlog = len(queue) + sum(1 for a in pending if a <= clock() + EPS)
+        b.batch_finished(backlog=backlog, requests=len(run))
+        company = len(run) if backlog == 0 and len(run) > 1 else 0
     return dispatches
 
 
@@ -343,12 +347,19 @@ def check_dispatches(policy: BatchPolicy, dispatches: list[dict], n: int) -> Non
         # free if it came while a batch ran.
         since = max(d["oldest"], d["free"])
         waited = d["t"] - since
-        # Each batch ran for a reason: target met, device idle, or the oldest waited out.
+        # Each batch ran for a reason: target met, device idle, the company of the last
+        # batch back, the oldest waited out, or arrivals paused for a quarter delay.
         assert (
-            d["rows"] >= policy.target or not d["busy"] or waited >= policy.max_queue_delay_s - EPS
+            d["rows"] >= policy.target
+            or not d["busy"]
+            or d["company_back"]
+            or waited >= policy.max_queue_delay_s - EPS
+            or d["t"] - max(d["newest"], d["free"]) >= policy.max_queue_delay_s / 4 - EPS
         ), d
-        # The batcher itself adds at most one delay once the device is free.
+        # The batcher itself adds at most one delay once the device is free, and at most
+        # a quarter of one after the last request in (or the device freeing).
         assert d["t"] <= since + policy.max_queue_delay_s + EPS, d
+        assert d["t"] <= max(d["newest"], d["free"]) + policy.max_queue_delay_s / 4 + EPS, d
 
 
 def test_simulated_lone_requests_never_wait():
@@ -475,14 +486,30 @@ def test_a_batch_with_company_means_busy_even_with_nothing_queued():
     b.batch_finished(backlog=0, requests=8)
     clock.advance(0.002)
     assert b.device_busy()
-    assert b.wait_time(1, clock()) == pytest.approx(0.020)
+    t = clock()
+    # As the worker asks: the newest is the first back, so a quarter delay for the next.
+    assert b.wait_time(1, t, t, 0.0, 1) == pytest.approx(0.005)
+    assert b.wait_time(7, t, t, 0.0, 7) == pytest.approx(0.005)
     b.batch_finished(backlog=0, requests=1)  # one request, of however many rows
     assert not b.device_busy()
-    assert b.wait_time(1, clock()) == 0.0
+    assert b.wait_time(1, t, t, 0.0, 1) == 0.0
 
 
-def closed_loop(policy: BatchPolicy, clients: int, batches: int) -> list[int]:
-    """Rows of each batch when ``clients`` each send their next request some time after
+def test_once_the_company_is_back_the_batch_runs():
+    """Busy only because the last batch held two requests: when two are back, nobody else
+    is coming (two clients, a batch of eight to fill): run without the quarter delay."""
+    b, clock = make(max_batch=8, delay=0.020)
+    b.batch_finished(backlog=0, requests=2)
+    t = clock()
+    assert b.wait_time(1, t, t, 0.0, 1) == pytest.approx(0.005)
+    assert b.wait_time(2, t, t, 0.0, 2) == 0.0
+    # Under load (work queued behind the batch) the usual waits apply.
+    b.batch_finished(backlog=3, requests=2)
+    assert b.wait_time(2, clock(), clock(), 0.0, 2) == pytest.approx(0.005)
+
+
+def closed_loop(policy: BatchPolicy, clients: int, batches: int) -> tuple[list, list]:
+    """Rows of each batch, and how long it waited after its last request came, when ``clients`` each send their next request some time after
     their answer (the frontend decodes them one after another: 2 ms, then 0.7 ms apart),
     run like gpu_worker's ``_collect``: pop what is queued, then wait while the batcher
     says so and requests keep coming. A batch of n costs 40 ms + 30 ms x n."""
@@ -491,6 +518,7 @@ def closed_loop(policy: BatchPolicy, clients: int, batches: int) -> list[int]:
     arrivals = sorted(0.001 * i for i in range(clients))
     queue: list[float] = []
     sizes: list[int] = []
+    waits: list[float] = []
 
     def take_arrived() -> None:
         while arrivals and arrivals[0] <= clock() + EPS:
@@ -504,7 +532,7 @@ def closed_loop(policy: BatchPolicy, clients: int, batches: int) -> list[int]:
         batch, start = queue[: policy.target], clock()
         del queue[: len(batch)]
         while len(batch) < policy.target:
-            w = b.wait_time(len(batch), batch[0], batch[-1], clock() - start)
+            w = b.wait_time(len(batch), batch[0], batch[-1], clock() - start, len(batch))
             if not w:
                 break
             if not arrivals or arrivals[0] > clock() + w:
@@ -515,20 +543,28 @@ def closed_loop(policy: BatchPolicy, clients: int, batches: int) -> list[int]:
             more = queue[: policy.target - len(batch)]
             del queue[: len(more)]
             batch += more
+        waits.append(clock() - batch[-1])  # from the last one in to the start
         b.batch_started()
         clock.advance(0.040 + 0.030 * len(batch))
         take_arrived()
         b.batch_finished(backlog=len(queue), requests=len(batch))
         arrivals = sorted(arrivals + [clock() + 0.002 + 0.0007 * i for i in range(len(batch))])
         sizes.append(len(batch))
-    return sizes
+    return sizes, waits
 
 
 def test_clients_as_many_as_the_batch_keep_it_full():
     """resnet50 on a CPU at c=8, batch 8: the batches stay full. When a full batch with
     nothing queued counted as idle, the first client back ran alone and the other seven
     waited for it: batches of 1 and 7 for good, 13 % fewer images a second."""
-    sizes = closed_loop(BatchPolicy(8, 0.020, preferred_batch_size=8), clients=8, batches=30)
+    sizes, waits = closed_loop(BatchPolicy(8, 0.020, preferred_batch_size=8), 8, 30)
     assert sizes[5:] == [8] * 25, sizes
+    assert max(waits[5:]) == 0.0  # the eighth in, the batch runs
     # One client: every batch is a lone request that never waits.
-    assert closed_loop(BatchPolicy(8, 0.020), clients=1, batches=5) == [1] * 5
+    sizes, waits = closed_loop(BatchPolicy(8, 0.020), clients=1, batches=5)
+    assert (sizes, max(waits)) == ([1] * 5, 0.0)
+    # Two clients, a batch of eight to fill: they run together, and once both are back
+    # nobody waits for the six who are not coming.
+    sizes, waits = closed_loop(BatchPolicy(8, 0.020), clients=2, batches=10)
+    assert sizes[2:] == [2] * 8, sizes
+    assert max(waits[2:]) == 0.0, waits
