@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                     ms = {
                         k: (ns - stages0[k][1]) / (n - stages0[k][0]) / 1e6
                         for k, (n, ns) in stages1.items()
-                        if n > stages0[k][0] and k in ("queue", "compute_input", "compute_infer")
+                        if n > stages0[k][0] and k.startswith(("queue", "compute_"))
                     }
                     print(
                         f"c={conc} rep {rep}: {r['throughput']:.1f}/s p50 {r['p50_ms']:.2f} ms; "

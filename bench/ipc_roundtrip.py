@@ -189,10 +189,10 @@ def eventfd_floor(
     )
     echo.start()
     allowed = os.sched_getaffinity(0)
-    if cpus:
-        os.sched_setaffinity(0, {cpus[0]})
     rtts, same = [], 0
     try:
+        if cpus:
+            os.sched_setaffinity(0, {cpus[0]})
         for i in range(iterations + iterations // 10):
             if gap_s:
                 time.sleep(gap_s)

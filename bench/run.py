@@ -249,10 +249,11 @@ def launch_ringserve(
         else:
             cmd += ["--model", f"{name}=torchvision:resnet50", "--threads", str(args.threads)]
             cmd += ["--max-batch-size", str(RESNET_MAX_BATCH)]
-            # A batch of 8 takes ~270 ms on a 2-core CPU: a 10 ms wait for company (4 %)
-            # covers the clients' turnaround (each JPEG is decoded first, ~1.2 ms), which
-            # the 2 ms default does not (docs/benchmarks.md).
-            cmd += ["--max-queue-delay-ms", str(RESNET_QUEUE_DELAY_MS)]
+            if args.device == "cpu":
+                # A batch of 8 takes ~270 ms on a 2-core CPU: a 10 ms wait for company
+                # (4 %) covers the clients' turnaround (each JPEG is decoded first,
+                # ~1.2 ms), which the 2 ms default does not (docs/benchmarks.md).
+                cmd += ["--max-queue-delay-ms", str(RESNET_QUEUE_DELAY_MS)]
             if shared:
                 # One worker per thread, sharing the --threads budget: all of it for a
                 # lone request, one each under load (gpu_worker/cpu_share.py).
@@ -728,6 +729,8 @@ def bench_ipc(iterations: int, tmp: Path) -> list[dict]:
 
 
 def medians(rows: list[dict]) -> list[dict]:
+    """Per (model, system, concurrency), the median of each numeric key over the
+    repetitions that have it (``reps`` counts them all); errors are summed."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["model"], r["system"], r["concurrency"]), []).append(r)
@@ -1240,19 +1243,20 @@ def main(argv: list[str] | None = None) -> int:
                 # Interleave: every system once per repetition, the order rotated each time.
                 order = active[rep % len(active) :] + active[: rep % len(active)]
                 # What ringserve's targets are ratios against runs right before it: the
-                # inline server with as many processes, then the raw model (None here,
-                # before the first of ringserve's configurations),
-                # so each repetition's ratio compares two moments a minute apart, not the
-                # two ends of a repetition on a host whose speed drifts
-                # (see ``per_repetition``).
+                # inline server with as many processes, then the raw model (None here),
+                # then ringserve's configurations, so each repetition's ratio compares
+                # two moments a minute apart, not the two ends of a repetition on a host
+                # whose speed drifts (see ``per_repetition``).
                 served: list[System | None] = [s for s in order if model in s.models]
                 peer = next((s for s in served if s and s.key == f"inline-{args.frontends}"), None)
                 if peer is not None and any(s and s.key == "ringserve" for s in served):
                     served.remove(peer)
                     served.insert([s and s.key for s in served].index("ringserve"), peer)
-                keys = [s.key for s in served if s is not None]
-                judged = [i for i, k in enumerate(keys) if k in RESNET_JUDGED]
-                served.insert(judged[0] if judged else 0, None)
+                # ringserve's configurations side by side, right after the raw model.
+                judged = [s for s in served if s and s.key in RESNET_JUDGED]
+                at = served.index(judged[0]) if judged else 0
+                rest = [s for s in served if s not in judged]
+                served = [*rest[:at], None, *judged, *rest[at:]]
                 raw_run = None
                 for system in served:
                     if system is None:
