@@ -34,6 +34,8 @@ def test_bench_quick(tmp_path: Path) -> None:
     md = (out / "results.md").read_text()
     res = json.loads((out / "results.json").read_text())
     for system in res["systems"]:
+        if not set(system["models"]) & set(res["models"]):
+            continue  # ringserve-shared serves resnet50 alone; the smoke runs identity
         rows = [line for line in md.splitlines() if line.startswith(f"| {system['label']} |")]
         assert rows, f"no row for {system['label']} in results.md:\n{md}"
         skipped = {s["system"] for s in res["skipped"]}
