@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -42,6 +42,7 @@ from ringserve.frontend.http_guard import REQUEST_ID_IN_SCOPE
 from ringserve.frontend.images import check_image
 from ringserve.frontend.jsonio import nonfinite, parse_json, utf8_strings
 from ringserve.frontend.metrics import FrontendMetrics
+from ringserve.frontend.missed_deadlines import MissedDeadlines
 from ringserve.frontend.tensors import fit_shape, from_json
 from ringserve.ipc import bytes_tensor
 from ringserve.ipc.arena import Arena
@@ -74,6 +75,7 @@ class FrontendState:
     metrics: FrontendMetrics
     started: bool = False
     client_shm: ClientShm | None = None  # None unless server.allow_client_shm
+    missed_deadlines: MissedDeadlines = field(default_factory=MissedDeadlines)
 
 
 def request_id(headers: Mapping[str, str]) -> str:
@@ -296,6 +298,7 @@ async def infer(
     if outcome == _LATE:
         d.abandon(slot)
         state.metrics.deadline(info.settings.name)
+        state.missed_deadlines.missed(info.settings.name, rid, timeout, "no answer yet")
         raise HTTPError(504, f"no answer within the deadline of {timeout:.3f} s")
 
     def checked(completed: Completed) -> R:
@@ -306,6 +309,9 @@ async def infer(
                 message = f"poison request: {message}"
             if completed.status == Status.SHUTDOWN:  # a 503: say when to ask again
                 raise unavailable(message)
+            if completed.status == Status.DEADLINE:
+                where = "a worker found it past its deadline"
+                state.missed_deadlines.missed(info.settings.name, rid, timeout, where)
             raise HTTPError(_STATUS_HTTP[completed.status], message)
         return answer(completed)
 

@@ -811,6 +811,11 @@ def test_every_504_counts_as_a_missed_deadline(start_server) -> None:
         codes.count(504),
     )
     assert server.stop() == 0
+    # With the access log off, a 504 still has a log line with its request id, once
+    # per 10 s per model and frontend, not one per request.
+    missed = [line for line in server.log().splitlines() if "missed its deadline" in line]
+    assert 1 <= len(missed) <= 2, missed
+    assert re.search(r"model id: request [0-9a-f]{32} missed its deadline of 0\.002 s", missed[0])
 
 
 def test_a_handlers_prints_become_log_records_of_its_worker(start_server) -> None:
