@@ -19,23 +19,23 @@ INTERVAL_S = 10.0
 
 
 class MissedDeadlines:
-    """Per model: the time of the last line and the misses left out since."""
+    """Per model: when its last line was logged and how many misses it left out since."""
 
     def __init__(
         self, interval_s: float = INTERVAL_S, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.interval_s = interval_s
         self.clock = clock
-        self._models: dict[str, list[float]] = {}  # model -> [last line at, left out]
+        self._logged_at: dict[str, float] = {}  # model -> time of its last line
+        self._left_out: dict[str, int] = {}  # model -> misses since that line
 
     def missed(self, model: str, request_id: str, timeout_s: float, where: str) -> None:
         """One request of ``model`` got a 504; ``where`` says what it was waiting for."""
         now = self.clock()
-        seen = self._models.get(model)
-        if seen is not None and now - seen[0] < self.interval_s:
-            seen[1] += 1
+        if now - self._logged_at.get(model, -self.interval_s) < self.interval_s:
+            self._left_out[model] = self._left_out.get(model, 0) + 1
             return
-        left_out = int(seen[1]) if seen else 0
+        left_out = self._left_out.pop(model, 0)
         log.warning(
             "model %s: request %s missed its deadline of %.3f s (%s)%s",
             model,
@@ -45,4 +45,4 @@ class MissedDeadlines:
             f"; {left_out} more missed since the last such line" if left_out else "",
             extra={"request_id": request_id, "model": model},
         )
-        self._models[model] = [now, 0]
+        self._logged_at[model] = now

@@ -124,7 +124,10 @@ def shm_off(name: str, offset: int, byte_size: int, where: str) -> memoryview:
     raise HTTPError(403, SHM_OFF)
 
 
-def _header_length(raw: str) -> int:
+def header_length(raw: str | None) -> int | None:
+    """The Inference-Header-Content-Length header as a number (None: no header)."""
+    if raw is None:
+        return None
     try:
         n = int(raw.strip())
     except ValueError:
@@ -136,14 +139,9 @@ def _header_length(raw: str) -> int:
     return n
 
 
-def split_body(body: bytes, header_length: str | None) -> tuple[bytes | memoryview, memoryview]:
-    """(JSON header, binary tail) per the Inference-Header-Content-Length header (a
-    positive one: 0 is a raw binary request, ``decode_infer_body``)."""
-    return _split_at(body, None if header_length is None else _header_length(header_length))
-
-
-def _split_at(body: bytes, n: int | None) -> tuple[bytes | memoryview, memoryview]:
-    """``split_body`` with the header length already parsed (None: no header)."""
+def split_body(body: bytes, n: int | None) -> tuple[bytes | memoryview, memoryview]:
+    """(JSON header, binary tail) at ``n``, the parsed ``header_length`` (None: all
+    JSON; 0 is a raw binary request, which ``decode_infer_body`` takes apart itself)."""
     if n is None:
         return body, memoryview(b"")
     if n == 0:
@@ -588,7 +586,7 @@ def decode_raw_request(
 
 def decode_infer_body(
     body: bytes,
-    header_length: str | None,
+    header_length_raw: str | None,
     inp: TensorSpec,
     out: TensorSpec,
     max_batch_size: int,
@@ -602,9 +600,9 @@ def decode_infer_body(
     Binary input over ``slot_bytes`` is refused before it is parsed: walking the length
     prefixes of 8 MiB of empty BYTES elements held the event loop for 0.6 s, only for
     the request to be refused as over a slot once it had been."""
-    n = None if header_length is None else _header_length(header_length)  # parsed once
+    n = header_length(header_length_raw)
     raw = n == 0
-    header, binary = (b"", memoryview(body)) if raw else _split_at(body, n)
+    header, binary = (b"", memoryview(body)) if raw else split_body(body, n)
     if slot_bytes is not None and len(binary) > slot_bytes:
         raise HTTPError(413, over_slot("binary input", len(binary), slot_bytes))
     if raw:

@@ -21,6 +21,7 @@ from ringserve.frontend.v2_codec import (
     decode_infer_body,
     decode_request,
     encode_response,
+    header_length,
     model_shape,
     serialize_bytes,
     split_body,
@@ -44,7 +45,7 @@ def decode(
     doc: object, *binary: bytes, spec: TensorSpec = IN, mbs: int = 32, images: bool = False
 ) -> InferRequest:
     raw, hlen = body(doc, *binary)
-    header, tail = split_body(raw, hlen)
+    header, tail = split_body(raw, header_length(hlen))
     return decode_request(header, tail, spec, OUT, mbs, images)
 
 
@@ -304,7 +305,7 @@ def binary_tensor(arr: np.ndarray, datatype: str = "FP32", size: int | None = No
 def test_binary_input_is_a_view_of_the_body_not_a_copy() -> None:
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
     raw, hlen = body({"inputs": [binary_tensor(x)]}, x.tobytes())
-    header, tail = split_body(raw, hlen)
+    header, tail = split_body(raw, header_length(hlen))
     r = decode_request(header, tail, IN, OUT, 32)
     np.testing.assert_array_equal(r.payload, x)
     assert r.rows == 3
@@ -364,7 +365,7 @@ def test_binary_data_is_taken_as_triton_takes_it() -> None:
 )
 def test_header_length_checks(header: str, words: str) -> None:
     with pytest.raises(HTTPError) as e:
-        split_body(b'{"inputs": []}', header)
+        split_body(b'{"inputs": []}', header_length(header))
     assert e.value.status == 400
     assert words in e.value.message
 
@@ -639,7 +640,7 @@ def test_classification_is_parsed_per_output() -> None:
     assert decode({"inputs": [tensor()]}).classification == 0
     text_out = TensorSpec("OUTPUT0", "bytes", [-1])
     raw, hlen = body(doc)
-    header, tail = split_body(raw, hlen)
+    header, tail = split_body(raw, header_length(hlen))
     with pytest.raises(HTTPError) as e:
         decode_request(header, tail, IN, text_out, 32)
     assert e.value.status == 400 and "has no classes to rank" in e.value.message
