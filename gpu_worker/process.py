@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple, NoReturn
 
 import numpy as np
@@ -34,6 +35,7 @@ from ringserve.gpu_worker.handlers.declaration import DeclarationError, check_de
 from ringserve.gpu_worker.handlers.weights import WeightsError
 from ringserve.gpu_worker.metrics import BatchTiming, WorkerMetrics
 from ringserve.gpu_worker.output_contract import advertised_output, check_output
+from ringserve.gpu_worker.preprocess_pool import PreprocessPool
 from ringserve.gpu_worker.profile import sample_row, throughput_profile
 from ringserve.gpu_worker.request_errors import RequestErrors
 from ringserve.ipc import bytes_tensor, wake
@@ -102,6 +104,14 @@ class Prepared(NamedTuple):
     deadline_s: float | None = None  # monotonic, as the batcher's
 
 
+def _images(claimed: Iterable[Claimed]) -> Iterator[tuple[int, Header]]:
+    """(slot, header) of the image requests among ``claimed``: the ones whose preprocess
+    is worth a thread (a tensor's is a view of its slot)."""
+    for c in claimed:
+        if c.request.kind & KIND_MASK == PayloadKind.IMAGE:
+            yield c.slot, c.request
+
+
 class HeaderError(ValueError):
     """A slot header fails bounds checks: that request fails, the worker does not."""
 
@@ -130,6 +140,7 @@ class Worker:
         self._contract_errors: set[str] = set()  # logged once each, not once a batch
         self._request_errors = RequestErrors(log, self.model.name)
         self._own_payload = False  # preprocess gets a copy of the slot's input (``start``)
+        self._prep = PreprocessPool(1, self._preprocess)  # on threads if the handler allows
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -175,6 +186,8 @@ class Worker:
         # a batch of one that is a view of the slot is cloned, and a ``preprocess`` that
         # is not ringserve's own (which only read) gets a copy of the payload.
         self._own_payload = not type(handler).preprocess.__module__.startswith("ringserve.")
+        if handler.preprocess_thread_safe:
+            self._prep = PreprocessPool(self.model.threads, self._preprocess)
         if handler.output_declared:
             self._declared_output = handler.outputs[0]
         self._warn_if_slots_are_small()
@@ -419,6 +432,7 @@ class Worker:
                 ran = self._run_batch(claimed)
                 self.batcher.batch_finished(self.ring.depth(), ran)  # type: ignore[union-attr]
             self.control.beat()
+        self._prep.close()
         self.control.set_state(ProcState.STOPPED)
         return ExitCode.RECYCLE if self._stop_requested_by_supervisor else ExitCode.OK
 
@@ -478,6 +492,7 @@ class Worker:
             try:
                 self.ring.going_to_sleep(index)
                 if self.ring.depth() == 0:
+                    self._prep.start(_images(claimed))  # decoded while company comes
                     self._wait_for_work(delay)
                 more = self.ring.pop(target - rows, index, pid, fresh_only=True, woke=True)
             except RingLockTimeout:
@@ -516,15 +531,21 @@ class Worker:
         ]
         run, expired, cancelled = self.batcher.select(items)
         owners: set[int] = set()
+        for p in (*expired, *cancelled):
+            self._prep.forget(p.key)  # begun while the batch filled: done before its answer
         for p in expired:
             self._finish_error(p.key, Status.DEADLINE, b"deadline passed before inference", owners)
         for p in cancelled:
             self._finish_error(p.key, Status.CANCELLED, CANCELLED_MESSAGE, owners)
         groups: dict[tuple, list[Prepared]] = defaultdict(list)
+        running = {p.key for p in run}
+        images = list(_images(c for c in claimed if c.slot in running))
+        if len(images) > 1:
+            self._prep.start(images)  # the rest of the batch's images, side by side
         for p in run:
             t0 = time.perf_counter()
             try:
-                tensor = self._preprocess(p.key, headers[p.key])
+                tensor = self._prep.result(p.key, headers[p.key])
                 if tensor.dim() == 0 or tensor.shape[0] != p.rows:
                     got = "a scalar" if tensor.dim() == 0 else f"{tensor.shape[0]} rows"
                     raise OutputContractError(
@@ -545,6 +566,7 @@ class Worker:
                     p.key, Status.MODEL_ERROR, f"preprocess failed: {e}".encode(), owners
                 )
                 continue
+            # The wait for it: what was done while the batch filled costs the batch nothing.
             prepared = Prepared(p.key, tensor, time.perf_counter() - t0, p.deadline_s)
             alone = p.key if headers[p.key].kind & RUN_ALONE else -1  # its own group
             groups[(tensor.dtype, tuple(tensor.shape[1:]), alone)].append(prepared)

@@ -138,6 +138,34 @@ def test_default_model_200_concurrent_right_labels(start_server) -> None:
     assert server.stop() == 0
 
 
+def test_a_batchs_images_preprocessed_side_by_side_each_get_their_own_answer(
+    start_server,
+) -> None:
+    """With two threads the worker preprocesses a batch's images on two threads, some
+    begun while the batch fills (gpu_worker/preprocess_pool.py): each answer is still its
+    own image's, an image that cannot be decoded fails alone, and the worker has grown
+    the pool's threads."""
+    server: Server = start_server("--threads", "2", "--max-queue-delay-ms", "20")
+    worker = psutil.Process(server.pids("worker")[0])
+    threads_before = worker.num_threads()
+    path = "/v1/models/digits/predict"
+    labels = "037" * 30
+    requests = [(path, {"content": PNGS[label], "headers": IMAGE_PNG}) for label in labels]
+    broken = (path, {"content": PNGS["3"][:60], "headers": IMAGE_PNG})  # cut short
+    requests.insert(45, broken)
+    responses = fire(server.url, requests, concurrency=24)
+    bad = responses.pop(45)
+    assert bad.status_code == 400 and "could not decode image" in bad.json()["error"], bad.text
+    for resp, label in zip(responses, labels, strict=True):
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["result"]["label"] == label
+    with server.client() as c:
+        stats = c.get("/v2/models/digits/stats").json()["model_stats"][0]
+    assert max(b["batch_size"] for b in stats["batch_stats"]) > 1  # batches did form
+    assert worker.num_threads() >= threads_before + 2
+    assert server.stop() == 0
+
+
 def test_bad_input_gets_4xx_and_server_stays_healthy(start_server) -> None:
     server: Server = start_server("--set", "server.max_body_bytes=65536")
     cases = [

@@ -15,6 +15,9 @@ Contract:
   declared ``"bytes"`` (KServe v2 BYTES), an object array of ``bytes`` in the request's
   shape: such a handler must define ``preprocess``) into a tensor of shape
   ``[rows, *inputs[0].shape]``; it raises ``BadInput`` for input it refuses;
+- ``preprocess`` runs on the worker's thread unless the handler sets
+  ``preprocess_thread_safe``: then a batch's images may be preprocessed on several
+  threads at once (each with one torch thread);
 - ``infer`` must not keep references to its input (the batch buffer is reused);
 - ``postprocess`` returns a numpy array whose first dimension matches the batch (for an
   output declared ``"bytes"``, an object array of ``bytes`` or ``str``).
@@ -58,6 +61,10 @@ class Handler(ABC):
     outputs: tuple[TensorSpec, ...] = ()
     platform: str = "pytorch_libtorch"
     accepts_images: bool = False
+    # Its ``preprocess`` may run on several threads at once: the worker then preprocesses
+    # a batch's images side by side on the model's ``threads`` (each with one torch
+    # thread), beginning while the batch fills (gpu_worker/preprocess_pool.py).
+    preprocess_thread_safe: bool = False
     task: str = "tensor"  # "classification": /predict answers {"label", "score"}
     labels: tuple[str, ...] = ()
     # Answers are checked against ``outputs[0]`` (dtype and per-row shape); False where

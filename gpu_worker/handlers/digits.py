@@ -36,6 +36,7 @@ class DigitsHandler(Handler):
     platform = "pytorch_libtorch"
     task = "classification"
     accepts_images = True
+    preprocess_thread_safe = True  # it reads only what ``load`` set
     labels = tuple(str(d) for d in range(10))
     known_options = frozenset({"max_image_pixels"})
     inputs = (TensorSpec("INPUT0", "float32", (SIDE, SIDE)),)

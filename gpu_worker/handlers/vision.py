@@ -52,6 +52,14 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 
+# Filters set once, not per image: ``warnings.catch_warnings`` is not thread-safe, and
+# images are decoded on several threads at once (gpu_worker/preprocess_pool.py). PIL
+# warns on images over its own limit; ours (``max_pixels``, checked first) is the one
+# that counts. torch warns on the read-only pixels ``decode_payload`` wraps: every
+# caller only reads them.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning, __name__)
+
 
 def tensor_from_payload(payload: np.ndarray) -> torch.Tensor:
     """``torch.from_numpy`` without sharing a read-only array.
@@ -82,22 +90,17 @@ def decode_payload(
     """
     data = np.ascontiguousarray(payload).reshape(-1).view(np.uint8)
     try:
-        with warnings.catch_warnings():
-            # PIL warns on images over its own limit; ours below is the one that counts.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            # torch warns on read-only pixels (below): every caller only reads them.
-            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-            with Image.open(io.BytesIO(data)) as im:
-                width, height = im.size
-                if width * height > max_pixels:
-                    raise BadInput(f"image too large: {width}x{height} pixels (limit {max_pixels})")
-                if min_side:
-                    im.draft(mode, (min_side, min_side))
-                # In place: without an orientation tag it is then a no-op, not a copy.
-                ImageOps.exif_transpose(im, in_place=True)
-                upright = im if im.mode == mode else _eight_bit(im).convert(mode)
-                # asarray wraps PIL's packed bytes (read-only) where array copied them again.
-                tensor = torch.from_numpy(np.asarray(upright))
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            if width * height > max_pixels:
+                raise BadInput(f"image too large: {width}x{height} pixels (limit {max_pixels})")
+            if min_side:
+                im.draft(mode, (min_side, min_side))
+            # In place: without an orientation tag it is then a no-op, not a copy.
+            ImageOps.exif_transpose(im, in_place=True)
+            upright = im if im.mode == mode else _eight_bit(im).convert(mode)
+            # asarray wraps PIL's packed bytes (read-only) where array copied them again.
+            tensor = torch.from_numpy(np.asarray(upright))
     except BadInput:
         raise
     except Image.DecompressionBombError as e:
@@ -173,6 +176,7 @@ class TorchvisionHandler(Handler):
     )
     task = "classification"
     accepts_images = True
+    preprocess_thread_safe = True  # it reads only what ``load`` set
 
     def __init__(self, settings: ModelSettings, arg: str = "") -> None:
         super().__init__(settings, arg)

@@ -1,0 +1,125 @@
+"""The worker's preprocess pool: side by side once begun, on the caller's thread when not,
+errors to the caller, and nothing left reading a slot once a request is answered."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from ringserve.gpu_worker.handlers import BadInput
+from ringserve.gpu_worker.preprocess_pool import PreprocessPool
+
+WAIT_S = 10.0
+
+
+@pytest.fixture
+def pools() -> Iterator[list[PreprocessPool]]:
+    made: list[PreprocessPool] = []
+    yield made
+    for pool in made:
+        pool.close()
+
+
+def test_begun_requests_preprocess_side_by_side(pools: list[PreprocessPool]) -> None:
+    both_in = threading.Barrier(2, timeout=WAIT_S)  # broken unless two run at once
+
+    def preprocess(key: int, arg: object) -> torch.Tensor:
+        both_in.wait()
+        return torch.tensor([key])
+
+    pool = PreprocessPool(2, preprocess)
+    pools.append(pool)
+    pool.start([(1, None), (2, None)])
+    assert [int(pool.result(k, None)) for k in (1, 2)] == [1, 2]
+
+
+def test_one_thread_or_a_request_not_begun_runs_on_the_callers_thread(
+    pools: list[PreprocessPool],
+) -> None:
+    ran_on: list[int] = []
+
+    def preprocess(key: int, arg: object) -> torch.Tensor:
+        ran_on.append(threading.get_ident())
+        return torch.tensor([key])
+
+    serial = PreprocessPool(1, preprocess)
+    parallel = PreprocessPool(2, preprocess)
+    pools += [serial, parallel]
+    serial.start([(1, None)])  # nothing to begin it on
+    assert int(serial.result(1, None)) == 1
+    assert int(parallel.result(2, "its header")) == 2  # never begun
+    assert ran_on == [threading.get_ident()] * 2
+
+
+def test_what_preprocess_raises_reaches_the_caller(pools: list[PreprocessPool]) -> None:
+    def preprocess(key: int, arg: object) -> torch.Tensor:
+        raise BadInput(f"request {key}: could not decode image")
+
+    pool = PreprocessPool(2, preprocess)
+    pools.append(pool)
+    pool.start([(7, None)])
+    with pytest.raises(BadInput, match="request 7"):
+        pool.result(7, None)
+
+
+def test_forget_returns_only_once_nothing_reads_the_slot(pools: list[PreprocessPool]) -> None:
+    """A request answered without running it (its deadline passed while the batch
+    filled) has its answer written into its slot: a task still reading the slot must be
+    done first, and one not yet begun must never begin."""
+    entered, release = threading.Event(), threading.Event()
+    finished: list[int] = []
+
+    def preprocess(key: int, arg: object) -> torch.Tensor:
+        if key == 1:
+            entered.set()
+            release.wait(WAIT_S)
+        finished.append(key)
+        return torch.tensor([key])
+
+    pool = PreprocessPool(2, preprocess)
+    pools.append(pool)
+    pool.start([(1, None)])
+    assert entered.wait(WAIT_S)
+    threading.Timer(0.05, release.set).start()
+    pool.forget(1)
+    assert finished == [1]  # forget waited for the task reading slot 1
+
+    gate = threading.Event()
+    ran: list[int] = []
+
+    def held(key: int, arg: object) -> torch.Tensor:
+        ran.append(key)
+        return torch.tensor([gate.wait(WAIT_S)])
+
+    both_busy = PreprocessPool(2, held)
+    pools.append(both_busy)
+    both_busy.start([(1, None), (2, None), (3, None)])  # 3 waits for a thread
+    both_busy.forget(3)  # not begun: cancelled, never to begin
+    gate.set()
+    assert bool(both_busy.result(1, None)) and bool(both_busy.result(2, None))
+    both_busy.close()
+    assert sorted(ran) == [1, 2]
+
+
+def test_pool_threads_run_torch_single_threaded_in_inference_mode(
+    pools: list[PreprocessPool],
+) -> None:
+    """Two pool threads each with the worker's torch threads fought over the cores (no
+    faster than serial); each has one, and the worker's own count stays as it was."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+
+        def preprocess(key: int, arg: object) -> torch.Tensor:
+            return torch.tensor([torch.get_num_threads(), torch.is_inference_mode_enabled()])
+
+        pool = PreprocessPool(2, preprocess)
+        pools.append(pool)
+        pool.start([(1, None)])
+        assert pool.result(1, None).tolist() == [1, 1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
