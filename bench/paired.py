@@ -13,7 +13,9 @@ side's median, the paired median ratio new / base, and the v2 statistics per req
 
 ``--model digits`` serves the default model with ``--image`` (by default a 640x480
 JPEG made here): a model whose forward is trivial, so decoding is the work, as with a
-fast model on a GPU host.
+fast model on a GPU host. The per-stage times are each side's own definitions: where
+the change redefines one (``compute_input`` counts only the wait for inputs since
+``e34e6be``), compare it within a side, not across.
 """
 
 from __future__ import annotations
@@ -21,34 +23,47 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench import run as bench_run
 from bench.batch_mix import stats
 
-PACKAGES = ("frontend", "gpu_worker", "ipc", "supervisor")
 PATHS = {"resnet50": "/v1/models/r50/predict", "digits": "/v1/models/digits/predict"}
+STAGES = ("queue", "compute_input", "compute_infer")
+
+
+def package_path(tree: Path, into: Path) -> Path:
+    """A directory holding ``ringserve`` as ``tree``'s pyproject maps it (symlinks), to
+    put first on PYTHONPATH: that tree is then imported, not the installed checkout."""
+    mapping = tomllib.loads((tree / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for package, directory in sorted(mapping["package-dir"].items()):  # parents first
+        target = into / Path(*package.split("."))
+        if target.is_symlink():  # its parent's link to the same directory
+            target.unlink()
+        target.mkdir(parents=True)  # a directory of links: its subpackages go in beside
+        for child in (tree / directory).iterdir():
+            if child.name != "__pycache__":
+                (target / child.name).symlink_to(child)
+    return into
 
 
 def export(rev: str, into: Path) -> Path:
-    """``rev`` of this repository as an importable ``ringserve`` package; returns the
-    directory to put first on PYTHONPATH."""
+    """``rev`` of this repository, importable: returns its PYTHONPATH entry."""
     tree = into / "tree"
     tree.mkdir(parents=True)
-    archive = subprocess.run(
-        ["git", "-C", str(bench_run.REPO), "archive", rev], capture_output=True, check=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
-    package = into / "path" / "ringserve"
-    package.mkdir(parents=True)
-    for name in PACKAGES:
-        (package / name).symlink_to(tree / name)
-    (package / "__init__.py").symlink_to(tree / "ringserve_pkg" / "__init__.py")
-    return into / "path"
+    git = ["git", "-C", str(bench_run.REPO), "archive", rev]
+    archive = subprocess.run(git, capture_output=True)
+    if archive.returncode:
+        raise SystemExit(f"--base {rev}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    return package_path(tree, into / "path")
 
 
 def photo(path: Path) -> Path:
@@ -63,16 +78,79 @@ def photo(path: Path) -> Path:
     return path
 
 
-def command(model: str, port: int, args: argparse.Namespace, tmp: Path) -> list[str]:
+def command(port: int, args: argparse.Namespace, tmp: Path) -> list[str]:
     cmd = [sys.executable, "-m", "ringserve.supervisor.cli", "serve", "--port", str(port)]
     cmd += ["--instance", f"paired{port}", "--admin-socket", str(tmp / f"admin-{port}.sock")]
     cmd += ["--frontends", "2", "--threads", str(args.threads)]
-    if model == "resnet50":  # as bench.run starts it
+    if args.model == "resnet50":  # as bench.run starts it
         cmd += ["--model", "r50=torchvision:resnet50", "--max-batch-size", "8"]
         cmd += ["--max-queue-delay-ms", str(bench_run.RESNET_QUEUE_DELAY_MS)]
     for s in args.set:
         cmd += ["--set", s]
     return cmd
+
+
+@contextlib.contextmanager
+def serving(
+    paths: dict[str, Path], args: argparse.Namespace, body: Path, tmp: Path
+) -> Iterator[dict[str, tuple[str, int, int]]]:
+    """Both servers, ready and warmed up: side -> (url, pid, port)."""
+    inherited = os.environ.get("PYTHONPATH", "")
+    servers = {}
+    with contextlib.ExitStack() as stack:
+        for side, path in paths.items():
+            port = bench_run.free_port()
+            env = {
+                "PYTHONPATH": os.pathsep.join(p for p in (str(path), inherited) if p),
+                "XDG_CACHE_HOME": str(tmp / f"cache-{side}"),
+            }
+            launch = bench_run.Launch(command(port, args, tmp), PATHS[args.model], "", "", env)
+            log = tmp / f"server-{side}.log"
+            pid = stack.enter_context(bench_run.running(launch, port, log, 300))
+            servers[side] = (f"http://127.0.0.1:{port}{PATHS[args.model]}", pid, port)
+            bench_run.run_wrk(args.wrk, servers[side][0], 8, 2, body, "image/jpeg")  # warm-up
+        yield servers
+
+
+def one_slice(server: tuple[str, int, int], conc: int, args: argparse.Namespace, body: Path):
+    """(p50 ms at c=1 else req/s, wrk errors, ms per request in each v2 stage)."""
+    url, pid, port = server
+    name = PATHS[args.model].split("/")[3]
+    bench_run.settle(bench_run.tree(pid))
+    before = stats(port, name)[1]
+    w = bench_run.run_wrk(args.wrk, url, conc, args.seconds, body, "image/jpeg")
+    bench_run.settle(bench_run.tree(pid))
+    after = stats(port, name)[1]
+    ms = {
+        k: (after[k][1] - before[k][1]) / (after[k][0] - before[k][0]) / 1e6
+        for k in STAGES
+        if after[k][0] > before[k][0]
+    }
+    return (w["p50_ms"] if conc == 1 else w["throughput"]), w["errors"], ms
+
+
+def report(conc: int, results: dict, sides: list[str]) -> None:
+    unit, better = ("p50 ms", "below 1 is better") if conc == 1 else ("req/s", "above 1 is better")
+    for side in sides:
+        values = [v for v, _, _ in results[(side, conc)]]
+        errors = sum(e for _, e, _ in results[(side, conc)])
+        stages = ", ".join(
+            f"{k} {statistics.median(ms.get(k, 0.0) for _, _, ms in results[(side, conc)]):.2f}"
+            for k in STAGES
+        )
+        print(
+            f"c={conc} {side:4s}: median {statistics.median(values):8.2f} {unit}  "
+            f"({', '.join(f'{x:.1f}' for x in values)}); errors {errors}; "
+            f"ms per request: {stages}"
+        )
+    pairs = zip(*(results[(side, conc)] for side in ("new", "base")), strict=True)
+    ratios = [n[0] / b[0] for n, b in pairs if n[0] > 0 and b[0] > 0]
+    if ratios:
+        geo = math.exp(sum(map(math.log, ratios)) / len(ratios))
+        print(
+            f"c={conc} new / base, paired: median {statistics.median(ratios):.3f}, "
+            f"geometric mean {geo:.3f} ({better})"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,70 +161,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--seconds", type=float, default=12.0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--image", type=Path, help="request body (digits); JPEG")
+    ap.add_argument("--image", type=Path, help="the JPEG to send (digits; resnet50 makes one)")
     ap.add_argument("--set", action="append", default=[], help="passed to ringserve serve")
     args = ap.parse_args(argv)
-    wrk = bench_run.ensure_wrk() or "wrk"
-    name = PATHS[args.model].split("/")[3]
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    args.wrk = bench_run.ensure_wrk() or "wrk"
+    concs = [int(c) for c in args.concurrency.split(",") if c]
     with tempfile.TemporaryDirectory(prefix="ringserve-paired-") as tmp_dir:
         tmp = Path(tmp_dir)
         if args.model == "resnet50":
             body = bench_run.make_inputs(tmp)["jpeg"]
         else:
             body = args.image or photo(tmp / "photo.jpg")
-        sides = {"base": str(export(args.base, tmp / "base")), "new": bench_run._pythonpath()}
-        servers: dict[str, tuple[str, int, int]] = {}
-        with contextlib.ExitStack() as stack:
-            for side, pythonpath in sides.items():
-                port = bench_run.free_port()
-                env = {"PYTHONPATH": pythonpath, "XDG_CACHE_HOME": str(tmp / f"cache-{side}")}
-                launch = bench_run.Launch(
-                    command(args.model, port, args, tmp), PATHS[args.model], "", "", env
-                )
-                log = tmp / f"server-{side}.log"
-                pid = stack.enter_context(bench_run.running(launch, port, log, 300))
-                servers[side] = (f"http://127.0.0.1:{port}{PATHS[args.model]}", pid, port)
-                bench_run.run_wrk(wrk, servers[side][0], 8, 2, body, "image/jpeg")  # warm-up
-            concs = [int(c) for c in args.concurrency.split(",") if c]
-            results = {(s, c): [] for s in sides for c in concs}
-            per_request = {(s, c): [] for s in sides for c in concs}
+        paths = {
+            "base": export(args.base, tmp / "base"),
+            "new": package_path(bench_run.REPO, tmp / "new"),
+        }
+        sides = list(paths)
+        results: dict[tuple[str, int], list] = {(s, c): [] for s in sides for c in concs}
+        with serving(paths, args, body, tmp) as servers:
             for r in range(args.rounds):
                 for conc in concs:
-                    for side in list(sides) if r % 2 == 0 else list(sides)[::-1]:
-                        url, pid, port = servers[side]
-                        bench_run.settle(bench_run.tree(pid))
-                        before = stats(port, name)[1]
-                        w = bench_run.run_wrk(wrk, url, conc, args.seconds, body, "image/jpeg")
-                        bench_run.settle(bench_run.tree(pid))
-                        after = stats(port, name)[1]
-                        results[(side, conc)].append(w["p50_ms"] if conc == 1 else w["throughput"])
-                        per_request[(side, conc)].append(
-                            {
-                                k: (after[k][1] - before[k][1]) / (after[k][0] - before[k][0]) / 1e6
-                                for k in ("queue", "compute_input", "compute_infer")
-                                if after[k][0] > before[k][0]
-                            }
-                        )
-        for conc in concs:
-            unit = "p50 ms" if conc == 1 else "req/s"
-            for side in sides:
-                v, ms = results[(side, conc)], per_request[(side, conc)]
-                stages = ", ".join(
-                    f"{k} {statistics.median(m.get(k, 0.0) for m in ms):.2f}"
-                    for k in ("queue", "compute_input", "compute_infer")
-                )
-                print(
-                    f"c={conc} {side:4s}: median {statistics.median(v):8.2f} {unit}  "
-                    f"({', '.join(f'{x:.1f}' for x in v)}); ms per request: {stages}"
-                )
-            pairs = zip(results[("new", conc)], results[("base", conc)], strict=True)
-            ratios = [n / b for n, b in pairs]
-            geo = math.exp(sum(map(math.log, ratios)) / len(ratios))
-            print(
-                f"c={conc} new / base, paired: median {statistics.median(ratios):.3f}, "
-                f"geometric mean {geo:.3f}"
-            )
-    return 0
+                    for side in sides if r % 2 == 0 else sides[::-1]:
+                        results[(side, conc)].append(one_slice(servers[side], conc, args, body))
+    for conc in concs:
+        report(conc, results, sides)
+    failed = sum(e for rows in results.values() for _, e, _ in rows)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ request count.
 Mapping, with Triton's meaning of each field:
 - ``success``: 200 answers and their end-to-end time in the frontend; ``fail``: the
   other answers and theirs; ``queue``: enqueue → a worker's claim, per request.
-- ``compute_input``: preprocess (decode, cast) and gathering the batch (a GPU copy is
-  asynchronous, so it lands in the next); ``compute_infer``: the model, with the copy
+- ``compute_input``: preprocess (decode, cast) and gathering the batch, as far as the
+  batch waited for them (images preprocessed on other threads while it filled cost it
+  nothing; a GPU copy is asynchronous, so it lands in the next); ``compute_infer``: the model, with the copy
   back; ``compute_output``:
   writing the answers into their slots. In ``inference_stats`` these count requests,
   each charged its whole batch's time (Triton's rule), so ns / count is the compute time

@@ -22,7 +22,9 @@ STAGES = ("input", "infer", "output")
 
 class BatchTiming(NamedTuple):
     """One model execution: its rows and requests, and the seconds of its three stages
-    (input: preprocess and gather; infer: the model; output: answers into the slots)."""
+    (input: the wait for preprocess and the gather, work on the preprocess threads
+    while the batch filled not counted; infer: the model; output: answers into the
+    slots)."""
 
     rows: int
     requests: int

@@ -15,33 +15,57 @@ do); any other preprocess runs on the worker's thread, one request at a time.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Any
 
 import torch
 
+from ringserve.gpu_worker.handlers.base import Handler
+from ringserve.ipc.slot_io import Header
+
+START_TIMEOUT_S = 30.0
+
+
+def preprocess_threads(handler_type: type[Handler], threads: int) -> int:
+    """``threads`` if the class that defines the handler's ``preprocess`` declares it
+    thread-safe, else 1: a subclass overriding a safe ``preprocess`` has not said so."""
+    owner = next(c for c in handler_type.__mro__ if "preprocess" in vars(c))
+    return threads if vars(owner).get("preprocess_thread_safe", False) else 1
+
 
 def _one_torch_thread() -> None:
-    # OpenMP's thread count is per calling thread: this sets the pool thread's own (and
-    # the default of threads created later), never the worker thread's, set at start.
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # this thread's OpenMP count, and ATen's default (below)
+    # ATen sets a thread's count from its default at the thread's first torch call that
+    # asks (this one): were that after the caller restores its own, this thread got it.
+    torch.get_num_threads()
 
 
 class PreprocessPool:
-    """Runs ``preprocess(key, arg)`` for requests (key: the slot; arg: its header), on
-    ``threads`` threads once started, else on the caller's thread when asked for."""
+    """Runs ``preprocess(slot, header)`` for requests, on ``threads`` threads once
+    started, else on the caller's thread when its result is asked for."""
 
-    def __init__(self, threads: int, preprocess: Callable[[int, Any], torch.Tensor]) -> None:
+    def __init__(self, threads: int, preprocess: Callable[[int, Header], torch.Tensor]) -> None:
         self._preprocess = preprocess
-        self._pool = (
-            ThreadPoolExecutor(threads, "preprocess", initializer=_one_torch_thread)
-            if threads > 1
-            else None
-        )
         self._started: dict[int, Future[torch.Tensor]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        if threads > 1:
+            self._pool = ThreadPoolExecutor(threads, "preprocess", initializer=_one_torch_thread)
+            self._start_threads(threads)
 
-    def start(self, requests: Iterable[tuple[int, Any]]) -> None:
+    def _start_threads(self, threads: int) -> None:
+        """Every thread now, not at the first image: a thread's ``set_num_threads(1)``
+        also becomes ATen's default for any thread that has not run a parallel op yet,
+        so the caller's count is set again once they all have."""
+        assert self._pool is not None
+        own = torch.get_num_threads()
+        everyone = threading.Barrier(threads + 1, timeout=START_TIMEOUT_S)
+        for _ in range(threads):
+            self._pool.submit(everyone.wait)  # each blocks a thread: a new one per submit
+        everyone.wait()
+        torch.set_num_threads(own)
+
+    def start(self, requests: Iterable[tuple[int, Header]]) -> None:
         """Begin the requests not yet begun (none without threads)."""
         if self._pool is None:
             return
@@ -49,7 +73,7 @@ class PreprocessPool:
             if key not in self._started:
                 self._started[key] = self._pool.submit(self._run, key, arg)
 
-    def result(self, key: int, arg: Any) -> torch.Tensor:
+    def result(self, key: int, arg: Header) -> torch.Tensor:
         """The request's tensor, or what its preprocess raised. A request not begun (or
         not yet picked up by a thread) runs here, now."""
         future = self._started.pop(key, None)
@@ -64,10 +88,16 @@ class PreprocessPool:
         if future is not None and not future.cancel():
             wait([future])
 
+    def forget_all(self) -> None:
+        """At the end of a batch: none outlives it (a slot's next request must not get
+        the tensor of the request before it)."""
+        for key in list(self._started):
+            self.forget(key)
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _run(self, key: int, arg: Any) -> torch.Tensor:
+    def _run(self, key: int, arg: Header) -> torch.Tensor:
         with torch.inference_mode():  # thread-local: the worker thread's does not reach here
             return self._preprocess(key, arg)

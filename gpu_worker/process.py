@@ -35,7 +35,7 @@ from ringserve.gpu_worker.handlers.declaration import DeclarationError, check_de
 from ringserve.gpu_worker.handlers.weights import WeightsError
 from ringserve.gpu_worker.metrics import BatchTiming, WorkerMetrics
 from ringserve.gpu_worker.output_contract import advertised_output, check_output
-from ringserve.gpu_worker.preprocess_pool import PreprocessPool
+from ringserve.gpu_worker.preprocess_pool import PreprocessPool, preprocess_threads
 from ringserve.gpu_worker.profile import sample_row, throughput_profile
 from ringserve.gpu_worker.request_errors import RequestErrors
 from ringserve.ipc import bytes_tensor, wake
@@ -140,7 +140,7 @@ class Worker:
         self._contract_errors: set[str] = set()  # logged once each, not once a batch
         self._request_errors = RequestErrors(log, self.model.name)
         self._own_payload = False  # preprocess gets a copy of the slot's input (``start``)
-        self._prep = PreprocessPool(1, self._preprocess)  # on threads if the handler allows
+        self._prep = PreprocessPool(1, self._preprocess)  # until ``start`` knows the handler
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -186,8 +186,14 @@ class Worker:
         # a batch of one that is a view of the slot is cloned, and a ``preprocess`` that
         # is not ringserve's own (which only read) gets a copy of the payload.
         self._own_payload = not type(handler).preprocess.__module__.startswith("ringserve.")
-        if handler.preprocess_thread_safe:
-            self._prep = PreprocessPool(self.model.threads, self._preprocess)
+        threads = preprocess_threads(type(handler), self.model.threads)
+        if threads > 1:
+            self._prep = PreprocessPool(threads, self._preprocess)
+            log.info(
+                "model %s: a batch's images are preprocessed on %d threads",
+                self.model.name,
+                threads,
+            )
         if handler.output_declared:
             self._declared_output = handler.outputs[0]
         self._warn_if_slots_are_small()
@@ -570,6 +576,7 @@ class Worker:
             prepared = Prepared(p.key, tensor, time.perf_counter() - t0, p.deadline_s)
             alone = p.key if headers[p.key].kind & RUN_ALONE else -1  # its own group
             groups[(tensor.dtype, tuple(tensor.shape[1:]), alone)].append(prepared)
+        self._prep.forget_all()  # any ``select`` left out: never a slot's next request's
         for members in groups.values():
             self._infer_group(members, owners)
         pause_point("worker.after_batch")

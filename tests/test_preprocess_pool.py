@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from ringserve.gpu_worker.handlers import BadInput
-from ringserve.gpu_worker.preprocess_pool import PreprocessPool
+from ringserve.gpu_worker.handlers import BadInput, Handler
+from ringserve.gpu_worker.preprocess_pool import PreprocessPool, preprocess_threads
 
 WAIT_S = 10.0
 
@@ -112,14 +112,84 @@ def test_pool_threads_run_torch_single_threaded_in_inference_mode(
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
+        ran = threading.Event()
 
         def preprocess(key: int, arg: object) -> torch.Tensor:
+            ran.set()  # on a pool thread: ``result`` below no longer runs it inline
             return torch.tensor([torch.get_num_threads(), torch.is_inference_mode_enabled()])
 
         pool = PreprocessPool(2, preprocess)
         pools.append(pool)
         pool.start([(1, None)])
+        assert ran.wait(WAIT_S)
         assert pool.result(1, None).tolist() == [1, 1]
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_threads_started_later_keep_the_callers_torch_threads(
+    pools: list[PreprocessPool],
+) -> None:
+    """A pool thread's ``set_num_threads(1)`` is also ATen's default for threads that
+    have run no parallel op yet: the pool sets the caller's count again once its threads
+    are up, or a thread the worker starts later would run its ops on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pools.append(PreprocessPool(2, lambda key, arg: torch.tensor([key])))
+        seen: list[int] = []
+        later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        later.start()
+        later.join(WAIT_S)
+        assert seen == [2]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_forget_all_leaves_nothing_of_a_batch_behind(pools: list[PreprocessPool]) -> None:
+    """A slot's next request must never be answered with the tensor of the one before
+    (the header stands for the request here)."""
+    pool = PreprocessPool(2, lambda slot, header: torch.tensor([header]))
+    pools.append(pool)
+    pool.start([(1, 100), (2, 200)])  # begun while a batch filled, then not run
+    pool.forget_all()
+    assert int(pool.result(1, 300)) == 300  # slot 1's next request: its own
+
+
+class _Safe(Handler):
+    preprocess_thread_safe = True
+
+    def load(self, device: torch.device) -> None: ...
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch
+
+    def preprocess(self, payload, kind):  # type: ignore[no-untyped-def]
+        return super().preprocess(payload, kind)
+
+
+class _Inherits(_Safe):
+    pass
+
+
+class _Overrides(_Safe):
+    def preprocess(self, payload, kind):  # type: ignore[no-untyped-def]
+        return super().preprocess(payload, kind)
+
+
+class _OverridesAndSaysSo(_Overrides):
+    preprocess_thread_safe = True
+
+    def preprocess(self, payload, kind):  # type: ignore[no-untyped-def]
+        return super().preprocess(payload, kind)
+
+
+@pytest.mark.parametrize(
+    ("handler_type", "threads"),
+    [(Handler, 1), (_Safe, 4), (_Inherits, 4), (_Overrides, 1), (_OverridesAndSaysSo, 4)],
+)
+def test_only_a_preprocess_whose_own_class_says_so_runs_on_threads(
+    handler_type: type[Handler], threads: int
+) -> None:
+    assert preprocess_threads(handler_type, 4) == threads

@@ -22,7 +22,8 @@ Model options (``[models.NAME.options]``):
   threads, NHWC, on this project's 2-vCPU VM: batch 1 63.1 against 66.5 ms, batch 4
   about 5 % faster. A model that ``torch.fx`` cannot trace runs as built (logged).
 - ``max_image_pixels`` (40,000,000): refuse images whose header declares more pixels,
-  before decoding them (an image bomb is small on the wire and huge in memory).
+  before decoding them (an image bomb is small on the wire and huge in memory). With
+  ``threads`` above 1, up to that many are decoded at once.
 
 ``decode_payload`` and ``tensor_from_payload`` are shared with the ``digits`` handler.
 """
@@ -32,6 +33,7 @@ from __future__ import annotations
 import difflib
 import io
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -55,10 +57,13 @@ DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 # Filters set once, not per image: ``warnings.catch_warnings`` is not thread-safe, and
 # images are decoded on several threads at once (gpu_worker/preprocess_pool.py). PIL
 # warns on images over its own limit; ours (``max_pixels``, checked first) is the one
-# that counts. torch warns on the read-only pixels ``decode_payload`` wraps: every
+# that counts: ignored in the whole process (a worker; PIL's error past twice its limit
+# still applies). torch warns on the read-only pixels ``decode_payload`` wraps: every
 # caller only reads them.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning, __name__)
+warnings.filterwarnings(
+    "ignore", "The given NumPy array is not writable", UserWarning, re.escape(__name__) + r"\Z"
+)
 
 
 def tensor_from_payload(payload: np.ndarray) -> torch.Tensor:

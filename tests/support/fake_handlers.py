@@ -1,12 +1,14 @@
 """Handlers used only by tests: a slow one (deadlines, full queues, disconnects), a
 poisonous one (raises on 13, kills its process on 666), a leaking one (host memory) and
 one that leaks on its device (GPU memory, on a GPU), one that fails to load, one that reports its threads, one with a BYTES input, one with
-a BYTES output and one that breaks the handler contract."""
+a BYTES output, one that breaks the handler contract and one that says which thread
+preprocessed each image."""
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -372,3 +374,33 @@ class TakesHalfASecondAndMore(Slow):
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
         time.sleep(0.6)
         return batch
+
+
+class PreprocessThread(Handler):
+    """Takes images (their bytes are not decoded) and answers, per image, 1.0 if its
+    preprocess ran on one of the worker's preprocess threads (0.0: on the worker's own)
+    and its length in bytes (which tells the answers apart)."""
+
+    accepts_images = True
+    preprocess_thread_safe = True
+    inputs = (TensorSpec("INPUT0", "float32", (2,)),)
+    outputs = (TensorSpec("OUTPUT0", "float32", (2,)),)
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+
+    def preprocess(self, payload: np.ndarray, kind: PayloadKind) -> torch.Tensor:
+        if kind != PayloadKind.IMAGE:
+            return super().preprocess(payload, kind)
+        pooled = threading.current_thread().name.startswith("preprocess")
+        return torch.tensor([[float(pooled), float(len(payload))]])
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch
+
+
+class OverridesPreprocess(PreprocessThread):
+    """A subclass whose own ``preprocess`` has not said it is thread-safe."""
+
+    def preprocess(self, payload: np.ndarray, kind: PayloadKind) -> torch.Tensor:
+        return super().preprocess(payload, kind)
