@@ -32,6 +32,16 @@ def stats(port: int, name: str) -> tuple[dict[int, int], dict[str, tuple[int, in
     return sizes, stages
 
 
+def stage_ms(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> dict:
+    """Mean ms per request in each stage between two ``stats`` readings (stages with
+    requests in between only)."""
+    return {
+        k: (ns - before[k][1]) / (n - before[k][0]) / 1e6
+        for k, (n, ns) in after.items()
+        if n > before[k][0] and k.startswith(("queue", "compute_"))
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="resnet50", choices=list(bench_run.MODEL_NAMES))
@@ -66,11 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                     bench_run.settle(bench_run.tree(pid))  # what was in flight finishes
                     sizes1, stages1 = stats(port, name)
                     ran = {k: n - sizes0.get(k, 0) for k, n in sorted(sizes1.items())}
-                    ms = {
-                        k: (ns - stages0[k][1]) / (n - stages0[k][0]) / 1e6
-                        for k, (n, ns) in stages1.items()
-                        if n > stages0[k][0] and k.startswith(("queue", "compute_"))
-                    }
+                    ms = stage_ms(stages0, stages1)
                     print(
                         f"c={conc} rep {rep}: {r['throughput']:.1f}/s p50 {r['p50_ms']:.2f} ms; "
                         f"batches {{{', '.join(f'{k}: {n}' for k, n in ran.items() if n)}}}; "

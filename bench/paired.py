@@ -26,14 +26,13 @@ import math
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 from bench import run as bench_run
-from bench.batch_mix import stats
+from bench.batch_mix import stage_ms, stats
 
 PATHS = {"resnet50": "/v1/models/r50/predict", "digits": "/v1/models/digits/predict"}
 STAGES = ("queue", "compute_input", "compute_infer")
@@ -79,12 +78,13 @@ def photo(path: Path) -> Path:
 
 
 def command(port: int, args: argparse.Namespace, tmp: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "ringserve.supervisor.cli", "serve", "--port", str(port)]
-    cmd += ["--instance", f"paired{port}", "--admin-socket", str(tmp / f"admin-{port}.sock")]
-    cmd += ["--frontends", "2", "--threads", str(args.threads)]
-    if args.model == "resnet50":  # as bench.run starts it
-        cmd += ["--model", "r50=torchvision:resnet50", "--max-batch-size", "8"]
-        cmd += ["--max-queue-delay-ms", str(bench_run.RESNET_QUEUE_DELAY_MS)]
+    """resnet50 as ``bench.run`` starts it (one worker on every thread); digits as the
+    default model, on ``--threads``."""
+    run_args = bench_run.parse_args(["--threads", str(args.threads)])
+    if args.model == "resnet50":
+        cmd = bench_run.launch_ringserve("wrk")("resnet50", port, run_args, tmp).cmd
+    else:
+        cmd = [*bench_run.ringserve_command(port, run_args, tmp), "--threads", str(args.threads)]
     for s in args.set:
         cmd += ["--set", s]
     return cmd
@@ -120,12 +120,7 @@ def one_slice(server: tuple[str, int, int], conc: int, args: argparse.Namespace,
     before = stats(port, name)[1]
     w = bench_run.run_wrk(args.wrk, url, conc, args.seconds, body, "image/jpeg")
     bench_run.settle(bench_run.tree(pid))
-    after = stats(port, name)[1]
-    ms = {
-        k: (after[k][1] - before[k][1]) / (after[k][0] - before[k][0]) / 1e6
-        for k in STAGES
-        if after[k][0] > before[k][0]
-    }
+    ms = stage_ms(before, stats(port, name)[1])
     return (w["p50_ms"] if conc == 1 else w["throughput"]), w["errors"], ms
 
 

@@ -233,6 +233,14 @@ def launch_litserve(py: Path) -> Callable[[str, int, argparse.Namespace, Path], 
     return launch
 
 
+def ringserve_command(port: int, args: argparse.Namespace, tmp: Path) -> list[str]:
+    """``ringserve serve`` on ``port`` with the benchmark's frontends and device, before
+    any model: its own instance name and admin socket under ``tmp``."""
+    cmd = [sys.executable, "-m", "ringserve.supervisor.cli", "serve", "--port", str(port)]
+    cmd += ["--instance", f"bench{port}", "--admin-socket", str(tmp / f"admin-{port}.sock")]
+    return [*cmd, "--frontends", str(args.frontends), "--device", args.device]
+
+
 def launch_ringserve(
     driver: str, shared: bool = False
 ) -> Callable[[str, int, argparse.Namespace, Path], Launch]:
@@ -241,9 +249,7 @@ def launch_ringserve(
 
     def launch(model: str, port: int, args: argparse.Namespace, tmp: Path) -> Launch:
         name = MODEL_NAMES[model]
-        cmd = [sys.executable, "-m", "ringserve.supervisor.cli", "serve", "--port", str(port)]
-        cmd += ["--instance", f"bench{port}", "--admin-socket", str(tmp / f"admin-{port}.sock")]
-        cmd += ["--frontends", str(args.frontends), "--device", args.device]
+        cmd = ringserve_command(port, args, tmp)
         if model == "identity":
             cmd += ["--model", f"{name}=identity"]
         else:

@@ -1,13 +1,14 @@
 """A batch's images preprocessed on several threads, started while the batch fills.
 
-A worker decoded a batch's images one after another on its own thread: on this
-project's 2-core VM, resnet50 at concurrency 8 spent ~10 ms of each ~283 ms batch cycle
-decoding eight JPEGs with the second core idle; on a GPU host, where the forward takes
-a few ms, serial decoding bounds the images per second. Here each image request's
-preprocess is a task on the model's ``threads`` threads, each running torch with one
-thread of its own (two threads of two torch threads each measured no faster than
-serial: they fought over the cores), and a request's task starts as soon as the worker
-begins to wait for company for it, so its decoding overlaps the wait.
+A worker decoded a batch's images one after another on its own thread: where the
+forward is short (a GPU host, a small model) that serial decoding bounds the images per
+second. Here each image request's preprocess is a task on the model's ``threads``
+threads, each running torch with one thread of its own (two threads of two torch
+threads each measured no faster than serial: they fought over the cores), and a
+request's task starts as soon as the worker begins to wait for company for it, so its
+decoding overlaps the wait. The default digits model with 640x480 JPEGs at concurrency 8
+on the 2-core VM: +33 % requests/s. resnet50 there: no change, as the frontends and the
+load generator take the other core while its images are prepared (docs/benchmarks.md).
 
 Only for a handler that declares ``preprocess_thread_safe`` (ringserve's image handlers
 do); any other preprocess runs on the worker's thread, one request at a time.
@@ -16,7 +17,7 @@ do); any other preprocess runs on the worker's thread, one request at a time.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
@@ -51,53 +52,54 @@ class PreprocessPool:
         self._pool: ThreadPoolExecutor | None = None
         if threads > 1:
             self._pool = ThreadPoolExecutor(threads, "preprocess", initializer=_one_torch_thread)
-            self._start_threads(threads)
+            _start_every_thread(self._pool, threads)
 
-    def _start_threads(self, threads: int) -> None:
-        """Every thread now, not at the first image: a thread's ``set_num_threads(1)``
-        also becomes ATen's default for any thread that has not run a parallel op yet,
-        so the caller's count is set again once they all have."""
-        assert self._pool is not None
-        own = torch.get_num_threads()
-        everyone = threading.Barrier(threads + 1, timeout=START_TIMEOUT_S)
-        for _ in range(threads):
-            self._pool.submit(everyone.wait)  # each blocks a thread: a new one per submit
-        everyone.wait()
-        torch.set_num_threads(own)
+    @property
+    def threaded(self) -> bool:
+        return self._pool is not None
 
     def start(self, requests: Iterable[tuple[int, Header]]) -> None:
         """Begin the requests not yet begun (none without threads)."""
         if self._pool is None:
             return
-        for key, arg in requests:
-            if key not in self._started:
-                self._started[key] = self._pool.submit(self._run, key, arg)
+        for slot, header in requests:
+            if slot not in self._started:
+                self._started[slot] = self._pool.submit(self._run, slot, header)
 
-    def result(self, key: int, arg: Header) -> torch.Tensor:
+    def result(self, slot: int, header: Header) -> torch.Tensor:
         """The request's tensor, or what its preprocess raised. A request not begun (or
         not yet picked up by a thread) runs here, now."""
-        future = self._started.pop(key, None)
+        future = self._started.pop(slot, None)
         if future is None or future.cancel():
-            return self._preprocess(key, arg)
+            return self._preprocess(slot, header)
         return future.result()
 
-    def forget(self, key: int) -> None:
-        """Before a request is answered without running it: its task must not read the
-        slot after that (the answer is written there), so it is cancelled or waited for."""
-        future = self._started.pop(key, None)
-        if future is not None and not future.cancel():
-            wait([future])
-
-    def forget_all(self) -> None:
-        """At the end of a batch: none outlives it (a slot's next request must not get
-        the tensor of the request before it)."""
-        for key in list(self._started):
-            self.forget(key)
+    def keep_only(self, slots: Container[int]) -> None:
+        """Cancel, or wait for, every begun request but ``slots`` (those the batch runs):
+        the others are answered without running (expired, cancelled), and a task must
+        not read a slot once its answer is written there, nor be found by the slot's
+        next request."""
+        for slot in [s for s in self._started if s not in slots]:
+            future = self._started.pop(slot)
+            if not future.cancel():
+                wait([future])
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _run(self, key: int, arg: Header) -> torch.Tensor:
+    def _run(self, slot: int, header: Header) -> torch.Tensor:
         with torch.inference_mode():  # thread-local: the worker thread's does not reach here
-            return self._preprocess(key, arg)
+            return self._preprocess(slot, header)
+
+
+def _start_every_thread(pool: ThreadPoolExecutor, threads: int) -> None:
+    """Every thread now, not at the first image: a thread's ``set_num_threads(1)`` also
+    becomes ATen's default for any thread that has not run a parallel op yet, so the
+    caller's count is set again once they all have."""
+    own = torch.get_num_threads()
+    everyone = threading.Barrier(threads + 1, timeout=START_TIMEOUT_S)
+    for _ in range(threads):
+        pool.submit(everyone.wait)  # each blocks a thread: a new one per submit
+    everyone.wait()
+    torch.set_num_threads(own)

@@ -117,6 +117,8 @@ class HeaderError(ValueError):
 
 
 class Worker:
+    _prep: PreprocessPool  # by ``start``: on threads if the handler allows
+
     def __init__(self, spec: ChildSpec, interrupt_fd: int = -1) -> None:
         self.spec = spec
         self.settings = spec.settings
@@ -140,7 +142,6 @@ class Worker:
         self._contract_errors: set[str] = set()  # logged once each, not once a batch
         self._request_errors = RequestErrors(log, self.model.name)
         self._own_payload = False  # preprocess gets a copy of the slot's input (``start``)
-        self._prep = PreprocessPool(1, self._preprocess)  # until ``start`` knows the handler
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -187,8 +188,8 @@ class Worker:
         # is not ringserve's own (which only read) gets a copy of the payload.
         self._own_payload = not type(handler).preprocess.__module__.startswith("ringserve.")
         threads = preprocess_threads(type(handler), self.model.threads)
-        if threads > 1:
-            self._prep = PreprocessPool(threads, self._preprocess)
+        self._prep = PreprocessPool(threads, self._preprocess)
+        if self._prep.threaded:
             log.info(
                 "model %s: a batch's images are preprocessed on %d threads",
                 self.model.name,
@@ -536,18 +537,18 @@ class Worker:
             for c in claimed
         ]
         run, expired, cancelled = self.batcher.select(items)
+        if self._prep.threaded:  # (without threads: nothing here, on every batch)
+            running = {p.key for p in run}
+            self._prep.keep_only(running)  # begun while it filled: done before any answer
+            images = list(_images(c for c in claimed if c.slot in running))
+            if len(images) > 1:
+                self._prep.start(images)  # the rest of the batch's images, side by side
         owners: set[int] = set()
-        for p in (*expired, *cancelled):
-            self._prep.forget(p.key)  # begun while the batch filled: done before its answer
         for p in expired:
             self._finish_error(p.key, Status.DEADLINE, b"deadline passed before inference", owners)
         for p in cancelled:
             self._finish_error(p.key, Status.CANCELLED, CANCELLED_MESSAGE, owners)
         groups: dict[tuple, list[Prepared]] = defaultdict(list)
-        running = {p.key for p in run}
-        images = list(_images(c for c in claimed if c.slot in running))
-        if len(images) > 1:
-            self._prep.start(images)  # the rest of the batch's images, side by side
         for p in run:
             t0 = time.perf_counter()
             try:
@@ -576,7 +577,6 @@ class Worker:
             prepared = Prepared(p.key, tensor, time.perf_counter() - t0, p.deadline_s)
             alone = p.key if headers[p.key].kind & RUN_ALONE else -1  # its own group
             groups[(tensor.dtype, tuple(tensor.shape[1:]), alone)].append(prepared)
-        self._prep.forget_all()  # any ``select`` left out: never a slot's next request's
         for members in groups.values():
             self._infer_group(members, owners)
         pause_point("worker.after_batch")

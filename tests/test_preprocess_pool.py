@@ -65,7 +65,7 @@ def test_what_preprocess_raises_reaches_the_caller(pools: list[PreprocessPool]) 
         pool.result(7, None)
 
 
-def test_forget_returns_only_once_nothing_reads_the_slot(pools: list[PreprocessPool]) -> None:
+def test_keep_only_returns_once_nothing_reads_the_others_slots(pools: list[PreprocessPool]) -> None:
     """A request answered without running it (its deadline passed while the batch
     filled) has its answer written into its slot: a task still reading the slot must be
     done first, and one not yet begun must never begin."""
@@ -84,8 +84,8 @@ def test_forget_returns_only_once_nothing_reads_the_slot(pools: list[PreprocessP
     pool.start([(1, None)])
     assert entered.wait(WAIT_S)
     threading.Timer(0.05, release.set).start()
-    pool.forget(1)
-    assert finished == [1]  # forget waited for the task reading slot 1
+    pool.keep_only(())
+    assert finished == [1]  # keep_only waited for the task reading slot 1
 
     gate = threading.Event()
     ran: list[int] = []
@@ -97,7 +97,7 @@ def test_forget_returns_only_once_nothing_reads_the_slot(pools: list[PreprocessP
     both_busy = PreprocessPool(2, held)
     pools.append(both_busy)
     both_busy.start([(1, None), (2, None), (3, None)])  # 3 waits for a thread
-    both_busy.forget(3)  # not begun: cancelled, never to begin
+    both_busy.keep_only({1, 2})  # 3, not begun: cancelled, never to begin
     gate.set()
     assert bool(both_busy.result(1, None)) and bool(both_busy.result(2, None))
     both_busy.close()
@@ -147,13 +147,13 @@ def test_threads_started_later_keep_the_callers_torch_threads(
         torch.set_num_threads(before)
 
 
-def test_forget_all_leaves_nothing_of_a_batch_behind(pools: list[PreprocessPool]) -> None:
+def test_keep_only_leaves_nothing_of_a_batch_behind(pools: list[PreprocessPool]) -> None:
     """A slot's next request must never be answered with the tensor of the one before
     (the header stands for the request here)."""
     pool = PreprocessPool(2, lambda slot, header: torch.tensor([header]))
     pools.append(pool)
     pool.start([(1, 100), (2, 200)])  # begun while a batch filled, then not run
-    pool.forget_all()
+    pool.keep_only(())
     assert int(pool.result(1, 300)) == 300  # slot 1's next request: its own
 
 
