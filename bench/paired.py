@@ -11,6 +11,9 @@ side's median, the paired median ratio new / base, and the v2 statistics per req
     python -m bench.paired --base 72fe718 --model resnet50 --concurrency 8,32 \\
         [--rounds 6] [--seconds 12] [--image photo.jpg] [--set batching.preferred_batch_size=8]
 
+A change of settings, not of code, is judged the same way: ``--base HEAD`` and the
+setting for this checkout's side alone, ``--new-set models.r50.compile=true``.
+
 ``--model digits`` serves the default model with ``--image`` (by default a 640x480
 JPEG made here): a model whose forward is trivial, so decoding is the work, as with a
 fast model on a GPU host. The per-stage times are each side's own definitions: where
@@ -77,15 +80,15 @@ def photo(path: Path) -> Path:
     return path
 
 
-def command(port: int, args: argparse.Namespace, tmp: Path) -> list[str]:
+def command(port: int, args: argparse.Namespace, tmp: Path, side: str) -> list[str]:
     """resnet50 as ``bench.run`` starts it (one worker on every thread); digits as the
-    default model, on ``--threads``."""
+    default model, on ``--threads``; ``--new-set`` for the new side only."""
     run_args = bench_run.parse_args(["--threads", str(args.threads)])
     if args.model == "resnet50":
         cmd = bench_run.launch_ringserve("wrk")("resnet50", port, run_args, tmp).cmd
     else:
         cmd = [*bench_run.ringserve_command(port, run_args, tmp), "--threads", str(args.threads)]
-    for s in args.set:
+    for s in args.set + (args.new_set if side == "new" else []):
         cmd += ["--set", s]
     return cmd
 
@@ -104,7 +107,9 @@ def serving(
                 "PYTHONPATH": os.pathsep.join(p for p in (str(path), inherited) if p),
                 "XDG_CACHE_HOME": str(tmp / f"cache-{side}"),
             }
-            launch = bench_run.Launch(command(port, args, tmp), PATHS[args.model], "", "", env)
+            launch = bench_run.Launch(
+                command(port, args, tmp, side), PATHS[args.model], "", "", env
+            )
             log = tmp / f"server-{side}.log"
             pid = stack.enter_context(bench_run.running(launch, port, log, 300))
             servers[side] = (f"http://127.0.0.1:{port}{PATHS[args.model]}", pid, port)
@@ -158,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--image", type=Path, help="the JPEG to send (digits; resnet50 makes one)")
     ap.add_argument("--set", action="append", default=[], help="passed to ringserve serve")
+    ap.add_argument(
+        "--new-set", action="append", default=[], help="as --set, for this checkout's side only"
+    )
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")

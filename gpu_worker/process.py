@@ -28,6 +28,7 @@ import torch
 from ringserve.gpu_worker.batch_check import TOLERANCE as BATCHMATE_TOLERANCE
 from ringserve.gpu_worker.batch_check import batchmate_effect
 from ringserve.gpu_worker.batcher import Batcher, BatchPolicy, Pending
+from ringserve.gpu_worker.compiled import compile_handler
 from ringserve.gpu_worker.cpu_share import ThreadShare
 from ringserve.gpu_worker.handlers import BadInput, Handler, TensorSpec, create_handler
 from ringserve.gpu_worker.handlers.base import OutputContractError
@@ -36,7 +37,12 @@ from ringserve.gpu_worker.handlers.weights import WeightsError
 from ringserve.gpu_worker.metrics import BatchTiming, WorkerMetrics
 from ringserve.gpu_worker.output_contract import advertised_output, check_output
 from ringserve.gpu_worker.preprocess_pool import PreprocessPool, preprocess_threads
-from ringserve.gpu_worker.profile import sample_row, throughput_profile
+from ringserve.gpu_worker.profile import (
+    batch_sizes,
+    sample_batch,
+    sample_row,
+    throughput_profile,
+)
 from ringserve.gpu_worker.request_errors import RequestErrors
 from ringserve.ipc import bytes_tensor, wake
 from ringserve.ipc.answer import CANCELLED_MESSAGE, write_error, write_output
@@ -180,6 +186,8 @@ class Worker:
         except DeclarationError as e:
             self._cannot_load(e, ExitCode.MODEL_CONFIG)
         self.handler = handler
+        if self.model.compile:
+            self._compile(handler)
         # The model may change its input in place (normalising, an in-place activation).
         # Were that input the slot itself, a request re-queued after this worker dies
         # would run again on the changed values and get a confident wrong answer. So the
@@ -282,6 +290,23 @@ class Worker:
             self.control.record_error(e)
             sys.exit(ExitCode.CUDA_INIT)
         return device
+
+    def _compile(self, handler: Handler) -> None:
+        """``compile = true``: every batch size compiled before the worker is ready
+        (``compiled.py``). A model that cannot be compiled does not start (exit 2): the
+        same model fails the same way on every try."""
+        name = self.model.name
+        sizes = batch_sizes(self.model.batching.max_batch_size)
+        try:
+            took = compile_handler(
+                handler, name, sizes, lambda n: sample_batch(handler, n), self.control.beat
+            )
+        except ConfigError as e:
+            self._cannot_load(e, ExitCode.MODEL_CONFIG)
+        except Exception as e:  # the compiler's, or the model's on zeros of its shape
+            error = ConfigError(f"models.{name}.compile: compiling failed: {type(e).__name__}: {e}")
+            self._cannot_load(error, ExitCode.MODEL_CONFIG)
+        log.info("model %s: compiled for batches of %s rows in %.1f s", name, sizes, took)
 
     def _cannot_load(self, error: Exception, code: ExitCode) -> NoReturn:
         if self.spec.failures:  # the traceback is in the journal from the first try

@@ -35,7 +35,7 @@ import torch
 
 from ringserve.gpu_worker.batcher import choose_preferred
 from ringserve.gpu_worker.handlers.base import Handler, TensorSpec
-from ringserve.ipc.config import ModelSettings
+from ringserve.ipc.config import ModelSettings, cache_dir
 from ringserve.ipc.layout import PayloadKind
 
 BUDGET_S = 8.0
@@ -70,7 +70,9 @@ def _rate(handler: Handler, batch: torch.Tensor, size: int) -> float:
     return size * runs / (time.perf_counter() - t0)
 
 
-def _sizes(max_batch: int) -> list[int]:
+def batch_sizes(max_batch: int) -> list[int]:
+    """The sizes the profile measures (and a compiled model is compiled for): the powers
+    of two below ``max_batch``, and ``max_batch``."""
     sizes, s = [], 1
     while s < max_batch:
         sizes.append(s)
@@ -79,11 +81,10 @@ def _sizes(max_batch: int) -> list[int]:
 
 
 def _cache_path() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     # v3: interleaved rounds; v4: options in the key (a vision model now runs NHWC on a
     # CPU by default, so a v3 figure measured NCHW must not be reused); v5: vision models
     # fold their BatchNorms by default (a v4 figure measured them unfolded).
-    return os.path.join(base, "ringserve", "profiles-v5.json")
+    return os.path.join(cache_dir(), "profiles-v5.json")
 
 
 def _load_cache() -> dict:
@@ -185,6 +186,12 @@ def sample_row(handler: Handler) -> torch.Tensor:
     return handler.preprocess(zeros, PayloadKind.TENSOR)
 
 
+def sample_batch(handler: Handler, size: int) -> torch.Tensor:
+    """``size`` copies of ``sample_row``, as one batch."""
+    row = sample_row(handler)
+    return row.expand(size, *row.shape[1:]).contiguous()
+
+
 def throughput_profile(
     handler: Handler, model: ModelSettings, heartbeat: Callable[[], None], threads: int = 0
 ) -> Profile:
@@ -263,10 +270,10 @@ def _measure(
     shape: tuple[int, ...],
     heartbeat: Callable[[], None],
 ) -> dict[int, float]:
-    row = sample_row(handler)
-    batches = {}
-    for size in _sizes(model.batching.max_batch_size):
-        batches[size] = row.expand(size, *row.shape[1:]).contiguous().to(handler.device)
+    batches = {
+        size: sample_batch(handler, size).to(handler.device)
+        for size in batch_sizes(model.batching.max_batch_size)
+    }
     rates: dict[int, float] = {}
     deadline = time.monotonic() + BUDGET_S
     with torch.inference_mode():

@@ -104,6 +104,9 @@ class ModelSettings:
     # k workers running batches at once use threads // k each (gpu_worker/cpu_share.py)
     threads_shared: bool = False
     weights: str = ""
+    # Serve the handler's ``model`` through torch.compile, a graph per batch size compiled
+    # at start (gpu_worker/compiled.py)
+    compile: bool = False
     batching: BatchingSettings = field(default_factory=BatchingSettings)
     options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -317,6 +320,18 @@ def _validate(s: Settings) -> None:
             f"{key}.device",
             "must be cpu or cuda[:N]",
         )
+        need(
+            not (m.compile and m.threads_shared and m.device == "cpu"),
+            f"{key}.compile",
+            "cannot go with threads_shared on a CPU: a compiled model's thread count is "
+            "fixed when it compiles, so it could not give threads up",
+        )
+        need(
+            not m.compile or kind != "torchscript",
+            f"{key}.compile",
+            "a TorchScript archive cannot be compiled (serve its eager model through a "
+            "python: handler to compile it)",
+        )
         b = m.batching
         need(b.max_batch_size >= 1, f"{key}.batching.max_batch_size", "must be at least 1")
         need(b.max_queue_delay_ms >= 0, f"{key}.batching.max_queue_delay_ms", "must be >= 0")
@@ -378,6 +393,14 @@ def _env_model_sets(environ: Mapping[str, str], names: Sequence[str]) -> dict[st
 
 
 INTERNAL_ENV = ("RINGSERVE_CHILD", "RINGSERVE_TEST_", "RINGSERVE_PERF_ANALYZER")
+
+
+def cache_dir(environ: Mapping[str, str] | None = None) -> str:
+    """ringserve's directory in the user's cache: the batch profiles and compiled models
+    (systemd sets ``XDG_CACHE_HOME=/var/cache/ringserve``)."""
+    environ = os.environ if environ is None else environ
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(environ.get("HOME", "~"), ".cache")
+    return os.path.join(os.path.expanduser(base), "ringserve")
 
 
 def unused_env(environ: Mapping[str, str]) -> list[str]:

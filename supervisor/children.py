@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ringserve.ipc.child import ENV_VAR, ChildSpec
+from ringserve.ipc.config import cache_dir
 
 
 class Phase(enum.Enum):
@@ -114,6 +115,10 @@ def child_environment(spec: ChildSpec, base: Mapping[str, str]) -> dict[str, str
     env.setdefault("PYTHONUNBUFFERED", "1")
     if spec.role == "worker" and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & env.keys():
         env["GOMP_SPINCOUNT"] = WORKER_OMP_SPINCOUNT  # read once, when libgomp loads
+    if spec.role == "worker":
+        # A compiled model's kernels (models.NAME.compile) outlive the worker there, not in
+        # /tmp (private to the unit under systemd, and wiped at boot).
+        env.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache_dir(env), "inductor"))
     return env
 
 

@@ -48,6 +48,12 @@ def _serve_parser() -> argparse.ArgumentParser:
         help="a model's workers share its --threads: all of them for a worker running "
         "alone, an equal part each when several run at once (models.*.threads_shared)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_const",
+        const=True,
+        help="serve every model through torch.compile, compiled at start (models.*.compile)",
+    )
     p.add_argument("--weights", help="weights file for every model (models.*.weights)")
     p.add_argument("--max-batch-size", type=int, help="batching.max_batch_size")
     p.add_argument("--max-queue-delay-ms", type=float, help="batching.max_queue_delay_ms")
@@ -115,6 +121,7 @@ def settings_from_args(ns: argparse.Namespace):  # type: ignore[no-untyped-def]
             ("device", ns.device),
             ("threads", ns.threads),
             ("threads_shared", ns.share_threads),
+            ("compile", ns.compile),
             ("weights", ns.weights),
         )
         if v is not None

@@ -357,3 +357,21 @@ def test_paired_compares_two_checkouts_slice_by_slice(tmp_path: Path) -> None:
         (line,) = [x for x in lines if x.startswith(f"c=2 {side}:")]
         assert "req/s" in line and "errors 0;" in line and "compute_input" in line, line
     assert any(x.startswith("c=2 new / base, paired: median") for x in lines), lines
+
+
+def test_paired_new_set_changes_only_this_checkouts_side(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--new-set`` judges a setting (``--base HEAD``): the new side's server gets it,
+    the base's does not; ``--set`` goes to both."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench.paired import command
+
+    args = argparse.Namespace(
+        threads=2, model="digits", set=["a.b=1"], new_set=["models.digits.compile=true"]
+    )
+    new, base = (command(8000, args, tmp_path, side) for side in ("new", "base"))
+    assert new[-4:] == ["--set", "a.b=1", "--set", "models.digits.compile=true"]
+    assert base[-2:] == ["--set", "a.b=1"] and "models.digits.compile=true" not in base

@@ -161,8 +161,8 @@ def test_digits_loads_weights_from_settings(digits: Handler, tmp_path: Path) -> 
     torch.save(state, path)
     h = loaded("digits", weights=str(path))
     weight = "classifier.4.weight"
-    assert torch.equal(h.net.state_dict()[weight], state[weight])
-    assert not torch.equal(digits.net.state_dict()[weight], state[weight])  # packaged asset
+    assert torch.equal(h.model.state_dict()[weight], state[weight])
+    assert not torch.equal(digits.model.state_dict()[weight], state[weight])  # packaged asset
 
 
 @pytest.mark.parametrize(

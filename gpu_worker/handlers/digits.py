@@ -41,13 +41,13 @@ class DigitsHandler(Handler):
     known_options = frozenset({"max_image_pixels"})
     inputs = (TensorSpec("INPUT0", "float32", (SIDE, SIDE)),)
     outputs = (TensorSpec("OUTPUT0", "float32", (10,)),)
-    net: DigitsNet  # set by load()
+    model: DigitsNet  # set by load()
 
     def load(self, device: torch.device) -> None:
         path = self.settings.weights or ASSET
         net = DigitsNet()
         load_state_dict(net, path)
-        self.net = net.eval().to(device)
+        self.model = net.eval().to(device)
         self.device = device
 
     def preprocess(self, payload: np.ndarray, kind: PayloadKind) -> torch.Tensor:
@@ -68,4 +68,4 @@ class DigitsHandler(Handler):
         if batch.dim() == 3:
             batch = batch.unsqueeze(1)
         with torch.inference_mode():
-            return self.net(batch).softmax(dim=1)
+            return self.model(batch).softmax(dim=1)
