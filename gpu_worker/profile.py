@@ -204,6 +204,8 @@ def throughput_profile(
         f"{model.handler}|{model.weights}|{options}|{model.device}|{shape}"
         f"|{model.batching.max_batch_size}|t{threads}|{hardware(model.device)}"
     )
+    if model.compile:
+        key += "|compiled"
     # The turn's lock file is named by the model, not by its files' stamp: one lock file
     # per model configuration, not one more per edit of the handler.
     turn = key
