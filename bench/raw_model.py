@@ -5,6 +5,9 @@ resize that a server does before the model (reported separately).
     python -m bench.raw_model --model resnet50 --batch-sizes 1,2,4,8 --duration 3 \
         [--threads 2] [--device cpu|cuda] [--image bench/results/input.jpg] [--json OUT]
 
+``--compile`` runs the model as ringserve's ``compile = true`` does (inductor, frozen
+weights, a graph per batch size, compiled before it is timed).
+
 ``--serve`` keeps the model loaded and runs the loop for as many seconds, at the batch
 size, as each line on stdin says, answering each with one JSON line (``bench.run`` takes
 turns with it around a server's resnet50 points).
@@ -29,10 +32,24 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(
-    model_name: str, batch_sizes: list[int], duration_s: float, threads: int, device: str
-) -> list[dict]:
+def load(model_name: str, threads: int, device: str, compiled: bool) -> torch.nn.Module:
     model = common.load_model(model_name, threads, device)
+    if not compiled:
+        return model
+    from ringserve.gpu_worker.compiled import compile_module
+
+    return compile_module(model, 8)
+
+
+def measure(
+    model_name: str,
+    batch_sizes: list[int],
+    duration_s: float,
+    threads: int,
+    device: str,
+    compiled: bool = False,
+) -> list[dict]:
+    model = load(model_name, threads, device, compiled)
     rows = []
     for bs in batch_sizes:
         x = _input(model_name, bs, device)
@@ -76,11 +93,11 @@ def _loop(
     return times
 
 
-def serve(model_name: str, threads: int, device: str) -> None:
+def serve(model_name: str, threads: int, device: str, compiled: bool = False) -> None:
     """The loop on request: each stdin line is "SECONDS [BATCH]" (batch 1 by default);
     each answer is one JSON line with the p50 in ms and the items/s. Idle (blocked on
     stdin) between requests."""
-    model = common.load_model(model_name, threads, device)
+    model = load(model_name, threads, device, compiled)
     inputs = {1: _input(model_name, 1, device)}
     _loop(model, model_name, inputs[1], 0.0, device)  # warm-up
     print(json.dumps({"ready": True}), flush=True)
@@ -119,16 +136,18 @@ def main() -> None:
     ap.add_argument("--image", help="JPEG to time the decode of (resnet50)")
     ap.add_argument("--json")
     ap.add_argument("--serve", action="store_true", help="batch 1 on request (stdin)")
+    ap.add_argument("--compile", action="store_true", help="as ringserve's compile = true")
     args = ap.parse_args()
     if args.serve:
-        serve(args.model, args.threads, args.device)
+        serve(args.model, args.threads, args.device, args.compile)
         return
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     result = {
         "model": args.model,
         "threads": args.threads,
         "device": args.device,
-        "rows": measure(args.model, sizes, args.duration, args.threads, args.device),
+        "compiled": args.compile,
+        "rows": measure(args.model, sizes, args.duration, args.threads, args.device, args.compile),
     }
     if args.image and args.model != "identity":
         result["decode_ms"] = decode_ms(args.image)

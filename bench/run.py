@@ -255,6 +255,8 @@ def launch_ringserve(
         else:
             cmd += ["--model", f"{name}=torchvision:resnet50", "--threads", str(args.threads)]
             cmd += ["--max-batch-size", str(RESNET_MAX_BATCH)]
+            if args.compile:
+                cmd += ["--compile"]
             if args.device == "cpu":
                 # A batch of 8 takes ~270 ms on a 2-core CPU: a 10 ms wait for company
                 # (4 %) covers the clients' turnaround (each JPEG is decoded first,
@@ -286,7 +288,8 @@ def systems(args: argparse.Namespace, lit_py: Path | None, lit_skip: str) -> lis
         ),
         System("ringserve", f"(e) ringserve, {n} frontends", "e", launch_ringserve("wrk")),
     ]
-    if args.device == "cpu" and args.threads > 1:
+    if args.device == "cpu" and args.threads > 1 and not args.compile:
+        # (A compiled model cannot share threads: its count is fixed when it compiles.)
         # The other way to spend a CPU's threads on resnet50, judged beside it: one
         # worker per thread (faster on the EPYC host before the batcher kept batches full
         # at c=8, slower on the Xeon: docs/benchmarks.md).
@@ -616,6 +619,8 @@ def _pythonpath() -> str:
 
 def _raw_model(model: str, args: argparse.Namespace, *argv: str) -> tuple[list[str], dict]:
     common = ["--model", model, "--threads", str(args.threads), "--device", args.device]
+    if args.compile and model != "identity":
+        common.append("--compile")
     return _repo_module("bench.raw_model", *common, *argv)
 
 
@@ -986,7 +991,9 @@ def render_markdown(res: dict) -> str:
         f"{meta['date']} · {meta['cpu']} · {meta['cpus']} CPUs"
         + (f" · {meta['halt_poll']}" if meta.get("halt_poll") else "")
         + f" · torch {meta['torch']} · "
-        f"device {meta['device']} · {meta['repeats']} repetition(s) x {_durations(meta)} "
+        f"device {meta['device']} · "
+        + ("resnet50 compiled in (a) and (e), eager in (b)-(d) · " if meta.get("compiled") else "")
+        + f"{meta['repeats']} repetition(s) x {_durations(meta)} "
         f"per point (medians) · load generator: {meta['wrk']} · load average "
         f"{meta['loadavg_start'][0]:.1f} at start, {meta['loadavg_end'][0]:.1f} at end "
         "(1 min; other tenants share the CPUs)",
@@ -1157,6 +1164,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--settle", type=float, default=1.0, help="seconds after ready before idle")
     ap.add_argument("--ready-timeout", type=float, default=300.0)
     ap.add_argument("--no-litserve", action="store_true", help="skip (d)")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="resnet50 compiled in the raw loop and in ringserve (compile = true); the "
+        "other systems run it eager, as their users would by default",
+    )
     ap.add_argument("--no-install", action="store_true", help="never pip/apt install anything")
     ap.add_argument("--out", default=str(BENCH / "results"))
     ap.add_argument(
@@ -1213,6 +1226,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
             "device": args.device,
+            "compiled": args.compile,
             "repeats": args.repeats,
             "duration": {m: point_seconds(m, args) for m in args.models},
             "concurrency": {m: args.concurrency or CONCURRENCY[m] for m in args.models},

@@ -74,6 +74,18 @@ def _first_rows(out: object, rows: int) -> object:
     return out
 
 
+def compile_module(module: torch.nn.Module, sizes: int) -> torch.nn.Module:
+    """``module`` as ringserve compiles it, for ``sizes`` batch sizes (compiled on first
+    call each; ``bench.raw_model --compile`` times the same)."""
+    import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # weights as constants: what makes the CPU graph fast
+    inductor_config.compile_threads = 1  # in this process: no pool of compile processes
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, sizes + 1)
+    return torch.compile(module, dynamic=False)
+
+
 def compilable_module(handler: Handler, name: str) -> torch.nn.Module:
     """The handler's eager ``model``, or a ConfigError saying why it cannot be compiled."""
     module = getattr(handler, COMPILED_ATTRIBUTE, None)
@@ -109,13 +121,7 @@ def compile_handler(
     size in ``sizes`` now (``sample(n)``: a batch of ``n`` preprocessed rows). Returns
     the seconds it took. Errors of the compiler propagate: the caller names them."""
     module = compilable_module(handler, name)
-    import torch._dynamo.config as dynamo_config
-    import torch._inductor.config as inductor_config
-
-    inductor_config.freezing = True  # weights as constants: what makes the CPU graph fast
-    inductor_config.compile_threads = 1  # in this process: no pool of compile processes
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, len(sizes) + 1)
-    setattr(handler, COMPILED_ATTRIBUTE, Bucketed(torch.compile(module, dynamic=False), sizes))
+    setattr(handler, COMPILED_ATTRIBUTE, Bucketed(compile_module(module, len(sizes)), sizes))
     t0 = time.perf_counter()
     with torch.inference_mode():
         for size in sorted(sizes):
