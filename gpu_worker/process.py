@@ -253,6 +253,7 @@ class Worker:
             {
                 "preferred_batch_size": preferred,
                 "batch_profile": {str(k): round(v, 1) for k, v in rates.items()},
+                "compiled": self.model.compile,
             }
         )
         self.batcher = Batcher(

@@ -53,14 +53,19 @@ def _listen_entry(sock: socket.socket, source: str) -> dict[str, Any]:
 
 
 def _published(arb: Arbiter, model: int) -> dict[str, Any]:
-    """What the model's workers published: the batch profile and preferred size."""
+    """What the model's workers published: the batch profile and preferred size, the
+    device, whether the model runs compiled."""
     assert arb.arena is not None
     entry = arb.arena.models[model]
     try:
         spec = json.loads(bytes(entry["spec"])[: int(entry["spec_len"])] or b"{}")
     except ValueError:
         return {}
-    return {k: spec[k] for k in ("preferred_batch_size", "batch_profile", "device") if k in spec}
+    return {
+        k: spec[k]
+        for k in ("preferred_batch_size", "batch_profile", "device", "compiled")
+        if k in spec
+    }
 
 
 def _last_error(field: bytes) -> dict[str, str]:

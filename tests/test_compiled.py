@@ -135,6 +135,8 @@ def test_a_compiled_model_answers_as_the_eager_one(start_server, monkeypatch) ->
     )
     log = server.log()
     assert "model digits: compiled for batches of [1, 2, 4] rows" in log, log[-2000:]
+    [model] = server.ctl("status")["models"]
+    assert model["compiled"] is True and model["preferred_batch_size"] in (1, 2, 4)
     compiles = log.count("Recompiling function")
     assert compiles == 2, log[-3000:]  # for 2 and for 4 rows, at start
     cases = digit_requests(40)
