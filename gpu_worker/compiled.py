@@ -41,12 +41,37 @@ class Bucketed(torch.nn.Module):
     """``compiled`` run only at ``sizes`` rows: a batch in between is padded up to the
     next size with copies of its last row, and its answer cut back to the batch."""
 
-    def __init__(self, compiled: torch.nn.Module, sizes: Sequence[int]) -> None:
+    def __init__(self, compiled: torch.nn.Module, sizes: Sequence[int], name: str = "") -> None:
         super().__init__()
         self.compiled = compiled
         self.sizes = sorted(sizes)
+        self.name = name
+        self._counters: dict | None = None  # dynamo's, once the start-up compile is done
+        self._graphs = 0
 
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+    def compiled_all(self) -> None:
+        """The start-up compile is done: any compile from now on is one that a batch
+        waits for (seconds), which ``forward`` says in the log."""
+        from torch._dynamo.utils import counters
+
+        self._counters = counters["stats"]
+        self._graphs = self._counters["unique_graphs"]
+
+    def forward(self, batch: torch.Tensor) -> object:
+        out = self._run(batch)
+        if self._counters is not None and self._counters["unique_graphs"] != self._graphs:
+            self._graphs = self._counters["unique_graphs"]
+            log.warning(
+                "model %s: compiled again while a batch waited (%s %s, strides %s): "
+                "TORCH_LOGS=recompiles in the worker's environment logs why",
+                self.name,
+                str(batch.dtype).removeprefix("torch."),
+                list(batch.shape),
+                list(batch.stride()),
+            )
+        return out
+
+    def _run(self, batch: torch.Tensor) -> object:
         if not batch.is_inference() and torch.is_inference_mode_enabled():
             # The graphs were compiled for inference tensors, which is what the worker's
             # loop makes; one made outside it (an image preprocessed on a pool thread, as
@@ -121,7 +146,8 @@ def compile_handler(
     size in ``sizes`` now (``sample(n)``: a batch of ``n`` preprocessed rows). Returns
     the seconds it took. Errors of the compiler propagate: the caller names them."""
     module = compilable_module(handler, name)
-    setattr(handler, COMPILED_ATTRIBUTE, Bucketed(compile_module(module, len(sizes)), sizes))
+    bucketed = Bucketed(compile_module(module, len(sizes)), sizes, name)
+    setattr(handler, COMPILED_ATTRIBUTE, bucketed)
     t0 = time.perf_counter()
     with torch.inference_mode():
         for size in sorted(sizes):
@@ -134,4 +160,5 @@ def compile_handler(
                 time.perf_counter() - t,
             )
             heartbeat()
+    bucketed.compiled_all()
     return time.perf_counter() - t0

@@ -35,12 +35,12 @@ def _graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def test_a_batch_between_sizes_is_padded_not_compiled_and_answers_as_eager() -> None:
+def test_a_batch_between_sizes_is_padded_not_compiled_and_answers_as_eager(caplog) -> None:
     torch.manual_seed(0)
     eager = _Conv().eval().to(memory_format=torch.channels_last)
     torch._dynamo.reset()
     counters.clear()
-    model = Bucketed(torch.compile(eager, dynamic=False), [1, 2, 4])
+    model = Bucketed(torch.compile(eager, dynamic=False), [1, 2, 4], "m")
     # Made outside inference mode, as a pool thread's preprocessed image is: the worker
     # compiles (and mostly runs) on inference tensors, which the graphs' guards tell apart.
     rows = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
@@ -49,11 +49,16 @@ def test_a_batch_between_sizes_is_padded_not_compiled_and_answers_as_eager() -> 
             model(rows[:size].clone(memory_format=torch.channels_last))
         compiled = _graphs()
         assert compiled == 3
+        model.compiled_all()
         for batch in (rows[:3].clone(memory_format=torch.channels_last), rows[:1], rows[:3]):
             got = model(batch)
             assert _graphs() == compiled, batch.shape  # no compile while a request waits
             assert got.shape == (len(batch), 4)
             torch.testing.assert_close(got, eager(batch), rtol=1e-4, atol=1e-5)
+        assert "compiled again" not in caplog.text
+        model(rows[:2].contiguous())  # another layout: the graph's guards refuse it
+        assert _graphs() == compiled + 1
+    assert "model m: compiled again while a batch waited (float32 [2, 3, 8, 8]" in caplog.text
 
 
 class _NoModel(Handler):
