@@ -1,33 +1,36 @@
 """A model served through ``torch.compile`` (``models.NAME.compile = true``).
 
 Why: inductor with the weights frozen into the graph runs resnet50 on a 2-core CPU in
-41-47 ms for one image against 64-69 ms eager, and a batch of 4 in 155-161 ms against
-195-203 ms (docs/benchmarks.md). The price is paid at start: a compile per batch size,
+41-47 ms for one image against 62-69 ms eager, and a batch of 4 in 155-161 ms against
+195-204 ms (docs/benchmarks.md). The price is paid at start: a compile per batch size,
 seconds to a minute each, cached on disk for the next start.
 
 Static shapes, padded up to a few sizes: one graph with a dynamic batch dimension ran a
 batch of 4 no faster than eager (185-206 ms), while a graph per size keeps the gain. So
 each of the profile's sizes (1, 2, 4, ... ``max_batch_size``) is compiled once at start,
-before the worker says ready, and a batch between two of them is padded up to the next
-with copies of its last row, whose answers are cut off again. Rows are independent (the
-start-up batchmate check warns for a model where they are not), so padding changes no
-answer. A request never waits for a compile.
+before the worker says ready (and ``preferred_batch_size``), and a batch between two of
+them is padded up to the next with copies of its last row, whose answers are cut off
+again. Rows are independent (the start-up batchmate check warns for a model where they
+are not), so padding changes no answer, which a start-up check holds the model to. A
+request never waits for a compile.
 
 The compile runs in the worker's own process (``compile_threads = 1``), not in a pool of
 compile processes: the supervisor watches, recycles and kills a worker as one process.
 Compiled kernels are cached under ``$XDG_CACHE_HOME/ringserve/inductor`` (systemd:
 ``/var/cache/ringserve/ringserve/inductor``; the supervisor sets
-``TORCHINDUCTOR_CACHE_DIR`` so for its workers unless the operator did), so a restart or
-a recycled worker loads them instead of compiling again.
+``TORCHINDUCTOR_CACHE_DIR`` so for its workers unless the operator did), so a restart,
+a recycled worker or a sibling loads them (resnet50: 12 s against 25 s cold).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 
 import torch
+from torch.utils._pytree import tree_map
 
 from ringserve.gpu_worker.handlers.base import Handler
 from ringserve.ipc.errors import ConfigError
@@ -46,21 +49,17 @@ class Bucketed(torch.nn.Module):
         self.compiled = compiled
         self.sizes = sorted(sizes)
         self.name = name
-        self._counters: dict | None = None  # dynamo's, once the start-up compile is done
-        self._graphs = 0
+        self._graphs: int | None = None  # dynamo's count once the start-up compile is done
 
     def compiled_all(self) -> None:
         """The start-up compile is done: any compile from now on is one that a batch
         waits for (seconds), which ``forward`` says in the log."""
-        from torch._dynamo.utils import counters
-
-        self._counters = counters["stats"]
-        self._graphs = self._counters["unique_graphs"]
+        self._graphs = _graphs()
 
     def forward(self, batch: torch.Tensor) -> object:
         out = self._run(batch)
-        if self._counters is not None and self._counters["unique_graphs"] != self._graphs:
-            self._graphs = self._counters["unique_graphs"]
+        if self._graphs is not None and _graphs() != self._graphs:
+            self._graphs = _graphs()
             log.warning(
                 "model %s: compiled again while a batch waited (%s %s, strides %s): "
                 "TORCH_LOGS=recompiles in the worker's environment logs why",
@@ -72,31 +71,48 @@ class Bucketed(torch.nn.Module):
         return out
 
     def _run(self, batch: torch.Tensor) -> object:
-        if not batch.is_inference() and torch.is_inference_mode_enabled():
-            # The graphs were compiled for inference tensors, which is what the worker's
-            # loop makes; one made outside it (an image preprocessed on a pool thread, as
-            # a lone request's batch) fails the graph's guards and compiled again, here.
-            batch = batch.clone()
         rows = batch.shape[0]
         size = next((s for s in self.sizes if s >= rows), rows)
+        inference = torch.is_inference_mode_enabled()
         if size == rows:
+            if inference and not batch.is_inference():
+                # The graphs were compiled for inference tensors, which is what the
+                # worker's loop makes; one made outside it (an image preprocessed on a
+                # pool thread, alone in its batch) fails their guards: compiled again.
+                batch = batch.clone()
             return self.compiled(batch)
-        padded = torch.cat((batch, batch[-1:].expand(size - rows, *batch.shape[1:])))
-        if batch.dim() == 4 and batch.is_contiguous(memory_format=torch.channels_last):
-            # The graph was compiled for the layout the handler passes (its guards check
-            # strides): a padded batch in another layout would compile again, here.
-            padded = padded.contiguous(memory_format=torch.channels_last)
-        return _first_rows(self.compiled(padded), rows)
+        padded = _empty_like_rows(batch, size)  # made here: an inference tensor
+        padded[:rows] = batch
+        if rows:
+            padded[rows:] = batch[-1:]
+        else:  # a request of no rows (KServe v2 allows a shape [0, ...])
+            padded.zero_()
+        out = self.compiled(padded)
+        return tree_map(lambda t: _first_rows(t, rows, size), out)
 
 
-def _first_rows(out: object, rows: int) -> object:
-    if isinstance(out, torch.Tensor):
-        return out[:rows]
-    if isinstance(out, tuple | list):
-        return type(out)(_first_rows(o, rows) for o in out)
-    if isinstance(out, dict):
-        return {k: _first_rows(v, rows) for k, v in out.items()}
-    return out
+def _graphs() -> int:
+    """Graphs dynamo has compiled in this process (read afresh: tests clear counters)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def _empty_like_rows(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """An empty batch of ``size`` rows laid out as ``batch`` (NHWC stays NHWC): the graph
+    for ``size`` rows was compiled for that layout, and its guards check strides."""
+    shape = (size, *batch.shape[1:])
+    if batch.dim() and batch.stride(0) == math.prod(batch.shape[1:]):  # rows outermost
+        return torch.empty_strided(shape, batch.stride(), dtype=batch.dtype, device=batch.device)
+    return batch.new_empty(shape)
+
+
+def _first_rows(value: object, rows: int, size: int) -> object:
+    """A padded output cut back to the batch's rows: every tensor whose first dimension
+    is the padded size (rows are dimension 0: the start-up check holds a model to it)."""
+    if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == size:
+        return value[:rows]
+    return value
 
 
 def compile_module(module: torch.nn.Module, sizes: int) -> torch.nn.Module:
@@ -126,6 +142,11 @@ def compilable_module(handler: Handler, name: str) -> torch.nn.Module:
             f"self.{COMPILED_ATTRIBUTE}), or set compile = false"
         )
     spec = handler.inputs[0]
+    if spec.dtype == "bytes":
+        raise ConfigError(
+            f"models.{name}.compile: {spec.name} is BYTES; the compile runs the model on "
+            "sample rows of its declared input, which it cannot make of bytes"
+        )
     if any(d < 0 for d in spec.shape):
         raise ConfigError(
             f"models.{name}.compile: {spec.name} has a dimension of any size "
@@ -142,9 +163,10 @@ def compile_handler(
     sample: Callable[[int], torch.Tensor],
     heartbeat: Callable[[], None],
 ) -> float:
-    """Replace the handler's ``model`` by its compiled, bucketed form and compile every
-    size in ``sizes`` now (``sample(n)``: a batch of ``n`` preprocessed rows). Returns
-    the seconds it took. Errors of the compiler propagate: the caller names them."""
+    """Replace the handler's ``model`` by its compiled, bucketed form, compile every size
+    in ``sizes`` now (``sample(n)``: a batch of ``n`` preprocessed rows) and check that a
+    padded batch answers as the eager model. Returns the seconds it took. Errors of the
+    compiler propagate: the caller names them."""
     module = compilable_module(handler, name)
     bucketed = Bucketed(compile_module(module, len(sizes)), sizes, name)
     setattr(handler, COMPILED_ATTRIBUTE, bucketed)
@@ -153,12 +175,44 @@ def compile_handler(
         for size in sorted(sizes):
             t = time.perf_counter()
             handler.infer(sample(size).to(handler.device))
-            log.info(
-                "model %s: compiled for batches of %d in %.1f s",
-                name,
-                size,
-                time.perf_counter() - t,
-            )
+            took = time.perf_counter() - t
+            log.info("model %s: compiled for batches of %d in %.1f s", name, size, took)
             heartbeat()
+        _check_padding(handler, module, bucketed, name, sample)
     bucketed.compiled_all()
     return time.perf_counter() - t0
+
+
+def _check_padding(
+    handler: Handler,
+    module: torch.nn.Module,
+    bucketed: Bucketed,
+    name: str,
+    sample: Callable[[int], torch.Tensor],
+) -> None:
+    """A batch between two sizes, of rows that differ, answers as the eager model does:
+    padding and cutting back assume that rows are dimension 0 of what ``infer`` passes
+    the model and of what it returns (a sequence-first model breaks that)."""
+    rows = next((n for n in range(2, max(bucketed.sizes)) if n not in bucketed.sizes), 0)
+    if not rows:
+        return
+    batch = sample(rows).to(handler.device)
+    if batch.is_floating_point():
+        step = torch.arange(rows, dtype=batch.dtype, device=batch.device) / rows
+        batch = batch + step.view(-1, *[1] * (batch.dim() - 1))
+    got = handler.infer(batch)
+    setattr(handler, COMPILED_ATTRIBUTE, module)
+    try:
+        want = handler.infer(batch)
+    finally:
+        setattr(handler, COMPILED_ATTRIBUTE, bucketed)
+    try:
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    except (AssertionError, TypeError, ValueError) as e:
+        why = str(e).strip().splitlines()[0]
+        raise ConfigError(
+            f"models.{name}.compile: a batch of {rows} rows, padded to the next compiled "
+            f"size, answered differently from the eager model ({why}). Padding needs rows "
+            "in dimension 0 of the model's input and output; a model in training mode "
+            "(Dropout) also answers differently on every run"
+        ) from None

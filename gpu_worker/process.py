@@ -39,6 +39,7 @@ from ringserve.gpu_worker.output_contract import advertised_output, check_output
 from ringserve.gpu_worker.preprocess_pool import PreprocessPool, preprocess_threads
 from ringserve.gpu_worker.profile import (
     batch_sizes,
+    one_at_a_time,
     sample_batch,
     sample_row,
     throughput_profile,
@@ -71,6 +72,9 @@ from ringserve.ipc.slot_io import Header
 from ringserve.ipc.testhooks import pause_point
 
 log = logging.getLogger("ringserve.worker")
+# How long a worker waits for a sibling compiling the same model (then loads its kernels
+# from the cache) before it compiles too: resnet50 took 25 s cold on 2 CPU cores.
+COMPILE_WAIT_S = 600.0
 _BYTES = DTYPE_CODE["bytes"]
 
 
@@ -294,18 +298,27 @@ class Worker:
 
     def _compile(self, handler: Handler) -> None:
         """``compile = true``: every batch size compiled before the worker is ready
-        (``compiled.py``). A model that cannot be compiled does not start (exit 2): the
-        same model fails the same way on every try."""
-        name = self.model.name
-        sizes = batch_sizes(self.model.batching.max_batch_size)
+        (``compiled.py``), one worker of the model at a time, so its siblings load the
+        kernels from the cache instead of compiling them too. A model that cannot be
+        compiled does not start (exit 2: it fails the same way on every try); a full
+        disk or device memory is a load failure, retried."""
+        name, model = self.model.name, self.model
+        sizes = sorted(
+            {*batch_sizes(model.batching.max_batch_size), model.batching.preferred_batch_size} - {0}
+        )
+        turn = f"compile|{model.handler}|{model.weights}|{model.device}|t{model.threads}|{sizes}"
         try:
-            took = compile_handler(
-                handler, name, sizes, lambda n: sample_batch(handler, n), self.control.beat
-            )
+            with one_at_a_time(turn, self.control.beat, COMPILE_WAIT_S):
+                took = compile_handler(
+                    handler, name, sizes, lambda n: sample_batch(handler, n), self.control.beat
+                )
         except ConfigError as e:
             self._cannot_load(e, ExitCode.MODEL_CONFIG)
+        except (OSError, torch.cuda.OutOfMemoryError) as e:
+            self._cannot_load(e, ExitCode.MODEL_LOAD)
         except Exception as e:  # the compiler's, or the model's on zeros of its shape
             error = ConfigError(f"models.{name}.compile: compiling failed: {type(e).__name__}: {e}")
+            error.__cause__ = e  # its traceback, in the log
             self._cannot_load(error, ExitCode.MODEL_CONFIG)
         log.info("model %s: compiled for batches of %s rows in %.1f s", name, sizes, took)
 

@@ -142,10 +142,13 @@ def _prune_turn_locks(cache: dict) -> None:
 
 
 @contextlib.contextmanager
-def _profiling_turn(key: str, heartbeat: Callable[[], None]) -> Iterator[None]:
+def one_at_a_time(
+    key: str, heartbeat: Callable[[], None], wait_s: float = WAIT_S
+) -> Iterator[None]:
     """Hold the right to profile ``key``: a sibling that holds it is waited for, beating
     the heartbeat each second (the lock is taken in a helper thread, so the wait ends the
-    moment it is free). Past ``WAIT_S`` (a holder that hangs), go ahead without it."""
+    moment it is free). Past ``wait_s`` (a holder that hangs), go ahead without it. The
+    compile takes turns the same way (``compiled.py``)."""
     lock_path = _turn_lock(key)
     try:
         os.makedirs(os.path.dirname(lock_path), exist_ok=True)
@@ -162,7 +165,7 @@ def _profiling_turn(key: str, heartbeat: Callable[[], None]) -> Iterator[None]:
         taken.set()
 
     threading.Thread(target=take, name="profile-lock", daemon=True).start()
-    deadline = time.monotonic() + WAIT_S
+    deadline = time.monotonic() + wait_s
     while not taken.wait(1.0) and time.monotonic() < deadline:
         heartbeat()
     try:
@@ -212,7 +215,7 @@ def throughput_profile(
     key += f"|{_source_stamp(handler, model)}"
     cached = _load_cache().get(key)
     if cached is None:
-        with _profiling_turn(turn, heartbeat):
+        with one_at_a_time(turn, heartbeat):
             cached = _load_cache().get(key)  # a sibling's, measured while we waited
             if cached is None:
                 rates = _measure(handler, model, spec, shape, heartbeat)
@@ -272,13 +275,13 @@ def _measure(
     shape: tuple[int, ...],
     heartbeat: Callable[[], None],
 ) -> dict[int, float]:
-    batches = {
-        size: sample_batch(handler, size).to(handler.device)
-        for size in batch_sizes(model.batching.max_batch_size)
-    }
     rates: dict[int, float] = {}
     deadline = time.monotonic() + BUDGET_S
-    with torch.inference_mode():
+    with torch.inference_mode():  # (batches made in it, as the worker's loop makes them)
+        batches = {
+            size: sample_batch(handler, size).to(handler.device)
+            for size in batch_sizes(model.batching.max_batch_size)
+        }
         handler.infer(batches[1])  # warm-up (kernels); the first round warms each size
         for _ in range(ROUNDS):
             for size, batch in batches.items():

@@ -4,6 +4,7 @@ so a request never waits for a compile, and answers as the eager model does."""
 
 from __future__ import annotations
 
+import collections
 import json
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from conftest import Server, shm_segments
 from test_e2e_core import digit_requests, fire
 from torch._dynamo.utils import counters
 
-from ringserve.gpu_worker.compiled import Bucketed, compilable_module
+from ringserve.gpu_worker.compiled import Bucketed, _check_padding, compilable_module
 from ringserve.gpu_worker.handlers import Handler, TensorSpec, create_handler
 from ringserve.ipc.child import ChildSpec
 from ringserve.ipc.config import ConfigError, ModelSettings, load_settings
@@ -40,17 +41,18 @@ def test_a_batch_between_sizes_is_padded_not_compiled_and_answers_as_eager(caplo
     eager = _Conv().eval().to(memory_format=torch.channels_last)
     torch._dynamo.reset()
     counters.clear()
-    model = Bucketed(torch.compile(eager, dynamic=False), [1, 2, 4], "m")
+    model = Bucketed(torch.compile(eager, dynamic=False), [1, 2, 4, 8], "m")
     # Made outside inference mode, as a pool thread's preprocessed image is: the worker
     # compiles (and mostly runs) on inference tensors, which the graphs' guards tell apart.
-    rows = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    rows = torch.randn(8, 3, 8, 8).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        for size in (1, 2, 4):
+        for size in (1, 2, 4, 8):
             model(rows[:size].clone(memory_format=torch.channels_last))
         compiled = _graphs()
-        assert compiled == 3
+        assert compiled == 4
         model.compiled_all()
-        for batch in (rows[:3].clone(memory_format=torch.channels_last), rows[:1], rows[:3]):
+        nhwc = [rows[:n].clone(memory_format=torch.channels_last) for n in (3, 5, 0)]
+        for batch in (*nhwc, rows[:1], rows[:3], rows[:5]):
             got = model(batch)
             assert _graphs() == compiled, batch.shape  # no compile while a request waits
             assert got.shape == (len(batch), 4)
@@ -59,6 +61,61 @@ def test_a_batch_between_sizes_is_padded_not_compiled_and_answers_as_eager(caplo
         model(rows[:2].contiguous())  # another layout: the graph's guards refuse it
         assert _graphs() == compiled + 1
     assert "model m: compiled again while a batch waited (float32 [2, 3, 8, 8]" in caplog.text
+
+
+class _Pair(torch.nn.Module):
+    """Answers a named tuple: each row doubled, and one number for the whole batch."""
+
+    Out = collections.namedtuple("Out", "rows total")
+
+    def forward(self, x: torch.Tensor) -> Out:
+        return self.Out(x * 2, x.sum())
+
+
+def test_a_padded_answer_is_cut_back_in_every_tensor_of_its_rows() -> None:
+    out = Bucketed(_Pair(), [1, 4])(torch.ones(3, 2))
+    assert type(out) is _Pair.Out and out.rows.shape == (3, 2)
+    assert out.total.item() == 8.0  # of the padded batch: not a tensor of rows, kept whole
+
+
+class _RowsLast(torch.nn.Module):
+    """Takes its rows in the last dimension (as a sequence-first model takes its batch
+    in dimension 1): padding rows in dimension 0 changes its answers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.softmax(dim=0)
+
+
+class _Model(Handler):
+    inputs = (TensorSpec("INPUT0", "float32", (4,)),)
+    outputs = (TensorSpec("OUTPUT0", "float32", (4,)),)
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+        self.model = _RowsLast()
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model(batch)
+
+
+def test_a_model_whose_rows_are_not_dimension_0_is_refused_at_the_padding_check() -> None:
+    handler = _Model(ModelSettings(name="m", handler="python:x:_Model"))
+    handler.load(torch.device("cpu"))
+    eager = handler.model
+    handler.model = bucketed = Bucketed(eager, [1, 2, 4])
+
+    def sample(n: int) -> torch.Tensor:
+        return torch.zeros(n, 4)
+
+    with (
+        torch.inference_mode(),
+        pytest.raises(ConfigError, match=r"models\.m\.compile: a batch of 3"),
+    ):
+        _check_padding(handler, eager, bucketed, "m", sample)
+    assert handler.model is bucketed  # the eager model lent for the check is put back
+    handler.model = bucketed = Bucketed(torch.nn.Softmax(dim=1), [1, 2, 4])
+    with torch.inference_mode():
+        _check_padding(handler, bucketed.compiled, bucketed, "m", sample)  # rows first: fine
 
 
 class _NoModel(Handler):
@@ -84,6 +141,9 @@ def test_what_cannot_be_compiled_is_refused_naming_the_key() -> None:
     assert compilable_module(handler, "m") is handler.model  # type: ignore[attr-defined]
     handler.inputs = (TensorSpec("INPUT0", "float32", (-1,)),)
     with pytest.raises(ConfigError, match=r"INPUT0 has a dimension of any size \(\[-1\]\)"):
+        compilable_module(handler, "m")
+    handler.inputs = (TensorSpec("INPUT0", "bytes", (1,)),)
+    with pytest.raises(ConfigError, match="INPUT0 is BYTES"):
         compilable_module(handler, "m")
 
 
@@ -127,40 +187,42 @@ def test_a_worker_keeps_compiled_kernels_in_ringserves_cache_unless_told_otherwi
 
 
 def test_a_compiled_model_answers_as_the_eager_one(start_server, monkeypatch) -> None:
-    """The default model compiled for batches of 1, 2 and 4 before it is ready; a request
-    of 3 rows (padded up to 4 inside) gets the eager model's answers, images batched
+    """The default model compiled before it is ready, for batches of 1, 2, 4 and 8 rows
+    and its preferred 3; a request of 5 rows (padded up to 8 inside) gets the eager
+    model's answers, images batched
     from two preprocess threads get theirs, nothing compiles again while requests wait,
     and the kernels are in the server's cache for the next start."""
     # Set in this process by inductor itself once a test above compiled here.
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     server: Server = start_server(
-        *("--compile", "--max-batch-size", "4", "--threads", "2"),
+        *("--compile", "--max-batch-size", "8", "--threads", "2"),
+        *("--set", "models.digits.batching.preferred_batch_size=3"),
         env={"TORCH_LOGS": "recompiles"},  # each compile after the first logs why
         frontends=1,
     )
     log = server.log()
-    assert "model digits: compiled for batches of [1, 2, 4] rows" in log, log[-2000:]
+    assert "model digits: compiled for batches of [1, 2, 3, 4, 8] rows" in log, log[-2000:]
     [model] = server.ctl("status")["models"]
-    assert model["compiled"] is True and model["preferred_batch_size"] in (1, 2, 4)
+    assert model["compiled"] is True and model["preferred_batch_size"] == 3
     compiles = log.count("Recompiling function")
-    assert compiles == 2, log[-3000:]  # for 2 and for 4 rows, at start
+    assert compiles == 4, log[-3000:]  # for 2, 3, 4 and 8 rows, at start
     cases = digit_requests(40)
     answers = fire(server.url, [req for req, _ in cases], concurrency=8)
     for resp, (_, label) in zip(answers, cases, strict=True):
         assert resp.status_code == 200 and resp.json()["result"]["label"] == label
-    rows = np.random.default_rng(0).uniform(0, 16, (3, 8, 8)).astype(np.float32)
-    body = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [3, 8, 8]}]}
+    rows = np.random.default_rng(0).uniform(0, 16, (5, 8, 8)).astype(np.float32)
+    body = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [5, 8, 8]}]}
     body["inputs"][0]["data"] = rows.ravel().tolist()
     with server.client() as c:
         r = c.post("/v2/models/digits/infer", json=body)
     assert r.status_code == 200, r.text
     [out] = r.json()["outputs"]
-    assert out["shape"] == [3, 10]
+    assert out["shape"] == [5, 10]
     eager = create_handler(ModelSettings(name="digits", handler="digits"))
     eager.load(torch.device("cpu"))
     with torch.inference_mode():
         want = eager.infer(torch.from_numpy(rows)).numpy()
-    np.testing.assert_allclose(np.array(out["data"]).reshape(3, 10), want, atol=1e-5)
+    np.testing.assert_allclose(np.array(out["data"]).reshape(5, 10), want, atol=1e-5)
     assert server.log().count("Recompiling function") == compiles, server.log()[-3000:]
     cache = Path(server.env["XDG_CACHE_HOME"]) / "ringserve" / "inductor"
     assert any(cache.rglob("*")), f"nothing compiled under {cache}"

@@ -184,7 +184,7 @@ def test_the_profile_is_cached_per_model_and_shape(clock):
     assert nchw.sizes  # so is the same model run with other options
     compiled = CostModel(clock, lambda n, k: per_batch[n])
     profile.throughput_profile(compiled, replace(settings(4), compile=True), lambda: None)
-    assert compiled.sizes  # and compiled (its best size differs: resnet50 here, 8 eager, 2)
+    assert compiled.sizes  # and compiled: resnet50's best size here was 8 eager, 2 compiled
 
 
 def test_the_profile_is_not_reused_on_other_hardware(clock, monkeypatch):
