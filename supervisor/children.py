@@ -76,7 +76,12 @@ class Child:
     def kill(self, reason: str) -> None:
         if self.returncode is None and not self.kill_reason:
             self.kill_reason = reason
-        self.signal(signal.SIGKILL)
+        if self.returncode is None:
+            # The child's whole process group (it leads one: ``start_new_session``): what
+            # it ran, a compiler for torch.compile, would run on orphaned and hold a core
+            # while the replacement compiles the same graph.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
 
     def reap(self) -> int | None:
         """Collect the exit status if the child has exited (non-blocking)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 
+import psutil
 import pytest
 import torchvision
 from conftest import Server, shm_segments, wait_until
@@ -152,14 +153,19 @@ def test_a_cuda_device_the_host_lacks_stops_the_start_at_once(start_server, devi
     assert "specified index" not in log and "start-up timeout" not in log
 
 
-def test_a_load_cut_short_by_the_worker_start_timeout_names_that_setting(start_server) -> None:
+def test_a_load_cut_short_by_the_worker_start_timeout_names_that_setting(
+    start_server, tmp_path
+) -> None:
     """A model that loads slower than worker.start_timeout_s is killed each try: the
     kill, the model's last error and the start-up timeout line name that setting (the
-    line used to suggest only server.startup_timeout_s, which cannot help)."""
+    line used to suggest only server.startup_timeout_s, which cannot help). What the
+    worker ran (a compiler, for torch.compile) is killed with it, not left running."""
+    pids = tmp_path / "child.pids"
     server: Server = start_server(
         "--model",
         "slow=python:support.fake_handlers:LoadsSlowly",
         *("--set", "models.slow.options.load_s=30"),
+        *("--set", f"models.slow.options.child_pids={pids}"),
         *("--set", "worker.start_timeout_s=2"),
         *("--set", "server.startup_timeout_s=6"),
         *("--set", "worker.restart_backoff_s=0.2"),
@@ -172,6 +178,16 @@ def test_a_load_cut_short_by_the_worker_start_timeout_names_that_setting(start_s
     [line] = [x for x in log.splitlines() if "start-up timeout" in x]
     assert "(last: start_timeout: did not become ready within worker.start_timeout_s=2 s)" in line
     assert "raise worker.start_timeout_s (each try was cut short)" in line, line
+    children = [int(p) for p in pids.read_text().split()]
+    assert children  # each try started one
+
+    def gone(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_until(lambda: all(gone(p) for p in children), 10, "the workers' children killed")
 
 
 def test_a_torchscript_model_whose_answer_no_request_can_use_stops_the_start(

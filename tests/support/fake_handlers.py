@@ -7,6 +7,7 @@ preprocessed each image."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -105,10 +106,17 @@ class FailsToLoad(Handler):
 
 
 class LoadsSlowly(FailsToLoad):
-    """Takes ``options.load_s`` seconds to load (a large model on a slow disk)."""
+    """Takes ``options.load_s`` seconds to load (a large model on a slow disk); with
+    ``options.child_pids``, meanwhile runs a child process (as torch.compile runs a
+    compiler) and appends its pid to that file."""
 
     def load(self, device: torch.device) -> None:
         print("loading slowly")  # a log line of its worker: a test waits for it
+        pids = self.settings.options.get("child_pids")
+        if pids:
+            child = subprocess.Popen(["sleep", "300"])
+            with open(str(pids), "a") as f:
+                f.write(f"{child.pid}\n")
         time.sleep(float(self.settings.options["load_s"]))
         self.device = device
 
