@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PACKAGES := nginx-light prometheus systemd wrk libb64-0d
+APT_PACKAGES := nginx-light prometheus systemd wrk libb64-0d g++ python3-dev
 
 .PHONY: serve test lint format system-deps bench clean
 
@@ -17,8 +17,9 @@ serve: $(STAMP)
 	$(VENV)/bin/ringserve serve
 
 # Tools the tests use for real (nginx in front, promtool for alert rules,
-# systemd-analyze for unit files, perf_analyzer for the v2 protocol). In CI a missing
-# tool is a failure, so install them rather than skip.
+# systemd-analyze for unit files, perf_analyzer for the v2 protocol, a C++ compiler and
+# Python's headers for torch.compile's CPU kernels). In CI a missing tool is a failure,
+# so install them rather than skip.
 system-deps:
 	@missing=""; \
 	command -v nginx >/dev/null || missing="$$missing nginx-light"; \
@@ -26,6 +27,9 @@ system-deps:
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
 	dpkg -s libb64-0d >/dev/null 2>&1 || missing="$$missing libb64-0d"; \
+	command -v g++ >/dev/null || missing="$$missing g++"; \
+	[ -f "$$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] \
+	  || missing="$$missing python3-dev"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
