@@ -841,8 +841,12 @@ def test_every_504_counts_as_a_missed_deadline(start_server) -> None:
     """A request can miss its deadline in the frontend (its timer) or in the worker (it
     pops a request already past it, and answers 504 at once). Both are 504s; only the
     first was counted in ringserve_deadline_expired_total, which then showed a few
-    percent of the 504s the dashboards' error panel had."""
-    server: Server = start_server("--model", "id=identity", frontends=1)
+    percent of the 504s the dashboards' error panel had. The model sleeps its first
+    value in ms per batch (up to 39), so a 2 ms deadline is missed on any host (with the
+    identity model a fast, quiet host answered all 200 in time, and the test failed)."""
+    server: Server = start_server(
+        "--model", "id=python:support.fake_handlers:Slow", frontends=1, env=HANDLER_ENV
+    )
     burst = [
         (
             "/v1/models/id/predict",
