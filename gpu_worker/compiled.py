@@ -73,13 +73,7 @@ class Bucketed(torch.nn.Module):
     def _run(self, batch: torch.Tensor) -> object:
         rows = batch.shape[0]
         size = next((s for s in self.sizes if s >= rows), rows)
-        inference = torch.is_inference_mode_enabled()
         if size == rows:
-            if inference and not batch.is_inference():
-                # The graphs were compiled for inference tensors, which is what the
-                # worker's loop makes; one made outside it (an image preprocessed on a
-                # pool thread, alone in its batch) fails their guards: compiled again.
-                batch = batch.clone()
             return self.compiled(batch)
         padded = _empty_like_rows(batch, size)  # made here: an inference tensor
         padded[:rows] = batch

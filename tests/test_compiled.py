@@ -42,10 +42,8 @@ def test_a_batch_between_sizes_is_padded_not_compiled_and_answers_as_eager(caplo
     torch._dynamo.reset()
     counters.clear()
     model = Bucketed(torch.compile(eager, dynamic=False), [1, 2, 4, 8], "m")
-    # Made outside inference mode, as a pool thread's preprocessed image is: the worker
-    # compiles (and mostly runs) on inference tensors, which the graphs' guards tell apart.
-    rows = torch.randn(8, 3, 8, 8).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
+    with torch.inference_mode():  # as the worker makes every batch (pool threads too)
+        rows = torch.randn(8, 3, 8, 8).contiguous(memory_format=torch.channels_last)
         for size in (1, 2, 4, 8):
             model(rows[:size].clone(memory_format=torch.channels_last))
         compiled = _graphs()
