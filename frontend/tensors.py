@@ -78,10 +78,15 @@ def json_kind_wanted(
         return None
     if body is not None and not search_first and not _has_literal(body):
         return None
-    flat = [data] if raw.ndim == 0 else data
-    for _ in range(raw.ndim - 1):
+    return "numbers, not booleans" if bool in set(map(type, _leaves(data, raw.ndim))) else None
+
+
+def _leaves(data: Any, ndim: int) -> Any:
+    """The values of ``data``, a rectangular nesting ``ndim`` deep, in order."""
+    flat = [data] if ndim == 0 else data
+    for _ in range(ndim - 1):
         flat = chain.from_iterable(flat)
-    return "numbers, not booleans" if bool in set(map(type, flat)) else None
+    return flat
 
 
 def _has_literal(body: bytes | memoryview | None) -> bool:
@@ -92,6 +97,9 @@ def _has_literal(body: bytes | memoryview | None) -> bool:
 
 
 _EXACT_IN_FLOAT = 2.0**53  # float64 holds every integer up to here, and not all past it
+# orjson reads an integer literal below -2**63 (or above 2**64 - 1) as a float, rounded:
+# -2**63 - 1 arrives as the float -2**63, which int64 holds. So a float this low is refused.
+_INT64_MIN_AS_FLOAT = -(2.0**63)
 
 
 def exact_integers(raw: np.ndarray, data: Any, dtype: str) -> np.ndarray:
@@ -105,6 +113,10 @@ def exact_integers(raw: np.ndarray, data: Any, dtype: str) -> np.ndarray:
     largest = float(_max_of(np.abs(raw), axis=None))
     if not _EXACT_IN_FLOAT <= largest < np.inf or not np.all(raw == np.round(raw)):
         return raw
+    if float(raw.min()) <= _INT64_MIN_AS_FLOAT and any(
+        type(x) is float and x <= _INT64_MIN_AS_FLOAT for x in _leaves(data, raw.ndim)
+    ):
+        raise unprocessable(f"input values out of range for {dtype}: a value below -2**63")
     try:
         return np.array(data, dtype=target)
     except OverflowError:

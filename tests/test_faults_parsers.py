@@ -18,6 +18,7 @@ from hypothesis.extra import numpy as hnp
 from ringserve.frontend.call import decompress_body
 from ringserve.frontend.errors import HTTPError
 from ringserve.frontend.images import check_image
+from ringserve.frontend.jsonio import parse_json
 from ringserve.frontend.tensors import cast, fit_shape, from_json
 from ringserve.frontend.v2_codec import TensorSpec, decode_infer_body
 from ringserve.ipc.layout import DTYPES
@@ -102,6 +103,11 @@ def test_from_json_keeps_large_integers_exact() -> None:
     with pytest.raises(HTTPError, match="out of range") as e:
         from_json([-1, 2**64 - 1], "uint64")
     assert e.value.status == 422
+    # As the request path reads them: orjson turns -2**63 - 1 into the float -2**63.
+    with pytest.raises(HTTPError, match="out of range for int64") as e:
+        from_json(parse_json(b"[-9223372036854775809, 1]"), "int64")
+    assert e.value.status == 422
+    assert from_json(parse_json(b"[-9223372036854775808, 1]"), "int64").tolist() == [-(2**63), 1]
 
 
 @PROPERTY

@@ -263,6 +263,17 @@ def test_json_integers_out_of_range_or_fractional_are_refused() -> None:
         assert e.status in (400, 422), values
 
 
+def test_an_integer_below_int64_is_refused_not_rounded_into_range() -> None:
+    # orjson reads -2**63 - 1 as the float -2**63, which int64 holds: it was accepted as
+    # a different number.
+    spec = TensorSpec("INPUT0", "int64", [-1])
+    for values in ([-(2**63) - 1, 1], [1, -(2**63) - 1000]):
+        e = err({"inputs": [tensor(datatype="INT64", shape=[1, 2], data=values)]}, spec=spec)
+        assert e.status == 422 and "out of range for int64" in str(e), values
+    ok = decode({"inputs": [tensor(datatype="INT64", shape=[1, 2], data=[-(2**63), 1])]}, spec=spec)
+    assert ok.payload.tolist() == [[-(2**63), 1]]
+
+
 def test_a_boolean_among_numbers_is_refused_only_when_there_is_one() -> None:
     # A 0 or a 1 sends the check to the data; booleans elsewhere in the body do not count.
     doc = {
