@@ -372,7 +372,17 @@ def test_binary_data_is_taken_as_triton_takes_it() -> None:
 
 @pytest.mark.parametrize(
     ("header", "words"),
-    [("abc", "must be an integer"), ("-1", "negative"), ("9999", "larger than the body")],
+    [
+        ("abc", "non-negative decimal integer"),
+        ("-1", "non-negative decimal integer"),
+        ("9999", "larger than the body"),
+        # int() takes these; an HTTP length is digits only
+        ("+10", "non-negative decimal integer"),
+        ("1_0", "non-negative decimal integer"),
+        ("\u0661\u0660", "non-negative decimal integer"),  # Arabic-Indic "10"
+        ("", "non-negative decimal integer"),
+        ("9" * 5000, "non-negative decimal integer"),
+    ],
 )
 def test_header_length_checks(header: str, words: str) -> None:
     with pytest.raises(HTTPError) as e:

@@ -518,9 +518,10 @@ BINARY_ERRORS = [
     ("size-vs-shape", dict(size=12, tail=bytes(12)), None,
      "binary_data_size 12 does not match shape [2, 4] x 4 bytes = 32"),
     ("unclaimed-tail", dict(tail=bytes(40)), None, "8 bytes after the JSON header"),
-    ("header-not-number", {}, "twelve", "must be an integer"),
+    ("header-not-number", {}, "twelve", "non-negative decimal integer"),
+    ("header-plus-sign", {}, "+10", "non-negative decimal integer"),
     ("header-too-long", {}, "100000", "larger than the body"),
-    ("header-negative", {}, "-5", "must not be negative"),
+    ("header-negative", {}, "-5", "non-negative decimal integer"),
     ("header-cuts-json", {}, "10", "malformed JSON"),
 ]  # fmt: skip
 
