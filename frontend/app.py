@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ringserve.frontend.call import (
+    MAX_REQUEST_ID_CHARS,
     ASGIApp,
     AsgiEndpoint,
     Call,
@@ -88,7 +89,7 @@ def request_id(headers: Mapping[str, str]) -> str:
     rid = headers.get(REQUEST_ID_HEADER)
     if rid and not rid.isascii():
         rid = rid.encode("latin-1").decode("utf-8", errors="replace")
-    if rid and len(rid) <= 128 and rid.isprintable():
+    if rid and len(rid) <= MAX_REQUEST_ID_CHARS and rid.isprintable():
         return rid
     return new_request_id()
 
@@ -427,9 +428,13 @@ def make_predict(state: FrontendState) -> Handler:
                 if not isinstance(doc, dict) or "data" not in doc:
                     raise unprocessable('body must be a JSON object with a "data" field')
                 if "request_id" in doc:
-                    if not isinstance(doc["request_id"], str) or len(doc["request_id"]) > 128:
-                        raise unprocessable('"request_id" must be a string of at most 128 chars')
-                    rid = doc["request_id"]
+                    asked = doc["request_id"]
+                    if not isinstance(asked, str) or len(asked) > MAX_REQUEST_ID_CHARS:
+                        raise unprocessable(
+                            f'"request_id" must be a string of at most {MAX_REQUEST_ID_CHARS} '
+                            "characters"
+                        )
+                    rid = asked
                 in_spec = info.spec["inputs"][0]  # type: ignore[index]
                 arr = from_json(doc["data"], in_spec["dtype"], body)
                 payload, rows, batched = fit_shape(

@@ -59,6 +59,12 @@ def starlette_headers(headers: dict[str, str]) -> dict[str, str]:
     return {k: header_value(v).decode("ascii") for k, v in headers.items()}
 
 
+# One limit for a request id, wherever it comes from (X-Request-ID, v1 "request_id",
+# v2 "id"): long enough for a trace id with a span and a tenant prefix, short enough
+# that a log line or a response head never carries kilobytes of it.
+MAX_REQUEST_ID_CHARS = 256
+
+
 def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_SEQ) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
 

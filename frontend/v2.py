@@ -329,7 +329,7 @@ def v2_routes(state: FrontendState) -> list[Route]:
             )
             if req.images:
                 check_images(req.payload, state.settings.server.max_image_pixels, inp.name)
-            if req.id and len(req.id) <= 128 and req.id.isprintable():
+            if req.id and req.id.isprintable():  # its length is checked in the codec
                 rid = req.id
 
             def answer(done: Completed) -> tuple[bytes, int | None, Completed]:

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ringserve.frontend.call import MAX_REQUEST_ID_CHARS
 from ringserve.frontend.errors import HTTPError, bad_request
 from ringserve.frontend.images import sniff
 from ringserve.frontend.jsonio import dump_json, nonfinite, parse_json, utf8_strings
@@ -56,7 +57,6 @@ DTYPE_TO_V2 = {v: k for k, v in V2_TO_DTYPE.items()}
 V2_TO_CONFIG = {k: "TYPE_STRING" if k == "BYTES" else f"TYPE_{k}" for k in V2_TO_DTYPE}
 
 MAX_DIMS = 8  # ringserve.ipc.layout.MAX_NDIM
-MAX_ID_CHARS = 256
 
 
 def v2_datatype(dtype: str) -> str:
@@ -357,8 +357,8 @@ def decode_request(
     if not isinstance(doc, dict):
         raise bad_request("infer request must be a JSON object")
     rid = doc.get("id")
-    if rid is not None and (not isinstance(rid, str) or len(rid) > MAX_ID_CHARS):
-        raise bad_request(f'"id" must be a string of at most {MAX_ID_CHARS} characters')
+    if rid is not None and (not isinstance(rid, str) or len(rid) > MAX_REQUEST_ID_CHARS):
+        raise bad_request(f'"id" must be a string of at most {MAX_REQUEST_ID_CHARS} characters')
     params = _params(doc, "request")
     if reserved := [k for k in params if k.startswith("triton_")]:
         raise bad_request(f"parameter {reserved[0]!r}: names starting triton_ are reserved")

@@ -296,6 +296,27 @@ def test_any_id_is_echoed(client: httpx.Client) -> None:
     assert r.json()["id"] == "日本" and r.headers["x-request-id"] == "%E6%97%A5%E6%9C%AC"
 
 
+def test_one_request_id_limit_on_every_route(client: httpx.Client) -> None:
+    """256 characters, from the header, v1's ``request_id`` or v2's ``id`` (v1 and the
+    header stopped at 128, v2 at 256, and a v2 id over 128 was not echoed)."""
+    longest, over = "t" * 256, "t" * 257
+    v2 = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 1], "data": [1]}]}
+    r = client.post("/v2/models/id/infer", json={**v2, "id": longest})
+    assert r.status_code == 200 and r.headers["x-request-id"] == longest, r.text
+    r = client.post("/v1/models/id/predict", json={"data": [[1.0]], "request_id": longest})
+    assert r.status_code == 200 and r.headers["x-request-id"] == longest, r.text
+    assert r.json()["request_id"] == longest
+    r = client.get("/v2/health/ready", headers={"X-Request-ID": longest})
+    assert r.headers["x-request-id"] == longest
+    r = client.post("/v2/models/id/infer", json={**v2, "id": over})
+    assert r.status_code == 400 and "at most 256" in r.json()["error"], r.text
+    r = client.post("/v1/models/id/predict", json={"data": [[1.0]], "request_id": over})
+    assert r.status_code == 422 and "at most 256" in r.json()["error"], r.text
+    r = client.get("/v2/health/ready", headers={"X-Request-ID": over})
+    assert r.headers["x-request-id"] not in (over, ""), "a new id instead"
+    good_json(client)
+
+
 def test_digits_json_sample_is_a_3(client: httpx.Client) -> None:
     data = json.loads((EXAMPLES / "digit_3.json").read_text())["data"]
     arr = np.asarray(data, np.float32).reshape(1, 8, 8)  # one row: the batch dim is explicit
