@@ -32,13 +32,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+# How many batch sizes a compiled loop may compile before dynamo stops recompiling: the
+# benchmark asks for at most 1, 2, 4, 8, 16 and 32, one graph each (``serve`` compiles
+# the sizes it is asked for, as they come).
+COMPILED_SIZES_LIMIT = 8
+
+
 def load(model_name: str, threads: int, device: str, compiled: bool) -> torch.nn.Module:
     model = common.load_model(model_name, threads, device)
     if not compiled:
         return model
     from ringserve.gpu_worker.compiled import compile_module
 
-    return compile_module(model, 8)
+    return compile_module(model, COMPILED_SIZES_LIMIT)
 
 
 def measure(
