@@ -226,11 +226,7 @@ class ExitHandling:
                 if old is not None:  # what ctl status shows: not a recycle that happened
                     old.last_recycle_reason = f"{r.reason} failed: {why}"
                 if r.reason == "reload" and self.rolling:
-                    # The next worker would load the same broken model: stop here, as a
-                    # rollout pauses on its first failure, and leave the rest serving.
-                    log.error("rolling restart stopped; not restarted: %s", ", ".join(self.rolling))
-                    self.rolling = []
-                    self.ready_notified = False  # READY=1 again ends systemd's reload
+                    self.stop_rolling_for(child.model_index)
                 return
             # Died while its replacement was starting: the replacement takes its place.
             if r.old is child and self._hand_over(r, reason, why):

@@ -79,6 +79,30 @@ class Replacing:
             names += [f"frontend-{fs.ident}" for fs in self.frontends]
         self.rolling = names
 
+    def stop_rolling_for(self, model_index: int) -> None:
+        """A reload's replacement failed: the model's other workers would load the same
+        broken model, so the rolling restart leaves them serving as they are, as a
+        rollout pauses on its first failure. Other models' workers and the frontends,
+        which do not load that model, are still restarted."""
+        kept = [n for n in self.rolling if self._rolling_model(n) != model_index]
+        skipped = [n for n in self.rolling if n not in kept]
+        name = self.settings.models[model_index].name
+        log.error(
+            "rolling restart stopped for model %s; not restarted: %s",
+            name,
+            ", ".join(skipped) or "none",
+        )
+        self.rolling = kept
+        if not kept:
+            self.ready_notified = False  # READY=1 again ends systemd's reload
+
+    def _rolling_model(self, name: str) -> int | None:
+        role, ident = name.rsplit("-", 1)
+        if role != "worker":
+            return None
+        ws = next((w for w in self.workers if w.ident == int(ident)), None)
+        return None if ws is None else ws.model_index
+
     def _advance_rolling(self) -> None:
         """One at a time: start the next step only when nothing is being replaced."""
         if not self.rolling or self.phase != "running" or self.replacements:

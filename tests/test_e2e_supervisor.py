@@ -241,21 +241,48 @@ def test_second_server_on_the_same_instance_leaves_nothing_behind(
 
 
 def test_failed_reload_stops_the_rolling_restart_and_says_so(start_server, tmp_path: Path) -> None:
-    """SIGHUP after the model's code broke: the first replacement fails to load, the old
-    worker keeps serving, the rolling restart stops there (the next would fail the same
-    way), and ctl status shows the failure instead of a done reload."""
+    """SIGHUP after one model's code broke: its first replacement fails to load, the old
+    worker keeps serving, the rolling restart skips that model's other worker (it would
+    fail the same way) but still restarts the other model's workers and the frontend,
+    and ctl status shows the failure instead of a done reload."""
     module = tmp_path / "reloadable.py"
     module.write_text("from ringserve.gpu_worker.handlers.identity import IdentityHandler\n")
     env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{HANDLER_ENV['PYTHONPATH']}"}
     server: Server = start_server(
-        "--model", "m=python:reloadable:IdentityHandler", "--workers", "2", env=env, frontends=1
+        "--model",
+        "m=python:reloadable:IdentityHandler",
+        "--model",
+        "other=identity",
+        "--workers",
+        "2",
+        env=env,
+        frontends=1,
     )
-    server.wait_workers_ready(2)
-    pids = {p["id"]: p["pid"] for p in server.children() if p["role"] == "worker"}
+    server.wait_workers_ready(2, model=0)
+    server.wait_workers_ready(2, model=1)
+
+    def workers(model: str) -> dict[str, dict]:
+        return {
+            p["id"]: p
+            for p in server.children()
+            if p["role"] == "worker" and p.get("model") == model
+        }
+
+    pids = {i: p["pid"] for i, p in workers("m").items()}
+    others = {i: p["pid"] for i, p in workers("other").items()}
+    frontend = next(p["pid"] for p in server.children() if p["role"] == "frontend")
+    assert len(pids) == len(others) == 2, server.children()
     module.write_text("raise ImportError('broken on purpose')\n")
     server.proc.send_signal(signal.SIGHUP)
-    wait_until(lambda: "rolling restart stopped" in server.log(), 90, "the stop")
-    procs = {p["id"]: p for p in server.children() if p["role"] == "worker"}
+    wait_until(lambda: "rolling restart stopped for model m" in server.log(), 90, "the stop")
+    wait_until(lambda: "rolling restart over" in server.log(), 90, "the rest of the reload")
+
+    def rest_restarted() -> bool:
+        now = [p["pid"] for p in server.children() if p["role"] != "worker" or p["model"] != "m"]
+        return len(now) == 3 and not set(now) & {frontend, *others.values()}
+
+    wait_until(rest_restarted, 30, "the other model's workers and the frontend restarted")
+    procs = workers("m")
     assert {i: p["pid"] for i, p in procs.items()} == pids  # both old workers still serve
     reasons = [str(p.get("last_recycle_reason")) for p in procs.values()]
     # One failed and the other was never tried.
