@@ -165,14 +165,16 @@ def status(arb: Arbiter) -> dict[str, Any]:
 
 
 def _model_state(arb: Arbiter, index: int, wanted: int) -> str:
-    """serving, loading, recovering, failing; drained (configured 0); stopping while the
-    server stops (its workers exiting is no 'recovering': nothing restarts them)."""
+    """ready, loading, recovering, failing; drained (configured 0); stopping while the
+    server stops (its workers exiting is no 'recovering': nothing restarts them). The
+    words of ``/v1/models`` (the arena's SERVING is its "ready")."""
     assert arb.arena is not None
     if arb.phase in ("stopping", "stopped"):
         return "stopping"
     if not wanted:
         return "drained"
-    return ModelAvailability(int(arb.arena.models[index]["availability"])).name.lower()
+    availability = ModelAvailability(int(arb.arena.models[index]["availability"]))
+    return "ready" if availability == ModelAvailability.SERVING else availability.name.lower()
 
 
 def run_command(arb: Arbiter, cmd: str, args: dict[str, Any]) -> Any:

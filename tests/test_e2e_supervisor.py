@@ -514,7 +514,7 @@ def test_start_up_diagnostics_load_error_cleared_and_slot_size(
         "2 MiB of /dev/shm (256 slots)"
     ) in log
     # The supervisor counts a worker ready on its next tick, after the frontends do.
-    wait_until(lambda: server.ctl("status")["models"][0]["state"] == "serving", 10, "serving")
+    wait_until(lambda: server.ctl("status")["models"][0]["state"] == "ready", 10, "ready")
     [model] = server.ctl("status")["models"]
     assert "last_error" not in model, model
     with server.client() as c:
