@@ -710,6 +710,8 @@ class Worker:
             for m in members:
                 self._finish_error(m.slot, Status.MODEL_ERROR, f"model error: {e}".encode(), owners)
             return
+        except torch.AcceleratorError as e:  # (a CUDA out-of-memory error is not one)
+            self._device_fault(e, members, owners)
         except Exception as e:
             if len(members) == 1:
                 if isinstance(e, BadInput):  # refused by infer or postprocess: still a 400
@@ -718,6 +720,13 @@ class Worker:
                 self._request_errors.raised("raised", self._request_id(members[0].slot), e)
                 self._finish_error(members[0].slot, Status.MODEL_ERROR, _model_error(e), owners)
                 return
+            retry_alone = True
+        else:
+            retry_alone = False
+        if retry_alone:
+            # Out of the except block: its traceback holds the failed batch's frames, and
+            # with them its tensors (on a GPU after an out-of-memory error, the memory
+            # that the runs one at a time need).
             self._run_alone(members, owners)  # isolate the one that raises
             return
         self._batch_seq += 1
@@ -731,6 +740,30 @@ class Worker:
         output_s = time.perf_counter() - t0
         input_s = gather_s + sum(m.preprocess_s for m in members)
         self._ran.append(BatchTiming(rows_total, len(members), input_s, infer_s, output_s))
+
+    def _device_fault(
+        self, error: torch.AcceleratorError, members: list[Prepared], owners: set[int]
+    ) -> NoReturn:
+        """Exit at once, leaving ``members`` claimed: after a device-side assert or an
+        illegal address every CUDA call of this process fails, and a worker that answered
+        500 to everything from then on would still beat its heartbeat. The supervisor
+        re-queues the members, each to run alone: the one that caused it kills a second
+        worker and fails as poison, its batchmates are answered."""
+        ids = ", ".join(self._request_id(m.slot) for m in members)
+        log.error(
+            "model %s: the device failed while running requests %s: %s: %s; exiting so that "
+            "a new worker takes over",
+            self.model.name,
+            ids,
+            type(error).__name__,
+            error,
+        )
+        self.control.record_error(error)
+        for owner in owners:  # answers already written in this batch: deliver them
+            wake.signal(self.spec.frontend_efds[owner])
+        logging.shutdown()
+        # No interpreter teardown: it would call into the broken device context again.
+        os._exit(ExitCode.DEVICE_FAULT)
 
     def _run_alone(self, members: list[Prepared], owners: set[int]) -> None:
         """Run each member as a batch of its own, so one bad request fails alone. One

@@ -39,6 +39,9 @@ class ExitCode(enum.IntEnum):
     # The model cannot be served as configured (its handler does not import, its options
     # or declared tensors are invalid): unlike MODEL_LOAD, no retry can help.
     MODEL_CONFIG = 8
+    # A CUDA error left this process's device context unusable (a device-side assert, an
+    # illegal address): every later call fails the same way, so the worker is replaced.
+    DEVICE_FAULT = 9
 
     @classmethod
     def describe(cls, returncode: int) -> str:

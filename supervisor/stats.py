@@ -37,6 +37,7 @@ RESTART_REASONS = {
                 ExitCode.MODEL_LOAD,
                 ExitCode.MODEL_CONFIG,
                 ExitCode.CUDA_INIT,
+                ExitCode.DEVICE_FAULT,
             ),
         ),
         *_KILLS,

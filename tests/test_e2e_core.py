@@ -538,6 +538,64 @@ def test_poison_request_fails_alone(start_server) -> None:
     assert server.stop() == 0
 
 
+def test_a_batch_that_ran_out_of_memory_is_retried_one_by_one_without_its_memory(
+    start_server,
+) -> None:
+    """A batch that raises is run again one request at a time; those runs come after the
+    except block, whose traceback held the failed batch's tensors (on a GPU after an
+    out-of-memory error, the memory they need)."""
+    server: Server = start_server(
+        "--model",
+        "m=python:support.fake_handlers:OutOfMemoryOnBatches",
+        "--max-queue-delay-ms",
+        "20",
+        env=HANDLER_ENV,
+    )
+    calls = [("/v1/models/m/predict", {"json": {"data": [float(i), 1.0]}}) for i in range(24)]
+    responses = fire(server.url, calls, concurrency=8)
+    for i, r in enumerate(responses):
+        assert isinstance(r, httpx.Response) and r.status_code == 200, (r, server.log()[-3000:])
+        assert r.json()["result"] == [float(i), 1.0]
+    assert "ran out of memory" in server.log()  # batches did form, and failed
+    assert server.stop() == 0
+
+
+def test_a_device_fault_replaces_the_worker_and_fails_only_its_request(start_server) -> None:
+    """After a device-side assert every CUDA call of the process fails. The worker exits
+    (device_fault) instead of answering 500 to everything while it still beats; its
+    batchmates are re-queued and answered, the request that broke it fails as poison."""
+    server: Server = start_server(
+        "--model",
+        "p=python:support.fake_handlers:Poison",
+        "--workers",
+        "2",
+        "--max-queue-delay-ms",
+        "20",
+        env=HANDLER_ENV,
+    )
+    good = [("/v1/models/p/predict", {"json": {"data": [float(i + 100), 1.0]}}) for i in range(30)]
+    breaks = ("/v1/models/p/predict", {"json": {"data": [669.0, 1.0], "request_id": "assert-1"}})
+    responses = fire(server.url, [*good[:15], breaks, *good[15:]], concurrency=8)
+    errors = [(i, repr(r)) for i, r in enumerate(responses) if not isinstance(r, httpx.Response)]
+    assert not errors, f"{errors}\n{server.log()[-6000:]}"
+    assert responses[15].status_code == 500 and "poison" in responses[15].json()["error"]
+    for r in responses[:15] + responses[16:]:
+        assert r.status_code == 200, (r.text, server.log()[-4000:])
+    log = server.log()
+    assert "the device failed while running requests" in log and "assert-1" in log
+    assert re.search(r"worker-\d \(pid \d+\) exited: device_fault \(AcceleratorError: CUDA", log)
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert re.search(
+        r'ringserve_process_restarts_total\{model="p",reason="device_fault",role="worker"\} 2\.0',
+        metrics,
+    ), [x for x in metrics.splitlines() if "restarts_total{" in x]
+    server.wait_ready()
+    with server.client() as c:  # the replacements serve
+        r = c.post("/v1/models/p/predict", json={"data": [1.0, 2.0]})
+        assert r.status_code == 200 and r.json()["result"] == [1.0, 2.0], r.text
+    assert server.stop() == 0
+
+
 def test_workers_share_their_threads_across_processes(start_server) -> None:
     """--share-threads between real worker processes: a lone request runs on every
     thread; two at once (one per worker) split them; alone again, all come back."""

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 
 import numpy as np
 import torch
@@ -46,7 +47,11 @@ class SlowUnlucky(Slow):
 class Poison(Handler):
     """Identity, except a row starting with 13 raises, one starting with 666 kills us
     one starting with 667 calls sys.exit(0) and one starting with 668 exits 3 (a code
-    ringserve's workers use only at start: BOOT)."""
+    ringserve's workers use only at start: BOOT). One starting with 669 raises as a CUDA
+    device-side assert does, and so does every later call in this process, as on a GPU
+    (the context stays broken)."""
+
+    device_broken = False
 
     inputs = (TensorSpec("INPUT0", "float32", (-1,)),)
     outputs = (TensorSpec("OUTPUT0", "float32", (-1,)),)
@@ -62,8 +67,38 @@ class Poison(Handler):
             sys.exit(0)  # a handler ending its process "cleanly", mid-request
         if bool((first == 668).any()):
             os._exit(3)
+        if bool((first == 669).any()):
+            Poison.device_broken = True
+        if Poison.device_broken:
+            raise torch.AcceleratorError(
+                "CUDA error: device-side assert triggered\nCompile with TORCH_USE_CUDA_DSA"
+            )
         if bool((first == 13).any()):
             raise ValueError("13 is unlucky")
+        return batch * 1
+
+
+class OutOfMemoryOnBatches(Handler):
+    """Identity, but a batch of more than one request runs out of device memory while a
+    tensor of it is live in the failing frame; a request run alone afterwards refuses to
+    run while that tensor is still held (on a GPU, the memory the retries need)."""
+
+    inputs = (TensorSpec("INPUT0", "float32", (-1,)),)
+    outputs = (TensorSpec("OUTPUT0", "float32", (-1,)),)
+    _scratch: weakref.ref | None = None
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.shape[0] > 1:
+            activations = torch.empty(1 << 20)
+            OutOfMemoryOnBatches._scratch = weakref.ref(activations)
+            print(f"a batch of {batch.shape[0]} ran out of memory")
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 MiB")
+        held = OutOfMemoryOnBatches._scratch
+        if held is not None and held() is not None:
+            raise RuntimeError("the failed batch's memory is still held")
         return batch * 1
 
 
