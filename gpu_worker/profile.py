@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import inspect
 import json
+import logging
 import os
 import platform
 import threading
@@ -37,6 +38,8 @@ from ringserve.gpu_worker.batcher import choose_preferred
 from ringserve.gpu_worker.handlers.base import Handler, TensorSpec
 from ringserve.ipc.config import ModelSettings, cache_dir
 from ringserve.ipc.layout import PayloadKind
+
+log = logging.getLogger("ringserve.worker")
 
 BUDGET_S = 8.0
 # Best of several rounds per size: on a shared host, contention only ever slows a
@@ -59,14 +62,18 @@ class Profile:
     preferred: int
 
 
+def _sync(handler: Handler) -> None:
+    if handler.device.type == "cuda":
+        torch.cuda.synchronize(handler.device)
+
+
 def _rate(handler: Handler, batch: torch.Tensor, size: int) -> float:
     """Rows/s of one short timed round (one run for a slow model)."""
     runs, t0 = 0, time.perf_counter()
     while runs < 1 or (time.perf_counter() - t0 < ROUND_S and runs < 50):
         handler.infer(batch)
         runs += 1
-    if handler.device.type == "cuda":
-        torch.cuda.synchronize(handler.device)
+    _sync(handler)
     return size * runs / (time.perf_counter() - t0)
 
 
@@ -275,18 +282,48 @@ def _measure(
     shape: tuple[int, ...],
     heartbeat: Callable[[], None],
 ) -> dict[int, float]:
+    """Rows/s by size. A size that runs out of device memory is recorded at 0 rows/s,
+    so the preferred size stays below it, and no larger size is tried: batching up to
+    ``max_batch_size`` would run out of memory on every full batch."""
     rates: dict[int, float] = {}
     deadline = time.monotonic() + BUDGET_S
+    too_big = 0  # the smallest size that ran out of device memory
     with torch.inference_mode():  # (batches made in it, as the worker's loop makes them)
-        batches = {
-            size: sample_batch(handler, size).to(handler.device)
-            for size in batch_sizes(model.batching.max_batch_size)
-        }
+        batches: dict[int, torch.Tensor] = {}
+        for size in batch_sizes(model.batching.max_batch_size):
+            try:
+                batches[size] = sample_batch(handler, size).to(handler.device)
+            except torch.OutOfMemoryError:
+                too_big = size
+                break
         handler.infer(batches[1])  # warm-up (kernels); the first round warms each size
+        _sync(handler)  # (the warm-up's kernels end before the first round's clock starts)
         for _ in range(ROUNDS):
             for size, batch in batches.items():
                 if rates and time.monotonic() > deadline:
                     break  # over budget: what was measured is all we get
-                rates[size] = max(rates.get(size, 0.0), _rate(handler, batch, size))
+                try:
+                    rate = _rate(handler, batch, size)
+                except torch.OutOfMemoryError:
+                    if size == 1:
+                        raise  # no batch fits: not a batching question
+                    too_big = size
+                    break  # (out of the except block: its frames hold the batch's memory)
+                rates[size] = max(rates.get(size, 0.0), rate)
                 heartbeat()
+            if too_big:
+                batches = {s: b for s, b in batches.items() if s < too_big}
+                if handler.device.type == "cuda":
+                    torch.cuda.empty_cache()
+    if too_big:
+        rates = {s: r for s, r in rates.items() if s < too_big}
+        rates[too_big] = 0.0
+        log.warning(
+            "model %s: a batch of %d ran out of device memory in the profile; batching up "
+            "to %d. Set batching.max_batch_size below %d to say so",
+            model.name,
+            too_big,
+            choose_preferred(rates),
+            too_big,
+        )
     return rates

@@ -122,6 +122,40 @@ def test_a_profile_cut_short_while_batches_still_pay_does_not_cap_batching(
     assert got.preferred == 8
 
 
+def test_a_size_that_runs_out_of_device_memory_caps_the_preferred_size(clock, caplog):
+    """Batch 4 runs out of device memory. The profile skipped itself and batched up to
+    max_batch_size, the very size that failed, on every full batch; it now keeps what
+    fitted, records the size that did not at 0 rows/s (cached, so a restart does not try
+    it again), and tries nothing larger."""
+    per_batch = {1: 0.010, 2: 0.012}  # 100 and 167 rows/s: still rising at batch 2
+    tried = []
+
+    def cost(n: int, k: int) -> float:
+        tried.append(n)
+        if n >= 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return per_batch[n]
+
+    model = CostModel(clock, cost)
+    got = profile.throughput_profile(model, settings(16), lambda: None)
+    assert got.rows_per_s == pytest.approx({1: 100.0, 2: 166.67, 4: 0.0}, rel=1e-3)
+    assert got.preferred == 2
+    assert tried.count(4) == 1 and 8 not in tried and 16 not in tried
+    assert "a batch of 4 ran out of device memory" in caplog.text
+    again = profile.throughput_profile(CostModel(clock, cost), settings(16), lambda: None)
+    assert again == got  # from the cache
+
+
+def test_a_model_that_runs_out_of_memory_at_batch_1_is_not_profiled(clock):
+    def cost(n: int, k: int) -> float:
+        if k > 0:  # the warm-up fits, the first timed round does not
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return 0.01
+
+    with pytest.raises(torch.OutOfMemoryError):
+        profile.throughput_profile(CostModel(clock, cost), settings(8), lambda: None)
+
+
 def test_the_profile_is_not_reused_once_the_model_file_changes(clock, tmp_path):
     """Keyed by the size and mtime of the handler's module and of its TorchScript or
     weights file: yesterday's figures are not reused for today's model."""
