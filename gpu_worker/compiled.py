@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils._pytree import tree_map
 
+from ringserve.gpu_worker.batch_check import TOLERANCE
 from ringserve.gpu_worker.handlers.base import Handler
 from ringserve.ipc.errors import ConfigError
 
@@ -107,6 +108,21 @@ def _first_rows(value: object, rows: int, size: int) -> object:
     if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == size:
         return value[:rows]
     return value
+
+
+def ran_out_of_room(error: BaseException) -> bool:
+    """A full disk or device memory running out, also where the compiler wrapped it
+    (dynamo raises ``BackendCompilerFailed`` from None, keeping ``inner_exception``): a
+    load failure to retry, not a model that cannot be compiled."""
+    seen: BaseException | None = error
+    for _ in range(8):  # (a chain, not a cycle: bounded all the same)
+        if seen is None:
+            return False
+        if isinstance(seen, OSError | torch.OutOfMemoryError):
+            return True
+        # (Not __context__: an error the compiler handled on its way to this one.)
+        seen = getattr(seen, "inner_exception", None) or seen.__cause__
+    return False
 
 
 def compile_module(module: torch.nn.Module, sizes: int) -> torch.nn.Module:
@@ -201,7 +217,10 @@ def _check_padding(
     finally:
         setattr(handler, COMPILED_ATTRIBUTE, bucketed)
     try:
-        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+        # As loose as the batchmate check: on a GPU, TF32 convolutions pick other
+        # algorithms for another batch size and move logits by 1e-3 or more; rows out of
+        # place move an answer by its whole size.
+        torch.testing.assert_close(got, want, rtol=TOLERANCE, atol=TOLERANCE)
     except (AssertionError, TypeError, ValueError) as e:
         why = str(e).strip().splitlines()[0]
         raise ConfigError(

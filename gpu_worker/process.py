@@ -28,7 +28,7 @@ import torch
 from ringserve.gpu_worker.batch_check import TOLERANCE as BATCHMATE_TOLERANCE
 from ringserve.gpu_worker.batch_check import batchmate_effect
 from ringserve.gpu_worker.batcher import Batcher, BatchPolicy, Pending
-from ringserve.gpu_worker.compiled import compile_handler
+from ringserve.gpu_worker.compiled import compile_handler, ran_out_of_room
 from ringserve.gpu_worker.cpu_share import ThreadShare
 from ringserve.gpu_worker.handlers import BadInput, Handler, TensorSpec, create_handler
 from ringserve.gpu_worker.handlers.base import OutputContractError
@@ -314,9 +314,9 @@ class Worker:
                 )
         except ConfigError as e:
             self._cannot_load(e, ExitCode.MODEL_CONFIG)
-        except (OSError, torch.cuda.OutOfMemoryError) as e:
-            self._cannot_load(e, ExitCode.MODEL_LOAD)
         except Exception as e:  # the compiler's, or the model's on zeros of its shape
+            if ran_out_of_room(e):
+                self._cannot_load(e, ExitCode.MODEL_LOAD)
             error = ConfigError(f"models.{name}.compile: compiling failed: {type(e).__name__}: {e}")
             error.__cause__ = e  # its traceback, in the log
             self._cannot_load(error, ExitCode.MODEL_CONFIG)

@@ -145,6 +145,29 @@ def test_what_cannot_be_compiled_is_refused_naming_the_key() -> None:
         compilable_module(handler, "m")
 
 
+def test_running_out_of_room_is_told_from_a_model_that_cannot_compile() -> None:
+    """A compile that runs out of device memory (a sibling still loading) is a load
+    failure, retried; dynamo hides it as BackendCompilerFailed(...) from None, which was
+    taken for a model that cannot be compiled, and stopped the start with exit 2."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from ringserve.gpu_worker.compiled import ran_out_of_room
+
+    def inductor() -> None: ...
+
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+    assert ran_out_of_room(BackendCompilerFailed(inductor, oom, None))
+    assert ran_out_of_room(OSError(28, "No space left on device"))
+    assert not ran_out_of_room(BackendCompilerFailed(inductor, ValueError("bad op"), None))
+    try:
+        try:
+            raise OSError(2, "a cache file the compiler looked for")
+        except OSError:
+            raise RuntimeError("unsupported operator") from None
+    except RuntimeError as handled:
+        assert not ran_out_of_room(handled)
+
+
 def test_the_built_in_models_keep_theirs_where_compile_looks() -> None:
     digits = create_handler(ModelSettings(name="d", handler="digits"))
     digits.load(torch.device("cpu"))
