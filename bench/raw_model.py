@@ -29,7 +29,7 @@ from bench.baselines import common
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(torch.device(device))  # (alone: the current device, cuda:0)
 
 
 # How many batch sizes a compiled loop may compile before dynamo stops recompiling: the

@@ -122,8 +122,10 @@ def child_environment(spec: ChildSpec, base: Mapping[str, str]) -> dict[str, str
         env["GOMP_SPINCOUNT"] = WORKER_OMP_SPINCOUNT  # read once, when libgomp loads
     if spec.role == "worker":
         # A compiled model's kernels (models.NAME.compile) outlive the worker there, not in
-        # /tmp (private to the unit under systemd, and wiped at boot).
+        # /tmp (private to the unit under systemd, and wiped at boot); on a GPU, Triton's
+        # too, not in ~/.triton (read-only in a container, or no home at all).
         env.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache_dir(env), "inductor"))
+        env.setdefault("TRITON_CACHE_DIR", os.path.join(cache_dir(env), "triton"))
     return env
 
 

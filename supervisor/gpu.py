@@ -32,9 +32,15 @@ class GpuWatch:
     def __init__(self, nvml: ModuleType | None = None) -> None:
         self.nvml = nvml if nvml is not None else _load_nvml()
         self.handles: list = []
+        self._failing: set[int] = set()  # devices whose query failed last time
         if self.nvml is not None:
-            count = self.nvml.nvmlDeviceGetCount()
-            self.handles = [self.nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+            try:
+                count = self.nvml.nvmlDeviceGetCount()
+                self.handles = [self.nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+            except Exception as e:  # a GPU fallen off the bus, no permission: serve anyway
+                log.warning("NVML: GPU memory per process unavailable: %s", e)
+                self.close()
+                return
             log.info("NVML: watching GPU memory on %d device(s)", count)
 
     @property
@@ -46,12 +52,18 @@ class GpuWatch:
         used: dict[int, int] = {}
         if self.nvml is None:
             return used
-        for handle in self.handles:
+        for index, handle in enumerate(self.handles):
             try:
                 procs = self.nvml.nvmlDeviceGetComputeRunningProcesses(handle)
             except Exception as e:
-                log.warning("NVML query failed: %s", e)
+                # Once per spell of failures, not at every sample (every few seconds).
+                if index not in self._failing:
+                    self._failing.add(index)
+                    log.warning("NVML query of GPU %d failed: %s (again: not logged)", index, e)
                 continue
+            if index in self._failing:
+                self._failing.discard(index)
+                log.info("NVML query of GPU %d works again", index)
             for p in procs:
                 mem = p.usedGpuMemory
                 if mem is not None:  # None when the driver hides it (no permission)

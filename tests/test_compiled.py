@@ -199,10 +199,13 @@ def test_a_worker_keeps_compiled_kernels_in_ringserves_cache_unless_told_otherwi
     worker = ChildSpec("worker", 0, 0, "/dev/shm/x", "{}", 1)
     env = child_environment(worker, {"XDG_CACHE_HOME": "/var/cache/rs"})
     assert env["TORCHINDUCTOR_CACHE_DIR"] == "/var/cache/rs/ringserve/inductor"
+    assert env["TRITON_CACHE_DIR"] == "/var/cache/rs/ringserve/triton"
     env = child_environment(worker, {"HOME": "/home/u"})
     assert env["TORCHINDUCTOR_CACHE_DIR"] == "/home/u/.cache/ringserve/inductor"
     own = {"TORCHINDUCTOR_CACHE_DIR": "/fast/disk", "XDG_CACHE_HOME": "/var/cache/rs"}
     assert child_environment(worker, own)["TORCHINDUCTOR_CACHE_DIR"] == "/fast/disk"
+    own = {"TRITON_CACHE_DIR": "/var/cache/ringserve/triton"}  # as the systemd unit sets it
+    assert child_environment(worker, own)["TRITON_CACHE_DIR"] == own["TRITON_CACHE_DIR"]
     frontend = ChildSpec("frontend", 0, 0, "/dev/shm/x", "{}", 1)
     assert "TORCHINDUCTOR_CACHE_DIR" not in child_environment(frontend, {})
 

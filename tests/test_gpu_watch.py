@@ -37,6 +37,26 @@ def test_sums_per_pid_across_devices_and_skips_hidden() -> None:
     assert nvml.shut
 
 
+def test_a_failing_device_is_logged_once_and_the_rest_still_counted(caplog) -> None:
+    nvml = FakeNvml([[(10, 100)], []])
+    watch = GpuWatch(nvml)  # type: ignore[arg-type]
+    watch.handles.append(99)  # a device whose query fails (fallen off the bus)
+    for _ in range(3):
+        assert watch.used_by_pid() == {10: 100}
+    assert caplog.text.count("NVML query of GPU 2 failed: gone") == 1
+
+
+def test_nvml_failing_at_start_disables_the_watch_instead_of_the_supervisor(caplog) -> None:
+    class NoPermission(FakeNvml):
+        def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+            raise RuntimeError("Insufficient Permissions")
+
+    nvml = NoPermission([[(10, 100)]])
+    watch = GpuWatch(nvml)  # type: ignore[arg-type]  # (it raised here)
+    assert not watch.enabled and watch.used_by_pid() == {} and nvml.shut
+    assert "GPU memory per process unavailable: Insufficient Permissions" in caplog.text
+
+
 def test_cpu_host_is_disabled_without_error() -> None:
     watch = GpuWatch()  # no nvidia-ml-py installed here, or no driver: disabled
     if not watch.enabled:

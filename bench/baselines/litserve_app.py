@@ -59,6 +59,7 @@ def main() -> None:
     server = ls.LitServer(
         api,
         accelerator="cuda" if args.device.startswith("cuda") else "cpu",
+        devices=1,  # as ringserve's one worker on one device ("auto": one per GPU)
         workers_per_device=1,
         healthcheck_path="/readiness",
     )
