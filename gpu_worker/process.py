@@ -45,6 +45,7 @@ from ringserve.gpu_worker.profile import (
     throughput_profile,
 )
 from ringserve.gpu_worker.request_errors import RequestErrors
+from ringserve.gpu_worker.staging import PinnedStaging
 from ringserve.ipc import bytes_tensor, wake
 from ringserve.ipc.answer import CANCELLED_MESSAGE, write_error, write_output
 from ringserve.ipc.arena import Arena
@@ -145,7 +146,7 @@ class Worker:
         self.batcher: Batcher | None = None
         self.stopping = False
         self.interrupt_fd = interrupt_fd  # a signal_wakeup_pipe: SIGTERM ends an idle wait
-        self._pinned: dict[tuple, torch.Tensor] = {}
+        self._staging = PinnedStaging()
         self._batch_seq = 0
         self._ran: list[BatchTiming] = []  # this loop round's model executions
         self._declared_output: TensorSpec | None = None  # what answers are checked against
@@ -795,7 +796,8 @@ class Worker:
         device = self.handler.device
         t_gather = time.monotonic_ns()
         if device.type == "cuda":
-            batch = self._gather_pinned(tensors).to(device, non_blocking=True)
+            mbs = self.model.batching.max_batch_size
+            batch = self._staging.gather(tensors, mbs).to(device, non_blocking=True)
         elif len(tensors) > 1:
             batch = torch.cat(tensors)
         else:
@@ -817,17 +819,6 @@ class Worker:
             rec["gpu_allocated"] = torch.cuda.memory_allocated(device)
             rec["gpu_reserved"] = torch.cuda.memory_reserved(device)
         return result, (t0 - t_gather) / 1e9, seconds
-
-    def _gather_pinned(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """Concatenate straight into a reused page-locked buffer for an async H2D copy."""
-        rows = sum(int(t.shape[0]) for t in tensors)
-        key = (tensors[0].dtype, tuple(tensors[0].shape[1:]))
-        buf = self._pinned.get(key)
-        if buf is None or buf.shape[0] < rows:
-            cap = max(rows, self.model.batching.max_batch_size)
-            buf = torch.empty((cap, *key[1]), dtype=key[0]).pin_memory()
-            self._pinned[key] = buf
-        return torch.cat(tensors, out=buf[:rows])
 
     # -- answering -------------------------------------------------------------------------
 

@@ -1,0 +1,53 @@
+"""A page-locked staging buffer for the copy of a batch to a GPU.
+
+Copies from pinned host memory run asynchronously (``non_blocking``) and at full
+bandwidth; from pageable memory the driver stages them through a pinned buffer of its
+own. Pinning costs milliseconds, so the buffer is kept and reused.
+
+One flat byte buffer for every dtype and row shape, grown to the largest batch seen: a
+buffer per (dtype, row shape) grew without bound for an input with a dimension of any
+size (a text model's sequence length), each one page-locked (never swapped, counted in
+the worker's USS, and so toward its recycle limit). Reuse is safe because the worker
+reads each batch's output back to the host (a synchronising copy) before the next.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+_ALIGN = 64  # bytes: any dtype's view of the buffer starts aligned
+
+
+def _pin(t: torch.Tensor) -> torch.Tensor:
+    return t.pin_memory()
+
+
+class PinnedStaging:
+    def __init__(self, pin: Callable[[torch.Tensor], torch.Tensor] = _pin) -> None:
+        self._pin = pin
+        self._buf = torch.empty(0, dtype=torch.uint8)
+
+    @property
+    def capacity(self) -> int:
+        """Bytes held."""
+        return self._buf.numel()
+
+    def gather(self, tensors: Sequence[torch.Tensor], min_rows: int = 0) -> torch.Tensor:
+        """The rows of ``tensors`` concatenated into the buffer (one copy). When it
+        grows, it grows to hold at least ``min_rows`` such rows, so that the batches
+        that follow (up to ``max_batch_size``) do not each pin a larger one."""
+        first = tensors[0]
+        rows = sum(int(t.shape[0]) for t in tensors)
+        row_shape = tuple(first.shape[1:])
+        row_bytes = first.element_size() * math.prod(row_shape)
+        need = rows * row_bytes
+        if need > self.capacity:
+            want = max(need, min_rows * row_bytes, 2 * self.capacity)  # (few re-pins)
+            want = -(-want // _ALIGN) * _ALIGN
+            self._buf = torch.empty(0, dtype=torch.uint8)  # the old one goes first
+            self._buf = self._pin(torch.empty(want, dtype=torch.uint8))
+        out = self._buf[:need].view(first.dtype).view(rows, *row_shape)
+        return torch.cat(list(tensors), out=out)

@@ -1,0 +1,44 @@
+"""The pinned staging buffer's reuse. Pinning needs CUDA, so ``pin`` is the identity
+here and tests/test_gpu.py serves through the real one; what is checked here is that
+one buffer serves every dtype and row shape and grows only to the largest batch."""
+
+from __future__ import annotations
+
+import torch
+
+from ringserve.gpu_worker.staging import PinnedStaging
+
+
+def pins() -> tuple[PinnedStaging, list[int]]:
+    pinned: list[int] = []
+
+    def pin(t: torch.Tensor) -> torch.Tensor:
+        pinned.append(t.numel())
+        return t
+
+    return PinnedStaging(pin), pinned
+
+
+def test_one_buffer_serves_every_length_of_a_variable_input() -> None:
+    """A text model's sequences of 100 lengths pinned 100 buffers, each max_batch_size
+    rows, and kept them all."""
+    staging, pinned = pins()
+    for length in range(1, 101):
+        rows = [torch.full((1, length), float(length)), torch.zeros(2, length)]
+        got = staging.gather(rows, min_rows=8)
+        assert got.shape == (3, length) and got.dtype == torch.float32
+        assert torch.equal(got, torch.cat(rows))
+    assert len(pinned) < 10, pinned  # grown a few times, not once per length
+    assert staging.capacity <= 2 * 8 * 100 * 4 + 64  # at most twice the largest batch
+
+
+def test_dtypes_share_it_and_a_larger_batch_grows_it_once() -> None:
+    staging, pinned = pins()
+    a = staging.gather([torch.arange(6, dtype=torch.int64).view(3, 2)], min_rows=4)
+    assert a.tolist() == [[0, 1], [2, 3], [4, 5]] and len(pinned) == 1
+    b = staging.gather([torch.ones(4, 2, dtype=torch.uint8)], min_rows=4)  # fits
+    assert b.dtype == torch.uint8 and b.sum() == 8 and len(pinned) == 1
+    c = staging.gather([torch.ones(9, 2, dtype=torch.int64)], min_rows=4)  # past capacity
+    assert c.shape == (9, 2) and len(pinned) == 2
+    h = staging.gather([torch.tensor([[True, False]]), torch.tensor([[False, True]])])
+    assert h.tolist() == [[True, False], [False, True]] and len(pinned) == 2
