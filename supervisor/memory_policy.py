@@ -14,10 +14,24 @@ from ringserve.supervisor.memory import MemorySample
 log = logging.getLogger("ringserve.supervisor")
 
 
+def nvml_blind_to(gpu_used: dict[int, int], on_gpu: list[int]) -> list[int]:
+    """Our pids holding GPU memory (by torch's count) that NVML does not list while it
+    lists others: it names processes by the host's pids, so inside a container's own pid
+    namespace none of ours match."""
+    if not gpu_used:
+        return []
+    return [pid for pid in on_gpu if pid not in gpu_used]
+
+
 class MemoryPolicy:
+    _said_nvml_blind = False
+    _nvml_blind_before: frozenset[int] = frozenset()  # the last sample's (a race, once)
+
     def _sample_memory(self, now: float) -> None:
         assert self.arena is not None
         gpu_used = self.gpu.used_by_pid() if self.gpu.enabled else {}
+        if gpu_used and not self._said_nvml_blind:
+            self._check_nvml_sees_workers(gpu_used)
         for child in self.all_children():
             if child.returncode is not None:
                 continue
@@ -32,6 +46,27 @@ class MemoryPolicy:
                     child.sampled_ready = True
                     self._check_fresh_footprint(child, sample)
                 self._apply_policy(child, sample, rec, now)
+
+    def _check_nvml_sees_workers(self, gpu_used: dict[int, int]) -> None:
+        """Say once when NVML cannot see our workers, rather than leave a metric unset."""
+        assert self.arena is not None
+        on_gpu = [
+            c.pid
+            for c in self.all_children()
+            if c.returncode is None and int(self.arena.control[c.control_index]["gpu_reserved"])
+        ]
+        blind = nvml_blind_to(gpu_used, on_gpu)
+        again = [pid for pid in blind if pid in self._nvml_blind_before]
+        self._nvml_blind_before = frozenset(blind)
+        if again:  # two samples in a row: not a worker that NVML has yet to list
+            self._said_nvml_blind = True
+            log.warning(
+                "NVML lists GPU processes but not our workers (pids %s): in a container "
+                "with its own pid namespace, ringserve_worker_gpu_nvml_used_bytes stays "
+                "unset (run with the host's pid namespace to have it); torch's own "
+                "allocated/reserved figures and the GPU memory policy still work",
+                ", ".join(map(str, again)),
+            )
 
     def _check_fresh_footprint(self, child: Child, sample: MemorySample) -> None:
         """A worker over memory.uss_limit_mb as soon as it is ready will be recycled, and

@@ -62,3 +62,11 @@ def test_cpu_host_is_disabled_without_error() -> None:
     if not watch.enabled:
         assert watch.used_by_pid() == {}
     watch.close()
+
+
+def test_nvml_blind_to_our_pids_is_told_from_a_worker_not_on_the_gpu() -> None:
+    from ringserve.supervisor.memory_policy import nvml_blind_to
+
+    assert nvml_blind_to({5001: 10}, on_gpu=[42, 43]) == [42, 43]  # a container's pids
+    assert nvml_blind_to({42: 10, 5001: 3}, on_gpu=[42]) == []  # the host's view
+    assert nvml_blind_to({}, on_gpu=[42]) == []  # NVML lists nothing: nothing to say
