@@ -226,10 +226,16 @@ def throughput_profile(
             cached = _load_cache().get(key)  # a sibling's, measured while we waited
             if cached is None:
                 rates = _measure(handler, model, spec, shape, heartbeat)
-                _save_entry(key, rates)
+                if not ran_out_of_memory(rates):  # maybe a sibling's load: measure again
+                    _save_entry(key, rates)
                 return Profile(rates, preferred_size(rates, model.batching.max_batch_size))
     rates = {int(k): float(v) for k, v in cached.items()}
     return Profile(rates, preferred_size(rates, model.batching.max_batch_size))
+
+
+def ran_out_of_memory(rates: dict[int, float]) -> bool:
+    """Whether a size ran out of device memory (``_measure`` records it at 0 rows/s)."""
+    return 0.0 in rates.values()
 
 
 def preferred_size(rates: dict[int, float], max_batch_size: int) -> int:
@@ -284,7 +290,8 @@ def _measure(
 ) -> dict[int, float]:
     """Rows/s by size. A size that runs out of device memory is recorded at 0 rows/s,
     so the preferred size stays below it, and no larger size is tried: batching up to
-    ``max_batch_size`` would run out of memory on every full batch."""
+    ``max_batch_size`` would run out of memory on every full batch. Such a profile is
+    not cached: the memory may have been a sibling's, loading at the same time."""
     rates: dict[int, float] = {}
     deadline = time.monotonic() + BUDGET_S
     too_big = 0  # the smallest size that ran out of device memory
@@ -294,6 +301,8 @@ def _measure(
             try:
                 batches[size] = sample_batch(handler, size).to(handler.device)
             except torch.OutOfMemoryError:
+                if size == 1:
+                    raise
                 too_big = size
                 break
         handler.infer(batches[1])  # warm-up (kernels); the first round warms each size
