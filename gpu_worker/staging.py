@@ -25,9 +25,21 @@ def _pin(t: torch.Tensor) -> torch.Tensor:
     return t.pin_memory()
 
 
+def _unpin_freed() -> None:
+    """Give back the pinned blocks torch's host allocator keeps for reuse once freed (a
+    smaller buffer outgrown: it would stay page-locked beside the new one)."""
+    empty = getattr(torch._C, "_host_emptyCache", None)  # (private: absent, keep them)
+    if empty is not None:
+        empty()
+
+
 class PinnedStaging:
-    def __init__(self, pin: Callable[[torch.Tensor], torch.Tensor] = _pin) -> None:
-        self._pin = pin
+    def __init__(
+        self,
+        pin: Callable[[torch.Tensor], torch.Tensor] = _pin,
+        unpin_freed: Callable[[], None] = _unpin_freed,
+    ) -> None:
+        self._pin, self._unpin_freed = pin, unpin_freed
         self._buf = torch.empty(0, dtype=torch.uint8)
 
     @property
@@ -47,7 +59,9 @@ class PinnedStaging:
         if need > self.capacity:
             want = max(need, min_rows * row_bytes, 2 * self.capacity)  # (few re-pins)
             want = -(-want // _ALIGN) * _ALIGN
-            self._buf = torch.empty(0, dtype=torch.uint8)  # the old one goes first
+            outgrown, self._buf = self.capacity, torch.empty(0, dtype=torch.uint8)
+            if outgrown:
+                self._unpin_freed()
             self._buf = self._pin(torch.empty(want, dtype=torch.uint8))
         out = self._buf[:need].view(first.dtype).view(rows, *row_shape)
         return torch.cat(list(tensors), out=out)

@@ -10,13 +10,15 @@ from ringserve.gpu_worker.staging import PinnedStaging
 
 
 def pins() -> tuple[PinnedStaging, list[int]]:
+    """A staging buffer whose pins are counted (as sizes) and whose releases of the
+    outgrown buffer's pinned memory are counted too (as -1)."""
     pinned: list[int] = []
 
     def pin(t: torch.Tensor) -> torch.Tensor:
         pinned.append(t.numel())
         return t
 
-    return PinnedStaging(pin), pinned
+    return PinnedStaging(pin, lambda: pinned.append(-1)), pinned
 
 
 def test_one_buffer_serves_every_length_of_a_variable_input() -> None:
@@ -28,17 +30,19 @@ def test_one_buffer_serves_every_length_of_a_variable_input() -> None:
         got = staging.gather(rows, min_rows=8)
         assert got.shape == (3, length) and got.dtype == torch.float32
         assert torch.equal(got, torch.cat(rows))
-    assert len(pinned) < 10, pinned  # grown a few times, not once per length
+    grown = [n for n in pinned if n > 0]
+    assert len(grown) < 10, pinned  # grown a few times, not once per length
+    assert pinned.count(-1) == len(grown) - 1  # each outgrown buffer's pages given back
     assert staging.capacity <= 2 * 8 * 100 * 4 + 64  # at most twice the largest batch
 
 
 def test_dtypes_share_it_and_a_larger_batch_grows_it_once() -> None:
     staging, pinned = pins()
     a = staging.gather([torch.arange(6, dtype=torch.int64).view(3, 2)], min_rows=4)
-    assert a.tolist() == [[0, 1], [2, 3], [4, 5]] and len(pinned) == 1
+    assert a.tolist() == [[0, 1], [2, 3], [4, 5]] and pinned == [64]
     b = staging.gather([torch.ones(4, 2, dtype=torch.uint8)], min_rows=4)  # fits
-    assert b.dtype == torch.uint8 and b.sum() == 8 and len(pinned) == 1
+    assert b.dtype == torch.uint8 and b.sum() == 8 and pinned == [64]
     c = staging.gather([torch.ones(9, 2, dtype=torch.int64)], min_rows=4)  # past capacity
-    assert c.shape == (9, 2) and len(pinned) == 2
+    assert c.shape == (9, 2) and pinned == [64, -1, 192]
     h = staging.gather([torch.tensor([[True, False]]), torch.tensor([[False, True]])])
-    assert h.tolist() == [[True, False], [False, True]] and len(pinned) == 2
+    assert h.tolist() == [[True, False], [False, True]] and len(pinned) == 3
