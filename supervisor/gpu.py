@@ -47,6 +47,12 @@ class GpuWatch:
     def enabled(self) -> bool:
         return bool(self.handles)
 
+    @property
+    def every_device_answered(self) -> bool:
+        """Whether the last ``used_by_pid`` heard from every device (a pid missing from
+        it may be on a device that did not answer)."""
+        return not self._failing
+
     def used_by_pid(self) -> dict[int, int]:
         """Bytes of GPU memory per host pid, summed over devices (one call per sample)."""
         used: dict[int, int] = {}

@@ -30,7 +30,7 @@ class MemoryPolicy:
     def _sample_memory(self, now: float) -> None:
         assert self.arena is not None
         gpu_used = self.gpu.used_by_pid() if self.gpu.enabled else {}
-        if gpu_used and not self._said_nvml_blind:
+        if gpu_used and not self._said_nvml_blind and self.gpu.every_device_answered:
             self._check_nvml_sees_workers(gpu_used)
         for child in self.all_children():
             if child.returncode is not None:

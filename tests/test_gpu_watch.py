@@ -43,6 +43,7 @@ def test_a_failing_device_is_logged_once_and_the_rest_still_counted(caplog) -> N
     watch.handles.append(99)  # a device whose query fails (fallen off the bus)
     for _ in range(3):
         assert watch.used_by_pid() == {10: 100}
+        assert not watch.every_device_answered  # pids on GPU 2 cannot be told missing
     assert caplog.text.count("NVML query of GPU 2 failed: gone") == 1
 
 
