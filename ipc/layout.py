@@ -40,10 +40,11 @@ import enum
 import numpy as np
 
 MAGIC = 0x5245_5653_474E_4952  # "RINGSVER" as little-endian bytes, give or take
-VERSION = 6  # 3: the ring lock is a robust mutex in the ring header; 4: the region table;
+VERSION = 7  # 3: the ring lock is a robust mutex in the ring header; 4: the region table;
 # 5: load errors in control records and model entries; 6: the supervisor publishes each
 # model's wanted worker count and the header's stopping flag (a frontend of version 6
-# would read an older supervisor's zero padding as "drained")
+# would read an older supervisor's zero padding as "drained"); 7: a slot keeps 256 bytes
+# of the request id
 
 PAGE = 4096
 ARENA_HEADER_BYTES = PAGE
@@ -58,7 +59,10 @@ MAX_CLIENT_REGIONS = 64
 REGION_NAME_BYTES = 128
 REGION_KEY_BYTES = 256  # a shm_open name is at most NAME_MAX (255) bytes
 MAX_NDIM = 8
-REQUEST_ID_BYTES = 128
+# The request id as the worker's and the supervisor's log lines name it: the frontends
+# take ids of up to 256 characters (frontend/call.py), ASCII in practice; a longer UTF-8
+# one is cut at a character boundary.
+REQUEST_ID_BYTES = 256
 
 
 class SlotState(enum.IntEnum):

@@ -81,6 +81,13 @@ def _indices() -> dict[str, int]:
 _IX = _indices()
 
 
+def _fit_id(request_id: bytes) -> bytes:
+    """``request_id`` (UTF-8) cut to the slot's field on a character boundary."""
+    if len(request_id) <= L.REQUEST_ID_BYTES:
+        return request_id
+    return request_id[: L.REQUEST_ID_BYTES].decode(errors="ignore").encode()
+
+
 class Header(NamedTuple):
     """One slot's header from one unpack, shapes cut to their rank. ``in_ndim`` is kept as
     written: the worker bounds-checks it before trusting ``in_shape``."""
@@ -200,7 +207,7 @@ class SlotHeaders:
             rows,
             0,  # batch_size
             0,  # batch_id
-            request_id[: L.REQUEST_ID_BYTES],
+            _fit_id(request_id),
         )
         return generation
 

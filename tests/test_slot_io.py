@@ -209,3 +209,32 @@ def test_hot_routes_spell_out_each_model() -> None:
         "name": "b",
         "version": "1",
     }
+
+
+def test_a_slot_keeps_the_longest_request_id_the_frontends_take(arena: Arena) -> None:
+    """256 characters reach the worker's and supervisor's log lines whole (the slot kept
+    128 bytes, so their lines named an id no access log had); a longer UTF-8 one is cut
+    on a character boundary, not into U+FFFD."""
+    from ringserve.frontend.call import MAX_REQUEST_ID_CHARS
+
+    def stored(rid: str) -> bytes:
+        arena.headers.write_request(
+            0,
+            owner=0,
+            owner_pid=1,
+            model=0,
+            kind=1,
+            dtype_code=DTYPE_CODE["float32"],
+            shape=(1,),
+            nbytes=4,
+            rows=1,
+            deadline_ns=0,
+            enqueued_ns=1,
+            request_id=rid.encode(),
+        )
+        return bytes(arena.slots[0]["request_id"])
+
+    longest = "r" * MAX_REQUEST_ID_CHARS
+    assert stored(longest) == longest.encode()
+    cut = stored("a" + "é" * 200)  # 401 bytes
+    assert cut.decode() == "a" + "é" * 127  # 255 bytes: the next "é" would not fit
