@@ -607,6 +607,8 @@ class Worker:
                 self._finish_error(p.key, Status.MODEL_ERROR, f"model error: {e}".encode(), owners)
                 continue
             except Exception as e:
+                if isinstance(e, torch.AcceleratorError) and not self._device_works():
+                    self._device_fault(e, [p.key], owners)  # (a preprocess on the GPU)
                 rid = self._request_id(p.key)
                 self._request_errors.raised("preprocess failed", rid, e, logging.ERROR)
                 self._finish_error(
@@ -701,19 +703,18 @@ class Worker:
             outputs, gather_s, infer_s = self._infer([m.tensor for m in members])
         except OutputContractError as e:
             self._contract_broken(str(e))
-            if len(members) > 1:
-                # A dtype promotion or a row filter may follow one request's data: run
-                # them alone, as for a raise. (A handler that breaks it whatever the
-                # data pays a run per member, as one that always raises does: never
-                # "learning" that keeps one client's bad batch from failing others later.)
-                self._run_alone(members, owners)
+            if len(members) == 1:
+                error = f"model error: {e}".encode()
+                self._finish_error(members[0].slot, Status.MODEL_ERROR, error, owners)
                 return
-            for m in members:
-                self._finish_error(m.slot, Status.MODEL_ERROR, f"model error: {e}".encode(), owners)
-            return
-        except torch.AcceleratorError as e:  # (a CUDA out-of-memory error is not one)
-            self._device_fault(e, members, owners)
+            # A dtype promotion or a row filter may follow one request's data: run them
+            # alone, as for a raise. (A handler that breaks it whatever the data pays a
+            # run per member, as one that always raises does: never "learning" that keeps
+            # one client's bad batch from failing others later.)
         except Exception as e:
+            # (A CUDA out-of-memory error is no AcceleratorError: it is retried below.)
+            if isinstance(e, torch.AcceleratorError) and not self._device_works():
+                self._device_fault(e, [m.slot for m in members], owners)
             if len(members) == 1:
                 if isinstance(e, BadInput):  # refused by infer or postprocess: still a 400
                     self._finish_error(members[0].slot, Status.BAD_INPUT, str(e).encode(), owners)
@@ -721,15 +722,22 @@ class Worker:
                 self._request_errors.raised("raised", self._request_id(members[0].slot), e)
                 self._finish_error(members[0].slot, Status.MODEL_ERROR, _model_error(e), owners)
                 return
-            retry_alone = True
         else:
-            retry_alone = False
-        if retry_alone:
-            # Out of the except block: its traceback holds the failed batch's frames, and
-            # with them its tensors (on a GPU after an out-of-memory error, the memory
-            # that the runs one at a time need).
-            self._run_alone(members, owners)  # isolate the one that raises
+            self._answer_group(members, outputs, gather_s, infer_s, owners)
             return
+        # Out of the except block, whose traceback holds the failed batch's frames and
+        # with them its tensors (on a GPU after an out-of-memory error, the memory that
+        # the runs one at a time need).
+        self._run_alone(members, owners)  # isolate the one that raises
+
+    def _answer_group(
+        self,
+        members: list[Prepared],
+        outputs: np.ndarray,
+        gather_s: float,
+        infer_s: float,
+        owners: set[int],
+    ) -> None:
         self._batch_seq += 1
         rows_total = sum(int(m.tensor.shape[0]) for m in members)
         t0 = time.perf_counter()
@@ -742,15 +750,28 @@ class Worker:
         input_s = gather_s + sum(m.preprocess_s for m in members)
         self._ran.append(BatchTiming(rows_total, len(members), input_s, infer_s, output_s))
 
-    def _device_fault(
-        self, error: torch.AcceleratorError, members: list[Prepared], owners: set[int]
-    ) -> NoReturn:
-        """Exit at once, leaving ``members`` claimed: after a device-side assert or an
-        illegal address every CUDA call of this process fails, and a worker that answered
-        500 to everything from then on would still beat its heartbeat. The supervisor
-        re-queues the members, each to run alone: the one that caused it kills a second
-        worker and fails as poison, its batchmates are answered."""
-        ids = ", ".join(self._request_id(m.slot) for m in members)
+    def _device_works(self) -> bool:
+        """After an AcceleratorError: is the device context still usable (a launch that
+        was refused for its size), or broken for good (a device-side assert, an illegal
+        address), when every later call fails the same way? Only a CUDA device can be
+        asked; an error of any other is taken as broken."""
+        assert self.handler is not None
+        device = self.handler.device
+        if device.type != "cuda":
+            return False
+        try:
+            torch.cuda.synchronize(device)
+            return torch.ones(1, device=device).add_(1).item() == 2.0
+        except Exception:
+            return False
+
+    def _device_fault(self, error: BaseException, slots: list[int], owners: set[int]) -> NoReturn:
+        """Exit at once, leaving the batch's requests claimed: in a broken device context
+        every CUDA call fails, and a worker that answered 500 to everything from then on
+        would still beat its heartbeat. The supervisor re-queues what this worker held,
+        each to run alone: the request that caused it breaks a second worker and fails as
+        poison, its batchmates are answered. (``slots``: the requests to name.)"""
+        ids = ", ".join(self._request_id(slot) for slot in slots)
         log.error(
             "model %s: the device failed while running requests %s: %s: %s; exiting so that "
             "a new worker takes over",

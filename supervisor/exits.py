@@ -239,7 +239,7 @@ class ExitHandling:
             return
         if child.phase == Phase.STARTING:
             ws.failures += 1
-        if error:
+        if error and rc != ExitCode.DEVICE_FAULT:  # (that one is in the log: not a load's)
             assert self.arena is not None
             ws.last_error = error
             self.arena.models[ws.model_index]["last_error"] = error_bytes(error)

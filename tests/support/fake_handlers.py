@@ -81,7 +81,8 @@ class Poison(Handler):
 class OutOfMemoryOnBatches(Handler):
     """Identity, but a batch of more than one request runs out of device memory while a
     tensor of it is live in the failing frame; a request run alone afterwards refuses to
-    run while that tensor is still held (on a GPU, the memory the retries need)."""
+    run while that tensor is still held (on a GPU, the memory the retries need). The
+    warm-up profile's batches (zeros) run: it would otherwise cap batching at 1."""
 
     inputs = (TensorSpec("INPUT0", "float32", (-1,)),)
     outputs = (TensorSpec("OUTPUT0", "float32", (-1,)),)
@@ -91,7 +92,7 @@ class OutOfMemoryOnBatches(Handler):
         self.device = device
 
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
-        if batch.shape[0] > 1:
+        if batch.shape[0] > 1 and bool(batch.any()):
             activations = torch.empty(1 << 20)
             OutOfMemoryOnBatches._scratch = weakref.ref(activations)
             print(f"a batch of {batch.shape[0]} ran out of memory")
