@@ -58,21 +58,26 @@ def test_write_request_is_what_numpy_reads(arena: Arena) -> None:
     assert (h.out_shape, h.out_nbytes, h.started_ns) == ((), 0, 0)  # cleared for reuse
 
 
-def test_claim_and_answer_round_trip(arena: Arena) -> None:
+def write_float_row(arena: Arena, slot: int, width: int, request_id: bytes) -> None:
+    """A request of one float32 row of ``width`` values into ``slot``."""
     arena.headers.write_request(
-        1,
+        slot,
         owner=0,
         owner_pid=1,
         model=0,
         kind=1,
         dtype_code=DTYPE_CODE_OF[np.dtype("float32")],
-        shape=(4,),
-        nbytes=16,
+        shape=(width,),
+        nbytes=4 * width,
         rows=1,
         deadline_ns=0,
         enqueued_ns=10,
-        request_id=b"x",
+        request_id=request_id,
     )
+
+
+def test_claim_and_answer_round_trip(arena: Arena) -> None:
+    write_float_row(arena, 1, 4, b"x")
     arena.headers.claim(1, worker=3, worker_pid=777, attempts=1, now_ns=20)
     rec = arena.slots[1]
     assert int(rec["state"]) == RUNNING and int(rec["worker"]) == 3
@@ -218,20 +223,7 @@ def test_a_slot_keeps_the_longest_request_id_the_frontends_take(arena: Arena) ->
     from ringserve.frontend.call import MAX_REQUEST_ID_CHARS
 
     def stored(rid: str) -> bytes:
-        arena.headers.write_request(
-            0,
-            owner=0,
-            owner_pid=1,
-            model=0,
-            kind=1,
-            dtype_code=DTYPE_CODE["float32"],
-            shape=(1,),
-            nbytes=4,
-            rows=1,
-            deadline_ns=0,
-            enqueued_ns=1,
-            request_id=rid.encode(),
-        )
+        write_float_row(arena, 0, 1, rid.encode())
         return bytes(arena.slots[0]["request_id"])
 
     longest = "r" * MAX_REQUEST_ID_CHARS
