@@ -41,7 +41,7 @@ from ringserve.frontend.dispatch import REFUSED, Completed, Dispatcher
 from ringserve.frontend.errors import HTTPError, bad_request, unavailable, unprocessable
 from ringserve.frontend.http_guard import REQUEST_ID_IN_SCOPE
 from ringserve.frontend.images import check_image
-from ringserve.frontend.jsonio import nonfinite, parse_json, utf8_strings
+from ringserve.frontend.jsonio import JSON_BODY_TYPES, nonfinite, parse_json, utf8_strings
 from ringserve.frontend.metrics import FrontendMetrics
 from ringserve.frontend.missed_deadlines import MissedDeadlines
 from ringserve.frontend.tensors import fit_shape, from_json
@@ -422,8 +422,7 @@ def make_predict(state: FrontendState) -> Handler:
                     1,
                     False,
                 )
-            elif ctype in ("application/json", "", "application/x-www-form-urlencoded"):
-                # (curl -d sends form-urlencoded by default; the body is still our JSON)
+            elif ctype in JSON_BODY_TYPES:
                 doc = parse_json(body)
                 if not isinstance(doc, dict) or "data" not in doc:
                     raise unprocessable('body must be a JSON object with a "data" field')

@@ -12,6 +12,11 @@ import orjson
 
 from ringserve.frontend.errors import HTTPError, bad_request
 
+# Content types whose body is read as JSON: none at all, curl -d's default form type, and
+# text/plain, which a browser's or Node's fetch sends with a string body (Triton reads
+# every body by its shape, whatever the header says).
+JSON_BODY_TYPES = ("", "application/json", "application/x-www-form-urlencoded", "text/plain")
+
 
 def parse_json(body: bytes | memoryview) -> Any:
     """orjson, falling back to the standard parser for what orjson refuses (NaN and

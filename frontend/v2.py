@@ -54,7 +54,7 @@ from ringserve.frontend.catalog import MODEL_VERSION, Catalog, ModelInfo
 from ringserve.frontend.dispatch import Completed
 from ringserve.frontend.errors import HTTPError, unavailable
 from ringserve.frontend.images import check_images
-from ringserve.frontend.jsonio import parse_json
+from ringserve.frontend.jsonio import JSON_BODY_TYPES, parse_json
 from ringserve.frontend.v2_codec import (
     V2_TO_CONFIG,
     TensorSpec,
@@ -73,12 +73,7 @@ from ringserve.ipc.slot_fit import rows_per_request
 HEADER_LENGTH = "inference-header-content-length"
 EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration", "statistics")
 # curl -d sends form-urlencoded unless told otherwise; the body is still ours.
-REQUEST_TYPES = (
-    "",
-    "application/json",
-    "application/octet-stream",
-    "application/x-www-form-urlencoded",
-)
+REQUEST_TYPES = (*JSON_BODY_TYPES, "application/octet-stream")
 
 Handler = Callable[[Request], Awaitable[Response]]
 

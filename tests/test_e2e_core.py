@@ -263,7 +263,7 @@ def test_bad_input_gets_4xx_and_server_stays_healthy(start_server) -> None:
         (
             "wrong content type",
             "/predict",
-            {"content": b"x", "headers": {"Content-Type": "text/plain"}},
+            {"content": b"x", "headers": {"Content-Type": "text/html"}},
             415,
         ),
         ("unknown model", "/v1/models/nope/predict", {"json": DIGIT3}, 404),

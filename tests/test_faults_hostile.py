@@ -253,11 +253,11 @@ def test_body_exactly_at_the_limit_passes_one_byte_over_is_413(
 @pytest.mark.parametrize(
     ("path", "ctype", "body", "status", "words"),
     [
-        (ID, "text/plain", b'{"data":[1]}', 415, "unsupported Content-Type"),
+        (ID, "text/html", b'{"data":[1]}', 415, "unsupported Content-Type"),
         (ID, "multipart/form-data; boundary=x", b"--x--", 415, "unsupported Content-Type"),
         (ID, "application/xml", b"<data>1</data>", 415, "unsupported Content-Type"),
         (ID, "image/png", PNG3, 415, "does not take images"),
-        (V2_ID, "text/plain", b"{}", 415, "unsupported Content-Type"),
+        (V2_ID, "text/html", b"{}", 415, "unsupported Content-Type"),
         (ID, "application/json", b"\xff\xfe\x00garbage", 400, "malformed JSON"),
         (ID, "application/json", b"", 400, "malformed JSON"),
     ],
@@ -272,6 +272,17 @@ def test_wrong_content_type_or_encoding(
     words: str,
 ) -> None:
     refused(client.post(path, content=body, headers={"Content-Type": ctype}), status, words)
+
+
+def test_json_sent_as_text_plain_is_served(client: httpx.Client) -> None:
+    """fetch() with a string body sends text/plain;charset=UTF-8, and Triton reads the
+    body whatever the header says: both routes answered 415."""
+    ctype = {"Content-Type": "text/plain;charset=UTF-8"}
+    r = client.post(ID, content=b'{"data":[1.5]}', headers=ctype)
+    assert r.status_code == 200 and r.json()["result"] == [1.5], r.text
+    v2 = b'{"inputs":[{"name":"INPUT0","datatype":"FP32","shape":[1,1],"data":[2.5]}]}'
+    r = client.post(V2_ID, content=v2, headers=ctype)
+    assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [2.5], r.text
 
 
 # -- truncated bodies -------------------------------------------------------------------------
