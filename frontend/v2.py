@@ -72,7 +72,6 @@ from ringserve.ipc.slot_fit import rows_per_request
 
 HEADER_LENGTH = "inference-header-content-length"
 EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration", "statistics")
-# curl -d sends form-urlencoded unless told otherwise; the body is still ours.
 REQUEST_TYPES = (*JSON_BODY_TYPES, "application/octet-stream")
 
 Handler = Callable[[Request], Awaitable[Response]]

@@ -32,9 +32,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils._pytree import tree_map
 
-from ringserve.gpu_worker.batch_check import TOLERANCE
+from ringserve.gpu_worker.batch_check import TOLERANCE, sample_rows
 from ringserve.gpu_worker.handlers.base import Handler
 from ringserve.ipc.errors import ConfigError
+from ringserve.ipc.layout import PayloadKind
 
 log = logging.getLogger("ringserve.worker")
 
@@ -188,28 +189,23 @@ def compile_handler(
             took = time.perf_counter() - t
             log.info("model %s: compiled for batches of %d in %.1f s", name, size, took)
             heartbeat()
-        _check_padding(handler, module, bucketed, name, sample)
+        _check_padding(handler, module, bucketed, name)
     bucketed.compiled_all()
     return time.perf_counter() - t0
 
 
 def _check_padding(
-    handler: Handler,
-    module: torch.nn.Module,
-    bucketed: Bucketed,
-    name: str,
-    sample: Callable[[int], torch.Tensor],
+    handler: Handler, module: torch.nn.Module, bucketed: Bucketed, name: str
 ) -> None:
-    """A batch between two sizes, of rows that differ, answers as the eager model does:
-    padding and cutting back assume that rows are dimension 0 of what ``infer`` passes
-    the model and of what it returns (a sequence-first model breaks that)."""
+    """A batch between two sizes, of rows that differ (the batchmate check's random
+    rows: integer inputs differ too), answers as the eager model does: padding and
+    cutting back assume that rows are dimension 0 of what ``infer`` passes the model and
+    of what it returns (a sequence-first model breaks that)."""
     rows = next((n for n in range(2, max(bucketed.sizes)) if n not in bucketed.sizes), 0)
     if not rows:
         return
-    batch = sample(rows).to(handler.device)
-    if batch.is_floating_point():
-        step = torch.arange(rows, dtype=batch.dtype, device=batch.device) / rows
-        batch = batch + step.view(-1, *[1] * (batch.dim() - 1))
+    batch = handler.preprocess(sample_rows(handler, rows), PayloadKind.TENSOR)
+    batch = batch.to(handler.device)
     got = handler.infer(batch)
     setattr(handler, COMPILED_ATTRIBUTE, module)
     try:

@@ -607,8 +607,7 @@ class Worker:
                 self._finish_error(p.key, Status.MODEL_ERROR, f"model error: {e}".encode(), owners)
                 continue
             except Exception as e:
-                if isinstance(e, torch.AcceleratorError) and not self._device_works():
-                    self._device_fault(e, [p.key], owners)  # (a preprocess on the GPU)
+                self._exit_if_device_broken(e, [p.key], owners)  # (a preprocess on the GPU)
                 rid = self._request_id(p.key)
                 self._request_errors.raised("preprocess failed", rid, e, logging.ERROR)
                 self._finish_error(
@@ -712,9 +711,7 @@ class Worker:
             # run per member, as one that always raises does: never "learning" that keeps
             # one client's bad batch from failing others later.)
         except Exception as e:
-            # (A CUDA out-of-memory error is no AcceleratorError: it is retried below.)
-            if isinstance(e, torch.AcceleratorError) and not self._device_works():
-                self._device_fault(e, [m.slot for m in members], owners)
+            self._exit_if_device_broken(e, [m.slot for m in members], owners)
             if len(members) == 1:
                 if isinstance(e, BadInput):  # refused by infer or postprocess: still a 400
                     self._finish_error(members[0].slot, Status.BAD_INPUT, str(e).encode(), owners)
@@ -765,12 +762,16 @@ class Worker:
         except Exception:
             return False
 
-    def _device_fault(self, error: BaseException, slots: list[int], owners: set[int]) -> NoReturn:
-        """Exit at once, leaving the batch's requests claimed: in a broken device context
-        every CUDA call fails, and a worker that answered 500 to everything from then on
-        would still beat its heartbeat. The supervisor re-queues what this worker held,
-        each to run alone: the request that caused it breaks a second worker and fails as
-        poison, its batchmates are answered. (``slots``: the requests to name.)"""
+    def _exit_if_device_broken(self, error: Exception, slots: list[int], owners: set[int]) -> None:
+        """Return unless ``error`` broke the device context (a CUDA out-of-memory error
+        is no AcceleratorError: it is answered or retried like any raise). If it did,
+        exit at once, leaving the batch's requests claimed: in a broken context every
+        CUDA call fails, and a worker that answered 500 to everything from then on would
+        still beat its heartbeat. The supervisor re-queues what this worker held, each to
+        run alone: the request that caused it breaks a second worker and fails as poison,
+        its batchmates are answered. (``slots``: the requests to name.)"""
+        if not isinstance(error, torch.AcceleratorError) or self._device_works():
+            return
         ids = ", ".join(self._request_id(slot) for slot in slots)
         log.error(
             "model %s: the device failed while running requests %s: %s: %s; exiting so that "

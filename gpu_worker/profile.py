@@ -294,33 +294,27 @@ def _measure(
     not cached: the memory may have been a sibling's, loading at the same time."""
     rates: dict[int, float] = {}
     deadline = time.monotonic() + BUDGET_S
+    sizes = batch_sizes(model.batching.max_batch_size)
     too_big = 0  # the smallest size that ran out of device memory
+    batches: dict[int, torch.Tensor] = {}  # made in the first round, as each is measured
     with torch.inference_mode():  # (batches made in it, as the worker's loop makes them)
-        batches: dict[int, torch.Tensor] = {}
-        for size in batch_sizes(model.batching.max_batch_size):
-            try:
-                batches[size] = sample_batch(handler, size).to(handler.device)
-            except torch.OutOfMemoryError:
-                if size == 1:
-                    raise
-                too_big = size
-                break
-        handler.infer(batches[1])  # warm-up (kernels); the first round warms each size
-        _sync(handler)  # (the warm-up's kernels end before the first round's clock starts)
         for _ in range(ROUNDS):
-            for size, batch in batches.items():
-                if rates and time.monotonic() > deadline:
-                    break  # over budget: what was measured is all we get
+            for size in sizes:
+                if (too_big and size >= too_big) or (rates and time.monotonic() > deadline):
+                    break  # what runs out of memory, or over budget: what we have is all
                 try:
-                    rate = _rate(handler, batch, size)
+                    if size not in batches:
+                        batches[size] = sample_batch(handler, size).to(handler.device)
+                    if size == 1 and not rates:  # warm-up (kernels), then the clock
+                        handler.infer(batches[1])
+                        _sync(handler)
+                    rates[size] = max(rates.get(size, 0.0), _rate(handler, batches[size], size))
                 except torch.OutOfMemoryError:
                     if size == 1:
                         raise  # no batch fits: not a batching question
                     too_big = size
-                    break  # (out of the except block: its frames hold the batch's memory)
-                rates[size] = max(rates.get(size, 0.0), rate)
                 heartbeat()
-            if too_big:
+            if too_big:  # (out of the except block: its frames held the batch's memory)
                 batches = {s: b for s, b in batches.items() if s < too_big}
                 if handler.device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -84,8 +84,12 @@ class Replacing:
         broken model, so the rolling restart leaves them serving as they are, as a
         rollout pauses on its first failure. Other models' workers and the frontends,
         which do not load that model, are still restarted."""
-        kept = [n for n in self.rolling if self._rolling_model(n) != model_index]
-        skipped = [n for n in self.rolling if n not in kept]
+        skipped = [
+            n
+            for n in self.rolling
+            if (ws := self._rolling_worker(n)) and ws.model_index == model_index
+        ]
+        kept = [n for n in self.rolling if n not in skipped]
         name = self.settings.models[model_index].name
         log.error(
             "rolling restart stopped for model %s; not restarted: %s",
@@ -96,12 +100,10 @@ class Replacing:
         if not kept:
             self.ready_notified = False  # READY=1 again ends systemd's reload
 
-    def _rolling_model(self, name: str) -> int | None:
-        role, ident = name.rsplit("-", 1)
-        if role != "worker":
-            return None
-        ws = next((w for w in self.workers if w.ident == int(ident)), None)
-        return None if ws is None else ws.model_index
+    def _rolling_worker(self, name: str) -> WorkerSlot | None:
+        """The worker position a rolling restart's ``name`` stands for (None: a frontend,
+        or a position scaled away since)."""
+        return next((w for w in self.workers if f"worker-{w.ident}" == name), None)
 
     def _advance_rolling(self) -> None:
         """One at a time: start the next step only when nothing is being replaced."""
@@ -112,13 +114,12 @@ class Replacing:
         ):
             return
         name = self.rolling.pop(0)
-        role, ident = name.rsplit("-", 1)
-        if role == "worker":
-            ws = next((w for w in self.workers if w.ident == int(ident)), None)
+        if name.startswith("worker-"):
+            ws = self._rolling_worker(name)
             if ws is not None and ws.child is not None:
                 self.replace_worker(ws, "reload")
         else:
-            fs = self.frontends[int(ident)]
+            fs = self.frontends[int(name.rsplit("-", 1)[1])]
             if fs.child is not None:
                 fs.rolling = True
                 self.stop_child(fs.child, "reload")

@@ -96,24 +96,50 @@ class _Model(Handler):
         return self.model(batch)
 
 
-def test_a_model_whose_rows_are_not_dimension_0_is_refused_at_the_padding_check() -> None:
-    handler = _Model(ModelSettings(name="m", handler="python:x:_Model"))
+class _CentresRows(torch.nn.Module):
+    """Subtracts the batch's mean row: padding changes every answer, unless the rows are
+    all alike (then every answer is 0 either way)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        return x - x.mean(dim=0)
+
+
+class _TokenModel(_Model):
+    inputs = (TensorSpec("INPUT0", "int64", (4,)),)
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+        self.model = _CentresRows()
+
+
+def refused_at_the_padding_check(handler_class: type[_Model]) -> tuple[_Model, Bucketed]:
+    """A loaded ``handler_class`` whose model is bucketed at [1, 2, 4], after the check of
+    a batch of 3 refused it."""
+    handler = handler_class(ModelSettings(name="m", handler="python:x:Model"))
     handler.load(torch.device("cpu"))
     eager = handler.model
     handler.model = bucketed = Bucketed(eager, [1, 2, 4])
-
-    def sample(n: int) -> torch.Tensor:
-        return torch.zeros(n, 4)
-
     with (
         torch.inference_mode(),
         pytest.raises(ConfigError, match=r"models\.m\.compile: a batch of 3"),
     ):
-        _check_padding(handler, eager, bucketed, "m", sample)
+        _check_padding(handler, eager, bucketed, "m")
+    return handler, bucketed
+
+
+def test_a_model_whose_rows_are_not_dimension_0_is_refused_at_the_padding_check() -> None:
+    handler, bucketed = refused_at_the_padding_check(_Model)
     assert handler.model is bucketed  # the eager model lent for the check is put back
     handler.model = bucketed = Bucketed(torch.nn.Softmax(dim=1), [1, 2, 4])
     with torch.inference_mode():
-        _check_padding(handler, bucketed.compiled, bucketed, "m", sample)  # rows first: fine
+        _check_padding(handler, bucketed.compiled, bucketed, "m")  # rows first: fine
+
+
+def test_the_padding_check_tells_rows_apart_for_an_integer_input_too() -> None:
+    """Token ids: the check's rows were the profile's zeros, told apart only when they
+    were floats, so identical integer rows hid a model whose rows are not dimension 0."""
+    refused_at_the_padding_check(_TokenModel)
 
 
 class _NoModel(Handler):
