@@ -34,6 +34,7 @@ from ringserve.gpu_worker.handlers import BadInput, Handler, TensorSpec, create_
 from ringserve.gpu_worker.handlers.base import OutputContractError
 from ringserve.gpu_worker.handlers.declaration import DeclarationError, check_declaration
 from ringserve.gpu_worker.handlers.weights import WeightsError
+from ringserve.gpu_worker.host_heap import release_free_heap
 from ringserve.gpu_worker.metrics import BatchTiming, WorkerMetrics
 from ringserve.gpu_worker.output_contract import advertised_output, check_output
 from ringserve.gpu_worker.preprocess_pool import PreprocessPool, preprocess_threads
@@ -193,6 +194,7 @@ class Worker:
         self.handler = handler
         if self.model.compile:
             self._compile(handler)
+        release_free_heap()  # what loading freed; batches' memory is kept from here on
         # The model may change its input in place (normalising, an in-place activation).
         # Were that input the slot itself, a request re-queued after this worker dies
         # would run again on the changed values and get a confident wrong answer. So the

@@ -1,6 +1,7 @@
 """Handlers used only by tests: a slow one (deadlines, full queues, disconnects), a
 poisonous one (raises on 13, kills its process on 666), a leaking one (host memory) and
-one that leaks on its device (GPU memory, on a GPU), one that fails to load, one that reports its threads, one with a BYTES input, one with
+one that leaks on its device (GPU memory, on a GPU), one that fails to load, one that
+frees memory as it loads, one that reports its threads, one with a BYTES input, one with
 a BYTES output, one that breaks the handler contract and one that says which thread
 preprocessed each image."""
 
@@ -154,6 +155,20 @@ class LoadsSlowly(FailsToLoad):
             with open(str(pids), "a") as f:
                 f.write(f"{child.pid}\n")
         time.sleep(float(self.settings.options["load_s"]))
+        self.device = device
+
+
+class FreesMemoryAtLoad(FailsToLoad):
+    """Touches ``options.mb`` MB of host memory while it loads and frees it, as reading
+    a checkpoint does, and writes its process's RSS before that to ``options.rss_file``."""
+
+    def load(self, device: torch.device) -> None:
+        import psutil
+
+        with open(str(self.settings.options["rss_file"]), "w") as f:
+            f.write(str(psutil.Process().memory_info().rss))
+        scratch = np.ones(int(self.settings.options["mb"]) << 18, np.float32)
+        del scratch
         self.device = device
 
 
