@@ -5,7 +5,7 @@ than batch 4).
 Bounded: each size gets a few timed rounds and the whole profile stops at a time budget.
 Results are cached per model handler, weights, options, device, input shape, threads
 and hardware (CPU model and count, torch version, GPU name) in
-``$XDG_CACHE_HOME/ringserve/profiles-v5.json`` so restarts and recycles skip it
+``$XDG_CACHE_HOME/ringserve/profiles-v6.json`` so restarts and recycles skip it
 (delete the file to re-profile).
 
 One worker of a model profiles, its siblings wait for the entry (a lock file per entry):
@@ -90,8 +90,9 @@ def batch_sizes(max_batch: int) -> list[int]:
 def _cache_path() -> str:
     # v3: interleaved rounds; v4: options in the key (a vision model now runs NHWC on a
     # CPU by default, so a v3 figure measured NCHW must not be reused); v5: vision models
-    # fold their BatchNorms by default (a v4 figure measured them unfolded).
-    return os.path.join(cache_dir(), "profiles-v5.json")
+    # fold their BatchNorms by default (a v4 figure measured them unfolded); v6: workers
+    # keep freed host memory (a v5 figure paid page faults on large batches).
+    return os.path.join(cache_dir(), "profiles-v6.json")
 
 
 def _load_cache() -> dict:

@@ -131,8 +131,8 @@ def child_environment(spec: ChildSpec, base: Mapping[str, str]) -> dict[str, str
     env.setdefault("PYTHONUNBUFFERED", "1")
     if spec.role == "worker" and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & env.keys():
         env["GOMP_SPINCOUNT"] = WORKER_OMP_SPINCOUNT  # read once, when libgomp loads
-    if spec.role == "worker" and not _operator_tuned_malloc(env):
-        env.update(WORKER_MALLOC)  # read once, when the process starts
+    if spec.role == "worker":
+        env.update(malloc_thresholds(env))  # read once, when the process starts
     if spec.role == "worker":
         # A compiled model's kernels (models.NAME.compile) outlive the worker there, not in
         # /tmp (private to the unit under systemd, and wiped at boot); on a GPU, Triton's
@@ -145,13 +145,14 @@ def child_environment(spec: ChildSpec, base: Mapping[str, str]) -> dict[str, str
 _MALLOC_THRESHOLDS = ("mmap_threshold", "trim_threshold", "top_pad", "mmap_max")
 
 
-def _operator_tuned_malloc(env: Mapping[str, str]) -> bool:
-    """Whether ``env`` already sets one of glibc malloc's thresholds, either way."""
+def malloc_thresholds(env: Mapping[str, str]) -> dict[str, str]:
+    """``WORKER_MALLOC``, or nothing where ``env`` already sets one of glibc malloc's
+    thresholds (either way: a ``MALLOC_*_`` variable or ``GLIBC_TUNABLES``)."""
     tunables = env.get("GLIBC_TUNABLES", "")
-    return any(
-        f"glibc.malloc.{name}" in tunables or f"MALLOC_{name.upper()}_" in env
-        for name in _MALLOC_THRESHOLDS
-    )
+    for name in _MALLOC_THRESHOLDS:
+        if f"glibc.malloc.{name}" in tunables or f"MALLOC_{name.upper()}_" in env:
+            return {}
+    return dict(WORKER_MALLOC)
 
 
 def spawn(spec: ChildSpec, env: Mapping[str, str] | None = None) -> Child:

@@ -375,3 +375,19 @@ def test_paired_new_set_changes_only_this_checkouts_side(
     new, base = (command(8000, args, tmp_path, side) for side in ("new", "base"))
     assert new[-4:] == ["--set", "a.b=1", "--set", "models.digits.compile=true"]
     assert base[-2:] == ["--set", "a.b=1"] and "models.digits.compile=true" not in base
+
+
+def test_the_raw_loop_runs_on_the_heap_of_ringserves_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The raw model is timed with the workers' malloc thresholds: with glibc's own it
+    paid page faults at batch 8 that the server does not, and the ratios against it
+    would count the allocator as serving speed."""
+    monkeypatch.syspath_prepend(str(REPO))
+    for name in [k for k in os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(name)
+    from bench import run as bench_run
+    from ringserve.supervisor.children import WORKER_MALLOC
+
+    _, env = bench_run._raw_model("resnet50", bench_run.parse_args([]), "--serve")
+    assert WORKER_MALLOC.items() <= env.items()
