@@ -46,8 +46,6 @@ from typing import TypeVar
 
 import psutil
 
-from ringserve.supervisor.children import malloc_thresholds
-
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 LITSERVE_VENV = BENCH / ".venv-litserve"
@@ -623,11 +621,7 @@ def _raw_model(model: str, args: argparse.Namespace, *argv: str) -> tuple[list[s
     common = ["--model", model, "--threads", str(args.threads), "--device", args.device]
     if args.compile and model != "identity":
         common.append("--compile")
-    cmd, env = _repo_module("bench.raw_model", *common, *argv)
-    # The heap of ringserve's workers (fixed malloc thresholds): with glibc's own, the
-    # raw loop paid page faults at batch 8 that the server does not (README), and the
-    # ratios judged against it would count the allocator as serving speed.
-    return cmd, {**env, **malloc_thresholds(env)}
+    return _repo_module("bench.raw_model", *common, *argv)
 
 
 def bench_raw(model: str, args: argparse.Namespace, inputs: dict[str, Path], tmp: Path) -> dict:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import signal
 import socket
@@ -24,6 +23,7 @@ from ringserve.frontend.dispatch import Dispatcher
 from ringserve.frontend.http_guard import MAX_HEAD_BYTES, guarded_protocol
 from ringserve.frontend.metrics import FrontendMetrics
 from ringserve.frontend.metrics_port import by_local_port, metrics_only_app
+from ringserve.ipc import heap
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.child import ChildSpec, load_spec
 from ringserve.ipc.client_regions import ClientRegions
@@ -80,25 +80,9 @@ class _Server(uvicorn.Server):
             self._exit_asked.set()
 
 
-M_MMAP_THRESHOLD = -3  # glibc malloc.h
-BIG_ALLOCATION_BYTES = 128 * 1024
-
-
-def return_big_buffers_to_the_os() -> None:
-    """Serve every allocation of 128 KiB or more (request bodies, parsed JSON arrays)
-    from its own mmap, given back when freed.
-
-    glibc raises its mmap threshold each time such a block is freed, after which big
-    blocks come from the heap and stay there: one 2 MB JSON body left a frontend 15 MB
-    larger for good (tests/test_faults_hostile.py). Setting the threshold fixes it.
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, BIG_ALLOCATION_BYTES)
-
-
 def build_state(spec: ChildSpec) -> tuple[FrontendState, ControlBlock]:
     settings = spec.settings
-    return_big_buffers_to_the_os()
+    heap.set_thresholds(heap.FRONTEND)  # big blocks back to the kernel when freed
     use_multiprocess_files(spec.metrics_dir, f"frontend-c{spec.control_index}")
     arena = Arena.attach(spec.arena_path)
     control = ControlBlock(arena, spec.control_index)

@@ -8,8 +8,6 @@ stamped after every batch and on every idle wake (at least every heartbeat inter
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import gc
 import json
 import logging
@@ -34,7 +32,6 @@ from ringserve.gpu_worker.handlers import BadInput, Handler, TensorSpec, create_
 from ringserve.gpu_worker.handlers.base import OutputContractError
 from ringserve.gpu_worker.handlers.declaration import DeclarationError, check_declaration
 from ringserve.gpu_worker.handlers.weights import WeightsError
-from ringserve.gpu_worker.host_heap import release_free_heap
 from ringserve.gpu_worker.metrics import BatchTiming, WorkerMetrics
 from ringserve.gpu_worker.output_contract import advertised_output, check_output
 from ringserve.gpu_worker.preprocess_pool import PreprocessPool, preprocess_threads
@@ -47,7 +44,7 @@ from ringserve.gpu_worker.profile import (
 )
 from ringserve.gpu_worker.request_errors import RequestErrors
 from ringserve.gpu_worker.staging import PinnedStaging
-from ringserve.ipc import bytes_tensor, wake
+from ringserve.ipc import bytes_tensor, heap, wake
 from ringserve.ipc.answer import CANCELLED_MESSAGE, write_error, write_output
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.child import ChildSpec, load_spec
@@ -194,7 +191,7 @@ class Worker:
         self.handler = handler
         if self.model.compile:
             self._compile(handler)
-        release_free_heap()  # what loading freed; batches' memory is kept from here on
+        heap.release_free_memory()  # what loading freed (batches' memory is kept)
         # The model may change its input in place (normalising, an in-place activation).
         # Were that input the slot itself, a request re-queued after this worker dies
         # would run again on the changed values and get a confident wrong answer. So the
@@ -508,8 +505,7 @@ class Worker:
     def _trim(self) -> None:
         """Return freed memory to the OS so the supervisor can tell retention from a leak."""
         gc.collect()
-        with contextlib.suppress(OSError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        heap.release_free_memory()
         if torch.cuda.is_available() and self.model.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
@@ -864,6 +860,7 @@ def main() -> None:
         spec.settings.server.log_format, spec.settings.server.log_level, f"worker-{spec.ident}"
     )
     capture_prints("ringserve.handler.output")  # the model's own print()s, as log lines
+    heap.set_thresholds(heap.WORKER)  # before the model loads: ipc/heap.py says why
     worker_ref: list[Worker] = []
 
     def on_term(signum: int, frame: object) -> None:

@@ -101,17 +101,6 @@ class Child:
 # (~1 ms) still covers the gaps between a forward's parallel regions, which is what the
 # spin is for. An operator's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
 WORKER_OMP_SPINCOUNT = "10000"
-
-# glibc's malloc hands a freed block over its mmap threshold back to the kernel and
-# trims a free heap top over its trim threshold, and both thresholds move with what
-# was last freed. A forward's activations (resnet50 at batch 8: blocks of 25 MB) then
-# came back as fresh zeroed pages on most batches: 3,000-5,000 page faults per image,
-# 8-13 % of the raw batch-8 loop's time on the 2-core VM, or none on a lucky heap
-# (docs/benchmarks.md). Fixed thresholds keep a worker's heap at its largest batch's
-# working set, as CUDA's caching allocator keeps device memory; what loading the model
-# freed is released once before it serves (gpu_worker/host_heap.py). An operator's own
-# thresholds win (MALLOC_TRIM_THRESHOLD_ and the like, or in GLIBC_TUNABLES).
-WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 62)}
 _SYSTEMD_VARS = (
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
@@ -132,27 +121,12 @@ def child_environment(spec: ChildSpec, base: Mapping[str, str]) -> dict[str, str
     if spec.role == "worker" and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & env.keys():
         env["GOMP_SPINCOUNT"] = WORKER_OMP_SPINCOUNT  # read once, when libgomp loads
     if spec.role == "worker":
-        env.update(malloc_thresholds(env))  # read once, when the process starts
-    if spec.role == "worker":
         # A compiled model's kernels (models.NAME.compile) outlive the worker there, not in
         # /tmp (private to the unit under systemd, and wiped at boot); on a GPU, Triton's
         # too, not in ~/.triton (read-only in a container, or no home at all).
         env.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache_dir(env), "inductor"))
         env.setdefault("TRITON_CACHE_DIR", os.path.join(cache_dir(env), "triton"))
     return env
-
-
-_MALLOC_THRESHOLDS = ("mmap_threshold", "trim_threshold", "top_pad", "mmap_max")
-
-
-def malloc_thresholds(env: Mapping[str, str]) -> dict[str, str]:
-    """``WORKER_MALLOC``, or nothing where ``env`` already sets one of glibc malloc's
-    thresholds (either way: a ``MALLOC_*_`` variable or ``GLIBC_TUNABLES``)."""
-    tunables = env.get("GLIBC_TUNABLES", "")
-    for name in _MALLOC_THRESHOLDS:
-        if f"glibc.malloc.{name}" in tunables or f"MALLOC_{name.upper()}_" in env:
-            return {}
-    return dict(WORKER_MALLOC)
 
 
 def spawn(spec: ChildSpec, env: Mapping[str, str] | None = None) -> Child:

@@ -378,16 +378,18 @@ def test_paired_new_set_changes_only_this_checkouts_side(
 
 
 def test_the_raw_loop_runs_on_the_heap_of_ringserves_workers(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """The raw model is timed with the workers' malloc thresholds: with glibc's own it
     paid page faults at batch 8 that the server does not, and the ratios against it
     would count the allocator as serving speed."""
     monkeypatch.syspath_prepend(str(REPO))
-    for name in [k for k in os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]:
-        monkeypatch.delenv(name)
-    from bench import run as bench_run
-    from ringserve.supervisor.children import WORKER_MALLOC
+    from bench import raw_model
+    from ringserve.ipc import heap
 
-    _, env = bench_run._raw_model("resnet50", bench_run.parse_args([]), "--serve")
-    assert WORKER_MALLOC.items() <= env.items()
+    fixed = []
+    monkeypatch.setattr(heap, "set_thresholds", fixed.append)
+    argv = ["raw_model", "--batch-sizes", "1", "--duration", "0.05", "--json", str(tmp_path / "r")]
+    monkeypatch.setattr(sys, "argv", argv)
+    raw_model.main()
+    assert fixed == [heap.WORKER]

@@ -1,9 +1,9 @@
 """Handlers used only by tests: a slow one (deadlines, full queues, disconnects), a
 poisonous one (raises on 13, kills its process on 666), a leaking one (host memory) and
 one that leaks on its device (GPU memory, on a GPU), one that fails to load, one that
-frees memory as it loads, one that reports its threads, one with a BYTES input, one with
-a BYTES output, one that breaks the handler contract and one that says which thread
-preprocessed each image."""
+frees memory as it loads, one that counts its page faults, one that reports its threads,
+one with a BYTES input, one with a BYTES output, one that breaks the handler contract
+and one that says which thread preprocessed each image."""
 
 from __future__ import annotations
 
@@ -170,6 +170,26 @@ class FreesMemoryAtLoad(FailsToLoad):
         scratch = np.ones(int(self.settings.options["mb"]) << 18, np.float32)
         del scratch
         self.device = device
+
+
+class CountsPageFaults(Handler):
+    """Frees 60 MB of activations in each batch, as a forward does, and answers the
+    minor page faults its process took meanwhile (one number per row)."""
+
+    inputs = (TensorSpec("INPUT0", "float32", (-1,)),)
+    outputs = (TensorSpec("OUTPUT0", "float32", (1,)),)
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        import resource
+
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        a, b = np.ones(30 << 18, np.float32), np.ones(30 << 18, np.float32)
+        del a, b
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        return torch.full((batch.shape[0], 1), float(faults))
 
 
 class FailsFirstLoad(FailsToLoad):
