@@ -28,6 +28,7 @@ from ringserve.gpu_worker.batch_check import batchmate_effect
 from ringserve.gpu_worker.batcher import Batcher, BatchPolicy, Pending
 from ringserve.gpu_worker.compiled import compile_handler, ran_out_of_room
 from ringserve.gpu_worker.cpu_share import ThreadShare
+from ringserve.gpu_worker.cuda_devices import cuda_devices
 from ringserve.gpu_worker.handlers import BadInput, Handler, TensorSpec, create_handler
 from ringserve.gpu_worker.handlers.base import OutputContractError
 from ringserve.gpu_worker.handlers.declaration import DeclarationError, check_declaration
@@ -276,14 +277,10 @@ class Worker:
         finds it: exit MODEL_CONFIG, so a start stops at once); a device that fails to
         initialise is retried (CUDA_INIT: it may be busy or recovering)."""
         index = 0 if device.index is None else device.index
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        count, why = cuda_devices()
         if index >= count:
-            why = (
-                f"this host has {count} CUDA device(s) (cuda:0 to cuda:{count - 1})"
-                if count
-                else "torch sees no CUDA device here (no NVIDIA driver, or "
-                "CUDA_VISIBLE_DEVICES hides them)"
-            )
+            if count:
+                why = f"this host has {count} CUDA device(s) (cuda:0 to cuda:{count - 1})"
             error = ConfigError(f"models.{self.model.name}.device={self.model.device}: {why}")
             self._cannot_load(error, ExitCode.MODEL_CONFIG)
         device = torch.device("cuda", index)
