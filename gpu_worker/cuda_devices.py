@@ -23,8 +23,8 @@ def cuda_devices() -> tuple[int, str]:
         available = torch.cuda.is_available()
     if available:
         return torch.cuda.device_count(), ""
-    for warning in caught:
-        return 0, f"torch could not initialise CUDA: {str(warning.message).strip()}"
+    if caught:
+        return 0, f"torch could not initialise CUDA: {str(caught[0].message).strip()}"
     return 0, (
         "torch sees no CUDA device here (no NVIDIA driver loaded, or CUDA_VISIBLE_DEVICES "
         "hides them)"

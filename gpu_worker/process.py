@@ -192,7 +192,7 @@ class Worker:
         self.handler = handler
         if self.model.compile:
             self._compile(handler)
-        heap.release_free_memory()  # what loading freed (batches' memory is kept)
+        self._trim()  # what loading freed (from here on, batches' memory is kept)
         # The model may change its input in place (normalising, an in-place activation).
         # Were that input the slot itself, a request re-queued after this worker dies
         # would run again on the changed values and get a confident wrong answer. So the
@@ -500,7 +500,8 @@ class Worker:
             self.control.ack()
 
     def _trim(self) -> None:
-        """Return freed memory to the OS so the supervisor can tell retention from a leak."""
+        """Return freed memory to the OS: once loaded (what loading freed), and when the
+        supervisor asks, so that it can tell retention from a leak."""
         gc.collect()
         heap.release_free_memory()
         if torch.cuda.is_available() and self.model.device.startswith("cuda"):

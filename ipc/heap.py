@@ -33,6 +33,7 @@ FRONTEND = {M_MMAP_THRESHOLD: 128 * 1024}
 # (mallopt takes an int): far past resnet50's activations at batch 32.
 WORKER = {M_MMAP_THRESHOLD: 1 << 30, M_TRIM_THRESHOLD: (1 << 31) - 1}
 _THRESHOLDS = ("mmap_threshold", "trim_threshold", "top_pad", "mmap_max")
+_LIBC = ctypes.CDLL(None)  # the C library this process runs on (without glibc: no mallopt)
 
 
 def set_by_operator(env: Mapping[str, str] = os.environ) -> bool:
@@ -48,7 +49,7 @@ def set_by_operator(env: Mapping[str, str] = os.environ) -> bool:
 def set_thresholds(values: Mapping[int, int]) -> bool:
     """``mallopt(param, value)`` for each item (fixing one turns glibc's moving ones off),
     unless the operator set thresholds or this is not glibc; True if all were set."""
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    mallopt = getattr(_LIBC, "mallopt", None)
     if mallopt is None or set_by_operator():
         return False
     return all(mallopt(param, value) == 1 for param, value in values.items())
@@ -57,7 +58,7 @@ def set_thresholds(values: Mapping[int, int]) -> bool:
 def release_free_memory() -> bool:
     """``malloc_trim(0)``: every free page of every malloc arena back to the kernel;
     True if memory was released."""
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    trim = getattr(_LIBC, "malloc_trim", None)
     if trim is None:
         return False
     trim.argtypes = [ctypes.c_size_t]
