@@ -123,7 +123,8 @@ def one_slice(server: tuple[str, int, int], conc: int, args: argparse.Namespace,
     name = PATHS[args.model].split("/")[3]
     bench_run.settle(bench_run.tree(pid))
     before = stats(port, name)[1]
-    w = bench_run.run_wrk(args.wrk, url, conc, args.seconds, body, "image/jpeg")
+    warmup = bench_run.WINDOW_WARMUP_S if conc > 1 else 0.0  # a rate, counted as run.py does
+    w = bench_run.run_wrk(args.wrk, url, conc, args.seconds, body, "image/jpeg", warmup)
     bench_run.settle(bench_run.tree(pid))
     ms = stage_ms(before, stats(port, name)[1])
     return (w["p50_ms"] if conc == 1 else w["throughput"]), w["errors"], ms
