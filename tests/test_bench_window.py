@@ -11,13 +11,22 @@ import statistics
 import threading
 import time
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-from bench import run as bench_run
-
+REPO = Path(__file__).resolve().parent.parent
 PERIOD_S = 0.35  # resnet50's batch of 8 on the 2-core VM
 BATCH = 8
+
+
+@pytest.fixture
+def bench_run(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """``bench.run``, importable from the checkout (pytest does not put it on the path)."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench import run
+
+    return run
 
 
 def bursts(phase_s: float, window_s: float = 8.0) -> list[float]:
@@ -31,7 +40,9 @@ def bursts(phase_s: float, window_s: float = 8.0) -> list[float]:
     return times
 
 
-def test_the_rate_of_batched_answers_does_not_move_with_where_the_window_cuts() -> None:
+def test_the_rate_of_batched_answers_does_not_move_with_where_the_window_cuts(
+    bench_run: ModuleType,
+) -> None:
     truth = BATCH / PERIOD_S
     phases = [i * PERIOD_S / 10 for i in range(10)]
     rates = [bench_run.completion_rate(bursts(p), 8.0) for p in phases]
@@ -41,12 +52,12 @@ def test_the_rate_of_batched_answers_does_not_move_with_where_the_window_cuts() 
     assert max(abs(c / truth - 1) for c in counts) > 0.03, counts
 
 
-def test_the_rate_of_answers_one_at_a_time_is_their_rate() -> None:
+def test_the_rate_of_answers_one_at_a_time_is_their_rate(bench_run: ModuleType) -> None:
     times = [i / 100 for i in range(800)]
     assert bench_run.completion_rate(times, 8.0) == pytest.approx(100.0)
 
 
-def test_too_few_answers_for_a_slope_are_counted() -> None:
+def test_too_few_answers_for_a_slope_are_counted(bench_run: ModuleType) -> None:
     assert bench_run.completion_rate([], 8.0) == 0.0
     assert bench_run.completion_rate([3.0, 3.0], 8.0) == 0.25
 
@@ -107,7 +118,9 @@ class BatchingServer:
 
 
 @pytest.mark.timeout(60)
-def test_wrk_counts_a_batching_servers_answers_at_the_rate_they_come(tmp_path: Path) -> None:
+def test_wrk_counts_a_batching_servers_answers_at_the_rate_they_come(
+    tmp_path: Path, bench_run: ModuleType
+) -> None:
     wrk = shutil.which("wrk")
     if wrk is None:
         pytest.skip("wrk is not installed (make system-deps)")
