@@ -588,13 +588,15 @@ def bench_system(
         time.sleep(args.idle_window)
         idle_pct = 100 * (cpu_seconds(procs) - c0) / (time.monotonic() - t0)
         pss_idle, fe_idle = memory(procs)
+        # A separate warm-up run leaves its in-flight requests behind; with a slow model
+        # (resnet50 on a CPU) they would eat into the measured run, so its runs warm up
+        # inside the run and count a window after it (``run_wrk``). Identity answers in
+        # microseconds, so its warm-up run leaves nothing behind, and its points keep
+        # wrk's count (55,000 answers in 5 s: no batch to cut off).
+        warmup_s = WINDOW_WARMUP_S if args.warmup > 0 and model != "identity" else 0.0
         for conc in args.concurrency or CONCURRENCY[model]:
-            # A separate warm-up run leaves its in-flight requests behind; with a slow model
-            # (resnet50 on a CPU) they would eat into the measured run, so its runs warm
-            # up inside the run and count a window after it (``run_wrk``).
             if args.warmup > 0 and launch.driver == "wrk" and model == "identity":
                 run_wrk(wrk, url, conc, args.warmup, inputs[launch.body], launch.content_type)
-            warmup_s = WINDOW_WARMUP_S if args.warmup > 0 and model != "identity" else 0.0
             procs = tree(pid)
             # Throughput is judged against the raw best batch timed right before and right
             # after the point, not a run a minute earlier (the host drifts by more than 5%).

@@ -109,7 +109,8 @@ class BatchingServer:
         answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
         while not self._stop.is_set():
             await asyncio.sleep(self.period_s)
-            batch, held[:] = list(held), []
+            batch = held.copy()
+            held.clear()
             for writer in batch:
                 writer.write(answer)
             if batch:
@@ -122,8 +123,7 @@ def test_wrk_counts_a_batching_servers_answers_at_the_rate_they_come(
     tmp_path: Path, bench_run: ModuleType
 ) -> None:
     wrk = shutil.which("wrk")
-    if wrk is None:
-        pytest.skip("wrk is not installed (make system-deps)")
+    assert wrk, "wrk is missing: make test installs it (make system-deps)"
     body = tmp_path / "body.json"
     body.write_text('{"data": [1]}')
     with BatchingServer(period_s=0.2) as server:
@@ -135,4 +135,6 @@ def test_wrk_counts_a_batching_servers_answers_at_the_rate_they_come(
     truth = 4 / statistics.median(b - a for a, b in itertools.pairwise(full))
     assert r["errors"] == 0
     assert 0 < r["window_answers"] < r["requests"]  # the warm-up and the tail are outside
-    assert r["throughput"] == pytest.approx(truth, rel=0.05)
+    # Within 2 %: wrk's own count of the same run reads about 4 % low (19.17 against
+    # 19.93), one batch of the 24 it counts.
+    assert r["throughput"] == pytest.approx(truth, rel=0.02)

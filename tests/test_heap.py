@@ -18,10 +18,10 @@ from ringserve.ipc import heap
 pytestmark = pytest.mark.skipif(os.confstr("CS_GNU_LIBC_VERSION") is None, reason="glibc's malloc")
 
 
-def _run(script: str, env: dict[str, str] | None = None) -> list[str]:
+def _run(script: str, *args: str, env: dict[str, str] | None = None) -> list[str]:
     clean = {k: v for k, v in os.environ.items() if not heap.set_by_operator({k: v})}
     out = subprocess.run(
-        [sys.executable, "-c", script],
+        [sys.executable, "-c", script, *args],
         env={**clean, **(env or {})},
         capture_output=True,
         text=True,
@@ -52,15 +52,13 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 20, fixed
 def test_a_worker_heap_reuses_what_a_batch_freed() -> None:
     # glibc's moving thresholds hand the 60 MB back and fault it in again (thousands of
     # pages a batch); the worker's fixed ones keep it.
-    assert int(_run(FAULTS_PER_BATCH.replace("sys.argv[1]", "'glibc'"))[0]) > 500
-    faults, fixed = _run(FAULTS_PER_BATCH.replace("sys.argv[1]", "'worker'"))
+    assert int(_run(FAULTS_PER_BATCH, "glibc")[0]) > 500
+    faults, fixed = _run(FAULTS_PER_BATCH, "worker")
     assert int(faults) < 50 and fixed == "True"
 
 
 def test_the_operators_thresholds_stay() -> None:
-    faults, fixed = _run(
-        FAULTS_PER_BATCH.replace("sys.argv[1]", "'worker'"), {"MALLOC_TRIM_THRESHOLD_": "131072"}
-    )
+    faults, fixed = _run(FAULTS_PER_BATCH, "worker", env={"MALLOC_TRIM_THRESHOLD_": "131072"})
     assert fixed == "False" and int(faults) > 500  # theirs: trim at 128 KiB, as they asked
 
 
@@ -79,14 +77,15 @@ def test_which_settings_are_the_operators_thresholds(env: dict[str, str], theirs
 
 
 RELEASE = """
-import numpy as np, psutil
+import sys, numpy as np, psutil
 from ringserve.ipc import heap
 rss = lambda: psutil.Process().memory_info().rss >> 20
-fixed = {role} and heap.set_thresholds(getattr(heap, {role}))
-# {mb} MB, every page touched, twice: glibc's own threshold (up to 32 MB) serves the
+role, mb = sys.argv[1], int(sys.argv[2])
+fixed = role != "glibc" and heap.set_thresholds(getattr(heap, role))
+# mb MB, every page touched, twice: glibc's own threshold (up to 32 MB) serves the
 # first block from its own mmap and then rises to its size, so the second is the heap's.
 for _ in range(2):
-    scratch = np.ones({mb} << 18, np.float32)
+    scratch = np.ones(mb << 18, np.float32)
     del scratch
 freed = rss()
 print(freed, heap.release_free_memory(), rss())
@@ -94,14 +93,14 @@ print(freed, heap.release_free_memory(), rss())
 
 
 def test_a_worker_heap_keeps_a_big_block_until_released() -> None:
-    kept, released, after = _run(RELEASE.format(role="'WORKER'", mb=300))
+    kept, released, after = _run(RELEASE, "WORKER", "300")
     assert int(kept) - int(after) > 250 and released == "True"
 
 
 def test_a_frontend_heap_gives_a_big_block_back_when_freed() -> None:
-    freed, _, after = _run(RELEASE.format(role="'FRONTEND'", mb=20))
+    freed, _, after = _run(RELEASE, "FRONTEND", "20")
     assert int(freed) - int(after) < 5  # nothing was left to release
-    freed, _, after = _run(RELEASE.format(role="None", mb=20))  # glibc's own threshold
+    freed, _, after = _run(RELEASE, "glibc", "20")  # glibc's own threshold
     assert int(freed) - int(after) > 15  # the second block stayed until released
 
 
