@@ -345,6 +345,11 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
             self.arena.models[child.model_index]["last_error"] = b""
             if isinstance(owner, WorkerSlot):
                 owner.last_error = ""
+            # Frontends took work from it before this (its record said READY). Published
+            # now, not at the next tick: a model whose worker dies in between would
+            # stay LOADING and refuse with 503, where a model that was SERVING queues
+            # while the replacement loads (RECOVERING).
+            self.publish_availability()
 
     def promote_if_ready(self, child: Child) -> None:
         """Promote a starting child whose control record says it is ready (or already
