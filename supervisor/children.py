@@ -84,13 +84,32 @@ class Child:
                 os.killpg(self.pid, signal.SIGKILL)
 
     def reap(self) -> int | None:
-        """Collect the exit status if the child has exited (non-blocking)."""
+        """Collect the exit status if the child has exited (non-blocking), and end what
+        is left of its process group first.
+
+        A child that exits on its own (SIGTERM while loading, a crash, a recycle) leaves
+        what it ran, a compiler for torch.compile or a handler's helper, running on as an
+        orphan; only ``kill`` reached the group. Killed before the wait: until then the
+        dead child's pid, which names the group, cannot be handed to another process."""
         if self.returncode is None:
+            if self.popen.returncode is None:  # (else reaped by a wait after ``kill``)
+                if not _has_exited(self.pid):
+                    return None
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.pid, signal.SIGKILL)
             rc = self.popen.poll()
             if rc is not None:
                 self.returncode = rc  # phase stays as it was: the arbiter reads it next
                 os.close(self.pidfd)
         return self.returncode
+
+
+def _has_exited(pid: int) -> bool:
+    """Whether our child ``pid`` has exited, without reaping it (``WNOWAIT``)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # reaped already
+        return True
 
 
 # An OpenMP thread (torch's CPU pool is GNU libgomp) that finds no work spins this many
