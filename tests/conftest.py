@@ -25,6 +25,14 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 
 
+@pytest.fixture
+def bench_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``bench/`` importable: it runs from the checkout and is not installed, and
+    ``pytest`` (what CI runs), unlike ``python -m pytest``, does not put the checkout on
+    the path."""
+    monkeypatch.syspath_prepend(str(REPO))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

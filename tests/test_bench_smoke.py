@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
+# bench/ runs from the checkout: every test here imports it or runs it from there.
+pytestmark = pytest.mark.usefixtures("bench_importable")
 
 
 @pytest.mark.e2e
@@ -54,13 +56,10 @@ def test_bench_quick(tmp_path: Path) -> None:
     assert "## Targets" in md
 
 
-def test_resnet50_c1_is_judged_against_the_raw_loop_timed_around_it(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_resnet50_c1_is_judged_against_the_raw_loop_timed_around_it() -> None:
     """The host's speed drifts by more than the 3 ms budget within a minute: the c=1
     point takes turns with the raw batch-1 loop and is judged by those slices, not
     against the repetition's raw run from a minute earlier (kept in the note)."""
-    monkeypatch.syspath_prepend(str(REPO))  # bench/ is run from the checkout, not installed
     from bench.run import evaluate_targets
 
     res = {
@@ -90,8 +89,6 @@ def test_resnet50_c1_is_judged_against_the_raw_loop_timed_around_it(
 
 def test_c1_slices_take_turns_with_the_raw_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     """raw, wrk, raw, wrk, ... raw: each wrk slice against the mean of its neighbours."""
-    monkeypatch.syspath_prepend(str(REPO))
-
     from bench import run as bench_run
 
     order: list[str] = []
@@ -128,12 +125,9 @@ def resnet50_results(raw_run: dict, rows: list[dict]) -> dict:
     }
 
 
-def test_resnet50_throughput_is_judged_against_the_raw_best_batch_timed_around_it(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_resnet50_throughput_is_judged_against_the_raw_best_batch_timed_around_it() -> None:
     """c=8 and c=32 against the raw best batch timed right before and after the point;
     the repetition's earlier raw run stays in the note (and judges older results)."""
-    monkeypatch.syspath_prepend(str(REPO))
     from bench.run import evaluate_targets
 
     raw_run = {"rows": [{"batch_size": 1, "p50_ms": 80.0, "items_per_s": 8.0},
@@ -156,7 +150,6 @@ def test_resnet50_throughput_is_judged_against_the_raw_best_batch_timed_around_i
 
 def test_settle_waits_for_the_server_to_stop_using_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """The raw slice after a point waits for the requests still in flight to finish."""
-    monkeypatch.syspath_prepend(str(REPO))
     from bench import run as bench_run
 
     busy = iter([0.0, 0.2, 0.2, 0.4, 0.4, 0.41])  # cpu seconds: busy, busy, then idle
@@ -167,12 +160,9 @@ def test_settle_waits_for_the_server_to_stop_using_cpu(monkeypatch: pytest.Monke
         next(busy)
 
 
-def test_identity_c1_targets_name_the_inline_server_of_the_same_run(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_identity_c1_targets_name_the_inline_server_of_the_same_run() -> None:
     """A c=1 figure depends on the host's minute: its note gives one inline uvicorn
     process's figure from the same run, the HTTP stack alone."""
-    monkeypatch.syspath_prepend(str(REPO))
     from bench import run as bench_run
 
     row = {"model": "identity", "concurrency": 1, "errors": 0}
@@ -197,11 +187,10 @@ def test_identity_c1_targets_name_the_inline_server_of_the_same_run(
     assert by_name["identity c=1: ringserve p99 ms"]["note"].endswith(": 2.19 ms")
 
 
-def test_points_default_per_model(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_points_default_per_model() -> None:
     """`make bench` runs the published method: identity 5 s points at c=1..64, resnet50 8 s
     points at c=1, 8, 32; --duration and --concurrency override both. Results files from
     before the per-model defaults still render."""
-    monkeypatch.syspath_prepend(str(REPO))
     from bench import run as bench_run
 
     args = bench_run.parse_args([])
@@ -219,7 +208,6 @@ def test_points_default_per_model(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_header_names_the_guest_halt_polling(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.syspath_prepend(str(REPO))
     from bench import run
 
     knob = tmp_path / "guest_halt_poll_ns"
@@ -231,8 +219,7 @@ def test_header_names_the_guest_halt_polling(
     assert run.guest_halt_poll() == "guest halt polling 200 µs"
 
 
-def test_ipc_parts_times_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.syspath_prepend(str(REPO))
+def test_ipc_parts_times_every_step() -> None:
     from bench import ipc_parts
 
     rows = ipc_parts.measure(50)
@@ -241,13 +228,10 @@ def test_ipc_parts_times_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "| ring lock + unlock |" in ipc_parts.table(rows)
 
 
-def test_the_shared_workers_resnet50_configuration_is_judged_on_its_own(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_the_shared_workers_resnet50_configuration_is_judged_on_its_own() -> None:
     """Both CPU configurations of ringserve (one worker with every thread, one worker
     per thread sharing them) get their own target rows, each against the raw runs of
     its own repetitions; a configuration that did not run gets none."""
-    monkeypatch.syspath_prepend(str(REPO))
     from bench.run import evaluate_targets
 
     raw_run = {"rows": [{"batch_size": 1, "p50_ms": 80.0, "items_per_s": 8.0},
@@ -293,11 +277,10 @@ def test_batch_mix_reports_batches_and_stages(tmp_path: Path) -> None:
     assert "compute_infer" in line and "queue" in line, line
 
 
-def test_the_eventfd_floor_crosses_cpus_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_eventfd_floor_crosses_cpus_when_asked() -> None:
     """The floor under the "any vCPU" round trip is measured on two CPUs: left to the
     scheduler, the echo ran on the pinger's CPU for every ping, and the floor (6-10 µs)
     hid the cross-CPU wake-up (57-90 µs) that the round trip pays."""
-    monkeypatch.syspath_prepend(str(REPO))
     from bench.ipc_roundtrip import eventfd_floor
 
     allowed = sorted(os.sched_getaffinity(0))
@@ -310,15 +293,11 @@ def test_the_eventfd_floor_crosses_cpus_when_asked(monkeypatch: pytest.MonkeyPat
     assert os.sched_getaffinity(0) == set(allowed)  # the pinger's affinity is given back
 
 
-def test_paired_exports_the_base_commit_as_the_package_its_server_imports(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_paired_exports_the_base_commit_as_the_package_its_server_imports(tmp_path: Path) -> None:
     """``bench/paired.py`` serves ``--base`` from ``git archive``: on its PYTHONPATH,
     ``ringserve`` must be that export, not this checkout (installed editable)."""
     if not (REPO / ".git").exists():
         pytest.skip("not a git checkout: nothing to export")
-    monkeypatch.syspath_prepend(str(REPO))
-
     from bench.paired import export
 
     path = export("HEAD", tmp_path / "base")
@@ -359,14 +338,11 @@ def test_paired_compares_two_checkouts_slice_by_slice(tmp_path: Path) -> None:
     assert any(x.startswith("c=2 new / base, paired: median") for x in lines), lines
 
 
-def test_paired_new_set_changes_only_this_checkouts_side(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_paired_new_set_changes_only_this_checkouts_side(tmp_path: Path) -> None:
     """``--new-set`` judges a setting (``--base HEAD``): the new side's server gets it,
     the base's does not; ``--set`` goes to both."""
     import argparse
 
-    monkeypatch.syspath_prepend(str(REPO))
     from bench.paired import command
 
     args = argparse.Namespace(
@@ -383,7 +359,6 @@ def test_the_raw_loop_runs_on_the_heap_of_ringserves_workers(
     """The raw model is timed with the workers' malloc thresholds: with glibc's own it
     paid page faults at batch 8 that the server does not, and the ratios against it
     would count the allocator as serving speed."""
-    monkeypatch.syspath_prepend(str(REPO))
     from bench import raw_model
     from ringserve.ipc import heap
 

@@ -15,15 +15,12 @@ from types import ModuleType
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
 PERIOD_S = 0.35  # resnet50's batch of 8 on the 2-core VM
 BATCH = 8
 
 
 @pytest.fixture
-def bench_run(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """``bench.run``, importable from the checkout (pytest does not put it on the path)."""
-    monkeypatch.syspath_prepend(str(REPO))
+def bench_run(bench_importable: None) -> ModuleType:
     from bench import run
 
     return run
