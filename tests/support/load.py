@@ -1,25 +1,27 @@
-"""A small open-loop load driver for the deployment tests.
+"""A small open-loop load driver for the deployment and fault tests.
 
-``load_during(url, action)`` sends ``POST`` requests at a fixed arrival rate (open loop:
-arrivals do not wait for answers, up to ``concurrency`` in flight) from before
-``action()`` starts until after it returns, and counts every outcome: status codes,
-and transport errors by exception class. It synchronises on events, never on sleeps:
-``action`` starts once ``warmup`` requests have been answered, and the load stops once
-``tail`` more have been answered after ``action`` returned and ``min_requests`` in all. ``max_requests`` bounds the
-whole run; ``LoadResult.exhausted`` says the cap was hit before ``action`` finished (the
-load then did not cover the whole action, which a test should treat as a failure).
+Both drivers run one open loop (``_open_loop``): the i-th request is sent at ``i / rate``
+whatever happened to the earlier ones (a cap on requests in flight only guards the test
+machine). It synchronises on events, never on sleeps: an ``action`` starts once
+``warmup`` requests have been answered, and the load stops once ``tail`` more have been
+answered after it returned (and ``min_requests`` in all). ``max_requests`` (and
+``max_duration_s``) bound the whole run; ``exhausted`` says a bound ran out before the
+action returned (the load then did not cover the whole action, which a test should treat
+as a failure).
 
-``drive(url, make, action)`` (below) is the same kind of open loop with a record per
-request (status, latency, verdict) and any payload (``make(i)`` → ``Planned``, with its
-own answer check), for the fault tests' "nothing lost" assertion.
+``load_during(url, action)`` posts one payload and counts every outcome: status codes,
+and transport errors by exception class. ``drive(url, make, action)`` (below) keeps a
+record per request (status, latency, verdict) of any payload (``make(i)`` → ``Planned``,
+with its own answer check), for the fault tests' "nothing lost" assertion.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,33 +104,38 @@ async def post_counted(
         result.wrong += 1
 
 
-async def _run(
+async def _open_loop(
     url: str,
-    action: Callable[[], Any],
+    send: Callable[[httpx.AsyncClient, int], Awaitable[None]],
+    action: Callable[[], Any] | None,
     *,
-    path: str,
-    payload: dict,
-    expect_label: str | None,
     rate: float,
-    concurrency: int,
     max_requests: int,
+    max_duration_s: float,
     warmup: int,
     tail: int,
     min_requests: int,
+    max_inflight: int,
     timeout: float,
-) -> LoadResult:
-    result = LoadResult()
-    answered = 0
+) -> tuple[int, bool, Any]:
+    """The open loop both drivers share: ``send(client, i)`` for the i-th arrival at
+    ``i / rate`` (whatever happened to the earlier ones; ``max_inflight`` only guards the
+    test machine), until ``max_requests`` or ``max_duration_s`` ran out, or, with an
+    ``action``, until ``tail`` answers after it returned and ``min_requests`` in all.
+    ``send`` records its own outcome. Returns (arrivals sent, whether a bound ran out
+    before ``action`` returned, what ``action`` returned)."""
+    loop = asyncio.get_running_loop()
     progress = asyncio.Condition()
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    sem = asyncio.Semaphore(concurrency)
     stop = asyncio.Event()
-    action_done = False
+    sem = asyncio.Semaphore(max_inflight)
+    t0 = loop.time()
+    answered = planned = 0
+    ran_out = False
 
-    async def one(client: httpx.AsyncClient) -> None:
+    async def one(client: httpx.AsyncClient, i: int) -> None:
         nonlocal answered
         try:
-            await post_counted(client, result, path, payload, expect_label)
+            await send(client, i)
         finally:
             sem.release()
             async with progress:
@@ -136,19 +143,18 @@ async def _run(
                 progress.notify_all()
 
     async def produce(client: httpx.AsyncClient) -> None:
-        loop = asyncio.get_running_loop()
-        interval, tasks = 1.0 / rate, []
-        next_at = loop.time()
-        for _ in range(max_requests):
-            if stop.is_set():
+        nonlocal planned, ran_out
+        tasks = []
+        for i in range(max_requests):
+            due = t0 + i / rate
+            if stop.is_set() or due - t0 > max_duration_s:
                 break
-            await sem.acquire()
-            tasks.append(asyncio.create_task(one(client)))
-            next_at += interval
             # Pacing the arrivals (open loop), not waiting for anything to happen.
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
-        else:
-            result.exhausted = not action_done
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            await sem.acquire()
+            planned = i + 1
+            tasks.append(asyncio.create_task(one(client, i)))
+        ran_out = not stop.is_set()
         await asyncio.gather(*tasks)
         async with progress:
             progress.notify_all()
@@ -157,17 +163,21 @@ async def _run(
         async with progress:
             await progress.wait_for(lambda: answered >= n or producer.done())
 
+    limits = httpx.Limits(max_connections=max_inflight, max_keepalive_connections=max_inflight)
+    action_result, exhausted = None, False
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
         producer = asyncio.create_task(produce(client))
         try:
-            await answered_at_least(warmup, producer)
-            result.action_result = await asyncio.to_thread(action)
-            action_done = True
-            await answered_at_least(max(answered + tail, min_requests), producer)
+            if action is not None:
+                await answered_at_least(warmup, producer)
+                action_result = await asyncio.to_thread(action)
+                exhausted = ran_out
+                await answered_at_least(max(answered + tail, min_requests), producer)
         finally:  # also when action() raised: no request outlives the client
-            stop.set()
+            if action is not None:
+                stop.set()
             await producer
-    return result
+    return planned, exhausted, action_result
 
 
 def load_during(
@@ -186,29 +196,33 @@ def load_during(
     timeout: float = 30.0,
 ) -> LoadResult:
     """Run ``action()`` (blocking; in a thread) under open-loop load; see the module doc."""
-    return asyncio.run(
-        _run(
+    result = LoadResult()
+    body = DIGIT3 if payload is None else payload
+
+    async def send(client: httpx.AsyncClient, i: int) -> None:
+        await post_counted(client, result, path, body, expect_label)
+
+    _, result.exhausted, result.action_result = asyncio.run(
+        _open_loop(
             url,
+            send,
             action,
-            path=path,
-            payload=DIGIT3 if payload is None else payload,
-            expect_label=expect_label,
             rate=rate,
-            concurrency=concurrency,
             max_requests=max_requests,
+            max_duration_s=float("inf"),
             warmup=warmup,
             tail=tail,
             min_requests=min_requests,
+            max_inflight=concurrency,
             timeout=timeout,
         )
     )
+    return result
 
 
 # -- open loop with a per-request record ---------------------------------------------------
 #
-# ``drive`` sends requests built by ``make(i)`` at a fixed arrival rate (open loop: the
-# i-th request is sent at ``i / rate`` whatever happened to the earlier ones; a cap on
-# requests in flight only guards the test machine), bounded by a count and a duration,
+# ``drive`` sends requests built by ``make(i)``, bounded by a count and a duration,
 # optionally while ``action()`` runs in a thread. Every request leaves one ``Record``:
 # when it was sent, its latency, its status, and a verdict. ``DriveResult.assert_nothing_lost``
 # is the invariant "every request answered exactly once with the right output".
@@ -297,88 +311,6 @@ def judge(
     return LOST, f"status {code}: {response.text[:160]}"
 
 
-async def _drive(
-    url: str,
-    make: Callable[[int], Planned],
-    action: Callable[[], Any] | None,
-    *,
-    rate: float,
-    max_requests: int,
-    max_duration_s: float,
-    warmup: int,
-    tail: int,
-    max_inflight: int,
-    timeout: float,
-    allowed_4xx: frozenset[int],
-    max_refusal_s: float,
-    retry_transport_errors: bool,
-) -> DriveResult:
-    loop = asyncio.get_running_loop()
-    records: list[Record] = []
-    progress = asyncio.Condition()
-    stop = asyncio.Event()
-    sem = asyncio.Semaphore(max_inflight)
-    t0 = loop.time()
-    planned_n = 0
-
-    async def one(client: httpx.AsyncClient, i: int, planned: Planned) -> None:
-        sent, retried = loop.time(), ""
-        try:
-            while True:
-                try:
-                    response = await client.post(planned.path, **planned.kwargs)
-                except httpx.TransportError as e:
-                    if retry_transport_errors and not retried:
-                        retried = f"{type(e).__name__}: {e}"
-                        continue
-                    why = f"{type(e).__name__}: {e}"
-                    rec = Record(i, sent - t0, loop.time() - sent, None, LOST, why, retried)
-                else:
-                    latency = loop.time() - sent
-                    verdict, why = judge(response, planned, latency, allowed_4xx, max_refusal_s)
-                    rec = Record(i, sent - t0, latency, response.status_code, verdict, why, retried)
-                break
-        finally:
-            sem.release()
-        async with progress:
-            records.append(rec)
-            progress.notify_all()
-
-    async def produce(client: httpx.AsyncClient) -> None:
-        nonlocal planned_n
-        tasks = []
-        for i in range(max_requests):
-            due = t0 + i / rate
-            if stop.is_set() or due - t0 > max_duration_s:
-                break
-            # Pacing the arrivals (open loop), not waiting for anything to happen.
-            await asyncio.sleep(max(0.0, due - loop.time()))
-            await sem.acquire()
-            planned_n = i + 1
-            tasks.append(asyncio.create_task(one(client, i, make(i))))
-        await asyncio.gather(*tasks)
-        async with progress:
-            progress.notify_all()
-
-    async def answered_at_least(n: int, producer: asyncio.Task) -> None:
-        async with progress:
-            await progress.wait_for(lambda: len(records) >= n or producer.done())
-
-    limits = httpx.Limits(max_connections=max_inflight, max_keepalive_connections=max_inflight)
-    result_of_action, exhausted = None, False
-    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
-        producer = asyncio.create_task(produce(client))
-        if action is not None:
-            await answered_at_least(warmup, producer)
-            result_of_action = await asyncio.to_thread(action)
-            exhausted = producer.done()
-            await answered_at_least(len(records) + tail, producer)
-            stop.set()
-        await producer
-    records.sort(key=lambda r: r.index)
-    return DriveResult(records, planned_n, exhausted, result_of_action)
-
-
 def drive(
     url: str,
     make: Callable[[int], Planned],
@@ -404,23 +336,47 @@ def drive(
     ``proxy_next_upstream error`` does in the shipped site config; ``Record.retried``
     keeps the first error.
     """
-    return asyncio.run(
-        _drive(
+    records: list[Record] = []
+    t0 = time.monotonic()
+
+    async def send(client: httpx.AsyncClient, i: int) -> None:
+        planned, sent, retried = make(i), time.monotonic(), ""
+        while True:
+            try:
+                response = await client.post(planned.path, **planned.kwargs)
+            except httpx.TransportError as e:
+                if retry_transport_errors and not retried:
+                    retried = f"{type(e).__name__}: {e}"
+                    continue
+                why = f"{type(e).__name__}: {e}"
+                records.append(
+                    Record(i, sent - t0, time.monotonic() - sent, None, LOST, why, retried)
+                )
+                return
+            latency = time.monotonic() - sent
+            verdict, why = judge(response, planned, latency, allowed_4xx, max_refusal_s)
+            records.append(
+                Record(i, sent - t0, latency, response.status_code, verdict, why, retried)
+            )
+            return
+
+    planned_n, exhausted, action_result = asyncio.run(
+        _open_loop(
             url,
-            make,
+            send,
             action,
             rate=rate,
             max_requests=max_requests,
             max_duration_s=max_duration_s,
             warmup=warmup,
             tail=tail,
+            min_requests=0,
             max_inflight=max_inflight,
             timeout=timeout,
-            allowed_4xx=allowed_4xx,
-            max_refusal_s=max_refusal_s,
-            retry_transport_errors=retry_transport_errors,
         )
     )
+    records.sort(key=lambda r: r.index)
+    return DriveResult(records, planned_n, exhausted, action_result)
 
 
 def echo_request(path: str, i: int, width: int = 4, first: float | None = None) -> Planned:
