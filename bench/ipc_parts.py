@@ -38,6 +38,7 @@ def measure(iterations: int, payload_bytes: int = 1024) -> list[tuple[str, float
         )
         arena = Arena.create(os.path.join(tmp, segment_name("parts")), geometry)
         work_fd, done_fd = wake.new_eventfd(), wake.new_eventfd()
+        sleeper = wake.Sleeper(done_fd)
         fe = Frontend(arena, work_fd, done_fd)
         ring = RequestRing(arena, 0)
         payload = np.arange(payload_bytes // 4, dtype=np.float32)
@@ -75,9 +76,14 @@ def measure(iterations: int, payload_bytes: int = 1024) -> list[tuple[str, float
                 "worker: empty pop (lock round trip)": lambda: ring.pop(PIPELINE, 1, pid),
                 "eventfd signal": lambda: wake.signal(done_fd),
                 "eventfd drain (empty)": lambda: wake.drain(done_fd),
-                "select on a ready eventfd": lambda: (
+                "select on a ready eventfd (signal, wait, drain)": lambda: (
                     wake.signal(done_fd),
                     wake.wait(done_fd, 1.0),
+                    wake.drain(done_fd),
+                ),
+                "epoll on a ready eventfd (signal, Sleeper.wait, drain)": lambda: (
+                    wake.signal(done_fd),
+                    sleeper.wait(1.0),
                     wake.drain(done_fd),
                 ),
             }
@@ -86,6 +92,7 @@ def measure(iterations: int, payload_bytes: int = 1024) -> list[tuple[str, float
             ring.close()
             fe.ring.close()
             arena.close()
+            sleeper.close()
             os.close(work_fd)
             os.close(done_fd)
     return rows

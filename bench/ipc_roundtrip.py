@@ -9,9 +9,9 @@ model eventfd, pops, gathers each input out of its slot into a private batch arr
 it back as the output (a copy in and a copy out, as a real worker does), marks the slot
 DONE and signals the owner.
 
-Two waits on the frontend side: ``poll`` (a blocking ``poll(2)``, the floor) and
-``asyncio`` (an ``add_reader`` callback on a uvloop event loop resolving a future, the
-way the real frontend waits). Per payload size it reports the round-trip median and p99
+Two waits on the frontend side: ``poll`` (a blocking wait on the done eventfd alone,
+``wake.Sleeper``'s ``epoll_wait``: the floor) and ``asyncio`` (an ``add_reader`` callback
+on a uvloop event loop resolving a future, the way the real frontend waits). Per payload size it reports the round-trip median and p99
 with one request in flight, and items/s with 1 and with 32 requests in flight. Two last
 rows give the floor under all of it: an eventfd bounced between two processes that do
 nothing else, back to back and after an idle gap, held on two CPUs in the ``any vCPU``
@@ -64,6 +64,7 @@ def _worker(path: str, work_fd: int, done_fd: int) -> None:
     # Stopped as the real worker is: SIGTERM, seen through the signal wake-up pipe.
     signal.signal(signal.SIGTERM, on_term)
     interrupt_fd = wake.signal_wakeup_pipe()
+    idle_wait = wake.Sleeper(work_fd, interrupt_fd)
     arena = Arena.attach(path)
     ring = RequestRing(arena, 0)
     batch_id = 0
@@ -74,8 +75,8 @@ def _worker(path: str, work_fd: int, done_fd: int) -> None:
         claimed = ring.pop(PIPELINE, 1, os.getpid(), woke=asleep, sleep_if_empty=True)
         asleep = not claimed
         if asleep:
-            # The real worker's wait (``Worker._wait_for_work``).
-            if wake.wait(work_fd, 1.0, interrupt_fd):
+            # The real worker's wait between batches (``Worker._idle_wait``).
+            if idle_wait.wait(1.0):
                 wake.drain(work_fd)
             if stopping:
                 break
@@ -158,8 +159,9 @@ def _echo(ping_fd: int, pong_fd: int, stop_fd: int, cpu: int | None, where: obje
     CPU it answered on."""
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
+    pinged = wake.Sleeper(ping_fd)
     while True:
-        wake.wait(ping_fd, 1.0)
+        pinged.wait(1.0)
         if wake.drain(stop_fd):
             os._exit(0)
         if wake.drain(ping_fd):
@@ -190,6 +192,7 @@ def eventfd_floor(
     echo.start()
     allowed = os.sched_getaffinity(0)
     rtts, same = [], 0
+    ponged = wake.Sleeper(pong)
     try:
         if cpus:
             os.sched_setaffinity(0, {cpus[0]})
@@ -198,7 +201,7 @@ def eventfd_floor(
                 time.sleep(gap_s)
             t0 = time.perf_counter_ns()
             wake.signal(ping)
-            if not wake.wait(pong, 5.0):
+            if not ponged.wait(5.0):
                 raise RuntimeError("eventfd floor: no pong within 5 s")
             wake.drain(pong)
             if i >= iterations // 10:  # the first tenth warms up
@@ -208,27 +211,32 @@ def eventfd_floor(
         os.sched_setaffinity(0, allowed)
         wake.signal(stop)
         echo.join(5)
+        ponged.close()
         for fd in (ping, pong, stop):
             os.close(fd)
     return rtts, same / max(1, len(rtts))
 
 
 def _run_poll(fe: Frontend, payload: np.ndarray, iterations: int, inflight: int) -> list[int]:
-    """Blocking poll(2) on the done eventfd. Returns per-request round trips in ns."""
+    """A blocking wait on the done eventfd alone. Returns per-request round trips in ns."""
+    done = wake.Sleeper(fe.done_fd)
     rtts: list[int] = []
     started: dict[int, int] = {}
     sent = 0
-    while len(rtts) < iterations:
-        while len(started) < inflight and sent < iterations:
-            t0 = time.perf_counter_ns()
-            started[fe.submit(payload)] = t0
-            sent += 1
-        wake.wait(fe.done_fd, 5.0)
-        wake.drain(fe.done_fd)
-        for slot in [s for s in started if fe.done(s)]:
-            shape = fe.collect(slot)
-            rtts.append(time.perf_counter_ns() - started.pop(slot))
-            assert shape == payload.shape
+    try:
+        while len(rtts) < iterations:
+            while len(started) < inflight and sent < iterations:
+                t0 = time.perf_counter_ns()
+                started[fe.submit(payload)] = t0
+                sent += 1
+            done.wait(5.0)
+            wake.drain(fe.done_fd)
+            for slot in [s for s in started if fe.done(s)]:
+                shape = fe.collect(slot)
+                rtts.append(time.perf_counter_ns() - started.pop(slot))
+                assert shape == payload.shape
+    finally:
+        done.close()
     return rtts
 
 

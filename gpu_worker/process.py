@@ -145,6 +145,7 @@ class Worker:
         self.batcher: Batcher | None = None
         self.stopping = False
         self.interrupt_fd = interrupt_fd  # a signal_wakeup_pipe: SIGTERM ends an idle wait
+        self._idle_wait = wake.Sleeper(self.model_efd, interrupt_fd)
         self._staging = PinnedStaging()
         self._batch_seq = 0
         self._ran: list[BatchTiming] = []  # this loop round's model executions
@@ -518,7 +519,8 @@ class Worker:
         if not claimed:
             # Counted as a sleeper by that pop: wait, then pop at once (no loop round
             # first: the request that woke us is on the latency path).
-            self._wait_for_work(idle_timeout_s)
+            if self._idle_wait.wait(idle_timeout_s):
+                wake.drain(self.model_efd)
             target = share.batch_limit(policy.target, self.ring.depth())
             claimed = self.ring.pop(target, index, pid, woke=True)
             if not claimed:
@@ -550,8 +552,9 @@ class Worker:
 
     def _wait_for_work(self, timeout_s: float) -> None:
         """Wait for a push, a signal (SIGTERM: stop now, not at the timeout) or the
-        timeout. Only while we are counted as a sleeper (``pop(sleep_if_empty=True)`` or
-        ``going_to_sleep``) do pushers signal."""
+        timeout, to the microsecond: a batch's fill wait. (Between batches the wait is
+        ``_idle_wait``'s: the same, on an epoll set.) Only while we are counted as a
+        sleeper (``pop(sleep_if_empty=True)`` or ``going_to_sleep``) do pushers signal."""
         if wake.wait(self.model_efd, timeout_s, self.interrupt_fd):
             wake.drain(self.model_efd)
 

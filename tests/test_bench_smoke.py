@@ -223,9 +223,10 @@ def test_ipc_parts_times_every_step() -> None:
     from bench import ipc_parts
 
     rows = ipc_parts.measure(50)
-    assert rows[0][0].startswith("whole cycle") and len(rows) == 11
+    assert rows[0][0].startswith("whole cycle") and len(rows) == 12
     assert all(us > 0 for _, us in rows)
     assert "| ring lock + unlock |" in ipc_parts.table(rows)
+    assert "Sleeper.wait" in ipc_parts.table(rows)
 
 
 def test_the_shared_workers_resnet50_configuration_is_judged_on_its_own() -> None:

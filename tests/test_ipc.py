@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -372,38 +372,59 @@ def test_write_error_carries_message(shm_dir: Path) -> None:
 # -- wake-ups --------------------------------------------------------------------------------
 
 
-def test_eventfd_wakes_and_times_out() -> None:
+def _select_wait(fd: int, interrupt_fd: int = -1) -> Callable[[float], bool]:
+    return lambda timeout_s: wake.wait(fd, timeout_s, interrupt_fd)
+
+
+def _epoll_wait(fd: int, interrupt_fd: int = -1) -> Callable[[float], bool]:
+    return wake.Sleeper(fd, interrupt_fd).wait
+
+
+# Both waits keep one contract: the worker's fill waits use the first, its idle wait the
+# second, the frontends' event loop a third (uvloop's own epoll).
+WAITS = pytest.mark.parametrize("make_wait", [_select_wait, _epoll_wait], ids=["select", "epoll"])
+
+
+@WAITS
+def test_eventfd_wakes_and_times_out(make_wait) -> None:
     fd = wake.new_eventfd()
+    wait = make_wait(fd)
     t0 = time.monotonic()
-    assert not wake.wait(fd, 0.05)
+    assert not wait(0.05)
     assert time.monotonic() - t0 >= 0.04
     wake.signal(fd)
     wake.signal(fd)
-    assert wake.wait(fd, 5)
+    assert wait(5)
+    assert wait(5), "a signalled counter stays readable until drained: no lost wake-up"
     assert wake.drain(fd) == 2
     assert wake.drain(fd) == 0
+    assert not wait(0)
     os.close(fd)
 
 
-def test_signal_ends_a_wait_through_the_wakeup_pipe() -> None:
-    """SIGTERM to a process blocked in ``wake.wait`` ends the wait then, not at its
-    timeout (Python restarts an interrupted select after the handler), and the pipe is
-    drained so the next wait blocks again."""
+@WAITS
+def test_signal_ends_a_wait_through_the_wakeup_pipe(make_wait) -> None:
+    """SIGTERM to a process blocked in a wait ends the wait then, not at its timeout
+    (Python restarts an interrupted select or epoll_wait after the handler), and the
+    pipe is drained so the next wait blocks again."""
     fd = wake.new_eventfd()
     got: list[int] = []
     old_handler = signal.signal(signal.SIGUSR1, lambda signum, frame: got.append(signum))
     old_wakeup = signal.set_wakeup_fd(-1)
     pipe = wake.signal_wakeup_pipe()
+    wait = make_wait(fd, pipe)
     timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1))
     try:
         timer.start()
         t0 = time.monotonic()
-        assert not wake.wait(fd, 30, pipe)
+        assert not wait(30)
         assert time.monotonic() - t0 < 15, "the wait ran to its timeout"
         assert got == [signal.SIGUSR1]
-        assert not wake.wait(fd, 0.05, pipe)  # drained: blocks (and times out) again
+        t1 = time.monotonic()
+        assert not wait(0.05)  # drained: blocks (and times out) again
+        assert time.monotonic() - t1 >= 0.04, "the pipe was left readable"
         wake.signal(fd)
-        assert wake.wait(fd, 5, pipe)
+        assert wait(5)
     finally:
         timer.cancel()
         signal.set_wakeup_fd(old_wakeup)
