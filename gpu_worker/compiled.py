@@ -28,6 +28,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from types import UnionType
 
 import torch
 from torch.utils._pytree import tree_map
@@ -115,11 +116,17 @@ def ran_out_of_room(error: BaseException) -> bool:
     """A full disk or device memory running out, also where the compiler wrapped it
     (dynamo raises ``BackendCompilerFailed`` from None, keeping ``inner_exception``): a
     load failure to retry, not a model that cannot be compiled."""
+    return _caused_by(error, OSError | torch.OutOfMemoryError)
+
+
+def _caused_by(error: BaseException, kinds: type | UnionType) -> bool:
+    """``error`` is, or was raised for, one of ``kinds`` (through the compiler's
+    wrapping too)."""
     seen: BaseException | None = error
     for _ in range(8):  # (a chain, not a cycle: bounded all the same)
         if seen is None:
             return False
-        if isinstance(seen, OSError | torch.OutOfMemoryError):
+        if isinstance(seen, kinds):
             return True
         # (Not __context__: an error the compiler handled on its way to this one.)
         seen = getattr(seen, "inner_exception", None) or seen.__cause__
@@ -173,25 +180,40 @@ def compile_handler(
     sizes: Sequence[int],
     sample: Callable[[int], torch.Tensor],
     heartbeat: Callable[[], None],
-) -> float:
+) -> tuple[float, list[int]]:
     """Replace the handler's ``model`` by its compiled, bucketed form, compile every size
     in ``sizes`` now (``sample(n)``: a batch of ``n`` preprocessed rows) and check that a
-    padded batch answers as the eager model. Returns the seconds it took. Errors of the
-    compiler propagate: the caller names them."""
+    padded batch answers as the eager model. Returns the seconds it took and the sizes
+    compiled. Errors of the compiler propagate: the caller names them.
+
+    A size that runs out of device memory ends the compile there, as it ends the eager
+    profile: the sizes below it are served, and every larger one would run out too. Only
+    the smallest size running out is an error (a load failure: no batch fits)."""
     module = compilable_module(handler, name)
     bucketed = Bucketed(compile_module(module, len(sizes)), sizes, name)
     setattr(handler, COMPILED_ATTRIBUTE, bucketed)
     t0 = time.perf_counter()
+    compiled: list[int] = []
     with torch.inference_mode():
         for size in sorted(sizes):
             t = time.perf_counter()
-            handler.infer(sample(size).to(handler.device))
+            try:
+                handler.infer(sample(size).to(handler.device))
+            except Exception as e:
+                if not compiled or not _caused_by(e, torch.OutOfMemoryError):
+                    raise
+                break  # (the caller says so, with the cap it sets)
             took = time.perf_counter() - t
             log.info("model %s: compiled for batches of %d in %.1f s", name, size, took)
+            compiled.append(size)
             heartbeat()
+        if len(compiled) < len(sizes):  # (out of the except block: its frames held memory)
+            bucketed.sizes = compiled
+            if handler.device.type == "cuda":
+                torch.cuda.empty_cache()
         _check_padding(handler, module, bucketed, name)
     bucketed.compiled_all()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, compiled
 
 
 def _check_padding(

@@ -8,6 +8,7 @@ stamped after every batch and on every idle wake (at least every heartbeat inter
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -307,7 +308,7 @@ class Worker:
         turn = f"compile|{model.handler}|{model.weights}|{model.device}|t{model.threads}|{sizes}"
         try:
             with one_at_a_time(turn, self.control.beat, COMPILE_WAIT_S):
-                took = compile_handler(
+                took, compiled = compile_handler(
                     handler, name, sizes, lambda n: sample_batch(handler, n), self.control.beat
                 )
         except ConfigError as e:
@@ -318,7 +319,34 @@ class Worker:
             error = ConfigError(f"models.{name}.compile: compiling failed: {type(e).__name__}: {e}")
             error.__cause__ = e  # its traceback, in the log
             self._cannot_load(error, ExitCode.MODEL_CONFIG)
-        log.info("model %s: compiled for batches of %s rows in %.1f s", name, sizes, took)
+        log.info("model %s: compiled for batches of %s rows in %.1f s", name, compiled, took)
+        if compiled != sizes:
+            self._cap_batches(max(compiled), min(set(sizes) - set(compiled)))
+
+    def _cap_batches(self, most: int, too_big: int) -> None:
+        """Batch no more than ``most`` rows in this worker: a batch of ``too_big`` ran out
+        of device memory while compiling, and a larger one would have to be compiled
+        while a request waits, and run out too. The profile and the batcher see the cap,
+        and so does what ``ctl status`` shows of them."""
+        batching = self.model.batching
+        preferred = batching.preferred_batch_size
+        self.model = dataclasses.replace(
+            self.model,
+            batching=dataclasses.replace(
+                batching,
+                max_batch_size=most,
+                preferred_batch_size=min(preferred, most),
+            ),
+        )
+        log.warning(
+            "model %s: batching up to %d rows, not %d: a batch of %d ran out of device "
+            "memory while compiling. Set batching.max_batch_size below %d to say so",
+            self.model.name,
+            most,
+            batching.max_batch_size,
+            too_big,
+            too_big,
+        )
 
     def _cannot_load(self, error: Exception, code: ExitCode) -> NoReturn:
         if self.spec.failures:  # the traceback is in the journal from the first try

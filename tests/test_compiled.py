@@ -12,10 +12,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import Server, shm_segments
-from test_e2e_core import digit_requests, fire
+from support.fake_handlers import CompiledOutOfMemoryFrom4
+from test_e2e_core import HANDLER_ENV, digit_requests, fire
 from torch._dynamo.utils import counters
 
-from ringserve.gpu_worker.compiled import Bucketed, _check_padding, compilable_module
+from ringserve.gpu_worker.compiled import (
+    Bucketed,
+    _check_padding,
+    compilable_module,
+    compile_handler,
+)
 from ringserve.gpu_worker.handlers import Handler, TensorSpec, create_handler
 from ringserve.ipc.child import ChildSpec
 from ringserve.ipc.config import ConfigError, ModelSettings, load_settings
@@ -192,6 +198,58 @@ def test_running_out_of_room_is_told_from_a_model_that_cannot_compile() -> None:
             raise RuntimeError("unsupported operator") from None
     except RuntimeError as handled:
         assert not ran_out_of_room(handled)
+
+
+def test_a_size_that_runs_out_of_device_memory_ends_the_compile_there() -> None:
+    """Sizes from the first that runs out of device memory are dropped (batching stops
+    below it, as the eager profile's cap does), not a load failure retried for ever;
+    the smallest running out still is one (no batch fits)."""
+    handler = CompiledOutOfMemoryFrom4(ModelSettings(name="m", handler="python:x:M"))
+    handler.load(torch.device("cpu"))
+    torch._dynamo.reset()
+
+    def sample(n: int) -> torch.Tensor:
+        return torch.ones(n, 4)
+
+    took, compiled = compile_handler(handler, "m", [1, 2, 4, 8], sample, lambda: None)
+    assert compiled == [1, 2] and took > 0
+    assert handler.model.sizes == [1, 2]  # a batch of 2 is not padded up to 4
+    with torch.inference_mode():
+        torch.testing.assert_close(handler.infer(torch.ones(2, 4)), torch.full((2, 4), 2.0))
+
+    class FromOne(CompiledOutOfMemoryFrom4):
+        def infer(self, batch: torch.Tensor) -> torch.Tensor:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    tiny = FromOne(ModelSettings(name="m", handler="python:x:M"))
+    tiny.load(torch.device("cpu"))
+    with pytest.raises(torch.OutOfMemoryError):
+        compile_handler(tiny, "m", [1, 2], sample, lambda: None)
+
+
+def test_a_worker_whose_compile_ran_out_of_memory_batches_below_it(start_server) -> None:
+    """The worker serves the sizes that compiled: its profile, batcher and published
+    spec are capped, and its log names the setting."""
+    server: Server = start_server(
+        *("--model", "m=python:support.fake_handlers:CompiledOutOfMemoryFrom4"),
+        *("--set", "models.m.compile=true", "--max-batch-size", "8"),
+        env=HANDLER_ENV,
+        frontends=1,
+    )
+    log = server.log()
+    assert "model m: compiled for batches of [1, 2] rows" in log, log[-3000:]
+    assert "model m: batching up to 2 rows, not 8: a batch of 4 ran out of device" in log
+    [model] = server.ctl("status")["models"]
+    assert model["preferred_batch_size"] <= 2, model
+    assert set(model["batch_profile"]) <= {"1", "2"}, model
+    request = ("/v1/models/m/predict", {"json": {"data": [1.0, 2.0, 3.0, 4.0]}})
+    answers = fire(server.url, [request] * 40, concurrency=8)
+    for r in answers:
+        assert r.status_code == 200, r.text
+        assert r.json()["result"] == [2.0, 4.0, 6.0, 8.0] and r.json()["batch_size"] <= 2
+    # Only the compile's batch of 4 ran out: no batch above the cap was ever run.
+    assert server.log().count("rows ran out of device memory") == 1, server.log()[-3000:]
+    assert server.stop() == 0
 
 
 def test_the_built_in_models_keep_theirs_where_compile_looks() -> None:

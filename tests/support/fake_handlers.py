@@ -104,6 +104,30 @@ class OutOfMemoryOnBatches(Handler):
         return batch * 1
 
 
+class _Doubles(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+class CompiledOutOfMemoryFrom4(Handler):
+    """A compilable model (``model`` doubles its input) whose batches of 4 rows or more
+    run out of device memory, from inside the compiled call, as a GPU too small for
+    ``max_batch_size`` does."""
+
+    inputs = (TensorSpec("INPUT0", "float32", (4,)),)
+    outputs = (TensorSpec("OUTPUT0", "float32", (4,)),)
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+        self.model = _Doubles()
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.shape[0] >= 4:
+            print(f"a batch of {batch.shape[0]} rows ran out of device memory")
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.model(batch)
+
+
 class Leaky(Handler):
     """Identity that keeps 1 MiB per batch forever: a real, private, growing leak."""
 
