@@ -228,8 +228,8 @@ def test_a_size_that_runs_out_of_device_memory_ends_the_compile_there() -> None:
 
 
 def test_a_worker_whose_compile_ran_out_of_memory_batches_below_it(start_server) -> None:
-    """The worker serves the sizes that compiled: its profile, batcher and published
-    spec are capped, and its log names the setting."""
+    """The worker serves the sizes that compiled: its profile and batcher are capped
+    (as ``ctl status`` shows), and its log names the setting."""
     server: Server = start_server(
         *("--model", "m=python:support.fake_handlers:CompiledOutOfMemoryFrom4"),
         *("--set", "models.m.compile=true", "--max-batch-size", "8"),
