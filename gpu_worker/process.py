@@ -320,8 +320,8 @@ class Worker:
             error.__cause__ = e  # its traceback, in the log
             self._cannot_load(error, ExitCode.MODEL_CONFIG)
         log.info("model %s: compiled for batches of %s rows in %.1f s", name, compiled, took)
-        if compiled != sizes:
-            self._cap_batches(max(compiled), min(set(sizes) - set(compiled)))
+        if compiled != sizes:  # (both sorted: the first size left out ran out of memory)
+            self._cap_batches(compiled[-1], sizes[len(compiled)])
 
     def _cap_batches(self, most: int, too_big: int) -> None:
         """Batch no more than ``most`` rows in this worker: a batch of ``too_big`` ran out
@@ -547,8 +547,7 @@ class Worker:
         if not claimed:
             # Counted as a sleeper by that pop: wait, then pop at once (no loop round
             # first: the request that woke us is on the latency path).
-            if self._idle_wait.wait(idle_timeout_s):
-                wake.drain(self.model_efd)
+            self._wait_for_work(idle_timeout_s, between_batches=True)
             target = share.batch_limit(policy.target, self.ring.depth())
             claimed = self.ring.pop(target, index, pid, woke=True)
             if not claimed:
@@ -578,12 +577,17 @@ class Worker:
             wake.signal(self.model_efd)  # pass the baton to an idle sibling
         return claimed
 
-    def _wait_for_work(self, timeout_s: float) -> None:
+    def _wait_for_work(self, timeout_s: float, between_batches: bool = False) -> None:
         """Wait for a push, a signal (SIGTERM: stop now, not at the timeout) or the
-        timeout, to the microsecond: a batch's fill wait. (Between batches the wait is
-        ``_idle_wait``'s: the same, on an epoll set.) Only while we are counted as a
-        sleeper (``pop(sleep_if_empty=True)`` or ``going_to_sleep``) do pushers signal."""
-        if wake.wait(self.model_efd, timeout_s, self.interrupt_fd):
+        timeout. Between batches on ``_idle_wait``'s epoll set (cheaper a wait, its
+        timeout in whole milliseconds); a batch's fill wait through ``select``, to the
+        microsecond. Only while we are counted as a sleeper (``pop(sleep_if_empty=True)``
+        or ``going_to_sleep``) do pushers signal."""
+        if between_batches:
+            woke = self._idle_wait.wait(timeout_s)
+        else:
+            woke = wake.wait(self.model_efd, timeout_s, self.interrupt_fd)
+        if woke:
             wake.drain(self.model_efd)
 
     # -- running a batch -------------------------------------------------------------------

@@ -240,8 +240,8 @@ def test_a_worker_whose_compile_ran_out_of_memory_batches_below_it(start_server)
     assert "model m: compiled for batches of [1, 2] rows" in log, log[-3000:]
     assert "model m: batching up to 2 rows, not 8: a batch of 4 ran out of device" in log
     [model] = server.ctl("status")["models"]
-    assert model["preferred_batch_size"] <= 2, model
-    assert set(model["batch_profile"]) <= {"1", "2"}, model
+    assert model["preferred_batch_size"] in (1, 2), model
+    assert set(model["batch_profile"]) == {"1", "2"}, model  # profiled, and below the cap
     request = ("/v1/models/m/predict", {"json": {"data": [1.0, 2.0, 3.0, 4.0]}})
     answers = fire(server.url, [request] * 40, concurrency=8)
     for r in answers:
