@@ -61,6 +61,7 @@ from ringserve.ipc.slot_io import Header
 from ringserve.ipc.testhooks import pause_point
 
 _GEN_MASK = 0xFFFF_FFFF
+_tuple_new = tuple.__new__  # a named tuple without its Python-level __new__ (0.1 µs less)
 MAX_ATTEMPTS = 2
 
 
@@ -279,7 +280,7 @@ class RequestRing:
                 if (out or fresh_only) and (rows + n > max_rows or retried):
                     break
                 headers.claim(slot, worker, worker_pid, req.attempts + 1, now)
-                out.append(Claimed(slot, n, req.attempts + 1, req))
+                out.append(_tuple_new(Claimed, (slot, n, req.attempts + 1, req)))
                 rows += n
                 head += 1
                 pause_point("ring.pop.claimed")

@@ -13,9 +13,17 @@ from ringserve.frontend.app import hot_routes
 from ringserve.frontend.call import AsgiEndpoint, new_request_id
 from ringserve.ipc.answer import write_error, write_output
 from ringserve.ipc.arena import Arena, ArenaGeometry, segment_name
-from ringserve.ipc.layout import DONE, DTYPE_CODE, DTYPE_CODE_OF, RUNNING, WRITING, Status
+from ringserve.ipc.layout import (
+    DONE,
+    DTYPE_CODE,
+    DTYPE_CODE_OF,
+    MAX_NDIM,
+    RUNNING,
+    WRITING,
+    Status,
+)
 from ringserve.ipc.slot_fit import over_slot, row_bytes
-from ringserve.ipc.slot_io import span
+from ringserve.ipc.slot_io import Header, span
 
 
 @pytest.fixture
@@ -56,6 +64,31 @@ def test_write_request_is_what_numpy_reads(arena: Arena) -> None:
     h = arena.headers.read(2)
     assert (h.in_shape, h.in_ndim, h.rows, h.generation, h.attempts) == ((3, 5), 2, 3, 42, 0)
     assert (h.out_shape, h.out_nbytes, h.started_ns) == ((), 0, 0)  # cleared for reuse
+
+
+def test_read_gives_every_header_field_as_numpy_reads_it(arena: Arena) -> None:
+    """Each field of ``Header`` from distinct values written through numpy (so a field
+    read from its neighbour's place shows), shapes cut to their rank; a corrupt rank
+    over MAX_NDIM keeps the whole shape and nothing of the fields after it."""
+    rec = arena.slots[3]
+    fields = [n for n in Header._fields if n not in ("in_shape", "out_shape")]
+    for i, name in enumerate(fields):
+        rec[name] = 100 + i
+    rec["in_ndim"], rec["out_ndim"] = 3, 2
+    rec["in_shape"] = np.arange(1, MAX_NDIM + 1) * 11
+    rec["out_shape"] = np.arange(1, MAX_NDIM + 1) * 13
+    rec["worker"], rec["owner_pid"], rec["model"] = 7, 8, 1  # not in Header
+    h = arena.headers.read(3)
+    for name in fields:
+        assert getattr(h, name) == int(rec[name]), name
+    assert h.in_shape == (11, 22, 33) and h.out_shape == (13, 26)
+    rec["in_ndim"], rec["out_ndim"] = MAX_NDIM + 1, 2**32 - 1
+    h = arena.headers.read(3)
+    assert h.in_shape == tuple(range(11, 11 * MAX_NDIM + 1, 11))
+    assert h.out_shape == tuple(range(13, 13 * MAX_NDIM + 1, 13))
+    assert (h.in_nbytes, h.out_dtype, h.out_nbytes) == tuple(
+        int(rec[n]) for n in ("in_nbytes", "out_dtype", "out_nbytes")
+    )
 
 
 def write_float_row(arena: Arena, slot: int, width: int, request_id: bytes) -> None:
