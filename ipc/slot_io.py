@@ -63,6 +63,7 @@ _STATUS_OFF = L.SLOT_HEADER.fields["status"][1]
 _OWNER_OFF = L.SLOT_HEADER.fields["owner"][1]
 _CANCEL_OFF = L.SLOT_HEADER.fields["cancel"][1]
 _ZERO_SHAPE = (0,) * L.MAX_NDIM
+_OK = int(L.Status.OK)  # the enum's int, once: ``int(L.Status.OK)`` costs 0.14 µs a call
 
 assert _WHOLE_OFF == 0 and _WHOLE.size <= L.SLOT_HEADER_BYTES
 
@@ -178,7 +179,7 @@ class SlotHeaders:
             self.buf,
             off,
             L.WRITING,  # state
-            int(L.Status.OK),  # status
+            _OK,  # status
             0,  # cancel
             0,  # attempts
             generation,
