@@ -12,7 +12,8 @@ side's median, the paired median ratio new / base, and the v2 statistics per req
         [--rounds 6] [--seconds 12] [--image photo.jpg] [--set batching.preferred_batch_size=8]
 
 A change of settings, not of code, is judged the same way: ``--base HEAD`` and the
-setting for this checkout's side alone, ``--new-set models.r50.compile=true``.
+setting for this checkout's side alone, ``--new-set models.r50.compile=true``, or an
+environment variable for it alone, ``--new-env GOMP_SPINCOUNT=300000``.
 
 ``--model digits`` serves the default model with ``--image`` (by default a 640x480
 JPEG made here): a model whose forward is trivial, so decoding is the work, as with a
@@ -93,20 +94,29 @@ def command(port: int, args: argparse.Namespace, tmp: Path, side: str) -> list[s
     return cmd
 
 
+def side_env(args: argparse.Namespace, side: str, path: Path, tmp: Path) -> dict[str, str]:
+    """The environment a side's server gets on top of ours: its package first on the
+    path, its own profile cache, and ``--new-env`` for the new side only."""
+    inherited = os.environ.get("PYTHONPATH", "")
+    env = {
+        "PYTHONPATH": os.pathsep.join(p for p in (str(path), inherited) if p),
+        "XDG_CACHE_HOME": str(tmp / f"cache-{side}"),
+    }
+    if side == "new":
+        env.update(kv.split("=", 1) for kv in args.new_env)
+    return env
+
+
 @contextlib.contextmanager
 def serving(
     paths: dict[str, Path], args: argparse.Namespace, body: Path, tmp: Path
 ) -> Iterator[dict[str, tuple[str, int, int]]]:
     """Both servers, ready and warmed up: side -> (url, pid, port)."""
-    inherited = os.environ.get("PYTHONPATH", "")
     servers = {}
     with contextlib.ExitStack() as stack:
         for side, path in paths.items():
             port = bench_run.free_port()
-            env = {
-                "PYTHONPATH": os.pathsep.join(p for p in (str(path), inherited) if p),
-                "XDG_CACHE_HOME": str(tmp / f"cache-{side}"),
-            }
+            env = side_env(args, side, path, tmp)
             launch = bench_run.Launch(
                 command(port, args, tmp, side), PATHS[args.model], "", "", env
             )
@@ -167,7 +177,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--new-set", action="append", default=[], help="as --set, for this checkout's side only"
     )
+    ap.add_argument(
+        "--new-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for this checkout's side only",
+    )
     args = ap.parse_args(argv)
+    if any("=" not in kv for kv in args.new_env):
+        ap.error("--new-env takes NAME=VALUE")
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
     args.wrk = bench_run.ensure_wrk() or "wrk"

@@ -354,6 +354,22 @@ def test_paired_new_set_changes_only_this_checkouts_side(tmp_path: Path) -> None
     assert base[-2:] == ["--set", "a.b=1"] and "models.digits.compile=true" not in base
 
 
+def test_paired_new_env_reaches_only_this_checkouts_server(tmp_path: Path) -> None:
+    """``--new-env`` judges an environment variable (``--base HEAD``): the new side's
+    server gets it, the base's does not, and each keeps its own package path."""
+    import argparse
+
+    from bench.paired import side_env
+
+    args = argparse.Namespace(new_env=["GOMP_SPINCOUNT=300000", "A=b=c"])
+    new = side_env(args, "new", tmp_path / "new", tmp_path)
+    base = side_env(args, "base", tmp_path / "base", tmp_path)
+    assert new["GOMP_SPINCOUNT"] == "300000" and new["A"] == "b=c"
+    assert "GOMP_SPINCOUNT" not in base and "A" not in base
+    assert new["PYTHONPATH"].startswith(str(tmp_path / "new"))
+    assert base["PYTHONPATH"].startswith(str(tmp_path / "base"))
+
+
 def test_the_raw_loop_runs_on_the_heap_of_ringserves_workers(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
