@@ -10,12 +10,13 @@ it back as the output (a copy in and a copy out, as a real worker does), marks t
 DONE and signals the owner.
 
 Two waits on the frontend side: ``poll`` (a blocking wait on the done eventfd alone,
-``wake.Sleeper``'s ``epoll_wait``: the floor) and ``asyncio`` (an ``add_reader`` callback
-on a uvloop event loop resolving a future, the way the real frontend waits). Per payload size it reports the round-trip median and p99
-with one request in flight, and items/s with 1 and with 32 requests in flight. Two last
-rows give the floor under all of it: an eventfd bounced between two processes that do
-nothing else, back to back and after an idle gap, held on two CPUs in the ``any vCPU``
-placement (left alone, the scheduler ran both on one: see ``eventfd_floor``).
+``wake.Sleeper``'s ``epoll_wait``: the floor) and ``asyncio`` (an ``add_reader``
+callback on a uvloop event loop resolving a future, the way the real frontend waits).
+Per payload size it reports the round-trip median and p99 with one request in flight,
+and items/s with 1 and with 32 requests in flight. Two last rows give the floor under
+all of it: an eventfd bounced between two processes that do nothing else, back to back
+and after an idle gap, held on two CPUs in the ``any vCPU`` placement (left alone, the
+scheduler ran both on one: see ``eventfd_floor``).
 
 Each row is measured in two placements. ``any vCPU``: the scheduler's choice, which puts a
 woken process on an idle CPU, so each wake-up crosses CPUs (an inter-processor interrupt;

@@ -12,11 +12,10 @@ import numpy as np
 
 from ringserve.ipc import bytes_tensor
 from ringserve.ipc.arena import Arena
-from ringserve.ipc.layout import DTYPE_CODE, DTYPE_CODE_OF, MAX_NDIM, Status
+from ringserve.ipc.layout import DTYPE_CODE, DTYPE_CODE_OF, MAX_NDIM, STATUS_OK, Status
 from ringserve.ipc.slot_fit import over_slot
 
 _BYTES = DTYPE_CODE["bytes"]
-_OK = int(Status.OK)  # once: ``int(Status.OK)`` costs 0.14 µs a call
 IN_PLACE_CHECK_BYTES = 64 * 1024  # below this, copying is cheaper than checking
 
 
@@ -56,7 +55,7 @@ def write_output(
         return f"unsupported output dtype {out.dtype.name}"
     if out.nbytes < IN_PLACE_CHECK_BYTES or not arena.holds_in_place(slot, out):
         np.copyto(arena.data_array(slot, out.dtype, out.shape), out)
-    arena.headers.write_result(slot, _OK, code, out.shape, out.nbytes, batch_size, batch_id)
+    arena.headers.write_result(slot, STATUS_OK, code, out.shape, out.nbytes, batch_size, batch_id)
     return None
 
 
@@ -70,7 +69,9 @@ def _write_bytes_output(
     if len(packed) > arena.geometry.slot_bytes or out.ndim > MAX_NDIM:
         return _unfit(arena, out, len(packed), "BYTES output")
     arena.data(slot)[: len(packed)] = packed
-    arena.headers.write_result(slot, _OK, _BYTES, out.shape, len(packed), batch_size, batch_id)
+    arena.headers.write_result(
+        slot, STATUS_OK, _BYTES, out.shape, len(packed), batch_size, batch_id
+    )
     return None
 
 
