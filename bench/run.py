@@ -10,6 +10,7 @@ endpoint when ``.venv-perf/bin/pa`` is there):
   (c) fastapi   hand-written FastAPI + asyncio.Queue batcher (batch 32, wait 100 ms)
   (d) litserve  LitServe, batch 32, timeout 5 ms, 2 API processes (own venv)
   (e) ringserve ``ringserve serve`` (and ringserve-v2: the same through perf_analyzer)
+  (f) mlserver  MLServer, adaptive batching 32 / 100 ms, identity only (own venv)
 
 Every repetition starts each system afresh, in a rotated order (systems interleaved per
 repetition), measures its idle CPU, then runs each concurrency point; the report takes
@@ -50,6 +51,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 LITSERVE_VENV = BENCH / ".venv-litserve"
+MLSERVER_VENV = BENCH / ".venv-mlserver"
 PERF_ANALYZER = REPO / ".venv-perf" / "bin" / "pa"
 POST_LUA = BENCH / "post.lua"
 
@@ -109,56 +111,67 @@ def ensure_wrk() -> str | None:
     return shutil.which("wrk")
 
 
-def litserve_python(build: bool) -> tuple[Path | None, str]:
-    """The LitServe venv's python, building it if asked; (None, reason) when unavailable."""
-    py = LITSERVE_VENV / "bin" / "python"
+@dataclass(frozen=True)
+class SideEnv:
+    """A peer server's own environment: it pins its own FastAPI, uvicorn and uvloop,
+    which must not meet ringserve's."""
 
-    def works() -> bool:
-        return (
-            py.exists()
-            and subprocess.run(
-                [str(py), "-c", "import litserve, torch, torchvision"],
+    venv: Path
+    requirements: str  # under bench/
+    imports: str  # what must import for the environment to count as built
+
+    def python(self, build: bool) -> tuple[Path | None, str]:
+        """The environment's python, building it if asked; (None, why) when unavailable."""
+        py, name = self.venv / "bin" / "python", f"bench/{self.venv.name}"
+        if self._works(py):
+            return py, ""
+        if not build:
+            return None, f"{name} not built (run `python -m bench.run` without --quick)"
+        log(f"building {self.venv} (python3 -m venv; pip install -r {self.requirements})")
+        try:
+            subprocess.run(["python3", "-m", "venv", str(self.venv)], check=True, timeout=300)
+            out = subprocess.run(
+                [str(py), "-m", "pip", "install", "-q", "-r", str(BENCH / self.requirements)],
                 capture_output=True,
-                timeout=120,
-            ).returncode
-            == 0
+                text=True,
+                timeout=1800,
+            )
+        except (subprocess.SubprocessError, OSError) as e:
+            return None, f"building {name} failed: {e}"
+        if out.returncode != 0 or not self._works(py):
+            tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["?"]
+            return None, f"pip install -r bench/{self.requirements} failed: {tail[0]}"
+        return py, ""
+
+    def _works(self, py: Path) -> bool:
+        check = [str(py), "-c", f"import {self.imports}"]
+        return (
+            py.exists() and subprocess.run(check, capture_output=True, timeout=120).returncode == 0
         )
 
-    if works():
-        return py, ""
-    if not build:
-        return None, "bench/.venv-litserve not built (run `python -m bench.run` without --quick)"
-    log(f"building {LITSERVE_VENV} (python3 -m venv; pip install litserve)")
-    try:
-        subprocess.run(["python3", "-m", "venv", str(LITSERVE_VENV)], check=True, timeout=300)
-        out = subprocess.run(
-            [str(py), "-m", "pip", "install", "-q", "-r", str(BENCH / "requirements-litserve.txt")],
-            capture_output=True,
-            text=True,
-            timeout=1800,
-        )
-    except (subprocess.SubprocessError, OSError) as e:
-        return None, f"building bench/.venv-litserve failed: {e}"
-    if out.returncode != 0 or not works():
-        tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["?"]
-        return None, f"pip install litserve failed: {tail[0]}"
-    return py, ""
+
+LITSERVE = SideEnv(LITSERVE_VENV, "requirements-litserve.txt", "litserve, torch, torchvision")
+MLSERVER = SideEnv(MLSERVER_VENV, "requirements-mlserver.txt", "mlserver")
 
 
 def make_inputs(out: Path) -> dict[str, Path]:
-    """The request bodies: identity JSON, a 224x224 JPEG, and the JPEG as base64 JSON."""
+    """The request bodies: identity JSON (ours, and as a KServe v2 request), a 224x224
+    JPEG, and the JPEG as base64 JSON."""
     import numpy as np
     from PIL import Image
 
     out.mkdir(parents=True, exist_ok=True)
     paths = {
         "identity": out / "identity.json",
+        "identity_v2": out / "identity_v2.json",
         "jpeg": out / "input.jpg",
         "jpeg_b64": out / "input_b64.json",
     }
     rng = np.random.default_rng(0)
     data = [round(float(v), 4) for v in rng.standard_normal(16)]
     paths["identity"].write_text(json.dumps({"data": data}))
+    v2 = {"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": data}]}
+    paths["identity_v2"].write_text(json.dumps(v2))
     yy, xx = np.mgrid[0:224, 0:224]
     img = np.stack([xx, yy, (xx + yy) // 2], axis=-1).astype(np.float32)
     img += rng.normal(0, 20, img.shape)
@@ -185,6 +198,7 @@ class Launch:
     content_type: str
     env: dict[str, str] = field(default_factory=dict)
     driver: str = "wrk"  # or "pa" (perf_analyzer, KServe v2)
+    ready_path: str = "/readiness"
 
 
 @dataclass
@@ -237,6 +251,20 @@ def launch_litserve(py: Path) -> Callable[[str, int, argparse.Namespace, Path], 
     return launch
 
 
+def launch_mlserver(py: Path) -> Callable[[str, int, argparse.Namespace, Path], Launch]:
+    def launch(model: str, port: int, args: argparse.Namespace, tmp: Path) -> Launch:
+        cmd = [str(py), "-m", "bench.baselines.mlserver_app", "--port", str(port)]
+        cmd += ["--dir", str(tmp / f"mlserver-{port}"), "--max-batch", "32"]
+        cmd += ["--max-batch-time-ms", "100"]
+        path = "/v2/models/id/infer"
+        # The model's readiness, not the server's: a server whose model failed to load
+        # reports itself ready and answers 404 to every request.
+        ready = "/v2/models/id/ready"
+        return Launch(cmd, path, "identity_v2", "application/json", ready_path=ready)
+
+    return launch
+
+
 def ringserve_command(port: int, args: argparse.Namespace, tmp: Path) -> list[str]:
     """``ringserve serve`` on ``port`` with the benchmark's frontends and device, before
     any model: its own instance name and admin socket under ``tmp``."""
@@ -277,7 +305,13 @@ def launch_ringserve(
     return launch
 
 
-def systems(args: argparse.Namespace, lit_py: Path | None, lit_skip: str) -> list[System]:
+def systems(
+    args: argparse.Namespace,
+    lit_py: Path | None,
+    lit_skip: str,
+    ml_py: Path | None = None,
+    ml_skip: str = "--no-mlserver",
+) -> list[System]:
     n = args.frontends
     out = [
         System("inline-1", "(b) uvicorn inline, 1 proc", "b", launch_inline(1)),
@@ -291,6 +325,14 @@ def systems(args: argparse.Namespace, lit_py: Path | None, lit_skip: str) -> lis
             skip="" if lit_py else lit_skip,
         ),
         System("ringserve", f"(e) ringserve, {n} frontends", "e", launch_ringserve("wrk")),
+        System(
+            "mlserver",
+            "(f) MLServer, adaptive batch 32/100 ms",
+            "f",
+            launch_mlserver(ml_py) if ml_py else launch_fastapi,
+            skip="" if ml_py else ml_skip,
+            models=("identity",),  # as in the issue's table
+        ),
     ]
     if args.device == "cpu" and args.threads > 1 and not args.compile:
         # (A compiled model cannot share threads: its count is fixed when it compiles.)
@@ -329,7 +371,7 @@ def systems(args: argparse.Namespace, lit_py: Path | None, lit_skip: str) -> lis
 
 @contextlib.contextmanager
 def running(launch: Launch, port: int, log_path: Path, timeout_s: float) -> Iterator[int]:
-    """Start a server in its own session, wait for /readiness, stop it (group) afterwards."""
+    """Start a server in its own session, wait until it is ready, stop it (group) afterwards."""
     env = {**os.environ, "PYTHONPATH": _pythonpath(), **launch.env}
     env.pop("NOTIFY_SOCKET", None)
     with open(log_path, "ab") as logf:
@@ -342,13 +384,15 @@ def running(launch: Launch, port: int, log_path: Path, timeout_s: float) -> Iter
             start_new_session=True,
         )
     try:
-        wait_ready(proc, port, timeout_s, log_path)
+        wait_ready(proc, port, timeout_s, log_path, launch.ready_path)
         yield proc.pid
     finally:
         stop(proc)
 
 
-def wait_ready(proc: subprocess.Popen, port: int, timeout_s: float, log_path: Path) -> None:
+def wait_ready(
+    proc: subprocess.Popen, port: int, timeout_s: float, log_path: Path, path: str = "/readiness"
+) -> None:
     deadline = time.monotonic() + timeout_s
     delay = 0.05
     while True:
@@ -356,7 +400,7 @@ def wait_ready(proc: subprocess.Popen, port: int, timeout_s: float, log_path: Pa
             tail = log_path.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"server exited {proc.returncode} before ready:\n{tail}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readiness", timeout=2) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
                 if r.status == 200 and all_workers_ready(port):
                     return
         except (urllib.error.URLError, OSError):
@@ -1049,7 +1093,8 @@ def render_markdown(res: dict) -> str:
         "",
         "Systems: (a) raw model loop; (b) uvicorn running the model inline, 1 and N "
         "processes; (c) FastAPI + asyncio.Queue batcher (batch 32, wait 100 ms); (d) LitServe "
-        "(batch 32, timeout 5 ms, 2 API processes); (e) ringserve. "
+        "(batch 32, timeout 5 ms, 2 API processes); (e) ringserve; (f) MLServer (adaptive "
+        "batching, batch 32, 100 ms; identity, KServe v2 JSON). "
         "CPU = server CPU seconds per request (whole process tree); PSS = sum over the tree."
         + (
             ""
@@ -1212,13 +1257,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for resnet50")
     ap.add_argument("--frontends", type=int, default=2, help="ringserve frontends (= N for b)")
-    ap.add_argument("--systems", default="", help="comma list of system keys or roles a..e")
+    ap.add_argument("--systems", default="", help="comma list of system keys or roles a..f")
     ap.add_argument("--raw-duration", type=float, default=3.0)
     ap.add_argument("--ipc-iterations", type=int, default=20000, help="0: skip the ipc bench")
     ap.add_argument("--idle-window", type=float, default=3.0, help="seconds of idle CPU sampling")
     ap.add_argument("--settle", type=float, default=1.0, help="seconds after ready before idle")
     ap.add_argument("--ready-timeout", type=float, default=300.0)
     ap.add_argument("--no-litserve", action="store_true", help="skip (d)")
+    ap.add_argument("--no-mlserver", action="store_true", help="skip (f)")
     ap.add_argument(
         "--compile",
         action="store_true",
@@ -1260,11 +1306,15 @@ def main(argv: list[str] | None = None) -> int:
     wrk_version = subprocess.run([wrk, "--version"], capture_output=True, text=True).stdout
     inputs = make_inputs(out)
     skipped: list[dict] = []
-    if args.no_litserve:
-        lit_py, lit_skip = None, "--no-litserve"
+    build = not args.quick and not args.no_install
+    lit = (None, "--no-litserve") if args.no_litserve else LITSERVE.python(build)
+    if args.no_mlserver:
+        ml: tuple[Path | None, str] = (None, "--no-mlserver")
+    elif "identity" not in args.models:
+        ml = (None, "serves identity only")  # (so a resnet50 run does not build it)
     else:
-        lit_py, lit_skip = litserve_python(build=not args.quick and not args.no_install)
-    all_systems = systems(args, lit_py, lit_skip)
+        ml = MLSERVER.python(build)
+    all_systems = systems(args, *lit, *ml)
     for s in all_systems:
         if s.skip:
             skipped.append({"system": s.key, "reason": s.skip})

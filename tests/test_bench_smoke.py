@@ -1,12 +1,14 @@
 """Smoke test of the benchmark (not a measurement): ``python -m bench.run --quick`` runs
 one short point per system with the identity model plus a few ipc round trips, exits 0
-and writes a results table with a row per system. LitServe is skipped when its separate
-venv is not built (the smoke never builds it)."""
+and writes a results table with a row per system. LitServe and MLServer are skipped when
+their separate venvs are not built (the smoke never builds them; the MLServer test below
+builds its own: a few seconds of pip, without torch)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -385,3 +387,38 @@ def test_the_raw_loop_runs_on_the_heap_of_ringserves_workers(
     monkeypatch.setattr(sys, "argv", argv)
     raw_model.main()
     assert fixed == [heap.WORKER]
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_the_mlserver_peer_echoes_v2_requests_in_adaptive_batches(tmp_path: Path) -> None:
+    """(f) MLServer, the issue's fourth peer, in the environment the benchmark builds for
+    it (``bench/requirements-mlserver.txt``): it must load the identity runtime (with
+    uvloop 0.22 its inference worker died at start and no model ever loaded), answer a
+    KServe v2 request with its own input, and serve a wrk point without an error, with
+    adaptive batching configured as the issue's table ran it."""
+    import httpx
+
+    from bench import run as bench
+
+    py, why = bench.MLSERVER.python(build=True)
+    assert py is not None, why
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        pytest.skip("wrk is not installed (make system-deps)")
+    args = bench.parse_args(["--models", "identity"])
+    port = bench.free_port()
+    launch = bench.launch_mlserver(py)("identity", port, args, tmp_path)
+    body = bench.make_inputs(tmp_path / "inputs")[launch.body]
+    with bench.running(launch, port, tmp_path / "mlserver.log", 60):
+        url = f"http://127.0.0.1:{port}{launch.path}"
+        r = httpx.post(url, content=body.read_bytes(), headers={"content-type": "application/json"})
+        assert r.status_code == 200, r.text
+        sent = json.loads(body.read_text())["inputs"][0]
+        (out,) = r.json()["outputs"]
+        assert out["shape"] == sent["shape"]
+        assert out["data"] == pytest.approx(sent["data"])
+        point = bench.run_wrk(wrk, url, 8, 1.0, body, launch.content_type)
+        assert point["errors"] == 0 and point["ok"] > 0, point
+    model = json.loads(next(tmp_path.glob("mlserver-*/id/model-settings.json")).read_text())
+    assert (model["max_batch_size"], model["max_batch_time"]) == (32, 0.1)
