@@ -2,7 +2,7 @@
 (no HTTP, no decoding, no IPC). ``--with-decode`` also times the per-image JPEG decode and
 resize that a server does before the model (reported separately).
 
-    python -m bench.raw_model --model resnet50 --batch-sizes 1,2,4,8 --duration 3 \
+    python -m bench.raw_model --model resnet50 --batch-sizes 1,2,4,8,16,32 --duration 3 \
         [--threads 2] [--device cpu|cuda] [--image bench/results/input.jpg] [--json OUT]
 
 ``--compile`` runs the model as ringserve's ``compile = true`` does (inductor, frozen

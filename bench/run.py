@@ -62,10 +62,17 @@ MODEL_NAMES = {"identity": "id", "resnet50": "r50"}
 # (a 5 s point completes ~45 requests) and skip c=64 (no target; minutes of queueing).
 POINT_S = {"identity": 5.0, "resnet50": 8.0}
 CONCURRENCY = {"identity": [1, 8, 32, 64], "resnet50": [1, 8, 32]}
-RESNET_MAX_BATCH = 8
+# The raw loop's batch sizes. resnet50 up to 32, as the issue's table has it and as
+# ringserve's default max_batch_size allows: on a CPU the largest batch is not always
+# the fastest (the issue's stock model ran batch 32 35 % slower than batch 4), but
+# folded and NHWC it is (2026-12-06 on the EPYC VM: 8 / 16 / 32 at 22.4 / 23.4 / 24.0
+# img/s), and a loop that stopped at 8 judged the servers against less than the model's
+# best.
+RAW_SIZES = {"identity": (1, 8, 32), "resnet50": (1, 2, 4, 8, 16, 32)}
 # Seconds a resnet50 point runs before its counting window opens: a cold start of 32
-# clients settles into full batches of 8 (0.35 s each on 2 cores) within a few batches.
-WINDOW_WARMUP_S = 2.0
+# clients settles into full batches within two (from cold, ringserve ran 14 and 18, then
+# 32 each time; a batch of 32 takes 1.3 s on 2 cores).
+WINDOW_WARMUP_S = 3.0
 RESNET_QUEUE_DELAY_MS = 10
 # ringserve's configurations whose resnet50 points are timed against the raw model and
 # judged on the issue's targets (``systems``).
@@ -286,7 +293,7 @@ def launch_ringserve(
             cmd += ["--model", f"{name}=identity"]
         else:
             cmd += ["--model", f"{name}=torchvision:resnet50", "--threads", str(args.threads)]
-            cmd += ["--max-batch-size", str(RESNET_MAX_BATCH)]
+            # max_batch_size stays at its default (32): the profile picks the size.
             if args.compile:
                 cmd += ["--compile"]
             if args.device == "cpu":
@@ -644,7 +651,7 @@ def bench_system(
             procs = tree(pid)
             # Throughput is judged against the raw best batch timed right before and right
             # after the point, not a run a minute earlier (the host drifts by more than 5%).
-            best = _best_row(raw_run)["batch_size"] if probe and raw_run and conc > 1 else 0
+            best = _best_row(raw_run, conc)["batch_size"] if probe and raw_run and conc > 1 else 0
             raw_around = [probe.run(RAW_AROUND_S, best)["items_per_s"]] if best else []
             c0, host0 = cpu_seconds(procs), host_cpu_ticks()
             sliced: dict = {}
@@ -719,7 +726,7 @@ def _raw_model(model: str, args: argparse.Namespace, *argv: str) -> tuple[list[s
 
 def bench_raw(model: str, args: argparse.Namespace, inputs: dict[str, Path], tmp: Path) -> dict:
     out = tmp / f"raw-{model}.json"
-    sizes = "1,8,32" if model == "identity" else ",".join(str(b) for b in (1, 2, 4, 8))
+    sizes = ",".join(str(b) for b in RAW_SIZES[model])
     argv = ["--batch-sizes", sizes, "--duration", str(args.raw_duration), "--json", str(out)]
     if model != "identity":
         argv += ["--image", str(inputs["jpeg"])]
@@ -927,8 +934,9 @@ def evaluate_targets(res: dict, n: int) -> list[dict]:
             continue  # a variant that did not run (GPU, one thread, --systems)
         who = "ringserve" if key == "ringserve" else f"{key} ({_SHARED})"
         for conc in (8, 32):
-            # Judged against the raw best batch timed right before and after the point (see
-            # ``bench_system``); the repetition's own earlier raw run, in the note.
+            # Judged against the raw best batch of at most ``conc`` (``_best_row``) timed
+            # right before and after the point (see ``bench_system``); the repetition's own
+            # earlier raw run, and its best batch of any size, in the note.
             around = per_repetition(res, key, conc, vs_raw_best)
             earlier = per_repetition(res, key, conc, vs_raw_run)
             value = statistics.median(around) if around else None
@@ -940,8 +948,15 @@ def evaluate_targets(res: dict, n: int) -> list[dict]:
                     + "; against the repetition's raw run: "
                     + ", ".join(f"{q:.2f}x" for q in earlier)
                 )
+                larger = [
+                    f"{vs_raw_any_size(r, x):.2f}x (b{_best_row(x)['batch_size']})"
+                    for r, x in _rows_and_raw(res, key, conc)
+                    if _best_row(x)["batch_size"] > conc
+                ]
+                if larger:
+                    note += "; against its best batch of any size: " + ", ".join(larger)
             add(
-                f"resnet50 c={conc}: {who} img/s vs raw best batch",
+                f"resnet50 c={conc}: {who} img/s vs raw best batch of <= {conc}",
                 value,
                 ">= 0.95x",
                 None if value is None else value >= 0.95,
@@ -1010,14 +1025,20 @@ def per_repetition(
     The host's speed drifts by up to 2x within minutes (other tenants), so a ratio of
     two run-wide medians mixes moments; a per-repetition ratio of adjacent runs does not.
     """
+    return [compare(r, raw) for r, raw in _rows_and_raw(res, system, conc)]
+
+
+def _rows_and_raw(res: dict, system: str, conc: int) -> list[tuple[dict, dict]]:
+    """Each resnet50 point of ``system`` at ``conc`` that served, with its repetition's
+    raw run."""
     raws = res["raw_reps"].get("resnet50", [])
-    out = []
-    for r in res["rows"]:
-        if (r["model"], r["system"], r["concurrency"]) != ("resnet50", system, conc):
-            continue
-        if r["rep"] < len(raws) and r["throughput"] > 0:
-            out.append(compare(r, raws[r["rep"]]))
-    return out
+    return [
+        (r, raws[r["rep"]])
+        for r in res["rows"]
+        if (r["model"], r["system"], r["concurrency"]) == ("resnet50", system, conc)
+        and r["rep"] < len(raws)
+        and r["throughput"] > 0
+    ]
 
 
 def paired_ratios(res: dict, model: str, other: str, conc: int) -> list[float]:
@@ -1043,7 +1064,13 @@ def vs_raw_best(row: dict, raw_run: dict) -> float:
 
 
 def vs_raw_run(row: dict, raw_run: dict) -> float:
-    """A throughput point over the best batch of the repetition's raw run."""
+    """A throughput point over the best batch (of at most its concurrency) of the
+    repetition's raw run."""
+    return row["throughput"] / _best_row(raw_run, row["concurrency"])["items_per_s"]
+
+
+def vs_raw_any_size(row: dict, raw_run: dict) -> float:
+    """A throughput point over the repetition's raw best batch of any size."""
     return row["throughput"] / _best_row(raw_run)["items_per_s"]
 
 
@@ -1055,9 +1082,13 @@ def c1_minus_raw(row: dict, raw_run: dict) -> float:
     return row["p50_ms"] - _batch(raw_run, 1)["p50_ms"]
 
 
-def _best_row(raw_run: dict) -> dict:
-    """The raw run's row at its fastest batch size (items/s)."""
-    return max(raw_run["rows"], key=lambda x: x["items_per_s"])
+def _best_row(raw_run: dict, most: int = 0) -> dict:
+    """The raw run's row at its fastest batch size (items/s), of the sizes up to ``most``
+    (0: any). A point of c clients, each waiting for its answer before it sends again,
+    never has more than c requests to batch: batch c is the largest any server can run
+    there, so the raw loop at a larger size is no ceiling for it."""
+    rows = [x for x in raw_run["rows"] if not most or x["batch_size"] <= most]
+    return max(rows or raw_run["rows"], key=lambda x: x["items_per_s"])
 
 
 def _batch(raw_run: dict, size: int) -> dict:
