@@ -128,15 +128,20 @@ class SideEnv:
     imports: str  # what must import for the environment to count as built
 
     def python(self, build: bool) -> tuple[Path | None, str]:
-        """The environment's python, building it if asked; (None, why) when unavailable."""
+        """The environment's python, built (or brought up to its requirements: pip
+        installs nothing and asks no index when they are met) if asked; (None, why) when
+        unavailable. Synced, not just found: an environment built before a pin changed
+        imported fine and then failed (MLServer with uvloop 0.22 loads no model)."""
         py, name = self.venv / "bin" / "python", f"bench/{self.venv.name}"
-        if self._works(py):
-            return py, ""
         if not build:
+            if self._works(py):
+                return py, ""
             return None, f"{name} not built (run `python -m bench.run` without --quick)"
-        log(f"building {self.venv} (python3 -m venv; pip install -r {self.requirements})")
+        how = "syncing" if py.exists() else "building (python3 -m venv)"
+        log(f"{how} {self.venv}: pip install -r bench/{self.requirements}")
         try:
-            subprocess.run(["python3", "-m", "venv", str(self.venv)], check=True, timeout=300)
+            if not py.exists():
+                subprocess.run(["python3", "-m", "venv", str(self.venv)], check=True, timeout=300)
             out = subprocess.run(
                 [str(py), "-m", "pip", "install", "-q", "-r", str(BENCH / self.requirements)],
                 capture_output=True,
@@ -312,6 +317,21 @@ def launch_ringserve(
     return launch
 
 
+def _peer(
+    key: str,
+    label: str,
+    role: str,
+    launcher: Callable[[Path], Callable[[str, int, argparse.Namespace, Path], Launch]],
+    py: Path | None,
+    why_not: str,
+    models: tuple[str, ...] = tuple(MODEL_NAMES),
+) -> System:
+    """A peer that runs in an environment of its own (``SideEnv``): without its python, a
+    skipped row that says why."""
+    launch = launcher(py) if py else launch_fastapi  # (never started: skipped)
+    return System(key, label, role, launch, skip="" if py else why_not, models=models)
+
+
 def systems(
     args: argparse.Namespace,
     lit_py: Path | None,
@@ -324,21 +344,24 @@ def systems(
         System("inline-1", "(b) uvicorn inline, 1 proc", "b", launch_inline(1)),
         System(f"inline-{n}", f"(b) uvicorn inline, {n} procs", "b", launch_inline(n)),
         System("fastapi", "(c) FastAPI asyncio.Queue batcher", "c", launch_fastapi),
-        System(
+        _peer(
             "litserve",
             "(d) LitServe batch 32/5 ms, 2 API procs",
             "d",
-            launch_litserve(lit_py) if lit_py else launch_fastapi,
-            skip="" if lit_py else lit_skip,
+            launch_litserve,
+            lit_py,
+            lit_skip,
         ),
         System("ringserve", f"(e) ringserve, {n} frontends", "e", launch_ringserve("wrk")),
-        System(
+        # MLServer serves identity only, as in the issue's table.
+        _peer(
             "mlserver",
             "(f) MLServer, adaptive batch 32/100 ms",
             "f",
-            launch_mlserver(ml_py) if ml_py else launch_fastapi,
-            skip="" if ml_py else ml_skip,
-            models=("identity",),  # as in the issue's table
+            launch_mlserver,
+            ml_py,
+            ml_skip,
+            ("identity",),
         ),
     ]
     if args.device == "cpu" and args.threads > 1 and not args.compile:
@@ -651,7 +674,7 @@ def bench_system(
             procs = tree(pid)
             # Throughput is judged against the raw best batch timed right before and right
             # after the point, not a run a minute earlier (the host drifts by more than 5%).
-            best = _best_row(raw_run, conc)["batch_size"] if probe and raw_run and conc > 1 else 0
+            best = around_batch(raw_run, conc) if probe else 0
             raw_around = [probe.run(RAW_AROUND_S, best)["items_per_s"]] if best else []
             c0, host0 = cpu_seconds(procs), host_cpu_ticks()
             sliced: dict = {}
@@ -1080,6 +1103,12 @@ def c1_minus_raw(row: dict, raw_run: dict) -> float:
     if "c1_minus_raw_ms" in row:
         return row["c1_minus_raw_ms"]
     return row["p50_ms"] - _batch(raw_run, 1)["p50_ms"]
+
+
+def around_batch(raw_run: dict | None, conc: int) -> int:
+    """The raw batch size a throughput point of ``conc`` clients is timed against right
+    before and after it: the repetition's best of at most ``conc`` (0: none, at c=1)."""
+    return _best_row(raw_run, conc)["batch_size"] if raw_run and conc > 1 else 0
 
 
 def _best_row(raw_run: dict, most: int = 0) -> dict:

@@ -155,7 +155,7 @@ def test_a_point_is_judged_against_the_raw_batches_its_clients_can_fill() -> Non
     the raw loop's best batch of at most 8, c=32 against its best of at most 32, and the
     note gives c=8 against the best of any size too (batch 32 ran faster than 8 once the
     model was folded and NHWC, and a loop that stopped at 8 hid it)."""
-    from bench.run import _best_row, evaluate_targets
+    from bench.run import _best_row, around_batch, evaluate_targets
 
     raw_run = {"rows": [{"batch_size": 1, "p50_ms": 80.0, "items_per_s": 8.0},
                         {"batch_size": 8, "p50_ms": 400.0, "items_per_s": 20.0},
@@ -163,6 +163,8 @@ def test_a_point_is_judged_against_the_raw_batches_its_clients_can_fill() -> Non
     assert [_best_row(raw_run, c)["batch_size"] for c in (1, 4, 8, 31, 32, 64, 0)] == [
         1, 1, 8, 8, 32, 32, 32
     ]  # fmt: skip
+    # What ``bench_system`` times the raw loop at around each point (none at c=1).
+    assert [around_batch(raw_run, c) for c in (1, 8, 32)] == [0, 8, 32]
     row = {"model": "resnet50", "system": "ringserve", "rep": 0, "p50_ms": 700.0}
     res = resnet50_results(
         raw_run,
