@@ -265,13 +265,14 @@ def launch_litserve(py: Path) -> Callable[[str, int, argparse.Namespace, Path], 
 
 def launch_mlserver(py: Path) -> Callable[[str, int, argparse.Namespace, Path], Launch]:
     def launch(model: str, port: int, args: argparse.Namespace, tmp: Path) -> Launch:
+        name = MODEL_NAMES[model]
         cmd = [str(py), "-m", "bench.baselines.mlserver_app", "--port", str(port)]
-        cmd += ["--dir", str(tmp / f"mlserver-{port}"), "--max-batch", "32"]
-        cmd += ["--max-batch-time-ms", "100"]
-        path = "/v2/models/id/infer"
+        cmd += ["--dir", str(tmp / f"mlserver-{port}"), "--name", name]
+        cmd += ["--max-batch", "32", "--max-batch-time-ms", "100"]
+        path = f"/v2/models/{name}/infer"
         # The model's readiness, not the server's: a server whose model failed to load
         # reports itself ready and answers 404 to every request.
-        ready = "/v2/models/id/ready"
+        ready = f"/v2/models/{name}/ready"
         return Launch(cmd, path, "identity_v2", "application/json", ready_path=ready)
 
     return launch
@@ -336,8 +337,8 @@ def systems(
     args: argparse.Namespace,
     lit_py: Path | None,
     lit_skip: str,
-    ml_py: Path | None = None,
-    ml_skip: str = "--no-mlserver",
+    ml_py: Path | None,
+    ml_skip: str,
 ) -> list[System]:
     n = args.frontends
     out = [

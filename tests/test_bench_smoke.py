@@ -127,26 +127,41 @@ def resnet50_results(raw_run: dict, rows: list[dict]) -> dict:
     }
 
 
-def test_resnet50_throughput_is_judged_against_the_raw_best_batch_timed_around_it() -> None:
-    """c=8 and c=32 against the raw best batch timed right before and after the point;
-    the repetition's earlier raw run stays in the note (and judges older results)."""
+def raw_run_of(rates: dict[int, float]) -> dict:
+    """A raw run from {batch size: items/s}."""
+    return {
+        "rows": [
+            {"batch_size": b, "p50_ms": 1000.0 * b / r, "items_per_s": r} for b, r in rates.items()
+        ]
+    }
+
+
+def ringserve_c8_c32(raw_run: dict, c8_img_s: float, c32_img_s: float) -> tuple[dict, dict]:
+    """ringserve's c=8 and c=32 targets for one repetition: c=8 timed around the point
+    (0.96x), c=32 without that timing (an older results file), against the raw run."""
     from bench.run import evaluate_targets
 
-    raw_run = {"rows": [{"batch_size": 1, "p50_ms": 80.0, "items_per_s": 8.0},
-                        {"batch_size": 4, "p50_ms": 400.0, "items_per_s": 10.0}]}  # fmt: skip
     row = {"model": "resnet50", "system": "ringserve", "rep": 0, "p50_ms": 700.0}
     res = resnet50_results(
         raw_run,
         [
-            {**row, "concurrency": 8, "throughput": 9.0, "vs_raw_around": 0.96},
-            {**row, "concurrency": 32, "throughput": 9.0},
+            {**row, "concurrency": 8, "throughput": c8_img_s, "vs_raw_around": 0.96},
+            {**row, "concurrency": 32, "throughput": c32_img_s},
         ],
     )
     by_name = {t["target"]: t for t in evaluate_targets(res, 2)}
-    c8 = by_name["resnet50 c=8: ringserve img/s vs raw best batch of <= 8"]
+    return (
+        by_name["resnet50 c=8: ringserve img/s vs raw best batch of <= 8"],
+        by_name["resnet50 c=32: ringserve img/s vs raw best batch of <= 32"],
+    )
+
+
+def test_resnet50_throughput_is_judged_against_the_raw_best_batch_timed_around_it() -> None:
+    """c=8 and c=32 against the raw best batch timed right before and after the point;
+    the repetition's earlier raw run stays in the note (and judges older results)."""
+    c8, c32 = ringserve_c8_c32(raw_run_of({1: 8.0, 4: 10.0}), 9.0, 9.0)
     assert (c8["value"], c8["result"]) == ("0.96", "PASS")
     assert "timed around it: 0.96x; against the repetition's raw run: 0.90x" in c8["note"]
-    c32 = by_name["resnet50 c=32: ringserve img/s vs raw best batch of <= 32"]
     assert (c32["value"], c32["result"]) == ("0.9", "FAIL")  # 9.0 / 10.0, the older way
 
 
@@ -155,30 +170,18 @@ def test_a_point_is_judged_against_the_raw_batches_its_clients_can_fill() -> Non
     the raw loop's best batch of at most 8, c=32 against its best of at most 32, and the
     note gives c=8 against the best of any size too (batch 32 ran faster than 8 once the
     model was folded and NHWC, and a loop that stopped at 8 hid it)."""
-    from bench.run import _best_row, around_batch, evaluate_targets
+    from bench.run import _best_row, around_batch
 
-    raw_run = {"rows": [{"batch_size": 1, "p50_ms": 80.0, "items_per_s": 8.0},
-                        {"batch_size": 8, "p50_ms": 400.0, "items_per_s": 20.0},
-                        {"batch_size": 32, "p50_ms": 1300.0, "items_per_s": 25.0}]}  # fmt: skip
+    raw_run = raw_run_of({1: 8.0, 8: 20.0, 32: 25.0})
     assert [_best_row(raw_run, c)["batch_size"] for c in (1, 4, 8, 31, 32, 64, 0)] == [
         1, 1, 8, 8, 32, 32, 32
     ]  # fmt: skip
     # What ``bench_system`` times the raw loop at around each point (none at c=1).
     assert [around_batch(raw_run, c) for c in (1, 8, 32)] == [0, 8, 32]
-    row = {"model": "resnet50", "system": "ringserve", "rep": 0, "p50_ms": 700.0}
-    res = resnet50_results(
-        raw_run,
-        [
-            {**row, "concurrency": 8, "throughput": 19.0, "vs_raw_around": 0.96},
-            {**row, "concurrency": 32, "throughput": 23.0},
-        ],
-    )
-    by_name = {t["target"]: t for t in evaluate_targets(res, 2)}
-    c8 = by_name["resnet50 c=8: ringserve img/s vs raw best batch of <= 8"]
+    c8, c32 = ringserve_c8_c32(raw_run, 19.0, 23.0)
     assert (c8["value"], c8["result"]) == ("0.96", "PASS")
     assert "against the repetition's raw run: 0.95x" in c8["note"]  # 19 / 20 (batch 8)
     assert "against its best batch of any size: 0.76x (b32)" in c8["note"]  # 19 / 25
-    c32 = by_name["resnet50 c=32: ringserve img/s vs raw best batch of <= 32"]
     assert (c32["value"], c32["result"]) == ("0.92", "FAIL")  # 23 / 25 (batch 32)
     assert "any size" not in c32["note"]
 
@@ -438,8 +441,7 @@ def test_the_mlserver_peer_echoes_v2_requests_in_adaptive_batches(tmp_path: Path
     py, why = bench.MLSERVER.python(build=True)
     assert py is not None, why
     wrk = shutil.which("wrk")
-    if wrk is None:
-        pytest.skip("wrk is not installed (make system-deps)")
+    assert wrk is not None, "wrk is not installed (make system-deps installs it)"
     args = bench.parse_args(["--models", "identity"])
     port = bench.free_port()
     launch = bench.launch_mlserver(py)("identity", port, args, tmp_path)
