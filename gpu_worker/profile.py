@@ -41,13 +41,17 @@ from ringserve.ipc.layout import PayloadKind
 
 log = logging.getLogger("ringserve.worker")
 
-BUDGET_S = 8.0
+# Three rounds of resnet50 on the 2-core CPU at sizes 1 to 32 take about 8.5 s.
+BUDGET_S = 10.0
 # Best of several rounds per size: on a shared host, contention only ever slows a
 # round down, so the fastest round is the honest one. The rounds go over the sizes in
 # turn (1, 2, 4, 8, 1, 2, 4, 8, ...), so a slow spell of the host hits every size alike
 # instead of all the rounds of one size: measured size by size, a 130 ms model on this
 # 2-core VM once rated batch 1 above batch 4 and served at batch 1 (0.7x the raw model's
-# best batch at concurrency 8), and the cache kept it.
+# best batch at concurrency 8), and the cache kept it. A round after the first starts
+# only if the last one would fit in the budget again, so every size gets as many rounds
+# as the others: cut mid-round, the small sizes got a third best-of chance that the
+# large ones did not.
 ROUNDS = 3
 ROUND_S = 0.03  # a round of a fast model repeats it for this long (at most 50 runs)
 DYNAMIC_DIM = 16  # size used for -1 dimensions when making a sample input
@@ -297,12 +301,18 @@ def _measure(
     deadline = time.monotonic() + BUDGET_S
     sizes = batch_sizes(model.batching.max_batch_size)
     too_big = 0  # the smallest size that ran out of device memory
+    last_round_s = 0.0
     batches: dict[int, torch.Tensor] = {}  # made in the first round, as each is measured
     with torch.inference_mode():  # (batches made in it, as the worker's loop makes them)
-        for _ in range(ROUNDS):
+        for round_ in range(ROUNDS):
+            started = time.monotonic()
+            if round_ and started + last_round_s > deadline:
+                break  # another round would end past the budget: as many for every size
             for size in sizes:
-                if (too_big and size >= too_big) or (rates and time.monotonic() > deadline):
-                    break  # what runs out of memory, or over budget: what we have is all
+                if too_big and size >= too_big:
+                    break  # what ran out of memory: no larger size is tried
+                if not round_ and rates and time.monotonic() > deadline:
+                    break  # a slow model's first round: the sizes it measured are all
                 try:
                     if size not in batches:
                         batches[size] = sample_batch(handler, size).to(handler.device)
@@ -315,6 +325,7 @@ def _measure(
                         raise  # no batch fits: not a batching question
                     too_big = size
                 heartbeat()
+            last_round_s = time.monotonic() - started
             if too_big:  # (out of the except block: its frames held the batch's memory)
                 batches = {s: b for s, b in batches.items() if s < too_big}
                 if handler.device.type == "cuda":

@@ -105,9 +105,31 @@ def test_a_slow_model_stops_at_the_budget_with_what_it_measured(clock):
     assert got.preferred == 1  # all equal per row: the smallest (lowest latency) wins
 
 
+def test_every_size_gets_as_many_rounds_as_the_others(clock):
+    """resnet50-like: rows/s rising to batch 32, a round over 1 to 32 taking 4.5 s, and
+    a neighbour on the host going quiet after two rounds (every later run 10 % faster).
+    Three rounds do not fit in the budget. Cut mid-round at the budget, the third round
+    reached batches 1 to 8 only: batch 8 read 10 % above its other rounds, past batch
+    32, and the worker would have served batches of 8. A round now starts only if it
+    fits, so each size has the same number of chances."""
+    rows_per_s = {1: 16.0, 2: 19.0, 4: 21.0, 8: 22.0, 16: 23.0, 32: 24.0}
+    scale = 4.5 / sum(n / r for n, r in rows_per_s.items())  # a round: 4.5 s
+
+    def cost(n: int, k: int) -> float:
+        quiet = k >= 13  # after the warm-up run and two rounds of six sizes
+        return scale * n / rows_per_s[n] * (0.9 if quiet else 1.0)
+
+    model = CostModel(clock, cost)
+    got = profile.throughput_profile(model, settings(32), lambda: None)
+    runs = {size: model.sizes.count(size) for size in rows_per_s}
+    assert got.preferred == 32
+    assert runs == {1: 3, 2: 2, 4: 2, 8: 2, 16: 2, 32: 2}  # (batch 1: and the warm-up)
+    assert clock.now <= profile.BUDGET_S
+
+
 @pytest.mark.parametrize(
     ("seconds_a_batch", "measured"),
-    [(5.0, [1]), (3.0, [1, 2])],  # out of budget after one size; after two, still rising
+    [(6.0, [1]), (4.0, [1, 2])],  # out of budget after one size; after two, still rising
 )
 def test_a_profile_cut_short_while_batches_still_pay_does_not_cap_batching(
     clock, seconds_a_batch: float, measured: list[int]
