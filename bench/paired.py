@@ -38,7 +38,11 @@ from pathlib import Path
 from bench import run as bench_run
 from bench.batch_mix import stage_ms, stats
 
-PATHS = {"resnet50": "/v1/models/r50/predict", "digits": "/v1/models/digits/predict"}
+PATHS = {
+    "resnet50": "/v1/models/r50/predict",
+    "identity": "/v1/models/id/predict",  # the serving path alone: c=1 overhead
+    "digits": "/v1/models/digits/predict",
+}
 STAGES = ("queue", "compute_input", "compute_infer")
 
 
@@ -81,12 +85,22 @@ def photo(path: Path) -> Path:
     return path
 
 
+def request_body(args: argparse.Namespace, tmp: Path) -> tuple[Path, str]:
+    """The body every slice sends, and its content type: ``bench.run``'s for its models
+    (identity's JSON, resnet50's JPEG), a photo (or ``--image``) for digits."""
+    if args.model not in bench_run.MODEL_NAMES:
+        return args.image or photo(tmp / "photo.jpg"), "image/jpeg"
+    launch = bench_run.launch_ringserve("wrk")(args.model, 0, bench_run.parse_args([]), tmp)
+    return bench_run.make_inputs(tmp / "inputs")[launch.body], launch.content_type
+
+
 def command(port: int, args: argparse.Namespace, tmp: Path, side: str) -> list[str]:
-    """resnet50 as ``bench.run`` starts it (one worker on every thread); digits as the
-    default model, on ``--threads``; ``--new-set`` for the new side only."""
+    """resnet50 and identity as ``bench.run`` starts them (resnet50: one worker on every
+    thread); digits as the default model, on ``--threads``; ``--new-set`` for the new
+    side only."""
     run_args = bench_run.parse_args(["--threads", str(args.threads)])
-    if args.model == "resnet50":
-        cmd = bench_run.launch_ringserve("wrk")("resnet50", port, run_args, tmp).cmd
+    if args.model in bench_run.MODEL_NAMES:
+        cmd = bench_run.launch_ringserve("wrk")(args.model, port, run_args, tmp).cmd
     else:
         cmd = [*bench_run.ringserve_command(port, run_args, tmp), "--threads", str(args.threads)]
     for s in args.set + (args.new_set if side == "new" else []):
@@ -123,7 +137,7 @@ def serving(
             log = tmp / f"server-{side}.log"
             pid = stack.enter_context(bench_run.running(launch, port, log, 300))
             servers[side] = (f"http://127.0.0.1:{port}{PATHS[args.model]}", pid, port)
-            bench_run.run_wrk(args.wrk, servers[side][0], 8, 2, body, "image/jpeg")  # warm-up
+            bench_run.run_wrk(args.wrk, servers[side][0], 8, 2, body, args.content_type)
         yield servers
 
 
@@ -134,7 +148,7 @@ def one_slice(server: tuple[str, int, int], conc: int, args: argparse.Namespace,
     bench_run.settle(bench_run.tree(pid))
     before = stats(port, name)[1]
     warmup = bench_run.WINDOW_WARMUP_S if conc > 1 else 0.0  # a rate, counted as run.py does
-    w = bench_run.run_wrk(args.wrk, url, conc, args.seconds, body, "image/jpeg", warmup)
+    w = bench_run.run_wrk(args.wrk, url, conc, args.seconds, body, args.content_type, warmup)
     bench_run.settle(bench_run.tree(pid))
     ms = stage_ms(before, stats(port, name)[1])
     return (w["p50_ms"] if conc == 1 else w["throughput"]), w["errors"], ms
@@ -172,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--seconds", type=float, default=12.0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--image", type=Path, help="the JPEG to send (digits; resnet50 makes one)")
+    ap.add_argument(
+        "--image",
+        type=Path,
+        help="the JPEG to send (digits; resnet50 and identity send bench.run's bodies)",
+    )
     ap.add_argument("--set", action="append", default=[], help="passed to ringserve serve")
     ap.add_argument(
         "--new-set", action="append", default=[], help="as --set, for this checkout's side only"
@@ -193,10 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     concs = [int(c) for c in args.concurrency.split(",") if c]
     with tempfile.TemporaryDirectory(prefix="ringserve-paired-") as tmp_dir:
         tmp = Path(tmp_dir)
-        if args.model == "resnet50":
-            body = bench_run.make_inputs(tmp)["jpeg"]
-        else:
-            body = args.image or photo(tmp / "photo.jpg")
+        body, args.content_type = request_body(args, tmp)
         paths = {
             "base": export(args.base, tmp / "base"),
             "new": package_path(bench_run.REPO, tmp / "new"),

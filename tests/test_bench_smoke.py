@@ -356,12 +356,13 @@ def test_paired_exports_the_base_commit_as_the_package_its_server_imports(tmp_pa
 @pytest.mark.timeout(280)
 def test_paired_compares_two_checkouts_slice_by_slice(tmp_path: Path) -> None:
     """The judge of a change (``bench/paired.py``) keeps working: one short round of
-    this checkout against HEAD on the default model prints both sides and the ratio."""
+    this checkout against HEAD on identity (JSON, not the JPEG the other models take)
+    prints both sides and the ratio, without an error."""
     if not (REPO / ".git").exists():
         pytest.skip("not a git checkout: nothing to export")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("NOTIFY_SOCKET", None)
-    argv = ["--base", "HEAD", "--model", "digits", "--concurrency", "2", "--rounds", "1"]
+    argv = ["--base", "HEAD", "--model", "identity", "--concurrency", "2", "--rounds", "1"]
     proc = subprocess.run(
         [sys.executable, "-m", "bench.paired", *argv, "--seconds", "1"],
         cwd=REPO,
@@ -376,6 +377,22 @@ def test_paired_compares_two_checkouts_slice_by_slice(tmp_path: Path) -> None:
         (line,) = [x for x in lines if x.startswith(f"c=2 {side}:")]
         assert "req/s" in line and "errors 0;" in line and "compute_input" in line, line
     assert any(x.startswith("c=2 new / base, paired: median") for x in lines), lines
+
+
+def test_paired_sends_each_model_the_body_it_takes(tmp_path: Path) -> None:
+    """identity gets bench.run's JSON, resnet50 its JPEG, digits a photo: with the JPEG
+    sent to identity, every slice was a 4xx."""
+    import argparse
+
+    from bench.paired import request_body
+
+    def sent(model: str) -> tuple[bytes, str]:
+        path, content_type = request_body(argparse.Namespace(model=model, image=None), tmp_path)
+        return path.read_bytes()[:8], content_type
+
+    assert sent("identity") == (b'{"data":', "application/json")
+    assert sent("resnet50")[0][:2] == b"\xff\xd8" and sent("resnet50")[1] == "image/jpeg"
+    assert sent("digits")[0][:2] == b"\xff\xd8" and sent("digits")[1] == "image/jpeg"
 
 
 def test_paired_new_set_changes_only_this_checkouts_side(tmp_path: Path) -> None:
