@@ -38,9 +38,9 @@ from pathlib import Path
 from bench import run as bench_run
 from bench.batch_mix import stage_ms, stats
 
+# bench.run's models (identity: the serving path alone, for c=1 overhead) and digits.
 PATHS = {
-    "resnet50": "/v1/models/r50/predict",
-    "identity": "/v1/models/id/predict",  # the serving path alone: c=1 overhead
+    **{model: f"/v1/models/{name}/predict" for model, name in bench_run.MODEL_NAMES.items()},
     "digits": "/v1/models/digits/predict",
 }
 STAGES = ("queue", "compute_input", "compute_infer")
@@ -90,8 +90,8 @@ def request_body(args: argparse.Namespace, tmp: Path) -> tuple[Path, str]:
     (identity's JSON, resnet50's JPEG), a photo (or ``--image``) for digits."""
     if args.model not in bench_run.MODEL_NAMES:
         return args.image or photo(tmp / "photo.jpg"), "image/jpeg"
-    launch = bench_run.launch_ringserve("wrk")(args.model, 0, bench_run.parse_args([]), tmp)
-    return bench_run.make_inputs(tmp / "inputs")[launch.body], launch.content_type
+    key, content_type = bench_run.body_for(args.model)
+    return bench_run.make_inputs(tmp / "inputs")[key], content_type
 
 
 def command(port: int, args: argparse.Namespace, tmp: Path, side: str) -> list[str]:
@@ -123,7 +123,7 @@ def side_env(args: argparse.Namespace, side: str, path: Path, tmp: Path) -> dict
 
 @contextlib.contextmanager
 def serving(
-    paths: dict[str, Path], args: argparse.Namespace, body: Path, tmp: Path
+    paths: dict[str, Path], args: argparse.Namespace, body: tuple[Path, str], tmp: Path
 ) -> Iterator[dict[str, tuple[str, int, int]]]:
     """Both servers, ready and warmed up: side -> (url, pid, port)."""
     servers = {}
@@ -137,18 +137,20 @@ def serving(
             log = tmp / f"server-{side}.log"
             pid = stack.enter_context(bench_run.running(launch, port, log, 300))
             servers[side] = (f"http://127.0.0.1:{port}{PATHS[args.model]}", pid, port)
-            bench_run.run_wrk(args.wrk, servers[side][0], 8, 2, body, args.content_type)
+            bench_run.run_wrk(args.wrk, servers[side][0], 8, 2, *body)  # warm-up
         yield servers
 
 
-def one_slice(server: tuple[str, int, int], conc: int, args: argparse.Namespace, body: Path):
+def one_slice(
+    server: tuple[str, int, int], conc: int, args: argparse.Namespace, body: tuple[Path, str]
+):
     """(p50 ms at c=1 else req/s, wrk errors, ms per request in each v2 stage)."""
     url, pid, port = server
     name = PATHS[args.model].split("/")[3]
     bench_run.settle(bench_run.tree(pid))
     before = stats(port, name)[1]
     warmup = bench_run.WINDOW_WARMUP_S if conc > 1 else 0.0  # a rate, counted as run.py does
-    w = bench_run.run_wrk(args.wrk, url, conc, args.seconds, body, args.content_type, warmup)
+    w = bench_run.run_wrk(args.wrk, url, conc, args.seconds, *body, warmup)
     bench_run.settle(bench_run.tree(pid))
     ms = stage_ms(before, stats(port, name)[1])
     return (w["p50_ms"] if conc == 1 else w["throughput"]), w["errors"], ms
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     concs = [int(c) for c in args.concurrency.split(",") if c]
     with tempfile.TemporaryDirectory(prefix="ringserve-paired-") as tmp_dir:
         tmp = Path(tmp_dir)
-        body, args.content_type = request_body(args, tmp)
+        body = request_body(args, tmp)
         paths = {
             "base": export(args.base, tmp / "base"),
             "new": package_path(bench_run.REPO, tmp / "new"),

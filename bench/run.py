@@ -223,7 +223,8 @@ class System:
     models: tuple[str, ...] = tuple(MODEL_NAMES)  # the models it is run with
 
 
-def _body_for(model: str) -> tuple[str, str]:
+def body_for(model: str) -> tuple[str, str]:
+    """The request body a model is sent (a key into ``make_inputs``) and its type."""
     return ("identity", "application/json") if model == "identity" else ("jpeg", "image/jpeg")
 
 
@@ -234,7 +235,7 @@ def _threads(model: str, args: argparse.Namespace, procs: int = 1) -> int:
 
 def launch_inline(procs: int) -> Callable[[str, int, argparse.Namespace, Path], Launch]:
     def launch(model: str, port: int, args: argparse.Namespace, tmp: Path) -> Launch:
-        body, ct = _body_for(model)
+        body, ct = body_for(model)
         cmd = [sys.executable, "-m", "bench.baselines.inline_uvicorn", "--port", str(port)]
         cmd += ["--model", model, "--procs", str(procs), "--device", args.device]
         cmd += ["--threads", str(_threads(model, args, procs))]
@@ -244,7 +245,7 @@ def launch_inline(procs: int) -> Callable[[str, int, argparse.Namespace, Path], 
 
 
 def launch_fastapi(model: str, port: int, args: argparse.Namespace, tmp: Path) -> Launch:
-    body, ct = _body_for(model)
+    body, ct = body_for(model)
     cmd = [sys.executable, "-m", "bench.baselines.fastapi_batcher", "--port", str(port)]
     cmd += ["--model", model, "--threads", str(_threads(model, args)), "--device", args.device]
     cmd += ["--max-batch", "32", "--wait-ms", "100"]
@@ -311,7 +312,7 @@ def launch_ringserve(
                 # One worker per thread, sharing the --threads budget: all of it for a
                 # lone request, one each under load (gpu_worker/cpu_share.py).
                 cmd += ["--workers", str(args.threads), "--share-threads"]
-        body, ct = _body_for(model)
+        body, ct = body_for(model)
         env = {"XDG_CACHE_HOME": str(tmp / "cache")}
         return Launch(cmd, f"/v1/models/{name}/predict", body, ct, env, driver)
 

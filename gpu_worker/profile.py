@@ -2,7 +2,8 @@
 prefer the fastest size instead of the largest (on a CPU, batch 32 can be slower per row
 than batch 4).
 
-Bounded: each size gets a few timed rounds and the whole profile stops at a time budget.
+Bounded: each size gets a few timed rounds, and a round starts only while it would end
+within a time budget (a slow model's first round stops at the budget).
 Results are cached per model handler, weights, options, device, input shape, threads
 and hardware (CPU model and count, torch version, GPU name) in
 ``$XDG_CACHE_HOME/ringserve/profiles-v6.json`` so restarts and recycles skip it
@@ -41,7 +42,7 @@ from ringserve.ipc.layout import PayloadKind
 
 log = logging.getLogger("ringserve.worker")
 
-# Three rounds of resnet50 on the 2-core CPU at sizes 1 to 32 take about 8.5 s.
+# Three rounds of resnet50 at sizes 1 to 32 took 8.6-9.5 s on a 2-vCPU Xeon VM.
 BUDGET_S = 10.0
 # Best of several rounds per size: on a shared host, contention only ever slows a
 # round down, so the fastest round is the honest one. The rounds go over the sizes in
