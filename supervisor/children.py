@@ -118,7 +118,9 @@ def _has_exited(pid: int) -> bool:
 # own client and a sibling worker whose batch starts meanwhile (two workers taking
 # turns on this 2-core VM: each resnet50 batch 3-4 ms slower, paired median). 10,000
 # (~1 ms) still covers the gaps between a forward's parallel regions, which is what the
-# spin is for. An operator's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+# spin is for. An operator's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins: on a guest
+# whose idle vCPUs are slow to wake, one CPU worker per model served faster with 300,000
+# (docs/benchmarks.md, 2026-12-06 10:48; systemd/ringserve.env.example says when).
 WORKER_OMP_SPINCOUNT = "10000"
 _SYSTEMD_VARS = (
     "NOTIFY_SOCKET",
