@@ -38,11 +38,10 @@ from pathlib import Path
 from bench import run as bench_run
 from bench.batch_mix import stage_ms, stats
 
-# bench.run's models (identity: the serving path alone, for c=1 overhead) and digits.
-PATHS = {
-    **{model: f"/v1/models/{name}/predict" for model, name in bench_run.MODEL_NAMES.items()},
-    "digits": "/v1/models/digits/predict",
-}
+# The served name of each model: bench.run's (identity: the serving path alone, for
+# c=1 overhead) and digits, the default model.
+NAMES = {**bench_run.MODEL_NAMES, "digits": "digits"}
+PATHS = {model: f"/v1/models/{name}/predict" for model, name in NAMES.items()}
 STAGES = ("queue", "compute_input", "compute_infer")
 
 
@@ -146,7 +145,7 @@ def one_slice(
 ):
     """(p50 ms at c=1 else req/s, wrk errors, ms per request in each v2 stage)."""
     url, pid, port = server
-    name = PATHS[args.model].split("/")[3]
+    name = NAMES[args.model]
     bench_run.settle(bench_run.tree(pid))
     before = stats(port, name)[1]
     warmup = bench_run.WINDOW_WARMUP_S if conc > 1 else 0.0  # a rate, counted as run.py does

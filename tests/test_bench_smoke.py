@@ -6,6 +6,7 @@ builds its own: a few seconds of pip, without torch)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -382,8 +383,6 @@ def test_paired_compares_two_checkouts_slice_by_slice(tmp_path: Path) -> None:
 def test_paired_sends_each_model_the_body_it_takes(tmp_path: Path) -> None:
     """identity gets bench.run's JSON, resnet50 its JPEG, digits a photo: with the JPEG
     sent to identity, every slice was a 4xx."""
-    import argparse
-
     from bench.paired import request_body
 
     def sent(model: str) -> tuple[bytes, str]:
@@ -391,8 +390,9 @@ def test_paired_sends_each_model_the_body_it_takes(tmp_path: Path) -> None:
         return path.read_bytes()[:8], content_type
 
     assert sent("identity") == (b'{"data":', "application/json")
-    assert sent("resnet50")[0][:2] == b"\xff\xd8" and sent("resnet50")[1] == "image/jpeg"
-    assert sent("digits")[0][:2] == b"\xff\xd8" and sent("digits")[1] == "image/jpeg"
+    for model in ("resnet50", "digits"):  # JPEGs (SOI marker)
+        head, content_type = sent(model)
+        assert (head[:2], content_type) == (b"\xff\xd8", "image/jpeg"), model
 
 
 def test_paired_new_set_changes_only_this_checkouts_side(tmp_path: Path) -> None:
