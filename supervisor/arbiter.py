@@ -195,8 +195,12 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
             self._spawn_missing()
             self.phase = "running"
             self._notify_status()
-            while self.phase != "stopped":
+            while True:
                 timeout = self._tick()
+                # The tick that saw the last child exit ends the loop: one more wait
+                # held every stop (and a systemd restart) for a full tick, 1 s.
+                if self.phase == "stopped":
+                    break
                 for key, _ in self.selector.select(timeout):
                     if key.data == "wake":
                         self._on_wake()
