@@ -2,11 +2,13 @@
 poisonous one (raises on 13, kills its process on 666), a leaking one (host memory) and
 one that leaks on its device (GPU memory, on a GPU), one that fails to load, one that
 frees memory as it loads, one that counts its page faults, one that reports its threads,
-one with a BYTES input, one with a BYTES output, one that breaks the handler contract
-and one that says which thread preprocessed each image."""
+one with a BYTES input, one with a BYTES output, one that breaks the handler contract,
+one that says which thread preprocessed each image and one that records its exit."""
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import subprocess
 import sys
@@ -453,6 +455,27 @@ class Chatty(Handler):
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
         print("batch of", batch.shape[0], "rows")
         print("careful: a warning", file=sys.stderr)
+        return batch
+
+
+class RecordsItsExit(Handler):
+    """Identity whose atexit handler writes the count of frozen objects (``gc``) to the
+    file ``RINGSERVE_TEST_EXIT_FILE`` names: that a model's exit handlers run, and what
+    the worker's exit left them."""
+
+    inputs = (TensorSpec("INPUT0", "float32", (-1,)),)
+    outputs = (TensorSpec("OUTPUT0", "float32", (-1,)),)
+
+    def load(self, device: torch.device) -> None:
+        path = os.environ["RINGSERVE_TEST_EXIT_FILE"]
+
+        def record() -> None:
+            with open(path, "w") as f:
+                f.write(str(gc.get_freeze_count()))
+
+        atexit.register(record)
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
         return batch
 
 
