@@ -85,7 +85,7 @@ def build_state(spec: ChildSpec) -> tuple[FrontendState, ControlBlock]:
     heap.set_thresholds(heap.FRONTEND)  # big blocks back to the kernel when freed
     use_multiprocess_files(spec.metrics_dir, f"frontend-c{spec.control_index}")
     arena = Arena.attach(spec.arena_path)
-    control = ControlBlock(arena, spec.control_index)
+    control = ControlBlock(arena, spec.control_index, spec.supervisor_efd)
     control.register(Role.FRONTEND, spec.ident)
     dispatcher = Dispatcher(
         arena,

@@ -135,7 +135,7 @@ class Worker:
         self.settings = spec.settings
         self.model = self.settings.models[spec.model_index]
         self.arena = Arena.attach(spec.arena_path)
-        self.control = ControlBlock(self.arena, spec.control_index)
+        self.control = ControlBlock(self.arena, spec.control_index, spec.supervisor_efd)
         self.ring = RequestRing(self.arena, spec.model_index)
         # A process frozen while it holds the ring lock must not make us look hung too.
         self.ring.wait_for_lock_with(

@@ -3,7 +3,7 @@
 The supervisor starts every child as ``python -m ringserve.<role>`` with one
 environment variable, ``RINGSERVE_CHILD``, holding this JSON spec (settings, arena path,
 control index, inherited fds: the listen sockets, the metrics socket when
-``server.metrics_port`` is set, the wake-up eventfds). Children die with the supervisor (``PR_SET_PDEATHSIG``)
+``server.metrics_port`` is set, the wake-up eventfds, the supervisor's own). Children die with the supervisor (``PR_SET_PDEATHSIG``)
 so none is left holding shared or GPU memory.
 """
 
@@ -37,6 +37,9 @@ class ChildSpec:
     failures: int = 0  # starts of this position that failed in a row (a worker's retry)
     model_efds: tuple[int, ...] = ()
     frontend_efds: tuple[int, ...] = ()
+    # The supervisor's eventfd, rung by a child when its state changes (ready, draining):
+    # the supervisor acts on it at once instead of at its next tick. -1 = none.
+    supervisor_efd: int = -1
     metrics_dir: str = ""
     extra: dict = field(default_factory=dict)
 

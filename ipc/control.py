@@ -13,17 +13,21 @@ import time
 
 import numpy as np
 
+from ringserve.ipc import wake
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.layout import ERROR_BYTES, Command, ProcState, Role
 
 
 class ControlBlock:
-    """The calling process's own record."""
+    """The calling process's own record. ``supervisor_efd``: rung on each change of
+    state, so the supervisor promotes a ready child (and hands a recycle or a rolling
+    restart on) when it happens, not at its next tick; -1 = none."""
 
-    def __init__(self, arena: Arena, index: int) -> None:
+    def __init__(self, arena: Arena, index: int, supervisor_efd: int = -1) -> None:
         self.index = index
         self.rec = arena.control[index]
         self._seen_seq = int(self.rec["command_seq"])
+        self._supervisor_efd = supervisor_efd
 
     def register(self, role: Role, ident: int, model: int = -1) -> None:
         rec = self.rec
@@ -57,6 +61,8 @@ class ControlBlock:
             self.rec["ready_ns"] = time.monotonic_ns()
         self.rec["state"] = state
         self.beat()
+        if self._supervisor_efd >= 0:
+            wake.signal(self._supervisor_efd)
 
     def take_command(self) -> Command:
         """The supervisor's newest command if not yet seen, else NONE."""

@@ -85,6 +85,8 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         self.rings: list[RequestRing] = []
         self.model_efds: tuple[int, ...] = ()
         self.frontend_efds: tuple[int, ...] = ()
+        # Rung by children as their state changes (``ControlBlock.set_state``).
+        self.state_efd = wake.new_eventfd()
         self.metrics_dir = ""
         self.frontends: list[FrontendSlot] = []
         self.workers: list[WorkerSlot] = []
@@ -147,6 +149,7 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
             signal.signal(sig, lambda signum, frame: None)  # the wakeup fd carries it
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self.selector.register(self.state_efd, selectors.EVENT_READ, "child state")
         self.frontends = [FrontendSlot(i) for i in range(s.server.frontends)]
         ident = 0
         for mi, m in enumerate(s.models):
@@ -177,7 +180,7 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         self.gpu.close()
         for ring in self.rings:
             ring.close()
-        for fd in (*self.model_efds, *self.frontend_efds):
+        for fd in (*self.model_efds, *self.frontend_efds, self.state_efd):
             os.close(fd)
         if self.arena is not None:
             self.arena.close()
@@ -204,6 +207,8 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
                 for key, _ in self.selector.select(timeout):
                     if key.data == "wake":
                         self._on_wake()
+                    elif key.data == "child state":
+                        wake.drain(self.state_efd)  # the tick reads the records
                     else:
                         self._on_exit(key.data)
         finally:
@@ -296,6 +301,7 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
             metrics_fd=self.metrics_socket.fileno() if frontend and self.metrics_socket else -1,
             model_efds=self.model_efds,
             frontend_efds=self.frontend_efds,
+            supervisor_efd=self.state_efd,
             metrics_dir=self.metrics_dir,
         )
 

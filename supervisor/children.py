@@ -154,8 +154,7 @@ def spawn(spec: ChildSpec, env: Mapping[str, str] | None = None) -> Child:
     module = {"frontend": "ringserve.frontend", "worker": "ringserve.gpu_worker"}[spec.role]
     child_env = child_environment(spec, os.environ if env is None else env)
     fds = (*spec.listen_fds, *spec.model_efds, *spec.frontend_efds)
-    if spec.metrics_fd >= 0:
-        fds += (spec.metrics_fd,)
+    fds += tuple(fd for fd in (spec.metrics_fd, spec.supervisor_efd) if fd >= 0)
     popen = subprocess.Popen(
         [sys.executable, "-m", module],
         env=child_env,

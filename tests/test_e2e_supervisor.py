@@ -513,7 +513,7 @@ def test_start_up_diagnostics_load_error_cleared_and_slot_size(
         "(max_batch_size=32). arena.slot_bytes=8192 would hold 32; the arena then takes "
         "2 MiB of /dev/shm (256 slots)"
     ) in log
-    # The supervisor counts a worker ready on its next tick, after the frontends do.
+    # The supervisor counts a worker ready when its report wakes it, after the frontends.
     wait_until(lambda: server.ctl("status")["models"][0]["state"] == "ready", 10, "ready")
     [model] = server.ctl("status")["models"]
     assert "last_error" not in model, model

@@ -1,6 +1,8 @@
 """The supervisor's loop, run whole on a real arena with stand-in children: processes
-that do nothing until SIGTERM ends them. The scenario runs in its own interpreter (a
-supervisor sets process-wide state: its signal handlers and the wake-up fd)."""
+that report ready in their control record, as a frontend or a worker does once it
+serves, and then do nothing until SIGTERM ends them. Each scenario runs in its own
+interpreter (a supervisor sets process-wide state: its signal handlers and the wake-up
+fd)."""
 
 from __future__ import annotations
 
@@ -10,27 +12,44 @@ import subprocess
 import sys
 from pathlib import Path
 
-# A supervisor for one identity model whose children are stand-ins. It sends itself a
-# SIGTERM once they run, then drains and stops as it would for systemd. Prints run()'s
-# exit code and the timeouts of every wait the loop began after it had nothing left to
-# stop.
-SCENARIO = """
+# A supervisor for one identity model, its children stand-ins; SCENARIOS adds how it
+# is driven and what it prints.
+SUPERVISOR = """
 import logging, os, signal, subprocess, sys
 from ringserve.supervisor import arbiter
-from ringserve.supervisor.children import Child
+from ringserve.supervisor.children import Child, Phase
 from ringserve.supervisor.cli import _serve_parser, settings_from_args
 
 logging.basicConfig(level=logging.INFO)
 sock, instance = sys.argv[1:]
 args = ["--model", "id=identity", "--instance", instance, "--admin-socket", sock]
 arb = arbiter.Arbiter(settings_from_args(_serve_parser().parse_args(args)), [])
+STAND_IN = '''
+import sys, time
+from ringserve.ipc.arena import Arena
+from ringserve.ipc.control import ControlBlock
+from ringserve.ipc.layout import ProcState
+path, index, supervisor_efd = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ControlBlock(Arena.attach(path), index, supervisor_efd).set_state(ProcState.READY)
+time.sleep(60)
+'''
 
 def stand_in(spec):
-    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
-    proc = subprocess.Popen(sleeper, start_new_session=True)
+    args = [spec.arena_path, str(spec.control_index), str(spec.supervisor_efd)]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STAND_IN, *args],
+        pass_fds=(spec.supervisor_efd,),
+        start_new_session=True,
+    )
     return Child(spec, proc, os.pidfd_open(proc.pid))
 
 arbiter.spawn = stand_in
+"""
+
+SCENARIOS = {
+    # It stops once its children are up, as for systemd; prints run()'s exit code and
+    # the timeout of every wait the loop began after it had nothing left to stop.
+    "stop": """
 spawn_missing = arb._spawn_missing
 
 def spawn_then_stop():
@@ -48,19 +67,56 @@ def watched_select(timeout=None):
 
 arb.selector.select = watched_select
 print(arb.run(), waits_when_stopped)
-"""
+""",
+    # No tick is due for an hour: only a wake-up moves the loop. Once every child is
+    # promoted it stops; prints run()'s exit code and the children's phases then.
+    "ready": """
+tick = arb._tick
+phases = []
+
+def hour_long_tick():
+    tick()
+    if arb.phase == "running" and not phases:
+        if all(c.phase is Phase.READY for c in arb.all_children()):
+            phases.extend(c.phase.value for c in arb.all_children())
+            os.kill(os.getpid(), signal.SIGTERM)
+    return 3600.0
+
+arb._tick = hour_long_tick
+print(arb.run(), phases)
+""",
+}
+
+
+def _run(tmp_path: Path, scenario: str) -> tuple[str, object]:
+    """Run the scenario; returns run()'s exit code and what the scenario printed."""
+    args = [str(tmp_path / "admin.sock"), f"loop{os.getpid()}{scenario}"]
+    out = subprocess.run(
+        [sys.executable, "-c", SUPERVISOR + SCENARIOS[scenario], *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    code, printed = out.stdout.split(maxsplit=1)
+    assert code == "0", out.stderr[-3000:]
+    assert "SIGTERM: draining" in out.stderr, out.stderr[-3000:]
+    return code, ast.literal_eval(printed)
 
 
 def test_the_supervisor_returns_once_its_last_child_has_exited(tmp_path: Path) -> None:
     """The tick that reaps the last child ends the loop. The loop used to wait once more
     before it looked, and every stop, each systemd restart among them, took a full
     tick (1 s) longer than its children did."""
-    args = [str(tmp_path / "admin.sock"), f"loop{os.getpid()}"]
-    out = subprocess.run(
-        [sys.executable, "-c", SCENARIO, *args], capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    code, waits = out.stdout.split(maxsplit=1)
-    assert code == "0", out.stderr[-3000:]
-    assert ast.literal_eval(waits) == [], out.stderr[-3000:]
-    assert "SIGTERM: draining" in out.stderr, out.stderr[-3000:]
+    _, waits_when_stopped = _run(tmp_path, "stop")
+    assert waits_when_stopped == []
+
+
+def test_a_child_reporting_ready_wakes_the_supervisor(tmp_path: Path) -> None:
+    """A child rings the supervisor's eventfd as it reports ready, and the supervisor
+    promotes it then: systemd's READY=1, a recycle's hand-over and each step of a
+    rolling restart wait on that promotion, which came at the next tick, up to 1 s
+    late. With no tick due for an hour, the old supervisor waited out this test's
+    timeout."""
+    _, phases = _run(tmp_path, "ready")
+    assert phases == ["ready"] * 3  # two frontends and a worker
