@@ -898,7 +898,15 @@ def evaluate_targets(res: dict, n: int) -> list[dict]:
 
     def add(name: str, value: float | None, limit: str, ok: bool | None, note: str = "") -> None:
         verdict = "n/a" if ok is None else ("PASS" if ok else "FAIL")
-        shown = "—" if value is None else f"{value:,.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+        # Three significant digits, trailing zeros kept: with them dropped, an idle CPU
+        # of 1.998 % read "2" against "< 2" and PASS.
+        shown = (
+            "—"
+            if value is None
+            else f"{value:#.3g}".rstrip(".")
+            if abs(value) < 1000
+            else f"{value:,.0f}"
+        )
         targets.append(
             {"target": name, "value": shown, "limit": limit, "result": verdict, "note": note}
         )

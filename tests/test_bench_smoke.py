@@ -83,11 +83,23 @@ def test_resnet50_c1_is_judged_against_the_raw_loop_timed_around_it() -> None:
         ],
     }
     (c1,) = [t for t in evaluate_targets(res, 2) if t["target"].startswith("resnet50 c=1")]
-    assert (c1["value"], c1["result"]) == ("3", "PASS")
+    assert (c1["value"], c1["result"]) == ("3.00", "PASS")
     assert "+3.0 ms; against the repetition's raw run: +12.0 ms" in c1["note"]
     del res["rows"][0]["c1_minus_raw_ms"]
     (c1,) = [t for t in evaluate_targets(res, 2) if t["target"].startswith("resnet50 c=1")]
-    assert (c1["value"], c1["result"]) == ("12", "FAIL")
+    assert (c1["value"], c1["result"]) == ("12.0", "FAIL")
+
+
+def test_a_value_just_under_its_limit_does_not_read_as_the_limit() -> None:
+    """Shown to three significant digits with its trailing zeros, not rounded to the
+    limit it passes: an idle CPU of 1.998 % read "2" against "< 2", and PASS."""
+    from bench.run import evaluate_targets
+
+    row = {"model": "digits", "system": "ringserve", "concurrency": 1, "frontend_pss_mb": 35}
+    rows = [{**row, "idle_cpu_pct": idle} for idle in (1.998, 0.5)]
+    res = {"medians": rows, "ipc": [], "raw": {}, "raw_reps": {}, "rows": rows}
+    (idle,) = [t for t in evaluate_targets(res, 2) if t["target"].startswith("ringserve idle")]
+    assert (idle["value"], idle["result"]) == ("2.00", "PASS")
 
 
 def test_c1_slices_take_turns_with_the_raw_loop(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -161,9 +173,9 @@ def test_resnet50_throughput_is_judged_against_the_raw_best_batch_timed_around_i
     """c=8 and c=32 against the raw best batch timed right before and after the point;
     the repetition's earlier raw run stays in the note (and judges older results)."""
     c8, c32 = ringserve_c8_c32(raw_run_of({1: 8.0, 4: 10.0}), 9.0, 9.0)
-    assert (c8["value"], c8["result"]) == ("0.96", "PASS")
+    assert (c8["value"], c8["result"]) == ("0.960", "PASS")
     assert "timed around it: 0.96x; against the repetition's raw run: 0.90x" in c8["note"]
-    assert (c32["value"], c32["result"]) == ("0.9", "FAIL")  # 9.0 / 10.0, the older way
+    assert (c32["value"], c32["result"]) == ("0.900", "FAIL")  # 9.0 / 10.0, the older way
 
 
 def test_a_point_is_judged_against_the_raw_batches_its_clients_can_fill() -> None:
@@ -180,10 +192,10 @@ def test_a_point_is_judged_against_the_raw_batches_its_clients_can_fill() -> Non
     # What ``bench_system`` times the raw loop at around each point (none at c=1).
     assert [around_batch(raw_run, c) for c in (1, 8, 32)] == [0, 8, 32]
     c8, c32 = ringserve_c8_c32(raw_run, 19.0, 23.0)
-    assert (c8["value"], c8["result"]) == ("0.96", "PASS")
+    assert (c8["value"], c8["result"]) == ("0.960", "PASS")
     assert "against the repetition's raw run: 0.95x" in c8["note"]  # 19 / 20 (batch 8)
     assert "against its best batch of any size: 0.76x (b32)" in c8["note"]  # 19 / 25
-    assert (c32["value"], c32["result"]) == ("0.92", "FAIL")  # 23 / 25 (batch 32)
+    assert (c32["value"], c32["result"]) == ("0.920", "FAIL")  # 23 / 25 (batch 32)
     assert "any size" not in c32["note"]
 
 
@@ -290,8 +302,8 @@ def test_the_shared_workers_resnet50_configuration_is_judged_on_its_own() -> Non
         "resnet50 c=8: ringserve-shared (a worker per thread, sharing them) img/s vs raw best "
         "batch of <= 8"
     ]
-    assert (one["value"], one["result"]) == ("0.96", "PASS")
-    assert (shared["value"], shared["result"]) == ("0.9", "FAIL")
+    assert (one["value"], one["result"]) == ("0.960", "PASS")
+    assert (shared["value"], shared["result"]) == ("0.900", "FAIL")
     res["rows"].pop()
     assert not [t for t in evaluate_targets(res, 2) if "ringserve-shared" in t["target"]]
 
