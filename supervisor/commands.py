@@ -273,6 +273,7 @@ def scale(arb: Arbiter, args: dict[str, Any]) -> dict[str, Any]:
     active = [ws for ws in arb.workers if ws.model_index == mi and not ws.retired]
     for ws in active[n:]:
         ws.retired = True
+        ws.restart_at = None  # one waiting out a back-off: not started when it ends
         if ws.child is not None:
             arb.stop_child(ws.child, "scale")
     revived = [

@@ -488,6 +488,32 @@ def test_model_that_never_loads_backs_off_and_is_not_ready(start_server) -> None
     assert server.stop() == 0
 
 
+def test_a_worker_scaled_away_during_its_back_off_is_not_restarted(start_server) -> None:
+    """``ctl scale`` retires a position whose worker failed to start and waits out its
+    back-off: the back-off's end used to start it again anyway, a worker the model was
+    scaled down from, loading (here: failing) beside the wanted one."""
+    server: Server = start_server(
+        "--model",
+        "bad=python:support.fake_handlers:FailsToLoad",
+        *("--workers", "2"),
+        *("--set", "worker.restart_backoff_s=3"),
+        env=HANDLER_ENV,
+        frontends=1,
+        ready=False,
+    )
+    wait_until(
+        lambda: "worker-1 failed to start 1 time(s)" in server.log(), 60, "worker-1's back-off"
+    )
+    assert server.ctl("scale", "bad", "1")["workers"] == 1
+    wait_until(
+        lambda: "worker-0 failed to start 2 time(s)" in server.log(),
+        60,
+        "worker-0 to fail again after its back-off (worker-1's ended with it)",
+    )
+    assert server.log().count("started worker-1 ") == 1, server.log()[-3000:]
+    assert server.stop() == 0
+
+
 def test_start_up_diagnostics_load_error_cleared_and_slot_size(
     start_server, tmp_path: Path
 ) -> None:
