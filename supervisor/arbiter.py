@@ -270,10 +270,16 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
             systemd.watchdog()  # only after _check_children looked at every heartbeat
             self._next_watchdog = now + interval
         startup = self._startup_deadline()
+        # A restart after a back-off is due at its time, as the log says, not at the
+        # first tick after it (a 1 s back-off took up to 2). Only while running: a
+        # stopping server restarts nothing, and its restart times stay in the past.
+        positions = (*self.frontends, *self.workers) if self.phase == "running" else ()
+        restarts = [p.restart_at for p in positions if p.child is None and p.restart_at]
         return min(
             0.25 if self.phase in ("draining", "stopping") else 1.0,
             max(0.01, self._next_sample - now),
             max(0.01, startup - now) if startup is not None else 1.0,
+            max(0.01, min(restarts) - now) if restarts else 1.0,
         )
 
     # == children =================================================================================

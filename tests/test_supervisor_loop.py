@@ -15,14 +15,14 @@ from pathlib import Path
 # A supervisor for one identity model, its children stand-ins; SCENARIOS adds how it
 # is driven and what it prints.
 SUPERVISOR = """
-import logging, os, signal, subprocess, sys
+import logging, os, signal, subprocess, sys, time
 from ringserve.supervisor import arbiter
 from ringserve.supervisor.children import Child, Phase
 from ringserve.supervisor.cli import _serve_parser, settings_from_args
 
 logging.basicConfig(level=logging.INFO)
-sock, instance = sys.argv[1:]
-args = ["--model", "id=identity", "--instance", instance, "--admin-socket", sock]
+sock, instance, *more = sys.argv[1:]
+args = ["--model", "id=identity", "--instance", instance, "--admin-socket", sock, *more]
 arb = arbiter.Arbiter(settings_from_args(_serve_parser().parse_args(args)), [])
 STAND_IN = '''
 import sys, time
@@ -34,10 +34,16 @@ ControlBlock(Arena.attach(path), index, supervisor_efd).set_state(ProcState.READ
 time.sleep(60)
 '''
 
+fail_once = set()  # roles whose next stand-in exits 1 before it is ready
+
 def stand_in(spec):
     args = [spec.arena_path, str(spec.control_index), str(spec.supervisor_efd)]
+    code = STAND_IN
+    if spec.role in fail_once:
+        fail_once.discard(spec.role)
+        code = "raise SystemExit(1)"
     proc = subprocess.Popen(
-        [sys.executable, "-c", STAND_IN, *args],
+        [sys.executable, "-c", code, *args],
         pass_fds=(spec.supervisor_efd,),
         start_new_session=True,
     )
@@ -85,12 +91,36 @@ def hour_long_tick():
 arb._tick = hour_long_tick
 print(arb.run(), phases)
 """,
+    # The worker's first start fails, and its restart waits out a back-off. Stops once
+    # the restarted worker is ready; prints run()'s exit code and each tick whose wait
+    # ran past the restart's time: (the wait, the seconds left to the restart).
+    "backoff": """
+fail_once.add("worker")
+tick = arb._tick
+past_the_restart = []
+
+def checked_tick():
+    timeout = tick()
+    now = time.monotonic()
+    due = [w.restart_at - now for w in arb.workers if w.child is None and w.restart_at]
+    if due and timeout > max(0.01, min(due)) + 0.001:
+        past_the_restart.append((round(timeout, 3), round(min(due), 3)))
+    children = arb.all_children()
+    if arb.phase == "running" and arb.workers[0].restarts and len(children) == 3:
+        if all(c.phase is Phase.READY for c in children):
+            os.kill(os.getpid(), signal.SIGTERM)
+    return timeout
+
+arb._tick = checked_tick
+print(arb.run(), past_the_restart)
+""",
 }
 
 
-def _run(tmp_path: Path, scenario: str) -> tuple[str, object]:
-    """Run the scenario; returns run()'s exit code and what the scenario printed."""
-    args = [str(tmp_path / "admin.sock"), f"loop{os.getpid()}{scenario}"]
+def _run(tmp_path: Path, scenario: str, *more: str) -> tuple[str, object]:
+    """Run the scenario (``more``: arguments of ``ringserve serve``); returns run()'s
+    exit code and what the scenario printed."""
+    args = [str(tmp_path / "admin.sock"), f"loop{os.getpid()}{scenario}", *more]
     out = subprocess.run(
         [sys.executable, "-c", SUPERVISOR + SCENARIOS[scenario], *args],
         capture_output=True,
@@ -120,3 +150,10 @@ def test_a_child_reporting_ready_wakes_the_supervisor(tmp_path: Path) -> None:
     timeout."""
     _, phases = _run(tmp_path, "ready")
     assert phases == ["ready"] * 3  # two frontends and a worker
+
+
+def test_a_restart_after_a_back_off_is_not_late(tmp_path: Path) -> None:
+    """The loop's wait ends when a back-off does: a restart the log announced "in 0.5 s"
+    came at the first tick after that, up to a second late."""
+    _, past_the_restart = _run(tmp_path, "backoff", "--set", "worker.restart_backoff_s=0.5")
+    assert past_the_restart == []
