@@ -206,10 +206,13 @@ def run_command(arb: Arbiter, cmd: str, args: dict[str, Any]) -> Any:
             arb.arena.header["draining"] = 1
             return {"draining": True}
         ws = _worker(arb, name)
-        if ws.child is None:
+        if ws.child is None and (ws.retired or ws.restart_at is None):
             raise AdminCommandError(f"{name} is not running")
         ws.retired = True
-        arb.stop_child(ws.child, "drain")
+        if ws.child is None:
+            ws.restart_at = None  # waiting out a back-off after a failed start: stays down
+        else:
+            arb.stop_child(ws.child, "drain")
         model = arb.settings.models[ws.model_index].name
         if not any(w.model_index == ws.model_index and not w.retired for w in arb.workers):
             log.warning(

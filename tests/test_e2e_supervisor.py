@@ -4,6 +4,7 @@ the admin socket and systemd notify — real processes, real signals."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -23,7 +24,7 @@ from test_e2e_core import DIGIT3, HANDLER_ENV, _fire, digit_requests
 
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.layout import SlotState
-from ringserve.supervisor.admin_protocol import AdminClient
+from ringserve.supervisor.admin_protocol import AdminClient, AdminError
 
 pytestmark = pytest.mark.e2e
 
@@ -488,29 +489,33 @@ def test_model_that_never_loads_backs_off_and_is_not_ready(start_server) -> None
     assert server.stop() == 0
 
 
-def test_a_worker_scaled_away_during_its_back_off_is_not_restarted(start_server) -> None:
-    """``ctl scale`` retires a position whose worker failed to start and waits out its
-    back-off: the back-off's end used to start it again anyway, a worker the model was
+def test_a_worker_drained_or_scaled_away_during_its_back_off_stays_down(start_server) -> None:
+    """``ctl drain`` and ``ctl scale`` take a position whose worker failed to start and
+    waits out its back-off out of service. ``drain`` refused it ("not running"), and
+    after ``scale`` the back-off's end started it again anyway, a worker the model was
     scaled down from, loading (here: failing) beside the wanted one."""
     server: Server = start_server(
         "--model",
         "bad=python:support.fake_handlers:FailsToLoad",
-        *("--workers", "2"),
-        *("--set", "worker.restart_backoff_s=3"),
+        *("--workers", "3"),
+        *("--set", "worker.restart_backoff_s=4"),
         env=HANDLER_ENV,
         frontends=1,
         ready=False,
     )
-    wait_until(
-        lambda: "worker-1 failed to start 1 time(s)" in server.log(), 60, "worker-1's back-off"
-    )
-    assert server.ctl("scale", "bad", "1")["workers"] == 1
+    for line in ("worker-1 failed to start 1 time(s)", "worker-2 failed to start 1 time(s)"):
+        wait_until(lambda line=line: line in server.log(), 60, line)
+    assert server.ctl("drain", "worker-1") == {"draining": "worker-1"}
+    assert server.ctl("scale", "bad", "1")["workers"] == 1  # worker-2 goes
     wait_until(
         lambda: "worker-0 failed to start 2 time(s)" in server.log(),
         60,
-        "worker-0 to fail again after its back-off (worker-1's ended with it)",
+        "worker-0 to fail again after its back-off (the others' ended with it)",
     )
     assert server.log().count("started worker-1 ") == 1, server.log()[-3000:]
+    assert server.log().count("started worker-2 ") == 1, server.log()[-3000:]
+    with pytest.raises(AdminError, match="worker-1 is not running"):  # drained already
+        AdminClient(server.admin_socket).call("drain", id="worker-1")
     assert server.stop() == 0
 
 
@@ -924,12 +929,12 @@ def worker_processes(server: Server) -> set[int]:
     """The supervisor's live worker children, as the kernel sees them (not as ctl says)."""
     import psutil
 
-    kids = psutil.Process(server.proc.pid).children()
-    return {
-        p.pid
-        for p in kids
-        if p.status() != psutil.STATUS_ZOMBIE and "ringserve.gpu_worker" in p.cmdline()
-    }
+    pids = set()
+    for p in psutil.Process(server.proc.pid).children():
+        with contextlib.suppress(psutil.NoSuchProcess):  # exited, and reaped, as we looked
+            if p.status() != psutil.STATUS_ZOMBIE and "ringserve.gpu_worker" in p.cmdline():
+                pids.add(p.pid)
+    return pids
 
 
 def test_a_worker_dying_while_its_recycle_starts_leaves_one_tracked_worker(start_server) -> None:
