@@ -717,13 +717,14 @@ def test_sigkill_supervisor_children_exit_and_restart_sweeps(start_server) -> No
     assert shm_segments(server.instance)
     os.kill(server.proc.pid, signal.SIGKILL)
     server.proc.wait(10)
-    wait_until(
-        lambda: (
-            not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in kids)
-        ),
-        10,
-        "children to exit with their supervisor",
-    )
+
+    def running(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:  # gone, or reaped between two looks
+            return False
+
+    wait_until(lambda: not any(map(running, kids)), 10, "children to exit with their supervisor")
     stale = shm_segments(server.instance)
     assert stale, "a SIGKILLed supervisor leaves its segment behind"
     again = start_server("--instance", server.instance)
