@@ -810,11 +810,15 @@ def test_ctl_status_says_stopping_for_the_models_of_a_stopping_server(start_serv
     server: Server = start_server(
         "--model", SLOW, "--set", "worker.stop_timeout_s=30", env=HANDLER_ENV, frontends=1
     )
+    arena = server.ctl("status")["server"]["arena"]
     with ThreadPoolExecutor(1) as pool:
+        # A batch of 4.5 s (under a fast stop's 5 s): the server is stopping until it ends.
+        # Seen running at once, not through a ctl call of its own: CI once saw it late in
+        # a 3 s batch, and the stop was over before a ctl status could see it.
         busy = pool.submit(
-            httpx.post, f"{server.url}/v1/models/slow/predict", json={"data": [3000.0]}, timeout=30
+            httpx.post, f"{server.url}/v1/models/slow/predict", json={"data": [4500.0]}, timeout=30
         )
-        wait_until(lambda: running(server.ctl("status")["server"]["arena"]), 20, "running")
+        wait_until(lambda: running(arena), 20, "running")
         server.proc.send_signal(signal.SIGTERM)
         server.proc.send_signal(signal.SIGTERM)  # the second: stop now, not drain
         status = wait_until(
