@@ -271,10 +271,8 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
             self._next_watchdog = now + interval
         startup = self._startup_deadline()
         # A restart after a back-off is due at its time, as the log says, not at the
-        # first tick after it (a 1 s back-off took up to 2). Only while running: a
-        # stopping server restarts nothing, and its restart times stay in the past.
-        positions = (*self.frontends, *self.workers) if self.phase == "running" else ()
-        restarts = [p.restart_at for p in positions if p.child is None and p.restart_at]
+        # first tick after it (a 1 s back-off took up to 2).
+        restarts = [at for at, _ in self._waiting_restarts()]
         return min(
             0.25 if self.phase in ("draining", "stopping") else 1.0,
             max(0.01, self._next_sample - now),

@@ -208,10 +208,8 @@ def run_command(arb: Arbiter, cmd: str, args: dict[str, Any]) -> Any:
         ws = _worker(arb, name)
         if ws.child is None and (ws.retired or ws.restart_at is None):
             raise AdminCommandError(f"{name} is not running")
-        ws.retired = True
-        if ws.child is None:
-            ws.restart_at = None  # waiting out a back-off after a failed start: stays down
-        else:
+        ws.retire()  # also one waiting out a back-off after a failed start
+        if ws.child is not None:
             arb.stop_child(ws.child, "drain")
         model = arb.settings.models[ws.model_index].name
         if not any(w.model_index == ws.model_index and not w.retired for w in arb.workers):
@@ -275,8 +273,7 @@ def scale(arb: Arbiter, args: dict[str, Any]) -> dict[str, Any]:
         )
     active = [ws for ws in arb.workers if ws.model_index == mi and not ws.retired]
     for ws in active[n:]:
-        ws.retired = True
-        ws.restart_at = None  # one waiting out a back-off: not started when it ends
+        ws.retire()
         if ws.child is not None:
             arb.stop_child(ws.child, "scale")
     revived = [

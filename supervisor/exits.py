@@ -18,7 +18,7 @@ from ringserve.ipc.control import reset as reset_control
 from ringserve.ipc.errors import ExitCode, RingLockTimeout
 from ringserve.ipc.layout import ProcState, SlotState
 from ringserve.supervisor.children import Child, Phase
-from ringserve.supervisor.positions import Replacement
+from ringserve.supervisor.positions import FrontendSlot, Replacement, WorkerSlot
 from ringserve.supervisor.stats import UNASKED_EXIT
 
 log = logging.getLogger("ringserve.supervisor")
@@ -291,14 +291,23 @@ class ExitHandling:
         )
         return delay
 
-    def _restart_due(self, now: float) -> None:
+    def _waiting_restarts(self) -> list[tuple[float, FrontendSlot | WorkerSlot]]:
+        """(restart time, position) of the positions with no process and a restart due,
+        now or when a back-off ends; none unless running (a stopping server restarts
+        nothing, and its restart times stay in the past)."""
         if self.phase != "running":
-            return
-        for fs in self.frontends:
-            if fs.child is None and fs.restart_at is not None and now >= fs.restart_at:
-                fs.restart_at = None
-                self._spawn_frontend(fs)
-        for ws in self.workers:
-            if ws.child is None and ws.restart_at is not None and now >= ws.restart_at:
-                ws.restart_at = None
-                ws.child = self._spawn_worker(ws)
+            return []
+        return [
+            (p.restart_at, p)
+            for p in (*self.frontends, *self.workers)
+            if p.child is None and p.restart_at is not None
+        ]
+
+    def _restart_due(self, now: float) -> None:
+        for at, p in self._waiting_restarts():
+            if now >= at:
+                p.restart_at = None
+                if isinstance(p, FrontendSlot):
+                    self._spawn_frontend(p)
+                else:
+                    p.child = self._spawn_worker(p)

@@ -33,6 +33,12 @@ class WorkerSlot:
     last_error: str = ""  # what its last process recorded before failing to start
     retired: bool = False  # scaled down: do not restart
 
+    def retire(self) -> None:
+        """Drained or scaled down: not restarted, also not when a back-off it waits out
+        after a failed start ends (its restart time, left due, started it anyway)."""
+        self.retired = True
+        self.restart_at = None
+
     def revive(self, now: float) -> None:
         """A drained or scaled-down position wanted again: its next process starts
         fresh, so the last one's recycle reason is not shown as its own."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -160,6 +161,17 @@ class Server:
                 self.proc.wait(10)
                 raise AssertionError(f"server did not stop within {timeout_s} s") from None
         return self.proc.returncode
+
+
+def alive(proc: int | psutil.Process) -> bool:
+    """Whether a process runs (exists and is no zombie); False once it has gone, also
+    when it went, and was reaped, between two looks."""
+    try:
+        return (proc if isinstance(proc, psutil.Process) else psutil.Process(proc)).status() != (
+            psutil.STATUS_ZOMBIE
+        )
+    except psutil.NoSuchProcess:
+        return False
 
 
 def socket_links(pid: int) -> set[str]:

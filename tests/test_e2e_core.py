@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-from conftest import EXAMPLES, REPO, Server, shm_segments, wait_until
+from conftest import EXAMPLES, REPO, Server, alive, shm_segments, wait_until
 
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.layout import SlotState
@@ -717,14 +717,7 @@ def test_sigkill_supervisor_children_exit_and_restart_sweeps(start_server) -> No
     assert shm_segments(server.instance)
     os.kill(server.proc.pid, signal.SIGKILL)
     server.proc.wait(10)
-
-    def running(pid: int) -> bool:
-        try:
-            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:  # gone, or reaped between two looks
-            return False
-
-    wait_until(lambda: not any(map(running, kids)), 10, "children to exit with their supervisor")
+    wait_until(lambda: not any(map(alive, kids)), 10, "children to exit with their supervisor")
     stale = shm_segments(server.instance)
     assert stale, "a SIGKILLed supervisor leaves its segment behind"
     again = start_server("--instance", server.instance)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Server, kill_group, launch, shm_segments, wait_until
+from conftest import Server, alive, kill_group, launch, shm_segments, wait_until
 from test_e2e_core import DIGIT3, HANDLER_ENV, _fire, digit_requests
 
 from ringserve.ipc.arena import Arena
@@ -676,7 +676,8 @@ def test_a_stopping_worker_runs_the_models_exit_handlers_with_its_heap_frozen(
     server: Server = start_server(
         "--model",
         "x=python:support.fake_handlers:RecordsItsExit",
-        env={**HANDLER_ENV, "RINGSERVE_TEST_EXIT_FILE": str(record)},
+        *("--set", f"models.x.options.record={record}"),
+        env=HANDLER_ENV,
         frontends=1,
     )
     assert server.stop(timeout_s=60) == 0
@@ -936,7 +937,7 @@ def worker_processes(server: Server) -> set[int]:
     pids = set()
     for p in psutil.Process(server.proc.pid).children():
         with contextlib.suppress(psutil.NoSuchProcess):  # exited, and reaped, as we looked
-            if p.status() != psutil.STATUS_ZOMBIE and "ringserve.gpu_worker" in p.cmdline():
+            if alive(p) and "ringserve.gpu_worker" in p.cmdline():
                 pids.add(p.pid)
     return pids
 

@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-from conftest import SERVE, Server, free_port, shm_segments, wait_until
+from conftest import SERVE, Server, alive, free_port, shm_segments, wait_until
 from support.load import DIGIT3, Planned, drive, echo_request
 from test_e2e_core import HANDLER_ENV
 
@@ -170,16 +170,6 @@ def _tree(server: Server) -> list[psutil.Process]:
     return [sup, *sup.children(recursive=True)]
 
 
-def _gone(procs: list[psutil.Process]) -> bool:
-    for p in procs:
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE:
-                return False
-        except psutil.NoSuchProcess:
-            continue
-    return True
-
-
 def test_sigkill_whole_tree_then_restart_is_clean_and_prompt(start_server) -> None:
     t0 = time.monotonic()
     server: Server = start_server()
@@ -194,7 +184,7 @@ def test_sigkill_whole_tree_then_restart_is_clean_and_prompt(start_server) -> No
         with contextlib.suppress(ProcessLookupError):
             os.killpg(os.getpgid(p.pid), signal.SIGKILL)
     assert server.proc.wait(10) == -signal.SIGKILL
-    wait_until(lambda: _gone(procs), 10, "every process of the tree to die")
+    wait_until(lambda: not any(map(alive, procs)), 10, "every process of the tree to die")
     assert shm_segments(server.instance) == segments, "a crash leaves its segment behind"
     assert os.path.exists(server.admin_socket), "and its admin socket"
 

@@ -8,10 +8,9 @@ import os
 import re
 from pathlib import Path
 
-import psutil
 import pytest
 import torchvision
-from conftest import Server, shm_segments, wait_until
+from conftest import Server, alive, shm_segments, wait_until
 from test_e2e_core import HANDLER_ENV
 
 from ringserve.supervisor.exits import ServeExit
@@ -191,14 +190,7 @@ def assert_children_ended(pids: Path) -> None:
     ended: killed with its worker, not left running as an orphan."""
     children = [int(p) for p in pids.read_text().split()]
     assert children  # each worker that reached its load started one
-
-    def gone(pid: int) -> bool:
-        try:
-            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
-
-    wait_until(lambda: all(gone(p) for p in children), 10, "the workers' children killed")
+    wait_until(lambda: not any(map(alive, children)), 10, "the workers' children killed")
 
 
 def test_a_torchscript_model_whose_answer_no_request_can_use_stops_the_start(

@@ -460,14 +460,14 @@ class Chatty(Handler):
 
 class RecordsItsExit(Handler):
     """Identity whose atexit handler writes the count of frozen objects (``gc``) to the
-    file ``RINGSERVE_TEST_EXIT_FILE`` names: that a model's exit handlers run, and what
-    the worker's exit left them."""
+    file ``options.record``: that a model's exit handlers run, and what the worker's
+    exit left them."""
 
     inputs = (TensorSpec("INPUT0", "float32", (-1,)),)
     outputs = (TensorSpec("OUTPUT0", "float32", (-1,)),)
 
     def load(self, device: torch.device) -> None:
-        path = os.environ["RINGSERVE_TEST_EXIT_FILE"]
+        path = str(self.settings.options["record"])
 
         def record() -> None:
             with open(path, "w") as f:
