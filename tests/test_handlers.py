@@ -312,7 +312,7 @@ def test_torchvision_runs_nhwc_on_a_cpu_unless_told_not_to(resnet18: Handler) ->
 def test_decode_applies_exif_orientation_and_leaves_upright_images_alone() -> None:
     """A phone photo stored sideways (EXIF Orientation 6) decodes upright; the in-place
     transpose must not disturb an image that has no orientation tag."""
-    from ringserve.gpu_worker.handlers.vision import decode_payload
+    from ringserve.gpu_worker.handlers.images import decode_payload
 
     pixels = np.zeros((20, 40, 3), np.uint8)
     pixels[:5, :5] = 255  # a white mark in the stored top-left corner
@@ -332,7 +332,7 @@ def test_a_16_bit_grayscale_png_decodes_as_its_8_bit_original(digits: Handler, l
     """A 16-bit grayscale PNG (mode I;16: scans, medical images) is scaled to 8 bits, for
     one channel and for three. PIL's own conversion clips every value over 255 of 65535
     to white: the same digit saved as 16 bits was answered 6 for 0, with a 200."""
-    from ringserve.gpu_worker.handlers.vision import decode_payload
+    from ringserve.gpu_worker.handlers.images import decode_payload
 
     eight = np.asarray(Image.open(EXAMPLES / f"digit_{label}.png").convert("L"))
     buf = io.BytesIO()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -120,3 +121,8 @@ class Handler(ABC):
             "max_batch_size": self.settings.batching.max_batch_size,
             "device": str(self.device),
         }
+
+
+def read_labels(path: str) -> tuple[str, ...]:
+    """One label per line; blank lines at the end are ignored."""
+    return tuple(Path(path).read_text(encoding="utf-8").rstrip("\n").split("\n"))

@@ -20,7 +20,7 @@ import torch
 
 from ringserve.gpu_worker.handlers.base import Handler, TensorSpec
 from ringserve.gpu_worker.handlers.digits_net import PIXEL_MAX, DigitsNet
-from ringserve.gpu_worker.handlers.vision import (
+from ringserve.gpu_worker.handlers.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
     decode_payload,
     tensor_from_payload,

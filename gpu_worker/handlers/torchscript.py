@@ -25,8 +25,7 @@ from typing import Any
 
 import torch
 
-from ringserve.gpu_worker.handlers.base import Handler, OutputContractError, TensorSpec
-from ringserve.gpu_worker.handlers.vision import read_labels
+from ringserve.gpu_worker.handlers.base import Handler, OutputContractError, TensorSpec, read_labels
 from ringserve.ipc.config import ModelSettings
 from ringserve.ipc.layout import DTYPES
 

@@ -25,25 +25,26 @@ Model options (``[models.NAME.options]``):
   before decoding them (an image bomb is small on the wire and huge in memory). With
   ``threads`` above 1, up to that many are decoded at once.
 
-``decode_payload`` and ``tensor_from_payload`` are shared with the ``digits`` handler.
+Image decoding is in ``images.py``, which the ``digits`` handler shares without this
+module's ``import torchvision`` (1.2 s in a worker's start, most of it ``torch._dynamo``).
 """
 
 from __future__ import annotations
 
 import difflib
-import io
 import logging
-import re
-import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision
 import torchvision.transforms.v2.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ringserve.gpu_worker.handlers.base import BadInput, Handler, TensorSpec
+from ringserve.gpu_worker.handlers.base import Handler, TensorSpec, read_labels
+from ringserve.gpu_worker.handlers.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    decode_payload,
+    tensor_from_payload,
+)
 from ringserve.gpu_worker.handlers.weights import load_state_dict
 from ringserve.ipc.config import ModelSettings
 from ringserve.ipc.layout import PayloadKind
@@ -52,81 +53,6 @@ log = logging.getLogger("ringserve.worker")
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
-
-# Filters set once, not per image: ``warnings.catch_warnings`` is not thread-safe, and
-# images are decoded on several threads at once (gpu_worker/preprocess_pool.py). PIL
-# warns on images over its own limit; ours (``max_pixels``, checked first) is the one
-# that counts: ignored in the whole process (a worker; PIL's error past twice its limit
-# still applies). torch warns on the read-only pixels ``decode_payload`` wraps: every
-# caller only reads them.
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-warnings.filterwarnings(
-    "ignore", "The given NumPy array is not writable", UserWarning, re.escape(__name__) + r"\Z"
-)
-
-
-def tensor_from_payload(payload: np.ndarray) -> torch.Tensor:
-    """``torch.from_numpy`` without sharing a read-only array.
-
-    torch warns on (and must not write through) a non-writable array, such as a
-    read-only view of shared memory; such a payload is copied instead.
-    """
-    if not payload.flags.writeable:
-        payload = payload.copy()
-    return torch.from_numpy(payload)
-
-
-def decode_payload(
-    payload: np.ndarray,
-    mode: str,
-    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    min_side: int = 0,
-) -> torch.Tensor:
-    """Encoded image bytes (JPEG, PNG, anything PIL reads) → uint8 ``[C, H, W]``.
-
-    ``mode`` is a PIL mode: "RGB" (C = 3) or "L" (grayscale, C = 1). The size declared in
-    the header is checked before any pixel is decoded. ``min_side`` lets a JPEG decode
-    at a reduced scale that still keeps both sides >= ``min_side`` (far cheaper for
-    large photos that are about to be shrunk anyway). EXIF orientation is applied.
-
-    PIL rather than ``torchvision.io.decode_image``: torchvision 0.29 deprecates its
-    image codecs (a DeprecationWarning on every call), and PIL is already a dependency.
-    """
-    data = np.ascontiguousarray(payload).reshape(-1).view(np.uint8)
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
-            if width * height > max_pixels:
-                raise BadInput(f"image too large: {width}x{height} pixels (limit {max_pixels})")
-            if min_side:
-                im.draft(mode, (min_side, min_side))
-            # In place: without an orientation tag it is then a no-op, not a copy.
-            ImageOps.exif_transpose(im, in_place=True)
-            upright = im if im.mode == mode else _eight_bit(im).convert(mode)
-            # asarray wraps PIL's packed bytes (read-only) where array copied them again.
-            tensor = torch.from_numpy(np.asarray(upright))
-    except BadInput:
-        raise
-    except Image.DecompressionBombError as e:
-        raise BadInput(f"image too large: {e}") from None
-    except UnidentifiedImageError:
-        raise BadInput("could not decode image: not a known image format") from None
-    except MemoryError:
-        raise
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
-        raise BadInput(f"could not decode image: {e}") from None
-    return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
-
-
-def _eight_bit(im: Image.Image) -> Image.Image:
-    """A 16-bit grayscale image (PNG, TIFF: modes ``I;16*``, or ``I`` as PIL opens such
-    a PNG) scaled to 8 bits. PIL's own conversion clips instead: every value over 255 of
-    65535 became white, and a 16-bit scan of a digit was answered as another digit."""
-    if not (im.mode.startswith("I;16") or im.mode == "I"):
-        return im
-    wide = np.asarray(im).astype(np.uint32, copy=False)
-    return Image.fromarray((wide >> 8).astype(np.uint8), "L")
 
 
 def fold_batchnorm(model: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -148,11 +74,6 @@ def fold_batchnorm(model: torch.nn.Module, name: str) -> torch.nn.Module:
 
 def _batchnorms(model: torch.nn.Module) -> int:
     return sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def read_labels(path: str) -> tuple[str, ...]:
-    """One label per line; blank lines at the end are ignored."""
-    return tuple(Path(path).read_text(encoding="utf-8").rstrip("\n").split("\n"))
 
 
 def check_architecture(arch: str) -> None:
