@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -209,6 +210,25 @@ def test_settle_waits_for_the_server_to_stop_using_cpu(monkeypatch: pytest.Monke
     bench_run.settle([])
     with pytest.raises(StopIteration):  # it stopped at the idle window, not before
         next(busy)
+
+
+def test_cpu_seconds_counts_less_than_a_clock_tick() -> None:
+    """An idle server's CPU is a few ms a second: counted in 10 ms clock ticks, a 0.5 s
+    idle window read 0 or 2 %, the target's limit. 25 ms of CPU, counted in ticks, reads
+    20 or 30 ms; a process's own CPU clock counts it to the nanosecond."""
+    import psutil
+
+    from bench.run import cpu_seconds
+
+    me = [psutil.Process()]
+    c0, p0 = cpu_seconds(me), time.process_time()
+    while time.process_time() - p0 < 0.025:
+        pass
+    assert abs((cpu_seconds(me) - c0) - (time.process_time() - p0)) < 0.002
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone = [psutil.Process(child.pid)]
+    child.wait()
+    assert cpu_seconds(gone) == 0.0  # a process that is gone counts nothing, raises nothing
 
 
 def test_identity_c1_targets_name_the_inline_server_of_the_same_run() -> None:
