@@ -906,13 +906,17 @@ def evaluate_targets(res: dict, n: int) -> list[dict]:
     med, raw, ipc = res["medians"], res["raw"], res["ipc"]
     targets: list[dict] = []
 
-    def add(name: str, value: float | None, limit: str, ok: bool | None, note: str = "") -> None:
+    def add(
+        name: str, value: float | int | None, limit: str, ok: bool | None, note: str = ""
+    ) -> None:
         verdict = "n/a" if ok is None else ("PASS" if ok else "FAIL")
         # Three significant digits, trailing zeros kept: with them dropped, an idle CPU
         # of 1.998 % read "2" against "< 2" and PASS.
         shown = (
             "—"
             if value is None
+            else f"{value:,}"  # a count
+            if isinstance(value, int)
             else f"{value:#.3g}".rstrip(".")
             if abs(value) < 1000
             else f"{value:,.0f}"
@@ -953,6 +957,7 @@ def evaluate_targets(res: dict, n: int) -> list[dict]:
     errs = sum(
         r["errors"] for r in med if r["system"].startswith("ringserve") and r["model"] == "identity"
     )
+    errs = int(errs) if float(errs).is_integer() else errs  # medians of counts
     have = any(r["system"].startswith("ringserve") and r["model"] == "identity" for r in med)
     add(
         "identity: ringserve errors (all points)",

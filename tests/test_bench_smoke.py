@@ -103,6 +103,19 @@ def test_a_value_just_under_its_limit_does_not_read_as_the_limit() -> None:
     assert (idle["value"], idle["result"]) == ("2.00", "PASS")
 
 
+def test_a_count_of_errors_reads_as_a_count() -> None:
+    """Not "0.00": the error count is a sum of medians over repetitions, a float."""
+    from bench.run import evaluate_targets
+
+    row = {"model": "identity", "system": "ringserve", "concurrency": 8}
+    row |= {"idle_cpu_pct": 0.2, "frontend_pss_mb": 35}
+    for errors, shown in ((0.0, "0"), (3.0, "3"), (1.5, "1.50")):
+        rows = [{**row, "errors": errors}]
+        res = {"medians": rows, "ipc": [], "raw": {}, "raw_reps": {}, "rows": rows}
+        (errs,) = [t for t in evaluate_targets(res, 2) if "errors" in t["target"]]
+        assert errs["value"] == shown
+
+
 def test_c1_slices_take_turns_with_the_raw_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     """raw, wrk, raw, wrk, ... raw: each wrk slice against the mean of its neighbours."""
     from bench import run as bench_run
