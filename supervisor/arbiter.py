@@ -273,6 +273,7 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         # A restart after a back-off is due at its time, as the log says, not at the
         # first tick after it (a 1 s back-off took up to 2).
         restarts = [at for at, _ in self._waiting_restarts()]
+        now = time.monotonic()  # the timers count from the tick's end: it reads smaps
         return min(
             0.25 if self.phase in ("draining", "stopping") else 1.0,
             max(0.01, self._next_sample - now),
@@ -364,6 +365,10 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
             # stay LOADING and refuse with 503, where a model that was SERVING queues
             # while the replacement loads (RECOVERING).
             self.publish_availability()
+        # Its memory now, for ctl status and the metrics: the last sample may be from
+        # when it was spawned (a digits worker read 184 KB where it held 531 MB), and
+        # the next can be memory.sample_interval_s away.
+        self.sample_child(child, time.monotonic(), None)
 
     def promote_if_ready(self, child: Child) -> None:
         """Promote a starting child whose control record says it is ready (or already

@@ -33,19 +33,26 @@ class MemoryPolicy:
         if gpu_used and not self._said_nvml_blind and self.gpu.every_device_answered:
             self._check_nvml_sees_workers(gpu_used)
         for child in self.all_children():
-            if child.returncode is not None:
-                continue
-            sample = self.memory.sample(child.pid, now)
-            if sample is None:
-                continue
-            rec = self.arena.control[child.control_index]
-            rec["rss"], rec["uss"], rec["pss"] = sample.rss, sample.uss, sample.pss
+            self.sample_child(child, now, gpu_used)
+
+    def sample_child(self, child: Child, now: float, gpu_used: dict[int, int] | None) -> None:
+        """Sample one child into its control record, and act on a ready worker's trend.
+        ``gpu_used`` (NVML's bytes by pid): None leaves the record's NVML figure as is."""
+        assert self.arena is not None
+        if child.returncode is not None:
+            return
+        sample = self.memory.sample(child.pid, now)
+        if sample is None:
+            return
+        rec = self.arena.control[child.control_index]
+        rec["rss"], rec["uss"], rec["pss"] = sample.rss, sample.uss, sample.pss
+        if gpu_used is not None:
             rec["gpu_nvml"] = gpu_used.get(child.pid, 0)
-            if child.role == "worker" and child.phase == Phase.READY and self.phase == "running":
-                if not child.sampled_ready:
-                    child.sampled_ready = True
-                    self._check_fresh_footprint(child, sample)
-                self._apply_policy(child, sample, rec, now)
+        if child.role == "worker" and child.phase == Phase.READY and self.phase == "running":
+            if not child.sampled_ready:
+                child.sampled_ready = True
+                self._check_fresh_footprint(child, sample)
+            self._apply_policy(child, sample, rec, now)
 
     def _check_nvml_sees_workers(self, gpu_used: dict[int, int]) -> None:
         """Say once when NVML cannot see our workers, rather than leave a metric unset."""

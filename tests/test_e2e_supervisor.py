@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from conftest import Server, alive, kill_group, launch, shm_segments, wait_until
 from test_e2e_core import DIGIT3, HANDLER_ENV, _fire, digit_requests
@@ -555,6 +556,17 @@ def test_start_up_diagnostics_load_error_cleared_and_slot_size(
         assert ok.status_code == 200, ok.text
         r = c.post("/v1/models/flaky/predict", json={"data": [[1.0] * 64] * 17})
         assert r.status_code == 413 and "(arena.slot_bytes)" in r.json()["error"], r.text
+    assert server.stop() == 0
+
+
+def test_a_childs_memory_is_sampled_as_it_turns_ready(start_server) -> None:
+    """ctl status and the memory metrics showed, until the next sample, what a child
+    used as it was spawned: a ready digits worker at 184 KB where it held 531 MB."""
+    server: Server = start_server("--set", "memory.sample_interval_s=3600")
+    wait_until(lambda: {p["state"] for p in server.children()} == {"ready"}, 10, "all ready")
+    for p in server.children():
+        now = psutil.Process(p["pid"]).memory_info().rss
+        assert p["rss_bytes"] > now / 2 and p["uss_bytes"] > 0 and p["pss_bytes"] > 0, p
     assert server.stop() == 0
 
 
