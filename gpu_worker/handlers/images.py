@@ -1,9 +1,9 @@
-"""Image decoding shared by the handlers that accept images (``digits``, ``torchvision``).
+"""Image decoding, shared by the handlers that accept images (``digits``, ``torchvision``).
 
-Apart from ``vision.py`` because that module imports torchvision, and torchvision's
-``__init__`` imports all of ``torchvision.ops``, which imports ``torch._dynamo``: 1.2 s of
-a worker's start on this project's 2-vCPU VM, for a model (the default ``digits``) that
-uses none of it. PIL, which decodes here, is a dependency of torchvision.
+Not in ``vision.py``: that module imports torchvision, whose ``__init__`` imports all of
+``torchvision.ops`` and, through it, ``torch._dynamo``: 1.2 s of each start of a worker
+on this project's 2-vCPU VM, for a model (the default, ``digits``) that uses none of it.
+PIL, which decodes here, comes with torchvision.
 """
 
 from __future__ import annotations
