@@ -330,6 +330,15 @@ def running(arena_path: str) -> bool:
         arena.close()
 
 
+def draining(arena_path: str) -> bool:
+    """Whether the supervisor has begun to drain (its header's flag)."""
+    arena = Arena.attach(arena_path)
+    try:
+        return bool(arena.header["draining"])
+    finally:
+        arena.close()
+
+
 def test_hung_worker_is_killed_and_replaced(start_server) -> None:
     server: Server = start_server("--workers", "2", "--set", "worker.heartbeat_timeout_s=3")
     server.wait_workers_ready(2)
@@ -833,7 +842,11 @@ def test_ctl_status_says_stopping_for_the_models_of_a_stopping_server(start_serv
         )
         wait_until(lambda: running(arena), 20, "running")
         server.proc.send_signal(signal.SIGTERM)
-        server.proc.send_signal(signal.SIGTERM)  # the second: stop now, not drain
+        # The second SIGTERM (stop now, not drain) only once the first was taken: two sent
+        # back to back can reach the supervisor as one (a signal does not queue), and CI
+        # once saw only a drain, whose stopping phase ended before a ctl call saw it.
+        wait_until(lambda: draining(arena), 20, "the drain")
+        server.proc.send_signal(signal.SIGTERM)
         status = wait_until(
             lambda: (
                 (s := server.ctl("status", check=False)).get("server", {}).get("phase")
