@@ -901,6 +901,19 @@ def _find(med: list[dict], model: str, system: str, conc: int) -> dict | None:
     return None
 
 
+def _shown(value: float | int | None) -> str:
+    """A measured value as the targets table shows it: a count as an integer, others to
+    three significant digits with their trailing zeros (dropped, an idle CPU of 1.998 %
+    read "2" against "< 2" and PASS), thousands without decimals."""
+    if value is None:
+        return "—"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if abs(value) < 1000:
+        return f"{value:#.3g}".rstrip(".")
+    return f"{value:,.0f}"
+
+
 def evaluate_targets(res: dict, n: int) -> list[dict]:
     """The issue's targets, each with the measured value and PASS/FAIL (or n/a)."""
     med, raw, ipc = res["medians"], res["raw"], res["ipc"]
@@ -910,19 +923,14 @@ def evaluate_targets(res: dict, n: int) -> list[dict]:
         name: str, value: float | int | None, limit: str, ok: bool | None, note: str = ""
     ) -> None:
         verdict = "n/a" if ok is None else ("PASS" if ok else "FAIL")
-        # Three significant digits, trailing zeros kept: with them dropped, an idle CPU
-        # of 1.998 % read "2" against "< 2" and PASS.
-        shown = (
-            "—"
-            if value is None
-            else f"{value:,}"  # a count
-            if isinstance(value, int)
-            else f"{value:#.3g}".rstrip(".")
-            if abs(value) < 1000
-            else f"{value:,.0f}"
-        )
         targets.append(
-            {"target": name, "value": shown, "limit": limit, "result": verdict, "note": note}
+            {
+                "target": name,
+                "value": _shown(value),
+                "limit": limit,
+                "result": verdict,
+                "note": note,
+            }
         )
 
     rs = _find(med, "identity", "ringserve", 64)

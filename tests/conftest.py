@@ -167,9 +167,8 @@ def alive(proc: int | psutil.Process) -> bool:
     """Whether a process runs (exists and is no zombie); False once it has gone, also
     when it went, and was reaped, between two looks."""
     try:
-        return (proc if isinstance(proc, psutil.Process) else psutil.Process(proc)).status() != (
-            psutil.STATUS_ZOMBIE
-        )
+        process = proc if isinstance(proc, psutil.Process) else psutil.Process(proc)
+        return process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
 

@@ -14,6 +14,7 @@ import socket
 import stat
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -322,21 +323,23 @@ def test_reload_recycles_are_counted(start_server) -> None:
     assert server.stop() == 0
 
 
-def running(arena_path: str) -> bool:
+def _look(arena_path: str, read: Callable[[Arena], object]) -> bool:
+    """One look at the server's arena, attached for it alone."""
     arena = Arena.attach(arena_path)
     try:
-        return bool((arena.slots["state"] == SlotState.RUNNING).any())
+        return bool(read(arena))
     finally:
         arena.close()
+
+
+def running(arena_path: str) -> bool:
+    """Whether a worker runs a request now."""
+    return _look(arena_path, lambda a: (a.slots["state"] == SlotState.RUNNING).any())
 
 
 def draining(arena_path: str) -> bool:
     """Whether the supervisor has begun to drain (its header's flag)."""
-    arena = Arena.attach(arena_path)
-    try:
-        return bool(arena.header["draining"])
-    finally:
-        arena.close()
+    return _look(arena_path, lambda a: a.header["draining"])
 
 
 def test_hung_worker_is_killed_and_replaced(start_server) -> None:
