@@ -1,9 +1,11 @@
 """Finishing a slot: the RUNNING → DONE transition, with an output or an error message.
 
 Workers finish the slots they claimed; the supervisor finishes those of a dead worker
-(poison) or of a model that can no longer be served. Header and payload are written
-first, ``state = DONE`` last (``SlotHeaders.write_result``), then the caller signals the
-owning frontend.
+(poison) or of a model that can no longer be served. The slot is first marked as being
+answered (``SlotHeaders.begin_answer``: the answer goes over the input, so a worker that
+dies from here on must not have the request re-run on what it left), then header and
+payload are written, ``state = DONE`` last (``SlotHeaders.write_result``), then the
+caller signals the owning frontend.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from ringserve.ipc import bytes_tensor
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.layout import DTYPE_CODE, DTYPE_CODE_OF, MAX_NDIM, STATUS_OK, Status
 from ringserve.ipc.slot_fit import over_slot
+from ringserve.ipc.testhooks import pause_point
 
 _BYTES = DTYPE_CODE["bytes"]
 IN_PLACE_CHECK_BYTES = 64 * 1024  # below this, copying is cheaper than checking
@@ -34,6 +37,7 @@ CANCELLED_MESSAGE = b"cancelled by the client"  # its client left, or its deadli
 def write_error(arena: Arena, slot: int, status: Status, message: bytes) -> None:
     """Finish a slot with an error status and a UTF-8 message as its payload."""
     msg = message[: arena.geometry.slot_bytes]
+    arena.headers.begin_answer(slot)
     arena.data(slot)[: len(msg)] = msg
     arena.headers.write_result(slot, int(status), _BYTES, (len(msg),), len(msg))
 
@@ -53,8 +57,10 @@ def write_output(
     code = DTYPE_CODE_OF.get(out.dtype)
     if code is None:
         return f"unsupported output dtype {out.dtype.name}"
+    arena.headers.begin_answer(slot)
     if out.nbytes < IN_PLACE_CHECK_BYTES or not arena.holds_in_place(slot, out):
         np.copyto(arena.data_array(slot, out.dtype, out.shape), out)
+    pause_point("answer.over_input")
     arena.headers.write_result(slot, STATUS_OK, code, out.shape, out.nbytes, batch_size, batch_id)
     return None
 
@@ -68,6 +74,7 @@ def _write_bytes_output(
         return str(e)
     if len(packed) > arena.geometry.slot_bytes or out.ndim > MAX_NDIM:
         return _unfit(arena, out, len(packed), "BYTES output")
+    arena.headers.begin_answer(slot)
     arena.data(slot)[: len(packed)] = packed
     arena.headers.write_result(
         slot, STATUS_OK, _BYTES, out.shape, len(packed), batch_size, batch_id

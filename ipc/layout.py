@@ -30,7 +30,10 @@ lock) or an eventfd syscall, either of which orders memory on any architecture.
 ``generation`` grows on every reuse so a stale ring entry or a late signal never acts on
 a newer request. ``cancel`` is written only by the frontend and read
 by the worker. ``attempts`` counts claims by workers: a request claimed by a worker that
-died is re-queued once and run alone; a second death fails it as poison.
+died is re-queued once and run alone; a second death fails it as poison. A RUNNING
+slot's ``status`` reads ``STATUS_ANSWERING`` once its worker has begun to write the
+answer over the input: a worker that dies then leaves no input to run again, so the
+supervisor fails that request (500) instead of re-queuing it.
 """
 
 from __future__ import annotations
@@ -91,6 +94,9 @@ class Status(enum.IntEnum):
 
 
 STATUS_OK = int(Status.OK)  # plain int, as the states above: ``int(Status.OK)`` costs 0.14 µs
+# Not an outcome: the mark of a RUNNING slot whose answer is being written over its input
+# (``answer.py``). Frontends never see it: the outcome is stored before ``state = DONE``.
+STATUS_ANSWERING = 0xFF
 
 
 class PayloadKind(enum.IntEnum):

@@ -24,7 +24,9 @@ Transitions done under the lock, and why each order is safe if the holder dies m
   RUNNING slots that are still in the ring; ``requeue_from_dead`` handles both cases.
 * requeue_from_dead (supervisor): every RUNNING slot of the dead worker goes back to
   QUEUED (pushed again unless still in the ring), or, if it already had two attempts,
-  DONE with status POISON (CANCELLED if its client is gone).
+  DONE with status POISON (CANCELLED if its client is gone). One whose answer the worker
+  had begun to write (``STATUS_ANSWERING``: its input is partly overwritten) is DONE with
+  MODEL_ERROR: run again, it would answer for the wrong input.
 
 A holder that is alive but frozen (SIGSTOP, a debugger, the cgroup freezer) keeps the
 lock until the supervisor's heartbeat check kills it, and only then does the kernel hand
@@ -53,6 +55,7 @@ from ringserve.ipc.layout import (
     QUEUED,
     RING_HEADER,
     RING_HEADER_BYTES,
+    STATUS_ANSWERING,
     SlotState,
     Status,
 )
@@ -75,6 +78,13 @@ class Recovered(NamedTuple):
     requeued: list[int]
     poisoned: list[int]  # DONE, POISON: its second worker died too
     cancelled: list[int]  # DONE, CANCELLED: nobody waits for it (its client left)
+    lost: list[int]  # DONE, MODEL_ERROR: the worker died writing its answer over the input
+
+
+LOST_MESSAGE = (
+    b"the worker died while writing this request's answer, over its input: "
+    b"it cannot be run again, send it again"
+)
 
 
 class Claimed(NamedTuple):
@@ -305,7 +315,7 @@ class RequestRing:
         that long: call again later.
         """
         slots = self.arena.slots
-        done = Recovered([], [], [])
+        done = Recovered([], [], [], [])
         with self.held(lock_wait_s):
             self._set_asleep(worker, False)
             mine = np.flatnonzero(
@@ -323,6 +333,10 @@ class RequestRing:
                 if rec["cancel"]:
                     write_error(self.arena, slot, Status.CANCELLED, CANCELLED_MESSAGE)
                     done.cancelled.append(slot)
+                    continue
+                if int(rec["status"]) == STATUS_ANSWERING:
+                    write_error(self.arena, slot, Status.MODEL_ERROR, LOST_MESSAGE)
+                    done.lost.append(slot)
                     continue
                 if int(rec["attempts"]) >= MAX_ATTEMPTS:
                     write_error(self.arena, slot, Status.POISON, poison_message)

@@ -232,6 +232,10 @@ class SlotHeaders:
             (*v[:_IN_SHAPE], in_shape, v[_IN_NBYTES], v[_OUT_DTYPE], out_shape, *v[_OUT_END:]),
         )
 
+    def begin_answer(self, slot: int) -> None:
+        """Mark a RUNNING slot as being answered, before its input is overwritten."""
+        _U4.pack_into(self.buf, self._off(slot) + _STATUS_OFF, L.STATUS_ANSWERING)
+
     def write_result(
         self,
         slot: int,

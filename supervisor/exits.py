@@ -168,9 +168,16 @@ class ExitHandling:
                 ", ".join(ids.get(s, "?") for s in done.poisoned),
             )
             self.stats.poisoned(model, len(done.poisoned))
-        # The owners free what is finished: poison answers, and cancelled requests that
-        # nobody waits for (not re-queued: they would only be dropped by the next worker).
-        self._signal_owners(done.poisoned + done.cancelled)
+        if done.lost:
+            log.error(
+                "failed %d requests of %s whose answers it was writing when it died: %s",
+                len(done.lost),
+                child.name,
+                ", ".join(ids.get(s, "?") for s in done.lost),
+            )
+        # The owners free what is finished: poison answers, lost ones, and cancelled
+        # requests that nobody waits for (not re-queued: the next worker would drop them).
+        self._signal_owners(done.poisoned + done.lost + done.cancelled)
         return True
 
     def _signal_owners(self, slots: list[int]) -> None:

@@ -893,6 +893,43 @@ def test_a_request_retried_after_a_crash_sees_its_original_input(
     assert server.stop() == 0
 
 
+def _stopped_workers(server: Server) -> list[int]:
+    return [p for p in server.pids("worker") if psutil.Process(p).status() == "stopped"]
+
+
+def test_a_worker_killed_writing_an_answer_fails_it_rather_than_run_its_answer(
+    start_server,
+) -> None:
+    """A worker writes each answer over its request's input. SIGKILLed between that
+    copy and ``state = DONE`` (by the heartbeat check, by the OOM killer), it left the
+    request RUNNING, the supervisor re-queued it, and the next worker ran the answer's
+    bytes as the input: a 200 for an input nobody sent. The request now fails, 500,
+    saying why, and the replacement does not run it. (Every worker here stops itself
+    at that point: the test lets any but the first go on.)"""
+    server: Server = start_server(env={"RINGSERVE_TEST_PAUSE_AT": "answer.over_input"}, frontends=1)
+    with ThreadPoolExecutor(1) as pool, server.client(timeout=60) as c:
+        sent = pool.submit(c.post, "/predict", json={"data": DIGIT3["data"]})
+        [victim] = wait_until(lambda: _stopped_workers(server), 30, "the worker to pause")
+        os.kill(victim, signal.SIGKILL)
+        reran = []
+        while True:
+            try:
+                r = sent.result(timeout=0.1)
+                break
+            except TimeoutError:  # a replacement that ran it again paused: let it answer
+                for pid in _stopped_workers(server):
+                    reran.append(pid)
+                    os.kill(pid, signal.SIGCONT)
+    assert not reran, f"the request ran again: {r.status_code} {r.text}"
+    assert r.status_code == 500, r.text
+    assert "the worker died while writing this request's answer" in r.json()["error"]
+    assert re.search(
+        r"failed 1 requests of worker-0 whose answers it was writing when it died: ", server.log()
+    )
+    server.wait_ready()
+    assert server.stop() == 0
+
+
 def test_every_504_counts_as_a_missed_deadline(start_server) -> None:
     """A request can miss its deadline in the frontend (its timer) or in the worker (it
     pops a request already past it, and answers 504 at once). Both are 504s; only the

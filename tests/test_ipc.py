@@ -24,11 +24,11 @@ from conftest import wait_until
 from ringserve.frontend.dispatch import REFUSED, Completed, Dispatcher
 from ringserve.frontend.metrics import ArenaCollector
 from ringserve.ipc import wake
-from ringserve.ipc.answer import write_error
+from ringserve.ipc.answer import write_error, write_output
 from ringserve.ipc.arena import Arena, ArenaGeometry, segment_name, sweep_stale
 from ringserve.ipc.errors import ArenaError, QueueFull, RingLockTimeout
 from ringserve.ipc.layout import DTYPE_CODE, SlotState, Status
-from ringserve.ipc.ring import RequestRing
+from ringserve.ipc.ring import LOST_MESSAGE, RequestRing
 from ringserve.ipc.testhooks import arm
 
 FORK = mp.get_context("fork")  # ipc has no torch and no threads: fork is safe here
@@ -295,7 +295,7 @@ def test_a_worker_that_died_asleep_is_uncounted(shm_dir: Path) -> None:
     me = os.getpid()
     assert ring.pop(8, 3, me, sleep_if_empty=True) == []  # worker 3 waits
     assert ring.pop(8, 4, me, sleep_if_empty=True) == []  # and so does worker 4
-    assert ring.requeue_from_dead(3, b"poison") == ([], [], [])  # worker 3 was SIGKILLed
+    assert ring.requeue_from_dead(3, b"poison") == ([], [], [], [])  # worker 3 was SIGKILLed
     arena.slots["state"][0] = SlotState.WRITING
     assert ring.push_many([0]) == (True, [])  # worker 4 still waits: signal
     assert [c.slot for c in ring.pop(8, 4, me, woke=True)] == [0]
@@ -314,7 +314,7 @@ def test_dead_worker_requeued_once_then_poison_alone(shm_dir: Path) -> None:
         produce(arena, ring, slot, np.zeros(4, np.uint8))
     claimed = ring.pop(4, worker=5, worker_pid=111)
     assert len(claimed) == 4
-    requeued, poisoned, _ = ring.requeue_from_dead(5, b"poison")
+    requeued, poisoned, *_ = ring.requeue_from_dead(5, b"poison")
     assert sorted(requeued) == [0, 1, 2, 3] and poisoned == []
     # Each retried request runs alone so one poison input cannot take the batch down.
     singles = [ring.pop(4, worker=6, worker_pid=222) for _ in range(4)]
@@ -322,7 +322,7 @@ def test_dead_worker_requeued_once_then_poison_alone(shm_dir: Path) -> None:
     assert all(s[0].attempts == 2 for s in singles)
     for s in singles[1:]:
         answer(arena, s[0].slot)
-    requeued, poisoned, _ = ring.requeue_from_dead(6, b"poison: killed two workers")
+    requeued, poisoned, *_ = ring.requeue_from_dead(6, b"poison: killed two workers")
     assert requeued == [] and poisoned == [singles[0][0].slot]
     rec = arena.slots[singles[0][0].slot]
     assert rec["state"] == SlotState.DONE and rec["status"] == Status.POISON
@@ -342,10 +342,57 @@ def test_a_dead_workers_cancelled_request_is_finished_not_requeued(shm_dir: Path
         produce(arena, ring, slot, np.zeros(4, np.uint8))
     assert len(ring.pop(4, worker=5, worker_pid=111)) == 2
     arena.headers.set_cancel(1)  # the frontend abandoned it
-    assert ring.requeue_from_dead(5, b"poison") == ([0], [], [1])
+    assert ring.requeue_from_dead(5, b"poison") == ([0], [], [1], [])
     rec = arena.slots[1]
     assert rec["state"] == SlotState.DONE and rec["status"] == Status.CANCELLED
     assert [c.slot for c in ring.pop(4, worker=6, worker_pid=222)] == [0]
+    arena.close()
+
+
+def _answer_with_write_output(path: str, worker: int, pause_at: str) -> None:
+    """A worker's answers as the real one writes them (``write_output``, over the
+    input): input * 10, slot after slot, pausing at ``pause_at``."""
+    arm(pause_at)
+    arena = Arena.attach(path)
+    ring = RequestRing(arena, 0)
+    for c in ring.pop(8, worker, os.getpid()):
+        x = arena.data_array(c.slot, np.dtype("uint8"), c.request.in_shape)
+        assert write_output(arena, c.slot, (x * 10).astype(np.uint8), 3, 1) is None
+    os._exit(0)
+
+
+def test_a_worker_killed_writing_an_answer_over_the_input_fails_that_request_alone(
+    shm_dir: Path,
+) -> None:
+    """An answer is written over its request's input. A worker SIGKILLed between that
+    copy and ``state = DONE`` (a heartbeat kill, the OOM killer) left the slot RUNNING,
+    and the supervisor re-queued it: the next worker ran the first answer's bytes as the
+    input and the client got a 200 for the wrong input. Now that request fails (500,
+    saying why), the one answered before it keeps its answer, and the one not reached
+    yet is re-queued with its input whole."""
+    arena = make_arena(shm_dir)
+    ring = RequestRing(arena, 0)
+    for slot in range(3):
+        produce(arena, ring, slot, np.full(4, slot + 1, np.uint8))
+    victim = FORK.Process(
+        target=_answer_with_write_output, args=(arena.path, 3, "answer.over_input")
+    )
+    victim.start()
+    wait_until(lambda: _stopped(victim.pid), 10, "worker to pause in its first answer")
+    os.kill(victim.pid, signal.SIGCONT)  # on to the second answer, and pause there
+    wait_until(lambda: arena.slots["state"][0] == SlotState.DONE, 10, "the first answer")
+    wait_until(lambda: _stopped(victim.pid), 10, "worker to pause in its second answer")
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join(10)
+    assert bytes(arena.data(1)[:4]) == bytes([20] * 4)  # the input is gone: answer bytes
+    recovered = ring.requeue_from_dead(3, b"poison")
+    assert recovered == ([2], [], [], [1])
+    assert arena.slots["status"][0] == Status.OK and bytes(arena.data(0)[:4]) == bytes([10] * 4)
+    rec = arena.slots[1]
+    assert rec["state"] == SlotState.DONE and rec["status"] == Status.MODEL_ERROR
+    assert bytes(arena.data(1)[: len(LOST_MESSAGE)]) == LOST_MESSAGE
+    [again] = ring.pop(8, 4, os.getpid())
+    assert again.slot == 2 and bytes(arena.data(2)[:4]) == bytes([3] * 4)
     arena.close()
 
 
@@ -549,7 +596,7 @@ def test_consumer_killed_while_holding_the_ring_lock(shm_dir: Path) -> None:
     os.kill(victim.pid, signal.SIGKILL)
     victim.join(10)
     # The lock died with its holder: this would hang forever with a POSIX semaphore.
-    requeued, poisoned, _ = ring.requeue_from_dead(3, b"poison")
+    requeued, poisoned, *_ = ring.requeue_from_dead(3, b"poison")
     assert ring.owner_deaths == 1  # the kernel told us the holder died, and we carried on
     assert requeued == [0] and poisoned == []
     # The dead consumer never advanced head: entry 0 is still in the ring, not duplicated.
