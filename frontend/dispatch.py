@@ -178,22 +178,26 @@ class Dispatcher:
         if payload.nbytes > self.arena.geometry.slot_bytes:
             raise ValueError(over_slot("input", payload.nbytes, self.arena.geometry.slot_bytes))
         slot = self.free.pop()
-        self.arena.headers.write_request(
-            slot,
-            owner=self.frontend_id,
-            owner_pid=self._pid,
-            model=model,
-            kind=kind,
-            dtype_code=DTYPE_CODE[dtype_name] if dtype_name else DTYPE_CODE_OF[payload.dtype],
-            shape=payload.shape if shape is None else shape,
-            nbytes=payload.nbytes,
-            rows=rows,
-            deadline_ns=deadline_ns,
-            enqueued_ns=time.monotonic_ns(),
-            request_id=request_id.encode(),
-        )
-        if payload.nbytes:
-            np.copyto(self.arena.data_array(slot, payload.dtype, payload.shape), payload)
+        try:
+            self.arena.headers.write_request(
+                slot,
+                owner=self.frontend_id,
+                owner_pid=self._pid,
+                model=model,
+                kind=kind,
+                dtype_code=DTYPE_CODE[dtype_name] if dtype_name else DTYPE_CODE_OF[payload.dtype],
+                shape=payload.shape if shape is None else shape,
+                nbytes=payload.nbytes,
+                rows=rows,
+                deadline_ns=deadline_ns,
+                enqueued_ns=time.monotonic_ns(),
+                request_id=request_id.encode(),
+            )
+            if payload.nbytes:
+                np.copyto(self.arena.data_array(slot, payload.dtype, payload.shape), payload)
+        except BaseException:
+            self._release(slot)  # never queued: a header that does not fit keeps no slot
+            raise
         assert self._loop is not None
         idle = not self.pending  # nothing else in flight: no company to wait for
         self._to_push[model].append(slot)

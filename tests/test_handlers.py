@@ -658,13 +658,17 @@ F32 = TensorSpec("X", "float32", (-1,))
         ((TensorSpec("X", "fp32", (1,)),), (F32,), "input X: dtype 'fp32' is not one of bool"),
         ((F32,), (TensorSpec("Y", "float32", (None, 4)),), r"output Y: shape \(None, 4\)"),
         ((TensorSpec("X", "float32", (0,)),), (F32,), "positive integers, with -1"),
+        ((TensorSpec("X", "float32", (1,) * 8),), (F32,), "8 per-row dimensions; .* at most 7"),
+        ((F32,), (TensorSpec("Y", "float32", (2,) * 8),), "output Y: .* at most 7"),
     ],
 )
 def test_a_declaration_that_cannot_be_served_is_refused_at_load(
     inputs: object, outputs: object, why: str
 ) -> None:
     """Before, these loaded and then failed every request in the frontend (IndexError,
-    "data type 'fp32' not understood") or crashed the worker (a None dimension)."""
+    "data type 'fp32' not understood") or crashed the worker (a None dimension); eight
+    per-row dimensions, nine with the batch's, made every /predict request a 500 that
+    kept its slot (the header holds eight)."""
     with pytest.raises(DeclarationError, match=why):
         check_declaration(_declaring(inputs, outputs))
 

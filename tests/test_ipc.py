@@ -9,6 +9,7 @@ import multiprocessing as mp
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -229,6 +230,24 @@ def test_stale_entries_are_skipped(shm_dir: Path) -> None:
     arena.slots["generation"][0] += 1  # slot 0 was reused since it was queued
     assert [c.slot for c in ring.pop(8, 1, os.getpid())] == [1]
     assert ring.depth() == 0
+    arena.close()
+
+
+def test_a_request_whose_header_cannot_be_written_keeps_no_slot(shm_dir: Path) -> None:
+    """``submit`` took a free slot, then the header's store raised (nine dimensions, one
+    more than a header holds: a handler that declared eight per-row ones): the slot was
+    never given back, and after as many such requests as the frontend has slots, every
+    model on it answered 503."""
+    arena = make_arena(shm_dir)
+    with dispatchers(arena) as ([d], _loop):
+        free = sorted(d.free)
+        for _ in range(len(free) + 1):
+            with pytest.raises(struct.error):
+                d.submit(0, np.zeros((1,) * 9, np.float32), 0, 1, 0, "nine-dims")
+        assert sorted(d.free) == free
+        assert (arena.slots["state"][free] == SlotState.FREE).all()
+        slot, _ = d.submit(0, np.zeros(4, np.float32), 0, 1, 0, "fits")
+        assert arena.slots["state"][slot] == SlotState.QUEUED
     arena.close()
 
 

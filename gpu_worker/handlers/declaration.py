@@ -10,7 +10,7 @@ the field named, as a model load error (shown in ``ctl status`` and ``/v1/models
 from __future__ import annotations
 
 from ringserve.gpu_worker.handlers.base import Handler, TensorSpec
-from ringserve.ipc.layout import DTYPES
+from ringserve.ipc.layout import DTYPES, MAX_NDIM
 
 FORM = 'TensorSpec("NAME", "float32", (per-row dims, -1 for any size))'
 
@@ -66,4 +66,10 @@ def _check_spec(role: str, spec: object) -> None:
         raise DeclarationError(
             f"{where}: shape {spec.shape!r} must list the per-row dimensions as positive "
             "integers, with -1 (not None) for a size that varies"
+        )
+    if len(spec.shape) >= MAX_NDIM:  # a request or an answer holds the batch dimension too
+        raise DeclarationError(
+            f"{where}: shape {tuple(spec.shape)!r} has {len(spec.shape)} per-row dimensions; "
+            f"a slot header holds {MAX_NDIM} with the batch dimension, so at most "
+            f"{MAX_NDIM - 1}"
         )
