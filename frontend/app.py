@@ -287,17 +287,17 @@ async def infer(
     try:
         outcome = await _outcome(answered, call, timeout + DEADLINE_GRACE_S)
     except asyncio.CancelledError:
-        d.abandon(slot)
+        d.abandon(slot, answered)
         raise
     if outcome == REFUSED:  # the queue was at its depth limit; the slot is free again
         state.metrics.rejected(info.settings.name)
         raise unavailable(f"queue of model {info.settings.name!r} is at its depth limit")
     if outcome == _GONE:
-        d.abandon(slot)
+        d.abandon(slot, answered)
         state.metrics.cancelled(info.settings.name)
         raise HTTPError(499, "client disconnected")
     if outcome == _LATE:
-        d.abandon(slot)
+        d.abandon(slot, answered)
         state.metrics.deadline(info.settings.name)
         state.missed_deadlines.missed(info.settings.name, rid, timeout, "no answer yet")
         raise HTTPError(504, f"no answer within the deadline of {timeout:.3f} s")

@@ -338,11 +338,17 @@ class Dispatcher:
         finally:
             self._release(slot)
 
-    def abandon(self, slot: int) -> None:
-        """The client is gone or its deadline passed: cancel, free when safe."""
-        fut = self.pending.pop(slot, None)
-        if fut is not None and not fut.done():
-            fut.cancel()
+    def abandon(self, slot: int, answered: asyncio.Future[None]) -> None:
+        """The client is gone or its deadline passed: cancel, free when safe.
+
+        ``answered`` is the request's future from ``submit``: a slot whose request was
+        already settled here (refused at the depth limit: freed at once) may hold
+        another request by now, which must not be cancelled nor freed under it."""
+        if self.pending.get(slot) is not answered:
+            return
+        del self.pending[slot]
+        if not answered.done():
+            answered.cancel()
         if self.arena.headers.state(slot) == DONE:
             self._release(slot)
             return

@@ -251,6 +251,29 @@ def test_a_request_whose_header_cannot_be_written_keeps_no_slot(shm_dir: Path) -
     arena.close()
 
 
+def test_abandoning_a_request_refused_at_the_depth_limit_leaves_its_slots_next_request(
+    shm_dir: Path,
+) -> None:
+    """A request refused at the queue's depth limit has its slot freed at once. When its
+    wait had already ended (its deadline's timer in the same loop pass), ``infer`` then
+    abandoned the slot: by then the slot could hold the next request, whose future was
+    cancelled and whose slot was marked an orphan, freed under it once answered."""
+    arena = make_arena(shm_dir)
+    with dispatchers(arena, max_queue_depth=1) as ([d], loop):
+        d.submit(0, np.zeros(4, np.float32), 0, 1, 0, "A")  # pushed at once: depth 1
+        b_slot, b_answered = d.submit(0, np.zeros(4, np.float32), 0, 1, 0, "B")
+        b_answered.set_result("late")  # B's deadline came first (app._outcome settles it)
+        loop.run_until_complete(asyncio.sleep(0))  # B's push: refused, its slot freed
+        assert b_slot in d.free and b_slot not in d.pending
+        c_slot, c_answered = d.submit(0, np.zeros(4, np.float32), 0, 1, 0, "C")
+        assert c_slot == b_slot  # the slot B had
+        d.abandon(b_slot, b_answered)  # what infer() does on B's late outcome
+        assert not c_answered.done() and d.pending[c_slot] is c_answered
+        assert c_slot not in d.orphans and arena.slots["cancel"][c_slot] == 0
+        assert c_slot not in d.free
+    arena.close()
+
+
 def test_max_depth_refuses_at_once(shm_dir: Path) -> None:
     arena = make_arena(shm_dir)
     ring = RequestRing(arena, 0)
