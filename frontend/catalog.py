@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ringserve.ipc.answer import no_workers
+from ringserve.ipc.answer import failing_to_load, no_workers
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.config import ModelSettings, Settings
 from ringserve.ipc.control import error_text
@@ -97,7 +97,7 @@ class Catalog:
             return no_workers(name)
         error = self.last_error(info.index)
         if error:
-            return f"model {name!r} is not ready: its workers fail to load it ({error})"
+            return failing_to_load(name, error)
         if info.spec is None:
             return f"model {name!r} is loading"
         return f"model {name!r} is not ready"

@@ -31,6 +31,13 @@ def no_workers(model: str) -> str:
     )
 
 
+def failing_to_load(model: str, error: str) -> str:
+    """Why a model whose workers keep failing to start refuses requests (503), in the
+    frontend and in what the supervisor answers for the requests it had queued."""
+    why = f" ({error})" if error else ""
+    return f"model {model!r} is not ready: its workers fail to load it{why}"
+
+
 CANCELLED_MESSAGE = b"cancelled by the client"  # its client left, or its deadline passed
 
 

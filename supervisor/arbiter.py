@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ringserve.ipc import wake
-from ringserve.ipc.answer import no_workers
+from ringserve.ipc.answer import failing_to_load, no_workers
 from ringserve.ipc.arena import Arena, ArenaGeometry, segment_name, sweep_stale
 from ringserve.ipc.child import ChildSpec
 from ringserve.ipc.config import Settings
+from ringserve.ipc.control import error_text
 from ringserve.ipc.control import reset as reset_control
 from ringserve.ipc.layout import ModelAvailability, ProcState, Status
 from ringserve.ipc.ring import RequestRing
@@ -457,12 +458,20 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
             table[i] = state
 
     def _answer_unserved(self) -> None:
-        """A model whose last worker was drained has nobody to run what it still had
-        queued: answer that now (503), not at each request's deadline."""
+        """A model whose last worker was drained, or whose workers keep failing to start
+        (FAILING), has nobody to run what it still had queued: answer that now (503),
+        not at each request's deadline. (Its frontends refuse new requests meanwhile;
+        left queued, the old ones kept their slots until a worker came back, and a model
+        failing for good took every slot of the frontends, 503s for every model.)"""
+        assert self.arena is not None
+        availability = self.arena.models["availability"]
         for i, wanted in self.wanted_workers().items():
+            name = self.settings.models[i].name
             if wanted == 0 and not any(ws.child for ws in self.workers if ws.model_index == i):
-                name = self.settings.models[i].name
                 self._fail_queued(Status.SHUTDOWN, no_workers(name).encode(), model=i)
+            elif availability[i] == ModelAvailability.FAILING:
+                error = error_text(self.arena.models[i]["last_error"])
+                self._fail_queued(Status.SHUTDOWN, failing_to_load(name, error).encode(), model=i)
 
     def _check_ready(self) -> None:
         self.publish_availability()

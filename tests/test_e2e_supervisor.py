@@ -502,6 +502,49 @@ def test_model_that_never_loads_backs_off_and_is_not_ready(start_server) -> None
     assert server.stop() == 0
 
 
+def test_requests_queued_for_a_model_that_turns_failing_are_answered_and_free_their_slots(
+    start_server, tmp_path: Path
+) -> None:
+    """A model whose workers keep failing to start refuses new requests (503). Those it
+    had queued when its last worker died stayed queued: each client waited out its
+    deadline (504), and the slots stayed taken until a worker came back, which for a
+    model failing for good was never (every model of those frontends then got 503s)."""
+    server: Server = start_server(
+        "--model",
+        "once=python:support.fake_handlers:LoadsOnlyOnce",
+        "--set",
+        f"models.once.options.marker={tmp_path / 'loaded'}",
+        "--set",
+        "worker.restart_backoff_s=0.1",
+        env=HANDLER_ENV,
+        frontends=1,
+    )
+    arena = server.ctl("status")["server"]["arena"]
+    queued = lambda a: (a.slots["state"] == SlotState.QUEUED).sum() == 4  # noqa: E731
+    headers = {"X-Request-Timeout-Ms": "40000"}
+    with ThreadPoolExecutor(5) as pool, server.client(timeout=60) as c:
+        post = lambda ms: c.post("/v1/models/once/predict", json={"data": [ms]}, headers=headers)  # noqa: E731
+        t0 = time.monotonic()
+        first = pool.submit(post, 3000.0)
+        wait_until(lambda: running(arena), 20, "the first request to reach the worker")
+        rest = [pool.submit(post, 1.0) for _ in range(4)]
+        wait_until(lambda: _look(arena, queued), 20, "four requests to queue")
+        [worker] = server.pids("worker")
+        os.kill(worker, signal.SIGKILL)
+        responses = [f.result() for f in (first, *rest)]
+        waited = time.monotonic() - t0
+    error = (
+        "model 'once' is not ready: its workers fail to load it (RuntimeError: the device is gone)"
+    )
+    for r in responses:
+        assert (r.status_code, r.json()["error"]) == (503, error)
+        assert r.headers["retry-after"]
+    assert waited < 30, f"answered at the deadline ({waited:.1f} s), not when the model failed"
+    assert server.ctl("status")["models"][0]["state"] == "failing"
+    assert _look(arena, lambda a: (a.slots["state"] == SlotState.FREE).all())
+    assert server.stop() == 0
+
+
 def test_a_worker_drained_or_scaled_away_during_its_back_off_stays_down(start_server) -> None:
     """``ctl drain`` and ``ctl scale`` take a position whose worker failed to start and
     waits out its back-off out of service. ``drain`` refused it ("not running"), and

@@ -234,6 +234,18 @@ class FailsFirstLoad(FailsToLoad):
         self.device = device
 
 
+class LoadsOnlyOnce(Slow):
+    """Slow, and loads only while the file ``options.marker`` does not exist (it
+    creates it): its replacements fail to load, as a worker's do once its GPU is gone."""
+
+    def load(self, device: torch.device) -> None:
+        marker = str(self.settings.options["marker"])
+        if os.path.exists(marker):
+            raise RuntimeError("the device is gone")
+        open(marker, "w").close()
+        self.device = device
+
+
 class ThreadCount(Handler):
     """Sleeps ``input[0, 0]`` milliseconds, then answers the torch threads it ran with."""
 
