@@ -467,8 +467,9 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         availability = self.arena.models["availability"]
         for i, wanted in self.wanted_workers().items():
             name = self.settings.models[i].name
-            if wanted == 0 and not any(ws.child for ws in self.workers if ws.model_index == i):
-                self._fail_queued(Status.SHUTDOWN, no_workers(name).encode(), model=i)
+            if wanted == 0:  # (once its last worker has finished what it held)
+                if not any(ws.child for ws in self.workers if ws.model_index == i):
+                    self._fail_queued(Status.SHUTDOWN, no_workers(name).encode(), model=i)
             elif availability[i] == ModelAvailability.FAILING:
                 error = error_text(self.arena.models[i]["last_error"])
                 self._fail_queued(Status.SHUTDOWN, failing_to_load(name, error).encode(), model=i)
