@@ -266,7 +266,7 @@ class ExitHandling:
         restart besides it would leave a worker nobody tracks). False when the position
         is no longer wanted: the replacement is stopped and the exit handled as usual."""
         ws = self._worker_slot(r.old)
-        if ws is None or ws.child is not r.old or ws.retired or self.phase != "running":
+        if ws is None or ws.child is not r.old or ws.retired or not self.restarting():
             self.cancel_replacement(r, f"{r.old.name} exited")
             return False
         self.replacements.remove(r)
@@ -298,11 +298,18 @@ class ExitHandling:
         )
         return delay
 
+    def restarting(self) -> bool:
+        """Whether a dead child is replaced: while running, and while draining (what was
+        accepted still needs a worker to run it and a frontend to take its slots back: a
+        worker that died in a drain left its re-queued requests to wait out the drain
+        timeout, then fail); not once the server stops its children."""
+        return self.phase in ("running", "draining")
+
     def _waiting_restarts(self) -> list[tuple[float, FrontendSlot | WorkerSlot]]:
         """(restart time, position) of the positions with no process and a restart due,
-        now or when a back-off ends; none unless running (a stopping server restarts
-        nothing, and its restart times stay in the past)."""
-        if self.phase != "running":
+        now or when a back-off ends; none unless ``restarting`` (a stopping server
+        restarts nothing, and its restart times stay in the past)."""
+        if not self.restarting():
             return []
         return [
             (p.restart_at, p)

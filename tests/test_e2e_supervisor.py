@@ -204,6 +204,26 @@ def test_sigterm_flips_readiness_and_refuses_new_work_while_finishing_old(start_
     assert server.proc.wait(60) == 0
 
 
+def test_a_worker_killed_during_a_drain_is_replaced_and_its_request_answered(
+    start_server,
+) -> None:
+    """A drain waits for what was accepted. A worker that died in it was not replaced
+    (nothing was restarted once the server began to stop), so the request it held was
+    re-queued for nobody: it waited out the drain timeout and failed with a 503."""
+    server: Server = start_server("--model", SLOW, "--drain-timeout", "60", env=HANDLER_ENV)
+    arena = server.ctl("status")["server"]["arena"]
+    with server.client(timeout=60) as c, ThreadPoolExecutor(1) as pool:
+        [worker] = server.pids("worker")
+        pending = sigterm_while_in_the_model(server, c, pool, 3000.0)
+        wait_until(lambda: draining(arena), 20, "the drain to begin")
+        os.kill(worker, signal.SIGKILL)
+        answered = pending.result(60)
+    assert answered.status_code == 200, answered.text
+    assert answered.json()["result"] == [3000.0, 1.0]
+    assert re.search(r"re-queued 1 requests of worker-0", server.log())
+    assert server.proc.wait(60) == 0
+
+
 def test_request_unanswered_at_the_drain_timeout_gets_a_json_503(start_server) -> None:
     """A request still in the model when server.drain_timeout_s runs out: uvicorn cancels
     it; the client gets a JSON 503 saying so (it was a text 500 and a logged traceback),
