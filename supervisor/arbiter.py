@@ -328,6 +328,7 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         fs.child = self._spawn(self._new_spec("frontend", fs.ident, control=fs.ident))
 
     def _spawn_worker(self, ws: WorkerSlot) -> Child:
+        ws.waits_for_record = False
         spec = self._new_spec("worker", ws.ident, ws.model_index)
         return self._spawn(dataclasses.replace(spec, failures=ws.failures))
 
@@ -336,7 +337,7 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
             if fs.child is None:
                 self._spawn_frontend(fs)
         for ws in self.workers:
-            if ws.child is None and not ws.retired:
+            if ws.child is None and not ws.retired and self.free_controls:
                 ws.child = self._spawn_worker(ws)
 
     def all_children(self) -> list[Child]:

@@ -311,17 +311,30 @@ class ExitHandling:
         restarts nothing, and its restart times stay in the past)."""
         if not self.restarting():
             return []
+        # A worker needs a control record of its own. While every one is held (workers
+        # scaled away still finishing their batches, recycles), its restart waits for a
+        # child's exit, which wakes the loop: not a timer, or the loop would spin.
+        workers = self.workers if self.free_controls else []
         return [
             (p.restart_at, p)
-            for p in (*self.frontends, *self.workers)
+            for p in (*self.frontends, *workers)
             if p.child is None and p.restart_at is not None
         ]
 
     def _restart_due(self, now: float) -> None:
         for at, p in self._waiting_restarts():
-            if now >= at:
+            if now < at:
+                continue
+            if isinstance(p, FrontendSlot):
                 p.restart_at = None
-                if isinstance(p, FrontendSlot):
-                    self._spawn_frontend(p)
-                else:
-                    p.child = self._spawn_worker(p)
+                self._spawn_frontend(p)
+            elif self.free_controls:
+                p.restart_at = None
+                p.child = self._spawn_worker(p)
+            elif not p.waits_for_record:
+                p.waits_for_record = True
+                log.warning(
+                    "worker-%d waits for a control record: every one is held by a process "
+                    "still stopping (workers scaled away finishing their batches)",
+                    p.ident,
+                )

@@ -32,6 +32,7 @@ class WorkerSlot:
     last_recycle_reason: str = ""
     last_error: str = ""  # what its last process recorded before failing to start
     retired: bool = False  # scaled down: do not restart
+    waits_for_record: bool = False  # said once: its start waits for a free control record
 
     def retire(self) -> None:
         """Drained or scaled down: not restarted, also not when a back-off it waits out
