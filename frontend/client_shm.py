@@ -23,10 +23,11 @@ import mmap
 import os
 import re
 import stat
+from collections.abc import Iterator
 
-from ringserve.frontend.errors import HTTPError, bad_request
+from ringserve.frontend.errors import HTTPError, bad_request, unavailable
 from ringserve.ipc.arena import SHM_DIR
-from ringserve.ipc.client_regions import ClientRegions, Region, RegionError
+from ringserve.ipc.client_regions import ClientRegions, Region, RegionError, RegionTableBusy
 
 _KEY_RE = re.compile(r"^/?([^/\0]{1,255})$")
 OWN_PREFIX = "ringserve-"  # our arenas: a client may not map them
@@ -50,6 +51,16 @@ class _Mapped:
     def close(self) -> None:
         # The mapping itself goes when the last view of it does (a request may hold one).
         os.close(self.fd)
+
+
+@contextlib.contextmanager
+def _busy_is_503() -> Iterator[None]:
+    """The region table's lock held by a process that does not run: this request gets a
+    503 to send again, and the event loop goes on serving the others."""
+    try:
+        yield
+    except RegionTableBusy as e:
+        raise unavailable(str(e)) from None
 
 
 class ClientShm:
@@ -77,14 +88,19 @@ class ClientShm:
         except RegionError as e:
             os.close(fd)
             raise HTTPError(409 if e.conflict else 400, str(e)) from None
+        except RegionTableBusy as e:
+            os.close(fd)
+            raise unavailable(str(e)) from None
         self._keep(name, _Mapped(region.serial, fd, view))
 
     def unregister(self, name: str | None) -> None:
-        self._regions.unregister(name)
+        with _busy_is_503():
+            self._regions.unregister(name)
         self.prune()
 
     def status(self, name: str | None) -> list[dict[str, object]]:
-        regions = self._regions.all()
+        with _busy_is_503():
+            regions = self._regions.all()
         if name is not None:
             regions = [r for r in regions if r.name == name]
             if not regions:  # Triton's NOT_FOUND, which its HTTP frontend answers 404
@@ -95,7 +111,8 @@ class ClientShm:
 
     def view(self, name: str, offset: int, byte_size: int, where: str) -> memoryview:
         """``byte_size`` bytes at ``offset`` into the registered region ``name``."""
-        region = self._regions.get(name)
+        with _busy_is_503():
+            region = self._regions.get(name)
         if region is None:
             raise bad_request(f"{where}: shared memory region {name!r} is not registered")
         if offset + byte_size > region.byte_size:
@@ -159,7 +176,10 @@ class ClientShm:
         within a second, not at this frontend's next registration."""
         if not self._mapped:
             return
-        live = {r.name: r.serial for r in self._regions.all()}
+        try:
+            live = {r.name: r.serial for r in self._regions.all()}
+        except RegionTableBusy:
+            return  # a frozen holder: at the next beat (the heartbeat must go on)
         for name in [n for n, m in self._mapped.items() if live.get(n) != m.serial]:
             with contextlib.suppress(OSError):
                 self._mapped.pop(name).close()

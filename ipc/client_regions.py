@@ -7,16 +7,30 @@ region's memory itself, on first use (``frontend/client_shm.py``). Writes take t
 table's robust mutex and order their stores so that a holder killed at any instant
 leaves a usable table: a register fills the entry and stores its nonzero ``serial``
 last; an unregister clears ``serial`` first, so a torn entry is a free one.
+
+Every wait for that lock is bounded (``lock_wait_s``, then ``RegionTableBusy``), as the
+ring locks' are: a holder frozen inside (SIGSTOP, a debugger, the cgroup freezer) holds
+it until the supervisor's heartbeat check kills it, and meanwhile a frontend's event
+loop must go on serving, and the supervisor's loop must go on ticking to end the freeze.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from ringserve.ipc import layout as L
 from ringserve.ipc.arena import Arena
+
+# A table operation is a few µs: a wait this long means a holder that does not run.
+LOCK_WAIT_S = 0.1
+
+
+class RegionTableBusy(RuntimeError):
+    """The table's lock stayed held past the wait (its holder is frozen or hung)."""
 
 
 class RegionError(ValueError):
@@ -55,10 +69,23 @@ def _encoded(text: str, limit: int, what: str) -> bytes:
 class ClientRegions:
     """This process's view of the arena's region table."""
 
-    def __init__(self, arena: Arena) -> None:
+    def __init__(self, arena: Arena, lock_wait_s: float = LOCK_WAIT_S) -> None:
         self._arena = arena
         self._entries = arena.regions
         self._mutex = arena.regions_mutex()
+        self._lock_wait_s = lock_wait_s
+
+    @contextlib.contextmanager
+    def _held(self) -> Iterator[None]:
+        if not self._mutex.lock_within(self._lock_wait_s):
+            raise RegionTableBusy(
+                "the shared memory region table is locked by a process that does not run "
+                "(the supervisor replaces it): try again"
+            )
+        try:
+            yield
+        finally:
+            self._mutex.unlock()
 
     def _live(self) -> np.ndarray:
         """Indices of the registered entries. Whole-column compares: looping over 64
@@ -85,7 +112,7 @@ class ClientRegions:
         table is full."""
         raw_name = _encoded(region.name, L.REGION_NAME_BYTES, "a region name")
         raw_key = _encoded(region.key, L.REGION_KEY_BYTES, "a shared memory key")
-        with self._mutex:
+        with self._held():
             if self._find(raw_name) >= 0:
                 raise RegionError(
                     f"shared memory region {region.name!r} is already registered", conflict=True
@@ -106,7 +133,7 @@ class ClientRegions:
     def unregister(self, name: str | None) -> list[str]:
         """Remove one region, or every one for ``None``; returns the names removed (an
         unknown name removes nothing and is no error, as in Triton)."""
-        with self._mutex:
+        with self._held():
             if name is None:
                 gone = self._live()
             else:
@@ -116,12 +143,12 @@ class ClientRegions:
             return [self._entries["name"][i].decode() for i in gone]
 
     def get(self, name: str) -> Region | None:
-        with self._mutex:
+        with self._held():
             i = self._find(name.encode())
             return None if i < 0 else self._region(i)
 
     def all(self) -> list[Region]:
-        with self._mutex:
+        with self._held():
             return [self._region(i) for i in self._live()]
 
     def close(self) -> None:

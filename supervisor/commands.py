@@ -13,11 +13,12 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-from ringserve.ipc.client_regions import ClientRegions
+from ringserve.ipc.client_regions import ClientRegions, RegionTableBusy
 from ringserve.ipc.control import error_text
 from ringserve.ipc.layout import ModelAvailability, ProcState
 from ringserve.supervisor.admin import AdminCommandError
 from ringserve.supervisor.children import Phase
+from ringserve.supervisor.exits import RING_LOCK_WAIT_S
 from ringserve.supervisor.positions import WorkerSlot
 
 log = logging.getLogger("ringserve.supervisor")
@@ -137,9 +138,12 @@ def status(arb: Arbiter) -> dict[str, Any]:
     if arb.settings.server.allow_client_shm:
         # What clients registered (frontends keep these mapped): an operator's view of
         # memory the server holds for them, and of registrations a client left behind.
-        regions = ClientRegions(arb.arena)
+        # Waited for no longer than a ring lock: a frozen holder must not stop the loop.
+        regions = ClientRegions(arb.arena, RING_LOCK_WAIT_S)
         try:
             server_extra["client_shm_regions"] = [r.status() for r in regions.all()]
+        except RegionTableBusy as e:
+            server_extra["client_shm_regions_unavailable"] = str(e)
         finally:
             regions.close()
     return {

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
-from test_ipc import FORK, make_arena
+from conftest import wait_until
+from test_ipc import FORK, _stopped, make_arena
 
 from ringserve.frontend.client_shm import ClientShm
 from ringserve.frontend.errors import HTTPError
 from ringserve.ipc.arena import Arena
-from ringserve.ipc.client_regions import ClientRegions, Region, RegionError
+from ringserve.ipc.client_regions import ClientRegions, Region, RegionError, RegionTableBusy
 from ringserve.ipc.layout import MAX_CLIENT_REGIONS
 
 
@@ -80,6 +82,49 @@ def test_every_process_sees_a_registration_and_a_dead_holder_blocks_no_one(
     table.register(Region("mine", "/k", 0, 8))
     assert len(table.all()) == 3
     table.close()
+    arena.close()
+
+
+def freeze_holding_the_table(path: str) -> None:
+    """(A forked process.) Register a region, take the table's lock and stop, as a
+    frontend frozen inside a table operation (SIGSTOP, a debugger, the cgroup freezer)."""
+    arena = Arena.attach(path)
+    ClientRegions(arena).register(Region("theirs", "/k", 0, 8))
+    arena.regions_mutex().lock()
+    os.kill(os.getpid(), signal.SIGSTOP)
+    os._exit(0)
+
+
+def test_a_frozen_holder_of_the_tables_lock_makes_waits_end_not_hang(tmp_path: Path) -> None:
+    """Every wait for the table's lock was unbounded: a frontend frozen while holding
+    it stopped every other frontend's event loop (their heartbeat prunes their mappings
+    through it) and the supervisor's loop (ctl status lists the regions), and with it
+    the heartbeat check that would have ended the freeze. Now a wait ends: the request
+    gets a 503, the heartbeat's prune is left to the next beat."""
+    arena = make_arena(tmp_path)
+    holder = FORK.Process(target=freeze_holding_the_table, args=(arena.path,))
+    holder.start()
+    wait_until(lambda: _stopped(holder.pid), 10, "the holder to freeze")
+    (tmp_path / "obj").write_bytes(bytes(64))
+    shm = ClientShm(ClientRegions(arena, lock_wait_s=0.05), str(tmp_path))
+    shm._mapped["theirs"] = None  # type: ignore[assignment]  # a mapping to prune
+    t0 = time.monotonic()
+    with pytest.raises(RegionTableBusy):
+        ClientRegions(arena, lock_wait_s=0.05).all()
+    for call in (
+        lambda: shm.status(None),
+        lambda: shm.view("theirs", 0, 8, "input"),
+        lambda: shm.unregister("theirs"),
+        lambda: shm.register("mine", {"key": "obj", "byte_size": 8}),
+    ):
+        with pytest.raises(HTTPError, match="does not run") as e:
+            call()
+        assert e.value.status == 503 and e.value.headers["Retry-After"]
+    shm.prune()  # no raise: the heartbeat goes on
+    assert time.monotonic() - t0 < 5
+    os.kill(holder.pid, signal.SIGKILL)  # what the supervisor's heartbeat check does
+    holder.join(10)
+    assert [r.name for r in ClientRegions(arena).all()] == ["theirs"]
     arena.close()
 
 

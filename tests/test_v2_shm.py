@@ -8,6 +8,7 @@ Every refused request is followed by one that must still succeed.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import pytest
 import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from conftest import Server, wait_until
+from test_client_regions import freeze_holding_the_table
+from test_ipc import FORK, _stopped
 from test_v2_protocol import serve
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
@@ -259,6 +262,31 @@ def test_ctl_status_lists_the_registrations(
     assert listed == [{"name": "in", "key": KEY + "in", "offset": 0, "byte_size": 64}]
     client.unregister_system_shared_memory()
     assert server.ctl("status")["server"]["client_shm_regions"] == []
+
+
+def test_a_frozen_holder_of_the_region_table_stops_neither_the_supervisor_nor_a_frontend(
+    server: Server, client: httpclient.InferenceServerClient
+) -> None:
+    """A process frozen while it holds the region table's lock (a frontend under a
+    debugger): ctl status waited for it on the supervisor's loop, which then stopped
+    ticking (no heartbeat check to end the freeze, no restarts, no watchdog). Now status
+    answers without the regions, saying why, and a frontend answers 503."""
+    holder = FORK.Process(
+        target=freeze_holding_the_table, args=(server.ctl("status")["server"]["arena"],)
+    )
+    holder.start()
+    try:
+        wait_until(lambda: _stopped(holder.pid), 10, "the holder to freeze")
+        status = server.ctl("status")["server"]
+        assert "client_shm_regions" not in status
+        assert "does not run" in status["client_shm_regions_unavailable"]
+        r = httpx.get(f"{server.url}/v2/systemsharedmemory/status")
+        assert r.status_code == 503 and "does not run" in r.json()["error"], r.text
+        assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.join(10)
+    assert [r["name"] for r in server.ctl("status")["server"]["client_shm_regions"]] == ["theirs"]
 
 
 def test_every_frontend_lets_go_of_an_unregistered_region(
