@@ -404,6 +404,7 @@ def make_predict(state: FrontendState) -> Handler:
         t0 = time.perf_counter()
         rid = call_request_id(call)
         name = call.path_params.get("name") or state.catalog.names()[0]
+        echoed: str | None = None  # the body's request_id, answered as sent
         try:
             check_intake(state)
             info = ready_model(state, name)
@@ -433,7 +434,12 @@ def make_predict(state: FrontendState) -> Handler:
                             f'"request_id" must be a string of at most {MAX_REQUEST_ID_CHARS} '
                             "characters"
                         )
-                    rid = asked
+                    # Echoed as asked; named in the logs and the header only when printable
+                    # (as v2's id and the X-Request-ID header): a line break in it forged
+                    # access log lines.
+                    echoed = asked
+                    if asked and asked.isprintable():
+                        rid = asked
                 in_spec = info.spec["inputs"][0]  # type: ignore[index]
                 arr = from_json(doc["data"], in_spec["dtype"], body)
                 payload, rows, batched = fit_shape(
@@ -455,7 +461,7 @@ def make_predict(state: FrontendState) -> Handler:
                 record_answer(state, call, rid, name, 200, latency, completed)
                 return json_reply(
                     {
-                        "request_id": rid,
+                        "request_id": rid if echoed is None else echoed,
                         "model": name,
                         "result": result,
                         "latency_ms": round(latency * 1000, 3),

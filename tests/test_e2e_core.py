@@ -129,10 +129,15 @@ def test_default_model_200_concurrent_right_labels(start_server) -> None:
         r = c.post("/predict", json={**DIGIT3, "request_id": "日本-1"})
         assert r.status_code == 200 and r.json()["request_id"] == "日本-1"
         assert r.headers["x-request-id"] == "%E6%97%A5%E6%9C%AC-1"
-        # ...and one that would split the response head: escaped, no extra header.
-        r = c.post("/predict", json={**DIGIT3, "request_id": "a\r\nX-Evil: 1"})
-        assert r.status_code == 200 and r.json()["request_id"] == "a\r\nX-Evil: 1"
-        assert r.headers["x-request-id"] == "a%0D%0AX-Evil: 1" and "x-evil" not in r.headers
+        # ...and one that would split the response head or forge a log line: answered
+        # as sent, but not named in the head nor in the logs (as v2 does with its id).
+        forged = "a\r\n2026-12-06 20:00:00,000 frontend-0 INFO forged\r\nX-Evil: 1"
+        r = c.post("/predict", json={**DIGIT3, "request_id": forged})
+        assert r.status_code == 200 and r.json()["request_id"] == forged
+        assert re.fullmatch("[0-9a-f]{32}", r.headers["x-request-id"])
+        assert "x-evil" not in r.headers
+        r = c.post("/predict", json={**DIGIT3, "request_id": ""})
+        assert r.json()["request_id"] == "" and r.headers["x-request-id"]
         models = c.get("/v1/models").json()["models"]
         assert models[0]["name"] == "digits" and models[0]["state"] == "ready"
     assert server.stop() == 0
@@ -789,6 +794,27 @@ def test_json_logs_tagged_by_process_with_access_lines(start_server) -> None:
     assert access["trace-400"]["status"] == 400
     noise = [line for line in server.log().splitlines() if line and not line.startswith("{")]
     assert noise == [], noise[:5]
+
+
+def test_a_body_request_id_that_would_forge_a_log_line_is_answered_not_logged(
+    start_server,
+) -> None:
+    """/predict's body may name the request (``request_id``). One holding a line break
+    went into the text access log as it was, and a client could write lines of its own
+    into the server's log. It is answered as sent, and the server names the request by
+    an id of its own, as it does a v2 body's id or an X-Request-ID it cannot use."""
+    server: Server = start_server("--set", "server.access_log=true", frontends=1)
+    forged = "x\n2026-12-06 20:00:00,000 frontend-0 INFO forged"
+    with server.client() as c:
+        r = c.post("/predict", json={**DIGIT3, "request_id": forged})
+    assert r.status_code == 200 and r.json()["request_id"] == forged
+    assert server.stop() == 0
+    lines = server.log().splitlines()
+    assert not [line for line in lines if "forged" in line], lines[-5:]
+    rid = r.headers["x-request-id"]
+    assert re.search(
+        rf"^\S+ \S+ frontend-0 INFO {rid} POST /predict digits 200 ", server.log(), re.M
+    )
 
 
 def test_a_bug_in_the_request_path_is_a_counted_500_with_the_request_id(start_server) -> None:
