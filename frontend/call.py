@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ringserve.frontend.errors import HTTPError, bad_request
-from ringserve.frontend.http_guard import READ_TIMED_OUT
+from ringserve.frontend.http_guard import READ_TIMED_OUT, REQUEST_ID_IN_SCOPE
 from ringserve.frontend.jsonio import dump_json
 
 log = logging.getLogger("ringserve.frontend")
@@ -86,7 +86,13 @@ def as_http_error(error: Exception, scope: Scope) -> HTTPError:
     answered as a plain 500 (what the client sees says nothing of our internals)."""
     if isinstance(error, HTTPError):
         return error
-    log.error("unhandled error on %s %s", scope["method"], scope["path"], exc_info=error)
+    log.error(
+        "unhandled error on %s %s (request %s)",
+        scope["method"],
+        scope["path"],
+        scope.get(REQUEST_ID_IN_SCOPE, "-"),
+        exc_info=error,
+    )
     return HTTPError(500, "internal server error")
 
 
@@ -244,7 +250,13 @@ async def run_handler(handler: Handler, call: Call) -> None:
     try:
         reply = await handler(call)
     except Exception as e:
-        reply = json_reply({"error": as_http_error(e, call.scope).message}, 500)
+        # With the request's id when one was chosen, as the log line of the bug names it.
+        rid = call.scope.get(REQUEST_ID_IN_SCOPE)
+        reply = json_reply(
+            {"error": as_http_error(e, call.scope).message},
+            500,
+            {"X-Request-ID": rid} if rid else None,
+        )
     except asyncio.CancelledError:
         # uvicorn cancels what still runs when server.drain_timeout_s is spent, and then
         # only closes the connections: the client gets a JSON answer that says so instead

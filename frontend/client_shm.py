@@ -155,7 +155,12 @@ class ClientShm:
                     f"region {region.name!r} ends at byte {end}, past the end of "
                     f"{region.key!r} ({st.st_size} bytes)"
                 )
-            mm = mmap.mmap(fd, end, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            try:
+                mm = mmap.mmap(fd, end, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError as e:  # a size the address space cannot take (ENOMEM), ...
+                raise bad_request(
+                    f"cannot map region {region.name!r} of {region.key!r}: {e.strerror}"
+                ) from None
         except BaseException:
             os.close(fd)
             raise

@@ -150,6 +150,24 @@ def test_a_region_is_mapped_read_and_written_in_place(client_shm) -> None:  # ty
         shm.view("r", 30, 4, "input")
 
 
+def test_a_region_too_large_to_map_is_a_400(tmp_path: Path) -> None:
+    """A registration whose object exists but cannot be mapped (a petabyte: no address
+    space holds it) was a bare 500 and a logged traceback (the mmap's OSError)."""
+    arena = make_arena(tmp_path)
+    name = f"ringserve_test_huge_{os.getpid()}"  # in /dev/shm: tmpfs takes a sparse PiB
+    with open(f"/dev/shm/{name}", "wb") as f:
+        f.truncate(1 << 50)
+    try:
+        shm = ClientShm(ClientRegions(arena), "/dev/shm")
+        with pytest.raises(HTTPError, match="cannot map region 'huge'") as e:
+            shm.register("huge", {"key": f"/{name}", "byte_size": 1 << 50})
+        assert e.value.status == 400
+        assert shm.status(None) == []
+    finally:
+        os.unlink(f"/dev/shm/{name}")
+        arena.close()
+
+
 def test_a_shrunk_object_is_a_400_not_a_sigbus(client_shm) -> None:  # type: ignore[no-untyped-def]
     shm, objects = client_shm
     (objects / "obj").write_bytes(bytes(64))

@@ -836,11 +836,16 @@ def test_a_bug_in_the_request_path_is_a_counted_500_with_the_request_id(start_se
         assert r.headers["x-request-id"] == "bug-1"
         v2 = {"inputs": [{"name": "INPUT0", "shape": [1, 1], "datatype": "FP32", "data": [2]}]}
         assert c.post("/v2/models/id/infer", json=v2).status_code == 200
+        # A JSON route's bug: the same 500, with the id (it came without one), logged.
+        r = c.post("/v2/repository/index", headers={"X-Request-ID": "bug-2"})
+        assert (r.status_code, r.json()) == (500, {"error": "internal server error"})
+        assert r.headers["x-request-id"] == "bug-2"
     metrics = httpx.get(f"{server.url}/metrics").text
     assert re.search(r'ringserve_requests_total\{code="500",model="id"\} 1\.0', metrics), [
         line for line in metrics.splitlines() if "requests_total" in line
     ]
     assert "RuntimeError: injected frontend bug" in server.log()
+    assert "unhandled error on POST /v2/repository/index (request bug-2)" in server.log()
     wait_until(functools.partial(slots_free, server, 256), 10, "every slot back to free")
     assert server.stop() == 0
 

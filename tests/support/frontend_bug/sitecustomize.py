@@ -1,6 +1,7 @@
 """Fault injection for tests: on PYTHONPATH, this plants a bug in every frontend's
-``/v1`` answer path (``_format_result`` raises), so a test can see what a real bug in
-the request path costs a client: nothing else in the server is touched."""
+``/v1`` answer path (``_format_result`` raises) and in v2's repository index (a JSON
+route), so a test can see what a real bug in the request path costs a client: nothing
+else in the server is touched."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import importlib.util
 import sys
 from types import ModuleType
 
-_TARGET = "ringserve.frontend.app"
+_TARGETS = {"ringserve.frontend.app": "_format_result", "ringserve.frontend.v2": "repository_index"}
 
 
 def _broken(*args: object) -> None:
@@ -21,16 +22,19 @@ class _PlantBug(importlib.abc.MetaPathFinder):
     def find_spec(
         self, name: str, path: object, target: object = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if name != _TARGET:
+        if name not in _TARGETS:
             return None
         sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
         assert spec is not None and spec.loader is not None
         run = spec.loader.exec_module
 
         def exec_module(module: ModuleType) -> None:
             run(module)
-            module._format_result = _broken  # type: ignore[attr-defined]
+            setattr(module, _TARGETS[name], _broken)
 
         spec.loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
