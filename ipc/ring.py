@@ -116,6 +116,7 @@ class RequestRing:
         self._base = arena.ring_offset(model)
         self._entries_off = self._base + RING_HEADER_BYTES
         self._cap = arena.geometry.ring_capacity
+        self._n_slots = arena.geometry.n_slots
         self._control_off = arena.geometry.offsets()["control"]
         self._mutex = arena.ring_mutex(model)
         # Bound methods: push and pop take the lock with no attribute walk.
@@ -281,6 +282,9 @@ class RequestRing:
             while head < tail:
                 e = self._entry(head)
                 slot, gen = e >> 32, e & _GEN_MASK
+                if slot >= self._n_slots:  # corrupt (no pusher writes one): never read it
+                    head += 1
+                    continue
                 req = headers.read(slot)
                 if req.state != QUEUED or (req.generation & _GEN_MASK) != gen:
                     head += 1  # stale entry (cancelled, reclaimed, or a half-done push)

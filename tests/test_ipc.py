@@ -274,6 +274,19 @@ def test_abandoning_a_request_refused_at_the_depth_limit_leaves_its_slots_next_r
     arena.close()
 
 
+def test_a_corrupt_ring_entry_is_skipped_not_read(shm_dir: Path) -> None:
+    """An entry naming a slot past the arena's (no pusher writes one: a stray write)
+    made every pop raise before it moved ``head``: the model's queue jammed for good,
+    through every worker restart. It is skipped like a stale entry."""
+    arena = make_arena(shm_dir)
+    ring = RequestRing(arena, 0)
+    ring._append(2**31, 1)  # (its header would lie past the end of the arena)
+    produce(arena, ring, 3, np.zeros(4, np.uint8))
+    assert [c.slot for c in ring.pop(8, 1, os.getpid())] == [3]
+    assert ring.depth() == 0
+    arena.close()
+
+
 def test_max_depth_refuses_at_once(shm_dir: Path) -> None:
     arena = make_arena(shm_dir)
     ring = RequestRing(arena, 0)
