@@ -33,6 +33,7 @@ from ringserve.ipc.control import error_text
 from ringserve.ipc.control import reset as reset_control
 from ringserve.ipc.layout import ModelAvailability, ProcState, Status
 from ringserve.ipc.ring import RequestRing
+from ringserve.ipc.testhooks import pause_point
 from ringserve.supervisor import systemd
 from ringserve.supervisor.admin import AdminCommandError
 from ringserve.supervisor.children import Child, Phase, spawn
@@ -126,6 +127,13 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
 
     def setup(self) -> None:
         s = self.settings
+        # First: a SIGTERM from here on is recorded (the wakeup fd), not the default
+        # death, which left the arena (256 MiB of /dev/shm) and the metrics directory
+        # behind when it came while they were being made.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, lambda signum, frame: None)  # the wakeup fd carries it
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
         removed = sweep_stale(s.arena.shm_dir)
         if removed:
             log.warning("removed stale shared memory of crashed runs: %s", ", ".join(removed))
@@ -146,10 +154,7 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         self.free_controls = list(range(n_procs - 1, s.server.frontends - 1, -1))
         self.metrics_dir = make_metrics_dir(s.instance)
         self.stats.open(self.metrics_dir)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
-            signal.signal(sig, lambda signum, frame: None)  # the wakeup fd carries it
-        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        pause_point("supervisor.set_up")
         self.selector.register(self.state_efd, selectors.EVENT_READ, "child state")
         self.frontends = [FrontendSlot(i) for i in range(s.server.frontends)]
         ident = 0

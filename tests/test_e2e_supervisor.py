@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -242,6 +243,27 @@ def test_request_unanswered_at_the_drain_timeout_gets_a_json_503(start_server) -
     assert drain_s <= answered_after_s < 2 * drain_s - 1, answered_after_s
     assert server.proc.wait(60) == 0
     assert "Exception in ASGI application" not in server.log()
+
+
+def test_sigterm_while_the_supervisor_sets_up_leaves_nothing_behind(tmp_path: Path) -> None:
+    """The supervisor made its shared memory (256 MiB of /dev/shm) and its metrics
+    directory before it took SIGTERM as a request to stop: one that came meanwhile (a
+    systemd stop right after the start) killed it outright, and both stayed behind until
+    the next start swept them. The supervisor here stops itself right after making
+    them; SIGTERM is sent then."""
+    server = launch(tmp_path, env={"RINGSERVE_TEST_PAUSE_AT": "supervisor.set_up"}, frontends=1)
+    try:
+        wait_until(lambda: psutil.Process(server.proc.pid).status() == "stopped", 60, "the set-up")
+        assert shm_segments(server.instance)  # made, and held
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.send_signal(signal.SIGCONT)
+        rc = server.proc.wait(60)
+    finally:
+        kill_group(server)
+    assert rc == 0, server.log()[-3000:]
+    assert shm_segments(server.instance) == []
+    metrics = Path(tempfile.gettempdir()).glob(f"ringserve-metrics-{server.instance}-*")
+    assert list(metrics) == []
 
 
 def test_second_server_on_the_same_instance_leaves_nothing_behind(
