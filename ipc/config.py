@@ -283,6 +283,13 @@ def _validate(s: Settings) -> None:
     need(s.memory.uss_limit_samples >= 1, "memory.uss_limit_samples", "must be at least 1")
     for f in dataclasses.fields(MemorySettings):
         need(getattr(s.memory, f.name) >= 0, f"memory.{f.name}", "must be >= 0")
+    # It names the shared memory, the admin socket and the metrics directory: checked
+    # here, a config error, not a traceback from the first path made of it.
+    need(
+        all(c.isalnum() or c in "-_." for c in s.server.instance),
+        "server.instance",
+        "use letters, digits, '-', '_' and '.'",
+    )
     need(len(s.models) >= 1, "models", "at least one model is required")
     names = [m.name for m in s.models]
     need(len(set(names)) == len(names), "models", "model names must be unique")

@@ -84,6 +84,8 @@ def decode_request(line: bytes) -> tuple[str, dict[str, Any]]:
         raise ProtocolError("request is not valid UTF-8") from None
     except json.JSONDecodeError as e:
         raise ProtocolError(f"request is not valid JSON: {e}") from None
+    except (RecursionError, ValueError) as e:  # nested too deeply, an integer too long
+        raise ProtocolError(f"request is JSON the server does not take: {e}") from None
     if not isinstance(obj, dict):
         raise ProtocolError('request must be a JSON object like {"cmd": "status", "args": {}}')
     cmd = obj.get("cmd")

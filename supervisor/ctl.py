@@ -96,10 +96,15 @@ def _add_options(p: argparse.ArgumentParser, timeout_default: object = 5.0) -> N
     )
 
 
+MAX_TIMEOUT_S = 86400.0
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    if not 0 < value < MAX_TIMEOUT_S:  # (inf or 1e300: a socket timeout overflows)
+        raise argparse.ArgumentTypeError(
+            f"must be a positive number of seconds, under {MAX_TIMEOUT_S:g}"
+        )
     return value
 
 

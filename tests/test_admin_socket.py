@@ -508,6 +508,14 @@ def test_codec_round_trip() -> None:
         decode_reply(b'{"result": 1}')
     with pytest.raises(ProtocolError):
         decode_request(b"{")
+    # JSON the parser takes but Python will not hold: an error reply, not a dropped
+    # connection and a logged traceback.
+    for valid_json in (
+        b"[" * 5_000 + b"]" * 5_000,
+        b'{"cmd": "x", "args": {"n": ' + b"9" * 5000 + b"}}",
+    ):
+        with pytest.raises(ProtocolError, match="does not take"):
+            decode_request(valid_json)
     with pytest.raises(ValueError):
         encode_result(float("nan"))
 

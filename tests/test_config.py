@@ -549,6 +549,8 @@ def cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
             "batching.preferred_batch_size",
         ),
         (["--config", "missing.toml"], "missing.toml"),
+        (["--instance", "a b"], "server.instance"),  # was a ValueError traceback, exit 1
+        (["--instance", "../etc"], "server.instance"),
     ],
 )
 def test_cli_rejects_bad_values_with_exit_2(tmp_path, args, key):

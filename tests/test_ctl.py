@@ -229,7 +229,8 @@ def test_unreachable_socket_exits_2(sock_dir: str, capsys: pytest.CaptureFixture
     "argv",
     [[], ["frobnicate"], ["scale", "digits", "-1"], ["scale", "digits"], ["--timeout", "0", "status"],
      ["--port", "1", "--instance", "x", "status"], ["scale", "digits", "0"],
-     ["scale", "digits", "abc"]],
+     ["scale", "digits", "abc"], ["--timeout", "inf", "status"], ["--timeout", "1e300", "status"],
+     ["--timeout", "nan", "status"]],
 )  # fmt: skip
 def test_usage_errors_exit_2(
     sock_dir: str, capsys: pytest.CaptureFixture[str], argv: list[str]
