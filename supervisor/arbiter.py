@@ -285,6 +285,9 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
             max(0.01, self._next_sample - now),
             max(0.01, startup - now) if startup is not None else 1.0,
             max(0.01, min(restarts) - now) if restarts else 1.0,
+            # A ping is due at its time: a tick up to a second late made a WatchdogSec of
+            # 2 s or less kill a healthy server (pings 1.67 s apart at a 1 s interval).
+            max(0.01, self._next_watchdog - now) if interval else 1.0,
         )
 
     # == children =================================================================================

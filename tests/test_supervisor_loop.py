@@ -142,6 +142,27 @@ def checked_tick():
 arb._tick = checked_tick
 print(arb.run(), past_the_restart)
 """,
+    # Under a systemd watchdog (WATCHDOG_USEC: a ping every 0.3 s). Stops after ten
+    # ticks; prints run()'s exit code and each tick whose wait ran past the next ping:
+    # (the wait, the seconds left to the ping).
+    "watchdog": """
+tick = arb._tick
+past_the_ping = []
+ticks = []
+
+def checked_tick():
+    timeout = tick()
+    due = arb._next_watchdog - time.monotonic()
+    if arb.phase == "running" and timeout > max(0.01, due) + 0.001:
+        past_the_ping.append((round(timeout, 3), round(due, 3)))
+    ticks.append(timeout)
+    if len(ticks) == 10:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return timeout
+
+arb._tick = checked_tick
+print(arb.run(), past_the_ping)
+""",
     # Scales the model to 64 workers, back to 1 and at once to 64 again: the 63 scaled
     # away take a second and a half to finish (their control records held meanwhile).
     # Stops once 64 workers serve and the others are gone; prints run()'s exit code
@@ -176,7 +197,9 @@ print(arb.run(), answers)
 }
 
 
-def _run(tmp_path: Path, scenario: str, *more: str) -> tuple[str, object]:
+def _run(
+    tmp_path: Path, scenario: str, *more: str, env: dict[str, str] | None = None
+) -> tuple[str, object]:
     """Run the scenario (``more``: arguments of ``ringserve serve``); returns run()'s
     exit code and what the scenario printed."""
     args = [str(tmp_path / "admin.sock"), f"loop{os.getpid()}{scenario}", *more]
@@ -185,6 +208,7 @@ def _run(tmp_path: Path, scenario: str, *more: str) -> tuple[str, object]:
         capture_output=True,
         text=True,
         timeout=30,
+        env={**os.environ, **(env or {})},
     )
     assert out.returncode == 0, out.stderr[-3000:]
     code, printed = out.stdout.split(maxsplit=1)
@@ -233,3 +257,12 @@ def test_workers_scaled_back_up_while_others_still_stop_wait_for_their_records(
         {"model": "id", "workers": 64},
         0,  # no worker died on the way
     ]
+
+
+def test_a_watchdog_ping_is_not_late(tmp_path: Path) -> None:
+    """The loop's wait ends when a systemd watchdog ping is due: it ignored the ping's
+    time, so a ping came at the first tick after it, up to a second late, and a
+    WatchdogSec= of 2 s or less had systemd kill a healthy server."""
+    env = {"WATCHDOG_USEC": "600000", "WATCHDOG_PID": ""}
+    _, past_the_ping = _run(tmp_path, "watchdog", env=env)
+    assert past_the_ping == []
