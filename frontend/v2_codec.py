@@ -626,8 +626,8 @@ def _json_data(arr: np.ndarray, dtype: str) -> list[Any] | np.ndarray:
 def classify(output: np.ndarray, count: int, labels: Sequence[str] = ()) -> np.ndarray:
     """Triton's classification extension: per row (first dimension), the ``count``
     highest of its values, highest first (ties in index order), each as the string
-    "value:index[:label]"; the value printed as Triton prints it (fixed, 9 decimals, for
-    floating types). Returns an object array of UTF-8 ``bytes`` (as a BYTES output of a
+    "value:index[:label]"; the value printed as Triton prints it (``std::to_string``:
+    fixed, 6 decimals, for floating types; an integer as one). Returns an object array of UTF-8 ``bytes`` (as a BYTES output of a
     model), ``[rows, min(count, values per row)]``."""
     rows = output.reshape(output.shape[0], -1) if output.ndim else output.reshape(1, 1)
     k = min(count, rows.shape[1])
@@ -638,7 +638,7 @@ def classify(output: np.ndarray, count: int, labels: Sequence[str] = ()) -> np.n
     for r, indices in enumerate(top.tolist()):
         for j, i in enumerate(indices):
             v = rows[r, i]
-            text = f"{v:.9f}:{i}" if floating else f"{int(v)}:{i}"
+            text = f"{float(v):f}:{i}" if floating else f"{int(v)}:{i}"
             out[r, j] = (f"{text}:{labels[i]}" if i < len(labels) else text).encode()
     return out
 

@@ -675,13 +675,14 @@ def test_classify_top_k_as_triton_formats_it() -> None:
     out = np.array([[0.1, 0.7, 0.2, 0.7], [0.4, 0.3, 0.2, 0.1]], np.float32)
     got = texts(classify(out, 3, ("a", "b", "c", "d")))
     assert got == [
-        # highest first; the tie (0.7 at 1 and 3) in index order; 9 decimals, as Triton
-        ["0.699999988:1:b", "0.699999988:3:d", "0.200000003:2:c"],
-        ["0.400000006:0:a", "0.300000012:1:b", "0.200000003:2:c"],
+        # highest first; the tie (0.7 at 1 and 3) in index order; 6 decimals, as Triton's
+        # std::to_string (it was 9, from a Triton pull request that was never merged)
+        ["0.700000:1:b", "0.700000:3:d", "0.200000:2:c"],
+        ["0.400000:0:a", "0.300000:1:b", "0.200000:2:c"],
     ]
     # More than the row holds: all of it. Labels short of the classes: "value:index".
     assert texts(classify(out[:1], 9, ("a",))) == [
-        ["0.699999988:1", "0.699999988:3", "0.200000003:2", "0.100000001:0:a"]
+        ["0.700000:1", "0.700000:3", "0.200000:2", "0.100000:0:a"]
     ]
     # Integers print as integers, unsigned ones sort right; rows of more dims flatten.
     assert texts(classify(np.array([[1, 250, 3]], np.uint8), 2)) == [["250:1", "3:2"]]
@@ -699,7 +700,7 @@ def test_classification_response(binary: bool) -> None:
     head = json.loads(content if hlen is None else content[:hlen])
     entry = head["outputs"][0]
     assert (entry["datatype"], entry["shape"]) == ("BYTES", [2, 2])
-    want = ["0.899999976:1:y", "0.100000001:0:x", "0.500000000:0:x", "0.300000012:2:z"]
+    want = ["0.900000:1:y", "0.100000:0:x", "0.500000:0:x", "0.300000:2:z"]
     if binary:
         assert bytes_tensor.unpack(content[hlen:]).tolist() == [w.encode() for w in want]
     else:
@@ -708,7 +709,7 @@ def test_classification_response(binary: bool) -> None:
     one = InferRequest(np.zeros(1), 1, None, False, "OUTPUT0", classification=2)
     content, _ = encode_response("m", one, out[:1], "float32", 0)
     entry = json.loads(content)["outputs"][0]
-    assert (entry["shape"], entry["data"]) == ([2], ["0.899999976:1", "0.100000001:0"])
+    assert (entry["shape"], entry["data"]) == ([2], ["0.900000:1", "0.100000:0"])
 
 
 def test_nan_output_needs_binary() -> None:

@@ -823,7 +823,7 @@ def test_classification_json(client: httpx.Client) -> None:
     assert r.status_code == 200, r.text
     out = r.json()["outputs"][0]
     assert (out["datatype"], out["shape"]) == ("BYTES", [2, 2])
-    assert out["data"] == ["9.000000000:1", "5.000000000:2", "8.000000000:2", "7.000000000:0"]
+    assert out["data"] == ["9.000000:1", "5.000000:2", "8.000000:2", "7.000000:0"]
     r = client.post("/v2/models/desc/infer", json={"inputs": [_t()], "outputs": cls})
     assert r.status_code == 400 and "has no classes to rank" in r.json()["error"]
     good_json(client)
