@@ -28,16 +28,17 @@ def sniff(body: bytes | memoryview) -> str:
     raise bad_request("body is not a JPEG, PNG, GIF or WebP image")
 
 
-def declared_size(body: bytes | memoryview, fmt: str) -> tuple[int, int] | None:
-    """(width, height) from the header, or None when the header does not say."""
+def declared_size(body: bytes | memoryview, fmt: str) -> tuple[int, int]:
+    """(width, height) from the header (a 400 when it cannot be read): what the decoder
+    will allocate, before it does."""
     if fmt == "png":
         if len(body) < 24 or body[12:16] != b"IHDR":
             raise bad_request("truncated or malformed PNG header")
         return struct.unpack(">II", body[16:24])
     if fmt == "gif":
-        if len(body) < 10:
-            raise bad_request("truncated GIF header")
-        return struct.unpack("<HH", body[6:10])
+        return _gif_size(body)
+    if fmt == "webp":
+        return _webp_size(body)
     if fmt == "jpeg":
         i = 2
         while i + 9 < len(body):
@@ -53,18 +54,51 @@ def declared_size(body: bytes | memoryview, fmt: str) -> tuple[int, int] | None:
                 return w, h
             i += 2 + length
         raise bad_request("JPEG without a frame header")
-    return None
+    raise bad_request(f"no size is read from a {fmt} header")
+
+
+def _gif_size(body: bytes | memoryview) -> tuple[int, int]:
+    """The logical screen, grown to the first frame where it reaches past it: Pillow
+    decodes a frame of 4 M pixels declared on a screen of 10x10 at the frame's size."""
+    if len(body) < 13:
+        raise bad_request("truncated GIF header")
+    width, height, flags = struct.unpack("<HHB", body[6:11])
+    i = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # past the global colour table
+    while i < len(body) and body[i] == 0x21:  # extensions before the first image
+        i += 2
+        while i < len(body) and body[i]:  # its sub-blocks, each led by its length
+            i += 1 + body[i]
+        i += 1
+    if i + 9 > len(body) or body[i] != 0x2C:
+        raise bad_request("GIF without an image descriptor")
+    left, top, w, h = struct.unpack("<HHHH", body[i + 1 : i + 9])
+    return max(width, left + w), max(height, top + h)
+
+
+def _webp_size(body: bytes | memoryview) -> tuple[int, int]:
+    """The canvas (extended format, VP8X) or the frame (simple lossy VP8, lossless VP8L)."""
+    chunk = bytes(body[12:16])
+    if chunk == b"VP8X" and len(body) >= 30:
+        return (
+            int.from_bytes(body[24:27], "little") + 1,
+            int.from_bytes(body[27:30], "little") + 1,
+        )
+    if chunk == b"VP8 " and len(body) >= 30 and body[23:26] == b"\x9d\x01\x2a":
+        w, h = struct.unpack("<HH", body[26:30])
+        return w & 0x3FFF, h & 0x3FFF
+    if chunk == b"VP8L" and len(body) >= 25 and body[20] == 0x2F:
+        bits = int.from_bytes(body[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    raise bad_request("truncated or malformed WebP header")
 
 
 def check_image(body: bytes | memoryview, max_pixels: int) -> str:
     fmt = sniff(body)
-    size = declared_size(body, fmt)
-    if size is not None:
-        w, h = size
-        if w == 0 or h == 0:
-            raise bad_request(f"{fmt} declares an empty image")
-        if w * h > max_pixels:
-            raise HTTPError(413, f"{fmt} declares {w}x{h} pixels, over the limit of {max_pixels}")
+    w, h = declared_size(body, fmt)
+    if w == 0 or h == 0:
+        raise bad_request(f"{fmt} declares an empty image")
+    if w * h > max_pixels:
+        raise HTTPError(413, f"{fmt} declares {w}x{h} pixels, over the limit of {max_pixels}")
     return fmt
 
 

@@ -5,6 +5,7 @@ strict warning filter turns into one), and what they return keeps the house rule
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import zlib
@@ -143,6 +144,50 @@ def test_property_check_image(prefix: bytes, rest: bytes, max_pixels: int) -> No
     assert verdict(check_image, memoryview(prefix + rest), max_pixels) == verdict(
         check_image, prefix + rest, max_pixels
     )
+
+
+def _encoded(size: tuple[int, int], fmt: str, mode: str = "RGB", **options: object) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new(mode, size).save(out, fmt, **options)
+    return out.getvalue()
+
+
+def _gif_on_a_small_screen(size: tuple[int, int]) -> bytes:
+    """A GIF whose logical screen says 10x10 and whose one frame is ``size``."""
+    gif = bytearray(_encoded(size, "GIF", "P"))
+    gif[6:10] = (10).to_bytes(2, "little") * 2
+    return bytes(gif)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda size: _encoded(size, "PNG"),
+        lambda size: _encoded(size, "JPEG"),
+        lambda size: _encoded(size, "WEBP"),  # lossy: VP8
+        lambda size: _encoded(size, "WEBP", lossless=True),  # VP8L
+        lambda size: _encoded(size, "WEBP", "RGBA"),  # with alpha: VP8X
+        lambda size: _encoded(size, "GIF", "P"),
+        _gif_on_a_small_screen,
+    ],
+    ids=["png", "jpeg", "webp", "webp-lossless", "webp-extended", "gif", "gif-small-screen"],
+)
+def test_every_format_is_held_to_the_pixel_limit_before_it_is_decoded(make) -> None:  # type: ignore[no-untyped-def]
+    """server.max_image_pixels held for PNG and JPEG only: a WebP's size was not read,
+    and a GIF's logical screen was taken for its size, though Pillow decodes a larger
+    first frame at the frame's size. A 212-byte WebP of 4 M pixels went to the worker."""
+    from PIL import Image
+
+    big = make((2000, 2000))
+    assert Image.open(io.BytesIO(big)).size == (2000, 2000)  # what a decoder allocates
+    with pytest.raises(HTTPError, match="declares 2000x2000 pixels") as e:
+        check_image(big, 1_000_000)
+    assert e.value.status == 413
+    assert check_image(make((120, 90)), 1_000_000) in ("png", "jpeg", "webp", "gif")
 
 
 def verdict(fn, *args):  # type: ignore[no-untyped-def]
