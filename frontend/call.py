@@ -175,7 +175,7 @@ class Call:
     """What a handler may do with the request: read headers and body, notice the client
     leaving, answer once."""
 
-    __slots__ = ("headers", "path_params", "receive", "scope", "send")
+    __slots__ = ("body_read", "headers", "path_params", "receive", "scope", "send")
 
     def __init__(
         self, scope: Scope, receive: Receive, send: Send, path_params: dict[str, str]
@@ -184,6 +184,7 @@ class Call:
         self.receive = receive
         self.send = send
         self.path_params = path_params
+        self.body_read = False
         # First value per lower-cased name (ASGI servers give names lower-cased already).
         headers: dict[str, str] = {}
         for k, v in scope["headers"]:
@@ -225,7 +226,14 @@ class Call:
                 chunks.append(chunk)
             if not message.get("more_body", False):
                 break
+        self.body_read = True
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _body_awaits_continue(self) -> bool:
+        """The client sent ``Expect: 100-continue`` for a body not read yet."""
+        if self.headers.get("expect", "").lower() != "100-continue":
+            return False
+        return self.headers.get("content-length", "0") != "0" or "transfer-encoding" in self.headers
 
     async def disconnected(self) -> None:
         """Returns when the client goes away (call only after the body was read)."""
@@ -238,6 +246,11 @@ class Call:
             (b"content-length", str(len(r.body)).encode("latin-1")),
         ]
         headers += [(k.lower().encode("latin-1"), header_value(v)) for k, v in r.headers.items()]
+        if not self.body_read and self._body_awaits_continue() and "Connection" not in r.headers:
+            # Refused before its body was asked for: the client waits for "100 Continue"
+            # and may send the body or not; kept open, the connection waited for it (or
+            # took it for the next request) until read_timeout_s. As the 413 does.
+            headers.append((b"connection", b"close"))
         await self.send({"type": "http.response.start", "status": r.status, "headers": headers})
         await self.send({"type": "http.response.body", "body": r.body})
 

@@ -151,6 +151,24 @@ def post_head(path: str, length: int | None, ctype: str = "application/json") ->
     )  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("path", "ctype", "status"),
+    [("/v2/models/nope/infer", "application/json", 404), (V2_ID, "text/xml", 415)],
+)
+def test_a_refusal_before_an_expected_body_closes_the_connection(
+    server: Server, healthy_after: None, path: str, ctype: str, status: int
+) -> None:
+    """A client that sends ``Expect: 100-continue`` waits for the server's go-ahead
+    before its body. Refused before the body was asked for (404, 415, 503), the
+    connection stayed open, waiting for a body the client may never send (or would
+    take its next request for it) until read_timeout_s. It closes, as the 413 does."""
+    head = post_head(path, 45, ctype).replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n")
+    raw = raw_exchange(server.port, head, timeout=READ_TIMEOUT_S + 5)  # (until it closes)
+    assert raw is not None
+    got, headers, _ = parse_response(raw)
+    assert (got, headers.get("connection")) == (status, "close")
+
+
 # -- deep nesting -------------------------------------------------------------------------
 
 
