@@ -22,6 +22,9 @@ a slot; the ring lock in ``ring.py`` only guards the ring's head/tail)::
                                                └──supervisor───────┘  (owner died: re-queue
                                                                         once, else DONE/POISON)
 
+The supervisor also finishes QUEUED slots (DONE, SHUTDOWN: a 503) that no worker will
+run: at a fast stop, and for a model drained to no workers or failing to start.
+
 A frontend owns a fixed, disjoint range of slots (no cross-process allocator). The
 owner writes every header field and the payload *before* it stores ``state``; readers
 check ``state`` first. On x86-64 stores are seen in program order, and every hand-off
