@@ -50,6 +50,11 @@ from ringserve.supervisor.stats import SupervisorStats
 log = logging.getLogger("ringserve.supervisor")
 
 
+# How long the admin thread waits for the loop to run a command before it answers that
+# it did not (the loop is stuck: a command it runs later would surprise whoever was told).
+ADMIN_ANSWER_S = 10.0
+
+
 @dataclass
 class AdminRequest:
     cmd: str
@@ -57,6 +62,24 @@ class AdminRequest:
     done: threading.Event = field(default_factory=threading.Event)
     result: Any = None
     error: Exception | None = None
+    state: str = "waiting"  # waiting, then running (the loop took it) or given up
+    _claim: threading.Lock = field(default_factory=threading.Lock)
+
+    def take(self) -> bool:
+        """(The loop.) Whether to run it: not once its client was told it timed out."""
+        with self._claim:
+            if self.state == "given up":
+                return False
+            self.state = "running"
+            return True
+
+    def give_up(self) -> bool:
+        """(The admin thread.) Whether it will now never run: not once it runs."""
+        with self._claim:
+            if self.state == "running":
+                return False
+            self.state = "given up"
+            return True
 
 
 class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
@@ -235,7 +258,8 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
                 req = self.admin_queue.get_nowait()
             except queue.Empty:
                 break
-            self._run_admin(req)
+            if req.take():
+                self._run_admin(req)
 
     def _on_signal(self, signum: int) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
@@ -591,8 +615,12 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         req = AdminRequest(cmd, args)
         self.admin_queue.put(req)
         os.write(self._wake_w, b"\0")
-        if not req.done.wait(10.0):
-            raise TimeoutError("supervisor did not answer within 10 s")
+        if not req.done.wait(ADMIN_ANSWER_S) and req.give_up():
+            raise AdminCommandError(
+                f"the supervisor's loop did not take the command within {ADMIN_ANSWER_S:g} s; "
+                "it will not run it"
+            )
+        req.done.wait()  # taken in time: it runs now, and answers
         if req.error is not None:
             raise req.error
         return req.result

@@ -163,6 +163,38 @@ def checked_tick():
 arb._tick = checked_tick
 print(arb.run(), past_the_ping)
 """,
+    # The loop stalls 1.5 s once every child is ready, while a client asks it to drain
+    # and is given 0.5 s for the answer. Stops at the tick after the stall; prints
+    # run()'s exit code, the client's answer and the phase at that tick.
+    "stalled": """
+import threading
+from ringserve.supervisor.admin_protocol import AdminClient, AdminError
+arbiter.ADMIN_ANSWER_S = 0.5
+tick = arb._tick
+seen = []
+
+def ask_to_drain():
+    try:
+        seen.append(AdminClient(sock, 5.0).call("drain"))
+    except AdminError as e:
+        seen.append(str(e))
+
+def stalling_tick():
+    timeout = tick()
+    if arb.phase == "running" and not seen and all(c.phase is Phase.READY for c in arb.all_children()):
+        asking = threading.Thread(target=ask_to_drain)
+        asking.start()
+        time.sleep(1.5)  # the stall: the request waits in the queue
+        asking.join()
+        return 0.01  # the loop then wakes for the request, and ticks again
+    if len(seen) == 1:
+        seen.append(arb.phase)
+        os.kill(os.getpid(), signal.SIGTERM)
+    return timeout
+
+arb._tick = stalling_tick
+print(arb.run(), seen)
+""",
     # Scales the model to 64 workers, back to 1 and at once to 64 again: the 63 scaled
     # away take a second and a half to finish (their control records held meanwhile).
     # Stops once 64 workers serve and the others are gone; prints run()'s exit code
@@ -266,3 +298,13 @@ def test_a_watchdog_ping_is_not_late(tmp_path: Path) -> None:
     env = {"WATCHDOG_USEC": "600000", "WATCHDOG_PID": ""}
     _, past_the_ping = _run(tmp_path, "watchdog", env=env)
     assert past_the_ping == []
+
+
+def test_a_command_whose_client_was_told_it_timed_out_is_not_run_later(tmp_path: Path) -> None:
+    """The admin thread waits a while for the loop to run a command, then tells the
+    client it did not answer; the command stayed queued and the loop ran it once free:
+    a drain the operator was told had failed began later on its own."""
+    _, seen = _run(tmp_path, "stalled")
+    told, phase = seen
+    assert "did not take the command within 0.5 s; it will not run it" in told
+    assert phase == "running"  # not draining
