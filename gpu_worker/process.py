@@ -85,12 +85,19 @@ def _three_digits(rate: float) -> float | int:
     return int(r) if r >= 100 else r
 
 
+def _utf8(text: str) -> bytes:
+    """A message for the client, which may hold a handler's text: text decoded with
+    ``surrogateescape`` (any bytes as a str) holds lone surrogates that strict UTF-8
+    refuses, and that raise killed the worker, twice, and failed the request as poison."""
+    return text.encode(errors="backslashreplace")
+
+
 def _model_error(e: Exception) -> bytes:
     """What the client is told when the model raised on its request: the error itself.
     A TorchScript error carries the interpreter's traceback, with source paths of the
     machine that built the archive; that stays in the log (logged with the traceback)."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return f"model error: {lines[-1] if lines else type(e).__name__}".encode()[:1024]
+    return _utf8(f"model error: {lines[-1] if lines else type(e).__name__}")[:1024]
 
 
 def _as_tensor(x: object) -> torch.Tensor:
@@ -631,18 +638,18 @@ class Worker:
                         "row per request row, so it must keep the rows it was given"
                     )
             except (BadInput, HeaderError) as e:
-                self._finish_error(p.key, Status.BAD_INPUT, str(e).encode(), owners)
+                self._finish_error(p.key, Status.BAD_INPUT, _utf8(str(e)), owners)
                 continue
             except OutputContractError as e:  # the handler's fault: logged once, not per request
                 self._contract_broken(str(e))
-                self._finish_error(p.key, Status.MODEL_ERROR, f"model error: {e}".encode(), owners)
+                self._finish_error(p.key, Status.MODEL_ERROR, _utf8(f"model error: {e}"), owners)
                 continue
             except Exception as e:
                 self._exit_if_device_broken(e, [p.key], owners)  # (a preprocess on the GPU)
                 rid = self._request_id(p.key)
                 self._request_errors.raised("preprocess failed", rid, e, logging.ERROR)
                 self._finish_error(
-                    p.key, Status.MODEL_ERROR, f"preprocess failed: {e}".encode(), owners
+                    p.key, Status.MODEL_ERROR, _utf8(f"preprocess failed: {e}"), owners
                 )
                 continue
             # The wait for it: what was done while the batch filled costs the batch nothing.
@@ -734,7 +741,7 @@ class Worker:
         except OutputContractError as e:
             self._contract_broken(str(e))
             if len(members) == 1:
-                error = f"model error: {e}".encode()
+                error = _utf8(f"model error: {e}")
                 self._finish_error(members[0].slot, Status.MODEL_ERROR, error, owners)
                 return
             # A dtype promotion or a row filter may follow one request's data: run them
@@ -745,7 +752,7 @@ class Worker:
             self._exit_if_device_broken(e, [m.slot for m in members], owners)
             if len(members) == 1:
                 if isinstance(e, BadInput):  # refused by infer or postprocess: still a 400
-                    self._finish_error(members[0].slot, Status.BAD_INPUT, str(e).encode(), owners)
+                    self._finish_error(members[0].slot, Status.BAD_INPUT, _utf8(str(e)), owners)
                     return
                 self._request_errors.raised("raised", self._request_id(members[0].slot), e)
                 self._finish_error(members[0].slot, Status.MODEL_ERROR, _model_error(e), owners)
@@ -878,7 +885,7 @@ class Worker:
     def _finish_ok(self, slot: int, out: np.ndarray, batch_rows: int, owners: set[int]) -> None:
         why = write_output(self.arena, slot, out, batch_rows, self._batch_seq)
         if why is not None:
-            self._finish_error(slot, Status.MODEL_ERROR, why.encode(), owners)
+            self._finish_error(slot, Status.MODEL_ERROR, _utf8(why), owners)
             return
         owners.add(self.arena.headers.owner(slot))
 

@@ -20,12 +20,15 @@ _LEN = struct.Struct("<I")
 def pack(items: np.ndarray | list[Any]) -> bytes:
     """BYTES elements (bytes or str, any shape, row-major) → length-prefixed binary;
     TypeError naming the first element that is neither (``bytes(5)`` would be five
-    zero bytes, not an error)."""
+    zero bytes, not an error), or a str that UTF-8 cannot hold."""
     flat = np.asarray(items, dtype=object).ravel()
     parts = []
     for item in flat:
         if isinstance(item, str):
-            b = item.encode()
+            try:
+                b = item.encode()
+            except UnicodeEncodeError as e:  # (a str decoded with surrogateescape)
+                raise TypeError(f"a BYTES element is a str that is not UTF-8: {e}") from None
         elif isinstance(item, bytes | bytearray | memoryview):
             b = bytes(item)
         else:

@@ -961,6 +961,41 @@ def test_a_worker_killed_writing_an_answer_fails_it_rather_than_run_its_answer(
     assert server.stop() == 0
 
 
+def _v2_bytes_request(element: bytes) -> tuple[bytes, dict[str, str]]:
+    """A v2 request of one BYTES element, in the binary extension (any bytes go)."""
+    head = {"inputs": [{"name": "INPUT0", "datatype": "BYTES", "shape": [1, 1],
+                        "parameters": {"binary_data_size": 4 + len(element)}}]}  # fmt: skip
+    header = json.dumps(head).encode()
+    body = header + len(element).to_bytes(4, "little") + element
+    return body, {"Inference-Header-Content-Length": str(len(header))}
+
+
+def test_a_handlers_text_that_utf8_cannot_hold_fails_its_request_not_the_worker(
+    start_server,
+) -> None:
+    """A handler that reads any bytes as text (``surrogateescape``) holds lone
+    surrogates, which strict UTF-8 refuses: put in its error message, or answered as a
+    BYTES output, the worker's encode raised, the worker died, its replacement died the
+    same way, and the request failed as poison after two restarts."""
+    server: Server = start_server(
+        "--model", "echo=python:support.fake_handlers:EchoesText", env=HANDLER_ENV, frontends=1
+    )
+    with server.client(timeout=60) as c:
+        url = "/v2/models/echo/infer"
+        body, headers = _v2_bytes_request(b"refuse \xff")
+        r = c.post(url, content=body, headers=headers)
+        assert r.status_code == 400 and r.json()["error"] == "refused: refuse \\udcff", r.text
+        body, headers = _v2_bytes_request(b"echo \xff")
+        r = c.post(url, content=body, headers=headers)
+        assert r.status_code == 500 and "a BYTES element is a str that is not UTF-8" in r.text
+        body, headers = _v2_bytes_request(b"fine")
+        r = c.post(url, content=body, headers=headers)
+        assert r.status_code == 200, r.text
+    [worker] = [p for p in server.children() if p["role"] == "worker"]
+    assert worker["restarts"] == 0, worker
+    assert server.stop() == 0
+
+
 def test_every_504_counts_as_a_missed_deadline(start_server) -> None:
     """A request can miss its deadline in the frontend (its timer) or in the worker (it
     pops a request already past it, and answers 504 at once). Both are 504s; only the

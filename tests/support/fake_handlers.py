@@ -291,6 +291,38 @@ class BytesWithoutPreprocess(ByteLengths):
     preprocess = Handler.preprocess
 
 
+class EchoesText(Handler):
+    """BYTES in, BYTES out: each element read as text the way a handler takes any bytes
+    (UTF-8 with ``surrogateescape``) and answered as that text; one that starts with
+    "refuse" is refused (BadInput) with the text in the message."""
+
+    inputs = (TensorSpec("INPUT0", "bytes", (1,)),)
+    outputs = (TensorSpec("OUTPUT0", "bytes", (1,)),)
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+        self.texts: dict[float, str] = {}
+
+    def preprocess(self, payload: np.ndarray, kind: PayloadKind) -> torch.Tensor:
+        keys = []
+        for (element,) in payload.tolist():
+            text = element.decode("utf-8", "surrogateescape")
+            if text.startswith("refuse"):
+                raise BadInput(f"refused: {text}")
+            key = float(len(self.texts) + 1)
+            self.texts[key] = text
+            keys.append([key])
+        return torch.tensor(keys)
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch
+
+    def postprocess(self, output: torch.Tensor) -> np.ndarray:
+        out = np.empty((output.shape[0], 1), dtype=object)
+        out[:, 0] = [self.texts.pop(key) for key in output[:, 0].tolist()]
+        return out
+
+
 class Describe(Handler):
     """A BYTES output: each row as text (``[1, 2.5]`` -> ``"1,2.5"``); a row starting with
     -1 answers ``b"\\xff"`` (not UTF-8), one starting with 13 an int (not bytes or str)."""
