@@ -350,6 +350,18 @@ def test_torchvision_garbage_image_is_bad_input(resnet18: Handler) -> None:
         resnet18.preprocess(np.frombuffer(b"\xff\xd8\xff garbage", np.uint8), IMAGE)
 
 
+def test_torchvision_refuses_a_banner_it_would_blow_up(resnet18: Handler) -> None:
+    """The short side is resized up to the model's size before the crop: a 2000x1 PNG of
+    91 bytes became a 3x73x146000 intermediate here (3x256x512000 at resnet50's sizes,
+    375 MiB), bounded by nothing (the pixel limit counts the 2000 pixels sent). Past 64:1
+    it is refused; at 64:1 it is served."""
+    for shape in ((1, 2000), (2000, 1), (10, 641)):
+        with pytest.raises(BadInput, match="more than 64 times as wide as high"):
+            resnet18.preprocess(encode(np.zeros((*shape, 3), np.uint8), "PNG"), IMAGE)
+    edge = resnet18.preprocess(encode(np.zeros((10, 640, 3), np.uint8), "PNG"), IMAGE)
+    assert edge.shape == (1, 3, 64, 64)
+
+
 def test_torchvision_without_weights_warns_on_the_log(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("WARNING", logger="ringserve.worker"):
         loaded("torchvision:resnet18", options=SMALL)

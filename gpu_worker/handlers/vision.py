@@ -39,7 +39,7 @@ import torch
 import torchvision
 import torchvision.transforms.v2.functional as F
 
-from ringserve.gpu_worker.handlers.base import Handler, TensorSpec, read_labels
+from ringserve.gpu_worker.handlers.base import BadInput, Handler, TensorSpec, read_labels
 from ringserve.gpu_worker.handlers.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
     decode_payload,
@@ -87,6 +87,27 @@ def check_architecture(arch: str) -> None:
         raise ValueError(
             f"torchvision {torchvision.__version__} has no classification model {arch!r}{hint}"
         )
+
+
+# The widest shape a classification crop is taken from: resized (short side to 256), a
+# 64:1 image is 16384x256, 12 MiB. An image is refused beyond it: the short side of a
+# 2000x1 banner of 91 bytes became 256 pixels and the long 512000 (375 MiB), which the
+# pixel limit, counting the image sent, did not bound; and a crop of so few stretched
+# pixels is no picture a classifier knows.
+MAX_ASPECT = 64
+
+
+def resize_for_center_crop(image: torch.Tensor, resize: int) -> torch.Tensor:
+    """``image`` (``[C, H, W]``) with its short side scaled to ``resize``, as
+    torchvision's classification transform does before its centre crop; BadInput for a
+    shape past ``MAX_ASPECT``."""
+    _, height, width = image.shape
+    if max(height, width) > MAX_ASPECT * min(height, width):
+        raise BadInput(
+            f"image of {width}x{height} pixels: more than {MAX_ASPECT} times as wide as high "
+            "(or the reverse), past what a classification crop is taken from"
+        )
+    return F.resize(image, [resize], antialias=True)
 
 
 class TorchvisionHandler(Handler):
@@ -161,7 +182,7 @@ class TorchvisionHandler(Handler):
         if kind != PayloadKind.IMAGE:
             return tensor_from_payload(payload)
         image = decode_payload(payload, "RGB", self.max_pixels, self.resize_size)
-        image = F.resize(image, [self.resize_size], antialias=True)
+        image = resize_for_center_crop(image, self.resize_size)
         image = F.center_crop(image, [self.image_size, self.image_size])
         # Written in the layout the network runs in: ``infer``'s conversion is then free.
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
