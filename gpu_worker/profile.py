@@ -160,8 +160,9 @@ def one_at_a_time(
 ) -> Iterator[None]:
     """Hold the right to profile ``key``: a sibling that holds it is waited for, beating
     the heartbeat each second (the lock is taken in a helper thread, so the wait ends the
-    moment it is free). Past ``wait_s`` (a holder that hangs), go ahead without it. The
-    compile takes turns the same way (``compiled.py``)."""
+    moment it is free). Past ``wait_s`` (a holder that hangs), go ahead without it; the
+    helper then passes the lock on when it gets it. The compile takes turns the same way
+    (``compiled.py``)."""
     lock_path = _turn_lock(key)
     try:
         os.makedirs(os.path.dirname(lock_path), exist_ok=True)
@@ -172,21 +173,32 @@ def one_at_a_time(
         yield  # (not inside the except: a caller's error would chain onto the OSError)
         return
     taken = threading.Event()
+    turn = threading.Lock()  # orders the helper's "taken" and our "given up"
+    given_up = False
 
     def take() -> None:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        taken.set()
+        with turn:
+            if given_up:  # we went ahead without it: hand it straight on
+                os.close(fd)  # (closing the only fd of the description releases it)
+                return
+            taken.set()
 
     threading.Thread(target=take, name="profile-lock", daemon=True).start()
     deadline = time.monotonic() + wait_s
     while not taken.wait(1.0) and time.monotonic() < deadline:
         heartbeat()
+    with turn:
+        held = taken.is_set()
+        given_up = not held
     try:
         yield
     finally:
-        if taken.is_set():
-            os.close(fd)  # (closing the only fd of the description releases the lock)
-        # else the helper still waits on fd: left open, freed with the process
+        if held:
+            os.close(fd)
+        # else the helper still waits on fd, and releases the lock the moment it gets
+        # it: held for the rest of this process's life, it kept every later turn (a
+        # recycle's compile) waiting wait_s for nobody.
 
 
 def sample_shape(spec: TensorSpec) -> tuple[int, ...]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import wait_until
 
 from ringserve.gpu_worker import profile
 from ringserve.gpu_worker.handlers.base import Handler, TensorSpec
@@ -292,6 +293,31 @@ def test_a_sibling_waits_for_the_profile_and_reuses_it(clock):
             profile._save_entry(key, {int(k): v for k, v in rates.items()})
     t.join(5)
     assert not t.is_alive() and waiter.sizes == [] and result == [measured]
+
+
+def test_a_turn_given_up_on_is_passed_on_when_it_comes(monkeypatch, tmp_path):
+    """Past its wait, a worker goes ahead without the turn; its helper thread still
+    waits for the lock, and got it once the holder was done, and kept it for the rest of
+    the worker's life: every later turn of that model (a recycle's compile) waited its
+    whole wait (600 s for a compile, past a replacement's start timeout) for nobody."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # (real time: no virtual clock)
+    key = "compile|gave-up"
+    os.makedirs(os.path.dirname(profile._turn_lock(key)), exist_ok=True)
+    with open(profile._turn_lock(key), "a") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # a sibling compiles, and takes long
+        with profile.one_at_a_time(key, lambda: None, wait_s=0.1):
+            pass  # went ahead without the turn
+    # The sibling is done (its file closed): nobody works now, so the turn is free.
+
+    def free() -> bool:
+        with open(profile._turn_lock(key), "a") as later:
+            try:
+                fcntl.flock(later, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            return True
+
+    wait_until(free, 10, "the turn to be free")
 
 
 def test_workers_of_two_models_profiling_at_once_both_keep_their_entry(clock):
