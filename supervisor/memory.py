@@ -4,8 +4,9 @@ recycled. The policy is pure logic over (time, sample) with no clock of its own.
 Why USS: shared-memory pages count in every mapper's RSS, so a worker mapping a 256 MiB
 arena shows 256 MiB more RSS than it owns. A leak is a *sustained* USS trend after
 warm-up, not a high footprint; glibc's allocator retention looks like a leak, so before a
-trend recycles a worker we ask it to ``gc.collect()`` + ``malloc_trim(0)`` and sample
-again: if memory came back, it was retention and the window starts over.
+trend (or the USS limit) recycles a worker we ask it to ``gc.collect()`` +
+``malloc_trim(0)`` and sample again: if memory came back, it was retention and the
+window starts over (or the worker is back under its limit).
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ class RecyclePolicy:
         )
         self.max_requests = mem.max_requests + jitter if mem.max_requests else 0
         self.over_limit = 0
+        self.limit_trimmed = False  # asked to trim since it went over memory.uss_limit_mb
         self.window: deque[tuple[float, float]] = deque()
         self.gpu_window: deque[tuple[float, float]] = deque()
         self.reserved_window: deque[tuple[float, float]] = deque()
@@ -149,8 +151,18 @@ class RecyclePolicy:
         if self.max_requests and requests >= self.max_requests:
             return Action("recycle", "max_requests")
         if m.uss_limit_mb:
-            self.over_limit = self.over_limit + 1 if uss > m.uss_limit_mb * MB else 0
-            if self.over_limit >= m.uss_limit_samples:
+            over = uss > m.uss_limit_mb * MB
+            self.over_limit = self.over_limit + 1 if over else 0
+            if not over:
+                self.limit_trimmed = False
+            elif self.over_limit >= m.uss_limit_samples:
+                # Over the limit may be freed memory the allocator keeps (a worker keeps
+                # up to 2 GiB: ipc/heap.py): one large batch left a worker with no leak
+                # at 584 MiB of which a trim gave back 301, and it was recycled. So trim
+                # first, and recycle if the next sample is still over.
+                if not self.limit_trimmed:
+                    self.limit_trimmed = True
+                    return Action("trim", "uss_limit")
                 return Action("recycle", "uss_limit")
         if m.gpu_allocated_limit_mb and gpu_allocated > m.gpu_allocated_limit_mb * MB:
             return Action("recycle", "gpu_limit")

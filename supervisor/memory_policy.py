@@ -107,9 +107,10 @@ class MemoryPolicy:
             return
         if action.kind == "trim":
             log.info(
-                "%s: memory trend (%s): asking it to trim before deciding",
+                "%s: memory (%s, uss %.1f MiB): asking it to trim before deciding",
                 child.name,
                 action.reason,
+                sample.uss / 2**20,
             )
             send_command(self.arena, child.control_index, Command.TRIM)
             return

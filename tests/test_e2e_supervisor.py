@@ -484,7 +484,10 @@ def test_uss_limit_recycles(start_server) -> None:
         30,
         "a uss_limit recycle",
     )
-    assert re.search(r"recycling: uss_limit \(uss [\d.]+ MiB, limit 400 MiB\)", server.log())
+    log = server.log()
+    recycled = re.search(r"recycling: uss_limit \(uss [\d.]+ MiB, limit 400 MiB\)", log)
+    trimmed = re.search(r"memory \(uss_limit, uss [\d.]+ MiB\): asking it to trim", log)
+    assert recycled and trimmed and trimmed.start() < recycled.start()  # a trim came first
     assert server.stop() == 0
 
 

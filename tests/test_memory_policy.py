@@ -307,7 +307,26 @@ def test_uss_limit_needs_consecutive_samples():
     assert p.observe(next(t), under) is None  # two over, then back: reset
     assert p.observe(next(t), over) is None
     assert p.observe(next(t), over) is None
-    assert p.observe(next(t), over) == Action("recycle", "uss_limit")
+    assert p.observe(next(t), over) == Action("trim", "uss_limit")  # retention, or not?
+    assert p.observe(next(t), over) == Action("recycle", "uss_limit")  # not
+
+
+def test_uss_limit_trims_first_and_memory_the_trim_gives_back_is_no_recycle():
+    """Over the limit can be freed memory the allocator keeps (a worker keeps up to 2 GiB
+    of it): a worker with no leak held 584 MiB after one large batch, 283 after a trim,
+    and was recycled at its 450 MiB limit. A trim comes first; back under the limit, it
+    stays, and a later excursion gets its own trim."""
+    m = mem(uss_limit_mb=450.0, uss_limit_samples=3)
+    p = RecyclePolicy(m, started_at=0.0)
+    t = iter(range(100, 10_000, 3))
+    for _ in range(2):
+        assert p.observe(next(t), 584 * MB) is None
+    assert p.observe(next(t), 584 * MB) == Action("trim", "uss_limit")
+    for _ in range(50):  # the trim gave it back
+        assert p.observe(next(t), 283 * MB) is None
+    for _ in range(2):
+        assert p.observe(next(t), 584 * MB) is None
+    assert p.observe(next(t), 584 * MB) == Action("trim", "uss_limit")
 
 
 def test_uss_limit_single_spike_never_recycles():
@@ -321,14 +340,16 @@ def test_uss_limit_exactly_at_limit_is_not_over():
     m = mem(uss_limit_mb=1000.0, uss_limit_samples=1)
     p = RecyclePolicy(m, started_at=0.0)
     assert p.observe(100.0, 1000 * MB) is None
-    assert p.observe(103.0, 1000 * MB + 1) == Action("recycle", "uss_limit")
+    assert p.observe(103.0, 1000 * MB + 1) == Action("trim", "uss_limit")
+    assert p.observe(106.0, 1000 * MB + 1) == Action("recycle", "uss_limit")
 
 
 def test_uss_limit_applies_during_warmup():
     m = mem(uss_limit_mb=100.0, uss_limit_samples=2, warmup_s=600.0)
     p = RecyclePolicy(m, started_at=0.0)
     assert p.observe(3.0, 200 * MB) is None
-    assert p.observe(6.0, 200 * MB) == Action("recycle", "uss_limit")
+    assert p.observe(6.0, 200 * MB) == Action("trim", "uss_limit")
+    assert p.observe(9.0, 200 * MB) == Action("recycle", "uss_limit")
 
 
 def test_max_requests_with_jitter_range():
