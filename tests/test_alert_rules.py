@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PROM_DIR = ROOT / "systemd" / "prometheus"
 RULES = PROM_DIR / "ringserve-alerts.yml"
 RULE_TESTS = PROM_DIR / "ringserve-alerts.test.yml"
+# Thresholds evaluated between the samples, as a real Prometheus evaluates them.
+UNALIGNED_TESTS = PROM_DIR / "ringserve-alerts-unaligned.test.yml"
 PROM_CONFIG = PROM_DIR / "prometheus.example.yml"
 DASHBOARD = ROOT / "systemd" / "grafana" / "ringserve-dashboard.json"
 
@@ -208,6 +210,15 @@ def test_promtool_check_rules() -> None:
 
 def test_promtool_unit_tests_pass() -> None:
     proc = _run_promtool("test", "rules", RULE_TESTS)
+    assert "SUCCESS" in proc.stdout + proc.stderr
+
+
+def test_more_than_3_means_4_when_evaluations_fall_between_samples() -> None:
+    """increase() extrapolates to its window's edges: exactly 3 crashes read 3.33 when
+    the rule is evaluated between scrapes (a real Prometheus always is), and the alerts
+    that say "more than 3" (> 3) paged on 3. promtool's own tests evaluate on the
+    samples, where the extrapolation is nil."""
+    proc = _run_promtool("test", "rules", UNALIGNED_TESTS)
     assert "SUCCESS" in proc.stdout + proc.stderr
 
 
