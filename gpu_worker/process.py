@@ -676,6 +676,13 @@ class Worker:
         if self._ran:
             self.metrics.ran_at(time.time())
         self._ran.clear()
+        device = self.handler.device if self.handler is not None else None
+        if device is not None and device.type == "cuda":
+            # Read once the batch's tensors are gone: what the worker keeps between
+            # batches (read in _infer, it counted the batch's input and output too, so
+            # the figure followed the batch size and stayed at the last one's).
+            rec["gpu_allocated"] = torch.cuda.memory_allocated(device)
+            rec["gpu_reserved"] = torch.cuda.memory_reserved(device)
 
     def _preprocess(self, slot: int, h: Header) -> torch.Tensor:
         """The handler's tensor for one request. A BYTES tensor of images (KServe v2, one
@@ -874,10 +881,6 @@ class Worker:
             self.thread_share.leave()
         check_output(result, int(batch.shape[0]), self._declared_output)
         seconds = (time.monotonic_ns() - t0) / 1e9
-        if device.type == "cuda":
-            rec = self.control.rec
-            rec["gpu_allocated"] = torch.cuda.memory_allocated(device)
-            rec["gpu_reserved"] = torch.cuda.memory_reserved(device)
         return result, (t0 - t_gather) / 1e9, seconds
 
     # -- answering -------------------------------------------------------------------------

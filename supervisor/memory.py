@@ -137,6 +137,7 @@ class RecyclePolicy:
         self.max_requests = mem.max_requests + jitter if mem.max_requests else 0
         self.over_limit = 0
         self.limit_trimmed = False  # asked to trim since it went over memory.uss_limit_mb
+        self.gpu_over_limit = 0
         self.window: deque[tuple[float, float]] = deque()
         self.gpu_window: deque[tuple[float, float]] = deque()
         self.reserved_window: deque[tuple[float, float]] = deque()
@@ -175,8 +176,13 @@ class RecyclePolicy:
                     self.limit_trimmed = True
                     return Action("trim", "uss_limit")
                 return Action("recycle", "uss_limit")
-        if m.gpu_allocated_limit_mb and gpu_allocated > m.gpu_allocated_limit_mb * MB:
-            return Action("recycle", "gpu_limit")
+        if m.gpu_allocated_limit_mb:
+            # In a row, as for the USS limit: one sample over was a single large batch's
+            # buffers, or a figure read while a batch still held them.
+            over = gpu_allocated > m.gpu_allocated_limit_mb * MB
+            self.gpu_over_limit = self.gpu_over_limit + 1 if over else 0
+            if self.gpu_over_limit >= m.uss_limit_samples:
+                return Action("recycle", "gpu_limit")
         if age < m.warmup_s or not m.trend_min_mb_per_min:
             return None
         if self.trim_pending is not None:

@@ -136,9 +136,11 @@ def test_models_answer_on_the_device_as_on_the_cpu(
     assert (rec["requests"], rec["batches"]) == (17, 3), rec  # 1, then 8 + 8
 
     if device == "cuda":
-        for model in ("digits", "id", "r"):
+        # Read between batches: what each worker keeps on the device (identity: nothing).
+        for model, weights in (("digits", True), ("id", False), ("r", True)):
             (rec,) = worker_records(server, model)
-            assert 0 < rec["gpu_allocated_bytes"] <= rec["gpu_reserved_bytes"], rec
+            assert (rec["gpu_allocated_bytes"] > 0) == weights, rec
+            assert rec["gpu_allocated_bytes"] <= rec["gpu_reserved_bytes"], rec
         metrics = httpx.get(f"{server.url}/metrics").text
         assert 'ringserve_worker_gpu_allocated_bytes{model="r"' in metrics, metrics[-2000:]
         try:

@@ -406,11 +406,16 @@ def test_max_age():
 
 
 def test_gpu_limit():
-    p = RecyclePolicy(mem(gpu_allocated_limit_mb=2000.0), started_at=0.0)
+    """Over in ``uss_limit_samples`` samples in a row, as the USS limit: one sample over
+    (a large batch's buffers) recycled a worker, model reload and all."""
+    p = RecyclePolicy(mem(gpu_allocated_limit_mb=2000.0, uss_limit_samples=3), started_at=0.0)
+    over = {"gpu_allocated": 2000 * MB + 1, "gpu_reserved": 4000 * MB}
     assert p.observe(10.0, MB, gpu_allocated=2000 * MB, gpu_reserved=4000 * MB) is None
-    assert p.observe(13.0, MB, gpu_allocated=2000 * MB + 1, gpu_reserved=4000 * MB) == Action(
-        "recycle", "gpu_limit"
-    )
+    assert p.observe(13.0, MB, **over) is None  # one sample over
+    assert p.observe(16.0, MB, gpu_allocated=1000 * MB, gpu_reserved=4000 * MB) is None
+    assert p.observe(19.0, MB, **over) is None
+    assert p.observe(22.0, MB, **over) is None
+    assert p.observe(25.0, MB, **over) == Action("recycle", "gpu_limit")
 
 
 def test_gpu_allocated_trend_recycles():
