@@ -151,30 +151,22 @@ class ExitHandling:
         except RingLockTimeout:
             return False
         model = self._model_name(child)
+
+        def name(level: int, what: str, slots: list[int]) -> None:
+            """One line naming the requests, to be found by their X-Request-ID."""
+            names = ", ".join(ids.get(s, "?") for s in slots)
+            log.log(level, what, len(slots), child.name, names)
+
         if done.requeued:
-            log.warning(
-                "re-queued %d requests of %s: %s",
-                len(done.requeued),
-                child.name,
-                ", ".join(ids.get(s, "?") for s in done.requeued),
-            )
+            name(logging.WARNING, "re-queued %d requests of %s: %s", done.requeued)
             self.stats.requeued(model, len(done.requeued))
             wake.signal(self.model_efds[child.model_index])
         if done.poisoned:
-            log.error(
-                "failed %d poison requests of %s: %s",
-                len(done.poisoned),
-                child.name,
-                ", ".join(ids.get(s, "?") for s in done.poisoned),
-            )
+            name(logging.ERROR, "failed %d poison requests of %s: %s", done.poisoned)
             self.stats.poisoned(model, len(done.poisoned))
         if done.lost:
-            log.error(
-                "failed %d requests of %s whose answers it was writing when it died: %s",
-                len(done.lost),
-                child.name,
-                ", ".join(ids.get(s, "?") for s in done.lost),
-            )
+            why = "failed %d requests of %s whose answers it was writing when it died: %s"
+            name(logging.ERROR, why, done.lost)
         # The owners free what is finished: poison answers, lost ones, and cancelled
         # requests that nobody waits for (not re-queued: the next worker would drop them).
         self._signal_owners(done.poisoned + done.lost + done.cancelled)
