@@ -134,7 +134,7 @@ def error_response(err: HTTPError, rid: str) -> Response:
 def not_ready_reasons(state: FrontendState) -> list[str]:
     """Why the server is not ready (empty when it is), for ``/readiness`` and
     ``/v2/health/ready`` alike. A model drained on purpose (``ctl drain`` of its last
-    worker, ``ctl scale MODEL 0``: configured 0) answers its own 503s and leaves the rest
+    worker: configured 0) answers its own 503s and leaves the rest
     of the server ready, as the alerts agree and as Triton leaves out an unloaded model."""
     reasons = []
     if state.arena.draining:
