@@ -107,6 +107,9 @@ def test_service_settings_that_matter() -> None:
     assert "char-nvidia-uvm rw" in settings["DeviceAllow"]
     socket_unit = (UNITS / "ringserve.socket").read_text()
     assert "FileDescriptorName=http\n" in socket_unit
+    # PartOf= the service would restart the socket with it (systemd.unit(5): stop and
+    # restart propagate), closing the listening socket it is there to keep open.
+    assert not any(line.startswith("PartOf=") for line in socket_unit.splitlines())
 
 
 def test_security_exposure_within_threshold(units: Path) -> None:
