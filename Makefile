@@ -7,7 +7,12 @@ APT_PACKAGES := nginx-light prometheus systemd wrk libb64-0d g++ python3-dev
 
 .PHONY: serve test lint format system-deps bench clean
 
+# Debian's python3 does not bring venv's ensurepip (package python3-venv, only suggested):
+# without it `python3 -m venv` fails on a fresh machine, so install it first (as root).
 $(STAMP): pyproject.toml
+	@python3 -c 'import ensurepip' 2>/dev/null || { echo "installing: python3-venv"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	  --no-install-recommends python3-venv; }
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'
