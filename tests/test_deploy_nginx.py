@@ -226,6 +226,19 @@ def test_nginx_answers_json_when_ringserve_is_unreachable(start_nginx) -> None:
     assert ngx.stop() == 0
 
 
+def test_nginx_refuses_a_body_over_its_limit_as_ringserve_would(start_nginx) -> None:
+    """nginx refuses a body over client_max_body_size itself (8 MiB, ringserve's own
+    limit): it answered its HTML 413 page, without X-Request-ID, where every answer of
+    ringserve's is JSON and names the request."""
+    ngx = start_nginx([free_port()])  # refused before any upstream is tried
+    body = b"0" * (8 * 2**20 + 1)
+    headers = {"X-Request-ID": "big-1", "Content-Type": "application/json"}
+    r = httpx.post(f"{ngx.url}/predict", content=body, headers=headers, timeout=30)
+    assert r.status_code == 413, (r.status_code, r.text[:200])
+    assert "over the limit of 8 MiB" in r.json()["error"] and r.headers["X-Request-ID"] == "big-1"
+    assert ngx.stop() == 0
+
+
 def test_sighup_rolling_restart_behind_nginx(start_server, start_nginx) -> None:
     server: Server = start_server()
     ngx = start_nginx([server.port])
