@@ -46,7 +46,7 @@ class Shutdown:
         assert self.arena is not None
         self.arena.header["draining"] = 1
         self.arena.header["stopping"] = 1
-        if self.phase != "stopping":
+        if self.phase not in ("draining", "stopping"):  # (a drain said it already)
             systemd.stopping()
         self.phase = "stopping"
         self.workers_stopping = fast

@@ -754,6 +754,8 @@ def test_systemd_notify_protocol(start_server, tmp_path: Path) -> None:
     server.proc.send_signal(signal.SIGTERM)
     wait_until(lambda: seen("STOPPING=1"), 10, "STOPPING")
     assert server.proc.wait(60) == 0
+    seen("")  # everything it sent
+    assert sum("STOPPING=1" in m for m in messages) == 1  # once: the drain said it
     notify.close()
 
 
