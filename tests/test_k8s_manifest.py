@@ -122,6 +122,13 @@ def test_grace_period_covers_prestop_drain_and_stop(pod, container, settings: Se
     assert grace > pre_stop_s + stop_s
 
 
+def test_orphans_are_reaped_by_the_pods_pause_process(pod) -> None:
+    """ringserve reaps its own children, not the orphans of a replaced worker (a
+    compile worker, a handler's subprocess): as the container's PID 1 it left each one a
+    zombie. With the process namespace shared, the pause process is PID 1 and reaps them."""
+    assert pod.get("shareProcessNamespace") is True
+
+
 def test_dev_shm_holds_the_arena(pod, container, settings: Settings) -> None:
     (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == settings.arena.shm_dir]
     (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
