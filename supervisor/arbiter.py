@@ -509,9 +509,10 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
 
     def _check_ready(self) -> None:
         self.publish_availability()
+        if self.phase in ("running", "draining"):  # a drain waits for what can still run
+            self._answer_unserved()
         if self.phase != "running":
             return
-        self._answer_unserved()
         # A model drained on purpose (wanted 0) has nothing to wait for: counting it kept
         # a SIGHUP reload from ever ending (no READY=1 for systemd).
         wanted = self.wanted_workers()

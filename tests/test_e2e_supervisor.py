@@ -547,14 +547,18 @@ def test_model_that_never_loads_backs_off_and_is_not_ready(start_server) -> None
     assert server.stop() == 0
 
 
+@pytest.mark.parametrize("in_a_drain", [False, True])
 def test_requests_queued_for_a_model_that_turns_failing_are_answered_and_free_their_slots(
-    start_server, tmp_path: Path
+    start_server, tmp_path: Path, in_a_drain: bool
 ) -> None:
     """A model whose workers keep failing to start refuses new requests (503). Those it
     had queued when its last worker died stayed queued: each client waited out its
     deadline (504), and the slots stayed taken until a worker came back, which for a
-    model failing for good was never (every model of those frontends then got 503s)."""
+    model failing for good was never (every model of those frontends then got 503s).
+    In a drain too: there they held the drain until its timeout."""
     server: Server = start_server(
+        "--drain-timeout",
+        "60",
         "--model",
         "once=python:support.fake_handlers:LoadsOnlyOnce",
         "--set",
@@ -575,6 +579,9 @@ def test_requests_queued_for_a_model_that_turns_failing_are_answered_and_free_th
         rest = [pool.submit(post, 1.0) for _ in range(4)]
         wait_until(lambda: _look(arena, queued), 20, "four requests to queue")
         [worker] = server.pids("worker")
+        if in_a_drain:
+            server.proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: draining(arena), 20, "the drain to begin")
         os.kill(worker, signal.SIGKILL)
         responses = [f.result() for f in (first, *rest)]
         waited = time.monotonic() - t0
@@ -585,6 +592,9 @@ def test_requests_queued_for_a_model_that_turns_failing_are_answered_and_free_th
         assert (r.status_code, r.json()["error"]) == (503, error)
         assert r.headers["retry-after"]
     assert waited < 30, f"answered at the deadline ({waited:.1f} s), not when the model failed"
+    if in_a_drain:  # nothing left in flight: the drain ends, and the server with it
+        assert server.proc.wait(30) == 0
+        return
     assert server.ctl("status")["models"][0]["state"] == "failing"
     assert _look(arena, lambda a: (a.slots["state"] == SlotState.FREE).all())
     assert server.stop() == 0
