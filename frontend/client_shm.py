@@ -54,11 +54,14 @@ class _Mapped:
 
 
 @contextlib.contextmanager
-def _busy_is_503() -> Iterator[None]:
-    """The region table's lock held by a process that does not run: this request gets a
-    503 to send again, and the event loop goes on serving the others."""
+def _table_answers() -> Iterator[None]:
+    """The region table's refusals as HTTP answers: a name taken (409) or a full table
+    (400); its lock held by a process that does not run, a 503 to send again (the event
+    loop goes on serving the others)."""
     try:
         yield
+    except RegionError as e:
+        raise HTTPError(409 if e.conflict else 400, str(e)) from None
     except RegionTableBusy as e:
         raise unavailable(str(e)) from None
 
@@ -84,22 +87,20 @@ class ClientShm:
         region = Region(name, key, offset, byte_size)
         fd, view = self._open(region)  # refuse what cannot be mapped before it is listed
         try:
-            region = self._regions.register(region)
-        except RegionError as e:
+            with _table_answers():
+                region = self._regions.register(region)
+        except HTTPError:
             os.close(fd)
-            raise HTTPError(409 if e.conflict else 400, str(e)) from None
-        except RegionTableBusy as e:
-            os.close(fd)
-            raise unavailable(str(e)) from None
+            raise
         self._keep(name, _Mapped(region.serial, fd, view))
 
     def unregister(self, name: str | None) -> None:
-        with _busy_is_503():
+        with _table_answers():
             self._regions.unregister(name)
         self.prune()
 
     def status(self, name: str | None) -> list[dict[str, object]]:
-        with _busy_is_503():
+        with _table_answers():
             regions = self._regions.all()
         if name is not None:
             regions = [r for r in regions if r.name == name]
@@ -111,7 +112,7 @@ class ClientShm:
 
     def view(self, name: str, offset: int, byte_size: int, where: str) -> memoryview:
         """``byte_size`` bytes at ``offset`` into the registered region ``name``."""
-        with _busy_is_503():
+        with _table_answers():
             region = self._regions.get(name)
         if region is None:
             raise bad_request(f"{where}: shared memory region {name!r} is not registered")

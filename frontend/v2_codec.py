@@ -627,8 +627,9 @@ def classify(output: np.ndarray, count: int, labels: Sequence[str] = ()) -> np.n
     """Triton's classification extension: per row (first dimension), the ``count``
     highest of its values, highest first (ties in index order), each as the string
     "value:index[:label]"; the value printed as Triton prints it (``std::to_string``:
-    fixed, 6 decimals, for floating types; an integer as one). Returns an object array of UTF-8 ``bytes`` (as a BYTES output of a
-    model), ``[rows, min(count, values per row)]``."""
+    fixed, 6 decimals, for floating types; an integer as one). Returns an object array
+    of UTF-8 ``bytes`` (as a BYTES output of a model), ``[rows, min(count, values per
+    row)]``."""
     rows = output.reshape(output.shape[0], -1) if output.ndim else output.reshape(1, 1)
     k = min(count, rows.shape[1])
     # Sorted as float64, negated: stable for ties, and safe for unsigned integers.

@@ -173,24 +173,20 @@ def one_at_a_time(
         yield  # (not inside the except: a caller's error would chain onto the OSError)
         return
     taken = threading.Event()
-    turn = threading.Lock()  # orders the helper's "taken" and our "given up"
-    given_up = False
+    first = threading.Lock()  # the helper's "got it" or our "gone ahead", whichever comes first
 
     def take() -> None:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        with turn:
-            if given_up:  # we went ahead without it: hand it straight on
-                os.close(fd)  # (closing the only fd of the description releases it)
-                return
+        if first.acquire(blocking=False):
             taken.set()
+        else:  # we went ahead without it: hand it straight on
+            os.close(fd)  # (closing the only fd of the description releases it)
 
     threading.Thread(target=take, name="profile-lock", daemon=True).start()
     deadline = time.monotonic() + wait_s
     while not taken.wait(1.0) and time.monotonic() < deadline:
         heartbeat()
-    with turn:
-        held = taken.is_set()
-        given_up = not held
+    held = not first.acquire(blocking=False)  # taken by the helper: the turn is ours
     try:
         yield
     finally:

@@ -60,6 +60,7 @@ _OUT_OFF, _OUT = span("out_dtype", "out_ndim", "out_shape", "out_nbytes")
 _FINISHED_OFF = L.SLOT_HEADER.fields["finished_ns"][1]
 _BATCH_OFF, _BATCH = span("batch_size", "batch_id")
 _STATUS_OFF = L.SLOT_HEADER.fields["status"][1]
+_ANSWERING = L.STATUS_ANSWERING  # (a module global: one lookup on the answer path)
 _OWNER_OFF = L.SLOT_HEADER.fields["owner"][1]
 _CANCEL_OFF = L.SLOT_HEADER.fields["cancel"][1]
 _ZERO_SHAPE = (0,) * L.MAX_NDIM
@@ -234,7 +235,7 @@ class SlotHeaders:
 
     def begin_answer(self, slot: int) -> None:
         """Mark a RUNNING slot as being answered, before its input is overwritten."""
-        _U4.pack_into(self.buf, self._off(slot) + _STATUS_OFF, L.STATUS_ANSWERING)
+        _U4.pack_into(self.buf, self.base + slot * self.stride + _STATUS_OFF, _ANSWERING)
 
     def write_result(
         self,

@@ -62,24 +62,12 @@ class AdminRequest:
     done: threading.Event = field(default_factory=threading.Event)
     result: Any = None
     error: Exception | None = None
-    state: str = "waiting"  # waiting, then running (the loop took it) or given up
-    _claim: threading.Lock = field(default_factory=threading.Lock)
+    _token: threading.Lock = field(default_factory=threading.Lock)
 
-    def take(self) -> bool:
-        """(The loop.) Whether to run it: not once its client was told it timed out."""
-        with self._claim:
-            if self.state == "given up":
-                return False
-            self.state = "running"
-            return True
-
-    def give_up(self) -> bool:
-        """(The admin thread.) Whether it will now never run: not once it runs."""
-        with self._claim:
-            if self.state == "running":
-                return False
-            self.state = "given up"
-            return True
+    def claim(self) -> bool:
+        """Whether the caller decides the request's fate: the loop, to run it, or the
+        admin thread, to give it up once its wait is over. Only the first to ask does."""
+        return self._token.acquire(blocking=False)
 
 
 class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
@@ -258,7 +246,7 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
                 req = self.admin_queue.get_nowait()
             except queue.Empty:
                 break
-            if req.take():
+            if req.claim():  # (not one its client was told had timed out)
                 self._run_admin(req)
 
     def _on_signal(self, signum: int) -> None:
@@ -616,7 +604,7 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         req = AdminRequest(cmd, args)
         self.admin_queue.put(req)
         os.write(self._wake_w, b"\0")
-        if not req.done.wait(ADMIN_ANSWER_S) and req.give_up():
+        if not req.done.wait(ADMIN_ANSWER_S) and req.claim():
             raise AdminCommandError(
                 f"the supervisor's loop did not take the command within {ADMIN_ANSWER_S:g} s; "
                 "it will not run it"
