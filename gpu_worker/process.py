@@ -47,7 +47,12 @@ from ringserve.gpu_worker.profile import (
 from ringserve.gpu_worker.request_errors import RequestErrors
 from ringserve.gpu_worker.staging import PinnedStaging
 from ringserve.ipc import bytes_tensor, heap, wake
-from ringserve.ipc.answer import CANCELLED_MESSAGE, write_error, write_output
+from ringserve.ipc.answer import (
+    CANCELLED_MESSAGE,
+    DEADLINE_MESSAGE,
+    write_error,
+    write_output,
+)
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.child import ChildSpec, load_spec
 from ringserve.ipc.control import ControlBlock
@@ -604,13 +609,14 @@ class Worker:
         cancelled): the batch's company, for the batcher."""
         assert self.handler is not None and self.batcher is not None
         headers = {c.slot: c.request for c in claimed}
+        client_left = self.arena.headers.cancelled  # now: a fill wait may outlive a client
         items = [
             Pending(
                 c.slot,
                 c.rows,
                 c.request.enqueued_ns / 1e9,
                 (c.request.deadline_ns / 1e9) or None,
-                bool(c.request.cancel),
+                client_left(c.slot),
             )
             for c in claimed
         ]
@@ -623,7 +629,7 @@ class Worker:
                 self._prep.start(images)  # the rest of the batch's images, side by side
         owners: set[int] = set()
         for p in expired:
-            self._finish_error(p.key, Status.DEADLINE, b"deadline passed before inference", owners)
+            self._finish_error(p.key, Status.DEADLINE, DEADLINE_MESSAGE, owners)
         for p in cancelled:
             self._finish_error(p.key, Status.CANCELLED, CANCELLED_MESSAGE, owners)
         groups: dict[tuple, list[Prepared]] = defaultdict(list)
@@ -656,8 +662,11 @@ class Worker:
             prepared = Prepared(p.key, tensor, time.perf_counter() - t0, p.deadline_s)
             alone = p.key if headers[p.key].kind & RUN_ALONE else -1  # its own group
             groups[(tensor.dtype, tuple(tensor.shape[1:]), alone)].append(prepared)
-        for members in groups.values():
-            self._infer_group(members, owners)
+        for i, members in enumerate(groups.values()):
+            # The groups before this one took time: skip those nobody waits for any more.
+            wanted = self._still_wanted(members, owners) if i else members
+            if wanted:
+                self._infer_group(wanted, owners)
         pause_point("worker.after_batch")
         for owner in owners:
             wake.signal(self.spec.frontend_efds[owner])
@@ -836,15 +845,26 @@ class Worker:
     def _run_alone(self, members: list[Prepared], owners: set[int]) -> None:
         """Run each member as a batch of its own, so one bad request fails alone. One
         model run each, so beat between them (N runs may outlast the heartbeat timeout)
-        and skip those whose deadline passed meanwhile: nobody waits for their answer."""
+        and skip those whose deadline passed or client left meanwhile: nobody waits for
+        their answer."""
         for member in members:
             self.control.beat()
-            if member.deadline_s is not None and member.deadline_s <= time.monotonic():
-                self._finish_error(
-                    member.slot, Status.DEADLINE, b"deadline passed before inference", owners
-                )
-                continue
-            self._infer_group([member], owners)
+            if self._still_wanted([member], owners):
+                self._infer_group([member], owners)
+
+    def _still_wanted(self, members: list[Prepared], owners: set[int]) -> list[Prepared]:
+        """The members whose client is still there and whose deadline has not passed;
+        the others are answered (cancelled, 504) without a model run."""
+        now, cancelled = time.monotonic(), self.arena.headers.cancelled
+        wanted = []
+        for m in members:
+            if cancelled(m.slot):
+                self._finish_error(m.slot, Status.CANCELLED, CANCELLED_MESSAGE, owners)
+            elif m.deadline_s is not None and m.deadline_s <= now:
+                self._finish_error(m.slot, Status.DEADLINE, DEADLINE_MESSAGE, owners)
+            else:
+                wanted.append(m)
+        return wanted
 
     def _request_id(self, slot: int) -> str:
         """The client's id of the request in ``slot``, for a log line about it."""

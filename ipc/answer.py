@@ -39,6 +39,7 @@ def failing_to_load(model: str, error: str) -> str:
 
 
 CANCELLED_MESSAGE = b"cancelled by the client"  # its client left, or its deadline passed
+DEADLINE_MESSAGE = b"deadline passed before inference"
 
 
 def write_error(arena: Arena, slot: int, status: Status, message: bytes) -> None:

@@ -149,6 +149,11 @@ class SlotHeaders:
     def owner(self, slot: int) -> int:
         return _U4.unpack_from(self.buf, self._off(slot) + _OWNER_OFF)[0]
 
+    def cancelled(self, slot: int) -> bool:
+        """Read live, not from a header read earlier: a client may leave (or its
+        deadline pass) while its request waits in a worker's batch."""
+        return bool(_U4.unpack_from(self.buf, self._off(slot) + _CANCEL_OFF)[0])
+
     def set_cancel(self, slot: int) -> None:
         _U4.pack_into(self.buf, self._off(slot) + _CANCEL_OFF, 1)
 

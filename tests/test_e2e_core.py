@@ -685,6 +685,68 @@ def test_deadline_full_queue_and_disconnect(start_server) -> None:
     assert server.stop() == 0
 
 
+def _computed(server: Server) -> float:
+    """Requests of the ``slow`` model that went through its model, from /metrics."""
+    text = httpx.get(f"{server.url}/metrics").text
+    found = re.search(r'^ringserve_computed_requests_total\{model="slow"\} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_requests_nobody_waits_for_any_more_are_not_run_in_their_batch(start_server) -> None:
+    """A worker holds a batch's requests a while before it runs them: while the batch
+    fills, and while its earlier groups (other shapes) run. A request whose client left
+    meanwhile, or whose deadline passed, is answered without a model run. (The cancel flag
+    was read when the request was claimed, and deadlines checked only before the first
+    group: both ran anyway.) Timings: ``Slow`` sleeps its first value in ms a batch; the
+    busy device makes the worker wait up to a batch's time for company."""
+    server: Server = start_server(
+        "--model",
+        "slow=python:support.fake_handlers:Slow",
+        "--set",
+        "models.slow.batching.max_queue_delay_ms=8000",
+        "--set",
+        "models.slow.batching.preferred_batch_size=8",
+        "--max-batch-size",
+        "8",
+        env=HANDLER_ENV,
+        frontends=1,
+    )
+    url = f"{server.url}/v1/models/slow/predict"
+
+    def post(data: list[float], at: float, timeout: float = 60.0, ms: int = 0) -> object:
+        time.sleep(at)
+        headers = {"X-Request-Timeout-Ms": str(ms)} if ms else {}
+        try:
+            return httpx.post(url, json={"data": data}, headers=headers, timeout=timeout)
+        except httpx.ReadTimeout as e:
+            return e
+
+    def scenario(*requests: tuple) -> list:
+        with ThreadPoolExecutor(len(requests)) as pool:
+            return [f.result() for f in [pool.submit(post, *r) for r in requests]]
+
+    # 1. The client leaves while its batch fills. The first request keeps the worker 2 s;
+    # the next two come meanwhile and are claimed together at 2 s, then wait for company
+    # up to 4 s (a batch's time); the third's client gives up at 3 s.
+    first, kept, left = scenario(([2000.0], 0.0), ([0.0], 0.3), ([0.0], 0.5, 2.5))
+    assert first.status_code == 200 and kept.status_code == 200, (first.text, kept.text)
+    assert isinstance(left, httpx.ReadTimeout), left
+    assert httpx.post(url, json={"data": [0.0]}).status_code == 200  # its batch recorded
+    assert _computed(server) == 3.0  # not the one whose client left
+
+    # 2. A deadline passes while an earlier group runs. The first request keeps the worker
+    # 0.6 s; the next two (two shapes, two groups) are claimed together at 0.6 s and run
+    # by 1.2 s at the latest, the first group 2.5 s; the second's deadline passes at 2.3 s.
+    first, slow_group, late = scenario(
+        ([600.0], 0.0), ([2500.0, 0.0], 0.15), ([0.0, 0.0, 0.0], 0.3, 60.0, 2000)
+    )
+    assert first.status_code == 200 and slow_group.status_code == 200, slow_group.text
+    assert late.status_code == 504, late.text
+    assert httpx.post(url, json={"data": [0.0]}).status_code == 200
+    assert _computed(server) == 6.0  # three more, not the late one
+    assert server.stop() == 0
+
+
 def test_queue_depth_limit_refuses_fast_and_frees_the_slot(start_server) -> None:
     """Slots to spare, but the model's queue is capped at 2: requests beyond it get a fast
     503 with Retry-After (the push is refused after the slot was written), and every slot
