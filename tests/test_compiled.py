@@ -8,6 +8,7 @@ import collections
 import json
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -247,6 +248,12 @@ def test_a_worker_whose_compile_ran_out_of_memory_batches_below_it(start_server)
     for r in answers:
         assert r.status_code == 200, r.text
         assert r.json()["result"] == [2.0, 4.0, 6.0, 8.0] and r.json()["batch_size"] <= 2
+    # A request above the cap (the frontends check the configured 8) is refused by the
+    # worker, not compiled while it waits and run out of memory as the compile's batch did.
+    four_rows = {"data": [[1.0, 2.0, 3.0, 4.0]] * 4}
+    r = httpx.post(f"{server.url}/v1/models/m/predict", json=four_rows, timeout=30)
+    assert r.status_code == 400, r.text
+    assert "a request of 4 rows: model m runs at most 2 rows a batch here" in r.json()["error"]
     # Only the compile's batch of 4 ran out: no batch above the cap was ever run.
     assert server.log().count("rows ran out of device memory") == 1, server.log()[-3000:]
     assert server.stop() == 0
