@@ -228,6 +228,37 @@ def test_five_million_numbers_over_the_limit_is_413_at_once(
     assert declared < 2 and streamed < 5
 
 
+def test_a_streamed_body_over_the_limit_is_refused_before_the_frontend_reads_it_all(
+    client: httpx.Client, healthy_after: None
+) -> None:
+    """Bounded: a chunked body (no Content-Length) is refused as soon as what was read
+    passes server.max_body_bytes, not after the frontend has buffered all of it. Counted
+    in what the client got to send: the frontend answers 413 and closes, so the client
+    cannot send much more than the limit plus what the sockets' buffers hold, against
+    the 32 times the limit it offers."""
+    chunk = b"1.0," * (64 * 1024)  # 256 KiB
+    total = 32 * MAX_BODY
+    sent = 0
+
+    def chunks() -> Iterator[bytes]:
+        nonlocal sent
+        yield b'{"data":['
+        while sent < total:
+            sent += len(chunk)
+            yield chunk
+
+    r = None
+    # TransportError: the server answered 413 and closed while we were still sending.
+    with contextlib.suppress(httpx.TransportError):
+        r = client.post(ID, content=chunks(), headers=JSON_CT)
+    if r is not None:
+        refused(r, 413, "over the limit")
+    assert sent < total // 2, (
+        f"the frontend read {sent / 2**20:.0f} MiB of a body over its "
+        f"{MAX_BODY / 2**20:.0f} MiB limit before refusing it"
+    )
+
+
 def test_largest_array_within_the_limit_is_refused_fast(
     client: httpx.Client, healthy_after: None
 ) -> None:

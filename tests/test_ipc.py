@@ -362,6 +362,58 @@ def test_a_worker_that_died_asleep_is_uncounted(shm_dir: Path) -> None:
     arena.close()
 
 
+def _die_between_the_sleeper_stores(path: str, worker: int, waking: bool, stores: int) -> None:
+    """A worker going to sleep (an empty pop) or waking (its next pop), SIGKILLed, as it
+    were, right after the ``stores``-th of the two stores that count it in or out."""
+    from ringserve.ipc import ring as ring_module
+
+    arena = Arena.attach(path)
+    ring = RequestRing(arena, 0)
+    if waking:
+        assert ring.pop(8, worker, os.getpid(), sleep_if_empty=True) == []
+    real, left = ring_module._U4, [stores]
+
+    class Dying:
+        unpack_from = staticmethod(real.unpack_from)
+
+        @staticmethod
+        def pack_into(*args: object) -> None:
+            real.pack_into(*args)
+            left[0] -= 1
+            if not left[0]:
+                os._exit(0)  # still holding the ring lock, as a SIGKILL would leave it
+
+    ring_module._U4 = Dying()
+    ring.pop(8, worker, os.getpid(), woke=waking, sleep_if_empty=not waking)
+    os._exit(1)
+
+
+@pytest.mark.parametrize("stores", [1, 2])
+@pytest.mark.parametrize("waking", [False, True], ids=["going-to-sleep", "waking"])
+def test_a_worker_dying_between_its_sleeper_stores_never_costs_a_wakeup(
+    shm_dir: Path, waking: bool, stores: int
+) -> None:
+    """``sleepers`` and a worker's ``asleep`` flag are two stores. Whichever prefix of
+    them a dying worker leaves, once the supervisor has recovered it a push must still
+    wake the worker that really sleeps: one sleeper too many (a needless signal) is
+    harmless, one too few is a lost wake-up."""
+    arena = make_arena(shm_dir)
+    ring = RequestRing(arena, 0)
+    me = os.getpid()
+    assert ring.pop(8, 4, me, sleep_if_empty=True) == []  # worker 4 sleeps
+    victim = FORK.Process(
+        target=_die_between_the_sleeper_stores, args=(arena.path, 3, waking, stores)
+    )
+    victim.start()
+    victim.join(10)
+    assert victim.exitcode == 0
+    ring.requeue_from_dead(3, b"poison")  # the supervisor's recovery of worker 3
+    arena.slots["state"][0] = SlotState.WRITING
+    sleeping, refused = ring.push_many([0])
+    assert refused == [] and sleeping, "worker 4 still sleeps, but the push would not wake it"
+    arena.close()
+
+
 def test_dead_worker_requeued_once_then_poison_alone(shm_dir: Path) -> None:
     arena = make_arena(shm_dir)
     ring = RequestRing(arena, 0)
@@ -848,6 +900,45 @@ def test_adopting_a_dead_frontends_inflight_slots(shm_dir: Path) -> None:
     write_error(arena, 1, Status.CANCELLED, b"cancelled")
     d._on_done()
     assert {0, 1} <= set(d.free) and not d.orphans
+    arena.close()
+
+
+def test_an_answer_landing_while_the_frontend_looks_is_never_left_unseen(
+    shm_dir: Path,
+) -> None:
+    """The frontend's wake-up is an eventfd that a worker signals after each answer. It
+    must be drained *before* the frontend looks at its slots: an answer that lands (and
+    signals) while it looks is then either seen by this look or leaves the eventfd
+    readable for the next one. Drained after the look, that signal is lost, and the
+    request waits for some other answer's wake-up, or for its deadline (a 504)."""
+    arena = make_arena(shm_dir)
+    worker_ring = RequestRing(arena, 0)
+    with dispatchers(arena) as ([d], loop):
+        first, first_answered = d.submit(0, np.arange(4, dtype=np.uint8), 1, 1, 0, "a")
+        last, last_answered = d.submit(0, np.arange(4, dtype=np.uint8), 1, 1, 0, "b")
+        loop.run_until_complete(asyncio.sleep(0))  # the end-of-pass push
+        assert len(worker_ring.pop(8, 1, 1)) == 2
+        answer(arena, first)
+        wake.signal(d.done_efd)
+        headers, read_state = arena.headers, arena.headers.state
+
+        def state(slot: int) -> int:  # the worker answers ``last`` just after it was read
+            value = read_state(slot)
+            if slot == last and value != SlotState.DONE:
+                answer(arena, last)
+                wake.signal(d.done_efd)
+            return value
+
+        headers.state = state  # type: ignore[method-assign]
+        try:
+            d._on_done()
+        finally:
+            del headers.state
+        assert first_answered.done()
+        assert last_answered.done() or wake.wait(d.done_efd, 0), (
+            "an answer landed while the frontend looked, and no wake-up is left for it"
+        )
+    worker_ring.close()
     arena.close()
 
 

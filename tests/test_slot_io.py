@@ -263,3 +263,60 @@ def test_a_slot_keeps_the_longest_request_id_the_frontends_take(arena: Arena) ->
     assert stored(longest) == longest.encode()
     cut = stored("a" + "é" * 200)  # 401 bytes
     assert cut.decode() == "a" + "é" * 127  # 255 bytes: the next "é" would not fit
+
+
+class _Recording:
+    """A ``struct.Struct`` that also records where each ``pack_into`` stored what."""
+
+    def __init__(self, real: object, stores: list[tuple[int, tuple]]) -> None:
+        self._real, self._stores = real, stores
+
+    def pack_into(self, buf: object, offset: int, *values: object) -> None:
+        self._real.pack_into(buf, offset, *values)  # type: ignore[attr-defined]
+        self._stores.append((offset, values))
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+
+@pytest.fixture
+def stores(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, tuple]]:
+    """Every store the slot header code makes, in order: (byte offset, values)."""
+    import struct
+
+    from ringserve.ipc import slot_io
+
+    out: list[tuple[int, tuple]] = []
+    for name, value in list(vars(slot_io).items()):
+        if isinstance(value, struct.Struct):
+            monkeypatch.setattr(slot_io, name, _Recording(value, out))
+    return out
+
+
+@pytest.mark.parametrize("how", ["write_output", "write_error"])
+def test_done_is_the_last_store_of_an_answer(
+    arena: Arena, stores: list[tuple[int, tuple]], how: str
+) -> None:
+    """Readers check ``state`` first (layout.py): a frontend that sees DONE reads the
+    status and output at once, in another process. So ``state = DONE`` must be the last
+    store of an answer, after the status (a DONE slot still marked ANSWERING reads as no
+    status at all) and after the output's header."""
+    arena.slots[1]["state"] = RUNNING
+    if how == "write_output":
+        assert write_output(arena, 1, np.arange(6, dtype=np.float32).reshape(2, 3), 2, 9) is None
+    else:
+        write_error(arena, 1, Status.MODEL_ERROR, b"it broke")
+    state_at = arena.headers.base + 1 * arena.headers.stride + span("state")[0]
+    assert stores, "the answer made no stores through slot_io (the recorder saw nothing)"
+    assert stores[-1] == (state_at, (DONE,)), f"stores after state = DONE: {stores}"
+    assert [s for s in stores[:-1] if s[0] == state_at] == []  # DONE is stored once
+
+
+def test_running_is_the_last_store_of_a_claim(
+    arena: Arena, stores: list[tuple[int, tuple]]
+) -> None:
+    """A claimed slot's worker and attempts are read by whoever sees RUNNING (the
+    supervisor recovering a dead worker's slots): they are stored before the state."""
+    arena.headers.claim(2, worker=3, worker_pid=4321, attempts=1, now_ns=5)
+    state_at = arena.headers.base + 2 * arena.headers.stride + span("state")[0]
+    assert stores[-1] == (state_at, (RUNNING,)), f"stores after state = RUNNING: {stores}"
