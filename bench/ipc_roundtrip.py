@@ -218,7 +218,16 @@ def eventfd_floor(
     return rtts, same / max(1, len(rtts))
 
 
-def _run_poll(fe: Frontend, payload: np.ndarray, iterations: int, inflight: int) -> list[int]:
+ANSWER_TIMEOUT_S = 5.0  # no answer in this long: the worker is gone (not a slow one)
+
+
+def _run_poll(
+    fe: Frontend,
+    payload: np.ndarray,
+    iterations: int,
+    inflight: int,
+    timeout_s: float = ANSWER_TIMEOUT_S,
+) -> list[int]:
     """A blocking wait on the done eventfd alone. Returns per-request round trips in ns."""
     done = wake.Sleeper(fe.done_fd)
     rtts: list[int] = []
@@ -230,7 +239,9 @@ def _run_poll(fe: Frontend, payload: np.ndarray, iterations: int, inflight: int)
                 t0 = time.perf_counter_ns()
                 started[fe.submit(payload)] = t0
                 sent += 1
-            done.wait(5.0)
+            # Unbounded before: with the worker gone, this waited forever.
+            if not done.wait(timeout_s) and not any(fe.done(s) for s in started):
+                raise RuntimeError(f"ipc round trip: no answer within {timeout_s:g} s")
             wake.drain(fe.done_fd)
             for slot in [s for s in started if fe.done(s)]:
                 shape = fe.collect(slot)
@@ -241,7 +252,13 @@ def _run_poll(fe: Frontend, payload: np.ndarray, iterations: int, inflight: int)
     return rtts
 
 
-def _run_asyncio(fe: Frontend, payload: np.ndarray, iterations: int, inflight: int) -> list[int]:
+def _run_asyncio(
+    fe: Frontend,
+    payload: np.ndarray,
+    iterations: int,
+    inflight: int,
+    timeout_s: float = ANSWER_TIMEOUT_S,
+) -> list[int]:
     """The real frontend's wait: an event-loop reader on the done eventfd resolves futures."""
 
     async def main() -> list[int]:
@@ -269,12 +286,30 @@ def _run_asyncio(fe: Frontend, payload: np.ndarray, iterations: int, inflight: i
                 fe.collect(slot)
                 rtts.append(time.perf_counter_ns() - t0)
 
-        if inflight == 1:
-            for _ in range(iterations):
-                await one()
-        else:
-            await asyncio.gather(*(one() for _ in range(iterations)))
-        loop.remove_reader(fe.done_fd)
+        # Unbounded before: with the worker gone, the futures never resolved. One timer
+        # for the run, not one per request (``wait_for`` would add to what is timed).
+        seen = [-1]
+
+        def watchdog() -> None:
+            if len(rtts) == seen[0] and pending:
+                error = RuntimeError(f"ipc round trip: no answer within {timeout_s:g} s")
+                for fut in pending.values():
+                    if not fut.done():
+                        fut.set_exception(error)
+                return
+            seen[0] = len(rtts)
+            timer[0] = loop.call_later(timeout_s, watchdog)
+
+        timer = [loop.call_later(timeout_s, watchdog)]
+        try:
+            if inflight == 1:
+                for _ in range(iterations):
+                    await one()
+            else:
+                await asyncio.gather(*(one() for _ in range(iterations)))
+        finally:
+            timer[0].cancel()
+            loop.remove_reader(fe.done_fd)
         return rtts
 
     try:

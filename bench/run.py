@@ -521,6 +521,24 @@ def cpu_seconds(procs: list[psutil.Process]) -> float:
     return total
 
 
+def tree_cpu(pid: int) -> dict[tuple[int, float], float]:
+    """The CPU seconds of each process in ``pid``'s tree now, by (pid, start time)."""
+    out: dict[tuple[int, float], float] = {}
+    for p in tree(pid):
+        with contextlib.suppress(psutil.Error, OSError):  # gone since the listing
+            out[(p.pid, p.create_time())] = time.clock_gettime(_cpu_clock(p.pid))
+    return out
+
+
+def cpu_since(pid: int, before: dict[tuple[int, float], float]) -> float:
+    """CPU seconds ``pid``'s tree used since ``before`` (``tree_cpu``), the tree read
+    again now: a process started since then counts all its CPU, one gone since counts
+    none. (Reading the tree of the start at both ends missed the processes started in
+    between, and a process that exited in between took its whole life's CPU off the
+    window's, which could read below zero.)"""
+    return sum(c - before.get(key, 0.0) for key, c in tree_cpu(pid).items())
+
+
 def _cpu_clock(pid: int) -> int:
     """The clock id of ``pid``'s process-wide CPU time: Linux's encoding, which glibc's
     ``clock_getcpuclockid`` returns (``CPUCLOCK_SCHED``, not per thread)."""
@@ -571,7 +589,13 @@ def run_wrk(
     r = json.loads(m.group(1))
     errors = sum(r[k] for k in r if k.startswith("errors_"))
     secs = r["duration_us"] / 1e6
-    whole_run = max(0, r["requests"] - errors) / secs
+    # wrk's request count is of the answers it got, non-2xx among them (``errors_status``).
+    # A socket error (connect, read, write) is no answer and not in that count, and a
+    # timeout is counted for a request still waiting (each time wrk's timer finds it so),
+    # its answer, if one comes, in the count: subtracting those too counted fewer answers
+    # than came (a server that drops one connection in two read at half its rate).
+    ok = max(0, r["requests"] - r["errors_status"])
+    whole_run = ok / secs
     throughput, window = whole_run, {}
     if warmup_s > 0:
         times = r["window_times"]
@@ -586,7 +610,7 @@ def run_wrk(
     return {
         "requests": r["requests"],
         "errors": errors,
-        "ok": max(0, r["requests"] - r["errors_status"]),
+        "ok": ok,
         "throughput": throughput,
         **window,
         "p50_ms": r["p50_us"] / 1000,
@@ -623,16 +647,22 @@ def run_pa(port: int, model: str, conc: int, duration_s: float, tmp: Path) -> di
         raise RuntimeError(f"perf_analyzer failed (rc {out.returncode}): {out.stdout[-2000:]}")
     header, row = csv.read_text().strip().splitlines()[:2]
     rec = dict(zip(header.split(","), row.split(","), strict=True))
-    seconds = 3 * window_ms / 1000
+    rate = float(rec["Inferences/Second"])
+    # The requests perf_analyzer counted, from its report: its windows run longer than
+    # asked (three of 666 ms measured 2.43 s), and the server's CPU is read around the
+    # whole run, so the rate times the windows asked for (2.0 s) counted a fifth too few
+    # requests and read the CPU per request a fifth high.
+    counted = re.search(r"Client:\s*Request count: (\d+)", out.stdout)
+    requests = int(counted.group(1)) if counted else int(rate * 3 * window_ms / 1000)
     return {
-        "requests": int(float(rec["Inferences/Second"]) * seconds),
+        "requests": requests,
         "errors": 0,  # perf_analyzer stops with a non-zero exit on a failed request
-        "ok": int(float(rec["Inferences/Second"]) * seconds),
-        "throughput": float(rec["Inferences/Second"]),
+        "ok": requests,
+        "throughput": rate,
         "p50_ms": float(rec["p50 latency"]) / 1000,
         "p90_ms": float(rec["p90 latency"]) / 1000,
         "p99_ms": float(rec["p99 latency"]) / 1000,
-        "seconds": seconds,
+        "seconds": requests / rate if rate > 0 else 3 * window_ms / 1000,
     }
 
 
@@ -670,9 +700,9 @@ def bench_system(
         startup_s = time.monotonic() - t_start
         time.sleep(args.settle)
         procs = tree(pid)
-        c0, t0 = cpu_seconds(procs), time.monotonic()
+        c0, t0 = tree_cpu(pid), time.monotonic()
         time.sleep(args.idle_window)
-        idle_pct = 100 * (cpu_seconds(procs) - c0) / (time.monotonic() - t0)
+        idle_pct = 100 * cpu_since(pid, c0) / (time.monotonic() - t0)
         pss_idle, fe_idle = memory(procs)
         # A separate warm-up run leaves its in-flight requests behind; with a slow model
         # (resnet50 on a CPU) they would eat into the measured run, so its runs warm up
@@ -688,7 +718,7 @@ def bench_system(
             # after the point, not a run a minute earlier (the host drifts by more than 5%).
             best = around_batch(raw_run, conc) if probe else 0
             raw_around = [probe.run(RAW_AROUND_S, best)["items_per_s"]] if best else []
-            c0, host0 = cpu_seconds(procs), host_cpu_ticks()
+            c0, host0 = tree_cpu(pid), host_cpu_ticks()
             sliced: dict = {}
             body, ctype = inputs[launch.body], launch.content_type
             if probe is not None and conc == 1:
@@ -700,8 +730,9 @@ def bench_system(
                     r = run_pa(port, model, conc, seconds, tmp)
                 else:
                     r = run_wrk(wrk, url, conc, seconds, body, ctype, warmup_s)
-                cpu = cpu_seconds(procs) - c0
+                cpu = cpu_since(pid, c0)
             steal = steal_pct(host0, host_cpu_ticks())
+            procs = tree(pid)  # (as it is now: PSS of the processes that served the point)
             pss, fe = memory(procs)
             if best:
                 settle(procs)  # what was in flight when wrk stopped finishes first
@@ -777,12 +808,16 @@ class RawProbe:
     """The raw batch-1 loop kept loaded in its own process (``raw_model --serve``), timed
     on request; it waits on its stdin in between, so the server under test runs alone."""
 
-    def __init__(self, model: str, args: argparse.Namespace) -> None:
+    def __init__(self, model: str, args: argparse.Namespace, ready_s: float = 120) -> None:
         cmd, env = _raw_model(model, args, "--serve")
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
-        self._answer(120)
+        try:
+            self._answer(ready_s)
+        except BaseException:
+            self.close()  # (the caller never got it to close: it stayed, with its model)
+            raise
 
     def run(self, seconds: float, batch: int = 1) -> dict:
         """The loop at ``batch`` for ``seconds``: {"p50_ms", "items_per_s", ...}."""
@@ -802,6 +837,10 @@ class RawProbe:
     def close(self) -> None:
         self.proc.kill()
         self.proc.wait(10)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
 
 
 def run_c1_between_raw(
@@ -832,7 +871,7 @@ def run_c1_between_raw(
     total = {k: sum(p[k] for p in parts) for k in ("requests", "errors", "ok", "seconds")}
     merged = {
         **total,
-        "throughput": (total["requests"] - total["errors"]) / total["seconds"],
+        "throughput": total["ok"] / total["seconds"],
         **{k: statistics.median(p[k] for p in parts) for k in ("p50_ms", "p90_ms", "p99_ms")},
     }
     sliced = {
@@ -1458,25 +1497,8 @@ def main(argv: list[str] | None = None) -> int:
             res["ipc"] = bench_ipc(args.ipc_iterations, tmp)
         for model in args.models:
             for rep in range(args.repeats):
-                # Interleave: every system once per repetition, the order rotated each time.
-                order = active[rep % len(active) :] + active[: rep % len(active)]
-                # What ringserve's targets are ratios against runs right before it: the
-                # inline server with as many processes, then the raw model (None here),
-                # then ringserve's configurations, so each repetition's ratio compares
-                # two moments a minute apart, not the two ends of a repetition on a host
-                # whose speed drifts (see ``per_repetition``).
-                served: list[System | None] = [s for s in order if model in s.models]
-                peer = next((s for s in served if s and s.key == f"inline-{args.frontends}"), None)
-                if peer is not None and any(s and s.key == "ringserve" for s in served):
-                    served.remove(peer)
-                    served.insert([s and s.key for s in served].index("ringserve"), peer)
-                # ringserve's configurations side by side, right after the raw model.
-                judged = [s for s in served if s and s.key in RESNET_JUDGED]
-                at = served.index(judged[0]) if judged else 0
-                rest = [s for s in served if s not in judged]
-                served = [*rest[:at], None, *judged, *rest[at:]]
                 raw_run = None
-                for system in served:
+                for system in repetition_order(active, model, rep, args.frontends):
                     if system is None:
                         host0 = host_cpu_ticks()
                         raw_run = bench_raw(model, args, inputs, tmp)
@@ -1494,6 +1516,35 @@ def main(argv: list[str] | None = None) -> int:
     res["meta"]["loadavg_end"] = os.getloadavg()
     res["meta"]["frontends"] = args.frontends
     return report(res, out)
+
+
+def repetition_order(
+    active: list[System], model: str, rep: int, frontends: int
+) -> list[System | None]:
+    """The order in which repetition ``rep`` runs the systems that serve ``model``, the
+    raw model as None.
+
+    Interleaved: every system once per repetition, the order rotated each time. What
+    ringserve's targets are ratios against runs right before it, as one block that
+    rotates with the others: the inline server with as many processes, then the raw
+    model, then ringserve's configurations side by side, so each repetition's ratio
+    compares two moments a minute apart, not the two ends of a repetition on a host
+    whose speed drifts (see ``per_repetition``). (Rotating every system and then moving
+    the block's members together undid the rotation: with the full set, repetitions 1
+    and 2 ran in the same order.)
+    """
+    served = [s for s in active if model in s.models]
+    judged = [s for s in served if s.key in RESNET_JUDGED]
+    block: list[System | None] = [None, *judged]
+    peer = next((s for s in served if s.key == f"inline-{frontends}"), None)
+    if peer is not None and any(s.key == "ringserve" for s in judged):
+        block.insert(0, peer)
+    units = [[s] for s in served if s not in block]
+    # The block where ringserve stands among the others (first without a ringserve).
+    at = len([s for s in served[: served.index(judged[0])] if s not in block]) if judged else 0
+    units.insert(at, block)
+    k = rep % len(units)
+    return [s for unit in units[k:] + units[:k] for s in unit]
 
 
 def _middle(items: list[T], key: Callable[[T], float]) -> T:

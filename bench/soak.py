@@ -221,7 +221,14 @@ class Soak:
     def run(self) -> int:
         a = self.args
         self.t0 = time.monotonic()
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            # A server that never got ready (or exited) is not left running with its
+            # shared memory: it was started in a session of its own, out of reach of ^C.
+            if self.proc is not None:
+                self.shutdown()
+            raise
         self.event(f"server ready on {self.url} (instance {self.instance})")
         leak_every = max(1, round(1 / a.leak_share)) if a.leak_share > 0 else 0
 
