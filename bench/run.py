@@ -1509,8 +1509,8 @@ def main(argv: list[str] | None = None) -> int:
                         res["rows"] += bench_system(
                             system, model, rep, args, inputs, wrk, tmp, logs, raw_run
                         )
-                    except (RuntimeError, subprocess.SubprocessError, OSError) as e:
-                        msg = f"{system.key}/{model}/rep {rep}: {e}"
+                    except Exception as e:  # (odd load-generator output too: the run goes on)
+                        msg = f"{system.key}/{model}/rep {rep}: {type(e).__name__}: {e}"
                         log(f"FAILED {msg}")
                         res["failures"].append(msg)
     res["meta"]["loadavg_end"] = os.getloadavg()
