@@ -163,6 +163,29 @@ MODEL_KEYS = {f.name for f in dataclasses.fields(ModelSettings)} - {"name"}
 
 DEFAULT_MODEL = ModelSettings(name="digits", handler="digits")
 
+# Names that become file names, URL path segments, Prometheus labels and environment
+# variable names: ASCII only ("é".isalnum() is true, and the arena's and the metrics
+# directory's names are matched as ASCII), not made of dots alone ("/v1/models/../predict"
+# is normalised away by every HTTP client), and short enough for a socket path.
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+MAX_NAME = 128
+# Durations: a deadline is written as CLOCK_MONOTONIC nanoseconds in an int64 (1e300 s
+# made every request a 500); nothing here needs more than about four months.
+MAX_SECONDS = 10_000_000.0
+# The arena: a slot count past this is no in-flight bound, and slots x slot_bytes must fit
+# the file offsets of the shared memory (2**62 overflowed posix_fallocate: a traceback).
+MAX_SLOTS = 2**20
+MAX_SLOT_BYTES = 2**40
+# A heartbeat or memory sample more often than this is a busy loop, not a check.
+MIN_INTERVAL_S = 0.01
+# A device index torch parses (it refuses "cuda:01", "cuda:\u0663", and past int32).
+_DEVICE = re.compile(r"cpu|cuda(:(0|[1-9][0-9]{0,3}))?")
+
+
+def valid_name(name: str) -> bool:
+    """A model or instance name: see ``_NAME``."""
+    return len(name) <= MAX_NAME and _NAME.fullmatch(name) is not None and name.strip(".") != ""
+
 
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -267,38 +290,58 @@ def _validate(s: Settings) -> None:
     need(s.server.read_timeout_s > 0, "server.read_timeout_s", "must be positive")
     need(s.server.keep_alive_s > 0, "server.keep_alive_s", "must be positive")
     need(s.server.drain_timeout_s >= 0, "server.drain_timeout_s", "must be >= 0")
+    need(s.server.max_image_pixels >= 1, "server.max_image_pixels", "must be at least 1")
     need(s.arena.slots >= s.server.frontends, "arena.slots", "must be at least server.frontends")
+    need(s.arena.slots <= MAX_SLOTS, "arena.slots", f"must be at most {MAX_SLOTS}")
     need(s.arena.slot_bytes >= 4096, "arena.slot_bytes", "must be at least 4096")
+    need(
+        s.arena.slot_bytes <= MAX_SLOT_BYTES,
+        "arena.slot_bytes",
+        f"must be at most {MAX_SLOT_BYTES} (1 TiB)",
+    )
     need(s.arena.max_queue_depth >= 0, "arena.max_queue_depth", "must be >= 0")
     need(
         s.worker.heartbeat_timeout_s > 2 * s.worker.heartbeat_interval_s,
         "worker.heartbeat_timeout_s",
         "must exceed twice worker.heartbeat_interval_s",
     )
-    need(s.worker.heartbeat_interval_s > 0, "worker.heartbeat_interval_s", "must be positive")
-    for k in ("start_timeout_s", "stop_timeout_s", "restart_backoff_s", "restart_backoff_max_s"):
+    need(
+        s.worker.heartbeat_interval_s >= MIN_INTERVAL_S,
+        "worker.heartbeat_interval_s",
+        f"must be at least {MIN_INTERVAL_S} s",
+    )
+    # 0 killed every worker as it started, and the start retried until startup_timeout_s
+    need(s.worker.start_timeout_s > 0, "worker.start_timeout_s", "must be positive")
+    for k in ("stop_timeout_s", "restart_backoff_s", "restart_backoff_max_s"):
         need(getattr(s.worker, k) >= 0, f"worker.{k}", "must be >= 0")
-    need(s.memory.sample_interval_s > 0, "memory.sample_interval_s", "must be positive")
+    need(
+        s.memory.sample_interval_s >= MIN_INTERVAL_S,
+        "memory.sample_interval_s",
+        f"must be at least {MIN_INTERVAL_S} s",
+    )
     need(s.memory.trend_window_s > 0, "memory.trend_window_s", "must be positive")
     need(s.memory.uss_limit_samples >= 1, "memory.uss_limit_samples", "must be at least 1")
     for f in dataclasses.fields(MemorySettings):
         need(getattr(s.memory, f.name) >= 0, f"memory.{f.name}", "must be >= 0")
+    _check_durations(s)
     # It names the shared memory, the admin socket and the metrics directory: checked
     # here, a config error, not a traceback from the first path made of it.
     need(
-        all(c.isalnum() or c in "-_." for c in s.server.instance),
+        not s.server.instance or valid_name(s.server.instance),
         "server.instance",
-        "use letters, digits, '-', '_' and '.'",
+        f"use ASCII letters, digits, '-', '_' and '.' (not dots alone; at most {MAX_NAME})",
     )
     need(len(s.models) >= 1, "models", "at least one model is required")
     names = [m.name for m in s.models]
     need(len(set(names)) == len(names), "models", "model names must be unique")
+    _check_env_spellings(names)
     for m in s.models:
         key = f"models.{m.name}"
         need(
-            bool(m.name) and all(c.isalnum() or c in "-_." for c in m.name),
+            valid_name(m.name),
             key,
-            "model names use letters, digits, '-', '_' and '.'",
+            "model names use ASCII letters, digits, '-', '_' and '.' (not dots alone; at "
+            f"most {MAX_NAME} characters)",
         )
         need(
             bool(m.handler), f"{key}.handler", "required (identity, digits, torchvision:ARCH, ...)"
@@ -316,6 +359,11 @@ def _validate(s: Settings) -> None:
             f"{kind} needs what to serve: {kind}:{'PATH' if kind == 'torchscript' else 'ARCH'}",
         )
         need(
+            kind not in ("identity", "digits") or ":" not in m.handler,
+            f"{key}.handler",
+            f"{kind} takes no argument (it was ignored): {kind!r}, not {m.handler!r}",
+        )
+        need(
             kind != "python" or _is_python_handler(m.handler),
             f"{key}.handler",
             f"python handlers are python:MODULE:CLASS, not {m.handler!r}",
@@ -323,9 +371,9 @@ def _validate(s: Settings) -> None:
         need(m.workers >= 1, f"{key}.workers", "must be at least 1")
         need(m.threads >= 1, f"{key}.threads", "must be at least 1")
         need(
-            re.fullmatch(r"cpu|cuda(:\d+)?", m.device) is not None,
+            _DEVICE.fullmatch(m.device) is not None,
             f"{key}.device",
-            "must be cpu or cuda[:N]",
+            "must be cpu or cuda[:N] (N a device index: 0, 1, ...)",
         )
         need(
             not (m.compile and m.threads_shared and m.device == "cpu"),
@@ -347,6 +395,33 @@ def _validate(s: Settings) -> None:
             f"{key}.batching.preferred_batch_size",
             "must be 0..max_batch_size",
         )
+
+
+def _check_durations(s: Settings) -> None:
+    """Every duration at most ``MAX_SECONDS`` (finite ones only come this far)."""
+    sections = [(k, getattr(s, k)) for k in SECTIONS]
+    sections += [(f"models.{m.name}.batching", m.batching) for m in s.models]
+    for prefix, section in sections:
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            limit = MAX_SECONDS * (1000 if f.name.endswith("_ms") else 1)
+            if f.name.endswith(("_s", "_ms")) and value > limit:
+                unit = "ms" if f.name.endswith("_ms") else "s"
+                raise ConfigError(f"{prefix}.{f.name}: must be at most {limit:.0f} {unit}")
+
+
+def _check_env_spellings(names: Sequence[str]) -> None:
+    """Two models whose ``RINGSERVE_MODELS_<NAME>_`` is the same variable prefix ("a-b"
+    and "a_b", "A" and "a") could not be told apart by an environment override."""
+    seen: dict[str, str] = {}
+    for name in names:
+        other = seen.setdefault(_env_name(name), name)
+        if other != name:
+            raise ConfigError(
+                f"models.{name}: its environment variables (RINGSERVE_MODELS_"
+                f"{_env_name(name).upper()}_<KEY>) are also model {other}'s: rename one "
+                "(a variable name has no '-' or '.' and no case)"
+            )
 
 
 def _is_python_handler(handler: str) -> bool:
@@ -375,24 +450,40 @@ def _env_name(model: str) -> str:
 def _env_model_sets(environ: Mapping[str, str], names: Sequence[str]) -> dict[str, dict[str, Any]]:
     """``RINGSERVE_MODELS_<NAME>_<KEY>`` (or ``..._BATCHING_<KEY>``, or ``..._OPTIONS_<KEY>``
     for a handler option, read as ``--set`` reads it) for the served models,
-    matched case-insensitively (the longest name first: names and keys may hold "_"). A
-    variable that names no model or key is an error, not silently dropped."""
+    matched case-insensitively (the longest name first: names and keys may hold "_"; a
+    shorter name whose key that leaves is one, when the longer one's is not: models "a"
+    and "a_batching"). A variable that names no model or key is an error, not silently
+    dropped."""
     out: dict[str, dict[str, Any]] = {}
     batching_keys = {f.name for f in dataclasses.fields(BatchingSettings)}
+
+    def kind(key: str) -> str | None:
+        if key in MODEL_KEYS - {"batching", "options"}:
+            return "model"
+        if key.startswith("batching_") and key[len("batching_") :] in batching_keys:
+            return "batching"
+        if key.startswith("options_") and len(key) > len("options_"):
+            return "options"
+        return None
+
     for var, value in environ.items():
         if not var.startswith("RINGSERVE_MODELS_"):
             continue
         rest = var[len("RINGSERVE_MODELS_") :].lower()
         # A variable name cannot hold '-' or '.': model "resnet-50" is RESNET_50 there.
-        name = max((n for n in names if rest.startswith(_env_name(n) + "_")), key=len, default=None)
-        if name is None:
+        matches = sorted(
+            (n for n in names if rest.startswith(_env_name(n) + "_")), key=len, reverse=True
+        )
+        if not matches:
             raise ConfigError(f"{var}: names no served model (models: {', '.join(names)})")
+        name = next((n for n in matches if kind(rest[len(n) + 1 :]) is not None), matches[0])
         key = rest[len(name) + 1 :]
-        if key in MODEL_KEYS - {"batching", "options"}:
+        what = kind(key)
+        if what == "model":
             out.setdefault(name, {})[key] = value
-        elif key.startswith("batching_") and key[len("batching_") :] in batching_keys:
+        elif what == "batching":
             out.setdefault(name, {}).setdefault("batching", {})[key[len("batching_") :]] = value
-        elif key.startswith("options_") and len(key) > len("options_"):
+        elif what == "options":
             model_set(f"{name}.options.{key[len('options_') :]}", value, out)
         else:
             raise ConfigError(f"{var}: models.{name}.{key.replace('_', '.', 1)}: unknown key")
@@ -489,13 +580,17 @@ def load_settings(
         if not isinstance(values, Mapping):
             raise ConfigError(f"models.{name}: expected a table")
         merged = {**values}
-        for k, v in env_sets.get(name, {}).items():  # environment < flags, as for sections
-            merged[k] = {**merged.get(k, {}), **v} if k == "batching" else v
-        merged.update(model_overrides or {})
-        for k, v in model_sets.get(name, {}).items():
-            if k in ("batching", "options") and isinstance(merged.get(k, {}), Mapping):
-                v = {**merged.get(k, {}), **v}
-            merged[k] = v
+        # Environment < flags, as for sections; one key of a table (batching, options)
+        # is set over the others, not in place of them (an environment option dropped
+        # the file's other options). A table given as a plain value ("--set
+        # models.a.batching=4", or in the file) stays so, for ``_model`` to refuse.
+        for source in (env_sets.get(name, {}), model_overrides or {}, model_sets.get(name, {})):
+            for k, v in source.items():
+                if k in ("batching", "options") and isinstance(v, Mapping):
+                    if not isinstance(merged.get(k, {}), Mapping):
+                        continue  # the file's is no table: refused below, naming it
+                    v = {**merged.get(k, {}), **v}
+                merged[k] = v
         model_list.append(_model(name, merged, built["batching"]))
     settings = Settings(**built, models=tuple(model_list))
     _validate(settings)
