@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import socket
@@ -24,8 +25,8 @@ def _serve_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Every config key (TOML section.key = default); set any of them with "
         "--set section.key=VALUE (one model's: --set models.NAME.key=VALUE) or "
-        "RINGSERVE_<SECTION>_<KEY> (RINGSERVE_MODELS_<NAME>_<KEY>):\n  "
-        + "\n  ".join(field_docs()),
+        "RINGSERVE_<SECTION>_<KEY> (RINGSERVE_MODELS_<NAME>_<KEY>, with '-' and '.' of "
+        "NAME written '_'):\n  " + "\n  ".join(field_docs()),
     )
     p.add_argument("--config", help="TOML config file")
     p.add_argument("--host", help="listen address (server.host)")
@@ -158,6 +159,8 @@ def bind_socket(host: str, port: int, key: str) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
+        if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:
+            key = "server.host"  # no such name, or no address of this host: not the port
         raise ConfigError(f"{key}: cannot listen on {host}:{port}: {e.strerror}") from None
     sock.listen(4096)
     sock.set_inheritable(True)
@@ -194,6 +197,24 @@ def _metrics_socket_or_close(settings: Settings, main: list[socket.socket]) -> s
         raise
 
 
+def _check_admin_socket_path(settings: Settings) -> None:
+    """A socket path too long for a Unix socket (``server.admin_socket``, or one made of
+    a long ``server.instance``) is refused with the other invalid values (exit 2), not
+    after the listening socket is bound (exit 1)."""
+    from ringserve.supervisor.paths import MAX_UNIX_PATH, default_admin_socket
+
+    path = settings.server.admin_socket or default_admin_socket(settings.instance)
+    size = len(os.fsencode(path))
+    if size > MAX_UNIX_PATH:
+        key, fix = "server.admin_socket", "a shorter path"
+        if not settings.server.admin_socket:
+            key, fix = "server.instance", "a shorter server.instance, or server.admin_socket"
+        raise ConfigError(
+            f"{key}: the admin socket path is {size} bytes, Unix sockets allow "
+            f"{MAX_UNIX_PATH}: {path} (set {fix})"
+        )
+
+
 def serve(argv: Sequence[str]) -> int:
     """Run the supervisor; the exit status is a ``ServeExit`` (supervisor/exits.py)."""
     from ringserve.supervisor.exits import ServeExit
@@ -201,6 +222,7 @@ def serve(argv: Sequence[str]) -> int:
     ns = _serve_parser().parse_args(argv)
     try:
         settings = settings_from_args(ns)
+        _check_admin_socket_path(settings)
     except ConfigError as e:
         print(f"ringserve: invalid configuration: {e}", file=sys.stderr)
         return ServeExit.CONFIG
