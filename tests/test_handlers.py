@@ -808,3 +808,164 @@ def test_a_classification_label_is_a_string_with_or_without_labels() -> None:
         info = SimpleNamespace(spec={"task": "classification", "labels": labels})
         row = _format_result(info, scores, batched=False)  # type: ignore[arg-type]
         assert row["label"] == label and row["index"] == 1, row
+
+
+# -- a model that cannot load as configured stops the start, saying why --------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"not an archive at all\n", "failed reading zip archive"),
+        (b"", "not a ZIP archive"),
+        ("state_dict", "a torch.save checkpoint or state_dict?"),
+    ],
+    ids=["text", "empty", "a-state-dict"],
+)
+def test_a_torchscript_file_that_is_no_archive_is_a_configuration_error(
+    tmp_path: Path, content: object, says: str
+) -> None:
+    """``torch.jit.load``'s RuntimeError for a file that is there was a load error,
+    retried until ``server.startup_timeout_s`` (180 s) and then exit 3; it is a
+    WeightsError now (the worker exits MODEL_CONFIG: exit 2 at once), on one line
+    without torch's paragraph of guesses. A missing file stays retried."""
+    from ringserve.gpu_worker.handlers.weights import WeightsError
+
+    path = tmp_path / "model.pt"
+    if content == "state_dict":
+        torch.save(_Affine().state_dict(), path)
+    else:
+        path.write_bytes(content)  # type: ignore[arg-type]
+    with pytest.raises(WeightsError) as caught:
+        loaded(f"torchscript:{path}")
+    message = str(caught.value)
+    assert message.startswith(f"torchscript:{path} is not a TorchScript archive"), message
+    assert says in message, message
+    assert "miniz" not in message and "\n" not in message, message
+    with pytest.raises(ValueError, match="does not exist") as missing:
+        loaded(f"torchscript:{tmp_path / 'missing.pt'}")
+    assert not isinstance(missing.value, WeightsError)
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"", "EOFError (an empty or truncated file?)"),
+        (0.5, "it is truncated or corrupt (reading it failed: Invalid argument)"),
+        (0.999, "failed reading zip archive: failed finding central directory"),
+        ("torchscript", "it is a TorchScript archive (torch.jit.save): serve it as torchscript:"),
+    ],
+    ids=["empty", "truncated-half", "truncated-end", "torchscript"],
+)
+def test_a_weights_file_is_refused_with_its_cause_not_torchs_advice(
+    tmp_path: Path, content: object, says: str
+) -> None:
+    """An empty file said "is not a torch state_dict:" and nothing more; the digits
+    weights cut in half raised torch's "OSError: Invalid argument", which was retried
+    (as a file not there yet) until server.startup_timeout_s; one cut at its end ended
+    in torch's "This is an internal miniz error. If you are seeing..." paragraph; a
+    TorchScript archive got torch's advice to load with weights_only=False."""
+    from ringserve.gpu_worker.handlers.digits_net import DigitsNet
+    from ringserve.gpu_worker.handlers.weights import WeightsError
+
+    path = tmp_path / "weights.pt"
+    if isinstance(content, float):
+        torch.save(DigitsNet().state_dict(), path)
+        path.write_bytes(path.read_bytes()[: int(path.stat().st_size * content)])
+    elif content == "torchscript":
+        _script(_Affine(), path)
+    else:
+        path.write_bytes(content)  # type: ignore[arg-type]
+    with pytest.raises(WeightsError) as caught:
+        loaded("digits", weights=str(path))
+    message = str(caught.value)
+    assert says in message, message
+    assert "miniz" not in message and "weights_only" not in message, message
+
+
+class _NotATupleOfSpecs(Handler):
+    inputs = TensorSpec("INPUT0", "float32", (-1,))  # type: ignore[assignment]
+    outputs = (TensorSpec("OUTPUT0", "float32", (-1,)),)
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch
+
+
+class _RawTuples(_NotATupleOfSpecs):
+    inputs = (("INPUT0", "float32", (-1,)),)  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize(
+    ("cls", "says"),
+    [
+        (_NotATupleOfSpecs, "_NotATupleOfSpecs.inputs declares TensorSpec: ringserve serves"),
+        (_RawTuples, "input must be a TensorSpec"),
+    ],
+)
+def test_a_declaration_of_another_form_is_named_not_a_typeerror(
+    monkeypatch: pytest.MonkeyPatch, cls: type, says: str
+) -> None:
+    """``create_handler``'s BYTES check read ``inputs[0].dtype`` of whatever was there: a
+    spec without its tuple failed "'TensorSpec' object is not subscriptable", a plain
+    tuple "'tuple' object has no attribute 'dtype'". It leaves them to the declaration
+    check after ``load``, which names the field and the form."""
+    import sys
+    import types
+
+    module = types.ModuleType("_declared_elsewhere")
+    setattr(module, cls.__name__, cls)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    h = loaded(f"python:{module.__name__}:{cls.__name__}")
+    with pytest.raises(DeclarationError, match=says):
+        check_declaration(h)
+
+
+def test_a_handler_module_that_exits_on_import_is_an_import_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SystemExit is no Exception: the worker died "error" (no cause named) and the start
+    was retried until server.startup_timeout_s. It is an ImportError now: exit 2 at once,
+    naming the module and its exit."""
+    (tmp_path / "exits_on_import.py").write_text("raise SystemExit('needs a licence key')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ImportError, match=r"importing exits_on_import called sys\.exit\("):
+        create_handler(ModelSettings(name="m", handler="python:exits_on_import:H"))
+
+
+@pytest.mark.parametrize(
+    ("handler", "options", "key"),
+    [
+        ("torchvision:resnet18", {"image_size": 0}, "image_size"),
+        ("torchvision:resnet18", {"image_size": "224"}, "image_size"),
+        ("torchvision:resnet18", {"num_classes": 2.5}, "num_classes"),
+        ("torchvision:resnet18", {"num_classes": -1}, "num_classes"),
+        ("torchvision:resnet18", {"max_image_pixels": 0}, "max_image_pixels"),
+        ("torchvision:resnet18", {"channels_last": "false"}, "channels_last"),
+        ("torchvision:resnet18", {"fold_batchnorm": "no"}, "fold_batchnorm"),
+        ("digits", {"max_image_pixels": "lots"}, "max_image_pixels"),
+        ("digits", {"max_image_pixels": -5}, "max_image_pixels"),
+    ],
+)
+def test_a_bad_option_value_is_refused_at_start_naming_it(
+    handler: str, options: dict, key: str
+) -> None:
+    """``int("224x")`` failed without the option's name; ``bool("false")`` is true (NHWC
+    kept, BatchNorm folded); digits read ``max_image_pixels`` per image, so a bad value
+    started fine and failed every image request with a 500."""
+    from ringserve.ipc.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        create_handler(ModelSettings(name="m", handler=handler, options=options))
+    assert str(caught.value).startswith(f"models.m.options.{key}: expected"), caught.value
+
+
+@pytest.mark.parametrize("shape", [["3"], [2.5], [True], "4"])
+def test_a_torchscript_shape_option_takes_integers_only(shape: object) -> None:
+    """``int(2.5)`` made a shape of 2 without a word."""
+    with pytest.raises(ValueError, match=r"options\.input_shape: expected a list of integers"):
+        create_handler(
+            ModelSettings(name="m", handler="torchscript:x", options={"input_shape": shape})
+        )

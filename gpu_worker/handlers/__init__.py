@@ -38,7 +38,11 @@ def _check_options(settings: ModelSettings, cls: type[Handler], kind: str) -> No
 
 def _import(path: str) -> type:
     module, _, cls = path.partition(":")
-    obj = getattr(importlib.import_module(module), cls)
+    try:
+        imported = importlib.import_module(module)
+    except SystemExit as e:  # not an Exception: the worker died "error", and was retried
+        raise ImportError(f"importing {module} called sys.exit({e.code!r})") from None
+    obj = getattr(imported, cls)
     if not (isinstance(obj, type) and issubclass(obj, Handler)):
         raise TypeError(f"{path} is not a ringserve Handler subclass")
     return obj
@@ -52,9 +56,15 @@ def create_handler(settings: ModelSettings) -> Handler:
     cls = _import(arg) if kind == "python" else _import(_BUILTINS[kind])
     _check_options(settings, cls, kind)
     handler = cls(settings, "" if kind == "python" else arg)
+    inputs = handler.inputs
+    # Only a declaration of the expected form: any other is refused, naming the field,
+    # by ``check_declaration`` after ``load`` (here it failed "'tuple' object has no
+    # attribute 'dtype'").
     if (
-        handler.inputs
-        and handler.inputs[0].dtype == "bytes"
+        isinstance(inputs, tuple | list)
+        and inputs
+        and isinstance(inputs[0], TensorSpec)
+        and inputs[0].dtype == "bytes"
         and (cls.preprocess is Handler.preprocess)
     ):
         raise TypeError(

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ringserve.ipc.config import ModelSettings
+from ringserve.ipc.errors import ConfigError
 from ringserve.ipc.layout import PayloadKind
 
 
@@ -121,6 +122,29 @@ class Handler(ABC):
             "max_batch_size": self.settings.batching.max_batch_size,
             "device": str(self.device),
         }
+
+
+def int_option(settings: ModelSettings, key: str, default: int, minimum: int = 1) -> int:
+    """Option ``key`` as an integer of at least ``minimum``, read once at start: a bad one
+    (``"abc"``, ``2.5``, ``0``) stops the start naming it, where ``int()`` failed without
+    the key's name, or, read per request, failed every request instead."""
+    value = settings.options.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(
+            f"models.{settings.name}.options.{key}: expected an integer of at least "
+            f"{minimum} (got {value!r})"
+        )
+    return value
+
+
+def bool_option(settings: ModelSettings, key: str, default: bool | None) -> bool | None:
+    """Option ``key`` as true or false (``bool("false")`` was true)."""
+    value = settings.options.get(key, default)
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(
+            f"models.{settings.name}.options.{key}: expected true or false (got {value!r})"
+        )
+    return value
 
 
 def read_labels(path: str) -> tuple[str, ...]:

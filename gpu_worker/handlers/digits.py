@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ringserve.gpu_worker.handlers.base import Handler, TensorSpec
+from ringserve.gpu_worker.handlers.base import Handler, TensorSpec, int_option
 from ringserve.gpu_worker.handlers.digits_net import PIXEL_MAX, DigitsNet
 from ringserve.gpu_worker.handlers.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -26,6 +26,7 @@ from ringserve.gpu_worker.handlers.images import (
     tensor_from_payload,
 )
 from ringserve.gpu_worker.handlers.weights import load_state_dict
+from ringserve.ipc.config import ModelSettings
 from ringserve.ipc.layout import PayloadKind
 
 SIDE = 8
@@ -43,6 +44,11 @@ class DigitsHandler(Handler):
     outputs = (TensorSpec("OUTPUT0", "float32", (10,)),)
     model: DigitsNet  # set by load()
 
+    def __init__(self, settings: ModelSettings, arg: str = "") -> None:
+        super().__init__(settings, arg)
+        # Read once, at start: a bad value read per image failed every image request.
+        self.max_pixels = int_option(settings, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+
     def load(self, device: torch.device) -> None:
         path = self.settings.weights or ASSET
         net = DigitsNet()
@@ -55,8 +61,7 @@ class DigitsHandler(Handler):
         if kind != PayloadKind.IMAGE:
             x = tensor_from_payload(payload)
             return x.unsqueeze(0) if x.dim() == 2 else x
-        max_pixels = int(self.settings.options.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
-        image = decode_payload(payload, "L", max_pixels, SIDE).to(torch.float32)
+        image = decode_payload(payload, "L", self.max_pixels, SIDE).to(torch.float32)
         # Area (box) averaging is how the dataset itself was made: each of its 8x8 values
         # counts the ink in one 4x4 block of a 32x32 bitmap. It is antialiased by nature,
         # and unlike a bilinear filter it does not bleed a block into its neighbours.

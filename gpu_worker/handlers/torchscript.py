@@ -26,10 +26,20 @@ from typing import Any
 import torch
 
 from ringserve.gpu_worker.handlers.base import Handler, OutputContractError, TensorSpec, read_labels
+from ringserve.gpu_worker.handlers.weights import WeightsError, reason
 from ringserve.ipc.config import ModelSettings
 from ringserve.ipc.layout import DTYPES
 
 TASKS = ("tensor", "classification")
+
+
+def not_an_archive(path: str, error: Exception) -> str:
+    """Why ``torch.jit.load`` refused ``path``, with what the file is when that is plain."""
+    text = reason(error)
+    if "constants.pkl" in text:  # a zip torch.save wrote: a checkpoint, no program
+        text += " (a torch.save checkpoint or state_dict? serve it through torchvision:ARCH "
+        text += "with weights = PATH, or a python: handler)"
+    return f"torchscript:{path} is not a TorchScript archive (torch.jit.save): {text}"
 
 
 def _spec(name: str, dtype: Any, shape: Any, key: str) -> TensorSpec:
@@ -38,7 +48,9 @@ def _spec(name: str, dtype: Any, shape: Any, key: str) -> TensorSpec:
         raise ValueError(f"options.{key}_dtype: {dtype!r} is not a tensor dtype")
     if not isinstance(shape, Sequence) or isinstance(shape, str):
         raise ValueError(f"options.{key}_shape: expected a list of integers, got {shape!r}")
-    dims = tuple(int(d) for d in shape)
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):  # "3", 2.5
+        raise ValueError(f"options.{key}_shape: expected a list of integers, got {shape!r}")
+    dims = tuple(shape)
     if any(d < -1 or d == 0 for d in dims):
         raise ValueError(f"options.{key}_shape: dimensions are positive or -1, got {shape!r}")
     return TensorSpec(name, dtype, dims)
@@ -85,7 +97,16 @@ class TorchScriptHandler(Handler):
             warnings.filterwarnings(
                 "ignore", message=r"`torch\.jit\.load` is", category=FutureWarning
             )
-            model = torch.jit.load(self.arg, map_location=device)
+            try:
+                model = torch.jit.load(self.arg, map_location=device)
+            except torch.OutOfMemoryError:
+                raise  # the device is full now: a load failure, retried
+            except RuntimeError as e:
+                # The file is there (a missing one is a ValueError: retried, storage may
+                # not be mounted yet) but is no archive this torch can load: no retry
+                # changes it, so it stops the start (WeightsError) instead of retrying
+                # until server.startup_timeout_s.
+                raise WeightsError(not_an_archive(self.arg, e)) from e
         self.model = model.eval()
         labels_file = self.settings.options.get("labels_file")
         if labels_file:

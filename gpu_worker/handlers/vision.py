@@ -39,7 +39,14 @@ import torch
 import torchvision
 import torchvision.transforms.v2.functional as F
 
-from ringserve.gpu_worker.handlers.base import BadInput, Handler, TensorSpec, read_labels
+from ringserve.gpu_worker.handlers.base import (
+    BadInput,
+    Handler,
+    TensorSpec,
+    bool_option,
+    int_option,
+    read_labels,
+)
 from ringserve.gpu_worker.handlers.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
     decode_payload,
@@ -128,14 +135,12 @@ class TorchvisionHandler(Handler):
     def __init__(self, settings: ModelSettings, arg: str = "") -> None:
         super().__init__(settings, arg)
         check_architecture(arg)  # here, not in load: a typo is a config error, never retried
-        opts = settings.options
-        self.image_size = int(opts.get("image_size", 224))
+        self.image_size = int_option(settings, "image_size", 224)
         self.resize_size = round(self.image_size * 256 / 224)
-        self.num_classes = int(opts.get("num_classes", 1000))
-        option = opts.get("channels_last")
-        self.channels_last: bool | None = None if option is None else bool(option)  # see load
-        self.fold_batchnorm = bool(opts.get("fold_batchnorm", True))
-        self.max_pixels = int(opts.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
+        self.num_classes = int_option(settings, "num_classes", 1000)
+        self.channels_last = bool_option(settings, "channels_last", None)  # None: see load
+        self.fold_batchnorm = bool(bool_option(settings, "fold_batchnorm", True))
+        self.max_pixels = int_option(settings, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
         # Normalisation as one multiply-add on the uint8 pixels: (x / 255 - mean) / std
         # = x * scale + bias, in one pass into the output (to_dtype then normalize made
         # three passes and two temporaries: 0.5 ms of a 224x224 image's ~2.7 ms here).
