@@ -46,6 +46,7 @@ from ringserve.gpu_worker.profile import (
 )
 from ringserve.gpu_worker.request_errors import RequestErrors
 from ringserve.gpu_worker.staging import PinnedStaging
+from ringserve.gpu_worker.stop import StopRequested
 from ringserve.ipc import bytes_tensor, heap, wake
 from ringserve.ipc.answer import (
     CANCELLED_MESSAGE,
@@ -189,22 +190,7 @@ class Worker:
         # or declared tensors are invalid) exit MODEL_CONFIG: no retry can fix them, and
         # the supervisor stops a start on them at once. ``load`` itself may fail for a
         # while (a busy device, storage not mounted yet): MODEL_LOAD, retried.
-        try:
-            handler = create_handler(self.model)
-        except Exception as e:
-            self._cannot_load(e, ExitCode.MODEL_CONFIG)
-        try:
-            handler.load(device)
-            handler.device = device
-        except WeightsError as e:  # there, but not this model's: no retry finds others
-            self._cannot_load(e, ExitCode.MODEL_CONFIG)
-        except Exception as e:
-            self._cannot_load(e, ExitCode.MODEL_LOAD)
-        try:
-            check_declaration(handler)
-        except DeclarationError as e:
-            self._cannot_load(e, ExitCode.MODEL_CONFIG)
-        self.handler = handler
+        self.handler = handler = self._load_handler(device)
         if self.model.compile:
             self._compile(handler)
         self._trim()  # what loading freed (from here on, batches' memory is kept)
@@ -285,6 +271,34 @@ class Worker:
         )
         self.control.set_state(ProcState.READY)
         log.info("worker %d ready: model %s on %s", self.spec.ident, self.model.name, device)
+
+    def _load_handler(self, device: torch.device) -> Handler:
+        """The model's handler, loaded on ``device`` and its declaration checked; exits
+        (``_cannot_load``) when it cannot be."""
+        try:
+            handler = create_handler(self.model)
+        except Exception as e:
+            self._cannot_load(e, ExitCode.MODEL_CONFIG)
+        try:
+            handler.load(device)
+            handler.device = device
+        except WeightsError as e:  # there, but not this model's: no retry finds others
+            self._cannot_load(e, ExitCode.MODEL_CONFIG)
+        except StopRequested:
+            raise  # SIGTERM while it loaded: a stop, not a failure
+        except SystemExit as e:
+            # The handler's own code ended the process (a library's sys.exit on a bad
+            # setting): "exited: error" and retried until the start-up timeout, it said
+            # nothing of why. It does the same on every try.
+            why = RuntimeError(f"its load() called sys.exit({e.code!r})")
+            self._cannot_load(why, ExitCode.MODEL_CONFIG)
+        except Exception as e:
+            self._cannot_load(e, ExitCode.MODEL_LOAD)
+        try:
+            check_declaration(handler)
+        except DeclarationError as e:
+            self._cannot_load(e, ExitCode.MODEL_CONFIG)
+        return handler
 
     def _cuda_device(self, device: torch.device) -> torch.device:
         """``device`` with its index (``cuda`` is ``cuda:0``, as torch reads it), made
@@ -946,7 +960,7 @@ def main() -> None:
         if worker_ref:
             worker_ref[0].stopping = True  # record only; the loop finishes its batch
         else:  # still loading: nothing to finish, so do not make a stop wait for the load
-            raise SystemExit(ExitCode.OK)
+            raise StopRequested(ExitCode.OK)
 
     signal.signal(signal.SIGTERM, on_term)
     try:

@@ -935,6 +935,73 @@ def test_a_handler_module_that_exits_on_import_is_an_import_error(
         create_handler(ModelSettings(name="m", handler="python:exits_on_import:H"))
 
 
+def test_a_stop_while_a_handler_module_imports_stays_a_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's SIGTERM handler raises StopRequested (a SystemExit) wherever the load
+    is: turned into an ImportError, a stop during a slow import would read as a model
+    that cannot load (exit 2), not the requested stop (exit 0)."""
+    from ringserve.gpu_worker.stop import StopRequested
+
+    (tmp_path / "stopped_on_import.py").write_text(
+        "from ringserve.gpu_worker.stop import StopRequested\nraise StopRequested(0)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(StopRequested) as stopped:
+        create_handler(ModelSettings(name="m", handler="python:stopped_on_import:H"))
+    assert stopped.value.code == 0
+
+
+class _ExitsInLoad(Handler):
+    inputs = (TensorSpec("INPUT0", "float32", (-1,)),)
+
+    def load(self, device: torch.device) -> None:
+        raise SystemExit(3)  # a library's sys.exit(3) on a setting it dislikes
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch
+
+
+class _StoppedInLoad(_ExitsInLoad):
+    def load(self, device: torch.device) -> None:
+        from ringserve.gpu_worker.stop import StopRequested
+
+        raise StopRequested(ExitCode.OK)  # what the worker's SIGTERM handler raises
+
+
+@pytest.mark.parametrize(
+    ("cls", "code", "recorded"),
+    [
+        (_ExitsInLoad, ExitCode.MODEL_CONFIG, ["its load() called sys.exit(3)"]),
+        (_StoppedInLoad, ExitCode.OK, []),
+    ],
+)
+def test_a_handler_whose_load_exits_stops_the_start_but_a_stop_is_a_stop(
+    monkeypatch: pytest.MonkeyPatch, cls: type, code: int, recorded: list[str]
+) -> None:
+    """A handler's load() calling sys.exit() ended the worker "exited: error", retried
+    until server.startup_timeout_s with no cause named: it is a load that cannot work,
+    MODEL_CONFIG (exit 2 at once) with the cause recorded. SIGTERM while loading stays
+    the stop it is."""
+    import sys
+    import types
+
+    from ringserve.gpu_worker.process import Worker
+
+    module = types.ModuleType("_exits_in_load")
+    setattr(module, cls.__name__, cls)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    errors: list[BaseException] = []
+    worker = Worker.__new__(Worker)
+    worker.model = ModelSettings(name="m", handler=f"python:_exits_in_load:{cls.__name__}")
+    worker.spec = SimpleNamespace(failures=1)  # (one log line, no traceback)
+    worker.control = SimpleNamespace(record_error=errors.append)
+    with pytest.raises(SystemExit) as stopped:
+        worker._load_handler(torch.device("cpu"))
+    assert stopped.value.code == code
+    assert [str(e) for e in errors] == recorded
+
+
 @pytest.mark.parametrize(
     ("handler", "options", "key"),
     [

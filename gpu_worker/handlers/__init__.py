@@ -6,6 +6,7 @@ import difflib
 import importlib
 
 from ringserve.gpu_worker.handlers.base import BadInput, Handler, TensorSpec
+from ringserve.gpu_worker.stop import StopRequested
 from ringserve.ipc.config import ModelSettings
 from ringserve.ipc.errors import ConfigError
 
@@ -40,6 +41,8 @@ def _import(path: str) -> type:
     module, _, cls = path.partition(":")
     try:
         imported = importlib.import_module(module)
+    except StopRequested:
+        raise  # SIGTERM while it imported: a stop, not the module's fault
     except SystemExit as e:  # not an Exception: the worker died "error", and was retried
         raise ImportError(f"importing {module} called sys.exit({e.code!r})") from None
     obj = getattr(imported, cls)
