@@ -18,6 +18,7 @@ import os
 import stat
 
 from ringserve.ipc.arena import pid_alive
+from ringserve.ipc.config import valid_name
 from ringserve.ipc.errors import ConfigError
 
 SYSTEMD_RUNTIME_DIR = "/run/ringserve"  # RuntimeDirectory=ringserve in systemd/ringserve.service
@@ -25,8 +26,9 @@ MAX_UNIX_PATH = 107  # sun_path is 108 bytes including the terminating NUL
 
 
 def _check_instance(instance: str) -> None:
-    if not instance or not all(c.isalnum() or c in "-_." for c in instance):
-        raise ValueError(f"instance name {instance!r}: use letters, digits, '-', '_' and '.'")
+    """The names ``serve`` takes (``ipc/config.py``), so ``ctl`` refuses the others too."""
+    if not valid_name(instance):
+        raise ValueError(f"instance name {instance!r}: use ASCII letters, digits, '-', '_' and '.'")
 
 
 def socket_name(instance: str) -> str:

@@ -348,3 +348,10 @@ def test_format_helpers() -> None:
     assert [ctl.format_duration(v) for v in (None, 0, 59.9, 61, 3725, 90000, -1)] == [
         "-", "0s", "59s", "1m01s", "1h02m", "1d01h", "-"
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("instance", ["é", "a²", "..", "", "a" * 129])
+def test_paths_take_only_the_instance_names_serve_takes(instance: str) -> None:
+    """``isalnum()`` took any alphabet: a name ``serve`` refuses made a socket path."""
+    with pytest.raises(ValueError, match="instance name"):
+        paths.socket_name(instance)
