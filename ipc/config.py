@@ -176,6 +176,10 @@ MAX_SECONDS = 10_000_000.0
 # the file offsets of the shared memory (2**62 overflowed posix_fallocate: a traceback).
 MAX_SLOTS = 2**20
 MAX_SLOT_BYTES = 2**40
+# Processes: a model's workers as ``ctl scale`` takes them, frontends one a core of the
+# largest hosts. (--workers 100000 passed, and started processes until the host gave out.)
+MAX_WORKERS = 64
+MAX_FRONTENDS = 256
 # A heartbeat or memory sample more often than this is a busy loop, not a check.
 MIN_INTERVAL_S = 0.01
 # A device index torch parses (it refuses "cuda:01", "cuda:\u0663", and past int32).
@@ -278,7 +282,11 @@ def _validate(s: Settings) -> None:
         "must differ from server.port",
     )
     need(s.server.startup_timeout_s >= 0, "server.startup_timeout_s", "must be >= 0 (0 = no limit)")
-    need(s.server.frontends >= 1, "server.frontends", "must be at least 1")
+    need(
+        1 <= s.server.frontends <= MAX_FRONTENDS,
+        "server.frontends",
+        f"must be from 1 to {MAX_FRONTENDS}",
+    )
     need(s.server.log_format in ("text", "json"), "server.log_format", "must be text or json")
     need(
         s.server.log_level in LOG_LEVELS,
@@ -368,7 +376,11 @@ def _validate(s: Settings) -> None:
             f"{key}.handler",
             f"python handlers are python:MODULE:CLASS, not {m.handler!r}",
         )
-        need(m.workers >= 1, f"{key}.workers", "must be at least 1")
+        need(
+            1 <= m.workers <= MAX_WORKERS,
+            f"{key}.workers",
+            f"must be from 1 to {MAX_WORKERS} (as ctl scale takes)",
+        )
         need(m.threads >= 1, f"{key}.threads", "must be at least 1")
         need(
             _DEVICE.fullmatch(m.device) is not None,

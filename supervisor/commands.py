@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ringserve.ipc.client_regions import ClientRegions, RegionTableBusy
+from ringserve.ipc.config import MAX_WORKERS
 from ringserve.ipc.control import error_text
 from ringserve.ipc.layout import ModelAvailability, ProcState
 from ringserve.supervisor.admin import AdminCommandError
@@ -257,8 +258,8 @@ def run_command(arb: Arbiter, cmd: str, args: dict[str, Any]) -> Any:
 
 def scale(arb: Arbiter, args: dict[str, Any]) -> dict[str, Any]:
     name, n = args.get("model"), args.get("workers")
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 64:
-        raise AdminCommandError('"workers" must be an integer from 1 to 64')
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_WORKERS:
+        raise AdminCommandError(f'"workers" must be an integer from 1 to {MAX_WORKERS}')
     try:
         mi = arb.settings.model_index(str(name))
     except KeyError:

@@ -127,12 +127,18 @@ def test_a_device_index_is_one_torch_parses(device):
         ("memory.sample_interval_s", "1e-9"),
         ("server.max_image_pixels", "0"),  # every image a 413
         ("server.max_image_pixels", "-1"),
+        ("server.frontends", "100000"),  # started processes until the host gave out
     ],
 )
 def test_a_value_the_server_cannot_run_with_is_refused(key, value):
     section, _, name = key.partition(".")
     message = fails(key, overrides={section: {name: value}})
     assert "must be" in message, message
+
+
+def test_a_models_workers_are_bounded_as_ctl_scale_bounds_them():
+    fails("models.digits.workers: must be from 1 to 64", model_overrides={"workers": 100000})
+    assert load_settings(model_overrides={"workers": 64}, environ={}).models[0].workers == 64
 
 
 def test_a_models_queue_delay_is_bounded_too():
