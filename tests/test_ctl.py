@@ -355,3 +355,16 @@ def test_paths_take_only_the_instance_names_serve_takes(instance: str) -> None:
     """``isalnum()`` took any alphabet: a name ``serve`` refuses made a socket path."""
     with pytest.raises(ValueError, match="instance name"):
         paths.socket_name(instance)
+
+
+def test_a_request_too_large_to_send_exits_2_and_reaches_no_server(
+    server: AdminServer, dispatch: Recorder, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit 2 is "the command line is wrong" as well as "unreachable": a request over the
+    admin socket's line limit is refused by the client before it is sent (a plain
+    ``AdminError``, neither a remote error, exit 1, nor a connection error)."""
+    huge = "worker-" + "9" * (64 * 1024)
+    rc, out, err = run(capsys, "--socket", server.path, "drain", huge)
+    assert (rc, out) == (2, "")
+    assert "request too large" in err
+    assert dispatch.calls == []

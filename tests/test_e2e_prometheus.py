@@ -37,6 +37,35 @@ def scrape_names(text: str) -> set[str]:
     return names
 
 
+def documented_labels() -> dict[str, frozenset[str]]:
+    """The label names of every metric in docs/observability.md's metric table."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "observability.md").read_text()
+    lines = text.split("| metric | type | labels | meaning |", 1)[1].splitlines()[2:]
+    out: dict[str, frozenset[str]] = {}
+    for line in lines:
+        if not line.startswith("| `"):
+            break
+        name, _, labels = (cell.strip() for cell in line.split("|")[1:4])
+        names = {x.strip() for x in labels.split(",")} - {"—", ""}
+        out[name.strip("`")] = frozenset(names)
+    return out
+
+
+def scraped_labels(text: str) -> dict[str, set[frozenset[str]]]:
+    """Each metric base name in a scrape, with the label-name sets of its samples (a
+    histogram's ``le`` left out)."""
+    out: dict[str, set[frozenset[str]]] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        series = line.rsplit(" ", 1)[0]
+        name, _, rest = series.partition("{")
+        base = re.sub(r"_(bucket|sum|count|created)$", "", name)
+        keys = frozenset(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="', rest)) - {"le"}
+        out.setdefault(base, set()).add(keys)
+    return out
+
+
 def test_every_contract_metric_is_exported(start_server) -> None:
     server: Server = start_server("--frontends", "2")
     asyncio.run(_fire(server.url, [c for c, _ in digit_requests(20)]))
@@ -55,6 +84,12 @@ def test_every_contract_metric_is_exported(start_server) -> None:
     # ...and nothing is exposed that the contract (docs/observability.md) does not name.
     bases = {re.sub(r"_(bucket|sum|count|created)$", "", n) for n in names}
     assert bases - EXPORTED_METRICS == set()
+    # Each series carries exactly the labels the contract's table names: a renamed or
+    # dropped label breaks every query and alert that selects by it.
+    documented = documented_labels()
+    assert set(documented) == EXPORTED_METRICS
+    for base, label_sets in scraped_labels(scrape.text).items():
+        assert label_sets == {documented[base]}, (base, label_sets, documented[base])
     # The supervisor's own memory, which nothing else watches.
     assert re.search(
         r'ringserve_process_unique_memory_bytes\{id="0",model="",role="supervisor"\} [1-9]',

@@ -226,6 +226,46 @@ def driven_tick():
 arb._tick = driven_tick
 print(arb.run(), answers)
 """,
+    # Once every child is ready, runs admin commands as the admin socket does
+    # (``run_command``) and stops; prints run()'s exit code and each command's answer,
+    # or the text of the error the client would be told.
+    "commands": """
+from ringserve.supervisor.commands import run_command
+tick = arb._tick
+answers = []
+
+def ask(cmd, **args):
+    try:
+        answers.append(run_command(arb, cmd, args))
+    except Exception as e:  # what the admin server turns into an error reply
+        answers.append(f"{type(e).__name__}: {e}")
+
+def driven_tick():
+    timeout = tick()
+    if arb.phase == "running" and not answers:
+        if all(c.phase is Phase.READY for c in arb.all_children()):
+            for n in (0, 65, True, "2"):
+                ask("scale", model="id", workers=n)
+            ask("scale", model="nope", workers=1)
+            ask("frobnicate")
+            ask("recycle", id="worker-9")
+            ask("recycle", id="worker-0")
+            ask("recycle", id="worker-0")  # already being replaced
+            ask("scale", model="id", workers=2)
+            answers.append(run_command(arb, "config", {})["models"][0]["workers"])
+            ask("pause")
+            answers.append(int(arb.arena.header["paused"]))
+            ask("resume")
+            answers.append(int(arb.arena.header["paused"]))
+            os.kill(os.getpid(), signal.SIGTERM)
+    elif arb.phase != "running" and len(answers) == 15:
+        ask("drain", id="worker-0")  # a stopping server takes no more actions
+        answers[-1] = answers[-1].replace(arb.phase, "PHASE")
+    return timeout
+
+arb._tick = driven_tick
+print(arb.run(), answers)
+""",
 }
 
 
@@ -308,3 +348,33 @@ def test_a_command_whose_client_was_told_it_timed_out_is_not_run_later(tmp_path:
     told, phase = seen
     assert "did not take the command within 0.5 s; it will not run it" in told
     assert phase == "running"  # not draining
+
+
+def test_admin_commands_refuse_what_the_command_table_does_not_allow(tmp_path: Path) -> None:
+    """The admin socket's commands (docs/deployment.md), run as the socket runs them:
+    ``scale`` takes 1 to 64 workers of a known model (ctl checks the range too, but the
+    socket is the contract: 0 would leave a model serving nothing, which is ``drain``'s
+    to do), an unknown command or worker is an error (ctl exits 1 on it), a worker
+    being replaced is not replaced again, ``config`` shows the scaled count,
+    pause/resume flip intake, and a stopping server refuses actions."""
+    _, answers = _run(tmp_path, "commands")
+    must = '"workers" must be an integer from 1 to 64'
+    assert answers == [
+        f"AdminCommandError: {must}",
+        f"AdminCommandError: {must}",
+        f"AdminCommandError: {must}",
+        f"AdminCommandError: {must}",
+        "AdminCommandError: unknown model 'nope'",
+        "AdminCommandError: unknown command 'frobnicate' (status, drain, restart, recycle, "
+        "scale, pause, resume, config)",
+        "AdminCommandError: no worker 'worker-9'",
+        {"recycling": "worker-0"},
+        "AdminCommandError: worker-0 is not running or already being replaced",
+        {"model": "id", "workers": 2},
+        2,
+        {"paused": True},
+        1,
+        {"paused": False, "draining": False},
+        0,
+        "AdminCommandError: server is PHASE: drain refused",
+    ], answers

@@ -376,6 +376,9 @@ def test_binary_data_is_taken_as_triton_takes_it() -> None:
         ("abc", "non-negative decimal integer"),
         ("-1", "non-negative decimal integer"),
         ("9999", "larger than the body"),
+        # 0 is a raw binary request: decode_infer_body takes it apart; split_body, which
+        # cuts a JSON header off, must not take the whole body for a binary tail
+        ("0", "raw binary request"),
         # int() takes these; an HTTP length is digits only
         ("+10", "non-negative decimal integer"),
         ("1_0", "non-negative decimal integer"),
