@@ -182,6 +182,16 @@ def _model_state(arb: Arbiter, index: int, wanted: int) -> str:
     return "ready" if availability == ModelAvailability.SERVING else availability.name.lower()
 
 
+def _queue_restart(arb: Arbiter, name: str) -> None:
+    """Queue one restart of ``name`` unless one is already waiting its turn: the pending
+    one does what a second would (the new process starts from the code and files of
+    then). Appended each time, a client retrying on a timeout, or a script looping on
+    ``ctl restart``, queued a full model load per call (30 calls: 30 replacements of
+    the same worker, one after another, for minutes)."""
+    if name not in arb.rolling:
+        arb.rolling = [*arb.rolling, name]
+
+
 def run_command(arb: Arbiter, cmd: str, args: dict[str, Any]) -> Any:
     assert arb.arena is not None
     if cmd == "status":
@@ -235,14 +245,14 @@ def run_command(arb: Arbiter, cmd: str, args: dict[str, Any]) -> Any:
         if name.startswith("frontend-"):
             if arb.find(name) is None:
                 raise AdminCommandError(f"no running {name!r}")
-            arb.rolling = [*arb.rolling, name]
+            _queue_restart(arb, name)
             return {"restarting": name}
         ws = _worker(arb, name)
         if ws.child is None:
             ws.revive(time.monotonic())
             return {"starting": name}
         ws.retired = False
-        arb.rolling = [*arb.rolling, name]
+        _queue_restart(arb, name)
         return {"restarting": name}
     if cmd == "recycle":
         ws = _worker(arb, _id(args))
