@@ -10,6 +10,7 @@ pending restarts, replacements, drain progress, the start-up deadline).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -603,7 +604,10 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
             raise AdminCommandError("server is shutting down")
         req = AdminRequest(cmd, args)
         self.admin_queue.put(req)
-        os.write(self._wake_w, b"\0")
+        # A full pipe already holds a wake-up for the loop. (Raised here, the client was
+        # told of an internal error while its queued command could still run later.)
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"\0")
         if not req.done.wait(ADMIN_ANSWER_S) and req.claim():
             raise AdminCommandError(
                 f"the supervisor's loop did not take the command within {ADMIN_ANSWER_S:g} s; "

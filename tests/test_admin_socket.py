@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import logging
@@ -540,3 +541,35 @@ def test_a_client_refused_before_it_sent_reads_why(
             AdminClient(server.path).call("echo")
     finally:
         held.close()
+
+
+def test_an_admin_request_while_the_wake_pipe_is_full_is_given_up_not_run_later(
+    monkeypatch,
+) -> None:
+    """A loop stuck long enough for its wake-up pipe to fill (signals and earlier
+    requests): the write that wakes it raised BlockingIOError after the request was
+    queued, so the client heard of an internal error while its command could still run
+    once the loop came back. A full pipe already wakes the loop: the request waits for
+    its answer like any other, and is given up (never run) when the loop does not take
+    it in time."""
+    import queue
+
+    from ringserve.supervisor import arbiter as arbiter_module
+    from ringserve.supervisor.admin import AdminCommandError
+
+    monkeypatch.setattr(arbiter_module, "ADMIN_ANSWER_S", 0.05)
+    arb = arbiter_module.Arbiter.__new__(arbiter_module.Arbiter)
+    arb._closing = False
+    arb.admin_queue = queue.Queue()
+    read_end, arb._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(arb._wake_w, b"\0" * 4096)
+        with pytest.raises(AdminCommandError, match="did not take the command"):
+            arb._admin_dispatch("drain", {"id": "worker-0"})
+        given_up = arb.admin_queue.get_nowait()
+        assert not given_up.claim()  # the loop, back, does not run it
+    finally:
+        os.close(read_end)
+        os.close(arb._wake_w)
