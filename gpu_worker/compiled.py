@@ -28,13 +28,13 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from types import UnionType
 
 import torch
 from torch.utils._pytree import tree_map
 
 from ringserve.gpu_worker.batch_check import TOLERANCE, sample_rows
 from ringserve.gpu_worker.handlers.base import Handler
+from ringserve.gpu_worker.profile import out_of_memory
 from ringserve.ipc.errors import ConfigError
 from ringserve.ipc.layout import PayloadKind
 
@@ -116,17 +116,17 @@ def ran_out_of_room(error: BaseException) -> bool:
     """A full disk or device memory running out, also where the compiler wrapped it
     (dynamo raises ``BackendCompilerFailed`` from None, keeping ``inner_exception``): a
     load failure to retry, not a model that cannot be compiled."""
-    return _caused_by(error, OSError | torch.OutOfMemoryError)
+    return _caused_by(error, lambda e: isinstance(e, OSError) or out_of_memory(e))
 
 
-def _caused_by(error: BaseException, kinds: type | UnionType) -> bool:
-    """``error`` is, or was raised for, one of ``kinds`` (through the compiler's
-    wrapping too)."""
+def _caused_by(error: BaseException, what: Callable[[BaseException], bool]) -> bool:
+    """``error`` is, or was raised for, an error that ``what`` holds true of (through
+    the compiler's wrapping too)."""
     seen: BaseException | None = error
     for _ in range(8):  # (a chain, not a cycle: bounded all the same)
         if seen is None:
             return False
-        if isinstance(seen, kinds):
+        if what(seen):
             return True
         # (Not __context__: an error the compiler handled on its way to this one.)
         seen = getattr(seen, "inner_exception", None) or seen.__cause__
@@ -200,7 +200,7 @@ def compile_handler(
             try:
                 handler.infer(sample(size).to(handler.device))
             except Exception as e:
-                if not compiled or not _caused_by(e, torch.OutOfMemoryError):
+                if not compiled or not _caused_by(e, out_of_memory):
                     raise
                 break  # (the caller says so, with the cap it sets)
             took = time.perf_counter() - t

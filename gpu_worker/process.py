@@ -572,7 +572,9 @@ class Worker:
         supervisor asks, so that it can tell retention from a leak."""
         gc.collect()
         heap.release_free_memory()
-        if torch.cuda.is_available() and self.model.device.startswith("cuda"):
+        # The device first: asked on a CPU model, is_available() initialises the CUDA
+        # driver in a worker that never uses it (on a host with a GPU).
+        if self.model.device.startswith("cuda") and torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     # -- collecting a batch ----------------------------------------------------------------
@@ -846,6 +848,20 @@ class Worker:
         except Exception:
             return False
 
+    def _may_have_broken_device(self, error: Exception) -> bool:
+        """An AcceleratorError, or on a CUDA device a RuntimeError with a CUDA error's
+        message: a TorchScript model's errors reach Python as plain RuntimeErrors (its
+        interpreter rethrows every error but its own as std::runtime_error), an illegal
+        address in it included; cuDNN's and cuBLAS's own errors are RuntimeErrors too.
+        ``_device_works`` then tells a broken context from a usable one."""
+        if isinstance(error, torch.AcceleratorError):
+            return True
+        device = self.handler.device if self.handler is not None else None
+        if device is None or device.type != "cuda" or not isinstance(error, RuntimeError):
+            return False
+        text = str(error)
+        return any(m in text for m in ("CUDA error", "CUDNN_STATUS_", "CUBLAS_STATUS_"))
+
     def _exit_if_device_broken(self, error: Exception, slots: list[int], owners: set[int]) -> None:
         """Return unless ``error`` broke the device context (a CUDA out-of-memory error
         is no AcceleratorError: it is answered or retried like any raise). If it did,
@@ -854,7 +870,7 @@ class Worker:
         still beat its heartbeat. The supervisor re-queues what this worker held, each to
         run alone: the request that caused it breaks a second worker and fails as poison,
         its batchmates are answered. (``slots``: the requests to name.)"""
-        if not isinstance(error, torch.AcceleratorError) or self._device_works():
+        if not self._may_have_broken_device(error) or self._device_works():
             return
         ids = ", ".join(self._request_id(slot) for slot in slots)
         log.error(

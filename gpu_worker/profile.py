@@ -67,6 +67,20 @@ class Profile:
     preferred: int
 
 
+# What running out of device memory reads as besides ``torch.OutOfMemoryError``: a
+# TorchScript model's errors reach Python as plain RuntimeErrors that carry the message
+# (its interpreter rethrows every error but its own as std::runtime_error: pytorch#148642,
+# open), and memory that cuBLAS or an extension asks the driver for fails as a CUDA error.
+_OUT_OF_MEMORY = ("CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is the device running out of memory (however torch raised it)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in _OUT_OF_MEMORY)
+
+
 def _sync(handler: Handler) -> None:
     if handler.device.type == "cuda":
         torch.cuda.synchronize(handler.device)
@@ -329,9 +343,9 @@ def _measure(
                         handler.infer(batches[1])
                         _sync(handler)
                     rates[size] = max(rates.get(size, 0.0), _rate(handler, batches[size], size))
-                except torch.OutOfMemoryError:
-                    if size == 1:
-                        raise  # no batch fits: not a batching question
+                except Exception as e:
+                    if size == 1 or not out_of_memory(e):
+                        raise  # (size 1: no batch fits, not a batching question)
                     too_big = size
                 heartbeat()
             last_round_s = time.monotonic() - started
