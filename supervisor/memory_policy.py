@@ -46,7 +46,9 @@ class MemoryPolicy:
             return
         rec = self.arena.control[child.control_index]
         rec["rss"], rec["uss"], rec["pss"] = sample.rss, sample.uss, sample.pss
-        if gpu_used is not None:
+        # Missing from NVML's answer reads as none on the GPU only when every device
+        # answered: one whose query failed may hold it (it read 0 for that spell).
+        if gpu_used is not None and (child.pid in gpu_used or self.gpu.every_device_answered):
             rec["gpu_nvml"] = gpu_used.get(child.pid, 0)
         if child.role == "worker" and child.phase == Phase.READY and self.phase == "running":
             if not child.sampled_ready:
