@@ -575,6 +575,76 @@ def test_head_just_under_the_limit_is_served(server: Server, healthy_after: None
     assert raw is not None and parse_response(raw)[0] == 200
 
 
+@pytest.mark.parametrize(("over", "status"), [(0, 200), (1, 431)])
+def test_a_head_exactly_at_the_limit_is_served_one_byte_more_is_431(
+    server: Server, healthy_after: None, over: int, status: int
+) -> None:
+    """The limit counts the target and every header line (name, ": ", value, CRLF):
+    MAX_HEAD_BYTES of them pass, one more is refused."""
+    fixed = len(b"/health") + len(b"host: t\r\n") + len(b"connection: close\r\n")
+    fill = MAX_HEAD_BYTES - fixed - len(b"x-fill: \r\n") + over
+    request = (
+        b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\nX-Fill: "
+        + b"a" * fill + b"\r\n\r\n"
+    )  # fmt: skip
+    raw = raw_exchange(server.port, request)
+    assert raw is not None and parse_response(raw)[0] == status, (raw or b"")[:300]
+
+
+def test_a_request_pipelined_behind_a_refused_head_is_never_started(
+    server: Server, healthy_after: None
+) -> None:
+    """The head over the limit is refused and the connection closed; a request the
+    client pipelined behind it, already read, must not reach the app (and run a model
+    for an answer nobody can get, or count in its metrics)."""
+
+    def answered() -> float:
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+        found = re.findall(r'^ringserve_requests_total\{code="\d+",model="id"\} (\S+)$', text, re.M)
+        return sum(float(v) for v in found)
+
+    before = answered()
+    big = b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * MAX_HEAD_BYTES + b"\r\n\r\n"
+    body = json.dumps({"data": [1.0]}).encode()
+    pipelined = post_head(ID, len(body)) + body
+    raw = raw_exchange(server.port, big + pipelined)
+    if raw is not None:
+        assert parse_response(raw)[0] == 431 and raw.count(b"HTTP/1.1 ") == 1, raw[:600]
+    with server.client() as c:  # one request of our own: counted after the other's
+        assert c.post(ID, json={"data": [2.0]}).status_code == 200
+    wait_until(lambda: answered() >= before + 1, 10, "our request in the metrics")
+    assert answered() == before + 1, "the request pipelined behind the refused head ran"
+
+
+def test_a_head_that_keeps_coming_is_refused_once_over_the_limit(
+    server: Server, healthy_after: None
+) -> None:
+    """httptools buffers a head of any size until it ends: one that never ends (a
+    header line streamed on and on) is refused with a 431 as soon as it passes the
+    limit, not buffered until the read timeout (a 408)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\nX-Endless: ")
+        sent, answer = 0, b""
+        s.settimeout(0.05)
+        while sent < 4 * MAX_HEAD_BYTES and not answer:
+            try:
+                s.sendall(b"a" * 4096)
+                sent += 4096
+                answer = s.recv(65536)
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        s.settimeout(10)
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(65536):
+                answer += chunk
+    # (A reset may discard the answer: then it was cut off, also fine, and in time.)
+    assert sent < 4 * MAX_HEAD_BYTES, "a head four times the limit was still read"
+    if answer:
+        assert parse_response(answer)[0] == 431, answer[:300]
+
+
 # -- slow clients -------------------------------------------------------------------------------
 
 

@@ -104,6 +104,40 @@ def test_a_frontend_heap_gives_a_big_block_back_when_freed() -> None:
     assert int(freed) - int(after) > 15  # the second block stayed until released
 
 
+# A big block freed below a small one still in use (a parsed body's buffer, then a
+# small object kept): the heap cannot trim it from its top, so only a block the
+# threshold sent to its own mmap goes back.
+PINNED = """
+import ctypes, sys, psutil
+from ringserve.ipc import heap
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+rss = lambda: psutil.Process().memory_info().rss >> 20
+role, mb = sys.argv[1], int(sys.argv[2])
+role == "glibc" or heap.set_thresholds(getattr(heap, role))
+kept = []
+for _ in range(2):
+    big = libc.malloc(mb << 20)
+    ctypes.memset(big, 1, mb << 20)
+    kept.append(libc.malloc(120 << 10))  # in use, above it (too big for a hole)
+    held = rss()
+    libc.free(big)
+print(held, rss())
+"""
+
+
+def test_a_frontend_heap_gives_back_a_block_freed_under_one_in_use() -> None:
+    """Every block of 128 KiB or more goes back when freed, wherever it lies in the
+    heap: a threshold above a body's size keeps it for good below whatever was
+    allocated after it."""
+    held, after = _run(PINNED, "FRONTEND", "20")
+    assert int(held) - int(after) > 15, (held, after)
+    held, after = _run(PINNED, "glibc", "20")  # glibc's own threshold: kept
+    assert int(held) - int(after) < 5, (held, after)
+
+
 def test_a_workers_batches_reuse_their_memory(start_server) -> None:
     server = start_server(
         "--model", "m=python:support.fake_handlers:CountsPageFaults", env=HANDLER_ENV, frontends=1

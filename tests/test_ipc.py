@@ -896,10 +896,83 @@ def test_adopting_a_dead_frontends_inflight_slots(shm_dir: Path) -> None:
     assert d.adopt_slots() == 2
     assert arena.slots["cancel"][0] == 1 and arena.slots["cancel"][1] == 1
     assert 0 not in d.free and 1 not in d.free
+    d._on_done()  # a wake-up before either is DONE (another slot's answer)
+    assert d.orphans == {0, 1} and 0 not in d.free and 1 not in d.free, (
+        "an orphan was freed while a worker may still write it"
+    )
+    assert arena.slots["state"][0] == SlotState.RUNNING
     answer(arena, 0)
+    d._on_done()  # only the DONE one is freed
+    assert 0 in d.free and 1 not in d.free and d.orphans == {1}
     write_error(arena, 1, Status.CANCELLED, b"cancelled")
     d._on_done()
     assert {0, 1} <= set(d.free) and not d.orphans
+    arena.close()
+
+
+def test_an_abandoned_request_keeps_its_slot_until_its_worker_is_done(shm_dir: Path) -> None:
+    """A client gone or a deadline passed while a worker runs the request: its slot is
+    cancelled, not freed (the worker may still write its answer there), and freed only
+    once DONE."""
+    arena = make_arena(shm_dir)
+    worker_ring = RequestRing(arena, 0)
+    with dispatchers(arena) as ([d], _):
+        slot, fut = d.submit(0, np.arange(4, dtype=np.uint8), 1, 1, 0, "gone")
+        assert [c.slot for c in worker_ring.pop(1, 1, 1)] == [slot]  # RUNNING in a worker
+        d.abandon(slot, fut)
+        assert fut.cancelled() and arena.slots["cancel"][slot] == 1
+        assert slot not in d.free and slot in d.orphans
+        assert arena.slots["state"][slot] == SlotState.RUNNING
+        d._on_done()  # woken for something else: still not DONE
+        assert slot not in d.free
+        answer(arena, slot)
+        d._on_done()
+        assert slot in d.free and not d.orphans
+        assert arena.slots["state"][slot] == SlotState.FREE
+    worker_ring.close()
+    arena.close()
+
+
+def test_the_frontend_drains_its_wake_up_when_it_looks(shm_dir: Path) -> None:
+    """The frontend's eventfd is watched level-triggered by its event loop: a wake-up
+    left undrained after the look would call the reader again and again, a core spun
+    for as long as the frontend lives after its first answer."""
+    arena = make_arena(shm_dir)
+    worker_ring = RequestRing(arena, 0)
+    with dispatchers(arena) as ([d], loop):
+        slot, fut = d.submit(0, np.arange(4, dtype=np.uint8), 1, 1, 0, "a")
+        worker_ring.pop(1, 1, 1)
+        answer(arena, slot)
+        wake.signal(d.done_efd)
+        wake.signal(d.done_efd)
+        loop.run_until_complete(asyncio.wait_for(fut, 5))
+        assert not wake.wait(d.done_efd, 0), "the wake-up is still pending after the look"
+        d.collect(slot, lambda c: c.status)
+    worker_ring.close()
+    arena.close()
+
+
+def test_a_new_frontend_frees_orphans_that_finished_before_it_started(shm_dir: Path) -> None:
+    """An adopted slot that turned DONE before the frontend began to listen (its wake-up
+    drained by the dead owner, or by nobody) is freed as it starts, not at some later
+    answer's wake-up: its capacity would be missing until then."""
+    arena = make_arena(shm_dir)
+    ring = RequestRing(arena, 0)
+    produce(arena, ring, 0, np.zeros(4, np.uint8))
+    ring.pop(1, 1, 1)  # RUNNING when its frontend died
+    efd = wake.new_eventfd()
+    d = Dispatcher(arena, 0, efd, (wake.new_eventfd(),))
+    assert d.adopt_slots() == 1 and 0 not in d.free
+    answer(arena, 0)  # finished, and no wake-up is pending for it
+    loop = asyncio.new_event_loop()
+    try:
+        d.start(loop)
+        assert 0 in d.free and not d.orphans
+    finally:
+        d.stop()
+        loop.close()
+        os.close(efd)
+    ring.close()
     arena.close()
 
 

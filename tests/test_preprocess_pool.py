@@ -193,3 +193,34 @@ def test_only_a_preprocess_whose_own_class_says_so_runs_on_threads(
     handler_type: type[Handler], threads: int
 ) -> None:
     assert preprocess_threads(handler_type, 4) == threads
+
+
+def test_close_cancels_what_has_not_begun_and_waits_for_what_runs() -> None:
+    """A stopping worker closes its pool: a request no thread has picked up is never
+    preprocessed, and close returns only once the running ones have finished (nothing
+    reads a slot after the worker has let go of the arena)."""
+    entered: list[int] = []
+    finished: list[int] = []
+    release = threading.Event()
+    two_in = threading.Barrier(3, timeout=WAIT_S)
+
+    def preprocess(key: int, arg: object) -> torch.Tensor:
+        entered.append(key)
+        if key in (1, 2):
+            two_in.wait()
+            release.wait(WAIT_S)
+        finished.append(key)
+        return torch.tensor([key])
+
+    pool = PreprocessPool(2, preprocess)
+    pool.start([(1, None), (2, None), (3, None), (4, None)])
+    two_in.wait()  # both threads busy: 3 and 4 wait in the queue
+    closer = threading.Thread(target=pool.close)
+    closer.start()
+    closer.join(0.2)
+    still_closing = closer.is_alive()
+    release.set()
+    closer.join(WAIT_S)
+    assert still_closing, "close returned while two requests were still being preprocessed"
+    assert sorted(finished) == [1, 2]
+    assert sorted(entered) == [1, 2], "a request not begun was preprocessed after close"

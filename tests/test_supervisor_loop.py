@@ -226,6 +226,76 @@ def driven_tick():
 arb._tick = driven_tick
 print(arb.run(), answers)
 """,
+    # Its worker takes 30 s to finish after SIGTERM (a batch that does not end). Stops
+    # once every child is ready; prints run()'s exit code and, for each child, its role,
+    # why the supervisor killed it and its exit status.
+    "unstoppable": """
+light_workers_stop_s = 30
+fast = os.environ.get("SECOND_SIGTERM") == "1"  # and a second SIGTERM: a fast stop
+tick = arb._tick
+stop_child = arb.stop_child
+children = []
+frontends_alive_at_worker_stop = []
+
+def watched_stop(child, reason):
+    if child.role == "worker" and child.phase is not Phase.STOPPING:
+        alive = [c for c in arb.all_children() if c.role == "frontend" and c.returncode is None]
+        frontends_alive_at_worker_stop.append(len(alive))
+    return stop_child(child, reason)
+
+arb.stop_child = watched_stop
+
+def driven_tick():
+    timeout = tick()
+    if arb.phase == "running" and not children:
+        if all(c.phase is Phase.READY for c in arb.all_children()):
+            children.extend(arb.all_children())
+            os.kill(os.getpid(), signal.SIGTERM)
+    elif fast and arb.phase == "stopping" and not arb.workers_stopping:
+        fast_sent.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+    return timeout
+
+fast_sent = []
+arb._tick = driven_tick
+code = arb.run()
+kills = sorted((c.role, c.kill_reason, c.returncode) for c in children)
+print(code, [kills, frontends_alive_at_worker_stop])
+""",
+    # Once every child is ready, queues a request nobody runs (the stand-in worker takes
+    # nothing) and stops; prints run()'s exit code and [the request's state and status
+    # at the last tick, whether its frontend was woken for it].
+    "queued": """
+from ringserve.ipc import wake
+from ringserve.ipc.layout import DTYPE_CODE
+from ringserve.ipc.ring import RequestRing
+tick = arb._tick
+seen = []
+
+def driven_tick():
+    timeout = tick()
+    if arb.phase == "running" and not seen:
+        if all(c.phase is Phase.READY for c in arb.all_children()):
+            slot = int(arb.arena.frontend_slots(1)[0])
+            arb.arena.headers.write_request(
+                slot, owner=1, owner_pid=os.getpid(), model=0, kind=0,
+                dtype_code=DTYPE_CODE["float32"], shape=(1,), nbytes=4, rows=1,
+                deadline_ns=0, enqueued_ns=time.monotonic_ns(), request_id=b"late",
+            )
+            RequestRing(arb.arena, 0).push(slot)
+            wake.drain(arb.frontend_efds[1])
+            seen.extend([slot, None, None, False])
+            os.kill(os.getpid(), signal.SIGTERM)
+    elif seen:
+        rec = arb.arena.slots[seen[0]]
+        woken = seen[3] or wake.drain(arb.frontend_efds[1]) > 0
+        seen[1:] = [int(rec["state"]), int(rec["status"]), woken]
+    return timeout
+
+arb._tick = driven_tick
+code = arb.run()
+print(code, seen[1:])
+""",
     # Once every child is ready, runs admin commands as the admin socket does
     # (``run_command``) and stops; prints run()'s exit code and each command's answer,
     # or the text of the error the client would be told.
@@ -378,3 +448,41 @@ def test_admin_commands_refuse_what_the_command_table_does_not_allow(tmp_path: P
         0,
         "AdminCommandError: server is PHASE: drain refused",
     ], answers
+
+
+def test_a_second_sigterm_kills_what_does_not_stop_without_the_stop_timeout(
+    tmp_path: Path,
+) -> None:
+    """A fast stop gives its children seconds, not worker.stop_timeout_s (here longer
+    than the scenario may run)."""
+    args = ("--set", "worker.stop_timeout_s=600", "--set", "worker.heartbeat_timeout_s=600")
+    _, (children, _) = _run(tmp_path, "unstoppable", *args, env={"SECOND_SIGTERM": "1"})
+    assert ("worker", "stop_timeout", -9) in children
+
+
+def test_a_stop_asks_the_workers_to_stop_only_once_the_frontends_are_gone(
+    tmp_path: Path,
+) -> None:
+    """Frontends first: what they accepted may still need a worker to answer it."""
+    _, (_, frontends_alive) = _run(tmp_path, "unstoppable", "--set", "worker.stop_timeout_s=1")
+    assert frontends_alive == [0]
+
+
+def test_a_request_still_queued_when_the_workers_stop_is_answered_503(tmp_path: Path) -> None:
+    """Past the drain timeout, what is still queued has no worker to run it: it is
+    answered (SHUTDOWN, a 503) and its frontend woken, not left to its deadline."""
+    from ringserve.ipc.layout import SlotState, Status
+
+    _, (state, status, woken) = _run(tmp_path, "queued", "--drain-timeout", "0.2")
+    assert (state, status, woken) == (SlotState.DONE, Status.SHUTDOWN, True)
+
+
+def test_a_worker_that_does_not_stop_is_killed_after_the_stop_timeout(tmp_path: Path) -> None:
+    """A stop waits worker.stop_timeout_s for a worker to finish, then SIGKILLs it: a
+    batch that does not end cannot hold the supervisor's exit (and systemd's stop) up."""
+    _, (children, _) = _run(tmp_path, "unstoppable", "--set", "worker.stop_timeout_s=1")
+    assert children == [
+        ("frontend", "", -15),
+        ("frontend", "", -15),
+        ("worker", "stop_timeout", -9),
+    ]
