@@ -52,6 +52,7 @@ time.sleep(60)
 '''
 
 fail_once = set()  # roles whose next stand-in exits 1 before it is ready
+hang_once = set()  # roles whose next stand-in never reports ready
 light_workers_stop_s = None  # a number: workers are LIGHT_STAND_INs stopping in that time
 
 def light_args(spec):
@@ -70,6 +71,9 @@ def stand_in(spec):
     if spec.role in fail_once:
         fail_once.discard(spec.role)
         code = "raise SystemExit(1)"
+    if spec.role in hang_once:
+        hang_once.discard(spec.role)
+        code = "import time; time.sleep(60)"
     proc = subprocess.Popen(
         [sys.executable, "-c", code, *args],
         pass_fds=(spec.supervisor_efd,),
@@ -296,6 +300,47 @@ arb._tick = driven_tick
 code = arb.run()
 print(code, seen[1:])
 """,
+    # Once every child is ready, recycles the worker (its replacement never ready when
+    # STAND_IN_HANGS=worker). Stops once the recycle ended; prints run()'s
+    # exit code and [the replacement's phase when the old worker was asked to stop, or
+    # None; whether the old one still serves; its position's last recycle reason].
+    "recycle": """
+hang = os.environ.get("STAND_IN_HANGS") == "worker"
+tick = arb._tick
+stop_child = arb.stop_child
+seen = {}
+
+def watched_stop(child, reason):
+    if child is seen.get("old"):  # (the position already names its replacement)
+        seen["new_when_old_stopped"] = arb.workers[0].child.phase.value
+    return stop_child(child, reason)
+
+arb.stop_child = watched_stop
+
+def driven_tick():
+    timeout = tick()
+    if arb.phase != "running":
+        return timeout
+    ws = arb.workers[0]
+    if "old" not in seen and all(c.phase is Phase.READY for c in arb.all_children()):
+        seen["old"] = ws.child
+        if hang:
+            hang_once.add("worker")
+        assert arb.replace_worker(ws, "test")
+        if hang:
+            assert not arb.replace_worker(ws, "test")  # one replacement at a time
+    elif "old" in seen and not arb.replacements and "done" not in seen:
+        seen["done"] = [
+            seen.get("new_when_old_stopped"),
+            ws.child is seen["old"] and ws.child.phase is Phase.READY,
+            ws.last_recycle_reason,
+        ]
+        os.kill(os.getpid(), signal.SIGTERM)
+    return min(timeout, 0.05)
+
+arb._tick = driven_tick
+print(arb.run(), seen["done"])
+""",
     # Once every child is ready, runs admin commands as the admin socket does
     # (``run_command``) and stops; prints run()'s exit code and each command's answer,
     # or the text of the error the client would be told.
@@ -486,3 +531,21 @@ def test_a_worker_that_does_not_stop_is_killed_after_the_stop_timeout(tmp_path: 
         ("frontend", "", -15),
         ("worker", "stop_timeout", -9),
     ]
+
+
+def test_a_recycled_worker_stops_only_once_its_replacement_is_ready(tmp_path: Path) -> None:
+    """No capacity dip: the old worker serves until its replacement reports ready."""
+    _, (new_phase, old_serves, reason) = _run(tmp_path, "recycle")
+    assert (new_phase, old_serves, reason) == ("ready", False, "test")
+
+
+def test_a_replacement_not_ready_in_time_is_killed_and_the_old_worker_kept(
+    tmp_path: Path,
+) -> None:
+    """A replacement still not ready after worker.start_timeout_s is killed; the worker
+    it was to replace keeps serving, and its status says the recycle failed."""
+    args = ("--set", "worker.start_timeout_s=1")
+    env = {"STAND_IN_HANGS": "worker"}
+    _, (new_phase, old_serves, reason) = _run(tmp_path, "recycle", *args, env=env)
+    assert new_phase is None and old_serves
+    assert reason.startswith("test failed: start_timeout"), reason
