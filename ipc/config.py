@@ -323,6 +323,11 @@ def _validate(s: Settings) -> None:
     for k in ("stop_timeout_s", "restart_backoff_s", "restart_backoff_max_s"):
         need(getattr(s.worker, k) >= 0, f"worker.{k}", "must be >= 0")
     need(
+        s.worker.restart_backoff_max_s >= s.worker.restart_backoff_s,
+        "worker.restart_backoff_max_s",
+        "must be at least worker.restart_backoff_s (the back-off starts there and grows)",
+    )
+    need(
         s.memory.sample_interval_s >= MIN_INTERVAL_S,
         "memory.sample_interval_s",
         f"must be at least {MIN_INTERVAL_S} s",

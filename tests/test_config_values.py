@@ -215,3 +215,10 @@ def test_an_address_this_host_does_not_have_names_server_host():
         probe.close()
     with pytest.raises(ConfigError, match=r"^server\.host: cannot listen on 192\.0\.2\.1:0"):
         bind_socket("192.0.2.1", 0, "server.port")
+
+
+def test_the_restart_back_off_cannot_top_out_below_where_it_starts():
+    fails(
+        "worker.restart_backoff_max_s: must be at least",
+        overrides={"worker": {"restart_backoff_s": "5", "restart_backoff_max_s": "1"}},
+    )
