@@ -165,7 +165,7 @@ class Worker:
         self._ran: list[BatchTiming] = []  # this loop round's model executions
         self._declared_output: TensorSpec | None = None  # what answers are checked against
         self._contract_errors: set[str] = set()  # logged once each, not once a batch
-        self._rows_cap: tuple[int, int] | None = None  # (most, too_big): ``_cap_batches``
+        self._ran_out_at = 0  # rows of the compiled batch that ran out of memory (``_cap_batches``)
         self._request_errors = RequestErrors(log, self.model.name)
         self._own_payload = False  # preprocess gets a copy of the slot's input (``start``)
 
@@ -357,7 +357,7 @@ class Worker:
         and so does what ``ctl status`` shows of them."""
         batching = self.model.batching
         preferred = batching.preferred_batch_size
-        self._rows_cap = (most, too_big)
+        self._ran_out_at = too_big
         self.model = dataclasses.replace(
             self.model,
             batching=dataclasses.replace(
@@ -380,11 +380,11 @@ class Worker:
         """Why a request of more rows than the cap is refused (it would be compiled while
         it waits and run out of memory as the compile's batch did). The frontends check
         ``max_batch_size`` as configured, so only the worker knows its cap."""
-        assert self._rows_cap is not None
-        most, too_big = self._rows_cap
+        most = self.model.batching.max_batch_size  # (capped)
         return (
             f"a request of {rows} rows: model {self.model.name} runs at most {most} rows a "
-            f"batch here (a batch of {too_big} ran out of device memory when it compiled)"
+            f"batch here (a batch of {self._ran_out_at} ran out of device memory when it "
+            "compiled)"
         ).encode()
 
     def _cannot_load(self, error: Exception, code: ExitCode) -> NoReturn:
@@ -663,7 +663,7 @@ class Worker:
             self._finish_error(p.key, Status.CANCELLED, CANCELLED_MESSAGE, owners)
         groups: dict[tuple, list[Prepared]] = defaultdict(list)
         for p in run:
-            if self._rows_cap and p.rows > self._rows_cap[0]:
+            if self._ran_out_at and p.rows > self.batcher.policy.max_batch_size:
                 self._finish_error(p.key, Status.BAD_INPUT, self._too_many_rows(p.rows), owners)
                 continue
             t0 = time.perf_counter()

@@ -201,17 +201,15 @@ def _check_admin_socket_path(settings: Settings) -> None:
     """A socket path too long for a Unix socket (``server.admin_socket``, or one made of
     a long ``server.instance``) is refused with the other invalid values (exit 2), not
     after the listening socket is bound (exit 1)."""
-    from ringserve.supervisor.paths import MAX_UNIX_PATH, default_admin_socket
+    from ringserve.supervisor.paths import check_socket_path, default_admin_socket
 
-    path = settings.server.admin_socket or default_admin_socket(settings.instance)
-    size = len(os.fsencode(path))
-    if size > MAX_UNIX_PATH:
-        key, fix = "server.admin_socket", "a shorter path"
-        if not settings.server.admin_socket:
-            key, fix = "server.instance", "a shorter server.instance, or server.admin_socket"
-        raise ConfigError(
-            f"{key}: the admin socket path is {size} bytes, Unix sockets allow "
-            f"{MAX_UNIX_PATH}: {path} (set {fix})"
+    if settings.server.admin_socket:
+        check_socket_path(settings.server.admin_socket)
+    else:
+        check_socket_path(
+            default_admin_socket(settings.instance),
+            "server.instance",
+            "a shorter server.instance, or server.admin_socket",
         )
 
 

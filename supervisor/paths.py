@@ -68,6 +68,19 @@ def find_admin_socket(instance: str) -> str:
     return default_admin_socket(instance)
 
 
+def check_socket_path(
+    sock_path: str, key: str = "server.admin_socket", fix: str = "a shorter path"
+) -> None:
+    """A path a Unix socket can bind, or a ConfigError naming ``key`` (the setting that
+    made it) and what to ``fix``."""
+    size = len(os.fsencode(sock_path))
+    if size > MAX_UNIX_PATH:
+        raise ConfigError(
+            f"{key}: the admin socket path is {size} bytes, Unix sockets allow "
+            f"{MAX_UNIX_PATH}: {sock_path} (set {fix})"
+        )
+
+
 def prepare_socket_dir(sock_path: str) -> None:
     """Make sure the socket's directory exists, creating missing ones with mode 0700.
 
@@ -75,11 +88,7 @@ def prepare_socket_dir(sock_path: str) -> None:
     us and closed to others; otherwise another user could have planted it. Raises
     ConfigError naming ``server.admin_socket`` when the path cannot be used.
     """
-    if len(os.fsencode(sock_path)) > MAX_UNIX_PATH:
-        raise ConfigError(
-            f"server.admin_socket: path is {len(os.fsencode(sock_path))} bytes, Unix sockets "
-            f"allow {MAX_UNIX_PATH}: {sock_path}"
-        )
+    check_socket_path(sock_path)
     directory = os.path.dirname(os.path.abspath(sock_path))
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)

@@ -507,7 +507,12 @@ RINGSERVE = Path(sys.executable).with_name("ringserve")
 
 
 def cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """``ringserve`` with none of the caller's settings: no RINGSERVE_ variables, and no
+    runtime directory to put the admin socket in (the default path is then the same
+    on every machine)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RINGSERVE_")}
+    env.pop("RUNTIME_DIRECTORY", None)
+    env.pop("XDG_RUNTIME_DIR", None)
     return subprocess.run(
         [str(RINGSERVE), *args],
         capture_output=True,

@@ -5,14 +5,12 @@ model's tables across sources: each is refused at start naming its key, or merge
 from __future__ import annotations
 
 import errno
-import os
 import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from test_config import cli
 
 from ringserve.ipc.config import load_settings
 from ringserve.ipc.errors import ConfigError
@@ -170,8 +168,6 @@ def test_a_built_in_handler_that_takes_no_argument_refuses_one(handler):
 
 # -- the CLI ---------------------------------------------------------------------------------
 
-RINGSERVE = Path(sys.executable).with_name("ringserve")
-
 
 @pytest.mark.parametrize(
     ("args", "says"),
@@ -184,18 +180,7 @@ RINGSERVE = Path(sys.executable).with_name("ringserve")
 def test_cli_refuses_with_exit_2_and_no_traceback(tmp_path, args, says):
     """The first was a traceback (exit 1); the socket paths were refused after the port
     was bound (exit 1), not as the invalid configuration they are."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RINGSERVE_")}
-    env.pop("RUNTIME_DIRECTORY", None)
-    env.pop("XDG_RUNTIME_DIR", None)
-    r = subprocess.run(
-        [str(RINGSERVE), "serve", "--port", "0", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        cwd=tmp_path,
-        check=False,
-    )
+    r = cli("serve", "--port", "0", *args, tmp_path=tmp_path)
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert says in r.stderr and "Traceback" not in r.stderr, r.stderr
 
