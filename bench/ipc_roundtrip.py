@@ -48,6 +48,7 @@ from ringserve.ipc.answer import write_output
 from ringserve.ipc.arena import Arena, ArenaGeometry, segment_name
 from ringserve.ipc.layout import DONE, DTYPE_CODE_OF, FREE, PayloadKind, numpy_dtype
 from ringserve.ipc.ring import RequestRing
+from ringserve.ipc.slot_fit import answer_offset
 
 SIZES = {"1KB": 1024, "600KB": 600 * 1024}
 SLOT_BYTES = 1 << 20
@@ -144,7 +145,8 @@ class Frontend:
         """The output's shape, read from a view of the slot (the real frontend encodes
         the response from that view before it frees the slot)."""
         r = self.arena.headers.read(slot)
-        out = self.arena.data_array(slot, numpy_dtype(r.out_dtype), r.out_shape)
+        at = answer_offset(r.in_nbytes, r.out_nbytes, SLOT_BYTES)
+        out = self.arena.data_array(slot, numpy_dtype(r.out_dtype), r.out_shape, at)
         out.flags.writeable = False
         shape = out.shape
         self.arena.headers.set_state(slot, FREE)

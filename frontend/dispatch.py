@@ -38,7 +38,7 @@ from ringserve.ipc.layout import (
     numpy_dtype,
 )
 from ringserve.ipc.ring import RequestRing
-from ringserve.ipc.slot_fit import over_slot
+from ringserve.ipc.slot_fit import answer_offset, over_slot
 
 log = logging.getLogger("ringserve.frontend")
 R = TypeVar("R")
@@ -86,6 +86,7 @@ class Dispatcher:
         model_names: tuple[str, ...] = (),
     ) -> None:
         self.arena = arena
+        self._slot_bytes = arena.geometry.slot_bytes
         self.frontend_id = frontend_id
         self.done_efd = done_efd
         self.model_efds = model_efds
@@ -309,17 +310,18 @@ class Dispatcher:
         r = self.arena.headers.read(slot)
         status, message = Status(r.status), ""
         output: np.ndarray | None = None
+        at = answer_offset(r.in_nbytes, r.out_nbytes, self._slot_bytes)
         if status != Status.OK:
-            message = bytes(self.arena.data(slot)[: r.out_nbytes]).decode(errors="replace")
+            message = bytes(self.arena.data(slot)[at : at + r.out_nbytes]).decode(errors="replace")
         elif r.out_dtype == _BYTES:
             try:  # a BYTES output: Python objects, so unpacked (a copy), not viewed
                 output = bytes_tensor.unpack(
-                    self.arena.data(slot)[: r.out_nbytes], math.prod(r.out_shape)
+                    self.arena.data(slot)[at : at + r.out_nbytes], math.prod(r.out_shape)
                 ).reshape(r.out_shape)
             except ValueError as e:
                 status, message = Status.MODEL_ERROR, f"corrupt BYTES output: {e}"
         else:
-            output = self.arena.data_array(slot, numpy_dtype(r.out_dtype), r.out_shape)
+            output = self.arena.data_array(slot, numpy_dtype(r.out_dtype), r.out_shape, at)
             output.flags.writeable = False
         ok = status == Status.OK
         try:

@@ -1,9 +1,11 @@
 """Finishing a slot: the RUNNING → DONE transition, with an output or an error message.
 
 Workers finish the slots they claimed; the supervisor finishes those of a dead worker
-(poison) or of a model that can no longer be served. The slot is first marked as being
-answered (``SlotHeaders.begin_answer``: the answer goes over the input, so a worker that
-dies from here on must not have the request re-run on what it left), then header and
+(poison) or of a model that can no longer be served. The answer goes beside the input
+when both fit (``slot_fit.answer_offset``), so a worker that dies while writing it leaves
+the input whole and the request is run again. Where the answer must go over the input,
+the slot is first marked as being answered (``SlotHeaders.begin_answer``): a worker that
+dies from there on must not have the request re-run on what it left. Then header and
 payload are written, ``state = DONE`` last (``SlotHeaders.write_result``), then the
 caller signals the owning frontend.
 """
@@ -15,7 +17,7 @@ import numpy as np
 from ringserve.ipc import bytes_tensor
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.layout import DTYPE_CODE, DTYPE_CODE_OF, MAX_NDIM, STATUS_OK, Status
-from ringserve.ipc.slot_fit import over_slot
+from ringserve.ipc.slot_fit import answer_offset, over_slot
 from ringserve.ipc.testhooks import pause_point
 
 _BYTES = DTYPE_CODE["bytes"]
@@ -45,9 +47,18 @@ DEADLINE_MESSAGE = b"deadline passed before inference"
 def write_error(arena: Arena, slot: int, status: Status, message: bytes) -> None:
     """Finish a slot with an error status and a UTF-8 message as its payload."""
     msg = message[: arena.geometry.slot_bytes]
-    arena.headers.begin_answer(slot)
-    arena.data(slot)[: len(msg)] = msg
+    at = _start_answer(arena, slot, len(msg))
+    arena.data(slot)[at : at + len(msg)] = msg
     arena.headers.write_result(slot, int(status), _BYTES, (len(msg),), len(msg))
+
+
+def _start_answer(arena: Arena, slot: int, nbytes: int) -> int:
+    """Where the answer of ``nbytes`` goes in ``slot``; marks the slot as losing its
+    input first when that is over the input."""
+    at = answer_offset(arena.headers.in_nbytes(slot), nbytes, arena.geometry.slot_bytes)
+    if at == 0:
+        arena.headers.begin_answer(slot)
+    return at
 
 
 def write_output(
@@ -65,10 +76,14 @@ def write_output(
     code = DTYPE_CODE_OF.get(out.dtype)
     if code is None:
         return f"unsupported output dtype {out.dtype.name}"
-    arena.headers.begin_answer(slot)
-    if out.nbytes < IN_PLACE_CHECK_BYTES or not arena.holds_in_place(slot, out):
-        np.copyto(arena.data_array(slot, out.dtype, out.shape), out)
-    pause_point("answer.over_input")
+    at = answer_offset(arena.headers.in_nbytes(slot), out.nbytes, arena.geometry.slot_bytes)
+    # An output the model left in place over the input (identity) is already there, and
+    # the input with it: nothing to copy, nothing lost.
+    if at or out.nbytes < IN_PLACE_CHECK_BYTES or not arena.holds_in_place(slot, out):
+        if at == 0:
+            arena.headers.begin_answer(slot)
+        np.copyto(arena.data_array(slot, out.dtype, out.shape, at), out)
+    pause_point("answer.written")
     arena.headers.write_result(slot, STATUS_OK, code, out.shape, out.nbytes, batch_size, batch_id)
     return None
 
@@ -82,8 +97,8 @@ def _write_bytes_output(
         return str(e)
     if len(packed) > arena.geometry.slot_bytes or out.ndim > MAX_NDIM:
         return _unfit(arena, out, len(packed), "BYTES output")
-    arena.headers.begin_answer(slot)
-    arena.data(slot)[: len(packed)] = packed
+    at = _start_answer(arena, slot, len(packed))
+    arena.data(slot)[at : at + len(packed)] = packed
     arena.headers.write_result(
         slot, STATUS_OK, _BYTES, out.shape, len(packed), batch_size, batch_id
     )

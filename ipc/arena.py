@@ -283,8 +283,11 @@ class Arena:
         start = self._data_off + slot * self._data_stride
         return self._buf[start : start + self.geometry.slot_bytes]
 
-    def data_array(self, slot: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-        """A zero-copy numpy view of a slot's payload; ValueError if it does not fit.
+    def data_array(
+        self, slot: int, dtype: np.dtype, shape: tuple[int, ...], offset: int = 0
+    ) -> np.ndarray:
+        """A zero-copy numpy view of a slot's payload from ``offset``; ValueError if it
+        does not fit.
 
         One ``np.ndarray`` over the slot's cached byte view: 0.3 µs, against 0.8 for
         slicing, viewing and reshaping that view (three arrays made per call), and
@@ -292,7 +295,7 @@ class Arena:
         request.
         """
         try:
-            return np.ndarray(shape, dtype, self._slot_bytes[slot])
+            return np.ndarray(shape, dtype, self._slot_bytes[slot], offset)
         except TypeError:  # "buffer is too small for requested array"
             raise ValueError(f"{shape} of {dtype} does not fit slot {slot}") from None
 

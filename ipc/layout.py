@@ -34,9 +34,12 @@ lock) or an eventfd syscall, either of which orders memory on any architecture.
 a newer request. ``cancel`` is written only by the frontend and read
 by the worker. ``attempts`` counts claims by workers: a request claimed by a worker that
 died is re-queued once and run alone; a second death fails it as poison. A RUNNING
-slot's ``status`` reads ``STATUS_ANSWERING`` once its worker has begun to write the
-answer over the input: a worker that dies then leaves no input to run again, so the
-supervisor fails that request (500) instead of re-queuing it.
+slot's answer goes beside its input when both fit (``slot_fit.answer_offset``, derived
+by writer and reader from the two sizes), so a worker that dies while writing it leaves
+the input whole and the request runs again. Where the answer must go over the input, the
+slot's ``status`` reads ``STATUS_ANSWERING`` once its worker has begun to write it: a
+worker that dies then leaves no input to run again, so the supervisor fails that
+request (500) instead of re-queuing it.
 """
 
 from __future__ import annotations
@@ -46,11 +49,12 @@ import enum
 import numpy as np
 
 MAGIC = 0x5245_5653_474E_4952  # "RINGSVER" as little-endian bytes, give or take
-VERSION = 7  # 3: the ring lock is a robust mutex in the ring header; 4: the region table;
+VERSION = 8  # 3: the ring lock is a robust mutex in the ring header; 4: the region table;
 # 5: load errors in control records and model entries; 6: the supervisor publishes each
 # model's wanted worker count and the header's stopping flag (a frontend of version 6
 # would read an older supervisor's zero padding as "drained"); 7: a slot keeps 256 bytes
-# of the request id
+# of the request id; 8: an answer goes beside the input when both fit (a version 7
+# frontend would read it at the payload's start)
 
 PAGE = 4096
 ARENA_HEADER_BYTES = PAGE

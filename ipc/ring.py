@@ -25,7 +25,8 @@ Transitions done under the lock, and why each order is safe if the holder dies m
 * requeue_from_dead (supervisor): every RUNNING slot of the dead worker goes back to
   QUEUED (pushed again unless still in the ring), or, if it already had two attempts,
   DONE with status POISON (CANCELLED if its client is gone). One whose answer the worker
-  had begun to write (``STATUS_ANSWERING``: its input is partly overwritten) is DONE with
+  had begun to write over its input (``STATUS_ANSWERING``: the input is partly
+  overwritten; an answer that fits beside the input never sets it) is DONE with
   MODEL_ERROR: run again, it would answer for the wrong input.
 
 A holder that is alive but frozen (SIGSTOP, a debugger, the cgroup freezer) keeps the

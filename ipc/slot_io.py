@@ -60,6 +60,7 @@ _OUT_OFF, _OUT = span("out_dtype", "out_ndim", "out_shape", "out_nbytes")
 _FINISHED_OFF = L.SLOT_HEADER.fields["finished_ns"][1]
 _BATCH_OFF, _BATCH = span("batch_size", "batch_id")
 _STATUS_OFF = L.SLOT_HEADER.fields["status"][1]
+_IN_NBYTES_OFF = L.SLOT_HEADER.fields["in_nbytes"][1]
 _ANSWERING = L.STATUS_ANSWERING  # (a module global: one lookup on the answer path)
 _OWNER_OFF = L.SLOT_HEADER.fields["owner"][1]
 _CANCEL_OFF = L.SLOT_HEADER.fields["cancel"][1]
@@ -237,6 +238,9 @@ class SlotHeaders:
             Header,
             (*v[:_IN_SHAPE], in_shape, v[_IN_NBYTES], v[_OUT_DTYPE], out_shape, *v[_OUT_END:]),
         )
+
+    def in_nbytes(self, slot: int) -> int:
+        return _U8.unpack_from(self.buf, self._off(slot) + _IN_NBYTES_OFF)[0]
 
     def begin_answer(self, slot: int) -> None:
         """Mark a RUNNING slot as being answered, before its input is overwritten."""

@@ -1025,29 +1025,55 @@ def _stopped_workers(server: Server) -> list[int]:
     return [p for p in server.pids("worker") if psutil.Process(p).status() == "stopped"]
 
 
-def test_a_worker_killed_writing_an_answer_fails_it_rather_than_run_its_answer(
-    start_server,
-) -> None:
-    """A worker writes each answer over its request's input. SIGKILLed between that
-    copy and ``state = DONE`` (by the heartbeat check, by the OOM killer), it left the
-    request RUNNING, the supervisor re-queued it, and the next worker ran the answer's
-    bytes as the input: a 200 for an input nobody sent. The request now fails, 500,
-    saying why, and the replacement does not run it. (Every worker here stops itself
-    at that point: the test lets any but the first go on.)"""
-    server: Server = start_server(env={"RINGSERVE_TEST_PAUSE_AT": "answer.over_input"}, frontends=1)
+def _kill_the_worker_writing_an_answer(server: Server, path: str, data: object) -> tuple:
+    """Send one request; SIGKILL the worker once it has written the answer but not yet
+    marked it DONE (every worker here stops itself there). Returns the response and the
+    replacement workers that reached the same point (they are let go on)."""
     with ThreadPoolExecutor(1) as pool, server.client(timeout=60) as c:
-        sent = pool.submit(c.post, "/predict", json={"data": DIGIT3["data"]})
+        sent = pool.submit(c.post, path, json={"data": data})
         [victim] = wait_until(lambda: _stopped_workers(server), 30, "the worker to pause")
         os.kill(victim, signal.SIGKILL)
         reran = []
         while True:
             try:
-                r = sent.result(timeout=0.1)
-                break
+                return sent.result(timeout=0.1), reran
             except TimeoutError:  # a replacement that ran it again paused: let it answer
                 for pid in _stopped_workers(server):
                     reran.append(pid)
                     os.kill(pid, signal.SIGCONT)
+
+
+def test_a_worker_killed_writing_an_answer_beside_the_input_has_it_run_again(
+    start_server,
+) -> None:
+    """An answer that fits beside its request's input in the slot is written there. A
+    worker SIGKILLed between that copy and ``state = DONE`` (by the heartbeat check, the
+    OOM killer, a chaos test) leaves the input whole: the replacement runs the request
+    again and the client gets its right answer, not a 500. (A digit: 3136 bytes in, 40
+    out, in a 1 MiB slot.)"""
+    server: Server = start_server(env={"RINGSERVE_TEST_PAUSE_AT": "answer.written"}, frontends=1)
+    r, reran = _kill_the_worker_writing_an_answer(server, "/predict", DIGIT3["data"])
+    assert r.status_code == 200, r.text
+    assert r.json()["result"]["label"] == "3" and len(reran) == 1
+    assert not re.search(r"whose answers it was writing when it died", server.log())
+    server.wait_ready()
+    assert server.stop() == 0
+
+
+def test_a_worker_killed_writing_an_answer_over_the_input_fails_it_rather_than_rerun_it(
+    start_server,
+) -> None:
+    """An answer too large to fit beside its input goes over it. A worker SIGKILLed
+    between that copy and ``state = DONE`` left the request RUNNING, the supervisor
+    re-queued it, and the next worker ran the answer's bytes as the input: a 200 for an
+    input nobody sent. The request now fails, 500, saying why, and the replacement does
+    not run it. (Identity in 4 KiB slots: 3200 bytes in and 3200 out do not fit.)"""
+    server: Server = start_server(
+        *("--model", "id=identity", "--set", "arena.slot_bytes=4096"),
+        env={"RINGSERVE_TEST_PAUSE_AT": "answer.written"},
+        frontends=1,
+    )
+    r, reran = _kill_the_worker_writing_an_answer(server, "/v1/models/id/predict", [[1.5] * 800])
     assert not reran, f"the request ran again: {r.status_code} {r.text}"
     assert r.status_code == 500, r.text
     assert "the worker died while writing this request's answer" in r.json()["error"]

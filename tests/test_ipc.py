@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from conftest import wait_until
+from support.answers import answer_bytes
 
 from ringserve.frontend.dispatch import REFUSED, Completed, Dispatcher
 from ringserve.frontend.metrics import ArenaCollector
@@ -30,6 +31,7 @@ from ringserve.ipc.arena import Arena, ArenaGeometry, segment_name, sweep_stale
 from ringserve.ipc.errors import ArenaError, QueueFull, RingLockTimeout
 from ringserve.ipc.layout import DTYPE_CODE, SlotState, Status
 from ringserve.ipc.ring import LOST_MESSAGE, RequestRing
+from ringserve.ipc.slot_fit import answer_offset
 from ringserve.ipc.testhooks import arm
 
 FORK = mp.get_context("fork")  # ipc has no torch and no threads: fork is safe here
@@ -120,12 +122,18 @@ def write_slot(arena: Arena, model: int, slot: int, payload: np.ndarray, rows: i
 
 
 def answer(arena: Arena, slot: int) -> None:
-    """What a worker does: read the input view, write input+1 as output, mark DONE."""
+    """What a worker does: read the input view, write input+1 as output where the
+    frontend reads it, mark DONE."""
     rec = arena.slots[slot]
     n = int(rec["in_nbytes"])
     src = arena.data_array(slot, np.dtype("uint8"), (n,))
     out = (src + 1).astype(np.uint8)
-    np.copyto(src, out)
+    np.copyto(
+        arena.data_array(
+            slot, out.dtype, out.shape, answer_offset(n, n, arena.geometry.slot_bytes)
+        ),
+        out,
+    )
     rec["out_dtype"] = DTYPE_CODE["uint8"]
     rec["out_ndim"] = 1
     rec["out_shape"][0] = n
@@ -433,7 +441,7 @@ def test_dead_worker_requeued_once_then_poison_alone(shm_dir: Path) -> None:
     assert requeued == [] and poisoned == [singles[0][0].slot]
     rec = arena.slots[singles[0][0].slot]
     assert rec["state"] == SlotState.DONE and rec["status"] == Status.POISON
-    assert arena.data(singles[0][0].slot)[:6].tobytes() == b"poison"
+    assert answer_bytes(arena, singles[0][0].slot)[:6] == b"poison"
     arena.close()
 
 
@@ -457,8 +465,8 @@ def test_a_dead_workers_cancelled_request_is_finished_not_requeued(shm_dir: Path
 
 
 def _answer_with_write_output(path: str, worker: int, pause_at: str) -> None:
-    """A worker's answers as the real one writes them (``write_output``, over the
-    input): input * 10, slot after slot, pausing at ``pause_at``."""
+    """A worker's answers as the real one writes them (``write_output``): input * 10,
+    slot after slot, pausing at ``pause_at``."""
     arm(pause_at)
     arena = Arena.attach(path)
     ring = RequestRing(arena, 0)
@@ -468,22 +476,13 @@ def _answer_with_write_output(path: str, worker: int, pause_at: str) -> None:
     os._exit(0)
 
 
-def test_a_worker_killed_writing_an_answer_over_the_input_fails_that_request_alone(
-    shm_dir: Path,
-) -> None:
-    """An answer is written over its request's input. A worker SIGKILLed between that
-    copy and ``state = DONE`` (a heartbeat kill, the OOM killer) left the slot RUNNING,
-    and the supervisor re-queued it: the next worker ran the first answer's bytes as the
-    input and the client got a 200 for the wrong input. Now that request fails (500,
-    saying why), the one answered before it keeps its answer, and the one not reached
-    yet is re-queued with its input whole."""
-    arena = make_arena(shm_dir)
+def _killed_in_second_answer(arena: Arena, row_bytes: int) -> RequestRing:
+    """Three queued requests (``row_bytes`` of 1, 2, 3) and a worker that answered the
+    first, then was SIGKILLed while writing the second's answer (before ``DONE``)."""
     ring = RequestRing(arena, 0)
     for slot in range(3):
-        produce(arena, ring, slot, np.full(4, slot + 1, np.uint8))
-    victim = FORK.Process(
-        target=_answer_with_write_output, args=(arena.path, 3, "answer.over_input")
-    )
+        produce(arena, ring, slot, np.full(row_bytes, slot + 1, np.uint8))
+    victim = FORK.Process(target=_answer_with_write_output, args=(arena.path, 3, "answer.written"))
     victim.start()
     wait_until(lambda: _stopped(victim.pid), 10, "worker to pause in its first answer")
     os.kill(victim.pid, signal.SIGCONT)  # on to the second answer, and pause there
@@ -491,15 +490,55 @@ def test_a_worker_killed_writing_an_answer_over_the_input_fails_that_request_alo
     wait_until(lambda: _stopped(victim.pid), 10, "worker to pause in its second answer")
     os.kill(victim.pid, signal.SIGKILL)
     victim.join(10)
-    assert bytes(arena.data(1)[:4]) == bytes([20] * 4)  # the input is gone: answer bytes
+    return ring
+
+
+def test_a_worker_killed_writing_an_answer_beside_the_input_has_it_run_again(
+    shm_dir: Path,
+) -> None:
+    """An answer that fits beside its request's input goes there: a worker SIGKILLed
+    while writing it (a heartbeat kill, the OOM killer, a chaos test's kill) leaves the
+    input whole, and the request is re-queued and answered, not lost. The answer is read
+    where it was written, past the input."""
+    arena = make_arena(shm_dir)  # 4096-byte slots: 100 bytes in, 100 out fit side by side
+    ring = _killed_in_second_answer(arena, 100)
+    assert bytes(arena.data(1)[:100]) == bytes([2] * 100)  # the input is whole
+    assert ring.requeue_from_dead(3, b"poison") == ([1, 2], [], [], [])
+    at = answer_offset(100, 100, 4096)
+    assert at == 128
+    assert bytes(arena.data(0)[at : at + 100]) == bytes([10] * 100)  # the first answer
+    assert bytes(arena.data(0)[:100]) == bytes([1] * 100)  # beside its input, not over it
+    [rerun] = ring.pop(8, 4, os.getpid())  # each retried request runs alone
+    [fresh] = ring.pop(8, 4, os.getpid())
+    assert (rerun.slot, rerun.attempts, fresh.slot, fresh.attempts) == (1, 2, 2, 2)
+    assert bytes(arena.data(1)[:100]) == bytes([2] * 100)
+    arena.close()
+
+
+def test_a_worker_killed_writing_an_answer_over_the_input_fails_that_request_alone(
+    shm_dir: Path,
+) -> None:
+    """An answer that does not fit beside its input is written over it. A worker
+    SIGKILLed between that copy and ``state = DONE`` left the slot RUNNING, and the
+    supervisor re-queued it: the next worker ran the first answer's bytes as the input
+    and the client got a 200 for the wrong input. Now that request fails (500, saying
+    why), the one answered before it keeps its answer, and the one not reached yet is
+    re-queued with its input whole."""
+    arena = make_arena(shm_dir)  # 4096-byte slots: 3000 bytes in and 3000 out do not fit
+    assert answer_offset(3000, 3000, 4096) == 0
+    ring = _killed_in_second_answer(arena, 3000)
+    assert bytes(arena.data(1)[:3000]) == bytes([20] * 3000)  # the input is gone
     recovered = ring.requeue_from_dead(3, b"poison")
     assert recovered == ([2], [], [], [1])
-    assert arena.slots["status"][0] == Status.OK and bytes(arena.data(0)[:4]) == bytes([10] * 4)
+    assert arena.slots["status"][0] == Status.OK
+    assert bytes(arena.data(0)[:3000]) == bytes([10] * 3000)
     rec = arena.slots[1]
     assert rec["state"] == SlotState.DONE and rec["status"] == Status.MODEL_ERROR
-    assert bytes(arena.data(1)[: len(LOST_MESSAGE)]) == LOST_MESSAGE
+    # An error message fits beside what is left: it is read from there.
+    at = answer_offset(3000, len(LOST_MESSAGE), 4096)
+    assert at == 3008 and answer_bytes(arena, 1) == LOST_MESSAGE
     [again] = ring.pop(8, 4, os.getpid())
-    assert again.slot == 2 and bytes(arena.data(2)[:4]) == bytes([3] * 4)
+    assert again.slot == 2 and bytes(arena.data(2)[:3000]) == bytes([3] * 3000)
     arena.close()
 
 
@@ -519,7 +558,7 @@ def test_write_error_carries_message(shm_dir: Path) -> None:
     write_error(arena, 2, Status.BAD_INPUT, b"no good")
     rec = arena.slots[2]
     assert rec["state"] == SlotState.DONE and rec["status"] == Status.BAD_INPUT
-    assert arena.data(2)[: int(rec["out_nbytes"])].tobytes() == b"no good"
+    assert answer_bytes(arena, 2) == b"no good"
     arena.close()
 
 
@@ -635,8 +674,7 @@ def _producer(
         if wake.wait(done_fd, 0.2):
             wake.drain(done_fd)
         for slot in [s for s in pending if arena.slots["state"][s] == SlotState.DONE]:
-            n = int(arena.slots["out_nbytes"][slot])
-            ok += arena.data(slot)[:n].tobytes() == pending.pop(slot)
+            ok += answer_bytes(arena, slot) == pending.pop(slot)
             arena.slots["state"][slot] = SlotState.FREE
             free.append(slot)
     result_q.put((frontend, sent, ok, len(pending)))
@@ -715,7 +753,7 @@ def test_consumer_killed_while_holding_the_ring_lock(shm_dir: Path) -> None:
     assert rescuer.exitcode == 0
     for slot in range(3):
         assert arena.slots["state"][slot] == SlotState.DONE
-        assert arena.data(slot)[:8].tobytes() == bytes([slot + 1] * 8)
+        assert answer_bytes(arena, slot) == bytes([slot + 1] * 8)
     arena.close()
 
 
@@ -1032,7 +1070,7 @@ def _read_in_place(arena: Arena, worker_ring: RequestRing, d: Dispatcher) -> Non
     def round_trip(use: object) -> object:
         slot, _ = d.submit(0, np.arange(4, dtype=np.uint8), 1, 1, 0, "rid")
         worker_ring.pop(1, 1, 1)
-        answer(arena, slot)  # input + 1, in place
+        answer(arena, slot)  # input + 1
         d._on_done()
         return slot, d.collect(slot, use)  # type: ignore[arg-type]
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.answers import answer_bytes
 
 from ringserve.frontend.app import hot_routes
 from ringserve.frontend.call import AsgiEndpoint, new_request_id
@@ -122,7 +123,7 @@ def test_claim_and_answer_round_trip(arena: Arena) -> None:
     assert r.out_shape == (2, 3) and r.out_nbytes == 48 and (r.batch_size, r.batch_id) == (5, 9)
     assert r.started_ns == 20 and r.enqueued_ns == 10 and r.finished_ns >= 20
     assert r.in_shape == (4,)  # the request's half is left as it was
-    np.testing.assert_array_equal(arena.data_array(1, np.dtype("int64"), r.out_shape), out)
+    assert answer_bytes(arena, 1) == out.tobytes()
 
 
 def test_answer_in_place_and_refusals(arena: Arena) -> None:
@@ -150,7 +151,7 @@ def test_answer_in_place_and_refusals(arena: Arena) -> None:
     assert "unsupported" in write_output(arena, 0, np.array(["a"]), 1, 1)
     write_error(arena, 3, Status.BAD_INPUT, b"no good")
     r = arena.headers.read(3)
-    assert r.status == Status.BAD_INPUT and bytes(arena.data(3)[: r.out_nbytes]) == b"no good"
+    assert r.status == Status.BAD_INPUT and answer_bytes(arena, 3) == b"no good"
 
 
 def test_bytes_output_packed_into_the_slot(arena: Arena) -> None:
@@ -160,7 +161,7 @@ def test_bytes_output_packed_into_the_slot(arena: Arena) -> None:
     assert write_output(arena, 2, out, 2, 7) is None
     r = arena.headers.read(2)
     assert (r.status, r.out_dtype, r.out_shape) == (Status.OK, DTYPE_CODE["bytes"], (2, 1))
-    assert bytes(arena.data(2)[: r.out_nbytes]) == b"\x02\x00\x00\x00ab\x01\x00\x00\x00\x00"
+    assert answer_bytes(arena, 2) == b"\x02\x00\x00\x00ab\x01\x00\x00\x00\x00"
     bad = np.array([b"a", 5], dtype=object)
     assert write_output(arena, 2, bad, 1, 1) == "a BYTES element must be bytes or str, not int"
     big = np.array([b"x" * arena.geometry.slot_bytes], dtype=object)  # + 4 length bytes
