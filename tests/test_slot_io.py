@@ -23,7 +23,7 @@ from ringserve.ipc.layout import (
     WRITING,
     Status,
 )
-from ringserve.ipc.slot_fit import over_slot, row_bytes
+from ringserve.ipc.slot_fit import answer_offset, over_slot, row_bytes
 from ringserve.ipc.slot_io import Header, span
 
 
@@ -124,6 +124,31 @@ def test_claim_and_answer_round_trip(arena: Arena) -> None:
     assert r.started_ns == 20 and r.enqueued_ns == 10 and r.finished_ns >= 20
     assert r.in_shape == (4,)  # the request's half is left as it was
     assert answer_bytes(arena, 1) == out.tobytes()
+
+
+@pytest.mark.parametrize(
+    ("in_nbytes", "out_nbytes", "at"),
+    [(2000, 2048, 2048), (2000, 2049, 0), (2048, 2048, 2048), (0, 4096, 0), (1, 4032, 64)],
+)
+def test_an_answer_goes_beside_its_input_exactly_when_both_fit(
+    arena: Arena, in_nbytes: int, out_nbytes: int, at: int
+) -> None:
+    """The worker (``write_output``, inline) and the frontend (``answer_offset``) must
+    agree on where an answer lies, at the boundary too; beside, the input stays whole
+    and the slot is never marked as losing it."""
+    assert answer_offset(in_nbytes, out_nbytes, 4096) == at
+    arena.slots["in_nbytes"][1] = in_nbytes
+    arena.data(1)[:in_nbytes] = b"i" * in_nbytes
+    marked = []
+    real = arena.headers.begin_answer
+    arena.headers.begin_answer = lambda slot: (marked.append(slot), real(slot))  # type: ignore[method-assign]
+    assert write_output(arena, 1, np.full(out_nbytes, 7, np.uint8), 1, 1) is None
+    assert bytes(arena.data(1)[at : at + out_nbytes]) == bytes([7] * out_nbytes)
+    assert answer_bytes(arena, 1) == bytes([7] * out_nbytes)
+    if at:
+        assert bytes(arena.data(1)[:in_nbytes]) == b"i" * in_nbytes and marked == []
+    else:
+        assert marked == [1]
 
 
 def test_answer_in_place_and_refusals(arena: Arena) -> None:
