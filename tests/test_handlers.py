@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -1036,3 +1037,25 @@ def test_a_torchscript_shape_option_takes_integers_only(shape: object) -> None:
         create_handler(
             ModelSettings(name="m", handler="torchscript:x", options={"input_shape": shape})
         )
+
+
+@pytest.mark.parametrize(
+    ("handler", "unused"),
+    [("identity", True), ("torchscript:/nowhere.pt", True), ("digits", False)],
+)
+def test_a_weights_file_a_handler_does_not_read_is_said_to_be_unused(
+    handler: str, unused: bool, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``--weights`` sets every model's weights; identity and a TorchScript archive read
+    none, and served as if the file had been taken, without a word."""
+    weights = tmp_path / "w.pt"
+    with caplog.at_level(logging.WARNING, "ringserve.worker"):
+        create_handler(ModelSettings(name="m", handler=handler, weights=str(weights)))
+    said = [r.getMessage() for r in caplog.records if "is not used" in r.getMessage()]
+    assert said == (
+        [
+            f"model m: {handler.partition(':')[0]} reads no weights file; weights = {weights} is not used"
+        ]
+        if unused
+        else []
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 
 from ringserve.gpu_worker.handlers.base import BadInput, Handler, TensorSpec
 from ringserve.gpu_worker.stop import StopRequested
@@ -11,6 +12,8 @@ from ringserve.ipc.config import ModelSettings
 from ringserve.ipc.errors import ConfigError
 
 __all__ = ["BadInput", "Handler", "TensorSpec", "create_handler"]
+
+log = logging.getLogger("ringserve.worker")
 
 _BUILTINS = {
     "identity": "ringserve.gpu_worker.handlers.identity:IdentityHandler",
@@ -58,6 +61,13 @@ def create_handler(settings: ModelSettings) -> Handler:
     kind, _, arg = settings.handler.partition(":")
     cls = _import(arg) if kind == "python" else _import(_BUILTINS[kind])
     _check_options(settings, cls, kind)
+    if settings.weights and not cls.takes_weights:
+        log.warning(
+            "model %s: %s reads no weights file; weights = %s is not used",
+            settings.name,
+            kind,
+            settings.weights,
+        )
     handler = cls(settings, "" if kind == "python" else arg)
     inputs = handler.inputs
     # Only a declaration of the expected form: any other is refused, naming the field,

@@ -75,6 +75,9 @@ class Handler(ABC):
     # The ``[models.NAME.options]`` keys it reads: any other is a typo, refused at start
     # as an unknown config key is. None: any (a handler of yours reads what it likes).
     known_options: frozenset[str] | None = None
+    # False: it reads no ``weights`` file (identity, a TorchScript archive that holds its
+    # own), so one set for it (``--weights`` sets every model's) is said to be unused.
+    takes_weights: bool = True
 
     def __init__(self, settings: ModelSettings, arg: str = "") -> None:
         self.settings = settings

@@ -10,6 +10,7 @@ from ringserve.gpu_worker.handlers.base import Handler, TensorSpec
 class IdentityHandler(Handler):
     platform = "identity"
     known_options = frozenset()
+    takes_weights = False
     inputs = (TensorSpec("INPUT0", "float32", (-1,)),)
     outputs = (TensorSpec("OUTPUT0", "float32", (-1,)),)
 

@@ -60,6 +60,7 @@ class TorchScriptHandler(Handler):
     known_options = frozenset(
         {"input_dtype", "input_shape", "output_dtype", "output_shape", "task", "labels_file"}
     )
+    takes_weights = False
     platform = "pytorch_libtorch"
 
     def __init__(self, settings: ModelSettings, arg: str = "") -> None:
