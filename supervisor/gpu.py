@@ -31,17 +31,29 @@ def _load_nvml() -> ModuleType | None:
 class GpuWatch:
     def __init__(self, nvml: ModuleType | None = None) -> None:
         self.nvml = nvml if nvml is not None else _load_nvml()
-        self.handles: list = []
+        self.handles: dict[int, object] = {}  # device index -> NVML handle
         self._failing: set[int] = set()  # devices whose query failed last time
-        if self.nvml is not None:
+        self._unwatched: set[int] = set()  # devices NVML gave no handle for at start
+        if self.nvml is None:
+            return
+        try:
+            count = self.nvml.nvmlDeviceGetCount()
+        except Exception as e:  # no permission, a driver in a bad state: serve anyway
+            log.warning("NVML: GPU memory per process unavailable: %s", e)
+            self.close()
+            return
+        for i in range(count):
             try:
-                count = self.nvml.nvmlDeviceGetCount()
-                self.handles = [self.nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
-            except Exception as e:  # a GPU fallen off the bus, no permission: serve anyway
-                log.warning("NVML: GPU memory per process unavailable: %s", e)
-                self.close()
-                return
-            log.info("NVML: watching GPU memory on %d device(s)", count)
+                self.handles[i] = self.nvml.nvmlDeviceGetHandleByIndex(i)
+            except Exception as e:  # a GPU fallen off the bus: watch the others
+                self._unwatched.add(i)
+                log.warning("NVML: GPU %d is not watched: %s", i, e)
+        if not self.handles:
+            if count:
+                log.warning("NVML: GPU memory per process unavailable: no device answered")
+            self.close()
+            return
+        log.info("NVML: watching GPU memory on %d of %d device(s)", len(self.handles), count)
 
     @property
     def enabled(self) -> bool:
@@ -51,14 +63,14 @@ class GpuWatch:
     def every_device_answered(self) -> bool:
         """Whether the last ``used_by_pid`` heard from every device (a pid missing from
         it may be on a device that did not answer)."""
-        return not self._failing
+        return not self._failing and not self._unwatched
 
     def used_by_pid(self) -> dict[int, int]:
         """Bytes of GPU memory per host pid, summed over devices (one call per sample)."""
         used: dict[int, int] = {}
         if self.nvml is None:
             return used
-        for index, handle in enumerate(self.handles):
+        for index, handle in self.handles.items():
             try:
                 procs = self.nvml.nvmlDeviceGetComputeRunningProcesses(handle)
             except Exception as e:

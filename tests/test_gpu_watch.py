@@ -40,7 +40,7 @@ def test_sums_per_pid_across_devices_and_skips_hidden() -> None:
 def test_a_failing_device_is_logged_once_and_the_rest_still_counted(caplog) -> None:
     nvml = FakeNvml([[(10, 100)], []])
     watch = GpuWatch(nvml)  # type: ignore[arg-type]
-    watch.handles.append(99)  # a device whose query fails (fallen off the bus)
+    watch.handles[2] = 99  # a device whose query fails (fallen off the bus)
     for _ in range(3):
         assert watch.used_by_pid() == {10: 100}
         assert not watch.every_device_answered  # pids on GPU 2 cannot be told missing
@@ -49,13 +49,40 @@ def test_a_failing_device_is_logged_once_and_the_rest_still_counted(caplog) -> N
 
 def test_nvml_failing_at_start_disables_the_watch_instead_of_the_supervisor(caplog) -> None:
     class NoPermission(FakeNvml):
-        def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+        def nvmlDeviceGetCount(self) -> int:
             raise RuntimeError("Insufficient Permissions")
 
     nvml = NoPermission([[(10, 100)]])
     watch = GpuWatch(nvml)  # type: ignore[arg-type]  # (it raised here)
     assert not watch.enabled and watch.used_by_pid() == {} and nvml.shut
     assert "GPU memory per process unavailable: Insufficient Permissions" in caplog.text
+
+
+def test_a_device_without_a_handle_at_start_leaves_the_others_watched(caplog) -> None:
+    """One GPU fallen off the bus (its handle refused) turned the watch off for every
+    device: no GPU memory per process anywhere on the host. The others are watched, and
+    pids missing from their answers are not taken as holding nothing."""
+
+    class OneGone(FakeNvml):
+        def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+            if i == 1:
+                raise RuntimeError("GPU is lost")
+            return i
+
+    nvml = OneGone([[(10, 100)], [(11, 5)], [(12, 7)]])
+    watch = GpuWatch(nvml)  # type: ignore[arg-type]
+    assert watch.enabled and not nvml.shut
+    assert watch.used_by_pid() == {10: 100, 12: 7}
+    assert not watch.every_device_answered
+    assert "NVML: GPU 1 is not watched: GPU is lost" in caplog.text
+
+    class AllGone(FakeNvml):
+        def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+            raise RuntimeError("Insufficient Permissions")
+
+    nvml = AllGone([[(10, 100)]])
+    watch = GpuWatch(nvml)  # type: ignore[arg-type]
+    assert not watch.enabled and watch.used_by_pid() == {} and nvml.shut
 
 
 def test_cpu_host_is_disabled_without_error() -> None:
@@ -89,12 +116,12 @@ def test_a_worker_on_a_device_that_did_not_answer_keeps_its_last_gpu_figure() ->
 
     nvml = FakeNvml([[(7, 1 << 20)], []])
     watch = GpuWatch(nvml)
-    watch.handles = [0, 99]  # the second device's query fails
+    watch.handles = {0: 0, 1: 99}  # the second device's query fails
     arb = Sampled(watch)
     worker = SimpleNamespace(returncode=None, pid=42, control_index=0, role="frontend")
     arb.sample_child(worker, 0.0, watch.used_by_pid())
     assert not watch.every_device_answered
     assert arb.arena.control[0]["gpu_nvml"] == 5 << 20  # kept, not 0
-    watch.handles = [0, 1]  # both answer: not listed now means none
+    watch.handles = {0: 0, 1: 1}  # both answer: not listed now means none
     arb.sample_child(worker, 1.0, watch.used_by_pid())
     assert arb.arena.control[0]["gpu_nvml"] == 0
