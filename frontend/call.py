@@ -111,7 +111,12 @@ def decompress_body(body: bytes, encoding: str | None, limit: int) -> bytes:
     elif enc == "deflate":
         wbits = 32 + zlib.MAX_WBITS  # zlib-wrapped (what HTTP means by deflate) or gzip
     else:
-        raise HTTPError(415, f"unsupported Content-Encoding {encoding!r}: use gzip or deflate")
+        # RFC 7694 (and Triton): say which codings would have been taken
+        raise HTTPError(
+            415,
+            f"unsupported Content-Encoding {encoding!r}: use gzip or deflate",
+            {"Accept-Encoding": "gzip, deflate"},
+        )
     return _inflate(memoryview(body), enc, wbits, limit)
 
 

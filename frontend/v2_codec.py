@@ -632,8 +632,11 @@ def classify(output: np.ndarray, count: int, labels: Sequence[str] = ()) -> np.n
     row)]``."""
     rows = output.reshape(output.shape[0], -1) if output.ndim else output.reshape(1, 1)
     k = min(count, rows.shape[1])
-    # Sorted as float64, negated: stable for ties, and safe for unsigned integers.
-    top = np.argsort(-rows.astype(np.float64), axis=1, kind="stable")[:, :k]
+    # Highest first, stable for ties. Compared in the output's own type, as Triton does:
+    # as float64, integers past 2**53 tied. ~x orders integers (signed or not) and
+    # booleans backwards without overflow; floats are negated.
+    key = -rows.astype(np.float64) if rows.dtype.kind == "f" else ~rows
+    top = np.argsort(key, axis=1, kind="stable")[:, :k]
     floating = rows.dtype.kind == "f"
     out = np.empty(top.shape, dtype=object)
     for r, indices in enumerate(top.tolist()):

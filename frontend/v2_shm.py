@@ -52,9 +52,9 @@ def shm_routes(state: FrontendState) -> list[Route]:
         return json_reply({})
 
     async def cuda_status(call: Call) -> Reply:
-        if "region" in call.path_params:
-            raise bad_request(
-                f"CUDA shared memory region {call.path_params['region']!r} is not registered"
+        if "region" in call.path_params:  # Triton's NOT_FOUND, a 404 as for system memory
+            raise HTTPError(
+                404, f"CUDA shared memory region {call.path_params['region']!r} is not registered"
             )
         return json_reply([])
 

@@ -695,6 +695,17 @@ def test_classify_top_k_as_triton_formats_it() -> None:
     ]
 
 
+def test_classify_compares_integers_in_their_own_type() -> None:
+    # Triton ranks "compared using the output tensor's data type": as float64, values
+    # past 2**53 tied and came back in index order, the smaller one first.
+    big = np.array([[2**64 - 2, 2**64 - 1, 5]], np.uint64)
+    assert texts(classify(big, 2)) == [["18446744073709551615:1", "18446744073709551614:0"]]
+    low, high = -(2**63), 2**63 - 1
+    signed = np.array([[high - 1, low, high]], np.int64)
+    assert texts(classify(signed, 3)) == [[f"{high}:2", f"{high - 1}:0", f"{low}:1"]]
+    assert texts(classify(np.array([[False, True, True]]), 3)) == [["1:1", "1:2", "0:0"]]
+
+
 @pytest.mark.parametrize("binary", [False, True])
 def test_classification_response(binary: bool) -> None:
     req = InferRequest(np.zeros(1), 2, None, binary, "OUTPUT0", classification=2)
@@ -746,6 +757,7 @@ def test_decompress_gzip_deflate_and_bounds() -> None:
     with pytest.raises(HTTPError) as e:
         decompress_body(data, "br", 1000)
     assert e.value.status == 415
+    assert e.value.headers == {"Accept-Encoding": "gzip, deflate"}
 
 
 def test_decompress_takes_every_gzip_member_and_refuses_what_follows() -> None:

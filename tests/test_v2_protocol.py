@@ -629,6 +629,8 @@ def test_content_type_and_encoding_refusals(client: httpx.Client) -> None:
     good_json(client)
     r = client.post("/v2/models/id/infer", content=doc, headers={"Content-Encoding": "br"})
     assert r.status_code == 415
+    # RFC 7694 (and Triton): the refusal names the codings that would be taken
+    assert r.headers["Accept-Encoding"] == "gzip, deflate"
     good_json(client)
     r = client.post("/v2/models/id/infer", content=b"junk", headers={"Content-Encoding": "gzip"})
     assert r.status_code == 400

@@ -211,6 +211,12 @@ def test_cuda_shared_memory_is_refused_clearly(
         r = c.post("/v2/cudasharedmemory/region/g/register", json={"byte_size": 8})
         assert r.status_code == 400 and "system shared memory" in r.json()["error"]
         assert c.post("/v2/cudasharedmemory/unregister").status_code == 200
+        # A region never registered: Triton's NOT_FOUND, a 404 as for system memory.
+        r = c.get("/v2/cudasharedmemory/region/g/status")
+        assert r.status_code == 404 and "'g'" in r.json()["error"]
+    with pytest.raises(InferenceServerException) as e:
+        client.get_cuda_shared_memory_status("g")
+    assert e.value.status() == "404"
     good(client)
 
 
