@@ -233,13 +233,29 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     return value
 
 
-def _section(cls: type, key_prefix: str, values: Mapping[str, Any], base: Any = None) -> Any:
+def _section(
+    cls: type,
+    key_prefix: str,
+    values: Mapping[str, Any],
+    base: Any = None,
+    origins: Mapping[str, str] | None = None,
+) -> Any:
+    """``origins``: the environment variable each key's value came from, if it did, so
+    that an error names the line of ``/etc/default/ringserve`` to fix, not only the key."""
     known = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = dataclasses.asdict(base) if base is not None else {}
+    origins = origins or {}
     for k, v in values.items():
-        if k not in known:
-            raise ConfigError(f"{key_prefix}{k}: unknown key (known: {', '.join(sorted(known))})")
-        kwargs[k] = _coerce(f"{key_prefix}{k}", v, known[k].type)
+        try:
+            if k not in known:
+                raise ConfigError(
+                    f"{key_prefix}{k}: unknown key (known: {', '.join(sorted(known))})"
+                )
+            kwargs[k] = _coerce(f"{key_prefix}{k}", v, known[k].type)
+        except ConfigError as e:
+            if k in origins:
+                raise ConfigError(f"{origins[k]}: {e}") from None
+            raise
     return cls(**kwargs)
 
 
@@ -449,14 +465,22 @@ def _is_python_handler(handler: str) -> bool:
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    return {
+        section: {key: environ[var] for key, var in keys.items()}
+        for section, keys in _env_origins(environ).items()
+    }
+
+
+def _env_origins(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """``{section: {key: variable}}`` for the ``RINGSERVE_<SECTION>_<KEY>`` variables."""
     out: dict[str, dict[str, str]] = {}
-    for name, value in environ.items():
+    for name in environ:
         if not name.startswith("RINGSERVE_"):
             continue
         rest = name[len("RINGSERVE_") :].lower()
         section, _, key = rest.partition("_")
         if section in SECTIONS and key:
-            out.setdefault(section, {})[key] = value
+            out.setdefault(section, {})[key] = name
     return out
 
 
@@ -562,12 +586,19 @@ def load_settings(
         if not isinstance(raw.get(k, {}), Mapping):
             raise ConfigError(f"{k}: expected a table")
     layered: dict[str, dict[str, Any]] = {k: dict(raw.get(k, {})) for k in SECTIONS}
+    # Which keys still hold an environment variable's value (a flag wins over it).
+    origins = _env_origins(environ)
     for source in (_env_overrides(environ), overrides or {}):
         for section, values in source.items():
             if section not in SECTIONS:
                 raise ConfigError(f"{section}: unknown section")
             layered[section].update(values)
-    built = {k: _section(cls, f"{k}.", layered[k]) for k, cls in SECTIONS.items()}
+    for section, values in (overrides or {}).items():
+        for key in values:
+            origins.get(section, {}).pop(key, None)
+    built = {
+        k: _section(cls, f"{k}.", layered[k], origins=origins.get(k)) for k, cls in SECTIONS.items()
+    }
     file_models = raw.get("models", {})
     if not isinstance(file_models, Mapping):
         raise ConfigError("models: expected a table of tables")

@@ -419,6 +419,22 @@ def test_invalid_env_values_name_the_key():
     fails("memory.uss_limit_mb", environ={"RINGSERVE_MEMORY_USS_LIMIT_MB": "4G"})
 
 
+def test_an_invalid_environment_value_names_its_variable():
+    """A bad line of /etc/default/ringserve: the error names the variable to fix, not
+    only the key (the TOML file and the flags have none of it)."""
+    message = fails("server.frontendz", environ={"RINGSERVE_SERVER_FRONTENDZ": "2"})
+    assert message.startswith("RINGSERVE_SERVER_FRONTENDZ: server.frontendz: unknown key")
+    message = fails("server.port", environ={"RINGSERVE_SERVER_PORT": "eighty"})
+    assert message.startswith("RINGSERVE_SERVER_PORT: server.port: expected an integer")
+    # A flag over the variable: the flag's value is the one refused, named as a key only.
+    message = fails(
+        "server.port",
+        environ={"RINGSERVE_SERVER_PORT": "8000"},
+        overrides={"server": {"port": "eighty"}},
+    )
+    assert "RINGSERVE_SERVER_PORT" not in message, message
+
+
 def test_plain_messages_for_common_mistakes():
     assert "expected an integer" in fails(
         "server.frontends", overrides={"server": {"frontends": "two"}}
