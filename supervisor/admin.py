@@ -405,9 +405,9 @@ class AdminServer:
         # What changes the server is an operator's action: on the record at INFO.
         log.log(
             logging.DEBUG if cmd in _READ_ONLY else logging.INFO,
-            "admin %s %s from %s",
+            "admin %s%s from %s",
             cmd,
-            args or "",
+            f" {args}" if args else "",  # "admin pause from ...", not "pause  from"
             peer,
         )
         try:

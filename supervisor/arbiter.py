@@ -579,12 +579,15 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         what = []
         if ws.child is not None and ws.child.returncode is None:
             what.append(f"still loading after {now - ws.child.started:.0f} s")
+        before = []  # what its earlier processes did, apart from the one loading now
         if ws.failures:
-            what.append(f"failed to start {ws.failures} time(s)")
+            before.append(f"failed to start {ws.failures} time(s)")
         if ws.last_exit_reason:
             last = ws.last_exit_reason + (f": {ws.last_error}" if ws.last_error else "")
-            what.append(f"(last: {last})")
-        return f"worker-{ws.ident} " + (" ".join(what) or "not started")
+            before.append(f"(last: {last})")
+        if before:
+            what.append(" ".join(before))
+        return f"worker-{ws.ident} " + ("; ".join(what) or "not started")
 
     def _notify_status(self) -> None:
         counts, wanted = self.ready_workers(), self.wanted_workers()

@@ -39,7 +39,11 @@ def _worker(arb: Arbiter, name: str) -> WorkerSlot:
     for ws in arb.workers:
         if f"worker-{ws.ident}" == name:
             return ws
-    raise AdminCommandError(f"no worker {name!r}")
+    known = ", ".join(f"worker-{ws.ident}" for ws in arb.workers) or "none"
+    hint = ""
+    if name.startswith("frontend-"):  # `ctl recycle frontend-0`: restart is the way
+        hint = f"; a frontend is replaced with `ringserve ctl restart {name}`"
+    raise AdminCommandError(f"no worker {name!r} (workers: {known}){hint}")
 
 
 def _address(sock: socket.socket) -> str:
@@ -229,7 +233,7 @@ def run_command(arb: Arbiter, cmd: str, args: dict[str, Any]) -> Any:
         model = arb.settings.models[ws.model_index].name
         if not any(w.model_index == ws.model_index and not w.retired for w in arb.workers):
             log.warning(
-                "%s was model %r's last worker: the model serves nothing (503) until "
+                "%s was the last worker of model %r: the model serves nothing (503) until "
                 "`ringserve ctl scale %s N` or `ringserve ctl restart %s`",
                 name,
                 model,

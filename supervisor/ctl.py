@@ -29,7 +29,7 @@ from ringserve.supervisor.admin_protocol import (
     AdminError,
     AdminRemoteError,
 )
-from ringserve.supervisor.paths import find_admin_socket
+from ringserve.supervisor.paths import find_admin_socket, other_instances
 
 EXIT_OK = 0
 EXIT_REMOTE_ERROR = 1
@@ -115,7 +115,8 @@ def _worker_count(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers") from None
     if not 1 <= value <= 64:
-        raise argparse.ArgumentTypeError("must be from 1 to 64")
+        fewer = " (`ringserve ctl drain worker-N` retires a model's last one)" if value < 1 else ""
+        raise argparse.ArgumentTypeError(f"must be from 1 to 64{fewer}")
     return value
 
 
@@ -164,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ringserve ctl: {label}: {e}", file=sys.stderr)
         return EXIT_REMOTE_ERROR
     except AdminConnectionError as e:
-        print(f"ringserve ctl: {e}", file=sys.stderr)
+        hint = "" if ns.socket or os.path.exists(path) else _other_servers(path)
+        print(f"ringserve ctl: {e}{hint}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except AdminError as e:
         print(f"ringserve ctl: {label}: {e}", file=sys.stderr)
@@ -181,6 +183,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `ringserve ctl status | head -1`: the reader has enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
     return EXIT_OK
+
+
+def _other_servers(path: str) -> str:
+    """``; other servers here: ...`` naming the option that reaches each other server,
+    for an instance's socket that does not exist (``serve --port 9001`` asked without
+    ``--port``, or a socket-activated server whose ``server.port`` is left at 8000)."""
+    name = os.path.basename(path)
+    if not (name.startswith("ringserve-") and name.endswith(".sock")):
+        return ""  # server.admin_socket names a path of its own: nothing to compare
+    instance = name.removeprefix("ringserve-").removesuffix(".sock")
+    try:
+        others = other_instances(instance)
+    except ValueError:  # an instance name serve would not take: nothing to compare
+        return ""
+    if not others:
+        return ""
+    ways = []
+    for other in others:
+        port = other[1:]
+        if other.startswith("p") and port.isdigit() and str(int(port)) == port:
+            ways.append(f"`ringserve ctl --port {port} ...`")
+        else:
+            ways.append(f"`ringserve ctl --instance {other} ...`")
+    return "; other servers here: " + ", ".join(ways)
 
 
 # -- rendering -------------------------------------------------------------------------

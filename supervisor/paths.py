@@ -68,6 +68,30 @@ def find_admin_socket(instance: str) -> str:
     return default_admin_socket(instance)
 
 
+def other_instances(instance: str) -> list[str]:
+    """The other instances whose admin socket is where ``ctl`` looks: for the message of
+    a ``ctl`` that found none for ``instance`` (a server on another port, or socket
+    activated on a port that ``server.port`` does not name)."""
+    found: set[str] = set()
+    dirs = {os.path.dirname(p) for p in admin_socket_candidates(instance)}
+    for d in sorted(dirs):
+        try:
+            names = os.listdir(d)
+        except OSError:
+            continue
+        for name in names:
+            other = name.removeprefix("ringserve-").removesuffix(".sock")
+            if not (name.startswith("ringserve-") and name.endswith(".sock")) or not other:
+                continue
+            try:
+                is_socket = stat.S_ISSOCK(os.stat(os.path.join(d, name)).st_mode)
+            except OSError:
+                continue
+            if is_socket and other != instance and valid_name(other):
+                found.add(other)
+    return sorted(found)
+
+
 def check_socket_path(
     sock_path: str, key: str = "server.admin_socket", fix: str = "a shorter path"
 ) -> None:

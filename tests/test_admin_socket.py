@@ -7,6 +7,7 @@ import grp
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import stat
@@ -573,3 +574,17 @@ def test_an_admin_request_while_the_wake_pipe_is_full_is_given_up_not_run_later(
     finally:
         os.close(read_end)
         os.close(arb._wake_w)
+
+
+def test_an_action_is_logged_with_its_arguments_or_none(
+    raw: Callable[[], Raw], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Operator actions are on the record at INFO: "admin echo from ..." for one without
+    arguments (it read "admin echo  from", two spaces), else with them."""
+    with caplog.at_level("INFO", logger="ringserve.supervisor"):
+        raw().ask(encode_request("echo"))
+        raw().ask(encode_request("echo", {"ok": 1}))
+        wait_until(lambda: caplog.text.count("admin echo") == 2)
+    assert re.search(r"admin echo from \S", caplog.text), caplog.text
+    assert "admin echo {'ok': 1} from " in caplog.text, caplog.text
+    assert "admin echo  from" not in caplog.text

@@ -225,6 +225,34 @@ def test_unreachable_socket_exits_2(sock_dir: str, capsys: pytest.CaptureFixture
     assert f"cannot reach ringserve admin socket at {path}: is `ringserve serve` running?" in err
 
 
+def test_unreachable_default_socket_names_the_servers_that_run(
+    sock_dir: str,
+    dispatch: Recorder,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``serve --port 18431`` then a bare ``ctl status`` (instance p8000), or a server
+    socket-activated on another port: the message says how to reach the ones that run."""
+    # Only this test's directory: not the host's /run/ringserve or /tmp/ringserve-<uid>.
+    monkeypatch.setattr(paths, "SYSTEMD_RUNTIME_DIR", sock_dir)
+    monkeypatch.setattr(paths, "private_tmp_dir", lambda: sock_dir)
+    with (
+        AdminServer(paths.default_admin_socket("p9001"), dispatch),
+        AdminServer(paths.default_admin_socket("blue"), dispatch),
+    ):
+        open(os.path.join(sock_dir, "ringserve-p7.sock"), "w").close()  # not a socket
+        rc, out, err = run(capsys, "status")
+        assert (rc, out) == (2, "")
+        assert "cannot reach ringserve admin socket at" in err
+        assert err.rstrip().endswith(
+            "; other servers here: `ringserve ctl --instance blue ...`, "
+            "`ringserve ctl --port 9001 ...`"
+        ), err
+        # A path given with --socket is the operator's own: no guessing.
+        rc, _, err = run(capsys, "--socket", os.path.join(sock_dir, "x.sock"), "status")
+        assert rc == 2 and "other servers" not in err, err
+
+
 @pytest.mark.parametrize(
     "argv",
     [[], ["frobnicate"], ["scale", "digits", "-1"], ["scale", "digits"], ["--timeout", "0", "status"],
@@ -240,6 +268,8 @@ def test_usage_errors_exit_2(
     assert "usage: ringserve ctl" in err
     if argv[:1] == ["scale"] and len(argv) == 3:  # the server's range, said before asking
         assert "from 1 to 64" in err or "not a number of workers" in err
+    if argv == ["scale", "digits", "0"]:  # Triton's unload, or TorchServe's min_worker=0
+        assert "`ringserve ctl drain worker-N` retires a model's last one" in err, err
 
 
 def test_status_into_a_closed_pipe_is_quiet(server: AdminServer) -> None:

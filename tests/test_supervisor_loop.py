@@ -364,6 +364,7 @@ def driven_tick():
             ask("scale", model="nope", workers=1)
             ask("frobnicate")
             ask("recycle", id="worker-9")
+            ask("recycle", id="frontend-0")
             ask("recycle", id="worker-0")
             ask("recycle", id="worker-0")  # already being replaced
             ask("scale", model="id", workers=2)
@@ -373,7 +374,7 @@ def driven_tick():
             ask("resume")
             answers.append(int(arb.arena.header["paused"]))
             os.kill(os.getpid(), signal.SIGTERM)
-    elif arb.phase != "running" and len(answers) == 15:
+    elif arb.phase != "running" and len(answers) == 16:
         ask("drain", id="worker-0")  # a stopping server takes no more actions
         answers[-1] = answers[-1].replace(arb.phase, "PHASE")
     return timeout
@@ -470,7 +471,9 @@ def test_admin_commands_refuse_what_the_command_table_does_not_allow(tmp_path: P
     ``scale`` takes 1 to 64 workers of a known model (ctl checks the range too, but the
     socket is the contract: 0 would leave a model serving nothing, which is ``drain``'s
     to do), an unknown command or worker is an error (ctl exits 1 on it), a worker
-    being replaced is not replaced again, ``config`` shows the scaled count,
+    being replaced is not replaced again (a wrong id is answered with the workers there
+    are, and a frontend's with the command that replaces it), ``config`` shows the
+    scaled count,
     pause/resume flip intake, and a stopping server refuses actions."""
     _, answers = _run(tmp_path, "commands")
     must = '"workers" must be an integer from 1 to 64'
@@ -482,7 +485,9 @@ def test_admin_commands_refuse_what_the_command_table_does_not_allow(tmp_path: P
         "AdminCommandError: unknown model 'nope'",
         "AdminCommandError: unknown command 'frobnicate' (status, drain, restart, recycle, "
         "scale, pause, resume, config)",
-        "AdminCommandError: no worker 'worker-9'",
+        "AdminCommandError: no worker 'worker-9' (workers: worker-0)",
+        "AdminCommandError: no worker 'frontend-0' (workers: worker-0); a frontend is "
+        "replaced with `ringserve ctl restart frontend-0`",
         {"recycling": "worker-0"},
         "AdminCommandError: worker-0 is not running or already being replaced",
         {"model": "id", "workers": 2},
