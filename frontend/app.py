@@ -392,10 +392,18 @@ def record_answer(
         "status": status,
         "latency_ms": round(seconds * 1000, 3),
     }
-    if completed is not None:
-        extra["batch_id"] = completed.batch_id
+    if completed is None:
+        access_log.info(
+            "%s %s %s %s %d %.3f ms", rid, method, path, model, status, seconds * 1000, extra=extra
+        )
+        return
+    # The batch it ran in, in the text line too (docs/deployment.md): requests that
+    # shared a batch are found by it.
+    extra["batch_id"] = completed.batch_id
     access_log.info(
-        "%s %s %s %s %d %.3f ms", rid, method, path, model, status, seconds * 1000, extra=extra
+        "%s %s %s %s %d %.3f ms batch %d",
+        *(rid, method, path, model, status, seconds * 1000, completed.batch_id),
+        extra=extra,
     )
 
 

@@ -19,13 +19,15 @@ _FORMATS = (
 )
 
 
-def sniff(body: bytes | memoryview) -> str:
+def sniff(body: bytes | memoryview, what: str = "body") -> str:
+    """The image format ``body`` starts as; a 400 naming it as ``what`` (the request's
+    body, or one element of a v2 BYTES tensor) when none."""
     for magic, name in _FORMATS:
         if body[: len(magic)] == magic:
             return name
     if body[:4] == b"RIFF" and body[8:12] == b"WEBP":
         return "webp"
-    raise bad_request("body is not a JPEG, PNG, GIF or WebP image")
+    raise bad_request(f"{what} is not a JPEG, PNG, GIF or WebP image")
 
 
 def declared_size(body: bytes | memoryview, fmt: str) -> tuple[int, int]:
@@ -92,8 +94,8 @@ def _webp_size(body: bytes | memoryview) -> tuple[int, int]:
     raise bad_request("truncated or malformed WebP header")
 
 
-def check_image(body: bytes | memoryview, max_pixels: int) -> str:
-    fmt = sniff(body)
+def check_image(body: bytes | memoryview, max_pixels: int, what: str = "body") -> str:
+    fmt = sniff(body, what)
     w, h = declared_size(body, fmt)
     if w == 0 or h == 0:
         raise bad_request(f"{fmt} declares an empty image")
@@ -107,6 +109,6 @@ def check_images(packed: np.ndarray, max_pixels: int, input_name: str) -> None:
     image per row), read in place; the error names the row."""
     for row, image in enumerate(bytes_tensor.elements(packed)):
         try:
-            check_image(image, max_pixels)
+            check_image(image, max_pixels, "the element")
         except HTTPError as err:
             raise HTTPError(err.status, f"input {input_name!r} row {row}: {err.message}") from None

@@ -29,6 +29,14 @@ def _depth_ok(data: Any, limit: int) -> bool:
     return True
 
 
+# What numpy's own message ("setting an array element with a sequence. The requested
+# array has an inhomogeneous shape after 1 dimensions...") says, in the client's terms.
+RAGGED = (
+    '"data" is not a rectangular array: its lists differ in length, or it mixes lists '
+    "and single values at one level"
+)
+
+
 def _too_deep() -> HTTPError:
     return unprocessable(f'"data" is nested deeper than {MAX_JSON_DEPTH} levels')
 
@@ -44,10 +52,10 @@ def from_json(data: Any, dtype: str, body: bytes | memoryview | None = None) -> 
     # is measured only when the array is deep or was refused: not on every request.
     try:
         raw = np.array(data)
-    except ValueError as e:
+    except ValueError:
         if not _depth_ok(data, MAX_JSON_DEPTH):
             raise _too_deep() from None
-        raise unprocessable(f'"data" is not a rectangular array: {e}') from None
+        raise unprocessable(RAGGED) from None
     if raw.ndim > MAX_JSON_DEPTH:
         raise _too_deep()
     if wanted := json_kind_wanted(raw, dtype, data, body):
@@ -132,8 +140,8 @@ def strings_from_json(data: Any) -> np.ndarray:
         raise _too_deep()
     try:
         arr = np.array(data, dtype=object)  # ragged lists mostly stay lists: refused below
-    except ValueError as e:
-        raise unprocessable(f'"data" is not a rectangular array: {e}') from None
+    except ValueError:
+        raise unprocessable(RAGGED) from None
     flat = arr.ravel().tolist()
     if not all(isinstance(x, str) for x in flat):
         raise unprocessable('"data" must hold strings in a rectangular array (a BYTES input)')
@@ -210,5 +218,9 @@ def fit_shape(
         if rows > max_rows:
             raise HTTPError(422, f"batch of {rows} rows exceeds max_batch_size {max_rows}")
         return arr, rows, True
-    want = "[" + ", ".join("N" if d < 0 else str(d) for d in spec_shape) + "]"
-    raise unprocessable(f"input shape {list(arr.shape)} does not match {want} or [rows, *{want}]")
+    dims = ", ".join("N" if d < 0 else str(d) for d in spec_shape)
+    batch = f"[rows, {dims}]" if dims else "[rows]"
+    raise unprocessable(
+        f"input shape {list(arr.shape)} does not match the model's: one row [{dims}] "
+        f"or a batch {batch}"
+    )

@@ -573,7 +573,16 @@ def decode_raw_request(
                 f"{per_fixed}-byte steps of shape {want} ({v2_datatype(inp.dtype)})"
             )
         shape[variable[0]] = len(body) // per_fixed
-    arr = _from_binary(body, shape, inp.dtype, where, "body size")
+    try:
+        arr = _from_binary(body, shape, inp.dtype, where, "body size")
+    except HTTPError as e:
+        if not accepts_images:
+            raise
+        # The other form this model takes, which the body is not either.
+        raise bad_request(
+            f"{e.message}; nor is it a JPEG, PNG, GIF or WebP image, which this model also "
+            "takes as a raw body"
+        ) from None
     return InferRequest(
         arr.reshape(1, *shape),
         1,

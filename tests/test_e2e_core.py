@@ -909,9 +909,12 @@ def test_a_body_request_id_that_would_forge_a_log_line_is_answered_not_logged(
     lines = server.log().splitlines()
     assert not [line for line in lines if "forged" in line], lines[-5:]
     rid = r.headers["x-request-id"]
+    # The text line names the batch the request ran in, as the JSON one does.
     assert re.search(
-        rf"^\S+ \S+ frontend-0 INFO {rid} POST /predict digits 200 ", server.log(), re.M
-    )
+        rf"^\S+ \S+ frontend-0 INFO {rid} POST /predict digits 200 [\d.]+ ms batch \d+$",
+        server.log(),
+        re.M,
+    ), lines[-5:]
 
 
 def test_a_bug_in_the_request_path_is_a_counted_500_with_the_request_id(start_server) -> None:

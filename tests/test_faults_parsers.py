@@ -76,6 +76,37 @@ def test_property_from_json_and_fit_shape(data: object, dtype: str, shape: list,
 
 @pytest.mark.parametrize(
     ("data", "dtype"),
+    [([[1, 2], [3]], "float32"), ([[1, 2], 3], "int64"), ([[[1], [2, 3]]], "float64")],
+)
+def test_ragged_data_is_refused_in_the_clients_terms(data: object, dtype: str) -> None:
+    """numpy's message ("setting an array element with a sequence ... inhomogeneous part")
+    went to the client as it was."""
+    with pytest.raises(HTTPError) as info:
+        from_json(data, dtype)
+    assert info.value.status == 422
+    assert info.value.message.startswith('"data" is not a rectangular array: its lists differ')
+    assert "inhomogeneous" not in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("shape", "spec", "message"),
+    [
+        ((3,), [8, 8], "input shape [3] does not match the model's: one row [8, 8] or a batch [rows, 8, 8]"),
+        ((2, 3), [-1, 4], "input shape [2, 3] does not match the model's: one row [N, 4] or a batch [rows, N, 4]"),
+        ((2, 3), [], "input shape [2, 3] does not match the model's: one row [] or a batch [rows]"),
+    ],
+)  # fmt: skip
+def test_a_shape_that_does_not_fit_names_both_forms_plainly(
+    shape: tuple[int, ...], spec: list[int], message: str
+) -> None:
+    """It read "does not match [8, 8] or [rows, *[8, 8]]": Python's unpacking, not a shape."""
+    with pytest.raises(HTTPError) as info:
+        fit_shape(np.zeros(shape, dtype=np.float32), spec, 32)
+    assert (info.value.status, info.value.message) == (422, message)
+
+
+@pytest.mark.parametrize(
+    ("data", "dtype"),
     [([True, False], "float32"), ([[True]], "int64"), (True, "float32"), ([1, 0], "bool")],
 )
 def test_from_json_takes_booleans_only_for_a_bool_input(data: object, dtype: str) -> None:

@@ -586,6 +586,8 @@ def test_raw_binary_request(client: httpx.Client) -> None:
     for model, body, words in [
         ("id", bytes(6), "not a whole number of 4-byte steps"),
         ("digits", bytes(12), "does not match shape [8, 8]"),
+        # An image model: the body is not its other form either, and the error says so.
+        ("digits", bytes(12), "nor is it a JPEG, PNG, GIF or WebP image"),
         ("text", b"hello", "BYTES input of shape [1]"),
         ("id", b"", "the body is empty"),
         # An image exactly the tensor's 256 bytes: either reading could be meant. Read as
@@ -832,7 +834,12 @@ def test_classification_json(client: httpx.Client) -> None:
 
 
 IMAGE_ERRORS = [
-    ("not-an-image", b"hello world", 400, "row 1: body is not a JPEG, PNG, GIF or WebP image"),
+    (
+        "not-an-image",
+        b"hello world",
+        400,
+        "row 1: the element is not a JPEG, PNG, GIF or WebP image",
+    ),
     (
         "declared-bomb",
         PNGS["3"][:16] + (100000).to_bytes(4, "big") * 2 + PNGS["3"][24:],
