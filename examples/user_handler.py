@@ -11,8 +11,11 @@ then, for example::
       '{"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}'
 
 A handler declares its tensors (``inputs``/``outputs``: per-row shapes, -1 = any size),
-loads its model in ``load`` (once per worker, on the worker's device), and runs a whole
-batch in ``infer``. ``preprocess``/``postprocess`` have working defaults for tensors.
+reads its options in ``__init__`` (an error there stops the start at once, exit 2,
+as a bad setting does; one raised in ``load`` is retried as a failed load until
+``server.startup_timeout_s``), loads its model in ``load`` (once per worker, on the
+worker's device), and runs a whole batch in ``infer``. ``preprocess``/``postprocess``
+have working defaults for tensors.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from ringserve.gpu_worker.handlers import Handler, TensorSpec
+from ringserve.ipc.config import ModelSettings
 
 
 class Scale2x(Handler):
@@ -29,9 +33,14 @@ class Scale2x(Handler):
     outputs = (TensorSpec("OUTPUT0", "float32", (-1,)),)
     platform = "python"
 
+    def __init__(self, settings: ModelSettings, arg: str = "") -> None:
+        super().__init__(settings, arg)
+        # Options are checked here, not in ``load``: ``factor = "abc"`` then stops the
+        # start with exit 2 and the error, instead of being retried for minutes.
+        self.factor = float(settings.options.get("factor", 2.0))
+
     def load(self, device: torch.device) -> None:
         # A real handler would build its model here and move it to ``device``.
-        self.factor = float(self.settings.options.get("factor", 2.0))
         self.device = device
 
     def infer(self, batch: torch.Tensor) -> torch.Tensor:

@@ -79,6 +79,18 @@ from ringserve.ipc.slot_io import Header
 from ringserve.ipc.testhooks import pause_point
 
 log = logging.getLogger("ringserve.worker")
+
+
+def profile_skipped_fix(name: str, handler: str) -> str:
+    """What to set so that a model's start-up profile runs, or is not needed: the keys
+    in full (a TorchScript archive declares no input shape: its option does)."""
+    if handler.startswith("torchscript:"):
+        shape = f"models.{name}.options.input_shape (a TorchScript archive declares none)"
+    else:
+        shape = "the input shape the model takes (its handler's inputs)"
+    return f"Declare {shape}, or set models.{name}.batching.preferred_batch_size, to avoid this"
+
+
 # How long a worker waits for a sibling compiling the same model (then loads its kernels
 # from the cache) before it compiles too: resnet50 took 25 s cold on 2 CPU cores.
 COMPILE_WAIT_S = 600.0
@@ -232,12 +244,11 @@ class Worker:
                 # largest size instead of crash-looping on a start-up measurement.
                 profile = None
                 log.warning(
-                    "model %s: batch profile skipped (%s: %s); batching up to max_batch_size. "
-                    "Declare the input shape the model takes, or set "
-                    "batching.preferred_batch_size, to avoid this",
+                    "model %s: batch profile skipped (%s: %s); batching up to max_batch_size. %s",
                     self.model.name,
                     type(e).__name__,
                     e,
+                    profile_skipped_fix(self.model.name, self.model.handler),
                 )
             finally:
                 self.thread_share.leave()

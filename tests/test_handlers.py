@@ -369,6 +369,21 @@ def test_torchvision_without_weights_warns_on_the_log(caplog: pytest.LogCaptureF
     assert "RANDOM" in caplog.text
 
 
+def test_torchvision_without_weights_answers_alike_in_every_worker() -> None:
+    """Random weights, but the same ones in each worker (and after each recycle), and the
+    process's random state left as it was: `--workers 2` without weights answered one
+    image differently depending on the worker that took it."""
+    torch.manual_seed(1)
+    a = loaded("torchvision:resnet18", options=SMALL)
+    after_a = torch.rand(1)
+    torch.manual_seed(2)
+    b = loaded("torchvision:resnet18", options=SMALL)
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(1), after_a)  # loading drew nothing from the caller's RNG
+    x = torch.rand(2, 3, 64, 64)
+    assert torch.equal(a.infer(x.clone()), b.infer(x.clone()))
+
+
 def test_torchvision_loads_state_dict(tmp_path: Path) -> None:
     torch.manual_seed(3)
     reference = torchvision.models.resnet18(num_classes=10).eval()
@@ -469,6 +484,20 @@ def _script(module: torch.nn.Module, path: Path) -> None:
             "ignore", message=r"`torch\.jit\.script` is", category=FutureWarning
         )
         torch.jit.script(module).save(str(path))
+
+
+def test_a_skipped_profile_names_the_keys_that_avoid_it() -> None:
+    """A TorchScript archive served without options is profiled on rows of 16 zeros, which
+    a Linear(4, 3) refuses: the warning said "Declare the input shape the model takes"
+    without saying where a TorchScript model declares it."""
+    from ringserve.gpu_worker.process import profile_skipped_fix
+
+    assert profile_skipped_fix("ts", "torchscript:/m.pt") == (
+        "Declare models.ts.options.input_shape (a TorchScript archive declares none), "
+        "or set models.ts.batching.preferred_batch_size, to avoid this"
+    )
+    mine = profile_skipped_fix("mine", "python:pkg.mod:Cls")
+    assert "input_shape" not in mine and "models.mine.batching.preferred_batch_size" in mine
 
 
 def test_torchscript_runs_a_scripted_module(tmp_path: Path) -> None:
@@ -751,6 +780,24 @@ def test_python_user_handler(monkeypatch: pytest.MonkeyPatch) -> None:
     assert h.describe()["inputs"] == [{"name": "INPUT0", "dtype": "float32", "shape": (-1,)}]
     out = run(h, (np.array([[1.0, 2.0, 3.0]], np.float32), TENSOR))
     np.testing.assert_array_equal(out, [[2.0, 4.0, 6.0]])
+
+
+def test_the_example_handler_refuses_a_bad_option_when_created(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """examples/user_handler.py read ``factor`` in ``load``: ``factor = "abc"`` was a
+    failed load, retried until server.startup_timeout_s (180 s) and then blamed on a
+    slow load. Read when the handler is created, it stops the start (exit 2)."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    h = loaded("python:user_handler:Scale2x", options={"factor": 3})
+    out = run(h, (np.array([[1.0, 2.0]], np.float32), TENSOR))
+    np.testing.assert_array_equal(out, [[3.0, 6.0]])
+    with pytest.raises(ValueError, match="could not convert string to float"):
+        create_handler(
+            ModelSettings(
+                name="m", handler="python:user_handler:Scale2x", options={"factor": "abc"}
+            )
+        )
 
 
 def test_python_handler_must_subclass_handler() -> None:

@@ -57,6 +57,8 @@ from ringserve.ipc.config import ModelSettings
 from ringserve.ipc.layout import PayloadKind
 
 log = logging.getLogger("ringserve.worker")
+# Seed of the random weights of a model served without a weights file (see load).
+RANDOM_INIT_SEED = 0
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -152,10 +154,20 @@ class TorchvisionHandler(Handler):
         self.model: torch.nn.Module | None = None
 
     def load(self, device: torch.device) -> None:
-        model = torchvision.models.get_model(self.arg, weights=None, num_classes=self.num_classes)
         if self.settings.weights:
+            model = torchvision.models.get_model(
+                self.arg, weights=None, num_classes=self.num_classes
+            )
             load_state_dict(model, self.settings.weights)
         else:
+            # The same random weights in every worker and after every recycle: two
+            # workers of one model answered one image differently, and a recycle
+            # changed every answer (a fixed seed, with the process's own RNG untouched).
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_INIT_SEED)
+                model = torchvision.models.get_model(
+                    self.arg, weights=None, num_classes=self.num_classes
+                )
             log.warning(
                 "model %s: no weights file for torchvision:%s; it runs with RANDOM "
                 "initialisation and its predictions are meaningless (set weights = PATH "
