@@ -93,6 +93,9 @@ def status(arb: Arbiter) -> dict[str, Any]:
         errors[f"worker-{ws.ident}"] = ws.last_error
     for fs in arb.frontends:
         restarts[f"frontend-{fs.ident}"] = (fs.restarts, fs.last_exit_reason, "")
+    # A recycle shows one id twice (the old process serving, its replacement starting):
+    # the old one names the pid that takes over from it.
+    replaced_by = {id(r.old): r.new.pid for r in arb.replacements if r.new is not None}
     for child in arb.all_children():
         rec = arb.arena.control[child.control_index]
         n_restarts, last_exit, last_recycle = restarts.get(child.name, (0, "", ""))
@@ -120,6 +123,7 @@ def status(arb: Arbiter) -> dict[str, Any]:
                 "last_exit_reason": last_exit,
                 "last_recycle_reason": last_recycle,
                 **({"last_error": errors[child.name]} if errors.get(child.name) else {}),
+                **({"replaced_by": replaced_by[id(child)]} if id(child) in replaced_by else {}),
             }
         )
     ready, wanted = arb.ready_workers(), arb.wanted_workers()

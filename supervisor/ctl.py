@@ -318,7 +318,15 @@ def write_status(result: Any, out: TextIO) -> None:
     processes = [p for p in result.get("processes") or [] if isinstance(p, dict)]
     out.write("\n")
     if processes:
-        out.write("\n".join(render_table(processes, PROCESS_COLUMNS)) + "\n")
+        # The old process of a recycle, beside its replacement of the same id:
+        # "ready (replacement: 303)", not a second plain "ready" row.
+        shown = [
+            {**p, "state": f"{p.get('state')} (replacement: {p['replaced_by']})"}
+            if "replaced_by" in p
+            else p
+            for p in processes
+        ]
+        out.write("\n".join(render_table(shown, PROCESS_COLUMNS)) + "\n")
     else:
         out.write("no processes\n")
     models = result.get("models") or []

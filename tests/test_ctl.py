@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -140,6 +141,23 @@ def test_status_table(server: AdminServer, capsys: pytest.CaptureFixture[str]) -
     # A load error is a sentence under the table, not a column widening every row.
     assert "LAST_ERROR" not in lines[7] and lines[9].split()[0] == "bad"
     assert lines[10] == "bad: last load error: RuntimeError: corrupt"
+
+
+def test_status_table_tells_a_recycled_worker_from_its_replacement() -> None:
+    """A recycle shows one id twice, the old process serving and its replacement
+    starting: two "worker-1" rows, one plainly "ready", read as a duplicate."""
+    out = io.StringIO()
+    ctl.write_status(
+        {
+            "processes": [
+                {"id": "worker-1", "pid": 202, "state": "ready", "replaced_by": 303},
+                {"id": "worker-1", "pid": 303, "state": "starting"},
+            ]
+        },
+        out,
+    )
+    rows = [line for line in out.getvalue().splitlines() if line.startswith("worker-1")]
+    assert "ready (replacement: 303)" in rows[0] and " starting " in rows[1]
 
 
 def test_status_json(server: AdminServer, capsys: pytest.CaptureFixture[str]) -> None:

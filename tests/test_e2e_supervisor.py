@@ -146,12 +146,18 @@ def test_sighup_replaces_one_worker_at_a_time(start_server) -> None:
     server.wait_workers_ready(2)
     admin = AdminClient(server.admin_socket)
     seen: list[tuple[int, int]] = []  # (replacements in progress, ready workers)
+    handovers: set[tuple[int, int]] = set()  # (old pid, the pid its row names)
     stop = threading.Event()
 
     def watch() -> None:
         while not stop.is_set():
             st = admin.call("status")
             seen.append((len(st["server"]["recycles_in_progress"]), st["models"][0]["ready"]))
+            for p in st["processes"]:
+                if "replaced_by" in p:
+                    ids = [q["pid"] for q in st["processes"] if q["id"] == p["id"]]
+                    assert sorted(ids) == sorted([p["pid"], p["replaced_by"]]), st["processes"]
+                    handovers.add((p["pid"], p["replaced_by"]))
             stop.wait(0.02)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -164,6 +170,8 @@ def test_sighup_replaces_one_worker_at_a_time(start_server) -> None:
     assert any(n for n, _ in seen), "the watch never saw a replacement"
     assert max(n for n, _ in seen) == 1, seen
     assert min(ready for _, ready in seen) >= 2, seen
+    # The old process of each replacement named its successor, which now serves.
+    assert handovers and {new for _, new in handovers} <= set(server.pids("worker")), handovers
     assert server.stop() == 0
 
 
