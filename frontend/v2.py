@@ -205,6 +205,14 @@ NO_MODEL_CONTROL = (
     "model control is not supported: ringserve serves the models it was started with "
     "(--model); change workers with `ringserve ctl scale|recycle|restart`"
 )
+# Triton's trace and logging extensions, which tritonclient calls by name
+# (get_trace_settings, update_log_settings): a bare 404 "Not Found" read as a wrong URL.
+NOT_SUPPORTED = {
+    "trace": "Triton's trace extension is not supported: follow a request by its "
+    "X-Request-ID, in the access log and in the answer",
+    "logging": "Triton's logging extension is not supported: the log level is "
+    "server.log_level, set at start",
+}
 
 
 def _repository_state(state: FrontendState, info: ModelInfo) -> tuple[str, str]:
@@ -370,8 +378,15 @@ def v2_routes(state: FrontendState) -> list[Route]:
             raise HTTPError(404, f"unknown model {name!r}")
         raise HTTPError(400, NO_MODEL_CONTROL)
 
+    def refuse(extension: str) -> AsgiEndpoint:
+        async def refused(call: Call) -> Reply:
+            raise HTTPError(400, NOT_SUPPORTED[extension])
+
+        return json_endpoint(refused)
+
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
+    either = ["GET", "POST"]
     return [
         Route("/v2", server_metadata),
         Route("/v2/health/live", live),
@@ -392,5 +407,8 @@ def v2_routes(state: FrontendState) -> list[Route]:
         Route(
             "/v2/repository/models/{name}/unload", json_endpoint(model_control), methods=["POST"]
         ),
+        Route("/v2/trace/setting", refuse("trace"), methods=either),
+        Route(f"{model}/trace/setting", refuse("trace"), methods=either),
+        Route("/v2/logging", refuse("logging"), methods=either),
         *shm_routes(state),
     ]

@@ -75,6 +75,29 @@ def test_repository_index_and_no_model_control(
     assert client.is_model_ready("id")
 
 
+def test_trace_and_logging_settings_say_they_are_not_supported(
+    client: httpclient.InferenceServerClient,
+) -> None:
+    """Triton's trace and logging extensions answered a bare 404 "Not Found", which reads
+    as a wrong URL or an unknown model, not as a server without the extension."""
+    calls = {
+        "trace extension": (
+            client.get_trace_settings,
+            lambda: client.get_trace_settings(model_name="id"),
+            lambda: client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]}),
+        ),
+        "logging extension": (
+            client.get_log_settings,
+            lambda: client.update_log_settings({"log_verbose_level": 1}),
+        ),
+    }
+    for words, ways in calls.items():
+        for call in ways:
+            with pytest.raises(InferenceServerException) as e:
+                call()
+            assert e.value.status() == "400" and words in e.value.message(), e.value
+
+
 def test_json_infer(client: httpclient.InferenceServerClient) -> None:
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     out = httpclient.InferRequestedOutput("OUTPUT0", binary_data=False)
