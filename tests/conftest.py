@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -233,5 +235,16 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         kill_group(server)
 
 
-def shm_segments(instance: str) -> list[str]:
-    return [n for n in os.listdir("/dev/shm") if n.startswith(f"ringserve-{instance}-")]
+def shm_segments(instance: str, shm_dir: str = "/dev/shm") -> list[str]:
+    return [n for n in os.listdir(shm_dir) if n.startswith(f"ringserve-{instance}-")]
+
+
+@pytest.fixture
+def private_shm_dir() -> Iterator[str]:
+    """A directory of its own on /dev/shm's tmpfs, for ``arena.shm_dir``: what a crash
+    leaves there is swept by that server's next start alone. In /dev/shm itself any
+    ringserve starting on the host meanwhile (another test run) sweeps every instance's
+    stale segment, and the test that looks for it finds none."""
+    path = tempfile.mkdtemp(prefix="rs-test-", dir="/dev/shm")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

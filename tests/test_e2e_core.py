@@ -816,17 +816,20 @@ def test_queue_depth_limit_refuses_fast_and_frees_the_slot(start_server) -> None
     assert server.stop() == 0
 
 
-def test_sigkill_supervisor_children_exit_and_restart_sweeps(start_server) -> None:
-    server: Server = start_server()
+def test_sigkill_supervisor_children_exit_and_restart_sweeps(
+    start_server, private_shm_dir: str
+) -> None:
+    shm = private_shm_dir
+    server: Server = start_server("--set", f"arena.shm_dir={shm}")
     kids = server.pids("frontend") + server.pids("worker")
-    assert shm_segments(server.instance)
+    assert shm_segments(server.instance, shm)
     os.kill(server.proc.pid, signal.SIGKILL)
     server.proc.wait(10)
     wait_until(lambda: not any(map(alive, kids)), 10, "children to exit with their supervisor")
-    stale = shm_segments(server.instance)
+    stale = shm_segments(server.instance, shm)
     assert stale, "a SIGKILLed supervisor leaves its segment behind"
-    again = start_server("--instance", server.instance)
-    assert not any(s in shm_segments(server.instance) for s in stale)
+    again = start_server("--instance", server.instance, "--set", f"arena.shm_dir={shm}")
+    assert not any(s in shm_segments(server.instance, shm) for s in stale)
     assert "removed stale shared memory" in again.log()
     assert again.stop() == 0
 

@@ -24,9 +24,11 @@ import psutil
 import pytest
 from conftest import Server, alive, kill_group, launch, shm_segments, wait_until
 from test_e2e_core import DIGIT3, HANDLER_ENV, _fire, digit_requests
+from test_faults_chaos import frozen_mid_batch_outside_the_lock
 
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.layout import SlotState
+from ringserve.ipc.ring import RequestRing
 from ringserve.supervisor.admin_protocol import AdminClient, AdminError
 
 pytestmark = pytest.mark.e2e
@@ -863,7 +865,11 @@ def test_scale_and_drain_move_the_worker_count_everywhere(start_server) -> None:
     in /metrics, /v1/models, ctl config and the v2 config (not only in ctl status: the shipped
     degraded/no-worker alerts compare against it). Requests still queued when the last
     worker is drained get a 503 that says so at once, not a 504 at their deadline."""
-    server: Server = start_server("--model", SLOW, env=HANDLER_ENV, frontends=1)
+    server: Server = start_server(
+        *("--model", SLOW, "--set", "worker.heartbeat_timeout_s=120"),  # it is frozen below
+        env=HANDLER_ENV,
+        frontends=1,
+    )
 
     def counts() -> tuple[str, int, int]:
         metrics = httpx.get(f"{server.url}/metrics").text
@@ -881,18 +887,31 @@ def test_scale_and_drain_move_the_worker_count_everywhere(start_server) -> None:
     server.ctl("scale", "slow", "1")
     assert counts() == ("1.0", 1, 1)
     wait_until(lambda: len(worker_pids(server)) == 1, 60, "scale down to 1")
-    arena = server.ctl("status")["server"]["arena"]
+    [(worker, pid)] = [(p["id"], p["pid"]) for p in server.children() if p["role"] == "worker"]
+    arena = Arena.attach(server.ctl("status")["server"]["arena"])
+    ring = RequestRing(arena, 0)
     with server.client(timeout=60) as c, ThreadPoolExecutor(4) as pool:
         busy = pool.submit(c.post, "/v1/models/slow/predict", json={"data": [1500.0, 1.0]})
-        wait_until(lambda: running(arena), 20, "the first request to reach the worker")
-        queued = [
-            pool.submit(c.post, "/v1/models/slow/predict", json={"data": [1.0, float(i)]})
-            for i in range(3)
-        ]
-        wait_until(lambda: server.ctl("status")["models"][0]["queue_depth"] == 3, 10, "queued")
-        [worker] = [p["id"] for p in server.ctl("status")["processes"] if p["role"] == "worker"]
-        t0 = time.monotonic()
-        server.ctl("drain", worker)
+        # Frozen in the first request's batch until the drain is in: a drain that came
+        # after the batch (on a loaded host the ctl calls below once took longer than its
+        # 1.5 s) found the queued requests claimed by the worker, which rightly ran them.
+        wait_until(
+            lambda: frozen_mid_batch_outside_the_lock(arena, ring, pid),
+            20,
+            "the first request's batch, frozen",
+        )
+        try:
+            queued = [
+                pool.submit(c.post, "/v1/models/slow/predict", json={"data": [1.0, float(i)]})
+                for i in range(3)
+            ]
+            wait_until(lambda: server.ctl("status")["models"][0]["queue_depth"] == 3, 10, "queued")
+            t0 = time.monotonic()
+            server.ctl("drain", worker)  # answered once the worker has been told
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            ring.close()
+            arena.close()
         assert busy.result(30).status_code == 200
         for f in queued:
             r = f.result(30)

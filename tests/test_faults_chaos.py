@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -16,8 +17,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -30,6 +31,7 @@ from test_e2e_core import HANDLER_ENV
 
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.layout import SlotState
+from ringserve.ipc.ring import RequestRing
 
 pytestmark = pytest.mark.e2e
 
@@ -170,40 +172,44 @@ def _tree(server: Server) -> list[psutil.Process]:
     return [sup, *sup.children(recursive=True)]
 
 
-def test_sigkill_whole_tree_then_restart_is_clean_and_prompt(start_server) -> None:
+def test_sigkill_whole_tree_then_restart_is_clean_and_prompt(
+    start_server, private_shm_dir: str
+) -> None:
+    shm = private_shm_dir
     t0 = time.monotonic()
-    server: Server = start_server()
+    server: Server = start_server("--set", f"arena.shm_dir={shm}")
     clean_s = time.monotonic() - t0
     with server.client() as c:
         assert c.post("/predict", json={"data": [[0.0] * 8] * 8}).status_code == 200
     procs = _tree(server)
     assert len(procs) >= 4, procs  # supervisor, 2 frontends, a worker
-    segments = shm_segments(server.instance)
+    segments = shm_segments(server.instance, shm)
     assert segments
     for p in procs:  # every child runs in its own session: kill each group at once
         with contextlib.suppress(ProcessLookupError):
             os.killpg(os.getpgid(p.pid), signal.SIGKILL)
     assert server.proc.wait(10) == -signal.SIGKILL
     wait_until(lambda: not any(map(alive, procs)), 10, "every process of the tree to die")
-    assert shm_segments(server.instance) == segments, "a crash leaves its segment behind"
+    assert shm_segments(server.instance, shm) == segments, "a crash leaves its segment behind"
     assert os.path.exists(server.admin_socket), "and its admin socket"
 
     t1 = time.monotonic()
     again: Server = start_server(
-        "--instance", server.instance, "--admin-socket", server.admin_socket
+        *("--instance", server.instance, "--admin-socket", server.admin_socket),
+        *("--set", f"arena.shm_dir={shm}"),
     )
     restart_s = time.monotonic() - t1
     again.instance, again.admin_socket = server.instance, server.admin_socket
     print(f"clean start {clean_s:.1f} s, restart after SIGKILL of the tree {restart_s:.1f} s")
     assert restart_s <= 2 * clean_s + 5
-    assert not set(segments) & set(shm_segments(server.instance)), "stale segment removed"
-    assert len(shm_segments(server.instance)) == 1
+    assert not set(segments) & set(shm_segments(server.instance, shm)), "stale segment removed"
+    assert len(shm_segments(server.instance, shm)) == 1
     assert "removed stale shared memory" in again.log()
     assert again.ctl("status")["server"]["phase"] == "running"  # the same socket path
     result = drive(again.url, _digit_request, rate=40, max_requests=40)
     result.assert_nothing_lost(min_ok=40)
     assert again.stop() == 0
-    assert shm_segments(server.instance) == []
+    assert shm_segments(server.instance, shm) == []
 
 
 def _digit_request(i: int) -> Planned:
@@ -337,6 +343,8 @@ import sys, time
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.ring import RequestRing
 ring = RequestRing(Arena.attach(sys.argv[1]), int(sys.argv[2]))  # kept: mapped until death
+print("attached", flush=True)
+sys.stdin.readline()  # the word to take it
 ring.locked().lock()
 print("held", flush=True)
 time.sleep(600)
@@ -348,23 +356,47 @@ FROZEN_LOCK_SETTINGS = (
 
 
 @contextlib.contextmanager
-def frozen_ring_lock(server: Server, model: int) -> Iterator[subprocess.Popen]:
-    """A process frozen (SIGSTOP) while it holds ``model``'s ring lock; killed after."""
+def frozen_ring_lock(
+    server: Server, model: int, first: Callable[[], object] = lambda: None
+) -> Iterator[subprocess.Popen]:
+    """A process frozen (SIGSTOP) while it holds ``model``'s ring lock; killed after.
+    ``first`` runs once the process is up, just before it takes the lock: the take is
+    then a pipe's round trip away, not an interpreter's start (a second or more on a
+    loaded host)."""
     arena = server.ctl("status")["server"]["arena"]
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_RING_LOCK, arena, str(model)],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
         env=server.env,
     )
+    assert holder.stdin is not None and holder.stdout is not None
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert holder.stdout.readline().strip() == "attached"
+        first()
+        holder.stdin.write("lock\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "held"
         os.kill(holder.pid, signal.SIGSTOP)
         yield holder
     finally:
         holder.kill()
         holder.wait(10)
-        holder.stdout.close()  # type: ignore[union-attr]
+        holder.stdin.close()
+        holder.stdout.close()
+
+
+def frozen_mid_batch_outside_the_lock(arena: Arena, ring: RequestRing, pid: int) -> bool:
+    """``frozen_mid_batch``, and stopped outside ``ring``'s lock (a worker claims its
+    requests inside it): True if so, else it runs on."""
+    if not frozen_mid_batch(arena, pid):
+        return False
+    if ring.locked().try_lock():
+        ring.locked().unlock()
+        return True
+    os.kill(pid, signal.SIGCONT)
+    return False
 
 
 def waits_on_a_futex(pid: int) -> bool:
@@ -434,17 +466,34 @@ def test_a_worker_dying_while_its_ring_lock_is_frozen_loses_nothing(start_server
     )
     victim = server.pids("worker")[0]
     arena = Arena.attach(server.ctl("status")["server"]["arena"])
-    try:
-        with ThreadPoolExecutor(1) as pool:
-            answer = pool.submit(
+    ring = RequestRing(arena, 0)
+
+    sent: list[Future[httpx.Response]] = []
+
+    def send_and_freeze_its_batch(pool: ThreadPoolExecutor) -> None:
+        sent.append(
+            pool.submit(
                 httpx.post,
                 f"{server.url}{SLOW_PATH}",
                 json={"data": [1000.0, 2.0], "request_id": "slow-1"},  # runs for 1 s
                 headers={"X-Request-Timeout-Ms": "60000"},
                 timeout=60,
             )
-            wait_until(lambda: running_on(arena, victim), 20, "the request to be running")
-            with frozen_ring_lock(server, 0) as holder:
+        )
+        # Frozen while it runs the request, so it still holds it when the kill lands: a
+        # batch that ended first (the lock holder once took longer to start than the
+        # batch ran, on a loaded host) leaves nothing to re-queue.
+        wait_until(
+            lambda: frozen_mid_batch_outside_the_lock(arena, ring, victim),
+            20,
+            "the request's batch, frozen",
+        )
+
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first = functools.partial(send_and_freeze_its_batch, pool)
+            with frozen_ring_lock(server, 0, first=first) as holder:
+                [answer] = sent
                 os.kill(victim, signal.SIGKILL)
                 wait_workers(server, 1, gone=victim)
                 assert "requests of worker-0 wait to be re-queued (1: slow-1)" in server.log()
@@ -452,6 +501,7 @@ def test_a_worker_dying_while_its_ring_lock_is_frozen_loses_nothing(start_server
                 holder.kill()
             r = answer.result(60)
     finally:
+        ring.close()
         arena.close()
     assert r.status_code == 200 and r.json()["result"] == [1000.0, 2.0], r.text
     assert server.ctl("status")["server"]["totals"].get("requeued") == 1
