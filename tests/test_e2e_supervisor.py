@@ -1218,6 +1218,15 @@ def test_isolating_a_failing_request_keeps_the_worker_alive(start_server) -> Non
     assert server.stop() == 0
 
 
+def _listening(port: int) -> bool:
+    """Whether any socket on the host listens on ``port`` (read from /proc/net, so the
+    supervisor's and the frontends' sockets alike)."""
+    return any(
+        c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN
+        for c in psutil.net_connections("tcp")
+    )
+
+
 def test_a_connection_during_the_frontends_stop_is_answered_or_refused_never_reset(
     start_server,
 ) -> None:
@@ -1251,7 +1260,9 @@ def test_a_connection_during_the_frontends_stop_is_answered_or_refused_never_res
         # its in-flight request. (Probing before that would also race the one instant a
         # connection can sit in the backlog as the frontend closes it.)
         wait_until(lambda: "Shutting down" in server.log(), 20, "the frontend's stop")
-        time.sleep(0.2)
+        # Then until nothing listens on the port (not a fixed 0.2 s: a loaded host's
+        # frontend may take longer to close it); a copy the supervisor kept would listen on.
+        wait_until(lambda: not _listening(server.port), 20, "the port to stop listening")
         for _ in range(5):
             attempt()
         assert pending.result(30).status_code == 503

@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import gzip
 import json
+import os
 import re
+import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -21,6 +23,10 @@ import numpy as np
 import pytest
 from conftest import EXAMPLES, Server, kill_group, launch, wait_until
 from test_e2e_core import HANDLER_ENV, PNGS
+from test_faults_chaos import frozen_mid_batch_outside_the_lock
+
+from ringserve.ipc.arena import Arena
+from ringserve.ipc.ring import RequestRing
 
 pytestmark = pytest.mark.e2e
 
@@ -510,7 +516,13 @@ def test_binary_nan_is_taken_and_runs_alone(server: Server) -> None:
     served, in a batch of its own: MixesRows subtracts the batch mean, so a NaN batched
     with others would turn their answers into NaN too. Three requests queue behind a
     slow one and are claimed together; the two finite ones share a batch, the NaN one
-    does not."""
+    does not. (The worker is frozen in the slow batch until all three have queued, not
+    given 0.1 s to claim it and 0.3 s for the three to queue: a loaded host may not.)"""
+    status = server.ctl("status")
+    [pid] = [p["pid"] for p in status["processes"] if p["model"] == "mix"]
+    mix = [m["name"] for m in status["models"]].index("mix")
+    arena = Arena.attach(status["server"]["arena"])
+    ring = RequestRing(arena, mix)
 
     async def run() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
@@ -521,11 +533,26 @@ def test_binary_nan_is_taken_and_runs_alone(server: Server) -> None:
                 return c.post("/v2/models/mix/infer", content=content, headers=headers)
 
             slow = asyncio.ensure_future(send([200.0, 0.0]))
-            await asyncio.sleep(0.1)  # the worker is in the slow batch now
-            rest = asyncio.gather(send([1.0, 2.0]), send([np.nan, 5.0]), send([3.0, 4.0]))
+            await asyncio.to_thread(
+                wait_until,
+                lambda: frozen_mid_batch_outside_the_lock(arena, ring, pid),
+                20,
+                "the slow batch, frozen",
+            )
+            try:
+                rest = asyncio.gather(send([1.0, 2.0]), send([np.nan, 5.0]), send([3.0, 4.0]))
+                await asyncio.to_thread(
+                    wait_until, lambda: ring.depth() == 3, 20, "the three queued"
+                )
+            finally:
+                os.kill(pid, signal.SIGCONT)
             return [await slow, *await rest]
 
-    slow, first, nan, last = asyncio.run(run())
+    try:
+        slow, first, nan, last = asyncio.run(run())
+    finally:
+        ring.close()
+        arena.close()
     for r in (slow, first, nan, last):
         assert r.status_code == 200, r.text
     got = [binary_output(r) for r in (first, nan, last)]
