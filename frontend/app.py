@@ -392,19 +392,14 @@ def record_answer(
         "status": status,
         "latency_ms": round(seconds * 1000, 3),
     }
-    if completed is None:
-        access_log.info(
-            "%s %s %s %s %d %.3f ms", rid, method, path, model, status, seconds * 1000, extra=extra
-        )
-        return
-    # The batch it ran in, in the text line too (docs/deployment.md): requests that
-    # shared a batch are found by it.
-    extra["batch_id"] = completed.batch_id
-    access_log.info(
-        "%s %s %s %s %d %.3f ms batch %d",
-        *(rid, method, path, model, status, seconds * 1000, completed.batch_id),
-        extra=extra,
-    )
+    line, args = "%s %s %s %s %d %.3f ms", [rid, method, path, model, status, seconds * 1000]
+    if completed is not None:
+        # The batch it ran in, in the text line too (docs/deployment.md): requests that
+        # shared a batch are found by it.
+        extra["batch_id"] = completed.batch_id
+        line += " batch %d"
+        args.append(completed.batch_id)
+    access_log.info(line, *args, extra=extra)
 
 
 def make_predict(state: FrontendState) -> Handler:

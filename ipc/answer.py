@@ -17,13 +17,11 @@ import numpy as np
 from ringserve.ipc import bytes_tensor
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.layout import DTYPE_CODE, DTYPE_CODE_OF, MAX_NDIM, STATUS_OK, Status
-from ringserve.ipc.slot_fit import ANSWER_ALIGN, answer_offset, over_slot
+from ringserve.ipc.slot_fit import answer_offset, over_slot
 from ringserve.ipc.testhooks import pause_point
 
 _BYTES = DTYPE_CODE["bytes"]
 IN_PLACE_CHECK_BYTES = 64 * 1024  # below this, copying is cheaper than checking
-_ALIGN_MASK = ANSWER_ALIGN - 1
-assert ANSWER_ALIGN & _ALIGN_MASK == 0  # a power of two, for the mask
 
 
 def no_workers(model: str) -> str:
@@ -73,21 +71,15 @@ def write_output(
     """
     if out.dtype.hasobject:
         return _write_bytes_output(arena, slot, out, batch_size, batch_id)
-    nbytes, slot_bytes = out.nbytes, arena.geometry.slot_bytes
-    if nbytes > slot_bytes or out.ndim > MAX_NDIM:
+    nbytes = out.nbytes
+    if nbytes > arena.geometry.slot_bytes or out.ndim > MAX_NDIM:
         return _unfit(arena, out, nbytes, "output")
     code = DTYPE_CODE_OF.get(out.dtype)
     if code is None:
         return f"unsupported output dtype {out.dtype.name}"
-    # ``answer_offset``, inline: this runs once per request.
-    at = (arena.headers.in_nbytes(slot) + _ALIGN_MASK) & ~_ALIGN_MASK
-    if at + nbytes > slot_bytes:
-        at = 0
-    # An output the model left in place over the input (identity) is already there, and
-    # the input with it: nothing to copy, nothing lost.
+    at = _start_answer(arena, slot, nbytes)
+    # An output the model left in place over the input (identity) is already there.
     if at or nbytes < IN_PLACE_CHECK_BYTES or not arena.holds_in_place(slot, out):
-        if at == 0:
-            arena.headers.begin_answer(slot)
         np.copyto(arena.data_array(slot, out.dtype, out.shape, at), out)
     pause_point("answer.written")
     arena.headers.write_result(slot, STATUS_OK, code, out.shape, nbytes, batch_size, batch_id)

@@ -464,13 +464,6 @@ def _is_python_handler(handler: str) -> bool:
     return all(p.isidentifier() for p in module.split(".")) and cls.isidentifier()
 
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
-    return {
-        section: {key: environ[var] for key, var in keys.items()}
-        for section, keys in _env_origins(environ).items()
-    }
-
-
 def _env_origins(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
     """``{section: {key: variable}}`` for the ``RINGSERVE_<SECTION>_<KEY>`` variables."""
     out: dict[str, dict[str, str]] = {}
@@ -586,14 +579,14 @@ def load_settings(
         if not isinstance(raw.get(k, {}), Mapping):
             raise ConfigError(f"{k}: expected a table")
     layered: dict[str, dict[str, Any]] = {k: dict(raw.get(k, {})) for k in SECTIONS}
-    # Which keys still hold an environment variable's value (a flag wins over it).
+    # The variable each key's value came from, for as long as no flag overrides it.
     origins = _env_origins(environ)
-    for source in (_env_overrides(environ), overrides or {}):
-        for section, values in source.items():
-            if section not in SECTIONS:
-                raise ConfigError(f"{section}: unknown section")
-            layered[section].update(values)
+    for section, keys in origins.items():
+        layered[section].update({key: environ[var] for key, var in keys.items()})
     for section, values in (overrides or {}).items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{section}: unknown section")
+        layered[section].update(values)
         for key in values:
             origins.get(section, {}).pop(key, None)
     built = {

@@ -12,8 +12,6 @@ import math
 
 import numpy as np
 
-from ringserve.ipc.layout import align_up
-
 SLOT_BYTES_KEY = "arena.slot_bytes"
 
 
@@ -24,6 +22,8 @@ def over_slot(what: str, nbytes: int, slot_bytes: int) -> str:
 
 
 ANSWER_ALIGN = 64  # a cache line: an answer beside its input never shares the input's last line
+_ALIGN_MASK = ANSWER_ALIGN - 1
+assert ANSWER_ALIGN & _ALIGN_MASK == 0  # a power of two, for the mask
 
 
 def answer_offset(in_nbytes: int, out_nbytes: int, slot_bytes: int) -> int:
@@ -35,7 +35,7 @@ def answer_offset(in_nbytes: int, out_nbytes: int, slot_bytes: int) -> int:
     leaves neither input nor answer, and the request fails (``STATUS_ANSWERING``). Writer
     and reader both derive the offset from the header's two sizes, so it needs no field.
     """
-    beside = align_up(in_nbytes, ANSWER_ALIGN)
+    beside = (in_nbytes + _ALIGN_MASK) & ~_ALIGN_MASK  # (align_up, without its call)
     return beside if beside + out_nbytes <= slot_bytes else 0
 
 

@@ -29,7 +29,7 @@ from ringserve.supervisor.admin_protocol import (
     AdminError,
     AdminRemoteError,
 )
-from ringserve.supervisor.paths import find_admin_socket, other_instances
+from ringserve.supervisor.paths import find_admin_socket, instance_of, other_instances
 
 EXIT_OK = 0
 EXIT_REMOTE_ERROR = 1
@@ -189,15 +189,9 @@ def _other_servers(path: str) -> str:
     """``; other servers here: ...`` naming the option that reaches each other server,
     for an instance's socket that does not exist (``serve --port 9001`` asked without
     ``--port``, or a socket-activated server whose ``server.port`` is left at 8000)."""
-    name = os.path.basename(path)
-    if not (name.startswith("ringserve-") and name.endswith(".sock")):
-        return ""  # server.admin_socket names a path of its own: nothing to compare
-    instance = name.removeprefix("ringserve-").removesuffix(".sock")
-    try:
-        others = other_instances(instance)
-    except ValueError:  # an instance name serve would not take: nothing to compare
-        return ""
-    if not others:
+    instance = instance_of(os.path.basename(path))
+    others = other_instances(instance) if instance is not None else []
+    if not others:  # (none, or server.admin_socket names a path of its own)
         return ""
     ways = []
     for other in others:

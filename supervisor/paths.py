@@ -36,6 +36,15 @@ def socket_name(instance: str) -> str:
     return f"ringserve-{instance}.sock"
 
 
+def instance_of(name: str) -> str | None:
+    """The instance whose default socket is called ``name`` (``socket_name``'s inverse),
+    or None for a name ``serve`` would not have made."""
+    instance = name.removeprefix("ringserve-").removesuffix(".sock")
+    if name != f"ringserve-{instance}.sock" or not valid_name(instance):
+        return None
+    return instance
+
+
 def private_tmp_dir() -> str:
     """``/tmp/ringserve-<uid>``: the fallback runtime directory (not ``$TMPDIR``, which
     ``serve`` and ``ctl`` may not share)."""
@@ -80,15 +89,14 @@ def other_instances(instance: str) -> list[str]:
         except OSError:
             continue
         for name in names:
-            other = name.removeprefix("ringserve-").removesuffix(".sock")
-            if not (name.startswith("ringserve-") and name.endswith(".sock")) or not other:
+            other = instance_of(name)
+            if other is None or other == instance:
                 continue
             try:
-                is_socket = stat.S_ISSOCK(os.stat(os.path.join(d, name)).st_mode)
+                if stat.S_ISSOCK(os.stat(os.path.join(d, name)).st_mode):
+                    found.add(other)
             except OSError:
                 continue
-            if is_socket and other != instance and valid_name(other):
-                found.add(other)
     return sorted(found)
 
 

@@ -248,3 +248,12 @@ def private_shm_dir() -> Iterator[str]:
     path = tempfile.mkdtemp(prefix="rs-test-", dir="/dev/shm")
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """The batch profile on a virtual clock (``support/profile_clock.py``), its cache in
+    ``tmp_path``. Imported here, not at the top: torch comes with it."""
+    from support.profile_clock import use_virtual_clock
+
+    return use_virtual_clock(monkeypatch, str(tmp_path))

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_profile import CostModel, VirtualClock, settings
+from support.profile_clock import CostModel, settings
 
 from ringserve.gpu_worker import process, profile
 from ringserve.gpu_worker.compiled import ran_out_of_room
@@ -34,14 +34,6 @@ def scripted(message: str) -> RuntimeError:
 
 SCRIPTED_OOM = scripted("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total ...")
 SCRIPTED_FAULT = scripted("CUDA error: an illegal memory access was encountered")
-
-
-@pytest.fixture
-def clock(monkeypatch, tmp_path) -> VirtualClock:
-    vc = VirtualClock()
-    monkeypatch.setattr(profile, "time", vc)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    return vc
 
 
 def test_a_torchscript_model_running_out_of_memory_caps_the_profile(clock) -> None:

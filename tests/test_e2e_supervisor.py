@@ -23,8 +23,8 @@ import httpx
 import psutil
 import pytest
 from conftest import Server, alive, kill_group, launch, shm_segments, wait_until
+from support.freeze import frozen_mid_batch_outside_the_lock
 from test_e2e_core import DIGIT3, HANDLER_ENV, _fire, digit_requests
-from test_faults_chaos import frozen_mid_batch_outside_the_lock
 
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.layout import SlotState

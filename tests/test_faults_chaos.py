@@ -26,6 +26,7 @@ import numpy as np
 import psutil
 import pytest
 from conftest import SERVE, Server, alive, free_port, shm_segments, wait_until
+from support.freeze import frozen_mid_batch, frozen_mid_batch_outside_the_lock
 from support.load import DIGIT3, Planned, drive, echo_request
 from test_e2e_core import HANDLER_ENV
 
@@ -59,23 +60,6 @@ def wait_workers(server: Server, n: int, gone: int | None = None) -> None:
         return st["models"][0]["ready"] == n and len(pids) == n and gone not in pids
 
     wait_until(ready, 60, f"{n} ready workers" + (f" without {gone}" if gone else ""))
-
-
-def running_on(arena: Arena, pid: int) -> bool:
-    slots = arena.slots
-    return bool(np.any((slots["state"] == SlotState.RUNNING) & (slots["worker_pid"] == pid)))
-
-
-def frozen_mid_batch(arena: Arena, pid: int) -> bool:
-    """Stop ``pid`` if it is running a batch; True if it is stopped holding one."""
-    if not running_on(arena, pid):
-        return False
-    os.kill(pid, signal.SIGSTOP)
-    wait_until(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED, 10, "the stop")
-    if running_on(arena, pid):
-        return True
-    os.kill(pid, signal.SIGCONT)
-    return False
 
 
 def test_worker_sigkilled_mid_batch_three_times_loses_nothing(start_server) -> None:
@@ -385,18 +369,6 @@ def frozen_ring_lock(
         holder.wait(10)
         holder.stdin.close()
         holder.stdout.close()
-
-
-def frozen_mid_batch_outside_the_lock(arena: Arena, ring: RequestRing, pid: int) -> bool:
-    """``frozen_mid_batch``, and stopped outside ``ring``'s lock (a worker claims its
-    requests inside it): True if so, else it runs on."""
-    if not frozen_mid_batch(arena, pid):
-        return False
-    if ring.locked().try_lock():
-        ring.locked().unlock()
-        return True
-    os.kill(pid, signal.SIGCONT)
-    return False
 
 
 def waits_on_a_futex(pid: int) -> bool:

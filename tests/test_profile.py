@@ -1,5 +1,6 @@
-"""The warm-up throughput profile, on a virtual clock: a fake model whose every run
-advances the clock by a cost we choose, so rates, order and budget are exact."""
+"""The warm-up throughput profile, on a virtual clock (``support/profile_clock.py``): a
+fake model whose every run advances the clock by a cost we choose, so rates, order and
+budget are exact."""
 
 from __future__ import annotations
 
@@ -7,66 +8,15 @@ import fcntl
 import itertools
 import os
 import threading
-import time as _time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import wait_until
+from support.profile_clock import CostModel, settings
 
 from ringserve.gpu_worker import profile
-from ringserve.gpu_worker.handlers.base import Handler, TensorSpec
-from ringserve.ipc.config import BatchingSettings, ModelSettings
-
-
-class VirtualClock:
-    """Stands in for the ``time`` module inside ``profile``."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def perf_counter(self) -> float:
-        return self.now
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def time(self) -> float:  # wall clock: a day after any file's mtime here
-        return _time.time() + 86400 + self.now
-
-
-class CostModel(Handler):
-    """A model whose run of batch size n costs ``cost(n, k)`` virtual seconds (k: how
-    many runs came before it)."""
-
-    inputs = (TensorSpec("x", "float32", (4,)),)
-
-    def __init__(self, clock: VirtualClock, cost) -> None:
-        super().__init__(ModelSettings(name="m", handler="fake"))
-        self.clock, self.cost, self.sizes = clock, cost, []
-
-    def load(self, device: torch.device) -> None:
-        pass
-
-    def infer(self, batch: torch.Tensor) -> torch.Tensor:
-        self.clock.now += self.cost(batch.shape[0], len(self.sizes))
-        self.sizes.append(batch.shape[0])
-        return batch
-
-
-@pytest.fixture
-def clock(monkeypatch, tmp_path) -> VirtualClock:
-    vc = VirtualClock()
-    monkeypatch.setattr(profile, "time", vc)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    return vc
-
-
-def settings(max_batch: int, handler: str = "fake") -> ModelSettings:
-    return ModelSettings(
-        name="m", handler=handler, batching=BatchingSettings(max_batch_size=max_batch)
-    )
 
 
 def test_prefers_the_fastest_size_per_row_not_the_largest(clock):

@@ -22,8 +22,8 @@ import httpx
 import numpy as np
 import pytest
 from conftest import EXAMPLES, Server, kill_group, launch, wait_until
+from support.freeze import frozen_mid_batch_outside_the_lock
 from test_e2e_core import HANDLER_ENV, PNGS
-from test_faults_chaos import frozen_mid_batch_outside_the_lock
 
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.ring import RequestRing
