@@ -324,6 +324,13 @@ def _validate(s: Settings) -> None:
         f"must be at most {MAX_SLOT_BYTES} (1 TiB)",
     )
     need(s.arena.max_queue_depth >= 0, "arena.max_queue_depth", "must be >= 0")
+    # A depth the slots can never hold never binds: the 503s would come at arena.slots.
+    need(
+        s.arena.max_queue_depth <= s.arena.slots,
+        "arena.max_queue_depth",
+        f"must be at most arena.slots ({s.arena.slots}), which bound every queue first; "
+        "raise arena.slots for a deeper queue (0: no limit beyond the slots)",
+    )
     need(
         s.worker.heartbeat_timeout_s > 2 * s.worker.heartbeat_interval_s,
         "worker.heartbeat_timeout_s",

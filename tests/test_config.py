@@ -328,6 +328,7 @@ BAD_FILES = [
     ("arena.slots", "[arena]\nslots = 1\n[server]\nfrontends = 2\n"),
     ("arena.slot_bytes", "[arena]\nslot_bytes = 100\n"),
     ("arena.max_queue_depth", "[arena]\nmax_queue_depth = -1\n"),
+    ("arena.max_queue_depth", "[arena]\nslots = 64\nmax_queue_depth = 65\n"),  # never binds
     ("bogus", "[bogus]\nx = 1\n"),  # unknown section
     ("server", "server = 3\n"),  # a section that is not a table
     ("memory", 'memory = "lots"\n'),
