@@ -343,7 +343,14 @@ def _validate(s: Settings) -> None:
     )
     # 0 killed every worker as it started, and the start retried until startup_timeout_s
     need(s.worker.start_timeout_s > 0, "worker.start_timeout_s", "must be positive")
-    for k in ("stop_timeout_s", "restart_backoff_s", "restart_backoff_max_s"):
+    # 0 SIGKILLed every recycled or drained worker mid-batch: its requests ran again, and
+    # one caught in two such kills failed as poison
+    need(
+        s.worker.stop_timeout_s > 0,
+        "worker.stop_timeout_s",
+        "must be positive (the seconds a stopping worker has to finish its batch)",
+    )
+    for k in ("restart_backoff_s", "restart_backoff_max_s"):
         need(getattr(s.worker, k) >= 0, f"worker.{k}", "must be >= 0")
     need(
         s.worker.restart_backoff_max_s >= s.worker.restart_backoff_s,

@@ -338,6 +338,7 @@ BAD_FILES = [
     ),  # not > 2x
     ("worker.heartbeat_interval_s", "[worker]\nheartbeat_interval_s = 0\n"),
     ("worker.stop_timeout_s", "[worker]\nstop_timeout_s = -1\n"),
+    ("worker.stop_timeout_s", "[worker]\nstop_timeout_s = 0\n"),  # every stop a SIGKILL
     ("memory.uss_limit_mb", "[memory]\nuss_limit_mb = -5\n"),
     ("memory.uss_limit_samples", "[memory]\nuss_limit_samples = 0\n"),
     ("memory.max_requests_jitter", "[memory]\nmax_requests_jitter = -1\n"),
