@@ -22,6 +22,11 @@ Mapping, with Triton's meaning of each field:
 - ``inference_count``: rows run; ``execution_count``: batches run (both summed over
   ``batch_stats``, so the three always agree); ``last_inference``: the newest batch's
   wall-clock time, in milliseconds.
+- ``memory_usage``: what the model's live workers hold now, from the supervisor's last
+  memory sample in shared memory: ``CPU`` their USS summed (the memory that stopping them
+  frees; Triton reports what loading took, which a leak never moves), ``GPU`` on the
+  model's device their NVML figure (context and allocator cache; the allocator's reserve
+  while NVML is off). ``response_stats`` stays empty: no model here is decoupled.
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+import numpy as np
+
 from ringserve.frontend.app import FrontendState
+from ringserve.ipc.layout import ProcState, Role
 
 # Summed [count, seconds] per model and stat, from histograms' _count and _sum.
 _HISTOGRAMS = {
@@ -107,6 +115,31 @@ def _batch_stats(m: _Model) -> list[dict[str, Any]]:
     ]
 
 
+def memory_usage(state: FrontendState, name: str) -> list[dict[str, Any]]:
+    """Triton's ``memory_usage`` for one model (see the module docstring); [] until the
+    supervisor has sampled a worker of it."""
+    index = state.catalog.names().index(name)
+    ctl = state.arena.control
+    workers = ctl[
+        (ctl["role"] == Role.WORKER)
+        & (ctl["model"] == index)
+        & (ctl["pid"] != 0)
+        & (ctl["state"] != ProcState.STOPPED)
+    ]
+    usage = []
+    host = int(workers["uss"].sum())
+    if host:
+        usage.append({"type": "CPU", "id": 0, "byte_size": host})
+    device = state.settings.models[index].device
+    if device.startswith("cuda"):
+        held = np.maximum(workers["gpu_nvml"], workers["gpu_reserved"])
+        gpu = int(held.sum())
+        if gpu:
+            gpu_id = int(device.partition(":")[2] or 0)
+            usage.append({"type": "GPU", "id": gpu_id, "byte_size": gpu})
+    return usage
+
+
 def model_stats(state: FrontendState, names: list[str]) -> list[dict[str, Any]]:
     prom = _prometheus(state.metrics.metrics_dir)
     result = []
@@ -133,7 +166,9 @@ def model_stats(state: FrontendState, names: list[str]) -> list[dict[str, Any]]:
                     "cache_hit": _duration(),
                     "cache_miss": _duration(),
                 },
+                "response_stats": {},
                 "batch_stats": _batch_stats(m),
+                "memory_usage": memory_usage(state, name),
             }
         )
     return result

@@ -214,6 +214,26 @@ def test_stats(client: httpx.Client) -> None:
     assert sorted(m["name"] for m in every) == ["desc", "digits", "id", "mix", "text"]
 
 
+def test_stats_memory_usage_is_what_the_supervisor_sampled(
+    server: Server, client: httpx.Client
+) -> None:
+    """``memory_usage`` (Triton's field; [] here before) is the model's workers' USS from
+    the supervisor's last sample, the figure ``ctl status`` shows, on CPU device 0."""
+
+    def usage() -> list[dict]:
+        return client.get("/v2/models/id/stats").json()["model_stats"][0]["memory_usage"]
+
+    def sampled_alike() -> tuple[list[dict], int] | None:
+        before = usage()
+        procs = server.children()
+        uss = sum(p["uss_bytes"] for p in procs if p["role"] == "worker" and p["model"] == "id")
+        return (before, uss) if uss and usage() == before else None  # no sample in between
+
+    got, uss = wait_until(sampled_alike, 30, "a memory sample of id's worker")
+    assert got == [{"type": "CPU", "id": 0, "byte_size": uss}]
+    assert client.get("/v2/models/id/stats").json()["model_stats"][0]["response_stats"] == {}
+
+
 def test_stats_compute_times_follow_triton(client: httpx.Client) -> None:
     """Compute stages count requests in ``inference_stats`` (each charged its batch's
     time) and executions per batch size in ``batch_stats``: one request of 3 rows is one

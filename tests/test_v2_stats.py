@@ -1,0 +1,48 @@
+"""Triton's ``memory_usage`` in ``/v2/models/{name}/stats``, read from the control
+records the supervisor's memory sampler writes (the e2e check is in test_v2_protocol)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+from test_ipc import make_arena
+
+from ringserve.frontend.v2_stats import memory_usage
+from ringserve.ipc.layout import ProcState, Role
+
+MiB = 2**20
+
+
+def test_memory_usage_sums_the_live_workers_of_the_model_on_its_device(tmp_path: Path) -> None:
+    arena = make_arena(tmp_path, n_models=2)
+    models = [
+        SimpleNamespace(name="cpu", device="cpu"),
+        SimpleNamespace(name="gpu", device="cuda:1"),
+    ]
+    state = SimpleNamespace(
+        arena=arena,
+        settings=SimpleNamespace(models=models),
+        catalog=SimpleNamespace(names=lambda: [m.name for m in models]),
+    )
+
+    def record(index: int, role: Role, model: int, state: ProcState, uss: int, **gpu: int) -> None:
+        rec = arena.control[index]
+        rec["role"], rec["model"], rec["pid"], rec["state"] = role, model, 100 + index, state
+        rec["uss"] = uss * MiB
+        for key, value in gpu.items():
+            rec[key] = value * MiB
+
+    assert memory_usage(state, "cpu") == []  # nothing sampled yet: nothing to say
+    record(0, Role.WORKER, 0, ProcState.READY, 300)
+    record(1, Role.WORKER, 0, ProcState.STARTING, 200)  # a replacement loading: it holds memory
+    record(2, Role.WORKER, 0, ProcState.STOPPED, 999)  # gone
+    record(3, Role.FRONTEND, 0, ProcState.READY, 999)  # not the model's
+    record(4, Role.WORKER, 1, ProcState.READY, 400, gpu_nvml=900, gpu_reserved=700)
+    record(5, Role.WORKER, 1, ProcState.READY, 50, gpu_reserved=600)  # NVML gave nothing
+    assert memory_usage(state, "cpu") == [{"type": "CPU", "id": 0, "byte_size": 500 * MiB}]
+    assert memory_usage(state, "gpu") == [
+        {"type": "CPU", "id": 0, "byte_size": 450 * MiB},
+        {"type": "GPU", "id": 1, "byte_size": 1500 * MiB},
+    ]
+    arena.close()
