@@ -22,6 +22,7 @@ from ringserve.ipc.arena import Arena
 from ringserve.ipc.config import Settings
 from ringserve.ipc.layout import ProcState, Role, SlotState, Status
 from ringserve.ipc.prom import LATENCY_BUCKETS
+from ringserve.supervisor.fds import fd_usage
 from ringserve.supervisor.memory import sample_process
 
 MetricT = TypeVar("MetricT")
@@ -267,6 +268,18 @@ class ArenaCollector:
                 labels=["role", "id", "model"],
             ),
         }
+        fds = {
+            "open_fds": GaugeMetricFamily(
+                "ringserve_process_open_fds",
+                "Open file descriptors (each client connection takes one)",
+                labels=["role", "id", "model"],
+            ),
+            "max_fds": GaugeMetricFamily(
+                "ringserve_process_max_fds",
+                "RLIMIT_NOFILE soft limit: at it, a frontend sheds new connections unlogged",
+                labels=["role", "id", "model"],
+            ),
+        }
         start = GaugeMetricFamily(
             "ringserve_process_start_time_seconds",
             "Process start (seconds since the epoch)",
@@ -301,7 +314,7 @@ class ArenaCollector:
             role = Role(int(rec["role"])).name.lower()
             model = names[int(rec["model"])] if rec["role"] == Role.WORKER else ""
             labels = [role, str(int(rec["ident"])), model]
-            for key, fam in fams.items():
+            for key, fam in (*fams.items(), *fds.items()):
                 if int(rec[key]):
                     fam.add_metric(labels, float(rec[key]))
             started = _start_time(int(rec["pid"]))
@@ -326,7 +339,12 @@ class ArenaCollector:
             started = _start_time(supervisor_pid)
             if started:
                 start.add_metric(labels, started)
+            usage = fd_usage(supervisor_pid)
+            if usage is not None and usage.limit:
+                fds["open_fds"].add_metric(labels, float(usage.open))
+                fds["max_fds"].add_metric(labels, float(usage.limit))
         yield from fams.values()
+        yield from fds.values()
         yield start
         yield beat
         yield gpu_alloc

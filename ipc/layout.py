@@ -49,12 +49,13 @@ import enum
 import numpy as np
 
 MAGIC = 0x5245_5653_474E_4952  # "RINGSVER" as little-endian bytes, give or take
-VERSION = 8  # 3: the ring lock is a robust mutex in the ring header; 4: the region table;
+VERSION = 9  # 3: the ring lock is a robust mutex in the ring header; 4: the region table;
 # 5: load errors in control records and model entries; 6: the supervisor publishes each
 # model's wanted worker count and the header's stopping flag (a frontend of version 6
 # would read an older supervisor's zero padding as "drained"); 7: a slot keeps 256 bytes
 # of the request id; 8: an answer goes beside the input when both fit (a version 7
-# frontend would read it at the payload's start)
+# frontend would read it at the payload's start); 9: open and allowed file descriptors
+# in control records
 
 PAGE = 4096
 ARENA_HEADER_BYTES = PAGE
@@ -254,6 +255,8 @@ CONTROL = np.dtype(
         ("uss", "<u8"),
         ("pss", "<u8"),
         ("gpu_nvml", "<u8"),  # NVML usedGpuMemory (context + allocator cache)
+        ("open_fds", "<u4"),  # and its RLIMIT_NOFILE soft limit: at it, connections are shed
+        ("max_fds", "<u4"),
         # Worker: 1 while counted in its ring's ``sleepers`` (set and cleared under the
         # ring lock), so the supervisor can take a dead worker's count back.
         ("asleep", "<u4"),

@@ -119,6 +119,8 @@ def status(arb: Arbiter) -> dict[str, Any]:
                 "gpu_allocated_bytes": int(rec["gpu_allocated"]),
                 "gpu_reserved_bytes": int(rec["gpu_reserved"]),
                 "gpu_nvml_used_bytes": int(rec["gpu_nvml"]),
+                "open_fds": int(rec["open_fds"]),
+                "max_fds": int(rec["max_fds"]),
                 "restarts": n_restarts,
                 "last_exit_reason": last_exit,
                 "last_recycle_reason": last_recycle,

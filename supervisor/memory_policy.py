@@ -1,5 +1,6 @@
-"""Sampling each child's memory into its control record, and acting on a worker's
-trend: ask it to trim, then recycle it if the growth stays. A part of ``Arbiter``."""
+"""Sampling each child's memory (and open file descriptors) into its control record,
+and acting on a worker's trend: ask it to trim, then recycle it if the growth stays. A
+part of ``Arbiter``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from ringserve.ipc.control import send_command
 from ringserve.ipc.layout import Command
 from ringserve.supervisor.children import Child, Phase
+from ringserve.supervisor.fds import fd_usage
 from ringserve.supervisor.memory import MemorySample
 
 log = logging.getLogger("ringserve.supervisor")
@@ -46,6 +48,9 @@ class MemoryPolicy:
             return
         rec = self.arena.control[child.control_index]
         rec["rss"], rec["uss"], rec["pss"] = sample.rss, sample.uss, sample.pss
+        fds = fd_usage(child.pid)
+        if fds is not None:
+            rec["open_fds"], rec["max_fds"] = fds
         # Missing from NVML's answer reads as none on the GPU only when every device
         # answered: one whose query failed may hold it (it read 0 for that spell).
         if gpu_used is not None and (child.pid in gpu_used or self.gpu.every_device_answered):

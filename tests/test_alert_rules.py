@@ -53,6 +53,8 @@ EXPORTED_METRICS = HISTOGRAMS | frozenset(
         "ringserve_process_resident_memory_bytes",
         "ringserve_process_unique_memory_bytes",
         "ringserve_process_proportional_memory_bytes",
+        "ringserve_process_open_fds",
+        "ringserve_process_max_fds",
         "ringserve_process_start_time_seconds",
         "ringserve_process_heartbeat_age_seconds",
         "ringserve_worker_gpu_allocated_bytes",

@@ -809,3 +809,62 @@ def test_a_body_refused_before_it_was_read_closes_the_connection(
     status, headers, _ = parse_response(b"".join(chunks))
     assert status == 413
     assert {k.lower(): v for k, v in headers.items()}.get("connection") == "close", headers
+
+
+def test_a_frontend_out_of_file_descriptors_sheds_connections_then_serves_again(
+    start_server,
+) -> None:
+    """More connections than a frontend's RLIMIT_NOFILE (a slowloris, or a keep-alive
+    pool larger than the limit): accept() fails with EMFILE on a listener that stays
+    readable. The frontend must not spin on it, must refuse a new connection at once
+    (closed, so nginx tries another frontend) rather than leave it waiting, must show
+    the limit in its gauges, and must serve again, the same process, once they go."""
+    server: Server = start_server(
+        "--model", "id=identity",
+        "--set", "server.read_timeout_s=300",  # the hogs stay until the test closes them
+        "--set", "memory.sample_interval_s=0.2",
+        frontends=1,
+    )  # fmt: skip
+    [pid] = server.pids("frontend")
+    frontend = psutil.Process(pid)
+    limit = frontend.num_fds() + 24
+    frontend.rlimit(psutil.RLIMIT_NOFILE, (limit, limit))
+
+    def own_record() -> dict:
+        [rec] = [p for p in server.children() if p["pid"] == pid]
+        return rec
+
+    hogs = []
+    try:
+        for _ in range(limit + 16):
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")  # a head never finished
+            hogs.append(s)
+        wait_until(lambda: frontend.num_fds() >= limit - 1, 20, "the frontend at its limit")
+        rec = wait_until(
+            lambda: (r := own_record())["open_fds"] >= limit - 1 and r, 20, "a sample at it"
+        )
+        assert rec["max_fds"] == limit
+        cpu = sum(frontend.cpu_times()[:2])
+        t0 = time.monotonic()
+        time.sleep(2.0)  # a measurement window
+        share = (sum(frontend.cpu_times()[:2]) - cpu) / (time.monotonic() - t0)
+        assert share < 0.5, f"{share:.0%} of a core at its descriptor limit: a spin"
+        with pytest.raises(httpx.TransportError) as refused:
+            httpx.post(f"{server.url}{ID}", json={"data": [1.0]}, timeout=20)
+        assert not isinstance(refused.value, httpx.TimeoutException), refused.value
+    finally:
+        for s in hogs:
+            s.close()
+    good = wait_until(lambda: _post_ok(server.url), 30, "an answer once the connections are gone")
+    assert good.json()["result"] == [1.0]
+    assert server.pids("frontend") == [pid] and own_record()["restarts"] == 0
+    wait_until(lambda: own_record()["open_fds"] <= limit - 20, 20, "the descriptors back")
+
+
+def _post_ok(url: str) -> httpx.Response | None:
+    try:
+        r = httpx.post(f"{url}{ID}", json={"data": [1.0]}, timeout=10)
+    except httpx.TransportError:
+        return None
+    return r if r.status_code == 200 else None
