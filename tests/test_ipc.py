@@ -553,6 +553,26 @@ def test_topping_up_stops_before_a_retried_request(shm_dir: Path) -> None:
     arena.close()
 
 
+def test_a_retried_request_takes_no_fresh_batchmates_behind_it(shm_dir: Path) -> None:
+    """A re-queued request runs alone also when fresh requests queue behind it: in a
+    batch with them, a poison input's second kill would take them down too (their one
+    retry spent on somebody else's crash) instead of failing alone. In
+    ``test_dead_worker_requeued_once_then_poison_alone`` every queued request is a
+    retried one, so it cannot tell."""
+    arena = make_arena(shm_dir)
+    ring = RequestRing(arena, 0)
+    produce(arena, ring, 0, np.zeros(4, np.uint8))
+    assert len(ring.pop(4, worker=5, worker_pid=111)) == 1
+    assert ring.requeue_from_dead(5, b"poison").requeued == [0]
+    for slot in (1, 2, 3):
+        produce(arena, ring, slot, np.zeros(4, np.uint8))
+    retried = ring.pop(4, worker=6, worker_pid=222)
+    assert [(c.slot, c.attempts) for c in retried] == [(0, 2)]
+    fresh = ring.pop(4, worker=6, worker_pid=222)
+    assert sorted((c.slot, c.attempts) for c in fresh) == [(1, 1), (2, 1), (3, 1)]
+    arena.close()
+
+
 def test_write_error_carries_message(shm_dir: Path) -> None:
     arena = make_arena(shm_dir)
     write_error(arena, 2, Status.BAD_INPUT, b"no good")
