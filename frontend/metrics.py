@@ -276,7 +276,7 @@ class ArenaCollector:
             ),
             "max_fds": GaugeMetricFamily(
                 "ringserve_process_max_fds",
-                "RLIMIT_NOFILE soft limit: at it, a frontend sheds new connections unlogged",
+                "RLIMIT_NOFILE soft limit: at it, a frontend closes every new connection at once",
                 labels=["role", "id", "model"],
             ),
         }

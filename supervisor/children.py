@@ -42,6 +42,7 @@ class Child:
     kill_detail: str = ""  # the same for people: the limit it ran into, and its setting
     stop_reason: str = ""  # why it was asked to stop (recycle reason, scale, shutdown)
     sampled_ready: bool = False  # its memory was sampled once it was ready
+    fds_warned: bool = False  # said to be near its descriptor limit, not yet back under
     returncode: int | None = None
 
     @property

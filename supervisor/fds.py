@@ -1,10 +1,10 @@
 """Open file descriptors against each process's RLIMIT_NOFILE, sampled with its memory.
 
-A frontend at its limit fails no request that it has accepted and logs nothing: accept()
-fails with EMFILE, and the event loop (libuv) accepts and closes every waiting
-connection so as not to spin on a listener that stays readable. Clients see resets;
-the only sign on the server is this ratio, so it is a gauge with an alert of its own
-(``RingserveFileDescriptorsNearLimit``).
+A frontend at its limit fails no request that it has accepted and logs nothing itself:
+accept() fails with EMFILE, and the event loop (libuv) accepts and closes every waiting
+connection so as not to spin on a listener that stays readable. Clients see resets. So
+the supervisor samples the ratio: a gauge with an alert of its own
+(``RingserveFileDescriptorsNearLimit``), and a log line past 90% (``MemoryPolicy``).
 """
 
 from __future__ import annotations

@@ -10,10 +10,15 @@ from typing import Any
 from ringserve.ipc.control import send_command
 from ringserve.ipc.layout import Command
 from ringserve.supervisor.children import Child, Phase
-from ringserve.supervisor.fds import fd_usage
+from ringserve.supervisor.fds import FdUsage, fd_usage
 from ringserve.supervisor.memory import MemorySample
 
 log = logging.getLogger("ringserve.supervisor")
+
+# A process past this share of its descriptors is named in the log; again only once it
+# has been back under the second (the alert fires at 80% held for 2 minutes).
+FDS_WARN_SHARE = 0.9
+FDS_CLEAR_SHARE = 0.8
 
 
 def nvml_blind_to(gpu_used: dict[int, int], on_gpu: list[int]) -> list[int]:
@@ -51,6 +56,7 @@ class MemoryPolicy:
         fds = fd_usage(child.pid)
         if fds is not None:
             rec["open_fds"], rec["max_fds"] = fds
+            self._check_fds(child, fds)
         # Missing from NVML's answer reads as none on the GPU only when every device
         # answered: one whose query failed may hold it (it read 0 for that spell).
         if gpu_used is not None and (child.pid in gpu_used or self.gpu.every_device_answered):
@@ -60,6 +66,36 @@ class MemoryPolicy:
                 child.sampled_ready = True
                 self._check_fresh_footprint(child, sample)
             self._apply_policy(child, sample, rec, now)
+
+    def _check_fds(self, child: Child, fds: FdUsage) -> None:
+        """Say in the log when a process nears its RLIMIT_NOFILE, once until it is back
+        under 80%: at the limit a frontend closes new connections with no line of its
+        own (``supervisor/fds.py``), so without this the journal says nothing at all."""
+        if not fds.limit:
+            return
+        share = fds.open / fds.limit
+        if share >= FDS_WARN_SHARE and not child.fds_warned:
+            child.fds_warned = True
+            log.warning(
+                "%s holds %d of its %d file descriptors (RLIMIT_NOFILE): at the limit %s. "
+                "Raise LimitNOFILE= in the unit, or close idle clients sooner "
+                "(server.keep_alive_s, server.read_timeout_s)",
+                child.name,
+                fds.open,
+                fds.limit,
+                "it closes every new connection at once, unlogged"
+                if child.role == "frontend"
+                else "opening a file or socket fails",
+            )
+        elif share < FDS_CLEAR_SHARE and child.fds_warned:
+            child.fds_warned = False
+            log.info(
+                "%s is back under %d%% of its file descriptors (%d of %d)",
+                child.name,
+                FDS_CLEAR_SHARE * 100,
+                fds.open,
+                fds.limit,
+            )
 
     def _check_nvml_sees_workers(self, gpu_used: dict[int, int]) -> None:
         """Say once when NVML cannot see our workers, rather than leave a metric unset."""

@@ -845,6 +845,8 @@ def test_a_frontend_out_of_file_descriptors_sheds_connections_then_serves_again(
             lambda: (r := own_record())["open_fds"] >= limit - 1 and r, 20, "a sample at it"
         )
         assert rec["max_fds"] == limit
+        said = rf"frontend-0 holds \d+ of its {limit} file descriptors \(RLIMIT_NOFILE\)"
+        assert re.search(said, server.log_path.read_text())  # and the journal, once sampled
         cpu = sum(frontend.cpu_times()[:2])
         t0 = time.monotonic()
         time.sleep(2.0)  # a measurement window

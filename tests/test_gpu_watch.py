@@ -118,7 +118,14 @@ def test_a_worker_on_a_device_that_did_not_answer_keeps_its_last_gpu_figure() ->
     watch = GpuWatch(nvml)
     watch.handles = {0: 0, 1: 99}  # the second device's query fails
     arb = Sampled(watch)
-    worker = SimpleNamespace(returncode=None, pid=42, control_index=0, role="frontend")
+    worker = SimpleNamespace(
+        returncode=None,
+        pid=42,
+        control_index=0,
+        role="frontend",
+        name="frontend-0",
+        fds_warned=False,
+    )
     arb.sample_child(worker, 0.0, watch.used_by_pid())
     assert not watch.every_device_answered
     assert arb.arena.control[0]["gpu_nvml"] == 5 << 20  # kept, not 0
