@@ -8,9 +8,12 @@ import json
 import logging
 import os
 import re
+import resource
 import shutil
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -18,6 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from conftest import wait_until
 
 from ringserve.ipc.errors import ConfigError
 from ringserve.supervisor.admin import AdminCommandError, AdminServer, AdminSocketInUse
@@ -137,14 +141,6 @@ def raw(server: AdminServer) -> Iterator[Callable[[], Raw]]:
         c.close()
 
 
-def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline, delay = time.monotonic() + timeout, 0.005
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
-
-
 # -- framing -----------------------------------------------------------------------
 
 
@@ -262,7 +258,7 @@ def test_unexpected_exception_is_internal_error_logged_and_server_keeps_serving(
             "ok": False,
             "error": "internal error: RuntimeError: boom",
         }
-        wait_until(lambda: "admin command 'boom' failed" in caplog.text)
+        wait_until(lambda: "admin command 'boom' failed" in caplog.text, 5, "the failure logged")
     assert c.ask(encode_request("echo", {"ok": 1}))["result"] == {"ok": 1}
     assert raw().ask(encode_request("status"))["ok"] is True
 
@@ -410,7 +406,7 @@ def test_too_many_clients_are_refused_politely(
         refusals = [r for r in caplog.records if "refusing" in r.getMessage()]
         assert len(refusals) == 1, [r.getMessage() for r in refusals]
         held.pop().close()
-        wait_until(lambda: _answers(server.path))
+        wait_until(lambda: _answers(server.path), 5, "an answer")
     finally:
         for c in held:
             c.close()
@@ -584,7 +580,63 @@ def test_an_action_is_logged_with_its_arguments_or_none(
     with caplog.at_level("INFO", logger="ringserve.supervisor"):
         raw().ask(encode_request("echo"))
         raw().ask(encode_request("echo", {"ok": 1}))
-        wait_until(lambda: caplog.text.count("admin echo") == 2)
+        wait_until(lambda: caplog.text.count("admin echo") == 2, 5, "both commands logged")
     assert re.search(r"admin echo from \S", caplog.text), caplog.text
     assert "admin echo {'ok': 1} from " in caplog.text, caplog.text
     assert "admin echo  from" not in caplog.text
+
+
+_HOLD_CONNECTIONS = """
+import socket, sys
+path, n = sys.argv[1], int(sys.argv[2])
+sys.stdin.readline()
+socks = []
+for _ in range(n):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    socks.append(s)
+print("connected", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_accepting_at_the_descriptor_limit_pauses_instead_of_spinning(
+    server: AdminServer, sock_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The supervisor out of file descriptors: accept() fails with EMFILE and the
+    listener stays readable, so a loop that retried at once would spin a core. The admin
+    thread says why and pauses its accepts, then serves again once descriptors are free.
+    (The clients live in another process: their sockets must not count against ours.)"""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_CONNECTIONS, sock_path, "8"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert server._thread is not None and server._thread.ident is not None
+    thread_cpu = time.pthread_getcpuclockid(server._thread.ident)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        with caplog.at_level(logging.WARNING, "ringserve.supervisor"):
+            # Room for three of the eight: the fourth accept() fails.
+            resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 2, hard))
+            assert holder.stdin is not None and holder.stdout is not None
+            holder.stdin.write("go\n")
+            holder.stdin.flush()
+            assert holder.stdout.readline() == "connected\n"
+            wait_until(
+                lambda: any("accept failed" in r.getMessage() for r in caplog.records),
+                10,
+                "the accept failure said",
+            )
+            cpu = time.clock_gettime(thread_cpu)
+            time.sleep(1.5)  # a measurement window, over one pause and its retry
+            used = time.clock_gettime(thread_cpu) - cpu
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        holder.communicate("bye\n", timeout=10)
+    assert used < 0.3, f"the admin thread used {used:.2f} s of CPU in 1.5 s at its limit"
+    [said] = {r.getMessage() for r in caplog.records if "accept failed" in r.getMessage()}
+    assert "Too many open files" in said and "pausing accepts for 1 s" in said
+    # Past the pause, served again (the client waits in the backlog until then).
+    assert AdminClient(sock_path, timeout_s=10).call("echo", n=1) == {"n": 1}
