@@ -47,7 +47,20 @@ def _imports(path: Path, module: str) -> set[str]:
                 base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
             out.add(base)
             out.update(f"{base}.{alias.name}" for alias in node.names)  # submodules
+        elif isinstance(node, ast.Call) and _names_an_import(node):
+            out.add(node.args[0].value)  # type: ignore[attr-defined]
     return out
+
+
+def _names_an_import(call: ast.Call) -> bool:
+    """``importlib.import_module("x")`` or ``__import__("x")`` with a literal name: an
+    import the statements above do not show."""
+    func = call.func
+    name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+    literal = bool(call.args) and isinstance(call.args[0], ast.Constant)
+    return (
+        name in ("import_module", "__import__") and literal and isinstance(call.args[0].value, str)
+    )  # type: ignore[attr-defined]
 
 
 def _frontend_closure() -> dict[str, str]:
