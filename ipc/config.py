@@ -584,6 +584,8 @@ def load_settings(
                 raw = tomllib.load(f)
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except OSError as e:  # not readable by this user, a directory: was a traceback
+            raise ConfigError(f"config file {path}: cannot read it: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path}: {e}") from None
     unknown = set(raw) - set(SECTIONS) - {"models"}
@@ -650,6 +652,35 @@ def load_settings(
     settings = Settings(**built, models=tuple(model_list))
     _validate(settings)
     return settings
+
+
+def settings_changes(old: Settings, new: Settings, limit: int = 8) -> list[str]:
+    """What differs from ``old`` in ``new``, one ``key: old -> new`` line per setting
+    (``models.NAME: added``/``removed`` for a whole model), at most ``limit`` lines and
+    then how many more: what a SIGHUP, which keeps the configuration the supervisor
+    started with, tells an operator who edited the file that it did not apply."""
+    out: list[str] = []
+
+    def walk(prefix: str, a: Any, b: Any) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in [*a, *(k for k in b if k not in a)]:
+                walk(f"{prefix}{key}.", a.get(key, "(unset)"), b.get(key, "(unset)"))
+        elif a != b:
+            out.append(f"{prefix[:-1]}: {a!r} -> {b!r}")
+
+    a, b = dataclasses.asdict(old), dataclasses.asdict(new)
+    old_models = {m.pop("name"): m for m in a.pop("models")}
+    new_models = {m.pop("name"): m for m in b.pop("models")}
+    walk("", a, b)
+    for name, model in old_models.items():
+        if name not in new_models:
+            out.append(f"models.{name}: removed")
+        else:
+            walk(f"models.{name}.", model, new_models[name])
+    out += [f"models.{name}: added" for name in new_models if name not in old_models]
+    if len(out) > limit:
+        out[limit:] = [f"and {len(out) - limit} more"]
+    return out
 
 
 def model_set(path: str, value: str, into: dict[str, dict[str, Any]]) -> None:

@@ -122,7 +122,14 @@ class AdminServer:
         self._remove_stale()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            listener.bind(self.path)
+            try:
+                listener.bind(self.path)
+            except OSError as e:  # a directory it may not write, a read-only file system
+                raise ConfigError(
+                    f"server.admin_socket: cannot create the admin socket {self.path}: "
+                    f"{e.strerror}; give the server's user a directory it may write "
+                    "(RuntimeDirectory= under systemd), or set server.admin_socket"
+                ) from None
             st = os.lstat(self.path)
             self._ident = (st.st_dev, st.st_ino)
             if gid is None:

@@ -29,9 +29,10 @@ from ringserve.ipc import wake
 from ringserve.ipc.answer import failing_to_load, no_workers
 from ringserve.ipc.arena import Arena, ArenaGeometry, segment_name, sweep_stale
 from ringserve.ipc.child import ChildSpec
-from ringserve.ipc.config import Settings
+from ringserve.ipc.config import Settings, settings_changes
 from ringserve.ipc.control import error_text
 from ringserve.ipc.control import reset as reset_control
+from ringserve.ipc.errors import ConfigError
 from ringserve.ipc.layout import ModelAvailability, ProcState, Status
 from ringserve.ipc.ring import RequestRing
 from ringserve.ipc.testhooks import pause_point
@@ -83,8 +84,12 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         listen_sockets: list[socket.socket],
         listen_origins: list[str] | None = None,
         metrics_socket: socket.socket | None = None,
+        reread: Callable[[], Settings] | None = None,
     ) -> None:
         self.settings = settings
+        # Resolves the configuration again (file, environment, flags) for a reload to
+        # compare with the running one; None: nothing to compare with.
+        self.reread = reread
         self.listen_sockets = listen_sockets
         # server.metrics_port: every frontend serves GET /metrics (only) on it too
         self.metrics_socket = metrics_socket
@@ -263,9 +268,38 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
             self.begin_stop(fast=True)
         elif signum == signal.SIGHUP and self.phase == "running":
             log.info("SIGHUP: rolling restart")
+            self.config_not_applied("SIGHUP")
             systemd.reloading()
             self.ready_notified = False
             self.rolling_restart(include_frontends=True)
+
+    def config_not_applied(self, what: str) -> list[str]:
+        """A rolling restart keeps the configuration the supervisor started with: say so
+        when the configuration, read again now, differs from it (an operator who edited
+        the file and reloaded), or no longer loads (the next start would fail). Returns
+        the lines logged, for the ``ctl restart all`` reply."""
+        if self.reread is None:
+            return []
+        try:
+            fresh = self.reread()
+        except (ConfigError, OSError, ValueError) as e:  # never the reload's end
+            line = (
+                f"{what}: the configuration no longer loads, so the next start would stop "
+                f"(exit 2): {e}. This reload keeps the configuration the server started "
+                "with: fix it before a restart"
+            )
+            log.error("%s", line)
+            return [line]
+        changes = settings_changes(self.settings, fresh)
+        if not changes:
+            return []
+        line = (
+            f"{what}: the configuration changed since the start, and a reload does not "
+            f"apply it ({'; '.join(changes)}); it keeps the configuration the server "
+            "started with until a full restart (systemctl restart ringserve)"
+        )
+        log.warning("%s", line)
+        return [line]
 
     def _tick(self) -> float:
         """Run the timers; returns seconds until the next one is due."""

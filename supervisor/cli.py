@@ -246,7 +246,7 @@ def serve(argv: Sequence[str]) -> int:
         if metrics is not None:
             m_host, m_port = metrics.getsockname()[:2]
             log.info("metrics only (GET /metrics) on http://%s:%d", m_host, m_port)
-        return Arbiter(settings, socks, origins, metrics).run()
+        return Arbiter(settings, socks, origins, metrics, lambda: settings_from_args(ns)).run()
     except (ArenaError, ConfigError) as e:
         log.error("%s", e)
         return ServeExit.ERROR

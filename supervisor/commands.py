@@ -80,6 +80,27 @@ def _last_error(field: bytes) -> dict[str, str]:
     return {"last_error": text} if text else {}
 
 
+def _silent(arb: Arbiter, child: Any, state: str, age: float | None) -> dict[str, str]:
+    """``silent``: a sentence for a ready process that missed two heartbeats, one batch
+    running that long or a hang, with what it runs and when the supervisor kills it.
+    Without it, a worker stuck in a batch showed as plain ``ready`` until it was killed,
+    while its model's requests queued behind it."""
+    w = arb.settings.worker
+    if age is None or state != "ready" or age <= 2 * w.heartbeat_interval_s:
+        return {}
+    if child.role == "worker":
+        running = arb.running_request_ids(child)
+        what = (f", running request {', '.join(running)}" if running else "") + (
+            " (a batch that long, or a hang)"
+        )
+    else:
+        what = " (its event loop is blocked)"
+    return {
+        "silent": f"no heartbeat for {age:.1f} s{what}; it is killed past "
+        f"worker.heartbeat_timeout_s={w.heartbeat_timeout_s:g} s"
+    }
+
+
 def status(arb: Arbiter) -> dict[str, Any]:
     assert arb.arena is not None
     arb.promote_ready()  # current, not as of the last tick: agrees with what frontends do
@@ -103,6 +124,8 @@ def status(arb: Arbiter) -> dict[str, Any]:
         state = ProcState(int(rec["state"])).name.lower() if int(rec["pid"]) else "starting"
         if child.phase == Phase.STOPPING:
             state = "stopping"
+        beat_ns = int(rec["heartbeat_ns"])
+        age = max(0.0, now - beat_ns / 1e9) if beat_ns else None
         procs.append(
             {
                 "role": child.role,
@@ -124,6 +147,8 @@ def status(arb: Arbiter) -> dict[str, Any]:
                 "restarts": n_restarts,
                 "last_exit_reason": last_exit,
                 "last_recycle_reason": last_recycle,
+                **({"heartbeat_age_s": round(age, 1)} if age is not None else {}),
+                **_silent(arb, child, state, age),
                 **({"last_error": errors[child.name]} if errors.get(child.name) else {}),
                 **({"replaced_by": replaced_by[id(child)]} if id(child) in replaced_by else {}),
             }
@@ -251,7 +276,10 @@ def run_command(arb: Arbiter, cmd: str, args: dict[str, Any]) -> Any:
         name = _id(args)
         if name == "all":
             arb.rolling_restart(include_frontends=True)
-            return {"rolling_restart": list(arb.rolling)}
+            reply: dict[str, Any] = {"rolling_restart": list(arb.rolling)}
+            if not_applied := arb.config_not_applied("restart all"):
+                reply["config_not_applied"] = not_applied
+            return reply
         if name.startswith("frontend-"):
             if arb.find(name) is None:
                 raise AdminCommandError(f"no running {name!r}")

@@ -320,7 +320,14 @@ def write_status(result: Any, out: TextIO) -> None:
             else p
             for p in processes
         ]
+        # A process that stopped beating: "ready (silent)", and why in a sentence below.
+        shown = [
+            {**p, "state": f"{p.get('state')} (silent)"} if p.get("silent") else p for p in shown
+        ]
         out.write("\n".join(render_table(shown, PROCESS_COLUMNS)) + "\n")
+        for p in processes:
+            if p.get("silent"):
+                out.write(f"{p.get('id', '?')}: {p['silent']}\n")
     else:
         out.write("no processes\n")
     models = result.get("models") or []

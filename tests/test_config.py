@@ -20,6 +20,7 @@ from ringserve.ipc.config import (
     field_docs,
     load_settings,
     model_set,
+    settings_changes,
 )
 from ringserve.ipc.errors import ConfigError, RingserveError
 
@@ -572,6 +573,10 @@ def cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
             "batching.preferred_batch_size",
         ),
         (["--config", "missing.toml"], "missing.toml"),
+        # One it may not read (a directory here; the service's user outside the file's
+        # group under systemd): was an OSError traceback, exit 1, which a SIGHUP that
+        # reads it again must not raise in the supervisor either.
+        (["--config", "."], "config file .: cannot read it: Is a directory"),
         (["--instance", "a b"], "server.instance"),  # was a ValueError traceback, exit 1
         (["--instance", "../etc"], "server.instance"),
     ],
@@ -611,3 +616,20 @@ def test_cli_serve_help_lists_every_config_key(tmp_path):
         assert key in r.stdout, key
     for line in field_docs():
         assert line in r.stdout, line
+
+
+def test_settings_changes_name_each_changed_key(tmp_path):
+    """What a reload that keeps the running configuration says it did not apply."""
+    old = load_settings(write(tmp_path, '[models.a]\nhandler = "identity"\n'), environ={})
+    body = "[server]\nfrontends = 1\n"
+    body += '[models.a]\nhandler = "identity"\n[models.a.batching]\nmax_batch_size = 4\n'
+    body += '[models.b]\nhandler = "identity"\n'
+    new = load_settings(write(tmp_path, body, "new.toml"), environ={})
+    assert settings_changes(old, new) == [
+        "server.frontends: 2 -> 1",
+        "models.a.batching.max_batch_size: 32 -> 4",
+        "models.b: added",
+    ]
+    assert settings_changes(new, old)[-1] == "models.b: removed"
+    assert settings_changes(old, old) == []
+    assert settings_changes(old, new, limit=1) == ["server.frontends: 2 -> 1", "and 2 more"]

@@ -12,6 +12,8 @@ import re
 import signal
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -295,6 +297,23 @@ def test_second_server_on_the_same_instance_leaves_nothing_behind(
     assert server.stop() == 0
 
 
+def test_an_admin_socket_it_cannot_create_stops_the_start_naming_the_key(tmp_path: Path) -> None:
+    """An admin socket in a directory the server may not write (/proc: not even root
+    may) stopped the start with a Python traceback (FileNotFoundError, PermissionError
+    from ``bind``), naming no setting; now one line names server.admin_socket and the
+    path, exit 1 as for a port that is taken, and nothing is left behind."""
+    server = launch(tmp_path, "--admin-socket", "/proc/ringserve-test-admin.sock")
+    try:
+        rc = server.proc.wait(60)
+    finally:
+        kill_group(server)
+    log = server.log()
+    assert rc == 1, log
+    assert "server.admin_socket: cannot create the admin socket /proc/" in log, log
+    assert "Traceback" not in log, log
+    assert shm_segments(server.instance) == []
+
+
 def test_failed_reload_stops_the_rolling_restart_and_says_so(start_server, tmp_path: Path) -> None:
     """SIGHUP after one model's code broke: its first replacement fails to load, the old
     worker keeps serving, the rolling restart skips that model's other worker (it would
@@ -372,6 +391,35 @@ def test_reload_recycles_are_counted(start_server) -> None:
 
     wait_until(lambda: reloads() == "2.0", 90, "both workers recycled by the reload")
     assert server.ctl("status")["server"]["totals"].get("recycles:reload") == 2
+    assert server.stop() == 0
+
+
+def test_reload_says_an_edited_config_file_is_not_applied(start_server, tmp_path: Path) -> None:
+    """SIGHUP (systemctl reload) keeps the configuration the server started with. An
+    operator who edited the file and reloaded was told nothing: a new max_batch_size
+    silently not applied, a typo silently waiting to fail the next start. The reload
+    says which settings it did not apply, and that the file no longer loads (naming the
+    key), as ``ctl restart all`` does in its reply; the server keeps serving."""
+    config = tmp_path / "ringserve.toml"
+    good = '[models.id]\nhandler = "identity"\n[models.id.batching]\nmax_batch_size = 8\n'
+    config.write_text(good)
+    server: Server = start_server("--config", str(config), frontends=1)
+    server.rolling_restart()
+    assert "configuration" not in server.log()  # unchanged: nothing to say
+    config.write_text(good.replace("= 8", "= 4"))
+    server.rolling_restart()
+    wait_until(
+        lambda: "models.id.batching.max_batch_size: 8 -> 4" in server.log(), 30, "the change"
+    )
+    assert "a reload does not apply it" in server.log()
+    assert server.ctl("config")["models"][0]["batching"]["max_batch_size"] == 8
+    config.write_text(good + "max_batchsize = 4\n")
+    reply = server.ctl("restart", "all")
+    assert "models.id.batching.max_batchsize: unknown key" in reply["config_not_applied"][0]
+    assert "the next start would stop (exit 2)" in reply["config_not_applied"][0]
+    wait_until(lambda: not server.ctl("status")["server"]["rolling_restart_pending"], 60, "it")
+    with server.client() as c:
+        assert c.post("/predict", json={"data": [1.0, 2.0]}).json()["result"] == [1.0, 2.0]
     assert server.stop() == 0
 
 
@@ -1164,6 +1212,44 @@ def test_a_worker_killed_as_hung_is_logged_with_the_request_it_ran(start_server)
         assert answer.result(60).status_code == 500  # killed on both tries: poison
     last_error = server.ctl("status")["models"][0].get("last_error", "")
     assert "heartbeat_timeout_s" in last_error and "hangs-1" not in last_error, last_error
+    assert server.stop() == 0
+
+
+def test_ctl_status_names_a_worker_silent_in_a_batch_before_it_is_killed(start_server) -> None:
+    """A worker inside one long batch (or hung) showed as plain ``ready`` in ``ctl
+    status`` until the heartbeat check killed it, while its model's requests queued
+    behind it: the operator paged for latency could not see which worker, or what it
+    ran. Now its row says ``ready (silent)`` and a line names the request and when the
+    supervisor kills it (``silent`` and ``heartbeat_age_s`` in ``--json``); it is gone
+    once the batch ends."""
+    server: Server = start_server(
+        *("--model", "slow=python:support.fake_handlers:Slow"), env=HANDLER_ENV, frontends=1
+    )
+    body = {"data": [6000.0, 0.0], "request_id": "long-1"}  # 6 s, under the 15 s timeout
+
+    def silent() -> str | None:
+        return next(p.get("silent") for p in server.children() if p["role"] == "worker")
+
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(
+            httpx.post, f"{server.url}/v1/models/slow/predict", json=body, timeout=60
+        )
+        text = wait_until(silent, 30, "the worker shown silent")
+        assert "running request long-1 (a batch that long, or a hang)" in text, text
+        assert "killed past worker.heartbeat_timeout_s=15 s" in text, text
+        ctl = [sys.executable, "-m", "ringserve.supervisor.cli", "ctl"]
+        table = subprocess.run(
+            [*ctl, "--socket", server.admin_socket, "status"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=server.env,
+        ).stdout
+        assert re.search(r"worker-0 +worker +\d+ +slow +ready \(silent\)", table), table
+        assert "worker-0: no heartbeat for " in table, table
+        assert answer.result(60).status_code == 200
+    wait_until(lambda: silent() is None, 30, "the worker beating again")
+    assert all("heartbeat_age_s" in p for p in server.children())
     assert server.stop() == 0
 
 
