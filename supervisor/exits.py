@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 import logging
 import selectors
+import signal
 import time
 
 import numpy as np
@@ -49,6 +50,16 @@ POISON_MESSAGE = (
 )
 
 
+def _sigkill_from_outside(pid: int, rss: int) -> str:
+    """Who sent a SIGKILL the supervisor did not: most often the kernel's out-of-memory
+    killer, whose own line is in the kernel log, not the service's journal."""
+    held = f"; it held {rss / 2**20:.0f} MiB RSS at its last sample" if rss else ""
+    return (
+        "not sent by the supervisor: most often the kernel's out-of-memory killer, "
+        f"'Killed process {pid}' in dmesg or journalctl -k{held}"
+    )
+
+
 class ExitHandling:
     def _on_exit(self, child: Child) -> None:
         self.selector.unregister(child.pidfd)
@@ -72,6 +83,10 @@ class ExitHandling:
         assert self.arena is not None
         # Before the reset below. The supervisor's own words for a kill come second.
         error = read_error(self.arena, child.control_index) or child.kill_detail
+        if rc == -signal.SIGKILL and not child.kill_reason and not error:
+            error = _sigkill_from_outside(
+                child.pid, int(self.arena.control[child.control_index]["rss"])
+            )
         log.log(
             level,
             "%s (pid %d) exited: %s%s",
