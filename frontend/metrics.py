@@ -171,6 +171,34 @@ def one_per_process(live: np.ndarray) -> list[np.void]:
     return [rec for _, rec in best.values()]
 
 
+# (control record field, metric, help) of the per-process gauges the supervisor samples.
+_MEMORY_GAUGES = (
+    (
+        "rss",
+        "ringserve_process_resident_memory_bytes",
+        "RSS (counts shared memory in every mapper)",
+    ),
+    (
+        "uss",
+        "ringserve_process_unique_memory_bytes",
+        "USS: private memory this process wrote (not clean library pages), what a leak grows",
+    ),
+    ("pss", "ringserve_process_proportional_memory_bytes", "PSS: shared pages split among mappers"),
+)
+_FD_GAUGES = (
+    (
+        "open_fds",
+        "ringserve_process_open_fds",
+        "Open file descriptors (each client connection takes one)",
+    ),
+    (
+        "max_fds",
+        "ringserve_process_max_fds",
+        "RLIMIT_NOFILE soft limit: at it, a frontend closes every new connection at once",
+    ),
+)
+
+
 class ArenaCollector:
     """Gauges read from shared memory at scrape time."""
 
@@ -251,39 +279,14 @@ class ArenaCollector:
             configured.add_metric([m.name], float(self.arena.model_word(i, "workers")))
         yield ready
         yield configured
-        fams = {
-            "rss": GaugeMetricFamily(
-                "ringserve_process_resident_memory_bytes",
-                "RSS (counts shared memory in every mapper)",
-                labels=["role", "id", "model"],
-            ),
-            "uss": GaugeMetricFamily(
-                "ringserve_process_unique_memory_bytes",
-                "USS: private memory this process wrote (not clean library pages), what a leak grows",
-                labels=["role", "id", "model"],
-            ),
-            "pss": GaugeMetricFamily(
-                "ringserve_process_proportional_memory_bytes",
-                "PSS: shared pages split among mappers",
-                labels=["role", "id", "model"],
-            ),
-        }
-        fds = {
-            "open_fds": GaugeMetricFamily(
-                "ringserve_process_open_fds",
-                "Open file descriptors (each client connection takes one)",
-                labels=["role", "id", "model"],
-            ),
-            "max_fds": GaugeMetricFamily(
-                "ringserve_process_max_fds",
-                "RLIMIT_NOFILE soft limit: at it, a frontend closes every new connection at once",
-                labels=["role", "id", "model"],
-            ),
-        }
-        start = GaugeMetricFamily(
-            "ringserve_process_start_time_seconds",
-            "Process start (seconds since the epoch)",
-            labels=["role", "id", "model"],
+
+        def per_process(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=["role", "id", "model"])
+
+        fams = {key: per_process(name, doc) for key, name, doc in _MEMORY_GAUGES}
+        fds = {key: per_process(name, doc) for key, name, doc in _FD_GAUGES}
+        start = per_process(
+            "ringserve_process_start_time_seconds", "Process start (seconds since the epoch)"
         )
         gpu_alloc = GaugeMetricFamily(
             "ringserve_worker_gpu_allocated_bytes",
@@ -300,11 +303,10 @@ class ArenaCollector:
             "torch.cuda.memory_reserved",
             labels=["model", "worker"],
         )
-        beat = GaugeMetricFamily(
+        beat = per_process(
             "ringserve_process_heartbeat_age_seconds",
             "Seconds since the process last beat (a worker beats after every batch and "
             "idle wake): the supervisor kills it past worker.heartbeat_timeout_s",
-            labels=["role", "id", "model"],
         )
         import time
 

@@ -11,10 +11,12 @@ import socket
 from types import SimpleNamespace
 
 import pytest
+from support.sampling import SampledPolicy, sampled_child
 
 from ringserve.supervisor import memory_policy
 from ringserve.supervisor.fds import FdUsage, fd_usage
-from ringserve.supervisor.memory_policy import MemoryPolicy
+
+NO_GPU = SimpleNamespace(every_device_answered=False)
 
 
 def test_fd_usage_counts_this_process_and_reads_its_soft_limit() -> None:
@@ -37,29 +39,11 @@ def test_fd_usage_of_a_gone_process_is_none() -> None:
     assert fd_usage(pid) is None
 
 
-class Sampled(MemoryPolicy):
-    """``sample_child`` over one control record, its descriptor figures fed in."""
-
-    def __init__(self) -> None:
-        self.gpu, self.phase = SimpleNamespace(every_device_answered=False), "running"
-        self.arena = SimpleNamespace(control=[{}])
-        self.memory = SimpleNamespace(sample=lambda pid, now: SimpleNamespace(rss=1, uss=1, pss=1))
-
-
 @pytest.mark.parametrize("role", ["frontend", "worker"])
 def test_nearing_the_limit_is_said_once_until_back_under(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, role: str
 ) -> None:
-    arb = Sampled()
-    child = SimpleNamespace(
-        returncode=None,
-        pid=42,
-        control_index=0,
-        role=role,
-        name=f"{role}-0",
-        phase=None,
-        fds_warned=False,
-    )
+    arb, child = SampledPolicy(NO_GPU), sampled_child(role)
     said: list[tuple[int, str]] = []
     for open_fds in (100, 899, 900, 1000, 950, 820, 790, 800, 950):
         monkeypatch.setattr(memory_policy, "fd_usage", lambda pid, n=open_fds: FdUsage(n, 1000))
@@ -80,15 +64,7 @@ def test_nearing_the_limit_is_said_once_until_back_under(
 def test_no_limit_no_line(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    arb = Sampled()
-    child = SimpleNamespace(
-        returncode=None,
-        pid=42,
-        control_index=0,
-        role="frontend",
-        name="frontend-0",
-        fds_warned=False,
-    )
+    arb, child = SampledPolicy(NO_GPU), sampled_child()
     monkeypatch.setattr(memory_policy, "fd_usage", lambda pid: FdUsage(10**6, 0))  # unlimited
     with caplog.at_level(logging.INFO, "ringserve.supervisor"):
         arb.sample_child(child, 0.0, None)  # type: ignore[arg-type]

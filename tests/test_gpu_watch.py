@@ -104,28 +104,12 @@ def test_a_worker_on_a_device_that_did_not_answer_keeps_its_last_gpu_figure() ->
     """A pid missing from NVML's answer holds no GPU memory only if every device
     answered: while one device's query fails, its workers read 0 (the metric dropped
     to nothing for the spell); they keep their last figure instead."""
-    from ringserve.supervisor.memory_policy import MemoryPolicy
-
-    class Sampled(MemoryPolicy):
-        def __init__(self, watch: GpuWatch) -> None:
-            self.gpu, self.phase = watch, "running"
-            self.arena = SimpleNamespace(control=[{"gpu_nvml": 5 << 20}])
-            self.memory = SimpleNamespace(
-                sample=lambda pid, now: SimpleNamespace(rss=1, uss=1, pss=1)
-            )
+    from support.sampling import SampledPolicy, sampled_child
 
     nvml = FakeNvml([[(7, 1 << 20)], []])
     watch = GpuWatch(nvml)
     watch.handles = {0: 0, 1: 99}  # the second device's query fails
-    arb = Sampled(watch)
-    worker = SimpleNamespace(
-        returncode=None,
-        pid=42,
-        control_index=0,
-        role="frontend",
-        name="frontend-0",
-        fds_warned=False,
-    )
+    arb, worker = SampledPolicy(watch, {"gpu_nvml": 5 << 20}), sampled_child()
     arb.sample_child(worker, 0.0, watch.used_by_pid())
     assert not watch.every_device_answered
     assert arb.arena.control[0]["gpu_nvml"] == 5 << 20  # kept, not 0
