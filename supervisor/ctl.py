@@ -271,6 +271,7 @@ PROCESS_COLUMNS: tuple[tuple[str, str], ...] = (
     ("GPU_ALLOC", "gpu_allocated_bytes"),
     ("GPU_RSVD", "gpu_reserved_bytes"),
     ("RESTARTS", "restarts"),
+    ("LAST_RESTART", "last_exit_reason"),  # why it died before its last restart
     ("LAST_RECYCLE", "last_recycle_reason"),
 )
 

@@ -50,6 +50,7 @@ STATUS: dict[str, Any] = {
             "gpu_allocated_bytes": 3 * GiB,
             "gpu_reserved_bytes": 4 * GiB,
             "restarts": 2,
+            "last_exit_reason": "killed by SIGKILL",
             "last_recycle_reason": "uss_limit",
         },
         {"id": "worker-1", "state": "starting"},  # most keys missing
@@ -120,8 +121,9 @@ def test_status_table(server: AdminServer, capsys: pytest.CaptureFixture[str]) -
     worker = next(line for line in table if line.startswith("worker-0"))
     assert worker.split() == [
         "worker-0", "worker", "202", "digits", "running", "59s", "7", "3",
-        "1.5G", "350M", "512M", "3.0G", "4.0G", "2", "uss_limit",
+        "1.5G", "350M", "512M", "3.0G", "4.0G", "2", "killed", "by", "SIGKILL", "uss_limit",
     ]  # fmt: skip
+    assert worker[header.index("LAST_RESTART") :].startswith("killed by SIGKILL")
     frontend = next(line for line in table if line.startswith("frontend-0"))
     assert frontend.split()[5:9] == ["1h02m", "123456", "-", "95M"]
     assert next(line for line in table if line.startswith("worker-1")).split()[1:5] == [
