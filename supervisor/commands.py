@@ -334,9 +334,17 @@ def scale(arb: Arbiter, args: dict[str, Any]) -> dict[str, Any]:
     ][: max(0, n - len(active))]
     for ws in revived:
         ws.revive(time.monotonic())
+    added = []
     for _ in range(n - len(active) - len(revived)):
         ident = max((w.ident for w in arb.workers), default=-1) + 1
         ws = WorkerSlot(ident, mi)
         arb.workers.append(ws)
         ws.restart_at = time.monotonic()
-    return {"model": name, "workers": n}
+        added.append(ws)
+    # Which positions move, as ctl status and the log name them.
+    reply: dict[str, Any] = {"model": name, "workers": n}
+    if retired := [f"worker-{ws.ident}" for ws in active[n:]]:
+        reply["stopping"] = retired
+    if starting := [f"worker-{ws.ident}" for ws in (*revived, *added)]:
+        reply["starting"] = starting
+    return reply

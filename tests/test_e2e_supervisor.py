@@ -767,10 +767,13 @@ def test_admin_socket_commands_and_mode(start_server) -> None:
         assert c.post("/predict", json=DIGIT3).status_code == 503
         server.ctl("resume")
         assert c.get("/readiness").status_code == 200
-    server.ctl("scale", "digits", "2")
+    up = server.ctl("scale", "digits", "2")
+    assert up == {"model": "digits", "workers": 2, "starting": ["worker-1"]}
     server.wait_workers_ready(2)
-    server.ctl("scale", "digits", "1")
+    down = server.ctl("scale", "digits", "1")
+    assert down == {"model": "digits", "workers": 1, "stopping": ["worker-1"]}
     wait_until(lambda: len(worker_pids(server)) == 1, 60, "scale down to 1")
+    assert server.ctl("scale", "digits", "1") == {"model": "digits", "workers": 1}  # no change
     # Bad commands get an error reply; the supervisor keeps serving.
     bad = server.ctl("scale", "nope", "2", check=False)
     assert bad == {} or "error" in str(bad)
