@@ -443,10 +443,12 @@ def test_workers_scaled_back_up_while_others_still_stop_wait_for_their_records(
     from an empty list and died (IndexError), and every child with it. Now a start
     waits for a record to be freed by an exit."""
     _, answers = _run(tmp_path, "records")
+    others = [f"worker-{i}" for i in range(1, 64)]
     assert answers == [
-        {"model": "id", "workers": 64},
-        {"model": "id", "workers": 1},
-        {"model": "id", "workers": 64},
+        {"model": "id", "workers": 64, "starting": others},
+        {"model": "id", "workers": 1, "stopping": others},
+        # New positions: the 63 scaled away are still stopping, so none is reused yet.
+        {"model": "id", "workers": 64, "starting": [f"worker-{i}" for i in range(64, 127)]},
         0,  # no worker died on the way
     ]
 
@@ -494,7 +496,7 @@ def test_admin_commands_refuse_what_the_command_table_does_not_allow(tmp_path: P
         "replaced with `ringserve ctl restart frontend-0`",
         {"recycling": "worker-0"},
         "AdminCommandError: worker-0 is not running or already being replaced",
-        {"model": "id", "workers": 2},
+        {"model": "id", "workers": 2, "starting": ["worker-1"]},
         2,
         {"paused": True},
         1,
