@@ -43,6 +43,7 @@ from ringserve.supervisor.exits import ExitHandling, ServeExit
 from ringserve.supervisor.gpu import GpuWatch
 from ringserve.supervisor.memory import MemoryWatch
 from ringserve.supervisor.memory_policy import MemoryPolicy
+from ringserve.supervisor.oom import OomWatch
 from ringserve.supervisor.paths import make_metrics_dir
 from ringserve.supervisor.positions import FrontendSlot, Replacement, WorkerSlot
 from ringserve.supervisor.replacing import Replacing
@@ -122,6 +123,7 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         self.admin_queue: queue.Queue[AdminRequest] = queue.Queue()
         self.stats = SupervisorStats(settings)
         self.memory = MemoryWatch(settings)
+        self.oom = OomWatch()  # the host's OOM kills, to name who sent a SIGKILL
         self.gpu = GpuWatch()
         self.phase = "starting"  # starting | running | draining | stopping | stopped
         self.ready_notified = False

@@ -19,6 +19,7 @@ from ringserve.ipc.control import reset as reset_control
 from ringserve.ipc.errors import ExitCode, RingLockTimeout
 from ringserve.ipc.layout import ProcState, SlotState
 from ringserve.supervisor.children import Child, Phase
+from ringserve.supervisor.oom import outside_sigkill
 from ringserve.supervisor.positions import FrontendSlot, Replacement, WorkerSlot
 from ringserve.supervisor.stats import UNASKED_EXIT
 
@@ -50,16 +51,6 @@ POISON_MESSAGE = (
 )
 
 
-def _sigkill_from_outside(pid: int, rss: int) -> str:
-    """Who sent a SIGKILL the supervisor did not: most often the kernel's out-of-memory
-    killer, whose own line is in the kernel log, not the service's journal."""
-    held = f"; it held {rss / 2**20:.0f} MiB RSS at its last sample" if rss else ""
-    return (
-        "not sent by the supervisor: most often the kernel's out-of-memory killer, "
-        f"'Killed process {pid}' in dmesg or journalctl -k{held}"
-    )
-
-
 class ExitHandling:
     def _on_exit(self, child: Child) -> None:
         self.selector.unregister(child.pidfd)
@@ -84,9 +75,8 @@ class ExitHandling:
         # Before the reset below. The supervisor's own words for a kill come second.
         error = read_error(self.arena, child.control_index) or child.kill_detail
         if rc == -signal.SIGKILL and not child.kill_reason and not error:
-            error = _sigkill_from_outside(
-                child.pid, int(self.arena.control[child.control_index]["rss"])
-            )
+            rss = int(self.arena.control[child.control_index]["rss"])
+            error = outside_sigkill(child.pid, rss, self.oom.since(time.monotonic()))
         log.log(
             level,
             "%s (pid %d) exited: %s%s",
