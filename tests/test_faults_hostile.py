@@ -863,6 +863,7 @@ def test_a_frontend_out_of_file_descriptors_sheds_connections_then_serves_again(
     assert good.json()["result"] == [1.0]
     assert server.pids("frontend") == [pid] and own_record()["restarts"] == 0
     wait_until(lambda: own_record()["open_fds"] <= limit - 20, 20, "the descriptors back")
+    assert server.stop() == 0  # and it stops clean, leaving nothing behind
 
 
 def _post_ok(url: str) -> httpx.Response | None:
