@@ -20,6 +20,7 @@ import psutil
 from ringserve.frontend.dispatch import Completed
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.config import Settings
+from ringserve.ipc.control import running
 from ringserve.ipc.layout import ProcState, Role, SlotState, Status
 from ringserve.ipc.prom import LATENCY_BUCKETS
 from ringserve.supervisor.fds import fd_usage
@@ -260,9 +261,7 @@ class ArenaCollector:
         )
         yield inflight
         ctl = self.arena.control
-        live = ctl[
-            (ctl["role"] != Role.NONE) & (ctl["state"] != ProcState.STOPPED) & (ctl["pid"] != 0)
-        ]
+        live = ctl[running(ctl)]
         ready = GaugeMetricFamily("ringserve_workers_ready", "Ready workers", labels=["model"])
         configured = GaugeMetricFamily(
             "ringserve_workers_configured", "Configured workers", labels=["model"]

@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 
 from ringserve.frontend.app import FrontendState
-from ringserve.ipc.layout import ProcState, Role
+from ringserve.ipc.control import running
+from ringserve.ipc.layout import Role
 
 # Summed [count, seconds] per model and stat, from histograms' _count and _sum.
 _HISTOGRAMS = {
@@ -118,14 +119,9 @@ def _batch_stats(m: _Model) -> list[dict[str, Any]]:
 def memory_usage(state: FrontendState, name: str) -> list[dict[str, Any]]:
     """Triton's ``memory_usage`` for one model (see the module docstring); [] until the
     supervisor has sampled a worker of it."""
-    index = state.catalog.names().index(name)
+    index = state.settings.model_index(name)
     ctl = state.arena.control
-    workers = ctl[
-        (ctl["role"] == Role.WORKER)
-        & (ctl["model"] == index)
-        & (ctl["pid"] != 0)
-        & (ctl["state"] != ProcState.STOPPED)
-    ]
+    workers = ctl[running(ctl) & (ctl["role"] == Role.WORKER) & (ctl["model"] == index)]
     usage = []
     host = int(workers["uss"].sum())
     if host:

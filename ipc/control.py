@@ -104,6 +104,17 @@ def send_command(arena: Arena, index: int, command: Command) -> int:
     return seq
 
 
+def running(control: np.ndarray) -> np.ndarray:
+    """Which records belong to processes that run now: a role and a pid, not stopped (a
+    record being handed to a new process reads as not yet running). A mask, for the
+    caller to narrow before it copies any record out."""
+    return (
+        (control["role"] != Role.NONE)
+        & (control["state"] != ProcState.STOPPED)
+        & (control["pid"] != 0)
+    )
+
+
 def reset(arena: Arena, index: int) -> None:
     """Supervisor side: clear a record before handing the index to a new process."""
     arena.control[index] = np.zeros((), dtype=arena.control.dtype)

@@ -302,6 +302,18 @@ def render_table(
     return [line([h for h, _ in columns])] + [line(c) for c in cells]
 
 
+def _state_shown(p: dict[str, Any]) -> Any:
+    """A process's state with what qualifies it: the old process of a recycle, beside
+    its replacement of the same id, "ready (replacement: 303)", not a second plain
+    "ready" row; one that stopped beating "ready (silent)" (why in a line below)."""
+    state = p.get("state")
+    if "replaced_by" in p:
+        state = f"{state} (replacement: {p['replaced_by']})"
+    if p.get("silent"):
+        state = f"{state} (silent)"
+    return state
+
+
 def write_status(result: Any, out: TextIO) -> None:
     """The human view of a ``status`` result; tolerant of missing or extra keys."""
     if not isinstance(result, dict):
@@ -313,18 +325,7 @@ def write_status(result: Any, out: TextIO) -> None:
     processes = [p for p in result.get("processes") or [] if isinstance(p, dict)]
     out.write("\n")
     if processes:
-        # The old process of a recycle, beside its replacement of the same id:
-        # "ready (replacement: 303)", not a second plain "ready" row.
-        shown = [
-            {**p, "state": f"{p.get('state')} (replacement: {p['replaced_by']})"}
-            if "replaced_by" in p
-            else p
-            for p in processes
-        ]
-        # A process that stopped beating: "ready (silent)", and why in a sentence below.
-        shown = [
-            {**p, "state": f"{p.get('state')} (silent)"} if p.get("silent") else p for p in shown
-        ]
+        shown = [{**p, "state": _state_shown(p)} for p in processes]
         out.write("\n".join(render_table(shown, PROCESS_COLUMNS)) + "\n")
         for p in processes:
             if p.get("silent"):

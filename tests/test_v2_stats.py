@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from test_ipc import make_arena
 
 from ringserve.frontend.v2_stats import memory_usage
+from ringserve.ipc.config import ModelSettings, Settings
 from ringserve.ipc.layout import ProcState, Role
 
 MiB = 2**20
@@ -16,15 +17,11 @@ MiB = 2**20
 
 def test_memory_usage_sums_the_live_workers_of_the_model_on_its_device(tmp_path: Path) -> None:
     arena = make_arena(tmp_path, n_models=2)
-    models = [
-        SimpleNamespace(name="cpu", device="cpu"),
-        SimpleNamespace(name="gpu", device="cuda:1"),
-    ]
-    state = SimpleNamespace(
-        arena=arena,
-        settings=SimpleNamespace(models=models),
-        catalog=SimpleNamespace(names=lambda: [m.name for m in models]),
+    models = (
+        ModelSettings(name="cpu", handler="identity"),
+        ModelSettings(name="gpu", handler="identity", device="cuda:1"),
     )
+    state = SimpleNamespace(arena=arena, settings=Settings(models=models))
 
     def record(index: int, role: Role, model: int, state: ProcState, uss: int, **gpu: int) -> None:
         rec = arena.control[index]
