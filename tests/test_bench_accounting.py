@@ -247,3 +247,29 @@ def test_a_soak_whose_server_never_gets_ready_stops_it(
     with pytest.raises(SystemExit, match="not ready"):
         s.run()
     assert s.proc is not None and s.proc.poll() is not None, "the server is still running"
+
+
+def test_each_ringserve_start_profiles_afresh_but_shares_compiled_kernels(
+    bench_run: ModuleType, tmp_path: Path
+) -> None:
+    """Each repetition's server measures its own batch profile: with one cache for the
+    run, the first repetition's (noisy) choice decided all three, and the benchmark's
+    "3 repetitions" were one sample of the profile. Compiled kernels are not a
+    measurement and stay shared."""
+    args = argparse.Namespace(frontends=2, device="cpu", threads=2, compile=False)
+    launch = bench_run.launch_ringserve("wrk")
+    first, second = (launch("resnet50", port, args, tmp_path).env for port in (40001, 40002))
+    assert first["XDG_CACHE_HOME"] != second["XDG_CACHE_HOME"]
+    for kernels in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        assert first[kernels] == second[kernels]
+
+
+def test_the_batch_size_the_profile_chose_is_read_from_the_servers_log(
+    bench_run: ModuleType,
+) -> None:
+    line = (
+        "2026-12-07 08:06:07,643 worker-0 INFO model r50 batch profile (rows/s by size): "
+        "{1: 16.2, 2: 19.0, 4: 21.5, 8: 22.5, 16: 22.9, 32: 21.3} -> preferred 16\n"
+    )
+    assert bench_run.profile_choice("started\n" + line + "ready\n") == 16
+    assert bench_run.profile_choice("started\nready\n") is None
