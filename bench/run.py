@@ -1077,9 +1077,9 @@ def evaluate_targets(res: dict, n: int) -> list[dict]:
                 ]
                 if larger:
                     note += "; against its best batch of any size: " + ", ".join(larger)
-                chosen = [str(r.get("preferred_batch")) for r, _ in _rows_and_raw(res, key, conc)]
-                if any(c != "None" for c in chosen):
-                    note += "; batch size its profile chose: " + ", ".join(chosen)
+                chosen = [r.get("preferred_batch") for r, _ in _rows_and_raw(res, key, conc)]
+                if any(c is not None for c in chosen):
+                    note += "; batch size its profile chose: " + ", ".join(map(str, chosen))
             add(
                 f"resnet50 c={conc}: {who} img/s vs raw best batch of <= {conc}",
                 value,

@@ -38,6 +38,7 @@ from ringserve.gpu_worker.metrics import BatchTiming, WorkerMetrics
 from ringserve.gpu_worker.output_contract import advertised_output, check_output
 from ringserve.gpu_worker.preprocess_pool import PreprocessPool, preprocess_threads
 from ringserve.gpu_worker.profile import (
+    PROFILE_LOG,
     batch_sizes,
     one_at_a_time,
     sample_batch,
@@ -256,7 +257,7 @@ class Worker:
                 profile_ran = True
                 preferred, rates = profile.preferred, profile.rows_per_s
                 log.info(
-                    "model %s batch profile (rows/s by size): %s -> preferred %d",
+                    PROFILE_LOG,
                     self.model.name,
                     {k: _three_digits(v) for k, v in rates.items()},
                     preferred,

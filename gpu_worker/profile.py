@@ -41,6 +41,8 @@ from ringserve.ipc.config import ModelSettings, cache_dir
 from ringserve.ipc.layout import PayloadKind
 
 log = logging.getLogger("ringserve.worker")
+# The start-up line that reports the profile (``bench/run.py`` reads the choice from it).
+PROFILE_LOG = "model %s batch profile (rows/s by size): %s -> preferred %d"
 
 # Three rounds of resnet50 at sizes 1 to 32 took 8.6-9.5 s on a 2-vCPU Xeon VM.
 BUDGET_S = 10.0

@@ -267,9 +267,11 @@ def test_each_ringserve_start_profiles_afresh_but_shares_compiled_kernels(
 def test_the_batch_size_the_profile_chose_is_read_from_the_servers_log(
     bench_run: ModuleType,
 ) -> None:
-    line = (
-        "2026-12-07 08:06:07,643 worker-0 INFO model r50 batch profile (rows/s by size): "
-        "{1: 16.2, 2: 19.0, 4: 21.5, 8: 22.5, 16: 22.9, 32: 21.3} -> preferred 16\n"
-    )
-    assert bench_run.profile_choice("started\n" + line + "ready\n") == 16
+    """Read from the line the worker writes (its own format string), so a change of its
+    wording fails here, not silently in the benchmark's notes."""
+    from ringserve.gpu_worker.profile import PROFILE_LOG
+
+    rates = {1: 16.2, 2: 19.0, 4: 21.5, 8: 22.5, 16: 22.9, 32: 21.3}
+    line = "2026-12-07 08:06:07,643 worker-0 INFO " + PROFILE_LOG % ("r50", rates, 16)
+    assert bench_run.profile_choice(f"started\n{line}\nready\n") == 16
     assert bench_run.profile_choice("started\nready\n") is None

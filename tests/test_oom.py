@@ -126,7 +126,6 @@ def test_a_worker_the_oom_killer_ends_is_named_as_its_victim(start_server, tmp_p
         30,
         "the worker's exit line",
     )
-    print(line)
     assert "killed by SIGKILL (the kernel's out-of-memory killer, most likely:" in line, line
     assert f"'Killed process {victim}' in dmesg" in line, line
     assert server.stop() == 0
