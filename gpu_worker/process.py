@@ -46,6 +46,7 @@ from ringserve.gpu_worker.profile import (
     throughput_profile,
 )
 from ringserve.gpu_worker.request_errors import RequestErrors
+from ringserve.gpu_worker.size_tuner import SAMPLES, Outcome, SizeTuner
 from ringserve.gpu_worker.staging import PinnedStaging
 from ringserve.gpu_worker.stop import StopRequested
 from ringserve.ipc import bytes_tensor, heap, wake
@@ -170,6 +171,8 @@ class Worker:
         self.model_efd = spec.model_efds[spec.model_index]
         self.handler: Handler | None = None
         self.batcher: Batcher | None = None
+        self._tuner: SizeTuner | None = None  # while it has sizes to try under load
+        self._spec_extra: dict = {}  # what ``_publish_spec`` adds to the handler's own
         self.stopping = False
         self.interrupt_fd = interrupt_fd  # a signal_wakeup_pipe: SIGTERM ends an idle wait
         self._idle_wait = wake.Sleeper(self.model_efd, interrupt_fd)
@@ -274,6 +277,10 @@ class Worker:
                 "compiled": self.model.compile,
             }
         )
+        if profile_ran:  # (a preferred size set in the config is kept as it is)
+            longest = self.settings.worker.heartbeat_timeout_s / 2
+            tuner = SizeTuner(rates, preferred, longest_batch_s=longest)
+            self._tuner = None if tuner.done else tuner
         self.batcher = Batcher(
             BatchPolicy(
                 max_batch_size=self.model.batching.max_batch_size,
@@ -526,6 +533,7 @@ class Worker:
     def _publish_spec(self, extra: dict) -> None:
         """Metadata for frontends (validation, v2 metadata) and ``ctl status``."""
         assert self.handler is not None
+        self._spec_extra = extra
         blob = json.dumps({**self.handler.describe(), **extra}).encode()
         entry = self.arena.models[self.spec.model_index]
         if len(blob) > MODEL_ENTRY["spec"].itemsize:
@@ -551,9 +559,12 @@ class Worker:
             except RingLockTimeout:  # see _beat_unless_stopping
                 break
             if claimed:
+                oldest_s = claimed[0].request.enqueued_ns / 1e9
                 self.batcher.batch_started()  # type: ignore[union-attr]
                 ran = self._run_batch(claimed)
-                self.batcher.batch_finished(self.ring.depth(), ran)  # type: ignore[union-attr]
+                self.batcher.batch_finished(self.ring.depth(), len(ran))  # type: ignore[union-attr]
+                if self._tuner is not None:
+                    self._tune(sum(p.rows for p in ran), oldest_s)
             self.control.beat()
         self._prep.close()
         self.control.set_state(ProcState.STOPPED)
@@ -645,9 +656,9 @@ class Worker:
 
     # -- running a batch -------------------------------------------------------------------
 
-    def _run_batch(self, claimed: list[Claimed]) -> int:
-        """Answer every claimed request; returns how many were run (not expired or
-        cancelled): the batch's company, for the batcher."""
+    def _run_batch(self, claimed: list[Claimed]) -> list[Pending]:
+        """Answer every claimed request; returns those that were run (not expired or
+        cancelled): the batch's company, for the batcher, and its rows, for the tuner."""
         assert self.handler is not None and self.batcher is not None
         headers = {c.slot: c.request for c in claimed}
         client_left = self.arena.headers.cancelled  # now: a fill wait may outlive a client
@@ -716,7 +727,46 @@ class Worker:
             wake.signal(self.spec.frontend_efds[owner])
         self._record_batches()  # bookkeeping after the answers are out, not before
         self.control.beat()
-        return len(run)
+        return run
+
+    def _tune(self, rows: int, oldest_s: float) -> None:
+        """Feed a batch to the tuner, and follow its target (``size_tuner.py``)."""
+        assert self._tuner is not None and self.batcher is not None
+        outcome = self._tuner.observe(rows, oldest_s, time.monotonic())
+        policy = self.batcher.policy
+        if self._tuner.target != policy.target:
+            self.batcher.policy = dataclasses.replace(
+                policy, preferred_batch_size=self._tuner.target
+            )
+        if outcome is not None:
+            self._report_trial(outcome)
+        if self._tuner.done:
+            self._tuner = None
+
+    def _report_trial(self, outcome: Outcome) -> None:
+        """Log a trial's end; publish a size it adopted (``ctl status``, v2 model config)."""
+        name, before = self.model.name, self._spec_extra["preferred_batch_size"]
+        if outcome.ratio is None:
+            log.info(
+                "model %s: batches of %d did not fill under this load: kept %d",
+                name,
+                outcome.tried,
+                before,
+            )
+            return
+        log.info(
+            "model %s: served batches of %d ran %.3fx the rows/s of batches of %d (median "
+            "of %d full batches each): preferred %d",
+            name,
+            outcome.tried,
+            outcome.ratio,
+            before,
+            SAMPLES,
+            outcome.preferred,
+        )
+        if outcome.preferred != before:
+            extra = {"preferred_by_profile": before, **self._spec_extra}
+            self._publish_spec({**extra, "preferred_batch_size": outcome.preferred})
 
     def _record_batches(self) -> None:
         rec = self.control.rec

@@ -59,8 +59,9 @@ def _listen_entry(sock: socket.socket, source: str) -> dict[str, Any]:
 
 
 def _published(arb: Arbiter, model: int) -> dict[str, Any]:
-    """What the model's workers published: the batch profile and preferred size, the
-    device, whether the model runs compiled."""
+    """What the model's workers published: the batch profile and preferred size (and
+    the profile's own choice, once serving under load chose another), the device,
+    whether the model runs compiled."""
     assert arb.arena is not None
     entry = arb.arena.models[model]
     try:
@@ -69,7 +70,13 @@ def _published(arb: Arbiter, model: int) -> dict[str, Any]:
         return {}
     return {
         k: spec[k]
-        for k in ("preferred_batch_size", "batch_profile", "device", "compiled")
+        for k in (
+            "preferred_batch_size",
+            "preferred_by_profile",
+            "batch_profile",
+            "device",
+            "compiled",
+        )
         if k in spec
     }
 

@@ -546,6 +546,20 @@ class TakesHalfASecondAndMore(Slow):
         return batch
 
 
+class ServesLargeBatchesFaster(Slow):
+    """Identity that takes 30 ms + 10 ms a row per batch, but a batch of 8 rows 155 ms
+    on zeros (the warm-up profile's input) and 90 ms on anything else: the profile
+    chooses 4 and rates 8 within 10 % of it, and served, 8 does more rows/s."""
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        rows = batch.shape[0]
+        seconds = 0.03 + 0.01 * rows
+        if rows == 8:
+            seconds = 0.09 if bool(batch.any()) else 0.155
+        time.sleep(seconds)
+        return batch
+
+
 class PreprocessThread(Handler):
     """Takes images (their bytes are not decoded) and answers, per image, 1.0 if its
     preprocess ran on one of the worker's preprocess threads (0.0: on the worker's own)
