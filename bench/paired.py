@@ -13,7 +13,9 @@ side's median, the paired median ratio new / base, and the v2 statistics per req
 
 A change of settings, not of code, is judged the same way: ``--base HEAD`` and the
 setting for this checkout's side alone, ``--new-set models.r50.compile=true``, or an
-environment variable for it alone, ``--new-env GOMP_SPINCOUNT=300000``.
+environment variable for it alone, ``--new-env GOMP_SPINCOUNT=300000`` (and
+``--base-env`` for the base side: ``XDG_CACHE_HOME=DIR`` starts it from a profile cache
+of your own).
 
 ``--model digits`` serves the default model with ``--image`` (by default a 640x480
 JPEG made here): a model whose forward is trivial, so decoding is the work, as with a
@@ -109,14 +111,13 @@ def command(port: int, args: argparse.Namespace, tmp: Path, side: str) -> list[s
 
 def side_env(args: argparse.Namespace, side: str, path: Path, tmp: Path) -> dict[str, str]:
     """The environment a side's server gets on top of ours: its package first on the
-    path, its own profile cache, and ``--new-env`` for the new side only."""
+    path, its own profile cache, and ``--new-env`` or ``--base-env`` for that side."""
     inherited = os.environ.get("PYTHONPATH", "")
     env = {
         "PYTHONPATH": os.pathsep.join(p for p in (str(path), inherited) if p),
         "XDG_CACHE_HOME": str(tmp / f"cache-{side}"),
     }
-    if side == "new":
-        env.update(kv.split("=", 1) for kv in args.new_env)
+    env.update(kv.split("=", 1) for kv in (args.new_env if side == "new" else args.base_env))
     return env
 
 
@@ -203,9 +204,18 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=VALUE",
         help="an environment variable for this checkout's side only",
     )
+    ap.add_argument(
+        "--base-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for the base side only (a profile cache to start "
+        "from: XDG_CACHE_HOME=DIR)",
+    )
     args = ap.parse_args(argv)
-    if any("=" not in kv for kv in args.new_env):
-        ap.error("--new-env takes NAME=VALUE")
+    for option in ("new_env", "base_env"):
+        if any("=" not in kv for kv in getattr(args, option)):
+            ap.error(f"--{option.replace('_', '-')} takes NAME=VALUE")
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
     args.wrk = bench_run.ensure_wrk() or "wrk"

@@ -455,18 +455,22 @@ def test_paired_new_set_changes_only_this_checkouts_side(tmp_path: Path) -> None
     assert base[-2:] == ["--set", "a.b=1"] and "models.digits.compile=true" not in base
 
 
-def test_paired_new_env_reaches_only_this_checkouts_server(tmp_path: Path) -> None:
+def test_paired_side_env_reaches_only_its_own_sides_server(tmp_path: Path) -> None:
     """``--new-env`` judges an environment variable (``--base HEAD``): the new side's
-    server gets it, the base's does not, and each keeps its own package path."""
+    server gets it, the base's does not; ``--base-env`` the other way round (a profile
+    cache for the base to start from overrides its own); each keeps its package path."""
     import argparse
 
     from bench.paired import side_env
 
-    args = argparse.Namespace(new_env=["GOMP_SPINCOUNT=300000", "A=b=c"])
+    args = argparse.Namespace(
+        new_env=["GOMP_SPINCOUNT=300000", "A=b=c"], base_env=["XDG_CACHE_HOME=/seed"]
+    )
     new = side_env(args, "new", tmp_path / "new", tmp_path)
     base = side_env(args, "base", tmp_path / "base", tmp_path)
     assert new["GOMP_SPINCOUNT"] == "300000" and new["A"] == "b=c"
     assert "GOMP_SPINCOUNT" not in base and "A" not in base
+    assert base["XDG_CACHE_HOME"] == "/seed" and new["XDG_CACHE_HOME"] != "/seed"
     assert new["PYTHONPATH"].startswith(str(tmp_path / "new"))
     assert base["PYTHONPATH"].startswith(str(tmp_path / "base"))
 
