@@ -134,7 +134,7 @@ def serving(
             launch = bench_run.Launch(
                 command(port, args, tmp, side), PATHS[args.model], "", "", env
             )
-            log = tmp / f"server-{side}.log"
+            log = (args.logs or tmp) / f"server-{side}.log"
             pid = stack.enter_context(bench_run.running(launch, port, log, 300))
             servers[side] = (f"http://127.0.0.1:{port}{PATHS[args.model]}", pid, port)
             bench_run.run_wrk(args.wrk, servers[side][0], 8, 2, *body)  # warm-up
@@ -212,7 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         help="an environment variable for the base side only (a profile cache to start "
         "from: XDG_CACHE_HOME=DIR)",
     )
+    ap.add_argument(
+        "--logs", type=Path, help="a directory to keep the servers' logs in (server-SIDE.log)"
+    )
     args = ap.parse_args(argv)
+    if args.logs:
+        args.logs.mkdir(parents=True, exist_ok=True)
     for option in ("new_env", "base_env"):
         if any("=" not in kv for kv in getattr(args, option)):
             ap.error(f"--{option.replace('_', '-')} takes NAME=VALUE")

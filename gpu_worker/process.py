@@ -562,9 +562,10 @@ class Worker:
                 oldest_s = claimed[0].request.enqueued_ns / 1e9
                 self.batcher.batch_started()  # type: ignore[union-attr]
                 ran = self._run_batch(claimed)
-                self.batcher.batch_finished(self.ring.depth(), len(ran))  # type: ignore[union-attr]
+                backlog = self.ring.depth()
+                self.batcher.batch_finished(backlog, len(ran))  # type: ignore[union-attr]
                 if self._tuner is not None:
-                    self._tune(sum(p.rows for p in ran), oldest_s)
+                    self._tune(sum(p.rows for p in ran), oldest_s, backlog)
             self.control.beat()
         self._prep.close()
         self.control.set_state(ProcState.STOPPED)
@@ -729,10 +730,12 @@ class Worker:
         self.control.beat()
         return run
 
-    def _tune(self, rows: int, oldest_s: float) -> None:
-        """Feed a batch to the tuner, and follow its target (``size_tuner.py``)."""
+    def _tune(self, rows: int, oldest_s: float, backlog: int) -> None:
+        """Feed a batch to the tuner, and follow its target (``size_tuner.py``). The
+        backlog is in requests: counted as a row each (requests of several rows make it
+        low, and a trial start later)."""
         assert self._tuner is not None and self.batcher is not None
-        outcome = self._tuner.observe(rows, oldest_s, time.monotonic())
+        outcome = self._tuner.observe(rows, oldest_s, time.monotonic(), backlog)
         policy = self.batcher.policy
         if self._tuner.target != policy.target:
             self.batcher.policy = dataclasses.replace(

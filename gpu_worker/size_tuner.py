@@ -9,9 +9,11 @@ some starts 32 read 10 % low) and chose 16, yet served at concurrency 32 the for
 took 42.7 ms an image at 16 and 40.2 at 32, and pinned to 32 the server did 2.7 % more
 images/s (paired, 4 of 4; docs/benchmarks.md, 2026-12-07).
 
-So, while the load keeps batches full, a worker tries the next larger size that the
-profile rated close to its choice, for a few batches, and keeps it if those served more
-rows/s than the batches before them; else it tries again later, less and less often.
+So, while the load keeps batches full and enough work waits behind them to fill the
+next larger size that the profile rated close to its choice, a worker tries that size for
+a few batches, and keeps it if they served more rows/s than the batches before them; else
+it tries again later, less and less often. (Waiting behind them: at 16 clients and
+batches of 16 nothing does, and a trial of 32 could not fill; at 32 clients, 16 do.)
 
 A batch is evidence only when it filled its target: its rows over the time from when
 the device could first have begun it (the previous batch's end, or its oldest request's
@@ -87,10 +89,12 @@ class SizeTuner:
         """Nothing left to try: the caller may drop the tuner."""
         return not self._candidates and not self._trying
 
-    def observe(self, rows: int, oldest_enqueued_s: float, ended_s: float) -> Outcome | None:
+    def observe(
+        self, rows: int, oldest_enqueued_s: float, ended_s: float, queued: int = 0
+    ) -> Outcome | None:
         """Record a batch of ``rows`` (run, not expired) that ended at ``ended_s``, whose
-        oldest request came at ``oldest_enqueued_s`` (same clock). Returns the outcome
-        when this batch ends a trial."""
+        oldest request came at ``oldest_enqueued_s`` (same clock), with ``queued`` rows
+        waiting when it ended. Returns the outcome when this batch ends a trial."""
         began = oldest_enqueued_s
         if self._last_end is not None:
             began = max(began, self._last_end)
@@ -103,7 +107,12 @@ class SizeTuner:
         else:
             self._before = [*self._before[1 - SAMPLES :], rate]
         self._wait -= 1
-        if self._candidates and len(self._before) == SAMPLES and self._wait <= 0:
+        if (
+            self._candidates
+            and len(self._before) == SAMPLES
+            and self._wait <= 0
+            and rows + queued >= self._candidates[0]
+        ):
             self._trying, self._tried, self._trial_batches = self._candidates[0], [], 0
         return None
 

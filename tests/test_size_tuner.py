@@ -32,7 +32,7 @@ class Device:
             oldest = self.now - 0.5  # queued while the last batch ran
             self.now += rows / self.speed[rows]
             self.sizes.append(rows)
-            outcome = self.tuner.observe(rows, oldest, self.now)
+            outcome = self.tuner.observe(rows, oldest, self.now, self.load - rows)
             if outcome is not None:
                 self.outcomes.append(outcome)
 
@@ -70,10 +70,20 @@ def test_a_tried_size_that_serves_no_faster_is_dropped_and_tried_less_often() ->
     assert tuner.target == 32
 
 
-def test_a_trial_the_load_cannot_fill_ends_undecided() -> None:
+def test_no_trial_while_too_little_waits_to_fill_the_larger_size() -> None:
     tuner = SizeTuner(PROFILE, 16)
-    device = Device(tuner, {16: 24.0, 24: 30.0}, load=24)  # 24 clients: never 32
-    device.run(SAMPLES + TRIAL_BATCHES)
+    for clients in (16, 24):  # full batches of 16, but 0 or 8 waiting behind each
+        Device(tuner, {16: 24.0}, load=clients).run(100)
+        assert tuner.target == 16
+
+
+def test_a_trial_the_load_stops_filling_ends_undecided() -> None:
+    tuner = SizeTuner(PROFILE, 16)
+    device = Device(tuner, {16: 24.0, 24: 30.0})
+    device.run(SAMPLES)
+    assert tuner.target == 32
+    device.load = 24  # the load fell as the trial began: its batches never fill
+    device.run(TRIAL_BATCHES)
     [outcome] = device.outcomes
     assert (outcome.tried, outcome.preferred, outcome.ratio) == (32, 16, None)
     assert tuner.target == 16
@@ -82,10 +92,10 @@ def test_a_trial_the_load_cannot_fill_ends_undecided() -> None:
 def test_no_trial_without_full_batches_in_a_row() -> None:
     tuner = SizeTuner(PROFILE, 16)
     now = 0.0
-    for i in range(50):  # a light load: every other batch is not full
+    for i in range(50):  # every other batch is not full
         rows = 16 if i % 2 else 5
         now += 1.0
-        tuner.observe(rows, now - 0.9, now)
+        tuner.observe(rows, now - 0.9, now, 32)
         assert tuner.target == 16
 
 
@@ -106,7 +116,7 @@ def test_the_wait_to_fill_counts_against_a_size_and_idle_time_does_not() -> None
     now = 10.0
     for _ in range(SAMPLES):  # after an idle second each, full batches of 16 in 1 s
         now += 1.0  # (the oldest request came when the device had been idle a second)
-        tuner.observe(16, now, now + 1.0)
+        tuner.observe(16, now, now + 1.0, 16)
         now += 1.0
     assert tuner.target == 32
     outcomes = []
