@@ -559,12 +559,12 @@ class Worker:
             except RingLockTimeout:  # see _beat_unless_stopping
                 break
             if claimed:
-                oldest_s = claimed[0].request.enqueued_ns / 1e9
                 self.batcher.batch_started()  # type: ignore[union-attr]
                 ran = self._run_batch(claimed)
                 backlog = self.ring.depth()
                 self.batcher.batch_finished(backlog, len(ran))  # type: ignore[union-attr]
                 if self._tuner is not None:
+                    oldest_s = claimed[0].request.enqueued_ns / 1e9
                     self._tune(sum(p.rows for p in ran), oldest_s, backlog)
             self.control.beat()
         self._prep.close()
