@@ -270,17 +270,27 @@ class Worker:
             self._probe_output()
         if self.model.batching.max_batch_size > 1 and handler.inputs[0].dtype != "bytes":
             self._warn_if_batchmates_matter()  # batches of two: it may take those
-        self._publish_spec(
-            {
-                "preferred_batch_size": preferred,
-                "batch_profile": {str(k): round(v, 1) for k, v in rates.items()},
-                "compiled": self.model.compile,
-            }
-        )
+        spec = {
+            "preferred_batch_size": preferred,
+            "batch_profile": {str(k): round(v, 1) for k, v in rates.items()},
+            "compiled": self.model.compile,
+        }
         if profile_ran:  # (a preferred size set in the config is kept as it is)
             longest = self.settings.worker.heartbeat_timeout_s / 2
-            tuner = SizeTuner(rates, preferred, longest_batch_s=longest)
+            learned = self._learned_by_siblings(preferred)
+            tuner = SizeTuner(rates, preferred, longest_batch_s=longest, learned=learned)
             self._tuner = None if tuner.done else tuner
+            if tuner.preferred != preferred:
+                log.info(
+                    "model %s: batches of %d, which the model's workers kept under load "
+                    "over the profile's %d",
+                    self.model.name,
+                    tuner.preferred,
+                    preferred,
+                )
+                spec.update(preferred_batch_size=tuner.preferred, preferred_by_profile=preferred)
+                preferred = tuner.preferred
+        self._publish_spec(spec)
         self.batcher = Batcher(
             BatchPolicy(
                 max_batch_size=self.model.batching.max_batch_size,
@@ -529,6 +539,20 @@ class Worker:
                 need * slots // 2**20,
                 slots,
             )
+
+    def _learned_by_siblings(self, profiled: int) -> int:
+        """The size this model's workers kept under load (``_report_trial``) when their
+        profile chose ``profiled`` too, as published; 0 if none did. So a recycled or
+        restarted worker serves at it from the start instead of learning it again."""
+        entry = self.arena.models[self.spec.model_index]
+        try:  # (a sibling may be writing it: a torn read does not parse, and counts as none)
+            spec = json.loads(bytes(entry["spec"])[: int(entry["spec_len"])] or b"{}")
+        except ValueError:
+            return 0
+        if not isinstance(spec, dict) or spec.get("preferred_by_profile") != profiled:
+            return 0
+        learned = spec.get("preferred_batch_size")
+        return learned if isinstance(learned, int) else 0
 
     def _publish_spec(self, extra: dict) -> None:
         """Metadata for frontends (validation, v2 metadata) and ``ctl status``."""

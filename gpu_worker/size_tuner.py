@@ -55,11 +55,17 @@ class SizeTuner:
     """Chooses each batch's target size; ``observe`` every batch once it has run."""
 
     def __init__(
-        self, rates: Mapping[int, float], preferred: int, longest_batch_s: float = float("inf")
+        self,
+        rates: Mapping[int, float],
+        preferred: int,
+        longest_batch_s: float = float("inf"),
+        learned: int = 0,
     ) -> None:
         """``rates``: the profile's rows/s by size; ``preferred``: its choice;
         ``longest_batch_s``: no size whose batch the profile timed longer is tried (a
-        worker beats between batches, so a batch near the heartbeat timeout is a risk)."""
+        worker beats between batches, so a batch near the heartbeat timeout is a risk);
+        ``learned``: a size this tuner would try that another worker of the model kept
+        from the same choice, to start from (otherwise ignored)."""
         served = served_rates(rates)
         best = max(served.values(), default=0.0)
         self.preferred = preferred
@@ -71,6 +77,9 @@ class SizeTuner:
             and rate >= TRY_WITHIN * best
             and size / rates[size] <= longest_batch_s
         )
+        if learned in self._candidates:
+            self.preferred = learned
+            self._candidates = [s for s in self._candidates if s > learned]
         self._trying = 0  # the size under trial (0: none)
         self._before: list[float] = []  # rows/s of the latest full batches in a row
         self._tried: list[float] = []  # rows/s of the trial's full batches

@@ -3,7 +3,7 @@ then a worker that adopts the size its served batches favour."""
 
 from __future__ import annotations
 
-from conftest import Server
+from conftest import Server, wait_until
 from test_e2e_core import HANDLER_ENV, fire
 
 from ringserve.gpu_worker.size_tuner import (
@@ -131,6 +131,16 @@ def test_the_wait_to_fill_counts_against_a_size_and_idle_time_does_not() -> None
     assert abs(outcome.ratio - (32 / 2.1) / 16) < 1e-9, outcome
 
 
+def test_a_size_another_worker_kept_is_the_start_if_this_tuner_would_try_it() -> None:
+    tuner = SizeTuner(PROFILE, 8, learned=32)
+    assert tuner.preferred == tuner.target == 32 and tuner.done
+    tuner = SizeTuner(PROFILE, 8, learned=16)  # 32 is still to try
+    assert tuner.target == 16 and not tuner.done
+    # Not one this tuner would try (another configuration's, a size rated far below):
+    assert SizeTuner(PROFILE, 8, learned=64).target == 8
+    assert SizeTuner({4: 17.8, 8: 15.9, 32: 11.4}, 4, learned=32).target == 4
+
+
 def test_sizes_the_profile_rated_far_below_or_too_long_a_batch_are_never_tried() -> None:
     # The issue's CPU: batch 32 ran 35 % slower than batch 4.
     assert SizeTuner({4: 17.8, 8: 15.9, 32: 11.4}, 4).done
@@ -142,7 +152,8 @@ def test_sizes_the_profile_rated_far_below_or_too_long_a_batch_are_never_tried()
 def test_a_worker_adopts_the_size_its_served_batches_favour(start_server) -> None:
     """The profile chooses 4 (it reads 8 slower on its zeros); under a load of 8 clients
     the worker tries 8, finds it faster, batches at 8 from then on, logs why, and ``ctl
-    status`` shows both sizes. Every answer is right."""
+    status`` shows both sizes. Every answer is right. A worker that replaces it starts
+    at 8."""
     server: Server = start_server(
         *("--model", "m=python:support.fake_handlers:ServesLargeBatchesFaster"),
         *("--max-batch-size", "8", "--set", "models.m.batching.max_queue_delay_ms=200"),
@@ -162,4 +173,19 @@ def test_a_worker_adopts_the_size_its_served_batches_favour(start_server) -> Non
     [model] = server.ctl("status")["models"]
     assert model["preferred_batch_size"] == 8 and model["preferred_by_profile"] == 4, model
     assert max(r.json()["batch_size"] for r in answers[-16:]) == 8
+    # Its replacement starts at 8: a recycle (a leak, an admin) does not send the
+    # model back to the profile's choice until it has learned again.
+    old = server.pids("worker")
+    server.ctl("recycle", "worker-0")
+
+    def replaced() -> bool:
+        status = server.ctl("status")
+        pids = [p["pid"] for p in status["processes"] if p["role"] == "worker"]
+        return not status["server"]["recycles_in_progress"] and not set(pids) & set(old)
+
+    wait_until(replaced, 60, "the recycle to finish")
+    kept = "model m: batches of 8, which the model's workers kept under load over the profile's 4"
+    assert kept in server.log(), server.log()[-3000:]
+    [model] = server.ctl("status")["models"]
+    assert model["preferred_batch_size"] == 8 and model["preferred_by_profile"] == 4, model
     assert server.stop() == 0
