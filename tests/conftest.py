@@ -209,11 +209,15 @@ def launch(tmp: Path, *args: str, env: dict[str, str] | None = None, frontends: 
 
 
 def kill_group(server: Server) -> None:
-    """SIGKILL whatever is left of ``server``'s process group (teardown)."""
+    """SIGKILL whatever is left of ``server``'s process group (teardown), and unlink its
+    arena: a supervisor killed so cannot, and each failed test left 256 MiB in /dev/shm."""
     if server.proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.proc.pid, signal.SIGKILL)
         server.proc.wait(10)
+    for name in shm_segments(server.instance):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join("/dev/shm", name))
 
 
 @pytest.fixture
