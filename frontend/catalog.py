@@ -3,7 +3,6 @@ model's workers published into shared memory, and whether a worker is ready."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,13 +46,10 @@ class Catalog:
     def _spec(self, index: int) -> dict[str, Any] | None:
         version = self.arena.model_word(index, "spec_version")
         if version != self._versions[index]:
-            entry = self.arena.models[index]
-            blob = bytes(entry["spec"])[: int(entry["spec_len"])]
-            try:
-                self._specs[index] = json.loads(blob)
+            spec = self.arena.model_spec(index)
+            if spec is not None:  # (None: caught mid-write: keep the previous copy, retry)
+                self._specs[index] = spec
                 self._versions[index] = version
-            except ValueError:
-                pass  # caught mid-write by a worker: keep the previous copy, retry next time
         return self._specs[index]
 
     def ready_workers(self) -> np.ndarray:

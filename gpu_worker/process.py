@@ -544,12 +544,8 @@ class Worker:
         """The size this model's workers kept under load (``_report_trial``) when their
         profile chose ``profiled`` too, as published; 0 if none did. So a recycled or
         restarted worker serves at it from the start instead of learning it again."""
-        entry = self.arena.models[self.spec.model_index]
-        try:  # (a sibling may be writing it: a torn read does not parse, and counts as none)
-            spec = json.loads(bytes(entry["spec"])[: int(entry["spec_len"])] or b"{}")
-        except ValueError:
-            return 0
-        if not isinstance(spec, dict) or spec.get("preferred_by_profile") != profiled:
+        spec = self.arena.model_spec(self.spec.model_index) or {}  # (torn: none learned)
+        if spec.get("preferred_by_profile") != profiled:
             return 0
         learned = spec.get("preferred_batch_size")
         return learned if isinstance(learned, int) else 0

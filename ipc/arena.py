@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import mmap
 import os
 import re
@@ -320,6 +321,16 @@ class Arena:
     @property
     def paused(self) -> bool:
         return _U4.unpack_from(self._buf, _PAUSED_OFF)[0] != 0
+
+    def model_spec(self, index: int) -> dict | None:
+        """What the model's workers published (``Worker._publish_spec``); None if nothing
+        yet, or if caught mid-write by a worker (no lock: the torn copy does not parse)."""
+        entry = self.models[index]
+        try:
+            spec = json.loads(bytes(entry["spec"])[: int(entry["spec_len"])])
+        except ValueError:
+            return None
+        return spec if isinstance(spec, dict) else None
 
     def model_word(self, index: int, field: str) -> int:
         """One u4 field of a model-table entry (read on every request: struct speed)."""

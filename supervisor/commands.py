@@ -7,7 +7,6 @@ the admin server turns into an error reply; nothing a client sends can crash the
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import socket
 import time
@@ -63,11 +62,7 @@ def _published(arb: Arbiter, model: int) -> dict[str, Any]:
     the profile's own choice, once serving under load chose another), the device,
     whether the model runs compiled."""
     assert arb.arena is not None
-    entry = arb.arena.models[model]
-    try:
-        spec = json.loads(bytes(entry["spec"])[: int(entry["spec_len"])] or b"{}")
-    except ValueError:
-        return {}
+    spec = arb.arena.model_spec(model) or {}
     return {
         k: spec[k]
         for k in (
