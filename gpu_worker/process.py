@@ -276,8 +276,8 @@ class Worker:
             "compiled": self.model.compile,
         }
         if profile_ran:  # (a preferred size set in the config is kept as it is)
-            longest = self.settings.worker.heartbeat_timeout_s / 2
             learned = self._learned_by_siblings(preferred)
+            longest = self._longest_safe_batch_s
             tuner = SizeTuner(rates, preferred, longest_batch_s=longest, learned=learned)
             self._tuner = None if tuner.done else tuner
             if tuner.preferred != preferred:
@@ -464,15 +464,22 @@ class Worker:
             if learned is not None:
                 handler.outputs = (learned,)
 
+    @property
+    def _longest_safe_batch_s(self) -> float:
+        """A worker beats between batches, not during one: a batch that outlasts
+        worker.heartbeat_timeout_s gets it killed as hung, twice, and its requests failed
+        as poison. A batch the profile timed past half of it is too near: warned of at
+        start, and never tried by the tuner."""
+        return self.settings.worker.heartbeat_timeout_s / 2
+
     def _warn_if_batches_near_heartbeat_timeout(
         self, preferred: int, rates: dict[int, float]
     ) -> None:
-        """A worker beats between batches, not during one: a batch that outlasts
-        worker.heartbeat_timeout_s gets it killed as hung, twice, and its requests failed
-        as poison. Say so at start, from the profile, rather than after the kills."""
+        """Say so at start, from the profile, rather than after the kills
+        (``_longest_safe_batch_s``)."""
         rate = rates.get(preferred)
         timeout = self.settings.worker.heartbeat_timeout_s
-        if not rate or preferred / rate <= timeout / 2:
+        if not rate or preferred / rate <= self._longest_safe_batch_s:
             return
         log.warning(
             "model %s: a batch of %d takes about %.1f s by the profile, near "
