@@ -41,8 +41,10 @@ from ringserve.gpu_worker.profile import (
     PROFILE_LOG,
     batch_sizes,
     one_at_a_time,
+    remember_served,
     sample_batch,
     sample_row,
+    served_before,
     throughput_profile,
 )
 from ringserve.gpu_worker.request_errors import RequestErrors
@@ -173,6 +175,7 @@ class Worker:
         self.batcher: Batcher | None = None
         self._tuner: SizeTuner | None = None  # while it has sizes to try under load
         self._spec_extra: dict = {}  # what ``_publish_spec`` adds to the handler's own
+        self._profile_key = ""  # the profile's cache key: a size kept is remembered by it
         self.stopping = False
         self.interrupt_fd = interrupt_fd  # a signal_wakeup_pipe: SIGTERM ends an idle wait
         self._idle_wait = wake.Sleeper(self.model_efd, interrupt_fd)
@@ -259,6 +262,7 @@ class Worker:
             if profile is not None:
                 profile_ran = True
                 preferred, rates = profile.preferred, profile.rows_per_s
+                self._profile_key = profile.key
                 log.info(
                     PROFILE_LOG,
                     self.model.name,
@@ -276,16 +280,21 @@ class Worker:
             "compiled": self.model.compile,
         }
         if profile_ran:  # (a preferred size set in the config is kept as it is)
-            learned = self._learned_by_siblings(preferred)
+            # What the model's live workers kept, else what its workers kept before this
+            # start (a restart, a deploy): either way not learned again.
+            learned, when = self._learned_by_siblings(preferred), ""
+            if not learned:
+                learned, when = served_before(self._profile_key, preferred), " before this start"
             longest = self._longest_safe_batch_s
             tuner = SizeTuner(rates, preferred, longest_batch_s=longest, learned=learned)
             self._tuner = None if tuner.done else tuner
             if tuner.preferred != preferred:
                 log.info(
-                    "model %s: batches of %d, which the model's workers kept under load "
+                    "model %s: batches of %d, which the model's workers kept under load%s "
                     "over the profile's %d",
                     self.model.name,
                     tuner.preferred,
+                    when,
                     preferred,
                 )
                 spec.update(preferred_batch_size=tuner.preferred, preferred_by_profile=preferred)
@@ -797,6 +806,7 @@ class Worker:
         if outcome.preferred != before:
             extra = {"preferred_by_profile": before, **self._spec_extra}
             self._publish_spec({**extra, "preferred_batch_size": outcome.preferred})
+            remember_served(self._profile_key, extra["preferred_by_profile"], outcome.preferred)
 
     def _record_batches(self) -> None:
         rec = self.control.rec

@@ -7,7 +7,9 @@ within a time budget (a slow model's first round stops at the budget).
 Results are cached per model handler, weights, options, device, input shape, threads
 and hardware (CPU model and count, torch version, GPU name) in
 ``$XDG_CACHE_HOME/ringserve/profiles-v6.json`` so restarts and recycles skip it
-(delete the file to re-profile).
+(delete the file to re-profile). A size the workers then served faster under load
+(``size_tuner.py``) is kept beside it, in ``served-sizes-v1.json`` under the same key, so
+the next start serves at it instead of learning it again.
 
 One worker of a model profiles, its siblings wait for the entry (a lock file per entry):
 two workers profiling at once disturbed each other's figures and could settle on
@@ -67,6 +69,7 @@ MAX_ENTRIES = 256  # the cache keeps the newest (a key changes with each model e
 class Profile:
     rows_per_s: dict[int, float]
     preferred: int
+    key: str = ""  # the cache's: what a size served faster is remembered by
 
 
 # What running out of device memory reads as besides ``torch.OutOfMemoryError``: a
@@ -116,34 +119,63 @@ def _cache_path() -> str:
     return os.path.join(cache_dir(), "profiles-v6.json")
 
 
-def _load_cache() -> dict:
+def _served_path() -> str:
+    return os.path.join(cache_dir(), "served-sizes-v1.json")
+
+
+def _load(path: str) -> dict:
     try:
-        with open(_cache_path()) as f:
+        with open(path) as f:
             return json.load(f)
     except (OSError, ValueError):
         return {}
 
 
+def _load_cache() -> dict:
+    return _load(_cache_path())
+
+
 def _save_entry(key: str, rates: dict[int, float]) -> None:
+    _store(_cache_path(), key, rates, _prune_turn_locks)
+
+
+def _store(path: str, key: str, value: object, after: Callable[[dict], None] | None = None) -> None:
     """Add one entry: re-read the file under its lock (held for a read and a write; the
     kernel drops it if we die), so a concurrent writer's entry is kept, not overwritten."""
-    path = _cache_path()
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(f"{path}.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            cache = _load_cache()
+            cache = _load(path)
             cache.pop(key, None)
-            cache[key] = rates  # newest last: past MAX_ENTRIES the oldest go
+            cache[key] = value  # newest last: past MAX_ENTRIES the oldest go
             for stale in list(cache)[: max(0, len(cache) - MAX_ENTRIES)]:
                 del cache[stale]
-            _prune_turn_locks(cache)
+            if after is not None:
+                after(cache)
             tmp = f"{path}.{os.getpid()}"
             with open(tmp, "w") as f:
                 json.dump(cache, f)
             os.replace(tmp, path)
     except OSError:
-        pass  # a read-only home only costs a re-profile next start
+        pass  # a read-only home only costs a re-profile (or a re-learned size) next start
+
+
+def remember_served(key: str, profiled: int, served: int) -> None:
+    """Keep the size a worker adopted under load over the profile's choice (its
+    ``key``), for ``served_before`` at the next start."""
+    if key:
+        _store(_served_path(), key, {"profile": profiled, "served": served})
+
+
+def served_before(key: str, profiled: int) -> int:
+    """The size kept under load before this start over the same profile and choice; 0 if
+    none was (a size learned against another choice says nothing about this one)."""
+    entry = _load(_served_path()).get(key) if key else None
+    if not isinstance(entry, dict) or entry.get("profile") != profiled:
+        return 0
+    served = entry.get("served")
+    return served if isinstance(served, int) else 0
 
 
 def _turn_lock(turn: str) -> str:
@@ -258,9 +290,9 @@ def throughput_profile(
                 rates = _measure(handler, model, spec, shape, heartbeat)
                 if not ran_out_of_memory(rates):  # maybe a sibling's load: measure again
                     _save_entry(key, rates)
-                return Profile(rates, preferred_size(rates, model.batching.max_batch_size))
+                return Profile(rates, preferred_size(rates, model.batching.max_batch_size), key)
     rates = {int(k): float(v) for k, v in cached.items()}
-    return Profile(rates, preferred_size(rates, model.batching.max_batch_size))
+    return Profile(rates, preferred_size(rates, model.batching.max_batch_size), key)
 
 
 def ran_out_of_memory(rates: dict[int, float]) -> bool:

@@ -209,6 +209,26 @@ def test_the_profile_is_not_reused_on_other_hardware(clock, monkeypatch):
     assert len(profile._load_cache()) == 2
 
 
+def test_a_size_served_faster_is_remembered_by_the_profile_it_beat(clock):
+    """What a worker kept under load (``size_tuner.py``) is found by the next start's
+    profile key, for the same profile choice only; other keys and choices find none."""
+    per_batch = {1: 0.010, 2: 0.012, 4: 0.016}
+
+    def model() -> CostModel:
+        return CostModel(clock, lambda n, k: per_batch[n])
+
+    got = profile.throughput_profile(model(), settings(4), lambda: None)
+    assert got.key and profile.served_before(got.key, got.preferred) == 0
+    profile.remember_served(got.key, got.preferred, 8)
+    again = profile.throughput_profile(model(), settings(4), lambda: None)
+    assert again.key == got.key and profile.served_before(again.key, again.preferred) == 8
+    assert profile.served_before(got.key, got.preferred * 2) == 0  # another choice
+    other = profile.throughput_profile(model(), settings(4, handler="other"), lambda: None)
+    assert profile.served_before(other.key, other.preferred) == 0  # another model
+    assert profile.served_before("", got.preferred) == 0  # no profile ran
+    assert len(profile._load_cache()) == 2  # the profiles' file holds rates alone
+
+
 def test_the_hardware_names_the_cpu_and_torch() -> None:
     cpu, version, gpu = profile.hardware("cpu").split("|")
     assert (

@@ -153,13 +153,12 @@ def test_a_worker_adopts_the_size_its_served_batches_favour(start_server) -> Non
     """The profile chooses 4 (it reads 8 slower on its zeros); under a load of 8 clients
     the worker tries 8, finds it faster, batches at 8 from then on, logs why, and ``ctl
     status`` shows both sizes. Every answer is right. A worker that replaces it starts
-    at 8."""
-    server: Server = start_server(
+    at 8, and so does the next server's."""
+    args = (
         *("--model", "m=python:support.fake_handlers:ServesLargeBatchesFaster"),
         *("--max-batch-size", "8", "--set", "models.m.batching.max_queue_delay_ms=200"),
-        env=HANDLER_ENV,
-        frontends=1,
     )
+    server: Server = start_server(*args, env=HANDLER_ENV, frontends=1)
     assert "-> preferred 4" in server.log(), server.log()[-3000:]
     [model] = server.ctl("status")["models"]
     assert model["preferred_batch_size"] == 4 and "preferred_by_profile" not in model
@@ -189,3 +188,11 @@ def test_a_worker_adopts_the_size_its_served_batches_favour(start_server) -> Non
     [model] = server.ctl("status")["models"]
     assert model["preferred_batch_size"] == 8 and model["preferred_by_profile"] == 4, model
     assert server.stop() == 0
+    # And so does the next server's (a restart, a deploy): the size is kept beside the
+    # profile it beat, in the same cache.
+    again: Server = start_server(*args, env=HANDLER_ENV, frontends=1)
+    kept = "batches of 8, which the model's workers kept under load before this start over"
+    assert kept in again.log(), again.log()[-3000:]
+    [model] = again.ctl("status")["models"]
+    assert model["preferred_batch_size"] == 8 and model["preferred_by_profile"] == 4, model
+    assert again.stop() == 0
