@@ -207,6 +207,41 @@ class ArenaCollector:
         self.settings = settings
         self.arena = arena
 
+    def _batch_targets(self) -> Iterator[object]:
+        """The batch size each model's batcher aims at, and the profile's choice beside
+        it: they differ once its workers served a larger size faster (``size_tuner.py``).
+        As the model's workers last published (``Arena.model_spec``): none before one
+        is ready; a size set in the config has no profile's."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        preferred = GaugeMetricFamily(
+            "ringserve_preferred_batch_size",
+            "Rows per batch the model's batcher aims at: batching.preferred_batch_size if "
+            "set, else the start-up profile's choice, or a larger size its workers served "
+            "faster under load (max_batch_size where no profile ran)",
+            labels=["model"],
+        )
+        by_profile = GaugeMetricFamily(
+            "ringserve_profile_preferred_batch_size",
+            "The start-up profile's choice of batch size (absent when the config sets one)",
+            labels=["model"],
+        )
+        for i, m in enumerate(self.settings.models):
+            spec = self.arena.model_spec(i)
+            if spec is None:
+                continue
+            aim = (
+                spec.get("preferred_batch_size")
+                or m.batching.preferred_batch_size
+                or m.batching.max_batch_size  # no profile: batches toward the largest
+            )
+            preferred.add_metric([m.name], float(aim))
+            if spec.get("batch_profile"):
+                chosen = spec.get("preferred_by_profile") or aim
+                by_profile.add_metric([m.name], float(chosen))
+        yield preferred
+        yield by_profile
+
     def collect(self) -> Iterator[object]:
         from prometheus_client.core import GaugeMetricFamily
 
@@ -278,6 +313,7 @@ class ArenaCollector:
             configured.add_metric([m.name], float(self.arena.model_word(i, "workers")))
         yield ready
         yield configured
+        yield from self._batch_targets()
 
         def per_process(name: str, doc: str) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, doc, labels=["role", "id", "model"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import multiprocessing as mp
 import os
 import random
@@ -81,11 +82,14 @@ def dispatchers(
             os.close(fd)
 
 
-def collected(arena: Arena, name: str, max_queue_depth: int = 0) -> list[tuple[dict, float]]:
+def collected(
+    arena: Arena, name: str, max_queue_depth: int = 0, preferred_batch_size: int = 0
+) -> list[tuple[dict, float]]:
     """``(labels, value)`` of every sample of ``name`` the frontends' arena collector
-    renders for one model "m" over ``arena``."""
+    renders for one model "m" (max_batch_size 8) over ``arena``."""
+    batching = SimpleNamespace(preferred_batch_size=preferred_batch_size, max_batch_size=8)
     settings = SimpleNamespace(
-        models=[SimpleNamespace(name="m")],
+        models=[SimpleNamespace(name="m", batching=batching)],
         arena=SimpleNamespace(slots=arena.geometry.n_slots, max_queue_depth=max_queue_depth),
     )
     return [
@@ -1176,6 +1180,40 @@ def test_queue_capacity_is_what_the_queue_could_still_hold(shm_dir: Path) -> Non
         assert gauges(0) == (6.0, 6.0)
         assert gauges(4) == (6.0, 4.0)  # the depth limit, when set, bounds it too
     worker_ring.close()
+    arena.close()
+
+
+def test_the_batch_size_gauges_say_what_the_workers_aim_at(shm_dir: Path) -> None:
+    """``ringserve_preferred_batch_size`` follows what the model's workers published
+    (the profile's choice, then a size served faster), beside the profile's own choice;
+    with no profile, the configured size or max_batch_size, and no profile gauge."""
+    arena = make_arena(shm_dir, n_slots=8, n_frontends=1)
+
+    def publish(**spec: object) -> None:
+        blob = json.dumps(spec).encode()
+        entry = arena.models[0]
+        entry["spec"], entry["spec_len"] = blob, len(blob)
+
+    def gauges(configured: int = 0) -> tuple[list, list]:
+        return (
+            [v for _, v in collected(arena, "ringserve_preferred_batch_size", 0, configured)],
+            [
+                v
+                for _, v in collected(
+                    arena, "ringserve_profile_preferred_batch_size", 0, configured
+                )
+            ],
+        )
+
+    assert gauges() == ([], [])  # no worker ready yet
+    publish(preferred_batch_size=4, batch_profile={"4": 50.0, "8": 48.0})
+    assert gauges() == ([4.0], [4.0])
+    publish(preferred_batch_size=8, preferred_by_profile=4, batch_profile={"4": 50.0})
+    assert gauges() == ([8.0], [4.0])  # served faster at 8
+    publish(preferred_batch_size=0, batch_profile={})  # the profile was skipped
+    assert gauges() == ([8.0], [])  # toward max_batch_size
+    publish(preferred_batch_size=2, batch_profile={})
+    assert gauges(configured=2) == ([2.0], [])  # the config's, no profile run
     arena.close()
 
 

@@ -3,6 +3,7 @@ then a worker that adopts the size its served batches favour."""
 
 from __future__ import annotations
 
+import httpx
 from conftest import Server, wait_until
 from test_e2e_core import HANDLER_ENV, fire
 
@@ -162,6 +163,9 @@ def test_a_worker_adopts_the_size_its_served_batches_favour(start_server) -> Non
     assert "-> preferred 4" in server.log(), server.log()[-3000:]
     [model] = server.ctl("status")["models"]
     assert model["preferred_batch_size"] == 4 and "preferred_by_profile" not in model
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'ringserve_preferred_batch_size{model="m"} 4.0' in metrics
+    assert 'ringserve_profile_preferred_batch_size{model="m"} 4.0' in metrics
     requests = [("/v1/models/m/predict", {"json": {"data": [float(i + 1)]}}) for i in range(120)]
     answers = fire(server.url, requests, concurrency=8)
     for i, r in enumerate(answers):
@@ -172,6 +176,9 @@ def test_a_worker_adopts_the_size_its_served_batches_favour(start_server) -> Non
     [model] = server.ctl("status")["models"]
     assert model["preferred_batch_size"] == 8 and model["preferred_by_profile"] == 4, model
     assert max(r.json()["batch_size"] for r in answers[-16:]) == 8
+    metrics = httpx.get(f"{server.url}/metrics").text  # a dashboard sees both too
+    assert 'ringserve_preferred_batch_size{model="m"} 8.0' in metrics
+    assert 'ringserve_profile_preferred_batch_size{model="m"} 4.0' in metrics
     # Its replacement starts at 8: a recycle (a leak, an admin) does not send the
     # model back to the profile's choice until it has learned again.
     old = server.pids("worker")
