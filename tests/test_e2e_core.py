@@ -418,6 +418,13 @@ def test_frontends_never_load_torch_nor_the_digits_worker_torchvision(start_serv
         assert "libtorch" not in maps and "torch/lib" not in maps
         uss = psutil.Process(pid).memory_full_info().uss
         assert uss < 100 * 2**20, f"frontend USS {uss / 2**20:.0f} MiB"
+        # DESIGN's "RSS well under 100 MB", less the arena's pages (RssShmem): those
+        # count in every mapper's RSS and grow with the payloads, not with the frontend.
+        status = dict(
+            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        )
+        own_kb = sum(int(status[k].split()[0]) for k in ("RssAnon", "RssFile"))
+        assert own_kb < 100 * 1024, f"frontend RSS less shared memory {own_kb / 1024:.0f} MiB"
     worker_maps = Path(f"/proc/{server.pids('worker')[0]}/maps").read_text()
     assert "libtorch" in worker_maps  # the check above can see torch when it is there
     assert "torchvision" not in worker_maps  # its extension and libraries
