@@ -207,40 +207,24 @@ class ArenaCollector:
         self.settings = settings
         self.arena = arena
 
-    def _batch_targets(self) -> Iterator[object]:
-        """The batch size each model's batcher aims at, and the profile's choice beside
-        it: they differ once its workers served a larger size faster (``size_tuner.py``).
-        As the model's workers last published (``Arena.model_spec``): none before one
-        is ready; a size set in the config has no profile's."""
+    def _profile_choices(self) -> Iterator[object]:
+        """Each model's batch size as its start-up profile chose it, beside what its
+        workers aim at now (``ringserve_worker_preferred_batch_size``): they differ once
+        a worker served a larger size faster (``size_tuner.py``). From the model's
+        published spec: none before a worker is ready, nor when the config sets one."""
         from prometheus_client.core import GaugeMetricFamily
 
-        preferred = GaugeMetricFamily(
-            "ringserve_preferred_batch_size",
-            "Rows per batch the model's batcher aims at: batching.preferred_batch_size if "
-            "set, else the start-up profile's choice, or a larger size its workers served "
-            "faster under load (max_batch_size where no profile ran)",
-            labels=["model"],
-        )
-        by_profile = GaugeMetricFamily(
+        chosen = GaugeMetricFamily(
             "ringserve_profile_preferred_batch_size",
             "The start-up profile's choice of batch size (absent when the config sets one)",
             labels=["model"],
         )
         for i, m in enumerate(self.settings.models):
-            spec = self.arena.model_spec(i)
-            if spec is None:
-                continue
-            aim = (
-                spec.get("preferred_batch_size")
-                or m.batching.preferred_batch_size
-                or m.batching.max_batch_size  # no profile: batches toward the largest
-            )
-            preferred.add_metric([m.name], float(aim))
+            spec = self.arena.model_spec(i) or {}
             if spec.get("batch_profile"):
-                chosen = spec.get("preferred_by_profile") or aim
-                by_profile.add_metric([m.name], float(chosen))
-        yield preferred
-        yield by_profile
+                size = spec.get("preferred_by_profile") or spec.get("preferred_batch_size")
+                chosen.add_metric([m.name], float(size or m.batching.max_batch_size))
+        yield chosen
 
     def collect(self) -> Iterator[object]:
         from prometheus_client.core import GaugeMetricFamily
@@ -313,7 +297,7 @@ class ArenaCollector:
             configured.add_metric([m.name], float(self.arena.model_word(i, "workers")))
         yield ready
         yield configured
-        yield from self._batch_targets()
+        yield from self._profile_choices()
 
         def per_process(name: str, doc: str) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, doc, labels=["role", "id", "model"])
@@ -338,6 +322,13 @@ class ArenaCollector:
             "torch.cuda.memory_reserved",
             labels=["model", "worker"],
         )
+        aim = GaugeMetricFamily(
+            "ringserve_worker_preferred_batch_size",
+            "Rows per batch the worker's batcher aims at: batching.preferred_batch_size if "
+            "set, else the start-up profile's choice or a larger size it served faster "
+            "under load (max_batch_size where no profile ran)",
+            labels=["model", "worker"],
+        )
         beat = per_process(
             "ringserve_process_heartbeat_age_seconds",
             "Seconds since the process last beat (a worker beats after every batch and "
@@ -360,6 +351,8 @@ class ArenaCollector:
                 beat.add_metric(labels, max(0.0, now - int(rec["heartbeat_ns"]) / 1e9))
             if rec["role"] == Role.WORKER:
                 wl = [model, str(int(rec["ident"]))]
+                if int(rec["batch_target"]):
+                    aim.add_metric(wl, float(rec["batch_target"]))
                 if int(rec["gpu_nvml"]):
                     gpu_nvml.add_metric(wl, float(rec["gpu_nvml"]))
                 if int(rec["gpu_reserved"]):
@@ -387,3 +380,4 @@ class ArenaCollector:
         yield gpu_alloc
         yield gpu_res
         yield gpu_nvml
+        yield aim

@@ -307,6 +307,7 @@ class Worker:
                 preferred_batch_size=preferred,
             )
         )
+        self.control.rec["batch_target"] = self.batcher.policy.target
         self.control.set_state(ProcState.READY)
         log.info("worker %d ready: model %s on %s", self.spec.ident, self.model.name, device)
 
@@ -777,6 +778,7 @@ class Worker:
             self.batcher.policy = dataclasses.replace(
                 policy, preferred_batch_size=self._tuner.target
             )
+            self.control.rec["batch_target"] = self._tuner.target  # ctl status, metrics
         if outcome is not None:
             self._report_trial(outcome)
         if self._tuner.done:

@@ -260,6 +260,9 @@ CONTROL = np.dtype(
         # Worker: 1 while counted in its ring's ``sleepers`` (set and cleared under the
         # ring lock), so the supervisor can take a dead worker's count back.
         ("asleep", "<u4"),
+        # Worker: the rows per batch its batcher aims at now (the profile's choice, a
+        # size it kept under load, the config's, or max_batch_size).
+        ("batch_target", "<u4"),
         # Worker: why it could not start (model load, CUDA init), written just before it
         # exits; the supervisor reads it on the exit, before the record is reset.
         ("error", f"S{ERROR_BYTES}"),

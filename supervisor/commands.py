@@ -146,6 +146,7 @@ def status(arb: Arbiter) -> dict[str, Any]:
                 "gpu_nvml_used_bytes": int(rec["gpu_nvml"]),
                 "open_fds": int(rec["open_fds"]),
                 "max_fds": int(rec["max_fds"]),
+                **({"batch_target": int(rec["batch_target"])} if rec["batch_target"] else {}),
                 "restarts": n_restarts,
                 "last_exit_reason": last_exit,
                 "last_recycle_reason": last_recycle,

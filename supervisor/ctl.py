@@ -265,6 +265,7 @@ PROCESS_COLUMNS: tuple[tuple[str, str], ...] = (
     ("UPTIME", "uptime_s"),
     ("REQS", "requests"),
     ("BATCHES", "batches"),
+    ("BATCH_TARGET", "batch_target"),  # a worker's: rows its batcher aims at now
     ("RSS", "rss_bytes"),
     ("USS", "uss_bytes"),
     ("PSS", "pss_bytes"),

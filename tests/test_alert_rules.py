@@ -73,7 +73,7 @@ EXPORTED_METRICS = HISTOGRAMS | frozenset(
         "ringserve_last_batch_timestamp_seconds",
         "ringserve_workers_ready",
         "ringserve_workers_configured",
-        "ringserve_preferred_batch_size",
+        "ringserve_worker_preferred_batch_size",
         "ringserve_profile_preferred_batch_size",
         "ringserve_build_info",
     }

@@ -82,12 +82,10 @@ def dispatchers(
             os.close(fd)
 
 
-def collected(
-    arena: Arena, name: str, max_queue_depth: int = 0, preferred_batch_size: int = 0
-) -> list[tuple[dict, float]]:
+def collected(arena: Arena, name: str, max_queue_depth: int = 0) -> list[tuple[dict, float]]:
     """``(labels, value)`` of every sample of ``name`` the frontends' arena collector
     renders for one model "m" (max_batch_size 8) over ``arena``."""
-    batching = SimpleNamespace(preferred_batch_size=preferred_batch_size, max_batch_size=8)
+    batching = SimpleNamespace(max_batch_size=8)
     settings = SimpleNamespace(
         models=[SimpleNamespace(name="m", batching=batching)],
         arena=SimpleNamespace(slots=arena.geometry.n_slots, max_queue_depth=max_queue_depth),
@@ -1183,10 +1181,13 @@ def test_queue_capacity_is_what_the_queue_could_still_hold(shm_dir: Path) -> Non
     arena.close()
 
 
-def test_the_batch_size_gauges_say_what_the_workers_aim_at(shm_dir: Path) -> None:
-    """``ringserve_preferred_batch_size`` follows what the model's workers published
-    (the profile's choice, then a size served faster), beside the profile's own choice;
-    with no profile, the configured size or max_batch_size, and no profile gauge."""
+def test_the_batch_size_gauges_say_what_each_worker_aims_at(shm_dir: Path) -> None:
+    """``ringserve_worker_preferred_batch_size`` is each worker's own aim (two workers of
+    a model may differ while one has kept a larger size under load), beside the model's
+    ``ringserve_profile_preferred_batch_size``, the profile's choice as published: its
+    own, or the one a size served faster replaced; none where no profile ran."""
+    from ringserve.ipc.layout import ProcState, Role
+
     arena = make_arena(shm_dir, n_slots=8, n_frontends=1)
 
     def publish(**spec: object) -> None:
@@ -1194,26 +1195,27 @@ def test_the_batch_size_gauges_say_what_the_workers_aim_at(shm_dir: Path) -> Non
         entry = arena.models[0]
         entry["spec"], entry["spec_len"] = blob, len(blob)
 
-    def gauges(configured: int = 0) -> tuple[list, list]:
-        return (
-            [v for _, v in collected(arena, "ringserve_preferred_batch_size", 0, configured)],
-            [
-                v
-                for _, v in collected(
-                    arena, "ringserve_profile_preferred_batch_size", 0, configured
-                )
-            ],
-        )
+    def worker(index: int, ident: int, target: int) -> None:
+        rec = arena.control[index]
+        rec["role"], rec["ident"], rec["model"], rec["pid"] = Role.WORKER, ident, 0, os.getpid()
+        rec["state"], rec["batch_target"] = ProcState.READY, target
 
-    assert gauges() == ([], [])  # no worker ready yet
+    def gauges() -> tuple[dict[str, float], list[float]]:
+        aims = collected(arena, "ringserve_worker_preferred_batch_size")
+        chosen = collected(arena, "ringserve_profile_preferred_batch_size")
+        return {labels["worker"]: v for labels, v in aims}, [v for _, v in chosen]
+
+    assert gauges() == ({}, [])  # no worker ready yet
+    worker(0, 0, 4)
+    worker(1, 1, 0)  # still loading: no aim yet
     publish(preferred_batch_size=4, batch_profile={"4": 50.0, "8": 48.0})
-    assert gauges() == ([4.0], [4.0])
+    assert gauges() == ({"0": 4.0}, [4.0])
+    worker(1, 1, 4)
+    worker(0, 0, 8)  # served faster at 8, and published it
     publish(preferred_batch_size=8, preferred_by_profile=4, batch_profile={"4": 50.0})
-    assert gauges() == ([8.0], [4.0])  # served faster at 8
-    publish(preferred_batch_size=0, batch_profile={})  # the profile was skipped
-    assert gauges() == ([8.0], [])  # toward max_batch_size
-    publish(preferred_batch_size=2, batch_profile={})
-    assert gauges(configured=2) == ([2.0], [])  # the config's, no profile run
+    assert gauges() == ({"0": 8.0, "1": 4.0}, [4.0])
+    publish(preferred_batch_size=2, batch_profile={})  # set in the config: no profile ran
+    assert gauges()[1] == []
     arena.close()
 
 

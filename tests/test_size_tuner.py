@@ -164,7 +164,7 @@ def test_a_worker_adopts_the_size_its_served_batches_favour(start_server) -> Non
     [model] = server.ctl("status")["models"]
     assert model["preferred_batch_size"] == 4 and "preferred_by_profile" not in model
     metrics = httpx.get(f"{server.url}/metrics").text
-    assert 'ringserve_preferred_batch_size{model="m"} 4.0' in metrics
+    assert 'ringserve_worker_preferred_batch_size{model="m",worker="0"} 4.0' in metrics
     assert 'ringserve_profile_preferred_batch_size{model="m"} 4.0' in metrics
     requests = [("/v1/models/m/predict", {"json": {"data": [float(i + 1)]}}) for i in range(120)]
     answers = fire(server.url, requests, concurrency=8)
@@ -176,8 +176,10 @@ def test_a_worker_adopts_the_size_its_served_batches_favour(start_server) -> Non
     [model] = server.ctl("status")["models"]
     assert model["preferred_batch_size"] == 8 and model["preferred_by_profile"] == 4, model
     assert max(r.json()["batch_size"] for r in answers[-16:]) == 8
+    [worker] = [p for p in server.ctl("status")["processes"] if p["role"] == "worker"]
+    assert worker["batch_target"] == 8, worker
     metrics = httpx.get(f"{server.url}/metrics").text  # a dashboard sees both too
-    assert 'ringserve_preferred_batch_size{model="m"} 8.0' in metrics
+    assert 'ringserve_worker_preferred_batch_size{model="m",worker="0"} 8.0' in metrics
     assert 'ringserve_profile_preferred_batch_size{model="m"} 4.0' in metrics
     # Its replacement starts at 8: a recycle (a leak, an admin) does not send the
     # model back to the profile's choice until it has learned again.
@@ -200,6 +202,9 @@ def test_a_worker_adopts_the_size_its_served_batches_favour(start_server) -> Non
     again: Server = start_server(*args, env=HANDLER_ENV, frontends=1)
     kept = "batches of 8, which the model's workers kept under load before this start over"
     assert kept in again.log(), again.log()[-3000:]
-    [model] = again.ctl("status")["models"]
+    status = again.ctl("status")
+    [model] = status["models"]
     assert model["preferred_batch_size"] == 8 and model["preferred_by_profile"] == 4, model
+    [worker] = [p for p in status["processes"] if p["role"] == "worker"]
+    assert worker["batch_target"] == 8, worker
     assert again.stop() == 0
