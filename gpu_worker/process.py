@@ -284,7 +284,8 @@ class Worker:
             # start (a restart, a deploy): either way not learned again.
             learned, when = self._learned_by_siblings(preferred), ""
             if not learned:
-                learned, when = served_before(self._profile_key, preferred), " before this start"
+                served = served_before(self._profile_key, preferred, self._serving)
+                learned, when = served, " before this start"
             longest = self._longest_safe_batch_s
             tuner = SizeTuner(rates, preferred, longest_batch_s=longest, learned=learned)
             self._tuner = None if tuner.done else tuner
@@ -557,6 +558,13 @@ class Worker:
                 slots,
             )
 
+    @property
+    def _serving(self) -> str:
+        """What a batch's speed under load depends on besides the profile's key: the
+        frontends' work beside it, the model's workers, the wait to fill it."""
+        workers, delay = self.model.workers, self.model.batching.max_queue_delay_ms
+        return f"frontends {self.settings.server.frontends}|workers {workers}|delay {delay} ms"
+
     def _learned_by_siblings(self, profiled: int) -> int:
         """The size this model's workers kept under load (``_report_trial``) when their
         profile chose ``profiled`` too, as published; 0 if none did. So a recycled or
@@ -808,7 +816,8 @@ class Worker:
         if outcome.preferred != before:
             extra = {"preferred_by_profile": before, **self._spec_extra}
             self._publish_spec({**extra, "preferred_batch_size": outcome.preferred})
-            remember_served(self._profile_key, extra["preferred_by_profile"], outcome.preferred)
+            profiled = extra["preferred_by_profile"]
+            remember_served(self._profile_key, profiled, outcome.preferred, self._serving)
 
     def _record_batches(self) -> None:
         rec = self.control.rec

@@ -161,18 +161,24 @@ def _store(path: str, key: str, value: object, after: Callable[[dict], None] | N
         pass  # a read-only home only costs a re-profile (or a re-learned size) next start
 
 
-def remember_served(key: str, profiled: int, served: int) -> None:
+def remember_served(key: str, profiled: int, served: int, serving: str) -> None:
     """Keep the size a worker adopted under load over the profile's choice (its
-    ``key``), for ``served_before`` at the next start."""
+    ``key``), and how it was served then (``serving``: what the profile's key leaves
+    out and a batch's speed under load depends on), for ``served_before``."""
     if key:
-        _store(_served_path(), key, {"profile": profiled, "served": served})
+        entry = {"profile": profiled, "served": served, "serving": serving}
+        _store(_served_path(), key, entry)
 
 
-def served_before(key: str, profiled: int) -> int:
-    """The size kept under load before this start over the same profile and choice; 0 if
-    none was (a size learned against another choice says nothing about this one)."""
+def served_before(key: str, profiled: int, serving: str) -> int:
+    """The size kept under load before this start over the same profile and choice,
+    served the same way; 0 if none was. A size learned against another choice, or
+    beside another number of frontends, says nothing about this one: the tuner only
+    ever tries larger sizes, so a size carried over would never be looked at again."""
     entry = _load(_served_path()).get(key) if key else None
-    if not isinstance(entry, dict) or entry.get("profile") != profiled:
+    if not isinstance(entry, dict):
+        return 0
+    if entry.get("profile") != profiled or entry.get("serving") != serving:
         return 0
     served = entry.get("served")
     return served if isinstance(served, int) else 0

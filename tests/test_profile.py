@@ -211,22 +211,30 @@ def test_the_profile_is_not_reused_on_other_hardware(clock, monkeypatch):
 
 def test_a_size_served_faster_is_remembered_by_the_profile_it_beat(clock):
     """What a worker kept under load (``size_tuner.py``) is found by the next start's
-    profile key, for the same profile choice only; other keys and choices find none."""
+    profile key, for the same profile choice served the same way only; other keys,
+    choices and ways, and a corrupt file, find none."""
     per_batch = {1: 0.010, 2: 0.012, 4: 0.016}
 
     def model() -> CostModel:
         return CostModel(clock, lambda n, k: per_batch[n])
 
+    serving = "frontends 2|workers 1|delay 2 ms"
     got = profile.throughput_profile(model(), settings(4), lambda: None)
-    assert got.key and profile.served_before(got.key, got.preferred) == 0
-    profile.remember_served(got.key, got.preferred, 8)
+    assert got.key and profile.served_before(got.key, got.preferred, serving) == 0
+    profile.remember_served(got.key, got.preferred, 8, serving)
     again = profile.throughput_profile(model(), settings(4), lambda: None)
-    assert again.key == got.key and profile.served_before(again.key, again.preferred) == 8
-    assert profile.served_before(got.key, got.preferred * 2) == 0  # another choice
+    assert again.key == got.key and profile.served_before(again.key, again.preferred, serving) == 8
+    assert profile.served_before(got.key, got.preferred * 2, serving) == 0  # another choice
+    other_way = "frontends 4|workers 1|delay 2 ms"
+    assert profile.served_before(got.key, got.preferred, other_way) == 0
     other = profile.throughput_profile(model(), settings(4, handler="other"), lambda: None)
-    assert profile.served_before(other.key, other.preferred) == 0  # another model
-    assert profile.served_before("", got.preferred) == 0  # no profile ran
+    assert profile.served_before(other.key, other.preferred, serving) == 0  # another model
+    assert profile.served_before("", got.preferred, serving) == 0  # no profile ran
     assert len(profile._load_cache()) == 2  # the profiles' file holds rates alone
+    Path(profile._served_path()).write_text('{"truncated": ')
+    assert profile.served_before(got.key, got.preferred, serving) == 0
+    profile.remember_served(got.key, got.preferred, 8, serving)  # and it is rewritten
+    assert profile.served_before(got.key, got.preferred, serving) == 8
 
 
 def test_the_hardware_names_the_cpu_and_torch() -> None:
