@@ -15,7 +15,8 @@ A change of settings, not of code, is judged the same way: ``--base HEAD`` and t
 setting for this checkout's side alone, ``--new-set models.r50.compile=true``, or an
 environment variable for it alone, ``--new-env GOMP_SPINCOUNT=300000`` (and
 ``--base-env`` for the base side: ``XDG_CACHE_HOME=DIR`` starts it from a profile cache
-of your own).
+of your own; a side that keeps a larger batch size under load writes it there too, in
+``served-sizes-v1.json``, and a later run from DIR starts at it: give each run a copy).
 
 ``--model digits`` serves the default model with ``--image`` (by default a 640x480
 JPEG made here): a model whose forward is trivial, so decoding is the work, as with a
