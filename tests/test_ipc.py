@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -145,6 +146,42 @@ def answer(arena: Arena, slot: int) -> None:
 
 
 # -- arena lifetime -------------------------------------------------------------------------
+
+
+# The arena's layout as of its version: processes of one server attach only an arena
+# of their own version (a worker of an upgraded package, started by a rolling restart
+# beside an older supervisor, is refused instead of writing at the wrong offsets). A
+# change of any record, size or state number must bump ``layout.VERSION`` and this.
+LAYOUT_DIGEST = (10, "2e6826318e90f06a")
+
+
+def layout_digest() -> str:
+    from ringserve.ipc import layout as L
+
+    records = (L.ARENA_HEADER, L.MODEL_ENTRY, L.RING_HEADER, L.CONTROL, L.SLOT_HEADER)
+    records += (L.REGION_TABLE_HEADER, L.REGION_ENTRY)
+    sizes = (L.PAGE, L.ARENA_HEADER_BYTES, L.MODEL_ENTRY_BYTES, L.RING_HEADER_BYTES)
+    sizes += (L.CONTROL_BYTES, L.SLOT_HEADER_BYTES, L.REGION_TABLE_HEADER_BYTES)
+    sizes += (L.REGION_ENTRY_BYTES,)
+    states = (L.SlotState, L.Status, L.PayloadKind, L.Role, L.ProcState, L.Command)
+    states += (L.ModelAvailability,)
+    text = repr(
+        (
+            [(r.descr, r.itemsize) for r in records],
+            sizes,
+            [(e.__name__, [(m.name, int(m)) for m in e]) for e in states],
+        )
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def test_a_change_of_the_arena_layout_comes_with_a_new_version() -> None:
+    from ringserve.ipc.layout import VERSION
+
+    assert (VERSION, layout_digest()) == LAYOUT_DIGEST, (
+        "the arena's layout changed: bump ipc/layout.py's VERSION (say why beside it) "
+        "and set LAYOUT_DIGEST to the new version and digest"
+    )
 
 
 def test_create_attach_close_unlinks(shm_dir: Path) -> None:
