@@ -221,9 +221,9 @@ class ArenaCollector:
         )
         for i, m in enumerate(self.settings.models):
             spec = self.arena.model_spec(i) or {}
-            if spec.get("batch_profile"):
-                size = spec.get("preferred_by_profile") or spec.get("preferred_batch_size")
-                chosen.add_metric([m.name], float(size or m.batching.max_batch_size))
+            if spec.get("batch_profile"):  # (a profile ran: it chose a size)
+                size = spec.get("preferred_by_profile") or spec["preferred_batch_size"]
+                chosen.add_metric([m.name], float(size))
         yield chosen
 
     def collect(self) -> Iterator[object]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import logging
 import math
 import os
@@ -67,7 +66,6 @@ from ringserve.ipc.layout import (
     DTYPES,
     KIND_MASK,
     MAX_NDIM,
-    MODEL_ENTRY,
     RUN_ALONE,
     Command,
     PayloadKind,
@@ -576,16 +574,11 @@ class Worker:
         return learned if isinstance(learned, int) else 0
 
     def _publish_spec(self, extra: dict) -> None:
-        """Metadata for frontends (validation, v2 metadata) and ``ctl status``."""
+        """The handler's description and ``extra`` (what ``_report_trial`` extends)."""
         assert self.handler is not None
         self._spec_extra = extra
-        blob = json.dumps({**self.handler.describe(), **extra}).encode()
-        entry = self.arena.models[self.spec.model_index]
-        if len(blob) > MODEL_ENTRY["spec"].itemsize:
-            raise ArenaError(f"model {self.model.name}: metadata too large to publish")
-        entry["spec"] = blob
-        entry["spec_len"] = len(blob)
-        entry["spec_version"] = int(entry["spec_version"]) + 1
+        spec = {**self.handler.describe(), **extra}
+        self.arena.publish_model_spec(self.spec.model_index, spec, self.model.name)
 
     def run(self) -> int:
         # Inference mode for the whole loop, entered once: per batch it was a context

@@ -69,7 +69,7 @@ MAX_ENTRIES = 256  # the cache keeps the newest (a key changes with each model e
 class Profile:
     rows_per_s: dict[int, float]
     preferred: int
-    key: str = ""  # the cache's: what a size served faster is remembered by
+    key: str  # the cache's: what a size served faster is remembered by
 
 
 # What running out of device memory reads as besides ``torch.OutOfMemoryError``: a

@@ -34,8 +34,11 @@ _U4 = struct.Struct("<I")
 _DRAINING_OFF = L.ARENA_HEADER.fields["draining"][1]
 _PAUSED_OFF = L.ARENA_HEADER.fields["paused"][1]
 _MODEL_OFF = {
-    name: L.MODEL_ENTRY.fields[name][1] for name in ("spec_version", "availability", "workers")
+    name: L.MODEL_ENTRY.fields[name][1]
+    for name in ("spec_version", "spec_len", "availability", "workers")
 }
+_SPEC_OFF = L.MODEL_ENTRY.fields["spec"][1]
+_SPEC_BYTES = L.MODEL_ENTRY["spec"].itemsize
 _RING_LOCK_OFF = L.RING_HEADER.fields["lock"][1]
 assert L.RING_HEADER.fields["lock"][0].itemsize >= MUTEX_BYTES and _RING_LOCK_OFF % 8 == 0
 _REGION_LOCK_OFF = L.REGION_TABLE_HEADER.fields["lock"][1]
@@ -322,12 +325,27 @@ class Arena:
     def paused(self) -> bool:
         return _U4.unpack_from(self._buf, _PAUSED_OFF)[0] != 0
 
-    def model_spec(self, index: int) -> dict | None:
-        """What the model's workers published (``Worker._publish_spec``); None if nothing
-        yet, or if caught mid-write by a worker (no lock: the torn copy does not parse)."""
+    def publish_model_spec(self, index: int, spec: dict, name: str) -> None:
+        """A model's metadata for frontends (validation, v2 metadata) and ``ctl status``,
+        written by its workers; readers re-read it when ``spec_version`` moves. ``name``
+        only names the model in the error when it does not fit."""
+        blob = json.dumps(spec).encode()
+        if len(blob) > _SPEC_BYTES:
+            raise ArenaError(f"model {name}: metadata too large to publish")
         entry = self.models[index]
+        entry["spec"] = blob
+        entry["spec_len"] = len(blob)
+        entry["spec_version"] = int(entry["spec_version"]) + 1
+
+    def model_spec(self, index: int) -> dict | None:
+        """What the model's workers published (``publish_model_spec``); None if nothing
+        yet, or if caught mid-write by a worker (no lock: the torn copy does not parse)."""
+        # The published bytes alone: ``bytes(entry["spec"])`` copied the whole field
+        # (64 KiB, room for 1000 labels) to read a few hundred.
+        start = self._models_off + index * L.MODEL_ENTRY_BYTES + _SPEC_OFF
+        length = min(self.model_word(index, "spec_len"), _SPEC_BYTES)
         try:
-            spec = json.loads(bytes(entry["spec"])[: int(entry["spec_len"])])
+            spec = json.loads(self._buf[start : start + length].tobytes())
         except ValueError:
             return None
         return spec if isinstance(spec, dict) else None

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import multiprocessing as mp
 import os
 import random
@@ -85,10 +84,9 @@ def dispatchers(
 
 def collected(arena: Arena, name: str, max_queue_depth: int = 0) -> list[tuple[dict, float]]:
     """``(labels, value)`` of every sample of ``name`` the frontends' arena collector
-    renders for one model "m" (max_batch_size 8) over ``arena``."""
-    batching = SimpleNamespace(max_batch_size=8)
+    renders for one model "m" over ``arena``."""
     settings = SimpleNamespace(
-        models=[SimpleNamespace(name="m", batching=batching)],
+        models=[SimpleNamespace(name="m")],
         arena=SimpleNamespace(slots=arena.geometry.n_slots, max_queue_depth=max_queue_depth),
     )
     return [
@@ -1218,6 +1216,30 @@ def test_queue_capacity_is_what_the_queue_could_still_hold(shm_dir: Path) -> Non
     arena.close()
 
 
+def test_a_models_published_spec_is_read_back_whole_or_not_at_all(shm_dir: Path) -> None:
+    """One writer (a worker) and every reader (catalog, ctl status, metrics, a worker's
+    siblings) go through the arena: each publication moves ``spec_version``; a copy
+    caught mid-write (torn) reads as None, not as half a spec; one too large for the
+    entry is refused, naming the model, and leaves the last one in place."""
+    from ringserve.ipc.layout import MODEL_ENTRY
+
+    arena = make_arena(shm_dir)
+    assert arena.model_spec(0) is None  # nothing published yet
+    arena.publish_model_spec(0, {"preferred_batch_size": 4}, "m")
+    first = arena.model_word(0, "spec_version")
+    arena.publish_model_spec(0, {"preferred_batch_size": 8, "preferred_by_profile": 4}, "m")
+    assert arena.model_word(0, "spec_version") == first + 1
+    assert arena.model_spec(0) == {"preferred_batch_size": 8, "preferred_by_profile": 4}
+    arena.models[0]["spec_len"] = 10  # what a reader sees while the worker writes
+    assert arena.model_spec(0) is None
+    arena.publish_model_spec(0, {"preferred_batch_size": 8}, "m")
+    too_large = {"labels": "x" * MODEL_ENTRY["spec"].itemsize}
+    with pytest.raises(ArenaError, match="model m: metadata too large to publish"):
+        arena.publish_model_spec(0, too_large, "m")
+    assert arena.model_spec(0) == {"preferred_batch_size": 8}
+    arena.close()
+
+
 def test_the_batch_size_gauges_say_what_each_worker_aims_at(shm_dir: Path) -> None:
     """``ringserve_worker_preferred_batch_size`` is each worker's own aim (two workers of
     a model may differ while one has kept a larger size under load), beside the model's
@@ -1228,9 +1250,7 @@ def test_the_batch_size_gauges_say_what_each_worker_aims_at(shm_dir: Path) -> No
     arena = make_arena(shm_dir, n_slots=8, n_frontends=1)
 
     def publish(**spec: object) -> None:
-        blob = json.dumps(spec).encode()
-        entry = arena.models[0]
-        entry["spec"], entry["spec_len"] = blob, len(blob)
+        arena.publish_model_spec(0, spec, "m")
 
     def worker(index: int, ident: int, target: int) -> None:
         rec = arena.control[index]
