@@ -807,9 +807,11 @@ class Worker:
             outcome.preferred,
         )
         if outcome.preferred != before:
-            extra = {"preferred_by_profile": before, **self._spec_extra}
+            extra = dict(self._spec_extra)
+            profiled = extra.pop("preferred_by_profile", before)
+            if outcome.preferred != profiled:  # (else back to the profile's choice)
+                extra["preferred_by_profile"] = profiled
             self._publish_spec({**extra, "preferred_batch_size": outcome.preferred})
-            profiled = extra["preferred_by_profile"]
             remember_served(self._profile_key, profiled, outcome.preferred, self._serving)
 
     def _record_batches(self) -> None:

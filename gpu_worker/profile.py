@@ -173,8 +173,8 @@ def remember_served(key: str, profiled: int, served: int, serving: str) -> None:
 def served_before(key: str, profiled: int, serving: str) -> int:
     """The size kept under load before this start over the same profile and choice,
     served the same way; 0 if none was. A size learned against another choice, or
-    beside another number of frontends, says nothing about this one: the tuner only
-    ever tries larger sizes, so a size carried over would never be looked at again."""
+    beside another number of frontends, says nothing about this one: a worker that
+    starts from it checks it once against the profile's choice, and no other size."""
     entry = _load(_served_path()).get(key) if key else None
     if not isinstance(entry, dict):
         return 0

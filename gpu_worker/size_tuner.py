@@ -19,6 +19,12 @@ A batch is evidence only when it filled its target: its rows over the time from 
 the device could first have begun it (the previous batch's end, or its oldest request's
 arrival if later) to its end. So the wait to fill a larger batch counts against it, and
 an idle device counts against nothing.
+
+A size kept by another worker of the model, or before this start, is where a worker
+begins; it then tries the profile's choice once against it, under its own load, and goes
+back to it if that serves faster: the load, the machine's other tenants, or the model
+itself may have changed since the size was kept, and nothing else would ever look at a
+smaller size again.
 """
 
 from __future__ import annotations
@@ -65,11 +71,12 @@ class SizeTuner:
         ``longest_batch_s``: no size whose batch the profile timed longer is tried (a
         worker beats between batches, so a batch near the heartbeat timeout is a risk);
         ``learned``: a size this tuner would try that another worker of the model kept
-        from the same choice, to start from (otherwise ignored)."""
+        from the same choice, to start from and check once against the profile's choice
+        (otherwise ignored)."""
         served = served_rates(rates)
         best = max(served.values(), default=0.0)
         self.preferred = preferred
-        self._candidates = sorted(
+        self._sizes = sorted(
             size
             for size, rate in served.items()
             if size > preferred
@@ -77,9 +84,11 @@ class SizeTuner:
             and rate >= TRY_WITHIN * best
             and size / rates[size] <= longest_batch_s
         )
-        if learned in self._candidates:
-            self.preferred = learned
-            self._candidates = [s for s in self._candidates if s > learned]
+        self._candidates = self._sizes  # larger sizes still to try
+        self._recheck = 0  # the profile's choice, to try once against a learned size
+        if learned in self._sizes:
+            self.preferred, self._recheck = learned, preferred
+            self._candidates = [s for s in self._sizes if s > learned]
         self._trying = 0  # the size under trial (0: none)
         self._before: list[float] = []  # rows/s of the latest full batches in a row
         self._tried: list[float] = []  # rows/s of the trial's full batches
@@ -96,7 +105,7 @@ class SizeTuner:
     @property
     def done(self) -> bool:
         """Nothing left to try: the caller may drop the tuner."""
-        return not self._candidates and not self._trying
+        return not self._candidates and not self._trying and not self._recheck
 
     def observe(
         self, rows: int, oldest_enqueued_s: float, ended_s: float, queued: int = 0
@@ -116,13 +125,15 @@ class SizeTuner:
         else:
             self._before = [*self._before[1 - SAMPLES :], rate]
         self._wait -= 1
-        if (
-            self._candidates
-            and len(self._before) == SAMPLES
-            and self._wait <= 0
-            and rows + queued >= self._candidates[0]
-        ):
-            self._trying, self._tried, self._trial_batches = self._candidates[0], [], 0
+        if len(self._before) < SAMPLES or self._wait > 0:
+            return None
+        if self._recheck:  # (a smaller size: whatever filled these fills it)
+            self._trying, self._recheck = self._recheck, 0
+        elif self._candidates and rows + queued >= self._candidates[0]:
+            self._trying = self._candidates[0]
+        else:
+            return None
+        self._tried, self._trial_batches = [], 0
         return None
 
     def _judge(self, rate: float | None) -> Outcome | None:
@@ -135,12 +146,15 @@ class SizeTuner:
         ratio = None
         if len(self._tried) >= SAMPLES:
             ratio = statistics.median(self._tried) / statistics.median(self._before)
-        if ratio is not None and ratio >= KEEP_GAIN:
+        won = ratio is not None and ratio >= KEEP_GAIN
+        larger = tried > self.preferred
+        if won:
             self.preferred = tried
-            self._candidates = [s for s in self._candidates if s > tried]
+            self._candidates = [s for s in self._sizes if s > tried]
+        if won and larger:
             self._before = self._tried[-SAMPLES:]  # the next larger size is judged on these
             self._backoff, self._wait = BACKOFF_BATCHES, 0
-        else:
+        else:  # a larger size lost, or the once-only check of a learned size ran
             self._before = []
             self._wait = self._backoff
             self._backoff = min(2 * self._backoff, MAX_BACKOFF_BATCHES)

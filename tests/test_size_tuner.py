@@ -3,6 +3,8 @@ then a worker that adopts the size its served batches favour."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 from conftest import Server, wait_until
 from test_e2e_core import HANDLER_ENV, fire
@@ -134,12 +136,43 @@ def test_the_wait_to_fill_counts_against_a_size_and_idle_time_does_not() -> None
 
 def test_a_size_another_worker_kept_is_the_start_if_this_tuner_would_try_it() -> None:
     tuner = SizeTuner(PROFILE, 8, learned=32)
-    assert tuner.preferred == tuner.target == 32 and tuner.done
+    assert tuner.preferred == tuner.target == 32 and not tuner.done  # (checked once)
     tuner = SizeTuner(PROFILE, 8, learned=16)  # 32 is still to try
     assert tuner.target == 16 and not tuner.done
     # Not one this tuner would try (another configuration's, a size rated far below):
     assert SizeTuner(PROFILE, 8, learned=64).target == 8
     assert SizeTuner({4: 17.8, 8: 15.9, 32: 11.4}, 4, learned=32).target == 4
+
+
+def test_a_kept_size_is_checked_once_against_the_profile_choice_and_dropped_if_slower() -> None:
+    """A size kept before this start (or by a sibling) may be stale: the load, the host
+    or the model changed. Under sustained load the worker tries the profile's choice
+    once, and goes back to it if that serves faster; larger sizes are tried again, as
+    after any loss, from the backoff on."""
+    tuner = SizeTuner(PROFILE, 16, learned=32)
+    device = Device(tuner, {16: 24.0, 32: 22.0})  # today, 32 is 8 % slower
+    device.run(SAMPLES)  # three full batches of 32: the next is the check
+    assert tuner.target == 16 and tuner.preferred == 32
+    device.run(SAMPLES)
+    [outcome] = device.outcomes
+    assert (outcome.tried, outcome.preferred) == (16, 16), outcome
+    assert abs(outcome.ratio - 24.0 / 22.0) < 1e-9
+    assert tuner.target == 16 and not tuner.done  # 32 is a candidate again, later
+    device.run(BACKOFF_BATCHES - 1)
+    assert tuner.target == 16
+    device.run(1)
+    assert tuner.target == 32
+
+
+def test_a_kept_size_that_still_serves_faster_stays_and_is_checked_only_once() -> None:
+    tuner = SizeTuner(PROFILE, 16, learned=32)
+    device = Device(tuner, {16: 24.0, 32: 24.1})  # within 1 %: the kept size stays
+    device.run(2 * SAMPLES)
+    [outcome] = device.outcomes
+    assert (outcome.tried, outcome.preferred) == (16, 32), outcome
+    assert tuner.target == 32 and tuner.done  # nothing else to try: never checked again
+    device.run(10 * BACKOFF_BATCHES)
+    assert set(device.sizes[2 * SAMPLES :]) == {32} and len(device.outcomes) == 1
 
 
 def test_sizes_the_profile_rated_far_below_or_too_long_a_batch_are_never_tried() -> None:
@@ -150,7 +183,7 @@ def test_sizes_the_profile_rated_far_below_or_too_long_a_batch_are_never_tried()
     assert not SizeTuner({16: 10.0, 32: 10.0}, 16, longest_batch_s=4.0).done
 
 
-def test_a_worker_adopts_the_size_its_served_batches_favour(start_server) -> None:
+def test_a_worker_adopts_the_size_its_served_batches_favour(start_server, tmp_path) -> None:
     """The profile chooses 4 (it reads 8 slower on its zeros); under a load of 8 clients
     the worker tries 8, finds it faster, batches at 8 from then on, logs why, and ``ctl
     status`` shows both sizes. Every answer is right. A worker that replaces it starts
@@ -198,8 +231,9 @@ def test_a_worker_adopts_the_size_its_served_batches_favour(start_server) -> Non
     assert model["preferred_batch_size"] == 8 and model["preferred_by_profile"] == 4, model
     assert server.stop() == 0
     # And so does the next server's (a restart, a deploy): the size is kept beside the
-    # profile it beat, in the same cache.
-    again: Server = start_server(*args, env=HANDLER_ENV, frontends=1)
+    # profile it beat, in the same cache. Here, by then, batches of 8 serve slower.
+    slower = {**HANDLER_ENV, "RINGSERVE_TEST_8_SLOWER": "1"}
+    again: Server = start_server(*args, env=slower, frontends=1)
     kept = "batches of 8, which the model's workers kept under load before this start over"
     assert kept in again.log(), again.log()[-3000:]
     status = again.ctl("status")
@@ -207,4 +241,17 @@ def test_a_worker_adopts_the_size_its_served_batches_favour(start_server) -> Non
     assert model["preferred_batch_size"] == 8 and model["preferred_by_profile"] == 4, model
     [worker] = [p for p in status["processes"] if p["role"] == "worker"]
     assert worker["batch_target"] == 8, worker
+    # Under load it checks 8 once against the profile's 4, finds 4 faster, and goes
+    # back to it, forgetting 8 for the next start.
+    answers = fire(again.url, requests, concurrency=8)
+    assert [r.json()["result"] for r in answers] == [[float(i + 1)] for i in range(120)]
+    back = "model m: served batches of 4 ran"
+    assert back in again.log() and "preferred 4" in again.log(), again.log()[-3000:]
+    status = again.ctl("status")
+    [model] = status["models"]
+    assert model["preferred_batch_size"] == 4 and "preferred_by_profile" not in model, model
+    [worker] = [p for p in status["processes"] if p["role"] == "worker"]
+    assert worker["batch_target"] == 4, worker
+    [served] = tmp_path.glob("cache/**/served-sizes-v1.json")
+    assert [e["served"] for e in json.loads(served.read_text()).values()] == [4]
     assert again.stop() == 0
