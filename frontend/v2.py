@@ -175,13 +175,7 @@ def _config(catalog: Catalog, info: ModelInfo) -> dict[str, Any]:
             for t in spec["inputs"]
         ],
         "output": [{**tensor(t), "label_filename": _label_filename(s)} for t in spec["outputs"]],
-        "instance_group": [
-            {
-                "name": f"{s.name}_0",
-                "kind": "KIND_GPU" if device.startswith("cuda") else "KIND_CPU",
-                "count": catalog.workers(info.index),
-            }
-        ],
+        "instance_group": _instance_groups(s, device, catalog.workers(info.index)),
         "parameters": {"handler": {"string_value": s.handler}},
     }
     if mbs > 0:
@@ -198,6 +192,24 @@ def _config(catalog: Catalog, info: ModelInfo) -> dict[str, Any]:
             "max_queue_delay_microseconds": int(s.batching.max_queue_delay_ms * 1000),
         }
     return config
+
+
+def _instance_groups(s: ModelSettings, device: str, workers: int) -> list[dict[str, Any]]:
+    """Triton's ``instance_group``: on a CPU one group of every worker; on GPUs one group
+    per GPU with the workers that run there (``count`` is per listed GPU in Triton), as
+    ``ModelSettings.worker_device`` places them."""
+    if not device.startswith("cuda"):
+        return [{"name": f"{s.name}_0", "kind": "KIND_CPU", "count": workers}]
+    devices = s.devices
+    groups = []
+    for i, d in enumerate(devices):
+        count = len(range(i, workers, len(devices)))
+        if count or not i:  # (a model drained to no worker still names its first GPU)
+            gpu = int(d.partition(":")[2] or 0)
+            groups.append(
+                {"name": f"{s.name}_{i}", "kind": "KIND_GPU", "count": count, "gpus": [gpu]}
+            )
+    return groups
 
 
 INDEX_BODY_LIMIT = 64 * 1024

@@ -160,7 +160,12 @@ class Worker:
     def __init__(self, spec: ChildSpec, interrupt_fd: int = -1) -> None:
         self.spec = spec
         self.settings = spec.settings
-        self.model = self.settings.models[spec.model_index]
+        model = self.settings.models[spec.model_index]
+        # This worker's one device of the model's (``cuda:0,cuda:1`` spreads its
+        # positions): from here on the model is, to this worker, the model on it (its
+        # profile's key, its compile, the device it loads on).
+        self.model = dataclasses.replace(model, device=spec.device or model.device)
+        self._devices = model.device  # as configured: what the model's spec says
         self.arena = Arena.attach(spec.arena_path)
         self.control = ControlBlock(self.arena, spec.control_index, spec.supervisor_efd)
         self.ring = RequestRing(self.arena, spec.model_index)
@@ -203,6 +208,7 @@ class Worker:
         device = torch.device(self.model.device)
         if device.type == "cuda":
             device = self._cuda_device(device)
+            self.control.rec["device"] = device.index  # (-1: a CPU)
         # Errors of the model's configuration (its handler does not import, its options
         # or declared tensors are invalid) exit MODEL_CONFIG: no retry can fix them, and
         # the supervisor stops a start on them at once. ``load`` itself may fail for a
@@ -348,7 +354,8 @@ class Worker:
         if index >= count:
             if count:
                 why = f"this host has {count} CUDA device(s) (cuda:0 to cuda:{count - 1})"
-            error = ConfigError(f"models.{self.model.name}.device={self.model.device}: {why}")
+            mine = f" {self.model.device}:" if "," in self._devices else ""  # (of several)
+            error = ConfigError(f"models.{self.model.name}.device={self._devices}:{mine} {why}")
             self._cannot_load(error, ExitCode.MODEL_CONFIG)
         device = torch.device("cuda", index)
         try:
@@ -578,6 +585,8 @@ class Worker:
         assert self.handler is not None
         self._spec_extra = extra
         spec = {**self.handler.describe(), **extra}
+        if "," in self._devices:  # the model's, not the last publisher's own
+            spec["device"] = self._devices
         self.arena.publish_model_spec(self.spec.model_index, spec, self.model.name)
 
     def run(self) -> int:

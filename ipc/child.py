@@ -35,6 +35,7 @@ class ChildSpec:
     listen_fds: tuple[int, ...] = ()
     metrics_fd: int = -1  # frontends: the server.metrics_port socket; -1 = none
     failures: int = 0  # starts of this position that failed in a row (a worker's retry)
+    device: str = ""  # a worker's one device, of its model's (ModelSettings.worker_device)
     model_efds: tuple[int, ...] = ()
     frontend_efds: tuple[int, ...] = ()
     # The supervisor's eventfd, rung by a child when its state changes (ready, draining):

@@ -110,6 +110,19 @@ class ModelSettings:
     batching: BatchingSettings = field(default_factory=BatchingSettings)
     options: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """The devices the model's workers take in turn: ``device`` split at commas. With
+        ``cuda:0,cuda:1`` its first worker position runs on GPU 0, the second on GPU 1,
+        the third on GPU 0 again: one model name and one queue over several GPUs (what
+        Triton's ``instance_group`` with ``gpus`` does)."""
+        return tuple(self.device.split(","))
+
+    def worker_device(self, rank: int) -> str:
+        """The device of the model's ``rank``-th worker position (0 = its first)."""
+        devices = self.devices
+        return devices[rank % len(devices)]
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -417,10 +430,18 @@ def _validate(s: Settings) -> None:
             f"must be from 1 to {MAX_WORKERS} (as ctl scale takes)",
         )
         need(m.threads >= 1, f"{key}.threads", "must be at least 1")
+        devices = m.devices
         need(
-            _DEVICE.fullmatch(m.device) is not None,
+            all(_DEVICE.fullmatch(d) is not None for d in devices),
             f"{key}.device",
-            "must be cpu or cuda[:N] (N a device index: 0, 1, ...)",
+            "must be cpu or cuda[:N] (N a device index: 0, 1, ...), or CUDA devices "
+            "separated by commas (cuda:0,cuda:1) for workers taking them in turn",
+        )
+        indexes = {d.partition(":")[2] or "0" for d in devices}
+        need(
+            len(devices) == 1 or ("cpu" not in devices and len(indexes) == len(devices)),
+            f"{key}.device",
+            f"a list of devices names distinct CUDA devices, not {m.device!r}",
         )
         need(
             not (m.compile and m.threads_shared and m.device == "cpu"),

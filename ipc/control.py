@@ -119,3 +119,4 @@ def reset(arena: Arena, index: int) -> None:
     """Supervisor side: clear a record before handing the index to a new process."""
     arena.control[index] = np.zeros((), dtype=arena.control.dtype)
     arena.control[index]["model"] = -1
+    arena.control[index]["device"] = -1  # (0 would read as cuda:0)

@@ -49,14 +49,15 @@ import enum
 import numpy as np
 
 MAGIC = 0x5245_5653_474E_4952  # "RINGSVER" as little-endian bytes, give or take
-VERSION = 10  # 3: the ring lock is a robust mutex in the ring header; 4: the region table;
+VERSION = 11  # 3: the ring lock is a robust mutex in the ring header; 4: the region table;
 # 5: load errors in control records and model entries; 6: the supervisor publishes each
 # model's wanted worker count and the header's stopping flag (a frontend of version 6
 # would read an older supervisor's zero padding as "drained"); 7: a slot keeps 256 bytes
 # of the request id; 8: an answer goes beside the input when both fit (a version 7
 # frontend would read it at the payload's start); 9: open and allowed file descriptors
 # in control records; 10: a worker's batch target in its control record (its error
-# field moved). tests/test_ipc.py pins the layout's digest to this number.
+# field moved); 11: a worker's CUDA device index in its control record (a model's workers
+# may run on several). tests/test_ipc.py pins the layout's digest to this number.
 
 PAGE = 4096
 ARENA_HEADER_BYTES = PAGE
@@ -264,6 +265,8 @@ CONTROL = np.dtype(
         # Worker: the rows per batch its batcher aims at now (the profile's choice, a
         # size it kept under load, the config's, or max_batch_size).
         ("batch_target", "<u4"),
+        # Worker: the CUDA device index it runs on (-1: a CPU), of its model's devices.
+        ("device", "<i4"),
         # Worker: why it could not start (model load, CUDA init), written just before it
         # exits; the supervisor reads it on the exit, before the record is reset.
         ("error", f"S{ERROR_BYTES}"),

@@ -45,7 +45,12 @@ from ringserve.supervisor.memory import MemoryWatch
 from ringserve.supervisor.memory_policy import MemoryPolicy
 from ringserve.supervisor.oom import OomWatch
 from ringserve.supervisor.paths import make_metrics_dir
-from ringserve.supervisor.positions import FrontendSlot, Replacement, WorkerSlot
+from ringserve.supervisor.positions import (
+    FrontendSlot,
+    Replacement,
+    WorkerSlot,
+    rank_in_model,
+)
 from ringserve.supervisor.replacing import Replacing
 from ringserve.supervisor.shutdown import Shutdown
 from ringserve.supervisor.stats import SupervisorStats
@@ -387,7 +392,9 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
     def _spawn_worker(self, ws: WorkerSlot) -> Child:
         ws.waits_for_record = False
         spec = self._new_spec("worker", ws.ident, ws.model_index)
-        return self._spawn(dataclasses.replace(spec, failures=ws.failures))
+        model = self.settings.models[ws.model_index]
+        device = model.worker_device(rank_in_model(self.workers, ws))
+        return self._spawn(dataclasses.replace(spec, failures=ws.failures, device=device))
 
     def _spawn_missing(self) -> None:
         for fs in self.frontends if not self.defer_frontends else ():

@@ -40,7 +40,11 @@ def _serve_parser() -> argparse.ArgumentParser:
         help="serve a model; repeatable. HANDLER: identity, digits, torchvision:ARCH, "
         "torchscript:PATH, python:MODULE:CLASS",
     )
-    p.add_argument("--device", help="cpu or cuda[:N] for every model (models.*.device)")
+    p.add_argument(
+        "--device",
+        help="cpu or cuda[:N] for every model, or cuda:0,cuda:1 for workers taking "
+        "the GPUs in turn (models.*.device)",
+    )
     p.add_argument("--threads", type=int, help="torch threads per worker (models.*.threads)")
     p.add_argument(
         "--share-threads",

@@ -147,6 +147,7 @@ def status(arb: Arbiter) -> dict[str, Any]:
                 "open_fds": int(rec["open_fds"]),
                 "max_fds": int(rec["max_fds"]),
                 **({"batch_target": int(rec["batch_target"])} if rec["batch_target"] else {}),
+                **({"device": f"cuda:{int(rec['device'])}"} if rec["device"] >= 0 else {}),
                 "restarts": n_restarts,
                 "last_exit_reason": last_exit,
                 "last_recycle_reason": last_recycle,

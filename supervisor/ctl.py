@@ -261,6 +261,7 @@ PROCESS_COLUMNS: tuple[tuple[str, str], ...] = (
     ("ROLE", "role"),
     ("PID", "pid"),
     ("MODEL", "model"),
+    ("DEVICE", "device"),  # a GPU worker's (a model's workers may take several GPUs)
     ("STATE", "state"),
     ("UPTIME", "uptime_s"),
     ("REQS", "requests"),

@@ -48,6 +48,14 @@ class WorkerSlot:
         self.last_recycle_reason = ""
 
 
+def rank_in_model(workers: list[WorkerSlot], slot: WorkerSlot) -> int:
+    """The position's place among its model's positions, in the order they were made:
+    stable across restarts, recycles and scaling (a scale-down retires the last ones,
+    a scale-up revives them before it adds more), so a position keeps its device."""
+    same = [w for w in workers if w.model_index == slot.model_index]
+    return next(i for i, w in enumerate(same) if w is slot)
+
+
 @dataclass
 class FrontendSlot:
     ident: int

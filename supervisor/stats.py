@@ -97,7 +97,7 @@ class SupervisorStats:
             torch_version = "unknown"
         from ringserve import __version__
 
-        devices = sorted({m.device for m in self.settings.models})
+        devices = sorted({d for m in self.settings.models for d in m.devices})
         info.labels(__version__, torch_version, ",".join(devices)).set(1)
         for reason in RESTART_REASONS["frontend"]:
             self._restarts.labels("frontend", "", reason)

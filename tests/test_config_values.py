@@ -111,6 +111,19 @@ def test_a_device_index_is_one_torch_parses(device):
 
 
 @pytest.mark.parametrize(
+    "device", ["cuda:0,cuda:0", "cuda,cuda:0", "cpu,cuda:1", "cpu,cpu", "cuda:0,", "cuda:0, cuda:1"]
+)
+def test_a_list_of_devices_names_distinct_cuda_devices(device):
+    """A model's workers may take several GPUs in turn (``cuda:0,cuda:1``); a list that
+    names one twice, a CPU, or an empty entry is refused at start, naming the key."""
+    fails("models.digits.device", model_overrides={"device": device})
+    settings = load_settings(model_overrides={"device": "cuda:1,cuda:0", "workers": 3}, environ={})
+    [model] = settings.models
+    assert model.devices == ("cuda:1", "cuda:0")
+    assert [model.worker_device(rank) for rank in range(3)] == ["cuda:1", "cuda:0", "cuda:1"]
+
+
+@pytest.mark.parametrize(
     ("key", "value"),
     [
         ("server.request_timeout_s", "1e300"),  # every request a 500 (OverflowError)

@@ -45,6 +45,7 @@ STATUS: dict[str, Any] = {
             "requests": 7,
             "batches": 3,
             "batch_target": 8,
+            "device": "cuda:1",
             "rss_bytes": int(1.5 * GiB),
             "uss_bytes": 350 * MiB,
             "pss_bytes": 512 * MiB,
@@ -121,13 +122,14 @@ def test_status_table(server: AdminServer, capsys: pytest.CaptureFixture[str]) -
     assert header.split() == [h for h, _ in ctl.PROCESS_COLUMNS]
     worker = next(line for line in table if line.startswith("worker-0"))
     assert worker.split() == [
-        "worker-0", "worker", "202", "digits", "running", "59s", "7", "3", "8",
+        "worker-0", "worker", "202", "digits", "cuda:1", "running", "59s", "7", "3", "8",
         "1.5G", "350M", "512M", "3.0G", "4.0G", "2", "killed", "by", "SIGKILL", "uss_limit",
     ]  # fmt: skip
     assert worker[header.index("LAST_RESTART") :].startswith("killed by SIGKILL")
     frontend = next(line for line in table if line.startswith("frontend-0"))
-    assert frontend.split()[5:10] == ["1h02m", "123456", "-", "-", "95M"]
-    assert next(line for line in table if line.startswith("worker-1")).split()[1:5] == [
+    assert frontend.split()[6:11] == ["1h02m", "123456", "-", "-", "95M"]
+    assert next(line for line in table if line.startswith("worker-1")).split()[1:6] == [
+        "-",
         "-",
         "-",
         "-",

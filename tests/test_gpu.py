@@ -139,6 +139,7 @@ def test_models_answer_on_the_device_as_on_the_cpu(
         # Read between batches: what each worker keeps on the device (identity: nothing).
         for model, weights in (("digits", True), ("id", False), ("r", True)):
             (rec,) = worker_records(server, model)
+            assert rec["device"] == "cuda:0", rec  # (the worker's own word: "cuda" is 0)
             assert (rec["gpu_allocated_bytes"] > 0) == weights, rec
             assert rec["gpu_allocated_bytes"] <= rec["gpu_reserved_bytes"], rec
         metrics = httpx.get(f"{server.url}/metrics").text
@@ -156,6 +157,41 @@ def test_models_answer_on_the_device_as_on_the_cpu(
             assert (
                 "ringserve_worker_gpu_nvml_used_bytes{" in httpx.get(f"{server.url}/metrics").text
             )
+    assert server.stop() == 0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="fewer than two CUDA devices")
+def test_a_model_spread_over_two_gpus_serves_from_both_and_recycles_in_place(
+    start_server,
+) -> None:
+    """``device = "cuda:0,cuda:1"``: worker-0 runs on GPU 0 and worker-1 on GPU 1, both
+    take requests from the model's one queue, the v2 configuration lists a group per GPU,
+    and a recycled worker's replacement runs on its GPU."""
+    server: Server = start_server(
+        *("--model", "id=identity", "--set", "models.id.device=cuda:0,cuda:1"),
+        *("--set", "models.id.workers=2"),
+    )
+    by_id = {p["id"]: p["device"] for p in worker_records(server, "id")}
+    assert by_id == {"worker-0": "cuda:0", "worker-1": "cuda:1"}, by_id
+    rows = [np.full((1, 64), i, np.float32) for i in range(64)]
+    with ThreadPoolExecutor(8) as pool, server.client(timeout=60) as c:
+        got = list(pool.map(lambda x: v2_infer(c, "id", x), rows))
+    for g, x in zip(got, rows, strict=True):
+        np.testing.assert_array_equal(g, x)
+    assert all(p["requests"] > 0 for p in worker_records(server, "id")), server.children()
+    groups = httpx.get(f"{server.url}/v2/models/id/config").json()["instance_group"]
+    assert [(g["count"], g["gpus"]) for g in groups] == [(1, [0]), (1, [1])], groups
+    old = {p["pid"] for p in worker_records(server, "id") if p["id"] == "worker-1"}
+    server.ctl("recycle", "worker-1")
+
+    def replaced() -> bool:
+        status = server.ctl("status")
+        pids = {p["pid"] for p in status["processes"] if p["id"] == "worker-1"}
+        return not status["server"]["recycles_in_progress"] and not pids & old
+
+    wait_until(replaced, 60, "worker-1 replaced")
+    by_id = {p["id"]: p["device"] for p in worker_records(server, "id")}
+    assert by_id == {"worker-0": "cuda:0", "worker-1": "cuda:1"}, by_id
     assert server.stop() == 0
 
 

@@ -40,3 +40,34 @@ def test_the_start_up_timeout_phrase_of_a_worker_reads_as_two_facts() -> None:
     assert Arbiter._worker_state(fresh, 100.0) == "worker-0 not started"
     fresh.child = SimpleNamespace(returncode=None, started=90.0)  # type: ignore[assignment]
     assert Arbiter._worker_state(fresh, 100.0) == "worker-0 still loading after 10 s"
+
+
+def test_a_models_positions_take_its_devices_in_turn_and_keep_them() -> None:
+    """``device = "cuda:0,cuda:1"``: the model's first position runs on GPU 0, its second
+    on GPU 1, its third on GPU 0 again, counted among the model's own positions, and a
+    position keeps its device through restarts, recycles and scaling (a scale-down
+    retires the last positions; a scale-up revives them before it adds any)."""
+    from ringserve.ipc.child import ChildSpec
+    from ringserve.ipc.config import ModelSettings, Settings
+    from ringserve.supervisor.positions import rank_in_model
+
+    spread = ModelSettings(name="r50", handler="identity", device="cuda:0,cuda:1", workers=3)
+    other = ModelSettings(name="id", handler="identity")
+    # Positions as the arbiter makes them at start, then one more by ``ctl scale``.
+    workers = [WorkerSlot(0, 0), WorkerSlot(1, 0), WorkerSlot(2, 1), WorkerSlot(3, 0)]
+    workers.append(WorkerSlot(4, 0))
+    assert [rank_in_model(workers, w) for w in workers] == [0, 1, 0, 2, 3]
+    workers[3].retire()  # scaled down, then up again: the same position, the same rank
+    workers[3].revive(1.0)
+    assert rank_in_model(workers, workers[3]) == 2
+    # What the arbiter hands each worker it starts (a restart or a replacement alike).
+    spawned: list[ChildSpec] = []
+    arb = SimpleNamespace(
+        settings=Settings(models=(spread, other)),
+        workers=workers,
+        _new_spec=lambda role, ident, model: ChildSpec(role, ident, 0, "", "", 0, model),
+        _spawn=spawned.append,
+    )
+    for w in workers:
+        Arbiter._spawn_worker(arb, w)  # type: ignore[arg-type]
+    assert [s.device for s in spawned] == ["cuda:0", "cuda:1", "cpu", "cuda:0", "cuda:1"]

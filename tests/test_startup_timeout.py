@@ -130,25 +130,27 @@ def test_a_model_that_cannot_be_served_as_configured_stops_the_start_at_once(
     assert shm_segments(server.instance) == []
 
 
-@pytest.mark.parametrize("device", ["cuda:99", "cuda"])
+@pytest.mark.parametrize("device", ["cuda:99", "cuda", "cuda:0,cuda:99"])
 def test_a_cuda_device_the_host_lacks_stops_the_start_at_once(start_server, device: str) -> None:
     """``cuda`` is ``cuda:0``, as torch reads it: it crash-looped on any host (torch's
     set_device wants an index), with a message about the index. A device this host does
     not have cannot appear by retrying: exit 2 at once, naming the key and what the host
-    has (it was retried as cuda_init until server.startup_timeout_s)."""
+    has (it was retried as cuda_init until server.startup_timeout_s). Of a list the
+    model's workers take in turn, the message names the one the worker was given."""
     import torch
 
     if device == "cuda" and torch.cuda.is_available():
         pytest.skip("this host has cuda:0")
     server: Server = start_server(
         *("--model", "bad=identity", "--set", f"models.bad.device={device}"),
-        *("--model", "good=identity"),
+        *("--set", "models.bad.workers=2", "--model", "good=identity"),
         ready=False,
     )
     assert server.proc.wait(60) == ServeExit.CONFIG, server.log()[-3000:]
     log = server.log()
+    mine = r" cuda:(0|99):" if "," in device else ""  # (on a GPU host, cuda:99's worker)
     assert re.search(
-        rf"ConfigError: models\.bad\.device={device}: (this host has \d+ CUDA device|torch sees no "
+        rf"ConfigError: models\.bad\.device={device}:{mine} (this host has \d+ CUDA device|torch sees no "
         r"CUDA device here|torch could not initialise CUDA: .|this torch build \(.*\) has no CUDA)",
         log,
     ), log[-3000:]

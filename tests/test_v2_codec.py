@@ -932,6 +932,41 @@ def test_config_names_the_labels_file(options: dict, name: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("device", "workers", "groups"),
+    [
+        ("cpu", 3, [("KIND_CPU", 3, None)]),
+        ("cuda", 2, [("KIND_GPU", 2, [0])]),
+        ("cuda:1", 2, [("KIND_GPU", 2, [1])]),
+        # Positions take the GPUs in turn: Triton's count is per listed GPU.
+        ("cuda:0,cuda:1", 3, [("KIND_GPU", 2, [0]), ("KIND_GPU", 1, [1])]),
+        ("cuda:2,cuda:0,cuda:1", 2, [("KIND_GPU", 1, [2]), ("KIND_GPU", 1, [0])]),
+        ("cuda:0,cuda:1", 0, [("KIND_GPU", 0, [0])]),  # drained: still names a GPU
+    ],
+)
+def test_config_instance_groups_say_where_the_workers_run(
+    device: str, workers: int, groups: list
+) -> None:
+    from types import SimpleNamespace
+
+    from ringserve.frontend.catalog import ModelInfo
+    from ringserve.frontend.v2 import _config
+    from ringserve.ipc.config import ModelSettings
+
+    spec = {
+        "inputs": [{"name": "INPUT0", "dtype": "float32", "shape": [4]}],
+        "outputs": [{"name": "OUTPUT0", "dtype": "float32", "shape": [4]}],
+    }
+    info = ModelInfo(0, ModelSettings(name="m", handler="identity", device=device), spec)
+    catalog = SimpleNamespace(
+        workers=lambda index: workers,
+        arena=SimpleNamespace(geometry=SimpleNamespace(slot_bytes=4096)),
+    )
+    got = _config(catalog, info)["instance_group"]  # type: ignore[arg-type]
+    assert [(g["kind"], g["count"], g.get("gpus")) for g in got] == groups
+    assert len({g["name"] for g in got}) == len(got)
+
+
+@pytest.mark.parametrize(
     ("in_shape", "slot_bytes", "advertised"),
     [
         ([3, 224, 224], 2**20, 1),  # resnet50 rows (602,112 bytes): a 1 MiB slot holds one
