@@ -238,6 +238,11 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
                 raise ValueError("expected a finite number")  # sampling or hang checks off
             return number
         if typ is str:
+            if key.endswith(".device") and isinstance(value, list):
+                # TOML's own spelling of several devices: ["cuda:0", "cuda:1"]
+                if not value or not all(isinstance(v, str) for v in value):
+                    raise ValueError("expected a device or a list of devices")
+                return ",".join(value)
             if not isinstance(value, str):
                 raise ValueError("expected a string")
             return value

@@ -123,6 +123,17 @@ def test_a_list_of_devices_names_distinct_cuda_devices(device):
     assert [model.worker_device(rank) for rank in range(3)] == ["cuda:1", "cuda:0", "cuda:1"]
 
 
+def test_a_toml_list_of_devices_reads_as_the_comma_spelling(tmp_path: Path) -> None:
+    """In the file a list is the natural spelling; it means what ``--device
+    cuda:0,cuda:1`` and ``RINGSERVE_MODELS_DIGITS_DEVICE=cuda:0,cuda:1`` mean."""
+    body = '[models.digits]\nhandler = "digits"\ndevice = ["cuda:0", "cuda:1"]\n'
+    [model] = load_settings(write(tmp_path, body), environ={}).models
+    assert model.device == "cuda:0,cuda:1" and model.devices == ("cuda:0", "cuda:1")
+    for bad in ("[]", '["cuda:0", 1]', '["cuda:0", "cuda:0"]'):
+        body = f'[models.digits]\nhandler = "digits"\ndevice = {bad}\n'
+        fails("models.digits.device", write(tmp_path, body))
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
     [
