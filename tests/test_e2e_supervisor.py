@@ -1248,7 +1248,7 @@ def test_ctl_status_names_a_worker_silent_in_a_batch_before_it_is_killed(start_s
             timeout=30,
             env=server.env,
         ).stdout
-        assert re.search(r"worker-0 +worker +\d+ +slow +ready \(silent\)", table), table
+        assert re.search(r"worker-0 +worker +\d+ +slow +- +ready \(silent\)", table), table
         assert "worker-0: no heartbeat for " in table, table
         assert answer.result(60).status_code == 200
     wait_until(lambda: silent() is None, 30, "the worker beating again")
