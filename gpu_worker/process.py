@@ -49,7 +49,7 @@ from ringserve.gpu_worker.profile import (
 from ringserve.gpu_worker.request_errors import RequestErrors
 from ringserve.gpu_worker.size_tuner import SAMPLES, Outcome, SizeTuner
 from ringserve.gpu_worker.staging import PinnedStaging
-from ringserve.gpu_worker.stop import StopRequested
+from ringserve.gpu_worker.stop import StopRequested, exit_failed_start
 from ringserve.ipc import bytes_tensor, heap, wake
 from ringserve.ipc.answer import (
     CANCELLED_MESSAGE,
@@ -364,7 +364,7 @@ class Worker:
         except Exception as e:
             log.error("cannot use %s: %s", device, e)
             self.control.record_error(e)
-            sys.exit(ExitCode.CUDA_INIT)
+            exit_failed_start(ExitCode.CUDA_INIT)
         return device
 
     def _compile(self, handler: Handler) -> None:
@@ -450,7 +450,7 @@ class Worker:
                 exc_info=error,
             )
         self.control.record_error(error)
-        sys.exit(code)
+        exit_failed_start(code)
 
     def _probe_output(self) -> None:
         """One row of zeros through the whole handler, once at start. An output that
@@ -1100,7 +1100,7 @@ def main() -> None:
         worker = Worker(spec, wake.signal_wakeup_pipe())
     except ArenaError as e:
         log.error("%s", e)
-        sys.exit(ExitCode.BOOT)
+        exit_failed_start(ExitCode.BOOT)
     worker.start()
     worker_ref.append(worker)
     code = worker.run()

@@ -7,6 +7,20 @@ happens to be, so that the code turning a handler's own ``sys.exit()`` into a lo
 
 from __future__ import annotations
 
+import signal
+import sys
+from typing import NoReturn
+
 
 class StopRequested(SystemExit):
     """SIGTERM while loading: exit now, with the code given (OK), not a load failure."""
+
+
+def exit_failed_start(code: int) -> NoReturn:
+    """Exit a start that failed, its reason recorded. A SIGTERM from here on (the
+    supervisor stopping everything, at its start-up timeout) is ignored: raised as
+    StopRequested inside the exit's own clean-up, an atexit callback of torch's, it
+    printed a traceback into the journal and could have turned the exit's code into OK,
+    hiding the load's failure. The process is on its way out either way."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(code)

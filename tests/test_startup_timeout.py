@@ -59,6 +59,32 @@ def test_model_that_cannot_load_stops_the_server_after_the_startup_timeout(
     assert not os.path.exists(server.admin_socket)
 
 
+def test_a_stop_reaching_a_worker_on_its_way_out_leaves_its_failure_as_it_was(
+    start_server,
+) -> None:
+    """The start-up timeout stops the server while the worker that failed to load is
+    still exiting (its atexit clean-up takes 10 s). The SIGTERM used to raise the
+    loading worker's StopRequested inside that clean-up: a second traceback in the
+    journal ("Exception ignored in atexit callback"), seen in CI with torch's own
+    callback. Now the exit goes on: one traceback, and the exit says model_load."""
+    server: Server = start_server(
+        *("--model", "bad=python:support.fake_handlers:FailsToLoadAndExitsSlowly"),
+        *("--set", "models.bad.options.exit_s=10", "--set", "server.startup_timeout_s=8"),
+        env=HANDLER_ENV,
+        ready=False,
+        frontends=1,
+    )
+    assert server.proc.wait(120) == ServeExit.STARTUP_TIMEOUT, server.log()[-3000:]
+    log = server.log()
+    lines = log.splitlines()
+    failed = next(i for i, x in enumerate(lines) if "model bad (python:" in x and "failed" in x)
+    timeout = next(i for i, x in enumerate(lines) if "start-up timeout" in x)
+    assert failed < timeout, "the load must fail before the timeout for this test to say anything"
+    assert "exited: model_load" in log or "exited: exit 4" in log, log[-3000:]
+    assert "Exception ignored" not in log and "StopRequested" not in log, log[-3000:]
+    assert log.count("Traceback (most recent call last)") == 1, log[-3000:]
+
+
 def test_startup_timeout_does_not_apply_after_the_first_readiness(start_server) -> None:
     # Three times and more this machine's start-up (4-6 s in CI), so the server gets ready
     # first; the test waits it out, so no longer than that.

@@ -168,6 +168,16 @@ class FailsToLoad(Handler):
         return batch
 
 
+class FailsToLoadAndExitsSlowly(FailsToLoad):
+    """Fails to load, and its exit's clean-up (an atexit callback, as torch and models
+    register them) takes ``options.exit_s`` seconds: a stop sent meanwhile reaches a
+    process already on its way out."""
+
+    def load(self, device: torch.device) -> None:
+        atexit.register(time.sleep, float(self.settings.options.get("exit_s", 10)))
+        super().load(device)
+
+
 class LoadsSlowly(FailsToLoad):
     """Takes ``options.load_s`` seconds to load (a large model on a slow disk); with
     ``options.child_pids``, meanwhile runs a child process (as torch.compile runs a
