@@ -49,7 +49,7 @@ from ringserve.gpu_worker.profile import (
 from ringserve.gpu_worker.request_errors import RequestErrors
 from ringserve.gpu_worker.size_tuner import SAMPLES, Outcome, SizeTuner
 from ringserve.gpu_worker.staging import PinnedStaging
-from ringserve.gpu_worker.stop import StopRequested, exit_failed_start
+from ringserve.gpu_worker.stop import StopRequested, exit_failed_start, leaving
 from ringserve.ipc import bytes_tensor, heap, wake
 from ringserve.ipc.answer import (
     CANCELLED_MESSAGE,
@@ -1092,8 +1092,8 @@ def main() -> None:
     def on_term(signum: int, frame: object) -> None:
         if worker_ref:
             worker_ref[0].stopping = True  # record only; the loop finishes its batch
-        else:  # still loading: nothing to finish, so do not make a stop wait for the load
-            raise StopRequested(ExitCode.OK)
+        elif not leaving():  # still loading: do not make a stop wait for the load
+            raise StopRequested(ExitCode.OK)  # (leaving: a failed start already exits)
 
     signal.signal(signal.SIGTERM, on_term)
     try:

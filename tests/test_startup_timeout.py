@@ -85,6 +85,22 @@ def test_a_stop_reaching_a_worker_on_its_way_out_leaves_its_failure_as_it_was(
     assert log.count("Traceback (most recent call last)") == 1, log[-3000:]
 
 
+def test_a_failed_starts_exit_leaves_the_signal_dispositions_alone() -> None:
+    """A first version ignored SIGTERM (SIG_IGN) there: run in-process, as the tests
+    run the worker's start-up probe, it left every process started later deaf to
+    SIGTERM (CI: test_stop_child's child never stopped). A flag does the job."""
+    import signal
+
+    from ringserve.gpu_worker import stop
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exited:
+        stop.exit_failed_start(4)
+    assert exited.value.code == 4 and stop.leaving()
+    assert signal.getsignal(signal.SIGTERM) == before
+    stop._leaving = False  # (this process goes on: the flag is the worker's alone)
+
+
 def test_startup_timeout_does_not_apply_after_the_first_readiness(start_server) -> None:
     # Three times and more this machine's start-up (4-6 s in CI), so the server gets ready
     # first; the test waits it out, so no longer than that.
