@@ -20,6 +20,7 @@ around the shared request path ``app.infer``. Statistics come from ``v2_stats``.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import PurePath
 from typing import Any
@@ -66,7 +67,7 @@ from ringserve.frontend.v2_codec import (
 )
 from ringserve.frontend.v2_shm import shm_routes
 from ringserve.frontend.v2_stats import model_stats
-from ringserve.ipc.config import ModelSettings
+from ringserve.ipc.config import ModelSettings, cuda_index
 from ringserve.ipc.layout import RUN_ALONE, ModelAvailability, PayloadKind
 from ringserve.ipc.slot_fit import rows_per_request
 
@@ -163,7 +164,6 @@ def _config(catalog: Catalog, info: ModelInfo) -> dict[str, Any]:
             "is_shape_tensor": False,
         }
 
-    device = str(spec.get("device", s.device))
     config: dict[str, Any] = {
         "name": s.name,
         "platform": spec.get("platform", ""),
@@ -175,7 +175,7 @@ def _config(catalog: Catalog, info: ModelInfo) -> dict[str, Any]:
             for t in spec["inputs"]
         ],
         "output": [{**tensor(t), "label_filename": _label_filename(s)} for t in spec["outputs"]],
-        "instance_group": _instance_groups(s, device, catalog.workers(info.index)),
+        "instance_group": _instance_groups(s, catalog.workers(info.index)),
         "parameters": {"handler": {"string_value": s.handler}},
     }
     if mbs > 0:
@@ -194,22 +194,18 @@ def _config(catalog: Catalog, info: ModelInfo) -> dict[str, Any]:
     return config
 
 
-def _instance_groups(s: ModelSettings, device: str, workers: int) -> list[dict[str, Any]]:
+def _instance_groups(s: ModelSettings, workers: int) -> list[dict[str, Any]]:
     """Triton's ``instance_group``: on a CPU one group of every worker; on GPUs one group
-    per GPU with the workers that run there (``count`` is per listed GPU in Triton), as
-    ``ModelSettings.worker_device`` places them."""
-    if not device.startswith("cuda"):
+    per GPU with the workers ``ModelSettings.worker_device`` places there (Triton's
+    ``count`` is per listed GPU). A model drained to no worker still names its first."""
+    if not s.device.startswith("cuda"):
         return [{"name": f"{s.name}_0", "kind": "KIND_CPU", "count": workers}]
-    devices = s.devices
-    groups = []
-    for i, d in enumerate(devices):
-        count = len(range(i, workers, len(devices)))
-        if count or not i:  # (a model drained to no worker still names its first GPU)
-            gpu = int(d.partition(":")[2] or 0)
-            groups.append(
-                {"name": f"{s.name}_{i}", "kind": "KIND_GPU", "count": count, "gpus": [gpu]}
-            )
-    return groups
+    placed = Counter(s.worker_device(rank) for rank in range(workers))
+    return [
+        {"name": f"{s.name}_{i}", "kind": "KIND_GPU", "count": placed[d], "gpus": [cuda_index(d)]}
+        for i, d in enumerate(s.devices)
+        if placed[d] or not i
+    ]
 
 
 INDEX_BODY_LIMIT = 64 * 1024

@@ -126,12 +126,11 @@ def memory_usage(state: FrontendState, name: str) -> list[dict[str, Any]]:
     host = int(workers["uss"].sum())
     if host:
         usage.append({"type": "CPU", "id": 0, "byte_size": host})
-    if state.settings.models[index].device.startswith("cuda"):
-        held = np.maximum(workers["gpu_nvml"], workers["gpu_reserved"])
-        for gpu_id in np.unique(workers["device"][workers["device"] >= 0]):
-            gpu = int(held[workers["device"] == gpu_id].sum())  # (its workers on that GPU)
-            if gpu:
-                usage.append({"type": "GPU", "id": int(gpu_id), "byte_size": gpu})
+    held = np.maximum(workers["gpu_nvml"], workers["gpu_reserved"])
+    for gpu_id in np.unique(workers["device"][workers["device"] >= 0]):  # (-1: a CPU)
+        gpu = int(held[workers["device"] == gpu_id].sum())  # its workers on that GPU
+        if gpu:
+            usage.append({"type": "GPU", "id": int(gpu_id), "byte_size": gpu})
     return usage
 
 

@@ -93,6 +93,11 @@ class BatchingSettings:
     preferred_batch_size: int = 0  # 0 = profile at warm-up and pick the fastest size
 
 
+def cuda_index(device: str) -> int:
+    """The GPU a valid ``cuda[:N]`` names: ``cuda`` is ``cuda:0``, as torch reads it."""
+    return int(device.partition(":")[2] or 0)
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     name: str
@@ -442,9 +447,9 @@ def _validate(s: Settings) -> None:
             "must be cpu or cuda[:N] (N a device index: 0, 1, ...), or CUDA devices "
             "separated by commas (cuda:0,cuda:1) for workers taking them in turn",
         )
-        indexes = {d.partition(":")[2] or "0" for d in devices}
-        need(
-            len(devices) == 1 or ("cpu" not in devices and len(indexes) == len(devices)),
+        need(  # (the devices are valid from here: the check above raised otherwise)
+            len(devices) == 1
+            or ("cpu" not in devices and len({cuda_index(d) for d in devices}) == len(devices)),
             f"{key}.device",
             f"a list of devices names distinct CUDA devices, not {m.device!r}",
         )
