@@ -25,7 +25,7 @@ from typing import NamedTuple, TypeVar
 
 import numpy as np
 
-from ringserve.ipc import bytes_tensor, wake
+from ringserve.ipc import bytes_tensor, tensor_set, wake
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.errors import QueueFull, RingLockTimeout
 from ringserve.ipc.layout import (
@@ -39,6 +39,7 @@ from ringserve.ipc.layout import (
 )
 from ringserve.ipc.ring import RequestRing
 from ringserve.ipc.slot_fit import answer_offset, over_slot
+from ringserve.ipc.tensor_set import TENSOR_SET
 
 log = logging.getLogger("ringserve.frontend")
 R = TypeVar("R")
@@ -56,8 +57,9 @@ _BYTES = DTYPE_CODE["bytes"]
 
 class Completed(NamedTuple):
     status: Status
-    output: np.ndarray | None  # a read-only view of the slot, valid inside ``collect``;
-    # a BYTES output is an object array of ``bytes`` (a copy)
+    output: np.ndarray | tuple[np.ndarray, ...] | None  # a read-only view of the slot,
+    # valid inside ``collect``; a BYTES output is an object array of ``bytes`` (a copy);
+    # a model with several outputs answers a tuple of them, in declared order
     message: str  # error text for non-OK statuses
     batch_size: int
     batch_id: int
@@ -309,10 +311,17 @@ class Dispatcher:
         self.pending.pop(slot, None)
         r = self.arena.headers.read(slot)
         status, message = Status(r.status), ""
-        output: np.ndarray | None = None
+        output: np.ndarray | tuple[np.ndarray, ...] | None = None
         at = answer_offset(r.in_nbytes, r.out_nbytes, self._slot_bytes)
         if status != Status.OK:
             message = bytes(self.arena.data(slot)[at : at + r.out_nbytes]).decode(errors="replace")
+        elif r.out_dtype == TENSOR_SET:  # a model with several outputs: all of them
+            try:
+                output = tensor_set.unpack(
+                    self.arena.data(slot)[at : at + r.out_nbytes], r.out_shape[0]
+                )
+            except ValueError as e:
+                status, message = Status.MODEL_ERROR, f"corrupt answer: {e}"
         elif r.out_dtype == _BYTES:
             try:  # a BYTES output: Python objects, so unpacked (a copy), not viewed
                 output = bytes_tensor.unpack(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ringserve.ipc import bytes_tensor
+from ringserve.ipc import bytes_tensor, tensor_set
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.layout import DTYPE_CODE, DTYPE_CODE_OF, MAX_NDIM, STATUS_OK, Status
 from ringserve.ipc.slot_fit import answer_offset, over_slot
@@ -62,13 +62,20 @@ def _start_answer(arena: Arena, slot: int, nbytes: int) -> int:
 
 
 def write_output(
-    arena: Arena, slot: int, out: np.ndarray, batch_size: int, batch_id: int
+    arena: Arena,
+    slot: int,
+    out: np.ndarray | tuple[np.ndarray, ...],
+    batch_size: int,
+    batch_id: int,
 ) -> str | None:
     """Copy ``out`` into the slot and finish it OK; returns why it could not, if so.
 
     An object array is a BYTES output: its elements (bytes or str) go in packed, in
-    Triton's length-prefixed form, with the array's shape in the header.
+    Triton's length-prefixed form, with the array's shape in the header. A tuple is the
+    outputs of a model that declares several: they go in as a tensor set.
     """
+    if type(out) is tuple:
+        return _write_tensor_set(arena, slot, out, batch_size, batch_id)
     if out.dtype.hasobject:
         return _write_bytes_output(arena, slot, out, batch_size, batch_id)
     nbytes = out.nbytes
@@ -99,6 +106,23 @@ def _write_bytes_output(
     arena.data(slot)[at : at + len(packed)] = packed
     arena.headers.write_result(
         slot, STATUS_OK, _BYTES, out.shape, len(packed), batch_size, batch_id
+    )
+    return None
+
+
+def _write_tensor_set(
+    arena: Arena, slot: int, outs: tuple[np.ndarray, ...], batch_size: int, batch_id: int
+) -> str | None:
+    try:
+        packed = tensor_set.Packed(outs)
+    except (TypeError, ValueError) as e:
+        return str(e)
+    if packed.nbytes > arena.geometry.slot_bytes:
+        return over_slot(f"answer ({len(outs)} outputs)", packed.nbytes, arena.geometry.slot_bytes)
+    at = _start_answer(arena, slot, packed.nbytes)
+    packed.write(arena.data(slot)[at : at + packed.nbytes])
+    arena.headers.write_result(
+        slot, STATUS_OK, tensor_set.TENSOR_SET, (len(outs),), packed.nbytes, batch_size, batch_id
     )
     return None
 

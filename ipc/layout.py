@@ -49,7 +49,7 @@ import enum
 import numpy as np
 
 MAGIC = 0x5245_5653_474E_4952  # "RINGSVER" as little-endian bytes, give or take
-VERSION = 11  # 3: the ring lock is a robust mutex in the ring header; 4: the region table;
+VERSION = 12  # 3: the ring lock is a robust mutex in the ring header; 4: the region table;
 # 5: load errors in control records and model entries; 6: the supervisor publishes each
 # model's wanted worker count and the header's stopping flag (a frontend of version 6
 # would read an older supervisor's zero padding as "drained"); 7: a slot keeps 256 bytes
@@ -57,7 +57,8 @@ VERSION = 11  # 3: the ring lock is a robust mutex in the ring header; 4: the re
 # frontend would read it at the payload's start); 9: open and allowed file descriptors
 # in control records; 10: a worker's batch target in its control record (its error
 # field moved); 11: a worker's CUDA device index in its control record (a model's workers
-# may run on several). tests/test_ipc.py pins the layout's digest to this number.
+# may run on several); 12: an answer may be a tensor set, out_dtype 255 (a model with
+# several outputs; ipc/tensor_set.py). tests/test_ipc.py pins the layout's digest to this number.
 
 PAGE = 4096
 ARENA_HEADER_BYTES = PAGE

@@ -36,6 +36,19 @@ def bench_importable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(REPO))
 
 
+@pytest.fixture
+def arena(tmp_path: Path) -> Iterator[object]:
+    """A small arena of its own (4 slots of 4 KiB, 2 models, 1 frontend), unlinked after."""
+    from ringserve.ipc.arena import Arena, ArenaGeometry, segment_name
+
+    a = Arena.create(
+        os.path.join(tmp_path, segment_name("slotio")),
+        ArenaGeometry(n_slots=4, slot_bytes=4096, n_models=2, n_procs=4, n_frontends=1),
+    )
+    yield a
+    a.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

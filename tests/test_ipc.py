@@ -150,7 +150,7 @@ def answer(arena: Arena, slot: int) -> None:
 # of their own version (a worker of an upgraded package, started by a rolling restart
 # beside an older supervisor, is refused instead of writing at the wrong offsets). A
 # change of any record, size or state number must bump ``layout.VERSION`` and this.
-LAYOUT_DIGEST = (11, "22deff4fb3b6e86c")
+LAYOUT_DIGEST = (12, "22deff4fb3b6e86c")
 
 
 def layout_digest() -> str:

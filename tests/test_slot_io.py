@@ -4,7 +4,6 @@ layout it is derived from: what one writes, the other reads."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from support.answers import answer_bytes
 from ringserve.frontend.app import hot_routes
 from ringserve.frontend.call import AsgiEndpoint, new_request_id
 from ringserve.ipc.answer import write_error, write_output
-from ringserve.ipc.arena import Arena, ArenaGeometry, segment_name
+from ringserve.ipc.arena import Arena
 from ringserve.ipc.layout import (
     DONE,
     DTYPE_CODE,
@@ -25,16 +24,6 @@ from ringserve.ipc.layout import (
 )
 from ringserve.ipc.slot_fit import answer_offset, over_slot, row_bytes
 from ringserve.ipc.slot_io import Header, span
-
-
-@pytest.fixture
-def arena(tmp_path: Path):
-    a = Arena.create(
-        os.path.join(tmp_path, segment_name("slotio")),
-        ArenaGeometry(n_slots=4, slot_bytes=4096, n_models=2, n_procs=4, n_frontends=1),
-    )
-    yield a
-    a.close()
 
 
 def test_write_request_is_what_numpy_reads(arena: Arena) -> None:
