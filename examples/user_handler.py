@@ -45,3 +45,48 @@ class Scale2x(Handler):
 
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
         return batch * self.factor
+
+
+class _TwoHeads(torch.nn.Module):
+    """A shared trunk and two heads: what a model with several outputs looks like."""
+
+    def __init__(self, width: int = 16, classes: int = 4, dims: int = 8) -> None:
+        super().__init__()
+        self.trunk = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.ReLU())
+        self.scores = torch.nn.Linear(width, classes)
+        self.embedding = torch.nn.Linear(width, dims)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.trunk(x)
+        return {
+            "SCORES": self.scores(h).softmax(dim=1),
+            "EMBEDDING": torch.nn.functional.normalize(self.embedding(h), dim=1),
+        }
+
+
+class ScoresAndEmbedding(Handler):
+    """Two outputs from one model run: class scores and a unit-length embedding of a
+    float32 vector of 4 values. ``infer`` returns a dict of tensors by output name; the
+    base ``postprocess`` turns each into a numpy array. Serve and ask for one output::
+
+        PYTHONPATH=examples ringserve serve --model heads=python:user_handler:ScoresAndEmbedding
+        curl -s localhost:8000/v2/models/heads/infer -d '{"inputs": [{"name": "INPUT0",
+          "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}],
+          "outputs": [{"name": "SCORES"}]}'
+    """
+
+    inputs = (TensorSpec("INPUT0", "float32", (4,)),)
+    outputs = (
+        TensorSpec("SCORES", "float32", (4,)),
+        TensorSpec("EMBEDDING", "float32", (8,)),
+    )
+    platform = "python"
+    takes_weights = False  # seeded random weights: an example, not a trained model
+
+    def load(self, device: torch.device) -> None:
+        torch.manual_seed(0)
+        self.model = _TwoHeads().to(device).eval()
+        self.device = device
+
+    def infer(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model(batch)

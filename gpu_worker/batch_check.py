@@ -41,7 +41,12 @@ def batchmate_effect(handler: Handler) -> float | None:
     answers = []
     for mate in rows[1:]:
         batch = torch.cat([rows[0], mate]).to(handler.device)
-        answers.append(np.asarray(handler.postprocess(handler.infer(batch)))[0])
+        out = handler.postprocess(handler.infer(batch))
+        if isinstance(out, dict):  # several outputs: the first declared one tells
+            out = out.get(handler.outputs[0].name)
+        elif isinstance(out, tuple | list):
+            out = out[0] if out else None
+        answers.append(np.asarray(out)[0])
     first, second = answers
     if first.dtype.kind not in "fiub" or first.shape != second.shape:
         return None

@@ -73,3 +73,43 @@ def advertised_output(
     per_row = probe.shape[1:]
     shape = per_row if -1 not in inp.shape else tuple(-1 for _ in per_row)
     return TensorSpec(placeholder.name, probe.dtype.name, tuple(int(d) for d in shape))
+
+
+def check_outputs(
+    result: object, rows: int, specs: tuple[TensorSpec, ...]
+) -> tuple[np.ndarray, ...]:
+    """For a model that declares several outputs: ``result`` (a dict of numpy arrays by
+    output name, or a tuple or list of them in declared order) as a tuple in declared
+    order, each checked as ``check_output`` checks a lone one; else raise
+    ``OutputContractError`` naming what is missing, extra or wrong."""
+    names = [s.name for s in specs]
+    if isinstance(result, dict):
+        missing = [n for n in names if n not in result]
+        extra = [str(k) for k in result if k not in names]
+        if missing or extra:
+            said = ", ".join(
+                part
+                for part in (
+                    f"missing {', '.join(missing)}" if missing else "",
+                    f"undeclared {', '.join(extra)}" if extra else "",
+                )
+                if part
+            )
+            raise OutputContractError(
+                f"postprocess returned outputs that are not the declared {', '.join(names)}: {said}"
+            )
+        values = [result[n] for n in names]
+    elif isinstance(result, tuple | list):
+        if len(result) != len(specs):
+            raise OutputContractError(
+                f"postprocess returned {len(result)} outputs; the model declares "
+                f"{len(specs)} ({', '.join(names)})"
+            )
+        values = list(result)
+    else:
+        raise OutputContractError(
+            f"postprocess returned {type(result).__name__}; a model that declares the "
+            f"outputs {', '.join(names)} returns a dict of numpy arrays by name (or a tuple "
+            "of them in that order), each with one row per input row"
+        )
+    return tuple(check_output(v, rows, s) for v, s in zip(values, specs, strict=True))

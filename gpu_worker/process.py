@@ -34,7 +34,11 @@ from ringserve.gpu_worker.handlers.base import OutputContractError
 from ringserve.gpu_worker.handlers.declaration import DeclarationError, check_declaration
 from ringserve.gpu_worker.handlers.weights import WeightsError
 from ringserve.gpu_worker.metrics import BatchTiming, WorkerMetrics
-from ringserve.gpu_worker.output_contract import advertised_output, check_output
+from ringserve.gpu_worker.output_contract import (
+    advertised_output,
+    check_output,
+    check_outputs,
+)
 from ringserve.gpu_worker.preprocess_pool import PreprocessPool, preprocess_threads
 from ringserve.gpu_worker.profile import (
     PROFILE_LOG,
@@ -186,6 +190,7 @@ class Worker:
         self._batch_seq = 0
         self._ran: list[BatchTiming] = []  # this loop round's model executions
         self._declared_output: TensorSpec | None = None  # what answers are checked against
+        self._several_outputs: tuple[TensorSpec, ...] | None = None  # or these, if declared
         self._contract_errors: set[str] = set()  # logged once each, not once a batch
         self._ran_out_at = 0  # rows of the compiled batch that ran out of memory (``_cap_batches``)
         self._request_errors = RequestErrors(log, self.model.name)
@@ -234,6 +239,8 @@ class Worker:
             )
         if handler.output_declared:
             self._declared_output = handler.outputs[0]
+        if len(handler.outputs) > 1:
+            self._several_outputs = tuple(handler.outputs)
         self._warn_if_slots_are_small()
         preferred = self.model.batching.preferred_batch_size
         rates: dict[int, float] = {}
@@ -467,15 +474,13 @@ class Worker:
         try:
             with torch.inference_mode():
                 row = sample_row(handler).to(handler.device)
-                out = check_output(
-                    handler.postprocess(handler.infer(row)), 1, self._declared_output
-                )
+                out = self._checked(handler.postprocess(handler.infer(row)), 1)
         except OutputContractError as e:
             self._cannot_load(OutputContractError(f"on a row of zeros: {e}"), ExitCode.MODEL_CONFIG)
         except Exception as e:  # zeros the profile took, refused here: not for us to judge
             log.debug("model %s: output probe skipped: %s", self.model.name, e)
             return
-        if self._declared_output is None:
+        if self._declared_output is None and isinstance(out, np.ndarray):
             learned = advertised_output(handler.outputs[0], handler.inputs[0], out)
             if learned is not None:
                 handler.outputs = (learned,)
@@ -536,12 +541,10 @@ class Worker:
         assert self.handler is not None
         slot_bytes, most = self.arena.geometry.slot_bytes, self.model.batching.max_batch_size
         slots = self.arena.geometry.n_slots
-        for spec in (*self.handler.inputs[:1], *self.handler.outputs[:1]):
-            size = row_bytes(spec.dtype, tuple(spec.shape))
+        for what, size in self._row_sizes():
             if not size or slot_bytes // size >= most:
                 continue
             rows = slot_bytes // size
-            what = f"{spec.name} ({spec.dtype} {list(spec.shape)}, {size} bytes a row)"
             # The arena takes slots x slot_bytes of /dev/shm: say what the fix costs.
             need = size * (most if rows else 1)
             log.log(
@@ -562,6 +565,22 @@ class Worker:
                 need * slots // 2**20,
                 slots,
             )
+
+    def _row_sizes(self) -> list[tuple[str, int | None]]:
+        """What travels in a slot per row, named: the input, and the answer (several
+        outputs travel together; their size is known when each one's is)."""
+        assert self.handler is not None
+        named = [
+            (f"{s.name} ({s.dtype} {list(s.shape)}, {size} bytes a row)", size)
+            for s in (self.handler.inputs[0], *self.handler.outputs)
+            for size in [row_bytes(s.dtype, tuple(s.shape))]
+        ]
+        if len(named) == 2:
+            return named
+        sizes = [size for _, size in named[1:]]
+        total = None if None in sizes else sum(sizes)  # type: ignore[arg-type]
+        outputs = f"its {len(sizes)} outputs together ({total} bytes a row)"
+        return [named[0], (outputs, total)]
 
     @property
     def _serving(self) -> str:
@@ -933,7 +952,7 @@ class Worker:
     def _answer_group(
         self,
         members: list[Prepared],
-        outputs: np.ndarray,
+        outputs: np.ndarray | tuple[np.ndarray, ...],
         gather_s: float,
         infer_s: float,
         owners: set[int],
@@ -944,7 +963,11 @@ class Worker:
         start = 0
         for m in members:
             n = int(m.tensor.shape[0])
-            self._finish_ok(m.slot, outputs[start : start + n], rows_total, owners)
+            if type(outputs) is tuple:  # several outputs: each request's rows of each
+                mine = tuple(o[start : start + n] for o in outputs)
+                self._finish_ok(m.slot, mine, rows_total, owners)
+            else:
+                self._finish_ok(m.slot, outputs[start : start + n], rows_total, owners)
             start += n
         output_s = time.perf_counter() - t0
         input_s = gather_s + sum(m.preprocess_s for m in members)
@@ -1038,7 +1061,17 @@ class Worker:
             self._contract_errors.add(why)
             log.error("model %s breaks the handler contract: %s", self.model.name, why)
 
-    def _infer(self, tensors: list[torch.Tensor]) -> tuple[np.ndarray, float, float]:
+    def _checked(self, result: object, rows: int) -> np.ndarray | tuple[np.ndarray, ...]:
+        """What ``postprocess`` returned for ``rows`` rows, checked against the declared
+        output (``OutputContractError`` if it breaks it); a model that declares several
+        outputs answers them as a tuple in declared order."""
+        if self._several_outputs is not None:
+            return check_outputs(result, rows, self._several_outputs)
+        return check_output(result, rows, self._declared_output)
+
+    def _infer(
+        self, tensors: list[torch.Tensor]
+    ) -> tuple[np.ndarray | tuple[np.ndarray, ...], float, float]:
         """The outputs of one batch, the seconds spent gathering its input (and starting
         the copy to a GPU, which is asynchronous: it completes inside the model's time),
         and the seconds the model took (with the copy back)."""
@@ -1062,13 +1095,15 @@ class Worker:
             result = self.handler.postprocess(out)
         finally:
             self.thread_share.leave()
-        check_output(result, int(batch.shape[0]), self._declared_output)
+        checked = self._checked(result, int(batch.shape[0]))
         seconds = (time.monotonic_ns() - t0) / 1e9
-        return result, (t0 - t_gather) / 1e9, seconds
+        return checked, (t0 - t_gather) / 1e9, seconds
 
     # -- answering -------------------------------------------------------------------------
 
-    def _finish_ok(self, slot: int, out: np.ndarray, batch_rows: int, owners: set[int]) -> None:
+    def _finish_ok(
+        self, slot: int, out: np.ndarray | tuple[np.ndarray, ...], batch_rows: int, owners: set[int]
+    ) -> None:
         why = write_output(self.arena, slot, out, batch_rows, self._batch_seq)
         if why is not None:
             self._finish_error(slot, Status.MODEL_ERROR, _utf8(why), owners)

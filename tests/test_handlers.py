@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -660,7 +661,29 @@ def _probing_worker(handler: Handler, recorded: list[BaseException]) -> Any:
     worker.spec = SimpleNamespace(failures=0)
     worker.control = SimpleNamespace(record_error=recorded.append)
     worker._declared_output = handler.outputs[0] if handler.output_declared else None
+    worker._several_outputs = tuple(handler.outputs) if len(handler.outputs) > 1 else None
     return worker
+
+
+def test_a_model_with_several_outputs_that_breaks_them_stops_its_start() -> None:
+    """The probe checks every declared output: one left out stops the start."""
+    from support.fake_handlers import SeveralOutputs
+
+    handler = SeveralOutputs(ModelSettings(name="m", handler="python:x"))
+    handler.load(torch.device("cpu"))
+    recorded: list[BaseException] = []
+    worker = _probing_worker(handler, recorded)
+    worker._probe_output()  # as declared: it starts
+    assert not recorded
+    handler.outputs = (*handler.outputs, TensorSpec("MORE", "float32", (1,)))
+    worker = _probing_worker(handler, recorded)
+    with pytest.raises(SystemExit) as stopped:
+        worker._probe_output()
+    assert stopped.value.code == ExitCode.MODEL_CONFIG
+    assert [str(e) for e in recorded] == [
+        "on a row of zeros: postprocess returned outputs that are not the declared "
+        "DOUBLED, TOTAL, SIGN, MORE: missing MORE"
+    ]
 
 
 def test_a_worker_refuses_to_start_on_an_output_that_breaks_its_declaration() -> None:
@@ -693,7 +716,10 @@ F32 = TensorSpec("X", "float32", (-1,))
     ("inputs", "outputs", "why"),
     [
         ((), (F32,), "IdentityHandler.inputs declares 0: ringserve serves one input"),
-        ((F32,), (F32, F32), "IdentityHandler.outputs declares 2"),
+        ((F32,), (F32, F32), "IdentityHandler.outputs names 'X' more than once"),
+        ((F32,), (), r"IdentityHandler.outputs declares 0: .* up to 16 of them"),
+        ((F32,), tuple(TensorSpec(f"Y{i}", "float32", (1,)) for i in range(17)), "declares 17"),
+        ((F32,), (F32, TensorSpec("Z", "fp32", (1,))), "output Z: dtype 'fp32'"),
         ((F32,), None, "outputs declares NoneType"),
         (("X",), (F32,), "input must be a TensorSpec"),
         ((TensorSpec("", "float32", (1,)),), (F32,), "input needs a name"),
@@ -713,6 +739,48 @@ def test_a_declaration_that_cannot_be_served_is_refused_at_load(
     kept its slot (the header holds eight)."""
     with pytest.raises(DeclarationError, match=why):
         check_declaration(_declaring(inputs, outputs))
+
+
+def test_several_outputs_are_declared_with_distinct_names_and_no_classification() -> None:
+    two = (F32, TensorSpec("Y", "int64", (1,)))
+    check_declaration(_declaring((F32,), two))
+    h = _declaring((F32,), two)
+    h.task = "classification"
+    with pytest.raises(DeclarationError, match="classification model, so it declares one output"):
+        check_declaration(h)
+
+
+def test_several_outputs_are_answered_in_declared_order_or_refused_by_name() -> None:
+    from ringserve.gpu_worker.output_contract import check_outputs
+
+    specs = (TensorSpec("A", "float32", (2,)), TensorSpec("B", "int64", (1,)))
+    a, b = np.zeros((3, 2), np.float32), np.ones((3, 1), np.int64)
+    for result in ({"B": b, "A": a}, (a, b), [a, b]):
+        got = check_outputs(result, 3, specs)
+        assert type(got) is tuple and got[0] is a and got[1] is b
+    refusals = [
+        ({"A": a}, "not the declared A, B: missing B"),
+        ({"A": a, "B": b, "C": b}, "not the declared A, B: undeclared C"),
+        ({"A": a, "C": b}, "missing B, undeclared C"),
+        ((a,), "postprocess returned 1 outputs; the model declares 2 (A, B)"),
+        (a, "postprocess returned ndarray; a model that declares the outputs A, B returns a dict"),
+        ({"A": a, "B": b.astype(np.int32)}, "output B is int32; the model declares int64"),
+        ({"A": a[:2], "B": b}, "handler returned 2 rows for a batch of 3"),
+    ]
+    for result, why in refusals:
+        with pytest.raises(OutputContractError, match=re.escape(why)):
+            check_outputs(result, 3, specs)
+
+
+def test_the_base_postprocess_converts_each_of_several_outputs() -> None:
+    h = _declaring((F32,), (F32, TensorSpec("Y", "int64", (1,))))
+    t, u = torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.int64)
+    by_name = h.postprocess({"X": t, "Y": u})
+    assert isinstance(by_name, dict) and by_name["Y"].dtype == np.int64
+    in_order = h.postprocess((t, u))
+    assert isinstance(in_order, tuple) and in_order[0].tolist() == [[1.0], [1.0]]
+    with pytest.raises(OutputContractError, match="a dict of them by name"):
+        h.postprocess({"X": t, "Y": "seven"})
 
 
 @pytest.mark.parametrize(
@@ -770,6 +838,20 @@ def test_default_postprocess_names_a_wrong_return_type() -> None:
 
 
 # -- python:module:Class -----------------------------------------------------------------
+
+
+def test_the_example_with_several_outputs_answers_each_as_declared(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ringserve.gpu_worker.output_contract import check_outputs
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    h = loaded("python:user_handler:ScoresAndEmbedding")
+    check_declaration(h)
+    batch = torch.rand(3, 4)
+    scores, embedding = check_outputs(h.postprocess(h.infer(batch)), 3, h.outputs)
+    assert scores.shape == (3, 4) and np.allclose(scores.sum(axis=1), 1, atol=1e-5)
+    assert embedding.shape == (3, 8) and np.allclose(np.linalg.norm(embedding, axis=1), 1)
 
 
 def test_python_user_handler(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,7 +7,8 @@ worker calls, in order: ``load(device)`` once before it reports ready; then per 
 frontends (which never import torch) can validate requests and serve metadata.
 
 Contract:
-- one input tensor and one output tensor per request; the first dimension is the batch;
+- one input tensor and one or more output tensors per request; the first dimension is
+  the batch;
 - ``preprocess`` turns one request's payload (a numpy array, already checked against
   ``inputs[0]`` by the frontend: a private copy that it may change in place, as ``infer``
   may its batch, since the request's slot must stay intact for a retry after a crash;
@@ -20,7 +21,10 @@ Contract:
   threads at once (each with one torch thread);
 - ``infer`` must not keep references to its input (the batch buffer is reused);
 - ``postprocess`` returns a numpy array whose first dimension matches the batch (for an
-  output declared ``"bytes"``, an object array of ``bytes`` or ``str``).
+  output declared ``"bytes"``, an object array of ``bytes`` or ``str``); a handler that
+  declares several outputs returns a dict of such arrays by output name, or a tuple of
+  them in declared order (the base ``postprocess`` converts a dict or tuple of tensors
+  from ``infer``). Each request is answered every output (ipc/tensor_set.py).
 """
 
 from __future__ import annotations
@@ -98,19 +102,18 @@ class Handler(ABC):
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
         """Run the model on a batch already on ``self.device``."""
 
-    def postprocess(self, output: torch.Tensor) -> np.ndarray:
-        """The batch output as a numpy array on the host (an array passes as is)."""
-        if isinstance(output, np.ndarray):
-            return output
-        if not isinstance(output, torch.Tensor):
-            raise OutputContractError(
-                f"infer returned {type(output).__name__}; it must return one torch.Tensor "
-                "with the batch first (or define postprocess to turn what it returns into "
-                "a numpy array)"
-            )
-        if output.device.type != "cpu":
-            output = output.cpu()
-        return output.numpy(force=output.requires_grad)  # force: detach when needed
+    def postprocess(
+        self, output: Any
+    ) -> np.ndarray | dict[str, np.ndarray] | tuple[np.ndarray, ...]:
+        """The batch output as a numpy array on the host (an array passes as is); for a
+        model that declares several outputs, a dict of them by name or a tuple in
+        declared order, each converted so."""
+        if len(self.outputs) > 1:
+            if isinstance(output, dict):
+                return {k: host_array(v) for k, v in output.items()}
+            if isinstance(output, tuple | list):
+                return tuple(host_array(v) for v in output)
+        return host_array(output)
 
     def describe(self) -> dict[str, Any]:
         """Metadata published to frontends (KServe v2 metadata and model config)."""
@@ -125,6 +128,21 @@ class Handler(ABC):
             "max_batch_size": self.settings.batching.max_batch_size,
             "device": str(self.device),
         }
+
+
+def host_array(output: object) -> np.ndarray:
+    """One output of ``infer`` as a numpy array on the host (an array passes as is)."""
+    if isinstance(output, np.ndarray):
+        return output
+    if not isinstance(output, torch.Tensor):
+        raise OutputContractError(
+            f"infer returned {type(output).__name__}; it must return one torch.Tensor "
+            "with the batch first, or for a model with several outputs a dict of them by "
+            "name (or define postprocess to turn what it returns into numpy arrays)"
+        )
+    if output.device.type != "cpu":
+        output = output.cpu()
+    return output.numpy(force=output.requires_grad)  # force: detach when needed
 
 
 def int_option(settings: ModelSettings, key: str, default: int, minimum: int = 1) -> int:

@@ -3,7 +3,8 @@ poisonous one (raises on 13, kills its process on 666), a leaking one (host memo
 one that leaks on its device (GPU memory, on a GPU), one that fails to load, one that
 frees memory as it loads, one that counts its page faults, one that reports its threads,
 one with a BYTES input, one with a BYTES output, one that breaks the handler contract,
-one that says which thread preprocessed each image and one that records its exit."""
+one that says which thread preprocessed each image, one that records its exit and
+one with several outputs."""
 
 from __future__ import annotations
 
@@ -601,3 +602,36 @@ class OverridesPreprocess(PreprocessThread):
 
     def preprocess(self, payload: np.ndarray, kind: PayloadKind) -> torch.Tensor:
         return super().preprocess(payload, kind)
+
+
+class SeveralOutputs(Handler):
+    """Three outputs per row: the row doubled, its sum as an integer, and the sum's sign
+    as text (BYTES). ``infer`` answers a dict of tensors, which the base ``postprocess``
+    turns into arrays; this one adds the text. A row starting with 99 answers without
+    TOTAL (a broken contract), one starting with 98 adds an undeclared output."""
+
+    inputs = (TensorSpec("INPUT0", "float32", (-1,)),)
+    outputs = (
+        TensorSpec("DOUBLED", "float32", (-1,)),
+        TensorSpec("TOTAL", "int64", (1,)),
+        TensorSpec("SIGN", "bytes", (1,)),
+    )
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+
+    def infer(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"DOUBLED": batch * 2, "TOTAL": batch.sum(dim=1, keepdim=True).long()}
+
+    def postprocess(self, output: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        out = super().postprocess(output)
+        totals = out["TOTAL"][:, 0]
+        signs = np.empty((len(totals), 1), dtype=object)
+        signs[:, 0] = ["neg" if t < 0 else "pos" if t > 0 else "zero" for t in totals]
+        out["SIGN"] = signs
+        first = out["DOUBLED"][:, 0] if out["DOUBLED"].shape[1] else np.zeros(0)
+        if (first == 198).any():
+            del out["TOTAL"]
+        if (first == 196).any():
+            out["EXTRA"] = signs
+        return out
