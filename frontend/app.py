@@ -319,7 +319,17 @@ async def infer(
     return d.collect(slot, checked)
 
 
-def _format_result(info: ModelInfo, output: np.ndarray, batched: bool) -> Any:
+def _format_result(
+    info: ModelInfo, output: np.ndarray | tuple[np.ndarray, ...], batched: bool
+) -> Any:
+    """The ``result`` of a /predict answer; for a model with several outputs, an object
+    of them by name (in declared order)."""
+    if type(output) is tuple:
+        specs = (info.spec or {}).get("outputs") or []
+        return {
+            str(spec["name"]): _format_result(info, one, batched)
+            for spec, one in zip(specs, output, strict=True)
+        }
     if output.dtype.hasobject:  # a BYTES output: strings
         strings = utf8_strings(output).tolist()  # nested lists: orjson takes no object arrays
         return strings if batched else strings[0]

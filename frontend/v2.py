@@ -67,9 +67,10 @@ from ringserve.frontend.v2_codec import (
 )
 from ringserve.frontend.v2_shm import shm_routes
 from ringserve.frontend.v2_stats import model_stats
+from ringserve.ipc import tensor_set
 from ringserve.ipc.config import ModelSettings, cuda_index
 from ringserve.ipc.layout import RUN_ALONE, ModelAvailability, PayloadKind
-from ringserve.ipc.slot_fit import rows_per_request
+from ringserve.ipc.slot_fit import row_bytes, rows_per_request
 
 HEADER_LENGTH = "inference-header-content-length"
 EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration", "statistics")
@@ -144,10 +145,23 @@ def _request_rows(catalog: Catalog, spec: dict[str, Any], mbs: int) -> int:
     own when a request of that many rows does not fit a slot (resnet50 rows are 602,112
     bytes: a 1 MiB slot holds one), so that perf_analyzer -b and batching clients are
     told, not refused with 413; at least 1 (0 would mean no batch dimension)."""
-    travelling = (spec["inputs"][0], spec["outputs"][0])  # what a slot carries
-    tensors = [(t["dtype"], tuple(t["shape"])) for t in travelling]
-    fit = rows_per_request(catalog.arena.geometry.slot_bytes, tensors)
+    fit = _slot_rows(catalog.arena.geometry.slot_bytes, spec["inputs"][0], spec["outputs"])
     return mbs if mbs <= 0 or fit is None else max(1, min(mbs, fit))
+
+
+def _slot_rows(slot_bytes: int, inp: dict[str, Any], outs: list[dict[str, Any]]) -> int | None:
+    """The most rows one request's slot carries: its input, and its answer, which is all
+    the model's outputs together (a row of it is the sum of theirs, known only when each
+    one's is). None when neither row size is known in advance."""
+    if len(outs) == 1:
+        tensors = [(str(t["dtype"]), tuple(t["shape"])) for t in (inp, outs[0])]
+        return rows_per_request(slot_bytes, tensors)
+    fits = rows_per_request(slot_bytes, [(str(inp["dtype"]), tuple(inp["shape"]))])
+    out_rows = [row_bytes(str(t["dtype"]), tuple(t["shape"])) for t in outs]
+    if None in out_rows or not any(out_rows):
+        return fits
+    answer = tensor_set.rows_that_fit(slot_bytes, out_rows)  # type: ignore[arg-type]
+    return answer if fits is None else min(fits, answer)
 
 
 def _config(catalog: Catalog, info: ModelInfo) -> dict[str, Any]:
@@ -174,7 +188,11 @@ def _config(catalog: Catalog, info: ModelInfo) -> dict[str, Any]:
             {**tensor(t), "format": "FORMAT_NONE", "allow_ragged_batch": False, "optional": False}
             for t in spec["inputs"]
         ],
-        "output": [{**tensor(t), "label_filename": _label_filename(s)} for t in spec["outputs"]],
+        # The labels are the first output's (the classification extension's, v2_codec)
+        "output": [
+            {**tensor(t), "label_filename": _label_filename(s) if not i else ""}
+            for i, t in enumerate(spec["outputs"])
+        ],
         "instance_group": _instance_groups(s, catalog.workers(info.index)),
         "parameters": {"handler": {"string_value": s.handler}},
     }
@@ -315,7 +333,7 @@ def v2_routes(state: FrontendState) -> list[Route]:
             spec = _spec(state.catalog, info)
             labels = spec.get("labels") or ()
             inp = TensorSpec.from_spec(spec["inputs"][0])
-            out = TensorSpec.from_spec(spec["outputs"][0])
+            outs = [TensorSpec.from_spec(t) for t in spec["outputs"]]
             ctype = call.headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype not in REQUEST_TYPES:
                 raise HTTPError(
@@ -331,7 +349,7 @@ def v2_routes(state: FrontendState) -> list[Route]:
                 body,
                 call.headers.get(HEADER_LENGTH),
                 inp,
-                out,
+                outs,
                 mbs,
                 images_ok,
                 shm_view,
@@ -344,8 +362,18 @@ def v2_routes(state: FrontendState) -> list[Route]:
 
             def answer(done: Completed) -> tuple[bytes, int | None, Completed]:
                 assert done.output is not None
-                dtype = "bytes" if done.output.dtype.hasobject else done.output.dtype.name
-                return (*encode_response(name, req, done.output, dtype, mbs, labels), done)
+                # Every declared output, in order: one array for a model of one output
+                if isinstance(done.output, tuple):
+                    arrays = done.output
+                    dtypes = tuple("bytes" if a.dtype.hasobject else a.dtype.name for a in arrays)
+                else:
+                    arrays = (done.output,)
+                    dtypes = ("bytes" if done.output.dtype.hasobject else done.output.dtype.name,)
+                if len(arrays) != len(outs):
+                    raise HTTPError(
+                        500, f"the model answered {len(arrays)} outputs; it declares {len(outs)}"
+                    )
+                return (*encode_response(name, req, arrays, dtypes, mbs, labels), done)
 
             content, header_len, done = await infer(
                 state,

@@ -2,7 +2,8 @@
 
 Pure functions, no HTTP and no shared memory, so every rule is unit-testable:
 ``decode_request`` turns an infer request body into one validated numpy array for the
-model's single input; ``encode_response`` turns the model's output into a response body.
+model's single input, and which of the model's outputs to answer and how;
+``encode_response`` turns the model's outputs into a response body.
 
 Body layout with the binary extension (request and response alike)::
 
@@ -80,7 +81,8 @@ def model_shape(per_row: list[int], max_batch_size: int) -> list[int]:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """What the model declares for its one input or output (from Handler.describe())."""
+    """What the model declares for its one input or one of its outputs (from
+    Handler.describe())."""
 
     name: str
     dtype: str  # ringserve dtype name
@@ -92,21 +94,30 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class OutputWanted:
+    """One output the response carries, and how."""
+
+    index: int  # position in the model's declared outputs
+    name: str
+    binary: bool  # answer it as binary data
+    classification: int = 0  # >0: answer the top-k classes instead of the tensor
+    # It goes into this client shared-memory region: (region name, its bytes)
+    shm: tuple[str, memoryview] | None = None
+
+
+@dataclass(frozen=True)
 class InferRequest:
     """A validated infer request, ready for the dispatcher."""
 
     payload: np.ndarray  # shape [rows, *per-row shape]; may be a read-only view of the body
     rows: int
     id: str | None
-    binary_output: bool  # answer the output as binary data
-    output_name: str
+    # The outputs to answer, in the response's order (the request's, else declared order)
+    outputs: tuple[OutputWanted, ...]
     # BYTES: ``payload`` is the tensor in its length-prefixed form (uint8), this its shape
     bytes_shape: tuple[int, ...] | None = None
     images: bool = False  # BYTES elements are encoded images, one per row (see below)
-    classification: int = 0  # >0: answer the top-k classes instead of the tensor
     timeout_s: float | None = None  # Triton's ``timeout`` parameter (sent in µs), if any
-    # The output goes into this client shared-memory region: (name, offset, byte size)
-    shm_output: tuple[str, memoryview] | None = None
     nonfinite: bool = False  # binary float data holding NaN or Inf: it runs alone
 
 
@@ -330,12 +341,17 @@ def decode_request(
     header: bytes | memoryview,
     binary: memoryview,
     inp: TensorSpec,
-    out: TensorSpec,
+    outs: Sequence[TensorSpec],
     max_batch_size: int,
     accepts_images: bool = False,
     shm: ShmReader = shm_off,
 ) -> InferRequest:
-    """Validate an infer request against the model's one input and output.
+    """Validate an infer request against the model's one input and its outputs (``outs``,
+    all of them, in declared order).
+
+    As Triton: without ``"outputs"`` (or with an empty list) the response carries every
+    output, in declared order, binary when ``binary_data_output`` says so; with it, the
+    outputs it names, in its order, each with its own parameters.
 
     ``shm`` reads client shared memory for inputs and outputs that name a region
     (Triton's system shared-memory extension).
@@ -446,45 +462,14 @@ def decode_request(
             "input's binary_data_size"
         )
 
-    binary_output = binary_default
-    classification = 0
-    shm_output = None
-    outputs = doc.get("outputs")
-    if outputs is not None:
-        if not isinstance(outputs, list):
-            raise bad_request('"outputs" must be a list')
-        for o in outputs:
-            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
-                raise bad_request('each requested output must be an object with a "name"')
-            if o["name"] != out.name:
-                raise bad_request(
-                    f"unknown output {o['name']!r}: the model's output is {out.name!r}"
-                )
-        if len(outputs) > 1:
-            raise bad_request(f"output {out.name!r} is requested {len(outputs)} times")
-        for o in outputs:  # (at most one)
-            oparams = _params(o, f"output {o['name']!r}")
-            classification = oparams.get("classification", 0)
-            if (
-                not isinstance(classification, int)
-                or isinstance(classification, bool)
-                or classification < 0
-            ):
-                raise bad_request('"classification" must be a non-negative integer')
-            if classification and out.dtype == "bytes":
-                raise bad_request(f"output {out.name!r} is BYTES: it has no classes to rank")
-            flag = oparams.get("binary_data", binary_default)
-            if not isinstance(flag, bool):
-                raise bad_request('"binary_data" must be true or false')
-            binary_output = flag
-            ref = _shm_ref(oparams, f"output {o['name']!r}")
-            if ref is not None and (classification or oparams.get("binary_data") is True):
-                what = "classification" if classification else "binary_data"
-                raise bad_request(
-                    f"output {o['name']!r} can't set both shared_memory_region and {what}"
-                )
-            if ref is not None:  # looked up once, now: a bad region is refused before the model
-                shm_output = (ref[0], shm(*ref, f"output {o['name']!r}"))
+    requested = doc.get("outputs")
+    if requested is None or requested == []:
+        if len(outs) == 1:  # (the usual case, without the generator)
+            wanted: tuple[OutputWanted, ...] = (OutputWanted(0, outs[0].name, binary_default),)
+        else:
+            wanted = tuple(OutputWanted(i, o.name, binary_default) for i, o in enumerate(outs))
+    else:
+        wanted = _outputs_wanted(requested, outs, binary_default, shm)
 
     if images:
         payload, bytes_shape = arr, (rows,)
@@ -496,16 +481,65 @@ def decode_request(
         payload,
         rows,
         rid,
-        binary_output,
-        out.name,
+        wanted,
         bytes_shape,
         images,
-        classification,
         timeout_s,
-        shm_output,
         # (JSON data holds none: the house rule refused it in ``cast``)
-        nonfinite=nonfinite(arr),
+        nonfinite(arr),
     )
+
+
+def _outputs_wanted(
+    requested: Any, outs: Sequence[TensorSpec], binary_default: bool, shm: ShmReader
+) -> tuple[OutputWanted, ...]:
+    """The request's ``"outputs"`` (a non-empty value), validated against the model's."""
+    if not isinstance(requested, list):
+        raise bad_request('"outputs" must be a list')
+    names = [o.name for o in outs]
+    for o in requested:
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise bad_request('each requested output must be an object with a "name"')
+        if o["name"] not in names:
+            known = (
+                f"the model's output is {names[0]!r}"
+                if len(names) == 1
+                else "the model's outputs are " + ", ".join(repr(n) for n in names)
+            )
+            raise bad_request(f"unknown output {o['name']!r}: {known}")
+    if len(requested) > 1:
+        asked = [o["name"] for o in requested]
+        for n in asked:
+            if (times := asked.count(n)) > 1:
+                raise bad_request(f"output {n!r} is requested {times} times")
+    wanted = []
+    for o in requested:
+        name = o["name"]
+        index = names.index(name)
+        where = f"output {name!r}"
+        oparams = _params(o, where)
+        classification = oparams.get("classification", 0)
+        if (
+            not isinstance(classification, int)
+            or isinstance(classification, bool)
+            or classification < 0
+        ):
+            raise bad_request('"classification" must be a non-negative integer')
+        if classification and outs[index].dtype == "bytes":
+            raise bad_request(f"{where} is BYTES: it has no classes to rank")
+        flag = oparams.get("binary_data", binary_default)
+        if not isinstance(flag, bool):
+            raise bad_request('"binary_data" must be true or false')
+        ref = _shm_ref(oparams, where)
+        region = None
+        if ref is not None:
+            if classification or oparams.get("binary_data") is True:
+                what = "classification" if classification else "binary_data"
+                raise bad_request(f"{where} can't set both shared_memory_region and {what}")
+            # looked up once, now: a bad region is refused before the model runs
+            region = (ref[0], shm(*ref, where))
+        wanted.append(OutputWanted(index, name, flag, classification, region))
+    return tuple(wanted)
 
 
 def _raw_image(body: memoryview, accepts_images: bool, inp: TensorSpec) -> bool:
@@ -532,8 +566,17 @@ def _raw_image(body: memoryview, accepts_images: bool, inp: TensorSpec) -> bool:
     return True
 
 
+def _all_binary(outs: Sequence[TensorSpec]) -> tuple[OutputWanted, ...]:
+    """Every output, in declared order, as binary data (a raw binary request's answer)."""
+    return tuple(OutputWanted(i, o.name, True) for i, o in enumerate(outs))
+
+
 def decode_raw_request(
-    body: memoryview, inp: TensorSpec, out: TensorSpec, max_batch_size: int, accepts_images: bool
+    body: memoryview,
+    inp: TensorSpec,
+    outs: Sequence[TensorSpec],
+    max_batch_size: int,
+    accepts_images: bool,
 ) -> InferRequest:
     """Triton's raw binary request (``Inference-Header-Content-Length: 0``): the body is
     the one input's bytes, one row, and every output comes back binary. As Triton
@@ -552,7 +595,7 @@ def decode_raw_request(
                 "BYTES input of shape [1] (one element); send the JSON header"
             )
         arr = np.frombuffer(bytes_tensor.pack([bytes(body)]), dtype=np.uint8)
-        return InferRequest(arr, 1, None, True, out.name, (1,) if images else (1, 1), images)
+        return InferRequest(arr, 1, None, _all_binary(outs), (1,) if images else (1, 1), images)
     variable = [i for i, d in enumerate(inp.shape) if d < 0]
     if len(variable) > 1:
         raise bad_request(
@@ -587,8 +630,7 @@ def decode_raw_request(
         arr.reshape(1, *shape),
         1,
         None,
-        True,
-        out.name,
+        _all_binary(outs),
         nonfinite=nonfinite(arr),
     )
 
@@ -597,7 +639,7 @@ def decode_infer_body(
     body: bytes,
     header_length_raw: str | None,
     inp: TensorSpec,
-    out: TensorSpec,
+    outs: Sequence[TensorSpec],
     max_batch_size: int,
     accepts_images: bool = False,
     shm: ShmReader = shm_off,
@@ -615,8 +657,8 @@ def decode_infer_body(
     if slot_bytes is not None and len(binary) > slot_bytes:
         raise HTTPError(413, over_slot("binary input", len(binary), slot_bytes))
     if raw:
-        return decode_raw_request(binary, inp, out, max_batch_size, accepts_images)
-    return decode_request(header, binary, inp, out, max_batch_size, accepts_images, shm)
+        return decode_raw_request(binary, inp, outs, max_batch_size, accepts_images)
+    return decode_request(header, binary, inp, outs, max_batch_size, accepts_images, shm)
 
 
 # -- responses --------------------------------------------------------------------------
@@ -666,45 +708,56 @@ def _raw(output: np.ndarray, dtype: str) -> memoryview:
 def encode_response(
     model_name: str,
     request: InferRequest,
-    output: np.ndarray,
-    out_dtype: str,
+    outputs: Sequence[np.ndarray],
+    out_dtypes: Sequence[str],
     max_batch_size: int,
     labels: Sequence[str] = (),
 ) -> tuple[bytes, int | None]:
     """Response body, and the JSON header's length when binary data follows it.
-    ``labels`` name the output's classes for the classification extension. An output
-    ``request.shm_output`` names goes into that client region instead of the body."""
-    if request.classification:
-        output, out_dtype = classify(output, request.classification, labels), "bytes"
-    if max_batch_size <= 0 and output.ndim and output.shape[0] == 1:
-        output = output[0]
-    entry: dict[str, Any] = {
-        "name": request.output_name,
-        "datatype": v2_datatype(out_dtype),
-        "shape": list(output.shape),
-    }
-    raw: memoryview | None = None
-    if request.shm_output is not None:
-        region, dest = request.shm_output
-        data = _raw(output, out_dtype)
-        if data.nbytes > len(dest):
-            raise bad_request(
-                f"output {request.output_name!r} needs {data.nbytes} bytes; shared memory "
-                f"region {region!r} was given shared_memory_byte_size {len(dest)}"
-            )
-        dest[: data.nbytes] = data.cast("B")
-        # The entry says no more than name, datatype and shape, as Triton's does: its C++
-        # client reads any output "parameters" as binary data that must follow.
-    elif request.binary_output:
-        raw = _raw(output, out_dtype)
-        entry["parameters"] = {"binary_data_size": raw.nbytes}
-    else:
-        entry["data"] = _json_data(output, out_dtype)
+
+    ``outputs`` are all the model's outputs, in declared order (a 1-tuple for a model of
+    one), ``out_dtypes`` their ringserve dtype names; the response carries those
+    ``request.outputs`` names, in its order, their binary data after the header in that
+    order too. ``labels`` name the classes of the model's first output for the
+    classification extension (another output's classes are numbers only). An output
+    with a client shared-memory region goes into it instead of the body."""
+    entries = []
+    raws: list[memoryview] = []
+    for want in request.outputs:
+        output, out_dtype = outputs[want.index], out_dtypes[want.index]
+        if want.classification:
+            output = classify(output, want.classification, labels if want.index == 0 else ())
+            out_dtype = "bytes"
+        if max_batch_size <= 0 and output.ndim and output.shape[0] == 1:
+            output = output[0]
+        entry: dict[str, Any] = {
+            "name": want.name,
+            "datatype": v2_datatype(out_dtype),
+            "shape": list(output.shape),
+        }
+        if want.shm is not None:
+            region, dest = want.shm
+            data = _raw(output, out_dtype)
+            if data.nbytes > len(dest):
+                raise bad_request(
+                    f"output {want.name!r} needs {data.nbytes} bytes; shared memory "
+                    f"region {region!r} was given shared_memory_byte_size {len(dest)}"
+                )
+            dest[: data.nbytes] = data.cast("B")
+            # The entry says no more than name, datatype and shape, as Triton's does: its
+            # C++ client reads any output "parameters" as binary data that must follow.
+        elif want.binary:
+            raw = _raw(output, out_dtype)
+            entry["parameters"] = {"binary_data_size": raw.nbytes}
+            raws.append(raw)
+        else:
+            entry["data"] = _json_data(output, out_dtype)
+        entries.append(entry)
     doc: dict[str, Any] = {"model_name": model_name, "model_version": "1"}
     if request.id:  # Triton leaves an empty id out
         doc["id"] = request.id
-    doc["outputs"] = [entry]
+    doc["outputs"] = entries
     head = dump_json(doc)
-    if raw is None:
+    if not raws:
         return head, None
-    return b"".join((head, raw)), len(head)
+    return b"".join((head, *raws)), len(head)

@@ -7,6 +7,7 @@ import gzip
 import json
 import struct
 import zlib
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from ringserve.frontend.errors import HTTPError
 from ringserve.frontend.v2_codec import (
     V2_TO_CONFIG,
     InferRequest,
+    OutputWanted,
     TensorSpec,
     classify,
     decode_infer_body,
@@ -42,11 +44,16 @@ def body(doc: object, *binary: bytes) -> tuple[bytes, str | None]:
 
 
 def decode(
-    doc: object, *binary: bytes, spec: TensorSpec = IN, mbs: int = 32, images: bool = False
+    doc: object,
+    *binary: bytes,
+    spec: TensorSpec = IN,
+    mbs: int = 32,
+    images: bool = False,
+    outs: Sequence[TensorSpec] = (OUT,),
 ) -> InferRequest:
     raw, hlen = body(doc, *binary)
     header, tail = split_body(raw, header_length(hlen))
-    return decode_request(header, tail, spec, OUT, mbs, images)
+    return decode_request(header, tail, spec, outs, mbs, images)
 
 
 def err(doc: object, *binary: bytes, **kw: object) -> HTTPError:
@@ -91,14 +98,13 @@ def test_json_flat_and_nested_data_give_the_same_array() -> None:
     assert flat.payload.shape == (2, 3)
     np.testing.assert_array_equal(flat.payload, nested.payload)
     assert flat.rows == 2
-    assert not flat.binary_output
-    assert flat.output_name == "OUTPUT0"
+    assert flat.outputs == (OutputWanted(0, "OUTPUT0", False),)
 
 
 def test_id_and_binary_output_flags() -> None:
     r = decode({"id": "x-1", "inputs": [tensor()], "parameters": {"binary_data_output": True}})
     assert r.id == "x-1"
-    assert r.binary_output
+    assert r.outputs[0].binary
     r = decode(
         {
             "inputs": [tensor()],
@@ -106,9 +112,9 @@ def test_id_and_binary_output_flags() -> None:
             "outputs": [{"name": "OUTPUT0", "parameters": {"binary_data": False}}],
         }
     )
-    assert not r.binary_output  # the per-output flag wins
+    assert not r.outputs[0].binary  # the per-output flag wins
     r = decode({"inputs": [tensor()], "outputs": [{"name": "OUTPUT0"}]})
-    assert not r.binary_output
+    assert r.outputs == (OutputWanted(0, "OUTPUT0", False),)
 
 
 @pytest.mark.parametrize("data", [[[1, 2], [3]], [1, [2, 3]], [[1], 2, [[3]]]])
@@ -222,12 +228,12 @@ def test_fixed_dims_and_rank_against_the_model() -> None:
 def test_malformed_json_is_400() -> None:
     header, tail = split_body(b'{"inputs": [', None)
     with pytest.raises(HTTPError) as e:
-        decode_request(header, tail, IN, OUT, 32)
+        decode_request(header, tail, IN, (OUT,), 32)
     assert e.value.status == 400
     assert "malformed JSON" in e.value.message
     # Binary bytes after JSON with no header length: the error says what is missing.
     with pytest.raises(HTTPError, match="needs the Inference-Header-Content-Length") as e:
-        decode_request(b'{"inputs": []}\x80\x00\x00\x3f', memoryview(b""), IN, OUT, 32)
+        decode_request(b'{"inputs": []}\x80\x00\x00\x3f', memoryview(b""), IN, (OUT,), 32)
     assert e.value.status == 400
 
 
@@ -289,7 +295,7 @@ def test_a_boolean_among_numbers_is_refused_only_when_there_is_one() -> None:
 
 def test_empty_id_is_left_out_of_the_response() -> None:
     req = decode({"inputs": [tensor()], "id": ""})
-    content, _ = encode_response("m", req, np.zeros((1, 3), np.float32), "float32", 32)
+    content, _ = encode_response("m", req, (np.zeros((1, 3), np.float32),), ("float32",), 32)
     assert "id" not in json.loads(content)
 
 
@@ -317,7 +323,7 @@ def test_binary_input_is_a_view_of_the_body_not_a_copy() -> None:
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
     raw, hlen = body({"inputs": [binary_tensor(x)]}, x.tobytes())
     header, tail = split_body(raw, header_length(hlen))
-    r = decode_request(header, tail, IN, OUT, 32)
+    r = decode_request(header, tail, IN, (OUT,), 32)
     np.testing.assert_array_equal(r.payload, x)
     assert r.rows == 3
     assert np.shares_memory(r.payload, np.frombuffer(raw, np.uint8))
@@ -420,7 +426,7 @@ def test_binary_input_over_a_slot_is_refused_before_it_is_parsed(
     ).encode()  # fmt: skip
     for body, length in ((head + bytes(4 * n), str(len(head))), (bytes(4 * n), "0")):
         with pytest.raises(HTTPError) as e:
-            decode_infer_body(body, length, spec, OUT, 0, slot_bytes=2**20)
+            decode_infer_body(body, length, spec, (OUT,), 0, slot_bytes=2**20)
         assert e.value.status == 413 and "a request slot holds 1048576" in e.value.message
 
 
@@ -428,7 +434,7 @@ def test_binary_input_over_a_slot_is_refused_before_it_is_parsed(
 
 
 def raw(data: bytes, spec: TensorSpec = IN, mbs: int = 32, images: bool = False) -> InferRequest:
-    return decode_infer_body(data, "0", spec, OUT, mbs, images)
+    return decode_infer_body(data, "0", spec, (OUT,), mbs, images)
 
 
 def raw_err(data: bytes, **kw: object) -> HTTPError:
@@ -442,7 +448,8 @@ def raw_err(data: bytes, **kw: object) -> HTTPError:
 def test_raw_binary_is_one_row_its_variable_dimension_from_the_size(mbs: int) -> None:
     x = np.arange(6, dtype=np.float32)
     req = raw(x.tobytes(), mbs=mbs)
-    assert req.rows == 1 and req.binary_output and req.id is None
+    assert req.rows == 1 and req.id is None
+    assert req.outputs == (OutputWanted(0, "OUTPUT0", True),)
     assert req.payload.shape == (1, 6) and np.array_equal(req.payload[0], x)
     spec = TensorSpec("INPUT0", "int16", [-1, 3])
     y = np.arange(12, dtype=np.int16).reshape(4, 3)
@@ -612,13 +619,13 @@ def test_bytes_for_a_model_without_images_is_a_datatype_mismatch() -> None:
 # -- responses --------------------------------------------------------------------------
 
 
-def request(binary: bool, rid: str | None = "r1") -> InferRequest:
-    return InferRequest(np.zeros(1), 1, rid, binary, "OUTPUT0")
+def request(binary: bool, rid: str | None = "r1", classification: int = 0) -> InferRequest:
+    return InferRequest(np.zeros(1), 1, rid, (OutputWanted(0, "OUTPUT0", binary, classification),))
 
 
 def test_json_response() -> None:
     out = np.arange(6, dtype=np.float32).reshape(2, 3)
-    content, hlen = encode_response("m", request(False), out, "float32", 32)
+    content, hlen = encode_response("m", request(False), (out,), ("float32",), 32)
     assert hlen is None
     doc = json.loads(content)
     assert doc == {
@@ -629,13 +636,13 @@ def test_json_response() -> None:
             {"name": "OUTPUT0", "datatype": "FP32", "shape": [2, 3], "data": [0, 1, 2, 3, 4, 5]}
         ],
     }
-    content, _ = encode_response("m", request(False, None), out, "float32", 32)
+    content, _ = encode_response("m", request(False, None), (out,), ("float32",), 32)
     assert "id" not in json.loads(content)
 
 
 def test_binary_response_header_then_raw_bytes() -> None:
     out = np.arange(6, dtype=np.float16).reshape(3, 2)
-    content, hlen = encode_response("m", request(True), out, "float16", 32)
+    content, hlen = encode_response("m", request(True), (out,), ("float16",), 32)
     assert hlen is not None
     doc = json.loads(content[:hlen])
     entry = doc["outputs"][0]
@@ -648,9 +655,9 @@ def test_binary_response_header_then_raw_bytes() -> None:
 
 def test_bytes_response_json_and_binary() -> None:
     out = np.array([[b"a", b"bc"]], dtype=object)
-    content, hlen = encode_response("m", request(False), out, "bytes", 32)
+    content, hlen = encode_response("m", request(False), (out,), ("bytes",), 32)
     assert json.loads(content)["outputs"][0]["data"] == ["a", "bc"]
-    content, hlen = encode_response("m", request(True), out, "bytes", 32)
+    content, hlen = encode_response("m", request(True), (out,), ("bytes",), 32)
     assert hlen is not None
     assert bytes_tensor.unpack(content[hlen:]).tolist() == [b"a", b"bc"]
 
@@ -660,13 +667,13 @@ def test_classification_is_parsed_per_output() -> None:
         "inputs": [tensor()],
         "outputs": [{"name": "OUTPUT0", "parameters": {"classification": 2}}],
     }
-    assert decode(doc).classification == 2
-    assert decode({"inputs": [tensor()]}).classification == 0
+    assert decode(doc).outputs[0].classification == 2
+    assert decode({"inputs": [tensor()]}).outputs[0].classification == 0
     text_out = TensorSpec("OUTPUT0", "bytes", [-1])
     raw, hlen = body(doc)
     header, tail = split_body(raw, header_length(hlen))
     with pytest.raises(HTTPError) as e:
-        decode_request(header, tail, IN, text_out, 32)
+        decode_request(header, tail, IN, [text_out], 32)
     assert e.value.status == 400 and "has no classes to rank" in e.value.message
 
 
@@ -708,9 +715,9 @@ def test_classify_compares_integers_in_their_own_type() -> None:
 
 @pytest.mark.parametrize("binary", [False, True])
 def test_classification_response(binary: bool) -> None:
-    req = InferRequest(np.zeros(1), 2, None, binary, "OUTPUT0", classification=2)
+    req = InferRequest(np.zeros(1), 2, None, (OutputWanted(0, "OUTPUT0", binary, 2),))
     out = np.array([[0.1, 0.9, 0.0], [0.5, 0.2, 0.3]], np.float32)
-    content, hlen = encode_response("m", req, out, "float32", 32, ("x", "y", "z"))
+    content, hlen = encode_response("m", req, (out,), ("float32",), 32, ("x", "y", "z"))
     head = json.loads(content if hlen is None else content[:hlen])
     entry = head["outputs"][0]
     assert (entry["datatype"], entry["shape"]) == ("BYTES", [2, 2])
@@ -720,8 +727,8 @@ def test_classification_response(binary: bool) -> None:
     else:
         assert entry["data"] == want
     # A model that does not batch: shape [k], as Triton answers.
-    one = InferRequest(np.zeros(1), 1, None, False, "OUTPUT0", classification=2)
-    content, _ = encode_response("m", one, out[:1], "float32", 0)
+    one = request(False, None, classification=2)
+    content, _ = encode_response("m", one, (out[:1],), ("float32",), 0)
     entry = json.loads(content)["outputs"][0]
     assert (entry["shape"], entry["data"]) == ([2], ["0.900000:1", "0.100000:0"])
 
@@ -729,10 +736,205 @@ def test_classification_response(binary: bool) -> None:
 def test_nan_output_needs_binary() -> None:
     out = np.array([[np.nan]], np.float32)
     with pytest.raises(HTTPError) as e:
-        encode_response("m", request(False), out, "float32", 32)
+        encode_response("m", request(False), (out,), ("float32",), 32)
     assert "binary_data" in e.value.message
-    content, hlen = encode_response("m", request(True), out, "float32", 32)
+    content, hlen = encode_response("m", request(True), (out,), ("float32",), 32)
     assert np.isnan(np.frombuffer(content[hlen:], np.float32)).all()
+
+
+# -- several outputs --------------------------------------------------------------------
+
+OUT_A = TensorSpec("OUT_A", "float32", [3])
+OUT_B = TensorSpec("OUT_B", "int64", [1])
+TWO = (OUT_A, OUT_B)
+A = np.arange(6, dtype=np.float32).reshape(2, 3)
+B = np.array([[7], [9]], np.int64)
+
+
+def two(doc: dict[str, object], outs: Sequence[TensorSpec] = TWO) -> InferRequest:
+    return decode({"inputs": [tensor(shape=[2, 3], data=[0] * 6)], **doc}, outs=outs)
+
+
+def two_answer(req: InferRequest, *outputs: np.ndarray, labels: tuple = ()) -> tuple[dict, bytes]:
+    """The response's JSON header, and the binary bytes after it."""
+    outputs = outputs or (A, B)
+    dtypes = tuple("bytes" if o.dtype.hasobject else o.dtype.name for o in outputs)
+    content, hlen = encode_response("m", req, outputs, dtypes, 32, labels)
+    if hlen is None:
+        return json.loads(content), b""
+    return json.loads(content[:hlen]), content[hlen:]
+
+
+def test_without_outputs_every_output_is_answered_in_declared_order() -> None:
+    for doc in ({}, {"outputs": []}):  # an empty list is no list, as in Triton
+        req = two(doc)
+        assert req.outputs == (OutputWanted(0, "OUT_A", False), OutputWanted(1, "OUT_B", False))
+        head, tail = two_answer(req)
+        assert tail == b""
+        assert head["outputs"] == [
+            {"name": "OUT_A", "datatype": "FP32", "shape": [2, 3], "data": [0, 1, 2, 3, 4, 5]},
+            {"name": "OUT_B", "datatype": "INT64", "shape": [2, 1], "data": [7, 9]},
+        ]
+
+
+def test_binary_data_output_answers_every_output_binary_in_order() -> None:
+    req = two({"parameters": {"binary_data_output": True}})
+    assert [o.binary for o in req.outputs] == [True, True]
+    content, hlen = encode_response("m", req, (A, B), ("float32", "int64"), 32)
+    assert hlen is not None and content[hlen - 1 : hlen] == b"}"
+    head = json.loads(content[:hlen])
+    sizes = [e["parameters"]["binary_data_size"] for e in head["outputs"]]
+    assert [e["name"] for e in head["outputs"]] == ["OUT_A", "OUT_B"] and sizes == [24, 16]
+    assert all("data" not in e for e in head["outputs"])
+    assert content[hlen:] == A.astype("<f4").tobytes() + B.astype("<i8").tobytes()
+
+
+def test_raw_binary_request_answers_every_output_binary() -> None:
+    req = decode_infer_body(np.zeros(3, np.float32).tobytes(), "0", IN, TWO, 32)
+    assert req.outputs == (OutputWanted(0, "OUT_A", True), OutputWanted(1, "OUT_B", True))
+
+
+def test_only_the_requested_outputs_are_answered_in_the_requested_order() -> None:
+    req = two({"outputs": [{"name": "OUT_B"}]})
+    assert req.outputs == (OutputWanted(1, "OUT_B", False),)
+    head, _ = two_answer(req)
+    assert head["outputs"] == [
+        {"name": "OUT_B", "datatype": "INT64", "shape": [2, 1], "data": [7, 9]}
+    ]
+    req = two({"outputs": [{"name": "OUT_B"}, {"name": "OUT_A"}]})
+    assert [(o.index, o.name) for o in req.outputs] == [(1, "OUT_B"), (0, "OUT_A")]
+    head, _ = two_answer(req)
+    assert [(e["name"], e["data"]) for e in head["outputs"]] == [
+        ("OUT_B", [7, 9]),
+        ("OUT_A", [0, 1, 2, 3, 4, 5]),
+    ]
+
+
+def test_binary_data_is_per_output() -> None:
+    req = two(
+        {
+            "outputs": [
+                {"name": "OUT_B", "parameters": {"binary_data": False}},
+                {"name": "OUT_A", "parameters": {"binary_data": True}},
+            ]
+        }
+    )
+    head, tail = two_answer(req)
+    b, a = head["outputs"]
+    assert b == {"name": "OUT_B", "datatype": "INT64", "shape": [2, 1], "data": [7, 9]}
+    assert a == {
+        "name": "OUT_A",
+        "datatype": "FP32",
+        "shape": [2, 3],
+        "parameters": {"binary_data_size": 24},
+    }
+    assert tail == A.astype("<f4").tobytes()
+    # The request's binary_data_output is the default of each output that says nothing
+    req = two(
+        {
+            "parameters": {"binary_data_output": True},
+            "outputs": [{"name": "OUT_A"}, {"name": "OUT_B", "parameters": {"binary_data": False}}],
+        }
+    )
+    assert [o.binary for o in req.outputs] == [True, False]
+    head, tail = two_answer(req)
+    assert "data" in head["outputs"][1] and tail == A.astype("<f4").tobytes()
+
+
+@pytest.mark.parametrize(
+    ("outputs", "words"),
+    [
+        ([{"name": "OUT_C"}], "unknown output 'OUT_C': the model's outputs are 'OUT_A', 'OUT_B'"),
+        ([{"name": "OUT_A"}, {"name": "OUT_A"}], "output 'OUT_A' is requested 2 times"),
+        (
+            [{"name": "OUT_B"}, {"name": "OUT_A"}, {"name": "OUT_B"}, {"name": "OUT_B"}],
+            "output 'OUT_B' is requested 3 times",
+        ),
+        ([{"name": "OUT_A"}, "OUT_B"], 'an object with a "name"'),
+        (
+            [{"name": "OUT_A"}, {"name": "OUT_B", "parameters": {"classification": -1}}],
+            '"classification" must be a non-negative integer',
+        ),
+        (
+            [{"name": "OUT_A"}, {"name": "OUT_B", "parameters": {"binary_data": "yes"}}],
+            '"binary_data" must be true or false',
+        ),
+    ],
+)
+def test_bad_requested_outputs_of_several_are_400(outputs: list, words: str) -> None:
+    with pytest.raises(HTTPError) as e:
+        two({"outputs": outputs})
+    assert e.value.status == 400 and words in e.value.message
+
+
+def test_classification_of_one_output_of_two_and_labels_are_the_first_outputs() -> None:
+    a = np.array([[0.1, 0.9, 0.0], [0.5, 0.2, 0.3]], np.float32)
+    req = two(
+        {"outputs": [{"name": "OUT_A", "parameters": {"classification": 2}}, {"name": "OUT_B"}]}
+    )
+    assert [o.classification for o in req.outputs] == [2, 0]
+    head, _ = two_answer(req, a, B, labels=("x", "y", "z"))
+    assert head["outputs"] == [
+        {
+            "name": "OUT_A",
+            "datatype": "BYTES",
+            "shape": [2, 2],
+            "data": ["0.900000:1:y", "0.100000:0:x", "0.500000:0:x", "0.300000:2:z"],
+        },
+        {"name": "OUT_B", "datatype": "INT64", "shape": [2, 1], "data": [7, 9]},
+    ]
+    # The second output's classes have no labels: the model's labels are its first's
+    req = two({"outputs": [{"name": "OUT_B", "parameters": {"classification": 1}}]})
+    head, _ = two_answer(req, a, B, labels=("x", "y", "z"))
+    assert head["outputs"] == [
+        {"name": "OUT_B", "datatype": "BYTES", "shape": [2, 1], "data": ["7:0", "9:0"]}
+    ]
+
+
+def test_a_bytes_second_output() -> None:
+    text = TensorSpec("OUT_T", "bytes", [1])
+    t = np.array([[b"cat"], [b"dog"]], dtype=object)
+    req = two({}, outs=(OUT_A, text))
+    head, tail = two_answer(req, A, t)
+    assert head["outputs"][1] == {
+        "name": "OUT_T",
+        "datatype": "BYTES",
+        "shape": [2, 1],
+        "data": ["cat", "dog"],
+    }
+    req = two({"parameters": {"binary_data_output": True}}, outs=(OUT_A, text))
+    head, tail = two_answer(req, A, t)
+    a_size, t_size = (e["parameters"]["binary_data_size"] for e in head["outputs"])
+    assert a_size == 24 and t_size == len(tail) - 24
+    assert tail[:24] == A.tobytes()
+    assert bytes_tensor.unpack(tail[24:]).tolist() == [b"cat", b"dog"]
+    with pytest.raises(HTTPError, match="output 'OUT_T' is BYTES: it has no classes") as e:
+        two(
+            {"outputs": [{"name": "OUT_T", "parameters": {"classification": 1}}]},
+            outs=(OUT_A, text),
+        )
+    assert e.value.status == 400
+
+
+def test_one_output_of_two_into_shared_memory() -> None:
+    memory = bytearray(64)
+    read, asked = _regions(memory)
+    params = {"shared_memory_region": "o", "shared_memory_byte_size": 16, "shared_memory_offset": 8}
+    doc = {
+        "inputs": [tensor(shape=[2, 3], data=[0] * 6)],
+        "outputs": [{"name": "OUT_A"}, {"name": "OUT_B", "parameters": params}],
+    }
+    req = decode_request(json.dumps(doc).encode(), memoryview(b""), IN, TWO, 32, False, read)
+    assert asked == [("o", 8, 16)]
+    assert req.outputs[0].shm is None and req.outputs[1].shm is not None
+    head, tail = two_answer(req)
+    assert head["outputs"][1] == {"name": "OUT_B", "datatype": "INT64", "shape": [2, 1]}
+    assert head["outputs"][0]["data"] == [0, 1, 2, 3, 4, 5] and tail == b""
+    assert np.frombuffer(memory[8:24], "<i8").tolist() == [7, 9]
+    bad = {**params, "binary_data": True}
+    doc["outputs"] = [{"name": "OUT_A"}, {"name": "OUT_B", "parameters": bad}]
+    with pytest.raises(HTTPError, match="'OUT_B' can't set both shared_memory_region and binary"):
+        decode_request(json.dumps(doc).encode(), memoryview(b""), IN, TWO, 32, False, read)
 
 
 # -- compression ------------------------------------------------------------------------
@@ -809,7 +1011,7 @@ def shm_doc(params: dict[str, object], outputs: list[dict] | None = None) -> dic
 
 
 def decode_shm(doc: dict[str, object], read) -> InferRequest:  # type: ignore[no-untyped-def]
-    return decode_request(json.dumps(doc).encode(), memoryview(b""), IN, OUT, 32, False, read)
+    return decode_request(json.dumps(doc).encode(), memoryview(b""), IN, (OUT,), 32, False, read)
 
 
 def test_input_from_shared_memory() -> None:
@@ -818,7 +1020,7 @@ def test_input_from_shared_memory() -> None:
     params = {"shared_memory_region": "r", "shared_memory_byte_size": 12}
     req = decode_shm(shm_doc({**params, "shared_memory_offset": 8}), read)
     assert asked == [("r", 8, 12)]
-    assert req.payload.tolist() == [[1, 2, 3]] and req.shm_output is None
+    assert req.payload.tolist() == [[1, 2, 3]] and req.outputs[0].shm is None
 
 
 @pytest.mark.parametrize(
@@ -871,7 +1073,7 @@ def test_output_in_shared_memory_takes_no_classification_or_binary_flag(
 def test_shared_memory_without_a_reader_is_refused() -> None:
     doc = shm_doc({"shared_memory_region": "r", "shared_memory_byte_size": 12})
     with pytest.raises(HTTPError, match="--allow-client-shm") as e:
-        decode_request(json.dumps(doc).encode(), memoryview(b""), IN, OUT, 32)
+        decode_request(json.dumps(doc).encode(), memoryview(b""), IN, (OUT,), 32)
     assert e.value.status == 403
 
 
@@ -891,18 +1093,19 @@ def test_output_into_shared_memory() -> None:
     doc = shm_doc({"shared_memory_region": "r", "shared_memory_byte_size": 12}, out)
     req = decode_shm(doc, read)
     assert asked == [("r", 0, 12), ("o", 16, 16)]  # each region looked up once
-    assert req.shm_output is not None and req.shm_output[0] == "o"
+    want = req.outputs[0]
+    assert want.shm is not None and want.shm[0] == "o" and len(want.shm[1]) == 16
     output = np.array([[4, 5, 6]], np.float32)
-    content, header_len = encode_response("m", req, output, "float32", 32)
+    content, header_len = encode_response("m", req, (output,), ("float32",), 32)
     assert header_len is None  # nothing follows the JSON: the data went to the region
     assert json.loads(content)["outputs"] == [
         {"name": "OUTPUT0", "datatype": "FP32", "shape": [1, 3]}
     ]
     assert np.frombuffer(memory[16:28], "<f4").tolist() == [4, 5, 6]
     small = ("o", memoryview(bytearray(8)))
-    req = InferRequest(req.payload, 1, None, False, "OUTPUT0", shm_output=small)
+    req = InferRequest(req.payload, 1, None, (OutputWanted(0, "OUTPUT0", False, shm=small),))
     with pytest.raises(HTTPError, match="needs 12 bytes"):
-        encode_response("m", req, output, "float32", 32)
+        encode_response("m", req, (output,), ("float32",), 32)
 
 
 # -- model configuration ----------------------------------------------------------------
@@ -1001,3 +1204,52 @@ def test_config_max_batch_size_is_what_one_request_can_carry(
     )
     config = _config(catalog, ModelInfo(0, settings, spec))  # type: ignore[arg-type]
     assert config["max_batch_size"] == advertised
+
+
+@pytest.mark.parametrize(
+    ("outputs", "advertised"),
+    [
+        # The answer is both outputs: 8,000 bytes a row, and the set's table, so 7 rows
+        # in 64,000, not 8 (4,000 bytes of the first alone would be 16)
+        ([("float32", [1000]), ("float32", [1000])], 7),
+        ([("float32", [1000]), ("int8", [4000])], 7),
+        # A row of one output of unknown size: the answer's unknown; the input's 16 bytes
+        ([("float32", [1000]), ("bytes", [1])], 32),
+        ([("float32", [1000]), ("float32", [-1])], 32),
+    ],
+)
+def test_config_max_batch_size_counts_every_output(outputs: list, advertised: int) -> None:
+    from types import SimpleNamespace
+
+    from ringserve.frontend.catalog import ModelInfo
+    from ringserve.frontend.v2 import _config, _metadata
+    from ringserve.ipc.config import BatchingSettings, ModelSettings
+
+    spec = {
+        "inputs": [{"name": "INPUT0", "dtype": "float32", "shape": [4]}],
+        "outputs": [
+            {"name": f"OUT{i}", "dtype": dtype, "shape": shape}
+            for i, (dtype, shape) in enumerate(outputs)
+        ],
+    }
+    settings = ModelSettings(
+        name="m",
+        handler="identity",
+        batching=BatchingSettings(max_batch_size=32),
+        options={"labels_file": "/srv/labels.txt"},
+    )
+    catalog = SimpleNamespace(
+        workers=lambda index: 1,
+        arena=SimpleNamespace(geometry=SimpleNamespace(slot_bytes=64_000)),
+        not_served_why=lambda info: "",
+    )
+    info = ModelInfo(0, settings, spec)
+    config = _config(catalog, info)  # type: ignore[arg-type]
+    assert config["max_batch_size"] == advertised
+    # Every output is listed; the labels are the first one's
+    assert [(o["name"], o["label_filename"]) for o in config["output"]] == [
+        ("OUT0", "labels.txt"),
+        ("OUT1", ""),
+    ]
+    meta = _metadata(catalog, info)  # type: ignore[arg-type]
+    assert [o["name"] for o in meta["outputs"]] == ["OUT0", "OUT1"]

@@ -23,6 +23,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("v2triton")
     fake = "python:support.fake_handlers"
     models = ["id=identity", "digits=digits", f"text={fake}:ByteLengths", f"desc={fake}:Describe"]
+    models.append(f"multi={fake}:SeveralOutputs")
     with serve(tmp, *(a for m in models for a in ("--model", m))) as s:
         yield s
 
@@ -68,7 +69,7 @@ def test_repository_index_and_no_model_control(
     client: httpclient.InferenceServerClient,
 ) -> None:
     index = client.get_model_repository_index()
-    assert sorted(m["name"] for m in index) == ["desc", "digits", "id", "text"]
+    assert sorted(m["name"] for m in index) == ["desc", "digits", "id", "multi", "text"]
     assert all(m["state"] == "READY" for m in index)
     with pytest.raises(InferenceServerException, match="not supported"):
         client.unload_model("id")
@@ -279,3 +280,27 @@ def test_bytes_output(client: httpclient.InferenceServerClient, binary: bool) ->
     assert got.dtype == object and got.shape == (2, 1)
     want = [b"1,2.5", b"3,4"] if binary else ["1,2.5", "3,4"]
     assert got.ravel().tolist() == want
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_several_outputs(client: httpclient.InferenceServerClient, binary: bool) -> None:
+    """A model with three outputs, as Triton users call one: ``as_numpy`` by name for
+    each, all of them when none is named, only those named otherwise."""
+    x = np.array([[1.0, 2.0], [-4.0, 1.0]], np.float32)
+    everything = client.infer("multi", [infer_input(x)])
+    assert everything.as_numpy("DOUBLED").tolist() == (2 * x).tolist()
+    assert everything.as_numpy("TOTAL").tolist() == [[3], [-3]]
+    assert everything.as_numpy("SIGN").tolist() == [[b"pos"], [b"neg"]]
+    wanted = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in ("SIGN", "TOTAL")]
+    some = client.infer("multi", [infer_input(x, binary)], outputs=wanted)
+    assert some.as_numpy("DOUBLED") is None
+    assert some.as_numpy("TOTAL").dtype == np.int64
+    assert some.as_numpy("TOTAL").tolist() == [[3], [-3]]
+    signs = [[b"pos"], [b"neg"]] if binary else [["pos"], ["neg"]]  # as test_bytes_output
+    assert some.as_numpy("SIGN").tolist() == signs
+    md = client.get_model_metadata("multi")
+    assert [(o["name"], o["datatype"]) for o in md["outputs"]] == [
+        ("DOUBLED", "FP32"),
+        ("TOTAL", "INT64"),
+        ("SIGN", "BYTES"),
+    ]
