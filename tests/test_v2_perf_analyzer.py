@@ -41,7 +41,9 @@ def perf_analyzer() -> Path:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("v2perf")
     text = "text=python:support.fake_handlers:ByteLengths"
-    with serve(tmp, "--model", "id=identity", "--model", text, "--allow-client-shm") as s:
+    multi = "multi=python:support.fake_handlers:SeveralOutputs"
+    models = ("--model", "id=identity", "--model", text, "--model", multi)
+    with serve(tmp, *models, "--allow-client-shm") as s:
         yield s
 
 
@@ -124,6 +126,25 @@ def test_bytes_input(perf_analyzer: Path, server: Server) -> None:
         perf_analyzer, server, "--concurrency-range", "2", model="text", shape="INPUT0:3"
     )
     assert found[2][0] > 0
+
+
+@pytest.mark.parametrize("shm", [False, True])
+def test_several_outputs(perf_analyzer: Path, server: Server, shm: bool) -> None:
+    """A model of three outputs (float, int64, BYTES): perf_analyzer takes them all, as
+    binary data or each through a system shared-memory region of its own."""
+    regions = ("--shared-memory", "system", "--output-shared-memory-size", "1024")
+    found = run_pa(
+        perf_analyzer,
+        server,
+        "--concurrency-range",
+        "2",
+        *(regions if shm else ()),
+        model="multi",
+        shape="INPUT0:3",
+    )
+    assert found[2][0] > 0
+    with server.client() as c:
+        assert c.get("/v2/systemsharedmemory/status").json() == []
 
 
 def test_server_side_statistics_are_reported(perf_analyzer: Path, server: Server) -> None:
