@@ -153,7 +153,7 @@ class Dispatcher:
     def submit(
         self,
         model: int,
-        payload: np.ndarray,
+        payload: np.ndarray | tuple[np.ndarray | tensor_set.PackedBytes, ...],
         kind: int,
         rows: int,
         deadline_ns: int,
@@ -164,7 +164,8 @@ class Dispatcher:
         """Write one request into a free slot and queue it; returns the slot and the
         future that resolves when it is DONE (or to REFUSED).
 
-        ``payload`` is copied exactly once, into shared memory. ``dtype_name`` and
+        ``payload`` is copied exactly once, into shared memory (a tuple: a model's
+        several inputs, in declared order, as one tensor set). ``dtype_name`` and
         ``shape`` describe it where its bytes are not a plain array of that shape: an
         encoded image, or a BYTES tensor in its length-prefixed form. Raises QueueFull
         when no slot is free. The ring push happens at once when nothing else is in
@@ -178,8 +179,16 @@ class Dispatcher:
                 f"all {len(self.owned)} request slots of this frontend are busy (arena.slots "
                 "is split evenly between the frontends)"
             )
-        if payload.nbytes > self.arena.geometry.slot_bytes:
-            raise ValueError(over_slot("input", payload.nbytes, self.arena.geometry.slot_bytes))
+        if type(payload) is tuple:  # a model's several inputs: one tensor set
+            packed = tensor_set.Packed(payload, "input")
+            code, shape, nbytes = TENSOR_SET, (len(payload),), packed.nbytes
+        else:
+            packed, nbytes = None, payload.nbytes
+            code = DTYPE_CODE[dtype_name] if dtype_name else DTYPE_CODE_OF[payload.dtype]
+            shape = payload.shape if shape is None else shape
+        if nbytes > self.arena.geometry.slot_bytes:
+            what = "input" if packed is None else f"request ({len(payload)} inputs)"
+            raise ValueError(over_slot(what, nbytes, self.arena.geometry.slot_bytes))
         slot = self.free.pop()
         try:
             self.arena.headers.write_request(
@@ -188,15 +197,17 @@ class Dispatcher:
                 owner_pid=self._pid,
                 model=model,
                 kind=kind,
-                dtype_code=DTYPE_CODE[dtype_name] if dtype_name else DTYPE_CODE_OF[payload.dtype],
-                shape=payload.shape if shape is None else shape,
-                nbytes=payload.nbytes,
+                dtype_code=code,
+                shape=shape,
+                nbytes=nbytes,
                 rows=rows,
                 deadline_ns=deadline_ns,
                 enqueued_ns=time.monotonic_ns(),
                 request_id=request_id.encode(),
             )
-            if payload.nbytes:
+            if packed is not None:
+                packed.write(self.arena.data(slot)[:nbytes])
+            elif nbytes:
                 np.copyto(self.arena.data_array(slot, payload.dtype, payload.shape), payload)
         except BaseException:
             self._release(slot)  # never queued: a header that does not fit keeps no slot

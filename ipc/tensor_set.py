@@ -1,16 +1,17 @@
-"""Several tensors in one slot: the answer of a model that declares more than one output.
+"""Several tensors in one slot: the request of a model that declares several inputs,
+and the answer of one that declares several outputs.
 
-A slot header describes one tensor (dtype, shape, bytes). A model with several outputs
-(detection: boxes, scores, labels; a classifier: logits and embeddings) answers each
-request with all of them, so its answer is a small self-describing set instead: the
-header says ``TENSOR_SET`` with shape ``(count,)``, and the payload holds a table of
-``count`` entries (dtype code, shape, bytes) followed by each tensor's bytes, each
-starting on a cache line. BYTES outputs go in Triton's length-prefixed form, as a lone
-BYTES output does. The names are not carried: writer and reader both know the model's
-declared outputs, and the set holds them in that order.
+A slot header describes one tensor (dtype, shape, bytes). A text model takes token ids
+and an attention mask; a detector answers boxes, scores and labels. Such a request or
+answer is a small self-describing set instead: the header says ``TENSOR_SET`` with
+shape ``(count,)``, and the payload holds a table of ``count`` entries (dtype code,
+shape, bytes) followed by each tensor's bytes, each starting on a cache line. BYTES
+tensors go in Triton's length-prefixed form, as a lone BYTES tensor does. The names are
+not carried: writer and reader both know the model's declaration, and the set holds the
+tensors in declared order.
 
-One-output models keep the plain one-tensor answer: this costs a one-output request
-nothing.
+A model of one input and one output keeps the plain one-tensor slot: this costs its
+requests nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -35,29 +37,40 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) & ~(_ALIGN - 1)
 
 
+class PackedBytes(NamedTuple):
+    """A BYTES tensor already in its length-prefixed form (as a v2 request brings it):
+    its shape, and its bytes as uint8."""
+
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+
 class Packed:
     """The tensors of one answer, ready to copy: their codes, shapes and bytes, and the
     set's total size (known before anything is written, so an answer too large for the
     slot is refused without touching it)."""
 
-    def __init__(self, tensors: Sequence[np.ndarray]) -> None:
+    def __init__(self, tensors: Sequence[np.ndarray | PackedBytes], what: str = "output") -> None:
         """TypeError naming the tensor whose dtype cannot travel (or whose BYTES element
         is neither bytes nor str); ValueError for one with too many dimensions."""
         self.entries: list[tuple[int, tuple[int, ...], np.ndarray | bytes]] = []
         for i, t in enumerate(tensors):
+            if isinstance(t, PackedBytes):
+                self.entries.append((_BYTES, t.shape, t.data))
+                continue
             if t.ndim > MAX_NDIM:
                 raise ValueError(
-                    f"output {i} has {t.ndim} dimensions; a slot holds at most {MAX_NDIM}"
+                    f"{what} {i} has {t.ndim} dimensions; a slot holds at most {MAX_NDIM}"
                 )
             if t.dtype.hasobject:
                 try:
                     self.entries.append((_BYTES, t.shape, bytes_tensor.pack(t)))
                 except TypeError as e:
-                    raise TypeError(f"output {i}: {e}") from None
+                    raise TypeError(f"{what} {i}: {e}") from None
                 continue
             code = DTYPE_CODE_OF.get(t.dtype)
             if code is None:
-                raise TypeError(f"output {i} has unsupported dtype {t.dtype.name}")
+                raise TypeError(f"{what} {i} has unsupported dtype {t.dtype.name}")
             self.entries.append((code, t.shape, t))
         self.offsets, self.nbytes = _layout([_nbytes(data) for _, _, data in self.entries])
 
@@ -99,9 +112,11 @@ def _nbytes(data: np.ndarray | bytes) -> int:
     return len(data) if isinstance(data, bytes) else data.nbytes
 
 
-def unpack(buf: memoryview, count: int) -> tuple[np.ndarray, ...]:
-    """The ``count`` tensors of a set in ``buf``: read-only views of it, except BYTES
-    tensors (object arrays of ``bytes``, copies). ValueError if the set is corrupt."""
+def unpack(buf: memoryview, count: int, read_only: bool = True) -> tuple[np.ndarray, ...]:
+    """The ``count`` tensors of a set in ``buf``: views of it (read-only unless the
+    reader is the worker, whose handler may be given them as torch tensors), except
+    BYTES tensors (object arrays of ``bytes``, copies). ValueError if the set is
+    corrupt."""
     if len(buf) < _COUNT.size or _COUNT.unpack_from(buf, 0)[0] != count:
         raise ValueError(f"a tensor set of {count} tensors does not say so")
     end = _COUNT.size + _ENTRY.size * count
@@ -122,6 +137,6 @@ def unpack(buf: memoryview, count: int) -> tuple[np.ndarray, ...]:
             if dtype.itemsize * math.prod(shape) != n:
                 raise ValueError(f"tensor {i} of a set is corrupt: its shape and size differ")
             arr = np.ndarray(shape, dtype, buffer=buf, offset=at)
-            arr.flags.writeable = False
+            arr.flags.writeable = not read_only
         out.append(arr)
     return tuple(out)
