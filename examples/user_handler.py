@@ -90,3 +90,33 @@ class ScoresAndEmbedding(Handler):
 
     def infer(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.model(batch)
+
+
+class MeanEmbedding(Handler):
+    """Two inputs, as a text model takes them: token ids and an attention mask (int64,
+    any length). Answers the mean of the kept tokens' embeddings. ``infer`` gets a dict
+    of batched tensors by input name; requests batch together when their lengths match::
+
+        PYTHONPATH=examples ringserve serve --model text=python:user_handler:MeanEmbedding
+        curl -s localhost:8000/v1/models/text/predict \\
+          -d '{"data": {"INPUT_IDS": [101, 7592, 102], "ATTENTION_MASK": [1, 1, 0]}}'
+    """
+
+    inputs = (
+        TensorSpec("INPUT_IDS", "int64", (-1,)),
+        TensorSpec("ATTENTION_MASK", "int64", (-1,)),
+    )
+    outputs = (TensorSpec("EMBEDDING", "float32", (8,)),)
+    platform = "python"
+    takes_weights = False  # seeded random weights: an example, not a trained model
+
+    def load(self, device: torch.device) -> None:
+        torch.manual_seed(0)
+        self.embedding = torch.nn.Embedding(30522, 8).to(device).eval()  # BERT's vocabulary
+        self.device = device
+
+    def infer(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids = batch["INPUT_IDS"].clamp(0, self.embedding.num_embeddings - 1)
+        mask = batch["ATTENTION_MASK"].unsqueeze(-1).to(torch.float32)
+        summed = (self.embedding(ids) * mask).sum(dim=1)
+        return summed / mask.sum(dim=1).clamp(min=1)

@@ -10,9 +10,9 @@ worker says so in its log at start.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from ringserve.gpu_worker.handlers.base import Handler
+from ringserve.gpu_worker.batch_inputs import Inputs, as_inputs, concat, to_device
+from ringserve.gpu_worker.handlers.base import Handler, TensorSpec
 from ringserve.gpu_worker.profile import sample_shape
 from ringserve.ipc.layout import PayloadKind
 
@@ -22,25 +22,42 @@ from ringserve.ipc.layout import PayloadKind
 TOLERANCE = 1e-2
 
 
-def sample_rows(handler: Handler, count: int) -> np.ndarray:
+def sample_rows(handler: Handler, count: int) -> np.ndarray | dict[str, np.ndarray]:
     """``count`` reproducible random rows of the declared input (values in [0, 1), or
-    0 and 1 for integers: valid token ids and pixels alike)."""
-    spec = handler.inputs[0]
+    0 and 1 for integers: valid token ids and pixels alike); of each input, by name, for
+    a model with several."""
     rng = np.random.default_rng(0)
+    rows = {s.name: _random_rows(s, count, rng) for s in handler.inputs}
+    return rows if len(rows) > 1 else rows[handler.inputs[0].name]
+
+
+def _random_rows(spec: TensorSpec, count: int, rng: np.random.Generator) -> np.ndarray:
     shape = (count, *sample_shape(spec))
     if np.issubdtype(np.dtype(spec.dtype), np.floating):
         return rng.random(shape).astype(spec.dtype)
     return rng.integers(0, 2, shape).astype(spec.dtype)
 
 
+def preprocessed(handler: Handler, rows: np.ndarray | dict[str, np.ndarray]) -> Inputs:
+    """The handler's batch input for sample ``rows``."""
+    return as_inputs(handler.preprocess(rows, PayloadKind.TENSOR))
+
+
+def _row(rows: np.ndarray | dict[str, np.ndarray], i: int) -> np.ndarray | dict[str, np.ndarray]:
+    if isinstance(rows, dict):
+        return {name: r[i : i + 1] for name, r in rows.items()}
+    return rows[i : i + 1]
+
+
 def batchmate_effect(handler: Handler) -> float | None:
     """How far the first row's answer moves when its one batchmate is swapped for
     another, relative to the answer's size. None if the answers are not numbers (or
     not finite). Two batches of two rows each, so the batch size is the same in both."""
-    rows = [handler.preprocess(r[None], PayloadKind.TENSOR) for r in sample_rows(handler, 3)]
+    sample = sample_rows(handler, 3)
+    rows = [preprocessed(handler, _row(sample, i)) for i in range(3)]
     answers = []
     for mate in rows[1:]:
-        batch = torch.cat([rows[0], mate]).to(handler.device)
+        batch = to_device(concat([rows[0], mate]), handler.device)
         out = handler.postprocess(handler.infer(batch))
         if isinstance(out, dict):  # several outputs: the first declared one tells
             out = out.get(handler.outputs[0].name)

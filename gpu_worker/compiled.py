@@ -159,6 +159,11 @@ def compilable_module(handler: Handler, name: str) -> torch.nn.Module:
             f"{COMPILED_ATTRIBUTE!r} attribute to compile (its infer must call "
             f"self.{COMPILED_ATTRIBUTE}), or set compile = false"
         )
+    if len(handler.inputs) > 1:
+        raise ConfigError(
+            f"models.{name}.compile: the model takes {len(handler.inputs)} inputs; compile "
+            "buckets a model of one input tensor, so set compile = false"
+        )
     spec = handler.inputs[0]
     if spec.dtype == "bytes":
         raise ConfigError(

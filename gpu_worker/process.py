@@ -17,14 +17,16 @@ import signal
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple, NoReturn
 
 import numpy as np
 import torch
 
+from ringserve.gpu_worker import batch_inputs
 from ringserve.gpu_worker.batch_check import TOLERANCE as BATCHMATE_TOLERANCE
 from ringserve.gpu_worker.batch_check import batchmate_effect
+from ringserve.gpu_worker.batch_inputs import Inputs, as_tensor
 from ringserve.gpu_worker.batcher import Batcher, BatchPolicy, Pending
 from ringserve.gpu_worker.compiled import compile_handler, ran_out_of_room
 from ringserve.gpu_worker.cpu_share import ThreadShare
@@ -54,7 +56,7 @@ from ringserve.gpu_worker.request_errors import RequestErrors
 from ringserve.gpu_worker.size_tuner import SAMPLES, Outcome, SizeTuner
 from ringserve.gpu_worker.staging import PinnedStaging
 from ringserve.gpu_worker.stop import StopRequested, exit_failed_start, leaving
-from ringserve.ipc import bytes_tensor, heap, wake
+from ringserve.ipc import bytes_tensor, heap, tensor_set, wake
 from ringserve.ipc.answer import (
     CANCELLED_MESSAGE,
     DEADLINE_MESSAGE,
@@ -82,6 +84,7 @@ from ringserve.ipc.logs import capture_prints, setup_logging
 from ringserve.ipc.ring import Claimed, RequestRing
 from ringserve.ipc.slot_fit import SLOT_BYTES_KEY, row_bytes
 from ringserve.ipc.slot_io import Header
+from ringserve.ipc.tensor_set import TENSOR_SET
 from ringserve.ipc.testhooks import pause_point
 
 log = logging.getLogger("ringserve.worker")
@@ -124,24 +127,16 @@ def _model_error(e: Exception) -> bytes:
     return _utf8(f"model error: {lines[-1] if lines else type(e).__name__}")[:1024]
 
 
-def _as_tensor(x: object) -> torch.Tensor:
-    """What ``preprocess`` returned, as the batch tensor it must be (a numpy array is
-    taken without a copy); anything else fails its request, not the worker."""
-    if isinstance(x, torch.Tensor):
-        return x
-    if isinstance(x, np.ndarray) and not x.dtype.hasobject:
-        return torch.from_numpy(x)
-    raise OutputContractError(
-        f"preprocess returned {type(x).__name__}; it must return a torch.Tensor of shape "
-        "[rows, *input shape]"
-    )
+def _takes_bytes(handler: Handler) -> bool:
+    """Whether an input is BYTES: no zeros of it can be made for a start-up check."""
+    return any(s.dtype == "bytes" for s in handler.inputs)
 
 
 class Prepared(NamedTuple):
     """One request's input, ready to batch, and the seconds its preprocess took."""
 
     slot: int
-    tensor: torch.Tensor
+    tensor: Inputs  # a dict of tensors by name for a model with several inputs
     preprocess_s: float
     deadline_s: float | None = None  # monotonic, as the batcher's
 
@@ -191,6 +186,7 @@ class Worker:
         self._ran: list[BatchTiming] = []  # this loop round's model executions
         self._declared_output: TensorSpec | None = None  # what answers are checked against
         self._several_outputs: tuple[TensorSpec, ...] | None = None  # or these, if declared
+        self._input_names: tuple[str, ...] = ()  # a model with several inputs: theirs
         self._contract_errors: set[str] = set()  # logged once each, not once a batch
         self._ran_out_at = 0  # rows of the compiled batch that ran out of memory (``_cap_batches``)
         self._request_errors = RequestErrors(log, self.model.name)
@@ -241,6 +237,8 @@ class Worker:
             self._declared_output = handler.outputs[0]
         if len(handler.outputs) > 1:
             self._several_outputs = tuple(handler.outputs)
+        if len(handler.inputs) > 1:
+            self._input_names = tuple(s.name for s in handler.inputs)
         self._warn_if_slots_are_small()
         preferred = self.model.batching.preferred_batch_size
         rates: dict[int, float] = {}
@@ -283,7 +281,7 @@ class Worker:
                 self._warn_if_batches_near_heartbeat_timeout(preferred, rates)
         if profile_ran:
             self._probe_output()
-        if self.model.batching.max_batch_size > 1 and handler.inputs[0].dtype != "bytes":
+        if self.model.batching.max_batch_size > 1 and not _takes_bytes(handler):
             self._warn_if_batchmates_matter()  # batches of two: it may take those
         spec = {
             "preferred_batch_size": preferred,
@@ -469,11 +467,11 @@ class Worker:
         placeholder ``float32 [-1]``."""
         handler = self.handler
         assert handler is not None
-        if handler.inputs[0].dtype == "bytes":
+        if _takes_bytes(handler):
             return
         try:
             with torch.inference_mode():
-                row = sample_row(handler).to(handler.device)
+                row = batch_inputs.to_device(sample_row(handler), handler.device)
                 out = self._checked(handler.postprocess(handler.infer(row)), 1)
         except OutputContractError as e:
             self._cannot_load(OutputContractError(f"on a row of zeros: {e}"), ExitCode.MODEL_CONFIG)
@@ -567,20 +565,22 @@ class Worker:
             )
 
     def _row_sizes(self) -> list[tuple[str, int | None]]:
-        """What travels in a slot per row, named: the input, and the answer (several
-        outputs travel together; their size is known when each one's is)."""
+        """What travels in a slot per row, named: the request and the answer (several
+        inputs or outputs travel together; their size is known when each one's is)."""
         assert self.handler is not None
-        named = [
-            (f"{s.name} ({s.dtype} {list(s.shape)}, {size} bytes a row)", size)
-            for s in (self.handler.inputs[0], *self.handler.outputs)
-            for size in [row_bytes(s.dtype, tuple(s.shape))]
+        return [
+            self._row_size(self.handler.inputs, "inputs"),
+            self._row_size(self.handler.outputs, "outputs"),
         ]
-        if len(named) == 2:
-            return named
-        sizes = [size for _, size in named[1:]]
+
+    @staticmethod
+    def _row_size(specs: Sequence[TensorSpec], what: str) -> tuple[str, int | None]:
+        sizes = [row_bytes(s.dtype, tuple(s.shape)) for s in specs]
+        if len(specs) == 1:
+            s = specs[0]
+            return f"{s.name} ({s.dtype} {list(s.shape)}, {sizes[0]} bytes a row)", sizes[0]
         total = None if None in sizes else sum(sizes)  # type: ignore[arg-type]
-        outputs = f"its {len(sizes)} outputs together ({total} bytes a row)"
-        return [named[0], (outputs, total)]
+        return f"its {len(sizes)} {what} together ({total} bytes a row)", total
 
     @property
     def _serving(self) -> str:
@@ -759,8 +759,9 @@ class Worker:
             t0 = time.perf_counter()
             try:
                 tensor = self._prep.result(p.key, headers[p.key])
-                if tensor.dim() == 0 or tensor.shape[0] != p.rows:
-                    got = "a scalar" if tensor.dim() == 0 else f"{tensor.shape[0]} rows"
+                got = batch_inputs.checked_rows(tensor)
+                if got != p.rows:
+                    got = got if isinstance(got, str) else f"{got} rows"
                     raise OutputContractError(
                         f"preprocess returned {got} for a request of {p.rows}: one answer "
                         "row per request row, so it must keep the rows it was given"
@@ -783,7 +784,7 @@ class Worker:
             # The wait for it: what was done while the batch filled costs the batch nothing.
             prepared = Prepared(p.key, tensor, time.perf_counter() - t0, p.deadline_s)
             alone = p.key if headers[p.key].kind & RUN_ALONE else -1  # its own group
-            groups[(tensor.dtype, tuple(tensor.shape[1:]), alone)].append(prepared)
+            groups[(*batch_inputs.group_key(tensor), alone)].append(prepared)
         for i, members in enumerate(groups.values()):
             # The groups before this one took time: skip those nobody waits for any more.
             wanted = self._still_wanted(members, owners) if i else members
@@ -861,22 +862,27 @@ class Worker:
             rec["gpu_allocated"] = torch.cuda.memory_allocated(device)
             rec["gpu_reserved"] = torch.cuda.memory_reserved(device)
 
-    def _preprocess(self, slot: int, h: Header) -> torch.Tensor:
-        """The handler's tensor for one request. A BYTES tensor of images (KServe v2, one
-        encoded image per row) is preprocessed image by image, as ``image/*`` bodies are,
-        and the rows concatenated."""
+    def _preprocess(self, slot: int, h: Header) -> Inputs:
+        """The handler's tensor for one request (a model with several inputs: its dict
+        of them). A BYTES tensor of images (KServe v2, one encoded image per row) is
+        preprocessed image by image, as ``image/*`` bodies are, and the rows
+        concatenated."""
         assert self.handler is not None
         payload, kind = self._payload(slot, h)
+        if isinstance(payload, dict):
+            if self._own_payload:
+                payload = {k: v if v.dtype == object else v.copy() for k, v in payload.items()}
+            return batch_inputs.as_inputs(self.handler.preprocess(payload, kind))
         if not isinstance(payload, list):
             if self._own_payload and payload.dtype != object:
                 payload = payload.copy()
-            return _as_tensor(self.handler.preprocess(payload, kind))
+            return as_tensor(self.handler.preprocess(payload, kind))
         rows = []
         for row, image in enumerate(payload):
             pixels = np.frombuffer(image, np.uint8)
             try:
                 rows.append(
-                    _as_tensor(
+                    as_tensor(
                         self.handler.preprocess(
                             pixels.copy() if self._own_payload else pixels, kind
                         )
@@ -886,11 +892,16 @@ class Worker:
                 raise BadInput(f"row {row}: {e}") from None
         return torch.cat(rows)
 
-    def _payload(self, slot: int, h: Header) -> tuple[np.ndarray | list[memoryview], PayloadKind]:
-        """A zero-copy view of a slot's input, after bounds-checking its header."""
+    def _payload(
+        self, slot: int, h: Header
+    ) -> tuple[np.ndarray | list[memoryview] | dict[str, np.ndarray], PayloadKind]:
+        """A zero-copy view of a slot's input, after bounds-checking its header; for a
+        model with several inputs, a dict of views by input name."""
         kind = h.kind & KIND_MASK
         if kind not in (PayloadKind.TENSOR, PayloadKind.IMAGE):
             raise HeaderError(f"corrupt request header: payload kind {h.kind}")
+        if h.in_dtype == TENSOR_SET and self._input_names and h.in_shape:
+            return self._inputs_payload(slot, h), PayloadKind.TENSOR
         if h.in_dtype >= len(DTYPES) or not 0 <= h.in_ndim <= MAX_NDIM:
             raise HeaderError("corrupt request header: dtype or rank out of range")
         if h.in_nbytes > self.arena.geometry.slot_bytes:
@@ -901,6 +912,19 @@ class Worker:
         if math.prod(h.in_shape) * dtype.itemsize != h.in_nbytes:
             raise HeaderError("corrupt request header: shape does not match byte length")
         return self.arena.data_array(slot, dtype, h.in_shape), PayloadKind(kind)
+
+    def _inputs_payload(self, slot: int, h: Header) -> dict[str, np.ndarray]:
+        """A request's several inputs, each checked against the rows the header says."""
+        if h.in_nbytes > self.arena.geometry.slot_bytes or h.in_shape[0] != len(self._input_names):
+            raise HeaderError("corrupt request header: not this model's inputs")
+        try:
+            raw = self.arena.data(slot)[: h.in_nbytes]
+            tensors = tensor_set.unpack(raw, h.in_shape[0], read_only=False)
+        except ValueError as e:
+            raise HeaderError(f"corrupt request: {e}") from None
+        if any(t.ndim == 0 or t.shape[0] != h.rows for t in tensors):
+            raise HeaderError("corrupt request: its inputs disagree with its rows")
+        return dict(zip(self._input_names, tensors, strict=True))
 
     def _bytes_payload(self, slot: int, h: Header, kind: int) -> np.ndarray | list[memoryview]:
         """A BYTES tensor from the slot's length-prefixed form: for the handler, an object
@@ -958,11 +982,11 @@ class Worker:
         owners: set[int],
     ) -> None:
         self._batch_seq += 1
-        rows_total = sum(int(m.tensor.shape[0]) for m in members)
+        rows_total = sum(batch_inputs.rows(m.tensor) for m in members)
         t0 = time.perf_counter()
         start = 0
         for m in members:
-            n = int(m.tensor.shape[0])
+            n = batch_inputs.rows(m.tensor)
             if type(outputs) is tuple:  # several outputs: each request's rows of each
                 mine = tuple(o[start : start + n] for o in outputs)
                 self._finish_ok(m.slot, mine, rows_total, owners)
@@ -1070,32 +1094,41 @@ class Worker:
         return check_output(result, rows, self._declared_output)
 
     def _infer(
-        self, tensors: list[torch.Tensor]
+        self, tensors: list[Inputs]
     ) -> tuple[np.ndarray | tuple[np.ndarray, ...], float, float]:
         """The outputs of one batch, the seconds spent gathering its input (and starting
         the copy to a GPU, which is asynchronous: it completes inside the model's time),
-        and the seconds the model took (with the copy back)."""
+        and the seconds the model took (with the copy back). A model with several inputs
+        is given a dict of batched tensors by name."""
         assert self.handler is not None
         device = self.handler.device
         t_gather = time.monotonic_ns()
-        if device.type == "cuda":
+        batch: Inputs
+        if type(tensors[0]) is dict:
+            batch = batch_inputs.concat(tensors)
+            if device.type == "cuda":
+                batch = batch_inputs.to_device(batch, device)
+            elif len(tensors) == 1:  # views of the slot: see ``_own_payload``
+                batch = batch_inputs.owned(batch, *self.arena.span)
+        elif device.type == "cuda":
             mbs = self.model.batching.max_batch_size
-            batch = self._staging.gather(tensors, mbs).to(device, non_blocking=True)
+            batch = self._staging.gather(tensors, mbs).to(device, non_blocking=True)  # type: ignore[arg-type]
         elif len(tensors) > 1:
-            batch = torch.cat(tensors)
+            batch = torch.cat(tensors)  # type: ignore[arg-type]
         else:
             batch = tensors[0]
             lo, hi = self.arena.span
             if lo <= batch.data_ptr() < hi:  # a view of the slot: see ``_own_payload``
                 batch = batch.clone()
+        rows = batch_inputs.rows(batch)
         t0 = time.monotonic_ns()
-        self.thread_share.enter(int(batch.shape[0]))
+        self.thread_share.enter(rows)
         try:
             out = self.handler.infer(batch)  # (in inference mode: see ``run``)
             result = self.handler.postprocess(out)
         finally:
             self.thread_share.leave()
-        checked = self._checked(result, int(batch.shape[0]))
+        checked = self._checked(result, rows)
         seconds = (time.monotonic_ns() - t0) / 1e9
         return checked, (t0 - t_gather) / 1e9, seconds
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ringserve.gpu_worker.batch_inputs import Inputs, as_inputs, expand, to_device
 from ringserve.gpu_worker.batcher import choose_preferred
 from ringserve.gpu_worker.handlers.base import Handler, TensorSpec
 from ringserve.ipc.config import ModelSettings, cache_dir
@@ -91,7 +92,7 @@ def _sync(handler: Handler) -> None:
         torch.cuda.synchronize(handler.device)
 
 
-def _rate(handler: Handler, batch: torch.Tensor, size: int) -> float:
+def _rate(handler: Handler, batch: Inputs, size: int) -> float:
     """Rows/s of one short timed round (one run for a slow model)."""
     runs, t0 = 0, time.perf_counter()
     while runs < 1 or (time.perf_counter() - t0 < ROUND_S and runs < 50):
@@ -256,18 +257,18 @@ def sample_shape(spec: TensorSpec) -> tuple[int, ...]:
     return tuple(DYNAMIC_DIM if d < 0 else d for d in spec.shape)
 
 
-def sample_row(handler: Handler) -> torch.Tensor:
-    """One preprocessed row of zeros of the declared input: what the profile batches and
-    the worker's start-up output probe runs."""
-    spec = handler.inputs[0]
-    zeros = np.zeros((1, *sample_shape(spec)), dtype=spec.dtype)
-    return handler.preprocess(zeros, PayloadKind.TENSOR)
+def sample_row(handler: Handler) -> Inputs:
+    """One preprocessed row of zeros of the declared input (of each, for a model with
+    several): what the profile batches and the worker's start-up output probe runs."""
+    zeros = {s.name: np.zeros((1, *sample_shape(s)), dtype=s.dtype) for s in handler.inputs}
+    if len(zeros) == 1:
+        return handler.preprocess(zeros[handler.inputs[0].name], PayloadKind.TENSOR)
+    return as_inputs(handler.preprocess(zeros, PayloadKind.TENSOR))
 
 
-def sample_batch(handler: Handler, size: int) -> torch.Tensor:
+def sample_batch(handler: Handler, size: int) -> Inputs:
     """``size`` copies of ``sample_row``, as one batch."""
-    row = sample_row(handler)
-    return row.expand(size, *row.shape[1:]).contiguous()
+    return expand(sample_row(handler), size)
 
 
 def throughput_profile(
@@ -276,7 +277,9 @@ def throughput_profile(
     """Rows/s by batch size (cached). ``threads``: the torch threads the caller set for
     the profile (part of the cache key: the best size depends on them)."""
     spec = handler.inputs[0]
-    shape = sample_shape(spec)
+    shape: object = sample_shape(spec)
+    if len(handler.inputs) > 1:
+        shape = tuple(sample_shape(s) for s in handler.inputs)
     options = json.dumps(dict(model.options), sort_keys=True, default=str)
     key = (
         f"{model.handler}|{model.weights}|{options}|{model.device}|{shape}"
@@ -353,7 +356,7 @@ def _measure(
     handler: Handler,
     model: ModelSettings,
     spec: TensorSpec,
-    shape: tuple[int, ...],
+    shape: object,
     heartbeat: Callable[[], None],
 ) -> dict[int, float]:
     """Rows/s by size. A size that runs out of device memory is recorded at 0 rows/s,
@@ -365,7 +368,7 @@ def _measure(
     sizes = batch_sizes(model.batching.max_batch_size)
     too_big = 0  # the smallest size that ran out of device memory
     last_round_s = 0.0
-    batches: dict[int, torch.Tensor] = {}  # made in the first round, as each is measured
+    batches: dict[int, Inputs] = {}  # made in the first round, as each is measured
     with torch.inference_mode():  # (batches made in it, as the worker's loop makes them)
         for round_ in range(ROUNDS):
             started = time.monotonic()
@@ -378,7 +381,7 @@ def _measure(
                     break  # a slow model's first round: the sizes it measured are all
                 try:
                     if size not in batches:
-                        batches[size] = sample_batch(handler, size).to(handler.device)
+                        batches[size] = to_device(sample_batch(handler, size), handler.device)
                     if size == 1 and not rates:  # warm-up (kernels), then the clock
                         handler.infer(batches[1])
                         _sync(handler)

@@ -176,6 +176,9 @@ def test_what_cannot_be_compiled_is_refused_naming_the_key() -> None:
     handler.inputs = (TensorSpec("INPUT0", "bytes", (1,)),)
     with pytest.raises(ConfigError, match="INPUT0 is BYTES"):
         compilable_module(handler, "m")
+    handler.inputs = (TensorSpec("A", "float32", (4,)), TensorSpec("B", "float32", (4,)))
+    with pytest.raises(ConfigError, match="the model takes 2 inputs; compile buckets"):
+        compilable_module(handler, "m")
 
 
 def test_running_out_of_room_is_told_from_a_model_that_cannot_compile() -> None:

@@ -715,7 +715,8 @@ F32 = TensorSpec("X", "float32", (-1,))
 @pytest.mark.parametrize(
     ("inputs", "outputs", "why"),
     [
-        ((), (F32,), "IdentityHandler.inputs declares 0: ringserve serves one input"),
+        ((), (F32,), r"IdentityHandler.inputs declares 0: set inputs = \(TensorSpec"),
+        ((F32, F32), (F32,), "IdentityHandler.inputs names 'X' more than once"),
         ((F32,), (F32, F32), "IdentityHandler.outputs names 'X' more than once"),
         ((F32,), (), r"IdentityHandler.outputs declares 0: .* up to 16 of them"),
         ((F32,), tuple(TensorSpec(f"Y{i}", "float32", (1,)) for i in range(17)), "declares 17"),
@@ -747,6 +748,14 @@ def test_several_outputs_are_declared_with_distinct_names_and_no_classification(
     h = _declaring((F32,), two)
     h.task = "classification"
     with pytest.raises(DeclarationError, match="classification model, so it declares one output"):
+        check_declaration(h)
+
+
+def test_a_model_of_several_inputs_takes_no_images() -> None:
+    h = _declaring((F32, TensorSpec("Y", "int64", (1,))), (F32,))
+    check_declaration(h)
+    h.accepts_images = True
+    with pytest.raises(DeclarationError, match="takes images, so it declares one input"):
         check_declaration(h)
 
 
@@ -793,7 +802,7 @@ def test_built_in_declarations_pass(handler: str, monkeypatch: pytest.MonkeyPatc
 
 
 def test_preprocess_must_return_a_tensor() -> None:
-    from ringserve.gpu_worker.process import _as_tensor
+    from ringserve.gpu_worker.batch_inputs import as_inputs as _as_tensor
 
     t = torch.zeros(1)
     assert _as_tensor(t) is t
@@ -852,6 +861,23 @@ def test_the_example_with_several_outputs_answers_each_as_declared(
     scores, embedding = check_outputs(h.postprocess(h.infer(batch)), 3, h.outputs)
     assert scores.shape == (3, 4) and np.allclose(scores.sum(axis=1), 1, atol=1e-5)
     assert embedding.shape == (3, 8) and np.allclose(np.linalg.norm(embedding, axis=1), 1)
+
+
+def test_the_example_with_several_inputs_keeps_only_the_masked_tokens(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ringserve.gpu_worker.batch_check import preprocessed
+    from ringserve.gpu_worker.output_contract import check_output
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    h = loaded("python:user_handler:MeanEmbedding")
+    check_declaration(h)
+    ids = np.array([[101, 7592, 102], [101, 7592, 999]], np.int64)
+    mask = np.array([[1, 1, 0], [1, 1, 0]], np.int64)
+    batch = preprocessed(h, {"INPUT_IDS": ids, "ATTENTION_MASK": mask})
+    out = check_output(h.postprocess(h.infer(batch)), 2, h.outputs[0])
+    assert np.allclose(out[0], out[1])  # the masked-out token does not count
+    assert not np.allclose(out[0], 0)
 
 
 def test_python_user_handler(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1031,7 +1057,7 @@ class _RawTuples(_NotATupleOfSpecs):
 @pytest.mark.parametrize(
     ("cls", "says"),
     [
-        (_NotATupleOfSpecs, "_NotATupleOfSpecs.inputs declares TensorSpec: ringserve serves"),
+        (_NotATupleOfSpecs, r"_NotATupleOfSpecs.inputs declares TensorSpec: set inputs = \("),
         (_RawTuples, "input must be a TensorSpec"),
     ],
 )

@@ -75,13 +75,12 @@ def create_handler(settings: ModelSettings) -> Handler:
     # attribute 'dtype'").
     if (
         isinstance(inputs, tuple | list)
-        and inputs
-        and isinstance(inputs[0], TensorSpec)
-        and inputs[0].dtype == "bytes"
+        and any(isinstance(s, TensorSpec) and s.dtype == "bytes" for s in inputs)
         and (cls.preprocess is Handler.preprocess)
     ):
+        which = "its input is" if len(inputs) == 1 else "an input is"
         raise TypeError(
-            f"{settings.handler}: its input is BYTES, so it must define preprocess "
+            f"{settings.handler}: {which} BYTES, so it must define preprocess "
             "(an object array of bytes in, a tensor out)"
         )
     return handler

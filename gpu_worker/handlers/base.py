@@ -7,15 +7,17 @@ worker calls, in order: ``load(device)`` once before it reports ready; then per 
 frontends (which never import torch) can validate requests and serve metadata.
 
 Contract:
-- one input tensor and one or more output tensors per request; the first dimension is
-  the batch;
-- ``preprocess`` turns one request's payload (a numpy array, already checked against
-  ``inputs[0]`` by the frontend: a private copy that it may change in place, as ``infer``
-  may its batch, since the request's slot must stay intact for a retry after a crash;
-  encoded image bytes; or, for an input
+- one or more input tensors and one or more output tensors per request; the first
+  dimension is the batch;
+- ``preprocess`` turns one request's payload into a tensor of shape
+  ``[rows, *inputs[0].shape]``; it raises ``BadInput`` for input it refuses. The payload
+  is a numpy array already checked against ``inputs[0]`` by the frontend (a private
+  copy that it may change in place, as ``infer`` may its batch, since the request's slot
+  must stay intact for a retry after a crash); or encoded image bytes; or, for an input
   declared ``"bytes"`` (KServe v2 BYTES), an object array of ``bytes`` in the request's
-  shape: such a handler must define ``preprocess``) into a tensor of shape
-  ``[rows, *inputs[0].shape]``; it raises ``BadInput`` for input it refuses;
+  shape (such a handler must define ``preprocess``). A model that declares several
+  inputs is given a dict of such arrays by input name and returns a dict of tensors
+  (the base ``preprocess`` converts each); ``infer`` then gets a dict of batched tensors;
 - ``preprocess`` runs on the worker's thread unless the handler sets
   ``preprocess_thread_safe``: then a batch's images may be preprocessed on several
   threads at once (each with one torch thread);
@@ -92,10 +94,14 @@ class Handler(ABC):
     def load(self, device: torch.device) -> None:
         """Load weights onto ``device``. Called once before the worker is ready."""
 
-    def preprocess(self, payload: np.ndarray, kind: PayloadKind) -> torch.Tensor:
-        """One request's payload → ``[rows, *input shape]`` tensor (CPU; the worker moves it)."""
+    def preprocess(self, payload: Any, kind: PayloadKind) -> torch.Tensor | dict[str, torch.Tensor]:
+        """One request's payload → ``[rows, *input shape]`` tensor (CPU; the worker moves
+        it); a model with several inputs is given a dict of arrays by input name, and
+        returns a dict of tensors."""
         if kind == PayloadKind.IMAGE:
             raise BadInput(f"model {self.settings.name} does not take images")
+        if isinstance(payload, dict):
+            return {name: torch.from_numpy(a) for name, a in payload.items()}
         return torch.from_numpy(payload)
 
     @abstractmethod

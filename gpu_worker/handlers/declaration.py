@@ -1,6 +1,6 @@
 """A handler's declared input and output, checked once after ``load``.
 
-Frontends validate requests against ``inputs[0]`` and describe the model from its specs
+Frontends validate requests against the declared inputs and describe the model from its specs
 (they never import the handler). A missing spec, a dtype name numpy reads but ringserve
 does not carry ("fp32"), or an ONNX-style ``None`` dimension used to load fine and then
 fail every request with a frontend traceback (or crash the worker): refused here, with
@@ -19,30 +19,29 @@ class DeclarationError(ValueError):
     """The handler's ``inputs``/``outputs`` cannot be served as declared."""
 
 
-MAX_OUTPUTS = 16  # a tensor set's table stays small beside its tensors
+MAX_TENSORS = 16  # inputs or outputs: a tensor set's table stays small beside its tensors
 
 
 def check_declaration(handler: Handler) -> None:
     cls = type(handler).__name__
     inputs, outputs = handler.inputs, handler.outputs
-    if not isinstance(inputs, tuple | list) or len(inputs) != 1:
-        count = len(inputs) if isinstance(inputs, tuple | list) else type(inputs).__name__
+    for role, specs in (("inputs", inputs), ("outputs", outputs)):
+        if not isinstance(specs, tuple | list) or not 1 <= len(specs) <= MAX_TENSORS:
+            count = len(specs) if isinstance(specs, tuple | list) else type(specs).__name__
+            raise DeclarationError(
+                f"{cls}.{role} declares {count}: set {role} = ({FORM},), or up to "
+                f"{MAX_TENSORS} of them for a model with several {role}"
+            )
+        for spec in specs:
+            _check_spec(role[:-1], spec)
+        names = [s.name for s in specs]
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            raise DeclarationError(f"{cls}.{role} names {twice[0]!r} more than once")
+    if len(inputs) > 1 and handler.accepts_images:
         raise DeclarationError(
-            f"{cls}.inputs declares {count}: ringserve serves one input per model; "
-            f"set inputs = ({FORM},)"
+            f"{cls} takes images, so it declares one input (the image's tensor); it "
+            f"declares {len(inputs)}"
         )
-    _check_spec("input", inputs[0])
-    if not isinstance(outputs, tuple | list) or not 1 <= len(outputs) <= MAX_OUTPUTS:
-        count = len(outputs) if isinstance(outputs, tuple | list) else type(outputs).__name__
-        raise DeclarationError(
-            f"{cls}.outputs declares {count}: set outputs = ({FORM},), or up to "
-            f"{MAX_OUTPUTS} of them for a model with several outputs"
-        )
-    for spec in outputs:
-        _check_spec("output", spec)
-    names = [s.name for s in outputs]
-    if twice := sorted({n for n in names if names.count(n) > 1}):
-        raise DeclarationError(f"{cls}.outputs names {twice[0]!r} more than once")
     if handler.task == "classification" and len(outputs) > 1:
         raise DeclarationError(
             f"{cls} is a classification model, so it declares one output (the scores); "

@@ -4,7 +4,7 @@ one that leaks on its device (GPU memory, on a GPU), one that fails to load, one
 frees memory as it loads, one that counts its page faults, one that reports its threads,
 one with a BYTES input, one with a BYTES output, one that breaks the handler contract,
 one that says which thread preprocessed each image, one that records its exit and
-one with several outputs."""
+one with several outputs and one with several inputs."""
 
 from __future__ import annotations
 
@@ -635,3 +635,40 @@ class SeveralOutputs(Handler):
         if (first == 196).any():
             out["EXTRA"] = signs
         return out
+
+
+class MaskedSum(Handler):
+    """Two inputs, as a text model takes token ids and an attention mask: per row, the
+    sum of the ids the mask keeps and how many it keeps. ``infer`` is given a dict of
+    batched tensors by input name (the base ``preprocess`` makes one per request)."""
+
+    inputs = (TensorSpec("IDS", "int64", (-1,)), TensorSpec("MASK", "int64", (-1,)))
+    outputs = (TensorSpec("SUM", "int64", (1,)), TensorSpec("KEPT", "int64", (1,)))
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+
+    def infer(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        ids, mask = batch["IDS"], batch["MASK"]
+        return {
+            "SUM": (ids * mask).sum(dim=1, keepdim=True),
+            "KEPT": mask.sum(dim=1, keepdim=True),
+        }
+
+
+class ScaledByTag(Handler):
+    """A numeric input and a BYTES one: per row, the sum of VALUES times the length of
+    TAG (its own ``preprocess`` turns the text into a number, as a BYTES input needs)."""
+
+    inputs = (TensorSpec("VALUES", "float32", (-1,)), TensorSpec("TAG", "bytes", (1,)))
+    outputs = (TensorSpec("OUT", "float32", (1,)),)
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+
+    def preprocess(self, payload: dict[str, np.ndarray], kind: PayloadKind) -> dict:
+        lengths = [[float(len(t))] for (t,) in payload["TAG"].tolist()]
+        return {"VALUES": torch.from_numpy(payload["VALUES"]), "TAG": torch.tensor(lengths)}
+
+    def infer(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch["VALUES"].sum(dim=1, keepdim=True) * batch["TAG"]
