@@ -44,12 +44,13 @@ from ringserve.frontend.images import check_image
 from ringserve.frontend.jsonio import JSON_BODY_TYPES, nonfinite, parse_json, utf8_strings
 from ringserve.frontend.metrics import FrontendMetrics
 from ringserve.frontend.missed_deadlines import MissedDeadlines
-from ringserve.frontend.tensors import fit_shape, from_json
+from ringserve.frontend.tensors import fit_shape, from_json, several_from_json
 from ringserve.ipc import bytes_tensor
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.config import Settings
 from ringserve.ipc.errors import QueueFull
 from ringserve.ipc.layout import ModelAvailability, PayloadKind, Status
+from ringserve.ipc.tensor_set import PackedBytes
 
 access_log = logging.getLogger("ringserve.access")
 R = TypeVar("R")
@@ -245,7 +246,7 @@ async def infer(
     state: FrontendState,
     call: Call,
     info: ModelInfo,
-    payload: np.ndarray,
+    payload: np.ndarray | tuple[np.ndarray | PackedBytes, ...],  # a tuple: several inputs
     kind: int,  # a PayloadKind, with flags (layout.RUN_ALONE)
     rows: int,
     rid: str,
@@ -453,15 +454,17 @@ def make_predict(state: FrontendState) -> Handler:
                     echoed = asked
                     if asked and asked.isprintable():
                         rid = asked
-                in_spec = info.spec["inputs"][0]  # type: ignore[index]
-                arr = from_json(doc["data"], in_spec["dtype"], body)
-                payload, rows, batched = fit_shape(
-                    arr, in_spec["shape"], info.settings.batching.max_batch_size
-                )
+                in_specs = info.spec["inputs"]  # type: ignore[index]
+                mbs = info.settings.batching.max_batch_size
                 kind = PayloadKind.TENSOR
-                if payload.dtype.hasobject:  # strings for a BYTES input: length-prefixed
-                    dtype_name, shape = "bytes", payload.shape
-                    payload = bytes_tensor.packed(payload)
+                if len(in_specs) > 1:  # {"data": {"INPUT_IDS": [...], "MASK": [...]}}
+                    payload, rows, batched = several_from_json(doc["data"], in_specs, mbs, body)
+                else:
+                    arr = from_json(doc["data"], in_specs[0]["dtype"], body)
+                    payload, rows, batched = fit_shape(arr, in_specs[0]["shape"], mbs)
+                    if payload.dtype.hasobject:  # strings for a BYTES input: length-prefixed
+                        dtype_name, shape = "bytes", payload.shape
+                        payload = bytes_tensor.packed(payload)
             else:
                 raise HTTPError(
                     415, f"unsupported Content-Type {ctype!r}: use application/json or image/*"

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 
 from ringserve.frontend.errors import HTTPError, unprocessable
+from ringserve.ipc import bytes_tensor
+from ringserve.ipc.tensor_set import PackedBytes
 
 MAX_JSON_DEPTH = 16
 
@@ -224,3 +226,37 @@ def fit_shape(
         f"input shape {list(arr.shape)} does not match the model's: one row [{dims}] "
         f"or a batch {batch}"
     )
+
+
+def several_from_json(
+    data: Any, specs: list[dict[str, Any]], max_rows: int, body: bytes | memoryview | None = None
+) -> tuple[tuple[np.ndarray | PackedBytes, ...], int, bool]:
+    """The /predict ``data`` of a model with several inputs: an object with each input by
+    name, each read and fitted as a lone input is. Returns them in declared order (a
+    BYTES one length-prefixed), with the rows and whether they came as a batch, which
+    every input must agree on."""
+    names = [str(s["name"]) for s in specs]
+    if not isinstance(data, dict) or set(data) != set(names):
+        got = f"keys {', '.join(sorted(map(str, data)))}" if isinstance(data, dict) else "no object"
+        raise unprocessable(
+            f'"data" must be an object with the model\'s inputs {", ".join(names)} ({got})'
+        )
+    parts: list[np.ndarray | PackedBytes] = []
+    fits: dict[str, tuple[int, bool]] = {}
+    for spec, name in zip(specs, names, strict=True):
+        try:
+            arr = from_json(data[name], str(spec["dtype"]), body)
+            arr, rows, batched = fit_shape(arr, list(spec["shape"]), max_rows)
+        except HTTPError as e:
+            raise HTTPError(e.status, f"input {name}: {e.message}") from None
+        fits[name] = (rows, batched)
+        parts.append(
+            PackedBytes(arr.shape, bytes_tensor.packed(arr)) if arr.dtype.hasobject else arr
+        )
+    if len(set(fits.values())) > 1:
+        said = ", ".join(
+            f"{n}: {r} row{'s' * (r != 1)}{'' if b else ' (one row)'}" for n, (r, b) in fits.items()
+        )
+        raise unprocessable(f"the inputs disagree on their rows ({said})")
+    rows, batched = fits[names[0]]
+    return tuple(parts), rows, batched

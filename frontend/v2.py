@@ -145,23 +145,22 @@ def _request_rows(catalog: Catalog, spec: dict[str, Any], mbs: int) -> int:
     own when a request of that many rows does not fit a slot (resnet50 rows are 602,112
     bytes: a 1 MiB slot holds one), so that perf_analyzer -b and batching clients are
     told, not refused with 413; at least 1 (0 would mean no batch dimension)."""
-    fit = _slot_rows(catalog.arena.geometry.slot_bytes, spec["inputs"][0], spec["outputs"])
-    return mbs if mbs <= 0 or fit is None else max(1, min(mbs, fit))
+    slot_bytes = catalog.arena.geometry.slot_bytes
+    fits = [_rows_in(slot_bytes, spec[role]) for role in ("inputs", "outputs")]
+    known = [n for n in fits if n is not None]
+    return mbs if mbs <= 0 or not known else max(1, min(mbs, *known))
 
 
-def _slot_rows(slot_bytes: int, inp: dict[str, Any], outs: list[dict[str, Any]]) -> int | None:
-    """The most rows one request's slot carries: its input, and its answer, which is all
-    the model's outputs together (a row of it is the sum of theirs, known only when each
-    one's is). None when neither row size is known in advance."""
-    if len(outs) == 1:
-        tensors = [(str(t["dtype"]), tuple(t["shape"])) for t in (inp, outs[0])]
-        return rows_per_request(slot_bytes, tensors)
-    fits = rows_per_request(slot_bytes, [(str(inp["dtype"]), tuple(inp["shape"]))])
-    out_rows = [row_bytes(str(t["dtype"]), tuple(t["shape"])) for t in outs]
-    if None in out_rows or not any(out_rows):
-        return fits
-    answer = tensor_set.rows_that_fit(slot_bytes, out_rows)  # type: ignore[arg-type]
-    return answer if fits is None else min(fits, answer)
+def _rows_in(slot_bytes: int, tensors: list[dict[str, Any]]) -> int | None:
+    """The most rows of ``tensors`` (a model's inputs, or its outputs) one slot holds:
+    one travels alone, several as a tensor set with its table. None when a row's size is
+    not known in advance (a -1 dimension, BYTES)."""
+    sizes = [row_bytes(str(t["dtype"]), tuple(t["shape"])) for t in tensors]
+    if None in sizes or not any(sizes):
+        return None
+    if len(sizes) == 1:
+        return rows_per_request(slot_bytes, [(str(t["dtype"]), tuple(t["shape"])) for t in tensors])
+    return tensor_set.rows_that_fit(slot_bytes, sizes)  # type: ignore[arg-type]
 
 
 def _config(catalog: Catalog, info: ModelInfo) -> dict[str, Any]:
@@ -332,7 +331,7 @@ def v2_routes(state: FrontendState) -> list[Route]:
             ready_model(state, name)
             spec = _spec(state.catalog, info)
             labels = spec.get("labels") or ()
-            inp = TensorSpec.from_spec(spec["inputs"][0])
+            inps = [TensorSpec.from_spec(t) for t in spec["inputs"]]
             outs = [TensorSpec.from_spec(t) for t in spec["outputs"]]
             ctype = call.headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype not in REQUEST_TYPES:
@@ -348,7 +347,7 @@ def v2_routes(state: FrontendState) -> list[Route]:
             req = decode_infer_body(
                 body,
                 call.headers.get(HEADER_LENGTH),
-                inp,
+                inps,
                 outs,
                 mbs,
                 images_ok,
@@ -356,7 +355,9 @@ def v2_routes(state: FrontendState) -> list[Route]:
                 state.arena.geometry.slot_bytes,
             )
             if req.images:
-                check_images(req.payload, state.settings.server.max_image_pixels, inp.name)
+                # (images: a model of one input, so one array)
+                limit = state.settings.server.max_image_pixels
+                check_images(req.payload, limit, inps[0].name)  # type: ignore[arg-type]
             if req.id and req.id.isprintable():  # its length is checked in the codec
                 rid = req.id
 

@@ -1,8 +1,8 @@
 """KServe v2 / Open Inference Protocol tensors, with Triton's binary tensor extension.
 
 Pure functions, no HTTP and no shared memory, so every rule is unit-testable:
-``decode_request`` turns an infer request body into one validated numpy array for the
-model's single input, and which of the model's outputs to answer and how;
+``decode_request`` turns an infer request body into validated arrays for the model's
+inputs (one array for a model of one input), and which of its outputs to answer and how;
 ``encode_response`` turns the model's outputs into a response body.
 
 Body layout with the binary extension (request and response alike)::
@@ -36,6 +36,7 @@ from ringserve.frontend.tensors import MAX_JSON_DEPTH, cast, exact_integers, jso
 from ringserve.ipc import bytes_tensor
 from ringserve.ipc.bytes_tensor import pack as serialize_bytes
 from ringserve.ipc.slot_fit import over_slot
+from ringserve.ipc.tensor_set import PackedBytes
 
 # KServe datatype <-> ringserve dtype name (ringserve.ipc.layout.DTYPES) <-> Triton config.
 V2_TO_DTYPE: dict[str, str] = {
@@ -81,7 +82,7 @@ def model_shape(per_row: list[int], max_batch_size: int) -> list[int]:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """What the model declares for its one input or one of its outputs (from
+    """What the model declares for one of its inputs or outputs (from
     Handler.describe())."""
 
     name: str
@@ -109,12 +110,14 @@ class OutputWanted:
 class InferRequest:
     """A validated infer request, ready for the dispatcher."""
 
-    payload: np.ndarray  # shape [rows, *per-row shape]; may be a read-only view of the body
+    # Shape [rows, *per-row shape]; may be a read-only view of the body. A model of several
+    # inputs gets one per input, in declared order (BYTES ones as PackedBytes).
+    payload: np.ndarray | tuple[np.ndarray | PackedBytes, ...]
     rows: int
     id: str | None
     # The outputs to answer, in the response's order (the request's, else declared order)
     outputs: tuple[OutputWanted, ...]
-    # BYTES: ``payload`` is the tensor in its length-prefixed form (uint8), this its shape
+    # A lone BYTES input: ``payload`` is the tensor length-prefixed (uint8), this its shape
     bytes_shape: tuple[int, ...] | None = None
     images: bool = False  # BYTES elements are encoded images, one per row (see below)
     timeout_s: float | None = None  # Triton's ``timeout`` parameter (sent in µs), if any
@@ -337,73 +340,29 @@ def _image_rows(shape: list[int], max_batch_size: int, where: str) -> int:
     return 1
 
 
-def decode_request(
-    header: bytes | memoryview,
-    binary: memoryview,
-    inp: TensorSpec,
-    outs: Sequence[TensorSpec],
-    max_batch_size: int,
-    accepts_images: bool = False,
-    shm: ShmReader = shm_off,
-) -> InferRequest:
-    """Validate an infer request against the model's one input and its outputs (``outs``,
-    all of them, in declared order).
-
-    As Triton: without ``"outputs"`` (or with an empty list) the response carries every
-    output, in declared order, binary when ``binary_data_output`` says so; with it, the
-    outputs it names, in its order, each with its own parameters.
-
-    ``shm`` reads client shared memory for inputs and outputs that name a region
-    (Triton's system shared-memory extension).
-
-    A model that ``accepts_images`` also takes its input as BYTES whatever its declared
-    datatype: one encoded image (JPEG, PNG, ...) per row, which the worker decodes and
-    preprocesses as it does an ``image/*`` body of the simple API (Triton users send
-    images this way to a model with server-side preprocessing).
-    """
-    try:
-        doc = parse_json(header)
-    except HTTPError as e:
-        if len(binary) or not isinstance(header, bytes) or header.isascii():
-            raise
-        raise bad_request(  # most likely binary tensors without their header length
-            f"{e.message}; a body with binary tensors needs the Inference-Header-Content-Length "
-            "header (the size of its JSON part)"
-        ) from None
-    if not isinstance(doc, dict):
-        raise bad_request("infer request must be a JSON object")
-    rid = doc.get("id")
-    if rid is not None and (not isinstance(rid, str) or len(rid) > MAX_REQUEST_ID_CHARS):
-        raise bad_request(f'"id" must be a string of at most {MAX_REQUEST_ID_CHARS} characters')
-    params = _params(doc, "request")
-    if reserved := [k for k in params if k.startswith("triton_")]:
-        raise bad_request(f"parameter {reserved[0]!r}: names starting triton_ are reserved")
-    priority = params.get("priority", 0)
-    if not isinstance(priority, int) or isinstance(priority, bool) or priority < 0:
-        raise bad_request('"priority" must be a non-negative integer')
-    if params.get("sequence_id") not in (None, 0, ""):
-        raise bad_request("sequence_id is not supported: ringserve models are stateless")
-    timeout_s = _timeout_param(params.get("timeout"))
-    binary_default = params.get("binary_data_output", False)
-    if not isinstance(binary_default, bool):
-        raise bad_request('"binary_data_output" must be true or false')
-
-    if "inputs" not in doc:
-        raise bad_request('infer request needs "inputs"')
-    inputs = doc["inputs"]
-    if not isinstance(inputs, list):
-        raise bad_request('"inputs" must be a list')
-    if len(inputs) != 1:
-        raise bad_request(f"the model takes exactly 1 input ({inp.name!r}); got {len(inputs)}")
-    tensor = inputs[0]
+def _input_name(tensor: Any) -> str:
     if not isinstance(tensor, dict):
         raise bad_request("each input must be a JSON object")
     name = tensor.get("name")
     if not isinstance(name, str):
         raise bad_request('input needs a string "name"')
-    if name != inp.name:
-        raise bad_request(f"unknown input {name!r}: the model's input is {inp.name!r}")
-    where = f"input {name!r}"
+    return name
+
+
+def _decode_input(
+    tensor: dict[str, Any],
+    inp: TensorSpec,
+    binary: memoryview,
+    offset: int,
+    header: bytes | memoryview,
+    max_batch_size: int,
+    accepts_images: bool,
+    shm: ShmReader,
+) -> tuple[np.ndarray, tuple[int, ...] | None, int, bool, int]:
+    """One input of the request, named as ``inp``: (array, BYTES shape or None, rows,
+    images, binary bytes it took at ``offset``). A numeric array gets its leading 1 when
+    the model does not batch; a BYTES one stays length-prefixed, its shape beside it."""
+    where = f"input {inp.name!r}"
     datatype = tensor.get("datatype")
     if datatype is None:
         raise bad_request(f'{where} needs a "datatype" ({v2_datatype(inp.dtype)})')
@@ -443,12 +402,15 @@ def decode_request(
             raise bad_request(f"{where} binary_data_size must be a non-negative integer")
         if "data" in tensor:
             raise bad_request(f'{where} has both "data" and binary_data_size')
-        if size > len(binary):
+        left = len(binary) - offset
+        if size > left:
+            after = "after the JSON header"
+            if offset:  # (an input of several, after others' binary data)
+                after = f"left {after} and the {offset} bytes of the inputs before it"
             raise bad_request(
-                f"{where} binary data is truncated: binary_data_size {size}, "
-                f"{len(binary)} bytes after the JSON header"
+                f"{where} binary data is truncated: binary_data_size {size}, {left} bytes {after}"
             )
-        arr = _from_binary(binary[:size], shape, dtype, where)
+        arr = _from_binary(binary[offset : offset + size], shape, dtype, where)
         consumed = size
     elif "data" in tensor:
         arr = _from_json_data(tensor["data"], shape, dtype, where, header)
@@ -456,6 +418,138 @@ def decode_request(
         raise bad_request(
             f'{where} needs "data", parameters.binary_data_size or parameters.shared_memory_region'
         )
+
+    if images:
+        return arr, (rows,), rows, True, consumed
+    if dtype == "bytes":
+        return arr, tuple(shape) if max_batch_size > 0 else (1, *shape), rows, False, consumed
+    return arr if max_batch_size > 0 else arr.reshape(1, *arr.shape), None, rows, False, consumed
+
+
+def _decode_inputs(
+    inputs: list[Any],
+    inps: Sequence[TensorSpec],
+    binary: memoryview,
+    header: bytes | memoryview,
+    max_batch_size: int,
+    shm: ShmReader,
+) -> tuple[tuple[np.ndarray | PackedBytes, ...], int, bool, int]:
+    """The inputs of a model of several: (payload in declared order, rows, nonfinite,
+    binary bytes taken). The request names each once, in any order; binary parts follow
+    the header in the request's order, as Triton lays them out."""
+    names = [i.name for i in inps]
+    given = []  # declared index of each of the request's inputs
+    for tensor in inputs:
+        name = _input_name(tensor)
+        if name not in names:
+            known = ", ".join(repr(n) for n in names)
+            raise bad_request(f"unknown input {name!r}: the model's inputs are {known}")
+        given.append(names.index(name))
+    if len(set(given)) != len(given):
+        for i in given:
+            if (times := given.count(i)) > 1:
+                raise bad_request(f"input {names[i]!r} is given {times} times")
+    if missing := [n for i, n in enumerate(names) if i not in given]:
+        raise bad_request(
+            f"the model takes {len(names)} inputs ({', '.join(repr(n) for n in names)}); "
+            f"missing {', '.join(repr(n) for n in missing)}"
+        )
+    payload: list[Any] = [None] * len(inps)
+    rows = [0] * len(inps)
+    offset, bad = 0, False
+    for tensor, i in zip(inputs, given, strict=True):
+        # (Images are one lone input's alternative form: here BYTES is the tensor itself.)
+        arr, bytes_shape, rows[i], _, used = _decode_input(
+            tensor, inps[i], binary, offset, header, max_batch_size, False, shm
+        )
+        offset += used
+        bad = bad or nonfinite(arr)
+        payload[i] = arr if bytes_shape is None else PackedBytes(bytes_shape, arr)
+    if (other := next((i for i, r in enumerate(rows) if r != rows[0]), None)) is not None:
+        raise bad_request(
+            f"inputs disagree on the batch dimension: {names[0]!r} has {rows[0]} rows, "
+            f"{names[other]!r} has {rows[other]}"
+        )
+    return tuple(payload), rows[0], bad, offset
+
+
+def decode_request(
+    header: bytes | memoryview,
+    binary: memoryview,
+    inps: Sequence[TensorSpec],
+    outs: Sequence[TensorSpec],
+    max_batch_size: int,
+    accepts_images: bool = False,
+    shm: ShmReader = shm_off,
+) -> InferRequest:
+    """Validate an infer request against the model's inputs (``inps``) and outputs
+    (``outs``), all of them, in declared order.
+
+    As Triton: without ``"outputs"`` (or with an empty list) the response carries every
+    output, in declared order, binary when ``binary_data_output`` says so; with it, the
+    outputs it names, in its order, each with its own parameters.
+
+    ``shm`` reads client shared memory for inputs and outputs that name a region
+    (Triton's system shared-memory extension).
+
+    A model that ``accepts_images`` also takes its input as BYTES whatever its declared
+    datatype: one encoded image (JPEG, PNG, ...) per row, which the worker decodes and
+    preprocesses as it does an ``image/*`` body of the simple API (Triton users send
+    images this way to a model with server-side preprocessing). Only a model of one
+    input takes images.
+    """
+    try:
+        doc = parse_json(header)
+    except HTTPError as e:
+        if len(binary) or not isinstance(header, bytes) or header.isascii():
+            raise
+        raise bad_request(  # most likely binary tensors without their header length
+            f"{e.message}; a body with binary tensors needs the Inference-Header-Content-Length "
+            "header (the size of its JSON part)"
+        ) from None
+    if not isinstance(doc, dict):
+        raise bad_request("infer request must be a JSON object")
+    rid = doc.get("id")
+    if rid is not None and (not isinstance(rid, str) or len(rid) > MAX_REQUEST_ID_CHARS):
+        raise bad_request(f'"id" must be a string of at most {MAX_REQUEST_ID_CHARS} characters')
+    params = _params(doc, "request")
+    if reserved := [k for k in params if k.startswith("triton_")]:
+        raise bad_request(f"parameter {reserved[0]!r}: names starting triton_ are reserved")
+    priority = params.get("priority", 0)
+    if not isinstance(priority, int) or isinstance(priority, bool) or priority < 0:
+        raise bad_request('"priority" must be a non-negative integer')
+    if params.get("sequence_id") not in (None, 0, ""):
+        raise bad_request("sequence_id is not supported: ringserve models are stateless")
+    timeout_s = _timeout_param(params.get("timeout"))
+    binary_default = params.get("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        raise bad_request('"binary_data_output" must be true or false')
+
+    if "inputs" not in doc:
+        raise bad_request('infer request needs "inputs"')
+    inputs = doc["inputs"]
+    if not isinstance(inputs, list):
+        raise bad_request('"inputs" must be a list')
+    payload: np.ndarray | tuple[np.ndarray | PackedBytes, ...]
+    if len(inps) == 1:  # (the usual case: no names to match up)
+        inp = inps[0]
+        if len(inputs) != 1:
+            raise bad_request(f"the model takes exactly 1 input ({inp.name!r}); got {len(inputs)}")
+        tensor = inputs[0]
+        name = _input_name(tensor)
+        if name != inp.name:
+            raise bad_request(f"unknown input {name!r}: the model's input is {inp.name!r}")
+        arr, bytes_shape, rows, images, consumed = _decode_input(
+            tensor, inp, binary, 0, header, max_batch_size, accepts_images, shm
+        )
+        payload = arr
+        # (JSON data holds none: the house rule refused it in ``cast``)
+        bad = nonfinite(arr)
+    else:
+        payload, rows, bad, consumed = _decode_inputs(
+            inputs, inps, binary, header, max_batch_size, shm
+        )
+        bytes_shape, images = None, False
     if consumed != len(binary):
         raise bad_request(
             f"{len(binary) - consumed} bytes after the JSON header are not claimed by any "
@@ -470,24 +564,7 @@ def decode_request(
             wanted = tuple(OutputWanted(i, o.name, binary_default) for i, o in enumerate(outs))
     else:
         wanted = _outputs_wanted(requested, outs, binary_default, shm)
-
-    if images:
-        payload, bytes_shape = arr, (rows,)
-    elif dtype == "bytes":
-        payload, bytes_shape = arr, tuple(shape) if max_batch_size > 0 else (1, *shape)
-    else:
-        payload, bytes_shape = arr if max_batch_size > 0 else arr.reshape(1, *arr.shape), None
-    return InferRequest(
-        payload,
-        rows,
-        rid,
-        wanted,
-        bytes_shape,
-        images,
-        timeout_s,
-        # (JSON data holds none: the house rule refused it in ``cast``)
-        nonfinite(arr),
-    )
+    return InferRequest(payload, rows, rid, wanted, bytes_shape, images, timeout_s, bad)
 
 
 def _outputs_wanted(
@@ -573,7 +650,7 @@ def _all_binary(outs: Sequence[TensorSpec]) -> tuple[OutputWanted, ...]:
 
 def decode_raw_request(
     body: memoryview,
-    inp: TensorSpec,
+    inps: Sequence[TensorSpec],
     outs: Sequence[TensorSpec],
     max_batch_size: int,
     accepts_images: bool,
@@ -582,7 +659,14 @@ def decode_raw_request(
     the one input's bytes, one row, and every output comes back binary. As Triton
     deduces it: the declared shape, its one variable dimension (at most one) sized by
     the byte count; a BYTES input must be ``[1]``, the body its one element. Beyond
-    Triton: a model that takes images also takes one encoded image this way."""
+    Triton: a model that takes images also takes one encoded image this way. A model of
+    several inputs takes no raw body: it has no names to say which input it is."""
+    if len(inps) != 1:
+        raise bad_request(
+            f"a raw binary request carries one input; the model takes {len(inps)} "
+            f"({', '.join(repr(i.name) for i in inps)}): send the JSON header"
+        )
+    inp = inps[0]
     where = f"raw binary input {inp.name!r}"
     want = model_shape(inp.shape, max_batch_size)
     if not len(body):
@@ -638,7 +722,7 @@ def decode_raw_request(
 def decode_infer_body(
     body: bytes,
     header_length_raw: str | None,
-    inp: TensorSpec,
+    inps: Sequence[TensorSpec],
     outs: Sequence[TensorSpec],
     max_batch_size: int,
     accepts_images: bool = False,
@@ -657,8 +741,8 @@ def decode_infer_body(
     if slot_bytes is not None and len(binary) > slot_bytes:
         raise HTTPError(413, over_slot("binary input", len(binary), slot_bytes))
     if raw:
-        return decode_raw_request(binary, inp, outs, max_batch_size, accepts_images)
-    return decode_request(header, binary, inp, outs, max_batch_size, accepts_images, shm)
+        return decode_raw_request(binary, inps, outs, max_batch_size, accepts_images)
+    return decode_request(header, binary, inps, outs, max_batch_size, accepts_images, shm)
 
 
 # -- responses --------------------------------------------------------------------------

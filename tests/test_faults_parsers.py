@@ -272,7 +272,7 @@ def test_property_v2_decode_request(
     head = json.dumps(doc).encode()
     inp = TensorSpec("INPUT0", dtype, per_row)
     out = TensorSpec("OUTPUT0", dtype, per_row)
-    req = only_http_4xx(decode_infer_body, head + binary, header_length, inp, [out], mbs)
+    req = only_http_4xx(decode_infer_body, head + binary, header_length, [inp], [out], mbs)
     if req is not None:
         assert req.payload.dtype == np.dtype(dtype)
         assert req.payload.shape[0] >= 1 and req.rows >= 1

@@ -18,14 +18,17 @@ pytestmark = pytest.mark.e2e
 MODEL = "python:support.fake_handlers:SeveralOutputs"
 
 
+def serving(start_server, model: str) -> Server:
+    """A server of ``model`` (``name=handler``) that waits up to 20 ms to fill a batch,
+    so a burst of requests shares batches."""
+    return start_server(
+        *("--model", model), *("--max-queue-delay-ms", "20"), env=HANDLER_ENV, frontends=1
+    )
+
+
 @pytest.fixture
 def server(start_server) -> Server:
-    return start_server(
-        *("--model", f"multi={MODEL}"),
-        *("--max-queue-delay-ms", "20"),
-        env=HANDLER_ENV,
-        frontends=1,
-    )
+    return serving(start_server, f"multi={MODEL}")
 
 
 def expected(rows: list[list[float]]) -> dict[str, list]:

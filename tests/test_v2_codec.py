@@ -18,6 +18,7 @@ from ringserve.frontend.v2_codec import (
     V2_TO_CONFIG,
     InferRequest,
     OutputWanted,
+    ShmReader,
     TensorSpec,
     classify,
     decode_infer_body,
@@ -26,10 +27,12 @@ from ringserve.frontend.v2_codec import (
     header_length,
     model_shape,
     serialize_bytes,
+    shm_off,
     split_body,
     v2_datatype,
 )
 from ringserve.ipc import bytes_tensor
+from ringserve.ipc.tensor_set import PackedBytes
 
 IN = TensorSpec("INPUT0", "float32", [-1])
 OUT = TensorSpec("OUTPUT0", "float32", [-1])
@@ -53,7 +56,7 @@ def decode(
 ) -> InferRequest:
     raw, hlen = body(doc, *binary)
     header, tail = split_body(raw, header_length(hlen))
-    return decode_request(header, tail, spec, outs, mbs, images)
+    return decode_request(header, tail, [spec], outs, mbs, images)
 
 
 def err(doc: object, *binary: bytes, **kw: object) -> HTTPError:
@@ -228,12 +231,12 @@ def test_fixed_dims_and_rank_against_the_model() -> None:
 def test_malformed_json_is_400() -> None:
     header, tail = split_body(b'{"inputs": [', None)
     with pytest.raises(HTTPError) as e:
-        decode_request(header, tail, IN, (OUT,), 32)
+        decode_request(header, tail, [IN], (OUT,), 32)
     assert e.value.status == 400
     assert "malformed JSON" in e.value.message
     # Binary bytes after JSON with no header length: the error says what is missing.
     with pytest.raises(HTTPError, match="needs the Inference-Header-Content-Length") as e:
-        decode_request(b'{"inputs": []}\x80\x00\x00\x3f', memoryview(b""), IN, (OUT,), 32)
+        decode_request(b'{"inputs": []}\x80\x00\x00\x3f', memoryview(b""), [IN], (OUT,), 32)
     assert e.value.status == 400
 
 
@@ -323,7 +326,7 @@ def test_binary_input_is_a_view_of_the_body_not_a_copy() -> None:
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
     raw, hlen = body({"inputs": [binary_tensor(x)]}, x.tobytes())
     header, tail = split_body(raw, header_length(hlen))
-    r = decode_request(header, tail, IN, (OUT,), 32)
+    r = decode_request(header, tail, [IN], (OUT,), 32)
     np.testing.assert_array_equal(r.payload, x)
     assert r.rows == 3
     assert np.shares_memory(r.payload, np.frombuffer(raw, np.uint8))
@@ -426,7 +429,7 @@ def test_binary_input_over_a_slot_is_refused_before_it_is_parsed(
     ).encode()  # fmt: skip
     for body, length in ((head + bytes(4 * n), str(len(head))), (bytes(4 * n), "0")):
         with pytest.raises(HTTPError) as e:
-            decode_infer_body(body, length, spec, (OUT,), 0, slot_bytes=2**20)
+            decode_infer_body(body, length, [spec], (OUT,), 0, slot_bytes=2**20)
         assert e.value.status == 413 and "a request slot holds 1048576" in e.value.message
 
 
@@ -434,7 +437,7 @@ def test_binary_input_over_a_slot_is_refused_before_it_is_parsed(
 
 
 def raw(data: bytes, spec: TensorSpec = IN, mbs: int = 32, images: bool = False) -> InferRequest:
-    return decode_infer_body(data, "0", spec, (OUT,), mbs, images)
+    return decode_infer_body(data, "0", [spec], (OUT,), mbs, images)
 
 
 def raw_err(data: bytes, **kw: object) -> HTTPError:
@@ -673,7 +676,7 @@ def test_classification_is_parsed_per_output() -> None:
     raw, hlen = body(doc)
     header, tail = split_body(raw, header_length(hlen))
     with pytest.raises(HTTPError) as e:
-        decode_request(header, tail, IN, [text_out], 32)
+        decode_request(header, tail, [IN], [text_out], 32)
     assert e.value.status == 400 and "has no classes to rank" in e.value.message
 
 
@@ -790,7 +793,7 @@ def test_binary_data_output_answers_every_output_binary_in_order() -> None:
 
 
 def test_raw_binary_request_answers_every_output_binary() -> None:
-    req = decode_infer_body(np.zeros(3, np.float32).tobytes(), "0", IN, TWO, 32)
+    req = decode_infer_body(np.zeros(3, np.float32).tobytes(), "0", [IN], TWO, 32)
     assert req.outputs == (OutputWanted(0, "OUT_A", True), OutputWanted(1, "OUT_B", True))
 
 
@@ -924,7 +927,7 @@ def test_one_output_of_two_into_shared_memory() -> None:
         "inputs": [tensor(shape=[2, 3], data=[0] * 6)],
         "outputs": [{"name": "OUT_A"}, {"name": "OUT_B", "parameters": params}],
     }
-    req = decode_request(json.dumps(doc).encode(), memoryview(b""), IN, TWO, 32, False, read)
+    req = decode_request(json.dumps(doc).encode(), memoryview(b""), [IN], TWO, 32, False, read)
     assert asked == [("o", 8, 16)]
     assert req.outputs[0].shm is None and req.outputs[1].shm is not None
     head, tail = two_answer(req)
@@ -934,7 +937,7 @@ def test_one_output_of_two_into_shared_memory() -> None:
     bad = {**params, "binary_data": True}
     doc["outputs"] = [{"name": "OUT_A"}, {"name": "OUT_B", "parameters": bad}]
     with pytest.raises(HTTPError, match="'OUT_B' can't set both shared_memory_region and binary"):
-        decode_request(json.dumps(doc).encode(), memoryview(b""), IN, TWO, 32, False, read)
+        decode_request(json.dumps(doc).encode(), memoryview(b""), [IN], TWO, 32, False, read)
 
 
 # -- compression ------------------------------------------------------------------------
@@ -1011,7 +1014,7 @@ def shm_doc(params: dict[str, object], outputs: list[dict] | None = None) -> dic
 
 
 def decode_shm(doc: dict[str, object], read) -> InferRequest:  # type: ignore[no-untyped-def]
-    return decode_request(json.dumps(doc).encode(), memoryview(b""), IN, (OUT,), 32, False, read)
+    return decode_request(json.dumps(doc).encode(), memoryview(b""), [IN], (OUT,), 32, False, read)
 
 
 def test_input_from_shared_memory() -> None:
@@ -1073,7 +1076,7 @@ def test_output_in_shared_memory_takes_no_classification_or_binary_flag(
 def test_shared_memory_without_a_reader_is_refused() -> None:
     doc = shm_doc({"shared_memory_region": "r", "shared_memory_byte_size": 12})
     with pytest.raises(HTTPError, match="--allow-client-shm") as e:
-        decode_request(json.dumps(doc).encode(), memoryview(b""), IN, (OUT,), 32)
+        decode_request(json.dumps(doc).encode(), memoryview(b""), [IN], (OUT,), 32)
     assert e.value.status == 403
 
 
@@ -1106,6 +1109,208 @@ def test_output_into_shared_memory() -> None:
     req = InferRequest(req.payload, 1, None, (OutputWanted(0, "OUTPUT0", False, shm=small),))
     with pytest.raises(HTTPError, match="needs 12 bytes"):
         encode_response("m", req, (output,), ("float32",), 32)
+
+
+# -- several inputs ---------------------------------------------------------------------
+
+IDS = TensorSpec("INPUT_IDS", "int64", [-1])
+MASK = TensorSpec("MASK", "int64", [-1])
+TEXT = (IDS, MASK)
+TOKENS = TensorSpec("TOKENS", "bytes", [-1])
+IDS_A = np.array([[101, 7592, 102], [101, 2088, 102]], np.int64)
+MASK_A = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], np.int64)  # another width: a mix-up shows
+
+
+def json_input(name: str, arr: np.ndarray, datatype: str = "INT64") -> dict[str, object]:
+    return {"name": name, "datatype": datatype, "shape": list(arr.shape), "data": arr.tolist()}
+
+
+def bin_input(name: str, arr: np.ndarray, datatype: str = "INT64") -> dict[str, object]:
+    return {**binary_tensor(arr, datatype), "name": name}
+
+
+def several(
+    inputs: list,
+    *binary: bytes,
+    inps: Sequence[TensorSpec] = TEXT,
+    mbs: int = 32,
+    read: ShmReader = shm_off,
+) -> InferRequest:
+    raw, hlen = body({"inputs": inputs}, *binary)
+    header, tail = split_body(raw, header_length(hlen))
+    return decode_request(header, tail, inps, (OUT,), mbs, False, read)
+
+
+def assert_text(r: InferRequest, ids: np.ndarray = IDS_A, mask: np.ndarray = MASK_A) -> None:
+    assert isinstance(r.payload, tuple) and len(r.payload) == 2
+    got_ids, got_mask = r.payload
+    assert isinstance(got_ids, np.ndarray) and isinstance(got_mask, np.ndarray)
+    assert got_ids.dtype == got_mask.dtype == np.int64
+    assert got_ids.shape == ids.shape and got_mask.shape == mask.shape
+    assert got_ids.tolist() == ids.tolist() and got_mask.tolist() == mask.tolist()
+    assert r.rows == ids.shape[0]
+    assert r.bytes_shape is None and not r.images and not r.nonfinite
+
+
+def test_several_json_inputs_in_any_order_come_in_declared_order() -> None:
+    assert_text(several([json_input("INPUT_IDS", IDS_A), json_input("MASK", MASK_A)]))
+    assert_text(several([json_input("MASK", MASK_A), json_input("INPUT_IDS", IDS_A)]))
+
+
+def test_several_binary_inputs_are_read_in_the_request_order() -> None:
+    """Triton lays the binary parts out in the order of the request's inputs, which
+    need not be the model's."""
+    r = several(
+        [bin_input("MASK", MASK_A), bin_input("INPUT_IDS", IDS_A)],
+        MASK_A.tobytes(),
+        IDS_A.tobytes(),
+    )
+    assert_text(r)
+    r = several(
+        [bin_input("INPUT_IDS", IDS_A), bin_input("MASK", MASK_A)],
+        IDS_A.tobytes(),
+        MASK_A.tobytes(),
+    )
+    assert_text(r)
+
+
+def test_several_inputs_one_json_one_binary() -> None:
+    assert_text(
+        several([json_input("MASK", MASK_A), bin_input("INPUT_IDS", IDS_A)], IDS_A.tobytes())
+    )
+    assert_text(
+        several([bin_input("MASK", MASK_A), json_input("INPUT_IDS", IDS_A)], MASK_A.tobytes())
+    )
+
+
+def test_several_inputs_one_from_shared_memory() -> None:
+    memory = bytearray(8) + bytearray(MASK_A.tobytes())
+    read, asked = _regions(memory)
+    params = {"shared_memory_region": "r", "shared_memory_byte_size": MASK_A.nbytes}
+    shm_mask = {**bin_input("MASK", MASK_A), "parameters": {**params, "shared_memory_offset": 8}}
+    r = several([shm_mask, bin_input("INPUT_IDS", IDS_A)], IDS_A.tobytes(), read=read)
+    assert asked == [("r", 8, MASK_A.nbytes)]
+    assert_text(r)
+
+
+def test_several_inputs_without_a_batch_dimension_each_get_a_leading_one() -> None:
+    ids, mask = IDS_A[0], MASK_A[0]
+    r = several([json_input("MASK", mask), bin_input("INPUT_IDS", ids)], ids.tobytes(), mbs=0)
+    assert_text(r, ids[None], mask[None])
+
+
+@pytest.mark.parametrize(
+    ("inputs", "words"),
+    [
+        (
+            [json_input("INPUT_IDS", IDS_A)],
+            "the model takes 2 inputs ('INPUT_IDS', 'MASK'); missing 'MASK'",
+        ),
+        ([], "the model takes 2 inputs ('INPUT_IDS', 'MASK'); missing 'INPUT_IDS', 'MASK'"),
+        (
+            [json_input("INPUT_IDS", IDS_A), json_input("X", MASK_A)],
+            "unknown input 'X': the model's inputs are 'INPUT_IDS', 'MASK'",
+        ),
+        (
+            [
+                json_input("MASK", MASK_A),
+                json_input("INPUT_IDS", IDS_A),
+                json_input("MASK", MASK_A),
+            ],
+            "input 'MASK' is given 2 times",
+        ),
+        (
+            [json_input("INPUT_IDS", IDS_A), json_input("MASK", MASK_A[:1])],
+            "inputs disagree on the batch dimension: 'INPUT_IDS' has 2 rows, 'MASK' has 1",
+        ),
+        ([json_input("INPUT_IDS", IDS_A), "MASK"], "each input must be a JSON object"),
+        # each input is checked as a lone one is, and named
+        (
+            [json_input("INPUT_IDS", IDS_A), json_input("MASK", MASK_A, "INT32")],
+            "input 'MASK' datatype INT32 does not match the model's INT64",
+        ),
+        (
+            [json_input("INPUT_IDS", IDS_A), json_input("MASK", MASK_A[None])],
+            "input 'MASK' shape [1, 2, 4] has rank 3",
+        ),
+        (
+            [json_input("INPUT_IDS", IDS_A), json_input("MASK", np.ones((33, 4), np.int64))],
+            "input 'MASK' batch of 33 rows exceeds max_batch_size 32",
+        ),
+    ],
+)
+def test_bad_several_inputs_are_400(inputs: list, words: str) -> None:
+    with pytest.raises(HTTPError) as e:
+        several(inputs)
+    assert e.value.status == 400 and words in e.value.message
+
+
+def test_one_input_keeps_its_messages() -> None:
+    e = err({"inputs": [tensor(), tensor()]})
+    assert e.message == "the model takes exactly 1 input ('INPUT0'); got 2"
+    e = err({"inputs": [tensor(name="X")]})
+    assert e.message == "unknown input 'X': the model's input is 'INPUT0'"
+
+
+def test_several_binary_inputs_must_claim_every_byte_in_order() -> None:
+    inputs = [bin_input("MASK", MASK_A), bin_input("INPUT_IDS", IDS_A)]
+    with pytest.raises(HTTPError) as e:
+        several(inputs, MASK_A.tobytes(), IDS_A.tobytes()[:-8])
+    assert e.value.status == 400 and e.value.message == (
+        "input 'INPUT_IDS' binary data is truncated: binary_data_size 48, 40 bytes left "
+        "after the JSON header and the 64 bytes of the inputs before it"
+    )
+    with pytest.raises(HTTPError) as e:
+        several(inputs, MASK_A.tobytes(), IDS_A.tobytes(), b"\0" * 3)
+    assert "3 bytes after the JSON header are not claimed" in e.value.message
+
+
+def test_a_raw_binary_request_for_several_inputs_is_400() -> None:
+    with pytest.raises(HTTPError) as e:
+        decode_infer_body(IDS_A.tobytes(), "0", TEXT, (OUT,), 32)
+    assert e.value.status == 400 and e.value.message == (
+        "a raw binary request carries one input; the model takes 2 ('INPUT_IDS', 'MASK'): "
+        "send the JSON header"
+    )
+
+
+@pytest.mark.parametrize("mbs", [32, 0])
+def test_a_bytes_second_input_is_packed_bytes(mbs: int) -> None:
+    words = [[b"a", b"bc"], [b"", b"d\xff"]] if mbs else [[b"a", b"bc"]]
+    ids = IDS_A[:, :2] if mbs else IDS_A[0, :2]
+    packed = serialize_bytes(words)
+    shape = [len(words), 2] if mbs else [2]
+    full = (len(words), 2)
+    tokens = {"name": "TOKENS", "datatype": "BYTES", "shape": shape}
+    for t, binary in (
+        ({**tokens, "parameters": {"binary_data_size": len(packed)}}, (packed,)),
+        ({**tokens, "data": [w.decode("latin-1") for w in np.ravel(words)]}, ()),
+    ):
+        r = several([t, json_input("INPUT_IDS", ids)], *binary, inps=(IDS, TOKENS), mbs=mbs)
+        assert isinstance(r.payload, tuple)
+        got_ids, got_tokens = r.payload
+        assert (
+            isinstance(got_ids, np.ndarray) and got_ids.tolist() == IDS_A[: len(words), :2].tolist()
+        )
+        assert isinstance(got_tokens, PackedBytes) and got_tokens.shape == full
+        assert got_tokens.data.dtype == np.uint8
+        back = bytes_tensor.unpack(got_tokens.data).tolist()
+        if binary:  # passed on as it came
+            assert got_tokens.data.tobytes() == packed
+        else:  # JSON strings are UTF-8
+            assert back == [w.decode("latin-1").encode() for w in np.ravel(words)]
+        assert r.rows == len(words) and r.bytes_shape is None and not r.images
+
+
+def test_nonfinite_in_the_second_input_marks_the_request() -> None:
+    scores = TensorSpec("SCORES", "float32", [-1])
+    x = np.array([[1.0, np.nan]], np.float32)
+    inputs = [json_input("INPUT_IDS", IDS_A[:1]), bin_input("SCORES", x, "FP32")]
+    r = several(inputs, x.tobytes(), inps=(IDS, scores))
+    assert r.nonfinite
+    assert isinstance(r.payload, tuple) and np.array_equal(r.payload[1], x, equal_nan=True)
+    y = np.ones((1, 2), np.float32)
+    assert not several(inputs, y.tobytes(), inps=(IDS, scores)).nonfinite
 
 
 # -- model configuration ----------------------------------------------------------------

@@ -42,7 +42,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("v2perf")
     text = "text=python:support.fake_handlers:ByteLengths"
     multi = "multi=python:support.fake_handlers:SeveralOutputs"
-    models = ("--model", "id=identity", "--model", text, "--model", multi)
+    masked = "masked=python:support.fake_handlers:MaskedSum"
+    models = ("--model", "id=identity", "--model", text, "--model", multi, "--model", masked)
     with serve(tmp, *models, "--allow-client-shm") as s:
         yield s
 
@@ -145,6 +146,21 @@ def test_several_outputs(perf_analyzer: Path, server: Server, shm: bool) -> None
     assert found[2][0] > 0
     with server.client() as c:
         assert c.get("/v2/systemsharedmemory/status").json() == []
+
+
+def test_several_inputs(perf_analyzer: Path, server: Server) -> None:
+    """Two inputs, each shaped by its own --shape, and two outputs."""
+    found = run_pa(
+        perf_analyzer,
+        server,
+        "--concurrency-range",
+        "2",
+        "--shape",
+        "MASK:6",
+        model="masked",
+        shape="IDS:6",
+    )
+    assert found[2][0] > 0
 
 
 def test_server_side_statistics_are_reported(perf_analyzer: Path, server: Server) -> None:

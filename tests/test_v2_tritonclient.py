@@ -23,7 +23,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("v2triton")
     fake = "python:support.fake_handlers"
     models = ["id=identity", "digits=digits", f"text={fake}:ByteLengths", f"desc={fake}:Describe"]
-    models.append(f"multi={fake}:SeveralOutputs")
+    models += [f"multi={fake}:SeveralOutputs", f"masked={fake}:MaskedSum"]
     with serve(tmp, *(a for m in models for a in ("--model", m))) as s:
         yield s
 
@@ -69,7 +69,7 @@ def test_repository_index_and_no_model_control(
     client: httpclient.InferenceServerClient,
 ) -> None:
     index = client.get_model_repository_index()
-    assert sorted(m["name"] for m in index) == ["desc", "digits", "id", "multi", "text"]
+    assert sorted(m["name"] for m in index) == ["desc", "digits", "id", "masked", "multi", "text"]
     assert all(m["state"] == "READY" for m in index)
     with pytest.raises(InferenceServerException, match="not supported"):
         client.unload_model("id")
@@ -304,3 +304,20 @@ def test_several_outputs(client: httpclient.InferenceServerClient, binary: bool)
         ("TOTAL", "INT64"),
         ("SIGN", "BYTES"),
     ]
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_several_inputs(client: httpclient.InferenceServerClient, binary: bool) -> None:
+    """Token ids and a mask, as Triton users send a text model's two inputs."""
+    ids = np.array([[5, 6, 7], [1, 2, 3]], np.int64)
+    mask = np.array([[1, 1, 0], [1, 1, 1]], np.int64)
+    inputs = []
+    for name, x in (("MASK", mask), ("IDS", ids)):
+        i = httpclient.InferInput(name, list(x.shape), "INT64")
+        i.set_data_from_numpy(x, binary_data=binary)
+        inputs.append(i)
+    r = client.infer("masked", inputs)
+    assert r.as_numpy("SUM").tolist() == [[11], [6]]
+    assert r.as_numpy("KEPT").tolist() == [[2], [3]]
+    md = client.get_model_metadata("masked")
+    assert [i["name"] for i in md["inputs"]] == ["IDS", "MASK"]
