@@ -546,8 +546,75 @@ def test_torchscript_returning_a_tuple_is_told_what_to_do(tmp_path: Path) -> Non
     done instead."""
     path = tmp_path / "pair.pt"
     _script(_Pair().eval(), path)
-    with pytest.raises(OutputContractError, match=r"returned tuple; .* script a wrapper"):
+    with pytest.raises(
+        OutputContractError, match=r"returned tuple; declare its outputs .* script a wrapper"
+    ):
         run(loaded(f"torchscript:{path}"), (np.ones((1, 4), np.float32), TENSOR))
+
+
+class _IdsAndMask(torch.nn.Module):
+    """As a Triton pytorch_libtorch text model: two inputs by position, two outputs."""
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kept = ids * mask
+        return kept.sum(dim=1, keepdim=True), mask.sum(dim=1, keepdim=True).to(torch.float32)
+
+
+TWO_IN_TWO_OUT = {
+    "inputs": [
+        {"name": "INPUT__0", "dtype": "int64", "shape": [-1]},
+        {"name": "INPUT__1", "dtype": "int64", "shape": [-1]},
+    ],
+    "outputs": [
+        {"name": "OUTPUT__0", "dtype": "int64", "shape": [1]},
+        {"name": "OUTPUT__1", "dtype": "float32", "shape": [1]},
+    ],
+}
+
+
+def test_torchscript_takes_several_inputs_and_answers_several_outputs(tmp_path: Path) -> None:
+    """Declared in options as Triton's config.pbtxt lists them: the inputs go to forward
+    by position in the listed order, the returned tuple is checked output by output."""
+    from ringserve.gpu_worker.batch_check import preprocessed
+    from ringserve.gpu_worker.output_contract import check_outputs
+
+    path = tmp_path / "text.pt"
+    _script(_IdsAndMask().eval(), path)
+    h = loaded(f"torchscript:{path}", options=TWO_IN_TWO_OUT)
+    check_declaration(h)
+    assert [s.name for s in h.inputs] == ["INPUT__0", "INPUT__1"] and h.output_declared
+    ids, mask = np.array([[5, 6, 7], [1, 2, 3]]), np.array([[1, 1, 0], [1, 1, 1]])
+    batch = preprocessed(h, {"INPUT__0": ids, "INPUT__1": mask})
+    sums, kept = check_outputs(h.postprocess(h.infer(batch)), 2, h.outputs)
+    assert sums.tolist() == [[11], [6]] and kept.tolist() == [[2.0], [3.0]]
+    wrong = dict(
+        TWO_IN_TWO_OUT, outputs=[{"name": "OUTPUT__0", "dtype": "int64", "shape": [1]}] * 3
+    )
+    wrong["outputs"] = [dict(o, name=f"O{i}") for i, o in enumerate(wrong["outputs"])]
+    h = loaded(f"torchscript:{path}", options=wrong)
+    with pytest.raises(
+        OutputContractError, match="postprocess returned 2 outputs; the model declares 3"
+    ):
+        check_outputs(h.postprocess(h.infer(batch)), 2, h.outputs)
+
+
+@pytest.mark.parametrize(
+    ("options", "why"),
+    [
+        ({"inputs": []}, "options.inputs: expected a list of tables"),
+        ({"inputs": [{"dtype": "int64"}]}, r"options.inputs\[0\]: needs a name"),
+        ({"outputs": [{"name": "A", "dims": [1]}]}, "unknown key 'dims'"),
+        ({"inputs": [{"name": "A", "dtype": "fp32"}]}, "'fp32' is not a tensor dtype"),
+        (dict(TWO_IN_TWO_OUT, input_shape=[3]), "options.inputs lists the inputs"),
+    ],
+)
+def test_torchscript_tensor_lists_that_cannot_be_served_stop_the_start(
+    tmp_path: Path, options: dict, why: str
+) -> None:
+    path = tmp_path / "text.pt"
+    _script(_IdsAndMask().eval(), path)
+    with pytest.raises(ValueError, match=why):
+        create_handler(ModelSettings(name="m", handler=f"torchscript:{path}", options=options))
 
 
 def test_torchscript_output_is_checked_only_when_declared(tmp_path: Path) -> None:

@@ -165,3 +165,37 @@ def test_a_bytes_input_beside_a_numeric_one(start_server) -> None:
         )
         assert r.status_code == 200 and r.json()["result"] == [[12.0]], r.text  # 6 UTF-8 bytes
     assert server.stop() == 0
+
+
+def test_a_torchscript_archive_of_two_inputs_and_two_outputs_from_a_config_file(
+    start_server, tmp_path
+) -> None:
+    """A Triton user's pytorch_libtorch text model, as its config.pbtxt lists the
+    tensors: served from TOML, called with tritonclient-style v2 JSON."""
+    from test_handlers import TWO_IN_TWO_OUT, _IdsAndMask, _script
+
+    archive = tmp_path / "text.pt"
+    _script(_IdsAndMask().eval(), archive)
+    lines = ["[models.text]", f'handler = "torchscript:{archive}"']
+    for role in ("inputs", "outputs"):
+        for t in TWO_IN_TWO_OUT[role]:
+            lines += [f"[[models.text.options.{role}]]", f'name = "{t["name"]}"']
+            lines += [f'dtype = "{t["dtype"]}"', f"shape = {t['shape']}"]
+    config = tmp_path / "ringserve.toml"
+    config.write_text("\n".join(lines) + "\n")
+    server: Server = start_server("--config", str(config), frontends=1)
+    body = {
+        "inputs": [
+            {"name": "INPUT__1", "datatype": "INT64", "shape": [1, 3], "data": [1, 0, 1]},
+            {"name": "INPUT__0", "datatype": "INT64", "shape": [1, 3], "data": [4, 5, 6]},
+        ]
+    }
+    with server.client() as c:
+        r = c.post("/v2/models/text/infer", json=body)
+        assert r.status_code == 200, r.text
+        outs = {o["name"]: (o["datatype"], o["data"]) for o in r.json()["outputs"]}
+        assert outs == {"OUTPUT__0": ("INT64", [10]), "OUTPUT__1": ("FP32", [2.0])}
+        config_doc = c.get("/v2/models/text/config").json()
+        assert config_doc["platform"] == "pytorch_libtorch"
+        assert [i["name"] for i in config_doc["input"]] == ["INPUT__0", "INPUT__1"]
+    assert server.stop() == 0

@@ -10,7 +10,20 @@ the model's options (``[models.NAME.options]``), with permissive defaults:
   what the start-up probe's row of zeros returned (its dtype; its per-row shape when
   the input shape is fixed, else as many -1 dimensions);
 - ``task`` ("tensor"): "classification" makes /predict answer a label and a score;
-- ``labels_file`` (none): one label per line, for a classification model.
+- ``labels_file`` (none): one label per line, for a classification model;
+- ``inputs`` and ``outputs`` (instead of the four above, as Triton's config.pbtxt
+  lists them): tables of ``name``, ``dtype`` and ``shape``, one per tensor, for an
+  archive whose ``forward`` takes several tensors (given positionally, in the listed
+  order) or returns several (a tuple in the listed order, or a dict by name)::
+
+      [[models.bert.options.inputs]]
+      name = "INPUT_IDS"
+      dtype = "int64"
+      shape = [-1]
+      [[models.bert.options.inputs]]
+      name = "ATTENTION_MASK"
+      dtype = "int64"
+      shape = [-1]
 
 ``preprocess`` is the base one: the payload (already checked against the input spec by
 the frontend) becomes a tensor ``[rows, *input_shape]`` without a copy.
@@ -56,9 +69,28 @@ def _spec(name: str, dtype: Any, shape: Any, key: str) -> TensorSpec:
     return TensorSpec(name, dtype, dims)
 
 
+def _specs(listed: Any, key: str) -> tuple[TensorSpec, ...]:
+    """Specs from the ``inputs`` or ``outputs`` option: a list of tables."""
+    if not isinstance(listed, list) or not listed or not all(isinstance(t, dict) for t in listed):
+        raise ValueError(
+            f"options.{key}: expected a list of tables with name, dtype and shape "
+            f"([[models.NAME.options.{key}]] in TOML)"
+        )
+    specs = []
+    for i, table in enumerate(listed):
+        if unknown := sorted(set(table) - {"name", "dtype", "shape"}):
+            raise ValueError(f"options.{key}[{i}]: unknown key {unknown[0]!r} (name, dtype, shape)")
+        name = table.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"options.{key}[{i}]: needs a name")
+        specs.append(_spec(name, table.get("dtype", "float32"), table.get("shape", [-1]), key))
+    return tuple(specs)
+
+
 class TorchScriptHandler(Handler):
     known_options = frozenset(
         {"input_dtype", "input_shape", "output_dtype", "output_shape", "task", "labels_file"}
+        | {"inputs", "outputs"}
     )
     takes_weights = False
     platform = "pytorch_libtorch"
@@ -70,22 +102,25 @@ class TorchScriptHandler(Handler):
         if os.path.isdir(arg):
             raise ValueError(f"torchscript:{arg} is a directory; name the archive file in it")
         opts = settings.options
-        self.inputs = (
-            _spec(
-                "INPUT0", opts.get("input_dtype", "float32"), opts.get("input_shape", [-1]), "input"
-            ),
-        )
-        self.outputs = (
-            _spec(
-                "OUTPUT0",
-                opts.get("output_dtype", "float32"),
-                opts.get("output_shape", [-1]),
-                "output",
-            ),
-        )
-        # Without either option the output spec is a placeholder: answers are whatever
+        for key in ("input", "output"):
+            if f"{key}s" in opts and ({f"{key}_dtype", f"{key}_shape"} & set(opts)):
+                raise ValueError(
+                    f"options.{key}s lists the {key}s; {key}_dtype and {key}_shape are for a "
+                    "lone one: set one or the other"
+                )
+        if "inputs" in opts:
+            self.inputs = _specs(opts["inputs"], "inputs")
+        else:
+            dtype, shape = opts.get("input_dtype", "float32"), opts.get("input_shape", [-1])
+            self.inputs = (_spec("INPUT0", dtype, shape, "input"),)
+        if "outputs" in opts:
+            self.outputs = _specs(opts["outputs"], "outputs")
+        else:
+            dtype, shape = opts.get("output_dtype", "float32"), opts.get("output_shape", [-1])
+            self.outputs = (_spec("OUTPUT0", dtype, shape, "output"),)
+        # Without output options the output spec is a placeholder: answers are whatever
         # the archive returns. With one, the declaration is checked on every batch.
-        self.output_declared = "output_dtype" in opts or "output_shape" in opts
+        self.output_declared = bool({"output_dtype", "output_shape", "outputs"} & set(opts))
         self.task = str(opts.get("task", "tensor"))
         if self.task not in TASKS:
             raise ValueError(f"options.task: {self.task!r} is not one of {', '.join(TASKS)}")
@@ -118,13 +153,18 @@ class TorchScriptHandler(Handler):
             self.labels = labels
         self.device = device
 
-    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+    def infer(self, batch: torch.Tensor | dict[str, torch.Tensor]) -> Any:
         assert self.model is not None, "load() was not called"
         with torch.inference_mode():
-            out = self.model(batch)
+            if isinstance(batch, dict):  # several inputs: positionally, in declared order
+                out = self.model(*(batch[s.name] for s in self.inputs))
+            else:
+                out = self.model(batch)
+        if len(self.outputs) > 1:
+            return out  # a tuple or a dict of them: checked against the declaration
         if not isinstance(out, torch.Tensor):  # "define postprocess" is no help here
             raise OutputContractError(
-                f"the TorchScript model returned {type(out).__name__}; ringserve serves "
-                "one output tensor: script a wrapper whose forward returns one tensor"
+                f"the TorchScript model returned {type(out).__name__}; declare its outputs "
+                "(options.outputs) or script a wrapper whose forward returns one tensor"
             )
         return out
