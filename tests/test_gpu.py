@@ -160,6 +160,34 @@ def test_models_answer_on_the_device_as_on_the_cpu(
     assert server.stop() == 0
 
 
+@NEEDS_CUDA
+def test_several_inputs_and_outputs_on_the_gpu(start_server) -> None:
+    """A model of two inputs and one of three outputs on the GPU: the inputs' dict goes
+    to the device tensor by tensor, and each output comes back to the host (the CPU's
+    runs are tests/test_several_inputs.py and tests/test_several_outputs.py)."""
+    fake = "python:support.fake_handlers"
+    server: Server = start_server(
+        *("--device", "cuda", "--model", f"masked={fake}:MaskedSum"),
+        *("--model", f"multi={fake}:SeveralOutputs", "--max-queue-delay-ms", "20"),
+        env=HANDLER_ENV,
+    )
+    cases = [([i, 2, 3], [1, 0, 1]) for i in range(24)]
+    bodies = [{"data": {"IDS": ids, "MASK": mask}} for ids, mask in cases]
+    with ThreadPoolExecutor(8) as pool, server.client(timeout=60) as c:
+        answers = list(pool.map(lambda b: c.post("/v1/models/masked/predict", json=b), bodies))
+        for r, (ids, _) in zip(answers, cases, strict=True):
+            assert r.status_code == 200, r.text
+            assert r.json()["result"] == {"SUM": [ids[0] + 3], "KEPT": [2]}
+        r = c.post("/v1/models/multi/predict", json={"data": [[1.0, -3.0]]})
+        assert r.status_code == 200, r.text
+        want = {"DOUBLED": [[2.0, -6.0]], "TOTAL": [[-2]], "SIGN": [["neg"]]}
+        assert r.json()["result"] == want
+    for model in ("masked", "multi"):
+        (rec,) = worker_records(server, model)
+        assert rec["device"] == "cuda:0", rec
+    assert server.stop() == 0
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="fewer than two CUDA devices")
 def test_a_model_spread_over_two_gpus_serves_from_both_and_recycles_in_place(
     start_server,
