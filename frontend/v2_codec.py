@@ -807,6 +807,7 @@ def encode_response(
     with a client shared-memory region goes into it instead of the body."""
     entries = []
     raws: list[memoryview] = []
+    writes: list[tuple[memoryview, memoryview]] = []
     for want in request.outputs:
         output, out_dtype = outputs[want.index], out_dtypes[want.index]
         if want.classification:
@@ -827,7 +828,7 @@ def encode_response(
                     f"output {want.name!r} needs {data.nbytes} bytes; shared memory "
                     f"region {region!r} was given shared_memory_byte_size {len(dest)}"
                 )
-            dest[: data.nbytes] = data.cast("B")
+            writes.append((dest, data))  # after every check: a refusal writes nothing
             # The entry says no more than name, datatype and shape, as Triton's does: its
             # C++ client reads any output "parameters" as binary data that must follow.
         elif want.binary:
@@ -837,6 +838,8 @@ def encode_response(
         else:
             entry["data"] = _json_data(output, out_dtype)
         entries.append(entry)
+    for dest, data in writes:
+        dest[: data.nbytes] = data.cast("B")
     doc: dict[str, Any] = {"model_name": model_name, "model_version": "1"}
     if request.id:  # Triton leaves an empty id out
         doc["id"] = request.id

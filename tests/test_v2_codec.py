@@ -940,6 +940,26 @@ def test_one_output_of_two_into_shared_memory() -> None:
         decode_request(json.dumps(doc).encode(), memoryview(b""), [IN], TWO, 32, False, read)
 
 
+def test_outputs_into_shared_memory_are_written_only_once_every_one_fits() -> None:
+    """OUT_B's region is too small: the 400 comes before OUT_A's region is touched, so a
+    client reusing its regions never reads half an answer as a whole one."""
+    memory = bytearray(64)
+    read, _ = _regions(memory)
+    fits = {"shared_memory_region": "o", "shared_memory_byte_size": 48, "shared_memory_offset": 0}
+    small = {"shared_memory_region": "o", "shared_memory_byte_size": 8, "shared_memory_offset": 48}
+    doc = {
+        "inputs": [tensor(shape=[2, 3], data=[0] * 6)],
+        "outputs": [
+            {"name": "OUT_A", "parameters": fits},
+            {"name": "OUT_B", "parameters": small},
+        ],
+    }
+    req = decode_request(json.dumps(doc).encode(), memoryview(b""), [IN], TWO, 32, False, read)
+    with pytest.raises(HTTPError, match="'OUT_B' needs 16 bytes"):
+        two_answer(req)
+    assert memory == bytearray(64)
+
+
 # -- compression ------------------------------------------------------------------------
 
 
