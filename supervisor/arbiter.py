@@ -128,7 +128,7 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         self.admin_queue: queue.Queue[AdminRequest] = queue.Queue()
         self.stats = SupervisorStats(settings)
         self.memory = MemoryWatch(settings)
-        self.oom = OomWatch()  # the host's OOM kills, to name who sent a SIGKILL
+        self.oom = OomWatch()  # OOM kills (children's cgroups, the host's): who sent a SIGKILL
         self.gpu = GpuWatch()
         self.phase = "starting"  # starting | running | draining | stopping | stopped
         self.ready_notified = False

@@ -76,7 +76,7 @@ class ExitHandling:
         error = read_error(self.arena, child.control_index) or child.kill_detail
         if rc == -signal.SIGKILL and not child.kill_reason and not error:
             rss = int(self.arena.control[child.control_index]["rss"])
-            error = outside_sigkill(child.pid, rss, self.oom.since(time.monotonic()))
+            error = outside_sigkill(child.pid, rss, self.oom.since(time.monotonic(), child.pid))
         log.log(
             level,
             "%s (pid %d) exited: %s%s",

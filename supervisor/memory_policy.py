@@ -39,7 +39,7 @@ class MemoryPolicy:
         gpu_used = self.gpu.used_by_pid() if self.gpu.enabled else {}
         if gpu_used and not self._said_nvml_blind and self.gpu.every_device_answered:
             self._check_nvml_sees_workers(gpu_used)
-        self.oom.sample(now)
+        self.oom.sample(now, [c.pid for c in self.all_children() if c.returncode is None])
         for child in self.all_children():
             self.sample_child(child, now, gpu_used)
 

@@ -1,10 +1,12 @@
-"""Who sent a SIGKILL the supervisor did not: the host's OOM-kill count (/proc/vmstat)
-read at each memory sample, and the kernel's out-of-memory killer for real, on a worker
-moved into a memory cgroup with a limit it then outgrows."""
+"""Who sent a SIGKILL the supervisor did not: the OOM-kill counts of each child's memory
+cgroup and of the host (/proc/vmstat), read at each memory sample, and the kernel's
+out-of-memory killer for real, on a worker moved into a memory cgroup with a limit it
+then outgrows."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 from conftest import Server, wait_until
 from test_e2e_core import HANDLER_ENV
 
-from ringserve.supervisor.oom import OomWatch, oom_kills, outside_sigkill
+from ringserve.supervisor.oom import OomKills, OomWatch, oom_kills, outside_sigkill
 
 MiB = 2**20
 
@@ -38,12 +40,75 @@ def test_a_death_is_judged_against_the_older_of_the_last_two_samples(tmp_path: P
     count(5)
     assert watch.since(0.0) is None  # not sampled yet
     watch.sample(10.0)
-    assert watch.since(11.0) == (0, 1.0)
+    assert watch.since(11.0) == (0, 1.0, "on this host")
     count(6)  # the kill...
     watch.sample(13.0)  # ...then a sample before the exit was handled
-    assert watch.since(13.5) == (1, 3.5)  # still seen against the older sample
+    assert watch.since(13.5) == (1, 3.5, "on this host")  # still seen against the older
     watch.sample(16.0)
-    assert watch.since(16.5) == (0, 3.5)
+    assert watch.since(16.5) == (0, 3.5, "on this host")
+    count(7)  # a kill, then a large process's teardown outlasting two samples
+    for t in (16.2, 16.4, 16.6):
+        watch.sample(t)
+    kills, seconds, where = watch.since(16.7)  # type: ignore[misc]
+    assert (kills, where) == (1, "on this host") and seconds == pytest.approx(3.7)  # since 13.0
+
+
+def fake_cgroups(tmp_path: Path, pid: int, lines: str, files: dict[str, int]) -> tuple[str, str]:
+    """A /proc with ``pid``'s cgroup file, and a cgroup root with OOM counts; their paths."""
+    proc, root = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / str(pid)).mkdir(parents=True)
+    (proc / str(pid) / "cgroup").write_text(lines)
+    (proc / str(pid) / "stat").write_text(f"{pid} (python 3) S 1 2 3\n")
+    for rel, n in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(f"oom_kill_disable 0\nunder_oom 0\noom_kill {n}\n")
+    return str(proc), str(root)
+
+
+def test_the_childs_memory_cgroup_is_read_v1_where_mounted_else_v2(tmp_path: Path) -> None:
+    from ringserve.supervisor.oom import memory_cgroup
+
+    v1 = "4:memory:/system.slice/rs.service\n0::/system.slice/rs.service\n"
+    proc, root = fake_cgroups(
+        tmp_path,
+        7,
+        v1,
+        {
+            "memory/system.slice/rs.service/memory.oom_control": 0,
+            "system.slice/rs.service/memory.events": 0,
+        },
+    )
+    assert memory_cgroup(7, proc, root) == (
+        "/system.slice/rs.service",
+        f"{root}/memory/system.slice/rs.service/memory.oom_control",
+    )
+    proc, root = fake_cgroups(tmp_path / "v2", 8, "0::/a/b\n", {"a/b/memory.events": 3})
+    assert memory_cgroup(8, proc, root) == ("/a/b", f"{root}/a/b/memory.events")
+    assert memory_cgroup(9, proc, root) is None  # no such process
+    (Path(proc) / "8" / "stat").write_text("8 (python 3) Z 1 2 3\n")
+    assert memory_cgroup(8, proc, root) is None  # dead, unreaped: it reads as the root's
+    assert memory_cgroup(os.getpid()) is not None  # this host's, cgroup v1 or v2
+
+
+def test_a_kill_is_judged_in_the_childs_cgroup_before_the_host(tmp_path: Path) -> None:
+    """A rise in the child's own cgroup names that cgroup; no rise anywhere rules the OOM
+    killer out; a rise on the host alone keeps it likely (the child may have moved to a
+    cgroup of its own since the last sample), saying its cgroup counted none."""
+    vmstat = tmp_path / "vmstat"
+    vmstat.write_text("oom_kill 5\n")
+    events = Path("memory/svc/memory.oom_control")
+    proc, root = fake_cgroups(tmp_path, 7, "4:memory:/svc\n", {str(events): 1})
+    watch = OomWatch(str(vmstat), proc, root)
+    watch.sample(10.0, [7])
+    assert watch.since(12.0, 7) == (0, 2.0, "in its memory cgroup /svc")
+    vmstat.write_text("oom_kill 6\n")
+    assert watch.since(12.0, 7) == (1, 2.0, "on this host (none in its memory cgroup /svc)")
+    assert watch.since(12.0, 99) == (1, 2.0, "on this host")  # a child never sampled
+    (Path(root) / events).write_text("oom_kill 2\n")
+    assert watch.since(12.0, 7) == (1, 2.0, "in its memory cgroup /svc")
+    (Path(proc) / "7" / "cgroup").unlink()  # gone: judged by what was read before
+    watch.sample(13.0, [7])
+    assert watch.since(14.0, 7) == (1, 4.0, "in its memory cgroup /svc")  # against 10.0
 
 
 def test_the_words_for_each_answer() -> None:
@@ -52,14 +117,17 @@ def test_the_words_for_each_answer() -> None:
         "not sent by the supervisor: most often the kernel's out-of-memory killer, "
         "'Killed process 42' in dmesg or journalctl -k; it held 300 MiB RSS at its last sample"
     )
-    oom = outside_sigkill(42, 0, (2, 3.2))
+    oom = outside_sigkill(42, 0, OomKills(2, 3.2, "on this host"))
     assert oom == (
         "the kernel's out-of-memory killer, most likely: 2 OOM kill(s) on this host in the "
         "last 3.2 s, 'Killed process 42' in dmesg or journalctl -k"
     )
-    other = outside_sigkill(42, 300 * MiB, (0, 3.0))
-    assert other.startswith("not sent by the supervisor, nor by the kernel's out-of-memory")
-    assert "another process or an operator; it held 300 MiB RSS" in other
+    other = outside_sigkill(42, 300 * MiB, OomKills(0, 3.0, "in its memory cgroup /svc"))
+    assert other == (
+        "not sent by the supervisor, nor by the kernel's out-of-memory killer (no OOM kill "
+        "in its memory cgroup /svc in the last 3 s): another process or an operator; it held "
+        "300 MiB RSS at its last sample"
+    )
 
 
 @contextlib.contextmanager
@@ -127,5 +195,8 @@ def test_a_worker_the_oom_killer_ends_is_named_as_its_victim(start_server, tmp_p
         "the worker's exit line",
     )
     assert "killed by SIGKILL (the kernel's out-of-memory killer, most likely:" in line, line
+    # Its own cgroup's count, if a memory sample saw it there before the kill; else the
+    # host's (tests/test_oom.py's unit tests pin each case).
+    assert f"in its memory cgroup /{group.name} in the last" in line or "on this host" in line
     assert f"'Killed process {victim}' in dmesg" in line, line
     assert server.stop() == 0
