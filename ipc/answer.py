@@ -121,6 +121,7 @@ def _write_tensor_set(
         return over_slot(f"answer ({len(outs)} outputs)", packed.nbytes, arena.geometry.slot_bytes)
     at = _start_answer(arena, slot, packed.nbytes)
     packed.write(arena.data(slot)[at : at + packed.nbytes])
+    pause_point("answer.written")
     arena.headers.write_result(
         slot, STATUS_OK, tensor_set.TENSOR_SET, (len(outs),), packed.nbytes, batch_size, batch_id
     )

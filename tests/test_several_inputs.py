@@ -199,3 +199,45 @@ def test_a_torchscript_archive_of_two_inputs_and_two_outputs_from_a_config_file(
         assert config_doc["platform"] == "pytorch_libtorch"
         assert [i["name"] for i in config_doc["input"]] == ["INPUT__0", "INPUT__1"]
     assert server.stop() == 0
+
+
+def test_a_worker_killed_writing_a_set_of_outputs_beside_the_inputs_has_it_run_again(
+    start_server,
+) -> None:
+    """Both sets (the request's inputs, the answer's outputs) fit in the slot side by
+    side: a worker SIGKILLed between writing the answer and ``state = DONE`` leaves the
+    inputs whole, and the replacement answers right."""
+    from test_e2e_core import _kill_the_worker_writing_an_answer
+
+    server: Server = start_server(
+        *("--model", f"text={MODEL}"),
+        env={**HANDLER_ENV, "RINGSERVE_TEST_PAUSE_AT": "answer.written"},
+        frontends=1,
+    )
+    data = {"IDS": [4, 5, 6], "MASK": [1, 1, 0]}
+    r, reran = _kill_the_worker_writing_an_answer(server, "/v1/models/text/predict", data)
+    assert r.status_code == 200, r.text
+    assert r.json()["result"] == {"SUM": [9], "KEPT": [2]} and len(reran) == 1
+    server.wait_ready()
+    assert server.stop() == 0
+
+
+def test_a_worker_killed_writing_a_set_of_outputs_over_the_input_fails_it(start_server) -> None:
+    """Outputs too large together to go beside the input (3,200 bytes in, 3,200 doubled
+    and the rest out, in 4 KiB slots) go over it: a worker SIGKILLed before DONE leaves
+    no input to run again, so the request fails with a 500 that says so."""
+    from test_e2e_core import _kill_the_worker_writing_an_answer
+
+    server: Server = start_server(
+        *("--model", "multi=python:support.fake_handlers:SeveralOutputs"),
+        *("--set", "arena.slot_bytes=4096"),
+        env={**HANDLER_ENV, "RINGSERVE_TEST_PAUSE_AT": "answer.written"},
+        frontends=1,
+    )
+    path = "/v1/models/multi/predict"
+    r, reran = _kill_the_worker_writing_an_answer(server, path, [[1.5] * 800])
+    assert not reran, f"the request ran again: {r.status_code} {r.text}"
+    assert r.status_code == 500, r.text
+    assert "the worker died while writing this request's answer" in r.json()["error"]
+    server.wait_ready()
+    assert server.stop() == 0
