@@ -281,6 +281,46 @@ def test_property_v2_decode_request(
         assert math.prod(req.payload.shape) * req.payload.itemsize == req.payload.nbytes
 
 
+TWO_INPUT_DOCS = st.fixed_dictionaries(
+    {
+        "inputs": st.lists(
+            V2_TENSORS
+            | st.fixed_dictionaries(
+                {
+                    "name": st.sampled_from(["A", "B", "C"]),
+                    "datatype": st.sampled_from(["FP32", "INT64", "BYTES"]),
+                    "shape": st.lists(st.integers(1, 3), min_size=1, max_size=2),
+                    "data": NUMERIC_NESTS,
+                }
+            ),
+            max_size=3,
+        )
+    }
+)
+
+
+@PROPERTY
+@given(
+    doc=TWO_INPUT_DOCS,
+    binary=st.binary(max_size=64),
+    header_length=st.none() | st.integers(-2, 200).map(str),
+    mbs=st.integers(0, 8),
+)
+def test_property_v2_decode_request_of_two_inputs(
+    doc: object, binary: bytes, header_length: str | None, mbs: int
+) -> None:
+    """A model of two inputs (one FP32 of any length, one INT64 [2]): whatever comes,
+    a 4xx, or every input in declared order with the rows they all share."""
+    head = json.dumps(doc).encode()
+    inps = [TensorSpec("A", "float32", [-1]), TensorSpec("B", "int64", [2])]
+    out = [TensorSpec("OUTPUT0", "float32", [1])]
+    req = only_http_4xx(decode_infer_body, head + binary, header_length, inps, out, mbs)
+    if req is not None:
+        a, b = req.payload
+        assert (a.dtype, b.dtype) == (np.dtype("float32"), np.dtype("int64"))
+        assert a.shape[0] == b.shape[0] == req.rows >= 1 and b.shape[1:] == (2,)
+
+
 @PROPERTY
 @given(
     body=st.binary(max_size=300) | st.binary(max_size=300).map(zlib.compress),
