@@ -1105,11 +1105,14 @@ class Worker:
         t_gather = time.monotonic_ns()
         batch: Inputs
         if type(tensors[0]) is dict:
-            batch = batch_inputs.concat(tensors)
-            if device.type == "cuda":
-                batch = batch_inputs.to_device(batch, device)
-            elif len(tensors) == 1:  # views of the slot: see ``_own_payload``
-                batch = batch_inputs.owned(batch, *self.arena.span)
+            if device.type == "cuda":  # each input through its stretch of the pinned buffer
+                parts = {name: [t[name] for t in tensors] for name in tensors[0]}  # type: ignore[index]
+                mbs = self.model.batching.max_batch_size
+                batch = batch_inputs.to_device(self._staging.gather_named(parts, mbs), device)
+            else:
+                batch = batch_inputs.concat(tensors)
+                if len(tensors) == 1:  # views of the slot: see ``_own_payload``
+                    batch = batch_inputs.owned(batch, *self.arena.span)
         elif device.type == "cuda":
             mbs = self.model.batching.max_batch_size
             batch = self._staging.gather(tensors, mbs).to(device, non_blocking=True)  # type: ignore[arg-type]

@@ -4,7 +4,8 @@ Copies from pinned host memory run asynchronously (``non_blocking``) and at full
 bandwidth; from pageable memory the driver stages them through a pinned buffer of its
 own. Pinning costs milliseconds, so the buffer is kept and reused.
 
-One flat byte buffer for every dtype and row shape, grown to the largest batch seen: a
+One flat byte buffer for every dtype and row shape (and for every input of a model of
+several, each in its own stretch), grown to the largest batch seen: a
 buffer per (dtype, row shape) grew without bound for an input with a dimension of any
 size (a text model's sequence length), each one page-locked (never swapped, counted in
 the worker's USS, and so toward its recycle limit). Reuse is safe because the worker
@@ -14,11 +15,15 @@ reads each batch's output back to the host (a synchronising copy) before the nex
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 _ALIGN = 64  # bytes: any dtype's view of the buffer starts aligned
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
 
 
 def _pin(t: torch.Tensor) -> torch.Tensor:
@@ -51,17 +56,34 @@ class PinnedStaging:
         """The rows of ``tensors`` concatenated into the buffer (one copy). When it
         grows, it grows to hold at least ``min_rows`` such rows, so that the batches
         that follow (up to ``max_batch_size``) do not each pin a larger one."""
-        first = tensors[0]
-        rows = sum(int(t.shape[0]) for t in tensors)
-        row_shape = tuple(first.shape[1:])
-        row_bytes = first.element_size() * math.prod(row_shape)
-        need = rows * row_bytes
-        if need > self.capacity:
-            want = max(need, min_rows * row_bytes, 2 * self.capacity)  # (few re-pins)
-            want = -(-want // _ALIGN) * _ALIGN
-            outgrown, self._buf = self.capacity, torch.empty(0, dtype=torch.uint8)
-            if outgrown:
-                self._unpin_freed()
-            self._buf = self._pin(torch.empty(want, dtype=torch.uint8))
-        out = self._buf[:need].view(first.dtype).view(rows, *row_shape)
-        return torch.cat(list(tensors), out=out)
+        return self.gather_named({"": tensors}, min_rows)[""]
+
+    def gather_named(
+        self, parts: Mapping[str, Sequence[torch.Tensor]], min_rows: int = 0
+    ) -> dict[str, torch.Tensor]:
+        """``gather`` for a model of several inputs: each name's rows concatenated into
+        its own stretch of the one buffer (each starting aligned)."""
+        layout, at, grow_to = [], 0, 0
+        for name, tensors in parts.items():
+            first = tensors[0]
+            rows = sum(int(t.shape[0]) for t in tensors)
+            row_shape = tuple(first.shape[1:])
+            row_bytes = first.element_size() * math.prod(row_shape)
+            nbytes = rows * row_bytes
+            layout.append((name, tensors, at, rows, row_shape, nbytes))
+            end, at = at + nbytes, _aligned(at + nbytes)
+            grow_to += _aligned(max(rows, min_rows) * row_bytes)
+        if end > self.capacity:
+            self._grow(max(end, grow_to, 2 * self.capacity))  # (few re-pins)
+        out = {}
+        for name, tensors, start, rows, row_shape, nbytes in layout:
+            view = self._buf[start : start + nbytes].view(tensors[0].dtype)
+            out[name] = torch.cat(list(tensors), out=view.view(rows, *row_shape))
+        return out
+
+    def _grow(self, nbytes: int) -> None:
+        want = _aligned(nbytes)
+        outgrown, self._buf = self.capacity, torch.empty(0, dtype=torch.uint8)
+        if outgrown:
+            self._unpin_freed()
+        self._buf = self._pin(torch.empty(want, dtype=torch.uint8))

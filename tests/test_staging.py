@@ -46,3 +46,18 @@ def test_dtypes_share_it_and_a_larger_batch_grows_it_once() -> None:
     assert c.shape == (9, 2) and pinned == [64, -1, 192]
     h = staging.gather([torch.tensor([[True, False]]), torch.tensor([[False, True]])])
     assert h.tolist() == [[True, False], [False, True]] and len(pinned) == 3
+
+
+def test_several_inputs_share_the_buffer_each_in_its_own_aligned_stretch() -> None:
+    """A text model's ids and mask: each batched into its own part of the one buffer,
+    none overlapping another, the buffer grown once for both at ``min_rows``."""
+    staging, pinned = pins()
+    ids = [torch.arange(3, dtype=torch.int64).view(1, 3), torch.ones(2, 3, dtype=torch.int64)]
+    mask = [torch.ones(1, 3, dtype=torch.bool), torch.zeros(2, 3, dtype=torch.bool)]
+    got = staging.gather_named({"ids": ids, "mask": mask}, min_rows=4)
+    assert torch.equal(got["ids"], torch.cat(ids)) and torch.equal(got["mask"], torch.cat(mask))
+    assert pinned == [192]  # min_rows of each: 4 rows of 24 bytes (128), 4 of 3 (64)
+    start = got["mask"].data_ptr() - got["ids"].data_ptr()
+    assert start == 128 and start % 64 == 0  # after the ids' 72 bytes, aligned
+    again = staging.gather_named({"ids": ids[:1], "mask": mask[:1]}, min_rows=4)  # fits
+    assert again["ids"].tolist() == [[0, 1, 2]] and pinned == [192]
