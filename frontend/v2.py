@@ -56,6 +56,7 @@ from ringserve.frontend.dispatch import Completed
 from ringserve.frontend.errors import HTTPError, unavailable
 from ringserve.frontend.images import check_images
 from ringserve.frontend.jsonio import JSON_BODY_TYPES, parse_json
+from ringserve.frontend.response_compression import compress, negotiate
 from ringserve.frontend.v2_codec import (
     V2_TO_CONFIG,
     TensorSpec,
@@ -278,6 +279,7 @@ def v2_routes(state: FrontendState) -> list[Route]:
     if state.client_shm is not None:
         extensions.append("system_shared_memory")
     shm_view = shm_off if state.client_shm is None else state.client_shm.view
+    compressing = state.settings.server.compress_responses
 
     @_errors_as_json
     async def server_metadata(request: Request, rid: str) -> Response:
@@ -394,9 +396,12 @@ def v2_routes(state: FrontendState) -> list[Route]:
             return answer_error(state, call, rid, name, t0, e)
         record_answer(state, call, rid, name, 200, time.perf_counter() - t0, done)
         headers = {"X-Request-ID": rid}
+        accept = call.headers.get("accept-encoding") if compressing else None
+        if coding := negotiate(accept, len(content)):
+            content, headers["Content-Encoding"] = compress(content, coding), coding
         if header_len is None:
             return Reply(200, content, headers)
-        headers["Inference-Header-Content-Length"] = str(header_len)
+        headers["Inference-Header-Content-Length"] = str(header_len)  # (of the inflated body)
         return Reply(200, content, headers, "application/octet-stream")
 
     async def index_endpoint(call: Call) -> Reply:

@@ -51,6 +51,10 @@ class ServerSettings:
     # map shared memory they name (frontend/client_shm.py). Off unless trusted, as in
     # Triton (--allow-client-shm).
     allow_client_shm: bool = False
+    # A v2 infer response over 1 KiB is compressed (gzip or deflate) when the request's
+    # Accept-Encoding asks, as Triton does; off spares the CPU where the client is a
+    # proxy on the same host (python's requests and httpx ask by default).
+    compress_responses: bool = True
 
 
 @dataclass(frozen=True)
