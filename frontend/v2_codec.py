@@ -558,10 +558,7 @@ def decode_request(
 
     requested = doc.get("outputs")
     if requested is None or requested == []:
-        if len(outs) == 1:  # (the usual case, without the generator)
-            wanted: tuple[OutputWanted, ...] = (OutputWanted(0, outs[0].name, binary_default),)
-        else:
-            wanted = tuple(OutputWanted(i, o.name, binary_default) for i, o in enumerate(outs))
+        wanted = _every_output(outs, binary_default)
     else:
         wanted = _outputs_wanted(requested, outs, binary_default, shm)
     return InferRequest(payload, rows, rid, wanted, bytes_shape, images, timeout_s, bad)
@@ -643,9 +640,12 @@ def _raw_image(body: memoryview, accepts_images: bool, inp: TensorSpec) -> bool:
     return True
 
 
-def _all_binary(outs: Sequence[TensorSpec]) -> tuple[OutputWanted, ...]:
-    """Every output, in declared order, as binary data (a raw binary request's answer)."""
-    return tuple(OutputWanted(i, o.name, True) for i, o in enumerate(outs))
+def _every_output(outs: Sequence[TensorSpec], binary: bool) -> tuple[OutputWanted, ...]:
+    """Every output, in declared order (a request that names none; a raw binary
+    request's answer, all binary)."""
+    if len(outs) == 1:  # (the usual case, without the generator)
+        return (OutputWanted(0, outs[0].name, binary),)
+    return tuple(OutputWanted(i, o.name, binary) for i, o in enumerate(outs))
 
 
 def decode_raw_request(
@@ -679,7 +679,9 @@ def decode_raw_request(
                 "BYTES input of shape [1] (one element); send the JSON header"
             )
         arr = np.frombuffer(bytes_tensor.pack([bytes(body)]), dtype=np.uint8)
-        return InferRequest(arr, 1, None, _all_binary(outs), (1,) if images else (1, 1), images)
+        return InferRequest(
+            arr, 1, None, _every_output(outs, True), (1,) if images else (1, 1), images
+        )
     variable = [i for i, d in enumerate(inp.shape) if d < 0]
     if len(variable) > 1:
         raise bad_request(
@@ -714,7 +716,7 @@ def decode_raw_request(
         arr.reshape(1, *shape),
         1,
         None,
-        _all_binary(outs),
+        _every_output(outs, True),
         nonfinite=nonfinite(arr),
     )
 

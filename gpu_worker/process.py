@@ -900,12 +900,12 @@ class Worker:
         kind = h.kind & KIND_MASK
         if kind not in (PayloadKind.TENSOR, PayloadKind.IMAGE):
             raise HeaderError(f"corrupt request header: payload kind {h.kind}")
+        if h.in_nbytes > self.arena.geometry.slot_bytes:
+            raise HeaderError("corrupt request header: payload larger than its slot")
         if h.in_dtype == TENSOR_SET and self._input_names and h.in_shape:
             return self._inputs_payload(slot, h), PayloadKind.TENSOR
         if h.in_dtype >= len(DTYPES) or not 0 <= h.in_ndim <= MAX_NDIM:
             raise HeaderError("corrupt request header: dtype or rank out of range")
-        if h.in_nbytes > self.arena.geometry.slot_bytes:
-            raise HeaderError("corrupt request header: payload larger than its slot")
         if h.in_dtype == _BYTES:  # a BYTES tensor, or (IMAGE) a BYTES tensor of images
             return self._bytes_payload(slot, h, kind), PayloadKind(kind)
         dtype = numpy_dtype(h.in_dtype)
@@ -915,7 +915,7 @@ class Worker:
 
     def _inputs_payload(self, slot: int, h: Header) -> dict[str, np.ndarray]:
         """A request's several inputs, each checked against the rows the header says."""
-        if h.in_nbytes > self.arena.geometry.slot_bytes or h.in_shape[0] != len(self._input_names):
+        if h.in_shape[0] != len(self._input_names):
             raise HeaderError("corrupt request header: not this model's inputs")
         try:
             raw = self.arena.data(slot)[: h.in_nbytes]
