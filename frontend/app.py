@@ -26,6 +26,7 @@ from ringserve.frontend.call import (
     ASGIApp,
     AsgiEndpoint,
     Call,
+    CallLike,
     Handler,
     HotRoutes,
     Reply,
@@ -204,7 +205,7 @@ WATCH_AFTER_S = 0.05
 _GONE, _LATE = "gone", "late"
 
 
-async def _outcome(fut: asyncio.Future[Any], call: Call, limit_s: float) -> Any:
+async def _outcome(fut: asyncio.Future[Any], call: CallLike, limit_s: float) -> Any:
     """Wait for the answer; None when it is in, ``_GONE`` if the client left first,
     ``_LATE`` if ``limit_s`` passed first."""
     loop = asyncio.get_running_loop()
@@ -244,7 +245,7 @@ DEADLINE_GRACE_S = 0.005
 
 async def infer(
     state: FrontendState,
-    call: Call,
+    call: CallLike,
     info: ModelInfo,
     payload: np.ndarray | tuple[np.ndarray | PackedBytes, ...],  # a tuple: several inputs
     kind: int,  # a PayloadKind, with flags (layout.RUN_ALONE)
@@ -358,7 +359,7 @@ def _format_result(
 
 
 def answer_error(
-    state: FrontendState, call: Call, rid: str, model: str, t0: float, error: Exception
+    state: FrontendState, call: CallLike, rid: str, model: str, t0: float, error: Exception
 ) -> Reply:
     """The error reply for an inference request, counted and logged like any answer.
 
@@ -375,7 +376,7 @@ def answer_error(
 
 def record_answer(
     state: FrontendState,
-    call: Call,
+    call: CallLike,
     rid: str,
     model: str,
     status: int,

@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from itertools import count
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 from ringserve.frontend.errors import HTTPError, bad_request
@@ -174,6 +174,17 @@ def _too_large(message: str) -> HTTPError:
     for the next request (or waited for until read_timeout_s), so the answer closes the
     connection."""
     return HTTPError(413, message, {"Connection": "close"})
+
+
+class CallLike(Protocol):
+    """What the shared request path (``app.infer``) needs of a call, whichever protocol
+    brought it: headers (a deadline, a request id), a scope for log lines, and a wait
+    for the client leaving."""
+
+    headers: dict[str, str]
+    scope: Scope
+
+    async def disconnected(self) -> None: ...
 
 
 class Call:

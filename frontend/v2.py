@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import PurePath
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -59,6 +59,7 @@ from ringserve.frontend.jsonio import JSON_BODY_TYPES, parse_json
 from ringserve.frontend.response_compression import compress, negotiate
 from ringserve.frontend.v2_codec import (
     V2_TO_CONFIG,
+    InferRequest,
     TensorSpec,
     decode_infer_body,
     encode_response,
@@ -75,6 +76,7 @@ from ringserve.ipc.slot_fit import row_bytes, rows_per_request
 
 HEADER_LENGTH = "inference-header-content-length"
 EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration", "statistics")
+R = TypeVar("R")
 REQUEST_TYPES = (*JSON_BODY_TYPES, "application/octet-stream")
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -98,26 +100,49 @@ def _errors_as_json(fn: Callable[[Request, str], Awaitable[Response]]) -> Handle
     return handler
 
 
-def _lookup(state: FrontendState, request: Request | Call) -> ModelInfo:
-    """The model named in the path (404 if unknown, or for a version other than 1)."""
-    name = request.path_params["name"]
+def lookup_model(state: FrontendState, name: str, version: str = MODEL_VERSION) -> ModelInfo:
+    """The model ``name`` (404 if unknown, or for a version other than 1; "" is 1)."""
     info = state.catalog.get(name)
     if info is None:
         raise HTTPError(404, f"unknown model {name!r}")
-    version = request.path_params.get("version", MODEL_VERSION)
-    if version != MODEL_VERSION:
+    if version not in (MODEL_VERSION, ""):
         raise HTTPError(404, f"model {name!r} has no version {version!r}; it serves version 1")
     return info
 
 
-def _spec(catalog: Catalog, info: ModelInfo) -> dict[str, Any]:
+def _lookup(state: FrontendState, request: Request | Call) -> ModelInfo:
+    """The model named in the path."""
+    params = request.path_params
+    return lookup_model(state, params["name"], params.get("version", MODEL_VERSION))
+
+
+def served_spec(catalog: Catalog, info: ModelInfo) -> dict[str, Any]:
+    """What the model's workers published (503 until one has)."""
     if info.spec is None:
         raise unavailable(catalog.not_served_why(info), retry_after_s=2)
     return info.spec
 
 
-def _metadata(catalog: Catalog, info: ModelInfo) -> dict[str, Any]:
-    spec = _spec(catalog, info)
+def server_extensions(state: FrontendState) -> list[str]:
+    """The v2 extensions this server offers (the server metadata's list)."""
+    extensions = list(EXTENSIONS)
+    if state.client_shm is not None:
+        extensions.append("system_shared_memory")
+    return extensions
+
+
+def output_arrays(done: Completed, declared: int) -> tuple[tuple[Any, ...], tuple[str, ...]]:
+    """Every output of a completion, in declared order (one array for a model of one
+    output), and their ringserve dtype names."""
+    assert done.output is not None
+    arrays = done.output if isinstance(done.output, tuple) else (done.output,)
+    if len(arrays) != declared:
+        raise HTTPError(500, f"the model answered {len(arrays)} outputs; it declares {declared}")
+    return arrays, tuple("bytes" if a.dtype.hasobject else a.dtype.name for a in arrays)
+
+
+def model_metadata(catalog: Catalog, info: ModelInfo) -> dict[str, Any]:
+    spec = served_spec(catalog, info)
     mbs = info.settings.batching.max_batch_size
 
     def tensor(t: dict[str, Any]) -> dict[str, Any]:
@@ -164,9 +189,9 @@ def _rows_in(slot_bytes: int, tensors: list[dict[str, Any]]) -> int | None:
     return tensor_set.rows_that_fit(slot_bytes, sizes)  # type: ignore[arg-type]
 
 
-def _config(catalog: Catalog, info: ModelInfo) -> dict[str, Any]:
+def model_config(catalog: Catalog, info: ModelInfo) -> dict[str, Any]:
     """Triton's model configuration as JSON: dims without the batch dimension."""
-    spec = _spec(catalog, info)
+    spec = served_spec(catalog, info)
     s = info.settings
     mbs = s.batching.max_batch_size
 
@@ -274,10 +299,44 @@ def repository_index(state: FrontendState, ready_only: bool) -> list[dict[str, s
     return out
 
 
+def model_tensors(spec: dict[str, Any]) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """A served model's inputs and outputs, in declared order."""
+    return [TensorSpec.from_spec(t) for t in spec["inputs"]], [
+        TensorSpec.from_spec(t) for t in spec["outputs"]
+    ]
+
+
+async def run_decoded(
+    state: FrontendState,
+    call: Call,
+    info: ModelInfo,
+    req: InferRequest,
+    rid: str,
+    answer: Callable[[Completed], R],
+    timeout_s: float | None,
+) -> R:
+    """A decoded v2 request (of either protocol) through the shared request path."""
+    if req.images:  # (images: a model of one input, so one array)
+        name = str((info.spec or {})["inputs"][0]["name"])
+        check_images(req.payload, state.settings.server.max_image_pixels, name)  # type: ignore[arg-type]
+    return await infer(
+        state,
+        call,
+        info,
+        req.payload,
+        (PayloadKind.IMAGE if req.images else PayloadKind.TENSOR)
+        | (RUN_ALONE if req.nonfinite else 0),
+        req.rows,
+        rid,
+        answer,
+        "bytes" if req.bytes_shape else None,
+        req.bytes_shape,
+        timeout_s,
+    )
+
+
 def v2_routes(state: FrontendState) -> list[Route]:
-    extensions = list(EXTENSIONS)
-    if state.client_shm is not None:
-        extensions.append("system_shared_memory")
+    extensions = server_extensions(state)
     shm_view = shm_off if state.client_shm is None else state.client_shm.view
     compressing = state.settings.server.compress_responses
 
@@ -302,7 +361,7 @@ def v2_routes(state: FrontendState) -> list[Route]:
 
     @_errors_as_json
     async def metadata(request: Request, rid: str) -> Response:
-        return _json(_metadata(state.catalog, _lookup(state, request)), rid)
+        return _json(model_metadata(state.catalog, _lookup(state, request)), rid)
 
     @_errors_as_json
     async def model_ready(request: Request, rid: str) -> Response:
@@ -313,7 +372,7 @@ def v2_routes(state: FrontendState) -> list[Route]:
 
     @_errors_as_json
     async def config(request: Request, rid: str) -> Response:
-        return _json(_config(state.catalog, _lookup(state, request)), rid)
+        return _json(model_config(state.catalog, _lookup(state, request)), rid)
 
     @_errors_as_json
     async def stats(request: Request, rid: str) -> Response:
@@ -331,10 +390,9 @@ def v2_routes(state: FrontendState) -> list[Route]:
             info = _lookup(state, call)
             check_intake(state)
             ready_model(state, name)
-            spec = _spec(state.catalog, info)
+            spec = served_spec(state.catalog, info)
             labels = spec.get("labels") or ()
-            inps = [TensorSpec.from_spec(t) for t in spec["inputs"]]
-            outs = [TensorSpec.from_spec(t) for t in spec["outputs"]]
+            inps, outs = model_tensors(spec)
             ctype = call.headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype not in REQUEST_TYPES:
                 raise HTTPError(
@@ -356,41 +414,15 @@ def v2_routes(state: FrontendState) -> list[Route]:
                 shm_view,
                 state.arena.geometry.slot_bytes,
             )
-            if req.images:
-                # (images: a model of one input, so one array)
-                limit = state.settings.server.max_image_pixels
-                check_images(req.payload, limit, inps[0].name)  # type: ignore[arg-type]
             if req.id and req.id.isprintable():  # its length is checked in the codec
                 rid = req.id
 
             def answer(done: Completed) -> tuple[bytes, int | None, Completed]:
-                assert done.output is not None
-                # Every declared output, in order: one array for a model of one output
-                if isinstance(done.output, tuple):
-                    arrays = done.output
-                    dtypes = tuple("bytes" if a.dtype.hasobject else a.dtype.name for a in arrays)
-                else:
-                    arrays = (done.output,)
-                    dtypes = ("bytes" if done.output.dtype.hasobject else done.output.dtype.name,)
-                if len(arrays) != len(outs):
-                    raise HTTPError(
-                        500, f"the model answered {len(arrays)} outputs; it declares {len(outs)}"
-                    )
+                arrays, dtypes = output_arrays(done, len(outs))
                 return (*encode_response(name, req, arrays, dtypes, mbs, labels), done)
 
-            content, header_len, done = await infer(
-                state,
-                call,
-                info,
-                req.payload,
-                (PayloadKind.IMAGE if req.images else PayloadKind.TENSOR)
-                | (RUN_ALONE if req.nonfinite else 0),
-                req.rows,
-                rid,
-                answer,
-                "bytes" if req.bytes_shape else None,
-                req.bytes_shape,
-                req.timeout_s,
+            content, header_len, done = await run_decoded(
+                state, call, info, req, rid, answer, req.timeout_s
             )
         except Exception as e:  # a bug too gets its metric, log line and request id
             return answer_error(state, call, rid, name, t0, e)

@@ -791,24 +791,33 @@ def _raw(output: np.ndarray, dtype: str) -> memoryview:
     return np.ascontiguousarray(output, dtype=output.dtype.newbyteorder("<")).data
 
 
-def encode_response(
-    model_name: str,
+@dataclass(slots=True)
+class EncodedOutput:
+    """One output of a response, as either protocol carries it."""
+
+    name: str
+    datatype: str  # v2's
+    shape: list[int]
+    raw: memoryview | None = None  # binary data (the binary extension's layout)
+    data: Any = None  # JSON data, when neither binary nor in shared memory
+
+
+def encode_outputs(
     request: InferRequest,
     outputs: Sequence[np.ndarray],
     out_dtypes: Sequence[str],
     max_batch_size: int,
     labels: Sequence[str] = (),
-) -> tuple[bytes, int | None]:
-    """Response body, and the JSON header's length when binary data follows it.
+) -> list[EncodedOutput]:
+    """The outputs ``request`` asked for, in its order, each binary, JSON or written to
+    its client shared-memory region (``raw`` and ``data`` both None).
 
     ``outputs`` are all the model's outputs, in declared order (a 1-tuple for a model of
-    one), ``out_dtypes`` their ringserve dtype names; the response carries those
-    ``request.outputs`` names, in its order, their binary data after the header in that
-    order too. ``labels`` name the classes of the model's first output for the
-    classification extension (another output's classes are numbers only). An output
-    with a client shared-memory region goes into it instead of the body."""
-    entries = []
-    raws: list[memoryview] = []
+    one), ``out_dtypes`` their ringserve dtype names. ``labels`` name the classes of the
+    model's first output for the classification extension (another output's classes are
+    numbers only). Shared memory is written only after every output passed its checks:
+    a refusal writes nothing."""
+    encoded: list[EncodedOutput] = []
     writes: list[tuple[memoryview, memoryview]] = []
     for want in request.outputs:
         output, out_dtype = outputs[want.index], out_dtypes[want.index]
@@ -817,11 +826,7 @@ def encode_response(
             out_dtype = "bytes"
         if max_batch_size <= 0 and output.ndim and output.shape[0] == 1:
             output = output[0]
-        entry: dict[str, Any] = {
-            "name": want.name,
-            "datatype": v2_datatype(out_dtype),
-            "shape": list(output.shape),
-        }
+        one = EncodedOutput(want.name, v2_datatype(out_dtype), list(output.shape))
         if want.shm is not None:
             region, dest = want.shm
             data = _raw(output, out_dtype)
@@ -830,18 +835,41 @@ def encode_response(
                     f"output {want.name!r} needs {data.nbytes} bytes; shared memory "
                     f"region {region!r} was given shared_memory_byte_size {len(dest)}"
                 )
-            writes.append((dest, data))  # after every check: a refusal writes nothing
-            # The entry says no more than name, datatype and shape, as Triton's does: its
-            # C++ client reads any output "parameters" as binary data that must follow.
+            writes.append((dest, data))
         elif want.binary:
-            raw = _raw(output, out_dtype)
-            entry["parameters"] = {"binary_data_size": raw.nbytes}
-            raws.append(raw)
+            one.raw = _raw(output, out_dtype)
         else:
-            entry["data"] = _json_data(output, out_dtype)
-        entries.append(entry)
+            one.data = _json_data(output, out_dtype)
+        encoded.append(one)
     for dest, data in writes:
         dest[: data.nbytes] = data.cast("B")
+    return encoded
+
+
+def encode_response(
+    model_name: str,
+    request: InferRequest,
+    outputs: Sequence[np.ndarray],
+    out_dtypes: Sequence[str],
+    max_batch_size: int,
+    labels: Sequence[str] = (),
+) -> tuple[bytes, int | None]:
+    """Response body, and the JSON header's length when binary data follows it
+    (``encode_outputs`` says what goes in): the outputs' binary data after the header,
+    in the request's order."""
+    entries = []
+    raws: list[memoryview] = []
+    for one in encode_outputs(request, outputs, out_dtypes, max_batch_size, labels):
+        entry: dict[str, Any] = {"name": one.name, "datatype": one.datatype, "shape": one.shape}
+        if one.raw is not None:
+            entry["parameters"] = {"binary_data_size": one.raw.nbytes}
+            raws.append(one.raw)
+        elif one.data is not None:
+            entry["data"] = one.data
+        # (in shared memory: no more than name, datatype and shape, as Triton's entry
+        # says; its C++ client reads any output "parameters" as binary data that must
+        # follow)
+        entries.append(entry)
     doc: dict[str, Any] = {"model_name": model_name, "model_version": "1"}
     if request.id:  # Triton leaves an empty id out
         doc["id"] = request.id

@@ -1341,7 +1341,7 @@ def test_nonfinite_in_the_second_input_marks_the_request() -> None:
 )
 def test_config_names_the_labels_file(options: dict, name: str) -> None:
     from ringserve.frontend.catalog import ModelInfo
-    from ringserve.frontend.v2 import _config
+    from ringserve.frontend.v2 import model_config
     from ringserve.ipc.config import ModelSettings
 
     spec = {
@@ -1354,7 +1354,7 @@ def test_config_names_the_labels_file(options: dict, name: str) -> None:
     catalog = SimpleNamespace(  # the spec is in info already
         workers=lambda index: 2, arena=SimpleNamespace(geometry=SimpleNamespace(slot_bytes=4096))
     )
-    config = _config(catalog, info)  # type: ignore[arg-type]
+    config = model_config(catalog, info)  # type: ignore[arg-type]
     assert config["output"][0]["label_filename"] == name
     assert config["instance_group"][0]["count"] == 2
 
@@ -1377,7 +1377,7 @@ def test_config_instance_groups_say_where_the_workers_run(
     from types import SimpleNamespace
 
     from ringserve.frontend.catalog import ModelInfo
-    from ringserve.frontend.v2 import _config
+    from ringserve.frontend.v2 import model_config
     from ringserve.ipc.config import ModelSettings
 
     spec = {
@@ -1389,7 +1389,7 @@ def test_config_instance_groups_say_where_the_workers_run(
         workers=lambda index: workers,
         arena=SimpleNamespace(geometry=SimpleNamespace(slot_bytes=4096)),
     )
-    got = _config(catalog, info)["instance_group"]  # type: ignore[arg-type]
+    got = model_config(catalog, info)["instance_group"]  # type: ignore[arg-type]
     assert [(g["kind"], g["count"], g.get("gpus")) for g in got] == groups
     assert len({g["name"] for g in got}) == len(got)
 
@@ -1413,7 +1413,7 @@ def test_config_max_batch_size_is_what_one_request_can_carry(
     from types import SimpleNamespace
 
     from ringserve.frontend.catalog import ModelInfo
-    from ringserve.frontend.v2 import _config
+    from ringserve.frontend.v2 import model_config
     from ringserve.ipc.config import BatchingSettings, ModelSettings
 
     spec = {
@@ -1427,7 +1427,7 @@ def test_config_max_batch_size_is_what_one_request_can_carry(
         workers=lambda index: 1,
         arena=SimpleNamespace(geometry=SimpleNamespace(slot_bytes=slot_bytes)),
     )
-    config = _config(catalog, ModelInfo(0, settings, spec))  # type: ignore[arg-type]
+    config = model_config(catalog, ModelInfo(0, settings, spec))  # type: ignore[arg-type]
     assert config["max_batch_size"] == advertised
 
 
@@ -1447,7 +1447,7 @@ def test_config_max_batch_size_counts_every_output(outputs: list, advertised: in
     from types import SimpleNamespace
 
     from ringserve.frontend.catalog import ModelInfo
-    from ringserve.frontend.v2 import _config, _metadata
+    from ringserve.frontend.v2 import model_config, model_metadata
     from ringserve.ipc.config import BatchingSettings, ModelSettings
 
     spec = {
@@ -1469,12 +1469,12 @@ def test_config_max_batch_size_counts_every_output(outputs: list, advertised: in
         not_served_why=lambda info: "",
     )
     info = ModelInfo(0, settings, spec)
-    config = _config(catalog, info)  # type: ignore[arg-type]
+    config = model_config(catalog, info)  # type: ignore[arg-type]
     assert config["max_batch_size"] == advertised
     # Every output is listed; the labels are the first one's
     assert [(o["name"], o["label_filename"]) for o in config["output"]] == [
         ("OUT0", "labels.txt"),
         ("OUT1", ""),
     ]
-    meta = _metadata(catalog, info)  # type: ignore[arg-type]
+    meta = model_metadata(catalog, info)  # type: ignore[arg-type]
     assert [o["name"] for o in meta["outputs"]] == ["OUT0", "OUT1"]
