@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 APT_PACKAGES := nginx-light prometheus systemd wrk libb64-0d g++ python3-dev
 
-.PHONY: serve test lint format system-deps bench clean
+.PHONY: serve test lint format system-deps bench clean proto
 
 # Debian's python3 does not bring venv's ensurepip (package python3-venv, only suggested):
 # without it `python3 -m venv` fails on a fresh machine, so install it first (as root).
@@ -53,6 +53,10 @@ lint:
 format:
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# frontend/grpc_v2/descriptor.py from inference.proto (a test checks they agree)
+proto: $(STAMP)
+	$(PY) frontend/grpc_v2/gen.py
 
 bench: $(STAMP)
 	$(PY) -m bench.run

@@ -10,8 +10,9 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -55,6 +56,7 @@ class _Server(uvicorn.Server):
 
     _exit_asked: asyncio.Event | None = None
     arena: Arena | None = None
+    on_exit: Callable[[float | None], None] | None = None  # the gRPC server's stop
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -76,6 +78,8 @@ class _Server(uvicorn.Server):
             # made a stop take 2 x drain + worker stop, past systemd's TimeoutStopSec).
             self.config.timeout_graceful_shutdown = STOP_GRACE_S
         super().handle_exit(sig, frame)
+        if self.on_exit is not None:
+            self.on_exit(self.config.timeout_graceful_shutdown)
         if self._exit_asked is not None:
             self._exit_asked.set()
 
@@ -122,6 +126,29 @@ def listeners(
     return by_local_port(app, metrics_only_app(state), port), [*socks, metrics]
 
 
+async def _start_grpc(state: FrontendState, server: _Server) -> Any:
+    """This frontend's gRPC server (grpc_v2/service.py), started, and stopped with
+    uvicorn (the same grace for what is in flight); exits the process (BOOT) if it
+    cannot bind ``server.grpc_port``. Imported only when configured: grpc adds ~10 MB
+    to a frontend."""
+    from ringserve.frontend.grpc_v2.service import grpc_server
+
+    try:
+        grpc = grpc_server(state)
+    except RuntimeError as e:
+        log.error("server.grpc_port: cannot serve gRPC: %s", e)
+        sys.exit(ExitCode.BOOT)
+    await grpc.start()
+    stopping: list[asyncio.Task[None]] = []  # (a reference, so the task is not collected)
+
+    def stop(grace_s: float | None) -> None:
+        if not stopping:
+            stopping.append(asyncio.ensure_future(grpc.stop(grace_s)))
+
+    server.on_exit = stop
+    return grpc
+
+
 def main() -> None:
     spec = load_spec()
     settings = spec.settings
@@ -156,10 +183,15 @@ def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.handle_exit, sig, None)
+        grpc = await _start_grpc(state, server) if settings.server.grpc_port else None
         beat = asyncio.create_task(_heartbeat(state, control, settings.worker.heartbeat_interval_s))
         control.set_state(ProcState.READY)
         try:
             await server.serve(sockets=socks)
+            if grpc is not None:  # in flight: the grace a signal gave, or STOP_GRACE_S
+                assert server.on_exit is not None
+                server.on_exit(STOP_GRACE_S)  # (nothing more when a signal already asked)
+                await grpc.wait_for_termination()
         finally:
             beat.cancel()
             control.set_state(ProcState.STOPPED)

@@ -34,6 +34,9 @@ class ServerSettings:
     admin_socket: str = ""  # "" = <runtime dir>/ringserve-<instance>.sock
     admin_socket_group: str = ""  # "" = mode 0600 for the owner only; else 0660 and this group
     metrics_port: int = 0  # 0 = /metrics on the main port only
+    # KServe v2 over gRPC (Triton's GRPCInferenceService) on this port too; 0 = off.
+    # Triton's default is 8001.
+    grpc_port: int = 0
     drain_timeout_s: float = 30.0
     request_timeout_s: float = 30.0  # default deadline; header X-Request-Timeout-Ms overrides
     read_timeout_s: float = 30.0  # a client must send its whole request (head + body) in this
@@ -323,6 +326,12 @@ def _validate(s: Settings) -> None:
         not s.server.metrics_port or s.server.metrics_port != s.server.port,
         "server.metrics_port",
         "must differ from server.port",
+    )
+    need(0 <= s.server.grpc_port <= 65535, "server.grpc_port", "must be 0..65535 (0 = no gRPC)")
+    need(
+        not s.server.grpc_port or s.server.grpc_port not in (s.server.port, s.server.metrics_port),
+        "server.grpc_port",
+        "must differ from server.port and server.metrics_port",
     )
     need(s.server.startup_timeout_s >= 0, "server.startup_timeout_s", "must be >= 0 (0 = no limit)")
     need(

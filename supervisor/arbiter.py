@@ -99,6 +99,8 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         self.listen_sockets = listen_sockets
         # server.metrics_port: every frontend serves GET /metrics (only) on it too
         self.metrics_socket = metrics_socket
+        # server.grpc_port, held for the frontends that bind it (cli.grpc_port_reservation)
+        self.grpc_socket: socket.socket | None = None
         # per socket: "systemd:<name>" (socket activation) or "bound"; for ctl status
         self.listen_origins = listen_origins or ["bound"] * len(listen_sockets)
         # On a socket systemd holds across restarts, connections wait in the backlog
@@ -217,8 +219,9 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
         for sock in self.listen_sockets:
             sock.close()
-        if self.metrics_socket is not None:
-            self.metrics_socket.close()
+        for extra in (self.metrics_socket, self.grpc_socket):
+            if extra is not None:
+                extra.close()
 
     # == the loop ===========================================================================
 

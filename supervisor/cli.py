@@ -68,6 +68,11 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, help="server.request_timeout_s")
     p.add_argument("--log-format", choices=["text", "json"], help="server.log_format")
     p.add_argument(
+        "--grpc-port",
+        type=int,
+        help="also serve KServe v2 over gRPC on this port, as Triton's 8001 (server.grpc_port)",
+    )
+    p.add_argument(
         "--allow-client-shm",
         action="store_true",
         default=None,
@@ -99,6 +104,7 @@ def settings_from_args(ns: argparse.Namespace):  # type: ignore[no-untyped-def]
     put("server", "request_timeout_s", ns.request_timeout)
     put("server", "log_format", ns.log_format)
     put("server", "allow_client_shm", ns.allow_client_shm)
+    put("server", "grpc_port", ns.grpc_port)
     put("batching", "max_batch_size", ns.max_batch_size)
     put("batching", "max_queue_delay_ms", ns.max_queue_delay_ms)
     model_sets: dict[str, dict[str, object]] = {}
@@ -190,13 +196,49 @@ def metrics_socket(host: str, port: int, main: list[socket.socket]) -> socket.so
     return bind_socket(host, port, "server.metrics_port")
 
 
-def _metrics_socket_or_close(settings: Settings, main: list[socket.socket]) -> socket.socket | None:
-    """``metrics_socket`` for these settings; on failure the main sockets are closed
-    before the error propagates (nothing else owns them yet)."""
+def grpc_port_reservation(host: str, port: int, main: list[socket.socket]) -> socket.socket | None:
+    """The ``server.grpc_port`` held for the frontends, or None when the key is 0.
+
+    gRPC's server binds its own listening socket (it takes none from us), so every
+    frontend binds the port itself with ``SO_REUSEPORT`` and the kernel spreads
+    connections among them. This socket is bound without ``SO_REUSEPORT`` first, so a
+    port anything else holds (another server, another ringserve) is an error here, at
+    start; it is then opened to ``SO_REUSEPORT`` for our frontends (the same user) and
+    never listens, so it takes no connection itself. Only a process of another user,
+    or one without ``SO_REUSEPORT``, is kept off the port while we hold it."""
+    if port == 0:
+        return None
+    if any(_local_port(s) == port for s in main):
+        raise ConfigError(f"server.grpc_port: {port} is already a listen port; pick another")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        return metrics_socket(settings.server.host, settings.server.metrics_port, main)
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(
+            f"server.grpc_port: cannot listen on {host}:{port}: {e.strerror}"
+        ) from None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    return sock
+
+
+def _extra_sockets_or_close(
+    settings: Settings, main: list[socket.socket]
+) -> tuple[socket.socket | None, socket.socket | None]:
+    """The ``server.metrics_port`` socket and the ``server.grpc_port`` reservation;
+    on failure every socket bound so far is closed before the error propagates
+    (nothing else owns them yet)."""
+    server = settings.server
+    owned = list(main)
+    try:
+        metrics = metrics_socket(server.host, server.metrics_port, main)
+        if metrics is not None:
+            owned.append(metrics)
+        return metrics, grpc_port_reservation(server.host, server.grpc_port, owned)
     except ConfigError:
-        for sock in main:
+        for sock in owned:
             sock.close()
         raise
 
@@ -237,7 +279,7 @@ def serve(argv: Sequence[str]) -> int:
 
     try:
         socks, origins = listen_sockets(settings.server.host, settings.server.port)
-        metrics = _metrics_socket_or_close(settings, socks)
+        metrics, grpc = _extra_sockets_or_close(settings, socks)
         host, port = socks[0].getsockname()[:2]
         log.info(
             "listening on http://%s:%d (%s socket; %d frontends; models: %s)",
@@ -250,7 +292,12 @@ def serve(argv: Sequence[str]) -> int:
         if metrics is not None:
             m_host, m_port = metrics.getsockname()[:2]
             log.info("metrics only (GET /metrics) on http://%s:%d", m_host, m_port)
-        return Arbiter(settings, socks, origins, metrics, lambda: settings_from_args(ns)).run()
+        if grpc is not None:
+            g_host, g_port = grpc.getsockname()[:2]
+            log.info("KServe v2 over gRPC on %s:%d", g_host, g_port)
+        arbiter = Arbiter(settings, socks, origins, metrics, lambda: settings_from_args(ns))
+        arbiter.grpc_socket = grpc
+        return arbiter.run()
     except (ArenaError, ConfigError) as e:
         log.error("%s", e)
         return ServeExit.ERROR

@@ -175,6 +175,9 @@ def status(arb: Arbiter) -> dict[str, Any]:
     if arb.metrics_socket is not None:
         # server.metrics_port: always bound by the supervisor, socket activation or not
         server_extra["metrics_listen"] = _listen_entry(arb.metrics_socket, "bound")
+    if arb.grpc_socket is not None:
+        # server.grpc_port: held here, bound by every frontend with SO_REUSEPORT
+        server_extra["grpc_listen"] = _listen_entry(arb.grpc_socket, "frontends (SO_REUSEPORT)")
     if arb.settings.server.allow_client_shm:
         # What clients registered (frontends keep these mapped): an operator's view of
         # memory the server holds for them, and of registrations a client left behind.

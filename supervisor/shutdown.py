@@ -110,10 +110,11 @@ class Shutdown:
         instead of being accepted into a backlog nobody reads and reset when we exit.
         Under socket activation systemd keeps its own copy, and queues for the next
         start."""
-        for sock in (*self.listen_sockets, self.metrics_socket):
+        for sock in (*self.listen_sockets, self.metrics_socket, self.grpc_socket):
             if sock is not None:
                 sock.close()
-        self.listen_sockets, self.listen_origins, self.metrics_socket = [], [], None
+        self.listen_sockets, self.listen_origins = [], []
+        self.metrics_socket = self.grpc_socket = None
         log.info("stopping: our copies of the listening sockets closed")
 
     def _kill_all(self) -> None:

@@ -416,6 +416,7 @@ def test_frontends_never_load_torch_nor_the_digits_worker_torchvision(start_serv
     for pid in server.pids("frontend"):
         maps = Path(f"/proc/{pid}/maps").read_text()
         assert "libtorch" not in maps and "torch/lib" not in maps
+        assert "cygrpc" not in maps  # gRPC loads only with server.grpc_port set
         uss = psutil.Process(pid).memory_full_info().uss
         assert uss < 100 * 2**20, f"frontend USS {uss / 2**20:.0f} MiB"
         # DESIGN's "RSS well under 100 MB", less the arena's pages (RssShmem): those

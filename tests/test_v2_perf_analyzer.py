@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Server
+from conftest import REPO, Server, free_port
 from test_v2_protocol import serve
 
 pytestmark = pytest.mark.e2e
@@ -38,28 +38,39 @@ def perf_analyzer() -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def grpc_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, grpc_port: int) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("v2perf")
     text = "text=python:support.fake_handlers:ByteLengths"
     multi = "multi=python:support.fake_handlers:SeveralOutputs"
     masked = "masked=python:support.fake_handlers:MaskedSum"
     models = ("--model", "id=identity", "--model", text, "--model", multi, "--model", masked)
-    with serve(tmp, *models, "--allow-client-shm") as s:
+    with serve(tmp, *models, "--allow-client-shm", "--grpc-port", str(grpc_port)) as s:
         yield s
 
 
 def run_pa(
-    pa: Path, server: Server, *args: str, model: str = "id", shape: str = "INPUT0:16"
+    pa: Path,
+    server: Server,
+    *args: str,
+    model: str = "id",
+    shape: str = "INPUT0:16",
+    grpc_port: int | None = None,
 ) -> dict[int, tuple[float, int]]:
-    """Run perf_analyzer; returns {concurrency: (infer/sec, avg latency usec)}."""
+    """Run perf_analyzer (over gRPC on ``grpc_port`` when given); returns
+    {concurrency: (infer/sec, avg latency usec)}."""
     cmd = [
         str(pa),
         "-m",
         model,
         "-u",
-        f"127.0.0.1:{server.port}",
+        f"127.0.0.1:{server.port if grpc_port is None else grpc_port}",
         "-i",
-        "http",
+        "http" if grpc_port is None else "grpc",
         "-b",
         "1",
         "--shape",
@@ -129,10 +140,13 @@ def test_bytes_input(perf_analyzer: Path, server: Server) -> None:
     assert found[2][0] > 0
 
 
-@pytest.mark.parametrize("shm", [False, True])
-def test_several_outputs(perf_analyzer: Path, server: Server, shm: bool) -> None:
+@pytest.mark.parametrize(("shm", "over_grpc"), [(False, False), (True, False), (True, True)])
+def test_several_outputs(
+    perf_analyzer: Path, server: Server, grpc_port: int, shm: bool, over_grpc: bool
+) -> None:
     """A model of three outputs (float, int64, BYTES): perf_analyzer takes them all, as
-    binary data or each through a system shared-memory region of its own."""
+    binary data or each through a system shared-memory region of its own (registered
+    over HTTP or gRPC)."""
     regions = ("--shared-memory", "system", "--output-shared-memory-size", "1024")
     found = run_pa(
         perf_analyzer,
@@ -142,13 +156,17 @@ def test_several_outputs(perf_analyzer: Path, server: Server, shm: bool) -> None
         *(regions if shm else ()),
         model="multi",
         shape="INPUT0:3",
+        grpc_port=grpc_port if over_grpc else None,
     )
     assert found[2][0] > 0
     with server.client() as c:
         assert c.get("/v2/systemsharedmemory/status").json() == []
 
 
-def test_several_inputs(perf_analyzer: Path, server: Server) -> None:
+@pytest.mark.parametrize("over_grpc", [False, True])
+def test_several_inputs(
+    perf_analyzer: Path, server: Server, grpc_port: int, over_grpc: bool
+) -> None:
     """Two inputs, each shaped by its own --shape, and two outputs."""
     found = run_pa(
         perf_analyzer,
@@ -159,6 +177,7 @@ def test_several_inputs(perf_analyzer: Path, server: Server) -> None:
         "MASK:6",
         model="masked",
         shape="IDS:6",
+        grpc_port=grpc_port if over_grpc else None,
     )
     assert found[2][0] > 0
 
@@ -187,3 +206,18 @@ def test_server_side_statistics_are_reported(perf_analyzer: Path, server: Server
     assert m, out.stdout
     assert int(m.group(1)) > 0
     assert int(m.group(2)) > 0
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_grpc(perf_analyzer: Path, server: Server, grpc_port: int, streaming: bool) -> None:
+    """``-i grpc``, unary and ``--streaming``: the same figures as over HTTP."""
+    found = run_pa(
+        perf_analyzer,
+        server,
+        "--concurrency-range",
+        "1:4:3",
+        *(("--streaming",) if streaming else ()),
+        grpc_port=grpc_port,
+    )
+    assert sorted(found) == [1, 4]
+    assert all(throughput > 0 for throughput, _ in found.values())
