@@ -9,7 +9,8 @@ endpoint when ``.venv-perf/bin/pa`` is there):
       inline-N  the same with as many processes as ringserve has frontends
   (c) fastapi   hand-written FastAPI + asyncio.Queue batcher (batch 32, wait 100 ms)
   (d) litserve  LitServe, batch 32, timeout 5 ms, 2 API processes (own venv)
-  (e) ringserve ``ringserve serve`` (and ringserve-v2: the same through perf_analyzer)
+  (e) ringserve ``ringserve serve`` (and ringserve-v2 / ringserve-grpc: the same through
+      perf_analyzer, over HTTP / gRPC)
   (f) mlserver  MLServer, adaptive batching 32 / 100 ms, identity only (own venv)
 
 Every repetition starts each system afresh, in a rotated order (systems interleaved per
@@ -209,8 +210,9 @@ class Launch:
     body: str  # key into make_inputs' paths
     content_type: str
     env: dict[str, str] = field(default_factory=dict)
-    driver: str = "wrk"  # or "pa" (perf_analyzer, KServe v2)
+    driver: str = "wrk"  # or "pa" (perf_analyzer, KServe v2), "pa-grpc" (the same over gRPC)
     ready_path: str = "/readiness"
+    grpc_port: int = 0  # pa-grpc: where ringserve serves gRPC
 
 
 @dataclass
@@ -338,7 +340,11 @@ def launch_ringserve(
                 # lone request, one each under load (gpu_worker/cpu_share.py).
                 cmd += ["--workers", str(args.threads), "--share-threads"]
         body, ct = body_for(model)
-        return Launch(cmd, f"/v1/models/{name}/predict", body, ct, ringserve_env(port, tmp), driver)
+        grpc_port = free_port() if driver == "pa-grpc" else 0
+        if grpc_port:
+            cmd += ["--grpc-port", str(grpc_port)]
+        path = f"/v1/models/{name}/predict"
+        return Launch(cmd, path, body, ct, ringserve_env(port, tmp), driver, grpc_port=grpc_port)
 
     return launch
 
@@ -413,6 +419,15 @@ def systems(
                 "(e) ringserve v2 via perf_analyzer",
                 "e",
                 launch_ringserve("pa"),
+                models=("identity",),
+            )
+        )
+        out.append(
+            System(
+                "ringserve-grpc",
+                "(e) ringserve v2 over gRPC via perf_analyzer",
+                "e",
+                launch_ringserve("pa-grpc"),
                 models=("identity",),
             )
         )
@@ -657,11 +672,14 @@ def completion_rate(times: list[float], window_s: float) -> float:
     return statistics.linear_regression(ts, range(len(ts))).slope
 
 
-def run_pa(port: int, model: str, conc: int, duration_s: float, tmp: Path) -> dict:
-    """perf_analyzer against /v2/models/{name}/infer, fixed windows, no stability hunt."""
+def run_pa(
+    port: int, model: str, conc: int, duration_s: float, tmp: Path, protocol: str = "http"
+) -> dict:
+    """perf_analyzer against /v2/models/{name}/infer (or its gRPC method), fixed windows,
+    no stability hunt."""
     csv = tmp / f"pa-{port}-{conc}.csv"
     window_ms = max(300, int(duration_s * 1000 / 3))
-    cmd = [str(PERF_ANALYZER), "-m", MODEL_NAMES[model], "-u", f"127.0.0.1:{port}", "-i", "http"]
+    cmd = [str(PERF_ANALYZER), "-m", MODEL_NAMES[model], "-u", f"127.0.0.1:{port}", "-i", protocol]
     cmd += ["--concurrency-range", f"{conc}:{conc}", "--shape", "INPUT0:16"]
     cmd += ["--measurement-mode", "time_windows", "--measurement-interval", str(window_ms)]
     # 3 windows is the fewest perf_analyzer accepts as "stable"; 1000 % accepts any 3.
@@ -754,6 +772,8 @@ def bench_system(
             else:
                 if launch.driver == "pa":
                     r = run_pa(port, model, conc, seconds, tmp)
+                elif launch.driver == "pa-grpc":
+                    r = run_pa(launch.grpc_port, model, conc, seconds, tmp, "grpc")
                 else:
                     r = run_wrk(wrk, url, conc, seconds, body, ctype, warmup_s)
                 cpu = cpu_since(pid, c0)
