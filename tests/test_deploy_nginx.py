@@ -34,9 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import psutil
 import pytest
 from conftest import REPO, Server, free_port, socket_links, wait_until
+from support.grpc_load import calls_across
 from support.load import LoadResult, load_during, post_counted
 
 from ringserve.ipc.arena import Arena
@@ -46,6 +48,8 @@ pytestmark = pytest.mark.e2e
 
 SITE = REPO / "systemd" / "nginx-ringserve.conf"
 SHIPPED_SERVER = "server 127.0.0.1:8000 max_fails=0;"
+SHIPPED_GRPC_SERVER = "server 127.0.0.1:8011 max_fails=0;"
+SHIPPED_GRPC_LISTEN = "listen 8001 http2;"
 # Idle upstream connections nginx caches per worker (the site's "keepalive N;").
 UPSTREAM_KEEPALIVE = int(re.search(r"^\s*keepalive (\d+);", SITE.read_text(), re.M).group(1))
 
@@ -81,8 +85,12 @@ def multi_host_params(site: str) -> str:
     return m.group(1)
 
 
-def site_for(ports: list[int], listen_port: int, log_dir: Path) -> str:
-    """The shipped site, rewritten to listen on ``listen_port`` and proxy to ``ports``.
+def site_for(
+    ports: list[int], listen_port: int, log_dir: Path, grpc: tuple[int, int] = (0, 0)
+) -> str:
+    """The shipped site, rewritten to listen on ``listen_port`` and proxy to ``ports``,
+    and for gRPC (``grpc``: nginx's port, ringserve's) to listen on the first and proxy
+    to the second (ports nobody uses when not given).
 
     One ringserve instance: the shipped upstream (one address listed keepalive + 2 times,
     so nginx may retry past every dead cached connection), with our port. Several: the
@@ -101,7 +109,12 @@ def site_for(ports: list[int], listen_port: int, log_dir: Path) -> str:
         site = site[:first] + lines + site[last:]
     site = site.replace("listen 80;", f"listen 127.0.0.1:{listen_port};")
     site = site.replace("/var/log/nginx/", f"{log_dir}/")
-    assert "8000" not in re.sub(r"#.*", "", site)
+    grpc_listen, grpc_port = (p or free_port() for p in grpc)
+    assert site.count(SHIPPED_GRPC_LISTEN) == 1
+    site = site.replace(SHIPPED_GRPC_LISTEN, f"listen 127.0.0.1:{grpc_listen} http2;")
+    site = site.replace(SHIPPED_GRPC_SERVER, f"server 127.0.0.1:{grpc_port} max_fails=0;")
+    code = re.sub(r"#.*", "", site)
+    assert "8000" not in code and "8001" not in code and "8011" not in code
     return site
 
 
@@ -110,6 +123,7 @@ class Nginx:
     proc: subprocess.Popen
     prefix: Path
     port: int
+    grpc_port: int = 0
 
     @property
     def url(self) -> str:
@@ -134,21 +148,22 @@ class Nginx:
 def start_nginx(tmp_path: Path) -> Iterator[Callable[[list[int]], Nginx]]:
     started: list[Nginx] = []
 
-    def start(ports: list[int]) -> Nginx:
+    def start(ports: list[int], grpc_upstream: int = 0) -> Nginx:
         prefix = tmp_path / f"nginx{len(started)}"
         prefix.mkdir()
-        port = free_port()
+        port, grpc_port = free_port(), free_port()
         # As root, nginx's workers would switch to "nobody", who cannot enter tmp_path.
         user = "user root;\n" if os.geteuid() == 0 else ""
         conf = prefix / "nginx.conf"
-        conf.write_text(MAIN_CONF.format(user=user, d=prefix, site=site_for(ports, port, prefix)))
+        site = site_for(ports, port, prefix, (grpc_port, grpc_upstream))
+        conf.write_text(MAIN_CONF.format(user=user, d=prefix, site=site))
         argv = [nginx_binary(), "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
         check = subprocess.run([*argv, "-t"], capture_output=True, text=True, timeout=30)
         assert check.returncode == 0, check.stderr
         proc = subprocess.Popen(
             argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
-        ngx = Nginx(proc, prefix, port)
+        ngx = Nginx(proc, prefix, port, grpc_port)
         started.append(ngx)
 
         def listening() -> bool:
@@ -493,5 +508,77 @@ def test_sigkill_frontend_behind_nginx(start_server, start_nginx) -> None:
     print(f"  wide rounds (while the victim was stopped): {wide.summary()}")
     assert wide.ok == wide.total and wide.wrong == 0, wide.summary()
     assert retries, "nginx never had to retry: the kill did not meet the load"
+    assert ngx.stop() == 0
+    assert server.stop() == 0
+
+
+# -- gRPC through the site's second server block ----------------------------------------
+
+
+def _grpc_client(ngx: Nginx):  # (imported here: only these tests need tritonclient.grpc)
+    import tritonclient.grpc as grpcclient
+
+    return grpcclient, grpcclient.InferenceServerClient(f"127.0.0.1:{ngx.grpc_port}")
+
+
+def test_grpc_through_nginx_unary_and_streamed(start_server, start_nginx) -> None:
+    grpc_port = free_port()
+    server: Server = start_server("--model", "id=identity", "--grpc-port", str(grpc_port))
+    ngx = start_nginx([server.port], grpc_upstream=grpc_port)
+    grpcclient, c = _grpc_client(ngx)
+    try:
+        assert c.is_server_ready()
+        x = grpcclient.InferInput("INPUT0", [1, 3], "FP32")
+        x.set_data_from_numpy(np.array([[1.0, 2.0, 3.0]], np.float32))
+        assert c.infer("id", [x]).as_numpy("OUTPUT0").tolist() == [[1.0, 2.0, 3.0]]
+        answers: list = []
+        c.start_stream(callback=lambda result, error: answers.append((result, error)))
+        for n in range(5):
+            c.async_stream_infer("id", [x], request_id=f"s{n}")
+        c.stop_stream()  # (waits for the answers)
+    finally:
+        c.close()
+    assert sorted(r.get_response().id for r, e in answers if e is None) == [
+        f"s{n}" for n in range(5)
+    ]
+    assert ngx.stop() == 0
+    assert server.stop() == 0
+
+
+def test_grpc_through_nginx_is_unavailable_when_ringserve_is_unreachable(start_nginx) -> None:
+    """nginx's own 502 would reach a gRPC client as a protocol error; the site answers
+    UNAVAILABLE, which clients retry."""
+    from tritonclient.utils import InferenceServerException
+
+    ngx = start_nginx([free_port()], grpc_upstream=free_port())  # nothing listens there
+    _, c = _grpc_client(ngx)
+    try:
+        with pytest.raises(InferenceServerException) as e:
+            c.is_server_live()
+    finally:
+        c.close()
+    assert e.value.status() == "StatusCode.UNAVAILABLE"
+    assert "not reachable" in e.value.message()
+    assert ngx.stop() == 0
+
+
+def test_grpc_sigkill_frontend_behind_nginx(start_server, start_nginx) -> None:
+    """A frontend SIGKILLed under gRPC load through nginx. nginx cannot replay a gRPC
+    call it has begun to send (it streams the body upstream), so each call in flight on
+    the dead frontend ends UNAVAILABLE (the site's answer, not a protocol error); a
+    client with the documented retry policy sends it again, and every call is answered
+    right."""
+    grpc_port = free_port()
+    server: Server = start_server("--model", "id=identity", "--grpc-port", str(grpc_port))
+    ngx = start_nginx([server.port], grpc_upstream=grpc_port)
+
+    def kill_one() -> None:
+        victim = server.pids("frontend")[0]
+        os.kill(victim, signal.SIGKILL)
+        server.wait_replaced(victim)
+
+    done, errors = calls_across(f"127.0.0.1:{ngx.grpc_port}", kill_one)
+    print(f"\n[nginx gRPC] {done} calls, errors: {errors[:5]}")
+    assert not errors, errors[:5]
     assert ngx.stop() == 0
     assert server.stop() == 0

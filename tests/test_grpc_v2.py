@@ -23,6 +23,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
 from conftest import Server, free_port, kill_group, launch, shm_segments, wait_until
+from support.grpc_load import calls_across
 from test_e2e_core import HANDLER_ENV
 from test_v2_protocol import serve
 from tritonclient.utils import InferenceServerException
@@ -345,14 +346,24 @@ def test_sigterm_finishes_what_is_in_flight(start_server) -> None:
     assert not _grpc_live(port)  # the port is closed with the server
 
 
-def test_a_killed_frontend_is_replaced_and_serves_grpc_again(start_server) -> None:
+def test_a_frontend_killed_under_load_is_replaced_and_no_call_is_lost(start_server) -> None:
+    """SIGKILL a frontend while four clients call: a call in flight on it ends
+    UNAVAILABLE, which the documented retry policy sends again (to the other frontend,
+    the only one left in the port's SO_REUSEPORT group); the replacement binds the port
+    again, and new connections reach either."""
     port = free_port()
     server = start_server("--model", "id=identity", "--grpc-port", str(port))
     wait_until(lambda: _grpc_live(port), 30, "gRPC up")
-    victim = server.pids("frontend")[0]
-    os.kill(victim, signal.SIGKILL)
-    server.wait_replaced(victim)
-    # New connections land on either frontend (the kernel's pick): every one is answered.
+
+    def kill_one() -> None:
+        victim = server.pids("frontend")[0]
+        os.kill(victim, signal.SIGKILL)
+        server.wait_replaced(victim)
+
+    done, errors = calls_across(f"127.0.0.1:{port}", kill_one)
+    assert not errors, f"{len(errors)} of {done} calls failed: {errors[:5]}"
+    # Every frontend serves gRPC again: fresh connections land on each (the kernel's
+    # pick), and each is answered.
     x = infer_input("INPUT0", np.ones((1, 2), np.float32))
     for _ in range(12):
         c = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
