@@ -35,6 +35,7 @@ pytestmark = pytest.mark.e2e
 FAKE = "python:support.fake_handlers"
 MODELS = ["id=identity", f"multi={FAKE}:SeveralOutputs", f"masked={FAKE}:MaskedSum"]
 MODELS += [f"slow={FAKE}:Slow", f"text={FAKE}:ByteLengths"]
+MAX_BODY = 2 * 2**20
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,8 @@ def grpc_port() -> int:
 def server(tmp_path_factory: pytest.TempPathFactory, grpc_port: int) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("grpc")
     args = [a for m in MODELS for a in ("--model", m)]
-    with serve(tmp, *args, "--grpc-port", str(grpc_port), "--allow-client-shm") as s:
+    limit = ("--set", f"server.max_body_bytes={MAX_BODY}")
+    with serve(tmp, *args, *limit, "--grpc-port", str(grpc_port), "--allow-client-shm") as s:
         yield s
 
 
@@ -165,6 +167,35 @@ def test_bad_requests_get_the_code_triton_answers_and_leave_the_server_healthy(
     assert message in e.value.message()
     ok = client.infer("id", [infer_input("INPUT0", np.ones((1, 2), np.float32))])
     np.testing.assert_array_equal(ok.as_numpy("OUTPUT0"), [[1.0, 1.0]])
+
+
+def test_malformed_and_oversized_messages_are_refused_and_the_server_stays_healthy(
+    server: Server, grpc_port: int, client: grpcclient.InferenceServerClient
+) -> None:
+    """Bytes that are no ModelInferRequest: INVALID_ARGUMENT (grpcio's own answer was
+    UNKNOWN with a traceback logged per message), alone or inside a stream; a message
+    over server.max_body_bytes: RESOURCE_EXHAUSTED, before it is read whole."""
+    garbage = b"\xff\xff\xff not a protobuf"
+    with grpc.insecure_channel(
+        f"127.0.0.1:{grpc_port}", options=[("grpc.max_send_message_length", -1)]
+    ) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as e:
+            infer(garbage, timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "malformed ModelInferRequest" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            infer(b"\0" * (MAX_BODY + 1), timeout=10)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        stream = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            response_deserializer=pb.ModelStreamInferResponse.FromString,
+        )
+        (answer,) = list(stream(iter([garbage]), timeout=10))
+        assert "malformed ModelInferRequest" in answer.error_message
+    ok = client.infer("id", [infer_input("INPUT0", np.ones((1, 2), np.float32))])
+    np.testing.assert_array_equal(ok.as_numpy("OUTPUT0"), [[1.0, 1.0]])
+    assert "Traceback" not in server.log()
 
 
 def test_unknown_output_and_version(client: grpcclient.InferenceServerClient) -> None:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NamedTuple
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from grpc import aio
 
 import ringserve
@@ -233,6 +234,9 @@ class InferenceService:
         running: set[asyncio.Task[None]] = set()
 
         async def one(request: Any) -> None:
+            if isinstance(request, Malformed):
+                answers.put_nowait(pb.ModelStreamInferResponse(error_message=request.message))
+                return
             response, err = await self._answer(request, call, context.time_remaining())
             if err is not None:
                 response = pb.ModelInferResponse(
@@ -346,17 +350,44 @@ class InferenceService:
         await context.abort(grpc_code(err.status), err.message)
 
 
+class Malformed(NamedTuple):
+    """A request message that does not parse, kept to be answered INVALID_ARGUMENT: as
+    grpcio's own deserializer failure it was UNKNOWN, with a traceback in the log for
+    every such message a client sends."""
+
+    message: str
+
+
+def _lenient(request_cls: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return request_cls.FromString(data)
+        except DecodeError as e:
+            return Malformed(f"malformed {request_cls.DESCRIPTOR.name}: {e}")
+
+    return parse
+
+
+def _refusing_malformed(method: Callable[[Any, aio.ServicerContext], Any]) -> Any:
+    async def handler(request: Any, context: aio.ServicerContext) -> Any:
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return await method(request, context)
+
+    return handler
+
+
 def _handlers(service: InferenceService) -> grpc.GenericRpcHandler:
     handlers = {}
     for method, (request_cls, response_cls, streaming) in METHODS.items():
-        make = (
-            grpc.stream_stream_rpc_method_handler
-            if streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
+        if streaming:  # (a malformed message of a stream is answered in its place)
+            make, fn = grpc.stream_stream_rpc_method_handler, getattr(service, method)
+        else:
+            make = grpc.unary_unary_rpc_method_handler
+            fn = _refusing_malformed(getattr(service, method))
         handlers[method] = make(
-            getattr(service, method),
-            request_deserializer=request_cls.FromString,
+            fn,
+            request_deserializer=_lenient(request_cls),
             response_serializer=response_cls.SerializeToString,
         )
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
