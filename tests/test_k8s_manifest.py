@@ -162,13 +162,15 @@ def test_gpu_is_requested_and_matches_the_devices(container, settings: Settings)
         assert index < gpus, f"model {m.name} wants {m.device} but the pod gets {gpus} GPU(s)"
 
 
-def test_service_and_selector_reach_the_pods(docs, container) -> None:
+def test_service_and_selector_reach_the_pods(docs, container, settings: Settings) -> None:
     dep, svc = docs["Deployment"], docs["Service"]
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert svc["spec"]["selector"].items() <= labels.items()
+    served = {"http": ServerSettings().port, "grpc": settings.server.grpc_port}
+    assert served["grpc"], "the ConfigMap serves no gRPC"
     for port in svc["spec"]["ports"]:
-        assert container_port(container, port["targetPort"]) == ServerSettings().port
+        assert container_port(container, port["targetPort"]) == served[port["name"]]
     strategy = dep["spec"]["strategy"]["rollingUpdate"]
     assert strategy["maxUnavailable"] == 0, "a rollout must not drop below capacity"
 
