@@ -78,6 +78,7 @@ class FrontendState:
     metrics: FrontendMetrics
     started: bool = False
     client_shm: ClientShm | None = None  # None unless server.allow_client_shm
+    admin_socket: str = ""  # the supervisor's, with server.allow_model_control
     missed_deadlines: MissedDeadlines = field(default_factory=MissedDeadlines)
 
 

@@ -109,6 +109,7 @@ def build_state(spec: ChildSpec) -> tuple[FrontendState, ControlBlock]:
         Catalog(arena, settings),
         FrontendMetrics(settings, arena, spec.metrics_dir),
         client_shm=ClientShm(ClientRegions(arena)) if settings.server.allow_client_shm else None,
+        admin_socket=spec.admin_socket,
     )
     return state, control
 

@@ -56,6 +56,7 @@ from ringserve.frontend.dispatch import Completed
 from ringserve.frontend.errors import HTTPError, unavailable
 from ringserve.frontend.images import check_images
 from ringserve.frontend.jsonio import JSON_BODY_TYPES, parse_json
+from ringserve.frontend.model_control import change_model, check_parameters
 from ringserve.frontend.response_compression import compress, negotiate
 from ringserve.frontend.v2_codec import (
     V2_TO_CONFIG,
@@ -252,10 +253,6 @@ def _instance_groups(s: ModelSettings, workers: int) -> list[dict[str, Any]]:
 
 
 INDEX_BODY_LIMIT = 64 * 1024
-NO_MODEL_CONTROL = (
-    "model control is not supported: ringserve serves the models it was started with "
-    "(--model); change workers with `ringserve ctl scale|recycle|restart`"
-)
 # Triton's trace and logging extensions, which tritonclient calls by name
 # (get_trace_settings, update_log_settings): a bare 404 "Not Found" read as a wrong URL.
 NOT_SUPPORTED = {
@@ -274,7 +271,10 @@ def _repository_state(state: FrontendState, info: ModelInfo) -> tuple[str, str]:
     if state.catalog.serving(info):
         return "READY", ""
     if not state.catalog.workers(info.index):
-        return "UNAVAILABLE", "its last worker was drained (ctl scale serves it again)"
+        return (
+            "UNAVAILABLE",
+            "unloaded, or its last worker drained (load or ctl scale serves it again)",
+        )
     failing = state.catalog.availability(info.index) == ModelAvailability.FAILING
     if info.spec is None and not failing:
         return "LOADING", "no worker has loaded the model yet"
@@ -446,11 +446,20 @@ def v2_routes(state: FrontendState) -> list[Route]:
             raise HTTPError(400, '"ready" must be true or false')
         return json_reply(repository_index(state, ready_only))
 
-    async def model_control(call: Call) -> Reply:
-        name = call.path_params["name"]
-        if state.catalog.get(name) is None:
-            raise HTTPError(404, f"unknown model {name!r}")
-        raise HTTPError(400, NO_MODEL_CONTROL)
+    def model_control(load: bool) -> AsgiEndpoint:
+        async def change(call: Call) -> Reply:
+            name = call.path_params["name"]
+            if state.catalog.get(name) is None:
+                raise HTTPError(404, f"unknown model {name!r}")
+            body = await call.read_body(INDEX_BODY_LIMIT)
+            doc = parse_json(body) if body.strip() else {}
+            if not isinstance(doc, dict) or not isinstance(doc.get("parameters", {}), dict):
+                raise HTTPError(400, 'the request must be a JSON object, its "parameters" one')
+            check_parameters(doc.get("parameters", {}), load)
+            await change_model(state, name, load)
+            return json_reply({})
+
+        return json_endpoint(change)
 
     def refuse(extension: str) -> AsgiEndpoint:
         async def refused(call: Call) -> Reply:
@@ -477,10 +486,8 @@ def v2_routes(state: FrontendState) -> list[Route]:
         Route(f"{model}/infer", AsgiEndpoint(infer_endpoint), methods=["POST"]),
         Route(f"{versioned}/infer", AsgiEndpoint(infer_endpoint), methods=["POST"]),
         Route("/v2/repository/index", json_endpoint(index_endpoint), methods=["POST"]),
-        Route("/v2/repository/models/{name}/load", json_endpoint(model_control), methods=["POST"]),
-        Route(
-            "/v2/repository/models/{name}/unload", json_endpoint(model_control), methods=["POST"]
-        ),
+        Route("/v2/repository/models/{name}/load", model_control(True), methods=["POST"]),
+        Route("/v2/repository/models/{name}/unload", model_control(False), methods=["POST"]),
         Route("/v2/trace/setting", refuse("trace"), methods=either),
         Route(f"{model}/trace/setting", refuse("trace"), methods=either),
         Route("/v2/logging", refuse("logging"), methods=either),

@@ -42,6 +42,9 @@ class ChildSpec:
     # the supervisor acts on it at once instead of at its next tick. -1 = none.
     supervisor_efd: int = -1
     metrics_dir: str = ""
+    # Frontends, with server.allow_model_control: the supervisor's admin socket, where
+    # they ask it to unload and load models.
+    admin_socket: str = ""
     extra: dict = field(default_factory=dict)
 
     def to_env(self) -> str:

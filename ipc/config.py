@@ -54,6 +54,10 @@ class ServerSettings:
     # map shared memory they name (frontend/client_shm.py). Off unless trusted, as in
     # Triton (--allow-client-shm).
     allow_client_shm: bool = False
+    # Triton's model control (--model-control-mode=explicit): clients may unload a model
+    # (its workers stop) and load it again (its configured workers start), over v2's
+    # repository routes. Off: anyone who reaches the port could stop a model.
+    allow_model_control: bool = False
     # A v2 infer response over 1 KiB is compressed (gzip or deflate) when the request's
     # Accept-Encoding asks, as Triton does; off spares the CPU where the client is a
     # proxy on the same host (python's requests and httpx ask by default).

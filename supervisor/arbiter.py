@@ -146,6 +146,7 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
         self._next_sample = 0.0
         self._status_line = ""
         self.admin = None
+        self.admin_path = ""
         self._closing = False
         self.workers_stopping = False
 
@@ -374,6 +375,9 @@ class Arbiter(ExitHandling, Replacing, Shutdown, MemoryPolicy):
             frontend_efds=self.frontend_efds,
             supervisor_efd=self.state_efd,
             metrics_dir=self.metrics_dir,
+            admin_socket=self.admin_path
+            if frontend and self.settings.server.allow_model_control
+            else "",
         )
 
     def worker_records(self) -> int:

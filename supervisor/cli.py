@@ -79,6 +79,12 @@ def _serve_parser() -> argparse.ArgumentParser:
         help="let local clients register system shared memory (server.allow_client_shm)",
     )
     p.add_argument(
+        "--allow-model-control",
+        action="store_true",
+        default=None,
+        help="let clients unload and load models over v2 (server.allow_model_control)",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -105,6 +111,7 @@ def settings_from_args(ns: argparse.Namespace):  # type: ignore[no-untyped-def]
     put("server", "log_format", ns.log_format)
     put("server", "allow_client_shm", ns.allow_client_shm)
     put("server", "grpc_port", ns.grpc_port)
+    put("server", "allow_model_control", ns.allow_model_control)
     put("batching", "max_batch_size", ns.max_batch_size)
     put("batching", "max_queue_delay_ms", ns.max_queue_delay_ms)
     model_sets: dict[str, dict[str, object]] = {}

@@ -306,19 +306,55 @@ def run_command(arb: Arbiter, cmd: str, args: dict[str, Any]) -> Any:
         return {"recycling": _id(args)}
     if cmd == "scale":
         return scale(arb, args)
+    if cmd == "unload":
+        return unload(arb, args)
+    if cmd == "load":
+        return load(arb, args)
     raise AdminCommandError(
-        f"unknown command {cmd!r} (status, drain, restart, recycle, scale, pause, resume, config)"
+        f"unknown command {cmd!r} (status, drain, restart, recycle, scale, unload, load, "
+        "pause, resume, config)"
     )
+
+
+def _model_index(arb: Arbiter, name: object) -> int:
+    try:
+        return arb.settings.model_index(str(name))
+    except KeyError:
+        raise AdminCommandError(f"unknown model {name!r}") from None
+
+
+def unload(arb: Arbiter, args: dict[str, Any]) -> dict[str, Any]:
+    """Stop every worker of a model, each finishing the batch it holds (Triton's
+    unload); requests still queued are answered 503. ``load`` starts them again."""
+    name = args.get("model")
+    mi = _model_index(arb, name)
+    active = [ws for ws in arb.workers if ws.model_index == mi and not ws.retired]
+    for ws in active:
+        ws.retire()
+        if ws.child is not None:
+            arb.stop_child(ws.child, "unload")
+    if active:
+        log.info("model %r unloaded: %d workers stopping", name, len(active))
+    return {"model": name, "workers": 0, "stopping": [f"worker-{ws.ident}" for ws in active]}
+
+
+def load(arb: Arbiter, args: dict[str, Any]) -> dict[str, Any]:
+    """Start a model's configured workers again, if it has none (Triton's load of a model
+    already loaded changes nothing here: its workers are as ``ctl scale`` left them)."""
+    name = args.get("model")
+    mi = _model_index(arb, name)
+    active = sum(1 for ws in arb.workers if ws.model_index == mi and not ws.retired)
+    if active:
+        return {"model": name, "workers": active}
+    log.info("model %r loaded: its workers start", name)
+    return scale(arb, {"model": name, "workers": arb.settings.models[mi].workers})
 
 
 def scale(arb: Arbiter, args: dict[str, Any]) -> dict[str, Any]:
     name, n = args.get("model"), args.get("workers")
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_WORKERS:
         raise AdminCommandError(f'"workers" must be an integer from 1 to {MAX_WORKERS}')
-    try:
-        mi = arb.settings.model_index(str(name))
-    except KeyError:
-        raise AdminCommandError(f"unknown model {name!r}") from None
+    mi = _model_index(arb, name)
     # Every worker process holds a control record, and the arena was sized at start; a
     # spawn with none left would end the supervisor. Keep room for a replacement and a
     # stopping worker per model (a recycle, a rolling restart).

@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     scale = add("scale", help="set the number of workers of a model")
     scale.add_argument("model")
     scale.add_argument("workers", type=_worker_count, metavar="N")
+    add("unload", help="stop every worker of a model (load starts them again)").add_argument(
+        "model"
+    )
+    add("load", help="start the configured workers of an unloaded model").add_argument("model")
     add("pause", help="stop taking new requests (readiness 503)")
     add("resume", help="take requests again")
     add("config", help="the resolved settings the server runs with")
@@ -140,6 +144,8 @@ def request_for(ns: argparse.Namespace) -> tuple[str, dict[str, Any], str]:
         return cmd, {"id": ns.id}, f"{cmd} {ns.id}"
     if cmd == "scale":
         return cmd, {"model": ns.model, "workers": ns.workers}, f"scale {ns.model} {ns.workers}"
+    if cmd in ("unload", "load"):
+        return cmd, {"model": ns.model}, f"{cmd} {ns.model}"
     return cmd, {}, cmd
 
 

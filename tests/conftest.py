@@ -88,6 +88,12 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def inflight(self) -> float:
+        """Requests holding a slot, as /metrics reads them from the arena."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        (line,) = [x for x in text.splitlines() if x.startswith("ringserve_inflight_requests ")]
+        return float(line.split()[-1])
+
     def ctl(self, *args: str, check: bool = True) -> dict:
         out = subprocess.run(
             [

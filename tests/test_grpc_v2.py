@@ -209,7 +209,7 @@ def test_unknown_output_and_version(client: grpcclient.InferenceServerClient) ->
 
 
 def test_what_ringserve_does_not_offer_is_said(client: grpcclient.InferenceServerClient) -> None:
-    with pytest.raises(InferenceServerException, match="model control is not supported") as e:
+    with pytest.raises(InferenceServerException, match="model control is not enabled") as e:
         client.load_model("id")
     assert e.value.status() == "StatusCode.UNIMPLEMENTED"
     with pytest.raises(InferenceServerException, match="trace extension") as e:
@@ -277,13 +277,6 @@ def _counter(server: Server, name: str, model: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
 
 
-def _inflight(server: Server) -> float:
-    """Requests holding a slot (read from the arena at the scrape)."""
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    (line,) = [x for x in text.splitlines() if x.startswith("ringserve_inflight_requests ")]
-    return float(line.split()[-1])
-
-
 def test_a_grpc_deadline_is_the_requests_deadline(
     server: Server, client: grpcclient.InferenceServerClient
 ) -> None:
@@ -297,7 +290,7 @@ def test_a_grpc_deadline_is_the_requests_deadline(
     assert time.monotonic() - t0 < 1.5
     ok = client.infer("slow", [infer_input("INPUT0", np.array([[1.0, 0.0]], np.float32))])
     assert ok.as_numpy("OUTPUT0").tolist() == [[1.0, 0.0]]
-    wait_until(lambda: _inflight(server) == 0, 30, "no request in flight")
+    wait_until(lambda: server.inflight() == 0, 30, "no request in flight")
 
 
 def test_a_client_leaving_is_counted_and_frees_its_slot(server: Server, grpc_port: int) -> None:
@@ -319,7 +312,7 @@ def test_a_client_leaving_is_counted_and_frees_its_slot(server: Server, grpc_por
         30,
         "the cancel counted",
     )
-    wait_until(lambda: _inflight(server) == 0, 30, "no request in flight")
+    wait_until(lambda: server.inflight() == 0, 30, "no request in flight")
 
 
 def test_paused_intake_is_unavailable_and_not_ready(
@@ -367,7 +360,7 @@ def test_sigterm_finishes_what_is_in_flight(start_server) -> None:
     wait_until(lambda: _grpc_live(port), 30, "gRPC up")
     answers: list = []
     t = _slow_infer(port, 1000, answers)
-    wait_until(lambda: _inflight(server) == 1, 30, "the request in flight")
+    wait_until(lambda: server.inflight() == 1, 30, "the request in flight")
     server.proc.send_signal(signal.SIGTERM)
     t.join(60)
     assert server.proc.wait(60) == 0

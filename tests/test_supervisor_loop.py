@@ -366,6 +366,8 @@ def driven_tick():
             for n in (0, 65, True, "2"):
                 ask("scale", model="id", workers=n)
             ask("scale", model="nope", workers=1)
+            ask("unload", model="nope")
+            ask("load", model="nope")
             ask("frobnicate")
             ask("recycle", id="worker-9")
             ask("recycle", id="frontend-0")
@@ -378,7 +380,7 @@ def driven_tick():
             ask("resume")
             answers.append(int(arb.arena.header["paused"]))
             os.kill(os.getpid(), signal.SIGTERM)
-    elif arb.phase != "running" and len(answers) == 16:
+    elif arb.phase != "running" and len(answers) == 18:
         ask("drain", id="worker-0")  # a stopping server takes no more actions
         answers[-1] = answers[-1].replace(arb.phase, "PHASE")
     return timeout
@@ -489,8 +491,10 @@ def test_admin_commands_refuse_what_the_command_table_does_not_allow(tmp_path: P
         f"AdminCommandError: {must}",
         f"AdminCommandError: {must}",
         "AdminCommandError: unknown model 'nope'",
+        "AdminCommandError: unknown model 'nope'",
+        "AdminCommandError: unknown model 'nope'",
         "AdminCommandError: unknown command 'frobnicate' (status, drain, restart, recycle, "
-        "scale, pause, resume, config)",
+        "scale, unload, load, pause, resume, config)",
         "AdminCommandError: no worker 'worker-9' (workers: worker-0)",
         "AdminCommandError: no worker 'frontend-0' (workers: worker-0); a frontend is "
         "replaced with `ringserve ctl restart frontend-0`",

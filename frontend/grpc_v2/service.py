@@ -42,8 +42,8 @@ from ringserve.frontend.grpc_v2.convert import (
     infer_response,
 )
 from ringserve.frontend.grpc_v2.messages import METHODS, SERVICE, pb
+from ringserve.frontend.model_control import NO_MODEL_CONTROL, change_model, check_parameters
 from ringserve.frontend.v2 import (
-    NO_MODEL_CONTROL,
     NOT_SUPPORTED,
     lookup_model,
     model_config,
@@ -162,12 +162,25 @@ class InferenceService:
         return json_format.ParseDict(doc, pb.RepositoryIndexResponse())
 
     async def RepositoryModelLoad(self, request: Any, context: aio.ServicerContext) -> Any:
-        await self._model(request.model_name, "", context)
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, NO_MODEL_CONTROL)
+        await self._change_model(request, context, load=True)
+        return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request: Any, context: aio.ServicerContext) -> Any:
-        await self._model(request.model_name, "", context)
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, NO_MODEL_CONTROL)
+        await self._change_model(request, context, load=False)
+        return pb.RepositoryModelUnloadResponse()
+
+    async def _change_model(self, request: Any, context: aio.ServicerContext, load: bool) -> None:
+        try:
+            check_parameters(request.parameters, load)
+            await change_model(self.state, request.model_name, load)
+        except HTTPError as e:
+            err = e
+        else:
+            return
+        code = grpc_code(err.status)
+        if err.message == NO_MODEL_CONTROL:  # (as Triton when not in explicit mode)
+            code = grpc.StatusCode.UNIMPLEMENTED
+        await context.abort(code, err.message)
 
     async def TraceSetting(self, request: Any, context: aio.ServicerContext) -> Any:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, NOT_SUPPORTED["trace"])
