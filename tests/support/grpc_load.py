@@ -1,5 +1,5 @@
 """gRPC calls in a loop across a disruption, as a client with the retry policy that
-docs/kserve-v2.md recommends (retry UNAVAILABLE) makes them."""
+docs/kserve-v2.md recommends (retry UNAVAILABLE and CANCELLED) makes them."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ RETRY_UNAVAILABLE = json.dumps(
                     "initialBackoff": "0.05s",
                     "maxBackoff": "1s",
                     "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
+                    # CANCELLED: what grpc core answers a call that reached a server as it
+                    # began to shut down (grpc/grpc#41785), seen in a rolling restart
+                    "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
                 },
             }
         ]
