@@ -69,14 +69,12 @@ def _packed_contents(tensor: Any) -> bytes | None:
     if not tensor.HasField("contents"):
         return None
     contents = tensor.contents
-    if tensor.datatype == "BYTES":
-        if not contents.bytes_contents:
-            return None
-        return bytes_tensor.pack(list(contents.bytes_contents))
     given = [f.name for f, _ in contents.ListFields()]
     if not given:
         return None
     field, dtype = CONTENTS_FIELD.get(tensor.datatype, (None, None))
+    if tensor.datatype == "BYTES":
+        field = "bytes_contents"
     if field is None:
         raise bad_request(
             f"input {tensor.name!r}: {tensor.datatype} has no typed contents; send it in "
@@ -88,6 +86,8 @@ def _packed_contents(tensor: Any) -> bytes | None:
             f"contents.{field}; got contents.{', '.join(given)}"
         )
     values = getattr(contents, field)
+    if dtype is None:  # BYTES
+        return bytes_tensor.pack(list(values))
     if np.issubdtype(dtype, np.integer) and values:
         info = np.iinfo(dtype)  # (int_contents carries INT8 as int32: not wrapped)
         if min(values) < info.min or max(values) > info.max:

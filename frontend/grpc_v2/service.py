@@ -11,7 +11,6 @@ An HTTP status becomes the gRPC code Triton would answer (``GRPC_CODE``).
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NamedTuple
@@ -59,8 +58,6 @@ from ringserve.frontend.v2_codec import SHM_OFF, decode_request, encode_outputs,
 from ringserve.frontend.v2_shm import CUDA_UNSUPPORTED
 from ringserve.frontend.v2_stats import model_stats
 from ringserve.ipc.slot_fit import over_slot
-
-log = logging.getLogger("ringserve.frontend")
 
 GRPC_CODE = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -126,12 +123,12 @@ class InferenceService:
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: Any, context: aio.ServicerContext) -> Any:
-        ready = self._closed_why() is None and not not_ready_reasons(self.state)
+        ready = intake_closed(self.state) is None and not not_ready_reasons(self.state)
         return pb.ServerReadyResponse(ready=ready)
 
     async def ModelReady(self, request: Any, context: aio.ServicerContext) -> Any:
         info = await self._model(request.name, request.version, context)
-        ready = self._closed_why() is None and self.state.catalog.serving(info)
+        ready = intake_closed(self.state) is None and self.state.catalog.serving(info)
         return pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request: Any, context: aio.ServicerContext) -> Any:
@@ -341,9 +338,6 @@ class InferenceService:
         return await run_decoded(state, call, info, req, rid, answer, timeout_s)
 
     # -- helpers ------------------------------------------------------------------------
-
-    def _closed_why(self) -> str | None:
-        return intake_closed(self.state)
 
     async def _model(self, name: str, version: str, context: aio.ServicerContext) -> ModelInfo:
         return await self._or_abort(context, lookup_model, self.state, name, version)
