@@ -165,7 +165,7 @@ def test_typed_contents_beside_raw_ones_are_refused() -> None:
 def test_bytes_take_bytes_contents_only() -> None:
     req = _request(("TEXT", "BYTES", [1]))
     req.inputs[0].contents.fp32_contents.append(1.0)
-    with pytest.raises(HTTPError, match="takes its data in contents.bytes_contents"):
+    with pytest.raises(HTTPError, match=r"takes its data in contents\.bytes_contents"):
         as_v2_request(req)
 
 

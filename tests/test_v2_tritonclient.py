@@ -71,7 +71,7 @@ def test_repository_index_and_no_model_control(
     index = client.get_model_repository_index()
     assert sorted(m["name"] for m in index) == ["desc", "digits", "id", "masked", "multi", "text"]
     assert all(m["state"] == "READY" for m in index)
-    with pytest.raises(InferenceServerException, match="not supported"):
+    with pytest.raises(InferenceServerException, match="model control is not enabled"):
         client.unload_model("id")
     assert client.is_model_ready("id")
 

@@ -10,6 +10,7 @@ builds the classes from it in a pool of its own, on any protobuf from 4.21 on.
 
 from __future__ import annotations
 
+import ast
 import sys
 import tempfile
 from pathlib import Path
@@ -48,9 +49,13 @@ def shipped_descriptor() -> bytes | None:
     """What ``descriptor.py`` holds (compared as bytes: ruff may reformat the file)."""
     if not OUT.exists():
         return None
-    found: dict[str, object] = {}
-    exec(compile(OUT.read_text(), str(OUT), "exec"), found)
-    return found.get("FILE_DESCRIPTOR")  # type: ignore[return-value]
+    for node in ast.parse(OUT.read_text()).body:  # (read as a literal: nothing is run)
+        if isinstance(node, ast.Assign) and [ast.unparse(t) for t in node.targets] == [
+            "FILE_DESCRIPTOR"
+        ]:
+            value = ast.literal_eval(node.value)
+            return value if isinstance(value, bytes) else None
+    return None
 
 
 def main() -> int:
