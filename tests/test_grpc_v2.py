@@ -283,6 +283,8 @@ def test_a_grpc_deadline_is_the_requests_deadline(
     """The client's 0.3 s deadline ends the wait for a 2 s batch: DEADLINE_EXCEEDED in
     about that time, and the slot is given back (another request is answered)."""
     x = np.array([[2000.0, 0.0]], np.float32)
+    missed = _counter(server, "ringserve_deadline_expired", "slow")
+    cancelled = _counter(server, "ringserve_cancelled_requests", "slow")
     t0 = time.monotonic()
     with pytest.raises(InferenceServerException) as e:
         client.infer("slow", [infer_input("INPUT0", x)], client_timeout=0.3)
@@ -291,6 +293,10 @@ def test_a_grpc_deadline_is_the_requests_deadline(
     ok = client.infer("slow", [infer_input("INPUT0", np.array([[1.0, 0.0]], np.float32))])
     assert ok.as_numpy("OUTPUT0").tolist() == [[1.0, 0.0]]
     wait_until(lambda: server.inflight() == 0, 30, "no request in flight")
+    # Counted as a missed deadline, as over HTTP (the deadline alert sees it), not as a
+    # client leaving, though gRPC ended the call a moment before the server's timer.
+    assert _counter(server, "ringserve_deadline_expired", "slow") == missed + 1
+    assert _counter(server, "ringserve_cancelled_requests", "slow") == cancelled
 
 
 def test_a_client_leaving_is_counted_and_frees_its_slot(server: Server, grpc_port: int) -> None:

@@ -290,14 +290,30 @@ class InferenceService:
         try:
             response, done = await self._infer(request, call, rid, remaining_s)
         except asyncio.CancelledError:
-            if self.state.catalog.get(name) is not None:
-                self.state.metrics.cancelled(name)
-            record_answer(self.state, call, rid, name, 499, time.perf_counter() - t0)
+            self._ended_early(call, rid, name, t0, remaining_s)
             raise
         except Exception as e:
             return None, self._failed(call, rid, name, t0, e)
         record_answer(self.state, call, rid, name, 200, time.perf_counter() - t0, done)
         return response, None
+
+    def _ended_early(
+        self, call: GrpcCall, rid: str, name: str, t0: float, remaining_s: float | None
+    ) -> None:
+        """The call ended before its answer: gRPC ends a call at its deadline itself, a
+        moment before the server's own timer would, so a call past its deadline counts
+        as a missed deadline (504), as over HTTP; any other end as the client leaving."""
+        seconds = time.perf_counter() - t0
+        known = self.state.catalog.get(name) is not None
+        if remaining_s is not None and seconds >= remaining_s:
+            if known:
+                self.state.metrics.deadline(name)
+                self.state.missed_deadlines.missed(name, rid, remaining_s, "the call's deadline")
+            record_answer(self.state, call, rid, name, 504, seconds)
+            return
+        if known:
+            self.state.metrics.cancelled(name)
+        record_answer(self.state, call, rid, name, 499, seconds)
 
     def _failed(
         self, call: GrpcCall, rid: str, name: str, t0: float, error: Exception
