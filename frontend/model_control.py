@@ -12,13 +12,13 @@ finish the batch they hold; requests still queued are answered 503).
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Mapping
 from typing import Any
 
 from ringserve.frontend.app import FrontendState
 from ringserve.frontend.errors import HTTPError, bad_request, unavailable
 from ringserve.ipc.layout import ModelAvailability
+from ringserve.supervisor.admin_protocol import AdminError, decode_reply, encode_request
 
 NO_MODEL_CONTROL = (
     "model control is not enabled: ringserve serves the models it was started with; "
@@ -34,23 +34,20 @@ UNLOAD_WAIT_S = 10.0
 
 
 async def _admin(path: str, cmd: str, args: dict[str, Any]) -> Any:
-    """One admin-socket request (newline-delimited JSON, ``admin_protocol``)."""
+    """One admin-socket request, framed as ``admin_protocol`` frames it (its client,
+    ``AdminClient``, blocks: not on the event loop)."""
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), ADMIN_TIMEOUT_S)
     except (OSError, TimeoutError) as e:
         raise unavailable(f"the supervisor's admin socket is not reachable: {e}") from None
     try:
-        writer.write(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
+        writer.write(encode_request(cmd, args))
         await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), ADMIN_TIMEOUT_S)
-    except (OSError, TimeoutError) as e:
-        raise unavailable(f"the supervisor did not answer {cmd}: {e}") from None
+        return decode_reply(await asyncio.wait_for(reader.readline(), ADMIN_TIMEOUT_S))
+    except (OSError, TimeoutError, AdminError) as e:
+        raise unavailable(f"the supervisor did not do {cmd}: {e}") from None
     finally:
         writer.close()
-    reply = json.loads(line) if line else {"ok": False, "error": "no reply"}
-    if not reply.get("ok"):
-        raise unavailable(f"the supervisor refused {cmd}: {reply.get('error')}")
-    return reply.get("result")
 
 
 # What an unload may say: tritonclient always sends it, and with no ensembles there are
@@ -58,7 +55,7 @@ async def _admin(path: str, cmd: str, args: dict[str, Any]) -> Any:
 UNLOAD_PARAMETERS = frozenset({"unload_dependents"})
 
 
-def check_parameters(parameters: Mapping[str, Any], load: bool) -> None:
+def _check_parameters(parameters: Mapping[str, Any], load: bool) -> None:
     """Triton's load takes a config or files to load instead; ours loads as configured."""
     unknown = set(parameters) - (set() if load else UNLOAD_PARAMETERS)
     if unknown:
@@ -69,13 +66,16 @@ def check_parameters(parameters: Mapping[str, Any], load: bool) -> None:
         )
 
 
-async def change_model(state: FrontendState, name: str, load: bool) -> None:
+async def change_model(
+    state: FrontendState, name: str, load: bool, parameters: Mapping[str, Any]
+) -> None:
     """Unload or load the model ``name`` and wait until it is done."""
-    if not state.settings.server.allow_model_control or not state.admin_socket:
-        raise bad_request(NO_MODEL_CONTROL)
     info = state.catalog.get(name)
     if info is None:
         raise HTTPError(404, f"unknown model {name!r}")
+    if not state.settings.server.allow_model_control or not state.admin_socket:
+        raise bad_request(NO_MODEL_CONTROL)
+    _check_parameters(parameters, load)
     await _admin(state.admin_socket, "load" if load else "unload", {"model": name})
     catalog, index = state.catalog, info.index
     loop = asyncio.get_running_loop()

@@ -47,6 +47,7 @@ from ringserve.frontend.app import (
 from ringserve.frontend.call import (
     AsgiEndpoint,
     Call,
+    CallLike,
     Reply,
     json_reply,
     starlette_headers,
@@ -56,7 +57,7 @@ from ringserve.frontend.dispatch import Completed
 from ringserve.frontend.errors import HTTPError, unavailable
 from ringserve.frontend.images import check_images
 from ringserve.frontend.jsonio import JSON_BODY_TYPES, parse_json
-from ringserve.frontend.model_control import change_model, check_parameters
+from ringserve.frontend.model_control import change_model
 from ringserve.frontend.response_compression import compress, negotiate
 from ringserve.frontend.v2_codec import (
     V2_TO_CONFIG,
@@ -308,7 +309,7 @@ def model_tensors(spec: dict[str, Any]) -> tuple[list[TensorSpec], list[TensorSp
 
 async def run_decoded(
     state: FrontendState,
-    call: Call,
+    call: CallLike,
     info: ModelInfo,
     req: InferRequest,
     rid: str,
@@ -448,15 +449,11 @@ def v2_routes(state: FrontendState) -> list[Route]:
 
     def model_control(load: bool) -> AsgiEndpoint:
         async def change(call: Call) -> Reply:
-            name = call.path_params["name"]
-            if state.catalog.get(name) is None:
-                raise HTTPError(404, f"unknown model {name!r}")
             body = await call.read_body(INDEX_BODY_LIMIT)
             doc = parse_json(body) if body.strip() else {}
             if not isinstance(doc, dict) or not isinstance(doc.get("parameters", {}), dict):
                 raise HTTPError(400, 'the request must be a JSON object, its "parameters" one')
-            check_parameters(doc.get("parameters", {}), load)
-            await change_model(state, name, load)
+            await change_model(state, call.path_params["name"], load, doc.get("parameters", {}))
             return json_reply({})
 
         return json_endpoint(change)

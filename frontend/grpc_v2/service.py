@@ -31,7 +31,6 @@ from ringserve.frontend.app import (
     request_id,
 )
 from ringserve.frontend.call import MAX_REQUEST_ID_CHARS, as_http_error
-from ringserve.frontend.catalog import ModelInfo
 from ringserve.frontend.dispatch import Completed
 from ringserve.frontend.errors import HTTPError
 from ringserve.frontend.grpc_v2.convert import (
@@ -41,7 +40,7 @@ from ringserve.frontend.grpc_v2.convert import (
     infer_response,
 )
 from ringserve.frontend.grpc_v2.messages import METHODS, SERVICE, pb
-from ringserve.frontend.model_control import NO_MODEL_CONTROL, change_model, check_parameters
+from ringserve.frontend.model_control import NO_MODEL_CONTROL, change_model
 from ringserve.frontend.v2 import (
     NOT_SUPPORTED,
     lookup_model,
@@ -127,7 +126,7 @@ class InferenceService:
         return pb.ServerReadyResponse(ready=ready)
 
     async def ModelReady(self, request: Any, context: aio.ServicerContext) -> Any:
-        info = await self._model(request.name, request.version, context)
+        info = lookup_model(self.state, request.name, request.version)
         ready = intake_closed(self.state) is None and self.state.catalog.serving(info)
         return pb.ModelReadyResponse(ready=ready)
 
@@ -137,18 +136,18 @@ class InferenceService:
         )
 
     async def ModelMetadata(self, request: Any, context: aio.ServicerContext) -> Any:
-        info = await self._model(request.name, request.version, context)
-        doc = await self._or_abort(context, model_metadata, self.state.catalog, info)
+        info = lookup_model(self.state, request.name, request.version)
+        doc = model_metadata(self.state.catalog, info)
         return json_format.ParseDict(doc, pb.ModelMetadataResponse())
 
     async def ModelConfig(self, request: Any, context: aio.ServicerContext) -> Any:
-        info = await self._model(request.name, request.version, context)
-        doc = await self._or_abort(context, model_config, self.state.catalog, info)
-        return json_format.ParseDict({"config": doc}, pb.ModelConfigResponse())
+        info = lookup_model(self.state, request.name, request.version)
+        doc = {"config": model_config(self.state.catalog, info)}
+        return json_format.ParseDict(doc, pb.ModelConfigResponse())
 
     async def ModelStatistics(self, request: Any, context: aio.ServicerContext) -> Any:
         if request.name:
-            names = [(await self._model(request.name, request.version, context)).settings.name]
+            names = [lookup_model(self.state, request.name, request.version).settings.name]
         else:
             names = self.state.catalog.names()
         doc = {"model_stats": model_stats(self.state, names)}
@@ -159,67 +158,55 @@ class InferenceService:
         return json_format.ParseDict(doc, pb.RepositoryIndexResponse())
 
     async def RepositoryModelLoad(self, request: Any, context: aio.ServicerContext) -> Any:
-        await self._change_model(request, context, load=True)
+        await self._change_model(request, load=True)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request: Any, context: aio.ServicerContext) -> Any:
-        await self._change_model(request, context, load=False)
+        await self._change_model(request, load=False)
         return pb.RepositoryModelUnloadResponse()
 
-    async def _change_model(self, request: Any, context: aio.ServicerContext, load: bool) -> None:
-        try:
-            check_parameters(request.parameters, load)
-            await change_model(self.state, request.model_name, load)
-        except HTTPError as e:
-            err = e
-        else:
-            return
-        code = grpc_code(err.status)
-        if err.message == NO_MODEL_CONTROL:  # (as Triton when not in explicit mode)
-            code = grpc.StatusCode.UNIMPLEMENTED
-        await context.abort(code, err.message)
+    async def _change_model(self, request: Any, load: bool) -> None:
+        lookup_model(self.state, request.model_name)  # (NOT_FOUND first, as over HTTP)
+        if not self.state.settings.server.allow_model_control:
+            raise HTTPError(501, NO_MODEL_CONTROL)  # (UNIMPLEMENTED, as Triton's answer
+            # outside explicit mode; over HTTP the same refusal is a 400)
+        await change_model(self.state, request.model_name, load, request.parameters)
 
     async def TraceSetting(self, request: Any, context: aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, NOT_SUPPORTED["trace"])
+        raise HTTPError(501, NOT_SUPPORTED["trace"])
 
     async def LogSettings(self, request: Any, context: aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, NOT_SUPPORTED["logging"])
+        raise HTTPError(501, NOT_SUPPORTED["logging"])
 
     # -- shared memory ------------------------------------------------------------------
 
     async def SystemSharedMemoryStatus(self, request: Any, context: aio.ServicerContext) -> Any:
-        shm = await self._client_shm(context)
-        regions = await self._or_abort(context, shm.status, request.name or None)
         response = pb.SystemSharedMemoryStatusResponse()
-        for r in regions:
+        for r in self._client_shm().status(request.name or None):
             response.regions[str(r["name"])].CopyFrom(
                 pb.SystemSharedMemoryStatusResponse.RegionStatus(**r)
             )
         return response
 
     async def SystemSharedMemoryRegister(self, request: Any, context: aio.ServicerContext) -> Any:
-        shm = await self._client_shm(context)
+        shm = self._client_shm()
         if not request.name:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "register needs a region name")
+            raise HTTPError(400, "register needs a region name")
         doc = {"key": request.key, "offset": request.offset, "byte_size": request.byte_size}
-        await self._or_abort(context, shm.register, request.name, doc)
+        shm.register(request.name, doc)
         return pb.SystemSharedMemoryRegisterResponse()
 
     async def SystemSharedMemoryUnregister(self, request: Any, context: aio.ServicerContext) -> Any:
-        shm = await self._client_shm(context)
-        await self._or_abort(context, shm.unregister, request.name or None)
+        self._client_shm().unregister(request.name or None)
         return pb.SystemSharedMemoryUnregisterResponse()
 
     async def CudaSharedMemoryStatus(self, request: Any, context: aio.ServicerContext) -> Any:
         if request.name:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"CUDA shared memory region {request.name!r} is not registered",
-            )
+            raise HTTPError(404, f"CUDA shared memory region {request.name!r} is not registered")
         return pb.CudaSharedMemoryStatusResponse()
 
     async def CudaSharedMemoryRegister(self, request: Any, context: aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, CUDA_UNSUPPORTED)
+        raise HTTPError(400, CUDA_UNSUPPORTED)
 
     async def CudaSharedMemoryUnregister(self, request: Any, context: aio.ServicerContext) -> Any:
         return pb.CudaSharedMemoryUnregisterResponse()
@@ -230,7 +217,7 @@ class InferenceService:
         call = GrpcCall(context, "ModelInfer")
         response, err = await self._answer(request, call, context.time_remaining())
         if err is not None:
-            await context.abort(grpc_code(err.status), err.message)
+            raise err  # (answered by _unary, as every method's HTTPError)
         return response
 
     async def ModelStreamInfer(
@@ -322,7 +309,7 @@ class InferenceService:
         exception (and with it the request) alive."""
         err = as_http_error(error, call.scope)
         record_answer(self.state, call, rid, name, err.status, time.perf_counter() - t0)
-        return err
+        return err.with_traceback(None)  # (kept past the handler: no frames with it)
 
     async def _infer(
         self, request: Any, call: GrpcCall, rid: str, remaining_s: float | None
@@ -355,22 +342,10 @@ class InferenceService:
 
     # -- helpers ------------------------------------------------------------------------
 
-    async def _model(self, name: str, version: str, context: aio.ServicerContext) -> ModelInfo:
-        return await self._or_abort(context, lookup_model, self.state, name, version)
-
-    async def _client_shm(self, context: aio.ServicerContext) -> Any:
+    def _client_shm(self) -> Any:
         if self.state.client_shm is None:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, SHM_OFF)
+            raise HTTPError(403, SHM_OFF)
         return self.state.client_shm
-
-    @staticmethod
-    async def _or_abort(context: aio.ServicerContext, fn: Any, *args: Any) -> Any:
-        """``fn(*args)``, its HTTPError answered as the matching gRPC status."""
-        try:
-            return fn(*args)
-        except HTTPError as e:
-            err = e
-        await context.abort(grpc_code(err.status), err.message)
 
 
 class Malformed(NamedTuple):
@@ -391,11 +366,19 @@ def _lenient(request_cls: Any) -> Callable[[bytes], Any]:
     return parse
 
 
-def _refusing_malformed(method: Callable[[Any, aio.ServicerContext], Any]) -> Any:
+def _unary(method: Callable[[Any, aio.ServicerContext], Any]) -> Any:
+    """A unary method, its refusals answered as gRPC statuses in one place: a message
+    that did not parse, and any HTTPError the method (or what it calls: the shared v2
+    code) raises, as the code Triton answers for that status."""
+
     async def handler(request: Any, context: aio.ServicerContext) -> Any:
         if isinstance(request, Malformed):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        return await method(request, context)
+        try:
+            return await method(request, context)
+        except HTTPError as e:
+            code, message = grpc_code(e.status), e.message
+        await context.abort(code, message)  # (raises: outside the except, no chained error)
 
     return handler
 
@@ -407,7 +390,7 @@ def _handlers(service: InferenceService) -> grpc.GenericRpcHandler:
             make, fn = grpc.stream_stream_rpc_method_handler, getattr(service, method)
         else:
             make = grpc.unary_unary_rpc_method_handler
-            fn = _refusing_malformed(getattr(service, method))
+            fn = _unary(getattr(service, method))
         handlers[method] = make(
             fn,
             request_deserializer=_lenient(request_cls),
