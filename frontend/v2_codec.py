@@ -474,7 +474,7 @@ def _decode_inputs(
 
 
 def decode_request(
-    header: bytes | memoryview,
+    header: bytes | memoryview | dict[str, Any],
     binary: memoryview,
     inps: Sequence[TensorSpec],
     outs: Sequence[TensorSpec],
@@ -490,7 +490,8 @@ def decode_request(
     outputs it names, in its order, each with its own parameters.
 
     ``shm`` reads client shared memory for inputs and outputs that name a region
-    (Triton's system shared-memory extension).
+    (Triton's system shared-memory extension). ``header`` is the JSON text, or the
+    object it holds (gRPC's requests are built as one: no text to write and read back).
 
     A model that ``accepts_images`` also takes its input as BYTES whatever its declared
     datatype: one encoded image (JPEG, PNG, ...) per row, which the worker decodes and
@@ -498,15 +499,7 @@ def decode_request(
     images this way to a model with server-side preprocessing). Only a model of one
     input takes images.
     """
-    try:
-        doc = parse_json(header)
-    except HTTPError as e:
-        if len(binary) or not isinstance(header, bytes) or header.isascii():
-            raise
-        raise bad_request(  # most likely binary tensors without their header length
-            f"{e.message}; a body with binary tensors needs the Inference-Header-Content-Length "
-            "header (the size of its JSON part)"
-        ) from None
+    doc = header if isinstance(header, dict) else _parse_header(header, binary)
     if not isinstance(doc, dict):
         raise bad_request("infer request must be a JSON object")
     rid = doc.get("id")
@@ -562,6 +555,18 @@ def decode_request(
     else:
         wanted = _outputs_wanted(requested, outs, binary_default, shm)
     return InferRequest(payload, rows, rid, wanted, bytes_shape, images, timeout_s, bad)
+
+
+def _parse_header(header: bytes | memoryview, binary: memoryview) -> Any:
+    try:
+        return parse_json(header)
+    except HTTPError as e:
+        if len(binary) or not isinstance(header, bytes) or header.isascii():
+            raise
+        raise bad_request(  # most likely binary tensors without their header length
+            f"{e.message}; a body with binary tensors needs the Inference-Header-Content-Length "
+            "header (the size of its JSON part)"
+        ) from None
 
 
 def _outputs_wanted(

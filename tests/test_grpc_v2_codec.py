@@ -19,7 +19,6 @@ from ringserve.frontend.errors import HTTPError
 from ringserve.frontend.grpc_v2.convert import as_v2_request, final_flag_asked, infer_response
 from ringserve.frontend.grpc_v2.messages import FILE, METHODS, pb
 from ringserve.frontend.grpc_v2.service import grpc_code
-from ringserve.frontend.jsonio import parse_json
 from ringserve.frontend.v2_codec import EncodedOutput, TensorSpec, decode_request
 from ringserve.ipc import bytes_tensor
 
@@ -93,14 +92,13 @@ def test_raw_contents_become_binary_parts_in_input_order() -> None:
         ("IDS", "INT64", [1, 4]), ("MASK", "INT64", [1, 4]), raw=[a.tobytes(), b.tobytes()]
     )
     req.id = "abc"
-    header, binary = as_v2_request(req)
-    doc = parse_json(header)
+    doc, binary = as_v2_request(req)
     assert doc["id"] == "abc"
     assert [i["parameters"]["binary_data_size"] for i in doc["inputs"]] == [32, 32]
     assert doc["parameters"] == {"binary_data_output": True}  # every output binary
     assert bytes(binary) == a.tobytes() + b.tobytes()
     inps = [TensorSpec("IDS", "int64", (-1,)), TensorSpec("MASK", "int64", (-1,))]
-    decoded = decode_request(header, binary, inps, [TensorSpec("OUT", "int64", (1,))], 8)
+    decoded = decode_request(doc, binary, inps, [TensorSpec("OUT", "int64", (1,))], 8)
     assert decoded.rows == 1
     assert all(w.binary for w in decoded.outputs)
 
@@ -186,8 +184,7 @@ def test_shared_memory_inputs_take_no_raw_contents_and_parameters_pass_on() -> N
     req.parameters["triton_enable_empty_final_response"].bool_param = True
     out = req.outputs.add(name="OUT")
     out.parameters["classification"].int64_param = 2
-    header, binary = as_v2_request(req)
-    doc = parse_json(header)
+    doc, binary = as_v2_request(req)
     assert doc["inputs"][0]["parameters"] == {
         "shared_memory_region": "r",
         "shared_memory_byte_size": 8,

@@ -1,10 +1,10 @@
 """A gRPC ``ModelInferRequest`` as the HTTP codec's input, and the codec's outputs as a
 ``ModelInferResponse``.
 
-One set of rules for both protocols: the request becomes the JSON header and binary
-part that an HTTP client would have sent (every tensor as binary data: raw contents as
-they are, typed contents packed once), and ``v2_codec.decode_request`` checks it as it
-checks any. Every output comes back binary, in ``raw_output_contents``, as Triton's
+One set of rules for both protocols: the request becomes the JSON header (the object,
+not its text) and the binary part that an HTTP client would have sent (every tensor as
+binary data: raw contents as they are, typed contents packed once), and
+``v2_codec.decode_request`` checks it as it checks any. Every output comes back binary, in ``raw_output_contents``, as Triton's
 gRPC frontend answers.
 """
 
@@ -17,7 +17,6 @@ import numpy as np
 
 from ringserve.frontend.errors import bad_request
 from ringserve.frontend.grpc_v2.messages import pb
-from ringserve.frontend.jsonio import dump_json
 from ringserve.frontend.v2_codec import EncodedOutput
 from ringserve.ipc import bytes_tensor
 
@@ -105,8 +104,9 @@ def _output(out: Any) -> dict[str, Any]:
     return {"name": out.name, "parameters": params}
 
 
-def as_v2_request(request: Any) -> tuple[bytes, memoryview]:
-    """The JSON header and the binary part an HTTP client would send for ``request``.
+def as_v2_request(request: Any) -> tuple[dict[str, Any], memoryview]:
+    """The JSON header (as the object it would hold) and the binary part an HTTP client
+    would send for ``request``.
 
     Raw contents go, in order, to the inputs that name no shared-memory region and
     carry no typed contents; their count must match, as in Triton."""
@@ -153,7 +153,7 @@ def as_v2_request(request: Any) -> tuple[bytes, memoryview]:
     else:
         doc["parameters"]["binary_data_output"] = True
     binary = parts[0] if len(parts) == 1 else b"".join(parts)
-    return dump_json(doc), memoryview(binary)
+    return doc, memoryview(binary)
 
 
 def final_flag_asked(request: Any) -> bool:
