@@ -166,9 +166,10 @@ def listen_sockets(host: str, port: int) -> tuple[list[socket.socket], list[str]
     return [bind_socket(host, port, "server.port")], ["bound"]
 
 
-def bind_socket(host: str, port: int, key: str) -> socket.socket:
-    """A listening TCP socket on ``host:port``; ConfigError naming ``key`` if it cannot
-    be bound (port taken, address not local), so the operator knows what to change."""
+def bind_socket(host: str, port: int, key: str, listen: bool = True) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (bound only, with ``listen`` False);
+    ConfigError naming ``key`` if it cannot be bound (port taken, address not local),
+    so the operator knows what to change."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -179,8 +180,9 @@ def bind_socket(host: str, port: int, key: str) -> socket.socket:
         if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:
             key = "server.host"  # no such name, or no address of this host: not the port
         raise ConfigError(f"{key}: cannot listen on {host}:{port}: {e.strerror}") from None
-    sock.listen(4096)
-    sock.set_inheritable(True)
+    if listen:
+        sock.listen(4096)
+        sock.set_inheritable(True)
     return sock
 
 
@@ -217,16 +219,7 @@ def grpc_port_reservation(host: str, port: int, main: list[socket.socket]) -> so
         return None
     if any(_local_port(s) == port for s in main):
         raise ConfigError(f"server.grpc_port: {port} is already a listen port; pick another")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise ConfigError(
-            f"server.grpc_port: cannot listen on {host}:{port}: {e.strerror}"
-        ) from None
+    sock = bind_socket(host, port, "server.grpc_port", listen=False)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     return sock
 

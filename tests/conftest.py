@@ -55,6 +55,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def grpc_port() -> int:
+    """A free port for a module's server to serve gRPC on (``--grpc-port``)."""
+    return free_port()
+
+
 def wait_until(predicate: Callable[[], object], timeout_s: float, what: str) -> object:
     """Poll ``predicate`` with backoff until it returns truthy; fail after the deadline."""
     deadline = time.monotonic() + timeout_s

@@ -37,9 +37,11 @@ import httpx
 import numpy as np
 import psutil
 import pytest
+import tritonclient.grpc as grpcclient
 from conftest import REPO, Server, free_port, socket_links, wait_until
 from support.grpc_load import calls_across
 from support.load import LoadResult, load_during, post_counted
+from tritonclient.utils import InferenceServerException
 
 from ringserve.ipc.arena import Arena
 from ringserve.ipc.layout import SlotState
@@ -515,17 +517,15 @@ def test_sigkill_frontend_behind_nginx(start_server, start_nginx) -> None:
 # -- gRPC through the site's second server block ----------------------------------------
 
 
-def _grpc_client(ngx: Nginx):  # (imported here: only these tests need tritonclient.grpc)
-    import tritonclient.grpc as grpcclient
-
-    return grpcclient, grpcclient.InferenceServerClient(f"127.0.0.1:{ngx.grpc_port}")
+def _grpc_client(ngx: Nginx) -> grpcclient.InferenceServerClient:
+    return grpcclient.InferenceServerClient(f"127.0.0.1:{ngx.grpc_port}")
 
 
 def test_grpc_through_nginx_unary_and_streamed(start_server, start_nginx) -> None:
     grpc_port = free_port()
     server: Server = start_server("--model", "id=identity", "--grpc-port", str(grpc_port))
     ngx = start_nginx([server.port], grpc_upstream=grpc_port)
-    grpcclient, c = _grpc_client(ngx)
+    c = _grpc_client(ngx)
     try:
         assert c.is_server_ready()
         x = grpcclient.InferInput("INPUT0", [1, 3], "FP32")
@@ -548,10 +548,8 @@ def test_grpc_through_nginx_unary_and_streamed(start_server, start_nginx) -> Non
 def test_grpc_through_nginx_is_unavailable_when_ringserve_is_unreachable(start_nginx) -> None:
     """nginx's own 502 would reach a gRPC client as a protocol error; the site answers
     UNAVAILABLE, which clients retry."""
-    from tritonclient.utils import InferenceServerException
-
     ngx = start_nginx([free_port()], grpc_upstream=free_port())  # nothing listens there
-    _, c = _grpc_client(ngx)
+    c = _grpc_client(ngx)
     try:
         with pytest.raises(InferenceServerException) as e:
             c.is_server_live()

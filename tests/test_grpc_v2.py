@@ -10,11 +10,9 @@ from __future__ import annotations
 import os
 import queue
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import httpx
@@ -22,7 +20,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
-from conftest import Server, free_port, kill_group, launch, shm_segments, wait_until
+from conftest import Server, free_port, wait_until
 from support.grpc_load import calls_across
 from test_e2e_core import HANDLER_ENV
 from test_v2_protocol import serve
@@ -36,11 +34,6 @@ FAKE = "python:support.fake_handlers"
 MODELS = ["id=identity", f"multi={FAKE}:SeveralOutputs", f"masked={FAKE}:MaskedSum"]
 MODELS += [f"slow={FAKE}:Slow", f"text={FAKE}:ByteLengths"]
 MAX_BODY = 2 * 2**20
-
-
-@pytest.fixture(scope="module")
-def grpc_port() -> int:
-    return free_port()
 
 
 @pytest.fixture(scope="module")
@@ -416,21 +409,6 @@ def test_a_rolling_restart_under_grpc_load_loses_no_call(start_server) -> None:
     done, errors = calls_across(f"127.0.0.1:{port}", server.rolling_restart)
     assert not errors, f"{len(errors)} of {done} calls failed: {errors[:5]}"
     assert server.stop() == 0
-
-
-def test_a_taken_grpc_port_fails_the_start(tmp_path: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        server = launch(tmp_path, "--grpc-port", str(port))
-        try:
-            rc = server.proc.wait(60)
-        finally:
-            kill_group(server)
-    assert rc == 1, server.log()
-    assert f"server.grpc_port: cannot listen on 127.0.0.1:{port}" in server.log()
-    assert shm_segments(server.instance) == []
 
 
 def _grpc_live(port: int) -> bool:

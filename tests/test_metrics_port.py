@@ -81,19 +81,22 @@ def test_metrics_on_both_ports_and_only_metrics_on_the_metrics_port(start_server
         httpx.get(f"http://127.0.0.1:{mport}/metrics", timeout=5)
 
 
-def test_metrics_port_taken_fails_the_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize("key", ["server.metrics_port", "server.grpc_port"])
+def test_a_taken_extra_port_fails_the_start(tmp_path: Path, key: str) -> None:
+    """The supervisor binds (metrics) or holds (gRPC, cli.grpc_port_reservation) every
+    port it serves besides the main one before anything starts."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         mport = taken.getsockname()[1]
-        server = launch(tmp_path, "--set", f"server.metrics_port={mport}")
+        server = launch(tmp_path, "--set", f"{key}={mport}")
         try:
             rc = server.proc.wait(60)
         finally:
             kill_group(server)
     # As a taken main port: exit 1 (ServeExit.ERROR), the key named, nothing left behind.
     assert rc == 1, server.log()
-    assert f"server.metrics_port: cannot listen on 127.0.0.1:{mport}" in server.log()
+    assert f"{key}: cannot listen on 127.0.0.1:{mport}" in server.log()
     assert shm_segments(server.instance) == []
     assert not os.path.exists(server.admin_socket)
 

@@ -14,18 +14,13 @@ import psutil
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from conftest import Server, free_port, wait_until
+from conftest import Server, wait_until
 from test_v2_protocol import serve
 from tritonclient.utils import InferenceServerException
 
 pytestmark = pytest.mark.e2e
 
 SLOW = "python:support.fake_handlers:Slow"
-
-
-@pytest.fixture(scope="module")
-def grpc_port() -> int:
-    return free_port()
 
 
 @pytest.fixture(scope="module")

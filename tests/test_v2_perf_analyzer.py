@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Server, free_port
+from conftest import REPO, Server
 from test_v2_protocol import serve
 
 pytestmark = pytest.mark.e2e
@@ -35,11 +35,6 @@ def perf_analyzer() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return PA
-
-
-@pytest.fixture(scope="module")
-def grpc_port() -> int:
-    return free_port()
 
 
 @pytest.fixture(scope="module")
